@@ -1,0 +1,1 @@
+//! (kernels land here)

@@ -1,0 +1,47 @@
+//! The boundary every backend implements. Small on purpose: memory, one way to run a list
+//! of dispatches, and one way to turn a recorded list into something replayable.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use crate::core::encoder::Dispatch;
+use crate::core::op::Op;
+use crate::core::tensor::Tensor;
+use crate::Result;
+
+/// Device memory owned by a backend. Backends downcast through `as_any` to their own type.
+pub trait DeviceBuffer: Any + Send + Sync {
+    fn byte_len(&self) -> usize;
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Bytes on the host that outlive any buffer made from them (a memory-mapped file, say).
+pub type HostBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// A backend's resolved kernel for one dispatch (registry lookup done at record time).
+pub type KernelHandle = Arc<dyn Any + Send + Sync>;
+
+/// A recorded list made runnable (CPU: the list itself; CUDA: an instantiated graph).
+pub trait Executable: Send {
+    fn run(&mut self) -> Result<()>;
+}
+
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceBuffer>>;
+    /// A buffer holding `bytes[range]`. Backends that can read host memory use it in place.
+    fn from_host(&self, bytes: HostBytes, range: std::ops::Range<usize>)
+        -> Result<Box<dyn DeviceBuffer>>;
+    fn write(&self, dst: &dyn DeviceBuffer, offset: usize, src: &[u8]) -> Result<()>;
+    fn read(&self, src: &dyn DeviceBuffer, offset: usize, dst: &mut [u8]) -> Result<()>;
+    /// Look up the kernel for `op` on these operands (an error if there is none).
+    fn resolve(&self, op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<KernelHandle>;
+    /// Run dispatches in order (may return before the device finishes).
+    fn run(&self, dispatches: &[Dispatch]) -> Result<()>;
+    /// Make a recorded list replayable.
+    fn instantiate(&self, dispatches: &[Dispatch]) -> Result<Box<dyn Executable>>;
+    /// Wait until all submitted work is finished.
+    fn synchronize(&self) -> Result<()>;
+    /// Bytes of device memory currently allocated through this backend.
+    fn allocated_bytes(&self) -> usize;
+}

@@ -1,0 +1,149 @@
+//! A `Device` is a cheap handle to one backend instance plus its buffer pool.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::core::backend::{Backend, DeviceBuffer, HostBytes};
+use crate::core::dtype::{DType, Element};
+use crate::core::tensor::{Buffer, Tensor};
+use crate::{Error, Result};
+
+/// Reuses freed allocations of the same byte size (LLM inference repeats a few shapes).
+#[derive(Default)]
+pub struct BufferPool {
+    free: Mutex<HashMap<usize, Vec<Box<dyn DeviceBuffer>>>>,
+}
+
+impl BufferPool {
+    fn take(&self, bytes: usize) -> Option<Box<dyn DeviceBuffer>> {
+        self.free.lock().ok()?.get_mut(&bytes)?.pop()
+    }
+
+    pub(crate) fn give_back(&self, storage: Box<dyn DeviceBuffer>) {
+        if let Ok(mut free) = self.free.lock() {
+            free.entry(storage.byte_len()).or_default().push(storage);
+        }
+    }
+
+    /// Number of buffers waiting for reuse.
+    pub fn idle_count(&self) -> usize {
+        self.free
+            .lock()
+            .map(|f| f.values().map(Vec::len).sum())
+            .unwrap_or(0)
+    }
+}
+
+struct DeviceInner {
+    backend: Box<dyn Backend>,
+    pool: BufferPool,
+    label: String,
+}
+
+#[derive(Clone)]
+pub struct Device(Arc<DeviceInner>);
+
+impl Device {
+    pub fn new(backend: Box<dyn Backend>, label: String) -> Device {
+        Device(Arc::new(DeviceInner {
+            backend,
+            pool: BufferPool::default(),
+            label,
+        }))
+    }
+
+    /// The CPU backend (always available).
+    pub fn cpu() -> Device {
+        Device::new(Box::new(crate::backends::cpu::CpuBackend::new()), "cpu".into())
+    }
+
+    /// Parse "cpu", "cuda" or "cuda:N".
+    pub fn parse(spec: &str) -> Result<Device> {
+        match spec {
+            "cpu" => Ok(Device::cpu()),
+            s if s == "cuda" || s.starts_with("cuda:") => {
+                let ordinal = match s.strip_prefix("cuda:") {
+                    Some(n) => n.parse().map_err(|_| {
+                        Error::Invalid(format!("device `{s}`: expected cuda:N with N a number"))
+                    })?,
+                    None => 0,
+                };
+                crate::backends::cuda::cuda_device(ordinal)
+            }
+            other => Err(Error::Invalid(format!(
+                "unknown device `{other}` (expected cpu, cuda or cuda:N)"
+            ))),
+        }
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.0.backend.as_ref()
+    }
+    pub fn label(&self) -> &str {
+        &self.0.label
+    }
+    pub fn is_cpu(&self) -> bool {
+        self.backend().name() == "cpu"
+    }
+    pub fn pool(&self) -> &BufferPool {
+        &self.0.pool
+    }
+    pub fn same(&self, other: &Device) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// An uninitialised tensor from the pool (contents unspecified).
+    pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let bytes = (shape.iter().product::<usize>() * dtype.size_in_bytes()).max(1);
+        let storage = match self.pool().take(bytes) {
+            Some(s) => s,
+            None => self.backend().alloc(bytes)?,
+        };
+        Tensor::from_buffer(Buffer::new(self.clone(), storage, true), 0, shape.to_vec(), dtype)
+    }
+
+    pub fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let t = self.empty(shape, dtype)?;
+        self.write_bytes(&t, &vec![0u8; t.byte_len()])?;
+        Ok(t)
+    }
+
+    pub fn from_slice<T: Element>(&self, data: &[T], shape: &[usize]) -> Result<Tensor> {
+        let t = self.empty(shape, T::DTYPE)?;
+        t.write(data)?;
+        Ok(t)
+    }
+
+    /// A tensor over `bytes[range]` of host memory that outlives it (mmapped weights):
+    /// used in place by the CPU backend, uploaded once by others.
+    pub fn from_host(
+        &self,
+        bytes: HostBytes,
+        range: std::ops::Range<usize>,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let storage = self.backend().from_host(bytes, range)?;
+        Tensor::from_buffer(Buffer::new(self.clone(), storage, false), 0, shape.to_vec(), dtype)
+    }
+
+    pub(crate) fn write_bytes(&self, t: &Tensor, bytes: &[u8]) -> Result<()> {
+        self.backend().synchronize()?;
+        self.backend().write(t.buffer().storage(), t.offset(), bytes)
+    }
+
+    pub(crate) fn read_bytes(&self, t: &Tensor, out: &mut [u8]) -> Result<()> {
+        self.backend().synchronize()?;
+        self.backend().read(t.buffer().storage(), t.offset(), out)
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.backend().synchronize()
+    }
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}

@@ -1,0 +1,147 @@
+//! The recorded form of one kernel dispatch's meaning: an `Op` says what to compute; the
+//! tensors it reads and writes travel beside it in a `Dispatch`. Parameters that stay fixed
+//! for a recording (sizes, eps, layouts) live here; values that change per token (position,
+//! token id) live in device buffers the kernels read, so a captured graph stays valid.
+
+use crate::quant::WeightLayout;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryFn {
+    Silu,
+    /// erf-based GELU.
+    GeluExact,
+    /// tanh-approximated GELU ("gelu_pytorch_tanh").
+    GeluTanh,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryFn {
+    Add,
+    Mul,
+}
+
+/// Sampling settings. `temperature == 0` is greedy (argmax).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    /// 1.0 disables top-p.
+    pub top_p: f32,
+    /// 0.0 disables min-p.
+    pub min_p: f32,
+    /// 1.0 disables the repetition penalty.
+    pub repetition_penalty: f32,
+    /// How many of the latest tokens the repetition penalty looks at.
+    pub repetition_window: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            repetition_window: 64,
+            seed: 0,
+        }
+    }
+}
+
+/// Every op a backend may be asked to run. Operand conventions (row-major, activations
+/// `[m, ...]` with `m` rows = tokens) are documented per variant; `ops::*` builds them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// in: ids u32 `[m]`, table tensors (per `layout`, `[vocab, hidden]`); out: `[m, hidden]`.
+    Embedding { layout: WeightLayout },
+    /// in: x `[m, d]`, weight `[d]`; out `[m, d]`. `unit_offset` scales by (1 + w) (Gemma).
+    RmsNorm { eps: f32, unit_offset: bool },
+    /// in: x `[m, d]`, weight `[d]`, bias `[d]`; out `[m, d]`.
+    LayerNorm { eps: f32 },
+    /// Rotary embedding of `rotary_dims` leading dims of each head. in: x `[m, n_heads*head_dim]`,
+    /// inv_freq f32 `[rotary_dims/2]`, pos u32 `[1]` (position of row 0); out like x.
+    /// `traditional`: rotate interleaved pairs (x0,x1),(x2,x3)…; else the two halves.
+    /// cos/sin are multiplied by `mscale` (YaRN attention factor; 1 otherwise).
+    Rope {
+        n_heads: usize,
+        head_dim: usize,
+        rotary_dims: usize,
+        traditional: bool,
+        mscale: f32,
+    },
+    /// y = x · Wᵀ (+ bias). in: x `[m, k]`, weight tensors (per `layout`, `[n, k]`),
+    /// then bias `[n]` if `has_bias`; out `[m, n]`.
+    MatMul {
+        layout: WeightLayout,
+        has_bias: bool,
+    },
+    /// Causal scaled-dot-product attention with GQA over a KV cache.
+    /// in: q `[m, n_heads*head_dim]`, k_cache and v_cache `[n_kv_heads, capacity, head_dim]`,
+    /// pos u32 `[1]` (position of query row 0; row i sees keys 0..=pos+i); out like q.
+    /// `window`: a key is seen only if its position > query position − window.
+    /// `softcap`: scores become softcap·tanh(score/softcap) before the softmax.
+    Attention {
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        scale: f32,
+        window: Option<usize>,
+        softcap: Option<f32>,
+    },
+    /// Writes rows of k (or v) into a cache at positions pos..pos+m.
+    /// in: x `[m, n_kv_heads*head_dim]`, pos u32 `[1]`; out (read-modify-write):
+    /// cache `[n_kv_heads, capacity, head_dim]`.
+    KvAppend { n_kv_heads: usize, head_dim: usize },
+    /// Softmax over the last dim. in: x `[m, d]`; out `[m, d]`.
+    Softmax,
+    /// out = cap·tanh(x/cap), elementwise (logit soft-capping).
+    Softcap { cap: f32 },
+    /// in: x; out: f(x), elementwise.
+    Unary(UnaryFn),
+    /// in: a, b (same shape); out: a ∘ b.
+    Binary(BinaryFn),
+    /// in: gate, up `[m, d]`; out: f(gate)·up (the gated MLP's activation, fused).
+    GatedActivation(UnaryFn),
+    /// Greedy pick over the last row. in: logits f32 `[m, vocab]`; out: token u32 `[1]`.
+    Argmax,
+    /// Sample from the last row. in: logits f32 `[m, vocab]`, pos u32 `[1]`;
+    /// out: token u32 `[1]`, history u32 `[capacity]` (read-modify-write: tokens at
+    /// positions 0..=pos are read for the repetition penalty, the pick is stored at pos+1).
+    /// The random draw is a hash of (seed, pos), so replays are deterministic.
+    Sample(SamplingParams),
+}
+
+impl Op {
+    /// The op's family name, used in kernel-registry keys and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Embedding { .. } => "embedding",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::Rope { .. } => "rope",
+            Op::MatMul { .. } => "matmul",
+            Op::Attention { .. } => "attention",
+            Op::KvAppend { .. } => "kv_append",
+            Op::Softmax => "softmax",
+            Op::Softcap { .. } => "softcap",
+            Op::Unary(_) => "unary",
+            Op::Binary(_) => "binary",
+            Op::GatedActivation(_) => "gated_activation",
+            Op::Argmax => "argmax",
+            Op::Sample(_) => "sample",
+        }
+    }
+
+    /// The variant part of the registry key (what selects among kernels of one family).
+    pub fn variant(&self) -> String {
+        match self {
+            Op::Embedding { layout } | Op::MatMul { layout, .. } => layout.variant(),
+            Op::Unary(f) | Op::GatedActivation(f) => format!("{f:?}").to_lowercase(),
+            Op::Binary(f) => format!("{f:?}").to_lowercase(),
+            _ => String::new(),
+        }
+    }
+}

@@ -1,0 +1,134 @@
+use super::{expect_dtype, expect_shape, FLOATS};
+use crate::core::dtype::DType;
+use crate::core::encoder::CommandEncoder;
+use crate::core::op::Op;
+use crate::core::tensor::Tensor;
+use crate::quant::{GgmlType, WeightLayout};
+use crate::{Error, Result};
+
+/// A weight matrix of `n` output rows by `k` input columns, stored as its file stores it
+/// (dense, MLX affine or a GGUF block type), with an optional bias `[n]`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub layout: WeightLayout,
+    /// Dense: `[w]`; MLX affine: `[w (u32), scales, biases]`; GGUF: `[blocks (u8)]`.
+    pub tensors: Vec<Tensor>,
+    pub bias: Option<Tensor>,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl Linear {
+    /// Check that the stored tensors have the shapes and dtypes the layout implies.
+    pub fn new(
+        name: &str,
+        layout: WeightLayout,
+        tensors: Vec<Tensor>,
+        bias: Option<Tensor>,
+        n: usize,
+        k: usize,
+    ) -> Result<Linear> {
+        let bad = |reason: String| Error::op("linear", format!("`{name}`: {reason}"));
+        if tensors.len() != layout.tensor_count() {
+            return Err(bad(format!(
+                "{} tensors for layout {}",
+                tensors.len(),
+                layout.variant()
+            )));
+        }
+        let shape_is = |t: &Tensor, what: &str, shape: &[usize]| {
+            if t.shape() == shape {
+                Ok(())
+            } else {
+                Err(Error::TensorShape {
+                    name: format!("{name}.{what}"),
+                    expected: shape.to_vec(),
+                    found: t.shape().to_vec(),
+                })
+            }
+        };
+        match layout {
+            WeightLayout::Dense => {
+                if !FLOATS.contains(&tensors[0].dtype()) {
+                    return Err(bad(format!("dense weight of dtype {}", tensors[0].dtype())));
+                }
+                shape_is(&tensors[0], "weight", &[n, k])?;
+            }
+            WeightLayout::MlxAffine { bits, group_size } => {
+                crate::quant::mlx_affine::check_params(bits, group_size)?;
+                if k % group_size != 0 || (k * bits as usize) % 32 != 0 {
+                    return Err(bad(format!(
+                        "k = {k} is not a multiple of the group size {group_size}"
+                    )));
+                }
+                if tensors[0].dtype() != DType::U32 {
+                    return Err(bad(format!("packed weight of dtype {}", tensors[0].dtype())));
+                }
+                shape_is(&tensors[0], "weight", &[n, k * bits as usize / 32])?;
+                for (t, what) in tensors[1..].iter().zip(["scales", "biases"]) {
+                    if !FLOATS.contains(&t.dtype()) {
+                        return Err(bad(format!("{what} of dtype {}", t.dtype())));
+                    }
+                    shape_is(t, what, &[n, k / group_size])?;
+                }
+            }
+            WeightLayout::Gguf(t) => {
+                if k % t.block_size() != 0 {
+                    return Err(bad(format!(
+                        "k = {k} is not a multiple of {}'s block size {}",
+                        t.name(),
+                        t.block_size()
+                    )));
+                }
+                if tensors[0].dtype() != DType::U8 {
+                    return Err(bad(format!("block data of dtype {}", tensors[0].dtype())));
+                }
+                shape_is(&tensors[0], "weight", &[n * t.row_bytes(k)])?;
+            }
+        }
+        if let Some(b) = &bias {
+            shape_is(b, "bias", &[n])?;
+        }
+        Ok(Linear {
+            layout,
+            tensors,
+            bias,
+            n,
+            k,
+        })
+    }
+
+    /// Bytes a full pass over the weight reads (for bandwidth reports).
+    pub fn weight_bytes(&self) -> usize {
+        self.tensors.iter().map(Tensor::byte_len).sum::<usize>()
+            + self.bias.as_ref().map_or(0, Tensor::byte_len)
+    }
+
+    /// GGUF block type, if the weight is stored in one.
+    pub fn ggml_type(&self) -> Option<GgmlType> {
+        match self.layout {
+            WeightLayout::Gguf(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// out `[m, n]` = x `[m, k]` · Wᵀ (+ bias).
+pub fn matmul(enc: &mut CommandEncoder, x: &Tensor, w: &Linear, out: &Tensor) -> Result<()> {
+    expect_dtype("matmul", "x", x, &[DType::F32])?;
+    if x.last_dim() != w.k {
+        return Err(Error::op(
+            "matmul",
+            format!("x has {} columns, weight expects {}", x.last_dim(), w.k),
+        ));
+    }
+    expect_shape("matmul", "out", out, &[x.rows(), w.n])?;
+    let mut inputs: Vec<&Tensor> = vec![x];
+    inputs.extend(w.tensors.iter());
+    inputs.extend(w.bias.iter());
+    let op = Op::MatMul {
+        layout: w.layout,
+        has_bias: w.bias.is_some(),
+    };
+    enc.dispatch(op, &inputs, &[out])
+}

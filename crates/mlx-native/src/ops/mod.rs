@@ -1,0 +1,44 @@
+//! The typed op API: each function checks shapes and dtypes, then records one dispatch on the
+//! encoder. Outputs are passed in (allocated once, reused by captured graphs).
+
+mod attention;
+mod elementwise;
+mod embedding;
+mod matmul;
+mod norm;
+mod rope;
+mod sampling;
+
+pub use attention::{attention, kv_append, AttentionShape};
+pub use elementwise::{binary, gated_activation, softcap, softmax, unary};
+pub use embedding::embedding;
+pub use matmul::{matmul, Linear};
+pub use norm::{layer_norm, rms_norm};
+pub use rope::{rope, RopeScaling, RopeTable};
+pub use sampling::{argmax, sample};
+
+use crate::core::dtype::DType;
+use crate::core::tensor::Tensor;
+use crate::{Error, Result};
+
+pub(crate) fn expect_shape(op: &'static str, what: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
+    if t.shape() != shape {
+        return Err(Error::op(
+            op,
+            format!("{what}: expected shape {shape:?}, found {:?}", t.shape()),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn expect_dtype(op: &'static str, what: &str, t: &Tensor, dtypes: &[DType]) -> Result<()> {
+    if !dtypes.contains(&t.dtype()) {
+        return Err(Error::op(
+            op,
+            format!("{what}: dtype {} not in {dtypes:?}", t.dtype()),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) const FLOATS: &[DType] = &[DType::F32, DType::F16, DType::BF16];

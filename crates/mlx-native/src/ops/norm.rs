@@ -1,0 +1,40 @@
+use super::{expect_dtype, expect_shape, FLOATS};
+use crate::core::dtype::DType;
+use crate::core::encoder::CommandEncoder;
+use crate::core::op::Op;
+use crate::core::tensor::Tensor;
+use crate::Result;
+
+/// out = x / rms(x) · w (or · (1 + w) with `unit_offset`, Gemma's convention), per row.
+pub fn rms_norm(
+    enc: &mut CommandEncoder,
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    unit_offset: bool,
+    out: &Tensor,
+) -> Result<()> {
+    expect_dtype("rms_norm", "x", x, &[DType::F32])?;
+    expect_dtype("rms_norm", "weight", weight, FLOATS)?;
+    expect_shape("rms_norm", "weight", weight, &[x.last_dim()])?;
+    expect_shape("rms_norm", "out", out, x.shape())?;
+    enc.dispatch(Op::RmsNorm { eps, unit_offset }, &[x, weight], &[out])
+}
+
+/// out = (x − mean) / std · w + b, per row.
+pub fn layer_norm(
+    enc: &mut CommandEncoder,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+    out: &Tensor,
+) -> Result<()> {
+    expect_dtype("layer_norm", "x", x, &[DType::F32])?;
+    for (what, t) in [("weight", weight), ("bias", bias)] {
+        expect_dtype("layer_norm", what, t, FLOATS)?;
+        expect_shape("layer_norm", what, t, &[x.last_dim()])?;
+    }
+    expect_shape("layer_norm", "out", out, x.shape())?;
+    enc.dispatch(Op::LayerNorm { eps }, &[x, weight, bias], &[out])
+}

@@ -1,0 +1,34 @@
+use super::{expect_dtype, expect_shape};
+use crate::core::dtype::DType;
+use crate::core::encoder::CommandEncoder;
+use crate::core::op::{Op, SamplingParams};
+use crate::core::tensor::Tensor;
+use crate::Result;
+
+/// token u32 `[1]` = argmax of the last row of logits `[m, vocab]` (lowest id on ties).
+pub fn argmax(enc: &mut CommandEncoder, logits: &Tensor, token: &Tensor) -> Result<()> {
+    expect_dtype("argmax", "logits", logits, &[DType::F32])?;
+    expect_dtype("argmax", "token", token, &[DType::U32])?;
+    expect_shape("argmax", "token", token, &[1])?;
+    enc.dispatch(Op::Argmax, &[logits], &[token])
+}
+
+/// token u32 `[1]` = a draw from the last row of `logits` under `params`; `history` u32
+/// `[capacity]` holds the tokens at positions 0..=pos (read for the repetition penalty) and
+/// receives the draw at pos+1. `pos` is a u32 `[1]` buffer. Temperature 0 is argmax.
+pub fn sample(
+    enc: &mut CommandEncoder,
+    params: SamplingParams,
+    logits: &Tensor,
+    pos: &Tensor,
+    token: &Tensor,
+    history: &Tensor,
+) -> Result<()> {
+    expect_dtype("sample", "logits", logits, &[DType::F32])?;
+    expect_dtype("sample", "pos", pos, &[DType::U32])?;
+    expect_shape("sample", "pos", pos, &[1])?;
+    expect_dtype("sample", "token", token, &[DType::U32])?;
+    expect_shape("sample", "token", token, &[1])?;
+    expect_dtype("sample", "history", history, &[DType::U32])?;
+    enc.dispatch(Op::Sample(params), &[logits, pos], &[token, history])
+}
