@@ -6,8 +6,10 @@
 
 pub mod backends;
 pub mod core;
+pub mod engine;
 pub mod error;
 pub mod formats;
+pub mod models;
 pub mod ops;
 pub mod quant;
 

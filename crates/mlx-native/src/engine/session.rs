@@ -1,0 +1,246 @@
+//! A generation session: one model, its KV cache and the buffers of a decode step. Prefill
+//! runs the prompt in chunks; each decode step is one replay of a captured graph (forward +
+//! sampling), so only the sampled token id comes back to the host.
+
+use std::time::{Duration, Instant};
+
+use crate::core::device::Device;
+use crate::core::dtype::DType;
+use crate::core::encoder::{CommandEncoder, Graph};
+use crate::core::op::SamplingParams;
+use crate::core::tensor::Tensor;
+use crate::models::llama::{KvCache, Llama, Scratch};
+use crate::ops;
+use crate::{Error, Result};
+
+/// Prompt tokens per forward pass during prefill (bounds the activation memory).
+const PREFILL_CHUNK: usize = 512;
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation stops after any of these ids (which are reported, not hidden).
+    pub stop_ids: Vec<u32>,
+    /// Replay a captured decode graph (false: record and submit every step).
+    pub use_graph: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct GenerateStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_time: Duration,
+    /// Time of the decode steps after the first generated token.
+    pub decode_time: Duration,
+    /// Kernel dispatches in one decode step.
+    pub dispatches_per_token: usize,
+}
+
+impl GenerateStats {
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+    }
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+pub struct Session {
+    model: Llama,
+    device: Device,
+    enc: CommandEncoder,
+    cache: KvCache,
+    /// Position of the token being fed (u32 `[1]`).
+    pos: Tensor,
+    /// The last sampled token (u32 `[1]`), also the decode step's input.
+    token: Tensor,
+    /// Every token by position (u32 `[capacity + 1]`), read by the repetition penalty.
+    history: Tensor,
+    logits: Tensor,
+    decode: Scratch,
+    decode_graph: Option<(SamplingParams, Graph)>,
+    prefill: Option<Scratch>,
+}
+
+impl Session {
+    /// A session able to hold `capacity` tokens (prompt and generated).
+    pub fn new(model: Llama, device: &Device, capacity: usize) -> Result<Session> {
+        let limit = model.params.max_position_embeddings;
+        if capacity == 0 || capacity > limit {
+            return Err(Error::Invalid(format!(
+                "context of {capacity} tokens: must be between 1 and the model's {limit}"
+            )));
+        }
+        let cache = model.new_cache(device, capacity)?;
+        let decode = model.new_scratch(device, 1)?;
+        Ok(Session {
+            enc: CommandEncoder::new(device),
+            pos: device.zeros(&[1], DType::U32)?,
+            token: device.zeros(&[1], DType::U32)?,
+            history: device.zeros(&[capacity + 1], DType::U32)?,
+            logits: device.zeros(&[1, model.params.vocab_size], DType::F32)?,
+            cache,
+            decode,
+            decode_graph: None,
+            prefill: None,
+            device: device.clone(),
+            model,
+        })
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+    pub fn capacity(&self) -> usize {
+        self.cache.capacity
+    }
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.byte_len()
+    }
+    /// Logits of the last forward pass `[1, vocab]`.
+    pub fn logits(&self) -> Result<Vec<f32>> {
+        self.logits.to_vec::<f32>()
+    }
+
+    /// Run the prompt through the model (positions 0..len) and sample the first new token.
+    pub fn prefill(&mut self, prompt: &[u32], sampling: SamplingParams) -> Result<u32> {
+        if prompt.is_empty() {
+            return Err(Error::Invalid("empty prompt".into()));
+        }
+        if prompt.len() > self.capacity() {
+            return Err(Error::ContextOverflow {
+                prompt: prompt.len(),
+                max_new: 0,
+                context: self.capacity(),
+            });
+        }
+        let mut history = vec![0u32; self.capacity() + 1];
+        history[..prompt.len()].copy_from_slice(prompt);
+        self.history.write(&history)?;
+        let chunk = prompt.len().min(PREFILL_CHUNK);
+        if self.prefill.as_ref().is_none_or(|s| s.m != chunk) {
+            self.prefill = Some(self.model.new_scratch(&self.device, chunk)?);
+        }
+        for (i, ids) in prompt.chunks(chunk).enumerate() {
+            let start = i * chunk;
+            self.pos.write(&[start as u32])?;
+            let tokens = self.device.from_slice(ids, &[ids.len()])?;
+            // The last chunk may be shorter: run it on a narrowed scratch of its own.
+            let partial;
+            let scratch = match &self.prefill {
+                Some(s) if s.m == ids.len() => s,
+                _ => {
+                    partial = self.model.new_scratch(&self.device, ids.len())?;
+                    &partial
+                }
+            };
+            self.model
+                .encode_forward(&mut self.enc, &tokens, &self.pos, &self.cache, scratch, &self.logits)?;
+            self.enc.commit()?;
+        }
+        self.pos.write(&[prompt.len() as u32 - 1])?;
+        self.encode_sample(sampling)?;
+        self.enc.commit()?;
+        Ok(self.token.to_vec::<u32>()?[0])
+    }
+
+    fn encode_sample(&mut self, sampling: SamplingParams) -> Result<()> {
+        if sampling.temperature <= 0.0 && sampling.repetition_penalty == 1.0 {
+            ops::argmax(&mut self.enc, &self.logits, &self.token)?;
+            // Keep the history complete for a later sampled session on the same cache.
+            return Ok(());
+        }
+        ops::sample(&mut self.enc, sampling, &self.logits, &self.pos, &self.token, &self.history)
+    }
+
+    /// Feed the last sampled token at position `pos` and sample the next one.
+    pub fn decode_step(&mut self, pos: usize, sampling: SamplingParams, use_graph: bool) -> Result<u32> {
+        if pos >= self.capacity() {
+            return Err(Error::ContextOverflow {
+                prompt: pos,
+                max_new: 1,
+                context: self.capacity(),
+            });
+        }
+        self.pos.write(&[pos as u32])?;
+        if use_graph {
+            if self.decode_graph.as_ref().is_none_or(|(p, _)| *p != sampling) {
+                self.enc.begin_capture()?;
+                self.encode_decode(sampling)?;
+                let graph = self.enc.end_capture()?;
+                self.decode_graph = Some((sampling, graph));
+            }
+            if let Some((_, graph)) = &mut self.decode_graph {
+                graph.replay()?;
+            }
+        } else {
+            self.encode_decode(sampling)?;
+            self.enc.commit()?;
+        }
+        Ok(self.token.to_vec::<u32>()?[0])
+    }
+
+    fn encode_decode(&mut self, sampling: SamplingParams) -> Result<()> {
+        self.model.encode_forward(
+            &mut self.enc,
+            &self.token,
+            &self.pos,
+            &self.cache,
+            &self.decode,
+            &self.logits,
+        )?;
+        self.encode_sample(sampling)
+    }
+
+    /// Dispatches in one decode step (the captured graph's length).
+    pub fn dispatches_per_token(&self) -> usize {
+        self.decode_graph.as_ref().map_or(0, |(_, g)| g.len())
+    }
+
+    /// Prefill `prompt`, then decode until a stop id, `max_new_tokens` or the context end.
+    /// `on_token` sees each new id as it is produced and may return false to stop.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<(Vec<u32>, GenerateStats)> {
+        if prompt.len() + opts.max_new_tokens > self.capacity() {
+            return Err(Error::ContextOverflow {
+                prompt: prompt.len(),
+                max_new: opts.max_new_tokens,
+                context: self.capacity(),
+            });
+        }
+        let mut stats = GenerateStats {
+            prompt_tokens: prompt.len(),
+            ..Default::default()
+        };
+        let mut out = Vec::with_capacity(opts.max_new_tokens);
+        if opts.max_new_tokens == 0 {
+            return Ok((out, stats));
+        }
+        let t0 = Instant::now();
+        let mut next = self.prefill(prompt, opts.sampling)?;
+        stats.prefill_time = t0.elapsed();
+        let t1 = Instant::now();
+        loop {
+            out.push(next);
+            let go_on = on_token(next);
+            if !go_on || opts.stop_ids.contains(&next) || out.len() >= opts.max_new_tokens {
+                break;
+            }
+            let pos = prompt.len() + out.len() - 1;
+            next = self.decode_step(pos, opts.sampling, opts.use_graph)?;
+        }
+        stats.decode_time = t1.elapsed();
+        stats.generated_tokens = out.len();
+        stats.dispatches_per_token = if opts.use_graph {
+            self.dispatches_per_token()
+        } else {
+            0
+        };
+        Ok((out, stats))
+    }
+}

@@ -1,0 +1,21 @@
+//! Model architectures: a config and weights become "encode one forward pass onto an
+//! encoder". Weights come through `WeightSource`, so one architecture loads from an MLX
+//! checkpoint or a GGUF file alike.
+
+pub mod llama;
+
+use crate::core::tensor::Tensor;
+use crate::ops::Linear;
+use crate::Result;
+
+/// Where a model's tensors come from, addressed by Hugging Face names
+/// (`model.layers.0.self_attn.q_proj`), whatever the file calls them.
+pub trait WeightSource {
+    /// A matrix `[n, k]` stored as the file stores it (dense or quantized), with its bias
+    /// `{name}.bias` when `bias` is set.
+    fn linear(&self, name: &str, n: usize, k: usize, bias: bool) -> Result<Linear>;
+    /// A 1-D tensor `{name}` of `len` values (norm weights), in its stored float dtype.
+    fn vector(&self, name: &str, len: usize) -> Result<Tensor>;
+    /// Whether a matrix `name` exists (e.g. an untied `lm_head`).
+    fn has_linear(&self, name: &str) -> bool;
+}

@@ -1,0 +1,93 @@
+//! `mlxn bench`: prefill and decode speed at set prompt lengths, with the bytes each decoded
+//! token reads, so speed can be read against the memory bandwidth.
+
+use clap::Args;
+use mlx_native::engine::{GenerateOptions, Session};
+use mlx_native::{Result, SamplingParams};
+
+use crate::{load::device_and_model, peak_memory_bytes, ModelArgs};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt lengths to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "128,512")]
+    prompt_lens: Vec<usize>,
+    /// Tokens decoded after each prompt.
+    #[arg(long, default_value_t = 128)]
+    decode: usize,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Print one JSON object per row instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let (device, loaded) = device_and_model(&args.model)?;
+    let p = loaded.model.params.clone();
+    let weight_bytes = loaded.model.weight_bytes();
+    let max_len = args.prompt_lens.iter().max().copied().unwrap_or(1) + args.decode;
+    let capacity = max_len.min(p.max_position_embeddings);
+    let mut session = Session::new(loaded.model, &device, capacity)?;
+    let opts = GenerateOptions {
+        max_new_tokens: args.decode,
+        sampling: SamplingParams::default(),
+        stop_ids: Vec::new(),
+        use_graph: !args.model.no_graph,
+    };
+    if !args.json {
+        println!(
+            "model: {} | device: {} | weights read per token: {:.1} MiB | graph: {}",
+            args.model.model.display(),
+            device.label(),
+            weight_bytes as f64 / 1048576.0,
+            opts.use_graph
+        );
+        println!("{:>8} {:>14} {:>14} {:>12} {:>14}", "prompt", "prefill tok/s", "decode tok/s", "decode GB/s", "kernels/token");
+    }
+    for &len in &args.prompt_lens {
+        // Deterministic, varied ids (no special tokens at the start of the vocabulary).
+        let prompt: Vec<u32> = (0..len)
+            .map(|i| 100 + ((i as u64 * 2654435761) % (p.vocab_size as u64 - 100)) as u32)
+            .collect();
+        let mut prefill = Vec::new();
+        let mut decode = Vec::new();
+        let mut kernels = 0;
+        for _ in 0..args.reps.max(1) {
+            let (_, stats) = session.generate(&prompt, &opts, |_| true)?;
+            prefill.push(stats.prefill_tokens_per_s());
+            decode.push(stats.decode_tokens_per_s());
+            kernels = stats.dispatches_per_token;
+        }
+        let (pf, dc) = (median(prefill), median(decode));
+        // KV bytes read per decoded token at the middle of the decode run (f32 k and v).
+        let mid = len + args.decode / 2;
+        let kv_bytes = 2 * p.num_layers * p.num_kv_heads * p.head_dim * 4 * mid;
+        let gbs = (weight_bytes + kv_bytes) as f64 * dc / 1e9;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"prompt_tokens": len, "decode_tokens": args.decode,
+                    "prefill_tokens_per_s": pf, "decode_tokens_per_s": dc, "decode_gb_per_s": gbs,
+                    "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": kv_bytes,
+                    "kernels_per_token": kernels, "device": device.label()})
+            );
+        } else {
+            println!("{len:>8} {pf:>14.1} {dc:>14.1} {gbs:>12.2} {kernels:>14}");
+        }
+    }
+    if !args.json {
+        if let Some(peak) = peak_memory_bytes() {
+            println!("peak memory: {:.1} MiB", peak as f64 / 1048576.0);
+        }
+    }
+    Ok(())
+}
