@@ -11,7 +11,9 @@ use crate::{Error, Result};
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (`"linear"`).
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Llama 3.x: low frequencies slowed by `factor`, a smooth band between.
     Llama3 {
         factor: f32,
@@ -40,11 +42,27 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
-    pub fn new(device: &Device, rotary_dims: usize, theta: f32, scaling: &RopeScaling) -> Result<RopeTable> {
-        if rotary_dims == 0 || rotary_dims % 2 != 0 {
-            return Err(Error::op("rope", format!("rotary dims {rotary_dims} must be even and > 0")));
+    pub fn new(
+        device: &Device,
+        rotary_dims: usize,
+        theta: f32,
+        scaling: &RopeScaling,
+    ) -> Result<RopeTable> {
+        if rotary_dims == 0 || rotary_dims % 2 == 1 {
+            return Err(Error::op(
+                "rope",
+                format!("rotary dims {rotary_dims} must be even and > 0"),
+            ));
         }
         let (freqs, mscale) = inv_freq(rotary_dims, theta, scaling);
+        // Degenerate settings (theta <= 0, a zero or negative factor) show up here as
+        // non-finite or non-positive frequencies.
+        if !mscale.is_finite() || freqs.iter().any(|f| !f.is_finite() || *f <= 0.0) {
+            return Err(Error::op(
+                "rope",
+                format!("theta {theta} with scaling {scaling:?} gives invalid frequencies"),
+            ));
+        }
         Ok(RopeTable {
             inv_freq: device.from_slice(&freqs, &[rotary_dims / 2])?,
             rotary_dims,
@@ -53,16 +71,84 @@ impl RopeTable {
     }
 }
 
-/// Inverse frequencies for each rotated pair and the cos/sin multiplier, after scaling.
+/// Inverse frequencies for each rotated pair (the angle of pair i at position p is
+/// p · inv_freq[i]) and the cos/sin multiplier, after scaling. mlx-lm describes the llama3
+/// and yarn tables by their reciprocals (`freqs`, periods per radian) and, for yarn, scales
+/// the rotated dims by `mscale`; both are reproduced here in f64.
 pub fn inv_freq(rotary_dims: usize, theta: f32, scaling: &RopeScaling) -> (Vec<f32>, f32) {
-    let base: Vec<f32> = (0..rotary_dims / 2)
-        .map(|i| 1.0 / theta.powf(2.0 * i as f32 / rotary_dims as f32))
-        .collect();
-    match scaling {
-        RopeScaling::None => (base, 1.0),
-        RopeScaling::Linear { factor } => (base.iter().map(|f| f / factor).collect(), 1.0),
-        // llama3 and yarn: see their reference formulas (filled in with the rope kernels).
-        _ => (base, 1.0),
+    let dims = rotary_dims as f64;
+    let theta = theta as f64;
+    // period factors theta^(2i/dims), mlx-lm's `freqs` before scaling
+    let periods = (0..rotary_dims / 2).map(|i| theta.powf(2.0 * i as f64 / dims));
+    let to_f32 = |inv: Vec<f64>| inv.into_iter().map(|f| f as f32).collect::<Vec<f32>>();
+    match *scaling {
+        RopeScaling::None => (to_f32(periods.map(|p| 1.0 / p).collect()), 1.0),
+        RopeScaling::Linear { factor } => (
+            to_f32(periods.map(|p| 1.0 / (p * factor as f64)).collect()),
+            1.0,
+        ),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let (factor, low, high) = (
+                factor as f64,
+                low_freq_factor as f64,
+                high_freq_factor as f64,
+            );
+            let old_context = original_max_position_embeddings as f64;
+            let (low_wavelen, high_wavelen) = (old_context / low, old_context / high);
+            let inv = periods.map(|p| {
+                let wavelen = 2.0 * std::f64::consts::PI * p;
+                let period = if wavelen > low_wavelen {
+                    p * factor
+                } else if wavelen > high_wavelen && wavelen < low_wavelen {
+                    // between the two bands: interpolate between slowed and unchanged
+                    let smooth = (old_context / wavelen - low) / (high - low);
+                    p / ((1.0 - smooth) / factor + smooth)
+                } else {
+                    p
+                };
+                1.0 / period
+            });
+            (to_f32(inv.collect()), 1.0)
+        }
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            mscale,
+            mscale_all_dim,
+        } => {
+            let factor = factor as f64;
+            let old_context = original_max_position_embeddings as f64;
+            // the dim index at which a frequency turns `rotations` times over the old context
+            let correction_dim = |rotations: f64| {
+                dims * (old_context / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                    / (2.0 * theta.ln())
+            };
+            let low = correction_dim(beta_fast as f64).floor().max(0.0);
+            let high = correction_dim(beta_slow as f64).ceil().min(dims - 1.0);
+            let high = if low == high { high + 0.001 } else { high };
+            // high-frequency pairs (below `low`) keep their frequency, low-frequency pairs
+            // (above `high`) are slowed by `factor`, a linear ramp blends the two between
+            let inv = periods.enumerate().map(|(i, period)| {
+                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                (1.0 - ramp) / period + ramp / (factor * period)
+            });
+            let attention_factor = |m: f32| {
+                if factor <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m as f64 * factor.ln() + 1.0
+                }
+            };
+            let mscale = attention_factor(mscale) / attention_factor(mscale_all_dim);
+            (to_f32(inv.collect()), mscale as f32)
+        }
     }
 }
 
@@ -82,7 +168,10 @@ pub fn rope(
     expect_dtype("rope", "x", x, &[DType::F32])?;
     expect_shape("rope", "x", x, &[x.rows(), n_heads * head_dim])?;
     if table.rotary_dims > head_dim {
-        return Err(Error::op("rope", format!("rotary dims {} > head dim {head_dim}", table.rotary_dims)));
+        return Err(Error::op(
+            "rope",
+            format!("rotary dims {} > head dim {head_dim}", table.rotary_dims),
+        ));
     }
     expect_dtype("rope", "pos", pos, &[DType::U32])?;
     expect_shape("rope", "pos", pos, &[1])?;

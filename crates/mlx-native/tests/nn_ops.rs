@@ -1,0 +1,1097 @@
+//! The CPU neural-net kernels against MLX (fixtures made by tools/mlx_fixtures_nn.py) and
+//! against f64 references written here. Every output starts poisoned with NaN.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use mlx_native::core::op::{BinaryFn, UnaryFn};
+use mlx_native::ops::{self, AttentionShape, RopeScaling, RopeTable};
+use mlx_native::{CommandEncoder, Device, SamplingParams, Tensor};
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------------------
+// fixtures
+
+/// The f32 tensors and per-case parameters of one fixture file.
+struct Fixture {
+    name: String,
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    cases: Vec<(String, Value)>,
+}
+
+/// A minimal safetensors reader: u64 LE header length, JSON header, raw little-endian data.
+fn fixture(name: &str) -> Fixture {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/mlx_nn")
+        .join(format!("{name}.safetensors"));
+    let bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: HashMap<String, Value> = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let data = &bytes[8 + header_len..];
+    let mut tensors = HashMap::new();
+    let mut cases = Vec::new();
+    for (key, entry) in header {
+        if key == "__metadata__" {
+            for (case, params) in entry.as_object().unwrap() {
+                let params = serde_json::from_str(params.as_str().unwrap()).unwrap();
+                cases.push((case.clone(), params));
+            }
+            continue;
+        }
+        assert_eq!(entry["dtype"], "F32", "{key}");
+        let shape = entry["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        let [start, end] = [0, 1].map(|i| entry["data_offsets"][i].as_u64().unwrap() as usize);
+        let values = data[start..end]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        tensors.insert(key, (shape, values));
+    }
+    cases.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(!cases.is_empty(), "{name}: no cases");
+    Fixture {
+        name: name.into(),
+        tensors,
+        cases,
+    }
+}
+
+impl Fixture {
+    fn get(&self, key: &str) -> &(Vec<usize>, Vec<f32>) {
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: no tensor {key}", self.name))
+    }
+    fn values(&self, key: &str) -> &[f32] {
+        &self.get(key).1
+    }
+    /// The tensor on the device, with its fixture shape.
+    fn tensor(&self, dev: &Device, key: &str) -> Tensor {
+        let (shape, values) = self.get(key);
+        dev.from_slice(values, shape).unwrap()
+    }
+}
+
+fn usize_of(v: &Value, key: &str) -> usize {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v}")) as usize
+}
+
+fn f32_of(v: &Value, key: &str) -> f32 {
+    v[key].as_f64().unwrap_or_else(|| panic!("{key} in {v}")) as f32
+}
+
+// ---------------------------------------------------------------------------------------
+// helpers
+
+fn nan_tensor(dev: &Device, shape: &[usize]) -> Tensor {
+    let n = shape.iter().product();
+    dev.from_slice(&vec![f32::NAN; n], shape).unwrap()
+}
+
+fn pos_tensor(dev: &Device, pos: usize) -> Tensor {
+    dev.from_slice(&[pos as u32], &[1]).unwrap()
+}
+
+/// Largest |a − b|; a NaN on either side counts as infinite.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let d = (x - y).abs();
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                d
+            }
+        })
+        .fold(0.0, f32::max)
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    let err = max_abs_diff(got, want);
+    assert!(err <= tol, "{what}: max abs error {err} > {tol}");
+}
+
+/// splitmix64: deterministic test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box–Muller).
+    fn normal(&mut self) -> f32 {
+        let (u, v) = (1.0 - self.uniform(), self.uniform());
+        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    }
+    fn normals(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.normal() * scale).collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// rope
+
+fn rope_scaling(v: &Value) -> RopeScaling {
+    if v.is_null() {
+        return RopeScaling::None;
+    }
+    let f = |k: &str| f32_of(v, k);
+    match v["rope_type"].as_str().unwrap() {
+        "linear" => RopeScaling::Linear {
+            factor: f("factor"),
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: f("factor"),
+            low_freq_factor: f("low_freq_factor"),
+            high_freq_factor: f("high_freq_factor"),
+            original_max_position_embeddings: usize_of(v, "original_max_position_embeddings"),
+        },
+        "yarn" => RopeScaling::Yarn {
+            factor: f("factor"),
+            original_max_position_embeddings: usize_of(v, "original_max_position_embeddings"),
+            beta_fast: f("beta_fast"),
+            beta_slow: f("beta_slow"),
+            mscale: f("mscale"),
+            mscale_all_dim: f("mscale_all_dim"),
+        },
+        other => panic!("rope type {other}"),
+    }
+}
+
+/// mx.fast.rope through mlx-lm's rope classes: both layouts, partial rotation, offsets,
+/// bases 1e4 and 5e5, linear, llama3 and yarn scaling. Max abs error 2e-4 on unit-normal
+/// inputs at positions up to ~1000 (f32 angles: MLX and we round p·inv_freq alike, the
+/// tables differ by an ulp), 1e-6 relative on the frequency tables themselves.
+#[test]
+fn rope_matches_mlx() {
+    let dev = Device::cpu();
+    let fx = fixture("rope");
+    for (name, p) in &fx.cases {
+        let (n_heads, head_dim, dims) = (
+            usize_of(p, "n_heads"),
+            usize_of(p, "head_dim"),
+            usize_of(p, "dims"),
+        );
+        let scaling = rope_scaling(&p["scaling"]);
+        let table = RopeTable::new(&dev, dims, f32_of(p, "base"), &scaling).unwrap();
+        let mscale = f32_of(p, "mscale");
+        assert!(
+            (table.mscale - mscale).abs() <= 1e-6 * mscale,
+            "{name}: mscale {} vs {mscale}",
+            table.mscale
+        );
+        if let Some((_, freqs)) = fx.tensors.get(&format!("{name}.freqs")) {
+            let ours = table.inv_freq.to_vec::<f32>().unwrap();
+            for (i, (&inv, &f)) in ours.iter().zip(freqs).enumerate() {
+                let want = 1.0 / f as f64;
+                let rel = ((inv as f64 - want) / want).abs();
+                assert!(
+                    rel <= 1e-6,
+                    "{name}: inv_freq[{i}] = {inv}, mlx-lm 1/freqs = {want}"
+                );
+            }
+        }
+        let x = fx.tensor(&dev, &format!("{name}.x"));
+        let out = nan_tensor(&dev, x.shape());
+        let pos = pos_tensor(&dev, usize_of(p, "offset"));
+        let mut enc = CommandEncoder::new(&dev);
+        ops::rope(
+            &mut enc,
+            &x,
+            &table,
+            n_heads,
+            head_dim,
+            p["traditional"].as_bool().unwrap(),
+            &pos,
+            &out,
+        )
+        .unwrap();
+        enc.commit().unwrap();
+        let got = out.to_vec::<f32>().unwrap();
+        assert_close(
+            &format!("rope {name}"),
+            &got,
+            fx.values(&format!("{name}.out")),
+            2e-4,
+        );
+    }
+}
+
+/// Invalid scaling parameters are reported, not turned into NaN frequencies.
+#[test]
+fn rope_rejects_degenerate_scaling() {
+    let dev = Device::cpu();
+    let bad = RopeScaling::Llama3 {
+        factor: 0.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    };
+    assert!(RopeTable::new(&dev, 64, 500000.0, &bad).is_err());
+    assert!(RopeTable::new(&dev, 64, 0.0, &RopeScaling::None).is_err());
+    assert!(RopeTable::new(&dev, 63, 10000.0, &RopeScaling::None).is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// norms
+
+/// mx.fast.rms_norm (plain and with Gemma's 1 + w) and mx.fast.layer_norm: max abs error
+/// 1e-6 on outputs of magnitude up to ~10.
+#[test]
+fn norms_match_mlx() {
+    let dev = Device::cpu();
+    let fx = fixture("norm");
+    for (name, p) in &fx.cases {
+        let x = fx.tensor(&dev, &format!("{name}.x"));
+        let w = fx.tensor(&dev, &format!("{name}.weight"));
+        let out = nan_tensor(&dev, x.shape());
+        let mut enc = CommandEncoder::new(&dev);
+        let eps = f32_of(p, "eps");
+        if name.starts_with("rms") {
+            ops::rms_norm(
+                &mut enc,
+                &x,
+                &w,
+                eps,
+                p["unit_offset"].as_bool().unwrap(),
+                &out,
+            )
+            .unwrap();
+        } else {
+            let b = fx.tensor(&dev, &format!("{name}.bias"));
+            ops::layer_norm(&mut enc, &x, &w, &b, eps, &out).unwrap();
+        }
+        enc.commit().unwrap();
+        let got = out.to_vec::<f32>().unwrap();
+        assert_close(
+            &format!("norm {name}"),
+            &got,
+            fx.values(&format!("{name}.out")),
+            1e-6,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// attention
+
+/// A cache `[n_kv_heads, capacity, head_dim]` holding `keys` `[n_kv_heads, filled, head_dim]`
+/// at positions 0..filled and NaN after (the kernel must never read there).
+fn cache_with(
+    dev: &Device,
+    keys: &[f32],
+    n_kv_heads: usize,
+    filled: usize,
+    capacity: usize,
+    head_dim: usize,
+) -> Tensor {
+    let mut data = vec![f32::NAN; n_kv_heads * capacity * head_dim];
+    for h in 0..n_kv_heads {
+        let src = &keys[h * filled * head_dim..(h + 1) * filled * head_dim];
+        data[h * capacity * head_dim..][..filled * head_dim].copy_from_slice(src);
+    }
+    dev.from_slice(&data, &[n_kv_heads, capacity, head_dim])
+        .unwrap()
+}
+
+/// Rows pos..pos+m of `[n_kv_heads, s, head_dim]` as `[m, n_kv_heads*head_dim]`.
+fn rows_of(
+    cache: &[f32],
+    n_kv_heads: usize,
+    s: usize,
+    head_dim: usize,
+    pos: usize,
+    m: usize,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(m * n_kv_heads * head_dim);
+    for r in pos..pos + m {
+        for h in 0..n_kv_heads {
+            out.extend_from_slice(&cache[(h * s + r) * head_dim..][..head_dim]);
+        }
+    }
+    out
+}
+
+/// mx.fast.scaled_dot_product_attention with GQA (6 query heads on 2 kv heads), head dims 64
+/// and 40, a cached prefix (queries at pos..pos+m against keys 0..pos+m), a prefill from 0,
+/// and sliding windows (MLX given the explicit mask). The new keys and values go through
+/// kv_append first (checked exactly). Max abs error 2e-6.
+#[test]
+fn attention_matches_mlx() {
+    let dev = Device::cpu();
+    let fx = fixture("attention");
+    for (name, p) in &fx.cases {
+        let (n_heads, n_kv_heads, head_dim) = (
+            usize_of(p, "n_heads"),
+            usize_of(p, "n_kv_heads"),
+            usize_of(p, "head_dim"),
+        );
+        let (pos, m) = (usize_of(p, "pos"), usize_of(p, "m"));
+        let s = pos + m;
+        let capacity = s + 5;
+        let k = fx.values(&format!("{name}.k"));
+        let v = fx.values(&format!("{name}.v"));
+        // the prefix is already cached; the m new rows are appended by the kernel
+        let k_cache = cache_with(&dev, k, n_kv_heads, s, capacity, head_dim);
+        let v_cache = cache_with(&dev, v, n_kv_heads, s, capacity, head_dim);
+        let poison = |c: &Tensor| {
+            let mut data = c.to_vec::<f32>().unwrap();
+            for h in 0..n_kv_heads {
+                data[(h * capacity + pos) * head_dim..][..m * head_dim].fill(f32::NAN);
+            }
+            c.write(&data).unwrap();
+        };
+        poison(&k_cache);
+        poison(&v_cache);
+        let k_new = dev
+            .from_slice(
+                &rows_of(k, n_kv_heads, s, head_dim, pos, m),
+                &[m, n_kv_heads * head_dim],
+            )
+            .unwrap();
+        let v_new = dev
+            .from_slice(
+                &rows_of(v, n_kv_heads, s, head_dim, pos, m),
+                &[m, n_kv_heads * head_dim],
+            )
+            .unwrap();
+        let q = fx.tensor(&dev, &format!("{name}.q"));
+        let out = nan_tensor(&dev, q.shape());
+        let pos_t = pos_tensor(&dev, pos);
+        let shape = AttentionShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale: f32_of(p, "scale"),
+            window: p["window"].as_u64().map(|w| w as usize),
+            softcap: None,
+        };
+        let mut enc = CommandEncoder::new(&dev);
+        ops::kv_append(&mut enc, &k_new, &pos_t, &k_cache).unwrap();
+        ops::kv_append(&mut enc, &v_new, &pos_t, &v_cache).unwrap();
+        ops::attention(&mut enc, shape, &q, &k_cache, &v_cache, &pos_t, &out).unwrap();
+        enc.commit().unwrap();
+
+        let filled = rows_of(
+            &k_cache.to_vec::<f32>().unwrap(),
+            n_kv_heads,
+            capacity,
+            head_dim,
+            0,
+            s,
+        );
+        assert_eq!(
+            filled,
+            rows_of(k, n_kv_heads, s, head_dim, 0, s),
+            "kv_append {name}"
+        );
+        let got = out.to_vec::<f32>().unwrap();
+        assert_close(
+            &format!("attention {name}"),
+            &got,
+            fx.values(&format!("{name}.out")),
+            2e-6,
+        );
+    }
+}
+
+/// One attention call: q `[m, n_heads*head_dim]` at positions pos..pos+m over caches
+/// `[n_kv_heads, capacity, head_dim]`.
+struct AttentionCall {
+    shape: AttentionShape,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    capacity: usize,
+    pos: usize,
+}
+
+impl AttentionCall {
+    fn rows(&self) -> usize {
+        self.q.len() / (self.shape.n_heads * self.shape.head_dim)
+    }
+}
+
+/// The f64 reference.
+fn attention_f64(c: &AttentionCall) -> Vec<f32> {
+    let AttentionCall {
+        shape,
+        q,
+        k,
+        v,
+        capacity,
+        pos,
+    } = c;
+    let (capacity, pos, m) = (*capacity, *pos, c.rows());
+    let hd = shape.head_dim;
+    let group = shape.n_heads / shape.n_kv_heads;
+    let mut out = vec![0f32; q.len()];
+    for i in 0..m {
+        let qp = pos + i;
+        for h in 0..shape.n_heads {
+            let qv = &q[(i * shape.n_heads + h) * hd..][..hd];
+            let base = (h / group) * capacity * hd;
+            let keys: Vec<usize> = (0..=qp)
+                .filter(|&j| shape.window.is_none_or(|w| j + w > qp))
+                .collect();
+            let scores: Vec<f64> = keys
+                .iter()
+                .map(|&j| {
+                    let s = (0..hd)
+                        .map(|d| qv[d] as f64 * k[base + j * hd + d] as f64)
+                        .sum::<f64>()
+                        * shape.scale as f64;
+                    shape
+                        .softcap
+                        .map_or(s, |c| c as f64 * (s / c as f64).tanh())
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for d in 0..hd {
+                let o: f64 = keys
+                    .iter()
+                    .zip(&e)
+                    .map(|(&j, p)| p * v[base + j * hd + d] as f64)
+                    .sum();
+                out[(i * shape.n_heads + h) * hd + d] = (o / sum) as f32;
+            }
+        }
+    }
+    out
+}
+
+fn run_attention(dev: &Device, c: &AttentionCall) -> Vec<f32> {
+    let shape = c.shape;
+    let dims = [shape.n_kv_heads, c.capacity, shape.head_dim];
+    let q = dev
+        .from_slice(&c.q, &[c.rows(), shape.n_heads * shape.head_dim])
+        .unwrap();
+    let k = dev.from_slice(&c.k, &dims).unwrap();
+    let v = dev.from_slice(&c.v, &dims).unwrap();
+    let out = nan_tensor(dev, q.shape());
+    let pos = pos_tensor(dev, c.pos);
+    let mut enc = CommandEncoder::new(dev);
+    ops::attention(&mut enc, shape, &q, &k, &v, &pos, &out).unwrap();
+    enc.commit().unwrap();
+    out.to_vec::<f32>().unwrap()
+}
+
+/// Soft-capping and sliding windows (with and without each other, MQA and GQA, odd head
+/// dim) against the f64 reference; scores are scaled up so that the cap bends them.
+/// Max abs error 2e-6.
+#[test]
+fn attention_softcap_and_window_match_f64() {
+    let dev = Device::cpu();
+    let mut rng = Rng(7);
+    let (capacity, pos, m, hd) = (40, 13, 6, 24);
+    for (n_heads, n_kv_heads, window, softcap) in [
+        (4, 1, None, Some(3.0)),
+        (4, 2, Some(5), None),
+        (6, 3, Some(1), Some(2.0)),
+        (6, 2, Some(9), Some(50.0)),
+    ] {
+        let shape = AttentionShape {
+            n_heads,
+            n_kv_heads,
+            head_dim: hd,
+            scale: 0.6,
+            window,
+            softcap,
+        };
+        let mut call = AttentionCall {
+            shape,
+            q: rng.normals(m * n_heads * hd, 1.0),
+            k: rng.normals(n_kv_heads * capacity * hd, 1.0),
+            v: rng.normals(n_kv_heads * capacity * hd, 1.0),
+            capacity,
+            pos,
+        };
+        // slots past the last query position must stay unread
+        for h in 0..n_kv_heads {
+            call.k[(h * capacity + pos + m) * hd..(h + 1) * capacity * hd].fill(f32::NAN);
+        }
+        let got = run_attention(&dev, &call);
+        assert_close(
+            &format!("attention {shape:?}"),
+            &got,
+            &attention_f64(&call),
+            2e-6,
+        );
+    }
+}
+
+/// Decode over 3000 cached positions (the engine's long-context case) against f64.
+#[test]
+fn attention_long_decode_matches_f64() {
+    let dev = Device::cpu();
+    let mut rng = Rng(11);
+    let (capacity, hd) = (3001, 64);
+    let call = AttentionCall {
+        shape: AttentionShape {
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: hd,
+            scale: 0.125,
+            window: None,
+            softcap: None,
+        },
+        q: rng.normals(9 * hd, 2.0),
+        k: rng.normals(3 * capacity * hd, 1.0),
+        v: rng.normals(3 * capacity * hd, 1.0),
+        capacity,
+        pos: 3000,
+    };
+    assert_close(
+        "long decode",
+        &run_attention(&dev, &call),
+        &attention_f64(&call),
+        2e-6,
+    );
+}
+
+/// Positions past the cache are an error from the kernel, for both append and attention.
+#[test]
+fn cache_overflow_is_an_error() {
+    let dev = Device::cpu();
+    let cache = nan_tensor(&dev, &[2, 8, 4]);
+    let x = dev.from_slice(&[1f32; 16], &[2, 8]).unwrap();
+    let mut enc = CommandEncoder::new(&dev);
+    ops::kv_append(&mut enc, &x, &pos_tensor(&dev, 7), &cache).unwrap();
+    assert!(enc.commit().is_err());
+
+    let shape = AttentionShape {
+        n_heads: 2,
+        n_kv_heads: 2,
+        head_dim: 4,
+        scale: 0.5,
+        window: None,
+        softcap: None,
+    };
+    let q = dev.from_slice(&[1f32; 16], &[2, 8]).unwrap();
+    let out = nan_tensor(&dev, &[2, 8]);
+    let mut enc = CommandEncoder::new(&dev);
+    ops::attention(
+        &mut enc,
+        shape,
+        &q,
+        &cache,
+        &cache.clone(),
+        &pos_tensor(&dev, 7),
+        &out,
+    )
+    .unwrap();
+    assert!(enc.commit().is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// elementwise
+
+fn run_unary(dev: &Device, f: UnaryFn, x: &Tensor) -> Vec<f32> {
+    let out = nan_tensor(dev, x.shape());
+    let mut enc = CommandEncoder::new(dev);
+    ops::unary(&mut enc, f, x, &out).unwrap();
+    enc.commit().unwrap();
+    out.to_vec::<f32>().unwrap()
+}
+
+const ACTIVATIONS: [(UnaryFn, &str); 3] = [
+    (UnaryFn::Silu, "silu"),
+    (UnaryFn::GeluExact, "geluexact"),
+    (UnaryFn::GeluTanh, "gelutanh"),
+];
+
+/// nn.silu, nn.gelu (erf) and nn.gelu_approx (tanh) over [-12, 12] and random inputs, alone
+/// and gated (f(gate)·up); mx.softmax over rows of large logits (100 ± 8·N(0,1), where a
+/// softmax without the max subtraction overflows). Max abs error 2e-6 (activations, values
+/// up to 12) and 2.5e-7 (softmax, 2 ulp near 1).
+#[test]
+fn activations_and_softmax_match_mlx() {
+    let dev = Device::cpu();
+    let fx = fixture("activations");
+    let x = fx.tensor(&dev, "unary.x");
+    let (gate, up) = (fx.tensor(&dev, "gated.gate"), fx.tensor(&dev, "gated.up"));
+    for (f, name) in ACTIVATIONS {
+        assert_close(
+            name,
+            &run_unary(&dev, f, &x),
+            fx.values(&format!("unary.{name}")),
+            2e-6,
+        );
+        let out = nan_tensor(&dev, gate.shape());
+        let mut enc = CommandEncoder::new(&dev);
+        ops::gated_activation(&mut enc, f, &gate, &up, &out).unwrap();
+        enc.commit().unwrap();
+        let got = out.to_vec::<f32>().unwrap();
+        assert_close(
+            &format!("gated {name}"),
+            &got,
+            fx.values(&format!("gated.{name}")),
+            2e-6,
+        );
+    }
+    let x = fx.tensor(&dev, "softmax.x");
+    let out = nan_tensor(&dev, x.shape());
+    let mut enc = CommandEncoder::new(&dev);
+    ops::softmax(&mut enc, &x, &out).unwrap();
+    enc.commit().unwrap();
+    assert_close(
+        "softmax",
+        &out.to_vec::<f32>().unwrap(),
+        fx.values("softmax.out"),
+        2.5e-7,
+    );
+}
+
+/// The exact GELU's negative tail keeps relative precision (erfc is not 1 − erf there):
+/// against f64 x·Φ(x) with Φ from a 200-term series, relative error 1e-5 down to x = −9.
+#[test]
+fn gelu_exact_tail_is_precise() {
+    let dev = Device::cpu();
+    let xs: Vec<f32> = (0..60).map(|i| -0.5 - 0.15 * i as f32).collect();
+    let got = run_unary(
+        &dev,
+        UnaryFn::GeluExact,
+        &dev.from_slice(&xs, &[60]).unwrap(),
+    );
+    for (&x, &g) in xs.iter().zip(&got) {
+        // Φ(x) = e^(−x²/2)/√(2π) · Σ over the continued fraction of Mills' ratio
+        let a = -(x as f64);
+        let mut t = a;
+        for n in (1..=200).rev() {
+            t = a + n as f64 / t;
+        }
+        let phi = (-a * a / 2.0).exp() / ((2.0 * std::f64::consts::PI).sqrt() * t);
+        let want = x as f64 * phi;
+        assert!(
+            ((g as f64 - want) / want).abs() < 1e-5,
+            "gelu({x}) = {g}, want {want}"
+        );
+    }
+}
+
+/// Softcap, add and mul against f64 (odd size over several rayon chunks): softcap to 4e-6
+/// (2 ulp at |out| < 15),
+/// add and mul exactly (one correctly rounded operation each).
+#[test]
+fn softcap_and_binary_match_f64() {
+    let dev = Device::cpu();
+    let mut rng = Rng(3);
+    let n = 3 * 16384 + 77;
+    let a = rng.normals(n, 20.0);
+    let b = rng.normals(n, 1.0);
+    let (a_t, b_t) = (
+        dev.from_slice(&a, &[n]).unwrap(),
+        dev.from_slice(&b, &[n]).unwrap(),
+    );
+
+    let out = nan_tensor(&dev, &[n]);
+    let mut enc = CommandEncoder::new(&dev);
+    ops::softcap(&mut enc, 15.0, &a_t, &out).unwrap();
+    enc.commit().unwrap();
+    let want: Vec<f32> = a
+        .iter()
+        .map(|&x| (15.0 * (x as f64 / 15.0).tanh()) as f32)
+        .collect();
+    assert_close("softcap", &out.to_vec::<f32>().unwrap(), &want, 4e-6);
+
+    for (f, op) in [
+        (BinaryFn::Add, (|x, y| x + y) as fn(f64, f64) -> f64),
+        (BinaryFn::Mul, |x, y| x * y),
+    ] {
+        let out = nan_tensor(&dev, &[n]);
+        let mut enc = CommandEncoder::new(&dev);
+        ops::binary(&mut enc, f, &a_t, &b_t, &out).unwrap();
+        enc.commit().unwrap();
+        let want: Vec<f32> = a
+            .iter()
+            .zip(&b)
+            .map(|(&x, &y)| op(x as f64, y as f64) as f32)
+            .collect();
+        assert_eq!(out.to_vec::<f32>().unwrap(), want, "{f:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// sampling
+
+struct Sampler {
+    dev: Device,
+    logits: Tensor,
+    pos: Tensor,
+    token: Tensor,
+    history: Tensor,
+}
+
+impl Sampler {
+    /// `logits` `[m, vocab]`; `history` the token history buffer.
+    fn new(logits: &[f32], vocab: usize, history: &[u32]) -> Sampler {
+        let dev = Device::cpu();
+        Sampler {
+            logits: dev
+                .from_slice(logits, &[logits.len() / vocab, vocab])
+                .unwrap(),
+            pos: pos_tensor(&dev, 0),
+            token: dev.from_slice(&[u32::MAX], &[1]).unwrap(),
+            history: dev.from_slice(history, &[history.len()]).unwrap(),
+            dev,
+        }
+    }
+
+    fn sample(&self, params: SamplingParams, pos: usize) -> u32 {
+        self.pos.write(&[pos as u32]).unwrap();
+        self.token.write(&[u32::MAX]).unwrap();
+        let mut enc = CommandEncoder::new(&self.dev);
+        ops::sample(
+            &mut enc,
+            params,
+            &self.logits,
+            &self.pos,
+            &self.token,
+            &self.history,
+        )
+        .unwrap();
+        enc.commit().unwrap();
+        self.token.to_vec::<u32>().unwrap()[0]
+    }
+
+    fn argmax(&self) -> u32 {
+        self.token.write(&[u32::MAX]).unwrap();
+        let mut enc = CommandEncoder::new(&self.dev);
+        ops::argmax(&mut enc, &self.logits, &self.token).unwrap();
+        enc.commit().unwrap();
+        self.token.to_vec::<u32>().unwrap()[0]
+    }
+}
+
+/// The documented draw: splitmix64's output function on seed ⊕ pos·φ, top 53 bits.
+fn uniform_spec(seed: u64, pos: usize) -> f64 {
+    Rng(seed ^ (pos as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).uniform()
+}
+
+/// f64 reference of the whole sampler on one row of logits: repetition penalty, then
+/// mlx-lm's top-p, min-p, top-k on the untempered distribution, then the inverse-CDF draw
+/// at the temperature. `None` when the draw lands within 1e-9 of a bucket boundary.
+fn sample_f64(logits: &[f32], history: &[u32], pos: usize, p: &SamplingParams) -> Option<u32> {
+    let mut l: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
+    let first = (pos + 1).saturating_sub(p.repetition_window);
+    let mut seen: Vec<u32> = history[first..=pos].to_vec();
+    seen.sort();
+    seen.dedup();
+    if p.repetition_window > 0 {
+        for t in seen {
+            let x = &mut l[t as usize];
+            *x = if *x < 0.0 {
+                *x * p.repetition_penalty as f64
+            } else {
+                *x / p.repetition_penalty as f64
+            };
+            *x = *x as f32 as f64;
+        }
+    }
+    let mut order: Vec<usize> = (0..l.len()).collect();
+    order.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+    if p.temperature == 0.0 {
+        return Some(order[0] as u32);
+    }
+    let max = l[order[0]];
+    let prob: Vec<f64> = l.iter().map(|x| (x - max).exp()).collect();
+    let total: f64 = prob.iter().sum();
+    let mut kept = Vec::new();
+    let mut above = 0.0;
+    for (rank, &i) in order.iter().enumerate() {
+        let in_top_p = p.top_p >= 1.0 || above < p.top_p as f64 * total;
+        let in_min_p = prob[i] >= p.min_p as f64;
+        let in_top_k = p.top_k == 0 || rank < p.top_k;
+        if in_top_p && in_min_p && in_top_k {
+            kept.push(i);
+        }
+        above += prob[i];
+    }
+    let w: Vec<f64> = kept
+        .iter()
+        .map(|&i| ((l[i] - max) / p.temperature as f64).exp())
+        .collect();
+    let target = uniform_spec(p.seed, pos) * w.iter().sum::<f64>();
+    let mut acc = 0.0;
+    for (&i, w) in kept.iter().zip(&w) {
+        acc += w;
+        if (acc - target).abs() < 1e-9 * acc {
+            return None;
+        }
+        if acc > target {
+            return Some(i as u32);
+        }
+    }
+    kept.last().map(|&i| i as u32)
+}
+
+fn params(temperature: f32) -> SamplingParams {
+    SamplingParams {
+        temperature,
+        ..SamplingParams::default()
+    }
+}
+
+/// Argmax reads the last row only, picks the lowest id among ties, never a NaN.
+#[test]
+fn argmax_last_row_ties_and_nan() {
+    let vocab = 37;
+    let mut logits = vec![0.5f32; 2 * vocab];
+    logits[3] = 100.0; // row 0 must be ignored
+    let row = &mut logits[vocab..];
+    row[0] = f32::NAN;
+    row[5] = 7.0;
+    row[20] = 7.0;
+    row[30] = f32::NAN;
+    let s = Sampler::new(&logits, vocab, &[0; 4]);
+    assert_eq!(s.argmax(), 5);
+    assert_eq!(s.sample(params(0.0), 0), 5);
+    let all_nan = Sampler::new(&[f32::NAN; 9], 9, &[0; 4]);
+    assert_eq!(all_nan.argmax(), 0);
+}
+
+/// The sampler equals the f64 reference draw for draw over many (seed, pos) and every
+/// filter, alone and combined; top-k 1 is argmax; the pick lands in history[pos + 1].
+#[test]
+fn sample_matches_f64_reference() {
+    let mut rng = Rng(5);
+    let vocab = 301;
+    let logits: Vec<f32> = (0..2 * vocab).map(|_| rng.normal() * 2.5).collect();
+    let history: Vec<u32> = (0..64)
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .collect();
+    let s = Sampler::new(&logits, vocab, &history);
+    let last = &logits[vocab..];
+    let argmax = s.argmax();
+    let settings = [
+        SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.7,
+            top_k: 12,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.3,
+            top_p: 0.6,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.9,
+            min_p: 0.05,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.02,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.8,
+            repetition_penalty: 1.5,
+            repetition_window: 10,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 1.3,
+            repetition_window: 64,
+            ..Default::default()
+        },
+    ];
+    let mut compared = 0;
+    for (n, base) in settings.iter().enumerate() {
+        for draw in 0..40 {
+            let p = SamplingParams {
+                seed: 1000 * n as u64 + draw,
+                ..*base
+            };
+            let pos = (draw as usize * 7) % 60;
+            let got = s.sample(p, pos);
+            assert_eq!(
+                s.history.to_vec::<u32>().unwrap()[pos + 1],
+                got,
+                "history write"
+            );
+            s.history.write(&history).unwrap();
+            if let Some(want) = sample_f64(last, &history, pos, &p) {
+                assert_eq!(got, want, "{p:?} at pos {pos}");
+                compared += 1;
+            }
+            let top1 = SamplingParams {
+                top_k: 1,
+                temperature: 1.0,
+                ..p
+            };
+            if top1.repetition_penalty == 1.0 {
+                assert_eq!(s.sample(top1, pos), argmax, "top_k = 1 is argmax");
+                s.history.write(&history).unwrap();
+            }
+        }
+    }
+    assert!(compared > 270, "only {compared} draws compared");
+}
+
+/// Same seed and position: same token. Different seeds (or positions) over a flat
+/// distribution: many different tokens, with frequencies close to the probabilities.
+#[test]
+fn sample_is_deterministic_and_spreads() {
+    let vocab = 8;
+    let logits: Vec<f32> = (0..vocab).map(|i| 0.3 * i as f32).collect();
+    let s = Sampler::new(&logits, vocab, &[0; 16]);
+    let p = |seed| SamplingParams {
+        temperature: 0.8,
+        seed,
+        ..Default::default()
+    };
+    for seed in [0, 1, 99, u64::MAX] {
+        assert_eq!(s.sample(p(seed), 3), s.sample(p(seed), 3));
+    }
+    let draws = 3000;
+    let mut counts = [0usize; 8];
+    for seed in 0..draws {
+        counts[s.sample(p(seed), 5) as usize] += 1;
+    }
+    let w: Vec<f64> = logits.iter().map(|&l| (l as f64 / 0.8).exp()).collect();
+    let total: f64 = w.iter().sum();
+    for (i, &c) in counts.iter().enumerate() {
+        let freq = c as f64 / draws as f64;
+        assert!(
+            (freq - w[i] / total).abs() < 0.03,
+            "token {i}: {freq} vs {}",
+            w[i] / total
+        );
+    }
+    let by_pos: std::collections::HashSet<u32> = (0..14).map(|pos| s.sample(p(42), pos)).collect();
+    assert!(by_pos.len() >= 4, "positions give {by_pos:?}");
+}
+
+/// min-p, top-p and top-k never return a token outside their f64-computed sets, and every
+/// token of the set shows up over many draws.
+#[test]
+fn sample_filters_exclude_unlikely_tokens() {
+    // probabilities ∝ 8, 4, 2, 1, 0.5, 0.25, … (logits ln 2 apart)
+    let vocab = 12;
+    let logits: Vec<f32> = (0..vocab)
+        .map(|i| -(i as f32) * std::f32::consts::LN_2)
+        .collect();
+    let s = Sampler::new(&logits, vocab, &[0; 4]);
+    let cases = [
+        // p_i ≥ 0.1·p_0 keeps 8, 4, 2, 1 (0.5 < 0.8)
+        (
+            SamplingParams {
+                min_p: 0.1,
+                ..params(1.0)
+            },
+            4,
+        ),
+        // cumulative 8/16 = 0.5, 12/16 = 0.75, 14/16 = 0.875 ≥ 0.8
+        (
+            SamplingParams {
+                top_p: 0.8,
+                ..params(1.0)
+            },
+            3,
+        ),
+        (
+            SamplingParams {
+                top_k: 2,
+                ..params(1.0)
+            },
+            2,
+        ),
+        // filters at temperature 1 even when sampling hotter (mlx-lm)
+        (
+            SamplingParams {
+                top_p: 0.8,
+                ..params(3.0)
+            },
+            3,
+        ),
+    ];
+    for (p, allowed) in cases {
+        let mut seen = [false; 12];
+        for seed in 0..400 {
+            let t = s.sample(SamplingParams { seed, ..p }, 1) as usize;
+            assert!(t < allowed, "{p:?} drew token {t}");
+            seen[t] = true;
+        }
+        assert!(
+            seen[..allowed].iter().all(|&x| x),
+            "{p:?}: not all allowed tokens drawn: {seen:?}"
+        );
+    }
+}
+
+/// The repetition penalty flips the greedy pick exactly when the repeated token is inside
+/// the window, for positive and negative logits.
+#[test]
+fn repetition_penalty_changes_argmax_when_it_should() {
+    let greedy = |window| SamplingParams {
+        repetition_penalty: 1.5,
+        repetition_window: window,
+        ..params(0.0)
+    };
+    // token 2 leads (2.0 vs 1.8); 2.0 / 1.5 < 1.8
+    let positive = Sampler::new(&[0.1, 1.8, 2.0, -1.0], 4, &[2, 0, 0, 3, 3, 0]);
+    assert_eq!(positive.sample(params(0.0), 4), 2);
+    assert_eq!(
+        positive.sample(greedy(5), 4),
+        1,
+        "token 2 at position 0 is in a 5-token window"
+    );
+    assert_eq!(
+        positive.sample(greedy(4), 4),
+        2,
+        "token 2 at position 0 is outside a 4-token window"
+    );
+    // all negative: token 0 leads (−0.10 vs −0.12); −0.10 · 1.5 < −0.12
+    let negative = Sampler::new(&[-0.10, -0.12, -3.0], 3, &[1, 0, 0, 0]);
+    assert_eq!(negative.sample(greedy(1), 2), 1);
+    assert_eq!(
+        negative.sample(greedy(0), 2),
+        0,
+        "an empty window changes nothing"
+    );
+}
+
+/// A position whose token is past the history is an error; a pick at the history's last
+/// slot is not written, without error.
+#[test]
+fn sample_history_bounds() {
+    let s = Sampler::new(&[0.0, 1.0, 0.5], 3, &[0; 4]);
+    assert_eq!(s.sample(params(0.0), 3), 1);
+    assert_eq!(s.history.to_vec::<u32>().unwrap(), vec![0; 4]);
+    s.pos.write(&[4u32]).unwrap();
+    let mut enc = CommandEncoder::new(&s.dev);
+    ops::sample(
+        &mut enc,
+        params(0.0),
+        &s.logits,
+        &s.pos,
+        &s.token,
+        &s.history,
+    )
+    .unwrap();
+    assert!(enc.commit().is_err());
+}
