@@ -123,7 +123,7 @@ impl Device {
         shape: &[usize],
         dtype: DType,
     ) -> Result<Tensor> {
-        let storage = self.backend().from_host(bytes, range)?;
+        let storage = self.backend().host_buffer(bytes, range)?;
         Tensor::from_buffer(Buffer::new(self.clone(), storage, false), 0, shape.to_vec(), dtype)
     }
 

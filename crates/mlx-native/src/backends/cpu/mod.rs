@@ -176,7 +176,7 @@ impl Backend for CpuBackend {
         }))
     }
 
-    fn from_host(
+    fn host_buffer(
         &self,
         bytes: HostBytes,
         range: std::ops::Range<usize>,
