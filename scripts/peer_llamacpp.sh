@@ -23,8 +23,8 @@ case "${1:-}" in
     if [ -n "$archive" ]; then tar -xJf "$archive" -C "$dir"; else "$0" prepare "$dir/src.tar.xz"; tar -xJf "$dir/src.tar.xz" -C "$dir"; fi
     flags=(-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_TYPE=Release)
     if [ "$kind" = cuda ]; then flags+=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90); fi
-    cmake -S "$dir/llama.cpp" -B "$dir/build" "${flags[@]}" > "$dir/cmake.log"
-    cmake --build "$dir/build" --target llama-bench -j "$(nproc)" > "$dir/build.log"
+    cmake -S "$dir/llama.cpp" -B "$dir/build" "${flags[@]}" > "$dir/cmake.log" 2>&1
+    cmake --build "$dir/build" --target llama-bench -j "$(nproc)" > "$dir/build.log" 2>&1
     echo "built $dir/build/bin/llama-bench";;
   bench)
     dir=$2; model=$3; shift 3

@@ -4,9 +4,10 @@
 use std::io::{BufRead, Write};
 
 use clap::Args;
-use mlx_native::engine::{GenerateOptions, Session};
+use mlx_native::engine::{GenerateOptions, LoadedModel, Session};
+use mlx_native::formats::chat_template::Message;
 use mlx_native::formats::tokenizer::TextStream;
-use mlx_native::Result;
+use mlx_native::{Error, Result};
 
 use crate::{load::device_and_model, ModelArgs, SamplingArgs};
 
@@ -24,54 +25,58 @@ pub struct ChatArgs {
 pub fn run(args: ChatArgs) -> Result<()> {
     let (device, loaded) = device_and_model(&args.model)?;
     let capacity = args.ctx.min(loaded.model.params.max_position_embeddings);
+    let LoadedModel {
+        model,
+        tokenizer,
+        chat_template,
+        stop_ids,
+    } = loaded;
+    let template = chat_template.ok_or_else(|| Error::Template("the model has no chat template".into()))?;
     let opts = GenerateOptions {
         max_new_tokens: args.sampling.max_tokens,
         sampling: args.sampling.params(),
-        stop_ids: loaded.stop_ids.clone(),
+        stop_ids,
         use_graph: !args.model.no_graph,
     };
-    let tokenizer = loaded.tokenizer.clone();
-    let template = loaded.clone_template();
-    let mut session = Session::new(loaded.model, &device, capacity)?;
-    let mut history: Vec<(String, String)> = Vec::new();
+    let mut session = Session::new(model, &device, capacity)?;
+    let mut history: Vec<Message> = Vec::new();
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
     loop {
         print!("> ");
         let _ = stdout.flush();
         let mut line = String::new();
-        if stdin.lock().read_line(&mut line).map_err(|e| mlx_native::Error::io("<stdin>", e))? == 0 {
+        if stdin.lock().read_line(&mut line).map_err(|e| Error::io("<stdin>", e))? == 0 {
             break;
         }
         let line = line.trim();
         if line.is_empty() {
             break;
         }
-        history.push(("user".into(), line.to_string()));
-        let messages: Vec<(&str, &str)> = history.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
-        let prompt = tokenizer.encode(&template.render_pairs(&messages, true)?, true)?;
+        history.push(Message::new("user", line));
+        let prompt = tokenizer.encode(&template.render(&history, true)?, true)?;
         let room = capacity.saturating_sub(prompt.len());
         let turn = GenerateOptions {
             max_new_tokens: opts.max_new_tokens.min(room),
             ..opts.clone()
         };
-        let mut stream = TextStream::new(&tokenizer);
+        let mut stream = TextStream::new(&tokenizer, true);
         let (ids, stats) = session.generate(&prompt, &turn, |id| {
             if !turn.stop_ids.contains(&id) {
-                if let Ok(Some(text)) = stream.push(id) {
+                if let Ok(text) = stream.push(id) {
                     print!("{text}");
                     let _ = std::io::stdout().flush();
                 }
             }
             true
         })?;
-        if let Ok(Some(rest)) = stream.flush() {
+        if let Ok(rest) = stream.finish() {
             print!("{rest}");
         }
         println!();
         eprintln!("[{} tokens, {:.1} tokens/s]", stats.generated_tokens, stats.decode_tokens_per_s());
         let reply: Vec<u32> = ids.into_iter().filter(|i| !turn.stop_ids.contains(i)).collect();
-        history.push(("assistant".into(), tokenizer.decode(&reply, true)?));
+        history.push(Message::new("assistant", tokenizer.decode(&reply, true)?));
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use clap::Args;
-use mlx_native::engine::{GenerateOptions, Session};
+use mlx_native::engine::{GenerateOptions, LoadedModel, Session};
 use mlx_native::formats::tokenizer::TextStream;
 use mlx_native::{Error, Result};
 
@@ -36,20 +36,25 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let capacity = (prompt_ids.len() + args.sampling.max_tokens)
         .min(loaded.model.params.max_position_embeddings)
         .max(1);
+    let LoadedModel {
+        model,
+        tokenizer,
+        stop_ids,
+        ..
+    } = loaded;
     let opts = GenerateOptions {
         max_new_tokens: args.sampling.max_tokens,
         sampling: args.sampling.params(),
-        stop_ids: loaded.stop_ids.clone(),
+        stop_ids,
         use_graph: !args.model.no_graph,
     };
-    let tokenizer = loaded.tokenizer.clone();
-    let mut session = Session::new(loaded.model, &device, capacity)?;
+    let mut session = Session::new(model, &device, capacity)?;
     let json = args.output == "json";
-    let mut stream = TextStream::new(&tokenizer);
+    let mut stream = TextStream::new(&tokenizer, true);
     let mut stdout = std::io::stdout();
     let (ids, stats) = session.generate(&prompt_ids, &opts, |id| {
         if !json && !opts.stop_ids.contains(&id) {
-            if let Ok(Some(text)) = stream.push(id) {
+            if let Ok(text) = stream.push(id) {
                 let _ = stdout.write_all(text.as_bytes());
                 let _ = stdout.flush();
             }
@@ -76,7 +81,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         });
         println!("{obj}");
     } else {
-        if let Ok(Some(rest)) = stream.flush() {
+        if let Ok(rest) = stream.finish() {
             print!("{rest}");
         }
         println!();

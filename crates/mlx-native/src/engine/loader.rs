@@ -7,13 +7,18 @@ use crate::core::device::Device;
 use crate::formats::config::LlamaConfig;
 use crate::formats::gguf::GgufFile;
 use crate::formats::mlx_checkpoint::MlxCheckpoint;
-use crate::formats::tokenizer::{ChatTemplate, Message, Tokenizer, TokenizerConfig};
-use crate::models::llama::Llama;
-use crate::models::weights::{GgufWeights, MlxWeights};
+use crate::formats::chat_template::{ChatTemplate, Message};
+use crate::formats::tokenizer::{Tokenizer, TokenizerConfig};
+use crate::models::llama::{Llama, LlamaParams};
+use crate::ops::RopeScaling;
+use crate::models::weights::{GgufWeights, MlxWeights, Progress};
 use crate::{Error, Result};
 
 /// The model types this build runs (config.json `model_type` / GGUF `general.architecture`).
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral"];
+
+/// Context length assumed when a config does not state one.
+const DEFAULT_CONTEXT: usize = 4096;
 
 pub struct LoadedModel {
     pub model: Llama,
@@ -72,4 +77,163 @@ pub fn load_model(
     } else {
         Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)))
     }
+}
+
+fn load_mlx(dir: &Path, device: &Device, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
+    let checkpoint = MlxCheckpoint::open(dir)?;
+    let config = LlamaConfig::from_json(checkpoint.config(), &checkpoint.config_path())?;
+    if !SUPPORTED_MODEL_TYPES.contains(&config.model_type.as_str()) {
+        return Err(unsupported(&config.model_type));
+    }
+    let params = LlamaParams {
+        hidden_size: config.hidden_size,
+        intermediate_size: config.intermediate_size,
+        num_layers: config.num_hidden_layers,
+        num_heads: config.num_attention_heads,
+        num_kv_heads: config.num_key_value_heads,
+        head_dim: config.head_dim,
+        vocab_size: config.vocab_size,
+        rms_norm_eps: config.rms_norm_eps,
+        rope_theta: config.rope_theta,
+        rope_scaling: config.rope_scaling.clone(),
+        rope_traditional: config.rope_traditional,
+        tie_word_embeddings: config.tie_word_embeddings,
+        attention_bias: config.attention_bias,
+        mlp_bias: config.mlp_bias,
+        sliding_window: config.sliding_window,
+        max_position_embeddings: config.max_position_embeddings.unwrap_or(DEFAULT_CONTEXT),
+    };
+    let weights = MlxWeights {
+        checkpoint: &checkpoint,
+        device,
+        progress: Progress::new(Llama::tensor_count(&params), progress),
+    };
+    let model = Llama::load(params, &weights, device)?;
+    let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))?;
+    let tok_config = TokenizerConfig::load(dir)?;
+    let mut stop_ids = config.eos_token_ids.clone();
+    if let Some(id) = tok_config.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)) {
+        stop_ids.push(id);
+    }
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
+    let chat_template = match &tok_config.chat_template {
+        Some(source) => Some(ChatTemplate::new(
+            source,
+            tok_config.bos_token.as_deref().unwrap_or(""),
+            tok_config.eos_token.as_deref().unwrap_or(""),
+        )?),
+        None => None,
+    };
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        chat_template,
+        stop_ids,
+    })
+}
+
+/// Llama-family hyper-parameters from GGUF metadata (`{arch}.*` keys, llama.cpp's names).
+fn gguf_params(file: &GgufFile, arch: &str) -> Result<LlamaParams> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let usize_of = |k: &str| -> Result<usize> { Ok(file.get_u32(&key(k))? as usize) };
+    let hidden_size = usize_of("embedding_length")?;
+    let num_heads = usize_of("attention.head_count")?;
+    let num_kv_heads = file
+        .opt_u32(&key("attention.head_count_kv"))?
+        .map_or(num_heads, |v| v as usize);
+    if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        return Err(Error::Config {
+            path: file.path().to_path_buf(),
+            field: key("attention.head_count_kv"),
+            reason: format!("{num_kv_heads} kv heads for {num_heads} heads"),
+        });
+    }
+    let head_dim = match file.opt_u32(&key("rope.dimension_count"))? {
+        Some(d) => d as usize,
+        None => hidden_size / num_heads,
+    };
+    if file.tensor_info("rope_freqs.weight").is_some() {
+        return Err(Error::Config {
+            path: file.path().to_path_buf(),
+            field: "rope_freqs.weight".into(),
+            reason: "per-frequency RoPE factors (Llama 3.1 scaling in GGUF) are not supported yet; use the MLX checkpoint".into(),
+        });
+    }
+    let rope_scaling = match file.opt_str(&key("rope.scaling.type"))? {
+        None | Some("none") => RopeScaling::None,
+        Some("linear") => RopeScaling::Linear {
+            factor: file.get_f32(&key("rope.scaling.factor"))?,
+        },
+        Some(other) => {
+            return Err(Error::Config {
+                path: file.path().to_path_buf(),
+                field: key("rope.scaling.type"),
+                reason: format!("unsupported RoPE scaling `{other}` (supported: none, linear)"),
+            })
+        }
+    };
+    let vocab_size = match file.opt_u32(&key("vocab_size"))? {
+        Some(v) => v as usize,
+        None => file.get_str_array("tokenizer.ggml.tokens")?.len(),
+    };
+    Ok(LlamaParams {
+        hidden_size,
+        intermediate_size: usize_of("feed_forward_length")?,
+        num_layers: usize_of("block_count")?,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        vocab_size,
+        rms_norm_eps: file.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
+        rope_theta: file.opt_f32(&key("rope.freq_base"))?.unwrap_or(10000.0),
+        rope_scaling,
+        // llama.cpp's converter permuted q/k rows for interleaved-pair RoPE.
+        rope_traditional: true,
+        tie_word_embeddings: file.tensor_info("output.weight").is_none(),
+        attention_bias: file.tensor_info("blk.0.attn_q.bias").is_some(),
+        mlp_bias: false,
+        sliding_window: None,
+        max_position_embeddings: file
+            .opt_u32(&key("context_length"))?
+            .map_or(DEFAULT_CONTEXT, |v| v as usize),
+    })
+}
+
+fn load_gguf(path: &Path, device: &Device, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
+    let file = GgufFile::open(path)?;
+    let arch = file.architecture()?.to_string();
+    if !SUPPORTED_MODEL_TYPES.contains(&arch.as_str()) {
+        return Err(unsupported(&arch));
+    }
+    let params = gguf_params(&file, &arch)?;
+    let weights = GgufWeights {
+        file: &file,
+        device,
+        progress: Progress::new(Llama::tensor_count(&params), progress),
+    };
+    let model = Llama::load(params, &weights, device)?;
+    let vocab = file.vocab()?;
+    let token_str = |id: Option<u32>| {
+        id.and_then(|i| vocab.tokens.get(i as usize).cloned())
+            .unwrap_or_default()
+    };
+    let (bos, eos) = (token_str(vocab.bos), token_str(vocab.eos));
+    let mut stop_ids: Vec<u32> = vocab.eos.into_iter().collect();
+    if let Some(eot) = file.opt_u32("tokenizer.ggml.eot_token_id")? {
+        stop_ids.push(eot);
+    }
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
+    let chat_template = match file.chat_template() {
+        Some(source) => Some(ChatTemplate::new(&source, &bos, &eos)?),
+        None => None,
+    };
+    let tokenizer = Tokenizer::from_gguf(vocab)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        chat_template,
+        stop_ids,
+    })
 }

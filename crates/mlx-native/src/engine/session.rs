@@ -181,6 +181,18 @@ impl Session {
         Ok(self.token.to_vec::<u32>()?[0])
     }
 
+    /// Feed `token` (instead of the last sampled one) at position `pos` and sample the next.
+    pub fn step_with_token(
+        &mut self,
+        token: u32,
+        pos: usize,
+        sampling: SamplingParams,
+        use_graph: bool,
+    ) -> Result<u32> {
+        self.token.write(&[token])?;
+        self.decode_step(pos, sampling, use_graph)
+    }
+
     fn encode_decode(&mut self, sampling: SamplingParams) -> Result<()> {
         self.model.encode_forward(
             &mut self.enc,

@@ -127,6 +127,11 @@ impl Llama {
         })
     }
 
+    /// Tensors `load` reads (for progress reports).
+    pub fn tensor_count(p: &LlamaParams) -> usize {
+        p.num_layers * 9 + 3
+    }
+
     /// Bytes of weights one decode step reads (every matrix once, norms included).
     pub fn weight_bytes(&self) -> usize {
         let mats: usize = self

@@ -3,6 +3,7 @@
 //! checkpoint or a GGUF file alike.
 
 pub mod llama;
+pub mod weights;
 
 use crate::core::tensor::Tensor;
 use crate::ops::Linear;

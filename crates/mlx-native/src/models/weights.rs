@@ -1,0 +1,143 @@
+//! `WeightSource` for the two file families: MLX checkpoints (Hugging Face names as is) and
+//! GGUF files (llama.cpp names). Each counts loads so a caller can show progress.
+
+use std::cell::Cell;
+
+use crate::core::device::Device;
+use crate::core::tensor::Tensor;
+use crate::formats::gguf::GgufFile;
+use crate::formats::mlx_checkpoint::MlxCheckpoint;
+use crate::models::WeightSource;
+use crate::ops::Linear;
+use crate::{Error, Result};
+
+/// Reports each loaded tensor as (done, total).
+pub struct Progress<'a> {
+    done: Cell<usize>,
+    total: usize,
+    report: std::cell::RefCell<&'a mut dyn FnMut(usize, usize)>,
+}
+
+impl<'a> Progress<'a> {
+    pub fn new(total: usize, report: &'a mut dyn FnMut(usize, usize)) -> Self {
+        Progress {
+            done: Cell::new(0),
+            total,
+            report: std::cell::RefCell::new(report),
+        }
+    }
+    fn tick(&self) {
+        self.done.set(self.done.get() + 1);
+        if let Ok(mut report) = self.report.try_borrow_mut() {
+            report(self.done.get().min(self.total), self.total);
+        }
+    }
+}
+
+pub struct MlxWeights<'a> {
+    pub checkpoint: &'a MlxCheckpoint,
+    pub device: &'a Device,
+    pub progress: Progress<'a>,
+}
+
+impl WeightSource for MlxWeights<'_> {
+    fn linear(&self, name: &str, n: usize, k: usize, bias: bool) -> Result<Linear> {
+        self.progress.tick();
+        self.checkpoint.linear(self.device, name, n, k, bias)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+        self.progress.tick();
+        let t = self.checkpoint.tensor(self.device, name)?;
+        check_vector(name, &t, len)?;
+        Ok(t)
+    }
+
+    fn has_linear(&self, name: &str) -> bool {
+        self.checkpoint.has(&format!("{name}.weight"))
+    }
+}
+
+fn check_vector(name: &str, t: &Tensor, len: usize) -> Result<()> {
+    if t.shape() != [len] {
+        return Err(Error::TensorShape {
+            name: name.to_string(),
+            expected: vec![len],
+            found: t.shape().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+pub struct GgufWeights<'a> {
+    pub file: &'a GgufFile,
+    pub device: &'a Device,
+    pub progress: Progress<'a>,
+}
+
+/// llama.cpp's name for a Hugging Face tensor prefix of the Llama family.
+fn gguf_name(hf: &str) -> String {
+    const LAYER_PARTS: [(&str, &str); 9] = [
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+    ];
+    if let Some(rest) = hf.strip_prefix("model.layers.") {
+        if let Some((layer, part)) = rest.split_once('.') {
+            let (part, suffix) = match part.strip_suffix(".weight") {
+                Some(p) => (p, ".weight"),
+                None => (part, ""),
+            };
+            if let Some((_, g)) = LAYER_PARTS.iter().find(|(h, _)| *h == part) {
+                return format!("blk.{layer}.{g}{suffix}");
+            }
+        }
+    }
+    match hf {
+        "model.embed_tokens" => "token_embd".into(),
+        "model.norm.weight" => "output_norm.weight".into(),
+        "lm_head" => "output".into(),
+        other => other.into(),
+    }
+}
+
+impl WeightSource for GgufWeights<'_> {
+    fn linear(&self, name: &str, n: usize, k: usize, bias: bool) -> Result<Linear> {
+        self.progress.tick();
+        let gguf = gguf_name(name);
+        let mut linear = self.file.load_linear(self.device, &format!("{gguf}.weight"))?;
+        if (linear.n, linear.k) != (n, k) {
+            return Err(Error::TensorShape {
+                name: format!("{gguf}.weight"),
+                expected: vec![n, k],
+                found: vec![linear.n, linear.k],
+            });
+        }
+        if bias {
+            let b = self.file.load_vector_f32(self.device, &format!("{gguf}.bias"))?;
+            check_vector(&format!("{gguf}.bias"), &b, n)?;
+            linear = Linear::new(name, linear.layout, linear.tensors, Some(b), n, k)?;
+        }
+        Ok(linear)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+        self.progress.tick();
+        let gguf = gguf_name(name);
+        let t = self.file.load_vector_f32(self.device, &gguf)?;
+        check_vector(&gguf, &t, len)?;
+        Ok(t)
+    }
+
+    fn has_linear(&self, name: &str) -> bool {
+        self.file
+            .tensor_info(&format!("{}.weight", gguf_name(name)))
+            .is_some()
+    }
+}
