@@ -74,3 +74,39 @@ impl GgmlType {
         k / self.block_size() * self.block_bytes()
     }
 }
+
+/// Dequantize one row: `bytes` holds `out.len()` elements of type `t`.
+pub fn dequantize_row(t: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
+    if bytes.len() != t.row_bytes(out.len()) || !out.len().is_multiple_of(t.block_size()) {
+        return Err(Error::Invalid(format!(
+            "{}: {} bytes for a row of {} elements",
+            t.name(),
+            bytes.len(),
+            out.len()
+        )));
+    }
+    match t {
+        GgmlType::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        other => {
+            return Err(Error::UnsupportedQuant(format!(
+                "dequantization of {} is not implemented",
+                other.name()
+            )))
+        }
+    }
+    Ok(())
+}

@@ -271,6 +271,104 @@ pub(crate) fn floats(t: &Tensor) -> Result<std::borrow::Cow<'_, [f32]>> {
     })
 }
 
+/// A float tensor's elements in their stored type, for kernels that convert to f32 a range
+/// at a time (weights too large to convert whole on every call).
+#[derive(Clone, Copy)]
+pub(crate) enum FloatSlice<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+    BF16(&'a [half::bf16]),
+}
+
+impl<'a> FloatSlice<'a> {
+    pub(crate) fn of(t: &'a Tensor) -> Result<Self> {
+        use crate::core::dtype::DType;
+        Ok(match t.dtype() {
+            DType::F32 => FloatSlice::F32(slice(t)?),
+            DType::F16 => FloatSlice::F16(slice(t)?),
+            DType::BF16 => FloatSlice::BF16(slice(t)?),
+            other => {
+                return Err(Error::Invalid(format!(
+                    "expected a float tensor, found {other}"
+                )));
+            }
+        })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            FloatSlice::F32(s) => s.len(),
+            FloatSlice::F16(s) => s.len(),
+            FloatSlice::BF16(s) => s.len(),
+        }
+    }
+
+    /// Elements `start..start + scratch.len()` as f32: borrowed when stored as f32, else
+    /// converted into `scratch`.
+    pub(crate) fn f32_range<'s>(
+        &'s self,
+        start: usize,
+        scratch: &'s mut [f32],
+    ) -> Result<&'s [f32]> {
+        if let FloatSlice::F32(s) = self {
+            let range = start..start + scratch.len();
+            return s
+                .get(range.clone())
+                .ok_or_else(|| Error::Invalid(format!("elements {range:?} of {}", s.len())));
+        }
+        self.convert(start, scratch)?;
+        Ok(scratch)
+    }
+
+    /// Elements `start..start + out.len()` converted into `out`.
+    pub(crate) fn convert(&self, start: usize, out: &mut [f32]) -> Result<()> {
+        let range = start..start + out.len();
+        let outside = || Error::Invalid(format!("elements {range:?} of {}", self.len()));
+        match self {
+            FloatSlice::F32(s) => out.copy_from_slice(s.get(range.clone()).ok_or_else(outside)?),
+            FloatSlice::F16(s) => f16_to_f32(s.get(range.clone()).ok_or_else(outside)?, out),
+            FloatSlice::BF16(s) => {
+                // bf16 is the high half of an f32.
+                let src = s.get(range.clone()).ok_or_else(outside)?;
+                for (o, v) in out.iter_mut().zip(src) {
+                    *o = f32::from_bits((v.to_bits() as u32) << 16);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn f16_to_f32(src: &[half::f16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has F16C (which implies AVX).
+        return unsafe { f16_to_f32_f16c(src, out) };
+    }
+    for (o, v) in out.iter_mut().zip(src) {
+        *o = v.to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f16_to_f32_f16c(src: &[half::f16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut src_chunks = src.chunks_exact(8);
+    let mut out_chunks = out.chunks_exact_mut(8);
+    for (s, o) in (&mut src_chunks).zip(&mut out_chunks) {
+        let v = _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr() as *const __m128i));
+        _mm256_storeu_ps(o.as_mut_ptr(), v);
+    }
+    for (o, v) in out_chunks
+        .into_remainder()
+        .iter_mut()
+        .zip(src_chunks.remainder())
+    {
+        *o = v.to_f32();
+    }
+}
+
 /// The u32 scalar at the start of `t` (positions, token ids).
 pub(crate) fn scalar_u32(t: &Tensor) -> Result<usize> {
     Ok(*slice::<u32>(t)?
