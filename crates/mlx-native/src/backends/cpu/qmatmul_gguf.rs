@@ -4,9 +4,11 @@
 //! 8 bits per block of 32 (scale d = max|x|/127, plus s = d·Σq for the formats' offset
 //! terms), as ggml does with its Q8_0/Q8_1 activations; every output is then a sum over
 //! blocks of integer dot products scaled by the weight's and x's block scales, without
-//! materialising dequantized weights. Rounding x costs accuracy: the result differs from
-//! the f32 product with dequantized weights by about 1e-3 relative (x's error is at most
-//! 1/254 of its block's range). Float weights (F32, F16, BF16) use x as is.
+//! materialising dequantized weights. Rounding x costs accuracy, as on ggml's CPU path:
+//! each x element moves by up to 1/254 of its block's largest magnitude, so results differ
+//! from the f32 product with the dequantized weights by up to about 0.5% of the outputs'
+//! magnitude on random data (less on real activations, whose products partly cancel the
+//! rounding errors). Float weights (F32, F16, BF16) use x as is.
 //!
 //! Work is split over rayon threads by chunks of weight rows; for several rows of x
 //! (prefill) each weight row is decoded once per group of up to four x rows. On x86-64 the
@@ -38,15 +40,8 @@ pub(super) fn matmul_gguf(
     k: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    let row_bytes = t.row_bytes(k);
-    let m = x.len().checked_div(k).unwrap_or(0);
-    if !k.is_multiple_of(t.block_size())
-        || w.len() != n * row_bytes
-        || x.len() != m * k
-        || out.len() != m * n
-        || (k == 0 && !x.is_empty())
-    {
-        return Err(Error::op(
+    let mismatch = || {
+        Error::op(
             "matmul",
             format!(
                 "{} weight of {} bytes for n = {n}, k = {k}; x of {} and out of {} elements",
@@ -55,11 +50,23 @@ pub(super) fn matmul_gguf(
                 x.len(),
                 out.len()
             ),
-        ));
-    }
+        )
+    };
     if k == 0 {
+        // An empty sum per output; x must be empty too.
+        if !x.is_empty() || !w.is_empty() {
+            return Err(mismatch());
+        }
         out.fill(0.0);
         return Ok(());
+    }
+    let (m, row_bytes) = (x.len() / k, t.row_bytes(k));
+    if !k.is_multiple_of(t.block_size())
+        || !x.len().is_multiple_of(k)
+        || n.checked_mul(row_bytes) != Some(w.len())
+        || m.checked_mul(n) != Some(out.len())
+    {
+        return Err(mismatch());
     }
     let isa = Isa::detected();
     let x = Activations::new(t, x, k, m, isa);
@@ -100,8 +107,8 @@ pub(super) fn embedding_gguf(
 ) -> Result<()> {
     let row_bytes = t.row_bytes(k);
     if !k.is_multiple_of(t.block_size())
-        || table.len() != n * row_bytes
-        || out.len() != ids.len() * k
+        || n.checked_mul(row_bytes) != Some(table.len())
+        || ids.len().checked_mul(k) != Some(out.len())
     {
         return Err(Error::op(
             "embedding",
@@ -685,83 +692,124 @@ mod x86 {
         )
     }
 
-    /// Q4_1 with one x row, eight blocks at a time: the blocks' integer dots are reduced to
-    /// one lane each so that their scales apply as vectors. Returns the sum and the number
-    /// of blocks done (a multiple of 8).
+    /// Lanes `8c..8c + 8` of a per-block x array (`d` or `s`).
     #[inline(always)]
-    unsafe fn q4_1_batched<D: I8Dot>(w: &[u8], x: &QuantizedRow) -> (f32, usize) {
+    unsafe fn x_lanes(v: &[f32], c: usize) -> __m256 {
+        _mm256_loadu_ps(v.as_ptr().add(8 * c))
+    }
+
+    /// The 32-element formats run eight blocks at a time: each x row's eight integer dots
+    /// are reduced to one lane per block so that the blocks' scales apply as vectors, and
+    /// the weights are decoded once for all rows. These return the sums and the number of
+    /// blocks done (a multiple of 8); the `dot_*` functions finish the rest block by block.
+    #[inline(always)]
+    unsafe fn q4_1_batched<D: I8Dot, const R: usize>(
+        w: &[u8],
+        xs: &[QuantizedRow; R],
+    ) -> ([f32; R], usize) {
         let batches = w.len() / 20 / 8;
-        let mut acc = _mm256_setzero_ps();
+        let mut acc = [_mm256_setzero_ps(); R];
         for c in 0..batches {
             let p = w.as_ptr().add(c * 160);
-            let mut dots = [_mm256_setzero_si256(); 8];
-            for (i, dot) in dots.iter_mut().enumerate() {
-                *dot = D::dot(nibbles(p.add(20 * i + 4)), x_block(x, 8 * c + i));
+            let mut q = [_mm256_setzero_si256(); 8];
+            for (i, q) in q.iter_mut().enumerate() {
+                *q = nibbles(p.add(20 * i + 4));
             }
-            let sums = _mm256_cvtepi32_ps(sum_lanes(&dots));
             let (d, m) = f16_halves(gather8::<20>(p));
-            let xd = _mm256_loadu_ps(x.d.as_ptr().add(8 * c));
-            let xs = _mm256_loadu_ps(x.s.as_ptr().add(8 * c));
-            acc = _mm256_fmadd_ps(_mm256_mul_ps(d, xd), sums, acc);
-            acc = _mm256_fmadd_ps(m, xs, acc);
+            for r in 0..R {
+                let mut dots = [_mm256_setzero_si256(); 8];
+                for i in 0..8 {
+                    dots[i] = D::dot(q[i], x_block(&xs[r], 8 * c + i));
+                }
+                let sums = _mm256_cvtepi32_ps(sum_lanes(&dots));
+                let scales = _mm256_mul_ps(d, x_lanes(xs[r].d, c));
+                acc[r] = _mm256_fmadd_ps(scales, sums, acc[r]);
+                acc[r] = _mm256_fmadd_ps(m, x_lanes(xs[r].s, c), acc[r]);
+            }
         }
-        (hsum(acc), 8 * batches)
+        let mut out = [0.0; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]);
+        }
+        (out, 8 * batches)
     }
 
-    /// Q4_0 with one x row, eight blocks at a time (as `q4_1_batched`).
     #[inline(always)]
-    unsafe fn q4_0_batched<D: I8Dot>(w: &[u8], x: &QuantizedRow) -> (f32, usize) {
+    unsafe fn q4_0_batched<D: I8Dot, const R: usize>(
+        w: &[u8],
+        xs: &[QuantizedRow; R],
+    ) -> ([f32; R], usize) {
         let batches = w.len() / 18 / 8;
-        let mut acc = _mm256_setzero_ps();
+        let mut acc = [_mm256_setzero_ps(); R];
         for c in 0..batches {
             let p = w.as_ptr().add(c * 144);
-            let mut dots = [_mm256_setzero_si256(); 8];
-            for (i, dot) in dots.iter_mut().enumerate() {
-                *dot = D::dot(nibbles(p.add(18 * i + 2)), x_block(x, 8 * c + i));
+            let mut q = [_mm256_setzero_si256(); 8];
+            for (i, q) in q.iter_mut().enumerate() {
+                *q = nibbles(p.add(18 * i + 2));
             }
-            let sums = _mm256_cvtepi32_ps(sum_lanes(&dots));
             let (d, _) = f16_halves(gather8::<18>(p));
-            let xd = _mm256_loadu_ps(x.d.as_ptr().add(8 * c));
-            let xs = _mm256_loadu_ps(x.s.as_ptr().add(8 * c));
-            // d·(xd·Σq·xq − 8·s)
-            let block = _mm256_fnmadd_ps(_mm256_set1_ps(8.0), xs, _mm256_mul_ps(xd, sums));
-            acc = _mm256_fmadd_ps(d, block, acc);
+            for r in 0..R {
+                let mut dots = [_mm256_setzero_si256(); 8];
+                for i in 0..8 {
+                    dots[i] = D::dot(q[i], x_block(&xs[r], 8 * c + i));
+                }
+                let sums = _mm256_cvtepi32_ps(sum_lanes(&dots));
+                // d·(xd·Σq·xq − 8·s)
+                let blocks = _mm256_fnmadd_ps(
+                    _mm256_set1_ps(8.0),
+                    x_lanes(xs[r].s, c),
+                    _mm256_mul_ps(x_lanes(xs[r].d, c), sums),
+                );
+                acc[r] = _mm256_fmadd_ps(d, blocks, acc[r]);
+            }
         }
-        (hsum(acc), 8 * batches)
+        let mut out = [0.0; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]);
+        }
+        (out, 8 * batches)
     }
 
-    /// Q8_0 with one x row, eight blocks at a time (as `q4_1_batched`).
     #[inline(always)]
-    unsafe fn q8_0_batched<D: I8Dot>(w: &[u8], x: &QuantizedRow) -> (f32, usize) {
+    unsafe fn q8_0_batched<D: I8Dot, const R: usize>(
+        w: &[u8],
+        xs: &[QuantizedRow; R],
+    ) -> ([f32; R], usize) {
         let batches = w.len() / 34 / 8;
-        let mut acc = _mm256_setzero_ps();
+        let mut acc = [_mm256_setzero_ps(); R];
         for c in 0..batches {
             let p = w.as_ptr().add(c * 272);
-            let mut dots = [_mm256_setzero_si256(); 8];
-            for (i, dot) in dots.iter_mut().enumerate() {
-                let q = _mm256_loadu_si256(p.add(34 * i + 2) as *const __m256i);
-                let x_signed = _mm256_sign_epi8(x_block(x, 8 * c + i), q);
-                *dot = D::dot(_mm256_sign_epi8(q, q), x_signed);
+            let codes = |i: usize| _mm256_loadu_si256(p.add(34 * i + 2) as *const __m256i);
+            let mut q_abs = [_mm256_setzero_si256(); 8];
+            for (i, q_abs) in q_abs.iter_mut().enumerate() {
+                *q_abs = _mm256_sign_epi8(codes(i), codes(i));
             }
-            let sums = _mm256_cvtepi32_ps(sum_lanes(&dots));
             let (d, _) = f16_halves(gather8::<34>(p));
-            let xd = _mm256_loadu_ps(x.d.as_ptr().add(8 * c));
-            acc = _mm256_fmadd_ps(_mm256_mul_ps(d, xd), sums, acc);
+            for r in 0..R {
+                let mut dots = [_mm256_setzero_si256(); 8];
+                for i in 0..8 {
+                    // Signed·signed as |q|·(x with q's sign) (x is never −128).
+                    let x_signed = _mm256_sign_epi8(x_block(&xs[r], 8 * c + i), codes(i));
+                    dots[i] = D::dot(q_abs[i], x_signed);
+                }
+                let sums = _mm256_cvtepi32_ps(sum_lanes(&dots));
+                let scales = _mm256_mul_ps(d, x_lanes(xs[r].d, c));
+                acc[r] = _mm256_fmadd_ps(scales, sums, acc[r]);
+            }
         }
-        (hsum(acc), 8 * batches)
+        let mut out = [0.0; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]);
+        }
+        (out, 8 * batches)
     }
 
     #[inline(always)]
     unsafe fn dot_q4_0<D: I8Dot, const R: usize>(w: &[u8], xs: &[QuantizedRow; R]) -> [f32; R] {
+        let (mut out, first) = q4_0_batched::<D, R>(w, xs);
         let mut acc = [[_mm256_setzero_ps(); R]; 2];
         // Lane 1 sums d·s for the −8 offset.
         let mut offset = [[_mm_setzero_ps(); R]; 2];
-        let (mut out, first) = if R == 1 {
-            let (sum, done) = q4_0_batched::<D>(w, &xs[0]);
-            ([sum; R], done)
-        } else {
-            ([0.0; R], 0)
-        };
         for_each_block!(R, first, w.len() / 18, b, set, {
             let p = w.as_ptr().add(b * 18);
             let d = f16_splat(p);
@@ -782,15 +830,10 @@ mod x86 {
 
     #[inline(always)]
     unsafe fn dot_q4_1<D: I8Dot, const R: usize>(w: &[u8], xs: &[QuantizedRow; R]) -> [f32; R] {
+        let (mut out, first) = q4_1_batched::<D, R>(w, xs);
         let mut acc = [[_mm256_setzero_ps(); R]; 2];
         // Lane 1 sums m·s.
         let mut offset = [[_mm_setzero_ps(); R]; 2];
-        let (mut out, first) = if R == 1 {
-            let (sum, done) = q4_1_batched::<D>(w, &xs[0]);
-            ([sum; R], done)
-        } else {
-            ([0.0; R], 0)
-        };
         for_each_block!(R, first, w.len() / 20, b, set, {
             let p = w.as_ptr().add(b * 20);
             let dm = f16_pair(p);
@@ -811,18 +854,12 @@ mod x86 {
 
     #[inline(always)]
     unsafe fn dot_q8_0<D: I8Dot, const R: usize>(w: &[u8], xs: &[QuantizedRow; R]) -> [f32; R] {
+        let (mut out, first) = q8_0_batched::<D, R>(w, xs);
         let mut acc = [[_mm256_setzero_ps(); R]; 2];
-        let (mut out, first) = if R == 1 {
-            let (sum, done) = q8_0_batched::<D>(w, &xs[0]);
-            ([sum; R], done)
-        } else {
-            ([0.0; R], 0)
-        };
         for_each_block!(R, first, w.len() / 34, b, set, {
             let p = w.as_ptr().add(b * 34);
             let d = f16_lane0(p);
             let q = _mm256_loadu_si256(p.add(2) as *const __m256i);
-            // Signed·signed as |q|·(x with q's sign) (x is never −128).
             let q_abs = _mm256_sign_epi8(q, q);
             for r in 0..R {
                 let scale = _mm_mul_ss(d, _mm_load_ss(xs[r].d.as_ptr().add(b)));
@@ -1150,9 +1187,13 @@ mod tests {
         let n = 37;
         for t in TYPES {
             for m in [1, 3, 6] {
-                // Three blocks of the type (at least 256 elements for the K-quants), plus
-                // a tail of odd length for the float kernels.
-                let k = 3 * t.block_size().max(QK) + if t.block_size() == 1 { 5 } else { 0 };
+                // 32-element formats: one batch of eight blocks and a tail of three;
+                // K-quants: three super-blocks; floats: a tail after the 8-wide chunks.
+                let k = match t.block_size() {
+                    1 => 101,
+                    32 => 11 * 32,
+                    _ => 3 * 256,
+                };
                 let (w, deq) = weights(t, n, k, 7 + m as u64);
                 let x = random(m * k, 99);
                 let want = reference(&x, &deq, n, k);
@@ -1228,7 +1269,12 @@ mod tests {
         assert!(matmul_gguf(GgmlType::Q8_0, &[0.0; 64], &w[1..], 3, 64, &mut out).is_err());
         assert!(matmul_gguf(GgmlType::Q8_0, &[0.0; 63], &w, 3, 64, &mut out).is_err());
         assert!(matmul_gguf(GgmlType::Q8_0, &[0.0; 48], &w, 3, 48, &mut out).is_err());
+        assert!(matmul_gguf(GgmlType::Q8_0, &[0.0; 64], &w, usize::MAX / 8, 64, &mut out).is_err());
         assert!(embedding_gguf(GgmlType::Q8_0, &[0], &w, 3, 64, &mut out).is_err());
+        // k = 0: every output is an empty sum.
+        let mut out = vec![1.0; 3];
+        matmul_gguf(GgmlType::Q8_0, &[], &[], 3, 0, &mut out).unwrap();
+        assert_eq!(out, [0.0; 3]);
     }
 
     /// Decode-shaped matrix-vector products (SmolLM2-135M's shapes, lm-head included):
@@ -1283,6 +1329,97 @@ mod tests {
                 rayon::current_num_threads(),
                 all * 1e6,
                 w.len() as f64 / all / 1e9
+            );
+        }
+    }
+
+    /// Prefill-shaped products: ns per (x row × 32 weights) for growing m, one thread.
+    #[test]
+    #[ignore]
+    fn bench_matmul_rows() {
+        for t in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::F16] {
+            let (n, k) = (1536, 768);
+            let (w, _) = weights(t, n, k, 1);
+            for m in [1, 2, 4, 16, 64] {
+                let x = random(m * k, 2);
+                let isa = Isa::detected();
+                let mut out_t = vec![0.0; n * m];
+                let mut best = f64::INFINITY;
+                for _ in 0..(200 / m).max(5) {
+                    let start = std::time::Instant::now();
+                    let acts = Activations::new(t, &x, k, m, isa);
+                    acts.tile(isa, t, &w, t.row_bytes(k), &mut out_t);
+                    best = best.min(start.elapsed().as_secs_f64());
+                }
+                println!(
+                    "{:>5} {n}x{k} m={m:<3} {isa:?}: {:7.1} us, {:.3} ns per row and 32 weights",
+                    t.name(),
+                    best * 1e6,
+                    best * 1e9 / (m * n * k / 32) as f64
+                );
+            }
+        }
+    }
+
+    /// Every matrix-vector product of one SmolLM2-135M decode step (30 layers of q, k, v, o,
+    /// gate, up, down, then the tied Q8_0 lm-head) on the shared GGUF's weights, which do
+    /// not fit in cache. Run with
+    /// `cargo test --release -p mlx-native --lib bench_smollm2 -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_smollm2_decode_step() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/models/smollm2-135m-instruct-q4_1.gguf"
+        );
+        let file = crate::formats::gguf::GgufFile::open(path).unwrap();
+        let mut names: Vec<String> = (0..30)
+            .flat_map(|l| {
+                [
+                    "attn_q",
+                    "attn_k",
+                    "attn_v",
+                    "attn_output",
+                    "ffn_gate",
+                    "ffn_up",
+                    "ffn_down",
+                ]
+                .map(|m| format!("blk.{l}.{m}.weight"))
+            })
+            .collect();
+        names.push("token_embd.weight".into());
+        let mats: Vec<(GgmlType, &[u8], usize, usize)> = names
+            .iter()
+            .map(|name| {
+                let info = file.tensor_info(name).unwrap();
+                let data = file.tensor_data(name).unwrap();
+                (info.ggml_type, data, info.dims[1], info.dims[0])
+            })
+            .collect();
+        let bytes: usize = mats.iter().map(|m| m.1.len()).sum();
+        let x = random(1536, 3);
+        let mut out = vec![0.0; 49152];
+        let mut step = || {
+            for &(t, w, n, k) in &mats {
+                matmul_gguf(t, &x[..k], w, n, k, &mut out[..n]).unwrap();
+            }
+        };
+        step();
+        for _ in 0..3 {
+            let runs = 20;
+            let start = std::time::Instant::now();
+            for _ in 0..runs {
+                step();
+            }
+            let secs = start.elapsed().as_secs_f64() / runs as f64;
+            println!(
+                "{} matmuls, {:.1} MB: {:.2} ms per step ({:.1} GB/s), {} threads, {:?}",
+                mats.len(),
+                bytes as f64 / 1e6,
+                secs * 1e3,
+                bytes as f64 / secs / 1e9,
+                rayon::current_num_threads(),
+                Isa::detected()
             );
         }
     }
