@@ -3,16 +3,20 @@
 //! reference top-20 logits at every step within a tolerance.
 //!
 //! mlx-lm computes in float16 (the checkpoint's scales are f16), this crate in float32, so
-//! logits differ by the accumulated f16 rounding of 30 layers. Where the reference's top two
-//! logits are closer than that, the other token is a legitimate greedy pick.
+//! logits differ by the accumulated f16 rounding of 30 layers: up to 1.29 on these cases
+//! (2026-11-25). Against mlx-lm run in float32 on the same weights the largest difference is
+//! 1.1e-4, which is the real check of the implementation. Where the f16 reference's top two
+//! logits are nearly tied, the other token is a legitimate greedy pick.
 
 use std::path::PathBuf;
 
 use mlx_native::engine::{load_model, LoadedModel, Session};
 use mlx_native::{Device, SamplingParams};
 
-/// Largest |ours − mlx-lm| allowed on a reference top-20 logit (max seen: see the test output).
-const LOGIT_TOLERANCE: f32 = 0.25;
+/// Largest |ours − mlx-lm (float16)| allowed on a reference top-20 logit.
+const LOGIT_TOLERANCE_F16: f32 = 1.5;
+/// Largest |ours − mlx-lm run in float32| (fixture made by tools/mlx_reference_f32.py).
+const LOGIT_TOLERANCE_F32: f32 = 1e-3;
 /// Steps whose reference top-2 gap is below this may pick either token.
 const NEAR_TIE: f32 = 0.05;
 
@@ -26,11 +30,31 @@ struct Case {
     prompt_ids: Vec<u32>,
     greedy_ids: Vec<u32>,
     top20: Vec<Vec<(u32, f32)>>,
+    /// The same ids' logits from mlx-lm in float32.
+    top20_f32: Vec<Vec<(u32, f32)>>,
+}
+
+fn pairs(steps: &serde_json::Value) -> Vec<Vec<(u32, f32)>> {
+    steps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|step| {
+            step.as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
+                .collect()
+        })
+        .collect()
 }
 
 fn cases() -> Vec<Case> {
     let path = shared().join("reference/smollm2-135m-instruct-4bit.json");
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let f32_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2/mlx_f32_logits.json");
+    let f32_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f32_path).unwrap()).unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> {
         v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
     };
@@ -38,23 +62,14 @@ fn cases() -> Vec<Case> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| Case {
+        .zip(f32_json["cases"].as_array().unwrap())
+        .map(|(c, f)| Case {
             prompt: c["prompt"].as_str().unwrap().to_string(),
             text: c["text"].as_str().unwrap().to_string(),
             prompt_ids: ids(&c["prompt_ids"]),
             greedy_ids: ids(&c["greedy_ids"]),
-            top20: c["top20"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|step| {
-                    step.as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
-                        .collect()
-                })
-                .collect(),
+            top20: pairs(&c["top20"]),
+            top20_f32: pairs(&f["top20_f32"]),
         })
         .collect()
 }
@@ -92,7 +107,7 @@ fn logits_match_mlx_lm_teacher_forced() {
     let loaded = load();
     let mut session = Session::new(loaded.model, &Device::cpu(), 128).unwrap();
     let greedy = SamplingParams::default();
-    let mut worst = 0f32;
+    let (mut worst_f16, mut worst_f32) = (0f32, 0f32);
     for case in cases() {
         let n = case.prompt_ids.len();
         session.prefill(&case.prompt_ids, greedy).unwrap();
@@ -103,15 +118,20 @@ fn logits_match_mlx_lm_teacher_forced() {
                     .unwrap();
             }
             let logits = session.logits().unwrap();
-            for &(id, want) in top {
-                let err = (logits[id as usize] - want).abs();
-                worst = worst.max(err);
-                assert!(
-                    err <= LOGIT_TOLERANCE,
-                    "{:?} step {step}: token {id} logit {} vs mlx-lm {want}",
-                    case.prompt,
-                    logits[id as usize]
-                );
+            for (refs, tol, worst) in [
+                (top, LOGIT_TOLERANCE_F16, &mut worst_f16),
+                (&case.top20_f32[step], LOGIT_TOLERANCE_F32, &mut worst_f32),
+            ] {
+                for &(id, want) in refs {
+                    let err = (logits[id as usize] - want).abs();
+                    *worst = worst.max(err);
+                    assert!(
+                        err <= tol,
+                        "{:?} step {step}: token {id} logit {} vs mlx-lm {want}",
+                        case.prompt,
+                        logits[id as usize]
+                    );
+                }
             }
             let gap = top[0].1 - top[1].1;
             if gap >= NEAR_TIE {
@@ -119,7 +139,7 @@ fn logits_match_mlx_lm_teacher_forced() {
             }
         }
     }
-    println!("max |logit - mlx-lm| over all top-20 entries: {worst}");
+    println!("max |logit - mlx-lm| over all top-20 entries: float16 run {worst_f16}, float32 run {worst_f32}");
 }
 
 #[test]

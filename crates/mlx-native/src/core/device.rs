@@ -52,9 +52,14 @@ impl Device {
         }))
     }
 
-    /// The CPU backend (always available).
+    /// The CPU device (always available; one per process, so tensors made through any
+    /// handle to it can meet in one dispatch).
     pub fn cpu() -> Device {
-        Device::new(Box::new(crate::backends::cpu::CpuBackend::new()), "cpu".into())
+        static CPU: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+        CPU.get_or_init(|| {
+            Device::new(Box::new(crate::backends::cpu::CpuBackend::new()), "cpu".into())
+        })
+        .clone()
     }
 
     /// Parse "cpu", "cuda" or "cuda:N".
