@@ -917,6 +917,12 @@ fn attention_matches_reference() {
     let cases = [
         // Decode: one split, several splits (long cache), several rows, GQA, odd head dims.
         case(1, 6, 2, 40, 37, 20, None, None),
+        // Decode with GQA groups of 4 to 20 heads.
+        case(1, 16, 2, 64, 2000, 1500, None, None),
+        case(2, 12, 1, 80, 300, 100, Some(50), None),
+        case(4, 32, 2, 128, 256, 200, None, Some(10.0)),
+        case(1, 20, 1, 64, 90, 60, None, None),
+        case(1, 8, 2, 32, 5, 2, None, None),
         case(1, 4, 4, 64, 1500, 1200, None, None),
         case(1, 8, 2, 128, 700, 650, Some(100), Some(30.0)),
         case(3, 6, 3, 96, 64, 10, Some(5), None),
@@ -1067,20 +1073,177 @@ fn greedy_sampling_with_repetition_penalty() {
             0.0,
         );
     }
-    // A positive temperature is reported as a missing kernel, not sampled wrongly.
-    let lt = dev.from_slice(&rng.vec(vocab, 1.0), &[1, vocab]).unwrap();
-    let post = dev.from_slice(&[3u32], &[1]).unwrap();
-    let (token, hist) = (
-        dev.zeros(&[1], DType::U32).unwrap(),
-        dev.zeros(&[capacity], DType::U32).unwrap(),
-    );
-    let params = SamplingParams {
+}
+
+/// The CPU backend's uniform draw for (seed, pos).
+fn uniform(seed: u64, pos: usize) -> f64 {
+    const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut z = (seed ^ (pos as u64).wrapping_mul(GAMMA)).wrapping_add(GAMMA);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Sampling as the CPU backend specifies it, by sorting: penalty, argmax; then min-p, top-k
+/// and top-p over the rank order (logit descending, id ascending) and an inverse-CDF draw.
+fn sample_ref(logits: &[f32], history: &[u32], pos: usize, p: &SamplingParams) -> u32 {
+    let mut l = logits.to_vec();
+    if p.repetition_penalty != 1.0 && p.repetition_window > 0 {
+        let window = &history[(pos + 1).saturating_sub(p.repetition_window)..=pos];
+        let seen: std::collections::BTreeSet<u32> = window.iter().copied().collect();
+        for t in seen {
+            if let Some(v) = l.get_mut(t as usize) {
+                *v = if *v < 0.0 {
+                    *v * p.repetition_penalty
+                } else {
+                    *v / p.repetition_penalty
+                };
+            }
+        }
+    }
+    let best = (0..l.len()).fold(0, |b, i| {
+        if l[i] > l[b] || l[b].is_nan() && !l[i].is_nan() {
+            i
+        } else {
+            b
+        }
+    });
+    if p.temperature == 0.0 || !l[best].is_finite() {
+        return best as u32;
+    }
+    let max = l[best];
+    let floor = if p.min_p > 0.0 {
+        max + p.min_p.ln()
+    } else {
+        f32::NEG_INFINITY
+    };
+    let mut kept: Vec<usize> = (0..l.len())
+        .filter(|&i| l[i] >= floor && l[i] > f32::NEG_INFINITY)
+        .collect();
+    kept.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+    if p.top_k > 0 && p.top_k < kept.len() {
+        kept.truncate(p.top_k);
+    }
+    if p.top_p < 1.0 {
+        let total: f64 = l
+            .iter()
+            .filter(|v| **v > f32::NEG_INFINITY)
+            .map(|&v| ((v - max) as f64).exp())
+            .sum();
+        let limit = p.top_p as f64 * total;
+        let (mut above, mut n) = (0.0, 0);
+        while n < kept.len() && above < limit {
+            above += ((l[kept[n]] - max) as f64).exp();
+            n += 1;
+        }
+        while n < kept.len() && l[kept[n]] == l[kept[n - 1]] {
+            n += 1;
+        }
+        kept.truncate(n);
+    }
+    let inv_t = 1.0 / p.temperature as f64;
+    let w = |i: usize| ((l[i] - max) as f64 * inv_t).exp();
+    let target = uniform(p.seed, pos) * kept.iter().map(|&i| w(i)).sum::<f64>();
+    let mut acc = 0.0;
+    for &i in &kept {
+        acc += w(i);
+        if acc > target {
+            return i as u32;
+        }
+    }
+    *kept.last().unwrap() as u32
+}
+
+#[test]
+fn sampling_matches_the_cpu_semantics() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(15);
+    let (vocab, capacity) = (5003, 64);
+    let history: Vec<u32> = (0..capacity).map(|_| rng.below(vocab) as u32).collect();
+    let base = SamplingParams {
         temperature: 0.8,
         ..SamplingParams::default()
     };
+    let param_sets = [
+        base,
+        SamplingParams {
+            temperature: 1.3,
+            top_k: 40,
+            ..base
+        },
+        SamplingParams { top_p: 0.9, ..base },
+        SamplingParams {
+            temperature: 0.6,
+            min_p: 0.05,
+            ..base
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 300,
+            top_p: 0.95,
+            min_p: 0.01,
+            ..base
+        },
+        SamplingParams {
+            repetition_penalty: 1.2,
+            repetition_window: 20,
+            top_k: 7,
+            ..base
+        },
+        SamplingParams { top_k: 1, ..base },
+        SamplingParams {
+            temperature: 2.0,
+            top_k: 5000,
+            top_p: 0.5,
+            ..base
+        },
+    ];
+    for (case, params) in param_sets.iter().enumerate() {
+        for round in 0..12 {
+            // Every other round quantizes the logits, so that many tie (top-k cuts, top-p
+            // extension and the draw inside a tie group); some are −∞.
+            let mut logits = rng.vec(vocab, 6.0);
+            if round % 2 == 1 {
+                logits
+                    .iter_mut()
+                    .for_each(|v| *v = (*v * 2.0).round() / 2.0);
+            }
+            for _ in 0..10 {
+                logits[rng.below(vocab)] = f32::NEG_INFINITY;
+            }
+            let pos = rng.below(capacity - 1);
+            let params = SamplingParams {
+                seed: rng.next_u64(),
+                ..*params
+            };
+            let want = sample_ref(&logits, &history, pos, &params);
+            let compute = |dev: &Device| {
+                let lt = dev.from_slice(&logits, &[1, vocab])?;
+                let post = dev.from_slice(&[pos as u32], &[1])?;
+                let token = poisoned_u32(dev, &[1])?;
+                let hist = dev.from_slice(&history, &[capacity])?;
+                run(dev, |enc| {
+                    ops::sample(enc, params, &lt, &post, &token, &hist)
+                })?;
+                Ok(vec![
+                    token.to_vec::<u32>()?[0] as f32,
+                    hist.to_vec::<u32>()?[pos + 1] as f32,
+                ])
+            };
+            let what = format!("sample case {case} round {round} {params:?}");
+            check(&what, &dev, compute, &[want as f64, want as f64], 0.0);
+        }
+    }
+    // Parameters out of the CPU sampler's ranges are refused when recorded.
+    let lt = dev.from_slice(&rng.vec(vocab, 1.0), &[1, vocab]).unwrap();
+    let post = dev.from_slice(&[3u32], &[1]).unwrap();
+    let token = dev.zeros(&[1], DType::U32).unwrap();
+    let hist = dev.zeros(&[capacity], DType::U32).unwrap();
     let mut enc = CommandEncoder::new(&dev);
-    let err = ops::sample(&mut enc, params, &lt, &post, &token, &hist).unwrap_err();
-    assert!(matches!(err, Error::NoKernel { .. }), "{err}");
+    let bad = SamplingParams { top_p: 0.0, ..base };
+    let err = ops::sample(&mut enc, bad, &lt, &post, &token, &hist).unwrap_err();
+    assert!(matches!(err, Error::Op { op: "sample", .. }), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1344,4 +1507,43 @@ fn bench_decode_kernels() {
     attention_bench(&dev, &mut rng, 1, 9, 3, 64, 2048);
     attention_bench(&dev, &mut rng, 1, 32, 8, 128, 32768);
     attention_bench(&dev, &mut rng, 1024, 32, 8, 128, 1024);
+
+    let vocab = 151_936;
+    let logits = dev.from_slice(&rng.vec(vocab, 8.0), &[1, vocab]).unwrap();
+    let pos = dev.from_slice(&[100u32], &[1]).unwrap();
+    let token = dev.empty(&[1], DType::U32).unwrap();
+    let history = dev.zeros(&[4096], DType::U32).unwrap();
+    let secs = time_replays(&dev, 16, &|enc, _| ops::argmax(enc, &logits, &token));
+    println!("argmax vocab={vocab}: {:6.1} us", secs * 1e6);
+    let base = SamplingParams {
+        temperature: 0.7,
+        seed: 5,
+        ..SamplingParams::default()
+    };
+    for params in [
+        base,
+        SamplingParams {
+            top_k: 40,
+            top_p: 0.95,
+            repetition_penalty: 1.1,
+            ..base
+        },
+        SamplingParams {
+            top_p: 0.9,
+            min_p: 0.05,
+            ..base
+        },
+    ] {
+        let secs = time_replays(&dev, 16, &|enc, _| {
+            ops::sample(enc, params, &logits, &pos, &token, &history)
+        });
+        println!(
+            "sample vocab={vocab} top_k={} top_p={} min_p={} penalty={}: {:6.1} us",
+            params.top_k,
+            params.top_p,
+            params.min_p,
+            params.repetition_penalty,
+            secs * 1e6
+        );
+    }
 }

@@ -2,7 +2,7 @@
 //! included, were fixed at record time, so running one (directly or while a graph is being
 //! captured) is only the launch. Also the per-device kernel library the planners draw on.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUfunction_attribute;
@@ -56,9 +56,9 @@ impl Args {
         }
     }
 
-    /// A device address.
-    pub fn raw(self, address: u64) -> Self {
-        self.push(&address.to_ne_bytes())
+    /// A 64-bit value (a device address, a seed).
+    pub fn u64(self, v: u64) -> Self {
+        self.push(&v.to_ne_bytes())
     }
 
     /// A size or index as a kernel `int`.
@@ -142,8 +142,8 @@ pub(crate) struct KernelLibrary {
     sm_count: usize,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
-    /// Functions whose dynamic shared-memory limit has been raised.
-    raised: Mutex<HashSet<(&'static str, String)>>,
+    /// Functions whose dynamic shared-memory limit has been raised, and to what.
+    raised: Mutex<HashMap<(&'static str, String), u32>>,
 }
 
 impl KernelLibrary {
@@ -224,7 +224,8 @@ impl KernelLibrary {
         let func = self.function(source, name)?;
         if shared > DEFAULT_SHARED_LIMIT {
             let mut raised = self.raised.lock().map_err(|_| poisoned())?;
-            if raised.insert((source.name, name.to_string())) {
+            let limit = raised.entry((source.name, name.to_string())).or_insert(0);
+            if shared > *limit {
                 func.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     shared as i32,
@@ -232,6 +233,7 @@ impl KernelLibrary {
                 .map_err(driver_err(&format!(
                     "{name}: {shared} bytes of shared memory"
                 )))?;
+                *limit = shared;
             }
         }
         Ok(Launch {

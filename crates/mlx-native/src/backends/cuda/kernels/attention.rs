@@ -120,7 +120,7 @@ fn attention(
         .ptr(v_cache)?
         .ptr(pos)?
         .ptr(out)?
-        .raw(partial)
+        .u64(partial)
         .int(n_heads)?
         .int(group)?
         .int(head_dim)?
@@ -139,7 +139,7 @@ fn attention(
     )?];
     if splits > 1 {
         let args = Args::new()
-            .raw(partial)
+            .u64(partial)
             .ptr(out)?
             .int(n_heads)?
             .int(head_dim)?

@@ -1,6 +1,5 @@
-//! Token choice on the device (sampling.cu): argmax, and sampling at temperature 0 (greedy,
-//! with the repetition penalty). Sampling at a positive temperature is not implemented on
-//! CUDA yet: its planner reports that as a missing kernel.
+//! Token choice on the device (sampling.cu): argmax, and sampling with the CPU backend's
+//! semantics (repetition penalty, min-p, top-k, top-p, temperature, a (seed, pos) draw).
 
 use super::COMMON;
 use crate::backends::cuda::compile::Source;
@@ -8,7 +7,7 @@ use crate::backends::cuda::launch::{
     operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Planner,
 };
 use crate::core::dtype::DType;
-use crate::core::op::Op;
+use crate::core::op::{Op, SamplingParams};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
@@ -20,6 +19,8 @@ pub(super) static SOURCE: Source = Source {
 
 /// SAMPLE_THREADS (sampling.cu).
 const THREADS: u32 = 1024;
+/// The sampler's histograms: (SAMPLE_WARPS + 1) · RADIX_BINS doubles.
+const HISTOGRAM_BYTES: usize = (32 + 1) * 256 * 8;
 
 pub(super) fn register(reg: &mut Registry<Planner>) {
     reg.insert("argmax", "", DType::U32, argmax);
@@ -36,6 +37,9 @@ fn argmax(
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
     let vocab = logits.last_dim();
+    if vocab == 0 {
+        return Err(Error::op("argmax", "empty logits"));
+    }
     let args = Args::new()
         .ptr(logits)?
         .ptr(token)?
@@ -51,6 +55,25 @@ fn argmax(
     )?))
 }
 
+/// The ranges the CPU sampler accepts.
+fn check_params(p: &SamplingParams) -> Result<()> {
+    let bad =
+        |what: &str, v: f32| Err(Error::op("sample", format!("{what} = {v} is out of range")));
+    if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
+        return bad("temperature", p.temperature);
+    }
+    if !(p.repetition_penalty > 0.0 && p.repetition_penalty.is_finite()) {
+        return bad("repetition_penalty", p.repetition_penalty);
+    }
+    if !(0.0..=1.0).contains(&p.min_p) {
+        return bad("min_p", p.min_p);
+    }
+    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+        return bad("top_p", p.top_p);
+    }
+    Ok(())
+}
+
 fn sample(
     lib: &KernelLibrary,
     op: &Op,
@@ -63,19 +86,13 @@ fn sample(
     let ([logits, pos], [token, history]) = (inputs, outputs) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
-    if params.temperature != 0.0 {
-        return Err(Error::NoKernel {
-            backend: "cuda",
-            op: "sample",
-            variant: format!(
-                "temperature {} (only temperature 0 is implemented)",
-                params.temperature
-            ),
-        });
-    }
+    check_params(&params)?;
     let vocab = logits.last_dim();
+    if vocab == 0 {
+        return Err(Error::op("sample", "empty logits"));
+    }
     let penalize = params.repetition_penalty != 1.0 && params.repetition_window > 0;
-    let shared = if penalize { vocab.div_ceil(32) * 4 } else { 0 };
+    let shared = HISTOGRAM_BYTES + if penalize { vocab.div_ceil(32) * 4 } else { 0 };
     let args = Args::new()
         .ptr(logits)?
         .ptr(pos)?
@@ -85,14 +102,14 @@ fn sample(
         .int(logits.rows().saturating_sub(1))?
         .int(history.elem_count())?
         .f32(params.repetition_penalty)
-        .int(params.repetition_window)?;
-    let launch = lib.launch(
-        &SOURCE,
-        "sample_greedy",
-        (1, 1, 1),
-        THREADS,
-        shared as u32,
-        args,
-    )?;
+        .int(params.repetition_window)?
+        .f32(params.temperature)
+        .int(params.top_k)?
+        .f32(params.top_p)
+        .f32(params.min_p)
+        .u64(params.seed);
+    let shared = u32::try_from(shared)
+        .map_err(|_| Error::op("sample", format!("vocabulary of {vocab} is too large")))?;
+    let launch = lib.launch(&SOURCE, "sample", (1, 1, 1), THREADS, shared, args)?;
     Ok(CudaKernel::single(launch))
 }
