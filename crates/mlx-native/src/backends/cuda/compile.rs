@@ -19,6 +19,9 @@ pub(crate) struct Source {
     pub parts: &'static [&'static str],
 }
 
+/// The first bytes of every CUBIN (an ELF image).
+const ELF_MAGIC: &[u8] = b"\x7fELF";
+
 /// Options besides the architecture. No fast-math: results are compared with the CPU backend.
 const OPTIONS: &[&str] = &["-std=c++17"];
 
@@ -50,7 +53,9 @@ pub(crate) fn cubin(source: &Source, arch: u32) -> Result<Arc<Vec<u8>>> {
     ]);
     let path =
         cache_dir().map(|dir| dir.join(format!("{}-sm{arch}-{key:016x}.cubin", source.name)));
-    let bytes = match path.as_ref().and_then(|p| std::fs::read(p).ok()) {
+    // A cached file that is not an ELF image (damaged) is compiled again and replaced.
+    let cached = path.as_ref().and_then(|p| std::fs::read(p).ok());
+    let bytes = match cached.filter(|b| b.starts_with(ELF_MAGIC)) {
         Some(bytes) => bytes,
         None => {
             let bytes = compile(source.name, &text, &options)?;
@@ -194,7 +199,7 @@ mod tests {
             ];
             let cubin = compile(source.name, &text, &options).unwrap();
             assert!(
-                cubin.starts_with(b"\x7fELF"),
+                cubin.starts_with(ELF_MAGIC),
                 "{} did not give an ELF CUBIN",
                 source.name
             );

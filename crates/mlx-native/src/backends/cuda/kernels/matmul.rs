@@ -12,7 +12,7 @@ use crate::core::dtype::DType;
 use crate::core::op::Op;
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
-use crate::Result;
+use crate::{Error, Result};
 
 pub(super) static MATVEC: Source = Source {
     name: "matvec",
@@ -57,7 +57,13 @@ fn matmul(
     let bias = inputs.get(1 + n_weight).filter(|_| has_bias);
     let bias_type = bias.map_or(Ok(0), |b| float_type("matmul", "bias", b.dtype()))?;
     let (m, k, n) = (x.rows(), x.last_dim(), out.last_dim());
-    let (weight, _) = Weight::parse("matmul", layout, &inputs[1..1 + n_weight], k)?;
+    let (weight, rows) = Weight::parse("matmul", layout, &inputs[1..1 + n_weight], k)?;
+    if rows < n {
+        return Err(Error::op(
+            "matmul",
+            format!("the weight holds {rows} rows of {k}, the output needs {n}"),
+        ));
+    }
     weight.check_alignment("matmul")?;
 
     let vector_ready = m == 1

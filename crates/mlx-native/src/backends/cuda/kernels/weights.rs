@@ -25,45 +25,43 @@ pub(super) enum Weight<'a> {
 }
 
 impl<'a> Weight<'a> {
-    /// The weight stored as `layout` in `tensors`, with `k` elements a row, and its row count.
+    /// The weight stored as `layout` in `tensors`, with `k` elements a row, and the number of
+    /// whole rows its tensors hold (kernels never read past them).
     pub fn parse(
         op: &'static str,
         layout: WeightLayout,
         tensors: &'a [Tensor],
         k: usize,
     ) -> Result<(Weight<'a>, usize)> {
-        let count = || {
-            Error::op(
-                op,
-                format!("{} weight tensors for {}", tensors.len(), layout.variant()),
-            )
-        };
+        let bad = |reason: String| Error::op(op, format!("{} weight: {reason}", layout.variant()));
+        // Whole rows of `per_row` elements in `t`.
+        let rows = |t: &Tensor, per_row: usize| t.elem_count() / per_row.max(1);
         Ok(match layout {
             WeightLayout::Dense => {
-                let [w] = tensors else { return Err(count()) };
-                let n = w.shape().first().copied().unwrap_or(0);
-                (
-                    Weight::Dense {
-                        w,
-                        ft: float_type(op, "weight", w.dtype())?,
-                    },
-                    n,
-                )
+                let [w] = tensors else {
+                    return Err(bad(format!("{} tensors", tensors.len())));
+                };
+                let ft = float_type(op, "weight", w.dtype())?;
+                (Weight::Dense { w, ft }, rows(w, k))
             }
             WeightLayout::MlxAffine { bits, group_size } => {
                 let [w, scales, biases] = tensors else {
-                    return Err(count());
+                    return Err(bad(format!("{} tensors", tensors.len())));
                 };
-                if scales.dtype() != biases.dtype() {
-                    return Err(Error::op(
-                        op,
-                        format!(
-                            "scales ({}) and biases ({}) differ in dtype",
-                            scales.dtype(),
-                            biases.dtype()
-                        ),
-                    ));
+                if !k.is_multiple_of(group_size) {
+                    return Err(bad(format!("rows of {k} are not whole groups")));
                 }
+                if scales.dtype() != biases.dtype() {
+                    return Err(bad(format!(
+                        "scales ({}) and biases ({}) differ in dtype",
+                        scales.dtype(),
+                        biases.dtype()
+                    )));
+                }
+                let groups = k / group_size;
+                let n = rows(w, k * bits as usize / 32)
+                    .min(rows(scales, groups))
+                    .min(rows(biases, groups));
                 let weight = Weight::Mlx {
                     w,
                     scales,
@@ -72,10 +70,15 @@ impl<'a> Weight<'a> {
                     group_shift: (group_size / 32).trailing_zeros() as i32,
                     scale_type: float_type(op, "scales", scales.dtype())?,
                 };
-                (weight, w.shape().first().copied().unwrap_or(0))
+                (weight, n)
             }
             WeightLayout::Gguf(ty) => {
-                let [data] = tensors else { return Err(count()) };
+                let [data] = tensors else {
+                    return Err(bad(format!("{} tensors", tensors.len())));
+                };
+                if !k.is_multiple_of(ty.block_size()) {
+                    return Err(bad(format!("rows of {k} are not whole blocks")));
+                }
                 let n = data.byte_len() / ty.row_bytes(k).max(1);
                 let weight = match ty {
                     GgmlType::F32 => Weight::Dense { w: data, ft: 0 },
