@@ -1,7 +1,35 @@
-//! The CUDA backend (cudarc: driver API, NVRTC). Loads the driver at run time.
+//! The CUDA backend (cudarc: driver API, NVRTC). The driver is loaded at run time, so the crate
+//! builds and runs where CUDA is absent; `Device::parse("cuda")` then reports it unavailable.
+//!
+//! One context and one stream per device; every copy and kernel goes through the stream, so
+//! the context's cross-stream event tracking is switched off. Kernel sources are compiled by
+//! NVRTC for the device's architecture on first use (compile.rs). At record time a dispatch is
+//! resolved into launches with fixed arguments (launch.rs, planned per op family in kernels/);
+//! values that change per token are read by kernels from device buffers, so `instantiate` can
+//! capture one pass over a recording into a CUDA graph that replays with new positions.
 
+mod compile;
+mod kernels;
+mod launch;
+
+use std::any::Any;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{
+    result as driver, CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DriverError,
+};
+
+use crate::core::backend::{Backend, DeviceBuffer, Executable, HostBytes, KernelHandle};
 use crate::core::device::Device;
+use crate::core::encoder::Dispatch;
+use crate::core::op::Op;
+use crate::core::registry::Registry;
+use crate::core::tensor::Tensor;
 use crate::{Error, Result};
+
+use launch::{CudaKernel, KernelLibrary, Planner};
 
 /// Whether a CUDA driver library can be loaded on this machine.
 pub fn driver_present() -> bool {
@@ -9,13 +37,230 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// The device `cuda:ordinal`, or `DeviceUnavailable` when there is no driver or no such GPU.
 pub fn cuda_device(ordinal: usize) -> Result<Device> {
     if !driver_present() {
         return Err(Error::DeviceUnavailable(format!(
             "cuda:{ordinal}: no CUDA driver library found on this machine"
         )));
     }
-    Err(Error::DeviceUnavailable(format!(
-        "cuda:{ordinal}: the CUDA backend is not implemented in this build"
-    )))
+    let backend = CudaBackend::new(ordinal)?;
+    Ok(Device::new(Box::new(backend), format!("cuda:{ordinal}")))
+}
+
+pub(crate) fn driver_err(what: &str) -> impl Fn(DriverError) -> Error + '_ {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+/// Device memory; freed (stream-ordered) when the last handle goes.
+pub struct CudaBuffer {
+    slice: CudaSlice<u8>,
+    ptr: u64,
+    allocated: Arc<AtomicUsize>,
+}
+
+impl Drop for CudaBuffer {
+    fn drop(&mut self) {
+        self.allocated
+            .fetch_sub(self.slice.len(), Ordering::Relaxed);
+    }
+}
+
+impl DeviceBuffer for CudaBuffer {
+    fn byte_len(&self) -> usize {
+        self.slice.len()
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+fn cuda_buffer(b: &dyn DeviceBuffer) -> Result<&CudaBuffer> {
+    b.as_any()
+        .downcast_ref::<CudaBuffer>()
+        .ok_or_else(|| Error::Invalid("buffer is not in CUDA device memory".into()))
+}
+
+/// The device address of an allocation. (Event tracking is off, so this records nothing.)
+pub(crate) fn address(slice: &CudaSlice<u8>, stream: &CudaStream) -> u64 {
+    let (ptr, _no_event) = slice.device_ptr(stream);
+    ptr
+}
+
+/// The device address of a tensor's first byte.
+pub(crate) fn device_ptr(t: &Tensor) -> Result<u64> {
+    Ok(cuda_buffer(t.buffer().storage())?.ptr + t.offset() as u64)
+}
+
+pub struct CudaBackend {
+    stream: Arc<CudaStream>,
+    library: KernelLibrary,
+    registry: Registry<Planner>,
+    allocated: Arc<AtomicUsize>,
+}
+
+impl CudaBackend {
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let unavailable = |e: DriverError| Error::DeviceUnavailable(format!("cuda:{ordinal}: {e}"));
+        let count = CudaContext::device_count().map_err(unavailable)?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::DeviceUnavailable(format!(
+                "cuda:{ordinal}: this machine has {count} CUDA device(s)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(unavailable)?;
+        // SAFETY: all memory of this backend is used on the one stream below, in order, so the
+        // per-buffer events that order work across streams are not needed; they would also
+        // put event waits into captured graphs. Switched off before anything is allocated.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(driver_err("creating a stream"))?;
+        let mut registry = Registry::new("cuda");
+        kernels::register(&mut registry);
+        Ok(CudaBackend {
+            library: KernelLibrary::new(stream.clone())?,
+            stream,
+            registry,
+            allocated: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    fn new_buffer(&self, bytes: usize) -> Result<CudaBuffer> {
+        // SAFETY: the contents are unspecified until written, as `Backend::alloc` allows.
+        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
+            .map_err(driver_err(&format!("allocating {bytes} bytes")))?;
+        let ptr = address(&slice, &self.stream);
+        self.allocated.fetch_add(slice.len(), Ordering::Relaxed);
+        Ok(CudaBuffer {
+            slice,
+            ptr,
+            allocated: self.allocated.clone(),
+        })
+    }
+
+    /// Checks that `offset..offset+len` lies inside the buffer and returns its address.
+    fn range_ptr(&self, b: &CudaBuffer, offset: usize, len: usize) -> Result<u64> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > b.slice.len())
+        {
+            return Err(Error::Invalid(format!(
+                "copy of {len} bytes at offset {offset} outside a device buffer of {} bytes",
+                b.slice.len()
+            )));
+        }
+        Ok(b.ptr + offset as u64)
+    }
+}
+
+fn kernel_of(d: &Dispatch) -> Result<&CudaKernel> {
+    d.kernel
+        .downcast_ref::<CudaKernel>()
+        .ok_or_else(|| Error::Invalid("dispatch was not resolved by the CUDA backend".into()))
+}
+
+/// A captured recording: one CUDA graph launch replays every kernel.
+struct CudaGraphExec(Option<CudaGraph>);
+
+// SAFETY: CUDA graphs may be used from any thread as long as calls do not overlap; this one
+// is only reached through `&mut self`.
+unsafe impl Send for CudaGraphExec {}
+
+impl Executable for CudaGraphExec {
+    fn run(&mut self) -> Result<()> {
+        match &self.0 {
+            Some(graph) => graph.launch().map_err(driver_err("graph launch")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceBuffer>> {
+        Ok(Box::new(self.new_buffer(bytes)?))
+    }
+
+    fn from_host(
+        &self,
+        bytes: HostBytes,
+        range: std::ops::Range<usize>,
+    ) -> Result<Box<dyn DeviceBuffer>> {
+        let all = (*bytes).as_ref();
+        let src = all.get(range.clone()).ok_or_else(|| {
+            Error::Invalid(format!("host range {range:?} outside {} bytes", all.len()))
+        })?;
+        let buf = self.new_buffer(src.len())?;
+        self.write(&buf, 0, src)?;
+        Ok(Box::new(buf))
+    }
+
+    fn write(&self, dst: &dyn DeviceBuffer, offset: usize, src: &[u8]) -> Result<()> {
+        let ptr = self.range_ptr(cuda_buffer(dst)?, offset, src.len())?;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(driver_err("binding the context"))?;
+        // SAFETY: the range was checked; the copy is finished before `src` is released.
+        unsafe { driver::memcpy_htod_async(ptr, src, self.stream.cu_stream()) }
+            .map_err(driver_err("host-to-device copy"))?;
+        self.synchronize()
+    }
+
+    fn read(&self, src: &dyn DeviceBuffer, offset: usize, dst: &mut [u8]) -> Result<()> {
+        let ptr = self.range_ptr(cuda_buffer(src)?, offset, dst.len())?;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(driver_err("binding the context"))?;
+        // SAFETY: the range was checked; `dst` is filled before the stream synchronizes.
+        unsafe { driver::memcpy_dtoh_async(dst, ptr, self.stream.cu_stream()) }
+            .map_err(driver_err("device-to-host copy"))?;
+        self.synchronize()
+    }
+
+    fn resolve(&self, op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<KernelHandle> {
+        let dtype = outputs
+            .first()
+            .map(|t| t.dtype())
+            .ok_or_else(|| Error::op(op.name(), "no output"))?;
+        let planner = self.registry.lookup(op, dtype)?;
+        Ok(Arc::new(planner(&self.library, op, inputs, outputs)?))
+    }
+
+    fn run(&self, dispatches: &[Dispatch]) -> Result<()> {
+        dispatches
+            .iter()
+            .try_for_each(|d| kernel_of(d)?.enqueue(&self.stream))
+    }
+
+    fn instantiate(&self, dispatches: &[Dispatch]) -> Result<Box<dyn Executable>> {
+        let kernels = dispatches
+            .iter()
+            .map(kernel_of)
+            .collect::<Result<Vec<_>>>()?;
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver_err("begin stream capture"))?;
+        let launched = kernels.iter().try_for_each(|k| k.enqueue(&self.stream));
+        // Always end the capture, so that a failed launch leaves the stream usable.
+        let graph = self
+            .stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(driver_err("end stream capture"));
+        launched?;
+        Ok(Box::new(CudaGraphExec(graph?)))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(driver_err("stream synchronize"))
+    }
+
+    fn allocated_bytes(&self) -> usize {
+        self.allocated.load(Ordering::Relaxed)
+    }
 }

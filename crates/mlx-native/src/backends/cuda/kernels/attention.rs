@@ -1,0 +1,188 @@
+//! Causal attention over the KV cache and the cache append (attention.cu). A few query rows
+//! (decode) use split-K flash decoding; more (prefill) use shared-memory key tiles.
+
+use super::COMMON;
+use crate::backends::cuda::compile::Source;
+use crate::backends::cuda::launch::{
+    blocks, dim, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Planner,
+};
+use crate::core::dtype::DType;
+use crate::core::op::Op;
+use crate::core::registry::Registry;
+use crate::core::tensor::Tensor;
+use crate::{Error, Result};
+
+pub(super) static SOURCE: Source = Source {
+    name: "attention",
+    parts: &[COMMON, include_str!("attention.cu")],
+};
+
+/// Up to this many query rows take the decode kernel (one pass over the keys per row).
+const DECODE_MAX_ROWS: usize = 4;
+/// DEC_WARPS·32 and PF_WARPS·32 threads (attention.cu).
+const THREADS: u32 = 128;
+/// Query rows per prefill block (PF_WARPS·PF_ROWS) and keys per tile (PF_KEYS).
+const PREFILL_ROWS: usize = 16;
+const PREFILL_KEYS: usize = 32;
+/// Head dims are covered in chunks of 32 lanes; kernels exist for up to 8 chunks.
+const MAX_HEAD_DIM: usize = 256;
+/// Decode blocks wanted per multiprocessor (latency hiding), fewest cache entries per split at
+/// full capacity, and most splits.
+const BLOCKS_PER_SM: usize = 8;
+const MIN_KEYS_PER_SPLIT: usize = 64;
+const MAX_SPLITS: usize = 128;
+
+pub(super) fn register(reg: &mut Registry<Planner>) {
+    reg.insert("attention", "", DType::F32, attention);
+    reg.insert("kv_append", "", DType::F32, kv_append);
+}
+
+fn attention(
+    lib: &KernelLibrary,
+    op: &Op,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+) -> Result<CudaKernel> {
+    let Op::Attention {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        scale,
+        window,
+        softcap,
+    } = *op
+    else {
+        return Err(wrong_op(op));
+    };
+    let ([q, k_cache, v_cache, pos], [out]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    if head_dim == 0 || head_dim > MAX_HEAD_DIM {
+        return Err(Error::op(
+            "attention",
+            format!("head dim {head_dim} outside 1..={MAX_HEAD_DIM}"),
+        ));
+    }
+    let window = match window {
+        Some(0) => return Err(Error::op("attention", "a sliding window of 0 sees no key")),
+        Some(w) => w,
+        None => 0,
+    };
+    let softcap = match softcap {
+        Some(c) if c <= 0.0 => {
+            return Err(Error::op("attention", format!("softcap {c} must be > 0")))
+        }
+        Some(c) => c,
+        None => 0.0,
+    };
+    let rows = q.rows();
+    let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
+    let chunks = head_dim.div_ceil(32);
+    let group = n_heads / n_kv_heads.max(1);
+
+    if rows > DECODE_MAX_ROWS {
+        let shared = ((PREFILL_ROWS + 2 * PREFILL_KEYS) * head_dim + PREFILL_KEYS) * 4;
+        let args = Args::new()
+            .ptr(q)?
+            .ptr(k_cache)?
+            .ptr(v_cache)?
+            .ptr(pos)?
+            .ptr(out)?
+            .int(n_heads)?
+            .int(group)?
+            .int(head_dim)?
+            .int(capacity)?
+            .f32(scale)
+            .int(window)?
+            .f32(softcap)
+            .int(rows)?;
+        let grid = (dim(n_heads)?, blocks(rows, PREFILL_ROWS)?, 1);
+        let name = format!("attn_prefill_{chunks}");
+        let launch = lib.launch(&SOURCE, &name, grid, THREADS, shared as u32, args)?;
+        return Ok(CudaKernel::single(launch));
+    }
+
+    // Enough splits to fill every multiprocessor, no more than the cache warrants.
+    let splits = (BLOCKS_PER_SM * lib.sm_count())
+        .div_ceil((n_heads * rows).max(1))
+        .min(capacity.div_ceil(MIN_KEYS_PER_SPLIT))
+        .clamp(1, MAX_SPLITS);
+    let (scratch, partial) = match splits {
+        1 => (None, 0),
+        _ => {
+            let (slice, address) = lib.scratch(rows * n_heads * splits * (head_dim + 2) * 4)?;
+            (Some(slice), address)
+        }
+    };
+    let args = Args::new()
+        .ptr(q)?
+        .ptr(k_cache)?
+        .ptr(v_cache)?
+        .ptr(pos)?
+        .ptr(out)?
+        .u64(partial)
+        .int(n_heads)?
+        .int(group)?
+        .int(head_dim)?
+        .int(capacity)?
+        .f32(scale)
+        .int(window)?
+        .f32(softcap);
+    let grid = (dim(n_heads)?, dim(splits)?, dim(rows)?);
+    let mut launches = vec![lib.launch(
+        &SOURCE,
+        &format!("attn_decode_{chunks}"),
+        grid,
+        THREADS,
+        0,
+        args,
+    )?];
+    if splits > 1 {
+        let args = Args::new()
+            .u64(partial)
+            .ptr(out)?
+            .int(n_heads)?
+            .int(head_dim)?
+            .int(splits)?;
+        let grid = (dim(n_heads)?, dim(rows)?, 1);
+        launches.push(lib.launch(&SOURCE, "attn_combine", grid, THREADS, 0, args)?);
+    }
+    Ok(CudaKernel::new(launches, scratch))
+}
+
+fn kv_append(
+    lib: &KernelLibrary,
+    op: &Op,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+) -> Result<CudaKernel> {
+    let Op::KvAppend {
+        n_kv_heads,
+        head_dim,
+    } = *op
+    else {
+        return Err(wrong_op(op));
+    };
+    let ([x, pos], [cache]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let rows = x.rows();
+    let capacity = cache.shape().get(1).copied().unwrap_or(0);
+    let args = Args::new()
+        .ptr(x)?
+        .ptr(pos)?
+        .ptr(cache)?
+        .int(rows)?
+        .int(n_kv_heads)?
+        .int(head_dim)?
+        .int(capacity)?;
+    let grid = (blocks(x.elem_count(), 256)?, 1, 1);
+    Ok(CudaKernel::single(lib.launch(
+        &SOURCE,
+        "kv_append",
+        grid,
+        256,
+        0,
+        args,
+    )?))
+}

@@ -1,0 +1,72 @@
+// Device helpers shared by every kernel family. NVRTC compiles without system headers, so the
+// fixed-width types and the half-precision conversions are defined here.
+
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef int i32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define FULL_MASK 0xffffffffu
+#define NEG_INF __int_as_float(0xff800000)
+
+// Storage types of float operands (weights, scales, biases, norm weights); the numbering is
+// `float_type` in launch.rs.
+#define FT_F32 0
+#define FT_F16 1
+#define FT_BF16 2
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float((u32)h << 16); }
+
+// Element i of a float array stored as `ft`. With a constant `ft` the switch folds away.
+__device__ __forceinline__ float load_float(const void* p, i64 i, int ft) {
+    switch (ft) {
+        case FT_F16: return f16_to_f32(((const u16*)p)[i]);
+        case FT_BF16: return bf16_to_f32(((const u16*)p)[i]);
+        default: return ((const float*)p)[i];
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32); every thread gets the total.
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // a previous call's readers are done with `partial`
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x >> 5) ? partial[lane] : 0.f;
+    return warp_sum(v);
+}
+
+// Maximum over the block (blockDim.x a multiple of 32); every thread gets it.
+__device__ float block_max(float v) {
+    __shared__ float partial[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x >> 5) ? partial[lane] : NEG_INF;
+    return warp_max(v);
+}

@@ -1,0 +1,56 @@
+// Elementwise ops and the row softmax, f32. Activation functions are selected by a code
+// (`unary_code` in elementwise.rs): 0 SiLU, 1 exact (erf) GELU, 2 tanh GELU.
+
+__device__ __forceinline__ float activation(float x, int f) {
+    switch (f) {
+        case 0: return x / (1.f + expf(-x));
+        case 1: return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
+        default: {
+            const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+            return 0.5f * x * (1.f + tanhf(inner));
+        }
+    }
+}
+
+extern "C" __global__ void unary(const float* __restrict__ x, float* __restrict__ out, i64 n,
+                                 int f) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (i64)gridDim.x * blockDim.x)
+        out[i] = activation(x[i], f);
+}
+
+// op: 0 add, 1 mul.
+extern "C" __global__ void binary(const float* __restrict__ a, const float* __restrict__ b,
+                                  float* __restrict__ out, i64 n, int op) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (i64)gridDim.x * blockDim.x)
+        out[i] = op == 0 ? a[i] + b[i] : a[i] * b[i];
+}
+
+extern "C" __global__ void gated_activation(const float* __restrict__ gate,
+                                            const float* __restrict__ up,
+                                            float* __restrict__ out, i64 n, int f) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (i64)gridDim.x * blockDim.x)
+        out[i] = activation(gate[i], f) * up[i];
+}
+
+extern "C" __global__ void softcap(const float* __restrict__ x, float* __restrict__ out, i64 n,
+                                   float cap) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (i64)gridDim.x * blockDim.x)
+        out[i] = cap * tanhf(x[i] / cap);
+}
+
+// One block per row.
+extern "C" __global__ void softmax(const float* __restrict__ x, float* __restrict__ out, int d) {
+    const float* xr = x + (i64)blockIdx.x * d;
+    float* yr = out + (i64)blockIdx.x * d;
+    float m = NEG_INF;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) m = fmaxf(m, xr[i]);
+    m = block_max(m);
+    float s = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += expf(xr[i] - m);
+    const float inv = 1.f / block_sum(s);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = expf(xr[i] - m) * inv;
+}

@@ -1,0 +1,43 @@
+//! Kernel families, one CUDA source each with its launch planning beside it (ggml-cuda
+//! style). Every source is compiled with the shared helpers of common.cuh in front.
+
+mod attention;
+mod elementwise;
+mod embedding;
+mod matmul;
+mod norm;
+mod rope;
+mod sampling;
+mod weights;
+
+#[cfg(test)]
+use super::compile::Source;
+use super::launch::Planner;
+use crate::core::registry::Registry;
+
+const COMMON: &str = include_str!("common.cuh");
+/// Weight layouts (MLX affine, ggml blocks, dense) read by matmul and embedding kernels.
+const LAYOUTS: &str = include_str!("layouts.cuh");
+
+/// Every source, for the compile test.
+#[cfg(test)]
+pub(crate) const SOURCES: &[&Source] = &[
+    &attention::SOURCE,
+    &elementwise::SOURCE,
+    &embedding::SOURCE,
+    &matmul::MATVEC,
+    &matmul::MATMUL,
+    &norm::SOURCE,
+    &rope::SOURCE,
+    &sampling::SOURCE,
+];
+
+pub(crate) fn register(reg: &mut Registry<Planner>) {
+    attention::register(reg);
+    elementwise::register(reg);
+    embedding::register(reg);
+    matmul::register(reg);
+    norm::register(reg);
+    rope::register(reg);
+    sampling::register(reg);
+}

@@ -1,0 +1,33 @@
+// RMSNorm and LayerNorm over the last dimension: one block per row, f32 activations, weights
+// and biases of any float type (`wt`).
+
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const void* __restrict__ w,
+                                    float* __restrict__ out, int d, int wt, float eps,
+                                    float w_offset) {
+    const float* xr = x + (i64)blockIdx.x * d;
+    float* yr = out + (i64)blockIdx.x * d;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+    const float r = rsqrtf(block_sum(ss) / d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x)
+        yr[i] = xr[i] * r * (load_float(w, i, wt) + w_offset);
+}
+
+// Two passes (mean, then the centred sum of squares) as the CPU reference does.
+extern "C" __global__ void layer_norm(const float* __restrict__ x, const void* __restrict__ w,
+                                      const void* __restrict__ b, float* __restrict__ out,
+                                      int d, int wt, int bt, float eps) {
+    const float* xr = x + (i64)blockIdx.x * d;
+    float* yr = out + (i64)blockIdx.x * d;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += xr[i];
+    const float mean = block_sum(s) / d;
+    float v = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float c = xr[i] - mean;
+        v += c * c;
+    }
+    const float r = rsqrtf(block_sum(v) / d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x)
+        yr[i] = (xr[i] - mean) * r * load_float(w, i, wt) + load_float(b, i, bt);
+}

@@ -1,0 +1,54 @@
+//! Rotary position embedding (rope.cu): one thread per rotated pair or copied dim.
+
+use super::COMMON;
+use crate::backends::cuda::compile::Source;
+use crate::backends::cuda::launch::{
+    blocks, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Planner,
+};
+use crate::core::dtype::DType;
+use crate::core::op::Op;
+use crate::core::registry::Registry;
+use crate::core::tensor::Tensor;
+use crate::Result;
+
+pub(super) static SOURCE: Source = Source {
+    name: "rope",
+    parts: &[COMMON, include_str!("rope.cu")],
+};
+
+pub(super) fn register(reg: &mut Registry<Planner>) {
+    reg.insert("rope", "", DType::F32, rope);
+}
+
+fn rope(lib: &KernelLibrary, op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<CudaKernel> {
+    let Op::Rope {
+        n_heads,
+        head_dim,
+        rotary_dims,
+        traditional,
+        mscale,
+    } = *op
+    else {
+        return Err(wrong_op(op));
+    };
+    let ([x, inv_freq, pos], [out]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let rows = x.rows();
+    let threads = rows * n_heads * (rotary_dims / 2 + head_dim - rotary_dims);
+    let args = Args::new()
+        .ptr(x)?
+        .ptr(inv_freq)?
+        .ptr(pos)?
+        .ptr(out)?
+        .int(rows)?
+        .int(n_heads)?
+        .int(head_dim)?
+        .int(rotary_dims)?
+        .code(traditional as i32)
+        .f32(mscale);
+    let grid = (blocks(threads, 256)?, 1, 1);
+    Ok(CudaKernel::single(
+        lib.launch(&SOURCE, "rope", grid, 256, 0, args)?,
+    ))
+}

@@ -1,0 +1,401 @@
+// Token choice over the last row of the logits, in one block of SAMPLE_THREADS threads:
+// argmax, and sampling with the semantics of the CPU backend (backends/cpu/sampling.rs):
+// mlx-lm's repetition penalty, then min-p, top-k and top-p on the penalised logits, then an
+// inverse-CDF draw from softmax(logit / temperature) over the kept tokens in rank order
+// (highest logit first, lowest id on ties), with u = a hash of (seed, pos).
+//
+// No sort: each filter and the draw is a descending radix selection (four 8-bit levels over
+// an order-preserving key of the logit) of the value where a running count or mass reaches
+// its target, then, inside that tie group, the member at the right rank by id. The masses are
+// f64 as on the CPU; only their summation order differs.
+
+#define SAMPLE_THREADS 1024
+#define SAMPLE_WARPS (SAMPLE_THREADS / 32)
+#define RADIX_BINS 256
+
+// ---------------------------------------------------------------------------------------------
+// Block-wide reductions (results valid in every thread).
+
+__device__ double block_sum_f64(double v, double* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < SAMPLE_WARPS ? scratch[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+// Exclusive prefix sum of `v` over the threads in index order; `total` gets the sum.
+__device__ int block_exclusive_scan(int v, int& total, int* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(FULL_MASK, x, o);
+        if (lane >= o) x += y;
+    }
+    __syncthreads();
+    if (lane == 31) scratch[warp] = x;
+    __syncthreads();
+    int before = 0;
+    total = 0;
+    for (int w = 0; w < SAMPLE_WARPS; ++w) {
+        if (w < warp) before += scratch[w];
+        total += scratch[w];
+    }
+    return before + x - v;
+}
+
+// Keeps the larger value, the lower id on ties; NaN never wins.
+__device__ __forceinline__ void take_better(float& v, u32& id, float ov, u32 oid) {
+    if (ov > v || (ov == v && oid < id)) {
+        v = ov;
+        id = oid;
+    }
+}
+
+// The block's best (value, id) in every thread; id 0 when every value is NaN.
+__device__ void block_argmax(float& v, u32& id) {
+    __shared__ float vals[SAMPLE_WARPS];
+    __shared__ u32 ids[SAMPLE_WARPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        take_better(v, id, __shfl_xor_sync(FULL_MASK, v, o), __shfl_xor_sync(FULL_MASK, id, o));
+    __syncthreads();
+    if (lane == 0) {
+        vals[warp] = v;
+        ids[warp] = id;
+    }
+    __syncthreads();
+    v = lane < SAMPLE_WARPS ? vals[lane] : NEG_INF;
+    id = lane < SAMPLE_WARPS ? ids[lane] : 0xffffffffu;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        take_better(v, id, __shfl_xor_sync(FULL_MASK, v, o), __shfl_xor_sync(FULL_MASK, id, o));
+    if (id == 0xffffffffu) id = 0;
+}
+
+// Calls use(i, load(i)) for i = threadIdx.x, +blockDim.x, … < n. A pass over the vocabulary
+// by one block is bound by load latency: each step issues PASS_UNROLL independent loads
+// before using any.
+#define PASS_UNROLL 8
+
+template <class Load, class Use>
+__device__ __forceinline__ void for_each_strided(int n, Load load, Use use) {
+    int i = threadIdx.x;
+    for (; i + (PASS_UNROLL - 1) * (int)blockDim.x < n; i += PASS_UNROLL * blockDim.x) {
+        float x[PASS_UNROLL];
+#pragma unroll
+        for (int u = 0; u < PASS_UNROLL; ++u) x[u] = load(i + u * blockDim.x);
+#pragma unroll
+        for (int u = 0; u < PASS_UNROLL; ++u) use(i + u * blockDim.x, x[u]);
+    }
+    for (; i < n; i += blockDim.x) use(i, load(i));
+}
+
+// The same over the contiguous range [lo, hi), in order.
+template <class Load, class Use>
+__device__ __forceinline__ void for_each_in_range(int lo, int hi, Load load, Use use) {
+    int i = lo;
+    for (; i + PASS_UNROLL <= hi; i += PASS_UNROLL) {
+        float x[PASS_UNROLL];
+#pragma unroll
+        for (int u = 0; u < PASS_UNROLL; ++u) x[u] = load(i + u);
+#pragma unroll
+        for (int u = 0; u < PASS_UNROLL; ++u) use(i + u, x[u]);
+    }
+    for (; i < hi; ++i) use(i, load(i));
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    argmax(const float* __restrict__ logits, u32* __restrict__ token, int vocab, int last_row) {
+    const float* x = logits + (i64)last_row * vocab;
+    float v = NEG_INF;
+    u32 id = 0xffffffffu;
+    for_each_strided(vocab, [&](int i) { return x[i]; },
+                     [&](int i, float xi) { take_better(v, id, xi, (u32)i); });
+    block_argmax(v, id);
+    if (threadIdx.x == 0) token[0] = id;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sampling
+
+// a > b ⟺ order_key(a) > order_key(b), for non-NaN floats.
+__device__ __forceinline__ u32 order_key(float v) {
+    const u32 b = __float_as_uint(v);
+    return (b & 0x80000000u) ? ~b : b | 0x80000000u;
+}
+
+// The last row of logits with the repetition penalty applied to the tokens marked in `seen`.
+struct Logits {
+    const float* x;
+    const u32* seen;  // null when not penalising
+    float penalty;
+    __device__ __forceinline__ float operator()(int i) const {
+        const float v = x[i];
+        if (seen && (seen[i >> 5] >> (i & 31)) & 1u) return v < 0.f ? v * penalty : v / penalty;
+        return v;
+    }
+};
+
+// Membership in the kept set as the filters are decided: logit ≥ floor (min-p) and not −∞
+// (NaN fails both), ranked within the top k (key above key_k, or equal with id ≤ id_k), and
+// at or above the top-p cut.
+struct Kept {
+    float floor;
+    bool top_k;
+    u32 key_k;
+    int id_k;
+    bool top_p;
+    u32 key_p;
+    __device__ __forceinline__ bool operator()(int i, float v, u32 key) const {
+        if (!(v >= floor && v > NEG_INF)) return false;
+        if (top_k && (key < key_k || (key == key_k && i > id_k))) return false;
+        return !top_p || key >= key_p;
+    }
+};
+
+// Weights of the selections: a count (top-k), softmax mass (top-p) and tempered mass (draw),
+// each exp of an f32 difference taken in f64, as on the CPU.
+#define WEIGHT_COUNT 0
+#define WEIGHT_MASS 1
+#define WEIGHT_TEMPERED 2
+
+__device__ __forceinline__ double weight(int kind, float v, float top, double inv_t) {
+    switch (kind) {
+        case WEIGHT_COUNT: return 1.0;
+        case WEIGHT_MASS: return exp((double)(v - top));
+        default: return exp((double)(v - top) * inv_t);
+    }
+}
+
+// Shared memory of the sampler (dynamic): per-warp histograms, their merge, small scratch.
+struct SampleShared {
+    double* hist;    // [SAMPLE_WARPS][RADIX_BINS]
+    double* bins;    // [RADIX_BINS]
+    double* dscratch;  // [SAMPLE_WARPS]
+    int* iscratch;   // [SAMPLE_WARPS]
+};
+
+// Descending selection: the largest key v among kept tokens with Σ_{kept, key ≥ v} weight
+// reaching `target` (> target when `strict`, ≥ otherwise); with `relative`, `target` is first
+// multiplied by the kept tokens' total weight (and returned so). Returns false when no key
+// does; else sets v and `above` = Σ_{kept, key > v} weight. With `clamp` a miss takes the
+// lowest non-empty bin instead (the end of the rank order). Levels below the first re-add
+// the chosen bin's weights in another order; should rounding there miss, they clamp too.
+// Histograms are per warp, to spread the shared-memory atomics.
+__device__ bool select_desc(const Logits& logits, const Kept& kept, int vocab, int kind,
+                            float top, double inv_t, double& target, bool relative, bool strict,
+                            bool clamp, const SampleShared& sh, u32& v, double& above) {
+    __shared__ int chosen;
+    __shared__ double chosen_above;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u32 prefix = 0;
+    above = 0.0;
+    for (int level = 0; level < 4; ++level) {
+        const int shift = 24 - 8 * level;
+        for (int i = threadIdx.x; i < SAMPLE_WARPS * RADIX_BINS; i += blockDim.x) sh.hist[i] = 0.0;
+        __syncthreads();
+        double* mine = sh.hist + warp * RADIX_BINS;
+        for_each_strided(vocab, logits, [&](int i, float x) {
+            const u32 key = order_key(x);
+            if (!kept(i, x, key)) return;
+            if (level > 0 && (key >> (shift + 8)) != (prefix >> (shift + 8))) return;
+            atomicAdd(&mine[(key >> shift) & (RADIX_BINS - 1)], weight(kind, x, top, inv_t));
+        });
+        __syncthreads();
+        if (threadIdx.x < RADIX_BINS) {
+            double s = 0.0;
+            for (int w = 0; w < SAMPLE_WARPS; ++w) s += sh.hist[w * RADIX_BINS + threadIdx.x];
+            sh.bins[threadIdx.x] = s;
+        }
+        __syncthreads();
+        if (level == 0 && relative) {
+            double total = 0.0;
+            for (int b = 0; b < RADIX_BINS; ++b) total += sh.bins[b];
+            target *= total;
+        }
+        // Warp 0 walks the bins from the top: lane l owns bins 255−8l … 248−8l.
+        if (warp == 0) {
+            constexpr int PER_LANE = RADIX_BINS / 32;
+            double chunk = 0.0;
+#pragma unroll
+            for (int j = 0; j < PER_LANE; ++j) chunk += sh.bins[RADIX_BINS - 1 - PER_LANE * lane - j];
+            double before = chunk;  // inclusive prefix over lanes, then made exclusive
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const double y = __shfl_up_sync(FULL_MASK, before, o);
+                if (lane >= o) before += y;
+            }
+            before -= chunk;
+            int hit = -1, last = -1;
+            double run = above + before, hit_above = 0.0, last_above = 0.0;
+            for (int j = 0; j < PER_LANE; ++j) {
+                const int b = RADIX_BINS - 1 - PER_LANE * lane - j;
+                const double next = run + sh.bins[b];
+                if (hit < 0 && (strict ? next > target : next >= target)) {
+                    hit = b;
+                    hit_above = run;
+                }
+                if (sh.bins[b] > 0.0) {
+                    last = b;
+                    last_above = run;
+                }
+                run = next;
+            }
+            const u32 hits = __ballot_sync(FULL_MASK, hit >= 0);
+            const u32 filled = __ballot_sync(FULL_MASK, last >= 0);
+            if (lane == 0) chosen = -1;
+            __syncwarp();
+            if (hits != 0) {
+                if (lane == __ffs(hits) - 1) {
+                    chosen = hit;
+                    chosen_above = hit_above;
+                }
+            } else if ((clamp || level > 0) && filled != 0 && lane == 31 - __clz(filled)) {
+                chosen = last;
+                chosen_above = last_above;
+            }
+        }
+        __syncthreads();
+        const int d = chosen;
+        if (d < 0) return false;
+        prefix |= (u32)d << shift;
+        above = chosen_above;
+        __syncthreads();  // `chosen` is rewritten by the next level
+    }
+    v = prefix;
+    return true;
+}
+
+// The id of the j-th (0-based, by ascending id) kept token with key v; the last one when
+// fewer exist. Threads own contiguous id ranges so that a scan orders the matches.
+__device__ int nth_with_key(const Logits& logits, const Kept& kept, int vocab, u32 v, long long j,
+                            const SampleShared& sh) {
+    __shared__ int found;
+    const int chunk = (vocab + blockDim.x - 1) / blockDim.x;
+    const int lo = min(vocab, (int)threadIdx.x * chunk), hi = min(vocab, lo + chunk);
+    int count = 0;
+    for_each_in_range(lo, hi, logits, [&](int i, float x) {
+        const u32 key = order_key(x);
+        count += key == v && kept(i, x, key);
+    });
+    int total;
+    const int before = block_exclusive_scan(count, total, sh.iscratch);
+    const long long want = min(j, (long long)total - 1);
+    if (threadIdx.x == 0) found = 0;
+    __syncthreads();
+    if (want >= before && want < before + count) {
+        int seen = before;
+        for (int i = lo; i < hi; ++i) {
+            const float x = logits(i);
+            const u32 key = order_key(x);
+            if (key == v && kept(i, x, key) && seen++ == want) found = i;
+        }
+    }
+    __syncthreads();
+    return found;
+}
+
+// The uniform draw in [0, 1) for (seed, pos): one splitmix64 step from seed ⊕ pos·γ (the CPU
+// backend's `uniform`).
+__device__ double uniform(u64 seed, u64 pos) {
+    const u64 gamma = 0x9e3779b97f4a7c15ull;
+    u64 z = (seed ^ (pos * gamma)) + gamma;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (double)(z >> 11) / 9007199254740992.0;  // 2^53
+}
+
+// The pick goes to token[0] and history[pos+1]. Dynamic shared memory: the histograms
+// (SAMPLE_WARPS+1)·RADIX_BINS doubles, then a bit per vocabulary entry when penalising.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample(const float* __restrict__ logits_in, const u32* __restrict__ pos_in,
+           u32* __restrict__ token, u32* __restrict__ history, int vocab, int last_row,
+           int capacity, float penalty, int window, float temperature, int top_k, float top_p,
+           float min_p, u64 seed) {
+    extern __shared__ double smem[];
+    __shared__ double dscratch[SAMPLE_WARPS];
+    __shared__ int iscratch[SAMPLE_WARPS];
+    const SampleShared sh{smem, smem + SAMPLE_WARPS * RADIX_BINS, dscratch, iscratch};
+    u32* seen = (u32*)(smem + (SAMPLE_WARPS + 1) * RADIX_BINS);
+    const i64 pos = pos_in[0];
+
+    const bool penalize = penalty != 1.f && window > 0;
+    if (penalize) {
+        for (int i = threadIdx.x; i < (vocab + 31) / 32; i += blockDim.x) seen[i] = 0u;
+        __syncthreads();
+        const i64 last = min(pos, (i64)capacity - 1);
+        for (i64 i = max((i64)0, pos + 1 - window) + threadIdx.x; i <= last; i += blockDim.x) {
+            const u32 t = history[i];
+            if (t < (u32)vocab) atomicOr(&seen[t >> 5], 1u << (t & 31));
+        }
+        __syncthreads();
+    }
+    const Logits logits{logits_in + (i64)last_row * vocab, penalize ? seen : nullptr, penalty};
+
+    float top = NEG_INF;
+    u32 best = 0xffffffffu;
+    for_each_strided(vocab, logits, [&](int i, float x) { take_better(top, best, x, (u32)i); });
+    block_argmax(top, best);
+    int pick = (int)best;
+
+    if (temperature != 0.f && isfinite(top)) {
+        Kept kept{min_p > 0.f ? top + logf(min_p) : NEG_INF, false, 0u, 0, false, 0u};
+        if (top_k > 0) {
+            int count = 0;
+            for_each_strided(vocab, logits,
+                             [&](int i, float x) { count += kept(i, x, order_key(x)); });
+            int total;
+            block_exclusive_scan(count, total, sh.iscratch);
+            u32 key;
+            double above, target = (double)top_k;
+            if (top_k < total && select_desc(logits, kept, vocab, WEIGHT_COUNT, top, 0.0, target,
+                                             false, false, false, sh, key, above)) {
+                const int id = nth_with_key(logits, kept, vocab, key, top_k - 1 - (long long)above, sh);
+                kept.top_k = true;
+                kept.key_k = key;
+                kept.id_k = id;
+            }
+        }
+        if (top_p < 1.f) {
+            // The top-p limit is a share of the whole distribution's mass.
+            double mass = 0.0;
+            for_each_strided(vocab, logits, [&](int, float x) {
+                if (x > NEG_INF) mass += exp((double)(x - top));
+            });
+            double limit = (double)top_p * block_sum_f64(mass, sh.dscratch);
+            u32 key;
+            double above;
+            if (select_desc(logits, kept, vocab, WEIGHT_MASS, top, 0.0, limit, false, false, false,
+                            sh, key, above)) {
+                kept.top_p = true;  // everything tied with the crossing token stays
+                kept.key_p = key;
+            }
+        }
+        // The draw: u of the kept tokens' tempered mass, found in rank order. The selection
+        // clamps, so rounding past the end lands on the last token, as on the CPU.
+        const double inv_t = 1.0 / (double)temperature;
+        double target = uniform(seed, (u64)pos);
+        u32 key;
+        double above;
+        select_desc(logits, kept, vocab, WEIGHT_TEMPERED, top, inv_t, target, true, true, true, sh,
+                    key, above);
+        // Tied tokens weigh the same: the draw lands on member ⌊(target − above)/w⌋.
+        const float x = __uint_as_float((key & 0x80000000u) ? key & 0x7fffffffu : ~key);
+        const double w = weight(WEIGHT_TEMPERED, x, top, inv_t);
+        const long long m = max(0ll, (long long)floor((target - above) / w));
+        pick = nth_with_key(logits, kept, vocab, key, m, sh);
+    }
+    if (threadIdx.x == 0) {
+        token[0] = (u32)pick;
+        if (pos + 1 < capacity) history[pos + 1] = (u32)pick;
+    }
+}

@@ -1,0 +1,115 @@
+//! Token choice on the device (sampling.cu): argmax, and sampling with the CPU backend's
+//! semantics (repetition penalty, min-p, top-k, top-p, temperature, a (seed, pos) draw).
+
+use super::COMMON;
+use crate::backends::cuda::compile::Source;
+use crate::backends::cuda::launch::{
+    operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Planner,
+};
+use crate::core::dtype::DType;
+use crate::core::op::{Op, SamplingParams};
+use crate::core::registry::Registry;
+use crate::core::tensor::Tensor;
+use crate::{Error, Result};
+
+pub(super) static SOURCE: Source = Source {
+    name: "sampling",
+    parts: &[COMMON, include_str!("sampling.cu")],
+};
+
+/// SAMPLE_THREADS (sampling.cu).
+const THREADS: u32 = 1024;
+/// The sampler's histograms: (SAMPLE_WARPS + 1) · RADIX_BINS doubles.
+const HISTOGRAM_BYTES: usize = (32 + 1) * 256 * 8;
+
+pub(super) fn register(reg: &mut Registry<Planner>) {
+    reg.insert("argmax", "", DType::U32, argmax);
+    reg.insert("sample", "", DType::U32, sample);
+}
+
+fn argmax(
+    lib: &KernelLibrary,
+    op: &Op,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+) -> Result<CudaKernel> {
+    let ([logits], [token]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let vocab = logits.last_dim();
+    if vocab == 0 {
+        return Err(Error::op("argmax", "empty logits"));
+    }
+    let args = Args::new()
+        .ptr(logits)?
+        .ptr(token)?
+        .int(vocab)?
+        .int(logits.rows().saturating_sub(1))?;
+    Ok(CudaKernel::single(lib.launch(
+        &SOURCE,
+        "argmax",
+        (1, 1, 1),
+        THREADS,
+        0,
+        args,
+    )?))
+}
+
+/// The ranges the CPU sampler accepts.
+fn check_params(p: &SamplingParams) -> Result<()> {
+    let bad =
+        |what: &str, v: f32| Err(Error::op("sample", format!("{what} = {v} is out of range")));
+    if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
+        return bad("temperature", p.temperature);
+    }
+    if !(p.repetition_penalty > 0.0 && p.repetition_penalty.is_finite()) {
+        return bad("repetition_penalty", p.repetition_penalty);
+    }
+    if !(0.0..=1.0).contains(&p.min_p) {
+        return bad("min_p", p.min_p);
+    }
+    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+        return bad("top_p", p.top_p);
+    }
+    Ok(())
+}
+
+fn sample(
+    lib: &KernelLibrary,
+    op: &Op,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+) -> Result<CudaKernel> {
+    let Op::Sample(params) = *op else {
+        return Err(wrong_op(op));
+    };
+    let ([logits, pos], [token, history]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    check_params(&params)?;
+    let vocab = logits.last_dim();
+    if vocab == 0 {
+        return Err(Error::op("sample", "empty logits"));
+    }
+    let penalize = params.repetition_penalty != 1.0 && params.repetition_window > 0;
+    let shared = HISTOGRAM_BYTES + if penalize { vocab.div_ceil(32) * 4 } else { 0 };
+    let args = Args::new()
+        .ptr(logits)?
+        .ptr(pos)?
+        .ptr(token)?
+        .ptr(history)?
+        .int(vocab)?
+        .int(logits.rows().saturating_sub(1))?
+        .int(history.elem_count())?
+        .f32(params.repetition_penalty)
+        .int(params.repetition_window)?
+        .f32(params.temperature)
+        .int(params.top_k)?
+        .f32(params.top_p)
+        .f32(params.min_p)
+        .u64(params.seed);
+    let shared = u32::try_from(shared)
+        .map_err(|_| Error::op("sample", format!("vocabulary of {vocab} is too large")))?;
+    let launch = lib.launch(&SOURCE, "sample", (1, 1, 1), THREADS, shared, args)?;
+    Ok(CudaKernel::single(launch))
+}

@@ -1,0 +1,164 @@
+//! The stored operands of a weight layout (layouts.cuh) as the matmul and embedding planners
+//! pass them to kernels, with the alignment the kernels' wide loads need.
+
+use crate::backends::cuda::device_ptr;
+use crate::backends::cuda::launch::float_type;
+use crate::core::tensor::Tensor;
+use crate::quant::{GgmlType, WeightLayout};
+use crate::{Error, Result};
+
+pub(super) enum Weight<'a> {
+    /// MLX affine: packed words, scales and biases of float type `scale_type`.
+    Mlx {
+        w: &'a Tensor,
+        scales: &'a Tensor,
+        biases: &'a Tensor,
+        bits: u32,
+        /// log2(group_size / 32).
+        group_shift: i32,
+        scale_type: i32,
+    },
+    /// ggml quantized blocks.
+    Ggml { data: &'a Tensor, ty: GgmlType },
+    /// Plain rows of float type `ft`: dense weights, and GGUF F32/F16/BF16 tensors.
+    Dense { w: &'a Tensor, ft: i32 },
+}
+
+impl<'a> Weight<'a> {
+    /// The weight stored as `layout` in `tensors`, with `k` elements a row, and the number of
+    /// whole rows its tensors hold (kernels never read past them).
+    pub fn parse(
+        op: &'static str,
+        layout: WeightLayout,
+        tensors: &'a [Tensor],
+        k: usize,
+    ) -> Result<(Weight<'a>, usize)> {
+        let bad = |reason: String| Error::op(op, format!("{} weight: {reason}", layout.variant()));
+        // Whole rows of `per_row` elements in `t`.
+        let rows = |t: &Tensor, per_row: usize| t.elem_count() / per_row.max(1);
+        Ok(match layout {
+            WeightLayout::Dense => {
+                let [w] = tensors else {
+                    return Err(bad(format!("{} tensors", tensors.len())));
+                };
+                let ft = float_type(op, "weight", w.dtype())?;
+                (Weight::Dense { w, ft }, rows(w, k))
+            }
+            WeightLayout::MlxAffine { bits, group_size } => {
+                let [w, scales, biases] = tensors else {
+                    return Err(bad(format!("{} tensors", tensors.len())));
+                };
+                if !k.is_multiple_of(group_size) {
+                    return Err(bad(format!("rows of {k} are not whole groups")));
+                }
+                if scales.dtype() != biases.dtype() {
+                    return Err(bad(format!(
+                        "scales ({}) and biases ({}) differ in dtype",
+                        scales.dtype(),
+                        biases.dtype()
+                    )));
+                }
+                let groups = k / group_size;
+                let n = rows(w, k * bits as usize / 32)
+                    .min(rows(scales, groups))
+                    .min(rows(biases, groups));
+                let weight = Weight::Mlx {
+                    w,
+                    scales,
+                    biases,
+                    bits,
+                    group_shift: (group_size / 32).trailing_zeros() as i32,
+                    scale_type: float_type(op, "scales", scales.dtype())?,
+                };
+                (weight, n)
+            }
+            WeightLayout::Gguf(ty) => {
+                let [data] = tensors else {
+                    return Err(bad(format!("{} tensors", tensors.len())));
+                };
+                if !k.is_multiple_of(ty.block_size()) {
+                    return Err(bad(format!("rows of {k} are not whole blocks")));
+                }
+                let n = data.byte_len() / ty.row_bytes(k).max(1);
+                let weight = match ty {
+                    GgmlType::F32 => Weight::Dense { w: data, ft: 0 },
+                    GgmlType::F16 => Weight::Dense { w: data, ft: 1 },
+                    GgmlType::BF16 => Weight::Dense { w: data, ft: 2 },
+                    _ => Weight::Ggml { data, ty },
+                };
+                (weight, n)
+            }
+        })
+    }
+
+    /// The tensor holding the weights proper (packed words, blocks or rows).
+    pub fn data(&self) -> &'a Tensor {
+        match self {
+            Weight::Mlx { w, .. } => w,
+            Weight::Ggml { data, .. } => data,
+            Weight::Dense { w, .. } => w,
+        }
+    }
+
+    /// Checks the alignment that the quantized layouts' loads need (dense rows are read with
+    /// wide loads only by the matvec, which checks for itself). Buffers made by the backend
+    /// are 256-byte aligned; only views at odd offsets can fail.
+    pub fn check_alignment(&self, op: &'static str) -> Result<()> {
+        let align = match self {
+            // A unit of 32 elements is `bits` words, read with 16-, 8- or 4-byte loads.
+            Weight::Mlx { bits, .. } => match bits % 4 {
+                0 => 16,
+                2 => 8,
+                _ => 4,
+            },
+            Weight::Ggml {
+                ty: GgmlType::Q4K, ..
+            } => 16,
+            Weight::Ggml {
+                ty: GgmlType::Q4_1, ..
+            } => 4,
+            Weight::Ggml { .. } => 2,
+            Weight::Dense { .. } => return Ok(()),
+        };
+        if device_ptr(self.data())? % align != 0 {
+            return Err(Error::op(
+                op,
+                format!("weight data must start {align}-byte aligned in device memory"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Every layout the CUDA kernels read.
+pub(super) fn all_layouts() -> Vec<WeightLayout> {
+    use crate::quant::mlx_affine::{SUPPORTED_BITS, SUPPORTED_GROUP_SIZES};
+    let mut layouts = vec![WeightLayout::Dense];
+    for bits in SUPPORTED_BITS {
+        for group_size in SUPPORTED_GROUP_SIZES {
+            layouts.push(WeightLayout::MlxAffine { bits, group_size });
+        }
+    }
+    for ty in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ] {
+        layouts.push(WeightLayout::Gguf(ty));
+    }
+    layouts
+}
+
+/// The kernel-name suffix of a float type code.
+pub(super) fn float_name(ft: i32) -> &'static str {
+    match ft {
+        1 => "f16",
+        2 => "bf16",
+        _ => "f32",
+    }
+}

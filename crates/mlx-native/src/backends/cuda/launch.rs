@@ -1,0 +1,304 @@
+//! What a resolved CUDA dispatch is: kernel launches whose arguments, device pointers
+//! included, were fixed at record time, so running one (directly or while a graph is being
+//! captured) is only the launch. Also the per-device kernel library the planners draw on.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::compile::{self, Source};
+use super::{address, device_ptr, driver_err};
+use crate::core::dtype::DType;
+use crate::core::op::Op;
+use crate::core::tensor::Tensor;
+use crate::{Error, Result};
+
+/// Plans the launches of one dispatch (picks the compiled kernel for the operands, computes
+/// the grid, fixes the arguments). Registered by (op family, variant, output dtype).
+pub(crate) type Planner = fn(&KernelLibrary, &Op, &[Tensor], &[Tensor]) -> Result<CudaKernel>;
+
+/// Shared memory a block may use without opting in.
+const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
+
+/// Kernel arguments, one 8-byte slot each. A slot holds the value's native bytes at its
+/// start, which is what the driver copies for a parameter of that size.
+#[derive(Default)]
+pub(crate) struct Args(Vec<u64>);
+
+impl Args {
+    pub fn new() -> Self {
+        Args::default()
+    }
+
+    fn push(mut self, bytes: &[u8]) -> Self {
+        let mut slot = [0u8; 8];
+        slot[..bytes.len()].copy_from_slice(bytes);
+        self.0.push(u64::from_ne_bytes(slot));
+        self
+    }
+
+    /// The device address of the tensor's first element.
+    pub fn ptr(self, t: &Tensor) -> Result<Self> {
+        let p = device_ptr(t)?;
+        Ok(self.push(&p.to_ne_bytes()))
+    }
+
+    /// The tensor's address, or a null pointer.
+    pub fn opt_ptr(self, t: Option<&Tensor>) -> Result<Self> {
+        match t {
+            Some(t) => self.ptr(t),
+            None => Ok(self.push(&0u64.to_ne_bytes())),
+        }
+    }
+
+    /// A 64-bit value (a device address, a seed).
+    pub fn u64(self, v: u64) -> Self {
+        self.push(&v.to_ne_bytes())
+    }
+
+    /// A size or index as a kernel `int`.
+    pub fn int(self, v: usize) -> Result<Self> {
+        let v = i32::try_from(v)
+            .map_err(|_| Error::Invalid(format!("{v} exceeds a CUDA kernel's int argument")))?;
+        Ok(self.push(&v.to_ne_bytes()))
+    }
+
+    /// A code (float type, function selector) as a kernel `int`.
+    pub fn code(self, v: i32) -> Self {
+        self.push(&v.to_ne_bytes())
+    }
+
+    /// A count as a kernel `i64`.
+    pub fn long(self, v: usize) -> Self {
+        self.push(&(v as i64).to_ne_bytes())
+    }
+
+    pub fn f32(self, v: f32) -> Self {
+        self.push(&v.to_ne_bytes())
+    }
+}
+
+/// One kernel launch with fixed arguments.
+pub(crate) struct Launch {
+    func: CudaFunction,
+    cfg: LaunchConfig,
+    args: Vec<u64>,
+}
+
+impl Launch {
+    fn enqueue(&self, stream: &CudaStream) -> Result<()> {
+        let (x, y, z) = self.cfg.grid_dim;
+        if x == 0 || y == 0 || z == 0 {
+            return Ok(()); // nothing to compute (an empty tensor)
+        }
+        let mut builder = stream.launch_builder(&self.func);
+        for slot in &self.args {
+            builder.arg(slot);
+        }
+        // SAFETY: the planner that built this launch matched the argument list to the kernel's
+        // signature, and the grid to the sizes of the tensors whose addresses it holds; the
+        // tensors are kept alive by the dispatch (and by the graph that replays it).
+        unsafe { builder.launch(self.cfg) }.map_err(driver_err("kernel launch"))?;
+        Ok(())
+    }
+}
+
+/// The resolved form of one dispatch: its launches in order, and device scratch memory they
+/// use (split-K partial results), owned here so it lives as long as the dispatch.
+pub(crate) struct CudaKernel {
+    launches: Vec<Launch>,
+    _scratch: Option<CudaSlice<u8>>,
+}
+
+impl CudaKernel {
+    pub fn new(launches: Vec<Launch>, scratch: Option<CudaSlice<u8>>) -> Self {
+        CudaKernel {
+            launches,
+            _scratch: scratch,
+        }
+    }
+
+    pub fn single(launch: Launch) -> Self {
+        CudaKernel::new(vec![launch], None)
+    }
+
+    pub fn enqueue(&self, stream: &CudaStream) -> Result<()> {
+        self.launches.iter().try_for_each(|l| l.enqueue(stream))
+    }
+}
+
+/// The kernels of one device: sources compiled for its architecture, each module loaded once,
+/// functions looked up once.
+pub(crate) struct KernelLibrary {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// Compute capability as major·10 + minor.
+    arch: u32,
+    sm_count: usize,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    /// Functions whose dynamic shared-memory limit has been raised, and to what.
+    raised: Mutex<HashMap<(&'static str, String), u32>>,
+}
+
+impl KernelLibrary {
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context().clone();
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(driver_err("compute capability"))?;
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(driver_err("multiprocessor count"))?;
+        Ok(KernelLibrary {
+            ctx,
+            stream,
+            arch: (major * 10 + minor) as u32,
+            sm_count: sm_count.max(1) as usize,
+            modules: Mutex::default(),
+            functions: Mutex::default(),
+            raised: Mutex::default(),
+        })
+    }
+
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+
+    fn module(&self, source: &'static Source) -> Result<Arc<CudaModule>> {
+        if let Some(m) = self
+            .modules
+            .lock()
+            .map_err(|_| poisoned())?
+            .get(source.name)
+        {
+            return Ok(m.clone());
+        }
+        // Compiled without holding the lock, so that other families load meanwhile.
+        let cubin = compile::cubin(source, self.arch)?;
+        let mut modules = self.modules.lock().map_err(|_| poisoned())?;
+        if let Some(m) = modules.get(source.name) {
+            return Ok(m.clone());
+        }
+        let module = self
+            .ctx
+            .load_module(Ptx::from_binary(cubin.as_ref().clone()))
+            .map_err(driver_err(&format!("loading {}.cu", source.name)))?;
+        modules.insert(source.name, module.clone());
+        Ok(module)
+    }
+
+    fn function(&self, source: &'static Source, name: &str) -> Result<CudaFunction> {
+        let key = (source.name, name.to_string());
+        if let Some(f) = self.functions.lock().map_err(|_| poisoned())?.get(&key) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module(source)?
+            .load_function(name)
+            .map_err(driver_err(&format!("kernel {name} in {}.cu", source.name)))?;
+        self.functions
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(key, f.clone());
+        Ok(f)
+    }
+
+    /// A launch of kernel `name` of `source` with `shared` bytes of dynamic shared memory.
+    pub fn launch(
+        &self,
+        source: &'static Source,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: Args,
+    ) -> Result<Launch> {
+        let func = self.function(source, name)?;
+        if shared > DEFAULT_SHARED_LIMIT {
+            let mut raised = self.raised.lock().map_err(|_| poisoned())?;
+            let limit = raised.entry((source.name, name.to_string())).or_insert(0);
+            if shared > *limit {
+                func.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared as i32,
+                )
+                .map_err(driver_err(&format!(
+                    "{name}: {shared} bytes of shared memory"
+                )))?;
+                *limit = shared;
+            }
+        }
+        Ok(Launch {
+            func,
+            cfg: LaunchConfig {
+                grid_dim: grid,
+                block_dim: (block, 1, 1),
+                shared_mem_bytes: shared,
+            },
+            args: args.0,
+        })
+    }
+
+    /// Device memory for one dispatch's intermediate results, and its address (allocated at
+    /// record time, never while a graph is being captured).
+    pub fn scratch(&self, bytes: usize) -> Result<(CudaSlice<u8>, u64)> {
+        // SAFETY: kernels write the scratch before reading it.
+        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
+            .map_err(driver_err("scratch allocation"))?;
+        let address = address(&slice, &self.stream);
+        Ok((slice, address))
+    }
+}
+
+fn poisoned() -> Error {
+    Error::Cuda("kernel library lock poisoned by a panic".into())
+}
+
+/// The kernels' code for a float storage type (FT_* in common.cuh).
+pub(crate) fn float_type(op: &'static str, what: &str, dtype: DType) -> Result<i32> {
+    match dtype {
+        DType::F32 => Ok(0),
+        DType::F16 => Ok(1),
+        DType::BF16 => Ok(2),
+        other => Err(Error::op(
+            op,
+            format!("{what}: dtype {other} is not a float type"),
+        )),
+    }
+}
+
+/// Number of blocks of `per_block` covering `n` items, as a grid dimension (0 launches
+/// nothing).
+pub(crate) fn blocks(n: usize, per_block: usize) -> Result<u32> {
+    u32::try_from(n.div_ceil(per_block))
+        .map_err(|_| Error::Invalid(format!("{n} items exceed a CUDA grid")))
+}
+
+/// A grid dimension from a count (0 launches nothing).
+pub(crate) fn dim(n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| Error::Invalid(format!("{n} exceeds a CUDA grid dimension")))
+}
+
+/// The error for a planner handed an op of another family (a registry mistake).
+pub(crate) fn wrong_op(op: &Op) -> Error {
+    Error::Invalid(format!(
+        "CUDA planner registered for another op received {}",
+        op.name()
+    ))
+}
+
+/// The error for a dispatch whose operand count does not match its op.
+pub(crate) fn operand_count(op: &Op, inputs: usize, outputs: usize) -> Error {
+    Error::op(
+        op.name(),
+        format!("unexpected operand count: {inputs} inputs, {outputs} outputs"),
+    )
+}

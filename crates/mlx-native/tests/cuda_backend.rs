@@ -1,0 +1,1549 @@
+//! The CUDA backend against references: every op on random non-zero inputs (odd sizes, every
+//! weight layout), outputs poisoned before each run, and captured-graph replay against plain
+//! launches. References are computed here in f64; where the CPU backend has the kernel too,
+//! the CUDA result is also compared with it. Without a CUDA driver every test prints
+//! "skipped: no CUDA driver" and passes.
+
+use half::{bf16, f16};
+use mlx_native::backends::cuda;
+use mlx_native::core::op::{BinaryFn, UnaryFn};
+use mlx_native::ops::{self, AttentionShape, Linear, RopeTable};
+use mlx_native::quant::{GgmlType, WeightLayout};
+use mlx_native::{CommandEncoder, DType, Device, Error, Result, SamplingParams, Tensor};
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+/// The CUDA device, or None (after saying why) when this machine has none.
+fn gpu() -> Option<Device> {
+    if !cuda::driver_present() {
+        println!("skipped: no CUDA driver");
+        return None;
+    }
+    match Device::parse("cuda") {
+        Ok(d) => Some(d),
+        Err(Error::DeviceUnavailable(why)) => {
+            println!("skipped: no CUDA device ({why})");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// SplitMix64: small, seeded, good enough for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-scale, scale], never zero.
+    fn sym(&mut self, scale: f32) -> f32 {
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        let v = (2.0 * u - 1.0) * scale;
+        if v == 0.0 {
+            scale * 0.5
+        } else {
+            v
+        }
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.sym(scale)).collect()
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// Floats stored as `dtype` on `dev`, and the values as stored (after rounding).
+fn floats(dev: &Device, data: &[f32], shape: &[usize], dtype: DType) -> Result<(Tensor, Vec<f64>)> {
+    Ok(match dtype {
+        DType::F16 => {
+            let h: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
+            let vals = h.iter().map(|v| v.to_f64()).collect();
+            (dev.from_slice(&h, shape)?, vals)
+        }
+        DType::BF16 => {
+            let h: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+            let vals = h.iter().map(|v| v.to_f64()).collect();
+            (dev.from_slice(&h, shape)?, vals)
+        }
+        _ => (
+            dev.from_slice(data, shape)?,
+            data.iter().map(|&v| v as f64).collect(),
+        ),
+    })
+}
+
+/// An f32 output filled with NaN, so that unwritten elements fail the comparison.
+fn poisoned(dev: &Device, shape: &[usize]) -> Result<Tensor> {
+    dev.from_slice(&vec![f32::NAN; shape.iter().product()], shape)
+}
+
+fn poisoned_u32(dev: &Device, shape: &[usize]) -> Result<Tensor> {
+    dev.from_slice(&vec![0xdead_beef_u32; shape.iter().product()], shape)
+}
+
+fn run(dev: &Device, record: impl FnOnce(&mut CommandEncoder) -> Result<()>) -> Result<()> {
+    let mut enc = CommandEncoder::new(dev);
+    record(&mut enc)?;
+    enc.commit_and_wait()
+}
+
+/// ‖got − want‖ ≤ tol·‖want‖, and every element finite.
+fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut err = 0.0;
+    let mut norm = 0.0;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite(), "{what}: element {i} is {g} (expected {w})");
+        err += (g as f64 - w) * (g as f64 - w);
+        norm += w * w;
+    }
+    let rel = err.sqrt() / norm.sqrt().max(1e-30);
+    assert!(rel <= tol, "{what}: relative error {rel:e} > {tol:e}");
+}
+
+/// Runs `compute` on the GPU and checks it against `want`, and against the CPU backend when
+/// that has the kernel (`NoKernel` from the CPU means this branch does not have it yet).
+fn check(
+    what: &str,
+    dev: &Device,
+    compute: impl Fn(&Device) -> Result<Vec<f32>>,
+    want: &[f64],
+    tol: f64,
+) {
+    let got = compute(dev).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_close(what, &got, want, tol);
+    match compute(&Device::cpu()) {
+        Ok(cpu) => {
+            let cpu: Vec<f64> = cpu.iter().map(|&v| v as f64).collect();
+            assert_close(&format!("{what} (vs CPU backend)"), &got, &cpu, tol);
+        }
+        Err(Error::NoKernel { .. }) => {}
+        Err(e) => panic!("{what} on the CPU backend: {e}"),
+    }
+}
+
+const FLOAT_TYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+// ---------------------------------------------------------------------------------------------
+// Memory
+
+#[test]
+fn device_parse_reports_a_missing_driver() {
+    if cuda::driver_present() {
+        println!("skipped: a CUDA driver is present");
+        return;
+    }
+    match Device::parse("cuda:0") {
+        Err(Error::DeviceUnavailable(msg)) => assert!(msg.contains("no CUDA driver"), "{msg}"),
+        other => panic!(
+            "expected DeviceUnavailable, got {:?}",
+            other.map(|d| d.label().to_string())
+        ),
+    }
+}
+
+#[test]
+fn copies_round_trip_at_offsets() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(1);
+    let before = dev.backend().allocated_bytes();
+    let data = rng.vec(1001, 3.0);
+    let t = dev.from_slice(&data, &[7, 143]).unwrap();
+    assert!(dev.backend().allocated_bytes() >= before + 1001 * 4);
+    assert_eq!(t.to_vec::<f32>().unwrap(), data);
+    let rows = t.narrow_rows(2, 3).unwrap();
+    let patch = rng.vec(3 * 143, 1.0);
+    rows.write(&patch).unwrap();
+    let mut expect = data.clone();
+    expect[2 * 143..5 * 143].copy_from_slice(&patch);
+    assert_eq!(t.to_vec::<f32>().unwrap(), expect);
+    assert_eq!(rows.to_vec::<f32>().unwrap(), patch);
+
+    let host: std::sync::Arc<Vec<u8>> = std::sync::Arc::new(rng.bytes(999));
+    let range = 17..17 + 4 * 50;
+    let up = dev
+        .from_host(host.clone(), range.clone(), &[200], DType::U8)
+        .unwrap();
+    assert_eq!(up.to_vec::<u8>().unwrap(), host[range].to_vec());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Norms, RoPE, elementwise
+
+#[test]
+fn rms_norm_matches_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(2);
+    let (m, d, eps) = (5, 1537, 1e-5f32);
+    let x = rng.vec(m * d, 2.0);
+    let w = rng.vec(d, 1.5);
+    for dtype in FLOAT_TYPES {
+        for unit_offset in [false, true] {
+            let wq = floats(&Device::cpu(), &w, &[d], dtype).unwrap().1;
+            let mut want = vec![0.0; m * d];
+            for r in 0..m {
+                let row = &x[r * d..(r + 1) * d];
+                let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+                let inv = 1.0 / (ms + eps as f64).sqrt();
+                for i in 0..d {
+                    want[r * d + i] = row[i] as f64 * inv * (wq[i] + unit_offset as u8 as f64);
+                }
+            }
+            let compute = |dev: &Device| {
+                let xt = dev.from_slice(&x, &[m, d])?;
+                let wt = floats(dev, &w, &[d], dtype)?.0;
+                let out = poisoned(dev, &[m, d])?;
+                run(dev, |enc| {
+                    ops::rms_norm(enc, &xt, &wt, eps, unit_offset, &out)
+                })?;
+                out.to_vec::<f32>()
+            };
+            check(
+                &format!("rms_norm {dtype} offset={unit_offset}"),
+                &dev,
+                compute,
+                &want,
+                1e-6,
+            );
+        }
+    }
+}
+
+#[test]
+fn layer_norm_matches_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(3);
+    let (m, d, eps) = (3, 999, 1e-5f32);
+    // An offset mean checks the two-pass variance.
+    let x: Vec<f32> = rng.vec(m * d, 1.0).iter().map(|v| v + 3.0).collect();
+    let (w, b) = (rng.vec(d, 1.5), rng.vec(d, 0.5));
+    for dtype in FLOAT_TYPES {
+        let wq = floats(&Device::cpu(), &w, &[d], dtype).unwrap().1;
+        let bq = floats(&Device::cpu(), &b, &[d], dtype).unwrap().1;
+        let mut want = vec![0.0; m * d];
+        for r in 0..m {
+            let row: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();
+            let mean = row.iter().sum::<f64>() / d as f64;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / d as f64;
+            let inv = 1.0 / (var + eps as f64).sqrt();
+            for i in 0..d {
+                want[r * d + i] = (row[i] - mean) * inv * wq[i] + bq[i];
+            }
+        }
+        let compute = |dev: &Device| {
+            let xt = dev.from_slice(&x, &[m, d])?;
+            let wt = floats(dev, &w, &[d], dtype)?.0;
+            let bt = floats(dev, &b, &[d], dtype)?.0;
+            let out = poisoned(dev, &[m, d])?;
+            run(dev, |enc| ops::layer_norm(enc, &xt, &wt, &bt, eps, &out))?;
+            out.to_vec::<f32>()
+        };
+        check(&format!("layer_norm {dtype}"), &dev, compute, &want, 1e-5);
+    }
+}
+
+#[test]
+fn rope_matches_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(4);
+    let (m, n_heads, head_dim, pos) = (3, 5, 22, 1234u32);
+    let x = rng.vec(m * n_heads * head_dim, 2.0);
+    for rotary_dims in [22, 10] {
+        for traditional in [false, true] {
+            for mscale in [1.0f32, 1.3] {
+                let half = rotary_dims / 2;
+                let inv_freq: Vec<f32> = (0..half)
+                    .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rotary_dims as f32))
+                    .collect();
+                let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+                for r in 0..m {
+                    for h in 0..n_heads {
+                        let base = (r * n_heads + h) * head_dim;
+                        for (j, &freq) in inv_freq.iter().enumerate() {
+                            // The angle in f32, as every backend forms it.
+                            let angle = ((pos + r as u32) as f32 * freq) as f64;
+                            let (s, c) = angle.sin_cos();
+                            let (s, c) = (s * mscale as f64, c * mscale as f64);
+                            let (i0, i1) = if traditional {
+                                (2 * j, 2 * j + 1)
+                            } else {
+                                (j, j + half)
+                            };
+                            let (x0, x1) = (x[base + i0] as f64, x[base + i1] as f64);
+                            want[base + i0] = x0 * c - x1 * s;
+                            want[base + i1] = x0 * s + x1 * c;
+                        }
+                    }
+                }
+                let compute = |dev: &Device| {
+                    let xt = dev.from_slice(&x, &[m, n_heads * head_dim])?;
+                    let table = RopeTable {
+                        inv_freq: dev.from_slice(&inv_freq, &[half])?,
+                        rotary_dims,
+                        mscale,
+                    };
+                    let post = dev.from_slice(&[pos], &[1])?;
+                    let out = poisoned(dev, &[m, n_heads * head_dim])?;
+                    run(dev, |enc| {
+                        ops::rope(
+                            enc,
+                            &xt,
+                            &table,
+                            n_heads,
+                            head_dim,
+                            traditional,
+                            &post,
+                            &out,
+                        )
+                    })?;
+                    out.to_vec::<f32>()
+                };
+                let what =
+                    format!("rope dims={rotary_dims} traditional={traditional} mscale={mscale}");
+                check(&what, &dev, compute, &want, 1e-5);
+            }
+        }
+    }
+}
+
+fn activation_ref(f: UnaryFn, x: f64) -> f64 {
+    match f {
+        UnaryFn::Silu => x / (1.0 + (-x).exp()),
+        UnaryFn::GeluExact => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
+        UnaryFn::GeluTanh => {
+            0.5 * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+        }
+    }
+}
+
+/// erf by its Maclaurin series (|x| ≤ 6 here converges in f64 well below test tolerance).
+fn erf(x: f64) -> f64 {
+    if x.abs() > 6.0 {
+        return x.signum();
+    }
+    let (mut term, mut sum, mut n) = (x, x, 0.0);
+    while term.abs() > 1e-17 * sum.abs().max(1e-300) {
+        n += 1.0;
+        term *= -x * x / n;
+        sum += term / (2.0 * n + 1.0);
+    }
+    sum * 2.0 / std::f64::consts::PI.sqrt()
+}
+
+#[test]
+fn elementwise_ops_match_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(5);
+    let shape = [7, 1001];
+    let n = 7 * 1001;
+    let (a, b) = (rng.vec(n, 5.0), rng.vec(n, 3.0));
+    for f in [UnaryFn::Silu, UnaryFn::GeluExact, UnaryFn::GeluTanh] {
+        let want: Vec<f64> = a.iter().map(|&v| activation_ref(f, v as f64)).collect();
+        let compute = |dev: &Device| {
+            let (x, out) = (dev.from_slice(&a, &shape)?, poisoned(dev, &shape)?);
+            run(dev, |enc| ops::unary(enc, f, &x, &out))?;
+            out.to_vec::<f32>()
+        };
+        check(&format!("unary {f:?}"), &dev, compute, &want, 1e-6);
+
+        let want: Vec<f64> = a
+            .iter()
+            .zip(&b)
+            .map(|(&g, &u)| activation_ref(f, g as f64) * u as f64)
+            .collect();
+        let compute = |dev: &Device| {
+            let (g, u) = (dev.from_slice(&a, &shape)?, dev.from_slice(&b, &shape)?);
+            let out = poisoned(dev, &shape)?;
+            run(dev, |enc| ops::gated_activation(enc, f, &g, &u, &out))?;
+            out.to_vec::<f32>()
+        };
+        check(&format!("gated {f:?}"), &dev, compute, &want, 1e-6);
+    }
+    for f in [BinaryFn::Add, BinaryFn::Mul] {
+        let want: Vec<f64> = a
+            .iter()
+            .zip(&b)
+            .map(|(&x, &y)| match f {
+                BinaryFn::Add => x as f64 + y as f64,
+                BinaryFn::Mul => x as f64 * y as f64,
+            })
+            .collect();
+        let compute = |dev: &Device| {
+            let (x, y) = (dev.from_slice(&a, &shape)?, dev.from_slice(&b, &shape)?);
+            let out = poisoned(dev, &shape)?;
+            run(dev, |enc| ops::binary(enc, f, &x, &y, &out))?;
+            out.to_vec::<f32>()
+        };
+        check(&format!("binary {f:?}"), &dev, compute, &want, 1e-7);
+    }
+    let cap = 3.5f32;
+    let want: Vec<f64> = a
+        .iter()
+        .map(|&v| cap as f64 * (v as f64 / cap as f64).tanh())
+        .collect();
+    let compute = |dev: &Device| {
+        let (x, out) = (dev.from_slice(&a, &shape)?, poisoned(dev, &shape)?);
+        run(dev, |enc| ops::softcap(enc, cap, &x, &out))?;
+        out.to_vec::<f32>()
+    };
+    check("softcap", &dev, compute, &want, 1e-6);
+
+    let logits: Vec<f32> = rng.vec(n, 8.0);
+    let mut want = vec![0.0; n];
+    for r in 0..7 {
+        let row = &logits[r * 1001..(r + 1) * 1001];
+        let mx = row.iter().fold(f64::MIN, |m, &v| m.max(v as f64));
+        let sum: f64 = row.iter().map(|&v| (v as f64 - mx).exp()).sum();
+        for (i, &v) in row.iter().enumerate() {
+            want[r * 1001 + i] = (v as f64 - mx).exp() / sum;
+        }
+    }
+    let compute = |dev: &Device| {
+        let (x, out) = (dev.from_slice(&logits, &shape)?, poisoned(dev, &shape)?);
+        run(dev, |enc| ops::softmax(enc, &x, &out))?;
+        out.to_vec::<f32>()
+    };
+    check("softmax", &dev, compute, &want, 1e-6);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weights: random stored data for every layout and its f64 dequantization
+
+/// Host data of one weight matrix `[n, k]` in some layout, uploadable to any device.
+struct HostWeight {
+    layout: WeightLayout,
+    /// (bytes or values, shape, dtype) per stored tensor.
+    parts: Vec<(Vec<u8>, Vec<usize>, DType)>,
+    /// The dequantized matrix, row-major.
+    dense: Vec<f64>,
+    n: usize,
+    k: usize,
+}
+
+impl HostWeight {
+    fn upload(&self, dev: &Device, bias: Option<&Tensor>) -> Result<Linear> {
+        let tensors = self
+            .parts
+            .iter()
+            .map(|(bytes, shape, dtype)| {
+                let t = dev.empty(shape, *dtype)?;
+                upload_bytes(&t, bytes)?;
+                Ok(t)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Linear::new("test", self.layout, tensors, bias.cloned(), self.n, self.k)
+    }
+}
+
+/// Writes raw little-endian bytes into a tensor of any dtype.
+fn upload_bytes(t: &Tensor, bytes: &[u8]) -> Result<()> {
+    match t.dtype() {
+        DType::U8 => t.write(bytes),
+        DType::U32 => t.write(
+            &bytes
+                .chunks(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                .collect::<Vec<_>>(),
+        ),
+        DType::F32 => t.write(
+            &bytes
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect::<Vec<_>>(),
+        ),
+        DType::F16 => t.write(
+            &bytes
+                .chunks(2)
+                .map(|c| f16::from_le_bytes(c.try_into().unwrap()))
+                .collect::<Vec<_>>(),
+        ),
+        DType::BF16 => t.write(
+            &bytes
+                .chunks(2)
+                .map(|c| bf16::from_le_bytes(c.try_into().unwrap()))
+                .collect::<Vec<_>>(),
+        ),
+        DType::I32 => unreachable!("no weight is stored as i32"),
+    }
+}
+
+/// Random floats as stored bytes of `dtype`, and the stored values.
+fn float_bytes(rng: &mut Rng, n: usize, scale: f32, dtype: DType) -> (Vec<u8>, Vec<f64>) {
+    let v = rng.vec(n, scale);
+    match dtype {
+        DType::F16 => {
+            let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            (
+                h.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                h.iter().map(|x| x.to_f64()).collect(),
+            )
+        }
+        DType::BF16 => {
+            let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+            (
+                h.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                h.iter().map(|x| x.to_f64()).collect(),
+            )
+        }
+        _ => (
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            v.iter().map(|&x| x as f64).collect(),
+        ),
+    }
+}
+
+fn dense_weight(rng: &mut Rng, n: usize, k: usize, dtype: DType) -> HostWeight {
+    let (bytes, dense) = float_bytes(rng, n * k, 1.0, dtype);
+    HostWeight {
+        layout: WeightLayout::Dense,
+        parts: vec![(bytes, vec![n, k], dtype)],
+        dense,
+        n,
+        k,
+    }
+}
+
+fn mlx_weight(
+    rng: &mut Rng,
+    n: usize,
+    k: usize,
+    bits: u32,
+    group_size: usize,
+    scale_type: DType,
+) -> HostWeight {
+    let words_per_row = k * bits as usize / 32;
+    let words = rng.bytes(n * words_per_row * 4);
+    let groups = n * (k / group_size);
+    let (scale_bytes, scales) = float_bytes(rng, groups, 0.05, scale_type);
+    let (bias_bytes, biases) = float_bytes(rng, groups, 0.2, scale_type);
+    let word = |i: usize| u32::from_le_bytes(words[4 * i..4 * i + 4].try_into().unwrap()) as u64;
+    let mut dense = vec![0.0; n * k];
+    for r in 0..n {
+        for j in 0..k {
+            let bit = j * bits as usize;
+            let (w, off) = (r * words_per_row + bit / 32, bit % 32);
+            let hi = if bit / 32 + 1 < words_per_row {
+                word(w + 1)
+            } else {
+                0
+            };
+            let q = ((word(w) | hi << 32) >> off) & ((1u64 << bits) - 1);
+            let g = r * (k / group_size) + j / group_size;
+            dense[r * k + j] = scales[g] * q as f64 + biases[g];
+        }
+    }
+    HostWeight {
+        layout: WeightLayout::MlxAffine { bits, group_size },
+        parts: vec![
+            (words, vec![n, words_per_row], DType::U32),
+            (scale_bytes, vec![n, k / group_size], scale_type),
+            (bias_bytes, vec![n, k / group_size], scale_type),
+        ],
+        dense,
+        n,
+        k,
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f64 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f64()
+}
+
+fn put_f16(b: &mut [u8], at: usize, v: f32) {
+    b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+}
+
+/// Random ggml blocks (random quants, sane f16 scales) and their dequantization, as
+/// ggml-quants.c's dequantize_row_* computes it.
+fn ggml_weight(rng: &mut Rng, n: usize, k: usize, ty: GgmlType) -> HostWeight {
+    let nb = n * k / ty.block_size();
+    let mut bytes = Vec::with_capacity(nb * ty.block_bytes());
+    let mut dense = Vec::with_capacity(n * k);
+    for _ in 0..nb {
+        let mut b = match ty {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+                let dtype = match ty {
+                    GgmlType::F32 => DType::F32,
+                    GgmlType::F16 => DType::F16,
+                    _ => DType::BF16,
+                };
+                let (b, v) = float_bytes(rng, 1, 1.0, dtype);
+                dense.extend(v);
+                bytes.extend(b);
+                continue;
+            }
+            _ => rng.bytes(ty.block_bytes()),
+        };
+        match ty {
+            GgmlType::Q4_0 => {
+                put_f16(&mut b, 0, rng.sym(0.1));
+                let d = f16_at(&b, 0);
+                let (lo, hi): (Vec<f64>, Vec<f64>) = (0..16)
+                    .map(|j| {
+                        (
+                            d * ((b[2 + j] & 15) as f64 - 8.0),
+                            d * ((b[2 + j] >> 4) as f64 - 8.0),
+                        )
+                    })
+                    .unzip();
+                dense.extend(lo.into_iter().chain(hi));
+            }
+            GgmlType::Q4_1 => {
+                put_f16(&mut b, 0, rng.sym(0.1));
+                put_f16(&mut b, 2, rng.sym(0.5));
+                let (d, m) = (f16_at(&b, 0), f16_at(&b, 2));
+                let (lo, hi): (Vec<f64>, Vec<f64>) = (0..16)
+                    .map(|j| {
+                        (
+                            d * (b[4 + j] & 15) as f64 + m,
+                            d * (b[4 + j] >> 4) as f64 + m,
+                        )
+                    })
+                    .unzip();
+                dense.extend(lo.into_iter().chain(hi));
+            }
+            GgmlType::Q8_0 => {
+                put_f16(&mut b, 0, rng.sym(0.02));
+                let d = f16_at(&b, 0);
+                dense.extend((0..32).map(|j| d * (b[2 + j] as i8) as f64));
+            }
+            GgmlType::Q4K => {
+                put_f16(&mut b, 0, rng.sym(0.01).abs());
+                put_f16(&mut b, 2, rng.sym(0.01).abs());
+                let (d, dmin) = (f16_at(&b, 0), f16_at(&b, 2));
+                let sc = &b[4..16];
+                let scale_min = |j: usize| -> (f64, f64) {
+                    if j < 4 {
+                        ((sc[j] & 63) as f64, (sc[j + 4] & 63) as f64)
+                    } else {
+                        (
+                            ((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4)) as f64,
+                            ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)) as f64,
+                        )
+                    }
+                };
+                for pair in 0..4 {
+                    let qs = &b[16 + 32 * pair..16 + 32 * pair + 32];
+                    let (s1, m1) = scale_min(2 * pair);
+                    let (s2, m2) = scale_min(2 * pair + 1);
+                    dense.extend(qs.iter().map(|&q| d * s1 * (q & 15) as f64 - dmin * m1));
+                    dense.extend(qs.iter().map(|&q| d * s2 * (q >> 4) as f64 - dmin * m2));
+                }
+            }
+            GgmlType::Q6K => {
+                put_f16(&mut b, 208, rng.sym(0.002));
+                let d = f16_at(&b, 208);
+                let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+                let mut y = [0.0; 256];
+                for half in 0..2 {
+                    let (ql, qh, sc) = (&ql[64 * half..], &qh[32 * half..], &sc[8 * half..]);
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        let s = |i: usize| sc[i] as i8 as f64;
+                        y[128 * half + l] = d * s(is) * q1 as f64;
+                        y[128 * half + l + 32] = d * s(is + 2) * q2 as f64;
+                        y[128 * half + l + 64] = d * s(is + 4) * q3 as f64;
+                        y[128 * half + l + 96] = d * s(is + 6) * q4 as f64;
+                    }
+                }
+                dense.extend(y);
+            }
+            _ => unreachable!(),
+        }
+        bytes.extend(b);
+    }
+    HostWeight {
+        layout: WeightLayout::Gguf(ty),
+        parts: vec![(bytes.clone(), vec![bytes.len()], DType::U8)],
+        dense,
+        n,
+        k,
+    }
+}
+
+const GGML_TYPES: [GgmlType; 8] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4K,
+    GgmlType::Q6K,
+];
+
+/// Every layout at one size: dense in each float type, MLX at every bits × group size (scale
+/// types rotating), every ggml type. `k` must be a multiple of 256.
+fn every_layout(rng: &mut Rng, n: usize, k: usize) -> Vec<HostWeight> {
+    let mut all: Vec<HostWeight> = FLOAT_TYPES
+        .iter()
+        .map(|&t| dense_weight(rng, n, k, t))
+        .collect();
+    let mut st = FLOAT_TYPES.iter().cycle();
+    for bits in [2, 3, 4, 5, 6, 8] {
+        for group_size in [32, 64, 128] {
+            all.push(mlx_weight(rng, n, k, bits, group_size, *st.next().unwrap()));
+        }
+    }
+    all.extend(GGML_TYPES.iter().map(|&t| ggml_weight(rng, n, k, t)));
+    all
+}
+
+fn describe(w: &HostWeight) -> String {
+    let dtypes: Vec<String> = w.parts.iter().map(|p| p.2.to_string()).collect();
+    format!("{} [{}]", w.layout.variant(), dtypes.join(","))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matmul and embedding
+
+fn matmul_ref(x: &[f32], w: &HostWeight, bias: Option<&[f64]>, m: usize) -> Vec<f64> {
+    let (n, k) = (w.n, w.k);
+    let mut out = vec![0.0; m * n];
+    for r in 0..m {
+        for c in 0..n {
+            let row = &w.dense[c * k..(c + 1) * k];
+            let dot: f64 = x[r * k..(r + 1) * k]
+                .iter()
+                .zip(row)
+                .map(|(&a, &b)| a as f64 * b)
+                .sum();
+            out[r * n + c] = dot + bias.map_or(0.0, |b| b[c]);
+        }
+    }
+    out
+}
+
+fn check_matmul(dev: &Device, rng: &mut Rng, w: &HostWeight, m: usize, with_bias: bool) {
+    let x = rng.vec(m * w.k, 1.0);
+    let (bias_bytes, bias) = float_bytes(rng, w.n, 0.5, DType::BF16);
+    let bias = with_bias.then_some(bias);
+    let want = matmul_ref(&x, w, bias.as_deref(), m);
+    let compute = |dev: &Device| {
+        let b = match with_bias {
+            true => {
+                let t = dev.empty(&[w.n], DType::BF16)?;
+                upload_bytes(&t, &bias_bytes)?;
+                Some(t)
+            }
+            false => None,
+        };
+        let lin = w.upload(dev, b.as_ref())?;
+        let xt = dev.from_slice(&x, &[m, w.k])?;
+        let out = poisoned(dev, &[m, w.n])?;
+        run(dev, |enc| ops::matmul(enc, &xt, &lin, &out))?;
+        out.to_vec::<f32>()
+    };
+    let what = format!(
+        "matmul {} m={m} n={} k={} bias={with_bias}",
+        describe(w),
+        w.n,
+        w.k
+    );
+    check(&what, dev, compute, &want, 2e-5);
+}
+
+#[test]
+fn matvec_every_layout() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(6);
+    // n not a multiple of the rows per block; k = 1280 gives lanes 1 or 2 units.
+    for w in every_layout(&mut rng, 37, 1280) {
+        check_matmul(&dev, &mut rng, &w, 1, w.n % 2 == 1);
+    }
+    // Long rows: 2 and 4 warps share a row group (136 units also leaves lanes uneven).
+    for k in [2048, 4352] {
+        let ws = [
+            mlx_weight(&mut rng, 23, k, 4, 128, DType::F16),
+            mlx_weight(&mut rng, 23, k, 5, 32, DType::F32),
+            ggml_weight(&mut rng, 23, k, GgmlType::Q4K),
+            ggml_weight(&mut rng, 23, k, GgmlType::Q6K),
+            dense_weight(&mut rng, 23, k, DType::BF16),
+        ];
+        for w in ws {
+            check_matmul(&dev, &mut rng, &w, 1, true);
+        }
+    }
+    // Every MLX scale type at one size, and bias in the epilogue.
+    for st in FLOAT_TYPES {
+        let w = mlx_weight(&mut rng, 19, 256, 4, 64, st);
+        check_matmul(&dev, &mut rng, &w, 1, true);
+    }
+    // Dense rows of odd length take the tiled kernel.
+    for st in FLOAT_TYPES {
+        let w = dense_weight(&mut rng, 21, 333, st);
+        check_matmul(&dev, &mut rng, &w, 1, false);
+    }
+}
+
+#[test]
+fn matmul_every_layout() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(7);
+    // Both dims past one 64-wide tile, neither a multiple of it.
+    for w in every_layout(&mut rng, 70, 512) {
+        check_matmul(&dev, &mut rng, &w, 67, true);
+    }
+    for w in every_layout(&mut rng, 13, 256) {
+        check_matmul(&dev, &mut rng, &w, 3, false);
+    }
+    for st in FLOAT_TYPES {
+        let w = dense_weight(&mut rng, 45, 77, st);
+        check_matmul(&dev, &mut rng, &w, 9, true);
+    }
+}
+
+#[test]
+fn embedding_every_layout() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(8);
+    let vocab = 29;
+    let mut tables = every_layout(&mut rng, vocab, 256);
+    tables.extend(
+        FLOAT_TYPES
+            .iter()
+            .map(|&t| dense_weight(&mut rng, vocab, 45, t)),
+    );
+    for table in tables {
+        // The last id is past the vocabulary: a zero row.
+        let ids: Vec<u32> = (0..6)
+            .map(|_| rng.below(vocab) as u32)
+            .chain([vocab as u32 + 3])
+            .collect();
+        let k = table.k;
+        let mut want = vec![0.0; ids.len() * k];
+        for (t, &id) in ids.iter().enumerate() {
+            if (id as usize) < vocab {
+                want[t * k..(t + 1) * k]
+                    .copy_from_slice(&table.dense[id as usize * k..(id as usize + 1) * k]);
+            }
+        }
+        let compute = |dev: &Device| {
+            let lin = table.upload(dev, None)?;
+            let idt = dev.from_slice(&ids, &[ids.len()])?;
+            let out = poisoned(dev, &[ids.len(), k])?;
+            run(dev, |enc| ops::embedding(enc, &idt, &lin, &out))?;
+            out.to_vec::<f32>()
+        };
+        check(
+            &format!("embedding {} k={k}", describe(&table)),
+            &dev,
+            compute,
+            &want,
+            1e-7,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention and the KV cache
+
+struct AttnCase {
+    rows: usize,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+    capacity: usize,
+    pos: usize,
+    window: Option<usize>,
+    softcap: Option<f32>,
+}
+
+fn attention_ref(c: &AttnCase, q: &[f32], kc: &[f32], vc: &[f32], scale: f32) -> Vec<f64> {
+    let hd = c.head_dim;
+    let mut out = vec![0.0; c.rows * c.n_heads * hd];
+    for r in 0..c.rows {
+        let qpos = c.pos + r;
+        let hi = (qpos + 1).min(c.capacity);
+        let lo = c.window.map_or(0, |w| (qpos + 1).saturating_sub(w));
+        for h in 0..c.n_heads {
+            let g = h / (c.n_heads / c.n_kv);
+            let qv = &q[(r * c.n_heads + h) * hd..][..hd];
+            let scores: Vec<f64> = (lo..hi)
+                .map(|j| {
+                    let kv = &kc[(g * c.capacity + j) * hd..][..hd];
+                    let s = scale as f64
+                        * qv.iter()
+                            .zip(kv)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>();
+                    c.softcap
+                        .map_or(s, |cap| cap as f64 * (s / cap as f64).tanh())
+                })
+                .collect();
+            let mx = scores.iter().cloned().fold(f64::MIN, f64::max);
+            let sum: f64 = scores.iter().map(|s| (s - mx).exp()).sum();
+            for (i, j) in (lo..hi).enumerate() {
+                let p = (scores[i] - mx).exp() / sum;
+                let vv = &vc[(g * c.capacity + j) * hd..][..hd];
+                for d in 0..hd {
+                    out[(r * c.n_heads + h) * hd + d] += p * vv[d] as f64;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_matches_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(9);
+    let case = |rows, n_heads, n_kv, head_dim, capacity, pos, window, softcap| AttnCase {
+        rows,
+        n_heads,
+        n_kv,
+        head_dim,
+        capacity,
+        pos,
+        window,
+        softcap,
+    };
+    let cases = [
+        // Decode: one split, several splits (long cache), several rows, GQA, odd head dims.
+        case(1, 6, 2, 40, 37, 20, None, None),
+        // Decode with GQA groups of 4 to 20 heads.
+        case(1, 16, 2, 64, 2000, 1500, None, None),
+        case(2, 12, 1, 80, 300, 100, Some(50), None),
+        case(4, 32, 2, 128, 256, 200, None, Some(10.0)),
+        case(1, 20, 1, 64, 90, 60, None, None),
+        case(1, 8, 2, 32, 5, 2, None, None),
+        case(1, 4, 4, 64, 1500, 1200, None, None),
+        case(1, 8, 2, 128, 700, 650, Some(100), Some(30.0)),
+        case(3, 6, 3, 96, 64, 10, Some(5), None),
+        case(2, 2, 1, 256, 300, 299 - 1, None, Some(20.0)),
+        // Prefill: several blocks of rows, tiles of keys, window and softcap.
+        case(21, 6, 2, 40, 50, 13, None, None),
+        case(37, 4, 1, 64, 100, 0, None, None),
+        case(19, 4, 2, 128, 120, 70, Some(16), Some(25.0)),
+        case(17, 2, 2, 256, 40, 5, None, None),
+        case(9, 3, 1, 200, 20, 2, Some(3), None),
+    ];
+    for c in cases {
+        let hd = c.head_dim;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let q = rng.vec(c.rows * c.n_heads * hd, 1.5);
+        let kc = rng.vec(c.n_kv * c.capacity * hd, 1.5);
+        let vc = rng.vec(c.n_kv * c.capacity * hd, 1.0);
+        let want = attention_ref(&c, &q, &kc, &vc, scale);
+        let compute = |dev: &Device| {
+            let qt = dev.from_slice(&q, &[c.rows, c.n_heads * hd])?;
+            let kt = dev.from_slice(&kc, &[c.n_kv, c.capacity, hd])?;
+            let vt = dev.from_slice(&vc, &[c.n_kv, c.capacity, hd])?;
+            let pos = dev.from_slice(&[c.pos as u32], &[1])?;
+            let out = poisoned(dev, &[c.rows, c.n_heads * hd])?;
+            let shape = AttentionShape {
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv,
+                head_dim: hd,
+                scale,
+                window: c.window,
+                softcap: c.softcap,
+            };
+            run(dev, |enc| {
+                ops::attention(enc, shape, &qt, &kt, &vt, &pos, &out)
+            })?;
+            out.to_vec::<f32>()
+        };
+        let what = format!(
+            "attention rows={} heads={}/{} hd={hd} pos={} cap={} window={:?} softcap={:?}",
+            c.rows, c.n_heads, c.n_kv, c.pos, c.capacity, c.window, c.softcap
+        );
+        check(&what, &dev, compute, &want, 2e-6);
+    }
+}
+
+#[test]
+fn kv_append_writes_rows_at_pos() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(10);
+    let (rows, n_kv, hd, capacity, pos) = (3, 2, 40, 11, 7);
+    let x = rng.vec(rows * n_kv * hd, 1.0);
+    let cache = rng.vec(n_kv * capacity * hd, 1.0);
+    let mut want: Vec<f64> = cache.iter().map(|&v| v as f64).collect();
+    for r in 0..rows {
+        for g in 0..n_kv {
+            for d in 0..hd {
+                want[(g * capacity + pos + r) * hd + d] = x[(r * n_kv + g) * hd + d] as f64;
+            }
+        }
+    }
+    let compute = |dev: &Device| {
+        let xt = dev.from_slice(&x, &[rows, n_kv * hd])?;
+        let ct = dev.from_slice(&cache, &[n_kv, capacity, hd])?;
+        let post = dev.from_slice(&[pos as u32], &[1])?;
+        run(dev, |enc| ops::kv_append(enc, &xt, &post, &ct))?;
+        ct.to_vec::<f32>()
+    };
+    check("kv_append", &dev, compute, &want, 0.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token choice
+
+#[test]
+fn argmax_picks_lowest_id_of_the_last_row() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(11);
+    let vocab = 50_001;
+    let mut logits = rng.vec(2 * vocab, 10.0);
+    // A tie for the maximum in the last row, and a larger value in the first row (ignored).
+    logits[vocab + 31_337] = 20.0;
+    logits[vocab + 777] = 20.0;
+    logits[5] = 50.0;
+    let compute = |dev: &Device| {
+        let lt = dev.from_slice(&logits, &[2, vocab])?;
+        let token = poisoned_u32(dev, &[1])?;
+        run(dev, |enc| ops::argmax(enc, &lt, &token))?;
+        Ok(token.to_vec::<u32>()?.iter().map(|&t| t as f32).collect())
+    };
+    check("argmax", &dev, compute, &[777.0], 0.0);
+}
+
+#[test]
+fn greedy_sampling_with_repetition_penalty() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(12);
+    let (vocab, capacity, pos) = (3001, 40, 20usize);
+    let history: Vec<u32> = (0..capacity).map(|_| rng.below(vocab) as u32).collect();
+    for (penalty, window) in [(1.0f32, 0usize), (1.5, 6), (0.7, 6), (2.0, 64)] {
+        let mut logits = rng.vec(vocab, 4.0);
+        // Make a recent token the unpenalised winner, so the penalty decides.
+        let recent = history[pos - 1] as usize;
+        logits[recent] = 4.5;
+        let seen: std::collections::HashSet<u32> = history[(pos + 1).saturating_sub(window)..=pos]
+            .iter()
+            .copied()
+            .collect();
+        let adjusted = |i: usize| {
+            let v = logits[i] as f64;
+            if penalty != 1.0 && seen.contains(&(i as u32)) {
+                if v < 0.0 {
+                    v * penalty as f64
+                } else {
+                    v / penalty as f64
+                }
+            } else {
+                v
+            }
+        };
+        let best = (0..vocab).fold(0, |b, i| if adjusted(i) > adjusted(b) { i } else { b });
+        let params = SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: penalty,
+            repetition_window: window,
+            ..SamplingParams::default()
+        };
+        let compute = |dev: &Device| {
+            let lt = dev.from_slice(&logits, &[1, vocab])?;
+            let post = dev.from_slice(&[pos as u32], &[1])?;
+            let token = poisoned_u32(dev, &[1])?;
+            let hist = dev.from_slice(&history, &[capacity])?;
+            run(dev, |enc| {
+                ops::sample(enc, params, &lt, &post, &token, &hist)
+            })?;
+            let h = hist.to_vec::<u32>()?;
+            Ok(vec![
+                token.to_vec::<u32>()?[0] as f32,
+                h[pos + 1] as f32,
+                h[pos] as f32,
+            ])
+        };
+        let want = [best as f64, best as f64, history[pos] as f64];
+        check(
+            &format!("sample penalty={penalty} window={window}"),
+            &dev,
+            compute,
+            &want,
+            0.0,
+        );
+    }
+}
+
+/// The CPU backend's uniform draw for (seed, pos).
+fn uniform(seed: u64, pos: usize) -> f64 {
+    const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut z = (seed ^ (pos as u64).wrapping_mul(GAMMA)).wrapping_add(GAMMA);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Sampling as the CPU backend specifies it, by sorting: penalty, argmax; then min-p, top-k
+/// and top-p over the rank order (logit descending, id ascending) and an inverse-CDF draw.
+fn sample_ref(logits: &[f32], history: &[u32], pos: usize, p: &SamplingParams) -> u32 {
+    let mut l = logits.to_vec();
+    if p.repetition_penalty != 1.0 && p.repetition_window > 0 {
+        let window = &history[(pos + 1).saturating_sub(p.repetition_window)..=pos];
+        let seen: std::collections::BTreeSet<u32> = window.iter().copied().collect();
+        for t in seen {
+            if let Some(v) = l.get_mut(t as usize) {
+                *v = if *v < 0.0 {
+                    *v * p.repetition_penalty
+                } else {
+                    *v / p.repetition_penalty
+                };
+            }
+        }
+    }
+    let best = (0..l.len()).fold(0, |b, i| {
+        if l[i] > l[b] || l[b].is_nan() && !l[i].is_nan() {
+            i
+        } else {
+            b
+        }
+    });
+    if p.temperature == 0.0 || !l[best].is_finite() {
+        return best as u32;
+    }
+    let max = l[best];
+    let floor = if p.min_p > 0.0 {
+        max + p.min_p.ln()
+    } else {
+        f32::NEG_INFINITY
+    };
+    let mut kept: Vec<usize> = (0..l.len())
+        .filter(|&i| l[i] >= floor && l[i] > f32::NEG_INFINITY)
+        .collect();
+    kept.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+    if p.top_k > 0 && p.top_k < kept.len() {
+        kept.truncate(p.top_k);
+    }
+    if p.top_p < 1.0 {
+        let total: f64 = l
+            .iter()
+            .filter(|v| **v > f32::NEG_INFINITY)
+            .map(|&v| ((v - max) as f64).exp())
+            .sum();
+        let limit = p.top_p as f64 * total;
+        let (mut above, mut n) = (0.0, 0);
+        while n < kept.len() && above < limit {
+            above += ((l[kept[n]] - max) as f64).exp();
+            n += 1;
+        }
+        while n < kept.len() && l[kept[n]] == l[kept[n - 1]] {
+            n += 1;
+        }
+        kept.truncate(n);
+    }
+    let inv_t = 1.0 / p.temperature as f64;
+    let w = |i: usize| ((l[i] - max) as f64 * inv_t).exp();
+    let target = uniform(p.seed, pos) * kept.iter().map(|&i| w(i)).sum::<f64>();
+    let mut acc = 0.0;
+    for &i in &kept {
+        acc += w(i);
+        if acc > target {
+            return i as u32;
+        }
+    }
+    *kept.last().unwrap() as u32
+}
+
+#[test]
+fn sampling_matches_the_cpu_semantics() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(15);
+    let (vocab, capacity) = (5003, 64);
+    let history: Vec<u32> = (0..capacity).map(|_| rng.below(vocab) as u32).collect();
+    let base = SamplingParams {
+        temperature: 0.8,
+        ..SamplingParams::default()
+    };
+    let param_sets = [
+        base,
+        SamplingParams {
+            temperature: 1.3,
+            top_k: 40,
+            ..base
+        },
+        SamplingParams { top_p: 0.9, ..base },
+        SamplingParams {
+            temperature: 0.6,
+            min_p: 0.05,
+            ..base
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 300,
+            top_p: 0.95,
+            min_p: 0.01,
+            ..base
+        },
+        SamplingParams {
+            repetition_penalty: 1.2,
+            repetition_window: 20,
+            top_k: 7,
+            ..base
+        },
+        SamplingParams { top_k: 1, ..base },
+        SamplingParams {
+            temperature: 2.0,
+            top_k: 5000,
+            top_p: 0.5,
+            ..base
+        },
+    ];
+    for (case, params) in param_sets.iter().enumerate() {
+        for round in 0..12 {
+            // Every other round quantizes the logits, so that many tie (top-k cuts, top-p
+            // extension and the draw inside a tie group); some are −∞.
+            let mut logits = rng.vec(vocab, 6.0);
+            if round % 2 == 1 {
+                logits
+                    .iter_mut()
+                    .for_each(|v| *v = (*v * 2.0).round() / 2.0);
+            }
+            for _ in 0..10 {
+                logits[rng.below(vocab)] = f32::NEG_INFINITY;
+            }
+            let pos = rng.below(capacity - 1);
+            let params = SamplingParams {
+                seed: rng.next_u64(),
+                ..*params
+            };
+            let want = sample_ref(&logits, &history, pos, &params);
+            let compute = |dev: &Device| {
+                let lt = dev.from_slice(&logits, &[1, vocab])?;
+                let post = dev.from_slice(&[pos as u32], &[1])?;
+                let token = poisoned_u32(dev, &[1])?;
+                let hist = dev.from_slice(&history, &[capacity])?;
+                run(dev, |enc| {
+                    ops::sample(enc, params, &lt, &post, &token, &hist)
+                })?;
+                Ok(vec![
+                    token.to_vec::<u32>()?[0] as f32,
+                    hist.to_vec::<u32>()?[pos + 1] as f32,
+                ])
+            };
+            let what = format!("sample case {case} round {round} {params:?}");
+            check(&what, &dev, compute, &[want as f64, want as f64], 0.0);
+        }
+    }
+    // Parameters out of the CPU sampler's ranges are refused when recorded.
+    let lt = dev.from_slice(&rng.vec(vocab, 1.0), &[1, vocab]).unwrap();
+    let post = dev.from_slice(&[3u32], &[1]).unwrap();
+    let token = dev.zeros(&[1], DType::U32).unwrap();
+    let hist = dev.zeros(&[capacity], DType::U32).unwrap();
+    let mut enc = CommandEncoder::new(&dev);
+    let bad = SamplingParams { top_p: 0.0, ..base };
+    let err = ops::sample(&mut enc, bad, &lt, &post, &token, &hist).unwrap_err();
+    assert!(matches!(err, Error::Op { op: "sample", .. }), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Graph capture
+
+/// A decode step of a small model (gather, norm, projections, RoPE, cache append, attention,
+/// logits, greedy sampling) captured once and replayed at several positions gives the very
+/// bits of plain launches.
+#[test]
+fn graph_replay_is_bit_identical_to_plain_launches() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(13);
+    let (vocab, hidden, n_heads, n_kv, hd, capacity) = (301, 256, 4, 2, 64, 900);
+    let embed = mlx_weight(&mut rng, vocab, hidden, 4, 64, DType::BF16)
+        .upload(&dev, None)
+        .unwrap();
+    let wq = ggml_weight(&mut rng, n_heads * hd, hidden, GgmlType::Q4K)
+        .upload(&dev, None)
+        .unwrap();
+    let wk = mlx_weight(&mut rng, n_kv * hd, hidden, 6, 32, DType::F16)
+        .upload(&dev, None)
+        .unwrap();
+    let wv = ggml_weight(&mut rng, n_kv * hd, hidden, GgmlType::Q8_0)
+        .upload(&dev, None)
+        .unwrap();
+    let head = dense_weight(&mut rng, vocab, n_heads * hd, DType::BF16)
+        .upload(&dev, None)
+        .unwrap();
+    let norm_w = dev.from_slice(&rng.vec(hidden, 1.0), &[hidden]).unwrap();
+    let rope = RopeTable::new(&dev, hd, 10000.0, &ops::RopeScaling::None).unwrap();
+    let k_cache = dev
+        .from_slice(&rng.vec(n_kv * capacity * hd, 1.0), &[n_kv, capacity, hd])
+        .unwrap();
+    let v_cache = dev
+        .from_slice(&rng.vec(n_kv * capacity * hd, 1.0), &[n_kv, capacity, hd])
+        .unwrap();
+    let history: Vec<u32> = (0..capacity).map(|_| rng.below(vocab) as u32).collect();
+    let history = dev.from_slice(&history, &[capacity]).unwrap();
+    let pos = dev.from_slice(&[0u32], &[1]).unwrap();
+    let ids = dev.from_slice(&[17u32], &[1]).unwrap();
+    let t = |n| dev.empty(&[1, n], DType::F32).unwrap();
+    let (x, xn, q, qr, k, kr, v, att, logits) = (
+        t(hidden),
+        t(hidden),
+        t(n_heads * hd),
+        t(n_heads * hd),
+        t(n_kv * hd),
+        t(n_kv * hd),
+        t(n_kv * hd),
+        t(n_heads * hd),
+        t(vocab),
+    );
+    let token = dev.empty(&[1], DType::U32).unwrap();
+    let shape = AttentionShape {
+        n_heads,
+        n_kv_heads: n_kv,
+        head_dim: hd,
+        scale: 0.125,
+        window: None,
+        softcap: None,
+    };
+    let params = SamplingParams {
+        repetition_penalty: 1.3,
+        repetition_window: 16,
+        ..SamplingParams::default()
+    };
+    let record = |enc: &mut CommandEncoder| -> Result<()> {
+        ops::embedding(enc, &ids, &embed, &x)?;
+        ops::rms_norm(enc, &x, &norm_w, 1e-5, false, &xn)?;
+        ops::matmul(enc, &xn, &wq, &q)?;
+        ops::matmul(enc, &xn, &wk, &k)?;
+        ops::matmul(enc, &xn, &wv, &v)?;
+        ops::rope(enc, &q, &rope, n_heads, hd, false, &pos, &qr)?;
+        ops::rope(enc, &k, &rope, n_kv, hd, false, &pos, &kr)?;
+        ops::kv_append(enc, &kr, &pos, &k_cache)?;
+        ops::kv_append(enc, &v, &pos, &v_cache)?;
+        ops::attention(enc, shape, &qr, &k_cache, &v_cache, &pos, &att)?;
+        ops::matmul(enc, &att, &head, &logits)?;
+        ops::sample(enc, params, &logits, &pos, &token, &history)
+    };
+    let outputs = |p: usize| -> Vec<u32> {
+        let mut bits: Vec<u32> = [&x, &xn, &q, &qr, &k, &kr, &v, &att, &logits]
+            .iter()
+            .flat_map(|t| t.to_vec::<f32>().unwrap().into_iter().map(f32::to_bits))
+            .collect();
+        bits.push(token.to_vec::<u32>().unwrap()[0]);
+        bits.push(history.to_vec::<u32>().unwrap()[p + 1]);
+        bits
+    };
+    let poison = || {
+        for t in [&x, &xn, &q, &qr, &k, &kr, &v, &att, &logits] {
+            t.write(&vec![f32::NAN; t.elem_count()]).unwrap();
+        }
+        token.write(&[u32::MAX]).unwrap();
+    };
+
+    let mut enc = CommandEncoder::new(&dev);
+    enc.begin_capture().unwrap();
+    record(&mut enc).unwrap();
+    let mut graph = enc.end_capture().unwrap();
+    assert_eq!(graph.len(), 12);
+    for p in [5usize, 6, 700] {
+        pos.write(&[p as u32]).unwrap();
+        poison();
+        run(&dev, record).unwrap();
+        let plain = outputs(p);
+        assert!(plain
+            .iter()
+            .take(plain.len() - 2)
+            .all(|&b| f32::from_bits(b).is_finite()));
+        poison();
+        graph.replay().unwrap();
+        dev.synchronize().unwrap();
+        assert!(
+            plain == outputs(p),
+            "pos {p}: graph replay differs from plain launches"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark (run with `--ignored` on a GPU): decode-shaped kernels timed by graph replay, each
+// dispatch over another copy of its data so that the bytes come from device memory, not L2.
+
+/// Copies of `bytes`-sized data that together exceed any L2 cache.
+fn copies(bytes: usize) -> usize {
+    (256usize << 20).div_ceil(bytes).clamp(1, 64)
+}
+
+/// Median seconds per dispatch over replays of `count` dispatches (`record(enc, i)` makes the
+/// i-th).
+fn time_replays(
+    dev: &Device,
+    count: usize,
+    record: &dyn Fn(&mut CommandEncoder, usize) -> Result<()>,
+) -> f64 {
+    let mut enc = CommandEncoder::new(dev);
+    enc.begin_capture().unwrap();
+    for i in 0..count {
+        record(&mut enc, i).unwrap();
+    }
+    let mut graph = enc.end_capture().unwrap();
+    graph.replay().unwrap();
+    dev.synchronize().unwrap();
+    let mut times: Vec<f64> = (0..7)
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            graph.replay().unwrap();
+            dev.synchronize().unwrap();
+            t0.elapsed().as_secs_f64() / count as f64
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[3]
+}
+
+fn attention_bench(
+    dev: &Device,
+    rng: &mut Rng,
+    rows: usize,
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+    ctx: usize,
+) {
+    let cache_bytes = 2 * n_kv * ctx * hd * 4;
+    let caches: Vec<(Tensor, Tensor)> = (0..copies(cache_bytes).min(8))
+        .map(|_| {
+            let kv = rng.vec(n_kv * ctx * hd, 1.0);
+            (
+                dev.from_slice(&kv, &[n_kv, ctx, hd]).unwrap(),
+                dev.from_slice(&kv, &[n_kv, ctx, hd]).unwrap(),
+            )
+        })
+        .collect();
+    let q = dev
+        .from_slice(&rng.vec(rows * n_heads * hd, 1.0), &[rows, n_heads * hd])
+        .unwrap();
+    let pos = dev.from_slice(&[(ctx - rows) as u32], &[1]).unwrap();
+    let o = dev.empty(&[rows, n_heads * hd], DType::F32).unwrap();
+    let shape = AttentionShape {
+        n_heads,
+        n_kv_heads: n_kv,
+        head_dim: hd,
+        scale: 0.1,
+        window: None,
+        softcap: None,
+    };
+    let secs = time_replays(dev, 16, &|enc, i| {
+        let (k, v) = &caches[i % caches.len()];
+        ops::attention(enc, shape, &q, k, v, &pos, &o)
+    });
+    if rows == 1 {
+        println!(
+            "attention decode heads={n_heads}/{n_kv} hd={hd} ctx={ctx}: {:7.1} us  {:6.0} GB/s of KV",
+            secs * 1e6,
+            cache_bytes as f64 / secs / 1e9
+        );
+    } else {
+        let flops = 4.0 * (n_heads * hd) as f64 * (rows * (rows + 1) / 2) as f64;
+        println!(
+            "attention prefill rows={rows} heads={n_heads}/{n_kv} hd={hd}: {:8.1} us  {:5.1} TFLOP/s",
+            secs * 1e6,
+            flops / secs / 1e12
+        );
+    }
+    assert!(o.to_vec::<f32>().unwrap().iter().all(|v| v.is_finite()));
+}
+
+#[test]
+#[ignore]
+fn bench_decode_kernels() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(14);
+    let (n, k) = (4096, 4096);
+    let x = dev.from_slice(&rng.vec(k, 1.0), &[1, k]).unwrap();
+    let out = dev.empty(&[1, n], DType::F32).unwrap();
+    let xm = dev.from_slice(&rng.vec(512 * k, 1.0), &[512, k]).unwrap();
+    let om = dev.empty(&[512, n], DType::F32).unwrap();
+    let mut weights = vec![
+        mlx_weight(&mut rng, n, k, 4, 64, DType::BF16),
+        mlx_weight(&mut rng, n, k, 8, 64, DType::BF16),
+        mlx_weight(&mut rng, n, k, 3, 64, DType::BF16),
+        dense_weight(&mut rng, n, k, DType::BF16),
+    ];
+    weights.extend(
+        [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K]
+            .map(|t| ggml_weight(&mut rng, n, k, t)),
+    );
+    for w in &weights {
+        let first = w.upload(&dev, None).unwrap();
+        let bytes = first.weight_bytes();
+        let mut lins = vec![first];
+        lins.extend((1..copies(bytes)).map(|_| w.upload(&dev, None).unwrap()));
+        let secs = time_replays(&dev, 64, &|enc, i| {
+            ops::matmul(enc, &x, &lins[i % lins.len()], &out)
+        });
+        println!(
+            "matvec {:>10} {n}x{k}: {:6.1} us  {:6.0} GB/s of weights",
+            w.layout.variant(),
+            secs * 1e6,
+            bytes as f64 / secs / 1e9
+        );
+        if matches!(
+            w.layout,
+            WeightLayout::MlxAffine { bits: 4, .. } | WeightLayout::Gguf(GgmlType::Q4K)
+        ) {
+            let secs = time_replays(&dev, 3, &|enc, i| {
+                ops::matmul(enc, &xm, &lins[i % lins.len()], &om)
+            });
+            println!(
+                "matmul {:>10} 512x{n}x{k}: {:8.1} us  {:5.1} TFLOP/s",
+                w.layout.variant(),
+                secs * 1e6,
+                2.0 * 512.0 * (n * k) as f64 / secs / 1e12
+            );
+        }
+    }
+    assert!(out.to_vec::<f32>().unwrap().iter().all(|v| v.is_finite()));
+    attention_bench(&dev, &mut rng, 1, 32, 8, 128, 4096);
+    attention_bench(&dev, &mut rng, 1, 9, 3, 64, 2048);
+    attention_bench(&dev, &mut rng, 1, 32, 8, 128, 32768);
+    attention_bench(&dev, &mut rng, 1024, 32, 8, 128, 1024);
+
+    let vocab = 151_936;
+    let logits = dev.from_slice(&rng.vec(vocab, 8.0), &[1, vocab]).unwrap();
+    let pos = dev.from_slice(&[100u32], &[1]).unwrap();
+    let token = dev.empty(&[1], DType::U32).unwrap();
+    let history = dev.zeros(&[4096], DType::U32).unwrap();
+    let secs = time_replays(&dev, 16, &|enc, _| ops::argmax(enc, &logits, &token));
+    println!("argmax vocab={vocab}: {:6.1} us", secs * 1e6);
+    let base = SamplingParams {
+        temperature: 0.7,
+        seed: 5,
+        ..SamplingParams::default()
+    };
+    for params in [
+        base,
+        SamplingParams {
+            top_k: 40,
+            top_p: 0.95,
+            repetition_penalty: 1.1,
+            ..base
+        },
+        SamplingParams {
+            top_p: 0.9,
+            min_p: 0.05,
+            ..base
+        },
+    ] {
+        let secs = time_replays(&dev, 16, &|enc, _| {
+            ops::sample(enc, params, &logits, &pos, &token, &history)
+        });
+        println!(
+            "sample vocab={vocab} top_k={} top_p={} min_p={} penalty={}: {:6.1} us",
+            params.top_k,
+            params.top_p,
+            params.min_p,
+            params.repetition_penalty,
+            secs * 1e6
+        );
+    }
+}
