@@ -183,7 +183,7 @@ impl Backend for CudaBackend {
         Ok(Box::new(self.new_buffer(bytes)?))
     }
 
-    fn from_host(
+    fn host_buffer(
         &self,
         bytes: HostBytes,
         range: std::ops::Range<usize>,
