@@ -1,16 +1,28 @@
 //! `mlxn bench`: prefill and decode speed at set prompt lengths, with the bytes each decoded
-//! token reads, so speed can be read against the memory bandwidth.
+//! token reads, so speed can be read against the memory bandwidth. Runs a model file or a
+//! synthetic model of a known shape with random weights (`--synthetic llama-3.1-8b`).
 
 use clap::Args;
 use mlx_native::engine::{GenerateOptions, Session};
-use mlx_native::{Result, SamplingParams};
+use mlx_native::models::llama::Llama;
+use mlx_native::models::synthetic::{self, SyntheticWeights};
+use mlx_native::{Device, Error, Result, SamplingParams};
 
-use crate::{load::device_and_model, peak_memory_bytes, ModelArgs};
+use crate::{load, peak_memory_bytes, DeviceArgs, ModelArgs};
 
 #[derive(Args)]
 pub struct BenchArgs {
+    /// An MLX checkpoint directory or a .gguf file.
+    #[arg(long, short, conflicts_with = "synthetic")]
+    model: Option<std::path::PathBuf>,
+    /// A random-weight model of a known shape: smollm2-135m, llama-3.2-1b, llama-3.1-8b.
+    #[arg(long)]
+    synthetic: Option<String>,
+    /// Weight layout of the synthetic model: mlx{bits}g{group}, q4_0, q4_k, f16 …
+    #[arg(long, default_value = "mlx4g64")]
+    quant: String,
     #[command(flatten)]
-    model: ModelArgs,
+    run: DeviceArgs,
     /// Prompt lengths to measure (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "128,512")]
     prompt_lens: Vec<usize>,
@@ -30,31 +42,55 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
+fn model(args: &BenchArgs) -> Result<(Device, Llama, String)> {
+    match (&args.model, &args.synthetic) {
+        (Some(path), None) => {
+            let model_args = ModelArgs {
+                model: path.clone(),
+                run: args.run.clone(),
+            };
+            let (device, loaded) = load::device_and_model(&model_args)?;
+            Ok((device, loaded.model, path.display().to_string()))
+        }
+        (None, Some(name)) => {
+            let device = Device::parse(&args.run.device)?;
+            let params = synthetic::preset(name)?;
+            let layout = synthetic::parse_layout(&args.quant)?;
+            let weights = SyntheticWeights::new(&device, layout, 1);
+            let model = Llama::load(params, &weights, &device)?;
+            Ok((device, model, format!("synthetic {name} {}", args.quant)))
+        }
+        _ => Err(Error::Invalid("give --model PATH or --synthetic NAME".into())),
+    }
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
-    let (device, loaded) = device_and_model(&args.model)?;
-    let p = loaded.model.params.clone();
-    let weight_bytes = loaded.model.weight_bytes();
+    let (device, model, label) = model(&args)?;
+    let p = model.params.clone();
+    let weight_bytes = model.weight_bytes();
     let max_len = args.prompt_lens.iter().max().copied().unwrap_or(1) + args.decode;
     let capacity = max_len.min(p.max_position_embeddings);
-    let mut session = Session::new(loaded.model, &device, capacity)?;
+    let mut session = Session::new(model, &device, capacity)?;
     let opts = GenerateOptions {
         max_new_tokens: args.decode,
         sampling: SamplingParams::default(),
         stop_ids: Vec::new(),
-        use_graph: !args.model.no_graph,
+        use_graph: !args.run.no_graph,
     };
     if !args.json {
         println!(
-            "model: {} | device: {} | weights read per token: {:.1} MiB | graph: {}",
-            args.model.model.display(),
+            "model: {label} | device: {} | weights read per token: {:.1} MiB | graph: {}",
             device.label(),
             weight_bytes as f64 / 1048576.0,
             opts.use_graph
         );
-        println!("{:>8} {:>14} {:>14} {:>12} {:>14}", "prompt", "prefill tok/s", "decode tok/s", "decode GB/s", "kernels/token");
+        println!(
+            "{:>8} {:>14} {:>14} {:>12} {:>14}",
+            "prompt", "prefill tok/s", "decode tok/s", "decode GB/s", "kernels/token"
+        );
     }
     for &len in &args.prompt_lens {
-        // Deterministic, varied ids (no special tokens at the start of the vocabulary).
+        // Deterministic, varied ids (none of the special tokens at the start of a vocabulary).
         let prompt: Vec<u32> = (0..len)
             .map(|i| 100 + ((i as u64 * 2654435761) % (p.vocab_size as u64 - 100)) as u32)
             .collect();
@@ -68,17 +104,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
             kernels = stats.dispatches_per_token;
         }
         let (pf, dc) = (median(prefill), median(decode));
-        // KV bytes read per decoded token at the middle of the decode run (f32 k and v).
+        // KV bytes read per decoded token at the middle of the decode run (f32 keys and values).
         let mid = len + args.decode / 2;
         let kv_bytes = 2 * p.num_layers * p.num_kv_heads * p.head_dim * 4 * mid;
         let gbs = (weight_bytes + kv_bytes) as f64 * dc / 1e9;
         if args.json {
             println!(
                 "{}",
-                serde_json::json!({"prompt_tokens": len, "decode_tokens": args.decode,
+                serde_json::json!({"model": label, "prompt_tokens": len, "decode_tokens": args.decode,
                     "prefill_tokens_per_s": pf, "decode_tokens_per_s": dc, "decode_gb_per_s": gbs,
                     "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": kv_bytes,
-                    "kernels_per_token": kernels, "device": device.label()})
+                    "kernels_per_token": kernels, "device": device.label(), "graph": opts.use_graph})
             );
         } else {
             println!("{len:>8} {pf:>14.1} {dc:>14.1} {gbs:>12.2} {kernels:>14}");

@@ -36,7 +36,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         max_new_tokens: args.sampling.max_tokens,
         sampling: args.sampling.params(),
         stop_ids,
-        use_graph: !args.model.no_graph,
+        use_graph: !args.model.run.no_graph,
     };
     let mut session = Session::new(model, &device, capacity)?;
     let mut history: Vec<Message> = Vec::new();

@@ -46,7 +46,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         max_new_tokens: args.sampling.max_tokens,
         sampling: args.sampling.params(),
         stop_ids,
-        use_graph: !args.model.no_graph,
+        use_graph: !args.model.run.no_graph,
     };
     let mut session = Session::new(model, &device, capacity)?;
     let json = args.output == "json";

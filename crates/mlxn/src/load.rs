@@ -7,7 +7,7 @@ use mlx_native::{Device, Result};
 use crate::ModelArgs;
 
 pub fn device_and_model(args: &ModelArgs) -> Result<(Device, LoadedModel)> {
-    let device = Device::parse(&args.device)?;
+    let device = Device::parse(&args.run.device)?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} tensors")

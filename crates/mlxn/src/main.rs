@@ -24,18 +24,25 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-/// Options shared by every command that runs a model.
+/// Where and how a model runs.
 #[derive(Args, Clone)]
-pub struct ModelArgs {
-    /// An MLX checkpoint directory (config.json + safetensors) or a .gguf file.
-    #[arg(long, short)]
-    pub model: std::path::PathBuf,
+pub struct DeviceArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Record and submit every decode step instead of replaying a captured graph.
     #[arg(long)]
     pub no_graph: bool,
+}
+
+/// Options shared by every command that runs a model from a file.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// An MLX checkpoint directory (config.json + safetensors) or a .gguf file.
+    #[arg(long, short)]
+    pub model: std::path::PathBuf,
+    #[command(flatten)]
+    pub run: DeviceArgs,
 }
 
 /// Sampling options shared by generate and chat.

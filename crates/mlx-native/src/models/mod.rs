@@ -3,6 +3,7 @@
 //! checkpoint or a GGUF file alike.
 
 pub mod llama;
+pub mod synthetic;
 pub mod weights;
 
 use crate::core::tensor::Tensor;

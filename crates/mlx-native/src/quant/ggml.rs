@@ -31,6 +31,18 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
+    /// Every supported type.
+    pub const ALL: [GgmlType; 8] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ];
+
     /// From the type id in a GGUF tensor-info record.
     pub fn from_id(id: u32) -> Result<GgmlType> {
         Ok(match id {
