@@ -615,6 +615,11 @@ fn custom_alignment_is_honoured() {
 
     let bad = sample().0.u32("general.alignment", 48).bytes();
     assert!(malformed_reason(open_bytes("align48", &bad)).contains("general.alignment"));
+    let huge = Writer::new()
+        .raw("general.alignment", 10, &(1u64 << 63).to_le_bytes())
+        .tensor("t", &[8], GgmlType::F32, vec![0; 32])
+        .bytes();
+    assert!(malformed_reason(open_bytes("align-huge", &huge)).contains("past the end"));
 }
 
 #[test]
@@ -630,6 +635,27 @@ fn every_truncation_is_a_clear_error() {
         );
     }
     assert!(open_bytes("whole", &bytes).is_ok());
+}
+
+/// Any single corrupted byte gives a file that opens or an error, never a panic, and what
+/// opens can be used.
+#[test]
+fn corrupted_bytes_never_panic() {
+    let bytes = sample().0.bytes();
+    let device = Device::cpu();
+    for i in 0..bytes.len() {
+        for value in [0x00, 0x80, 0xFF] {
+            let mut corrupt = bytes.clone();
+            corrupt[i] = value;
+            let Ok(f) = open_bytes("corrupt", &corrupt) else {
+                continue;
+            };
+            let _ = f.vocab();
+            let _ = f.chat_template();
+            let _ = f.load_linear(&device, "w");
+            let _ = f.load_vector_f32(&device, "norm");
+        }
+    }
 }
 
 #[test]

@@ -185,12 +185,7 @@ impl GgufFile {
             path,
             mmap: Arc::new(mmap),
             version: parsed.version,
-            by_name: parsed
-                .tensors
-                .iter()
-                .enumerate()
-                .map(|(i, t)| (t.name.clone(), i))
-                .collect(),
+            by_name: parsed.by_name,
             metadata: parsed.metadata,
             tensors: parsed.tensors,
             alignment: parsed.alignment,
@@ -472,6 +467,7 @@ struct Parsed {
     version: u32,
     metadata: BTreeMap<String, GgufValue>,
     tensors: Vec<GgufTensorInfo>,
+    by_name: HashMap<String, usize>,
     alignment: usize,
 }
 
@@ -561,9 +557,13 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         records.push((name, dims, ggml_type, offset, bytes));
     }
 
-    let data_start = r.pos.next_multiple_of(alignment);
+    let data_start = r.pos.checked_next_multiple_of(alignment).ok_or_else(|| {
+        malformed(format!(
+            "alignment {alignment} puts the data section out of range"
+        ))
+    })?;
     let mut tensors = Vec::with_capacity(records.len());
-    let mut seen = HashMap::with_capacity(records.len());
+    let mut by_name = HashMap::with_capacity(records.len());
     for (name, dims, ggml_type, offset, size) in records {
         let start = usize::try_from(offset)
             .ok()
@@ -577,7 +577,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
                     bytes.len()
                 ))
             })?;
-        if seen.insert(name.clone(), tensors.len()).is_some() {
+        if by_name.insert(name.clone(), tensors.len()).is_some() {
             return Err(malformed(format!("tensor `{name}` appears twice")));
         }
         tensors.push(GgufTensorInfo {
@@ -605,6 +605,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         version,
         metadata,
         tensors,
+        by_name,
         alignment,
     })
 }
