@@ -32,7 +32,6 @@ const MIN_TASK_WORK: usize = 1 << 16;
 /// out `[m, n]` = x `[m, k]` · Wᵀ, with W `n` rows of `k` elements in ggml type `t`
 /// (`w` holds the rows' blocks back to back, as in a GGUF file; `k` a multiple of the block
 /// size). Quantized types round x to 8 bits first (see the module doc).
-#[allow(dead_code)] // until backends/cpu/matmul.rs dispatches GGUF layouts here
 pub(super) fn matmul_gguf(
     t: GgmlType,
     x: &[f32],
@@ -92,44 +91,6 @@ pub(super) fn matmul_gguf(
             *o = out_t[j * m + i];
         }
     });
-    Ok(())
-}
-
-/// Rows `ids` of an embedding table of `n` rows by `k` elements in ggml type `t`,
-/// dequantized into out `[ids.len(), k]`. Ids at or past `n` give zero rows.
-#[allow(dead_code)] // until backends/cpu/embedding.rs dispatches GGUF layouts here
-pub(super) fn embedding_gguf(
-    t: GgmlType,
-    ids: &[u32],
-    table: &[u8],
-    n: usize,
-    k: usize,
-    out: &mut [f32],
-) -> Result<()> {
-    let row_bytes = t.row_bytes(k);
-    if !k.is_multiple_of(t.block_size())
-        || n.checked_mul(row_bytes) != Some(table.len())
-        || ids.len().checked_mul(k) != Some(out.len())
-    {
-        return Err(Error::op(
-            "embedding",
-            format!(
-                "{} table of {} bytes for {n} rows of {k}; {} ids, out of {} elements",
-                t.name(),
-                table.len(),
-                ids.len(),
-                out.len()
-            ),
-        ));
-    }
-    for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
-        let id = id as usize;
-        if id < n {
-            dequantize_row(t, &table[id * row_bytes..(id + 1) * row_bytes], row)?;
-        } else {
-            row.fill(0.0);
-        }
-    }
     Ok(())
 }
 
@@ -1276,18 +1237,6 @@ mod tests {
     }
 
     #[test]
-    fn embedding_rows_are_dequantized_and_out_of_range_ids_are_zero() {
-        let (n, k) = (5, 64);
-        let (table, deq) = weights(GgmlType::Q4_1, n, k, 5);
-        let ids = [3u32, 0, 9];
-        let mut out = vec![1.0; ids.len() * k];
-        embedding_gguf(GgmlType::Q4_1, &ids, &table, n, k, &mut out).unwrap();
-        assert_eq!(&out[..k], &deq[3 * k..4 * k]);
-        assert_eq!(&out[k..2 * k], &deq[..k]);
-        assert!(out[2 * k..].iter().all(|&v| v == 0.0));
-    }
-
-    #[test]
     fn mismatched_lengths_are_errors() {
         let w = vec![0u8; GgmlType::Q8_0.row_bytes(64) * 3];
         let mut out = vec![0.0; 3];
@@ -1296,7 +1245,6 @@ mod tests {
         assert!(matmul_gguf(GgmlType::Q8_0, &[0.0; 63], &w, 3, 64, &mut out).is_err());
         assert!(matmul_gguf(GgmlType::Q8_0, &[0.0; 48], &w, 3, 48, &mut out).is_err());
         assert!(matmul_gguf(GgmlType::Q8_0, &[0.0; 64], &w, usize::MAX / 8, 64, &mut out).is_err());
-        assert!(embedding_gguf(GgmlType::Q8_0, &[0], &w, 3, 64, &mut out).is_err());
         // k = 0: every output is an empty sum.
         let mut out = vec![1.0; 3];
         matmul_gguf(GgmlType::Q8_0, &[], &[], 3, 0, &mut out).unwrap();
