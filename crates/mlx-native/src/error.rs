@@ -51,7 +51,9 @@ pub enum Error {
         op: &'static str,
         variant: String,
     },
-    #[error("prompt of {prompt} tokens plus {max_new} new tokens exceeds the context length {context}")]
+    #[error(
+        "prompt of {prompt} tokens plus {max_new} new tokens exceeds the context length {context}"
+    )]
     ContextOverflow {
         prompt: usize,
         max_new: usize,

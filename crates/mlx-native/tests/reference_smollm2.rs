@@ -52,11 +52,16 @@ fn pairs(steps: &serde_json::Value) -> Vec<Vec<(u32, f32)>> {
 fn cases() -> Vec<Case> {
     let path = shared().join("reference/smollm2-135m-instruct-4bit.json");
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    let f32_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2/mlx_f32_logits.json");
+    let f32_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/smollm2/mlx_f32_logits.json");
     let f32_json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(f32_path).unwrap()).unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
     };
     json["cases"]
         .as_array()
@@ -168,7 +173,10 @@ fn greedy_decode_matches_mlx_lm_token_for_token() {
                     ids[step],
                     case.greedy_ids[step]
                 );
-                println!("{:?}: near tie at step {step}, took the runner-up", case.prompt);
+                println!(
+                    "{:?}: near tie at step {step}, took the runner-up",
+                    case.prompt
+                );
             }
         }
     }
@@ -194,6 +202,9 @@ fn graph_replay_is_bit_identical_to_direct_execution() {
     }
     for (step, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
         let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-        assert!(same, "step {step}: replayed logits differ from direct execution");
+        assert!(
+            same,
+            "step {step}: replayed logits differ from direct execution"
+        );
     }
 }

@@ -60,7 +60,9 @@ fn model(args: &BenchArgs) -> Result<(Device, Llama, String)> {
             let model = Llama::load(params, &weights, &device)?;
             Ok((device, model, format!("synthetic {name} {}", args.quant)))
         }
-        _ => Err(Error::Invalid("give --model PATH or --synthetic NAME".into())),
+        _ => Err(Error::Invalid(
+            "give --model PATH or --synthetic NAME".into(),
+        )),
     }
 }
 

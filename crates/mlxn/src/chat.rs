@@ -31,7 +31,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
         chat_template,
         stop_ids,
     } = loaded;
-    let template = chat_template.ok_or_else(|| Error::Template("the model has no chat template".into()))?;
+    let template =
+        chat_template.ok_or_else(|| Error::Template("the model has no chat template".into()))?;
     let opts = GenerateOptions {
         max_new_tokens: args.sampling.max_tokens,
         sampling: args.sampling.params(),
@@ -46,7 +47,12 @@ pub fn run(args: ChatArgs) -> Result<()> {
         print!("> ");
         let _ = stdout.flush();
         let mut line = String::new();
-        if stdin.lock().read_line(&mut line).map_err(|e| Error::io("<stdin>", e))? == 0 {
+        if stdin
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| Error::io("<stdin>", e))?
+            == 0
+        {
             break;
         }
         let line = line.trim();
@@ -74,8 +80,15 @@ pub fn run(args: ChatArgs) -> Result<()> {
             print!("{rest}");
         }
         println!();
-        eprintln!("[{} tokens, {:.1} tokens/s]", stats.generated_tokens, stats.decode_tokens_per_s());
-        let reply: Vec<u32> = ids.into_iter().filter(|i| !turn.stop_ids.contains(i)).collect();
+        eprintln!(
+            "[{} tokens, {:.1} tokens/s]",
+            stats.generated_tokens,
+            stats.decode_tokens_per_s()
+        );
+        let reply: Vec<u32> = ids
+            .into_iter()
+            .filter(|i| !turn.stop_ids.contains(i))
+            .collect();
         history.push(Message::new("assistant", tokenizer.decode(&reply, true)?));
     }
     Ok(())

@@ -31,7 +31,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let prompt_ids = match (&args.prompt, &args.chat) {
         (Some(p), None) => loaded.encode_prompt(p)?,
         (None, Some(c)) => loaded.encode_chat(&[("user", c.as_str())])?,
-        _ => return Err(Error::Invalid("give one of --prompt TEXT or --chat TEXT".into())),
+        _ => {
+            return Err(Error::Invalid(
+                "give one of --prompt TEXT or --chat TEXT".into(),
+            ))
+        }
     };
     let capacity = (prompt_ids.len() + args.sampling.max_tokens)
         .min(loaded.model.params.max_position_embeddings)
@@ -62,7 +66,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         true
     })?;
     let peak = peak_memory_bytes();
-    let visible: Vec<u32> = ids.iter().copied().filter(|i| !opts.stop_ids.contains(i)).collect();
+    let visible: Vec<u32> = ids
+        .iter()
+        .copied()
+        .filter(|i| !opts.stop_ids.contains(i))
+        .collect();
     let text = tokenizer.decode(&visible, true)?;
     if json {
         let obj = serde_json::json!({

@@ -30,8 +30,11 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceBuffer>>;
     /// A buffer holding `bytes[range]`. Backends that can read host memory use it in place.
-    fn host_buffer(&self, bytes: HostBytes, range: std::ops::Range<usize>)
-        -> Result<Box<dyn DeviceBuffer>>;
+    fn host_buffer(
+        &self,
+        bytes: HostBytes,
+        range: std::ops::Range<usize>,
+    ) -> Result<Box<dyn DeviceBuffer>>;
     fn write(&self, dst: &dyn DeviceBuffer, offset: usize, src: &[u8]) -> Result<()>;
     fn read(&self, src: &dyn DeviceBuffer, offset: usize, dst: &mut [u8]) -> Result<()>;
     /// Look up the kernel for `op` on these operands (an error if there is none).

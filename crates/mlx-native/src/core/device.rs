@@ -57,7 +57,10 @@ impl Device {
     pub fn cpu() -> Device {
         static CPU: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
         CPU.get_or_init(|| {
-            Device::new(Box::new(crate::backends::cpu::CpuBackend::new()), "cpu".into())
+            Device::new(
+                Box::new(crate::backends::cpu::CpuBackend::new()),
+                "cpu".into(),
+            )
         })
         .clone()
     }
@@ -104,7 +107,12 @@ impl Device {
             Some(s) => s,
             None => self.backend().alloc(bytes)?,
         };
-        Tensor::from_buffer(Buffer::new(self.clone(), storage, true), 0, shape.to_vec(), dtype)
+        Tensor::from_buffer(
+            Buffer::new(self.clone(), storage, true),
+            0,
+            shape.to_vec(),
+            dtype,
+        )
     }
 
     pub fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
@@ -129,12 +137,18 @@ impl Device {
         dtype: DType,
     ) -> Result<Tensor> {
         let storage = self.backend().host_buffer(bytes, range)?;
-        Tensor::from_buffer(Buffer::new(self.clone(), storage, false), 0, shape.to_vec(), dtype)
+        Tensor::from_buffer(
+            Buffer::new(self.clone(), storage, false),
+            0,
+            shape.to_vec(),
+            dtype,
+        )
     }
 
     pub(crate) fn write_bytes(&self, t: &Tensor, bytes: &[u8]) -> Result<()> {
         self.backend().synchronize()?;
-        self.backend().write(t.buffer().storage(), t.offset(), bytes)
+        self.backend()
+            .write(t.buffer().storage(), t.offset(), bytes)
     }
 
     pub(crate) fn read_bytes(&self, t: &Tensor, out: &mut [u8]) -> Result<()> {

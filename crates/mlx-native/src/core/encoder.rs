@@ -20,7 +20,11 @@ pub struct Dispatch {
 
 impl std::fmt::Debug for Dispatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?} in={:?} out={:?}", self.op, self.inputs, self.outputs)
+        write!(
+            f,
+            "{:?} in={:?} out={:?}",
+            self.op, self.inputs, self.outputs
+        )
     }
 }
 

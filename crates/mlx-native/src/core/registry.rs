@@ -23,7 +23,8 @@ impl<K: Clone> Registry<K> {
     /// Register `kernel` for op family `op`, `variant` (see `Op::variant`) and `dtype` (the
     /// dtype of the op's activations).
     pub fn insert(&mut self, op: &'static str, variant: &str, dtype: DType, kernel: K) {
-        self.kernels.insert((op, variant.to_string(), dtype), kernel);
+        self.kernels
+            .insert((op, variant.to_string(), dtype), kernel);
     }
 
     pub fn lookup(&self, op: &Op, dtype: DType) -> Result<K> {

@@ -50,7 +50,10 @@ impl Buffer {
 
     pub fn storage(&self) -> &dyn DeviceBuffer {
         // Only `Drop` takes the storage out, after the last handle is gone.
-        self.0.storage.as_deref().expect("buffer storage present while referenced")
+        self.0
+            .storage
+            .as_deref()
+            .expect("buffer storage present while referenced")
     }
 
     pub fn byte_len(&self) -> usize {
@@ -188,7 +191,8 @@ impl Tensor {
                 self.dtype
             )));
         }
-        self.device().write_bytes(self, crate::core::dtype::as_bytes(data))
+        self.device()
+            .write_bytes(self, crate::core::dtype::as_bytes(data))
     }
 
     /// Copy the tensor to a host vector (waits for pending device work first).
@@ -214,8 +218,16 @@ impl Tensor {
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         Ok(match self.dtype {
             DType::F32 => self.to_vec::<f32>()?,
-            DType::F16 => self.to_vec::<half::f16>()?.iter().map(|v| v.to_f32()).collect(),
-            DType::BF16 => self.to_vec::<half::bf16>()?.iter().map(|v| v.to_f32()).collect(),
+            DType::F16 => self
+                .to_vec::<half::f16>()?
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+            DType::BF16 => self
+                .to_vec::<half::bf16>()?
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
             DType::U8 => self.to_vec::<u8>()?.iter().map(|&v| v as f32).collect(),
             DType::U32 => self.to_vec::<u32>()?.iter().map(|&v| v as f32).collect(),
             DType::I32 => self.to_vec::<i32>()?.iter().map(|&v| v as f32).collect(),

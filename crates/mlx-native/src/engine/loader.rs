@@ -4,14 +4,14 @@
 use std::path::Path;
 
 use crate::core::device::Device;
+use crate::formats::chat_template::{ChatTemplate, Message};
 use crate::formats::config::LlamaConfig;
 use crate::formats::gguf::GgufFile;
 use crate::formats::mlx_checkpoint::MlxCheckpoint;
-use crate::formats::chat_template::{ChatTemplate, Message};
 use crate::formats::tokenizer::{Tokenizer, TokenizerConfig};
 use crate::models::llama::{Llama, LlamaParams};
-use crate::ops::RopeScaling;
 use crate::models::weights::{GgufWeights, MlxWeights, Progress};
+use crate::ops::RopeScaling;
 use crate::{Error, Result};
 
 /// The model types this build runs (config.json `model_type` / GGUF `general.architecture`).
@@ -75,11 +75,18 @@ pub fn load_model(
             path.display()
         )))
     } else {
-        Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)))
+        Err(Error::io(
+            path,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ))
     }
 }
 
-fn load_mlx(dir: &Path, device: &Device, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
+fn load_mlx(
+    dir: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LoadedModel> {
     let checkpoint = MlxCheckpoint::open(dir)?;
     let config = LlamaConfig::from_json(checkpoint.config(), &checkpoint.config_path())?;
     if !SUPPORTED_MODEL_TYPES.contains(&config.model_type.as_str()) {
@@ -112,7 +119,11 @@ fn load_mlx(dir: &Path, device: &Device, progress: &mut dyn FnMut(usize, usize))
     let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))?;
     let tok_config = TokenizerConfig::load(dir)?;
     let mut stop_ids = config.eos_token_ids.clone();
-    if let Some(id) = tok_config.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)) {
+    if let Some(id) = tok_config
+        .eos_token
+        .as_deref()
+        .and_then(|t| tokenizer.token_id(t))
+    {
         stop_ids.push(id);
     }
     stop_ids.sort_unstable();
@@ -200,7 +211,11 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<LlamaParams> {
     })
 }
 
-fn load_gguf(path: &Path, device: &Device, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
+fn load_gguf(
+    path: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LoadedModel> {
     let file = GgufFile::open(path)?;
     let arch = file.architecture()?.to_string();
     if !SUPPORTED_MODEL_TYPES.contains(&arch.as_str()) {

@@ -135,8 +135,14 @@ impl Session {
                     &partial
                 }
             };
-            self.model
-                .encode_forward(&mut self.enc, &tokens, &self.pos, &self.cache, scratch, &self.logits)?;
+            self.model.encode_forward(
+                &mut self.enc,
+                &tokens,
+                &self.pos,
+                &self.cache,
+                scratch,
+                &self.logits,
+            )?;
             self.enc.commit()?;
         }
         self.pos.write(&[prompt.len() as u32 - 1])?;
@@ -151,11 +157,23 @@ impl Session {
             // Keep the history complete for a later sampled session on the same cache.
             return Ok(());
         }
-        ops::sample(&mut self.enc, sampling, &self.logits, &self.pos, &self.token, &self.history)
+        ops::sample(
+            &mut self.enc,
+            sampling,
+            &self.logits,
+            &self.pos,
+            &self.token,
+            &self.history,
+        )
     }
 
     /// Feed the last sampled token at position `pos` and sample the next one.
-    pub fn decode_step(&mut self, pos: usize, sampling: SamplingParams, use_graph: bool) -> Result<u32> {
+    pub fn decode_step(
+        &mut self,
+        pos: usize,
+        sampling: SamplingParams,
+        use_graph: bool,
+    ) -> Result<u32> {
         if pos >= self.capacity() {
             return Err(Error::ContextOverflow {
                 prompt: pos,
@@ -165,7 +183,11 @@ impl Session {
         }
         self.pos.write(&[pos as u32])?;
         if use_graph {
-            if self.decode_graph.as_ref().is_none_or(|(p, _)| *p != sampling) {
+            if self
+                .decode_graph
+                .as_ref()
+                .is_none_or(|(p, _)| *p != sampling)
+            {
                 self.enc.begin_capture()?;
                 self.encode_decode(sampling)?;
                 let graph = self.enc.end_capture()?;

@@ -147,14 +147,21 @@ impl Llama {
             })
             .sum();
         // One embedding row is read per token; the head reads the whole table.
-        mats + self.norm.byte_len() + self.lm_head.weight_bytes() + self.embed.weight_bytes() / self.params.vocab_size.max(1)
+        mats + self.norm.byte_len()
+            + self.lm_head.weight_bytes()
+            + self.embed.weight_bytes() / self.params.vocab_size.max(1)
     }
 
     pub fn new_cache(&self, device: &Device, capacity: usize) -> Result<KvCache> {
         let p = &self.params;
         let shape = [p.num_kv_heads, capacity, p.head_dim];
         let layers = (0..p.num_layers)
-            .map(|_| Ok((device.zeros(&shape, DType::F32)?, device.zeros(&shape, DType::F32)?)))
+            .map(|_| {
+                Ok((
+                    device.zeros(&shape, DType::F32)?,
+                    device.zeros(&shape, DType::F32)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(KvCache { capacity, layers })
     }
@@ -162,7 +169,11 @@ impl Llama {
     pub fn new_scratch(&self, device: &Device, m: usize) -> Result<Scratch> {
         let p = &self.params;
         let f = |cols: usize| device.empty(&[m, cols], DType::F32);
-        let (h, q_dim, kv_dim) = (p.hidden_size, p.num_heads * p.head_dim, p.num_kv_heads * p.head_dim);
+        let (h, q_dim, kv_dim) = (
+            p.hidden_size,
+            p.num_heads * p.head_dim,
+            p.num_kv_heads * p.head_dim,
+        );
         Ok(Scratch {
             m,
             residual: [f(h)?, f(h)?],
@@ -209,15 +220,40 @@ impl Llama {
             ops::matmul(enc, &s.normed, &layer.k, &s.k)?;
             ops::matmul(enc, &s.normed, &layer.v, &s.v)?;
             let tr = p.rope_traditional;
-            ops::rope(enc, &s.q, &self.rope, p.num_heads, p.head_dim, tr, pos, &s.q_rot)?;
-            ops::rope(enc, &s.k, &self.rope, p.num_kv_heads, p.head_dim, tr, pos, &s.k_rot)?;
+            ops::rope(
+                enc,
+                &s.q,
+                &self.rope,
+                p.num_heads,
+                p.head_dim,
+                tr,
+                pos,
+                &s.q_rot,
+            )?;
+            ops::rope(
+                enc,
+                &s.k,
+                &self.rope,
+                p.num_kv_heads,
+                p.head_dim,
+                tr,
+                pos,
+                &s.k_rot,
+            )?;
             ops::kv_append(enc, &s.k_rot, pos, k_cache)?;
             ops::kv_append(enc, &s.v, pos, v_cache)?;
             ops::attention(enc, shape, &s.q_rot, k_cache, v_cache, pos, &s.attn)?;
             ops::matmul(enc, &s.attn, &layer.o, &s.proj)?;
             ops::binary(enc, BinaryFn::Add, x, &s.proj, x_mid)?;
 
-            ops::rms_norm(enc, x_mid, &layer.mlp_norm, p.rms_norm_eps, false, &s.normed)?;
+            ops::rms_norm(
+                enc,
+                x_mid,
+                &layer.mlp_norm,
+                p.rms_norm_eps,
+                false,
+                &s.normed,
+            )?;
             ops::matmul(enc, &s.normed, &layer.gate, &s.gate)?;
             ops::matmul(enc, &s.normed, &layer.up, &s.up)?;
             ops::gated_activation(enc, UnaryFn::Silu, &s.gate, &s.up, &s.act)?;
@@ -225,7 +261,14 @@ impl Llama {
             ops::binary(enc, BinaryFn::Add, x_mid, &s.proj, x)?;
         }
         let last = x.narrow_rows(s.m - 1, 1)?;
-        ops::rms_norm(enc, &last, &self.norm, p.rms_norm_eps, false, &s.last_normed)?;
+        ops::rms_norm(
+            enc,
+            &last,
+            &self.norm,
+            p.rms_norm_eps,
+            false,
+            &s.last_normed,
+        )?;
         ops::matmul(enc, &s.last_normed, &self.lm_head, logits)
     }
 }

@@ -8,7 +8,7 @@ use crate::core::tensor::Tensor;
 use crate::models::llama::LlamaParams;
 use crate::models::WeightSource;
 use crate::ops::{Linear, RopeScaling};
-use crate::quant::{mlx_affine, ggml, GgmlType, WeightLayout};
+use crate::quant::{ggml, mlx_affine, GgmlType, WeightLayout};
 use crate::{Error, Result};
 
 /// Distinct random rows per matrix (then repeated).
@@ -110,7 +110,11 @@ impl SyntheticWeights {
 fn tile<T: Copy>(rows: &[T], row_len: usize, n: usize) -> Vec<T> {
     let distinct = rows.len() / row_len.max(1);
     (0..n)
-        .flat_map(|r| rows[(r % distinct) * row_len..(r % distinct + 1) * row_len].iter().copied())
+        .flat_map(|r| {
+            rows[(r % distinct) * row_len..(r % distinct + 1) * row_len]
+                .iter()
+                .copied()
+        })
         .collect()
 }
 
@@ -122,12 +126,17 @@ impl WeightSource for SyntheticWeights {
         let w = self.random(rows * k, (3.0 / k as f32).sqrt());
         let tensors = match self.layout {
             WeightLayout::Dense => {
-                let w: Vec<half::f16> = tile(&w, k, n).iter().map(|&v| half::f16::from_f32(v)).collect();
+                let w: Vec<half::f16> = tile(&w, k, n)
+                    .iter()
+                    .map(|&v| half::f16::from_f32(v))
+                    .collect();
                 vec![d.from_slice(&w, &[n, k])?]
             }
             WeightLayout::MlxAffine { bits, group_size } => {
                 let (q, s, b) = mlx_affine::quantize(&w, rows, k, bits, group_size)?;
-                let f16 = |v: Vec<f32>| -> Vec<half::f16> { v.into_iter().map(half::f16::from_f32).collect() };
+                let f16 = |v: Vec<f32>| -> Vec<half::f16> {
+                    v.into_iter().map(half::f16::from_f32).collect()
+                };
                 let (qk, gk) = (mlx_affine::packed_row_len(k, bits), k / group_size);
                 vec![
                     d.from_slice(&tile(&q, qk, n), &[n, qk])?,

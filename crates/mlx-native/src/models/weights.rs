@@ -111,7 +111,9 @@ impl WeightSource for GgufWeights<'_> {
     fn linear(&self, name: &str, n: usize, k: usize, bias: bool) -> Result<Linear> {
         self.progress.tick();
         let gguf = gguf_name(name);
-        let mut linear = self.file.load_linear(self.device, &format!("{gguf}.weight"))?;
+        let mut linear = self
+            .file
+            .load_linear(self.device, &format!("{gguf}.weight"))?;
         if (linear.n, linear.k) != (n, k) {
             return Err(Error::TensorShape {
                 name: format!("{gguf}.weight"),
@@ -120,7 +122,9 @@ impl WeightSource for GgufWeights<'_> {
             });
         }
         if bias {
-            let b = self.file.load_vector_f32(self.device, &format!("{gguf}.bias"))?;
+            let b = self
+                .file
+                .load_vector_f32(self.device, &format!("{gguf}.bias"))?;
             check_vector(&format!("{gguf}.bias"), &b, n)?;
             linear = Linear::new(name, linear.layout, linear.tensors, Some(b), n, k)?;
         }

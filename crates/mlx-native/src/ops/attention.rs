@@ -69,12 +69,22 @@ pub fn attention(
 /// error the engine prevents).
 pub fn kv_append(enc: &mut CommandEncoder, x: &Tensor, pos: &Tensor, cache: &Tensor) -> Result<()> {
     let [n_kv_heads, _capacity, head_dim] = *cache.shape() else {
-        return Err(Error::op("kv_append", format!("cache of shape {:?}", cache.shape())));
+        return Err(Error::op(
+            "kv_append",
+            format!("cache of shape {:?}", cache.shape()),
+        ));
     };
     expect_dtype("kv_append", "x", x, &[DType::F32])?;
     expect_dtype("kv_append", "cache", cache, &[DType::F32])?;
     expect_shape("kv_append", "x", x, &[x.rows(), n_kv_heads * head_dim])?;
     expect_dtype("kv_append", "pos", pos, &[DType::U32])?;
     expect_shape("kv_append", "pos", pos, &[1])?;
-    enc.dispatch(Op::KvAppend { n_kv_heads, head_dim }, &[x, pos], &[cache])
+    enc.dispatch(
+        Op::KvAppend {
+            n_kv_heads,
+            head_dim,
+        },
+        &[x, pos],
+        &[cache],
+    )
 }

@@ -13,7 +13,13 @@ pub fn unary(enc: &mut CommandEncoder, f: UnaryFn, x: &Tensor, out: &Tensor) -> 
 }
 
 /// out = a ∘ b, elementwise (same shapes).
-pub fn binary(enc: &mut CommandEncoder, f: BinaryFn, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<()> {
+pub fn binary(
+    enc: &mut CommandEncoder,
+    f: BinaryFn,
+    a: &Tensor,
+    b: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
     expect_dtype("binary", "a", a, &[DType::F32])?;
     expect_dtype("binary", "b", b, &[DType::F32])?;
     expect_shape("binary", "b", b, a.shape())?;

@@ -7,10 +7,21 @@ use crate::Result;
 
 /// out `[m, hidden]` = rows `ids` of `table` (`n` = vocab, `k` = hidden), dequantized to f32.
 /// Ids at or past the vocabulary size produce zero rows.
-pub fn embedding(enc: &mut CommandEncoder, ids: &Tensor, table: &Linear, out: &Tensor) -> Result<()> {
+pub fn embedding(
+    enc: &mut CommandEncoder,
+    ids: &Tensor,
+    table: &Linear,
+    out: &Tensor,
+) -> Result<()> {
     expect_dtype("embedding", "ids", ids, &[DType::U32])?;
     expect_shape("embedding", "out", out, &[ids.elem_count(), table.k])?;
     let mut inputs: Vec<&Tensor> = vec![ids];
     inputs.extend(table.tensors.iter());
-    enc.dispatch(Op::Embedding { layout: table.layout }, &inputs, &[out])
+    enc.dispatch(
+        Op::Embedding {
+            layout: table.layout,
+        },
+        &inputs,
+        &[out],
+    )
 }

@@ -56,13 +56,16 @@ impl Linear {
             }
             WeightLayout::MlxAffine { bits, group_size } => {
                 crate::quant::mlx_affine::check_params(bits, group_size)?;
-                if k % group_size != 0 || (k * bits as usize) % 32 != 0 {
+                if !k.is_multiple_of(group_size) || !(k * bits as usize).is_multiple_of(32) {
                     return Err(bad(format!(
                         "k = {k} is not a multiple of the group size {group_size}"
                     )));
                 }
                 if tensors[0].dtype() != DType::U32 {
-                    return Err(bad(format!("packed weight of dtype {}", tensors[0].dtype())));
+                    return Err(bad(format!(
+                        "packed weight of dtype {}",
+                        tensors[0].dtype()
+                    )));
                 }
                 shape_is(&tensors[0], "weight", &[n, k * bits as usize / 32])?;
                 for (t, what) in tensors[1..].iter().zip(["scales", "biases"]) {
@@ -73,7 +76,7 @@ impl Linear {
                 }
             }
             WeightLayout::Gguf(t) => {
-                if k % t.block_size() != 0 {
+                if !k.is_multiple_of(t.block_size()) {
                     return Err(bad(format!(
                         "k = {k} is not a multiple of {}'s block size {}",
                         t.name(),

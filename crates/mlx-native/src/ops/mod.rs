@@ -21,7 +21,12 @@ use crate::core::dtype::DType;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
 
-pub(crate) fn expect_shape(op: &'static str, what: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
+pub(crate) fn expect_shape(
+    op: &'static str,
+    what: &str,
+    t: &Tensor,
+    shape: &[usize],
+) -> Result<()> {
     if t.shape() != shape {
         return Err(Error::op(
             op,
@@ -31,7 +36,12 @@ pub(crate) fn expect_shape(op: &'static str, what: &str, t: &Tensor, shape: &[us
     Ok(())
 }
 
-pub(crate) fn expect_dtype(op: &'static str, what: &str, t: &Tensor, dtypes: &[DType]) -> Result<()> {
+pub(crate) fn expect_dtype(
+    op: &'static str,
+    what: &str,
+    t: &Tensor,
+    dtypes: &[DType],
+) -> Result<()> {
     if !dtypes.contains(&t.dtype()) {
         return Err(Error::op(
             op,

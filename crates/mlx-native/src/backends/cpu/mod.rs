@@ -81,9 +81,11 @@ pub(crate) fn slice<T: Element>(t: &Tensor) -> Result<&[T]> {
     let buf = cpu_buffer(t)?;
     // SAFETY: bounds were checked when the tensor was made; alignment holds (owned memory is
     // 64-aligned, host memory is copied unless 4-aligned, and offsets are element multiples).
-    Ok(unsafe {
-        std::slice::from_raw_parts(buf.ptr().add(t.offset()) as *const T, t.elem_count())
-    })
+    Ok(
+        unsafe {
+            std::slice::from_raw_parts(buf.ptr().add(t.offset()) as *const T, t.elem_count())
+        },
+    )
 }
 
 /// The tensor's elements as a mutable slice (outputs of the running kernel only).
@@ -108,7 +110,7 @@ fn check_dtype<T: Element>(t: &Tensor) -> Result<()> {
             t.dtype()
         )));
     }
-    if t.offset() % std::mem::align_of::<T>() != 0 {
+    if !t.offset().is_multiple_of(std::mem::align_of::<T>()) {
         return Err(Error::Invalid("misaligned tensor offset".into()));
     }
     Ok(())
@@ -185,7 +187,7 @@ impl Backend for CpuBackend {
         let src = all.get(range.clone()).ok_or_else(|| {
             Error::Invalid(format!("host range {range:?} outside {} bytes", all.len()))
         })?;
-        if (src.as_ptr() as usize) % 4 == 0 {
+        if (src.as_ptr() as usize).is_multiple_of(4) {
             return Ok(Box::new(CpuBuffer {
                 len: src.len(),
                 memory: Memory::Host(bytes, range),
@@ -207,7 +209,11 @@ impl Backend for CpuBackend {
         }
         // SAFETY: bounds checked above; no kernel runs concurrently with host writes.
         unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), (buf.ptr() as *mut u8).add(offset), src.len())
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr(),
+                (buf.ptr() as *mut u8).add(offset),
+                src.len(),
+            )
         };
         Ok(())
     }
@@ -221,7 +227,9 @@ impl Backend for CpuBackend {
             return Err(Error::Invalid("read outside a CPU buffer".into()));
         }
         // SAFETY: bounds checked above.
-        unsafe { std::ptr::copy_nonoverlapping(buf.ptr().add(offset), dst.as_mut_ptr(), dst.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(buf.ptr().add(offset), dst.as_mut_ptr(), dst.len())
+        };
         Ok(())
     }
 
@@ -266,7 +274,9 @@ pub(crate) fn floats(t: &Tensor) -> Result<std::borrow::Cow<'_, [f32]>> {
         DType::F16 => slice::<half::f16>(t)?.iter().map(|v| v.to_f32()).collect(),
         DType::BF16 => slice::<half::bf16>(t)?.iter().map(|v| v.to_f32()).collect(),
         other => {
-            return Err(Error::Invalid(format!("expected a float tensor, found {other}")));
+            return Err(Error::Invalid(format!(
+                "expected a float tensor, found {other}"
+            )));
         }
     })
 }
@@ -378,5 +388,8 @@ pub(crate) fn scalar_u32(t: &Tensor) -> Result<usize> {
 
 /// The error for a kernel handed an op of another family (a registry mistake).
 pub(crate) fn wrong_op(op: &Op) -> Error {
-    Error::Invalid(format!("CPU kernel registered for another op received {}", op.name()))
+    Error::Invalid(format!(
+        "CPU kernel registered for another op received {}",
+        op.name()
+    ))
 }

@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use crate::quant::ggml::{dequantize_row, f16_at, q4k_scale_min, q6k_value, GgmlType};
+use crate::quant::ggml::{f16_at, q4k_scale_min, q6k_value, GgmlType};
 use crate::{Error, Result};
 
 /// Elements per block of quantized x (and per block of every 32-element weight format).
@@ -1087,7 +1087,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::ggml::quantize_row;
+    use crate::quant::ggml::{dequantize_row, quantize_row};
 
     /// Deterministic uniform values in [-1, 1) (splitmix64).
     fn random(n: usize, seed: u64) -> Vec<f32> {
