@@ -17,11 +17,25 @@ use mlx_native::{Device, SamplingParams};
 const LOGIT_TOLERANCE_F16: f32 = 1.5;
 /// Largest |ours − mlx-lm run in float32| (fixture made by tools/mlx_reference_f32.py).
 const LOGIT_TOLERANCE_F32: f32 = 1e-3;
+/// The same on the CUDA backend.
+const LOGIT_TOLERANCE_F32_CUDA: f32 = 5e-3;
 /// Steps whose reference top-2 gap is below this may pick either token.
 const NEAR_TIE: f32 = 0.05;
 
+/// `../shared` beside the checkout, or `$MLXN_SHARED_DIR` (e.g. on a GPU machine).
 fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+    match std::env::var_os("MLXN_SHARED_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"),
+    }
+}
+
+/// This crate's directory, or `$MLXN_CRATE_DIR` where the test binary was moved.
+fn crate_dir() -> PathBuf {
+    match std::env::var_os("MLXN_CRATE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
 }
 
 struct Case {
@@ -79,9 +93,24 @@ fn cases() -> Vec<Case> {
         .collect()
 }
 
-fn load() -> LoadedModel {
+fn load_on(device: &Device) -> LoadedModel {
     let dir = shared().join("models/smollm2-135m-instruct-4bit");
-    load_model(&dir, &Device::cpu(), &mut |_, _| {}).unwrap()
+    load_model(&dir, device, &mut |_, _| {}).unwrap()
+}
+
+fn load() -> LoadedModel {
+    load_on(&Device::cpu())
+}
+
+/// The CUDA device, or None (with the reason printed) where there is none.
+fn cuda() -> Option<Device> {
+    match Device::parse("cuda") {
+        Ok(d) => Some(d),
+        Err(e) => {
+            println!("skipped: {e}");
+            None
+        }
+    }
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -109,8 +138,21 @@ fn prompt_ids_match_mlx_lm() {
 
 #[test]
 fn logits_match_mlx_lm_teacher_forced() {
-    let loaded = load();
-    let mut session = Session::new(loaded.model, &Device::cpu(), 128).unwrap();
+    check_logits(&Device::cpu(), LOGIT_TOLERANCE_F32);
+}
+
+/// The GPU runs the same model within a small tolerance of the CPU and mlx-lm (reductions
+/// in another order).
+#[test]
+fn cuda_logits_match_mlx_lm_teacher_forced() {
+    if let Some(device) = cuda() {
+        check_logits(&device, LOGIT_TOLERANCE_F32_CUDA);
+    }
+}
+
+fn check_logits(device: &Device, tolerance_f32: f32) {
+    let loaded = load_on(device);
+    let mut session = Session::new(loaded.model, device, 128).unwrap();
     let greedy = SamplingParams::default();
     let (mut worst_f16, mut worst_f32) = (0f32, 0f32);
     for case in cases() {
@@ -125,7 +167,7 @@ fn logits_match_mlx_lm_teacher_forced() {
             let logits = session.logits().unwrap();
             for (refs, tol, worst) in [
                 (top, LOGIT_TOLERANCE_F16, &mut worst_f16),
-                (&case.top20_f32[step], LOGIT_TOLERANCE_F32, &mut worst_f32),
+                (&case.top20_f32[step], tolerance_f32, &mut worst_f32),
             ] {
                 for &(id, want) in refs {
                     let err = (logits[id as usize] - want).abs();
@@ -149,9 +191,20 @@ fn logits_match_mlx_lm_teacher_forced() {
 
 #[test]
 fn greedy_decode_matches_mlx_lm_token_for_token() {
-    let loaded = load();
+    check_greedy(&Device::cpu());
+}
+
+#[test]
+fn cuda_greedy_decode_matches_mlx_lm_token_for_token() {
+    if let Some(device) = cuda() {
+        check_greedy(&device);
+    }
+}
+
+fn check_greedy(device: &Device) {
+    let loaded = load_on(device);
     let stop_ids = loaded.stop_ids.clone();
-    let mut session = Session::new(loaded.model, &Device::cpu(), 128).unwrap();
+    let mut session = Session::new(loaded.model, device, 128).unwrap();
     for case in cases() {
         let opts = mlx_native::engine::GenerateOptions {
             max_new_tokens: case.greedy_ids.len(),
@@ -184,9 +237,20 @@ fn greedy_decode_matches_mlx_lm_token_for_token() {
 
 #[test]
 fn graph_replay_is_bit_identical_to_direct_execution() {
-    let loaded = load();
+    check_graph_replay(&Device::cpu());
+}
+
+#[test]
+fn cuda_graph_replay_is_bit_identical_to_plain_launches() {
+    if let Some(device) = cuda() {
+        check_graph_replay(&device);
+    }
+}
+
+fn check_graph_replay(device: &Device) {
+    let loaded = load_on(device);
     let prompt = loaded.encode_prompt("The quick brown fox").unwrap();
-    let mut session = Session::new(loaded.model, &Device::cpu(), 96).unwrap();
+    let mut session = Session::new(loaded.model, device, 96).unwrap();
     let greedy = SamplingParams::default();
     let mut runs = Vec::new();
     for use_graph in [false, true] {
