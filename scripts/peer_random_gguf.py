@@ -1,0 +1,62 @@
+"""Write a random-weight llama GGUF of a known shape (Q4_0 matrices, f32 norms) for
+llama-bench, so peers are measured on the same shapes as `mlxn bench --synthetic`.
+Needs numpy and llama.cpp's gguf-py (in the llama-cpp-python sdist: vendor/llama.cpp/gguf-py).
+
+usage: PYTHONPATH=.../gguf-py python3 peer_random_gguf.py llama-3.2-1b|llama-3.1-8b OUT.gguf
+"""
+import sys
+import numpy as np
+import gguf
+
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied
+    "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256, True),
+    "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256, False),
+}
+name, out = sys.argv[1], sys.argv[2]
+hidden, inter, layers, heads, kv, vocab, tied = SHAPES[name]
+rng = np.random.default_rng(0)
+
+def q4_0(n, k):
+    """n rows of k random Q4_0 values: 18-byte blocks, f16 scale 0.01 then 16 nibble bytes."""
+    blocks = rng.integers(0, 256, size=(n * k // 32, 18), dtype=np.uint8)
+    blocks[:, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+    return blocks.reshape(n, k // 32 * 18)
+
+w = gguf.GGUFWriter(out, "llama")
+w.add_name(f"random {name}")
+w.add_context_length(8192)
+w.add_embedding_length(hidden)
+w.add_feed_forward_length(inter)
+w.add_block_count(layers)
+w.add_head_count(heads)
+w.add_head_count_kv(kv)
+w.add_rope_freq_base(500000.0)
+w.add_layer_norm_rms_eps(1e-5)
+w.add_rope_dimension_count(hidden // heads)
+w.add_vocab_size(vocab)
+w.add_tokenizer_model("none")
+Q = gguf.GGMLQuantizationType.Q4_0
+def mat(tensor, n, k):
+    blocks = q4_0(n, k)
+    w.add_tensor(tensor, blocks, raw_shape=blocks.shape, raw_dtype=Q)
+mat("token_embd.weight", vocab, hidden)
+for i in range(layers):
+    p = f"blk.{i}."
+    hd = hidden // heads
+    mat(p + "attn_q.weight", heads * hd, hidden)
+    mat(p + "attn_k.weight", kv * hd, hidden)
+    mat(p + "attn_v.weight", kv * hd, hidden)
+    mat(p + "attn_output.weight", hidden, heads * hd)
+    mat(p + "ffn_gate.weight", inter, hidden)
+    mat(p + "ffn_up.weight", inter, hidden)
+    mat(p + "ffn_down.weight", hidden, inter)
+    w.add_tensor(p + "attn_norm.weight", np.ones(hidden, dtype=np.float32))
+    w.add_tensor(p + "ffn_norm.weight", np.ones(hidden, dtype=np.float32))
+w.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+if not tied:
+    mat("output.weight", vocab, hidden)
+w.write_header_to_file()
+w.write_kv_data_to_file()
+w.write_tensors_to_file()
+w.close()
+print("wrote", out)
