@@ -66,8 +66,7 @@ fn pairs(steps: &serde_json::Value) -> Vec<Vec<(u32, f32)>> {
 fn cases() -> Vec<Case> {
     let path = shared().join("reference/smollm2-135m-instruct-4bit.json");
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    let f32_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/smollm2/mlx_f32_logits.json");
+    let f32_path = crate_dir().join("tests/fixtures/smollm2/mlx_f32_logits.json");
     let f32_json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(f32_path).unwrap()).unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> {

@@ -30,5 +30,6 @@ pub fn sample(
     expect_dtype("sample", "token", token, &[DType::U32])?;
     expect_shape("sample", "token", token, &[1])?;
     expect_dtype("sample", "history", history, &[DType::U32])?;
+    params.validate()?;
     enc.dispatch(Op::Sample(params), &[logits, pos], &[token, history])
 }

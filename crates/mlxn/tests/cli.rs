@@ -1,0 +1,83 @@
+//! The `mlxn` binary end to end: JSON output with the reference tokens, and bad input
+//! reported as an error (exit 1), never a panic (exit 101).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn shared() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+}
+
+fn mlxn(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mlxn"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn generate_json_matches_the_mlx_lm_reference() {
+    let reference: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(shared().join("reference/smollm2-135m-instruct-4bit.json")).unwrap(),
+    )
+    .unwrap();
+    let case = &reference["cases"][2]; // "def fibonacci(n):", no near ties
+    let model = shared().join("models/smollm2-135m-instruct-4bit");
+    let out = mlxn(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+        "--max-tokens",
+        "24",
+        "--output",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["prompt_ids"], case["prompt_ids"]);
+    assert_eq!(json["generated_ids"], case["greedy_ids"]);
+    assert_eq!(json["text"], case["greedy_text"]);
+    assert!(json["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let dir = std::env::temp_dir().join(format!("mlxn-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let garbage = dir.join("garbage.gguf");
+    std::fs::write(&garbage, b"GGUF\x03\x00\x00\x00garbage").unwrap();
+    let model = shared().join("models/smollm2-135m-instruct-4bit");
+    let cases: Vec<Vec<&str>> = vec![
+        vec![
+            "generate",
+            "--model",
+            garbage.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        vec!["generate", "--model", "/nonexistent", "--prompt", "hi"],
+        vec!["generate", "--model", model.to_str().unwrap()],
+        vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--device",
+            "cuda:9",
+        ],
+        vec!["bench", "--synthetic", "llama-9000"],
+    ];
+    for args in cases {
+        let out = mlxn(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    }
+}
