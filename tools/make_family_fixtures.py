@@ -79,6 +79,11 @@ CASES = [
     # RoPE scaling), bf16-rounded embedding scale; tied (no lm_head saved) and untied.
     ("gemma3_text", (4,), "bfloat16", dict(GEMMA3, tie_word_embeddings=True)),
     ("gemma3_text", (8,), "bfloat16", dict(GEMMA3, tie_word_embeddings=False)),
+    # gemma3 multimodal checkpoints: the text model under `language_model.`, its config in
+    # text_config with the head counts and rms_norm_eps left to mlx-lm's defaults (as
+    # Hugging Face configs do), vocab_size at the top.
+    ("gemma3", (4,), "bfloat16", dict(GEMMA3, head_dim=16, query_pre_attn_scalar=16,
+                                      tie_word_embeddings=True)),
     # phi3: fused qkv_proj and gate_up_proj, partial rotary dims, LongRoPE (long factors
     # and attention scale).
     ("phi3", (4, 8), "float16",
@@ -89,7 +94,7 @@ CASES = [
                             short_factor=[1.0] * 9))),
 ]
 
-GEMMA = ("gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text", "gemma3")
 
 
 def randomize(model, model_type, seed):
@@ -146,16 +151,28 @@ def make(out_dir: Path, model_type, bits, dtype, overrides, seed):
     if path.exists():
         shutil.rmtree(path)
     config = dict(BASE, model_type=model_type, **overrides)
+    if model_type == "gemma3":
+        text = {k: v for k, v in config.items() if k not in
+                ("model_type", "vocab_size", "num_attention_heads", "num_key_value_heads",
+                 "rms_norm_eps")}
+        config = dict(model_type="gemma3", vocab_size=VOCAB,
+                      text_config=dict(text, model_type="gemma3_text"))
     module = importlib.import_module(f"mlx_lm.models.{model_type if model_type != 'mistral' else 'llama'}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
+    # mlx-lm ties gemma3's head to the embedding when the checkpoint has no lm_head.
     if model_type == "gemma3_text" and config["tie_word_embeddings"]:
-        # mlx-lm ties gemma3's head to the embedding when the checkpoint has no lm_head.
         model.pop("lm_head")
+    if model_type == "gemma3":
+        model.language_model.pop("lm_head")
     randomize(model, model_type, seed)
     model.set_dtype(getattr(mx, dtype))
     model, config = quantize_model(model, config, GROUP_SIZE, bits)
     save_model(path, model)
+    if model_type == "gemma3":
+        # mlx-lm's ModelArgs wrote its defaults into text_config: leave them out again.
+        for key in ("num_attention_heads", "num_key_value_heads", "vocab_size"):
+            config["text_config"].pop(key)
     save_config(config, path / "config.json")
 
     model, _ = load_model(path)

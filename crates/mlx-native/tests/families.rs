@@ -156,6 +156,7 @@ family_tests! {
     gemma2_8bit => "gemma2_8bit",
     gemma3_text_4bit_tied => "gemma3_text_4bit",
     gemma3_text_8bit_untied => "gemma3_text_8bit",
+    gemma3_multimodal_4bit_defaults => "gemma3_4bit",
     phi3_4bit => "phi3_4bit",
     phi3_8bit => "phi3_8bit",
 }
@@ -189,7 +190,16 @@ fn unsupported_model_type_is_a_clear_error() {
         }) => {
             assert_eq!(model_type, "mamba");
             assert_eq!(supported, SUPPORTED_MODEL_TYPES.join(", "));
-            for t in ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"] {
+            for t in [
+                "llama",
+                "mistral",
+                "qwen2",
+                "qwen3",
+                "gemma2",
+                "gemma3_text",
+                "gemma3",
+                "phi3",
+            ] {
                 assert!(supported.contains(t), "{supported}");
             }
         }

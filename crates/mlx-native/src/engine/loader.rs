@@ -11,7 +11,7 @@ use crate::formats::mlx_checkpoint::MlxCheckpoint;
 use crate::formats::tokenizer::{Tokenizer, TokenizerConfig};
 use crate::models::decoder::{Architecture, Decoder, DecoderParams, RopeParams};
 use crate::models::family::{self, DEFAULT_CONTEXT};
-use crate::models::weights::{GgufWeights, MlxWeights, Progress};
+use crate::models::weights::{GgufWeights, MlxWeights, Prefixed, Progress};
 use crate::ops::RopeScaling;
 use crate::{Error, Result};
 
@@ -123,6 +123,10 @@ fn mlx_decoder(
         checkpoint,
         device,
         progress: Progress::new(Decoder::tensor_count(&params), progress),
+    };
+    let weights = Prefixed {
+        inner: &weights,
+        prefix: family::weight_prefix(&model_type),
     };
     Decoder::load(params, &weights, device)
 }

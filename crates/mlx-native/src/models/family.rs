@@ -18,6 +18,7 @@ pub const MODEL_TYPES: &[&str] = &[
     "qwen3",
     "gemma2",
     "gemma3_text",
+    "gemma3",
     "phi3",
 ];
 
@@ -39,9 +40,19 @@ pub fn decoder_params(
         "qwen3" => qwen3::params(&f)?,
         "gemma2" => gemma2::params(&f)?,
         "gemma3_text" => gemma3::params(&f)?,
+        "gemma3" => gemma3::multimodal_params(&f)?,
         "phi3" => phi3::params(&f)?,
         _ => return Ok(None),
     }))
+}
+
+/// Where checkpoints of `model_type` keep the decoder's tensors (`model.…`, `lm_head`):
+/// under `language_model.` in multimodal checkpoints, at the top otherwise.
+pub fn weight_prefix(model_type: &str) -> &'static str {
+    match model_type {
+        "gemma3" => "language_model.",
+        _ => "",
+    }
 }
 
 /// The size fields all families name alike. `num_key_value_heads` defaults to
