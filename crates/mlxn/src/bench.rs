@@ -4,7 +4,7 @@
 
 use clap::Args;
 use mlx_native::engine::{GenerateOptions, Session};
-use mlx_native::models::llama::Llama;
+use mlx_native::models::decoder::Decoder;
 use mlx_native::models::synthetic::{self, SyntheticWeights};
 use mlx_native::{Device, Error, Result, SamplingParams};
 
@@ -42,7 +42,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn model(args: &BenchArgs) -> Result<(Device, Llama, String)> {
+fn model(args: &BenchArgs) -> Result<(Device, Decoder, String)> {
     match (&args.model, &args.synthetic) {
         (Some(path), None) => {
             let model_args = ModelArgs {
@@ -57,7 +57,7 @@ fn model(args: &BenchArgs) -> Result<(Device, Llama, String)> {
             let params = synthetic::preset(name)?;
             let layout = synthetic::parse_layout(&args.quant)?;
             let weights = SyntheticWeights::new(&device, layout, 1);
-            let model = Llama::load(params, &weights, &device)?;
+            let model = Decoder::load(params, &weights, &device)?;
             Ok((device, model, format!("synthetic {name} {}", args.quant)))
         }
         _ => Err(Error::Invalid(

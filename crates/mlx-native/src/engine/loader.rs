@@ -5,23 +5,24 @@ use std::path::Path;
 
 use crate::core::device::Device;
 use crate::formats::chat_template::{ChatTemplate, Message};
-use crate::formats::config::LlamaConfig;
+use crate::formats::config::ConfigFields;
 use crate::formats::gguf::GgufFile;
 use crate::formats::mlx_checkpoint::MlxCheckpoint;
 use crate::formats::tokenizer::{Tokenizer, TokenizerConfig};
-use crate::models::llama::{Llama, LlamaParams};
-use crate::models::weights::{GgufWeights, MlxWeights, Progress};
+use crate::models::decoder::{Architecture, Decoder, DecoderParams, RopeParams};
+use crate::models::family::{self, DEFAULT_CONTEXT};
+use crate::models::weights::{GgufWeights, MlxWeights, Prefixed, Progress};
 use crate::ops::RopeScaling;
 use crate::{Error, Result};
 
-/// The model types this build runs (config.json `model_type` / GGUF `general.architecture`).
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral"];
+/// The config.json `model_type`s of MLX checkpoints this build runs.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = family::MODEL_TYPES;
 
-/// Context length assumed when a config does not state one.
-const DEFAULT_CONTEXT: usize = 4096;
+/// The GGUF `general.architecture`s this build runs (llama.cpp's Llama tensor layout).
+pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama", "mistral"];
 
 pub struct LoadedModel {
-    pub model: Llama,
+    pub model: Decoder,
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
     /// Generation stops after any of these ids.
@@ -52,23 +53,24 @@ impl LoadedModel {
     }
 }
 
-fn unsupported(model_type: &str) -> Error {
+fn unsupported(model_type: &str, supported: &[&str]) -> Error {
     Error::UnsupportedModel {
         model_type: model_type.to_string(),
-        supported: SUPPORTED_MODEL_TYPES.join(", "),
+        supported: supported.join(", "),
     }
 }
 
-/// Load the model at `path`; `progress(done, total)` is called as tensors are loaded.
-pub fn load_model(
-    path: &Path,
-    device: &Device,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<LoadedModel> {
+/// The two kinds of model path.
+enum ModelPath {
+    MlxDir,
+    Gguf,
+}
+
+fn model_path(path: &Path) -> Result<ModelPath> {
     if path.is_dir() {
-        load_mlx(path, device, progress)
+        Ok(ModelPath::MlxDir)
     } else if path.extension().is_some_and(|e| e == "gguf") {
-        load_gguf(path, device, progress)
+        Ok(ModelPath::Gguf)
     } else if path.exists() {
         Err(Error::Invalid(format!(
             "{}: expected an MLX checkpoint directory or a .gguf file",
@@ -82,43 +84,67 @@ pub fn load_model(
     }
 }
 
+/// Load the model at `path` with its tokenizer; `progress(done, total)` is called as
+/// tensors are loaded.
+pub fn load_model(
+    path: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LoadedModel> {
+    match model_path(path)? {
+        ModelPath::MlxDir => load_mlx(path, device, progress),
+        ModelPath::Gguf => load_gguf(path, device, progress),
+    }
+}
+
+/// Load only the network at `path` (an MLX checkpoint directory needs no tokenizer files).
+pub fn load_decoder(
+    path: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Decoder> {
+    match model_path(path)? {
+        ModelPath::MlxDir => mlx_decoder(&MlxCheckpoint::open(path)?, device, progress),
+        ModelPath::Gguf => gguf_decoder(&GgufFile::open(path)?, device, progress),
+    }
+}
+
+fn mlx_decoder(
+    checkpoint: &MlxCheckpoint,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Decoder> {
+    let config_path = checkpoint.config_path();
+    let f = ConfigFields::new(checkpoint.config(), &config_path)?;
+    let model_type = f.required(ConfigFields::string, "model_type")?;
+    let params = family::decoder_params(&model_type, checkpoint.config(), &config_path)?
+        .ok_or_else(|| unsupported(&model_type, SUPPORTED_MODEL_TYPES))?;
+    let weights = MlxWeights {
+        checkpoint,
+        device,
+        progress: Progress::new(Decoder::tensor_count(&params), progress),
+    };
+    let weights = Prefixed {
+        inner: &weights,
+        prefix: family::weight_prefix(&model_type),
+    };
+    Decoder::load(params, &weights, device)
+}
+
 fn load_mlx(
     dir: &Path,
     device: &Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<LoadedModel> {
     let checkpoint = MlxCheckpoint::open(dir)?;
-    let config = LlamaConfig::from_json(checkpoint.config(), &checkpoint.config_path())?;
-    if !SUPPORTED_MODEL_TYPES.contains(&config.model_type.as_str()) {
-        return Err(unsupported(&config.model_type));
-    }
-    let params = LlamaParams {
-        hidden_size: config.hidden_size,
-        intermediate_size: config.intermediate_size,
-        num_layers: config.num_hidden_layers,
-        num_heads: config.num_attention_heads,
-        num_kv_heads: config.num_key_value_heads,
-        head_dim: config.head_dim,
-        vocab_size: config.vocab_size,
-        rms_norm_eps: config.rms_norm_eps,
-        rope_theta: config.rope_theta,
-        rope_scaling: config.rope_scaling.clone(),
-        rope_traditional: config.rope_traditional,
-        tie_word_embeddings: config.tie_word_embeddings,
-        attention_bias: config.attention_bias,
-        mlp_bias: config.mlp_bias,
-        sliding_window: config.sliding_window,
-        max_position_embeddings: config.max_position_embeddings.unwrap_or(DEFAULT_CONTEXT),
-    };
-    let weights = MlxWeights {
-        checkpoint: &checkpoint,
-        device,
-        progress: Progress::new(Llama::tensor_count(&params), progress),
-    };
-    let model = Llama::load(params, &weights, device)?;
+    let model = mlx_decoder(&checkpoint, device, progress)?;
+    let config_path = checkpoint.config_path();
+    let config = ConfigFields::new(checkpoint.config(), &config_path)?;
     let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))?;
     let tok_config = TokenizerConfig::load(dir)?;
-    let mut stop_ids = config.eos_token_ids.clone();
+    let mut stop_ids = config
+        .get(ConfigFields::token_ids, "eos_token_id")?
+        .unwrap_or_default();
     if let Some(id) = tok_config
         .eos_token
         .as_deref()
@@ -145,7 +171,7 @@ fn load_mlx(
 }
 
 /// Llama-family hyper-parameters from GGUF metadata (`{arch}.*` keys, llama.cpp's names).
-fn gguf_params(file: &GgufFile, arch: &str) -> Result<LlamaParams> {
+fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
     let key = |k: &str| format!("{arch}.{k}");
     let usize_of = |k: &str| -> Result<usize> { Ok(file.get_u32(&key(k))? as usize) };
     let hidden_size = usize_of("embedding_length")?;
@@ -188,27 +214,55 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<LlamaParams> {
         Some(v) => v as usize,
         None => file.get_str_array("tokenizer.ggml.tokens")?.len(),
     };
-    Ok(LlamaParams {
+    let num_layers = usize_of("block_count")?;
+    let attention_bias = file.tensor_info("blk.0.attn_q.bias").is_some();
+    Ok(DecoderParams {
+        arch: Architecture {
+            qkv_bias: attention_bias,
+            o_bias: file.tensor_info("blk.0.attn_output.bias").is_some(),
+            ..Architecture::LLAMA
+        },
         hidden_size,
         intermediate_size: usize_of("feed_forward_length")?,
-        num_layers: usize_of("block_count")?,
+        num_layers,
         num_heads,
         num_kv_heads,
         head_dim,
         vocab_size,
         rms_norm_eps: file.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
-        rope_theta: file.opt_f32(&key("rope.freq_base"))?.unwrap_or(10000.0),
-        rope_scaling,
-        // llama.cpp's converter permuted q/k rows for interleaved-pair RoPE.
-        rope_traditional: true,
+        rope: RopeParams {
+            theta: file.opt_f32(&key("rope.freq_base"))?.unwrap_or(10000.0),
+            scaling: rope_scaling,
+            // llama.cpp's converter permuted q/k rows for interleaved-pair RoPE.
+            traditional: true,
+            rotary_dims: head_dim,
+        },
+        local_rope: None,
+        layer_windows: vec![None; num_layers],
+        attention_scale: 1.0 / (head_dim as f32).sqrt(),
         tie_word_embeddings: file.tensor_info("output.weight").is_none(),
-        attention_bias: file.tensor_info("blk.0.attn_q.bias").is_some(),
-        mlp_bias: false,
-        sliding_window: None,
         max_position_embeddings: file
             .opt_u32(&key("context_length"))?
             .map_or(DEFAULT_CONTEXT, |v| v as usize),
     })
+}
+
+fn gguf_decoder(
+    file: &GgufFile,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Decoder> {
+    let arch = file.architecture()?;
+    if !SUPPORTED_GGUF_ARCHITECTURES.contains(&arch) {
+        return Err(unsupported(arch, SUPPORTED_GGUF_ARCHITECTURES));
+    }
+    let params = gguf_params(file, arch)?;
+    let weights = GgufWeights {
+        file,
+        device,
+        progress: Progress::new(Decoder::tensor_count(&params), progress),
+    };
+    Decoder::load(params, &weights, device)
 }
 
 fn load_gguf(
@@ -217,17 +271,7 @@ fn load_gguf(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<LoadedModel> {
     let file = GgufFile::open(path)?;
-    let arch = file.architecture()?.to_string();
-    if !SUPPORTED_MODEL_TYPES.contains(&arch.as_str()) {
-        return Err(unsupported(&arch));
-    }
-    let params = gguf_params(&file, &arch)?;
-    let weights = GgufWeights {
-        file: &file,
-        device,
-        progress: Progress::new(Llama::tensor_count(&params), progress),
-    };
-    let model = Llama::load(params, &weights, device)?;
+    let model = gguf_decoder(&file, device, progress)?;
     let vocab = file.vocab()?;
     let token_str = |id: Option<u32>| {
         id.and_then(|i| vocab.tokens.get(i as usize).cloned())

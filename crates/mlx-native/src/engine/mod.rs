@@ -3,5 +3,5 @@
 pub mod loader;
 pub mod session;
 
-pub use loader::{load_model, LoadedModel, SUPPORTED_MODEL_TYPES};
+pub use loader::{load_decoder, load_model, LoadedModel, SUPPORTED_MODEL_TYPES};
 pub use session::{GenerateOptions, GenerateStats, Session};

@@ -9,7 +9,7 @@ use crate::core::dtype::DType;
 use crate::core::encoder::{CommandEncoder, Graph};
 use crate::core::op::SamplingParams;
 use crate::core::tensor::Tensor;
-use crate::models::llama::{KvCache, Llama, Scratch};
+use crate::models::decoder::{Decoder, KvCache, Scratch};
 use crate::ops;
 use crate::{Error, Result};
 
@@ -47,7 +47,7 @@ impl GenerateStats {
 }
 
 pub struct Session {
-    model: Llama,
+    model: Decoder,
     device: Device,
     enc: CommandEncoder,
     cache: KvCache,
@@ -65,7 +65,7 @@ pub struct Session {
 
 impl Session {
     /// A session able to hold `capacity` tokens (prompt and generated).
-    pub fn new(model: Llama, device: &Device, capacity: usize) -> Result<Session> {
+    pub fn new(model: Decoder, device: &Device, capacity: usize) -> Result<Session> {
         let limit = model.params.max_position_embeddings;
         if capacity == 0 || capacity > limit {
             return Err(Error::Invalid(format!(
@@ -89,7 +89,7 @@ impl Session {
         })
     }
 
-    pub fn model(&self) -> &Llama {
+    pub fn model(&self) -> &Decoder {
         &self.model
     }
     pub fn capacity(&self) -> usize {

@@ -1,8 +1,17 @@
 //! Model architectures: a config and weights become "encode one forward pass onto an
-//! encoder". Weights come through `WeightSource`, so one architecture loads from an MLX
+//! encoder". Every family is one `decoder::Decoder` with family-specific parameters, read
+//! from config.json by the family's module (`family::decoder_params` picks it by
+//! `model_type`). Weights come through `WeightSource`, so a model loads from an MLX
 //! checkpoint or a GGUF file alike.
 
+pub mod decoder;
+pub mod family;
+pub mod gemma2;
+pub mod gemma3;
 pub mod llama;
+pub mod phi3;
+pub mod qwen2;
+pub mod qwen3;
 pub mod synthetic;
 pub mod weights;
 

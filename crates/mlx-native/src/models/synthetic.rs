@@ -5,7 +5,7 @@
 
 use crate::core::device::Device;
 use crate::core::tensor::Tensor;
-use crate::models::llama::LlamaParams;
+use crate::models::decoder::{Architecture, DecoderParams, RopeParams};
 use crate::models::WeightSource;
 use crate::ops::{Linear, RopeScaling};
 use crate::quant::{ggml, mlx_affine, GgmlType, WeightLayout};
@@ -14,9 +14,10 @@ use crate::{Error, Result};
 /// Distinct random rows per matrix (then repeated).
 const DISTINCT_ROWS: usize = 16;
 
-/// Known shapes: (name, params).
-pub fn preset(name: &str) -> Result<LlamaParams> {
-    let llama = |hidden, inter, layers, heads, kv, vocab, tie, theta| LlamaParams {
+/// Known shapes: (name, params), all of the Llama architecture.
+pub fn preset(name: &str) -> Result<DecoderParams> {
+    let llama = |hidden: usize, inter, layers, heads, kv, vocab, tie, theta| DecoderParams {
+        arch: Architecture::LLAMA,
         hidden_size: hidden,
         intermediate_size: inter,
         num_layers: layers,
@@ -25,13 +26,16 @@ pub fn preset(name: &str) -> Result<LlamaParams> {
         head_dim: hidden / heads,
         vocab_size: vocab,
         rms_norm_eps: 1e-5,
-        rope_theta: theta,
-        rope_scaling: RopeScaling::None,
-        rope_traditional: false,
+        rope: RopeParams {
+            theta,
+            scaling: RopeScaling::None,
+            traditional: false,
+            rotary_dims: hidden / heads,
+        },
+        local_rope: None,
+        layer_windows: vec![None; layers],
+        attention_scale: 1.0 / ((hidden / heads) as f32).sqrt(),
         tie_word_embeddings: tie,
-        attention_bias: false,
-        mlp_bias: false,
-        sliding_window: None,
         max_position_embeddings: 8192,
     };
     Ok(match name {

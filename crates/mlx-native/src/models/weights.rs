@@ -69,6 +69,28 @@ fn check_vector(name: &str, t: &Tensor, len: usize) -> Result<()> {
     Ok(())
 }
 
+/// The tensors of `inner` under `prefix`: `{prefix}model.layers.0…` is read for
+/// `model.layers.0…` (multimodal checkpoints keep the language model under a prefix).
+pub struct Prefixed<'a> {
+    pub inner: &'a dyn WeightSource,
+    pub prefix: &'a str,
+}
+
+impl WeightSource for Prefixed<'_> {
+    fn linear(&self, name: &str, n: usize, k: usize, bias: bool) -> Result<Linear> {
+        self.inner
+            .linear(&format!("{}{name}", self.prefix), n, k, bias)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+        self.inner.vector(&format!("{}{name}", self.prefix), len)
+    }
+
+    fn has_linear(&self, name: &str) -> bool {
+        self.inner.has_linear(&format!("{}{name}", self.prefix))
+    }
+}
+
 pub struct GgufWeights<'a> {
     pub file: &'a GgufFile,
     pub device: &'a Device,

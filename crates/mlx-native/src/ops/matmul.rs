@@ -101,6 +101,34 @@ impl Linear {
         })
     }
 
+    /// Output rows `start..start + len` as a Linear of their own, viewing the same memory
+    /// (a fused projection such as Phi-3's `qkv_proj` split into q, k and v). Every layout
+    /// stores rows contiguously, so each tensor's row range is one slice.
+    pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Linear> {
+        if start + len > self.n {
+            return Err(Error::op(
+                "linear",
+                format!("rows {start}..{} of a {}-row weight", start + len, self.n),
+            ));
+        }
+        // GGUF blocks are one byte vector: a row is `row_bytes` of its elements.
+        let per_row = match self.layout {
+            WeightLayout::Gguf(t) => t.row_bytes(self.k),
+            WeightLayout::Dense | WeightLayout::MlxAffine { .. } => 1,
+        };
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|t| t.narrow_rows(start * per_row, len * per_row))
+            .collect::<Result<_>>()?;
+        let bias = match &self.bias {
+            Some(b) => Some(b.narrow_rows(start, len)?),
+            None => None,
+        };
+        let name = format!("rows {start}..{}", start + len);
+        Linear::new(&name, self.layout, tensors, bias, len, self.k)
+    }
+
     /// Bytes a full pass over the weight reads (for bandwidth reports).
     pub fn weight_bytes(&self) -> usize {
         self.tensors.iter().map(Tensor::byte_len).sum::<usize>()

@@ -30,6 +30,14 @@ pub enum RopeScaling {
         mscale: f32,
         mscale_all_dim: f32,
     },
+    /// Phi-3 LongRoPE as mlx-lm runs it (`SuScaledRoPE`, at every length): pair i's period
+    /// stretched by `long_factor[i]`, the rotated dims scaled by √(1 + ln s / ln original)
+    /// where s = max_position_embeddings / original_max_position_embeddings, when s > 1.
+    LongRope {
+        long_factor: Vec<f32>,
+        max_position_embeddings: usize,
+        original_max_position_embeddings: usize,
+    },
 }
 
 /// The per-model RoPE constants: inverse frequencies on the device and the cos/sin factor.
@@ -53,6 +61,17 @@ impl RopeTable {
                 "rope",
                 format!("rotary dims {rotary_dims} must be even and > 0"),
             ));
+        }
+        if let RopeScaling::LongRope { long_factor, .. } = scaling {
+            if long_factor.len() != rotary_dims / 2 {
+                return Err(Error::op(
+                    "rope",
+                    format!(
+                        "{} LongRoPE factors for {rotary_dims} rotary dims (one per pair expected)",
+                        long_factor.len()
+                    ),
+                ));
+            }
         }
         let (freqs, mscale) = inv_freq(rotary_dims, theta, scaling);
         // Degenerate settings (theta <= 0, a zero or negative factor) show up here as
@@ -81,10 +100,10 @@ pub fn inv_freq(rotary_dims: usize, theta: f32, scaling: &RopeScaling) -> (Vec<f
     // period factors theta^(2i/dims), mlx-lm's `freqs` before scaling
     let periods = (0..rotary_dims / 2).map(|i| theta.powf(2.0 * i as f64 / dims));
     let to_f32 = |inv: Vec<f64>| inv.into_iter().map(|f| f as f32).collect::<Vec<f32>>();
-    match *scaling {
+    match scaling {
         RopeScaling::None => (to_f32(periods.map(|p| 1.0 / p).collect()), 1.0),
         RopeScaling::Linear { factor } => (
-            to_f32(periods.map(|p| 1.0 / (p * factor as f64)).collect()),
+            to_f32(periods.map(|p| 1.0 / (p * *factor as f64)).collect()),
             1.0,
         ),
         RopeScaling::Llama3 {
@@ -94,11 +113,11 @@ pub fn inv_freq(rotary_dims: usize, theta: f32, scaling: &RopeScaling) -> (Vec<f
             original_max_position_embeddings,
         } => {
             let (factor, low, high) = (
-                factor as f64,
-                low_freq_factor as f64,
-                high_freq_factor as f64,
+                *factor as f64,
+                *low_freq_factor as f64,
+                *high_freq_factor as f64,
             );
-            let old_context = original_max_position_embeddings as f64;
+            let old_context = *original_max_position_embeddings as f64;
             let (low_wavelen, high_wavelen) = (old_context / low, old_context / high);
             let inv = periods.map(|p| {
                 let wavelen = 2.0 * std::f64::consts::PI * p;
@@ -123,15 +142,15 @@ pub fn inv_freq(rotary_dims: usize, theta: f32, scaling: &RopeScaling) -> (Vec<f
             mscale,
             mscale_all_dim,
         } => {
-            let factor = factor as f64;
-            let old_context = original_max_position_embeddings as f64;
+            let factor = *factor as f64;
+            let old_context = *original_max_position_embeddings as f64;
             // the dim index at which a frequency turns `rotations` times over the old context
             let correction_dim = |rotations: f64| {
                 dims * (old_context / (rotations * 2.0 * std::f64::consts::PI)).ln()
                     / (2.0 * theta.ln())
             };
-            let low = correction_dim(beta_fast as f64).floor().max(0.0);
-            let high = correction_dim(beta_slow as f64).ceil().min(dims - 1.0);
+            let low = correction_dim(*beta_fast as f64).floor().max(0.0);
+            let high = correction_dim(*beta_slow as f64).ceil().min(dims - 1.0);
             let high = if low == high { high + 0.001 } else { high };
             // high-frequency pairs (below `low`) keep their frequency, low-frequency pairs
             // (above `high`) are slowed by `factor`, a linear ramp blends the two between
@@ -146,7 +165,22 @@ pub fn inv_freq(rotary_dims: usize, theta: f32, scaling: &RopeScaling) -> (Vec<f
                     0.1 * m as f64 * factor.ln() + 1.0
                 }
             };
-            let mscale = attention_factor(mscale) / attention_factor(mscale_all_dim);
+            let mscale = attention_factor(*mscale) / attention_factor(*mscale_all_dim);
+            (to_f32(inv.collect()), mscale as f32)
+        }
+        RopeScaling::LongRope {
+            long_factor,
+            max_position_embeddings,
+            original_max_position_embeddings,
+        } => {
+            let inv = periods.zip(long_factor).map(|(p, &f)| 1.0 / (p * f as f64));
+            let old_context = *original_max_position_embeddings as f64;
+            let stretch = *max_position_embeddings as f64 / old_context;
+            let mscale = if stretch <= 1.0 {
+                1.0
+            } else {
+                (1.0 + stretch.ln() / old_context.ln()).sqrt()
+            };
             (to_f32(inv.collect()), mscale as f32)
         }
     }

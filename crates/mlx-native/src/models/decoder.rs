@@ -1,0 +1,528 @@
+//! The decoder-only transformer every supported family is an instance of: pre-norm blocks
+//! of GQA attention with RoPE and a gated MLP. What a family changes — biases, norm style,
+//! extra norms, activation, scales, soft-caps, sliding windows, fused projections — is an
+//! `Architecture` flag or a `DecoderParams` field, set per `model_type` by the family's
+//! config reader (`models::llama`, `models::qwen2` …); the forward pass is this one.
+
+use crate::core::device::Device;
+use crate::core::dtype::DType;
+use crate::core::encoder::CommandEncoder;
+use crate::core::op::{BinaryFn, UnaryFn};
+use crate::core::tensor::Tensor;
+use crate::models::WeightSource;
+use crate::ops::{self, AttentionShape, Linear, RopeScaling, RopeTable};
+use crate::{Error, Result};
+
+/// How a family's blocks differ from Llama's (`Architecture::LLAMA`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Architecture {
+    /// RMSNorms scale by (1 + w) (Gemma).
+    pub norm_unit_offset: bool,
+    /// Biases on the q, k and v projections (Qwen2; Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama's `attention_bias`).
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// RMSNorm over each head of q and k before RoPE (`q_norm`, `k_norm`: Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// Norms on the attention and MLP outputs too, before each residual add (Gemma 2/3:
+    /// `post_attention_layernorm` is then the attention-output norm and
+    /// `pre_feedforward_layernorm` the MLP input norm).
+    pub sandwich_norms: bool,
+    /// One `self_attn.qkv_proj` whose output rows are q, k then v (Phi-3).
+    pub fused_qkv: bool,
+    /// One `mlp.gate_up_proj` whose output rows are gate then up (Phi-3).
+    pub fused_gate_up: bool,
+    /// The MLP's gate activation.
+    pub activation: UnaryFn,
+    /// Multiplies the token embeddings (Gemma: √hidden).
+    pub embed_scale: Option<f32>,
+    /// Attention-logit soft-cap (Gemma 2).
+    pub attn_softcap: Option<f32>,
+    /// Final-logit soft-cap (Gemma 2).
+    pub final_softcap: Option<f32>,
+}
+
+impl Architecture {
+    pub const LLAMA: Architecture = Architecture {
+        norm_unit_offset: false,
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        qk_norm: false,
+        sandwich_norms: false,
+        fused_qkv: false,
+        fused_gate_up: false,
+        activation: UnaryFn::Silu,
+        embed_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+    };
+}
+
+/// One rotary embedding: its base, frequency scaling and the dims it turns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeParams {
+    pub theta: f32,
+    pub scaling: RopeScaling,
+    /// Interleaved-pair RoPE (GGUF files, whose q/k rows llama.cpp permuted) rather than
+    /// rotate-half (Hugging Face layout).
+    pub traditional: bool,
+    /// Leading dims of each head that rotate (the head dim unless partial, as in Phi-3).
+    pub rotary_dims: usize,
+}
+
+/// What the forward pass needs to know about a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecoderParams {
+    pub arch: Architecture,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f32,
+    /// RoPE of the full-attention layers (of all layers without `local_rope`).
+    pub rope: RopeParams,
+    /// RoPE of the sliding-window layers, where it differs (Gemma 3's local base).
+    pub local_rope: Option<RopeParams>,
+    /// Sliding window of each layer (`None`: the layer sees the whole context).
+    pub layer_windows: Vec<Option<usize>>,
+    /// Multiplies q·k (1/√head_dim unless the family says otherwise).
+    pub attention_scale: f32,
+    /// The output head is the embedding table, unless the checkpoint has an `lm_head`.
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+}
+
+impl DecoderParams {
+    fn check(&self) -> Result<()> {
+        let bad = |reason: String| Err(Error::Invalid(format!("decoder parameters: {reason}")));
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return bad(format!(
+                "{} kv heads for {} heads",
+                self.num_kv_heads, self.num_heads
+            ));
+        }
+        if self.layer_windows.len() != self.num_layers {
+            return bad(format!(
+                "{} layer windows for {} layers",
+                self.layer_windows.len(),
+                self.num_layers
+            ));
+        }
+        for rope in std::iter::once(&self.rope).chain(&self.local_rope) {
+            if rope.rotary_dims > self.head_dim {
+                return bad(format!(
+                    "{} rotary dims in a {}-dim head",
+                    rope.rotary_dims, self.head_dim
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    /// Per-head norms of q and k (`Architecture::qk_norm`).
+    qk_norm: Option<(Tensor, Tensor)>,
+    o: Linear,
+    /// Norm of the attention output (`Architecture::sandwich_norms`).
+    attn_out_norm: Option<Tensor>,
+    mlp_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    /// Norm of the MLP output (`Architecture::sandwich_norms`).
+    mlp_out_norm: Option<Tensor>,
+    rope: RopeTable,
+    rope_traditional: bool,
+    window: Option<usize>,
+}
+
+impl Layer {
+    fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+
+    fn norms(&self) -> impl Iterator<Item = &Tensor> {
+        let qk = self.qk_norm.iter().flat_map(|(q, k)| [q, k]);
+        [&self.attn_norm, &self.mlp_norm]
+            .into_iter()
+            .chain(qk)
+            .chain(&self.attn_out_norm)
+            .chain(&self.mlp_out_norm)
+    }
+}
+
+pub struct Decoder {
+    pub params: DecoderParams,
+    embed: Linear,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+}
+
+/// Per-layer key and value caches, `[n_kv_heads, capacity, head_dim]` f32 each.
+pub struct KvCache {
+    pub capacity: usize,
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    pub fn byte_len(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, v)| k.byte_len() + v.byte_len())
+            .sum()
+    }
+}
+
+/// Activation buffers for a forward pass over `m` tokens, allocated once and reused (a
+/// captured decode graph refers to them).
+pub struct Scratch {
+    pub m: usize,
+    residual: [Tensor; 2],
+    normed: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// q and k after their per-head norms (`Architecture::qk_norm`).
+    qk_normed: Option<(Tensor, Tensor)>,
+    q_rot: Tensor,
+    k_rot: Tensor,
+    attn: Tensor,
+    proj: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+    /// `[m, hidden]` filled with `Architecture::embed_scale` (an elementwise multiplier).
+    embed_scale: Option<Tensor>,
+    last_normed: Tensor,
+    /// Logits before the final soft-cap (`Architecture::final_softcap`).
+    uncapped_logits: Option<Tensor>,
+}
+
+impl Decoder {
+    pub fn load(
+        params: DecoderParams,
+        weights: &dyn WeightSource,
+        device: &Device,
+    ) -> Result<Decoder> {
+        params.check()?;
+        let p = &params;
+        let a = &p.arch;
+        let (h, i, hd) = (p.hidden_size, p.intermediate_size, p.head_dim);
+        let (q_dim, kv_dim) = (p.num_heads * hd, p.num_kv_heads * hd);
+        let rope_table = |r: &RopeParams| -> Result<(RopeTable, bool)> {
+            let table = RopeTable::new(device, r.rotary_dims, r.theta, &r.scaling)?;
+            Ok((table, r.traditional))
+        };
+        let global_rope = rope_table(&p.rope)?;
+        let local_rope = p.local_rope.as_ref().map(rope_table).transpose()?;
+        let embed = weights.linear("model.embed_tokens", p.vocab_size, h, false)?;
+        let mut layers = Vec::with_capacity(p.num_layers);
+        for (l, &window) in p.layer_windows.iter().enumerate() {
+            let name = |s: &str| format!("model.layers.{l}.{s}");
+            // Fused projections are split by output rows into views of the same memory.
+            let (q, k, v) = if a.fused_qkv {
+                let qkv_dim = q_dim + 2 * kv_dim;
+                let qkv = weights.linear(&name("self_attn.qkv_proj"), qkv_dim, h, a.qkv_bias)?;
+                (
+                    qkv.narrow_rows(0, q_dim)?,
+                    qkv.narrow_rows(q_dim, kv_dim)?,
+                    qkv.narrow_rows(q_dim + kv_dim, kv_dim)?,
+                )
+            } else {
+                (
+                    weights.linear(&name("self_attn.q_proj"), q_dim, h, a.qkv_bias)?,
+                    weights.linear(&name("self_attn.k_proj"), kv_dim, h, a.qkv_bias)?,
+                    weights.linear(&name("self_attn.v_proj"), kv_dim, h, a.qkv_bias)?,
+                )
+            };
+            let (gate, up) = if a.fused_gate_up {
+                let gate_up = weights.linear(&name("mlp.gate_up_proj"), 2 * i, h, a.mlp_bias)?;
+                (gate_up.narrow_rows(0, i)?, gate_up.narrow_rows(i, i)?)
+            } else {
+                (
+                    weights.linear(&name("mlp.gate_proj"), i, h, a.mlp_bias)?,
+                    weights.linear(&name("mlp.up_proj"), i, h, a.mlp_bias)?,
+                )
+            };
+            let qk_norm = if a.qk_norm {
+                Some((
+                    weights.vector(&name("self_attn.q_norm.weight"), hd)?,
+                    weights.vector(&name("self_attn.k_norm.weight"), hd)?,
+                ))
+            } else {
+                None
+            };
+            // Sandwich-norm blocks name their MLP input norm `pre_feedforward_layernorm` and
+            // use `post_attention_layernorm` on the attention output.
+            let (attn_out_norm, mlp_norm, mlp_out_norm) = if a.sandwich_norms {
+                (
+                    Some(weights.vector(&name("post_attention_layernorm.weight"), h)?),
+                    weights.vector(&name("pre_feedforward_layernorm.weight"), h)?,
+                    Some(weights.vector(&name("post_feedforward_layernorm.weight"), h)?),
+                )
+            } else {
+                (
+                    None,
+                    weights.vector(&name("post_attention_layernorm.weight"), h)?,
+                    None,
+                )
+            };
+            let (rope, rope_traditional) = match (&local_rope, window) {
+                (Some(local), Some(_)) => local.clone(),
+                _ => global_rope.clone(),
+            };
+            layers.push(Layer {
+                attn_norm: weights.vector(&name("input_layernorm.weight"), h)?,
+                q,
+                k,
+                v,
+                qk_norm,
+                o: weights.linear(&name("self_attn.o_proj"), h, q_dim, a.o_bias)?,
+                attn_out_norm,
+                mlp_norm,
+                gate,
+                up,
+                down: weights.linear(&name("mlp.down_proj"), h, i, a.mlp_bias)?,
+                mlp_out_norm,
+                rope,
+                rope_traditional,
+                window,
+            });
+        }
+        let norm = weights.vector("model.norm.weight", h)?;
+        let lm_head = if !p.tie_word_embeddings || weights.has_linear("lm_head") {
+            weights.linear("lm_head", p.vocab_size, h, false)?
+        } else {
+            embed.clone()
+        };
+        Ok(Decoder {
+            params,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Tensors `load` reads (for progress reports).
+    pub fn tensor_count(p: &DecoderParams) -> usize {
+        let a = &p.arch;
+        let per_layer = 4 // input and MLP norms, o and down projections
+            + if a.fused_qkv { 1 } else { 3 }
+            + if a.fused_gate_up { 1 } else { 2 }
+            + if a.qk_norm { 2 } else { 0 }
+            + if a.sandwich_norms { 2 } else { 0 };
+        p.num_layers * per_layer + 3
+    }
+
+    /// Bytes of weights one decode step reads (every matrix once, norms included).
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.linears().iter().map(|w| w.weight_bytes()).sum::<usize>()
+                    + l.norms().map(Tensor::byte_len).sum::<usize>()
+            })
+            .sum();
+        // One embedding row is read per token; the head reads the whole table.
+        layers
+            + self.norm.byte_len()
+            + self.lm_head.weight_bytes()
+            + self.embed.weight_bytes() / self.params.vocab_size.max(1)
+    }
+
+    pub fn new_cache(&self, device: &Device, capacity: usize) -> Result<KvCache> {
+        let p = &self.params;
+        let shape = [p.num_kv_heads, capacity, p.head_dim];
+        let layers = (0..p.num_layers)
+            .map(|_| {
+                Ok((
+                    device.zeros(&shape, DType::F32)?,
+                    device.zeros(&shape, DType::F32)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { capacity, layers })
+    }
+
+    pub fn new_scratch(&self, device: &Device, m: usize) -> Result<Scratch> {
+        let p = &self.params;
+        let a = &p.arch;
+        let f = |cols: usize| device.empty(&[m, cols], DType::F32);
+        let (h, q_dim, kv_dim) = (
+            p.hidden_size,
+            p.num_heads * p.head_dim,
+            p.num_kv_heads * p.head_dim,
+        );
+        let embed_scale = match a.embed_scale {
+            Some(scale) => Some(device.from_slice(&vec![scale; m * h], &[m, h])?),
+            None => None,
+        };
+        let qk_normed = if a.qk_norm {
+            Some((f(q_dim)?, f(kv_dim)?))
+        } else {
+            None
+        };
+        let uncapped_logits = match a.final_softcap {
+            Some(_) => Some(device.empty(&[1, p.vocab_size], DType::F32)?),
+            None => None,
+        };
+        Ok(Scratch {
+            m,
+            residual: [f(h)?, f(h)?],
+            normed: f(h)?,
+            q: f(q_dim)?,
+            k: f(kv_dim)?,
+            v: f(kv_dim)?,
+            qk_normed,
+            q_rot: f(q_dim)?,
+            k_rot: f(kv_dim)?,
+            attn: f(q_dim)?,
+            proj: f(h)?,
+            gate: f(p.intermediate_size)?,
+            up: f(p.intermediate_size)?,
+            act: f(p.intermediate_size)?,
+            embed_scale,
+            last_normed: device.empty(&[1, h], DType::F32)?,
+            uncapped_logits,
+        })
+    }
+
+    /// RMSNorm in the family's style.
+    fn norm(&self, enc: &mut CommandEncoder, x: &Tensor, w: &Tensor, out: &Tensor) -> Result<()> {
+        let p = &self.params;
+        ops::rms_norm(enc, x, w, p.rms_norm_eps, p.arch.norm_unit_offset, out)
+    }
+
+    /// `out` = RMSNorm over each `head_dim` slice of `x` `[m, heads*head_dim]`.
+    fn head_norm(
+        &self,
+        enc: &mut CommandEncoder,
+        x: &Tensor,
+        w: &Tensor,
+        out: &Tensor,
+    ) -> Result<()> {
+        let hd = self.params.head_dim;
+        let heads = x.rows() * (x.last_dim() / hd);
+        self.norm(
+            enc,
+            &x.reshape(&[heads, hd])?,
+            w,
+            &out.reshape(&[heads, hd])?,
+        )
+    }
+
+    /// Attention of layer `layer` over `s.normed`, written to `s.proj`.
+    fn encode_attention(
+        &self,
+        enc: &mut CommandEncoder,
+        layer: &Layer,
+        (k_cache, v_cache): &(Tensor, Tensor),
+        pos: &Tensor,
+        s: &Scratch,
+    ) -> Result<()> {
+        let p = &self.params;
+        ops::matmul(enc, &s.normed, &layer.q, &s.q)?;
+        ops::matmul(enc, &s.normed, &layer.k, &s.k)?;
+        ops::matmul(enc, &s.normed, &layer.v, &s.v)?;
+        let (q, k) = match (&layer.qk_norm, &s.qk_normed) {
+            (Some((q_norm, k_norm)), Some((q_out, k_out))) => {
+                self.head_norm(enc, &s.q, q_norm, q_out)?;
+                self.head_norm(enc, &s.k, k_norm, k_out)?;
+                (q_out, k_out)
+            }
+            _ => (&s.q, &s.k),
+        };
+        let (tr, hd) = (layer.rope_traditional, p.head_dim);
+        ops::rope(enc, q, &layer.rope, p.num_heads, hd, tr, pos, &s.q_rot)?;
+        ops::rope(enc, k, &layer.rope, p.num_kv_heads, hd, tr, pos, &s.k_rot)?;
+        ops::kv_append(enc, &s.k_rot, pos, k_cache)?;
+        ops::kv_append(enc, &s.v, pos, v_cache)?;
+        let shape = AttentionShape {
+            n_heads: p.num_heads,
+            n_kv_heads: p.num_kv_heads,
+            head_dim: hd,
+            scale: p.attention_scale,
+            window: layer.window,
+            softcap: p.arch.attn_softcap,
+        };
+        ops::attention(enc, shape, &s.q_rot, k_cache, v_cache, pos, &s.attn)?;
+        ops::matmul(enc, &s.attn, &layer.o, &s.proj)
+    }
+
+    /// `out` = `x` + `s.proj`, the block output first normed by `out_norm` if there is one.
+    fn residual_add(
+        &self,
+        enc: &mut CommandEncoder,
+        x: &Tensor,
+        out_norm: Option<&Tensor>,
+        s: &Scratch,
+        out: &Tensor,
+    ) -> Result<()> {
+        let branch = match out_norm {
+            Some(w) => {
+                self.norm(enc, &s.proj, w, &s.normed)?;
+                &s.normed
+            }
+            None => &s.proj,
+        };
+        ops::binary(enc, BinaryFn::Add, x, branch, out)
+    }
+
+    /// Record the forward pass of `s.m` tokens (`tokens` u32 `[m]`, the first at position
+    /// `pos`, a u32 `[1]` buffer) and write the last token's logits `[1, vocab]`.
+    pub fn encode_forward(
+        &self,
+        enc: &mut CommandEncoder,
+        tokens: &Tensor,
+        pos: &Tensor,
+        cache: &KvCache,
+        s: &Scratch,
+        logits: &Tensor,
+    ) -> Result<()> {
+        let a = &self.params.arch;
+        let [x, x_mid] = &s.residual;
+        match &s.embed_scale {
+            Some(scale) => {
+                ops::embedding(enc, tokens, &self.embed, &s.proj)?;
+                ops::binary(enc, BinaryFn::Mul, &s.proj, scale, x)?;
+            }
+            None => ops::embedding(enc, tokens, &self.embed, x)?,
+        }
+        for (layer, kv) in self.layers.iter().zip(&cache.layers) {
+            self.norm(enc, x, &layer.attn_norm, &s.normed)?;
+            self.encode_attention(enc, layer, kv, pos, s)?;
+            self.residual_add(enc, x, layer.attn_out_norm.as_ref(), s, x_mid)?;
+
+            self.norm(enc, x_mid, &layer.mlp_norm, &s.normed)?;
+            ops::matmul(enc, &s.normed, &layer.gate, &s.gate)?;
+            ops::matmul(enc, &s.normed, &layer.up, &s.up)?;
+            ops::gated_activation(enc, a.activation, &s.gate, &s.up, &s.act)?;
+            ops::matmul(enc, &s.act, &layer.down, &s.proj)?;
+            self.residual_add(enc, x_mid, layer.mlp_out_norm.as_ref(), s, x)?;
+        }
+        let last = x.narrow_rows(s.m - 1, 1)?;
+        self.norm(enc, &last, &self.norm, &s.last_normed)?;
+        match (a.final_softcap, &s.uncapped_logits) {
+            (Some(cap), Some(uncapped)) => {
+                ops::matmul(enc, &s.last_normed, &self.lm_head, uncapped)?;
+                ops::softcap(enc, cap, uncapped, logits)
+            }
+            _ => ops::matmul(enc, &s.last_normed, &self.lm_head, logits),
+        }
+    }
+}

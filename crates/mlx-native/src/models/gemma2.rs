@@ -1,0 +1,55 @@
+//! Gemma 2 (mlx-lm `gemma2.py`): (1 + w) RMSNorms, four norms a layer, a GELU-tanh gated
+//! MLP, embeddings scaled by √hidden, attention scaled by 1/√query_pre_attn_scalar, attention
+//! and final logits soft-capped, head tied to the embedding. mlx-lm gives every layer full
+//! attention (the checkpoints' `sliding_window` is unused), and so does this.
+
+use crate::core::op::UnaryFn;
+use crate::formats::config::ConfigFields;
+use crate::models::decoder::{Architecture, DecoderParams, RopeParams};
+use crate::models::family::{Sizes, DEFAULT_CONTEXT};
+use crate::ops::RopeScaling;
+use crate::Result;
+
+pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
+    let s = Sizes::read(f)?;
+    let head_dim = f.required(ConfigFields::positive, "head_dim")?;
+    let float_or = |field: &str, default: f32| -> Result<f32> {
+        Ok(f.get(ConfigFields::float, field)?.unwrap_or(default))
+    };
+    let query_pre_attn_scalar = float_or("query_pre_attn_scalar", 144.0)?;
+    Ok(DecoderParams {
+        arch: Architecture {
+            norm_unit_offset: true,
+            sandwich_norms: true,
+            activation: UnaryFn::GeluTanh,
+            // mlx-lm multiplies in the activation dtype (float32 here).
+            embed_scale: Some((s.hidden_size as f32).sqrt()),
+            attn_softcap: Some(float_or("attn_logit_softcapping", 50.0)?),
+            final_softcap: Some(float_or("final_logit_softcapping", 30.0)?),
+            ..Architecture::LLAMA
+        },
+        hidden_size: s.hidden_size,
+        intermediate_size: s.intermediate_size,
+        num_layers: s.num_layers,
+        num_heads: s.num_heads,
+        num_kv_heads: s.num_kv_heads,
+        head_dim,
+        vocab_size: s.vocab_size,
+        rms_norm_eps: s.rms_norm_eps,
+        rope: RopeParams {
+            theta: float_or("rope_theta", 10000.0)?,
+            scaling: RopeScaling::None,
+            traditional: f
+                .get(ConfigFields::bool, "rope_traditional")?
+                .unwrap_or(false),
+            rotary_dims: head_dim,
+        },
+        local_rope: None,
+        layer_windows: vec![None; s.num_layers],
+        attention_scale: 1.0 / query_pre_attn_scalar.sqrt(),
+        tie_word_embeddings: true,
+        max_position_embeddings: f
+            .get(ConfigFields::positive, "max_position_embeddings")?
+            .unwrap_or(DEFAULT_CONTEXT),
+    })
+}

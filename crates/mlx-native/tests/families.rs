@@ -1,0 +1,376 @@
+//! Every supported architecture against mlx-lm itself. Each fixture in
+//! `tests/fixtures/families/<model_type>_<bits>bit` is a tiny random-weight model built,
+//! quantized and saved by mlx-lm (tools/make_family_fixtures.py), with mlx-lm's logits for
+//! a 12-token prompt followed by its 8-token greedy continuation, teacher-forced (19 rows).
+//!
+//! The reference ran in float32 (float parameters cast up, quantized values unchanged), so
+//! our float32 forward pass is held to a tight tolerance: through the prefill (12 rows at
+//! once: batched matmuls, causal and sliding-window masks inside one chunk), through graph-
+//! replayed decode steps along the greedy path (tokens must equal mlx-lm's), and one token at
+//! a time from position 0 (every position through the decode path). The reference from the
+//! checkpoint's own dtype (float16/bfloat16) is only reported: its rounding, not ours,
+//! dominates that difference.
+
+use std::path::{Path, PathBuf};
+
+use mlx_native::core::encoder::CommandEncoder;
+use mlx_native::engine::{load_decoder, Session, SUPPORTED_MODEL_TYPES};
+use mlx_native::formats::safetensors::SafetensorsFile;
+use mlx_native::models::family::decoder_params;
+use mlx_native::ops::{matmul, Linear, RopeScaling, RopeTable};
+use mlx_native::quant::{ggml, mlx_affine, GgmlType, WeightLayout};
+use mlx_native::{Device, Error, SamplingParams, Tensor};
+
+/// Largest |ours − mlx-lm float32| allowed on any logit. Measured (2026-11-26): at most
+/// 1.0e-5 over all fixtures (logits of order 1–10). Kept tight on purpose: Gemma 3's
+/// bfloat16-rounded embedding scale, if left unrounded, moves logits by 5e-4.
+const LOGIT_TOLERANCE: f32 = 1e-4;
+
+fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/families")
+        .join(name)
+}
+
+struct Reference {
+    prompt: Vec<u32>,
+    greedy: Vec<u32>,
+    /// Teacher-forced logits of prompt + greedy[..7], one row per position.
+    logits_f32: Vec<Vec<f32>>,
+    /// The same from mlx-lm run in the checkpoint's dtype.
+    logits_native: Vec<Vec<f32>>,
+}
+
+fn rows(file: &SafetensorsFile, name: &str) -> Vec<Vec<f32>> {
+    let t = file.load(&Device::cpu(), name).unwrap();
+    let vocab = t.last_dim();
+    t.to_f32_vec()
+        .unwrap()
+        .chunks(vocab)
+        .map(<[f32]>::to_vec)
+        .collect()
+}
+
+fn reference(dir: &Path) -> Reference {
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    let ids = |key: &str| -> Vec<u32> {
+        meta[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let file = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
+    Reference {
+        prompt: ids("prompt_ids"),
+        greedy: ids("greedy_ids"),
+        logits_f32: rows(&file, "logits_f32"),
+        logits_native: rows(&file, "logits_native"),
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Runs one fixture; returns the largest logit error against the float32 reference.
+fn check(name: &str) -> f32 {
+    let dir = fixture_dir(name);
+    let r = reference(&dir);
+    let device = Device::cpu();
+    let greedy = SamplingParams::default();
+    let n = r.prompt.len();
+    let mut worst = 0f32;
+    let mut worst_native = 0f32;
+    let mut compare = |what: &str, pos: usize, logits: &[f32]| {
+        let err = max_abs_diff(logits, &r.logits_f32[pos]);
+        worst = worst.max(err);
+        worst_native = worst_native.max(max_abs_diff(logits, &r.logits_native[pos]));
+        assert!(
+            err <= LOGIT_TOLERANCE,
+            "{name} {what}, position {pos}: max |logit - mlx-lm| = {err}"
+        );
+    };
+
+    // Prefill the prompt, then decode greedily (graph replay) along mlx-lm's path.
+    let model = load_decoder(&dir, &device, &mut |_, _| {}).unwrap();
+    let mut session = Session::new(model, &device, 32).unwrap();
+    let mut tokens = vec![session.prefill(&r.prompt, greedy).unwrap()];
+    compare("prefill", n - 1, &session.logits().unwrap());
+    for step in 1..r.greedy.len() {
+        let pos = n + step - 1;
+        tokens.push(session.decode_step(pos, greedy, true).unwrap());
+        compare("decode", pos, &session.logits().unwrap());
+    }
+    assert_eq!(tokens, r.greedy, "{name}: greedy continuation");
+
+    // Every position one token at a time, from a fresh session (direct execution).
+    let model = load_decoder(&dir, &device, &mut |_, _| {}).unwrap();
+    let mut session = Session::new(model, &device, 32).unwrap();
+    let seq: Vec<u32> = r.prompt.iter().chain(&r.greedy).copied().collect();
+    for (pos, &token) in seq[..r.logits_f32.len()].iter().enumerate() {
+        let next = session.step_with_token(token, pos, greedy, false).unwrap();
+        let logits = session.logits().unwrap();
+        assert_eq!(next, argmax(&logits));
+        compare("token by token", pos, &logits);
+    }
+    println!(
+        "{name}: max |logit - mlx-lm| {worst:.2e} (float32 run), {worst_native:.3} (run in the checkpoint's dtype)"
+    );
+    worst
+}
+
+macro_rules! family_tests {
+    ($($test:ident => $fixture:literal,)*) => {$(
+        #[test]
+        fn $test() {
+            check($fixture);
+        }
+    )*};
+}
+
+family_tests! {
+    llama_4bit_sliding_layers_biases_llama3_rope => "llama_4bit",
+    mistral_4bit_unused_sliding_window => "mistral_4bit",
+    qwen2_4bit => "qwen2_4bit",
+    qwen2_8bit => "qwen2_8bit",
+    qwen3_4bit => "qwen3_4bit",
+    qwen3_8bit => "qwen3_8bit",
+    gemma2_4bit => "gemma2_4bit",
+    gemma2_8bit => "gemma2_8bit",
+    gemma3_text_4bit_tied => "gemma3_text_4bit",
+    gemma3_text_8bit_untied => "gemma3_text_8bit",
+    gemma3_multimodal_4bit_defaults => "gemma3_4bit",
+    phi3_4bit => "phi3_4bit",
+    phi3_8bit => "phi3_8bit",
+}
+
+#[test]
+fn every_supported_model_type_has_a_fixture() {
+    for model_type in SUPPORTED_MODEL_TYPES {
+        assert!(
+            fixture_dir(&format!("{model_type}_4bit")).is_dir(),
+            "no fixture for {model_type}"
+        );
+    }
+}
+
+#[test]
+fn unsupported_model_type_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("mlxn-families-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixture_dir("qwen2_4bit");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    config["model_type"] = "mamba".into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let err = load_decoder(&dir, &Device::cpu(), &mut |_, _| {}).err();
+    std::fs::remove_dir_all(&dir).unwrap();
+    match err {
+        Some(Error::UnsupportedModel {
+            model_type,
+            supported,
+        }) => {
+            assert_eq!(model_type, "mamba");
+            assert_eq!(supported, SUPPORTED_MODEL_TYPES.join(", "));
+            for t in [
+                "llama",
+                "mistral",
+                "qwen2",
+                "qwen3",
+                "gemma2",
+                "gemma3_text",
+                "gemma3",
+                "phi3",
+            ] {
+                assert!(supported.contains(t), "{supported}");
+            }
+        }
+        other => panic!("expected UnsupportedModel, got {other:?}"),
+    }
+}
+
+/// `n` values in [-1, 1) from a fixed LCG.
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn run_matmul(device: &Device, x: &Tensor, w: &Linear) -> Vec<f32> {
+    let out = device
+        .from_slice(&vec![f32::NAN; x.rows() * w.n], &[x.rows(), w.n])
+        .unwrap();
+    let mut enc = CommandEncoder::new(device);
+    matmul(&mut enc, x, w, &out).unwrap();
+    enc.commit().unwrap();
+    out.to_vec::<f32>().unwrap()
+}
+
+/// A fused projection split by `Linear::narrow_rows` (Phi-3's qkv_proj, gate_up_proj) gives
+/// the same outputs as the matching columns of the whole product, in every weight layout.
+#[test]
+fn narrowed_rows_of_a_linear_match_the_whole_product() {
+    let device = Device::cpu();
+    let (m, n, k) = (3, 37, 64);
+    let w = random(n * k, 1);
+    let bias = device.from_slice(&random(n, 2), &[n]).unwrap();
+    let x = device.from_slice(&random(m * k, 3), &[m, k]).unwrap();
+    let dense: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let (q, scales, biases) = mlx_affine::quantize(&w, n, k, 4, 32).unwrap();
+    let groups = k / 32;
+    let ggml_type = GgmlType::Q4_0;
+    let blocks: Vec<u8> = w
+        .chunks(k)
+        .flat_map(|row| ggml::quantize_row(ggml_type, row).unwrap())
+        .collect();
+    let linears = [
+        (
+            WeightLayout::Dense,
+            vec![device.from_slice(&dense, &[n, k]).unwrap()],
+        ),
+        (
+            WeightLayout::MlxAffine {
+                bits: 4,
+                group_size: 32,
+            },
+            vec![
+                device.from_slice(&q, &[n, k / 8]).unwrap(),
+                device.from_slice(&scales, &[n, groups]).unwrap(),
+                device.from_slice(&biases, &[n, groups]).unwrap(),
+            ],
+        ),
+        (
+            WeightLayout::Gguf(ggml_type),
+            vec![device.from_slice(&blocks, &[blocks.len()]).unwrap()],
+        ),
+    ];
+    for (layout, tensors) in linears {
+        let whole = Linear::new("w", layout, tensors, Some(bias.clone()), n, k).unwrap();
+        let full = run_matmul(&device, &x, &whole);
+        for (start, len) in [(0, 13), (13, 11), (24, 13), (5, 1)] {
+            let part = whole.narrow_rows(start, len).unwrap();
+            assert_eq!((part.n, part.k), (len, k));
+            let got = run_matmul(&device, &x, &part);
+            for row in 0..m {
+                for j in 0..len {
+                    let want = full[row * n + start + j];
+                    let err = (got[row * len + j] - want).abs();
+                    assert!(
+                        err <= 1e-5 * want.abs().max(1.0),
+                        "{layout:?} rows {start}..{}: [{row}, {j}] {} vs {want}",
+                        start + len,
+                        got[row * len + j]
+                    );
+                }
+            }
+        }
+        assert!(whole.narrow_rows(30, 8).is_err());
+    }
+}
+
+/// A fixture's config.json with `edit` applied, read as `model_type` would be.
+fn edited_params(fixture: &str, edit: impl Fn(&mut serde_json::Value)) -> mlx_native::Result<()> {
+    let path = fixture_dir(fixture).join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut config);
+    let model_type = config["model_type"].as_str().unwrap().to_string();
+    decoder_params(&model_type, &config, &path).map(|p| assert!(p.is_some()))
+}
+
+fn assert_config_error(result: mlx_native::Result<()>, field: &str, reason_part: &str) {
+    match result {
+        Err(Error::Config {
+            field: f, reason, ..
+        }) => {
+            assert_eq!(f, field);
+            assert!(reason.contains(reason_part), "{reason}");
+        }
+        other => panic!("expected a config error on {field}, got {other:?}"),
+    }
+}
+
+#[test]
+fn family_config_errors_name_the_field() {
+    assert!(edited_params("llama_4bit", |_| {}).is_ok());
+    assert_config_error(
+        edited_params("llama_4bit", |c| {
+            c["layer_types"] = serde_json::json!(["full_attention"])
+        }),
+        "layer_types",
+        "1 entries for 2 layers",
+    );
+    assert_config_error(
+        edited_params("llama_4bit", |c| {
+            c["layer_types"][0] = "chunked_attention".into()
+        }),
+        "layer_types",
+        "unknown layer type `chunked_attention`",
+    );
+    assert_config_error(
+        edited_params("llama_4bit", |c| {
+            c["sliding_window"] = serde_json::Value::Null
+        }),
+        "sliding_window",
+        "missing",
+    );
+    assert_config_error(
+        edited_params("qwen3_4bit", |c| {
+            c.as_object_mut().unwrap().remove("head_dim");
+        }),
+        "head_dim",
+        "missing",
+    );
+    assert_config_error(
+        edited_params("phi3_4bit", |c| c["rope_scaling"]["type"] = "yarn".into()),
+        "rope_scaling.type",
+        "unsupported RoPE scaling `yarn`",
+    );
+    assert_config_error(
+        edited_params("gemma2_4bit", |c| c["num_key_value_heads"] = 3.into()),
+        "num_key_value_heads",
+        "does not divide",
+    );
+    // transformers >= 5 puts qwen3's rope_theta in rope_parameters.
+    assert!(edited_params("qwen3_4bit", |c| {
+        let theta = c.as_object_mut().unwrap().remove("rope_theta").unwrap();
+        c["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": theta});
+    })
+    .is_ok());
+}
+
+#[test]
+fn longrope_needs_one_factor_per_rotated_pair() {
+    let scaling = |pairs: usize| RopeScaling::LongRope {
+        long_factor: vec![1.5; pairs],
+        max_position_embeddings: 4096,
+        original_max_position_embeddings: 512,
+    };
+    let device = Device::cpu();
+    assert!(RopeTable::new(&device, 18, 1e4, &scaling(9)).is_ok());
+    assert!(RopeTable::new(&device, 18, 1e4, &scaling(8)).is_err());
+}
