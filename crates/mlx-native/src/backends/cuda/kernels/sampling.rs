@@ -7,7 +7,7 @@ use crate::backends::cuda::launch::{
     operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Planner,
 };
 use crate::core::dtype::DType;
-use crate::core::op::{Op, SamplingParams};
+use crate::core::op::Op;
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
