@@ -14,7 +14,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 nvcc -O2 -o /tmp/copy_bandwidth scripts/copy_bandwidth.cu && /tmp/copy_bandwidth | tee "$out/bandwidth.txt"
 "$bin/cuda_backend" > "$out/cuda_backend.log" 2>&1; echo "cuda_backend tests: exit $?" | tee -a "$out/summary.txt"
 "$bin/reference_smollm2" cuda --nocapture > "$out/reference.log" 2>&1; echo "reference (cuda) tests: exit $?" | tee -a "$out/summary.txt"
-grep -E "test result|max \|logit|near tie" "$out/cuda_backend.log" "$out/reference.log" | tee -a "$out/summary.txt"
+"$bin/families" cuda --nocapture > "$out/families.log" 2>&1; echo "families (cuda) tests: exit $?" | tee -a "$out/summary.txt"
+grep -E "test result|max \|logit|near tie" "$out/cuda_backend.log" "$out/reference.log" "$out/families.log" | tee -a "$out/summary.txt"
 model=$root/.device-bin/shared/models/smollm2-135m-instruct-4bit
 bench() { "$bin/mlxn" bench --device cuda --json "$@" 2>&1 | tee -a "$out/bench.jsonl"; }
 bench --model "$model" --prompt-lens 128,512 --decode 256

@@ -25,6 +25,8 @@ use mlx_native::{Device, Error, SamplingParams, Tensor};
 /// 1.0e-5 over all fixtures (logits of order 1–10). Kept tight on purpose: Gemma 3's
 /// bfloat16-rounded embedding scale, if left unrounded, moves logits by 5e-4.
 const LOGIT_TOLERANCE: f32 = 1e-4;
+/// The same on the CUDA backend (other reduction orders, fast-math intrinsics).
+const LOGIT_TOLERANCE_CUDA: f32 = 1e-3;
 
 fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -89,11 +91,15 @@ fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-/// Runs one fixture; returns the largest logit error against the float32 reference.
+/// Runs one fixture on the CPU; returns the largest logit error against the float32 reference.
 fn check(name: &str) -> f32 {
+    check_on(name, &Device::cpu(), LOGIT_TOLERANCE)
+}
+
+fn check_on(name: &str, device: &Device, tolerance: f32) -> f32 {
+    let device = device.clone();
     let dir = fixture_dir(name);
     let r = reference(&dir);
-    let device = Device::cpu();
     let greedy = SamplingParams::default();
     let n = r.prompt.len();
     let mut worst = 0f32;
@@ -103,7 +109,7 @@ fn check(name: &str) -> f32 {
         worst = worst.max(err);
         worst_native = worst_native.max(max_abs_diff(logits, &r.logits_native[pos]));
         assert!(
-            err <= LOGIT_TOLERANCE,
+            err <= tolerance,
             "{name} {what}, position {pos}: max |logit - mlx-lm| = {err}"
         );
     };
@@ -143,6 +149,22 @@ macro_rules! family_tests {
             check($fixture);
         }
     )*};
+}
+
+/// Every fixture on the GPU, against the same mlx-lm references (skipped without a driver).
+#[test]
+fn every_fixture_on_cuda() {
+    let device = match Device::parse("cuda") {
+        Ok(d) => d,
+        Err(e) => {
+            println!("skipped: {e}");
+            return;
+        }
+    };
+    for entry in std::fs::read_dir(fixture_dir("")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        check_on(&name, &device, LOGIT_TOLERANCE_CUDA);
+    }
 }
 
 family_tests! {
