@@ -1,13 +1,14 @@
 // Prefill attention on tensor cores (flash-attention style), compiled after attention.cu
-// (key_range, cap_score) and with its semantics: f32 q [rows, n_heads, HD], f32 caches [n_kv_heads, capacity, HD], GQA, query row i
-// at position pos+i seeing keys lo..=pos+i (sliding window), scores scale·q·k soft-capped when
-// softcap > 0. A block takes FA_ROWS query rows of one head (16 per warp) and streams key
-// tiles of FA_KEYS through shared memory as f16: S = Q·Kᵀ and O += P·V are m16n8k16 mma with
-// f32 accumulators, the online softmax runs on the S fragments in f32 (each row is held by
-// the 4 lanes of a quad). q (pre-scaled), k, v and p are rounded to f16 (unit roundoff
-// 2^−11). Row blocks run latest first: they see the most keys. Needs HD % 16 == 0 and q, the
-// caches and out 16-byte aligned. Launch: FA_WARPS·32 threads, grid (n_heads,
-// ceil(rows/FA_ROWS)), dynamic shared memory (FA_ROWS + 2·FA_KEYS)·(HD + 8)·2 bytes.
+// (key_range, cap_score) and with its semantics: f32 q [rows, n_heads, HD], f32 caches
+// [n_kv_heads, capacity, HD], GQA, query row i at position pos+i seeing keys lo..=pos+i
+// (sliding window), scores scale·q·k soft-capped when softcap > 0. A block takes FA_ROWS
+// query rows of one head (16 per warp) and streams key tiles of FA_KEYS through shared memory
+// as f16: S = Q·Kᵀ and O += P·V are m16n8k16 mma with f32 accumulators, the online softmax
+// runs on the S fragments in f32 (each row is held by the 4 lanes of a quad). q (pre-scaled),
+// k, v and p are rounded to f16 (unit roundoff 2^−11). Row blocks run latest first: they see
+// the most keys. Needs HD % 16 == 0 and q, the caches and out 16-byte aligned. Launch:
+// FA_WARPS·32 threads, grid (n_heads, ceil(rows/FA_ROWS)), dynamic shared memory
+// (FA_ROWS + 2·FA_KEYS)·(HD + 8)·2 bytes.
 
 #define FA_WARPS 4
 #define FA_ROWS (16 * FA_WARPS)
