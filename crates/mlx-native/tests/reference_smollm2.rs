@@ -17,8 +17,11 @@ use mlx_native::{Device, SamplingParams};
 const LOGIT_TOLERANCE_F16: f32 = 1.5;
 /// Largest |ours − mlx-lm run in float32| (fixture made by tools/mlx_reference_f32.py).
 const LOGIT_TOLERANCE_F32: f32 = 1e-3;
-/// The same on the CUDA backend.
-const LOGIT_TOLERANCE_F32_CUDA: f32 = 5e-3;
+/// The same on the CUDA backend, whose prefill (matmuls from 17 rows, attention from 5) runs
+/// on tensor cores with f16 operands (unit roundoff 2^−11, f32 accumulation): logits of a
+/// 37-token prompt move by up to 1.26e-2 (H200; the f32 SIMT kernels stayed within 5e-3),
+/// still two orders below mlx-lm's own float16 run (LOGIT_TOLERANCE_F16).
+const LOGIT_TOLERANCE_F32_CUDA: f32 = 2e-2;
 /// Steps whose reference top-2 gap is below this may pick either token.
 const NEAR_TIE: f32 = 0.05;
 

@@ -1,8 +1,10 @@
 //! Causal attention over the KV cache and the cache append (attention.cu). A few query rows
-//! (decode) use split-K flash decoding; more (prefill) use shared-memory key tiles.
+//! (decode) use split-K flash decoding; more (prefill) use tensor-core flash attention
+//! (flash_attention.cu) for head dims it covers, else shared-memory key tiles in f32.
 
-use super::COMMON;
+use super::{COMMON, MMA};
 use crate::backends::cuda::compile::Source;
+use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
     blocks, dim, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Planner,
 };
@@ -14,7 +16,12 @@ use crate::{Error, Result};
 
 pub(super) static SOURCE: Source = Source {
     name: "attention",
-    parts: &[COMMON, include_str!("attention.cu")],
+    parts: &[
+        COMMON,
+        MMA,
+        include_str!("attention.cu"),
+        include_str!("flash_attention.cu"),
+    ],
 };
 
 /// Up to this many query rows take the decode kernel (one pass over the keys per row).
@@ -24,6 +31,12 @@ const THREADS: u32 = 128;
 /// Query rows per prefill block (PF_WARPS·PF_ROWS) and keys per tile (PF_KEYS).
 const PREFILL_ROWS: usize = 16;
 const PREFILL_KEYS: usize = 32;
+/// Query rows per flash block (FA_ROWS), keys per tile (FA_KEYS), threads (FA_WARPS·32), and
+/// the head dims with a flash kernel (attn_flash_HD).
+const FLASH_ROWS: usize = 64;
+const FLASH_KEYS: usize = 64;
+const FLASH_THREADS: u32 = 128;
+const FLASH_HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
 /// Head dims are covered in chunks of 32 lanes; kernels exist for up to 8 chunks.
 const MAX_HEAD_DIM: usize = 256;
 /// Decode blocks wanted per multiprocessor (latency hiding), fewest cache entries per split at
@@ -80,6 +93,34 @@ fn attention(
     let chunks = head_dim.div_ceil(32);
     let group = n_heads / n_kv_heads.max(1);
 
+    let flash_ready = FLASH_HEAD_DIMS.contains(&head_dim)
+        && [q, k_cache, v_cache, out]
+            .into_iter()
+            .map(device_ptr)
+            .collect::<Result<Vec<_>>>()?
+            .iter()
+            .all(|p| p % 16 == 0);
+    if rows > DECODE_MAX_ROWS && flash_ready {
+        // f16 tiles of q and of K and V, each row padded by 8 halves.
+        let shared = (FLASH_ROWS + 2 * FLASH_KEYS) * (head_dim + 8) * 2;
+        let args = Args::new()
+            .ptr(q)?
+            .ptr(k_cache)?
+            .ptr(v_cache)?
+            .ptr(pos)?
+            .ptr(out)?
+            .int(n_heads)?
+            .int(group)?
+            .int(capacity)?
+            .f32(scale)
+            .int(window)?
+            .f32(softcap)
+            .int(rows)?;
+        let grid = (dim(n_heads)?, blocks(rows, FLASH_ROWS)?, 1);
+        let name = format!("attn_flash_{head_dim}");
+        let launch = lib.launch(&SOURCE, &name, grid, FLASH_THREADS, shared as u32, args)?;
+        return Ok(CudaKernel::single(launch));
+    }
     if rows > DECODE_MAX_ROWS {
         let shared = ((PREFILL_ROWS + 2 * PREFILL_KEYS) * head_dim + PREFILL_KEYS) * 4;
         let args = Args::new()

@@ -338,7 +338,7 @@ struct Q6_K {
 // ---------------------------------------------------------------------------------------------
 // Dense rows of float type `ft` (f32, f16, bf16; GGUF F32/F16/BF16 tensors too). `dot` reads
 // whole 16-byte vectors: the planner uses it only when k is a multiple of 32 and the weight
-// is 16-byte aligned; `tile` reads any k.
+// is 16-byte aligned; `tile` reads any k, with vector loads where the unit allows.
 struct Dense {
     const void* w;
     int ft;
@@ -377,8 +377,24 @@ struct Dense {
         return acc;
     }
     __device__ __forceinline__ void tile(int row, int k0, float* out) const {
-        const i64 base = (i64)row * k;
+        const i64 base = (i64)row * k + k0;
+        // Half-precision units that lie inside the row and on 16 bytes: four vector loads.
+        if (ft != FT_F32 && k0 + 32 <= k && ((u64)((const u16*)w + base) & 15) == 0) {
+            const uint4* p = (const uint4*)((const u16*)w + base);
 #pragma unroll
-        for (int e = 0; e < 32; ++e) out[e] = k0 + e < k ? load_float(w, base + k0 + e, ft) : 0.f;
+            for (int i = 0; i < 4; ++i) {
+                const uint4 v = p[i];
+                const u32 h[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const u16 a = (u16)(h[j] & 0xffff), b = (u16)(h[j] >> 16);
+                    out[8 * i + 2 * j] = ft == FT_F16 ? f16_to_f32(a) : bf16_to_f32(a);
+                    out[8 * i + 2 * j + 1] = ft == FT_F16 ? f16_to_f32(b) : bf16_to_f32(b);
+                }
+            }
+            return;
+        }
+#pragma unroll
+        for (int e = 0; e < 32; ++e) out[e] = k0 + e < k ? load_float(w, base + e, ft) : 0.f;
     }
 };

@@ -1,8 +1,9 @@
 //! out = x·Wᵀ (+ bias) for every weight layout, weights read as stored: matvec.cu for a single
-//! row (decode), matmul.cu's 64×64 tiles for more.
+//! row (decode), matmul_tc.cu's 128×128 tensor-core tiles (f16 operands, f32 accumulation)
+//! for prefill-sized row counts, matmul.cu's 64×64 f32 tiles otherwise.
 
 use super::weights::{all_layouts, float_name, Weight};
-use super::{COMMON, LAYOUTS};
+use super::{COMMON, LAYOUTS, MMA};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
@@ -24,6 +25,11 @@ pub(super) static MATMUL: Source = Source {
     parts: &[COMMON, LAYOUTS, include_str!("matmul.cu")],
 };
 
+pub(super) static MATMUL_TC: Source = Source {
+    name: "matmul_tc",
+    parts: &[COMMON, LAYOUTS, MMA, include_str!("matmul_tc.cu")],
+};
+
 /// MV_WARPS·32 threads, MV_ROWS rows per warp group (matvec.cu).
 const MATVEC_THREADS: u32 = 128;
 const MATVEC_WARPS: usize = 4;
@@ -31,7 +37,11 @@ const MATVEC_ROWS: usize = 4;
 /// MM_BM = MM_BN, 256 threads (matmul.cu).
 const MATMUL_TILE: usize = 64;
 const MATMUL_THREADS: u32 = 256;
-
+/// TC_BM = TC_BN (matmul_tc.cu), 256 threads.
+const MATMUL_TC_TILE: usize = 128;
+/// Fewer rows leave most of a 128-row tensor-core tile idle; the f32 tiles then do as well and
+/// keep f32 operands.
+const MATMUL_TC_MIN_ROWS: usize = 17;
 pub(super) fn register(reg: &mut Registry<Planner>) {
     for layout in all_layouts() {
         reg.insert("matmul", &layout.variant(), DType::F32, matmul);
@@ -130,6 +140,16 @@ fn matmul(
         let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / kgroups)?, 1, 1);
         lib.launch(&MATVEC, &name, grid, MATVEC_THREADS, 0, args)?
     } else {
+        // Tensor cores for many rows (float4 loads of x), unless the weight is f32: f16
+        // operands would drop its precision and range.
+        let tensor_cores = m >= MATMUL_TC_MIN_ROWS
+            && k % 4 == 0
+            && device_ptr(x)? % 16 == 0
+            && !matches!(weight, Weight::Dense { ft: 0, .. });
+        let (source, prefix, tile) = match tensor_cores {
+            true => (&MATMUL_TC, "matmul_tc", MATMUL_TC_TILE),
+            false => (&MATMUL, "matmul", MATMUL_TILE),
+        };
         let (name, args) = match weight {
             Weight::Mlx {
                 w,
@@ -139,7 +159,7 @@ fn matmul(
                 group_shift,
                 scale_type,
             } => (
-                format!("matmul_mlx{bits}"),
+                format!("{prefix}_mlx{bits}"),
                 Args::new()
                     .ptr(x)?
                     .ptr(w)?
@@ -155,7 +175,7 @@ fn matmul(
                     .code(group_shift),
             ),
             Weight::Ggml { data, ty } => (
-                format!("matmul_{}", ty.name()),
+                format!("{prefix}_{}", ty.name()),
                 Args::new()
                     .ptr(x)?
                     .ptr(data)?
@@ -167,7 +187,7 @@ fn matmul(
                     .int(k)?,
             ),
             Weight::Dense { w, ft } => (
-                "matmul_dense".to_string(),
+                format!("{prefix}_dense"),
                 Args::new()
                     .ptr(x)?
                     .ptr(w)?
@@ -180,8 +200,8 @@ fn matmul(
                     .int(k)?,
             ),
         };
-        let grid = (blocks(n, MATMUL_TILE)?, blocks(m, MATMUL_TILE)?, 1);
-        lib.launch(&MATMUL, &name, grid, MATMUL_THREADS, 0, args)?
+        let grid = (blocks(n, tile)?, blocks(m, tile)?, 1);
+        lib.launch(source, &name, grid, MATMUL_THREADS, 0, args)?
     };
     Ok(CudaKernel::single(launch))
 }

@@ -18,6 +18,8 @@ use crate::core::registry::Registry;
 const COMMON: &str = include_str!("common.cuh");
 /// Weight layouts (MLX affine, ggml blocks, dense) read by matmul and embedding kernels.
 const LAYOUTS: &str = include_str!("layouts.cuh");
+/// Tensor-core fragments (mma.sync) for the prefill matmul and attention.
+const MMA: &str = include_str!("mma.cuh");
 
 /// Every source, for the compile test.
 #[cfg(test)]
@@ -27,6 +29,7 @@ pub(crate) const SOURCES: &[&Source] = &[
     &embedding::SOURCE,
     &matmul::MATVEC,
     &matmul::MATMUL,
+    &matmul::MATMUL_TC,
     &norm::SOURCE,
     &rope::SOURCE,
     &sampling::SOURCE,
