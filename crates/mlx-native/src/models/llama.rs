@@ -8,6 +8,7 @@ use crate::core::op::{BinaryFn, UnaryFn};
 use crate::core::tensor::Tensor;
 use crate::models::WeightSource;
 use crate::ops::{self, AttentionShape, Linear, RopeScaling, RopeTable};
+use crate::quant::{GgmlType, WeightLayout};
 use crate::Result;
 
 /// What the forward pass needs to know about a Llama-family model.
@@ -243,8 +244,7 @@ impl Llama {
             ops::kv_append(enc, &s.k_rot, pos, k_cache)?;
             ops::kv_append(enc, &s.v, pos, v_cache)?;
             ops::attention(enc, shape, &s.q_rot, k_cache, v_cache, pos, &s.attn)?;
-            ops::matmul(enc, &s.attn, &layer.o, &s.proj)?;
-            ops::binary(enc, BinaryFn::Add, x, &s.proj, x_mid)?;
+            residual_matmul(enc, &s.attn, &layer.o, x, &s.proj, x_mid)?;
 
             ops::rms_norm(
                 enc,
@@ -254,11 +254,16 @@ impl Llama {
                 false,
                 &s.normed,
             )?;
-            ops::matmul(enc, &s.normed, &layer.gate, &s.gate)?;
-            ops::matmul(enc, &s.normed, &layer.up, &s.up)?;
-            ops::gated_activation(enc, UnaryFn::Silu, &s.gate, &s.up, &s.act)?;
-            ops::matmul(enc, &s.act, &layer.down, &s.proj)?;
-            ops::binary(enc, BinaryFn::Add, x_mid, &s.proj, x)?;
+            gated_mlp_input(
+                enc,
+                &s.normed,
+                &layer.gate,
+                &layer.up,
+                &s.gate,
+                &s.up,
+                &s.act,
+            )?;
+            residual_matmul(enc, &s.act, &layer.down, x_mid, &s.proj, x)?;
         }
         let last = x.narrow_rows(s.m - 1, 1)?;
         ops::rms_norm(
@@ -271,4 +276,54 @@ impl Llama {
         )?;
         ops::matmul(enc, &s.last_normed, &self.lm_head, logits)
     }
+}
+
+/// out = residual + x·Wᵀ. A single row (decode) takes the residual as the matmul's bias, one
+/// dispatch; more rows use `tmp` for the product and a separate add.
+fn residual_matmul(
+    enc: &mut CommandEncoder,
+    x: &Tensor,
+    w: &Linear,
+    residual: &Tensor,
+    tmp: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    if x.rows() == 1 && w.bias.is_none() {
+        return ops::matmul_add(enc, x, w, residual, out);
+    }
+    ops::matmul(enc, x, w, tmp)?;
+    ops::binary(enc, BinaryFn::Add, residual, tmp, out)
+}
+
+/// out = silu(x·Gᵀ) ∘ (x·Uᵀ). A single row (decode) with bias-free quantized weights stored alike
+/// is one
+/// dispatch; otherwise two matmuls into `gate` and `up`, then the activation.
+fn gated_mlp_input(
+    enc: &mut CommandEncoder,
+    x: &Tensor,
+    w_gate: &Linear,
+    w_up: &Linear,
+    gate: &Tensor,
+    up: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    // Quantized layouts only: dense rows may be views the matvec cannot read with wide loads.
+    let quantized = !matches!(
+        w_gate.layout,
+        WeightLayout::Dense | WeightLayout::Gguf(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+    );
+    let same_storage = quantized
+        && w_gate.layout == w_up.layout
+        && (w_gate.n, w_gate.k) == (w_up.n, w_up.k)
+        && w_gate
+            .tensors
+            .iter()
+            .zip(&w_up.tensors)
+            .all(|(g, u)| g.dtype() == u.dtype());
+    if x.rows() == 1 && same_storage && w_gate.bias.is_none() && w_up.bias.is_none() {
+        return ops::gated_matmul(enc, x, w_gate, w_up, UnaryFn::Silu, out);
+    }
+    ops::matmul(enc, x, w_gate, gate)?;
+    ops::matmul(enc, x, w_up, up)?;
+    ops::gated_activation(enc, UnaryFn::Silu, gate, up, out)
 }
