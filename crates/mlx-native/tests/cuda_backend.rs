@@ -741,6 +741,16 @@ fn matmul_ref(x: &[f32], w: &HostWeight, bias: Option<&[f64]>, m: usize) -> Vec<
     out
 }
 
+/// How close the CPU backend's matmul comes to the exact product: it rounds x to 8 bits for
+/// quantized GGUF weights (ggml's Q8 activations, ≤ 0.5% of the outputs on random data).
+fn cpu_matmul_tol(layout: WeightLayout, tol: f64) -> f64 {
+    match layout {
+        WeightLayout::Gguf(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => tol,
+        WeightLayout::Gguf(_) => 1e-2,
+        _ => tol,
+    }
+}
+
 fn check_matmul(dev: &Device, rng: &mut Rng, w: &HostWeight, m: usize, with_bias: bool) {
     let x = rng.vec(m * w.k, 1.0);
     let (bias_bytes, bias) = float_bytes(rng, w.n, 0.5, DType::BF16);
@@ -776,11 +786,7 @@ fn check_matmul(dev: &Device, rng: &mut Rng, w: &HostWeight, m: usize, with_bias
         layout => layout == WeightLayout::Gguf(GgmlType::F32),
     };
     let tol = if m >= 17 && !f32_weight { 1e-3 } else { 2e-5 };
-    // The CPU backend rounds x to 8 bits per block of 32 for quantized ggml weights, about
-    // 0.5% of the outputs on random data (backends/cpu/qmatmul_gguf.rs).
-    let cpu_rounds_x = matches!(w.layout, WeightLayout::Gguf(t)
-        if !matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16));
-    let cpu_tol = if cpu_rounds_x { 1e-2 } else { tol };
+    let cpu_tol = cpu_matmul_tol(w.layout, tol);
     check_tols(&what, dev, compute, &want, tol, cpu_tol);
 }
 
@@ -792,8 +798,8 @@ fn matvec_every_layout() {
     for w in every_layout(&mut rng, 37, 1280) {
         check_matmul(&dev, &mut rng, &w, 1, w.n % 2 == 1);
     }
-    // Long rows: 2 and 4 warps share a row group (136 units also leaves lanes uneven).
-    for k in [2048, 4352] {
+    // Long rows: 1, 2 and 4 warps share a row group (136 and 264 units leave lanes uneven).
+    for k in [2048, 4352, 8448] {
         let ws = [
             mlx_weight(&mut rng, 23, k, 4, 128, DType::F16),
             mlx_weight(&mut rng, 23, k, 5, 32, DType::F32),
@@ -814,6 +820,80 @@ fn matvec_every_layout() {
     for st in FLOAT_TYPES {
         let w = dense_weight(&mut rng, 21, 333, st);
         check_matmul(&dev, &mut rng, &w, 1, false);
+    }
+}
+
+#[test]
+fn matmul_add_takes_the_residual_as_bias() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(15);
+    for w in [
+        mlx_weight(&mut rng, 41, 576, 4, 64, DType::BF16),
+        ggml_weight(&mut rng, 29, 1536, GgmlType::Q4_0),
+    ] {
+        let x = rng.vec(w.k, 1.0);
+        let residual = rng.vec(w.n, 2.0);
+        let res64: Vec<f64> = residual.iter().map(|&v| v as f64).collect();
+        let want = matmul_ref(&x, &w, Some(&res64), 1);
+        let compute = |dev: &Device| {
+            let lin = w.upload(dev, None)?;
+            let xt = dev.from_slice(&x, &[1, w.k])?;
+            let rt = dev.from_slice(&residual, &[1, w.n])?;
+            let out = poisoned(dev, &[1, w.n])?;
+            run(dev, |enc| ops::matmul_add(enc, &xt, &lin, &rt, &out))?;
+            out.to_vec::<f32>()
+        };
+        let what = format!("matmul_add {}", describe(&w));
+        let cpu_tol = cpu_matmul_tol(w.layout, 2e-5);
+        check_tols(&what, &dev, compute, &want, 2e-5, cpu_tol);
+    }
+}
+
+#[test]
+fn gated_matmul_matches_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(16);
+    let cases = [
+        (
+            UnaryFn::Silu,
+            mlx_weight(&mut rng, 37, 1280, 4, 64, DType::BF16),
+            mlx_weight(&mut rng, 37, 1280, 4, 64, DType::BF16),
+        ),
+        (
+            UnaryFn::GeluTanh,
+            ggml_weight(&mut rng, 23, 8224, GgmlType::Q4_0),
+            ggml_weight(&mut rng, 23, 8224, GgmlType::Q4_0),
+        ),
+        (
+            UnaryFn::GeluExact,
+            ggml_weight(&mut rng, 19, 512, GgmlType::Q6K),
+            ggml_weight(&mut rng, 19, 512, GgmlType::Q6K),
+        ),
+        (
+            UnaryFn::Silu,
+            dense_weight(&mut rng, 21, 4352, DType::F16),
+            dense_weight(&mut rng, 21, 4352, DType::F16),
+        ),
+    ];
+    for (f, gate, up) in cases {
+        let x = rng.vec(gate.k, 1.0);
+        let g = matmul_ref(&x, &gate, None, 1);
+        let u = matmul_ref(&x, &up, None, 1);
+        let want: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(&g, &u)| activation_ref(f, g) * u)
+            .collect();
+        let compute = |dev: &Device| {
+            let (gl, ul) = (gate.upload(dev, None)?, up.upload(dev, None)?);
+            let xt = dev.from_slice(&x, &[1, gate.k])?;
+            let out = poisoned(dev, &[1, gate.n])?;
+            run(dev, |enc| ops::gated_matmul(enc, &xt, &gl, &ul, f, &out))?;
+            out.to_vec::<f32>()
+        };
+        let what = format!("gated_matmul {f:?} {}", describe(&gate));
+        let cpu_tol = cpu_matmul_tol(gate.layout, 2e-5);
+        check_tols(&what, &dev, compute, &want, 2e-5, cpu_tol);
     }
 }
 

@@ -122,6 +122,10 @@ pub enum Op {
     KvAppend { n_kv_heads: usize, head_dim: usize },
     /// Softmax over the last dim. in: x `[m, d]`; out `[m, d]`.
     Softmax,
+    /// The gated MLP's two projections and activation in one: out = f(x·Gᵀ) ∘ (x·Uᵀ).
+    /// in: x `[1, k]` (a single row: decode), gate weight tensors, then up weight tensors
+    /// (both per `layout`, `[n, k]`); out `[1, n]`.
+    GatedMatMul { layout: WeightLayout, act: UnaryFn },
     /// out = cap·tanh(x/cap), elementwise (logit soft-capping).
     Softcap { cap: f32 },
     /// in: x; out: f(x), elementwise.
@@ -148,6 +152,7 @@ impl Op {
             Op::LayerNorm { .. } => "layer_norm",
             Op::Rope { .. } => "rope",
             Op::MatMul { .. } => "matmul",
+            Op::GatedMatMul { .. } => "gated_matmul",
             Op::Attention { .. } => "attention",
             Op::KvAppend { .. } => "kv_append",
             Op::Softmax => "softmax",
@@ -163,7 +168,9 @@ impl Op {
     /// The variant part of the registry key (what selects among kernels of one family).
     pub fn variant(&self) -> String {
         match self {
-            Op::Embedding { layout } | Op::MatMul { layout, .. } => layout.variant(),
+            Op::Embedding { layout }
+            | Op::MatMul { layout, .. }
+            | Op::GatedMatMul { layout, .. } => layout.variant(),
             Op::Unary(f) | Op::GatedActivation(f) => format!("{f:?}").to_lowercase(),
             Op::Binary(f) => format!("{f:?}").to_lowercase(),
             _ => String::new(),

@@ -11,6 +11,7 @@ use crate::core::op::{BinaryFn, UnaryFn};
 use crate::core::tensor::Tensor;
 use crate::models::WeightSource;
 use crate::ops::{self, AttentionShape, Linear, RopeScaling, RopeTable};
+use crate::quant::{GgmlType, WeightLayout};
 use crate::{Error, Result};
 
 /// How a family's blocks differ from Llama's (`Architecture::LLAMA`).
@@ -426,7 +427,8 @@ impl Decoder {
         )
     }
 
-    /// Attention of layer `layer` over `s.normed`, written to `s.proj`.
+    /// Attention of layer `layer` over `s.normed`, written to `s.attn` (before the output
+    /// projection).
     fn encode_attention(
         &self,
         enc: &mut CommandEncoder,
@@ -460,27 +462,58 @@ impl Decoder {
             window: layer.window,
             softcap: p.arch.attn_softcap,
         };
-        ops::attention(enc, shape, &s.q_rot, k_cache, v_cache, pos, &s.attn)?;
-        ops::matmul(enc, &s.attn, &layer.o, &s.proj)
+        ops::attention(enc, shape, &s.q_rot, k_cache, v_cache, pos, &s.attn)
     }
 
-    /// `out` = `x` + `s.proj`, the block output first normed by `out_norm` if there is one.
-    fn residual_add(
+    /// `out` = `x` + `branch`·Wᵀ, the block output first normed by `out_norm` if there is one.
+    /// One decode row without a norm or bias takes the residual as the matmul's bias: one
+    /// dispatch instead of two.
+    #[allow(clippy::too_many_arguments)]
+    fn project_residual(
         &self,
         enc: &mut CommandEncoder,
+        branch: &Tensor,
+        w: &Linear,
         x: &Tensor,
         out_norm: Option<&Tensor>,
         s: &Scratch,
         out: &Tensor,
     ) -> Result<()> {
-        let branch = match out_norm {
-            Some(w) => {
-                self.norm(enc, &s.proj, w, &s.normed)?;
+        if branch.rows() == 1 && out_norm.is_none() && w.bias.is_none() {
+            return ops::matmul_add(enc, branch, w, x, out);
+        }
+        ops::matmul(enc, branch, w, &s.proj)?;
+        let projected = match out_norm {
+            Some(norm) => {
+                self.norm(enc, &s.proj, norm, &s.normed)?;
                 &s.normed
             }
             None => &s.proj,
         };
-        ops::binary(enc, BinaryFn::Add, x, branch, out)
+        ops::binary(enc, BinaryFn::Add, x, projected, out)
+    }
+
+    /// `s.act` = act(`s.normed`·Gᵀ) ∘ (`s.normed`·Uᵀ). One decode row with bias-free
+    /// quantized gate and up stored alike is one dispatch; otherwise two matmuls and the
+    /// activation.
+    fn gated_mlp_input(&self, enc: &mut CommandEncoder, layer: &Layer, s: &Scratch) -> Result<()> {
+        let act = self.params.arch.activation;
+        let (gate, up) = (&layer.gate, &layer.up);
+        // Quantized layouts only: dense rows may be views the matvec cannot read with wide loads.
+        let quantized = !matches!(
+            gate.layout,
+            WeightLayout::Dense | WeightLayout::Gguf(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+        );
+        let stored_alike = quantized
+            && gate.layout == up.layout
+            && (gate.n, gate.k) == (up.n, up.k)
+            && gate.tensors.iter().zip(&up.tensors).all(|(g, u)| g.dtype() == u.dtype());
+        if s.normed.rows() == 1 && stored_alike && gate.bias.is_none() && up.bias.is_none() {
+            return ops::gated_matmul(enc, &s.normed, gate, up, act, &s.act);
+        }
+        ops::matmul(enc, &s.normed, gate, &s.gate)?;
+        ops::matmul(enc, &s.normed, up, &s.up)?;
+        ops::gated_activation(enc, act, &s.gate, &s.up, &s.act)
     }
 
     /// Record the forward pass of `s.m` tokens (`tokens` u32 `[m]`, the first at position
@@ -506,14 +539,13 @@ impl Decoder {
         for (layer, kv) in self.layers.iter().zip(&cache.layers) {
             self.norm(enc, x, &layer.attn_norm, &s.normed)?;
             self.encode_attention(enc, layer, kv, pos, s)?;
-            self.residual_add(enc, x, layer.attn_out_norm.as_ref(), s, x_mid)?;
+            let attn_norm = layer.attn_out_norm.as_ref();
+            self.project_residual(enc, &s.attn, &layer.o, x, attn_norm, s, x_mid)?;
 
             self.norm(enc, x_mid, &layer.mlp_norm, &s.normed)?;
-            ops::matmul(enc, &s.normed, &layer.gate, &s.gate)?;
-            ops::matmul(enc, &s.normed, &layer.up, &s.up)?;
-            ops::gated_activation(enc, a.activation, &s.gate, &s.up, &s.act)?;
-            ops::matmul(enc, &s.act, &layer.down, &s.proj)?;
-            self.residual_add(enc, x_mid, layer.mlp_out_norm.as_ref(), s, x)?;
+            self.gated_mlp_input(enc, layer, s)?;
+            let mlp_norm = layer.mlp_out_norm.as_ref();
+            self.project_residual(enc, &s.act, &layer.down, x_mid, mlp_norm, s, x)?;
         }
         let last = x.narrow_rows(s.m - 1, 1)?;
         self.norm(enc, &last, &self.norm, &s.last_normed)?;

@@ -1,7 +1,7 @@
 use super::{expect_dtype, expect_shape, FLOATS};
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
-use crate::core::op::Op;
+use crate::core::op::{Op, UnaryFn};
 use crate::core::tensor::Tensor;
 use crate::quant::{GgmlType, WeightLayout};
 use crate::{Error, Result};
@@ -160,6 +160,102 @@ pub fn matmul(enc: &mut CommandEncoder, x: &Tensor, w: &Linear, out: &Tensor) ->
     let op = Op::MatMul {
         layout: w.layout,
         has_bias: w.bias.is_some(),
+    };
+    enc.dispatch(op, &inputs, &[out])
+}
+
+/// out `[1, n]` = x `[1, k]` · Wᵀ + residual `[1, n]`, one dispatch: for a single row the
+/// residual is a per-column bias, so the matmul kernels add it as they store (decode saves the
+/// separate add). The weight must have no bias of its own.
+pub fn matmul_add(
+    enc: &mut CommandEncoder,
+    x: &Tensor,
+    w: &Linear,
+    residual: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    expect_dtype("matmul", "x", x, &[DType::F32])?;
+    expect_dtype("matmul", "residual", residual, &[DType::F32])?;
+    if x.rows() != 1 || w.bias.is_some() {
+        return Err(Error::op(
+            "matmul",
+            "a fused residual needs one row of x and a weight without bias",
+        ));
+    }
+    if x.last_dim() != w.k {
+        return Err(Error::op(
+            "matmul",
+            format!("x has {} columns, weight expects {}", x.last_dim(), w.k),
+        ));
+    }
+    expect_shape("matmul", "residual", residual, &[1, w.n])?;
+    expect_shape("matmul", "out", out, &[1, w.n])?;
+    let mut inputs: Vec<&Tensor> = vec![x];
+    inputs.extend(w.tensors.iter());
+    inputs.push(residual);
+    let op = Op::MatMul {
+        layout: w.layout,
+        has_bias: true,
+    };
+    enc.dispatch(op, &inputs, &[out])
+}
+
+/// out `[1, n]` = f(x·Gᵀ) ∘ (x·Uᵀ) for one row x `[1, k]`: the gated MLP's gate and up
+/// projections and its activation in one dispatch (decode). Both weights must share a layout
+/// shape and stored dtypes, and have no bias.
+pub fn gated_matmul(
+    enc: &mut CommandEncoder,
+    x: &Tensor,
+    gate: &Linear,
+    up: &Linear,
+    f: UnaryFn,
+    out: &Tensor,
+) -> Result<()> {
+    expect_dtype("gated_matmul", "x", x, &[DType::F32])?;
+    if x.rows() != 1 {
+        return Err(Error::op("gated_matmul", "x must be a single row"));
+    }
+    if gate.layout != up.layout || (gate.n, gate.k) != (up.n, up.k) {
+        return Err(Error::op(
+            "gated_matmul",
+            format!(
+                "gate {} [{}, {}] and up {} [{}, {}] differ",
+                gate.layout.variant(),
+                gate.n,
+                gate.k,
+                up.layout.variant(),
+                up.n,
+                up.k
+            ),
+        ));
+    }
+    if gate
+        .tensors
+        .iter()
+        .zip(&up.tensors)
+        .any(|(g, u)| g.dtype() != u.dtype())
+    {
+        return Err(Error::op(
+            "gated_matmul",
+            "gate and up differ in stored dtypes",
+        ));
+    }
+    if gate.bias.is_some() || up.bias.is_some() {
+        return Err(Error::op("gated_matmul", "weights with a bias"));
+    }
+    if x.last_dim() != gate.k {
+        return Err(Error::op(
+            "gated_matmul",
+            format!("x has {} columns, weights expect {}", x.last_dim(), gate.k),
+        ));
+    }
+    expect_shape("gated_matmul", "out", out, &[1, gate.n])?;
+    let mut inputs: Vec<&Tensor> = vec![x];
+    inputs.extend(gate.tensors.iter());
+    inputs.extend(up.tensors.iter());
+    let op = Op::GatedMatMul {
+        layout: gate.layout,
+        act: f,
     };
     enc.dispatch(op, &inputs, &[out])
 }

@@ -12,7 +12,7 @@ mod sampling;
 pub use attention::{attention, kv_append, AttentionShape};
 pub use elementwise::{binary, gated_activation, softcap, softmax, unary};
 pub use embedding::embedding;
-pub use matmul::{matmul, Linear};
+pub use matmul::{gated_matmul, matmul, matmul_add, Linear};
 pub use norm::{layer_norm, rms_norm};
 pub use rope::{rope, RopeScaling, RopeTable};
 pub use sampling::{argmax, sample};

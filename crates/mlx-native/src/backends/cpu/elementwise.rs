@@ -72,7 +72,7 @@ fn unary(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     Ok(())
 }
 
-fn gated_activation(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
+pub(super) fn gated_activation(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let Op::GatedActivation(which) = *op else {
         return Err(wrong_op(op));
     };

@@ -5,7 +5,9 @@
 
 use rayon::prelude::*;
 
-use super::{qmatmul_gguf, qmatmul_mlx, slice, slice_mut, wrong_op, CpuKernel, FloatSlice};
+use super::{
+    elementwise, qmatmul_gguf, qmatmul_mlx, slice, slice_mut, wrong_op, CpuKernel, FloatSlice,
+};
 use crate::core::dtype::DType;
 use crate::core::op::Op;
 use crate::core::registry::Registry;
@@ -15,16 +17,10 @@ use crate::quant::{GgmlType, WeightLayout};
 use crate::{Error, Result};
 
 pub(super) fn register(reg: &mut Registry<CpuKernel>) {
-    reg.insert(
-        "matmul",
-        &WeightLayout::Dense.variant(),
-        DType::F32,
-        matmul_dense,
-    );
+    let mut layouts: Vec<(WeightLayout, CpuKernel)> = vec![(WeightLayout::Dense, matmul_dense)];
     for bits in SUPPORTED_BITS {
         for group_size in SUPPORTED_GROUP_SIZES {
-            let layout = WeightLayout::MlxAffine { bits, group_size };
-            reg.insert("matmul", &layout.variant(), DType::F32, matmul_mlx);
+            layouts.push((WeightLayout::MlxAffine { bits, group_size }, matmul_mlx));
         }
     }
     for t in [
@@ -37,13 +33,42 @@ pub(super) fn register(reg: &mut Registry<CpuKernel>) {
         GgmlType::Q4K,
         GgmlType::Q6K,
     ] {
-        reg.insert(
-            "matmul",
-            &WeightLayout::Gguf(t).variant(),
-            DType::F32,
-            matmul_gguf,
-        );
+        layouts.push((WeightLayout::Gguf(t), matmul_gguf));
     }
+    for (layout, kernel) in layouts {
+        reg.insert("matmul", &layout.variant(), DType::F32, kernel);
+        reg.insert("gated_matmul", &layout.variant(), DType::F32, gated_matmul);
+    }
+}
+
+/// `Op::GatedMatMul`: both projections with the matmul kernels, then the gated activation.
+fn gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
+    let Op::GatedMatMul { layout, act } = *op else {
+        return Err(wrong_op(op));
+    };
+    let count = layout.tensor_count();
+    let (Some(x), [out], true) = (inputs.first(), outputs, inputs.len() == 1 + 2 * count) else {
+        return Err(Error::op(
+            "gated_matmul",
+            format!("{} inputs, {} outputs", inputs.len(), outputs.len()),
+        ));
+    };
+    let matmul = match layout {
+        WeightLayout::Dense => matmul_dense,
+        WeightLayout::MlxAffine { .. } => matmul_mlx,
+        WeightLayout::Gguf(_) => matmul_gguf,
+    };
+    let projection = Op::MatMul {
+        layout,
+        has_bias: false,
+    };
+    let gate = out.device().empty(out.shape(), DType::F32)?;
+    let up = out.device().empty(out.shape(), DType::F32)?;
+    for (weight, result) in [(&inputs[1..1 + count], &gate), (&inputs[1 + count..], &up)] {
+        let operands: Vec<Tensor> = std::iter::once(x).chain(weight).cloned().collect();
+        matmul(&projection, &operands, std::slice::from_ref(result))?;
+    }
+    elementwise::gated_activation(&Op::GatedActivation(act), &[gate, up], outputs)
 }
 
 /// The operands of one `Op::MatMul`: x `[m, k]`, the weight's tensors, the optional bias and

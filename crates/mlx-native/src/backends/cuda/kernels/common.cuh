@@ -70,3 +70,16 @@ __device__ float block_max(float v) {
     v = lane < (int)(blockDim.x >> 5) ? partial[lane] : NEG_INF;
     return warp_max(v);
 }
+
+// Activation function by code (`unary_code` in elementwise.rs): 0 SiLU, 1 exact (erf) GELU,
+// 2 tanh GELU.
+__device__ __forceinline__ float activation(float x, int f) {
+    switch (f) {
+        case 0: return x / (1.f + expf(-x));
+        case 1: return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
+        default: {
+            const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+            return 0.5f * x * (1.f + tanhf(inner));
+        }
+    }
+}

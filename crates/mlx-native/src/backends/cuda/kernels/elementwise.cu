@@ -1,16 +1,5 @@
 // Elementwise ops and the row softmax, f32. Activation functions are selected by a code
-// (`unary_code` in elementwise.rs): 0 SiLU, 1 exact (erf) GELU, 2 tanh GELU.
-
-__device__ __forceinline__ float activation(float x, int f) {
-    switch (f) {
-        case 0: return x / (1.f + expf(-x));
-        case 1: return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
-        default: {
-            const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-            return 0.5f * x * (1.f + tanhf(inner));
-        }
-    }
-}
+// (`activation` in common.cuh).
 
 extern "C" __global__ void unary(const float* __restrict__ x, float* __restrict__ out, i64 n,
                                  int f) {

@@ -32,7 +32,7 @@ pub(super) fn register(reg: &mut Registry<Planner>) {
 }
 
 /// The activation selector of elementwise.cu.
-fn unary_code(f: UnaryFn) -> i32 {
+pub(super) fn unary_code(f: UnaryFn) -> i32 {
     match f {
         UnaryFn::Silu => 0,
         UnaryFn::GeluExact => 1,

@@ -1,7 +1,9 @@
 //! out = x·Wᵀ (+ bias) for every weight layout, weights read as stored: matvec.cu for a single
 //! row (decode), matmul_tc.cu's 128×128 tensor-core tiles (f16 operands, f32 accumulation)
-//! for prefill-sized row counts, matmul.cu's 64×64 f32 tiles otherwise.
+//! for prefill-sized row counts, matmul.cu's 64×64 f32 tiles otherwise; and the decode-only
+//! gated pair (`Op::GatedMatMul`) on matvec.cu.
 
+use super::elementwise::unary_code;
 use super::weights::{all_layouts, float_name, Weight};
 use super::{COMMON, LAYOUTS, MMA};
 use crate::backends::cuda::compile::Source;
@@ -34,6 +36,10 @@ pub(super) static MATMUL_TC: Source = Source {
 const MATVEC_THREADS: u32 = 128;
 const MATVEC_WARPS: usize = 4;
 const MATVEC_ROWS: usize = 4;
+/// Units of 32 elements a lane takes per step (MV_UNROLL).
+const MATVEC_UNROLL: usize = 2;
+/// Warps per SM that keep enough weight bytes in flight (MV_MIN_BLOCKS·MV_WARPS).
+const MATVEC_WARPS_PER_SM: usize = 16;
 /// MM_BM = MM_BN, 256 threads (matmul.cu).
 const MATMUL_TILE: usize = 64;
 const MATMUL_THREADS: u32 = 256;
@@ -45,6 +51,7 @@ const MATMUL_TC_MIN_ROWS: usize = 17;
 pub(super) fn register(reg: &mut Registry<Planner>) {
     for layout in all_layouts() {
         reg.insert("matmul", &layout.variant(), DType::F32, matmul);
+        reg.insert("gated_matmul", &layout.variant(), DType::F32, gated_matmul);
     }
 }
 
@@ -83,12 +90,7 @@ fn matmul(
             _ => true,
         };
     let launch = if vector_ready {
-        // Warps sharing a row group: one per 32 units of the row (lane-sized steps), up to 4.
-        let kgroups = match k / 32 {
-            u if u >= 128 => 4,
-            u if u >= 64 => 2,
-            _ => 1,
-        };
+        let kgroups = matvec_kgroups(n, k, lib.sm_count());
         let (name, args) = match weight {
             Weight::Mlx {
                 w,
@@ -204,4 +206,129 @@ fn matmul(
         lib.launch(source, &name, grid, MATMUL_THREADS, 0, args)?
     };
     Ok(CudaKernel::single(launch))
+}
+
+/// `Op::GatedMatMul`: matvec.cu's gated kernels, gate and up rows side by side in one pass.
+fn gated_matmul(
+    lib: &KernelLibrary,
+    op: &Op,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+) -> Result<CudaKernel> {
+    let Op::GatedMatMul { layout, act } = *op else {
+        return Err(wrong_op(op));
+    };
+    let count = layout.tensor_count();
+    let ([out], Some(x)) = (outputs, inputs.first()) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    if inputs.len() != 1 + 2 * count {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    }
+    let (m, k, n) = (x.rows(), x.last_dim(), out.last_dim());
+    if m != 1 || device_ptr(x)? % 16 != 0 {
+        return Err(Error::op(
+            "gated_matmul",
+            "x must be a single row, 16-byte aligned",
+        ));
+    }
+    let (gate, gate_rows) = Weight::parse("gated_matmul", layout, &inputs[1..1 + count], k)?;
+    let (up, up_rows) = Weight::parse("gated_matmul", layout, &inputs[1 + count..], k)?;
+    if gate_rows.min(up_rows) < n {
+        return Err(Error::op(
+            "gated_matmul",
+            format!("the weights hold {gate_rows} and {up_rows} rows of {k}, the output needs {n}"),
+        ));
+    }
+    gate.check_alignment("gated_matmul")?;
+    up.check_alignment("gated_matmul")?;
+    let kgroups = matvec_kgroups(n, k, lib.sm_count());
+    let differ = || Error::op("gated_matmul", "gate and up are stored differently");
+    let (name, args) = match (gate, up) {
+        (
+            Weight::Mlx {
+                w,
+                scales,
+                biases,
+                bits,
+                group_shift,
+                scale_type,
+            },
+            Weight::Mlx {
+                w: w_up,
+                scales: scales_up,
+                biases: biases_up,
+                scale_type: scale_type_up,
+                ..
+            },
+        ) if scale_type == scale_type_up => (
+            format!("matvec_gated_mlx{bits}_{}", float_name(scale_type)),
+            Args::new()
+                .ptr(x)?
+                .ptr(w)?
+                .ptr(scales)?
+                .ptr(biases)?
+                .ptr(w_up)?
+                .ptr(scales_up)?
+                .ptr(biases_up)?
+                .ptr(out)?
+                .int(n)?
+                .int(k)?
+                .code(group_shift)
+                .int(kgroups)?
+                .code(unary_code(act)),
+        ),
+        (Weight::Ggml { data, ty }, Weight::Ggml { data: data_up, .. }) => (
+            format!("matvec_gated_{}", ty.name()),
+            Args::new()
+                .ptr(x)?
+                .ptr(data)?
+                .ptr(data_up)?
+                .ptr(out)?
+                .int(n)?
+                .int(k)?
+                .int(kgroups)?
+                .code(unary_code(act)),
+        ),
+        (Weight::Dense { w, ft }, Weight::Dense { w: w_up, ft: ft_up }) if ft == ft_up => {
+            if k % 32 != 0 || device_ptr(w)? % 16 != 0 || device_ptr(w_up)? % 16 != 0 {
+                return Err(Error::op(
+                    "gated_matmul",
+                    "dense rows must be whole units of 32, 16-byte aligned",
+                ));
+            }
+            (
+                format!("matvec_gated_dense_{}", float_name(ft)),
+                Args::new()
+                    .ptr(x)?
+                    .ptr(w)?
+                    .ptr(w_up)?
+                    .ptr(out)?
+                    .int(n)?
+                    .int(k)?
+                    .int(kgroups)?
+                    .code(unary_code(act)),
+            )
+        }
+        _ => return Err(differ()),
+    };
+    let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / kgroups)?, 1, 1);
+    let launch = lib.launch(&MATVEC, &name, grid, MATVEC_THREADS, 0, args)?;
+    Ok(CudaKernel::single(launch))
+}
+
+/// Warps sharing a row group of the matvec: the fewest (longest streams of loads per warp)
+/// that still give every SM `MATVEC_WARPS_PER_SM` warps, and never more than leave each lane
+/// a full step of units.
+fn matvec_kgroups(n: usize, k: usize, sm_count: usize) -> usize {
+    let row_groups = n.div_ceil(MATVEC_ROWS);
+    let lane_steps = (k / 32).div_ceil(32 * MATVEC_UNROLL);
+    let mut kgroups = 1;
+    while kgroups < MATVEC_WARPS
+        && row_groups * kgroups < sm_count * MATVEC_WARPS_PER_SM
+        && lane_steps >= 2 * kgroups
+    {
+        kgroups *= 2;
+    }
+    kgroups
 }
