@@ -502,12 +502,17 @@ impl Decoder {
         // Quantized layouts only: dense rows may be views the matvec cannot read with wide loads.
         let quantized = !matches!(
             gate.layout,
-            WeightLayout::Dense | WeightLayout::Gguf(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+            WeightLayout::Dense
+                | WeightLayout::Gguf(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
         );
         let stored_alike = quantized
             && gate.layout == up.layout
             && (gate.n, gate.k) == (up.n, up.k)
-            && gate.tensors.iter().zip(&up.tensors).all(|(g, u)| g.dtype() == u.dtype());
+            && gate
+                .tensors
+                .iter()
+                .zip(&up.tensors)
+                .all(|(g, u)| g.dtype() == u.dtype());
         if s.normed.rows() == 1 && stored_alike && gate.bias.is_none() && up.bias.is_none() {
             return ops::gated_matmul(enc, &s.normed, gate, up, act, &s.act);
         }
