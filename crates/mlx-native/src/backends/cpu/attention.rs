@@ -1,7 +1,10 @@
 //! Causal grouped-query attention over a KV cache, and the cache append.
 //!
 //! One task per (query row, head): scores for the visible keys go into a per-thread buffer,
-//! then a two-pass softmax (max, exp-sum) in f32 and the weighted sum of values.
+//! then a two-pass softmax (max, exp-sum) in f32 and the weighted sum of values. Decode-sized
+//! work stays on the calling thread.
+
+use std::cell::RefCell;
 
 use rayon::prelude::*;
 
@@ -59,60 +62,139 @@ fn attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     }
     let group = n_heads / n_kv_heads;
     let head_stride = capacity * head_dim;
-
-    out.par_chunks_mut(head_dim)
-        .zip(q.par_chunks(head_dim))
-        .enumerate()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (task, (out, q))| {
-            let (row, head) = (task / n_heads, task % n_heads);
-            let q_pos = pos + row;
-            let first = window.map_or(0, |w| (q_pos + 1).saturating_sub(w));
-            let kv = head / group;
-            let keys = &k_cache[kv * head_stride..][first * head_dim..(q_pos + 1) * head_dim];
-            let values = &v_cache[kv * head_stride..][first * head_dim..(q_pos + 1) * head_dim];
-
-            scores.clear();
-            scores.extend(keys.chunks_exact(head_dim).map(|k| {
-                let s = dot(q, k) * scale;
-                match softcap {
-                    Some(cap) => cap * (s / cap).tanh(),
-                    None => s,
-                }
-            }));
-            let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0.0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            out.fill(0.0);
-            for (&p, v) in scores.iter().zip(values.chunks_exact(head_dim)) {
-                for (o, &v) in out.iter_mut().zip(v) {
-                    *o += p * v;
-                }
-            }
-            let inv_sum = 1.0 / sum;
-            out.iter_mut().for_each(|o| *o *= inv_sum);
+    let task = |(t, (out, q)): (usize, (&mut [f32], &[f32]))| {
+        let (row, head) = (t / n_heads, t % n_heads);
+        let q_pos = pos + row;
+        let first = window.map_or(0, |w| (q_pos + 1).saturating_sub(w));
+        let kv = head / group;
+        let keys = &k_cache[kv * head_stride..][first * head_dim..(q_pos + 1) * head_dim];
+        let values = &v_cache[kv * head_stride..][first * head_dim..(q_pos + 1) * head_dim];
+        SCORES.with_borrow_mut(|scores| {
+            attend(q, keys, values, head_dim, scale, softcap, scores, out)
         });
+    };
+    // Decode-sized work runs on the calling thread.
+    let work = m * n_heads * (pos + m) * head_dim;
+    if work < PARALLEL_WORK {
+        out.chunks_mut(head_dim)
+            .zip(q.chunks(head_dim))
+            .enumerate()
+            .for_each(task);
+    } else {
+        out.par_chunks_mut(head_dim)
+            .zip(q.par_chunks(head_dim))
+            .enumerate()
+            .for_each(task);
+    }
     Ok(())
 }
 
-/// Dot product with eight independent accumulators, so the loop vectorizes.
+/// Score-times-head_dim products below which attention runs on one thread.
+const PARALLEL_WORK: usize = 1 << 16;
+
+thread_local! {
+    /// Scores of the running task, kept per thread so that decoding allocates nothing.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// softmax(q·keysᵀ·scale) · values into `out` (one query row, one head).
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    head_dim: usize,
+    scale: f32,
+    softcap: Option<f32>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { attend_avx2(q, keys, values, head_dim, scale, softcap, scores, out) };
+    }
+    attend_lanes(q, keys, values, head_dim, scale, softcap, scores, out)
+}
+
+/// `attend_lanes` compiled for AVX2 (8-lane loops).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_avx2(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    head_dim: usize,
+    scale: f32,
+    softcap: Option<f32>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    attend_lanes(q, keys, values, head_dim, scale, softcap, scores, out)
+}
+
+/// Scores, then a two-pass softmax (max, exp-sum) in f32 and the weighted sum of values.
+/// Plain indexed loops: iterator adapters would be compiled outside `attend_avx2`'s
+/// target features.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_lanes(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    head_dim: usize,
+    scale: f32,
+    softcap: Option<f32>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let n = keys.len() / head_dim;
+    scores.clear();
+    scores.resize(n, 0.0);
+    let mut max = f32::NEG_INFINITY;
+    for (j, s) in scores.iter_mut().enumerate() {
+        let mut v = dot(q, &keys[j * head_dim..(j + 1) * head_dim]) * scale;
+        if let Some(cap) = softcap {
+            v = cap * (v / cap).tanh();
+        }
+        *s = v;
+        max = max.max(v);
+    }
+    let mut sum = 0.0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    out.fill(0.0);
+    for (j, &p) in scores.iter().enumerate() {
+        let v = &values[j * head_dim..(j + 1) * head_dim];
+        for (o, &v) in out.iter_mut().zip(v) {
+            *o += p * v;
+        }
+    }
+    let inv_sum = 1.0 / sum;
+    for o in out.iter_mut() {
+        *o *= inv_sum;
+    }
+}
+
+/// Dot product with eight independent sums (one vector register), so the loop vectorizes.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
+    let mut tail = 0.0;
+    for (x, y) in a8.remainder().iter().zip(b8.remainder()) {
+        tail += x * y;
+    }
     for (x, y) in a8.zip(b8) {
         for i in 0..8 {
             acc[i] += x[i] * y[i];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
+    ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)) + tail
 }
 
 fn kv_append(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {

@@ -22,23 +22,34 @@ pub(super) fn register(reg: &mut Registry<CpuKernel>) {
     reg.insert("softmax", "", DType::F32, softmax);
 }
 
-/// Elements per rayon task: big enough that scheduling costs little next to the math.
+/// Elements per rayon task: big enough that scheduling costs little next to the math (a
+/// decode step's rows are one task, run on the calling thread).
 const CHUNK: usize = 1 << 14;
 
 fn map(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
+    let chunk = |(o, x): (&mut [f32], &[f32])| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+    if out.len() <= CHUNK {
+        chunk((out, x));
+    } else {
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(chunk);
+    }
 }
 
 fn zip_map(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync) {
-    out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(o, (a, b))| {
-            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                *o = f(a, b);
-            }
-        });
+    let chunk = |(o, (a, b)): (&mut [f32], (&[f32], &[f32]))| {
+        for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+            *o = f(a, b);
+        }
+    };
+    if out.len() <= CHUNK {
+        chunk((out, (a, b)));
+    } else {
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(chunk);
+    }
 }
 
 /// Calls `$body` with `$f` bound to the activation function of `$which` (monomorphized,

@@ -146,7 +146,7 @@ fn matmul_dense(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         ));
     }
     let x = o.x;
-    par_column_blocks(o.out, n, column_block(n), |col0, out_rows| {
+    par_column_blocks(o.out, n, k, |col0, out_rows| {
         let mut scratch = vec![0f32; k];
         for c in 0..out_rows.first().map_or(0, |r| r.len()) {
             let w_row = w.f32_range((col0 + c) * k, &mut scratch)?;
@@ -190,16 +190,26 @@ fn matmul_gguf(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     o.add_bias()
 }
 
-/// Output columns per task: a few tasks per thread for balance, at most 256 weight rows so
-/// that a block of quantized rows stays in cache while every row of x passes over it.
-pub(super) fn column_block(n: usize) -> usize {
+/// Multiply-adds below which a product runs as one task: handing work to another thread
+/// costs more than it saves.
+const MIN_PARALLEL_WORK: usize = 1 << 16;
+
+/// Output columns per task: all of them for a small product; else a few tasks per thread
+/// for balance, at most 256 weight rows so that a block of quantized rows stays in cache
+/// while every row of x passes over it.
+pub(super) fn column_block(n: usize, m: usize, k: usize) -> usize {
+    if n.saturating_mul(m).saturating_mul(k) < MIN_PARALLEL_WORK {
+        return n.max(1);
+    }
     let per_task = n.div_ceil(4 * rayon::current_num_threads());
     per_task.next_multiple_of(8).clamp(8, 256)
 }
 
-/// Runs `f(first column, rows)` in parallel over blocks of `block` output columns, where
-/// `rows` holds, for every row of `out` (`[m, n]`), that row's slice of the block's columns.
-pub(super) fn par_column_blocks<F>(out: &mut [f32], n: usize, block: usize, f: F) -> Result<()>
+/// Runs `f(first column, rows)` over blocks of output columns of `out` (`[m, n]`, each
+/// column a dot product of length `k`), in parallel when the product is large enough
+/// (`column_block`); `rows` holds, for every row of `out`, that row's slice of the block's
+/// columns.
+pub(super) fn par_column_blocks<F>(out: &mut [f32], n: usize, k: usize, f: F) -> Result<()>
 where
     F: Fn(usize, &mut [&mut [f32]]) -> Result<()> + Sync,
 {
@@ -207,6 +217,17 @@ where
         return Ok(());
     }
     let m = out.len() / n;
+    let block = column_block(n, m, k);
+    if m == 1 {
+        // Decode: the row's chunks are the tasks, without allocating.
+        if block >= n {
+            return f(0, &mut [out]);
+        }
+        return out
+            .par_chunks_mut(block)
+            .enumerate()
+            .try_for_each(|(b, cols)| f(b * block, &mut [cols]));
+    }
     let mut tasks: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(block))
         .map(|_| Vec::with_capacity(m))
         .collect();

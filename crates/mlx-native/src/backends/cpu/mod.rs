@@ -14,7 +14,7 @@ mod sampling;
 use std::any::Any;
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::core::backend::{Backend, DeviceBuffer, Executable, HostBytes, KernelHandle};
 use crate::core::dtype::Element;
@@ -151,16 +151,31 @@ fn kernel_of(d: &Dispatch) -> Result<CpuKernel> {
         .ok_or_else(|| Error::Invalid("dispatch was not resolved by the CPU backend".into()))
 }
 
+/// Runs `f` on a thread of the kernels' pool (rayon's default size, `RAYON_NUM_THREADS`),
+/// so that every kernel's parallel loop starts inside the pool: other threads join it by
+/// stealing, and the caller hands work over and waits once per submission, not once per
+/// kernel. Without a pool (threads could not be started) kernels use rayon's global one.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    match POOL.get_or_init(|| rayon::ThreadPoolBuilder::new().build().ok()) {
+        Some(pool) => pool.install(f),
+        None => f(),
+    }
+}
+
 struct CpuGraph {
     steps: Vec<(CpuKernel, Dispatch)>,
 }
 
 impl Executable for CpuGraph {
     fn run(&mut self) -> Result<()> {
-        for (kernel, d) in &self.steps {
-            kernel(&d.op, &d.inputs, &d.outputs)?;
-        }
-        Ok(())
+        let steps = &self.steps;
+        on_pool(|| {
+            for (kernel, d) in steps {
+                kernel(&d.op, &d.inputs, &d.outputs)?;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -243,10 +258,12 @@ impl Backend for CpuBackend {
     }
 
     fn run(&self, dispatches: &[Dispatch]) -> Result<()> {
-        for d in dispatches {
-            kernel_of(d)?(&d.op, &d.inputs, &d.outputs)?;
-        }
-        Ok(())
+        on_pool(|| {
+            for d in dispatches {
+                kernel_of(d)?(&d.op, &d.inputs, &d.outputs)?;
+            }
+            Ok(())
+        })
     }
 
     fn instantiate(&self, dispatches: &[Dispatch]) -> Result<Box<dyn Executable>> {
@@ -264,21 +281,6 @@ impl Backend for CpuBackend {
     fn allocated_bytes(&self) -> usize {
         self.allocated.load(Ordering::Relaxed)
     }
-}
-
-/// A float tensor's values as f32 (borrowed when already f32).
-pub(crate) fn floats(t: &Tensor) -> Result<std::borrow::Cow<'_, [f32]>> {
-    use crate::core::dtype::DType;
-    Ok(match t.dtype() {
-        DType::F32 => std::borrow::Cow::Borrowed(slice::<f32>(t)?),
-        DType::F16 => slice::<half::f16>(t)?.iter().map(|v| v.to_f32()).collect(),
-        DType::BF16 => slice::<half::bf16>(t)?.iter().map(|v| v.to_f32()).collect(),
-        other => {
-            return Err(Error::Invalid(format!(
-                "expected a float tensor, found {other}"
-            )));
-        }
-    })
 }
 
 /// A float tensor's elements in their stored type, for kernels that convert to f32 a range

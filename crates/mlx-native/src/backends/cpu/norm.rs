@@ -1,8 +1,9 @@
-//! RMSNorm and LayerNorm over the last dimension, f32 activations, any float weight.
+//! RMSNorm and LayerNorm over the last dimension, f32 activations, any float weight (read
+//! as stored, a piece at a time: nothing is converted or allocated per call).
 
 use rayon::prelude::*;
 
-use super::{floats, slice, slice_mut, wrong_op, CpuKernel};
+use super::{slice, slice_mut, wrong_op, CpuKernel, FloatSlice};
 use crate::core::dtype::DType;
 use crate::core::op::Op;
 use crate::core::registry::Registry;
@@ -14,25 +15,54 @@ pub(super) fn register(reg: &mut Registry<CpuKernel>) {
     reg.insert("layer_norm", "", DType::F32, layer_norm);
 }
 
+/// Elements below which rows are normalised on the calling thread (decode steps).
+const PARALLEL_ELEMENTS: usize = 1 << 14;
+
+/// Weights converted to f32 per piece of this many elements.
+const PIECE: usize = 64;
+
+/// Runs `f(out row, x row)` over the rows of `d` elements, in parallel for large inputs.
+fn for_each_row(
+    out: &mut [f32],
+    x: &[f32],
+    d: usize,
+    f: impl Fn(&mut [f32], &[f32]) -> Result<()> + Sync,
+) -> Result<()> {
+    if d == 0 {
+        return Ok(());
+    }
+    if out.len() <= PARALLEL_ELEMENTS {
+        out.chunks_mut(d)
+            .zip(x.chunks(d))
+            .try_for_each(|(o, x)| f(o, x))
+    } else {
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .try_for_each(|(o, x)| f(o, x))
+    }
+}
+
 fn rms_norm(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let Op::RmsNorm { eps, unit_offset } = *op else {
         return Err(wrong_op(op));
     };
     let x = slice::<f32>(&inputs[0])?;
-    let w = floats(&inputs[1])?;
+    let w = FloatSlice::of(&inputs[1])?;
     let out = slice_mut::<f32>(&outputs[0])?;
     let d = w.len();
     let offset = if unit_offset { 1.0 } else { 0.0 };
-    out.par_chunks_mut(d)
-        .zip(x.par_chunks(d))
-        .for_each(|(o, x)| {
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            let r = 1.0 / (ms + eps).sqrt();
-            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w.iter()) {
+    for_each_row(out, x, d, |o, x| {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        let mut scratch = [0f32; PIECE];
+        for (p, (o, x)) in o.chunks_mut(PIECE).zip(x.chunks(PIECE)).enumerate() {
+            let w = w.f32_range(p * PIECE, &mut scratch[..o.len()])?;
+            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
                 *o = x * r * (w + offset);
             }
-        });
-    Ok(())
+        }
+        Ok(())
+    })
 }
 
 fn layer_norm(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
@@ -40,19 +70,22 @@ fn layer_norm(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         return Err(wrong_op(op));
     };
     let x = slice::<f32>(&inputs[0])?;
-    let w = floats(&inputs[1])?;
-    let b = floats(&inputs[2])?;
+    let w = FloatSlice::of(&inputs[1])?;
+    let b = FloatSlice::of(&inputs[2])?;
     let out = slice_mut::<f32>(&outputs[0])?;
     let d = w.len();
-    out.par_chunks_mut(d)
-        .zip(x.par_chunks(d))
-        .for_each(|(o, x)| {
-            let mean = x.iter().sum::<f32>() / d as f32;
-            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-            let r = 1.0 / (var + eps).sqrt();
-            for i in 0..d {
-                o[i] = (x[i] - mean) * r * w[i] + b[i];
+    for_each_row(out, x, d, |o, x| {
+        let mean = x.iter().sum::<f32>() / d as f32;
+        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+        let r = 1.0 / (var + eps).sqrt();
+        let (mut w_scratch, mut b_scratch) = ([0f32; PIECE], [0f32; PIECE]);
+        for (p, (o, x)) in o.chunks_mut(PIECE).zip(x.chunks(PIECE)).enumerate() {
+            let w = w.f32_range(p * PIECE, &mut w_scratch[..o.len()])?;
+            let b = b.f32_range(p * PIECE, &mut b_scratch[..o.len()])?;
+            for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+                *o = (x - mean) * r * w + b;
             }
-        });
-    Ok(())
+        }
+        Ok(())
+    })
 }

@@ -11,7 +11,9 @@
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use super::matmul::{column_block, dot, par_column_blocks};
+use std::cell::RefCell;
+
+use super::matmul::{dot, par_column_blocks};
 use super::FloatSlice;
 use crate::quant::mlx_affine::{check_params, dequantize_row, packed_row_len};
 use crate::{Error, Result};
@@ -61,22 +63,32 @@ fn matmul_with(kernel: Kernel, x: &[f32], w: &MlxAffine, out: &mut [f32]) -> Res
         ));
     }
     let x = kernel.arrange_x(x);
-    par_column_blocks(out, n, column_block(n), |col0, out_rows| {
+    par_column_blocks(out, n, k, |col0, out_rows| {
         let cols = out_rows.first().map_or(0, |r| r.len());
-        let mut scales = vec![0f32; cols * groups];
-        let mut biases = vec![0f32; cols * groups];
-        w.scales.convert(col0 * groups, &mut scales)?;
-        w.biases.convert(col0 * groups, &mut biases)?;
-        let block = Block {
-            packed: &w.packed[col0 * words..(col0 + cols) * words],
-            scales: &scales,
-            biases: &biases,
-            bits: w.bits,
-            group_size: w.group_size,
-            k,
-        };
-        kernel.run(&block, &x, out_rows)
+        let len = cols * groups;
+        SCALES_BIASES.with_borrow_mut(|buf| {
+            if buf.len() < 2 * len {
+                buf.resize(2 * len, 0.0);
+            }
+            let (scales, biases) = buf[..2 * len].split_at_mut(len);
+            w.scales.convert(col0 * groups, scales)?;
+            w.biases.convert(col0 * groups, biases)?;
+            let block = Block {
+                packed: &w.packed[col0 * words..(col0 + cols) * words],
+                scales,
+                biases,
+                bits: w.bits,
+                group_size: w.group_size,
+                k,
+            };
+            kernel.run(&block, &x, out_rows)
+        })
     })
+}
+
+thread_local! {
+    /// A task's scales and biases in f32, kept per thread so that decoding allocates nothing.
+    static SCALES_BIASES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The weight rows of one task, scales and biases already in f32.
