@@ -93,6 +93,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             print!("{rest}");
         }
         println!();
+        let _ = std::io::stdout().flush();
         eprintln!(
             "prompt: {} tokens, {:.1} tokens/s | decode: {} tokens, {:.1} tokens/s | peak memory: {}",
             stats.prompt_tokens,
