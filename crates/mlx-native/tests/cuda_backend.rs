@@ -111,8 +111,8 @@ fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
     assert!(rel <= tol, "{what}: relative error {rel:e} > {tol:e}");
 }
 
-/// Runs `compute` on the GPU and checks it against `want`, and against the CPU backend when
-/// that has the kernel (`NoKernel` from the CPU means this branch does not have it yet).
+/// Runs `compute` on the GPU and checks it against `want` and against the CPU backend (the
+/// reference every GPU kernel answers to).
 fn check(
     what: &str,
     dev: &Device,
@@ -120,28 +120,11 @@ fn check(
     want: &[f64],
     tol: f64,
 ) {
-    check_tols(what, dev, compute, want, tol, tol);
-}
-
-/// `check` with its own tolerance against the CPU backend (for CPU kernels that round).
-fn check_tols(
-    what: &str,
-    dev: &Device,
-    compute: impl Fn(&Device) -> Result<Vec<f32>>,
-    want: &[f64],
-    tol: f64,
-    cpu_tol: f64,
-) {
     let got = compute(dev).unwrap_or_else(|e| panic!("{what}: {e}"));
     assert_close(what, &got, want, tol);
-    match compute(&Device::cpu()) {
-        Ok(cpu) => {
-            let cpu: Vec<f64> = cpu.iter().map(|&v| v as f64).collect();
-            assert_close(&format!("{what} (vs CPU backend)"), &got, &cpu, cpu_tol);
-        }
-        Err(Error::NoKernel { .. }) => {}
-        Err(e) => panic!("{what} on the CPU backend: {e}"),
-    }
+    let cpu = compute(&Device::cpu()).unwrap_or_else(|e| panic!("{what} on the CPU backend: {e}"));
+    let cpu: Vec<f64> = cpu.iter().map(|&v| v as f64).collect();
+    assert_close(&format!("{what} (vs CPU backend)"), &got, &cpu, tol);
 }
 
 const FLOAT_TYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -741,16 +724,6 @@ fn matmul_ref(x: &[f32], w: &HostWeight, bias: Option<&[f64]>, m: usize) -> Vec<
     out
 }
 
-/// How close the CPU backend's matmul comes to the exact product: it rounds x to 8 bits for
-/// quantized GGUF weights (ggml's Q8 activations, ≤ 0.5% of the outputs on random data).
-fn cpu_matmul_tol(layout: WeightLayout, tol: f64) -> f64 {
-    match layout {
-        WeightLayout::Gguf(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => tol,
-        WeightLayout::Gguf(_) => 1e-2,
-        _ => tol,
-    }
-}
-
 fn check_matmul(dev: &Device, rng: &mut Rng, w: &HostWeight, m: usize, with_bias: bool) {
     let x = rng.vec(m * w.k, 1.0);
     let (bias_bytes, bias) = float_bytes(rng, w.n, 0.5, DType::BF16);
@@ -786,8 +759,7 @@ fn check_matmul(dev: &Device, rng: &mut Rng, w: &HostWeight, m: usize, with_bias
         layout => layout == WeightLayout::Gguf(GgmlType::F32),
     };
     let tol = if m >= 17 && !f32_weight { 1e-3 } else { 2e-5 };
-    let cpu_tol = cpu_matmul_tol(w.layout, tol);
-    check_tols(&what, dev, compute, &want, tol, cpu_tol);
+    check(&what, dev, compute, &want, tol);
 }
 
 #[test]
@@ -844,8 +816,7 @@ fn matmul_add_takes_the_residual_as_bias() {
             out.to_vec::<f32>()
         };
         let what = format!("matmul_add {}", describe(&w));
-        let cpu_tol = cpu_matmul_tol(w.layout, 2e-5);
-        check_tols(&what, &dev, compute, &want, 2e-5, cpu_tol);
+        check(&what, &dev, compute, &want, 2e-5);
     }
 }
 
@@ -892,8 +863,7 @@ fn gated_matmul_matches_reference() {
             out.to_vec::<f32>()
         };
         let what = format!("gated_matmul {f:?} {}", describe(&gate));
-        let cpu_tol = cpu_matmul_tol(gate.layout, 2e-5);
-        check_tols(&what, &dev, compute, &want, 2e-5, cpu_tol);
+        check(&what, &dev, compute, &want, 2e-5);
     }
 }
 
