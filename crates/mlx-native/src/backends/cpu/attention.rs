@@ -110,16 +110,16 @@ fn attend(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2.
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { attend_avx2(q, keys, values, head_dim, scale, softcap, scores, out) };
     }
-    attend_lanes(q, keys, values, head_dim, scale, softcap, scores, out)
+    attend_with(dot, q, keys, values, head_dim, scale, softcap, scores, out)
 }
 
-/// `attend_lanes` compiled for AVX2 (8-lane loops).
+/// `attend_with` compiled for AVX2, with a vector dot product.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_avx2(
     q: &[f32],
@@ -131,7 +131,9 @@ unsafe fn attend_avx2(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    attend_lanes(q, keys, values, head_dim, scale, softcap, scores, out)
+    // SAFETY: this function runs only where the CPU has AVX2 and FMA.
+    let dot = |a: &[f32], b: &[f32]| unsafe { dot_fma(a, b) };
+    attend_with(dot, q, keys, values, head_dim, scale, softcap, scores, out)
 }
 
 /// Scores, then a two-pass softmax (max, exp-sum) in f32 and the weighted sum of values.
@@ -139,7 +141,8 @@ unsafe fn attend_avx2(
 /// target features.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_lanes(
+fn attend_with(
+    dot: impl Fn(&[f32], &[f32]) -> f32,
     q: &[f32],
     keys: &[f32],
     values: &[f32],
@@ -179,8 +182,7 @@ fn attend_lanes(
     }
 }
 
-/// Dot product with eight independent sums (one vector register), so the loop vectorizes.
-#[inline(always)]
+/// Σ aᵢ·bᵢ with eight independent sums.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -193,8 +195,41 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
-    ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)) + tail
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Σ aᵢ·bᵢ in two 8-lane FMA chains.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (a, b) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 16 <= n {
+        for (h, acc) in acc.iter_mut().enumerate() {
+            let (x, y) = (
+                _mm256_loadu_ps(a.add(i + 8 * h)),
+                _mm256_loadu_ps(b.add(i + 8 * h)),
+            );
+            *acc = _mm256_fmadd_ps(x, y, *acc);
+        }
+        i += 16;
+    }
+    if i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc[0]);
+        i += 8;
+    }
+    let v = _mm256_add_ps(acc[0], acc[1]);
+    let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    let mut sum = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+    while i < n {
+        sum += *a.add(i) * *b.add(i);
+        i += 1;
+    }
+    sum
 }
 
 fn kv_append(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {

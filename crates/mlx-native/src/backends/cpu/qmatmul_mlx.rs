@@ -180,33 +180,64 @@ mod tests {
         packed: Vec<u32>,
         scales: Vec<f32>,
         biases: Vec<f32>,
+        /// The same scales and biases stored as f16 and as bf16.
+        halves: (Vec<half::f16>, Vec<half::f16>),
+        bhalves: (Vec<half::bf16>, Vec<half::bf16>),
         n: usize,
         k: usize,
         bits: u32,
         group_size: usize,
     }
 
+    /// How a view stores its scales and biases.
+    #[derive(Clone, Copy, Debug)]
+    enum Storage {
+        F32,
+        F16,
+        BF16,
+    }
+
     impl Weights {
+        /// Random codes; scales and biases exact in f16 and bf16 (8-bit numerators over
+        /// powers of two), so every storage holds the same values.
         fn random(n: usize, k: usize, bits: u32, group_size: usize, seed: u64) -> Weights {
             let mut rng = Lcg(seed);
             let groups = n * k / group_size;
+            let mut exact = |unit: f32| (rng.next_u32() % 255) as f32 * unit - 127.0 * unit;
+            let scales: Vec<f32> = (0..groups).map(|_| exact(1.0 / 1024.0)).collect();
+            let biases: Vec<f32> = (0..groups).map(|_| exact(1.0 / 128.0)).collect();
+            let to_f16 = |v: &[f32]| v.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let to_bf16 = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x)).collect();
             Weights {
                 packed: (0..n * packed_row_len(k, bits))
                     .map(|_| rng.next_u32())
                     .collect(),
-                scales: (0..groups).map(|_| rng.next_f32() * 0.1).collect(),
-                biases: (0..groups).map(|_| rng.next_f32()).collect(),
+                halves: (to_f16(&scales), to_f16(&biases)),
+                bhalves: (to_bf16(&scales), to_bf16(&biases)),
+                scales,
+                biases,
                 n,
                 k,
                 bits,
                 group_size,
             }
         }
-        fn view(&self) -> MlxAffine<'_> {
+        fn view(&self, storage: Storage) -> MlxAffine<'_> {
+            let (scales, biases) = match storage {
+                Storage::F32 => (FloatSlice::F32(&self.scales), FloatSlice::F32(&self.biases)),
+                Storage::F16 => (
+                    FloatSlice::F16(&self.halves.0),
+                    FloatSlice::F16(&self.halves.1),
+                ),
+                Storage::BF16 => (
+                    FloatSlice::BF16(&self.bhalves.0),
+                    FloatSlice::BF16(&self.bhalves.1),
+                ),
+            };
             MlxAffine {
                 packed: &self.packed,
-                scales: FloatSlice::F32(&self.scales),
-                biases: FloatSlice::F32(&self.biases),
+                scales,
+                biases,
                 bits: self.bits,
                 group_size: self.group_size,
                 n: self.n,
@@ -248,7 +279,8 @@ mod tests {
 
     /// Each kernel against an f64 reference, over every tile shape (rows of x 1..=9 cover
     /// tiles of 1 to 4 rows and the loop over groups of rows; 37 weight rows leave a tail
-    /// of single rows) and every group size. Tolerance 1e-5·Σ|x·w| (f32 accumulation).
+    /// of single rows), every group size and every storage of scales and biases. Tolerance
+    /// 1e-5·Σ|x·w| (f32 accumulation).
     #[test]
     fn kernels_match_f64_reference() {
         for bits in [2, 3, 4, 5, 6, 8] {
@@ -264,9 +296,13 @@ mod tests {
                 let mut rng = Lcg(99);
                 for m in 1..=9 {
                     let x: Vec<f32> = (0..m * k).map(|_| rng.next_f32()).collect();
-                    for kernel in Kernel::available(bits) {
+                    let storages = [Storage::F32, Storage::F16, Storage::BF16];
+                    for (kernel, storage) in Kernel::available(bits)
+                        .into_iter()
+                        .flat_map(|k| storages.map(|s| (k, s)))
+                    {
                         let mut out = vec![f32::NAN; m * n];
-                        matmul_with(kernel, &x, &w.view(), &mut out).unwrap();
+                        matmul_with(kernel, &x, &w.view(storage), &mut out).unwrap();
                         for r in 0..n {
                             let row = w.row(r);
                             for i in 0..m {
@@ -278,7 +314,7 @@ mod tests {
                                 let got = out[i * n + r] as f64;
                                 assert!(
                                     (got - want).abs() <= 1e-5 * size,
-                                    "{kernel:?} bits={bits} gs={group_size} m={m} [{i}, {r}]: {got} vs {want}"
+                                    "{kernel:?} {storage:?} bits={bits} gs={group_size} m={m} [{i}, {r}]: {got} vs {want}"
                                 );
                             }
                         }
@@ -305,7 +341,7 @@ mod tests {
                 for _ in 0..7 {
                     let start = std::time::Instant::now();
                     for _ in 0..50 {
-                        matmul_with(kernel, &x, &w.view(), &mut out).unwrap();
+                        matmul_with(kernel, &x, &w.view(Storage::F16), &mut out).unwrap();
                     }
                     best = best.min(start.elapsed().as_secs_f64() / 50.0);
                 }

@@ -1,9 +1,9 @@
 //! x86-64 SIMD kernels (AVX-512F, or AVX2 + FMA; both with F16C), chosen at run time.
 //!
-//! A tile is R weight rows × M rows of x. Per block, each weight row's header (scales,
+//! A tile is one weight row × up to four rows of x. Per block, the row's header (scales,
 //! mins) is decoded once; then, `LANES` elements at a time, the format's `chunk` turns the
-//! row's codes into their f32 values, in element order, and every row of x multiplies them
-//! into per-lane sums, reduced once per tile. The formats are written once against `Simd`,
+//! codes into their f32 values, in element order, and every row of x multiplies them into
+//! per-lane sums, reduced once per tile. The formats are written once against `Simd`,
 //! which both instruction sets implement. 4-bit codes go through a table of the block's 16
 //! possible values: on AVX-512 one `vpermps` looks up 16 codes; on AVX2 the codes are
 //! converted and scaled with a fused multiply-add.
@@ -11,7 +11,7 @@
 //! Every value a chunk makes equals `quant::ggml::dequantize_row`'s: d·q, d·(q − 8) and
 //! d·sc·q are exact in f32, and d·q + m rounds once either way (d·q is exact).
 
-// Accumulators, rows and results are parallel arrays indexed by weight row and x row.
+// Accumulators and results are parallel arrays indexed by x row.
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
@@ -140,105 +140,102 @@ struct Tiles {
 }
 
 impl Tiles {
-    /// Rows of x in groups of up to four; per group, weight rows R at a time (as many as
-    /// the registers hold accumulators for), then one at a time.
+    /// Rows of x in groups of up to four, each group against every weight row.
     #[inline(always)]
     unsafe fn run<S: Simd, F: Format<S>>(&self, blocks: usize, x: &[f32], out: &mut [&mut [f32]]) {
         let mut i0 = 0;
         while i0 < out.len() {
             let (x, out) = (x.as_ptr().add(i0 * self.k), &mut out[i0..]);
-            i0 += match (out.len(), S::WIDE) {
-                (1, true) => self.rows::<S, F, 4, 1>(blocks, x, out),
-                (2, true) => self.rows::<S, F, 4, 2>(blocks, x, out),
-                (3, true) => self.rows::<S, F, 2, 3>(blocks, x, out),
-                (_, true) => self.rows::<S, F, 2, 4>(blocks, x, out),
-                (1, false) => self.rows::<S, F, 2, 1>(blocks, x, out),
-                (2, false) => self.rows::<S, F, 2, 2>(blocks, x, out),
-                (3, false) => self.rows::<S, F, 1, 3>(blocks, x, out),
-                (_, false) => self.rows::<S, F, 1, 4>(blocks, x, out),
+            i0 += match out.len() {
+                1 => self.rows::<S, F, 1>(blocks, x, out),
+                2 => self.rows::<S, F, 2>(blocks, x, out),
+                3 => self.rows::<S, F, 3>(blocks, x, out),
+                _ => self.rows::<S, F, 4>(blocks, x, out),
             };
         }
     }
 
     /// Every weight row against M rows of x at `x`; returns M.
     #[inline(always)]
-    unsafe fn rows<S: Simd, F: Format<S>, const R: usize, const M: usize>(
+    unsafe fn rows<S: Simd, F: Format<S>, const M: usize>(
         &self,
         blocks: usize,
         x: *const f32,
         out: &mut [&mut [f32]],
     ) -> usize {
         let cols = out.first().map_or(0, |r| r.len());
-        let mut c = 0;
-        while c + R <= cols {
-            let sums = self.tile::<S, F, R, M>(c, blocks, x);
-            for r in 0..R {
-                for i in 0..M {
-                    out[i][c + r] = sums[r][i];
-                }
-            }
-            c += R;
-        }
-        while c < cols {
-            let [sums] = self.tile::<S, F, 1, M>(c, blocks, x);
+        for c in 0..cols {
+            let sums = self.tile::<S, F, M>(self.w.add(c * self.row_bytes), blocks, x);
             for i in 0..M {
                 out[i][c] = sums[i];
             }
-            c += 1;
         }
         M
     }
 
-    /// Weight rows c0..c0+R times M rows of x over the first `blocks` blocks.
+    /// One weight row (at `row`) times M rows of x over the first `blocks` blocks. One row
+    /// at a time: the hardware prefetchers follow a single stream through memory much better
+    /// than several interleaved ones (decode speed drops by a third with four).
     #[inline(always)]
-    unsafe fn tile<S: Simd, F: Format<S>, const R: usize, const M: usize>(
+    unsafe fn tile<S: Simd, F: Format<S>, const M: usize>(
         &self,
-        c0: usize,
+        row: *const u8,
         blocks: usize,
         x: *const f32,
-    ) -> [[f32; M]; R] {
-        // Two sums per (weight row, x row), for alternate chunks, so that FMA chains overlap.
-        let mut acc = [[[S::zero(); 2]; M]; R];
-        let mut rows = [self.w; R];
-        for r in 0..R {
-            rows[r] = self.w.add((c0 + r) * self.row_bytes);
-        }
+    ) -> [f32; M] {
+        // Two sums per x row, for alternate chunks, so that FMA chains overlap.
+        let mut acc = [[S::zero(); 2]; M];
         for b in 0..blocks {
-            let mut blk = rows;
-            let mut head = [F::header(rows[0]); R];
-            for r in 0..R {
-                blk[r] = rows[r].add(b * F::BYTES);
-                head[r] = F::header(blk[r]);
-                // A hint only: it may point past the weights.
-                _mm_prefetch::<_MM_HINT_T0>(blk[r].wrapping_add(PREFETCH) as *const i8);
-            }
-            for u in 0..F::ELEMS / F::UNIT {
-                let xu = x.add(b * F::ELEMS + u * F::UNIT);
-                let mut e = 0;
-                while e < F::UNIT {
-                    for r in 0..R {
-                        let w = [
-                            F::chunk(blk[r], &head[r], u, e),
-                            F::chunk(blk[r], &head[r], u, e + S::LANES),
-                        ];
-                        for i in 0..M {
-                            for h in 0..2 {
-                                let xv = S::load(xu.add(i * self.k + e + h * S::LANES));
-                                acc[r][i][h] = S::fma(w[h], xv, acc[r][i][h]);
-                            }
-                        }
+            self.block::<S, F, M>(row.add(b * F::BYTES), x.add(b * F::ELEMS), &mut acc);
+        }
+        let mut sums = [0f32; M];
+        for i in 0..M {
+            sums[i] = S::sum(S::add(acc[i][0], acc[i][1]));
+        }
+        sums
+    }
+
+    /// Adds the block at `blk` times M rows of x (from `x`) to `acc`.
+    #[inline(always)]
+    unsafe fn block<S: Simd, F: Format<S>, const M: usize>(
+        &self,
+        blk: *const u8,
+        x: *const f32,
+        acc: &mut [[S::F; 2]; M],
+    ) {
+        // In memory, which the broadcasts of its values read.
+        let head = F::header(blk);
+        // A hint only: it may point past the weights.
+        _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+        // Formats that scale block sums sum into a fresh `part`, scaled once.
+        let mut part = [[S::zero(); 2]; M];
+        let sums = if F::SCALED_SUMS { &mut part } else { &mut *acc };
+        for u in 0..F::ELEMS / F::UNIT {
+            let unit = F::unit(&head, u);
+            let xu = x.add(u * F::UNIT);
+            let mut e = 0;
+            while e < F::UNIT {
+                let w = [
+                    F::chunk(blk, &unit, u, e),
+                    F::chunk(blk, &unit, u, e + S::LANES),
+                ];
+                for i in 0..M {
+                    for h in 0..2 {
+                        let xv = S::load(xu.add(i * self.k + e + h * S::LANES));
+                        sums[i][h] = S::fma(w[h], xv, sums[i][h]);
                     }
-                    e += 2 * S::LANES;
+                }
+                e += 2 * S::LANES;
+            }
+        }
+        if F::SCALED_SUMS {
+            let scale = F::sum_scale(&head);
+            for i in 0..M {
+                for h in 0..2 {
+                    acc[i][h] = S::fma(part[i][h], scale, acc[i][h]);
                 }
             }
         }
-        let mut sums = [[0f32; M]; R];
-        for r in 0..R {
-            for i in 0..M {
-                sums[r][i] = S::sum(S::add(acc[r][i][0], acc[r][i][1]));
-            }
-        }
-        sums
     }
 }
 
@@ -251,11 +248,13 @@ trait Simd {
     /// A block's table of the 16 values of a 4-bit code, i·d + m.
     type Lut: Copy;
     const LANES: usize;
-    /// 32 registers (AVX-512) rather than 16: tiles of more weight rows.
-    const WIDE: bool;
 
     unsafe fn zero() -> Self::F;
     unsafe fn splat(v: f32) -> Self::F;
+    /// The f32 at `p` in every lane, broadcast by the load unit (`vbroadcastss` from a
+    /// register, or on Zen 4 even from memory, would take the shuffle unit that the
+    /// unpacking keeps busy).
+    unsafe fn splat_from(p: *const f32) -> Self::F;
     unsafe fn load(p: *const f32) -> Self::F;
     /// a·b + c.
     unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
@@ -277,7 +276,8 @@ trait Simd {
     unsafe fn shift_left(v: Self::I, bits: u32) -> Self::I;
     unsafe fn sub(v: Self::I, c: i32) -> Self::I;
     unsafe fn to_f32(v: Self::I) -> Self::F;
-    unsafe fn lut(d: f32, m: f32) -> Self::Lut;
+    /// The table for the d and m at `d` and `m`.
+    unsafe fn lut(d: *const f32, m: *const f32) -> Self::Lut;
     /// The table's value for the low 4 bits of each lane (higher bits are ignored).
     unsafe fn lookup(codes: Self::I, lut: Self::Lut) -> Self::F;
     /// Lanes of bytes (0..256) with bits 4..8 moved to the low 4 bits, for `lookup`.
@@ -291,7 +291,6 @@ impl Simd for Avx512 {
     type I = __m512i;
     type Lut = __m512;
     const LANES: usize = 16;
-    const WIDE: bool = true;
 
     #[inline(always)]
     unsafe fn zero() -> __m512 {
@@ -300,6 +299,19 @@ impl Simd for Avx512 {
     #[inline(always)]
     unsafe fn splat(v: f32) -> __m512 {
         _mm512_set1_ps(v)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn splat_from(p: *const f32) -> __m512 {
+        // Written out: the compiler would pick `vbroadcastss`.
+        let out;
+        std::arch::asm!(
+            "vpbroadcastd {out}, dword ptr [{p}]",
+            out = lateout(zmm_reg) out,
+            p = in(reg) p,
+            options(pure, readonly, nostack, preserves_flags)
+        );
+        out
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> __m512 {
@@ -364,11 +376,11 @@ impl Simd for Avx512 {
         _mm512_cvtepi32_ps(v)
     }
     #[inline(always)]
-    unsafe fn lut(d: f32, m: f32) -> __m512 {
+    unsafe fn lut(d: *const f32, m: *const f32) -> __m512 {
         let codes = _mm512_setr_ps(
             0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
         );
-        _mm512_fmadd_ps(codes, _mm512_set1_ps(d), _mm512_set1_ps(m))
+        _mm512_fmadd_ps(codes, Self::splat_from(d), Self::splat_from(m))
     }
     #[inline(always)]
     unsafe fn lookup(codes: __m512i, table: __m512) -> __m512 {
@@ -398,7 +410,6 @@ impl Simd for Avx2 {
     type I = __m256i;
     type Lut = (__m256, __m256);
     const LANES: usize = 8;
-    const WIDE: bool = false;
 
     #[inline(always)]
     unsafe fn zero() -> __m256 {
@@ -407,6 +418,10 @@ impl Simd for Avx2 {
     #[inline(always)]
     unsafe fn splat(v: f32) -> __m256 {
         _mm256_set1_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn splat_from(p: *const f32) -> __m256 {
+        _mm256_broadcast_ss(&*p)
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> __m256 {
@@ -472,8 +487,8 @@ impl Simd for Avx2 {
         _mm256_cvtepi32_ps(v)
     }
     #[inline(always)]
-    unsafe fn lut(d: f32, m: f32) -> (__m256, __m256) {
-        (_mm256_set1_ps(d), _mm256_set1_ps(m))
+    unsafe fn lut(d: *const f32, m: *const f32) -> (__m256, __m256) {
+        (Self::splat_from(d), Self::splat_from(m))
     }
     #[inline(always)]
     unsafe fn lookup(codes: __m256i, (d, m): (__m256, __m256)) -> __m256 {
@@ -493,19 +508,40 @@ trait Format<S: Simd> {
     /// Elements per unit: the run of a block whose chunks share their layout arithmetic,
     /// which the tiles unroll (a multiple of 32 dividing `ELEMS`).
     const UNIT: usize = 32;
-    /// What `chunk` needs of the block's header, decoded once per block.
+    /// Whether `chunk` yields values without the block's scale, which then multiplies the
+    /// block's sums (`sum_scale`): one multiply per block instead of one per chunk.
+    const SCALED_SUMS: bool = false;
+    /// The block's scales (and mins) in f32, decoded once per block.
     type Header: Copy;
+    /// What a unit's chunks need of the header, in registers.
+    type Unit: Copy;
     unsafe fn header(block: *const u8) -> Self::Header;
+    unsafe fn unit(head: &Self::Header, u: usize) -> Self::Unit;
     /// The values of elements e..e + LANES of unit u of the block (e a multiple of LANES).
-    unsafe fn chunk(block: *const u8, head: &Self::Header, u: usize, e: usize) -> S::F;
+    unsafe fn chunk(block: *const u8, unit: &Self::Unit, u: usize, e: usize) -> S::F;
+    /// The factor of the block's sums (1 unless `SCALED_SUMS`).
+    #[inline(always)]
+    unsafe fn sum_scale(_: &Self::Header) -> S::F {
+        S::splat(1.0)
+    }
+}
+
+/// The four f16 at `p` (the start of a block of at least 8 bytes), as f32.
+#[inline(always)]
+unsafe fn f16x4(p: *const u8) -> [f32; 4] {
+    let mut out = [0f32; 4];
+    _mm_storeu_ps(
+        out.as_mut_ptr(),
+        _mm_cvtph_ps(_mm_loadl_epi64(p as *const __m128i)),
+    );
+    out
 }
 
 /// The f16 at `p` as f32.
 #[inline(always)]
 unsafe fn f16_at(p: *const u8) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-        read_unaligned(p as *const u16) as i32,
-    )))
+    let bits = read_unaligned(p as *const u16);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
 /// Elements e..e + LANES of a 32-element block of 4-bit codes at `qs` (byte j: element j
@@ -516,22 +552,21 @@ unsafe fn nibbles<S: Simd>(qs: *const u8, lut: S::Lut, e: usize) -> S::F {
     S::lookup(if e < 16 { v } else { S::high_nibbles(v) }, lut)
 }
 
-/// Two f16 values at `p`, as f32.
-#[inline(always)]
-unsafe fn f16_pair(p: *const u8) -> (f32, f32) {
-    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(read_unaligned(p as *const i32)));
-    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
-}
-
 struct Q4_0;
 impl<S: Simd> Format<S> for Q4_0 {
     const ELEMS: usize = 32;
     const BYTES: usize = 18;
-    type Header = S::Lut;
+    /// d and −8·d.
+    type Header = [f32; 2];
+    type Unit = S::Lut;
     #[inline(always)]
-    unsafe fn header(p: *const u8) -> S::Lut {
+    unsafe fn header(p: *const u8) -> [f32; 2] {
         let d = f16_at(p);
-        S::lut(d, -8.0 * d)
+        [d, -8.0 * d]
+    }
+    #[inline(always)]
+    unsafe fn unit(h: &[f32; 2], _: usize) -> S::Lut {
+        S::lut(&h[0], &h[1])
     }
     #[inline(always)]
     unsafe fn chunk(p: *const u8, lut: &S::Lut, _: usize, e: usize) -> S::F {
@@ -543,11 +578,16 @@ struct Q4_1;
 impl<S: Simd> Format<S> for Q4_1 {
     const ELEMS: usize = 32;
     const BYTES: usize = 20;
-    type Header = S::Lut;
+    /// d, m (and two values that are codes).
+    type Header = [f32; 4];
+    type Unit = S::Lut;
     #[inline(always)]
-    unsafe fn header(p: *const u8) -> S::Lut {
-        let (d, m) = f16_pair(p);
-        S::lut(d, m)
+    unsafe fn header(p: *const u8) -> [f32; 4] {
+        f16x4(p)
+    }
+    #[inline(always)]
+    unsafe fn unit(h: &[f32; 4], _: usize) -> S::Lut {
+        S::lut(&h[0], &h[1])
     }
     #[inline(always)]
     unsafe fn chunk(p: *const u8, lut: &S::Lut, _: usize, e: usize) -> S::F {
@@ -555,18 +595,28 @@ impl<S: Simd> Format<S> for Q4_1 {
     }
 }
 
+/// Q8_0: d·q with d·q exact in f32, so d may as well scale the block's sum.
 struct Q8_0;
 impl<S: Simd> Format<S> for Q8_0 {
     const ELEMS: usize = 32;
     const BYTES: usize = 34;
-    type Header = S::F;
+    const SCALED_SUMS: bool = true;
+    /// d (and three values that are codes).
+    type Header = [f32; 4];
+    type Unit = ();
     #[inline(always)]
-    unsafe fn header(p: *const u8) -> S::F {
-        S::splat(f16_at(p))
+    unsafe fn header(p: *const u8) -> [f32; 4] {
+        f16x4(p)
     }
     #[inline(always)]
-    unsafe fn chunk(p: *const u8, d: &S::F, _: usize, e: usize) -> S::F {
-        S::mul(S::to_f32(S::i8s(p.add(2 + e))), *d)
+    unsafe fn unit(_: &[f32; 4], _: usize) {}
+    #[inline(always)]
+    unsafe fn chunk(p: *const u8, _: &(), _: usize, e: usize) -> S::F {
+        S::to_f32(S::i8s(p.add(2 + e)))
+    }
+    #[inline(always)]
+    unsafe fn sum_scale(h: &[f32; 4]) -> S::F {
+        S::splat_from(&h[0])
     }
 }
 
@@ -575,25 +625,39 @@ struct Q4K;
 impl<S: Simd> Format<S> for Q4K {
     const ELEMS: usize = 256;
     const BYTES: usize = 144;
+    /// Units of two sub-blocks, which share 32 bytes of codes.
     const UNIT: usize = 64;
-    type Header = [S::Lut; 8];
+    /// d·sc of the sub-blocks, then −dmin·m.
+    type Header = [f32; 16];
+    type Unit = [S::Lut; 2];
     #[inline(always)]
-    unsafe fn header(p: *const u8) -> [S::Lut; 8] {
-        let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
+    unsafe fn header(p: *const u8) -> [f32; 16] {
+        let [d, dmin, ..] = f16x4(p);
         let scales = std::slice::from_raw_parts(p.add(4), 12);
-        let mut luts = [S::lut(0.0, 0.0); 8];
-        for (j, lut) in luts.iter_mut().enumerate() {
+        let mut h = [0f32; 16];
+        for j in 0..8 {
             let (sc, m) = q4k_scale_min(scales, j);
-            *lut = S::lut(d * sc as f32, -(dmin * m as f32));
+            h[j] = d * sc as f32;
+            h[8 + j] = -(dmin * m as f32);
         }
-        luts
+        h
     }
     #[inline(always)]
-    unsafe fn chunk(p: *const u8, luts: &[S::Lut; 8], u: usize, e: usize) -> S::F {
-        // Unit u is sub-blocks 2u and 2u + 1, which share 32 bytes: low nibbles, then high.
+    unsafe fn unit(h: &[f32; 16], u: usize) -> [S::Lut; 2] {
+        [
+            S::lut(&h[2 * u], &h[8 + 2 * u]),
+            S::lut(&h[2 * u + 1], &h[8 + 2 * u + 1]),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn chunk(p: *const u8, luts: &[S::Lut; 2], u: usize, e: usize) -> S::F {
+        // Sub-block 2u in the low nibbles, 2u + 1 in the high ones.
         let v = S::u8s(p.add(16 + 32 * u + e % 32));
-        let lut = luts[2 * u + e / 32];
-        S::lookup(if e < 32 { v } else { S::high_nibbles(v) }, lut)
+        if e < 32 {
+            S::lookup(v, luts[0])
+        } else {
+            S::lookup(S::high_nibbles(v), luts[1])
+        }
     }
 }
 
@@ -602,27 +666,37 @@ struct Q6K;
 impl<S: Simd> Format<S> for Q6K {
     const ELEMS: usize = 256;
     const BYTES: usize = 210;
+    /// Units of half a block (see `quant::ggml::q6k_value` for the layout).
     const UNIT: usize = 128;
+    /// d·sc of the sub-blocks.
     type Header = [f32; 16];
+    type Unit = [S::F; 8];
     #[inline(always)]
     unsafe fn header(p: *const u8) -> [f32; 16] {
         let d = f16_at(p.add(208));
-        let mut scales = [0f32; 16];
+        let mut h = [0f32; 16];
+        for (j, h) in h.iter_mut().enumerate() {
+            *h = d * *p.add(192 + j) as i8 as f32;
+        }
+        h
+    }
+    #[inline(always)]
+    unsafe fn unit(h: &[f32; 16], u: usize) -> [S::F; 8] {
+        let mut scales = [S::zero(); 8];
         for (j, s) in scales.iter_mut().enumerate() {
-            *s = d * *p.add(192 + j) as i8 as f32;
+            *s = S::splat_from(&h[8 * u + j]);
         }
         scales
     }
     #[inline(always)]
-    unsafe fn chunk(p: *const u8, scales: &[f32; 16], u: usize, e: usize) -> S::F {
-        // Unit u is half u of the block; see `quant::ggml::q6k_value` for the layout.
+    unsafe fn chunk(p: *const u8, scales: &[S::F; 8], u: usize, e: usize) -> S::F {
         let (g, l) = (e / 32, e % 32);
         let low = S::u8s(p.add(64 * u + 32 * (g % 2) + l));
         let low = S::and(S::shift_right(low, 4 * (g as u32 / 2)), 0xF);
         let high = S::u8s(p.add(128 + 32 * u + l));
         let high = S::and(S::shift_right(high, 2 * g as u32), 3);
         let q = S::sub(S::or(low, S::shift_left(high, 4)), 32);
-        S::mul(S::to_f32(q), S::splat(scales[8 * u + e / 16]))
+        S::mul(S::to_f32(q), scales[e / 16])
     }
 }
 
@@ -632,8 +706,11 @@ impl<S: Simd> Format<S> for F32 {
     const ELEMS: usize = FLOAT_STEP;
     const BYTES: usize = 4 * FLOAT_STEP;
     type Header = ();
+    type Unit = ();
     #[inline(always)]
     unsafe fn header(_: *const u8) {}
+    #[inline(always)]
+    unsafe fn unit(_: &(), _: usize) {}
     #[inline(always)]
     unsafe fn chunk(p: *const u8, _: &(), _: usize, e: usize) -> S::F {
         S::load((p as *const f32).add(e))
@@ -645,8 +722,11 @@ impl<S: Simd> Format<S> for F16 {
     const ELEMS: usize = FLOAT_STEP;
     const BYTES: usize = 2 * FLOAT_STEP;
     type Header = ();
+    type Unit = ();
     #[inline(always)]
     unsafe fn header(_: *const u8) {}
+    #[inline(always)]
+    unsafe fn unit(_: &(), _: usize) {}
     #[inline(always)]
     unsafe fn chunk(p: *const u8, _: &(), _: usize, e: usize) -> S::F {
         S::f16s(p.add(2 * e))
@@ -658,8 +738,11 @@ impl<S: Simd> Format<S> for BF16 {
     const ELEMS: usize = FLOAT_STEP;
     const BYTES: usize = 2 * FLOAT_STEP;
     type Header = ();
+    type Unit = ();
     #[inline(always)]
     unsafe fn header(_: *const u8) {}
+    #[inline(always)]
+    unsafe fn unit(_: &(), _: usize) {}
     #[inline(always)]
     unsafe fn chunk(p: *const u8, _: &(), _: usize, e: usize) -> S::F {
         S::bf16s(p.add(2 * e))

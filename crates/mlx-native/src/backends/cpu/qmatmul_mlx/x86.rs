@@ -354,8 +354,10 @@ unsafe fn tile512<U: Unpack512, const R: usize, const M: usize>(
     sums
 }
 
-/// Rows of x in groups of up to 4; weight rows 4 at a time for one or two rows of x, else
-/// 2 (to stay within the 32 registers).
+/// Rows of x in groups of up to 4. Weight rows one at a time for one row of x (decoding:
+/// the hardware prefetchers follow a single stream through memory much better than several
+/// interleaved ones), 4 at a time for two rows of x, else 2 (to stay within the 32
+/// registers).
 #[target_feature(enable = "avx512f")]
 unsafe fn run512<U: Unpack512>(w: &Block, x: &[f32], out_rows: &mut [&mut [f32]]) {
     let k = w.k;
@@ -364,7 +366,7 @@ unsafe fn run512<U: Unpack512>(w: &Block, x: &[f32], out_rows: &mut [&mut [f32]]
     while i0 < m {
         let (x, out) = (&x[i0 * k..], &mut out_rows[i0..]);
         i0 += match m - i0 {
-            1 => tile_rows::<4, 1>(w, x, out, tile512::<U, 4, 1>, tile512::<U, 1, 1>),
+            1 => tile_rows::<1, 1>(w, x, out, tile512::<U, 1, 1>, tile512::<U, 1, 1>),
             2 => tile_rows::<4, 2>(w, x, out, tile512::<U, 4, 2>, tile512::<U, 1, 2>),
             3 => tile_rows::<2, 3>(w, x, out, tile512::<U, 2, 3>, tile512::<U, 1, 3>),
             _ => tile_rows::<2, 4>(w, x, out, tile512::<U, 2, 4>, tile512::<U, 1, 4>),
@@ -529,8 +531,8 @@ unsafe fn hsum256(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
-/// Rows of x in groups of up to 4; weight rows 2 at a time for one or two rows of x, else
-/// 1 (AVX2 has 16 registers).
+/// Rows of x in groups of up to 4. Weight rows one at a time for one row of x (see
+/// `run512`), 2 at a time for two rows of x, else 1 (AVX2 has 16 registers).
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run256<U: Unpack256>(w: &Block, x: &[f32], out_rows: &mut [&mut [f32]]) {
     let k = w.k;
@@ -539,7 +541,7 @@ unsafe fn run256<U: Unpack256>(w: &Block, x: &[f32], out_rows: &mut [&mut [f32]]
     while i0 < m {
         let (x, out) = (&x[i0 * k..], &mut out_rows[i0..]);
         i0 += match m - i0 {
-            1 => tile_rows::<2, 1>(w, x, out, tile256::<U, 2, 1>, tile256::<U, 1, 1>),
+            1 => tile_rows::<1, 1>(w, x, out, tile256::<U, 1, 1>, tile256::<U, 1, 1>),
             2 => tile_rows::<2, 2>(w, x, out, tile256::<U, 2, 2>, tile256::<U, 1, 2>),
             3 => tile_rows::<1, 3>(w, x, out, tile256::<U, 1, 3>, tile256::<U, 1, 3>),
             _ => tile_rows::<1, 4>(w, x, out, tile256::<U, 1, 4>, tile256::<U, 1, 4>),
