@@ -2,7 +2,8 @@
 //!
 //! One task per (query row, head): scores for the visible keys go into a per-thread buffer,
 //! then a two-pass softmax (max, exp-sum) in f32 and the weighted sum of values. Decode-sized
-//! work stays on the calling thread.
+//! work stays on the calling thread. On x86-64 with AVX2 the loops are vectorised by hand
+//! (`x86`); the portable loops are the reference.
 
 use std::cell::RefCell;
 
@@ -112,63 +113,16 @@ fn attend(
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { attend_avx2(q, keys, values, head_dim, scale, softcap, scores, out) };
+        return unsafe { x86::attend(q, keys, values, head_dim, scale, softcap, scores, out) };
     }
-    attend_with(dot, q, keys, values, head_dim, scale, softcap, scores, out)
-}
-
-/// `attend_with` compiled for AVX2, with a vector dot product.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_avx2(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    head_dim: usize,
-    scale: f32,
-    softcap: Option<f32>,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    // SAFETY: this function runs only where the CPU has AVX2 and FMA.
-    let dot = |a: &[f32], b: &[f32]| unsafe { dot_fma(a, b) };
-    attend_with(dot, q, keys, values, head_dim, scale, softcap, scores, out)
-}
-
-/// Scores, then a two-pass softmax (max, exp-sum) in f32 and the weighted sum of values.
-/// Plain indexed loops: iterator adapters would be compiled outside `attend_avx2`'s
-/// target features.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_with(
-    dot: impl Fn(&[f32], &[f32]) -> f32,
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    head_dim: usize,
-    scale: f32,
-    softcap: Option<f32>,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
     let n = keys.len() / head_dim;
     scores.clear();
-    scores.resize(n, 0.0);
-    let mut max = f32::NEG_INFINITY;
-    for (j, s) in scores.iter_mut().enumerate() {
-        let mut v = dot(q, &keys[j * head_dim..(j + 1) * head_dim]) * scale;
-        if let Some(cap) = softcap {
-            v = cap * (v / cap).tanh();
+    scores.extend((0..n).map(|j| dot(q, &keys[j * head_dim..(j + 1) * head_dim]) * scale));
+    let sum = softmax_numerators(scores, softcap, |s| {
+        for s in s.iter_mut() {
+            *s = s.exp();
         }
-        *s = v;
-        max = max.max(v);
-    }
-    let mut sum = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
+    });
     out.fill(0.0);
     for (j, &p) in scores.iter().enumerate() {
         let v = &values[j * head_dim..(j + 1) * head_dim];
@@ -180,6 +134,23 @@ fn attend_with(
     for o in out.iter_mut() {
         *o *= inv_sum;
     }
+}
+
+/// Soft-caps the scores, then replaces them by exp(score − max) (`exp` exponentiates in
+/// place) and returns their sum.
+#[inline(always)]
+fn softmax_numerators(scores: &mut [f32], softcap: Option<f32>, exp: impl Fn(&mut [f32])) -> f32 {
+    if let Some(cap) = softcap {
+        for s in scores.iter_mut() {
+            *s = cap * (*s / cap).tanh();
+        }
+    }
+    let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for s in scores.iter_mut() {
+        *s -= max;
+    }
+    exp(scores);
+    scores.iter().sum()
 }
 
 /// Σ aᵢ·bᵢ with eight independent sums.
@@ -198,38 +169,219 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Σ aᵢ·bᵢ in two 8-lane FMA chains.
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
+mod x86 {
+    //! AVX2 + FMA attention for one query row and head: scores four keys at a time
+    //! (independent FMA chains), a vector exp, and the weighted sum of values accumulated
+    //! in registers, 64 dimensions at a time.
+
     use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (a, b) = (a.as_ptr(), b.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 2];
-    let mut i = 0;
-    while i + 16 <= n {
-        for (h, acc) in acc.iter_mut().enumerate() {
-            let (x, y) = (
-                _mm256_loadu_ps(a.add(i + 8 * h)),
-                _mm256_loadu_ps(b.add(i + 8 * h)),
-            );
-            *acc = _mm256_fmadd_ps(x, y, *acc);
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn attend(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        head_dim: usize,
+        scale: f32,
+        softcap: Option<f32>,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let n = keys.len() / head_dim;
+        assert!(q.len() >= head_dim && values.len() >= n * head_dim && out.len() >= head_dim);
+        scores.clear();
+        scores.resize(n, 0.0);
+        dots(q, keys, head_dim, scores);
+        for s in scores.iter_mut() {
+            *s *= scale;
         }
-        i += 16;
+        // SAFETY (closure): the CPU has AVX2 and FMA, as for this function.
+        let sum = super::softmax_numerators(scores, softcap, |s| unsafe { exp_in_place(s) });
+        weighted_sum(scores, values, head_dim, &mut out[..head_dim]);
+        let inv_sum = 1.0 / sum;
+        for o in out[..head_dim].iter_mut() {
+            *o *= inv_sum;
+        }
     }
-    if i + 8 <= n {
-        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc[0]);
-        i += 8;
+
+    /// out[j] = q · key j, for the `out.len()` keys of `head_dim` at `keys`.
+    #[inline(always)]
+    unsafe fn dots(q: &[f32], keys: &[f32], head_dim: usize, out: &mut [f32]) {
+        let (n, chunks) = (out.len(), head_dim / 8);
+        let (q, k) = (q.as_ptr(), keys.as_ptr());
+        let mut j = 0;
+        while j + 4 <= n {
+            // Two sums per key (even and odd chunks): eight independent chains.
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            let mut c = 0;
+            while c + 2 <= chunks {
+                for h in 0..2 {
+                    let qv = _mm256_loadu_ps(q.add(8 * (c + h)));
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let kv = _mm256_loadu_ps(k.add((j + t) * head_dim + 8 * (c + h)));
+                        acc[h] = _mm256_fmadd_ps(qv, kv, acc[h]);
+                    }
+                }
+                c += 2;
+            }
+            if c < chunks {
+                let qv = _mm256_loadu_ps(q.add(8 * c));
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    let kv = _mm256_loadu_ps(k.add((j + t) * head_dim + 8 * c));
+                    acc[0] = _mm256_fmadd_ps(qv, kv, acc[0]);
+                }
+            }
+            for (t, acc) in acc.iter().enumerate() {
+                out[j + t] = sum8(_mm256_add_ps(acc[0], acc[1]));
+            }
+            j += 4;
+        }
+        for (j, o) in out.iter_mut().enumerate().skip(j) {
+            let mut acc = _mm256_setzero_ps();
+            for c in 0..chunks {
+                let kv = _mm256_loadu_ps(k.add(j * head_dim + 8 * c));
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(8 * c)), kv, acc);
+            }
+            *o = sum8(acc);
+        }
+        // Dimensions past the last multiple of 8.
+        for d in 8 * chunks..head_dim {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o += *q.add(d) * *k.add(j * head_dim + d);
+            }
+        }
     }
-    let v = _mm256_add_ps(acc[0], acc[1]);
-    let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    let mut sum = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
-    while i < n {
-        sum += *a.add(i) * *b.add(i);
-        i += 1;
+
+    /// out = Σⱼ p[j]·value j: 64 output dimensions at a time, summed in eight registers.
+    #[inline(always)]
+    unsafe fn weighted_sum(p: &[f32], values: &[f32], head_dim: usize, out: &mut [f32]) {
+        let mut d0 = 0;
+        while d0 + 64 <= head_dim {
+            weighted_sum_block::<8>(p, values, head_dim, d0, out);
+            d0 += 64;
+        }
+        while d0 + 8 <= head_dim {
+            weighted_sum_block::<1>(p, values, head_dim, d0, out);
+            d0 += 8;
+        }
+        let v = values.as_ptr();
+        for (d, o) in out.iter_mut().enumerate().skip(d0) {
+            *o = p
+                .iter()
+                .enumerate()
+                .map(|(j, &pj)| pj * *v.add(j * head_dim + d))
+                .sum();
+        }
     }
-    sum
+
+    /// Output dimensions d0..d0 + 8·W of `weighted_sum`.
+    #[inline(always)]
+    unsafe fn weighted_sum_block<const W: usize>(
+        p: &[f32],
+        values: &[f32],
+        head_dim: usize,
+        d0: usize,
+        out: &mut [f32],
+    ) {
+        let v = values.as_ptr().add(d0);
+        let mut acc = [_mm256_setzero_ps(); W];
+        for (j, &pj) in p.iter().enumerate() {
+            let (pj, row) = (_mm256_set1_ps(pj), v.add(j * head_dim));
+            for (c, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(pj, _mm256_loadu_ps(row.add(8 * c)), *acc);
+            }
+        }
+        for (c, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(d0 + 8 * c), *acc);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn sum8(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// exp of every value (all ≤ 0 here), eight at a time.
+    #[inline(always)]
+    unsafe fn exp_in_place(s: &mut [f32]) {
+        let mut chunks = s.chunks_exact_mut(8);
+        for c in &mut chunks {
+            _mm256_storeu_ps(c.as_mut_ptr(), exp8(_mm256_loadu_ps(c.as_ptr())));
+        }
+        for v in chunks.into_remainder() {
+            *v = v.exp();
+        }
+    }
+
+    /// e^x to about 2 ulp for x in [−87.3, 88.37] (below: the smallest normal, ≈ 0 here;
+    /// above: e^88.37; NaN stays NaN): x = n·ln2 + r with |r| ≤ ln2/2 (ln2 split in two for an exact
+    /// product), e^r by Cephes' expf polynomial, then scaled by 2ⁿ through the exponent
+    /// bits.
+    #[inline(always)]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        // x second: max and min return their second operand where one is NaN.
+        let x = _mm256_max_ps(_mm256_set1_ps(-87.336_55), x);
+        let x = _mm256_min_ps(_mm256_set1_ps(88.37), x);
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_fmadd_ps(
+            _mm256_mul_ps(p, r),
+            r,
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(bits))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Against f64 over the whole range, 1e-6 relative (a few ulp); NaN stays NaN.
+        #[test]
+        fn exp8_matches_f64() {
+            if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+                return;
+            }
+            let xs: Vec<f32> = (0..17_536).map(|i| -87.0 + i as f32 * 0.01).collect();
+            for c in xs.chunks_exact(8) {
+                let mut got = [0f32; 8];
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(c.as_ptr()))) };
+                for (&x, &g) in c.iter().zip(&got) {
+                    let want = (x as f64).exp();
+                    assert!(
+                        ((g as f64 - want) / want).abs() < 1e-6,
+                        "exp({x}) = {g}, not {want}"
+                    );
+                }
+            }
+            let mut got = [0f32; 8];
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_set1_ps(f32::NAN))) };
+            assert!(got.iter().all(|v| v.is_nan()));
+        }
+    }
 }
 
 fn kv_append(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {

@@ -8,8 +8,12 @@
 //! possible values: on AVX-512 one `vpermps` looks up 16 codes; on AVX2 the codes are
 //! converted and scaled with a fused multiply-add.
 //!
-//! Every value a chunk makes equals `quant::ggml::dequantize_row`'s: d·q, d·(q − 8) and
-//! d·sc·q are exact in f32, and d·q + m rounds once either way (d·q is exact).
+//! The weights are exactly `quant::ggml::dequantize_row`'s values: d·(q − 8), d·sc·q and
+//! (d·sc)·(q − 32) round as there, d·q + m rounds once either way (d·q is exact), and Q8_0's
+//! exact d·q is applied as d times the block's sum of q·x.
+//!
+//! Block headers go through memory on purpose: they are broadcast to every lane from there
+//! (`Simd::splat_from`), which on Zen 4 keeps the shuffle unit free for unpacking codes.
 
 // Accumulators and results are parallel arrays indexed by x row.
 #![allow(clippy::needless_range_loop)]
