@@ -247,6 +247,43 @@ fn layer_norm_matches_reference() {
     }
 }
 
+/// RoPE in f64 of `x` `[m, heads*head_dim]`, row r at position pos + r (angles formed in
+/// f32, as every backend forms them); dims past 2·inv_freq.len() pass through.
+fn rope_ref(
+    x: &[f32],
+    heads: usize,
+    hd: usize,
+    inv_freq: &[f32],
+    pos: u32,
+    trad: bool,
+    mscale: f32,
+) -> Vec<f64> {
+    let half = inv_freq.len();
+    let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for (i, head) in want.chunks_exact_mut(hd).enumerate() {
+        let p = pos + (i / heads) as u32;
+        for (j, &freq) in inv_freq.iter().enumerate() {
+            let (s, c) = ((p as f32 * freq) as f64).sin_cos();
+            let (s, c) = (s * mscale as f64, c * mscale as f64);
+            let (i0, i1) = if trad {
+                (2 * j, 2 * j + 1)
+            } else {
+                (j, j + half)
+            };
+            let (x0, x1) = (head[i0], head[i1]);
+            head[i0] = x0 * c - x1 * s;
+            head[i1] = x0 * s + x1 * c;
+        }
+    }
+    want
+}
+
+fn inv_freq_table(rotary_dims: usize) -> Vec<f32> {
+    (0..rotary_dims / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rotary_dims as f32))
+        .collect()
+}
+
 #[test]
 fn rope_matches_reference() {
     let Some(dev) = gpu() else { return };
@@ -256,34 +293,12 @@ fn rope_matches_reference() {
     for rotary_dims in [22, 10] {
         for traditional in [false, true] {
             for mscale in [1.0f32, 1.3] {
-                let half = rotary_dims / 2;
-                let inv_freq: Vec<f32> = (0..half)
-                    .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rotary_dims as f32))
-                    .collect();
-                let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-                for r in 0..m {
-                    for h in 0..n_heads {
-                        let base = (r * n_heads + h) * head_dim;
-                        for (j, &freq) in inv_freq.iter().enumerate() {
-                            // The angle in f32, as every backend forms it.
-                            let angle = ((pos + r as u32) as f32 * freq) as f64;
-                            let (s, c) = angle.sin_cos();
-                            let (s, c) = (s * mscale as f64, c * mscale as f64);
-                            let (i0, i1) = if traditional {
-                                (2 * j, 2 * j + 1)
-                            } else {
-                                (j, j + half)
-                            };
-                            let (x0, x1) = (x[base + i0] as f64, x[base + i1] as f64);
-                            want[base + i0] = x0 * c - x1 * s;
-                            want[base + i1] = x0 * s + x1 * c;
-                        }
-                    }
-                }
+                let inv_freq = inv_freq_table(rotary_dims);
+                let want = rope_ref(&x, n_heads, head_dim, &inv_freq, pos, traditional, mscale);
                 let compute = |dev: &Device| {
                     let xt = dev.from_slice(&x, &[m, n_heads * head_dim])?;
                     let table = RopeTable {
-                        inv_freq: dev.from_slice(&inv_freq, &[half])?,
+                        inv_freq: dev.from_slice(&inv_freq, &[rotary_dims / 2])?,
                         rotary_dims,
                         mscale,
                     };
@@ -308,6 +323,70 @@ fn rope_matches_reference() {
                 check(&what, &dev, compute, &want, 1e-5);
             }
         }
+    }
+}
+
+/// The fused attention input stage: q rotated, k rotated into its cache rows, v appended; the
+/// cache rows around them untouched. Outputs concatenated as q, k cache, v cache.
+#[test]
+fn rope_kv_append_matches_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(14);
+    let (m, n_heads, n_kv, hd, capacity, pos) = (3, 6, 2, 22, 13, 9u32);
+    let q = rng.vec(m * n_heads * hd, 2.0);
+    let k = rng.vec(m * n_kv * hd, 2.0);
+    let v = rng.vec(m * n_kv * hd, 2.0);
+    let caches = [
+        rng.vec(n_kv * capacity * hd, 1.0),
+        rng.vec(n_kv * capacity * hd, 1.0),
+    ];
+    for (rotary_dims, traditional) in [(22, false), (10, true)] {
+        let inv_freq = inv_freq_table(rotary_dims);
+        let mut want = rope_ref(&q, n_heads, hd, &inv_freq, pos, traditional, 1.0);
+        let k_rot = rope_ref(&k, n_kv, hd, &inv_freq, pos, traditional, 1.0);
+        let v_f64: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+        for (cache, rows) in caches.iter().zip([&k_rot, &v_f64]) {
+            let mut c: Vec<f64> = cache.iter().map(|&x| x as f64).collect();
+            for r in 0..m {
+                for g in 0..n_kv {
+                    let at = (g * capacity + pos as usize + r) * hd;
+                    c[at..at + hd].copy_from_slice(&rows[(r * n_kv + g) * hd..][..hd]);
+                }
+            }
+            want.extend(c);
+        }
+        let compute = |dev: &Device| {
+            let [qt, kt, vt] = [(&q, n_heads), (&k, n_kv), (&v, n_kv)]
+                .map(|(x, heads)| dev.from_slice(x, &[m, heads * hd]).unwrap());
+            let table = RopeTable {
+                inv_freq: dev.from_slice(&inv_freq, &[rotary_dims / 2])?,
+                rotary_dims,
+                mscale: 1.0,
+            };
+            let post = dev.from_slice(&[pos], &[1])?;
+            let q_out = poisoned(dev, &[m, n_heads * hd])?;
+            let [kc, vc] = caches
+                .each_ref()
+                .map(|c| dev.from_slice(c, &[n_kv, capacity, hd]).unwrap());
+            run(dev, |enc| {
+                ops::rope_kv_append(
+                    enc,
+                    [&qt, &kt, &vt],
+                    &table,
+                    n_heads,
+                    traditional,
+                    &post,
+                    &q_out,
+                    (&kc, &vc),
+                )
+            })?;
+            let mut got = q_out.to_vec::<f32>()?;
+            got.extend(kc.to_vec::<f32>()?);
+            got.extend(vc.to_vec::<f32>()?);
+            Ok(got)
+        };
+        let what = format!("rope_kv_append dims={rotary_dims} traditional={traditional}");
+        check(&what, &dev, compute, &want, 1e-5);
     }
 }
 

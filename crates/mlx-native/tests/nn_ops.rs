@@ -231,6 +231,73 @@ fn rope_matches_mlx() {
     }
 }
 
+/// The fused attention input stage is `rope` of q and k and `kv_append` of k and v (both
+/// checked against MLX here), bit for bit, for both layouts, partial rotation and a YaRN
+/// mscale; cache rows outside pos..pos+m stay untouched.
+#[test]
+fn rope_kv_append_equals_rope_then_kv_append() {
+    let dev = Device::cpu();
+    let mut rng = Rng(21);
+    let (m, n_heads, n_kv, hd, capacity, pos) = (3, 6, 2, 24, 11, 5);
+    let scaling = RopeScaling::Yarn {
+        factor: 4.0,
+        original_max_position_embeddings: 512,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        mscale: 1.0,
+        mscale_all_dim: 0.0,
+    };
+    for (dims, traditional) in [(24, false), (10, true)] {
+        let table = RopeTable::new(&dev, dims, 10000.0, &scaling).unwrap();
+        let mut tensor = |heads: usize| {
+            let x = rng.normals(m * heads * hd, 1.0);
+            dev.from_slice(&x, &[m, heads * hd]).unwrap()
+        };
+        let (q, k, v) = (tensor(n_heads), tensor(n_kv), tensor(n_kv));
+        let cache_data = rng.normals(n_kv * capacity * hd, 1.0);
+        let cache = || dev.from_slice(&cache_data, &[n_kv, capacity, hd]).unwrap();
+        let pos_t = pos_tensor(&dev, pos);
+        let mut enc = CommandEncoder::new(&dev);
+        let (q_want, k_rot) = (nan_tensor(&dev, q.shape()), nan_tensor(&dev, k.shape()));
+        let (k_want, v_want) = (cache(), cache());
+        ops::rope(
+            &mut enc,
+            &q,
+            &table,
+            n_heads,
+            hd,
+            traditional,
+            &pos_t,
+            &q_want,
+        )
+        .unwrap();
+        ops::rope(&mut enc, &k, &table, n_kv, hd, traditional, &pos_t, &k_rot).unwrap();
+        ops::kv_append(&mut enc, &k_rot, &pos_t, &k_want).unwrap();
+        ops::kv_append(&mut enc, &v, &pos_t, &v_want).unwrap();
+        let (q_got, k_got, v_got) = (nan_tensor(&dev, q.shape()), cache(), cache());
+        ops::rope_kv_append(
+            &mut enc,
+            [&q, &k, &v],
+            &table,
+            n_heads,
+            traditional,
+            &pos_t,
+            &q_got,
+            (&k_got, &v_got),
+        )
+        .unwrap();
+        enc.commit().unwrap();
+        for (what, got, want) in [
+            ("q", &q_got, &q_want),
+            ("k cache", &k_got, &k_want),
+            ("v cache", &v_got, &v_want),
+        ] {
+            let (got, want) = (got.to_vec::<f32>().unwrap(), want.to_vec::<f32>().unwrap());
+            assert_eq!(got, want, "rope_kv_append dims={dims}: {what}");
+        }
+    }
+}
+
 /// Invalid scaling parameters are reported, not turned into NaN frequencies.
 #[test]
 fn rope_rejects_degenerate_scaling() {

@@ -120,6 +120,19 @@ pub enum Op {
     /// in: x `[m, n_kv_heads*head_dim]`, pos u32 `[1]`; out (read-modify-write):
     /// cache `[n_kv_heads, capacity, head_dim]`.
     KvAppend { n_kv_heads: usize, head_dim: usize },
+    /// `Rope` of q and of k, and `KvAppend` of the rotated k and of v, in one dispatch (the
+    /// input stage of attention). in: q `[m, n_heads*head_dim]`, k and v
+    /// `[m, n_kv_heads*head_dim]`, inv_freq f32 `[rotary_dims/2]`, pos u32 `[1]`; out: q
+    /// rotated (like q), k_cache and v_cache `[n_kv_heads, capacity, head_dim]`
+    /// (read-modify-write: rows stored at positions pos..pos+m).
+    RopeKvAppend {
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        rotary_dims: usize,
+        traditional: bool,
+        mscale: f32,
+    },
     /// Softmax over the last dim. in: x `[m, d]`; out `[m, d]`.
     Softmax,
     /// The gated MLP's two projections and activation in one: out = f(x·Gᵀ) ∘ (x·Uᵀ).
@@ -141,6 +154,9 @@ pub enum Op {
     /// positions 0..=pos are read for the repetition penalty, the pick is stored at pos+1).
     /// The random draw is a hash of (seed, pos), so replays are deterministic.
     Sample(SamplingParams),
+    /// The decode position moves on by one. out (read-modify-write): pos u32 `[1]`. Ends a
+    /// replayed decode step, so the host writes the position only when it jumps.
+    AdvancePos,
 }
 
 impl Op {
@@ -155,6 +171,7 @@ impl Op {
             Op::GatedMatMul { .. } => "gated_matmul",
             Op::Attention { .. } => "attention",
             Op::KvAppend { .. } => "kv_append",
+            Op::RopeKvAppend { .. } => "rope_kv_append",
             Op::Softmax => "softmax",
             Op::Softcap { .. } => "softcap",
             Op::Unary(_) => "unary",
@@ -162,6 +179,7 @@ impl Op {
             Op::GatedActivation(_) => "gated_activation",
             Op::Argmax => "argmax",
             Op::Sample(_) => "sample",
+            Op::AdvancePos => "advance_pos",
         }
     }
 

@@ -53,8 +53,10 @@ pub struct Session {
     device: Device,
     enc: CommandEncoder,
     cache: KvCache,
-    /// Position of the token being fed (u32 `[1]`).
+    /// Position of the token being fed (u32 `[1]`); a decode step advances it on the device.
     pos: Tensor,
+    /// What `pos` holds, when known: a decode step writes it only when it jumps.
+    pos_on_device: Option<usize>,
     /// The last sampled token (u32 `[1]`), also the decode step's input.
     token: Tensor,
     /// Every token by position (u32 `[capacity + 1]`), read by the repetition penalty.
@@ -79,6 +81,7 @@ impl Session {
         Ok(Session {
             enc: CommandEncoder::new(device),
             pos: device.zeros(&[1], DType::U32)?,
+            pos_on_device: Some(0),
             token: device.zeros(&[1], DType::U32)?,
             history: device.zeros(&[capacity + 1], DType::U32)?,
             logits: device.zeros(&[1, model.params.vocab_size], DType::F32)?,
@@ -117,6 +120,7 @@ impl Session {
                 context: self.capacity(),
             });
         }
+        self.pos_on_device = None;
         let mut history = vec![0u32; self.capacity() + 1];
         history[..prompt.len()].copy_from_slice(prompt);
         self.history.write(&history)?;
@@ -150,6 +154,7 @@ impl Session {
         self.pos.write(&[prompt.len() as u32 - 1])?;
         self.encode_sample(sampling)?;
         self.enc.commit()?;
+        self.pos_on_device = Some(prompt.len() - 1);
         Ok(self.token.to_vec::<u32>()?[0])
     }
 
@@ -183,7 +188,11 @@ impl Session {
                 context: self.capacity(),
             });
         }
-        self.pos.write(&[pos as u32])?;
+        if self.pos_on_device != Some(pos) {
+            self.pos.write(&[pos as u32])?;
+        }
+        // Unknown until the step has run (an error may leave it either way).
+        self.pos_on_device = None;
         if use_graph {
             if self
                 .decode_graph
@@ -202,7 +211,9 @@ impl Session {
             self.encode_decode(sampling)?;
             self.enc.commit()?;
         }
-        Ok(self.token.to_vec::<u32>()?[0])
+        let token = self.token.to_vec::<u32>()?[0];
+        self.pos_on_device = Some(pos + 1);
+        Ok(token)
     }
 
     /// Feed `token` (instead of the last sampled one) at position `pos` and sample the next.
@@ -226,7 +237,8 @@ impl Session {
             &self.decode,
             &self.logits,
         )?;
-        self.encode_sample(sampling)
+        self.encode_sample(sampling)?;
+        ops::advance_pos(&mut self.enc, &self.pos)
     }
 
     /// Dispatches in one decode step (the captured graph's length).

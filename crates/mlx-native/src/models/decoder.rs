@@ -128,6 +128,9 @@ impl DecoderParams {
 
 struct Layer {
     attn_norm: Tensor,
+    /// q, k and v as one weight when stored alike (a decode step reads them in one pass);
+    /// then `q`, `k` and `v` view its rows.
+    qkv: Option<Linear>,
     q: Linear,
     k: Linear,
     v: Linear,
@@ -193,13 +196,15 @@ pub struct Scratch {
     pub m: usize,
     residual: [Tensor; 2],
     normed: Tensor,
+    /// `[1, q + k + v]` for a single row: the fused projection's output, which `q`, `k` and
+    /// `v` then view.
+    qkv: Option<Tensor>,
     q: Tensor,
     k: Tensor,
     v: Tensor,
     /// q and k after their per-head norms (`Architecture::qk_norm`).
     qk_normed: Option<(Tensor, Tensor)>,
     q_rot: Tensor,
-    k_rot: Tensor,
     attn: Tensor,
     proj: Tensor,
     gate: Tensor,
@@ -233,21 +238,31 @@ impl Decoder {
         let mut layers = Vec::with_capacity(p.num_layers);
         for (l, &window) in p.layer_windows.iter().enumerate() {
             let name = |s: &str| format!("model.layers.{l}.{s}");
-            // Fused projections are split by output rows into views of the same memory.
-            let (q, k, v) = if a.fused_qkv {
-                let qkv_dim = q_dim + 2 * kv_dim;
-                let qkv = weights.linear(&name("self_attn.qkv_proj"), qkv_dim, h, a.qkv_bias)?;
-                (
+            // Fused projections are split by output rows into views of the same memory;
+            // separate ones stored alike are fused here.
+            let split = |qkv: &Linear| -> Result<(Linear, Linear, Linear)> {
+                Ok((
                     qkv.narrow_rows(0, q_dim)?,
                     qkv.narrow_rows(q_dim, kv_dim)?,
                     qkv.narrow_rows(q_dim + kv_dim, kv_dim)?,
-                )
+                ))
+            };
+            let (qkv, (q, k, v)) = if a.fused_qkv {
+                let qkv_dim = q_dim + 2 * kv_dim;
+                let qkv = weights.linear(&name("self_attn.qkv_proj"), qkv_dim, h, a.qkv_bias)?;
+                let parts = split(&qkv)?;
+                (Some(qkv), parts)
             } else {
-                (
-                    weights.linear(&name("self_attn.q_proj"), q_dim, h, a.qkv_bias)?,
-                    weights.linear(&name("self_attn.k_proj"), kv_dim, h, a.qkv_bias)?,
-                    weights.linear(&name("self_attn.v_proj"), kv_dim, h, a.qkv_bias)?,
-                )
+                let q = weights.linear(&name("self_attn.q_proj"), q_dim, h, a.qkv_bias)?;
+                let k = weights.linear(&name("self_attn.k_proj"), kv_dim, h, a.qkv_bias)?;
+                let v = weights.linear(&name("self_attn.v_proj"), kv_dim, h, a.qkv_bias)?;
+                if q.stored_like(&k) && q.stored_like(&v) {
+                    let qkv = Linear::concat_rows(&name("self_attn.qkv"), &[&q, &k, &v])?;
+                    let parts = split(&qkv)?;
+                    (Some(qkv), parts)
+                } else {
+                    (None, (q, k, v))
+                }
             };
             let (gate, up) = if a.fused_gate_up {
                 let gate_up = weights.linear(&name("mlp.gate_up_proj"), 2 * i, h, a.mlp_bias)?;
@@ -287,6 +302,7 @@ impl Decoder {
             };
             layers.push(Layer {
                 attn_norm: weights.vector(&name("input_layernorm.weight"), h)?,
+                qkv,
                 q,
                 k,
                 v,
@@ -382,16 +398,28 @@ impl Decoder {
             Some(_) => Some(device.empty(&[1, p.vocab_size], DType::F32)?),
             None => None,
         };
+        let (qkv, q, k, v) = if m == 1 {
+            let qkv = device.empty(&[q_dim + 2 * kv_dim], DType::F32)?;
+            let view = |start, len| qkv.narrow_rows(start, len)?.reshape(&[1, len]);
+            let (q, k, v) = (
+                view(0, q_dim)?,
+                view(q_dim, kv_dim)?,
+                view(q_dim + kv_dim, kv_dim)?,
+            );
+            (Some(qkv.reshape(&[1, q_dim + 2 * kv_dim])?), q, k, v)
+        } else {
+            (None, f(q_dim)?, f(kv_dim)?, f(kv_dim)?)
+        };
         Ok(Scratch {
             m,
             residual: [f(h)?, f(h)?],
             normed: f(h)?,
-            q: f(q_dim)?,
-            k: f(kv_dim)?,
-            v: f(kv_dim)?,
+            qkv,
+            q,
+            k,
+            v,
             qk_normed,
             q_rot: f(q_dim)?,
-            k_rot: f(kv_dim)?,
             attn: f(q_dim)?,
             proj: f(h)?,
             gate: f(p.intermediate_size)?,
@@ -438,9 +466,14 @@ impl Decoder {
         s: &Scratch,
     ) -> Result<()> {
         let p = &self.params;
-        ops::matmul(enc, &s.normed, &layer.q, &s.q)?;
-        ops::matmul(enc, &s.normed, &layer.k, &s.k)?;
-        ops::matmul(enc, &s.normed, &layer.v, &s.v)?;
+        match (&layer.qkv, &s.qkv) {
+            (Some(w), Some(qkv)) => ops::matmul(enc, &s.normed, w, qkv)?,
+            _ => {
+                ops::matmul(enc, &s.normed, &layer.q, &s.q)?;
+                ops::matmul(enc, &s.normed, &layer.k, &s.k)?;
+                ops::matmul(enc, &s.normed, &layer.v, &s.v)?;
+            }
+        }
         let (q, k) = match (&layer.qk_norm, &s.qk_normed) {
             (Some((q_norm, k_norm)), Some((q_out, k_out))) => {
                 self.head_norm(enc, &s.q, q_norm, q_out)?;
@@ -449,15 +482,20 @@ impl Decoder {
             }
             _ => (&s.q, &s.k),
         };
-        let (tr, hd) = (layer.rope_traditional, p.head_dim);
-        ops::rope(enc, q, &layer.rope, p.num_heads, hd, tr, pos, &s.q_rot)?;
-        ops::rope(enc, k, &layer.rope, p.num_kv_heads, hd, tr, pos, &s.k_rot)?;
-        ops::kv_append(enc, &s.k_rot, pos, k_cache)?;
-        ops::kv_append(enc, &s.v, pos, v_cache)?;
+        ops::rope_kv_append(
+            enc,
+            [q, k, &s.v],
+            &layer.rope,
+            p.num_heads,
+            layer.rope_traditional,
+            pos,
+            &s.q_rot,
+            (k_cache, v_cache),
+        )?;
         let shape = AttentionShape {
             n_heads: p.num_heads,
             n_kv_heads: p.num_kv_heads,
-            head_dim: hd,
+            head_dim: p.head_dim,
             scale: p.attention_scale,
             window: layer.window,
             softcap: p.arch.attn_softcap,
@@ -505,14 +543,7 @@ impl Decoder {
             WeightLayout::Dense
                 | WeightLayout::Gguf(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
         );
-        let stored_alike = quantized
-            && gate.layout == up.layout
-            && (gate.n, gate.k) == (up.n, up.k)
-            && gate
-                .tensors
-                .iter()
-                .zip(&up.tensors)
-                .all(|(g, u)| g.dtype() == u.dtype());
+        let stored_alike = quantized && gate.stored_like(up) && gate.n == up.n;
         if s.normed.rows() == 1 && stored_alike && gate.bias.is_none() && up.bias.is_none() {
             return ops::gated_matmul(enc, &s.normed, gate, up, act, &s.act);
         }

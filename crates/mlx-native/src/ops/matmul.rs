@@ -129,6 +129,71 @@ impl Linear {
         Linear::new(&name, self.layout, tensors, bias, len, self.k)
     }
 
+    /// Same layout, input width, stored dtypes and bias presence: rows of `other` could sit
+    /// under rows of `self` in one weight, and one kernel reads both alike.
+    pub fn stored_like(&self, other: &Linear) -> bool {
+        self.layout == other.layout
+            && self.k == other.k
+            && self.bias.as_ref().map(Tensor::dtype) == other.bias.as_ref().map(Tensor::dtype)
+            && self
+                .tensors
+                .iter()
+                .zip(&other.tensors)
+                .all(|(a, b)| a.dtype() == b.dtype())
+    }
+
+    /// One weight holding the rows of `parts` in order (q, k and v as one projection, which a
+    /// decode step then reads in one pass), copied into new memory on the parts' device.
+    pub fn concat_rows(name: &str, parts: &[&Linear]) -> Result<Linear> {
+        let Some((first, rest)) = parts.split_first() else {
+            return Err(Error::op(
+                "linear",
+                format!("`{name}`: nothing to concatenate"),
+            ));
+        };
+        if let Some(other) = rest.iter().find(|p| !first.stored_like(p)) {
+            return Err(Error::op(
+                "linear",
+                format!(
+                    "`{name}`: parts stored differently ({} k={} and {} k={})",
+                    first.layout.variant(),
+                    first.k,
+                    other.layout.variant(),
+                    other.k
+                ),
+            ));
+        }
+        let device = first.tensors[0].device();
+        // Every layout stores a weight's rows along each tensor's leading dim.
+        let concat = |tensors: Vec<&Tensor>| -> Result<Tensor> {
+            let leading = |t: &&Tensor| t.shape().first().copied().unwrap_or(1);
+            let mut shape = tensors[0].shape().to_vec();
+            if let Some(rows) = shape.first_mut() {
+                *rows = tensors.iter().map(leading).sum();
+            }
+            let mut bytes = vec![0u8; tensors.iter().map(|t| t.byte_len()).sum()];
+            let mut at = 0;
+            for t in &tensors {
+                device.read_bytes(t, &mut bytes[at..at + t.byte_len()])?;
+                at += t.byte_len();
+            }
+            let out = device.empty(&shape, tensors[0].dtype())?;
+            device.write_bytes(&out, &bytes)?;
+            Ok(out)
+        };
+        let tensors = (0..first.tensors.len())
+            .map(|i| concat(parts.iter().map(|p| &p.tensors[i]).collect()))
+            .collect::<Result<Vec<_>>>()?;
+        let bias = match first.bias {
+            Some(_) => Some(concat(
+                parts.iter().filter_map(|p| p.bias.as_ref()).collect(),
+            )?),
+            None => None,
+        };
+        let n = parts.iter().map(|p| p.n).sum();
+        Linear::new(name, first.layout, tensors, bias, n, first.k)
+    }
+
     /// Bytes a full pass over the weight reads (for bandwidth reports).
     pub fn weight_bytes(&self) -> usize {
         self.tensors.iter().map(Tensor::byte_len).sum::<usize>()
@@ -215,11 +280,11 @@ pub fn gated_matmul(
     if x.rows() != 1 {
         return Err(Error::op("gated_matmul", "x must be a single row"));
     }
-    if gate.layout != up.layout || (gate.n, gate.k) != (up.n, up.k) {
+    if !gate.stored_like(up) || gate.n != up.n {
         return Err(Error::op(
             "gated_matmul",
             format!(
-                "gate {} [{}, {}] and up {} [{}, {}] differ",
+                "gate {} [{}, {}] and up {} [{}, {}] are stored differently",
                 gate.layout.variant(),
                 gate.n,
                 gate.k,
@@ -227,17 +292,6 @@ pub fn gated_matmul(
                 up.n,
                 up.k
             ),
-        ));
-    }
-    if gate
-        .tensors
-        .iter()
-        .zip(&up.tensors)
-        .any(|(g, u)| g.dtype() != u.dtype())
-    {
-        return Err(Error::op(
-            "gated_matmul",
-            "gate and up differ in stored dtypes",
         ));
     }
     if gate.bias.is_some() || up.bias.is_some() {

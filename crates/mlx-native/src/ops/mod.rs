@@ -14,8 +14,8 @@ pub use elementwise::{binary, gated_activation, softcap, softmax, unary};
 pub use embedding::embedding;
 pub use matmul::{gated_matmul, matmul, matmul_add, Linear};
 pub use norm::{layer_norm, rms_norm};
-pub use rope::{rope, RopeScaling, RopeTable};
-pub use sampling::{argmax, sample};
+pub use rope::{rope, rope_kv_append, RopeScaling, RopeTable};
+pub use sampling::{advance_pos, argmax, sample};
 
 use crate::core::dtype::DType;
 use crate::core::tensor::Tensor;

@@ -219,3 +219,60 @@ pub fn rope(
     };
     enc.dispatch(op, &[x, &table.inv_freq, pos], &[out])
 }
+
+/// RoPE of `q` `[m, n_heads*head_dim]` into `q_out` and of `k` `[m, n_kv_heads*head_dim]`,
+/// then `k` and `v` stored into `k_cache` and `v_cache` `[n_kv_heads, capacity, head_dim]` at
+/// positions pos..pos+m: `rope` twice and `kv_append` twice in one dispatch.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv_append(
+    enc: &mut CommandEncoder,
+    [q, k, v]: [&Tensor; 3],
+    table: &RopeTable,
+    n_heads: usize,
+    traditional: bool,
+    pos: &Tensor,
+    q_out: &Tensor,
+    (k_cache, v_cache): (&Tensor, &Tensor),
+) -> Result<()> {
+    let [n_kv_heads, capacity, head_dim] = *k_cache.shape() else {
+        return Err(Error::op(
+            "rope_kv_append",
+            format!("k cache of shape {:?}", k_cache.shape()),
+        ));
+    };
+    let m = q.rows();
+    for (what, t, heads) in [
+        ("q", q, n_heads),
+        ("k", k, n_kv_heads),
+        ("v", v, n_kv_heads),
+    ] {
+        expect_dtype("rope_kv_append", what, t, &[DType::F32])?;
+        expect_shape("rope_kv_append", what, t, &[m, heads * head_dim])?;
+    }
+    expect_shape("rope_kv_append", "q_out", q_out, q.shape())?;
+    for (what, c) in [("k_cache", k_cache), ("v_cache", v_cache)] {
+        expect_dtype("rope_kv_append", what, c, &[DType::F32])?;
+        expect_shape("rope_kv_append", what, c, &[n_kv_heads, capacity, head_dim])?;
+    }
+    if table.rotary_dims > head_dim {
+        return Err(Error::op(
+            "rope_kv_append",
+            format!("rotary dims {} > head dim {head_dim}", table.rotary_dims),
+        ));
+    }
+    expect_dtype("rope_kv_append", "pos", pos, &[DType::U32])?;
+    expect_shape("rope_kv_append", "pos", pos, &[1])?;
+    let op = Op::RopeKvAppend {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        rotary_dims: table.rotary_dims,
+        traditional,
+        mscale: table.mscale,
+    };
+    enc.dispatch(
+        op,
+        &[q, k, v, &table.inv_freq, pos],
+        &[q_out, k_cache, v_cache],
+    )
+}

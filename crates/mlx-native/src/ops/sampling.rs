@@ -13,6 +13,13 @@ pub fn argmax(enc: &mut CommandEncoder, logits: &Tensor, token: &Tensor) -> Resu
     enc.dispatch(Op::Argmax, &[logits], &[token])
 }
 
+/// pos u32 `[1]` += 1 (the end of a decode step).
+pub fn advance_pos(enc: &mut CommandEncoder, pos: &Tensor) -> Result<()> {
+    expect_dtype("advance_pos", "pos", pos, &[DType::U32])?;
+    expect_shape("advance_pos", "pos", pos, &[1])?;
+    enc.dispatch(Op::AdvancePos, &[], &[pos])
+}
+
 /// token u32 `[1]` = a draw from the last row of `logits` under `params`; `history` u32
 /// `[capacity]` holds the tokens at positions 0..=pos (read for the repetition penalty) and
 /// receives the draw at pos+1. `pos` is a u32 `[1]` buffer. Temperature 0 is argmax.

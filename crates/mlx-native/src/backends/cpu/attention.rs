@@ -384,7 +384,7 @@ mod x86 {
     }
 }
 
-fn kv_append(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
+pub(super) fn kv_append(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let Op::KvAppend {
         n_kv_heads,
         head_dim,

@@ -12,6 +12,18 @@ use crate::{Error, Result};
 pub(super) fn register(reg: &mut Registry<CpuKernel>) {
     reg.insert("argmax", "", DType::U32, argmax_kernel);
     reg.insert("sample", "", DType::U32, sample);
+    reg.insert("advance_pos", "", DType::U32, advance_pos);
+}
+
+fn advance_pos(op: &Op, _inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
+    if *op != Op::AdvancePos {
+        return Err(wrong_op(op));
+    }
+    let pos = slice_mut::<u32>(&outputs[0])?
+        .first_mut()
+        .ok_or_else(|| Error::op("advance_pos", "empty position"))?;
+    *pos = pos.wrapping_add(1);
+    Ok(())
 }
 
 fn last_row<'a>(logits: &'a Tensor, op: &'static str) -> Result<&'a [f32]> {

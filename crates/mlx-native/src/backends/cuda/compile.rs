@@ -206,6 +206,30 @@ mod tests {
         }
     }
 
+    /// Kernels are launched with programmatic stream serialization, which is safe only if each
+    /// waits for its predecessor before touching memory: every `extern "C" __global__`
+    /// function's body must begin with `kernel_entry()` (common.cuh).
+    #[test]
+    fn every_kernel_begins_with_kernel_entry() {
+        const ENTRY: &str = "extern \"C\" __global__";
+        let mut kernels = 0;
+        for source in super::super::kernels::SOURCES {
+            let text = source.parts.concat();
+            for (at, _) in text.match_indices(ENTRY) {
+                let body = text[at..].split_once('{').map_or("", |(_, b)| b);
+                let first = body.trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
+                let name = text[at..].lines().next().unwrap_or_default();
+                assert!(
+                    first.starts_with("kernel_entry();"),
+                    "{}.cu: kernel at `{name}` does not begin with kernel_entry()",
+                    source.name
+                );
+                kernels += 1;
+            }
+        }
+        assert!(kernels > 20, "found only {kernels} kernels");
+    }
+
     #[test]
     fn cache_key_depends_on_every_part() {
         let base = fnv1a(&[b"src", b"opts"]);

@@ -5,10 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::sys::{self, CUfunction_attribute, CUlaunchAttributeID};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
 use super::compile::{self, Source};
@@ -88,6 +86,8 @@ pub(crate) struct Launch {
     func: CudaFunction,
     cfg: LaunchConfig,
     args: Vec<u64>,
+    /// Launch with programmatic stream serialization (see `kernel_entry` in common.cuh).
+    programmatic: bool,
 }
 
 impl Launch {
@@ -96,14 +96,47 @@ impl Launch {
         if x == 0 || y == 0 || z == 0 {
             return Ok(()); // nothing to compute (an empty tensor)
         }
-        let mut builder = stream.launch_builder(&self.func);
-        for slot in &self.args {
-            builder.arg(slot);
-        }
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(driver_err("binding the CUDA context"))?;
+        // SAFETY: an all-zero launch attribute is the valid "ignore" entry; its id and value
+        // are set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let (bx, by, bz) = self.cfg.block_dim;
+        let config = sys::CUlaunchConfig {
+            gridDimX: x,
+            gridDimY: y,
+            gridDimZ: z,
+            blockDimX: bx,
+            blockDimY: by,
+            blockDimZ: bz,
+            sharedMemBytes: self.cfg.shared_mem_bytes,
+            hStream: stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: self.programmatic as u32,
+        };
+        let mut params: Vec<*mut std::ffi::c_void> = self
+            .args
+            .iter()
+            .map(|slot| slot as *const u64 as *mut std::ffi::c_void)
+            .collect();
         // SAFETY: the planner that built this launch matched the argument list to the kernel's
-        // signature, and the grid to the sizes of the tensors whose addresses it holds; the
-        // tensors are kept alive by the dispatch (and by the graph that replays it).
-        unsafe { builder.launch(self.cfg) }.map_err(driver_err("kernel launch"))?;
+        // signature (each parameter's bytes at the start of its slot), and the grid to the
+        // sizes of the tensors whose addresses it holds; the tensors are kept alive by the
+        // dispatch (and by the graph that replays it). `params` and `attr` outlive the call.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                self.func.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(driver_err("kernel launch"))?;
         Ok(())
     }
 }
@@ -140,6 +173,8 @@ pub(crate) struct KernelLibrary {
     /// Compute capability as major·10 + minor.
     arch: u32,
     sm_count: usize,
+    /// Kernels launch with programmatic dependent launch (sm_90+, unless `MLXN_CUDA_PDL=0`).
+    programmatic: bool,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
     /// Functions whose dynamic shared-memory limit has been raised, and to what.
@@ -157,11 +192,14 @@ impl KernelLibrary {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(driver_err("multiprocessor count"))?;
+        let arch = (major * 10 + minor) as u32;
+        let pdl_off = std::env::var("MLXN_CUDA_PDL").is_ok_and(|v| v == "0");
         Ok(KernelLibrary {
             ctx,
             stream,
-            arch: (major * 10 + minor) as u32,
+            arch,
             sm_count: sm_count.max(1) as usize,
+            programmatic: arch >= 90 && !pdl_off,
             modules: Mutex::default(),
             functions: Mutex::default(),
             raised: Mutex::default(),
@@ -244,6 +282,7 @@ impl KernelLibrary {
                 shared_mem_bytes: shared,
             },
             args: args.0,
+            programmatic: self.programmatic,
         })
     }
 

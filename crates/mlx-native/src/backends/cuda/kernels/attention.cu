@@ -133,6 +133,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
 // Merges the split partials of one (head, row): grid (n_heads, rows).
 extern "C" __global__ void attn_combine(const float* __restrict__ partial, float* __restrict__ out,
                                         int n_heads, int hd, int n_splits) {
+    kernel_entry();
     const int h = blockIdx.x, row = blockIdx.y;
     const int stride = hd + 2;
     const float* p = partial + ((i64)row * n_heads + h) * n_splits * stride;
@@ -268,6 +269,7 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
         const float* q, const float* kc, const float* vc, const u32* pos, float* out,           \
         float* partial, int n_heads, int group, int hd, int capacity, float scale, int window,  \
         float softcap) {                                                                        \
+        kernel_entry();                                                                         \
         attn_decode<HC>(q, kc, vc, pos, out, partial, n_heads, group, hd, capacity, scale,      \
                         window, softcap);                                                       \
     }                                                                                           \
@@ -275,6 +277,7 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
         const float* q, const float* kc, const float* vc, const u32* pos, float* out,           \
         int n_heads, int group, int hd, int capacity, float scale, int window, float softcap,   \
         int rows) {                                                                             \
+        kernel_entry();                                                                         \
         attn_prefill<HC>(q, kc, vc, pos, out, n_heads, group, hd, capacity, scale, window,      \
                          softcap, rows);                                                        \
     }
@@ -292,6 +295,7 @@ ATTENTION(8)
 extern "C" __global__ void kv_append(const float* __restrict__ x, const u32* __restrict__ pos,
                                      float* __restrict__ cache, int rows, int n_kv, int hd,
                                      int capacity) {
+    kernel_entry();
     const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (i64)rows * n_kv * hd) return;
     const int d = (int)(idx % hd);

@@ -10,6 +10,20 @@ typedef unsigned long long u64;
 typedef long long i64;
 
 #define FULL_MASK 0xffffffffu
+
+// Programmatic dependent launch (sm_90+). Every kernel calls this first, before it touches
+// global memory: it waits until the previous kernel of the stream has finished and its writes
+// are visible. Launched with programmatic stream serialization (launch.rs), a kernel is then
+// launched as soon as the blocks of the one before it have exited, without waiting for that
+// grid's completion to be signalled; launched plainly, the wait is a no-op. (Also triggering
+// `griddepcontrol.launch_dependents` at entry was measured: it halved prefill speed, as blocks
+// of kernels further down the stream occupied the SMs while they waited.)
+__device__ __forceinline__ void kernel_entry() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 #define NEG_INF __int_as_float(0xff800000)
 
 // Storage types of float operands (weights, scales, biases, norm weights); the numbering is

@@ -3,6 +3,7 @@
 
 extern "C" __global__ void unary(const float* __restrict__ x, float* __restrict__ out, i64 n,
                                  int f) {
+    kernel_entry();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (i64)gridDim.x * blockDim.x)
         out[i] = activation(x[i], f);
@@ -11,6 +12,7 @@ extern "C" __global__ void unary(const float* __restrict__ x, float* __restrict_
 // op: 0 add, 1 mul.
 extern "C" __global__ void binary(const float* __restrict__ a, const float* __restrict__ b,
                                   float* __restrict__ out, i64 n, int op) {
+    kernel_entry();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (i64)gridDim.x * blockDim.x)
         out[i] = op == 0 ? a[i] + b[i] : a[i] * b[i];
@@ -19,6 +21,7 @@ extern "C" __global__ void binary(const float* __restrict__ a, const float* __re
 extern "C" __global__ void gated_activation(const float* __restrict__ gate,
                                             const float* __restrict__ up,
                                             float* __restrict__ out, i64 n, int f) {
+    kernel_entry();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (i64)gridDim.x * blockDim.x)
         out[i] = activation(gate[i], f) * up[i];
@@ -26,6 +29,7 @@ extern "C" __global__ void gated_activation(const float* __restrict__ gate,
 
 extern "C" __global__ void softcap(const float* __restrict__ x, float* __restrict__ out, i64 n,
                                    float cap) {
+    kernel_entry();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (i64)gridDim.x * blockDim.x)
         out[i] = cap * tanhf(x[i] / cap);
@@ -33,6 +37,7 @@ extern "C" __global__ void softcap(const float* __restrict__ x, float* __restric
 
 // One block per row.
 extern "C" __global__ void softmax(const float* __restrict__ x, float* __restrict__ out, int d) {
+    kernel_entry();
     const float* xr = x + (i64)blockIdx.x * d;
     float* yr = out + (i64)blockIdx.x * d;
     float m = NEG_INF;

@@ -24,6 +24,7 @@ __device__ __forceinline__ void gather(const L& l, const u32* __restrict__ ids,
                                                    const void* scales, const void* biases,      \
                                                    int scale_type, float* out, u32 vocab, int k,\
                                                    int group_shift) {                           \
+        kernel_entry();                                                                         \
         const MlxAffine<BITS> l{w, scales, biases, scale_type, k, group_shift};                 \
         gather(l, ids, out, vocab);                                                             \
     }
@@ -37,6 +38,7 @@ EMBEDDING_MLX(8)
 #define EMBEDDING_GGML(TYPE, NAME)                                                              \
     extern "C" __global__ void embedding_##NAME(const u32* ids, const u8* w, float* out,        \
                                                 u32 vocab, int k) {                             \
+        kernel_entry();                                                                         \
         const TYPE l{w, k};                                                                     \
         gather(l, ids, out, vocab);                                                             \
     }
@@ -50,6 +52,7 @@ EMBEDDING_GGML(Q6_K, q6_k)
 extern "C" __global__ void embedding_dense(const u32* __restrict__ ids, const void* __restrict__ w,
                                            int weight_type, float* __restrict__ out, u32 vocab,
                                            int k) {
+    kernel_entry();
     const u32 id = ids[blockIdx.x];
     float* y = out + (i64)blockIdx.x * k;
     for (int i = threadIdx.x; i < k; i += blockDim.x)

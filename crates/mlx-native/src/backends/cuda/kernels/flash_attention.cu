@@ -164,6 +164,7 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ q,
         const float* q, const float* kc, const float* vc, const u32* pos, float* out,         \
         int n_heads, int group, int capacity, float scale, int window, float softcap,         \
         int rows) {                                                                           \
+        kernel_entry();                                                                       \
         attn_flash<HD>(q, kc, vc, pos, out, n_heads, group, capacity, scale, window, softcap, \
                        rows);                                                                 \
     }

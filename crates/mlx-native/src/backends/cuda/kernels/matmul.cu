@@ -70,6 +70,7 @@ __device__ __forceinline__ void matmul(const L& l, const float* __restrict__ x,
         matmul_mlx##BITS(const float* x, const u32* w, const void* scales, const void* biases,  \
                          int scale_type, const void* bias, int bias_type, float* out, int m,    \
                          int n, int k, int group_shift) {                                       \
+        kernel_entry();                                                                         \
         const MlxAffine<BITS> l{w, scales, biases, scale_type, k, group_shift};                 \
         matmul(l, x, bias, bias_type, out, m, n);                                               \
     }
@@ -84,6 +85,7 @@ MATMUL_MLX(8)
     extern "C" __global__ void __launch_bounds__(256)                                           \
         matmul_##NAME(const float* x, const u8* w, const void* bias, int bias_type, float* out, \
                       int m, int n, int k) {                                                    \
+        kernel_entry();                                                                         \
         const TYPE l{w, k};                                                                     \
         matmul(l, x, bias, bias_type, out, m, n);                                               \
     }
@@ -96,6 +98,7 @@ MATMUL_GGML(Q6_K, q6_k)
 extern "C" __global__ void __launch_bounds__(256)
     matmul_dense(const float* x, const void* w, int weight_type, const void* bias, int bias_type,
                  float* out, int m, int n, int k) {
+    kernel_entry();
     const Dense l{w, weight_type, k};
     matmul(l, x, bias, bias_type, out, m, n);
 }

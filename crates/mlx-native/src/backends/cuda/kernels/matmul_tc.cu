@@ -119,6 +119,7 @@ __device__ __forceinline__ void matmul_tc(const L& l, const float* __restrict__ 
         matmul_tc_mlx##BITS(const float* x, const u32* w, const void* scales,                  \
                             const void* biases, int scale_type, const void* bias,              \
                             int bias_type, float* out, int m, int n, int k, int group_shift) { \
+        kernel_entry();                                                                        \
         const MlxAffine<BITS> l{w, scales, biases, scale_type, k, group_shift};                \
         matmul_tc(l, x, bias, bias_type, out, m, n);                                           \
     }
@@ -133,6 +134,7 @@ MATMUL_TC_MLX(8)
     extern "C" __global__ void __launch_bounds__(256, 2)                                       \
         matmul_tc_##NAME(const float* x, const u8* w, const void* bias, int bias_type,         \
                          float* out, int m, int n, int k) {                                    \
+        kernel_entry();                                                                        \
         const TYPE l{w, k};                                                                    \
         matmul_tc(l, x, bias, bias_type, out, m, n);                                           \
     }
@@ -145,6 +147,7 @@ MATMUL_TC_GGML(Q6_K, q6_k)
 extern "C" __global__ void __launch_bounds__(256, 2)
     matmul_tc_dense(const float* x, const void* w, int weight_type, const void* bias,
                     int bias_type, float* out, int m, int n, int k) {
+    kernel_entry();
     const Dense l{w, weight_type, k};
     matmul_tc(l, x, bias, bias_type, out, m, n);
 }

@@ -94,6 +94,7 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
         matvec_mlx##BITS##_##NAME(const float* x, const u32* w, const void* scales,                \
                                   const void* biases, const void* bias, int bias_type,             \
                                   float* out, int n, int k, int group_shift, int kgroups) {        \
+        kernel_entry();                                                                            \
         const MlxAffine<BITS> l{w, scales, biases, ST, k, group_shift};                            \
         matvec<false>(l, l, x, bias, bias_type, out, n, kgroups, 0);                               \
     }                                                                                              \
@@ -102,6 +103,7 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
                                         const void* biases, const u32* w_up,                       \
                                         const void* scales_up, const void* biases_up, float* out,  \
                                         int n, int k, int group_shift, int kgroups, int act) {     \
+        kernel_entry();                                                                            \
         const MlxAffine<BITS> l{w, scales, biases, ST, k, group_shift};                            \
         const MlxAffine<BITS> l_up{w_up, scales_up, biases_up, ST, k, group_shift};                \
         matvec<true>(l, l_up, x, nullptr, 0, out, n, kgroups, act);                                \
@@ -121,12 +123,14 @@ MATVEC_MLX_ALL_TYPES(8)
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
         matvec_##NAME(const float* x, const u8* w, const void* bias, int bias_type, float* out,    \
                       int n, int k, int kgroups) {                                                 \
+        kernel_entry();                                                                            \
         const TYPE l{w, k};                                                                        \
         matvec<false>(l, l, x, bias, bias_type, out, n, kgroups, 0);                               \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
         matvec_gated_##NAME(const float* x, const u8* w, const u8* w_up, float* out, int n, int k, \
                             int kgroups, int act) {                                                \
+        kernel_entry();                                                                            \
         const TYPE l{w, k}, l_up{w_up, k};                                                         \
         matvec<true>(l, l_up, x, nullptr, 0, out, n, kgroups, act);                                \
     }
@@ -140,12 +144,14 @@ MATVEC_GGML(Q6_K, q6_k)
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
         matvec_dense_##NAME(const float* x, const void* w, const void* bias, int bias_type,        \
                             float* out, int n, int k, int kgroups) {                               \
+        kernel_entry();                                                                            \
         const Dense l{w, FT, k};                                                                   \
         matvec<false>(l, l, x, bias, bias_type, out, n, kgroups, 0);                               \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
         matvec_gated_dense_##NAME(const float* x, const void* w, const void* w_up, float* out,     \
                                   int n, int k, int kgroups, int act) {                            \
+        kernel_entry();                                                                            \
         const Dense l{w, FT, k}, l_up{w_up, FT, k};                                                \
         matvec<true>(l, l_up, x, nullptr, 0, out, n, kgroups, act);                                \
     }

@@ -4,6 +4,7 @@
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const void* __restrict__ w,
                                     float* __restrict__ out, int d, int wt, float eps,
                                     float w_offset) {
+    kernel_entry();
     const float* xr = x + (i64)blockIdx.x * d;
     float* yr = out + (i64)blockIdx.x * d;
     float ss = 0.f;
@@ -17,6 +18,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const void* __r
 extern "C" __global__ void layer_norm(const float* __restrict__ x, const void* __restrict__ w,
                                       const void* __restrict__ b, float* __restrict__ out,
                                       int d, int wt, int bt, float eps) {
+    kernel_entry();
     const float* xr = x + (i64)blockIdx.x * d;
     float* yr = out + (i64)blockIdx.x * d;
     float s = 0.f;

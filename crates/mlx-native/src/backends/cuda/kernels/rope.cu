@@ -1,27 +1,19 @@
 // Rotary position embedding of the leading `rotary_dims` dims of each head; the other dims are
-// copied. One thread per (row, head, rotated pair); the position of row 0 is read from device
-// memory so that a captured graph stays valid as it advances.
+// copied. One thread per (row, head, rotated pair or copied dim); the position of row 0 is read
+// from device memory so that a captured graph stays valid as it advances.
 
-extern "C" __global__ void rope(const float* __restrict__ x, const float* __restrict__ inv_freq,
-                                const u32* __restrict__ pos, float* __restrict__ out, int rows,
-                                int n_heads, int head_dim, int rotary_dims, int traditional,
-                                float mscale) {
+// Thread j of a head (0 ≤ j < rotary_dims/2 + head_dim − rotary_dims) at position p: rotates
+// pair j of `xh` into `yh`, or, past the pairs, copies one pass-through dim.
+__device__ __forceinline__ void rope_head_thread(const float* __restrict__ xh, float* __restrict__ yh,
+                                                 const float* __restrict__ inv_freq, u32 p, int j,
+                                                 int rotary_dims, int traditional, float mscale) {
     const int half = rotary_dims / 2;
-    // Threads beyond the rotated pairs of a head copy its pass-through dims.
-    const int per_head = half + (head_dim - rotary_dims);
-    const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (i64)rows * n_heads * per_head) return;
-    const int j = (int)(idx % per_head);
-    const i64 head = idx / per_head;
-    const int row = (int)(head / n_heads);
-    const float* xh = x + head * head_dim;
-    float* yh = out + head * head_dim;
     if (j >= half) {
         const int d = rotary_dims + (j - half);
         yh[d] = xh[d];
         return;
     }
-    const float angle = (float)(pos[0] + (u32)row) * inv_freq[j];
+    const float angle = (float)p * inv_freq[j];
     float s, c;
     sincosf(angle, &s, &c);
     s *= mscale;
@@ -31,4 +23,56 @@ extern "C" __global__ void rope(const float* __restrict__ x, const float* __rest
     const float x0 = xh[i0], x1 = xh[i1];
     yh[i0] = x0 * c - x1 * s;
     yh[i1] = x0 * s + x1 * c;
+}
+
+extern "C" __global__ void rope(const float* __restrict__ x, const float* __restrict__ inv_freq,
+                                const u32* __restrict__ pos, float* __restrict__ out, int rows,
+                                int n_heads, int head_dim, int rotary_dims, int traditional,
+                                float mscale) {
+    kernel_entry();
+    const int per_head = rotary_dims / 2 + (head_dim - rotary_dims);
+    const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (i64)rows * n_heads * per_head) return;
+    const i64 head = idx / per_head;
+    const u32 p = pos[0] + (u32)(head / n_heads);
+    rope_head_thread(x + head * head_dim, out + head * head_dim, inv_freq, p, (int)(idx % per_head),
+                     rotary_dims, traditional, mscale);
+}
+
+// The attention's input stage for rows at positions pos..pos+rows: q rotated into q_out, k
+// rotated into k_cache and v copied into v_cache (caches [n_kv, capacity, head_dim]). Per row,
+// threads cover the q heads' and k heads' rope threads, then v's elements. Rows past the
+// capacity are dropped (the engine never sends them).
+extern "C" __global__ void rope_kv_append(const float* __restrict__ q, const float* __restrict__ k,
+                                          const float* __restrict__ v,
+                                          const float* __restrict__ inv_freq,
+                                          const u32* __restrict__ pos, float* __restrict__ q_out,
+                                          float* __restrict__ k_cache, float* __restrict__ v_cache,
+                                          int rows, int n_heads, int n_kv, int head_dim,
+                                          int rotary_dims, int traditional, float mscale,
+                                          int capacity) {
+    kernel_entry();
+    const int per_head = rotary_dims / 2 + (head_dim - rotary_dims);
+    const int roped = (n_heads + n_kv) * per_head;
+    const int per_row = roped + n_kv * head_dim;
+    const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (i64)rows * per_row) return;
+    const int r = (int)(idx / per_row), t = (int)(idx % per_row);
+    const u32 p = pos[0] + (u32)r;
+    if (t >= roped) {
+        if (p >= (u32)capacity) return;
+        const int e = t - roped, g = e / head_dim, d = e % head_dim;
+        v_cache[((i64)g * capacity + p) * head_dim + d] = v[(i64)r * n_kv * head_dim + e];
+        return;
+    }
+    const int h = t / per_head, j = t % per_head;
+    if (h < n_heads) {
+        const i64 at = ((i64)r * n_heads + h) * head_dim;
+        rope_head_thread(q + at, q_out + at, inv_freq, p, j, rotary_dims, traditional, mscale);
+    } else if (p < (u32)capacity) {
+        const int g = h - n_heads;
+        rope_head_thread(k + ((i64)r * n_kv + g) * head_dim,
+                         k_cache + ((i64)g * capacity + p) * head_dim, inv_freq, p, j, rotary_dims,
+                         traditional, mscale);
+    }
 }

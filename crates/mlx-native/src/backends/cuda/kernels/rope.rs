@@ -1,4 +1,5 @@
-//! Rotary position embedding (rope.cu): one thread per rotated pair or copied dim.
+//! Rotary position embedding (rope.cu): one thread per rotated pair or copied dim; fused with
+//! the KV-cache append for the attention's input stage.
 
 use super::COMMON;
 use crate::backends::cuda::compile::Source;
@@ -18,6 +19,7 @@ pub(super) static SOURCE: Source = Source {
 
 pub(super) fn register(reg: &mut Registry<Planner>) {
     reg.insert("rope", "", DType::F32, rope);
+    reg.insert("rope_kv_append", "", DType::F32, rope_kv_append);
 }
 
 fn rope(lib: &KernelLibrary, op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<CudaKernel> {
@@ -51,4 +53,56 @@ fn rope(lib: &KernelLibrary, op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> 
     Ok(CudaKernel::single(
         lib.launch(&SOURCE, "rope", grid, 256, 0, args)?,
     ))
+}
+
+fn rope_kv_append(
+    lib: &KernelLibrary,
+    op: &Op,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+) -> Result<CudaKernel> {
+    let Op::RopeKvAppend {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        rotary_dims,
+        traditional,
+        mscale,
+    } = *op
+    else {
+        return Err(wrong_op(op));
+    };
+    let ([q, k, v, inv_freq, pos], [q_out, k_cache, v_cache]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let rows = q.rows();
+    let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
+    let per_row =
+        (n_heads + n_kv_heads) * (rotary_dims / 2 + head_dim - rotary_dims) + n_kv_heads * head_dim;
+    let args = Args::new()
+        .ptr(q)?
+        .ptr(k)?
+        .ptr(v)?
+        .ptr(inv_freq)?
+        .ptr(pos)?
+        .ptr(q_out)?
+        .ptr(k_cache)?
+        .ptr(v_cache)?
+        .int(rows)?
+        .int(n_heads)?
+        .int(n_kv_heads)?
+        .int(head_dim)?
+        .int(rotary_dims)?
+        .code(traditional as i32)
+        .f32(mscale)
+        .int(capacity)?;
+    let grid = (blocks(rows * per_row, 256)?, 1, 1);
+    Ok(CudaKernel::single(lib.launch(
+        &SOURCE,
+        "rope_kv_append",
+        grid,
+        256,
+        0,
+        args,
+    )?))
 }

@@ -114,6 +114,7 @@ __device__ __forceinline__ void for_each_in_range(int lo, int hi, Load load, Use
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     argmax(const float* __restrict__ logits, u32* __restrict__ token, int vocab, int last_row) {
+    kernel_entry();
     const float* x = logits + (i64)last_row * vocab;
     float v = NEG_INF;
     u32 id = 0xffffffffu;
@@ -321,6 +322,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
            u32* __restrict__ token, u32* __restrict__ history, int vocab, int last_row,
            int capacity, float penalty, int window, float temperature, int top_k, float top_p,
            float min_p, u64 seed) {
+    kernel_entry();
     extern __shared__ double smem[];
     __shared__ double dscratch[SAMPLE_WARPS];
     __shared__ int iscratch[SAMPLE_WARPS];
@@ -398,4 +400,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         token[0] = (u32)pick;
         if (pos + 1 < capacity) history[pos + 1] = (u32)pick;
     }
+}
+
+extern "C" __global__ void advance_pos(u32* __restrict__ pos) {
+    kernel_entry();
+    if (threadIdx.x == 0) pos[0] += 1;
 }

@@ -25,6 +25,27 @@ const HISTOGRAM_BYTES: usize = (32 + 1) * 256 * 8;
 pub(super) fn register(reg: &mut Registry<Planner>) {
     reg.insert("argmax", "", DType::U32, argmax);
     reg.insert("sample", "", DType::U32, sample);
+    reg.insert("advance_pos", "", DType::U32, advance_pos);
+}
+
+fn advance_pos(
+    lib: &KernelLibrary,
+    op: &Op,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+) -> Result<CudaKernel> {
+    let ([], [pos]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let args = Args::new().ptr(pos)?;
+    Ok(CudaKernel::single(lib.launch(
+        &SOURCE,
+        "advance_pos",
+        (1, 1, 1),
+        32,
+        0,
+        args,
+    )?))
 }
 
 fn argmax(
