@@ -12,9 +12,11 @@ and writes it with `save_model`/`save_config`. It then loads the directory back 
   - the teacher-forced logits of prompt + continuation[:-1] (19 rows) in float32, and the
     same from the model run in its stored dtype (float16/bfloat16), for information;
   - the smallest top-1/top-2 logit gap along the greedy path (ties would make greedy
-    equality a coin toss).
+    equality a coin toss), and for MoE models the smallest router-logit gap between the
+    last selected and the first unselected expert (a near tie would make the routing one).
 
-usage: make_family_fixtures.py OUT_DIR   (writes OUT_DIR/<model_type>_<bits>bit/)
+usage: make_family_fixtures.py OUT_DIR [MODEL_TYPE ...]
+       (writes OUT_DIR/<model_type>_<bits>bit/, for the given model types only if any)
 """
 import importlib
 import json
@@ -34,6 +36,7 @@ PROMPT_LEN, NEW_TOKENS = 12, 8
 GROUP_SIZE = 32
 WEIGHT_GAIN = 2.5
 MIN_GAP = 5e-3
+MIN_ROUTER_GAP = 1e-3
 
 BASE = dict(
     hidden_size=96,
@@ -92,6 +95,19 @@ CASES = [
           rope_scaling=dict(type="longrope",
                             long_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8, 4.6],
                             short_factor=[1.0] * 9))),
+    # mixtral: every layer a sparse MoE block (8 experts, top-2 of the router logits, then a
+    # softmax over those two); experts stacked as SwitchGLU stores them.
+    ("mixtral", (4, 8), "float16",
+     dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,
+          tie_word_embeddings=False)),
+    # qwen3_moe: softmax over all 8 experts, top-3, renormalized (norm_topk_prob); layer 1 a
+    # dense MLP (mlp_only_layers) of its own width; q/k norms; the router quantized at 8 bits,
+    # group 64 (mlx-lm's quant_predicate), so hidden is a multiple of 64.
+    ("qwen3_moe", (4, 8), "bfloat16",
+     dict(hidden_size=128, num_hidden_layers=3, head_dim=32, num_experts=8,
+          num_experts_per_tok=3, decoder_sparse_step=1, mlp_only_layers=[1],
+          moe_intermediate_size=64, norm_topk_prob=True, rope_theta=1e6,
+          tie_word_embeddings=False)),
 ]
 
 GEMMA = ("gemma2", "gemma3_text", "gemma3")
@@ -139,6 +155,34 @@ def greedy(model, prompt):
     return tokens, np.stack(rows)
 
 
+class RouterProbe(nn.Module):
+    """Wraps an MoE block's router and records, per token, the gap between the top_k-th and
+    the (top_k+1)-th logit."""
+
+    def __init__(self, gate, top_k, gaps):
+        super().__init__()
+        self.inner = gate
+        self.top_k = top_k
+        self.gaps = gaps
+
+    def __call__(self, x):
+        logits = self.inner(x)
+        s = np.sort(np.array(logits.astype(mx.float32)), axis=-1)
+        self.gaps.append(float((s[..., -self.top_k] - s[..., -self.top_k - 1]).min()))
+        return logits
+
+
+def probe_routers(model):
+    """Router probes on every MoE block; returns the list they append to."""
+    gaps = []
+    for layer in model.layers:
+        block = getattr(layer, "block_sparse_moe", None) or getattr(layer, "mlp", None)
+        if hasattr(block, "switch_mlp"):
+            top_k = getattr(block, "num_experts_per_tok", None) or block.top_k
+            block.gate = RouterProbe(block.gate, top_k, gaps)
+    return gaps
+
+
 def teacher_forced(model, ids):
     out = model(mx.array(ids)[None])[0].astype(mx.float32)
     mx.eval(out)
@@ -182,7 +226,9 @@ def make(out_dir: Path, model_type, bits, dtype, overrides, seed):
     to_f32(model)
     tokens, step_logits = greedy(model, prompt)
     seq = prompt + tokens[:-1]
+    router_gaps = probe_routers(model)
     full = teacher_forced(model, seq)
+    router_gap = min(router_gaps, default=float("inf"))
     cached_vs_full = float(np.abs(full[PROMPT_LEN - 1:] - step_logits).max())
     top2 = np.sort(step_logits, axis=-1)[:, -2:]
     gap = float((top2[:, 1] - top2[:, 0]).min())
@@ -202,6 +248,7 @@ def make(out_dir: Path, model_type, bits, dtype, overrides, seed):
         "model_type": model_type, "bits": bits, "group_size": GROUP_SIZE, "dtype": dtype,
         "prompt_ids": prompt, "greedy_ids": tokens, "greedy_ids_native": native_tokens,
         "seed": seed, "min_top2_gap": gap,
+        **({"min_router_gap": router_gap} if router_gaps else {}),
         "cached_vs_full_max_abs": cached_vs_full,
         "native_vs_f32_max_abs": f16_err,
         "logits_rows": "teacher-forced prompt_ids + greedy_ids[:-1]; reference.safetensors",
@@ -210,16 +257,20 @@ def make(out_dir: Path, model_type, bits, dtype, overrides, seed):
     size = sum(f.stat().st_size for f in path.iterdir())
     print(f"{name}: {size / 1024:.0f} KB, greedy {tokens}, gap {gap:.4f}, "
           f"cached-vs-full {cached_vs_full:.2e}, native-vs-f32 {f16_err:.3f}"
+          f"{f', router gap {router_gap:.4f}' if router_gaps else ''}"
           f"{'' if native_tokens == tokens else ' (native greedy differs)'}", file=sys.stderr)
     assert cached_vs_full < 1e-4, "mlx-lm's cached and full forward passes disagree"
-    return size if gap > MIN_GAP else None
+    return size if gap > MIN_GAP and router_gap > MIN_ROUTER_GAP else None
 
 
 def main():
     out_dir = Path(sys.argv[1])
     out_dir.mkdir(parents=True, exist_ok=True)
+    only = set(sys.argv[2:])
     total = 0
     for i, (model_type, bit_list, dtype, overrides) in enumerate(CASES):
+        if only and model_type not in only:
+            continue
         for bits in bit_list:
             # A greedy path with a near tie would make token equality a coin toss: reseed.
             for seed in range(1000 * i + bits, 1000 * (i + 1), 10):

@@ -28,10 +28,14 @@ const LOGIT_TOLERANCE: f32 = 1e-4;
 /// The same on the CUDA backend (other reduction orders, fast-math intrinsics).
 const LOGIT_TOLERANCE_CUDA: f32 = 1e-3;
 
+/// `tests/fixtures/families/{name}` of this crate, or of `$MLXN_CRATE_DIR` where the test
+/// binary was moved (the GPU machine).
 fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/families")
-        .join(name)
+    let crate_dir = match std::env::var_os("MLXN_CRATE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    };
+    crate_dir.join("tests/fixtures/families").join(name)
 }
 
 struct Reference {
@@ -181,6 +185,10 @@ family_tests! {
     gemma3_multimodal_4bit_defaults => "gemma3_4bit",
     phi3_4bit => "phi3_4bit",
     phi3_8bit => "phi3_8bit",
+    mixtral_4bit_top2_of_8_experts => "mixtral_4bit",
+    mixtral_8bit => "mixtral_8bit",
+    qwen3_moe_4bit_dense_layer_normalized_top3 => "qwen3_moe_4bit",
+    qwen3_moe_8bit => "qwen3_moe_8bit",
 }
 
 #[test]
@@ -221,6 +229,8 @@ fn unsupported_model_type_is_a_clear_error() {
                 "gemma3_text",
                 "gemma3",
                 "phi3",
+                "mixtral",
+                "qwen3_moe",
             ] {
                 assert!(supported.contains(t), "{supported}");
             }

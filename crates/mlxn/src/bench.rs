@@ -15,7 +15,8 @@ pub struct BenchArgs {
     /// An MLX checkpoint directory or a .gguf file.
     #[arg(long, short, conflicts_with = "synthetic")]
     model: Option<std::path::PathBuf>,
-    /// A random-weight model of a known shape: smollm2-135m, llama-3.2-1b, llama-3.1-8b.
+    /// A random-weight model of a known shape: smollm2-135m, llama-3.2-1b, llama-3.1-8b,
+    /// qwen3-0.6b, gemma-3-1b, qwen3-30b-a3b.
     #[arg(long)]
     synthetic: Option<String>,
     /// Weight layout of the synthetic model: mlx{bits}g{group}, q4_0, q4_k, f16 …

@@ -20,6 +20,16 @@ pub enum BinaryFn {
     Mul,
 }
 
+/// How a mixture-of-experts router turns one row of logits into `top_k` expert weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Routing {
+    /// The top k logits, then a softmax over those k (Mixtral).
+    TopKSoftmax,
+    /// A softmax over all experts, then the top k probabilities, divided by their sum when
+    /// `normalize` (Qwen3-MoE's `norm_topk_prob`).
+    SoftmaxTopK { normalize: bool },
+}
+
 /// Sampling settings. `temperature == 0` is greedy (argmax).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -147,6 +157,26 @@ pub enum Op {
     Binary(BinaryFn),
     /// in: gate, up `[m, d]`; out: f(gate)·up (the gated MLP's activation, fused).
     GatedActivation(UnaryFn),
+    /// Mixture-of-experts routing. in: router logits f32 `[m, experts]`; out: expert ids u32
+    /// `[m, top_k]`, weights f32 `[m, top_k]`. Slots are in descending order of score; of equal
+    /// scores the lower expert id ranks first (deterministic; MLX's argpartition leaves ties
+    /// unspecified, and random router weights never tie).
+    MoeRoute { top_k: usize, routing: Routing },
+    /// Expert-indexed product: out[i, j] = x_ij · W_eᵀ with e = ids[i, j]. in: x `[m, k]`
+    /// (row i shared by its slots) or, with `per_slot`, `[m, top_k, k]`; ids u32 `[m, top_k]`;
+    /// weight tensors (per `layout`, experts stacked: `[experts, n, k]`); out `[m, top_k, n]`.
+    /// Only the selected experts are read.
+    GatherMatMul {
+        layout: WeightLayout,
+        per_slot: bool,
+    },
+    /// The gated pair of each selected expert: out[i, j] = f(x_i·G_eᵀ) ∘ (x_i·U_eᵀ).
+    /// in: x `[m, k]`, ids u32 `[m, top_k]`, gate tensors, then up tensors (stacked like
+    /// `GatherMatMul`'s); out `[m, top_k, n]`.
+    GatherGatedMatMul { layout: WeightLayout, act: UnaryFn },
+    /// The MoE block's output added to the residual: out[i] = residual[i] + Σ_j w[i, j]·y[i, j].
+    /// in: y `[m, top_k, n]`, weights f32 `[m, top_k]`, residual `[m, n]`; out `[m, n]`.
+    MoeCombine,
     /// Greedy pick over the last row. in: logits f32 `[m, vocab]`; out: token u32 `[1]`.
     Argmax,
     /// Sample from the last row. in: logits f32 `[m, vocab]`, pos u32 `[1]`;
@@ -177,6 +207,10 @@ impl Op {
             Op::Unary(_) => "unary",
             Op::Binary(_) => "binary",
             Op::GatedActivation(_) => "gated_activation",
+            Op::MoeRoute { .. } => "moe_route",
+            Op::GatherMatMul { .. } => "gather_matmul",
+            Op::GatherGatedMatMul { .. } => "gather_gated_matmul",
+            Op::MoeCombine => "moe_combine",
             Op::Argmax => "argmax",
             Op::Sample(_) => "sample",
             Op::AdvancePos => "advance_pos",
@@ -188,7 +222,9 @@ impl Op {
         match self {
             Op::Embedding { layout }
             | Op::MatMul { layout, .. }
-            | Op::GatedMatMul { layout, .. } => layout.variant(),
+            | Op::GatedMatMul { layout, .. }
+            | Op::GatherMatMul { layout, .. }
+            | Op::GatherGatedMatMul { layout, .. } => layout.variant(),
             Op::Unary(f) | Op::GatedActivation(f) => format!("{f:?}").to_lowercase(),
             Op::Binary(f) => format!("{f:?}").to_lowercase(),
             _ => String::new(),

@@ -244,6 +244,7 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
         max_position_embeddings: file
             .opt_u32(&key("context_length"))?
             .map_or(DEFAULT_CONTEXT, |v| v as usize),
+        moe: None,
     })
 }
 

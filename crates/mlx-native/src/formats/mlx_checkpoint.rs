@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::core::device::Device;
 use crate::core::tensor::Tensor;
 use crate::formats::safetensors::SafetensorsFile;
-use crate::ops::Linear;
+use crate::ops::{ExpertLinear, Linear};
 use crate::quant::WeightLayout;
 use crate::{Error, Result};
 
@@ -108,7 +108,33 @@ impl MlxCheckpoint {
         k: usize,
         bias: bool,
     ) -> Result<Linear> {
-        let (layout, tensors) = if self.has(&format!("{prefix}.scales")) {
+        let (layout, tensors) = self.weight(device, prefix)?;
+        let bias = if bias {
+            Some(self.tensor(device, &format!("{prefix}.bias"))?)
+        } else {
+            None
+        };
+        Linear::new(prefix, layout, tensors, bias, n, k)
+    }
+
+    /// `experts` stacked `n`×`k` matrices at `prefix` (mlx-lm's `SwitchLinear`:
+    /// `{prefix}.weight` `[experts, n, k]`, quantized like a linear).
+    pub fn experts(
+        &self,
+        device: &Device,
+        prefix: &str,
+        experts: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<ExpertLinear> {
+        let (layout, tensors) = self.weight(device, prefix)?;
+        ExpertLinear::new(prefix, layout, tensors, experts, n, k)
+    }
+
+    /// The layout and tensors of the weight at `prefix`: MLX affine when `{prefix}.scales`
+    /// exists (bits and group size from the config), dense `{prefix}.weight` otherwise.
+    fn weight(&self, device: &Device, prefix: &str) -> Result<(WeightLayout, Vec<Tensor>)> {
+        Ok(if self.has(&format!("{prefix}.scales")) {
             let (bits, group_size) = self.quant_for(prefix).ok_or_else(|| {
                 let (field, reason) = match self.quant {
                     None => (
@@ -134,13 +160,7 @@ impl MlxCheckpoint {
         } else {
             let weight = self.tensor(device, &format!("{prefix}.weight"))?;
             (WeightLayout::Dense, vec![weight])
-        };
-        let bias = if bias {
-            Some(self.tensor(device, &format!("{prefix}.bias"))?)
-        } else {
-            None
-        };
-        Linear::new(prefix, layout, tensors, bias, n, k)
+        })
     }
 }
 

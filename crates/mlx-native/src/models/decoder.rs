@@ -3,14 +3,16 @@
 //! extra norms, activation, scales, soft-caps, sliding windows, fused projections — is an
 //! `Architecture` flag or a `DecoderParams` field, set per `model_type` by the family's
 //! config reader (`models::llama`, `models::qwen2` …); the forward pass is this one.
+//! A layer's MLP is either the dense gated MLP or a sparse mixture-of-experts block
+//! (`MoeParams`: a router picks `top_k` of the experts' gated MLPs per token).
 
 use crate::core::device::Device;
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
-use crate::core::op::{BinaryFn, UnaryFn};
+use crate::core::op::{BinaryFn, Routing, UnaryFn};
 use crate::core::tensor::Tensor;
 use crate::models::WeightSource;
-use crate::ops::{self, AttentionShape, Linear, RopeScaling, RopeTable};
+use crate::ops::{self, AttentionShape, ExpertLinear, Linear, RopeScaling, RopeTable};
 use crate::quant::{GgmlType, WeightLayout};
 use crate::{Error, Result};
 
@@ -73,6 +75,23 @@ pub struct RopeParams {
     pub rotary_dims: usize,
 }
 
+/// The sparse MLP of mixture-of-experts families: a router (`{block}.gate`, `[experts,
+/// hidden]`) scores the experts, the `top_k` best run their gated MLPs (mlx-lm's SwitchGLU,
+/// `{block}.switch_mlp.{gate,up,down}_proj`, experts stacked) and their outputs are summed
+/// with the routing weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeParams {
+    pub experts: usize,
+    pub top_k: usize,
+    /// Width of each expert's gated MLP.
+    pub intermediate_size: usize,
+    pub routing: Routing,
+    /// Per layer: the MoE block (true) or the dense MLP of `DecoderParams::intermediate_size`.
+    pub sparse_layers: Vec<bool>,
+    /// The module holding router and experts: `block_sparse_moe` (Mixtral), `mlp` (Qwen3-MoE).
+    pub block: &'static str,
+}
+
 /// What the forward pass needs to know about a model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecoderParams {
@@ -96,6 +115,8 @@ pub struct DecoderParams {
     /// The output head is the embedding table, unless the checkpoint has an `lm_head`.
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
+    /// The mixture-of-experts MLP, for the layers it marks sparse.
+    pub moe: Option<MoeParams>,
 }
 
 impl DecoderParams {
@@ -113,6 +134,25 @@ impl DecoderParams {
                 self.layer_windows.len(),
                 self.num_layers
             ));
+        }
+        if let Some(moe) = &self.moe {
+            if moe.top_k == 0 || moe.top_k > moe.experts {
+                return bad(format!("top {} of {} experts", moe.top_k, moe.experts));
+            }
+            if moe.sparse_layers.len() != self.num_layers {
+                return bad(format!(
+                    "{} sparse-layer flags for {} layers",
+                    moe.sparse_layers.len(),
+                    self.num_layers
+                ));
+            }
+            if self.arch.sandwich_norms || self.arch.fused_gate_up || self.arch.mlp_bias {
+                return bad(
+                    "a mixture-of-experts MLP with sandwich norms, a fused gate_up \
+                            projection or MLP biases"
+                        .into(),
+                );
+            }
         }
         for rope in std::iter::once(&self.rope).chain(&self.local_rope) {
             if rope.rotary_dims > self.head_dim {
@@ -140,9 +180,7 @@ struct Layer {
     /// Norm of the attention output (`Architecture::sandwich_norms`).
     attn_out_norm: Option<Tensor>,
     mlp_norm: Tensor,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    mlp: Mlp,
     /// Norm of the MLP output (`Architecture::sandwich_norms`).
     mlp_out_norm: Option<Tensor>,
     rope: RopeTable,
@@ -150,11 +188,49 @@ struct Layer {
     window: Option<usize>,
 }
 
+/// A layer's MLP.
+enum Mlp {
+    /// down(act(gate(x)) ∘ up(x)).
+    Dense {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    /// A router and stacked experts (`MoeParams`).
+    Moe {
+        router: Linear,
+        gate: ExpertLinear,
+        up: ExpertLinear,
+        down: ExpertLinear,
+    },
+}
+
+impl Mlp {
+    /// Bytes one token reads: every dense matrix, or the router and `top_k` experts.
+    fn token_bytes(&self, top_k: usize) -> usize {
+        match self {
+            Mlp::Dense { gate, up, down } => {
+                [gate, up, down].map(Linear::weight_bytes).iter().sum()
+            }
+            Mlp::Moe {
+                router,
+                gate,
+                up,
+                down,
+            } => {
+                let expert: usize = [gate, up, down]
+                    .map(ExpertLinear::expert_bytes)
+                    .iter()
+                    .sum();
+                router.weight_bytes() + top_k * expert
+            }
+        }
+    }
+}
+
 impl Layer {
-    fn linears(&self) -> [&Linear; 7] {
-        [
-            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-        ]
+    fn attention_linears(&self) -> [&Linear; 4] {
+        [&self.q, &self.k, &self.v, &self.o]
     }
 
     fn norms(&self) -> impl Iterator<Item = &Tensor> {
@@ -210,11 +286,26 @@ pub struct Scratch {
     gate: Tensor,
     up: Tensor,
     act: Tensor,
+    /// Buffers of the MoE layers (`DecoderParams::moe`).
+    moe: Option<MoeScratch>,
     /// `[m, hidden]` filled with `Architecture::embed_scale` (an elementwise multiplier).
     embed_scale: Option<Tensor>,
     last_normed: Tensor,
     /// Logits before the final soft-cap (`Architecture::final_softcap`).
     uncapped_logits: Option<Tensor>,
+}
+
+/// Activations of a MoE block over `m` tokens.
+struct MoeScratch {
+    /// Router logits `[m, experts]`.
+    logits: Tensor,
+    /// Selected experts u32 `[m, top_k]` and their weights f32 `[m, top_k]`.
+    ids: Tensor,
+    weights: Tensor,
+    /// Each slot's act(gate)·up `[m, top_k, expert width]`, then its down projection
+    /// `[m, top_k, hidden]`.
+    act: Tensor,
+    down: Tensor,
 }
 
 impl Decoder {
@@ -264,14 +355,32 @@ impl Decoder {
                     (None, (q, k, v))
                 }
             };
-            let (gate, up) = if a.fused_gate_up {
-                let gate_up = weights.linear(&name("mlp.gate_up_proj"), 2 * i, h, a.mlp_bias)?;
-                (gate_up.narrow_rows(0, i)?, gate_up.narrow_rows(i, i)?)
-            } else {
-                (
-                    weights.linear(&name("mlp.gate_proj"), i, h, a.mlp_bias)?,
-                    weights.linear(&name("mlp.up_proj"), i, h, a.mlp_bias)?,
-                )
+            let sparse = p.moe.as_ref().filter(|moe| moe.sparse_layers[l]);
+            let mlp = match sparse {
+                Some(moe) => {
+                    let (e, mi) = (moe.experts, moe.intermediate_size);
+                    let block = |s: &str| name(&format!("{}.{s}", moe.block));
+                    Mlp::Moe {
+                        router: weights.linear(&block("gate"), e, h, false)?,
+                        gate: weights.experts(&block("switch_mlp.gate_proj"), e, mi, h)?,
+                        up: weights.experts(&block("switch_mlp.up_proj"), e, mi, h)?,
+                        down: weights.experts(&block("switch_mlp.down_proj"), e, h, mi)?,
+                    }
+                }
+                None => {
+                    let (gate, up) = if a.fused_gate_up {
+                        let gate_up =
+                            weights.linear(&name("mlp.gate_up_proj"), 2 * i, h, a.mlp_bias)?;
+                        (gate_up.narrow_rows(0, i)?, gate_up.narrow_rows(i, i)?)
+                    } else {
+                        (
+                            weights.linear(&name("mlp.gate_proj"), i, h, a.mlp_bias)?,
+                            weights.linear(&name("mlp.up_proj"), i, h, a.mlp_bias)?,
+                        )
+                    };
+                    let down = weights.linear(&name("mlp.down_proj"), h, i, a.mlp_bias)?;
+                    Mlp::Dense { gate, up, down }
+                }
             };
             let qk_norm = if a.qk_norm {
                 Some((
@@ -310,9 +419,7 @@ impl Decoder {
                 o: weights.linear(&name("self_attn.o_proj"), h, q_dim, a.o_bias)?,
                 attn_out_norm,
                 mlp_norm,
-                gate,
-                up,
-                down: weights.linear(&name("mlp.down_proj"), h, i, a.mlp_bias)?,
+                mlp,
                 mlp_out_norm,
                 rope,
                 rope_traditional,
@@ -337,21 +444,32 @@ impl Decoder {
     /// Tensors `load` reads (for progress reports).
     pub fn tensor_count(p: &DecoderParams) -> usize {
         let a = &p.arch;
-        let per_layer = 4 // input and MLP norms, o and down projections
+        let per_layer = 3 // input and MLP norms, o projection
             + if a.fused_qkv { 1 } else { 3 }
-            + if a.fused_gate_up { 1 } else { 2 }
             + if a.qk_norm { 2 } else { 0 }
             + if a.sandwich_norms { 2 } else { 0 };
-        p.num_layers * per_layer + 3
+        let dense_mlp = if a.fused_gate_up { 2 } else { 3 };
+        let sparse = p
+            .moe
+            .as_ref()
+            .map_or(0, |moe| moe.sparse_layers.iter().filter(|&&s| s).count());
+        // A sparse layer reads its router and three stacked expert projections.
+        p.num_layers * per_layer + (p.num_layers - sparse) * dense_mlp + sparse * 4 + 3
     }
 
-    /// Bytes of weights one decode step reads (every matrix once, norms included).
+    /// Bytes of weights one decode step reads (every matrix once, norms included; of a MoE
+    /// layer the router and the `top_k` experts a token runs).
     pub fn weight_bytes(&self) -> usize {
+        let top_k = self.params.moe.as_ref().map_or(0, |moe| moe.top_k);
         let layers: usize = self
             .layers
             .iter()
             .map(|l| {
-                l.linears().iter().map(|w| w.weight_bytes()).sum::<usize>()
+                l.attention_linears()
+                    .iter()
+                    .map(|w| w.weight_bytes())
+                    .sum::<usize>()
+                    + l.mlp.token_bytes(top_k)
                     + l.norms().map(Tensor::byte_len).sum::<usize>()
             })
             .sum();
@@ -394,6 +512,19 @@ impl Decoder {
         } else {
             None
         };
+        let moe = match &p.moe {
+            Some(moe) => {
+                let slots = |cols: usize| device.empty(&[m, moe.top_k, cols], DType::F32);
+                Some(MoeScratch {
+                    logits: f(moe.experts)?,
+                    ids: device.empty(&[m, moe.top_k], DType::U32)?,
+                    weights: f(moe.top_k)?,
+                    act: slots(moe.intermediate_size)?,
+                    down: slots(h)?,
+                })
+            }
+            None => None,
+        };
         let uncapped_logits = match a.final_softcap {
             Some(_) => Some(device.empty(&[1, p.vocab_size], DType::F32)?),
             None => None,
@@ -425,6 +556,7 @@ impl Decoder {
             gate: f(p.intermediate_size)?,
             up: f(p.intermediate_size)?,
             act: f(p.intermediate_size)?,
+            moe,
             embed_scale,
             last_normed: device.empty(&[1, h], DType::F32)?,
             uncapped_logits,
@@ -534,9 +666,14 @@ impl Decoder {
     /// `s.act` = act(`s.normed`·Gᵀ) ∘ (`s.normed`·Uᵀ). One decode row with bias-free
     /// quantized gate and up stored alike is one dispatch; otherwise two matmuls and the
     /// activation.
-    fn gated_mlp_input(&self, enc: &mut CommandEncoder, layer: &Layer, s: &Scratch) -> Result<()> {
+    fn gated_mlp_input(
+        &self,
+        enc: &mut CommandEncoder,
+        gate: &Linear,
+        up: &Linear,
+        s: &Scratch,
+    ) -> Result<()> {
         let act = self.params.arch.activation;
-        let (gate, up) = (&layer.gate, &layer.up);
         // Quantized layouts only: dense rows may be views the matvec cannot read with wide loads.
         let quantized = !matches!(
             gate.layout,
@@ -579,9 +716,38 @@ impl Decoder {
             self.project_residual(enc, &s.attn, &layer.o, x, attn_norm, s, x_mid)?;
 
             self.norm(enc, x_mid, &layer.mlp_norm, &s.normed)?;
-            self.gated_mlp_input(enc, layer, s)?;
-            let mlp_norm = layer.mlp_out_norm.as_ref();
-            self.project_residual(enc, &s.act, &layer.down, x_mid, mlp_norm, s, x)?;
+            match &layer.mlp {
+                Mlp::Dense { gate, up, down } => {
+                    self.gated_mlp_input(enc, gate, up, s)?;
+                    let mlp_norm = layer.mlp_out_norm.as_ref();
+                    self.project_residual(enc, &s.act, down, x_mid, mlp_norm, s, x)?;
+                }
+                Mlp::Moe {
+                    router,
+                    gate,
+                    up,
+                    down,
+                } => {
+                    let (Some(moe), Some(ms)) = (&self.params.moe, &s.moe) else {
+                        return Err(Error::Invalid("a MoE layer without MoE parameters".into()));
+                    };
+                    // mlx-lm's MoE block: route, run the selected experts' gated MLPs, add
+                    // their weighted sum to the residual.
+                    ops::matmul(enc, &s.normed, router, &ms.logits)?;
+                    ops::moe_route(
+                        enc,
+                        &ms.logits,
+                        moe.top_k,
+                        moe.routing,
+                        &ms.ids,
+                        &ms.weights,
+                    )?;
+                    let act = self.params.arch.activation;
+                    ops::gather_gated_matmul(enc, &s.normed, &ms.ids, gate, up, act, &ms.act)?;
+                    ops::gather_matmul(enc, &ms.act, &ms.ids, down, &ms.down)?;
+                    ops::moe_combine(enc, &ms.down, &ms.weights, x_mid, x)?;
+                }
+            }
         }
         let last = x.narrow_rows(s.m - 1, 1)?;
         self.norm(enc, &last, &self.norm, &s.last_normed)?;

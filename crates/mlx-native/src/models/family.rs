@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::formats::config::ConfigFields;
 use crate::models::decoder::DecoderParams;
-use crate::models::{gemma2, gemma3, llama, phi3, qwen2, qwen3};
+use crate::models::{gemma2, gemma3, llama, mixtral, phi3, qwen2, qwen3, qwen3_moe};
 use crate::Result;
 
 /// The config.json `model_type`s `decoder_params` reads.
@@ -20,6 +20,8 @@ pub const MODEL_TYPES: &[&str] = &[
     "gemma3_text",
     "gemma3",
     "phi3",
+    "mixtral",
+    "qwen3_moe",
 ];
 
 /// Context length assumed when a config does not state one.
@@ -42,6 +44,8 @@ pub fn decoder_params(
         "gemma3_text" => gemma3::params(&f)?,
         "gemma3" => gemma3::multimodal_params(&f)?,
         "phi3" => phi3::params(&f)?,
+        "mixtral" => mixtral::params(&f)?,
+        "qwen3_moe" => qwen3_moe::params(&f)?,
         _ => return Ok(None),
     }))
 }

@@ -51,5 +51,6 @@ pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
         max_position_embeddings: f
             .get(ConfigFields::positive, "max_position_embeddings")?
             .unwrap_or(DEFAULT_CONTEXT),
+        moe: None,
     })
 }

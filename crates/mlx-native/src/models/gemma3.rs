@@ -87,5 +87,6 @@ fn text_params(
         attention_scale: 1.0 / float_or("query_pre_attn_scalar", 256.0)?.sqrt(),
         tie_word_embeddings: true,
         max_position_embeddings: usize_or("max_position_embeddings", 32768)?,
+        moe: None,
     })
 }

@@ -70,5 +70,6 @@ pub fn params(config: &Value, path: &Path) -> Result<DecoderParams> {
         attention_scale: 1.0 / (c.head_dim as f32).sqrt(),
         tie_word_embeddings: c.tie_word_embeddings,
         max_position_embeddings: c.max_position_embeddings.unwrap_or(DEFAULT_CONTEXT),
+        moe: None,
     })
 }

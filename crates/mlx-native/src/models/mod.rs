@@ -9,14 +9,16 @@ pub mod family;
 pub mod gemma2;
 pub mod gemma3;
 pub mod llama;
+pub mod mixtral;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
+pub mod qwen3_moe;
 pub mod synthetic;
 pub mod weights;
 
 use crate::core::tensor::Tensor;
-use crate::ops::Linear;
+use crate::ops::{ExpertLinear, Linear};
 use crate::Result;
 
 /// Where a model's tensors come from, addressed by Hugging Face names
@@ -27,6 +29,9 @@ pub trait WeightSource {
     fn linear(&self, name: &str, n: usize, k: usize, bias: bool) -> Result<Linear>;
     /// A 1-D tensor `{name}` of `len` values (norm weights), in its stored float dtype.
     fn vector(&self, name: &str, len: usize) -> Result<Tensor>;
+    /// `experts` matrices `[n, k]` stacked along a leading dimension, as mlx-lm's
+    /// `SwitchLinear` stores a mixture-of-experts projection (`{name}.weight`).
+    fn experts(&self, name: &str, experts: usize, n: usize, k: usize) -> Result<ExpertLinear>;
     /// Whether a matrix `name` exists (e.g. an untied `lm_head`).
     fn has_linear(&self, name: &str) -> bool;
 }

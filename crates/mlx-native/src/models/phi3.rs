@@ -69,5 +69,6 @@ pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
             .get(ConfigFields::bool, "tie_word_embeddings")?
             .unwrap_or(false),
         max_position_embeddings,
+        moe: None,
     })
 }

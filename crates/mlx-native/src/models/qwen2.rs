@@ -39,5 +39,6 @@ pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
         max_position_embeddings: f
             .get(ConfigFields::positive, "max_position_embeddings")?
             .unwrap_or(32768),
+        moe: None,
     })
 }

@@ -46,5 +46,6 @@ pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
         attention_scale: 1.0 / (head_dim as f32).sqrt(),
         tie_word_embeddings: f.required(ConfigFields::bool, "tie_word_embeddings")?,
         max_position_embeddings: f.required(ConfigFields::positive, "max_position_embeddings")?,
+        moe: None,
     })
 }

@@ -1,20 +1,38 @@
 //! Random-weight models of real shapes, for benchmarks of models one does not have on disk
-//! (Llama-3.2-1B, Llama-3.1-8B …). Each matrix repeats a few random rows quantized with the
-//! reference quantizers, so building an 8B model takes seconds; speed does not depend on
-//! the values.
+//! (Llama-3.2-1B, Llama-3.1-8B, Qwen3-30B-A3B …). Each matrix repeats a few random rows
+//! quantized with the reference quantizers, written to the device a chunk at a time, so
+//! building even a 30B model takes seconds and little host memory; speed does not depend on
+//! the values. Presets of families other than Llama are their config.json fields, read by
+//! the family's own config reader.
+
+use std::path::Path;
+
+use serde_json::json;
 
 use crate::core::device::Device;
+use crate::core::dtype::Element;
 use crate::core::tensor::Tensor;
 use crate::models::decoder::{Architecture, DecoderParams, RopeParams};
+use crate::models::family::decoder_params;
 use crate::models::WeightSource;
-use crate::ops::{Linear, RopeScaling};
+use crate::ops::{ExpertLinear, Linear, RopeScaling};
 use crate::quant::{ggml, mlx_affine, GgmlType, WeightLayout};
 use crate::{Error, Result};
 
 /// Distinct random rows per matrix (then repeated).
 const DISTINCT_ROWS: usize = 16;
 
-/// Known shapes: (name, params), all of the Llama architecture.
+/// Bytes written to the device per copy while building a matrix.
+const UPLOAD_CHUNK: usize = 64 << 20;
+
+/// The parameters of a config.json of `model_type` (a preset's published fields).
+fn from_config(name: &str, model_type: &str, config: serde_json::Value) -> Result<DecoderParams> {
+    decoder_params(model_type, &config, Path::new(name))?
+        .ok_or_else(|| Error::Invalid(format!("preset `{name}`: no reader for {model_type}")))
+}
+
+/// Known shapes by name: the Llama ones from their sizes, the others from the fields of
+/// their published config.json (Qwen/Qwen3-0.6B, google/gemma-3-1b-it, Qwen/Qwen3-30B-A3B).
 pub fn preset(name: &str) -> Result<DecoderParams> {
     let llama = |hidden: usize, inter, layers, heads, kv, vocab, tie, theta| DecoderParams {
         arch: Architecture::LLAMA,
@@ -37,11 +55,40 @@ pub fn preset(name: &str) -> Result<DecoderParams> {
         attention_scale: 1.0 / ((hidden / heads) as f32).sqrt(),
         tie_word_embeddings: tie,
         max_position_embeddings: 8192,
+        moe: None,
     };
     Ok(match name {
         "smollm2-135m" => llama(576, 1536, 30, 9, 3, 49152, true, 100000.0),
         "llama-3.2-1b" => llama(2048, 8192, 16, 32, 8, 128256, true, 500000.0),
         "llama-3.1-8b" => llama(4096, 14336, 32, 32, 8, 128256, false, 500000.0),
+        "qwen3-0.6b" => from_config(
+            name,
+            "qwen3",
+            json!({"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+                "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+                "vocab_size": 151936, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                "tie_word_embeddings": true, "max_position_embeddings": 40960}),
+        )?,
+        "gemma-3-1b" => from_config(
+            name,
+            "gemma3_text",
+            json!({"hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+                "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+                "vocab_size": 262144, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                "rope_local_base_freq": 10000.0, "sliding_window": 512,
+                "sliding_window_pattern": 6, "query_pre_attn_scalar": 256,
+                "max_position_embeddings": 32768}),
+        )?,
+        "qwen3-30b-a3b" => from_config(
+            name,
+            "qwen3_moe",
+            json!({"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
+                "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": true,
+                "vocab_size": 151936, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                "tie_word_embeddings": false, "max_position_embeddings": 40960}),
+        )?,
         other => {
             return Err(Error::Invalid(format!(
                 "unknown synthetic model `{other}` (known: {})",
@@ -51,7 +98,14 @@ pub fn preset(name: &str) -> Result<DecoderParams> {
     })
 }
 
-pub const PRESETS: &[&str] = &["smollm2-135m", "llama-3.2-1b", "llama-3.1-8b"];
+pub const PRESETS: &[&str] = &[
+    "smollm2-135m",
+    "llama-3.2-1b",
+    "llama-3.1-8b",
+    "qwen3-0.6b",
+    "gemma-3-1b",
+    "qwen3-30b-a3b",
+];
 
 /// Parse a layout name: `mlx{bits}g{group}`, a ggml type (`q4_0`, `q4_k` …) or `f16`/`bf16`/`f32`.
 pub fn parse_layout(name: &str) -> Result<WeightLayout> {
@@ -110,31 +164,35 @@ impl SyntheticWeights {
     }
 }
 
-/// `rows` repeated until there are `n` of them.
-fn tile<T: Copy>(rows: &[T], row_len: usize, n: usize) -> Vec<T> {
-    let distinct = rows.len() / row_len.max(1);
-    (0..n)
-        .flat_map(|r| {
-            rows[(r % distinct) * row_len..(r % distinct + 1) * row_len]
-                .iter()
-                .copied()
-        })
-        .collect()
+/// A tensor of `shape` whose elements are `period` repeated. Written in chunks of whole
+/// periods, so the host never holds more than `UPLOAD_CHUNK` bytes of it.
+fn repeated<T: Element>(device: &Device, period: &[T], shape: &[usize]) -> Result<Tensor> {
+    let total: usize = shape.iter().product();
+    let t = device.empty(&[total], T::DTYPE)?;
+    let periods = (UPLOAD_CHUNK / std::mem::size_of_val(period).max(1)).max(1);
+    let chunk: Vec<T> = period.repeat(periods.min(total.div_ceil(period.len().max(1))));
+    let mut start = 0;
+    while start < total {
+        let len = chunk.len().min(total - start);
+        t.narrow_rows(start, len)?.write(&chunk[..len])?;
+        start += len;
+    }
+    t.reshape(shape)
 }
 
-impl WeightSource for SyntheticWeights {
-    fn linear(&self, name: &str, n: usize, k: usize, bias: bool) -> Result<Linear> {
+impl SyntheticWeights {
+    /// The stored tensors of `lead`×`n` matrices of `k` columns (`lead` = [] for one matrix,
+    /// [experts] for stacked experts): `DISTINCT_ROWS` random rows, quantized, repeated.
+    fn matrices(&self, lead: &[usize], n: usize, k: usize) -> Result<Vec<Tensor>> {
         let d = &self.device;
         // Uniform weights of std 1/√k keep activations in range through the layers.
         let rows = DISTINCT_ROWS.min(n);
         let w = self.random(rows * k, (3.0 / k as f32).sqrt());
-        let tensors = match self.layout {
+        let shape = |cols: usize| [lead, &[n, cols]].concat();
+        Ok(match self.layout {
             WeightLayout::Dense => {
-                let w: Vec<half::f16> = tile(&w, k, n)
-                    .iter()
-                    .map(|&v| half::f16::from_f32(v))
-                    .collect();
-                vec![d.from_slice(&w, &[n, k])?]
+                let w: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+                vec![repeated(d, &w, &shape(k))?]
             }
             WeightLayout::MlxAffine { bits, group_size } => {
                 let (q, s, b) = mlx_affine::quantize(&w, rows, k, bits, group_size)?;
@@ -143,9 +201,9 @@ impl WeightSource for SyntheticWeights {
                 };
                 let (qk, gk) = (mlx_affine::packed_row_len(k, bits), k / group_size);
                 vec![
-                    d.from_slice(&tile(&q, qk, n), &[n, qk])?,
-                    d.from_slice(&f16(tile(&s, gk, n)), &[n, gk])?,
-                    d.from_slice(&f16(tile(&b, gk, n)), &[n, gk])?,
+                    repeated(d, &q, &shape(qk))?,
+                    repeated(d, &f16(s), &shape(gk))?,
+                    repeated(d, &f16(b), &shape(gk))?,
                 ]
             }
             WeightLayout::Gguf(t) => {
@@ -154,16 +212,27 @@ impl WeightSource for SyntheticWeights {
                     .map(|row| ggml::quantize_row(t, row))
                     .collect::<Result<Vec<_>>>()?
                     .concat();
-                let row_bytes = t.row_bytes(k);
-                vec![d.from_slice(&tile(&bytes, row_bytes, n), &[n * row_bytes])?]
+                let matrices: usize = lead.iter().product();
+                vec![repeated(d, &bytes, &[matrices * n * t.row_bytes(k)])?]
             }
-        };
+        })
+    }
+}
+
+impl WeightSource for SyntheticWeights {
+    fn linear(&self, name: &str, n: usize, k: usize, bias: bool) -> Result<Linear> {
+        let tensors = self.matrices(&[], n, k)?;
         let bias = if bias {
-            Some(d.from_slice(&self.random(n, 0.1), &[n])?)
+            Some(self.device.from_slice(&self.random(n, 0.1), &[n])?)
         } else {
             None
         };
         Linear::new(name, self.layout, tensors, bias, n, k)
+    }
+
+    fn experts(&self, name: &str, experts: usize, n: usize, k: usize) -> Result<ExpertLinear> {
+        let tensors = self.matrices(&[experts], n, k)?;
+        ExpertLinear::new(name, self.layout, tensors, experts, n, k)
     }
 
     fn vector(&self, _name: &str, len: usize) -> Result<Tensor> {

@@ -8,7 +8,7 @@ use crate::core::tensor::Tensor;
 use crate::formats::gguf::GgufFile;
 use crate::formats::mlx_checkpoint::MlxCheckpoint;
 use crate::models::WeightSource;
-use crate::ops::Linear;
+use crate::ops::{ExpertLinear, Linear};
 use crate::{Error, Result};
 
 /// Reports each loaded tensor as (done, total).
@@ -53,6 +53,11 @@ impl WeightSource for MlxWeights<'_> {
         Ok(t)
     }
 
+    fn experts(&self, name: &str, experts: usize, n: usize, k: usize) -> Result<ExpertLinear> {
+        self.progress.tick();
+        self.checkpoint.experts(self.device, name, experts, n, k)
+    }
+
     fn has_linear(&self, name: &str) -> bool {
         self.checkpoint.has(&format!("{name}.weight"))
     }
@@ -84,6 +89,11 @@ impl WeightSource for Prefixed<'_> {
 
     fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
         self.inner.vector(&format!("{}{name}", self.prefix), len)
+    }
+
+    fn experts(&self, name: &str, experts: usize, n: usize, k: usize) -> Result<ExpertLinear> {
+        self.inner
+            .experts(&format!("{}{name}", self.prefix), experts, n, k)
     }
 
     fn has_linear(&self, name: &str) -> bool {
@@ -159,6 +169,13 @@ impl WeightSource for GgufWeights<'_> {
         let t = self.file.load_vector_f32(self.device, &gguf)?;
         check_vector(&gguf, &t, len)?;
         Ok(t)
+    }
+
+    /// GGUF files are read for the Llama family only, which has no experts.
+    fn experts(&self, name: &str, _: usize, _: usize, _: usize) -> Result<ExpertLinear> {
+        Err(Error::UnsupportedQuant(format!(
+            "`{name}`: mixture-of-experts weights from a GGUF file"
+        )))
     }
 
     fn has_linear(&self, name: &str) -> bool {

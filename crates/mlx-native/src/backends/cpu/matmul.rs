@@ -53,11 +53,7 @@ fn gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
             format!("{} inputs, {} outputs", inputs.len(), outputs.len()),
         ));
     };
-    let matmul = match layout {
-        WeightLayout::Dense => matmul_dense,
-        WeightLayout::MlxAffine { .. } => matmul_mlx,
-        WeightLayout::Gguf(_) => matmul_gguf,
-    };
+    let matmul = kernel_for(layout);
     let projection = Op::MatMul {
         layout,
         has_bias: false,
@@ -69,6 +65,15 @@ fn gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         matmul(&projection, &operands, std::slice::from_ref(result))?;
     }
     elementwise::gated_activation(&Op::GatedActivation(act), &[gate, up], outputs)
+}
+
+/// The `Op::MatMul` kernel of a weight layout.
+pub(super) fn kernel_for(layout: WeightLayout) -> CpuKernel {
+    match layout {
+        WeightLayout::Dense => matmul_dense,
+        WeightLayout::MlxAffine { .. } => matmul_mlx,
+        WeightLayout::Gguf(_) => matmul_gguf,
+    }
 }
 
 /// The operands of one `Op::MatMul`: x `[m, k]`, the weight's tensors, the optional bias and

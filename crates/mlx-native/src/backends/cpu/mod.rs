@@ -5,6 +5,7 @@ mod attention;
 mod elementwise;
 mod embedding;
 mod matmul;
+mod moe;
 mod norm;
 mod qmatmul_gguf;
 mod qmatmul_mlx;
@@ -134,6 +135,7 @@ impl CpuBackend {
         elementwise::register(&mut registry);
         embedding::register(&mut registry);
         matmul::register(&mut registry);
+        moe::register(&mut registry);
         norm::register(&mut registry);
         rope::register(&mut registry);
         sampling::register(&mut registry);

@@ -5,6 +5,7 @@ mod attention;
 mod elementwise;
 mod embedding;
 mod matmul;
+mod moe;
 mod norm;
 mod rope;
 mod sampling;
@@ -30,6 +31,7 @@ pub(crate) const SOURCES: &[&Source] = &[
     &matmul::MATVEC,
     &matmul::MATMUL,
     &matmul::MATMUL_TC,
+    &moe::SOURCE,
     &norm::SOURCE,
     &rope::SOURCE,
     &sampling::SOURCE,
@@ -40,6 +42,7 @@ pub(crate) fn register(reg: &mut Registry<Planner>) {
     elementwise::register(reg);
     embedding::register(reg);
     matmul::register(reg);
+    moe::register(reg);
     norm::register(reg);
     rope::register(reg);
     sampling::register(reg);

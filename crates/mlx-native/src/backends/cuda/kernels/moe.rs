@@ -1,0 +1,249 @@
+//! Mixture-of-experts ops (moe.cu): routing, gathered matmuls over stacked experts and the
+//! weighted combine. A gathered product of one token (decode) runs every slot's expert as a
+//! matvec in one launch; more tokens are grouped by expert (`moe_bucket`, scratch owned by
+//! the dispatch) and run as tiled matmuls over each expert's slots.
+
+use super::elementwise::unary_code;
+use super::weights::{float_name, Weight};
+use super::{COMMON, LAYOUTS};
+use crate::backends::cuda::compile::Source;
+use crate::backends::cuda::device_ptr;
+use crate::backends::cuda::launch::{
+    blocks, dim, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Planner,
+};
+use crate::core::dtype::DType;
+use crate::core::op::{Op, Routing};
+use crate::core::registry::Registry;
+use crate::core::tensor::Tensor;
+use crate::quant::mlx_affine::{SUPPORTED_BITS, SUPPORTED_GROUP_SIZES};
+use crate::quant::WeightLayout;
+use crate::{Error, Result};
+
+pub(super) static SOURCE: Source = Source {
+    name: "moe",
+    parts: &[COMMON, LAYOUTS, include_str!("moe.cu")],
+};
+
+/// Warps per block of moe_route (one row each).
+const ROUTE_WARPS: usize = 4;
+/// Experts a lane of moe_route can track (a 64-bit mask each).
+const ROUTE_MAX_EXPERTS: usize = 32 * 64;
+/// GMV_WARPS·GMV_ROWS output rows per block of the gathered matvec, GMV_WARPS·32 threads.
+const MATVEC_ROWS_PER_BLOCK: usize = 16;
+const MATVEC_THREADS: u32 = 128;
+/// GMM_BM = GMM_BN (64×64 tiles), 256 threads.
+const TILE: usize = 64;
+const TILE_THREADS: u32 = 256;
+/// Threads of moe_bucket (one block).
+const BUCKET_THREADS: u32 = 1024;
+/// Row tiles per expert given to blocks up front, as a multiple of an even share of the slots;
+/// busier experts loop over their extra tiles.
+const TILES_PER_SHARE: usize = 4;
+
+pub(super) fn register(reg: &mut Registry<Planner>) {
+    let mut layouts = vec![WeightLayout::Dense];
+    for bits in SUPPORTED_BITS {
+        for group_size in SUPPORTED_GROUP_SIZES {
+            layouts.push(WeightLayout::MlxAffine { bits, group_size });
+        }
+    }
+    for layout in layouts {
+        reg.insert("gather_matmul", &layout.variant(), DType::F32, gather);
+        reg.insert("gather_gated_matmul", &layout.variant(), DType::F32, gather);
+    }
+    reg.insert("moe_route", "", DType::U32, route);
+    reg.insert("moe_combine", "", DType::F32, combine);
+}
+
+fn route(
+    lib: &KernelLibrary,
+    op: &Op,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+) -> Result<CudaKernel> {
+    let Op::MoeRoute { top_k, routing } = *op else {
+        return Err(wrong_op(op));
+    };
+    let ([logits], [ids, weights]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let (m, experts) = (logits.rows(), logits.last_dim());
+    if experts > ROUTE_MAX_EXPERTS {
+        return Err(Error::op(
+            "moe_route",
+            format!("{experts} experts (at most {ROUTE_MAX_EXPERTS})"),
+        ));
+    }
+    let mode = match routing {
+        Routing::TopKSoftmax => 0,
+        Routing::SoftmaxTopK { normalize: false } => 1,
+        Routing::SoftmaxTopK { normalize: true } => 2,
+    };
+    let args = Args::new()
+        .ptr(logits)?
+        .ptr(ids)?
+        .ptr(weights)?
+        .int(m)?
+        .int(experts)?
+        .int(top_k)?
+        .code(mode);
+    let grid = (blocks(m, ROUTE_WARPS)?, 1, 1);
+    let threads = (ROUTE_WARPS * 32) as u32;
+    let launch = lib.launch(&SOURCE, "moe_route", grid, threads, 0, args)?;
+    Ok(CudaKernel::single(launch))
+}
+
+fn combine(
+    lib: &KernelLibrary,
+    op: &Op,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+) -> Result<CudaKernel> {
+    let ([y, weights, residual], [out]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let (m, n, top_k) = (out.rows(), out.last_dim(), weights.last_dim());
+    let args = Args::new()
+        .ptr(y)?
+        .ptr(weights)?
+        .ptr(residual)?
+        .ptr(out)?
+        .int(m)?
+        .int(n)?
+        .int(top_k)?;
+    let grid = (blocks(m * n, 256)?.min(65535), 1, 1);
+    let launch = lib.launch(&SOURCE, "moe_combine", grid, 256, 0, args)?;
+    Ok(CudaKernel::single(launch))
+}
+
+/// The stored tensors of a weight as kernel arguments, and the kernel-name part of its
+/// layout: MLX (`mlx{bits}`, words, scales, biases) or dense (the rows).
+fn weight_args(args: Args, w: &Weight) -> Result<Args> {
+    match *w {
+        Weight::Mlx {
+            w, scales, biases, ..
+        } => args.ptr(w)?.ptr(scales)?.ptr(biases),
+        Weight::Dense { w, .. } => args.ptr(w),
+        Weight::Ggml { .. } => Err(Error::op("gather_matmul", "ggml blocks")),
+    }
+}
+
+/// `Op::GatherMatMul` and `Op::GatherGatedMatMul`.
+fn gather(
+    lib: &KernelLibrary,
+    op: &Op,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+) -> Result<CudaKernel> {
+    let (name, layout, per_slot, act, gated) = match *op {
+        Op::GatherMatMul { layout, per_slot } => ("gather_matmul", layout, per_slot, 0, false),
+        Op::GatherGatedMatMul { layout, act } => {
+            ("gather_gated_matmul", layout, false, unary_code(act), true)
+        }
+        _ => return Err(wrong_op(op)),
+    };
+    let count = layout.tensor_count();
+    let ([out], [x, ids, weights @ ..]) = (outputs, inputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    if weights.len() != count * (1 + gated as usize) {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    }
+    let (m, top_k, n, k) = (ids.rows(), ids.last_dim(), out.last_dim(), x.last_dim());
+    let (w, rows) = Weight::parse(name, layout, &weights[..count], k)?;
+    let up = match gated {
+        true => Some(Weight::parse(name, layout, &weights[count..], k)?),
+        false => None,
+    };
+    let experts = rows / n.max(1);
+    if n == 0 || rows % n != 0 || up.as_ref().is_some_and(|(_, r)| *r != rows) {
+        return Err(Error::op(
+            name,
+            format!("weights of {rows} rows are not whole experts of {n} rows"),
+        ));
+    }
+    w.check_alignment(name)?;
+    if let Some((up, _)) = &up {
+        up.check_alignment(name)?;
+    }
+    let up = up.map(|(w, _)| w);
+    let dense_vectors = |w: &Weight| -> Result<bool> {
+        Ok(match w {
+            Weight::Dense { w, .. } => k % 32 == 0 && device_ptr(w)? % 16 == 0,
+            _ => true,
+        })
+    };
+    let matvec = m == 1
+        && device_ptr(x)? % 16 == 0
+        && dense_vectors(&w)?
+        && up.as_ref().map_or(Ok(true), &dense_vectors)?;
+    let gated_part = if gated { "gated_" } else { "" };
+    let (layout_name, group_shift, ft) = match w {
+        Weight::Mlx {
+            bits,
+            group_shift,
+            scale_type,
+            ..
+        } => (format!("mlx{bits}"), Some(group_shift), scale_type),
+        Weight::Dense { ft, .. } => ("dense".to_string(), None, ft),
+        Weight::Ggml { ty, .. } => {
+            return Err(Error::op(name, format!("{} blocks", ty.name())));
+        }
+    };
+    let tail = |args: Args| -> Result<Args> {
+        let args = args.ptr(out)?.int(n)?.int(k)?;
+        let args = match group_shift {
+            Some(shift) => args.code(shift),
+            None => args,
+        };
+        let args = args.int(experts)?.int(top_k)?;
+        Ok(if gated {
+            args.code(act)
+        } else {
+            args.code(per_slot as i32)
+        })
+    };
+    if matvec {
+        // Decode: every slot's rows in one launch.
+        let mut args = weight_args(Args::new().ptr(x)?.ptr(ids)?, &w)?;
+        if let Some(up) = &up {
+            args = weight_args(args, up)?;
+        }
+        let kernel = format!("gather_matvec_{gated_part}{layout_name}_{}", float_name(ft));
+        let grid = (blocks(n, MATVEC_ROWS_PER_BLOCK)?, dim(m * top_k)?, 1);
+        let launch = lib.launch(&SOURCE, &kernel, grid, MATVEC_THREADS, 0, tail(args)?)?;
+        return Ok(CudaKernel::single(launch));
+    }
+    // Several tokens: group the slots by expert, then tiles over each expert's slots.
+    let slots = m * top_k;
+    let (scratch, base) = lib.scratch((experts + 1 + slots) * 4)?;
+    let (offsets, order) = (base, base + 4 * (experts as u64 + 1));
+    let bucket_args = Args::new()
+        .ptr(ids)?
+        .int(slots)?
+        .int(experts)?
+        .u64(offsets)
+        .u64(order);
+    let shared = u32::try_from((experts + 1) * 4)
+        .map_err(|_| Error::op(name, format!("{experts} experts")))?;
+    let bucket = lib.launch(
+        &SOURCE,
+        "moe_bucket",
+        (1, 1, 1),
+        BUCKET_THREADS,
+        shared,
+        bucket_args,
+    )?;
+    let mut args = weight_args(Args::new().ptr(x)?.u64(offsets).u64(order), &w)?;
+    if let Some(up) = &up {
+        args = weight_args(args, up)?;
+    }
+    // Tiles read the scale (or dense row) type as an argument.
+    let args = args.code(ft);
+    let kernel = format!("gather_matmul_{gated_part}{layout_name}");
+    let share = (TILES_PER_SHARE * slots).div_ceil(experts * TILE);
+    let row_tiles = share.clamp(1, m.div_ceil(TILE).max(1));
+    let grid = (blocks(n, TILE)?, dim(row_tiles)?, dim(experts)?);
+    let tiles = lib.launch(&SOURCE, &kernel, grid, TILE_THREADS, 0, tail(args)?)?;
+    Ok(CudaKernel::new(vec![bucket, tiles], Some(scratch)))
+}

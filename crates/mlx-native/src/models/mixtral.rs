@@ -1,0 +1,63 @@
+//! Mixtral (mlx-lm `mixtral.py`): Llama attention (head_dim = hidden / heads, RoPE without
+//! scaling: mlx-lm ignores `rope_scaling`) and, in every layer, a sparse MoE block
+//! `block_sparse_moe` whose router takes the top `num_experts_per_tok` of
+//! `num_local_experts` logits and softmaxes over them. Every field has mlx-lm's default.
+
+use crate::core::op::Routing;
+use crate::formats::config::ConfigFields;
+use crate::models::decoder::{Architecture, DecoderParams, MoeParams, RopeParams};
+use crate::models::family::DEFAULT_CONTEXT;
+use crate::ops::RopeScaling;
+use crate::Result;
+
+pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
+    let usize_or = |field: &str, default: usize| -> Result<usize> {
+        Ok(f.get(ConfigFields::positive, field)?.unwrap_or(default))
+    };
+    let hidden_size = usize_or("hidden_size", 4096)?;
+    let intermediate_size = usize_or("intermediate_size", 14336)?;
+    let num_layers = usize_or("num_hidden_layers", 32)?;
+    let num_heads = usize_or("num_attention_heads", 32)?;
+    let num_kv_heads = usize_or("num_key_value_heads", 8)?;
+    if !num_heads.is_multiple_of(num_kv_heads) {
+        return Err(f.error(
+            "num_key_value_heads",
+            format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
+        ));
+    }
+    let head_dim = hidden_size / num_heads;
+    Ok(DecoderParams {
+        arch: Architecture::LLAMA,
+        hidden_size,
+        intermediate_size,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        vocab_size: usize_or("vocab_size", 32000)?,
+        rms_norm_eps: f.get(ConfigFields::float, "rms_norm_eps")?.unwrap_or(1e-5),
+        rope: RopeParams {
+            theta: f.get(ConfigFields::float, "rope_theta")?.unwrap_or(1e6),
+            scaling: RopeScaling::None,
+            traditional: f
+                .get(ConfigFields::bool, "rope_traditional")?
+                .unwrap_or(false),
+            rotary_dims: head_dim,
+        },
+        local_rope: None,
+        layer_windows: vec![None; num_layers],
+        attention_scale: 1.0 / (head_dim as f32).sqrt(),
+        tie_word_embeddings: f
+            .get(ConfigFields::bool, "tie_word_embeddings")?
+            .unwrap_or(false),
+        max_position_embeddings: usize_or("max_position_embeddings", DEFAULT_CONTEXT)?,
+        moe: Some(MoeParams {
+            experts: usize_or("num_local_experts", 8)?,
+            top_k: usize_or("num_experts_per_tok", 2)?,
+            intermediate_size,
+            routing: Routing::TopKSoftmax,
+            sparse_layers: vec![true; num_layers],
+            block: "block_sparse_moe",
+        }),
+    })
+}

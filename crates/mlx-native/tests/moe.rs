@@ -1,0 +1,560 @@
+//! Mixture-of-experts ops against f64 references on random non-zero inputs (odd sizes, dense
+//! and MLX affine experts of several widths and scale dtypes, one token and many), on the CPU
+//! backend and, where there is a CUDA driver, on the GPU, whose results are also compared with
+//! the CPU backend's. Outputs are poisoned before each run. Without a driver the GPU half
+//! prints "skipped: ..." and the CPU half still runs.
+
+use half::{bf16, f16};
+use mlx_native::backends::cuda;
+use mlx_native::core::op::{Routing, UnaryFn};
+use mlx_native::ops::{self, ExpertLinear};
+use mlx_native::quant::{mlx_affine, WeightLayout};
+use mlx_native::{CommandEncoder, DType, Device, Error, Result, Tensor};
+
+/// The CPU, then the CUDA device when this machine has one.
+fn devices() -> Vec<Device> {
+    let mut all = vec![Device::cpu()];
+    if !cuda::driver_present() {
+        println!("skipped on CUDA: no CUDA driver");
+        return all;
+    }
+    match Device::parse("cuda") {
+        Ok(d) => all.push(d),
+        Err(Error::DeviceUnavailable(why)) => println!("skipped on CUDA: {why}"),
+        Err(e) => panic!("{e}"),
+    }
+    all
+}
+
+/// SplitMix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-scale, scale], never zero.
+    fn sym(&mut self, scale: f32) -> f32 {
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        let v = (2.0 * u - 1.0) * scale;
+        if v == 0.0 {
+            scale * 0.5
+        } else {
+            v
+        }
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.sym(scale)).collect()
+    }
+    /// `top_k` distinct expert ids for each of `m` rows.
+    fn ids(&mut self, m: usize, top_k: usize, experts: usize) -> Vec<u32> {
+        let mut ids = Vec::with_capacity(m * top_k);
+        for _ in 0..m {
+            let mut row: Vec<u32> = Vec::new();
+            while row.len() < top_k {
+                let e = (self.next_u64() % experts as u64) as u32;
+                if !row.contains(&e) {
+                    row.push(e);
+                }
+            }
+            ids.extend(row);
+        }
+        ids
+    }
+}
+
+fn poisoned(dev: &Device, shape: &[usize]) -> Result<Tensor> {
+    dev.from_slice(&vec![f32::NAN; shape.iter().product()], shape)
+}
+
+fn run(dev: &Device, record: impl FnOnce(&mut CommandEncoder) -> Result<()>) -> Result<()> {
+    let mut enc = CommandEncoder::new(dev);
+    record(&mut enc)?;
+    enc.commit_and_wait()
+}
+
+/// ‖got − want‖ ≤ tol·‖want‖, and every element finite.
+fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let (mut err, mut norm) = (0.0, 0.0);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite(), "{what}: element {i} is {g} (expected {w})");
+        err += (g as f64 - w) * (g as f64 - w);
+        norm += w * w;
+    }
+    let rel = err.sqrt() / norm.sqrt().max(1e-30);
+    assert!(rel <= tol, "{what}: relative error {rel:e} > {tol:e}");
+}
+
+fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing
+
+/// f64 reference: descending scores, the lower id first among equals.
+fn route_ref(row: &[f32], top_k: usize, routing: Routing) -> (Vec<u32>, Vec<f64>) {
+    let x: Vec<f64> = to_f64(row);
+    let softmax = |v: &[f64]| -> Vec<f64> {
+        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = v.iter().map(|a| (a - max).exp()).sum();
+        v.iter().map(|a| (a - max).exp() / sum).collect()
+    };
+    let scores = match routing {
+        Routing::TopKSoftmax => x.clone(),
+        Routing::SoftmaxTopK { .. } => softmax(&x),
+    };
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let ids: Vec<usize> = order[..top_k].to_vec();
+    let picked: Vec<f64> = ids.iter().map(|&e| scores[e]).collect();
+    let weights = match routing {
+        Routing::TopKSoftmax => softmax(&picked),
+        Routing::SoftmaxTopK { normalize: true } => {
+            let sum: f64 = picked.iter().sum();
+            picked.iter().map(|p| p / sum).collect()
+        }
+        Routing::SoftmaxTopK { normalize: false } => picked,
+    };
+    (ids.iter().map(|&e| e as u32).collect(), weights)
+}
+
+#[test]
+fn routing_picks_the_top_experts_with_each_normalisation() {
+    let mut rng = Rng(11);
+    for dev in devices() {
+        for (m, experts, top_k) in [(1, 8, 2), (5, 13, 3), (3, 128, 8), (2, 70, 1)] {
+            let mut logits = rng.vec(m * experts, 3.0);
+            // Exact ties: the lower id must win, on every backend.
+            logits[1] = logits[0].abs() + 5.0;
+            logits[experts - 1] = logits[1];
+            for routing in [
+                Routing::TopKSoftmax,
+                Routing::SoftmaxTopK { normalize: true },
+                Routing::SoftmaxTopK { normalize: false },
+            ] {
+                let what = format!("{dev:?} route {routing:?} m={m} experts={experts} k={top_k}");
+                let x = dev.from_slice(&logits, &[m, experts]).unwrap();
+                let ids = dev
+                    .from_slice(&vec![u32::MAX; m * top_k], &[m, top_k])
+                    .unwrap();
+                let w = poisoned(&dev, &[m, top_k]).unwrap();
+                run(&dev, |enc| {
+                    ops::moe_route(enc, &x, top_k, routing, &ids, &w)
+                })
+                .unwrap();
+                let (got_ids, got_w) = (ids.to_vec::<u32>().unwrap(), w.to_vec::<f32>().unwrap());
+                for r in 0..m {
+                    let (want_ids, want_w) =
+                        route_ref(&logits[r * experts..(r + 1) * experts], top_k, routing);
+                    assert_eq!(&got_ids[r * top_k..(r + 1) * top_k], want_ids, "{what}");
+                    assert_close(&what, &got_w[r * top_k..(r + 1) * top_k], &want_w, 1e-6);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gathered matmuls
+
+/// How host experts are stored: dense `[experts·n·k]` values, or MLX words, scales, biases
+/// (floats already rounded to the storage dtype).
+enum Stored {
+    Dense(Vec<f32>),
+    Mlx {
+        words: Vec<u32>,
+        scales: Vec<f32>,
+        biases: Vec<f32>,
+    },
+}
+
+/// Stacked experts as stored, and their values dequantized to f64.
+struct HostExperts {
+    layout: WeightLayout,
+    stored: Stored,
+    /// Storage dtype of dense values or of scales and biases.
+    dtype: DType,
+    values: Vec<f64>,
+    experts: usize,
+    n: usize,
+    k: usize,
+}
+
+fn round_to(v: &[f32], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F16 => v.iter().map(|&x| f16::from_f32(x).to_f32()).collect(),
+        DType::BF16 => v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect(),
+        _ => v.to_vec(),
+    }
+}
+
+fn host_experts(
+    rng: &mut Rng,
+    layout: WeightLayout,
+    dtype: DType,
+    experts: usize,
+    n: usize,
+    k: usize,
+) -> HostExperts {
+    let w = rng.vec(experts * n * k, 0.5);
+    match layout {
+        WeightLayout::MlxAffine { bits, group_size } => {
+            let (q, s, b) = mlx_affine::quantize(&w, experts * n, k, bits, group_size).unwrap();
+            let (s, b) = (round_to(&s, dtype), round_to(&b, dtype));
+            let (words, groups) = (mlx_affine::packed_row_len(k, bits), k / group_size);
+            let mut values = Vec::with_capacity(w.len());
+            let mut row = vec![0f32; k];
+            for r in 0..experts * n {
+                mlx_affine::dequantize_row(
+                    &q[r * words..(r + 1) * words],
+                    &s[r * groups..(r + 1) * groups],
+                    &b[r * groups..(r + 1) * groups],
+                    bits,
+                    group_size,
+                    &mut row,
+                )
+                .unwrap();
+                values.extend(to_f64(&row));
+            }
+            HostExperts {
+                layout,
+                stored: Stored::Mlx {
+                    words: q,
+                    scales: s,
+                    biases: b,
+                },
+                dtype,
+                values,
+                experts,
+                n,
+                k,
+            }
+        }
+        _ => {
+            let w = round_to(&w, dtype);
+            HostExperts {
+                layout,
+                values: to_f64(&w),
+                stored: Stored::Dense(w),
+                dtype,
+                experts,
+                n,
+                k,
+            }
+        }
+    }
+}
+
+fn floats(dev: &Device, v: &[f32], shape: &[usize], dtype: DType) -> Tensor {
+    match dtype {
+        DType::F16 => {
+            let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            dev.from_slice(&h, shape)
+        }
+        DType::BF16 => {
+            let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+            dev.from_slice(&h, shape)
+        }
+        _ => dev.from_slice(v, shape),
+    }
+    .unwrap()
+}
+
+impl HostExperts {
+    fn upload(&self, dev: &Device) -> ExpertLinear {
+        let (e, n, k) = (self.experts, self.n, self.k);
+        let tensors = match (&self.stored, self.layout) {
+            (Stored::Dense(w), _) => vec![floats(dev, w, &[e, n, k], self.dtype)],
+            (
+                Stored::Mlx {
+                    words,
+                    scales,
+                    biases,
+                },
+                WeightLayout::MlxAffine { bits, group_size },
+            ) => {
+                let row_words = mlx_affine::packed_row_len(k, bits);
+                let groups = k / group_size;
+                vec![
+                    dev.from_slice(words, &[e, n, row_words]).unwrap(),
+                    floats(dev, scales, &[e, n, groups], self.dtype),
+                    floats(dev, biases, &[e, n, groups], self.dtype),
+                ]
+            }
+            _ => unreachable!("host experts are dense or MLX affine"),
+        };
+        ExpertLinear::new("experts", self.layout, tensors, e, n, k).unwrap()
+    }
+
+    /// Σ_c W_e[r, c]·x[c] in f64.
+    fn dot(&self, e: usize, r: usize, x: &[f32]) -> f64 {
+        let row = &self.values[(e * self.n + r) * self.k..][..self.k];
+        row.iter().zip(x).map(|(w, &x)| w * x as f64).sum()
+    }
+
+    fn describe(&self) -> String {
+        let dtype = self.dtype;
+        format!(
+            "{} {dtype} [{}, {}, {}]",
+            self.layout.variant(),
+            self.experts,
+            self.n,
+            self.k
+        )
+    }
+}
+
+fn act_ref(f: UnaryFn, x: f64) -> f64 {
+    match f {
+        UnaryFn::Silu => x / (1.0 + (-x).exp()),
+        UnaryFn::GeluTanh => {
+            0.5 * x * (1.0 + (0.7978845608028654 * (x + 0.044715 * x * x * x)).tanh())
+        }
+        UnaryFn::GeluExact => unreachable!("not used here"),
+    }
+}
+
+/// Every stored form the experts come in: dense f32/f16/bf16 (k a multiple of 32 or not)
+/// and MLX affine of several widths, groups and scale dtypes.
+fn cases(rng: &mut Rng) -> Vec<HostExperts> {
+    let mlx = |bits, group_size| WeightLayout::MlxAffine { bits, group_size };
+    vec![
+        host_experts(rng, WeightLayout::Dense, DType::F32, 5, 37, 64),
+        host_experts(rng, WeightLayout::Dense, DType::F16, 5, 37, 72),
+        host_experts(rng, WeightLayout::Dense, DType::BF16, 4, 19, 96),
+        host_experts(rng, mlx(4, 64), DType::F16, 5, 37, 128),
+        host_experts(rng, mlx(4, 32), DType::BF16, 6, 45, 96),
+        host_experts(rng, mlx(8, 64), DType::F32, 5, 21, 192),
+        host_experts(rng, mlx(3, 32), DType::F16, 3, 33, 64),
+        host_experts(rng, mlx(6, 128), DType::BF16, 4, 17, 256),
+    ]
+}
+
+/// One token (the decode path) and 70 (the grouped, tiled path).
+const TOKENS: [usize; 2] = [1, 70];
+
+#[test]
+fn gather_matmul_matches_reference() {
+    let mut rng = Rng(21);
+    let devices = devices();
+    for w in cases(&mut rng) {
+        for m in TOKENS {
+            for per_slot in [false, true] {
+                let top_k = 3.min(w.experts);
+                let rows = if per_slot { m * top_k } else { m };
+                let x = rng.vec(rows * w.k, 1.0);
+                let ids = rng.ids(m, top_k, w.experts);
+                let mut want = Vec::with_capacity(m * top_k * w.n);
+                for (s, &e) in ids.iter().enumerate() {
+                    let xr = if per_slot { s } else { s / top_k };
+                    for r in 0..w.n {
+                        want.push(w.dot(e as usize, r, &x[xr * w.k..(xr + 1) * w.k]));
+                    }
+                }
+                let mut cpu: Option<Vec<f32>> = None;
+                for dev in &devices {
+                    let what = format!("{dev:?} gather {} m={m} per_slot={per_slot}", w.describe());
+                    let weight = w.upload(dev);
+                    let x_shape = if per_slot {
+                        vec![m, top_k, w.k]
+                    } else {
+                        vec![m, w.k]
+                    };
+                    let xt = dev.from_slice(&x, &x_shape).unwrap();
+                    let idt = dev.from_slice(&ids, &[m, top_k]).unwrap();
+                    let out = poisoned(dev, &[m, top_k, w.n]).unwrap();
+                    run(dev, |enc| ops::gather_matmul(enc, &xt, &idt, &weight, &out)).unwrap();
+                    let got = out.to_vec::<f32>().unwrap();
+                    assert_close(&what, &got, &want, 2e-5);
+                    match &cpu {
+                        None => cpu = Some(got),
+                        Some(c) => {
+                            assert_close(&format!("{what} (vs CPU)"), &got, &to_f64(c), 2e-5)
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gather_gated_matmul_matches_reference() {
+    let mut rng = Rng(31);
+    let devices = devices();
+    let all = cases(&mut rng);
+    // Up weights stored like each gate.
+    for (i, gate) in all.iter().enumerate() {
+        let (dtype, layout) = (gate.dtype, gate.layout);
+        let up = host_experts(&mut rng, layout, dtype, gate.experts, gate.n, gate.k);
+        let f = if i % 2 == 0 {
+            UnaryFn::Silu
+        } else {
+            UnaryFn::GeluTanh
+        };
+        for m in TOKENS {
+            let top_k = 2;
+            let x = rng.vec(m * gate.k, 1.0);
+            let ids = rng.ids(m, top_k, gate.experts);
+            let mut want = Vec::new();
+            for (s, &e) in ids.iter().enumerate() {
+                let xr = &x[(s / top_k) * gate.k..][..gate.k];
+                let e = e as usize;
+                for r in 0..gate.n {
+                    want.push(act_ref(f, gate.dot(e, r, xr)) * up.dot(e, r, xr));
+                }
+            }
+            let mut cpu: Option<Vec<f32>> = None;
+            for dev in &devices {
+                let what = format!("{dev:?} gated {} {f:?} m={m}", gate.describe());
+                let (g, u) = (gate.upload(dev), up.upload(dev));
+                let xt = dev.from_slice(&x, &[m, gate.k]).unwrap();
+                let idt = dev.from_slice(&ids, &[m, top_k]).unwrap();
+                let out = poisoned(dev, &[m, top_k, gate.n]).unwrap();
+                run(dev, |enc| {
+                    ops::gather_gated_matmul(enc, &xt, &idt, &g, &u, f, &out)
+                })
+                .unwrap();
+                let got = out.to_vec::<f32>().unwrap();
+                assert_close(&what, &got, &want, 5e-5);
+                match &cpu {
+                    None => cpu = Some(got),
+                    Some(c) => assert_close(&format!("{what} (vs CPU)"), &got, &to_f64(c), 5e-5),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn moe_combine_adds_weighted_slots_to_the_residual() {
+    let mut rng = Rng(41);
+    for dev in devices() {
+        for (m, top_k, n) in [(1, 8, 2048), (7, 3, 45)] {
+            let y = rng.vec(m * top_k * n, 1.0);
+            let w = rng.vec(m * top_k, 1.0);
+            let res = rng.vec(m * n, 1.0);
+            let want: Vec<f64> = (0..m * n)
+                .map(|i| {
+                    let (row, c) = (i / n, i % n);
+                    let sum: f64 = (0..top_k)
+                        .map(|j| w[row * top_k + j] as f64 * y[(row * top_k + j) * n + c] as f64)
+                        .sum();
+                    res[i] as f64 + sum
+                })
+                .collect();
+            let yt = dev.from_slice(&y, &[m, top_k, n]).unwrap();
+            let wt = dev.from_slice(&w, &[m, top_k]).unwrap();
+            let rt = dev.from_slice(&res, &[m, n]).unwrap();
+            let out = poisoned(&dev, &[m, n]).unwrap();
+            run(&dev, |enc| ops::moe_combine(enc, &yt, &wt, &rt, &out)).unwrap();
+            assert_close(
+                &format!("{dev:?} combine m={m}"),
+                &out.to_vec::<f32>().unwrap(),
+                &want,
+                1e-6,
+            );
+        }
+    }
+}
+
+/// A captured route → gated experts → down → combine replays with the routing of new router
+/// logits (ids live in a device buffer), bit-identical to recording it afresh.
+#[test]
+fn replayed_graph_follows_new_routing() {
+    let mut rng = Rng(51);
+    let mlx = WeightLayout::MlxAffine {
+        bits: 4,
+        group_size: 32,
+    };
+    let (experts, top_k, h, inter) = (8, 2, 64, 96);
+    let gate_h = host_experts(&mut rng, mlx, DType::F16, experts, inter, h);
+    let up_h = host_experts(&mut rng, mlx, DType::F16, experts, inter, h);
+    let down_h = host_experts(&mut rng, mlx, DType::F16, experts, h, inter);
+    let x = rng.vec(h, 1.0);
+    let logits_a = rng.vec(experts, 2.0);
+    let logits_b: Vec<f32> = logits_a.iter().rev().copied().collect();
+    for dev in devices() {
+        let (gate, up, down) = (gate_h.upload(&dev), up_h.upload(&dev), down_h.upload(&dev));
+        let xt = dev.from_slice(&x, &[1, h]).unwrap();
+        let logits = dev.from_slice(&logits_a, &[1, experts]).unwrap();
+        let ids = dev.zeros(&[1, top_k], DType::U32).unwrap();
+        let weights = dev.zeros(&[1, top_k], DType::F32).unwrap();
+        let act = dev.zeros(&[1, top_k, inter], DType::F32).unwrap();
+        let y = dev.zeros(&[1, top_k, h], DType::F32).unwrap();
+        let out = dev.zeros(&[1, h], DType::F32).unwrap();
+        let record = |enc: &mut CommandEncoder| -> Result<()> {
+            ops::moe_route(
+                enc,
+                &logits,
+                top_k,
+                Routing::SoftmaxTopK { normalize: true },
+                &ids,
+                &weights,
+            )?;
+            ops::gather_gated_matmul(enc, &xt, &ids, &gate, &up, UnaryFn::Silu, &act)?;
+            ops::gather_matmul(enc, &act, &ids, &down, &y)?;
+            ops::moe_combine(enc, &y, &weights, &xt, &out)
+        };
+        let mut enc = CommandEncoder::new(&dev);
+        enc.begin_capture().unwrap();
+        record(&mut enc).unwrap();
+        let mut graph = enc.end_capture().unwrap();
+        let mut replayed = Vec::new();
+        for l in [&logits_a, &logits_b] {
+            logits.write(l).unwrap();
+            graph.replay().unwrap();
+            dev.synchronize().unwrap();
+            replayed.push((ids.to_vec::<u32>().unwrap(), out.to_vec::<f32>().unwrap()));
+        }
+        assert_ne!(
+            replayed[0].0, replayed[1].0,
+            "the two logit rows route alike"
+        );
+        for (l, (ids_replayed, out_replayed)) in [&logits_a, &logits_b].iter().zip(&replayed) {
+            logits.write(l).unwrap();
+            run(&dev, record).unwrap();
+            assert_eq!(ids.to_vec::<u32>().unwrap(), *ids_replayed, "{dev:?} ids");
+            assert_eq!(
+                out.to_vec::<f32>().unwrap(),
+                *out_replayed,
+                "{dev:?} output"
+            );
+        }
+    }
+}
+
+#[test]
+fn mismatched_operands_are_errors() {
+    let dev = Device::cpu();
+    let mut rng = Rng(61);
+    let w = host_experts(&mut rng, WeightLayout::Dense, DType::F32, 4, 8, 32).upload(&dev);
+    let x = dev.zeros(&[2, 32], DType::F32).unwrap();
+    let ids = dev.zeros(&[2, 3], DType::U32).unwrap();
+    let mut enc = CommandEncoder::new(&dev);
+    let bad_out = dev.zeros(&[2, 2, 8], DType::F32).unwrap();
+    assert!(ops::gather_matmul(&mut enc, &x, &ids, &w, &bad_out).is_err());
+    let bad_x = dev.zeros(&[2, 2, 32], DType::F32).unwrap();
+    let out = dev.zeros(&[2, 3, 8], DType::F32).unwrap();
+    assert!(ops::gather_matmul(&mut enc, &bad_x, &ids, &w, &out).is_err());
+    let logits = dev.zeros(&[2, 4], DType::F32).unwrap();
+    let (ids5, w5) = (
+        dev.zeros(&[2, 5], DType::U32).unwrap(),
+        dev.zeros(&[2, 5], DType::F32).unwrap(),
+    );
+    assert!(ops::moe_route(&mut enc, &logits, 5, Routing::TopKSoftmax, &ids5, &w5).is_err());
+    // An expert id past the last expert is an error on the CPU backend.
+    let out_ok = dev.zeros(&[2, 3, 8], DType::F32).unwrap();
+    ids.write(&[0u32, 1, 9, 2, 3, 0]).unwrap();
+    ops::gather_matmul(&mut enc, &x, &ids, &w, &out_ok).unwrap();
+    assert!(enc.commit().is_err());
+    // Stacked tensors whose leading dimension is not the expert count.
+    let flat = dev.zeros(&[32, 32], DType::F32).unwrap();
+    assert!(ExpertLinear::new("w", WeightLayout::Dense, vec![flat], 4, 8, 32).is_err());
+}
