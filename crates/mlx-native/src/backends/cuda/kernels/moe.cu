@@ -15,6 +15,7 @@
 extern "C" __global__ void moe_route(const float* __restrict__ logits, u32* __restrict__ ids,
                                      float* __restrict__ weights, int m, int experts, int top_k,
                                      int mode) {
+    kernel_entry();
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= m) return;  // the whole warp
@@ -80,6 +81,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, u32* __re
 extern "C" __global__ void moe_combine(const float* __restrict__ y, const float* __restrict__ w,
                                        const float* __restrict__ residual,
                                        float* __restrict__ out, int m, int n, int top_k) {
+    kernel_entry();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)m * n;
          i += (i64)gridDim.x * blockDim.x) {
         const i64 row = i / n, c = i % n;
@@ -163,6 +165,7 @@ __device__ __forceinline__ void gather_matvec(const L& l, const L& l_up, const f
 // memory: (experts + 1) ints.
 extern "C" __global__ void moe_bucket(const u32* __restrict__ ids, int slots, int experts,
                                       int* __restrict__ offsets, int* __restrict__ order) {
+    kernel_entry();
     extern __shared__ int next[];
     for (int e = threadIdx.x; e <= experts; e += blockDim.x) next[e] = 0;
     __syncthreads();
@@ -272,6 +275,7 @@ __device__ __forceinline__ void gather_matmul(const L& l, const L& l_up, const f
                                          const void* scales, const void* biases, float* out,     \
                                          int n, int k, int group_shift, int experts, int top_k,   \
                                          int per_slot) {                                          \
+        kernel_entry();                                                                           \
         const MlxAffine<BITS> l{w, scales, biases, ST, k, group_shift};                           \
         gather_matvec<false>(l, l, x, ids, out, n, experts, top_k, per_slot, 0);                  \
     }                                                                                             \
@@ -280,6 +284,7 @@ __device__ __forceinline__ void gather_matmul(const L& l, const L& l_up, const f
             const float* x, const u32* ids, const u32* w, const void* scales, const void* biases, \
             const u32* w_up, const void* scales_up, const void* biases_up, float* out, int n,     \
             int k, int group_shift, int experts, int top_k, int act) {                            \
+        kernel_entry();                                                                           \
         const MlxAffine<BITS> l{w, scales, biases, ST, k, group_shift};                           \
         const MlxAffine<BITS> l_up{w_up, scales_up, biases_up, ST, k, group_shift};               \
         gather_matvec<true>(l, l_up, x, ids, out, n, experts, top_k, 0, act);                     \
@@ -294,6 +299,7 @@ __device__ __forceinline__ void gather_matmul(const L& l, const L& l_up, const f
                                 const u32* w, const void* scales, const void* biases,             \
                                 int scale_type, float* out, int n, int k, int group_shift,        \
                                 int experts, int top_k, int per_slot) {                           \
+        kernel_entry();                                                                           \
         const MlxAffine<BITS> l{w, scales, biases, scale_type, k, group_shift};                   \
         gather_matmul<false>(l, l, x, offsets, order, out, n, experts, top_k, per_slot, 0);       \
     }                                                                                             \
@@ -302,6 +308,7 @@ __device__ __forceinline__ void gather_matmul(const L& l, const L& l_up, const f
         const void* biases, const u32* w_up, const void* scales_up, const void* biases_up,        \
         int scale_type, float* out, int n, int k, int group_shift, int experts, int top_k,        \
         int act) {                                                                                \
+        kernel_entry();                                                                           \
         const MlxAffine<BITS> l{w, scales, biases, scale_type, k, group_shift};                   \
         const MlxAffine<BITS> l_up{w_up, scales_up, biases_up, scale_type, k, group_shift};       \
         gather_matmul<true>(l, l_up, x, offsets, order, out, n, experts, top_k, 0, act);          \
@@ -317,6 +324,7 @@ GATHER_MLX(8)
     extern "C" __global__ void __launch_bounds__(GMV_WARPS * 32)                                  \
         gather_matvec_dense_##NAME(const float* x, const u32* ids, const void* w, float* out,     \
                                    int n, int k, int experts, int top_k, int per_slot) {          \
+        kernel_entry();                                                                           \
         const Dense l{w, FT, k};                                                                  \
         gather_matvec<false>(l, l, x, ids, out, n, experts, top_k, per_slot, 0);                  \
     }                                                                                             \
@@ -324,6 +332,7 @@ GATHER_MLX(8)
         gather_matvec_gated_dense_##NAME(const float* x, const u32* ids, const void* w,           \
                                          const void* w_up, float* out, int n, int k,             \
                                          int experts, int top_k, int act) {                       \
+        kernel_entry();                                                                           \
         const Dense l{w, FT, k}, l_up{w_up, FT, k};                                               \
         gather_matvec<true>(l, l_up, x, ids, out, n, experts, top_k, 0, act);                     \
     }
@@ -335,6 +344,7 @@ extern "C" __global__ void __launch_bounds__(256)
     gather_matmul_dense(const float* x, const int* offsets, const int* order, const void* w,
                         int weight_type, float* out, int n, int k, int experts, int top_k,
                         int per_slot) {
+    kernel_entry();
     const Dense l{w, weight_type, k};
     gather_matmul<false>(l, l, x, offsets, order, out, n, experts, top_k, per_slot, 0);
 }
@@ -343,6 +353,7 @@ extern "C" __global__ void __launch_bounds__(256)
     gather_matmul_gated_dense(const float* x, const int* offsets, const int* order,
                               const void* w, const void* w_up, int weight_type, float* out,
                               int n, int k, int experts, int top_k, int act) {
+    kernel_entry();
     const Dense l{w, weight_type, k}, l_up{w_up, weight_type, k};
     gather_matmul<true>(l, l_up, x, offsets, order, out, n, experts, top_k, 0, act);
 }
