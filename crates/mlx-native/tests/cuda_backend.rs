@@ -6,7 +6,7 @@
 
 use half::{bf16, f16};
 use mlx_native::backends::cuda;
-use mlx_native::core::op::{BinaryFn, UnaryFn};
+use mlx_native::core::op::{BinaryFn, PreNorm, UnaryFn};
 use mlx_native::ops::{self, AttentionShape, Linear, RopeTable};
 use mlx_native::quant::{GgmlType, WeightLayout};
 use mlx_native::{CommandEncoder, DType, Device, Error, Result, SamplingParams, Tensor};
@@ -938,10 +938,97 @@ fn gated_matmul_matches_reference() {
             let (gl, ul) = (gate.upload(dev, None)?, up.upload(dev, None)?);
             let xt = dev.from_slice(&x, &[1, gate.k])?;
             let out = poisoned(dev, &[1, gate.n])?;
-            run(dev, |enc| ops::gated_matmul(enc, &xt, &gl, &ul, f, &out))?;
+            run(dev, |enc| {
+                ops::gated_matmul(enc, &xt, None, &gl, &ul, f, &out)
+            })?;
             out.to_vec::<f32>()
         };
         let what = format!("gated_matmul {f:?} {}", describe(&gate));
+        check(&what, &dev, compute, &want, 2e-5);
+    }
+}
+
+/// The RMSNorm folded into the decode matvec (plain, with a bias, gated; Gemma's unit offset),
+/// against the f64 norm-then-matmul.
+#[test]
+fn normed_matvec_matches_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(17);
+    let cases = [
+        (
+            mlx_weight(&mut rng, 37, 1280, 4, 64, DType::BF16),
+            false,
+            true,
+        ),
+        (
+            mlx_weight(&mut rng, 21, 576, 8, 32, DType::F32),
+            true,
+            false,
+        ),
+        (ggml_weight(&mut rng, 23, 4352, GgmlType::Q4K), false, false),
+        (dense_weight(&mut rng, 19, 2048, DType::F16), true, true),
+    ];
+    for (w, unit_offset, with_bias) in cases {
+        let k = w.k;
+        let x = rng.vec(k, 3.0);
+        let g = rng.vec(k, 1.0);
+        let offset = if unit_offset { 1.0 } else { 0.0 };
+        let eps = 1e-5f32;
+        let ms = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64;
+        let r = 1.0 / (ms + eps as f64).sqrt();
+        let xn: Vec<f32> = x
+            .iter()
+            .zip(&g)
+            .map(|(&x, &g)| (x as f64 * r * (g as f64 + offset)) as f32)
+            .collect();
+        let bias = rng.vec(w.n, 0.5);
+        let bias64: Vec<f64> = bias.iter().map(|&b| b as f64).collect();
+        let want = matmul_ref(&xn, &w, with_bias.then_some(&bias64[..]), 1);
+        let pre = PreNorm { eps, unit_offset };
+        let compute = |dev: &Device| {
+            let b = with_bias
+                .then(|| dev.from_slice(&bias, &[w.n]))
+                .transpose()?;
+            let lin = w.upload(dev, b.as_ref())?;
+            let (xt, gt) = (dev.from_slice(&x, &[1, k])?, dev.from_slice(&g, &[k])?);
+            let out = poisoned(dev, &[1, w.n])?;
+            run(dev, |enc| {
+                ops::normed_matmul(enc, &xt, (&gt, pre), &lin, &out)
+            })?;
+            out.to_vec::<f32>()
+        };
+        let what = format!("normed matvec {} unit_offset={unit_offset}", describe(&w));
+        check(&what, &dev, compute, &want, 2e-5);
+        if with_bias {
+            continue;
+        }
+        let up = match w.layout {
+            WeightLayout::MlxAffine { bits, group_size } => {
+                mlx_weight(&mut rng, w.n, k, bits, group_size, w.parts[1].2)
+            }
+            WeightLayout::Gguf(t) => ggml_weight(&mut rng, w.n, k, t),
+            WeightLayout::Dense => dense_weight(&mut rng, w.n, k, w.parts[0].2),
+        };
+        let (gate_ref, up_ref) = (matmul_ref(&xn, &w, None, 1), matmul_ref(&xn, &up, None, 1));
+        let want: Vec<f64> = gate_ref
+            .iter()
+            .zip(&up_ref)
+            .map(|(&g, &u)| activation_ref(UnaryFn::Silu, g) * u)
+            .collect();
+        let compute = |dev: &Device| {
+            let (gl, ul) = (w.upload(dev, None)?, up.upload(dev, None)?);
+            let (xt, gt) = (dev.from_slice(&x, &[1, k])?, dev.from_slice(&g, &[k])?);
+            let out = poisoned(dev, &[1, w.n])?;
+            let norm = Some((&gt, pre));
+            run(dev, |enc| {
+                ops::gated_matmul(enc, &xt, norm, &gl, &ul, UnaryFn::Silu, &out)
+            })?;
+            out.to_vec::<f32>()
+        };
+        let what = format!(
+            "normed gated matvec {} unit_offset={unit_offset}",
+            describe(&w)
+        );
         check(&what, &dev, compute, &want, 2e-5);
     }
 }

@@ -86,6 +86,15 @@ impl Default for SamplingParams {
     }
 }
 
+/// An RMSNorm folded into the matmul that reads its output (decode): x·(w [+ 1])/rms(x),
+/// w f32 `[k]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PreNorm {
+    pub eps: f32,
+    /// Scale by (1 + w) (Gemma).
+    pub unit_offset: bool,
+}
+
 /// Every op a backend may be asked to run. Operand conventions (row-major, activations
 /// `[m, ...]` with `m` rows = tokens) are documented per variant; `ops::*` builds them.
 #[derive(Clone, Debug, PartialEq)]
@@ -107,11 +116,13 @@ pub enum Op {
         traditional: bool,
         mscale: f32,
     },
-    /// y = x · Wᵀ (+ bias). in: x `[m, k]`, weight tensors (per `layout`, `[n, k]`),
-    /// then bias `[n]` if `has_bias`; out `[m, n]`.
+    /// y = x · Wᵀ (+ bias). in: x `[m, k]`, the norm weight f32 `[k]` if `pre_norm`, weight
+    /// tensors (per `layout`, `[n, k]`), then bias `[n]` if `has_bias`; out `[m, n]`. With
+    /// `pre_norm`, x goes through that RMSNorm first (one row only: decode).
     MatMul {
         layout: WeightLayout,
         has_bias: bool,
+        pre_norm: Option<PreNorm>,
     },
     /// Causal scaled-dot-product attention with GQA over a KV cache.
     /// in: q `[m, n_heads*head_dim]`, k_cache and v_cache `[n_kv_heads, capacity, head_dim]`,
@@ -146,9 +157,13 @@ pub enum Op {
     /// Softmax over the last dim. in: x `[m, d]`; out `[m, d]`.
     Softmax,
     /// The gated MLP's two projections and activation in one: out = f(x·Gᵀ) ∘ (x·Uᵀ).
-    /// in: x `[1, k]` (a single row: decode), gate weight tensors, then up weight tensors
-    /// (both per `layout`, `[n, k]`); out `[1, n]`.
-    GatedMatMul { layout: WeightLayout, act: UnaryFn },
+    /// in: x `[1, k]` (a single row: decode), the norm weight f32 `[k]` if `pre_norm`, gate
+    /// weight tensors, then up weight tensors (both per `layout`, `[n, k]`); out `[1, n]`.
+    GatedMatMul {
+        layout: WeightLayout,
+        act: UnaryFn,
+        pre_norm: Option<PreNorm>,
+    },
     /// out = cap·tanh(x/cap), elementwise (logit soft-capping).
     Softcap { cap: f32 },
     /// in: x; out: f(x), elementwise.

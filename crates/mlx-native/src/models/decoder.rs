@@ -9,7 +9,7 @@
 use crate::core::device::Device;
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
-use crate::core::op::{BinaryFn, Routing, UnaryFn};
+use crate::core::op::{BinaryFn, PreNorm, Routing, UnaryFn};
 use crate::core::tensor::Tensor;
 use crate::models::WeightSource;
 use crate::ops::{self, AttentionShape, ExpertLinear, Linear, RopeScaling, RopeTable};
@@ -166,7 +166,26 @@ impl DecoderParams {
     }
 }
 
+/// `t` as f32 (exact from f16/bf16): the block norms are folded into the decode matmuls, which
+/// read their weights as f32.
+fn f32_vector(t: Tensor) -> Result<Tensor> {
+    if t.dtype() == DType::F32 {
+        return Ok(t);
+    }
+    t.device().from_slice(&t.to_f32_vec()?, t.shape())
+}
+
+/// Whether the decode matvec reads `w` in place: quantized layouts (dense rows may be views it
+/// cannot read with wide loads).
+fn matvec_reads(w: &Linear) -> bool {
+    !matches!(
+        w.layout,
+        WeightLayout::Dense | WeightLayout::Gguf(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+    )
+}
+
 struct Layer {
+    /// f32 (as every block input norm here: see `f32_vector`).
     attn_norm: Tensor,
     /// q, k and v as one weight when stored alike (a decode step reads them in one pass);
     /// then `q`, `k` and `v` view its rows.
@@ -410,7 +429,7 @@ impl Decoder {
                 _ => global_rope.clone(),
             };
             layers.push(Layer {
-                attn_norm: weights.vector(&name("input_layernorm.weight"), h)?,
+                attn_norm: f32_vector(weights.vector(&name("input_layernorm.weight"), h)?)?,
                 qkv,
                 q,
                 k,
@@ -418,7 +437,7 @@ impl Decoder {
                 qk_norm,
                 o: weights.linear(&name("self_attn.o_proj"), h, q_dim, a.o_bias)?,
                 attn_out_norm,
-                mlp_norm,
+                mlp_norm: f32_vector(mlp_norm)?,
                 mlp,
                 mlp_out_norm,
                 rope,
@@ -426,7 +445,7 @@ impl Decoder {
                 window,
             });
         }
-        let norm = weights.vector("model.norm.weight", h)?;
+        let norm = f32_vector(weights.vector("model.norm.weight", h)?)?;
         let lm_head = if !p.tie_word_embeddings || weights.has_linear("lm_head") {
             weights.linear("lm_head", p.vocab_size, h, false)?
         } else {
@@ -563,6 +582,16 @@ impl Decoder {
         })
     }
 
+    /// The family's RMSNorm as a matmul's folded input norm.
+    fn input_norm<'a>(&self, w: &'a Tensor) -> ops::InputNorm<'a> {
+        let p = &self.params;
+        let pre = PreNorm {
+            eps: p.rms_norm_eps,
+            unit_offset: p.arch.norm_unit_offset,
+        };
+        (w, pre)
+    }
+
     /// RMSNorm in the family's style.
     fn norm(&self, enc: &mut CommandEncoder, x: &Tensor, w: &Tensor, out: &Tensor) -> Result<()> {
         let p = &self.params;
@@ -593,14 +622,18 @@ impl Decoder {
         &self,
         enc: &mut CommandEncoder,
         layer: &Layer,
+        x: &Tensor,
         (k_cache, v_cache): &(Tensor, Tensor),
         pos: &Tensor,
         s: &Scratch,
     ) -> Result<()> {
         let p = &self.params;
         match (&layer.qkv, &s.qkv) {
-            (Some(w), Some(qkv)) => ops::matmul(enc, &s.normed, w, qkv)?,
+            (Some(w), Some(qkv)) if matvec_reads(w) => {
+                ops::normed_matmul(enc, x, self.input_norm(&layer.attn_norm), w, qkv)?
+            }
             _ => {
+                self.norm(enc, x, &layer.attn_norm, &s.normed)?;
                 ops::matmul(enc, &s.normed, &layer.q, &s.q)?;
                 ops::matmul(enc, &s.normed, &layer.k, &s.k)?;
                 ops::matmul(enc, &s.normed, &layer.v, &s.v)?;
@@ -669,21 +702,18 @@ impl Decoder {
     fn gated_mlp_input(
         &self,
         enc: &mut CommandEncoder,
-        gate: &Linear,
-        up: &Linear,
+        x: &Tensor,
+        norm: &Tensor,
+        (gate, up): (&Linear, &Linear),
         s: &Scratch,
     ) -> Result<()> {
         let act = self.params.arch.activation;
-        // Quantized layouts only: dense rows may be views the matvec cannot read with wide loads.
-        let quantized = !matches!(
-            gate.layout,
-            WeightLayout::Dense
-                | WeightLayout::Gguf(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
-        );
-        let stored_alike = quantized && gate.stored_like(up) && gate.n == up.n;
-        if s.normed.rows() == 1 && stored_alike && gate.bias.is_none() && up.bias.is_none() {
-            return ops::gated_matmul(enc, &s.normed, gate, up, act, &s.act);
+        let stored_alike = matvec_reads(gate) && gate.stored_like(up) && gate.n == up.n;
+        if x.rows() == 1 && stored_alike && gate.bias.is_none() && up.bias.is_none() {
+            let norm = Some(self.input_norm(norm));
+            return ops::gated_matmul(enc, x, norm, gate, up, act, &s.act);
         }
+        self.norm(enc, x, norm, &s.normed)?;
         ops::matmul(enc, &s.normed, gate, &s.gate)?;
         ops::matmul(enc, &s.normed, up, &s.up)?;
         ops::gated_activation(enc, act, &s.gate, &s.up, &s.act)
@@ -710,15 +740,13 @@ impl Decoder {
             None => ops::embedding(enc, tokens, &self.embed, x)?,
         }
         for (layer, kv) in self.layers.iter().zip(&cache.layers) {
-            self.norm(enc, x, &layer.attn_norm, &s.normed)?;
-            self.encode_attention(enc, layer, kv, pos, s)?;
+            self.encode_attention(enc, layer, x, kv, pos, s)?;
             let attn_norm = layer.attn_out_norm.as_ref();
             self.project_residual(enc, &s.attn, &layer.o, x, attn_norm, s, x_mid)?;
 
-            self.norm(enc, x_mid, &layer.mlp_norm, &s.normed)?;
             match &layer.mlp {
                 Mlp::Dense { gate, up, down } => {
-                    self.gated_mlp_input(enc, gate, up, s)?;
+                    self.gated_mlp_input(enc, x_mid, &layer.mlp_norm, (gate, up), s)?;
                     let mlp_norm = layer.mlp_out_norm.as_ref();
                     self.project_residual(enc, &s.act, down, x_mid, mlp_norm, s, x)?;
                 }
@@ -733,6 +761,7 @@ impl Decoder {
                     };
                     // mlx-lm's MoE block: route, run the selected experts' gated MLPs, add
                     // their weighted sum to the residual.
+                    self.norm(enc, x_mid, &layer.mlp_norm, &s.normed)?;
                     ops::matmul(enc, &s.normed, router, &ms.logits)?;
                     ops::moe_route(
                         enc,
@@ -750,13 +779,26 @@ impl Decoder {
             }
         }
         let last = x.narrow_rows(s.m - 1, 1)?;
-        self.norm(enc, &last, &self.norm, &s.last_normed)?;
-        match (a.final_softcap, &s.uncapped_logits) {
-            (Some(cap), Some(uncapped)) => {
-                ops::matmul(enc, &s.last_normed, &self.lm_head, uncapped)?;
-                ops::softcap(enc, cap, uncapped, logits)
-            }
-            _ => ops::matmul(enc, &s.last_normed, &self.lm_head, logits),
+        let head_out = match (a.final_softcap, &s.uncapped_logits) {
+            (Some(_), Some(uncapped)) => uncapped,
+            _ => logits,
+        };
+        // Rows of a whole number of 16-byte words keep the last one aligned for the matvec.
+        if matvec_reads(&self.lm_head) && self.params.hidden_size.is_multiple_of(4) {
+            ops::normed_matmul(
+                enc,
+                &last,
+                self.input_norm(&self.norm),
+                &self.lm_head,
+                head_out,
+            )?;
+        } else {
+            self.norm(enc, &last, &self.norm, &s.last_normed)?;
+            ops::matmul(enc, &s.last_normed, &self.lm_head, head_out)?;
+        }
+        match a.final_softcap {
+            Some(cap) => ops::softcap(enc, cap, head_out, logits),
+            None => Ok(()),
         }
     }
 }

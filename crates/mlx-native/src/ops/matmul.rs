@@ -1,7 +1,7 @@
 use super::{expect_dtype, expect_shape, FLOATS};
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
-use crate::core::op::{Op, UnaryFn};
+use crate::core::op::{Op, PreNorm, UnaryFn};
 use crate::core::tensor::Tensor;
 use crate::quant::{GgmlType, WeightLayout};
 use crate::{Error, Result};
@@ -225,6 +225,47 @@ pub fn matmul(enc: &mut CommandEncoder, x: &Tensor, w: &Linear, out: &Tensor) ->
     let op = Op::MatMul {
         layout: w.layout,
         has_bias: w.bias.is_some(),
+        pre_norm: None,
+    };
+    enc.dispatch(op, &inputs, &[out])
+}
+
+/// The RMSNorm a decode matmul applies to its input: weight f32 `[k]` and parameters.
+pub type InputNorm<'a> = (&'a Tensor, PreNorm);
+
+fn check_input_norm(op: &'static str, x: &Tensor, (weight, _): InputNorm) -> Result<()> {
+    if x.rows() != 1 {
+        return Err(Error::op(op, "a folded RMSNorm needs a single row of x"));
+    }
+    expect_dtype(op, "norm weight", weight, &[DType::F32])?;
+    expect_shape(op, "norm weight", weight, &[x.last_dim()])
+}
+
+/// out `[1, n]` = RMSNorm(x `[1, k]`) · Wᵀ (+ bias), one dispatch: the norm is folded into
+/// the matmul (decode).
+pub fn normed_matmul(
+    enc: &mut CommandEncoder,
+    x: &Tensor,
+    norm: InputNorm,
+    w: &Linear,
+    out: &Tensor,
+) -> Result<()> {
+    expect_dtype("matmul", "x", x, &[DType::F32])?;
+    check_input_norm("matmul", x, norm)?;
+    if x.last_dim() != w.k {
+        return Err(Error::op(
+            "matmul",
+            format!("x has {} columns, weight expects {}", x.last_dim(), w.k),
+        ));
+    }
+    expect_shape("matmul", "out", out, &[1, w.n])?;
+    let mut inputs: Vec<&Tensor> = vec![x, norm.0];
+    inputs.extend(w.tensors.iter());
+    inputs.extend(w.bias.iter());
+    let op = Op::MatMul {
+        layout: w.layout,
+        has_bias: w.bias.is_some(),
+        pre_norm: Some(norm.1),
     };
     enc.dispatch(op, &inputs, &[out])
 }
@@ -261,16 +302,18 @@ pub fn matmul_add(
     let op = Op::MatMul {
         layout: w.layout,
         has_bias: true,
+        pre_norm: None,
     };
     enc.dispatch(op, &inputs, &[out])
 }
 
 /// out `[1, n]` = f(x·Gᵀ) ∘ (x·Uᵀ) for one row x `[1, k]`: the gated MLP's gate and up
-/// projections and its activation in one dispatch (decode). Both weights must share a layout
-/// shape and stored dtypes, and have no bias.
+/// projections and its activation in one dispatch (decode), x first through `norm` if given.
+/// Both weights must share a layout shape and stored dtypes, and have no bias.
 pub fn gated_matmul(
     enc: &mut CommandEncoder,
     x: &Tensor,
+    norm: Option<InputNorm>,
     gate: &Linear,
     up: &Linear,
     f: UnaryFn,
@@ -305,11 +348,16 @@ pub fn gated_matmul(
     }
     expect_shape("gated_matmul", "out", out, &[1, gate.n])?;
     let mut inputs: Vec<&Tensor> = vec![x];
+    if let Some(norm) = norm {
+        check_input_norm("gated_matmul", x, norm)?;
+        inputs.push(norm.0);
+    }
     inputs.extend(gate.tensors.iter());
     inputs.extend(up.tensors.iter());
     let op = Op::GatedMatMul {
         layout: gate.layout,
         act: f,
+        pre_norm: norm.map(|(_, p)| p),
     };
     enc.dispatch(op, &inputs, &[out])
 }

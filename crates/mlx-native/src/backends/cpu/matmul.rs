@@ -6,10 +6,10 @@
 use rayon::prelude::*;
 
 use super::{
-    elementwise, qmatmul_gguf, qmatmul_mlx, slice, slice_mut, wrong_op, CpuKernel, FloatSlice,
+    elementwise, norm, qmatmul_gguf, qmatmul_mlx, slice, slice_mut, wrong_op, CpuKernel, FloatSlice,
 };
 use crate::core::dtype::DType;
-use crate::core::op::Op;
+use crate::core::op::{Op, PreNorm};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::quant::mlx_affine::{SUPPORTED_BITS, SUPPORTED_GROUP_SIZES};
@@ -35,16 +35,73 @@ pub(super) fn register(reg: &mut Registry<CpuKernel>) {
     ] {
         layouts.push((WeightLayout::Gguf(t), matmul_gguf));
     }
-    for (layout, kernel) in layouts {
-        reg.insert("matmul", &layout.variant(), DType::F32, kernel);
+    for (layout, _) in layouts {
+        reg.insert("matmul", &layout.variant(), DType::F32, matmul);
         reg.insert("gated_matmul", &layout.variant(), DType::F32, gated_matmul);
     }
 }
 
+/// `Op::MatMul`: the layout's kernel, after the folded RMSNorm if there is one.
+fn matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
+    let Op::MatMul {
+        layout,
+        has_bias,
+        pre_norm,
+    } = *op
+    else {
+        return Err(wrong_op(op));
+    };
+    let plain = Op::MatMul {
+        layout,
+        has_bias,
+        pre_norm: None,
+    };
+    match pre_norm {
+        None => kernel_for(layout)(op, inputs, outputs),
+        Some(norm) => kernel_for(layout)(&plain, &normed_input(norm, inputs)?, outputs),
+    }
+}
+
+/// The operands with x and the norm weight (the first two) replaced by RMSNorm(x).
+fn normed_input(norm: PreNorm, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+    let [x, weight, rest @ ..] = inputs else {
+        return Err(Error::op(
+            "matmul",
+            "a folded norm without x and norm weight",
+        ));
+    };
+    let normed = x.device().empty(x.shape(), DType::F32)?;
+    let op = Op::RmsNorm {
+        eps: norm.eps,
+        unit_offset: norm.unit_offset,
+    };
+    norm::rms_norm(
+        &op,
+        &[x.clone(), weight.clone()],
+        std::slice::from_ref(&normed),
+    )?;
+    Ok(std::iter::once(normed)
+        .chain(rest.iter().cloned())
+        .collect())
+}
+
 /// `Op::GatedMatMul`: both projections with the matmul kernels, then the gated activation.
 fn gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
-    let Op::GatedMatMul { layout, act } = *op else {
+    let Op::GatedMatMul {
+        layout,
+        act,
+        pre_norm,
+    } = *op
+    else {
         return Err(wrong_op(op));
+    };
+    let normed;
+    let inputs = match pre_norm {
+        Some(norm) => {
+            normed = normed_input(norm, inputs)?;
+            &normed[..]
+        }
+        None => inputs,
     };
     let count = layout.tensor_count();
     let (Some(x), [out], true) = (inputs.first(), outputs, inputs.len() == 1 + 2 * count) else {
@@ -57,6 +114,7 @@ fn gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let projection = Op::MatMul {
         layout,
         has_bias: false,
+        pre_norm: None,
     };
     let gate = out.device().empty(out.shape(), DType::F32)?;
     let up = out.device().empty(out.shape(), DType::F32)?;
@@ -90,7 +148,12 @@ struct Operands<'a> {
 
 impl<'a> Operands<'a> {
     fn of(op: &Op, inputs: &'a [Tensor], outputs: &'a [Tensor]) -> Result<Self> {
-        let Op::MatMul { layout, has_bias } = *op else {
+        let Op::MatMul {
+            layout,
+            has_bias,
+            pre_norm: None,
+        } = *op
+        else {
             return Err(wrong_op(op));
         };
         let count = 1 + layout.tensor_count() + usize::from(has_bias);

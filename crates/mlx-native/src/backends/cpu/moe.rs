@@ -145,6 +145,7 @@ fn gather_into(
     let projection = Op::MatMul {
         layout,
         has_bias: false,
+        pre_norm: None,
     };
     for e in 0..experts {
         let slots: Vec<usize> = (0..ids.len()).filter(|&s| ids[s] as usize == e).collect();

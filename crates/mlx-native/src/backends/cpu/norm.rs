@@ -42,7 +42,7 @@ fn for_each_row(
     }
 }
 
-fn rms_norm(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
+pub(super) fn rms_norm(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let Op::RmsNorm { eps, unit_offset } = *op else {
         return Err(wrong_op(op));
     };

@@ -8,6 +8,9 @@
 // latency. Warp reductions, then shared memory across the group, finish each row.
 // GATED reads a second weight `l_up` of the same layout at the same rows (the gated MLP's up
 // projection beside its gate) and stores act(x·gate)·(x·up).
+// NORM takes x through an RMSNorm first, x·(g + g_offset)·r with r = rsqrt(mean(x²) + eps),
+// without a pass of its own: the lanes multiply x by g as they load it and sum x² on the way
+// (every warp group covers all of k), and the row sums are scaled by r at the end.
 // Launch: MV_WARPS·32 threads, ceil(n / (MV_ROWS·MV_WARPS/kgroups)) blocks; x 16-byte aligned.
 
 #define MV_WARPS 4
@@ -17,11 +20,21 @@
 // matrix runs in one wave on a 132-SM GPU.
 #define MV_MIN_BLOCKS 4
 
-template <bool GATED, class L>
+// The optional RMSNorm in front of a matvec (NORM): g f32 [k].
+struct PreNorm {
+    const float* g;
+    float g_offset;
+    float eps;
+};
+
+template <bool GATED, bool NORM, class L>
 __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* __restrict__ x,
-                                       const void* __restrict__ bias, int bias_type,
-                                       float* __restrict__ out, int n, int kgroups, int act) {
-    constexpr int ACC = GATED ? 2 * MV_ROWS : MV_ROWS;
+                                       const PreNorm norm, const void* __restrict__ bias,
+                                       int bias_type, float* __restrict__ out, int n, int kgroups,
+                                       int act) {
+    // GATED: up rows after the gate rows; NORM: Σx² in the last slot.
+    constexpr int ROW_ACC = GATED ? 2 * MV_ROWS : MV_ROWS;
+    constexpr int ACC = ROW_ACC + (NORM ? 1 : 0);
     __shared__ float partial[MV_WARPS][ACC];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int slice = warp % kgroups;
@@ -31,7 +44,7 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
     int rows[MV_ROWS];
 #pragma unroll
     for (int r = 0; r < MV_ROWS; ++r) rows[r] = min(row0 + r, n - 1);
-    float acc[ACC];  // GATED: up rows after the gate rows
+    float acc[ACC];
 #pragma unroll
     for (int r = 0; r < ACC; ++r) acc[r] = 0.f;
     // The gated pair holds twice the rows' words: one unit per step keeps it in registers.
@@ -48,6 +61,22 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
             for (int i = 0; i < 8; ++i) {
                 const float4 v = xp[i];
                 xs[4 * i] = v.x; xs[4 * i + 1] = v.y; xs[4 * i + 2] = v.z; xs[4 * i + 3] = v.w;
+            }
+            if constexpr (NORM) {
+                const float4* gp = (const float4*)(norm.g + u * 32);
+                float ss = 0.f;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    const float4 g = gp[i];
+                    const float gs[4] = {g.x, g.y, g.z, g.w};
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        float& xe = xs[4 * i + c];
+                        ss = fmaf(xe, xe, ss);
+                        xe *= gs[c] + norm.g_offset;
+                    }
+                }
+                acc[ROW_ACC] = fmaf(keep, ss, acc[ROW_ACC]);
             }
             float sx[2] = {0.f, 0.f};
 #pragma unroll
@@ -78,36 +107,48 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
         }
     }
     if (lane != 0) return;
+    const float scale = NORM ? rsqrtf(acc[ROW_ACC] / l.k + norm.eps) : 1.f;
 #pragma unroll
     for (int r = 0; r < MV_ROWS; ++r) {
         const int row = row0 + r;
         if (row >= n) continue;
+        const float y = scale * acc[r];
         if constexpr (GATED)
-            out[row] = activation(acc[r], act) * acc[MV_ROWS + r];
+            out[row] = activation(y, act) * (scale * acc[MV_ROWS + r]);
         else
-            out[row] = bias ? acc[r] + load_float(bias, row, bias_type) : acc[r];
+            out[row] = bias ? y + load_float(bias, row, bias_type) : y;
     }
 }
 
-#define MATVEC_MLX(BITS, ST, NAME)                                                                 \
+// Each kernel comes plain and with the RMSNorm in front (`matvec_norm_…`); both take the norm
+// arguments (g f32 [k] or null, g_offset, eps), which the plain one ignores.
+#define MATVEC_NORM_ARGS const float *norm_g, float norm_offset, float norm_eps
+#define MATVEC_PRE_NORM PreNorm{norm_g, norm_offset, norm_eps}
+
+#define MATVEC_MLX_KERNELS(BITS, ST, NAME, PREFIX, NORM)                                          \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
-        matvec_mlx##BITS##_##NAME(const float* x, const u32* w, const void* scales,                \
-                                  const void* biases, const void* bias, int bias_type,             \
-                                  float* out, int n, int k, int group_shift, int kgroups) {        \
+        PREFIX##mlx##BITS##_##NAME(const float* x, const u32* w, const void* scales,               \
+                                   const void* biases, const void* bias, int bias_type,            \
+                                   float* out, int n, int k, int group_shift, int kgroups,         \
+                                   MATVEC_NORM_ARGS) {                                             \
         kernel_entry();                                                                            \
         const MlxAffine<BITS> l{w, scales, biases, ST, k, group_shift};                            \
-        matvec<false>(l, l, x, bias, bias_type, out, n, kgroups, 0);                               \
+        matvec<false, NORM>(l, l, x, MATVEC_PRE_NORM, bias, bias_type, out, n, kgroups, 0);        \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
-        matvec_gated_mlx##BITS##_##NAME(const float* x, const u32* w, const void* scales,          \
-                                        const void* biases, const u32* w_up,                       \
-                                        const void* scales_up, const void* biases_up, float* out,  \
-                                        int n, int k, int group_shift, int kgroups, int act) {     \
+        PREFIX##gated_mlx##BITS##_##NAME(const float* x, const u32* w, const void* scales,         \
+                                         const void* biases, const u32* w_up,                      \
+                                         const void* scales_up, const void* biases_up, float* out, \
+                                         int n, int k, int group_shift, int kgroups, int act,      \
+                                         MATVEC_NORM_ARGS) {                                       \
         kernel_entry();                                                                            \
         const MlxAffine<BITS> l{w, scales, biases, ST, k, group_shift};                            \
         const MlxAffine<BITS> l_up{w_up, scales_up, biases_up, ST, k, group_shift};                \
-        matvec<true>(l, l_up, x, nullptr, 0, out, n, kgroups, act);                                \
+        matvec<true, NORM>(l, l_up, x, MATVEC_PRE_NORM, nullptr, 0, out, n, kgroups, act);         \
     }
+#define MATVEC_MLX(BITS, ST, NAME)                                                                 \
+    MATVEC_MLX_KERNELS(BITS, ST, NAME, matvec_, false)                                             \
+    MATVEC_MLX_KERNELS(BITS, ST, NAME, matvec_norm_, true)
 #define MATVEC_MLX_ALL_TYPES(BITS)                                                                 \
     MATVEC_MLX(BITS, FT_F32, f32)                                                                  \
     MATVEC_MLX(BITS, FT_F16, f16)                                                                  \
@@ -119,42 +160,48 @@ MATVEC_MLX_ALL_TYPES(5)
 MATVEC_MLX_ALL_TYPES(6)
 MATVEC_MLX_ALL_TYPES(8)
 
-#define MATVEC_GGML(TYPE, NAME)                                                                    \
+#define MATVEC_GGML_KERNELS(TYPE, NAME, PREFIX, NORM)                                              \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
-        matvec_##NAME(const float* x, const u8* w, const void* bias, int bias_type, float* out,    \
-                      int n, int k, int kgroups) {                                                 \
+        PREFIX##NAME(const float* x, const u8* w, const void* bias, int bias_type, float* out,     \
+                     int n, int k, int kgroups, MATVEC_NORM_ARGS) {                                \
         kernel_entry();                                                                            \
         const TYPE l{w, k};                                                                        \
-        matvec<false>(l, l, x, bias, bias_type, out, n, kgroups, 0);                               \
+        matvec<false, NORM>(l, l, x, MATVEC_PRE_NORM, bias, bias_type, out, n, kgroups, 0);        \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
-        matvec_gated_##NAME(const float* x, const u8* w, const u8* w_up, float* out, int n, int k, \
-                            int kgroups, int act) {                                                \
+        PREFIX##gated_##NAME(const float* x, const u8* w, const u8* w_up, float* out, int n,       \
+                             int k, int kgroups, int act, MATVEC_NORM_ARGS) {                      \
         kernel_entry();                                                                            \
         const TYPE l{w, k}, l_up{w_up, k};                                                         \
-        matvec<true>(l, l_up, x, nullptr, 0, out, n, kgroups, act);                                \
+        matvec<true, NORM>(l, l_up, x, MATVEC_PRE_NORM, nullptr, 0, out, n, kgroups, act);        \
     }
+#define MATVEC_GGML(TYPE, NAME)                                                                    \
+    MATVEC_GGML_KERNELS(TYPE, NAME, matvec_, false)                                                \
+    MATVEC_GGML_KERNELS(TYPE, NAME, matvec_norm_, true)
 MATVEC_GGML(Q4_0, q4_0)
 MATVEC_GGML(Q4_1, q4_1)
 MATVEC_GGML(Q8_0, q8_0)
 MATVEC_GGML(Q4_K, q4_k)
 MATVEC_GGML(Q6_K, q6_k)
 
-#define MATVEC_DENSE(FT, NAME)                                                                     \
+#define MATVEC_DENSE_KERNELS(FT, NAME, PREFIX, NORM)                                               \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
-        matvec_dense_##NAME(const float* x, const void* w, const void* bias, int bias_type,        \
-                            float* out, int n, int k, int kgroups) {                               \
+        PREFIX##dense_##NAME(const float* x, const void* w, const void* bias, int bias_type,       \
+                             float* out, int n, int k, int kgroups, MATVEC_NORM_ARGS) {            \
         kernel_entry();                                                                            \
         const Dense l{w, FT, k};                                                                   \
-        matvec<false>(l, l, x, bias, bias_type, out, n, kgroups, 0);                               \
+        matvec<false, NORM>(l, l, x, MATVEC_PRE_NORM, bias, bias_type, out, n, kgroups, 0);        \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
-        matvec_gated_dense_##NAME(const float* x, const void* w, const void* w_up, float* out,     \
-                                  int n, int k, int kgroups, int act) {                            \
+        PREFIX##gated_dense_##NAME(const float* x, const void* w, const void* w_up, float* out,    \
+                                   int n, int k, int kgroups, int act, MATVEC_NORM_ARGS) {         \
         kernel_entry();                                                                            \
         const Dense l{w, FT, k}, l_up{w_up, FT, k};                                                \
-        matvec<true>(l, l_up, x, nullptr, 0, out, n, kgroups, act);                                \
+        matvec<true, NORM>(l, l_up, x, MATVEC_PRE_NORM, nullptr, 0, out, n, kgroups, act);        \
     }
+#define MATVEC_DENSE(FT, NAME)                                                                     \
+    MATVEC_DENSE_KERNELS(FT, NAME, matvec_, false)                                                 \
+    MATVEC_DENSE_KERNELS(FT, NAME, matvec_norm_, true)
 MATVEC_DENSE(FT_F32, f32)
 MATVEC_DENSE(FT_F16, f16)
 MATVEC_DENSE(FT_BF16, bf16)

@@ -2,11 +2,12 @@
 
 use super::COMMON;
 use crate::backends::cuda::compile::Source;
+use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
-    dim, float_type, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Planner,
+    dim, float_type, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Launch, Planner,
 };
 use crate::core::dtype::DType;
-use crate::core::op::Op;
+use crate::core::op::{Op, PreNorm};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::Result;
@@ -38,24 +39,32 @@ fn rms_norm(
     let ([x, w], [out]) = (inputs, outputs) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
-    let d = x.last_dim();
+    let norm = PreNorm { eps, unit_offset };
+    let (x_addr, out_addr) = (device_ptr(x)?, device_ptr(out)?);
+    let launch = rms_norm_rows(lib, x_addr, w, out_addr, x.rows(), x.last_dim(), norm)?;
+    Ok(CudaKernel::single(launch))
+}
+
+/// The RMSNorm of `rows` rows of `d` f32 at device address `x` into `out` (also used by the
+/// matvec planner in front of a matvec).
+pub(super) fn rms_norm_rows(
+    lib: &KernelLibrary,
+    x: u64,
+    w: &Tensor,
+    out: u64,
+    rows: usize,
+    d: usize,
+    norm: PreNorm,
+) -> Result<Launch> {
     let args = Args::new()
-        .ptr(x)?
+        .u64(x)
         .ptr(w)?
-        .ptr(out)?
+        .u64(out)
         .int(d)?
         .code(float_type("rms_norm", "weight", w.dtype())?)
-        .f32(eps)
-        .f32(if unit_offset { 1.0 } else { 0.0 });
-    let grid = (dim(x.rows())?, 1, 1);
-    Ok(CudaKernel::single(lib.launch(
-        &SOURCE,
-        "rms_norm",
-        grid,
-        threads(d),
-        0,
-        args,
-    )?))
+        .f32(norm.eps)
+        .f32(if norm.unit_offset { 1.0 } else { 0.0 });
+    lib.launch(&SOURCE, "rms_norm", (dim(rows)?, 1, 1), threads(d), 0, args)
 }
 
 fn layer_norm(
