@@ -1,13 +1,7 @@
 // Weight layouts as the matmul and embedding kernels read them: row `row` of an [n, k] matrix
 // in units of 32 consecutive elements (k is a multiple of 32 for every quantized layout).
 // Each layout provides
-//   Frag                 the registers one unit of one row needs (words, scales), so that the
-//                        matvec can load a step's units while it computes the previous step;
-//   fetch(row, u, f)     loads unit u of row `row` into a Frag (loads only, nothing waits);
-//   half_dot(f, h, xs)   Σ q·xs over elements 16h..16h+15 of the unit (xs: those 16, see
-//                        `shift`);
-//   finish(f, lo, hi, sx0, sx1)  the unit's Σ w·x from both halves and Σx of each half;
-//   dot(row, u, xs, sx)  the three above in one call;
+//   dot(row, u, xs, sx)  Σ w·x over unit u, the matvec's inner loop (see `shift`);
 //   tile(row, k0, w)     the 32 weights from column k0 as floats (zero past k), for the tiled
 //                        matmul and the embedding gather;
 //   shift(e)             the power of two carried by element e's integer in `dot`.
@@ -40,15 +34,6 @@ __device__ __forceinline__ u32 load_u32_a2(const u8* p) {
 }
 
 __device__ __forceinline__ float load_f16(const u8* p) { return f16_to_f32(*(const u16*)p); }
-
-// Σ w·x over unit u of row `row` (xs: the unit's 32 pre-scaled x, sx: Σx of each half).
-template <class L>
-__device__ __forceinline__ float unit_dot(const L& l, int row, int u, const float* xs,
-                                          const float* sx) {
-    typename L::Frag f;
-    l.fetch(row, u, f);
-    return l.finish(f, l.half_dot(f, 0, xs), l.half_dot(f, 1, xs + 16), sx[0], sx[1]);
-}
 
 // ---------------------------------------------------------------------------------------------
 // MLX affine: `w` u32 [n, k*BITS/32], element j of a row at bits [j*BITS, (j+1)*BITS) of the
@@ -98,26 +83,15 @@ struct MlxAffine {
         b = load_float(biases, g, st);
     }
 
-    struct Frag {
+    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
         u32 q[BITS];
-        float s, b;
-    };
-    __device__ __forceinline__ void fetch(int row, int u, Frag& f) const {
-        words(row, u, f.q);
-        scale_bias(row, u, f.s, f.b);
-    }
-    __device__ __forceinline__ float half_dot(const Frag& f, int h, const float* xs) const {
+        words(row, u, q);
         float acc = 0.f;
 #pragma unroll
-        for (int e = 0; e < 16; ++e) acc = fmaf(value(f.q, 16 * h + e), xs[e], acc);
-        return acc;
-    }
-    __device__ __forceinline__ float finish(const Frag& f, float lo, float hi, float sx0,
-                                            float sx1) const {
-        return f.s * (lo + hi) + f.b * (sx0 + sx1);
-    }
-    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
-        return unit_dot(*this, row, u, xs, sx);
+        for (int e = 0; e < 32; ++e) acc = fmaf(value(q, e), xs[e], acc);
+        float s, b;
+        scale_bias(row, u, s, b);
+        return s * acc + b * (sx[0] + sx[1]);
     }
 
     __device__ __forceinline__ void tile(int row, int k0, float* out) const {
@@ -152,27 +126,14 @@ struct Q4_0 {
 #pragma unroll
         for (int i = 0; i < 4; ++i) q[i] = load_u32_a2(blk + 2 + 4 * i);
     }
-    struct Frag {
-        u32 q[4];
-        float d;
-    };
-    __device__ __forceinline__ void fetch(int row, int u, Frag& f) const {
+    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
         const u8* blk = block(row, u);
-        words(blk, f.q);
-        f.d = load_f16(blk);
-    }
-    __device__ __forceinline__ float half_dot(const Frag& f, int h, const float* xs) const {
+        u32 q[4];
+        words(blk, q);
         float acc = 0.f;
 #pragma unroll
-        for (int e = 0; e < 16; ++e) acc = fmaf(value(f.q, 16 * h + e), xs[e], acc);
-        return acc;
-    }
-    __device__ __forceinline__ float finish(const Frag& f, float lo, float hi, float sx0,
-                                            float sx1) const {
-        return f.d * (lo + hi - 8.f * (sx0 + sx1));
-    }
-    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
-        return unit_dot(*this, row, u, xs, sx);
+        for (int e = 0; e < 32; ++e) acc = fmaf(value(q, e), xs[e], acc);
+        return load_f16(blk) * (acc - 8.f * (sx[0] + sx[1]));
     }
     __device__ __forceinline__ void tile(int row, int k0, float* out) const {
         const u8* blk = block(row, k0 / 32);
@@ -203,28 +164,14 @@ struct Q4_1 {
 #pragma unroll
         for (int i = 0; i < 4; ++i) q[i] = p[i];
     }
-    struct Frag {
-        u32 q[4];
-        float d, m;
-    };
-    __device__ __forceinline__ void fetch(int row, int u, Frag& f) const {
+    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
         const u8* blk = block(row, u);
-        words(blk, f.q);
-        f.d = load_f16(blk);
-        f.m = load_f16(blk + 2);
-    }
-    __device__ __forceinline__ float half_dot(const Frag& f, int h, const float* xs) const {
+        u32 q[4];
+        words(blk, q);
         float acc = 0.f;
 #pragma unroll
-        for (int e = 0; e < 16; ++e) acc = fmaf(value(f.q, 16 * h + e), xs[e], acc);
-        return acc;
-    }
-    __device__ __forceinline__ float finish(const Frag& f, float lo, float hi, float sx0,
-                                            float sx1) const {
-        return f.d * (lo + hi) + f.m * (sx0 + sx1);
-    }
-    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
-        return unit_dot(*this, row, u, xs, sx);
+        for (int e = 0; e < 32; ++e) acc = fmaf(value(q, e), xs[e], acc);
+        return load_f16(blk) * acc + load_f16(blk + 2) * (sx[0] + sx[1]);
     }
     __device__ __forceinline__ void tile(int row, int k0, float* out) const {
         const u8* blk = block(row, k0 / 32);
@@ -253,27 +200,14 @@ struct Q8_0 {
     __device__ __forceinline__ float value(const u32* q, int e) const {
         return field(q[e >> 2], 0u, 8 * (e & 3), 8);
     }
-    struct Frag {
-        u32 q[8];
-        float d;
-    };
-    __device__ __forceinline__ void fetch(int row, int u, Frag& f) const {
+    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
         const u8* blk = block(row, u);
-        words(blk, f.q);
-        f.d = load_f16(blk);
-    }
-    __device__ __forceinline__ float half_dot(const Frag& f, int h, const float* xs) const {
+        u32 q[8];
+        words(blk, q);
         float acc = 0.f;
 #pragma unroll
-        for (int e = 0; e < 16; ++e) acc = fmaf(value(f.q, 16 * h + e), xs[e], acc);
-        return acc;
-    }
-    __device__ __forceinline__ float finish(const Frag& f, float lo, float hi, float sx0,
-                                            float sx1) const {
-        return f.d * (lo + hi - 128.f * (sx0 + sx1));
-    }
-    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
-        return unit_dot(*this, row, u, xs, sx);
+        for (int e = 0; e < 32; ++e) acc = fmaf(value(q, e), xs[e], acc);
+        return load_f16(blk) * (acc - 128.f * (sx[0] + sx[1]));
     }
     __device__ __forceinline__ void tile(int row, int k0, float* out) const {
         const u8* blk = block(row, k0 / 32);
@@ -318,31 +252,17 @@ struct Q4_K {
             m = (float)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
         }
     }
-    struct Frag {
-        u32 q[8];
-        float d, dm;  // d·sc_j, dmin·m_j
-    };
-    __device__ __forceinline__ void fetch(int row, int u, Frag& f) const {
+    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
         const u8* blk = block(row, u);
         const int j = u & 7;
-        words(blk, j, f.q);
-        float sc, m;
-        scale_min(blk, j, sc, m);
-        f.d = load_f16(blk) * sc;
-        f.dm = load_f16(blk + 2) * m;
-    }
-    __device__ __forceinline__ float half_dot(const Frag& f, int h, const float* xs) const {
+        u32 q[8];
+        words(blk, j, q);
         float acc = 0.f;
 #pragma unroll
-        for (int e = 0; e < 16; ++e) acc = fmaf(value(f.q, 16 * h + e), xs[e], acc);
-        return acc;
-    }
-    __device__ __forceinline__ float finish(const Frag& f, float lo, float hi, float sx0,
-                                            float sx1) const {
-        return f.d * (lo + hi) - f.dm * (sx0 + sx1);
-    }
-    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
-        return unit_dot(*this, row, u, xs, sx);
+        for (int e = 0; e < 32; ++e) acc = fmaf(value(q, e), xs[e], acc);
+        float sc, m;
+        scale_min(blk, j, sc, m);
+        return load_f16(blk) * sc * acc - load_f16(blk + 2) * m * (sx[0] + sx[1]);
     }
     __device__ __forceinline__ void tile(int row, int k0, float* out) const {
         const int u = k0 / 32, j = u & 7;
@@ -387,31 +307,19 @@ struct Q6_K {
     __device__ __forceinline__ const i8* scales(const u8* blk, int j) const {
         return (const i8*)(blk + 192 + 8 * (j >> 2) + 2 * (j & 3));
     }
-    struct Frag {
-        u32 q[8];
-        float d0, d1;  // d·scale of each half
-    };
-    __device__ __forceinline__ void fetch(int row, int u, Frag& f) const {
+    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
         const u8* blk = block(row, u);
         const int j = u & 7;
-        words(blk, j, f.q);
-        const i8* sc = scales(blk, j);
-        const float d = load_f16(blk + 208);
-        f.d0 = d * (float)sc[0];
-        f.d1 = d * (float)sc[1];
-    }
-    __device__ __forceinline__ float half_dot(const Frag& f, int h, const float* xs) const {
-        float acc = 0.f;
+        u32 q[8];
+        words(blk, j, q);
+        float lo = 0.f, hi = 0.f;
 #pragma unroll
-        for (int e = 0; e < 16; ++e) acc = fmaf(value(f.q, 16 * h + e), xs[e], acc);
-        return acc;
-    }
-    __device__ __forceinline__ float finish(const Frag& f, float lo, float hi, float sx0,
-                                            float sx1) const {
-        return f.d0 * (lo - 32.f * sx0) + f.d1 * (hi - 32.f * sx1);
-    }
-    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
-        return unit_dot(*this, row, u, xs, sx);
+        for (int e = 0; e < 16; ++e) lo = fmaf(value(q, e), xs[e], lo);
+#pragma unroll
+        for (int e = 16; e < 32; ++e) hi = fmaf(value(q, e), xs[e], hi);
+        const i8* sc = scales(blk, j);
+        return load_f16(blk + 208) *
+               ((float)sc[0] * (lo - 32.f * sx[0]) + (float)sc[1] * (hi - 32.f * sx[1]));
     }
     __device__ __forceinline__ void tile(int row, int k0, float* out) const {
         const int u = k0 / 32, j = u & 7;
@@ -437,21 +345,13 @@ struct Dense {
     int k;
 
     static __device__ __forceinline__ int shift(int) { return 0; }
-    // A unit of f32 weights is 128 bytes, more than a step's registers can hold for every row:
-    // the Frag is the unit's offset, and `half_dot` loads as it multiplies.
-    struct Frag {
-        i64 base;
-    };
-    __device__ __forceinline__ void fetch(int row, int u, Frag& f) const {
-        f.base = (i64)row * k + u * 32;
-    }
-    __device__ __forceinline__ float half_dot(const Frag& f, int h, const float* xs) const {
-        const i64 base = f.base + 16 * h;
+    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float*) const {
+        const i64 base = (i64)row * k + u * 32;
         float acc = 0.f;
         if (ft == FT_F32) {
             const float4* p = (const float4*)((const float*)w + base);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
+            for (int i = 0; i < 8; ++i) {
                 const float4 v = p[i];
                 acc = fmaf(v.x, xs[4 * i], acc);
                 acc = fmaf(v.y, xs[4 * i + 1], acc);
@@ -461,7 +361,7 @@ struct Dense {
         } else {
             const uint4* p = (const uint4*)((const u16*)w + base);
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
+            for (int i = 0; i < 4; ++i) {
                 const uint4 v = p[i];
                 const u32 h[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -475,13 +375,6 @@ struct Dense {
             }
         }
         return acc;
-    }
-    __device__ __forceinline__ float finish(const Frag&, float lo, float hi, float,
-                                            float) const {
-        return lo + hi;
-    }
-    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
-        return unit_dot(*this, row, u, xs, sx);
     }
     __device__ __forceinline__ void tile(int row, int k0, float* out) const {
         const i64 base = (i64)row * k + k0;

@@ -9,7 +9,7 @@ use super::{COMMON, LAYOUTS, MMA};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
-    blocks, float_type, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Launch, Planner,
+    blocks, float_type, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Planner,
 };
 use crate::core::dtype::DType;
 use crate::core::op::Op;
@@ -32,15 +32,14 @@ pub(super) static MATMUL_TC: Source = Source {
     parts: &[COMMON, LAYOUTS, MMA, include_str!("matmul_tc.cu")],
 };
 
-/// MV_WARPS·32 threads, MV_ROWS rows per warp group, half of them for each of the gated
-/// pair (matvec.cu).
+/// MV_WARPS·32 threads, MV_ROWS rows per warp group (matvec.cu).
 const MATVEC_THREADS: u32 = 128;
 const MATVEC_WARPS: usize = 4;
 const MATVEC_ROWS: usize = 4;
-/// Units of 32 elements of x in shared memory at a time (MV_CHUNK).
-const MATVEC_CHUNK: usize = 256;
-/// Blocks per SM the kernels' register budget allows (MV_MIN_BLOCKS).
-const MATVEC_BLOCKS_PER_SM: usize = 4;
+/// Units of 32 elements a lane takes per step (MV_UNROLL).
+const MATVEC_UNROLL: usize = 2;
+/// Warps per SM that keep enough weight bytes in flight (MV_MIN_BLOCKS·MV_WARPS).
+const MATVEC_WARPS_PER_SM: usize = 16;
 /// MM_BM = MM_BN, 256 threads (matmul.cu).
 const MATMUL_TILE: usize = 64;
 const MATMUL_THREADS: u32 = 256;
@@ -91,8 +90,7 @@ fn matmul(
             _ => true,
         };
     let launch = if vector_ready {
-        let plan = MatvecPlan::new(n, k, MATVEC_ROWS, lib.sm_count())?;
-        let kgroups = plan.kgroups;
+        let kgroups = matvec_kgroups(n, k, lib.sm_count());
         let (name, args) = match weight {
             Weight::Mlx {
                 w,
@@ -141,7 +139,8 @@ fn matmul(
                     .int(kgroups)?,
             ),
         };
-        plan.launch(lib, &name, args)?
+        let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / kgroups)?, 1, 1);
+        lib.launch(&MATVEC, &name, grid, MATVEC_THREADS, 0, args)?
     } else {
         // Tensor cores for many rows (float4 loads of x), unless the weight is f32: f16
         // operands would drop its precision and range.
@@ -243,8 +242,7 @@ fn gated_matmul(
     }
     gate.check_alignment("gated_matmul")?;
     up.check_alignment("gated_matmul")?;
-    let plan = MatvecPlan::new(n, k, MATVEC_ROWS / 2, lib.sm_count())?;
-    let kgroups = plan.kgroups;
+    let kgroups = matvec_kgroups(n, k, lib.sm_count());
     let differ = || Error::op("gated_matmul", "gate and up are stored differently");
     let (name, args) = match (gate, up) {
         (
@@ -314,53 +312,23 @@ fn gated_matmul(
         }
         _ => return Err(differ()),
     };
-    Ok(CudaKernel::single(plan.launch(lib, &name, args)?))
+    let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / kgroups)?, 1, 1);
+    let launch = lib.launch(&MATVEC, &name, grid, MATVEC_THREADS, 0, args)?;
+    Ok(CudaKernel::single(launch))
 }
 
-/// Grid and work split of a matvec.cu launch.
-struct MatvecPlan {
-    /// Warps sharing a row group (1, 2 or 4).
-    kgroups: usize,
-    blocks: u32,
-    shared_bytes: u32,
-}
-
-impl MatvecPlan {
-    /// `rows` per warp group (MV_ROWS, or MV_ROWS/2 of each weight when gated). Blocks loop
-    /// over tiles of rows, at most as many blocks as fit on the GPU at once; `kgroups` is the
-    /// split that gives the busiest block the fewest steps, counting a tile's reduction as
-    /// half a step (ties keep the longer per-warp streams).
-    fn new(n: usize, k: usize, rows: usize, sm_count: usize) -> Result<Self> {
-        let units = k / 32;
-        let slots = sm_count * MATVEC_BLOCKS_PER_SM;
-        let cost = |kgroups: usize| {
-            let tiles = n.div_ceil(rows * MATVEC_WARPS / kgroups);
-            tiles.div_ceil(slots) * (2 * units.div_ceil(32 * kgroups) + 1)
-        };
-        let kgroups = [2, 4]
-            .into_iter()
-            .fold(1, |best, kg| match cost(kg) < cost(best) {
-                true => kg,
-                false => best,
-            });
-        let tiles = n.div_ceil(rows * MATVEC_WARPS / kgroups);
-        let staged = units.min(MATVEC_CHUNK);
-        Ok(Self {
-            kgroups,
-            blocks: blocks(tiles.min(slots), 1)?,
-            // Pre-scaled x (32 f32 a unit) and Σx of each half unit: at most 34 KB.
-            shared_bytes: (staged * (32 + 2) * 4) as u32,
-        })
+/// Warps sharing a row group of the matvec: the fewest (longest streams of loads per warp)
+/// that still give every SM `MATVEC_WARPS_PER_SM` warps, and never more than leave each lane
+/// a full step of units.
+fn matvec_kgroups(n: usize, k: usize, sm_count: usize) -> usize {
+    let row_groups = n.div_ceil(MATVEC_ROWS);
+    let lane_steps = (k / 32).div_ceil(32 * MATVEC_UNROLL);
+    let mut kgroups = 1;
+    while kgroups < MATVEC_WARPS
+        && row_groups * kgroups < sm_count * MATVEC_WARPS_PER_SM
+        && lane_steps >= 2 * kgroups
+    {
+        kgroups *= 2;
     }
-
-    fn launch(&self, lib: &KernelLibrary, name: &str, args: Args) -> Result<Launch> {
-        lib.launch(
-            &MATVEC,
-            name,
-            (self.blocks, 1, 1),
-            MATVEC_THREADS,
-            self.shared_bytes,
-            args,
-        )
-    }
+    kgroups
 }
