@@ -1870,7 +1870,7 @@ fn bench_matvec_shapes() {
             let secs = time_replays(&dev, 64, &|enc, i| match gated {
                 true => {
                     let j = i % gates.len();
-                    ops::gated_matmul(enc, &x, &gates[j], &ups[j], UnaryFn::Silu, &out)
+                    ops::gated_matmul(enc, &x, None, &gates[j], &ups[j], UnaryFn::Silu, &out)
                 }
                 false => ops::matmul(enc, &x, &gates[i % gates.len()], &out),
             });

@@ -104,7 +104,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let (_, stats) = session.generate(&prompt, &opts, |_| true)?;
             prefill.push(stats.prefill_tokens_per_s());
             decode.push(stats.decode_tokens_per_s());
-            kernels = stats.dispatches_per_token;
+            kernels = stats.kernels_per_token;
         }
         let (pf, dc) = (median(prefill), median(decode));
         // KV bytes read per decoded token at the middle of the decode run (f32 keys and values).

@@ -24,6 +24,8 @@ pub type KernelHandle = Arc<dyn Any + Send + Sync>;
 /// A recorded list made runnable (CPU: the list itself; CUDA: an instantiated graph).
 pub trait Executable: Send {
     fn run(&mut self) -> Result<()>;
+    /// Kernels one run launches on the device (CPU: its dispatches).
+    fn kernel_count(&self) -> usize;
 }
 
 pub trait Backend: Send + Sync {

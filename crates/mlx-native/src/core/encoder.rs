@@ -137,6 +137,10 @@ impl Graph {
     pub fn is_empty(&self) -> bool {
         self.dispatches.is_empty()
     }
+    /// Device kernels one replay launches (a dispatch may launch several, or none).
+    pub fn kernel_count(&self) -> usize {
+        self.exec.kernel_count()
+    }
     /// Run the recording once more (asynchronously on devices that allow it).
     pub fn replay(&mut self) -> Result<()> {
         self.exec.run()

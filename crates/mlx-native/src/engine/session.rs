@@ -37,6 +37,8 @@ pub struct GenerateStats {
     pub decode_time: Duration,
     /// Kernel dispatches in one decode step.
     pub dispatches_per_token: usize,
+    /// Device kernels one decode step launches.
+    pub kernels_per_token: usize,
 }
 
 impl GenerateStats {
@@ -246,6 +248,13 @@ impl Session {
         self.decode_graph.as_ref().map_or(0, |(_, g)| g.len())
     }
 
+    /// Device kernels one decode step launches (0 before a graph was captured).
+    pub fn kernels_per_token(&self) -> usize {
+        self.decode_graph
+            .as_ref()
+            .map_or(0, |(_, g)| g.kernel_count())
+    }
+
     /// Prefill `prompt`, then decode until a stop id, `max_new_tokens` or the context end.
     /// `on_token` sees each new id as it is produced and may return false to stop.
     pub fn generate(
@@ -284,11 +293,10 @@ impl Session {
         }
         stats.decode_time = t1.elapsed();
         stats.generated_tokens = out.len();
-        stats.dispatches_per_token = if opts.use_graph {
-            self.dispatches_per_token()
-        } else {
-            0
-        };
+        if opts.use_graph {
+            stats.dispatches_per_token = self.dispatches_per_token();
+            stats.kernels_per_token = self.kernels_per_token();
+        }
         Ok((out, stats))
     }
 }

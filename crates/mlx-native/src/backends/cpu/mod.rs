@@ -170,6 +170,10 @@ struct CpuGraph {
 }
 
 impl Executable for CpuGraph {
+    fn kernel_count(&self) -> usize {
+        self.steps.len()
+    }
+
     fn run(&mut self) -> Result<()> {
         let steps = &self.steps;
         on_pool(|| {

@@ -160,6 +160,15 @@ impl CudaKernel {
         CudaKernel::new(vec![launch], None)
     }
 
+    /// Launches that run (an empty grid launches nothing).
+    pub fn launch_count(&self) -> usize {
+        let runs = |l: &&Launch| {
+            let (x, y, z) = l.cfg.grid_dim;
+            x > 0 && y > 0 && z > 0
+        };
+        self.launches.iter().filter(runs).count()
+    }
+
     pub fn enqueue(&self, stream: &CudaStream) -> Result<()> {
         self.launches.iter().try_for_each(|l| l.enqueue(stream))
     }

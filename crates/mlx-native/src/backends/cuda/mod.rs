@@ -158,16 +158,23 @@ fn kernel_of(d: &Dispatch) -> Result<&CudaKernel> {
         .ok_or_else(|| Error::Invalid("dispatch was not resolved by the CUDA backend".into()))
 }
 
-/// A captured recording: one CUDA graph launch replays every kernel.
-struct CudaGraphExec(Option<CudaGraph>);
+/// A captured recording: one CUDA graph launch replays every kernel (`kernels` of them).
+struct CudaGraphExec {
+    graph: Option<CudaGraph>,
+    kernels: usize,
+}
 
 // SAFETY: CUDA graphs may be used from any thread as long as calls do not overlap; this one
 // is only reached through `&mut self`.
 unsafe impl Send for CudaGraphExec {}
 
 impl Executable for CudaGraphExec {
+    fn kernel_count(&self) -> usize {
+        self.kernels
+    }
+
     fn run(&mut self) -> Result<()> {
-        match &self.0 {
+        match &self.graph {
             Some(graph) => graph.launch().map_err(driver_err("graph launch")),
             None => Ok(()),
         }
@@ -251,7 +258,10 @@ impl Backend for CudaBackend {
             .end_capture(CUgraphInstantiate_flags(0))
             .map_err(driver_err("end stream capture"));
         launched?;
-        Ok(Box::new(CudaGraphExec(graph?)))
+        Ok(Box::new(CudaGraphExec {
+            graph: graph?,
+            kernels: kernels.iter().map(|k| k.launch_count()).sum(),
+        }))
     }
 
     fn synchronize(&self) -> Result<()> {
