@@ -1714,3 +1714,86 @@ fn bench_decode_kernels() {
         );
     }
 }
+
+/// Random stored MLX affine data (words, scales, biases) without the dense reference, for
+/// benchmark shapes too large to dequantize on the host.
+fn mlx_bench_weight(rng: &mut Rng, n: usize, k: usize, bits: u32, group_size: usize) -> HostWeight {
+    let groups = n * (k / group_size);
+    let (scale_bytes, _) = float_bytes(rng, groups, 0.05, DType::BF16);
+    let (bias_bytes, _) = float_bytes(rng, groups, 0.2, DType::BF16);
+    HostWeight {
+        layout: WeightLayout::MlxAffine { bits, group_size },
+        parts: vec![
+            (
+                rng.bytes(n * k * bits as usize / 8),
+                vec![n, k * bits as usize / 32],
+                DType::U32,
+            ),
+            (scale_bytes, vec![n, k / group_size], DType::BF16),
+            (bias_bytes, vec![n, k / group_size], DType::BF16),
+        ],
+        dense: Vec::new(),
+        n,
+        k,
+    }
+}
+
+/// Uploads of `w` that together exceed the L2 cache (one when a single copy does).
+fn bench_copies(dev: &Device, w: &HostWeight) -> Vec<Linear> {
+    let first = w.upload(dev, None).unwrap();
+    let bytes = first.weight_bytes();
+    let mut lins = vec![first];
+    lins.extend((1..copies(bytes)).map(|_| w.upload(dev, None).unwrap()));
+    lins
+}
+
+#[test]
+#[ignore]
+fn bench_matvec_shapes() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(17);
+    // (n, k): SmolLM2-135M q/o and up, Llama-3 8B q/o, down, gate/up (gated), lm head.
+    let shapes = [
+        (576, 576),
+        (1536, 576),
+        (4096, 4096),
+        (4096, 14336),
+        (14336, 4096),
+        (128_256, 4096),
+    ];
+    for (n, k) in shapes {
+        let x = dev.from_slice(&rng.vec(k, 1.0), &[1, k]).unwrap();
+        let out = dev.empty(&[1, n], DType::F32).unwrap();
+        let gated = (n, k) == (14336, 4096);
+        let mut weights = vec![mlx_bench_weight(&mut rng, n, k, 4, 64)];
+        if n * k <= 4096 * 14336 && n > 1536 {
+            weights.push(mlx_bench_weight(&mut rng, n, k, 8, 64));
+            weights.extend(
+                [GgmlType::Q4_0, GgmlType::Q4K, GgmlType::Q6K]
+                    .map(|t| ggml_weight(&mut rng, n, k, t)),
+            );
+        }
+        for w in &weights {
+            let gates = bench_copies(&dev, w);
+            let ups = match gated {
+                true => bench_copies(&dev, w),
+                false => Vec::new(),
+            };
+            let bytes = gates[0].weight_bytes() * if gated { 2 } else { 1 };
+            let secs = time_replays(&dev, 64, &|enc, i| match gated {
+                true => {
+                    let j = i % gates.len();
+                    ops::gated_matmul(enc, &x, &gates[j], &ups[j], UnaryFn::Silu, &out)
+                }
+                false => ops::matmul(enc, &x, &gates[i % gates.len()], &out),
+            });
+            println!(
+                "matvec{} {:>10} {n}x{k}: {:7.1} us  {:6.0} GB/s of weights",
+                if gated { " gated" } else { "" },
+                w.layout.variant(),
+                secs * 1e6,
+                bytes as f64 / secs / 1e9
+            );
+        }
+    }
+}
