@@ -1,5 +1,5 @@
 //! out = x·Wᵀ (+ bias) for every weight layout, weights read as stored: matvec.cu for a single
-//! row (decode), matmul_tc.cu's 128×128 tensor-core tiles (f16 operands, f32 accumulation)
+//! row (decode; matvec_tc.cu's tensor-core kernel for MLX 4- and 8-bit weights), matmul_tc.cu's 128×128 tensor-core tiles (f16 operands, f32 accumulation)
 //! for prefill-sized row counts, matmul.cu's 64×64 f32 tiles otherwise; and the decode-only
 //! gated pair (`Op::GatedMatMul`) on matvec.cu.
 
@@ -22,6 +22,11 @@ pub(super) static MATVEC: Source = Source {
     parts: &[COMMON, LAYOUTS, include_str!("matvec.cu")],
 };
 
+pub(super) static MATVEC_TC: Source = Source {
+    name: "matvec_tc",
+    parts: &[COMMON, MMA, include_str!("matvec_tc.cu")],
+};
+
 pub(super) static MATMUL: Source = Source {
     name: "matmul",
     parts: &[COMMON, LAYOUTS, include_str!("matmul.cu")],
@@ -40,6 +45,17 @@ const MATVEC_ROWS: usize = 4;
 const MATVEC_UNROLL: usize = 2;
 /// Warps per SM that keep enough weight bytes in flight (MV_MIN_BLOCKS·MV_WARPS).
 const MATVEC_WARPS_PER_SM: usize = 16;
+/// MT_WARPS·32 threads, 16-row tiles (matvec_tc.cu).
+const MATVEC_TC_THREADS: u32 = 256;
+const MATVEC_TC_WARPS: usize = 8;
+const MATVEC_TC_TILE: usize = 16;
+/// Warps per SM the tensor-core matvec aims for (two blocks of MT_WARPS).
+const MATVEC_TC_WARPS_PER_SM: usize = 16;
+/// Weights (gate and up together) up to this many stay on matvec.cu, which was as fast or
+/// faster there (H200: 576×576 2.2 vs 3.0 µs, 4096×4096 mlx4 6.8 vs 7.1 µs) and keeps x in f32.
+const MATVEC_TC_MAX_SIMT_WEIGHTS: usize = 1 << 24;
+/// Shared memory (staged x) per block that still lets two blocks share an SM.
+const MATVEC_TC_MAX_SHARED: usize = 100 << 10;
 /// MM_BM = MM_BN, 256 threads (matmul.cu).
 const MATMUL_TILE: usize = 64;
 const MATMUL_THREADS: u32 = 256;
@@ -90,7 +106,12 @@ fn matmul(
             _ => true,
         };
     let launch = if vector_ready {
-        let kgroups = matvec_kgroups(n, k, lib.sm_count());
+        let tc = match weight {
+            Weight::Mlx { bits, .. } => matvec_tc_plan(n, k, bits, false, lib.sm_count())?,
+            _ => None,
+        };
+        let kgroups = tc.map_or_else(|| matvec_kgroups(n, k, lib.sm_count()), |p| p.kgroups);
+        let prefix = if tc.is_some() { "matvec_tc" } else { "matvec" };
         let (name, args) = match weight {
             Weight::Mlx {
                 w,
@@ -100,7 +121,7 @@ fn matmul(
                 group_shift,
                 scale_type,
             } => (
-                format!("matvec_mlx{bits}_{}", float_name(scale_type)),
+                format!("{prefix}_mlx{bits}_{}", float_name(scale_type)),
                 Args::new()
                     .ptr(x)?
                     .ptr(w)?
@@ -139,8 +160,13 @@ fn matmul(
                     .int(kgroups)?,
             ),
         };
-        let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / kgroups)?, 1, 1);
-        lib.launch(&MATVEC, &name, grid, MATVEC_THREADS, 0, args)?
+        match tc {
+            Some(p) => lib.launch(&MATVEC_TC, &name, p.grid, MATVEC_TC_THREADS, p.shared, args)?,
+            None => {
+                let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / kgroups)?, 1, 1);
+                lib.launch(&MATVEC, &name, grid, MATVEC_THREADS, 0, args)?
+            }
+        }
     } else {
         // Tensor cores for many rows (float4 loads of x), unless the weight is f32: f16
         // operands would drop its precision and range.
@@ -208,7 +234,8 @@ fn matmul(
     Ok(CudaKernel::single(launch))
 }
 
-/// `Op::GatedMatMul`: matvec.cu's gated kernels, gate and up rows side by side in one pass.
+/// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4- and 8-bit), gate
+/// and up rows side by side in one pass.
 fn gated_matmul(
     lib: &KernelLibrary,
     op: &Op,
@@ -242,7 +269,12 @@ fn gated_matmul(
     }
     gate.check_alignment("gated_matmul")?;
     up.check_alignment("gated_matmul")?;
-    let kgroups = matvec_kgroups(n, k, lib.sm_count());
+    let tc = match gate {
+        Weight::Mlx { bits, .. } => matvec_tc_plan(n, k, bits, true, lib.sm_count())?,
+        _ => None,
+    };
+    let kgroups = tc.map_or_else(|| matvec_kgroups(n, k, lib.sm_count()), |p| p.kgroups);
+    let prefix = if tc.is_some() { "matvec_tc" } else { "matvec" };
     let differ = || Error::op("gated_matmul", "gate and up are stored differently");
     let (name, args) = match (gate, up) {
         (
@@ -262,7 +294,7 @@ fn gated_matmul(
                 ..
             },
         ) if scale_type == scale_type_up => (
-            format!("matvec_gated_mlx{bits}_{}", float_name(scale_type)),
+            format!("{prefix}_gated_mlx{bits}_{}", float_name(scale_type)),
             Args::new()
                 .ptr(x)?
                 .ptr(w)?
@@ -312,9 +344,66 @@ fn gated_matmul(
         }
         _ => return Err(differ()),
     };
-    let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / kgroups)?, 1, 1);
-    let launch = lib.launch(&MATVEC, &name, grid, MATVEC_THREADS, 0, args)?;
+    let launch = match tc {
+        Some(p) => lib.launch(&MATVEC_TC, &name, p.grid, MATVEC_TC_THREADS, p.shared, args)?,
+        None => {
+            let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / kgroups)?, 1, 1);
+            lib.launch(&MATVEC, &name, grid, MATVEC_THREADS, 0, args)?
+        }
+    };
     Ok(CudaKernel::single(launch))
+}
+
+/// A launch of matvec_tc.cu.
+#[derive(Clone, Copy)]
+struct TcPlan {
+    /// Warps sharing a 16-row tile's k.
+    kgroups: usize,
+    grid: (u32, u32, u32),
+    /// Bytes of staged x (dynamic shared memory).
+    shared: u32,
+}
+
+/// The tensor-core matvec for MLX `bits`-bit weights `[n, k]`, or None where matvec.cu runs
+/// instead: other widths, small matrices, and x too long to stage in shared memory.
+fn matvec_tc_plan(
+    n: usize,
+    k: usize,
+    bits: u32,
+    gated: bool,
+    sm_count: usize,
+) -> Result<Option<TcPlan>> {
+    let weights = n * k * if gated { 2 } else { 1 };
+    if (bits != 4 && bits != 8) || weights <= MATVEC_TC_MAX_SIMT_WEIGHTS {
+        return Ok(None);
+    }
+    // A chunk is one 16-byte load of a row; x is staged as f16 with f32 sums per chunk and a
+    // chunk of zeros (matvec_tc.cu's mt_stage_x).
+    let chunk = 128 / bits as usize;
+    let chunks = k / chunk;
+    let shared = 2 * k + 2 * chunk + 4 * chunks;
+    if shared > MATVEC_TC_MAX_SHARED {
+        return Ok(None);
+    }
+    // Chunks per row a warp loads per stage (MT_STAGE), four chunks per step.
+    let stage = if gated { 1 } else { 2 };
+    let steps = chunks.div_ceil(4);
+    let tiles = n.div_ceil(MATVEC_TC_TILE);
+    // The fewest warps per tile (longest streams) that give the SMs about three quarters of
+    // their warps, keeping two stages a warp so that loads overlap compute.
+    let mut kgroups = 1;
+    while kgroups < MATVEC_TC_WARPS
+        && tiles * kgroups * 4 < sm_count * MATVEC_TC_WARPS_PER_SM * 3
+        && steps >= 2 * stage * kgroups
+    {
+        kgroups *= 2;
+    }
+    let grid = (blocks(n, MATVEC_TC_TILE * MATVEC_TC_WARPS / kgroups)?, 1, 1);
+    Ok(Some(TcPlan {
+        kgroups,
+        grid,
+        shared: shared as u32,
+    }))
 }
 
 /// Warps sharing a row group of the matvec: the fewest (longest streams of loads per warp)
