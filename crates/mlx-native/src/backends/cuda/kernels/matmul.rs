@@ -1,5 +1,5 @@
 //! out = x·Wᵀ (+ bias) for every weight layout, weights read as stored: matvec.cu for a single
-//! row (decode), matmul_tc.cu's 128×128 tensor-core tiles (f16 operands, f32 accumulation)
+//! row (decode; matvec_tc.cu's tensor-core kernel for MLX 4- and 8-bit weights), matmul_tc.cu's 128×128 tensor-core tiles (f16 operands, f32 accumulation)
 //! for prefill-sized row counts, matmul.cu's 64×64 f32 tiles otherwise; and the decode-only
 //! gated pair (`Op::GatedMatMul`) on matvec.cu.
 
@@ -23,6 +23,11 @@ pub(super) static MATVEC: Source = Source {
     parts: &[COMMON, LAYOUTS, include_str!("matvec.cu")],
 };
 
+pub(super) static MATVEC_TC: Source = Source {
+    name: "matvec_tc",
+    parts: &[COMMON, MMA, include_str!("matvec_tc.cu")],
+};
+
 pub(super) static MATMUL: Source = Source {
     name: "matmul",
     parts: &[COMMON, LAYOUTS, include_str!("matmul.cu")],
@@ -41,6 +46,17 @@ const MATVEC_ROWS: usize = 4;
 const MATVEC_UNROLL: usize = 2;
 /// Warps per SM that keep enough weight bytes in flight (MV_MIN_BLOCKS·MV_WARPS).
 const MATVEC_WARPS_PER_SM: usize = 16;
+/// MT_WARPS·32 threads, 16-row tiles (matvec_tc.cu).
+const MATVEC_TC_THREADS: u32 = 256;
+const MATVEC_TC_WARPS: usize = 8;
+const MATVEC_TC_TILE: usize = 16;
+/// Warps per SM the tensor-core matvec aims for (two blocks of MT_WARPS).
+const MATVEC_TC_WARPS_PER_SM: usize = 16;
+/// Weights (gate and up together) up to this many stay on matvec.cu, which was as fast or
+/// faster there (H200: 576×576 2.2 vs 3.0 µs, 4096×4096 mlx4 6.8 vs 7.1 µs) and keeps x in f32.
+const MATVEC_TC_MAX_SIMT_WEIGHTS: usize = 1 << 24;
+/// Shared memory (staged x) per block that still lets two blocks share an SM.
+const MATVEC_TC_MAX_SHARED: usize = 100 << 10;
 /// MM_BM = MM_BN, 256 threads (matmul.cu).
 const MATMUL_TILE: usize = 64;
 const MATMUL_THREADS: u32 = 256;
@@ -104,9 +120,13 @@ fn matmul(
         ));
     }
     let launch = if vector_ready {
-        let kgroups = matvec_kgroups(n, k, lib.sm_count());
-        let input = MatvecInput::new(lib, x, norm)?;
-        let prefix = matvec_prefix(input.fold);
+        let tc = match weight {
+            Weight::Mlx { bits, .. } => matvec_tc_plan(n, k, bits, false, lib.sm_count())?,
+            _ => None,
+        };
+        let kgroups = tc.map_or_else(|| matvec_kgroups(n, k, lib.sm_count()), |p| p.kgroups);
+        let input = MatvecInput::new(lib, x, norm, tc.is_none())?;
+        let prefix = matvec_prefix(tc.is_some(), input.fold);
         let (name, args) = match weight {
             Weight::Mlx {
                 w,
@@ -128,8 +148,7 @@ fn matmul(
                     .int(n)?
                     .int(k)?
                     .code(group_shift)
-                    .int(kgroups)?
-                    .norm(input.fold)?,
+                    .int(kgroups)?,
             ),
             Weight::Ggml { data, ty } => (
                 format!("{prefix}{}", ty.name()),
@@ -141,8 +160,7 @@ fn matmul(
                     .ptr(out)?
                     .int(n)?
                     .int(k)?
-                    .int(kgroups)?
-                    .norm(input.fold)?,
+                    .int(kgroups)?,
             ),
             Weight::Dense { w, ft } => (
                 format!("{prefix}dense_{}", float_name(ft)),
@@ -154,12 +172,19 @@ fn matmul(
                     .ptr(out)?
                     .int(n)?
                     .int(k)?
-                    .int(kgroups)?
-                    .norm(input.fold)?,
+                    .int(kgroups)?,
             ),
         };
-        let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / kgroups)?, 1, 1);
-        return Ok(input.then(lib.launch(&MATVEC, &name, grid, MATVEC_THREADS, 0, args)?));
+        // The tensor-core kernels take no norm arguments: their norm is a launch in front.
+        let launch = match tc {
+            Some(p) => lib.launch(&MATVEC_TC, &name, p.grid, MATVEC_TC_THREADS, p.shared, args)?,
+            None => {
+                let args = args.norm(input.fold)?;
+                let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / kgroups)?, 1, 1);
+                lib.launch(&MATVEC, &name, grid, MATVEC_THREADS, 0, args)?
+            }
+        };
+        return Ok(input.then(launch));
     } else {
         // Tensor cores for many rows (float4 loads of x), unless the weight is f32: f16
         // operands would drop its precision and range.
@@ -227,7 +252,8 @@ fn matmul(
     Ok(CudaKernel::single(launch))
 }
 
-/// `Op::GatedMatMul`: matvec.cu's gated kernels, gate and up rows side by side in one pass.
+/// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4- and 8-bit), gate
+/// and up rows side by side in one pass.
 fn gated_matmul(
     lib: &KernelLibrary,
     op: &Op,
@@ -268,9 +294,13 @@ fn gated_matmul(
     }
     gate.check_alignment("gated_matmul")?;
     up.check_alignment("gated_matmul")?;
-    let kgroups = matvec_kgroups(n, k, lib.sm_count());
-    let input = MatvecInput::new(lib, x, norm)?;
-    let prefix = matvec_prefix(input.fold);
+    let tc = match gate {
+        Weight::Mlx { bits, .. } => matvec_tc_plan(n, k, bits, true, lib.sm_count())?,
+        _ => None,
+    };
+    let kgroups = tc.map_or_else(|| matvec_kgroups(n, k, lib.sm_count()), |p| p.kgroups);
+    let input = MatvecInput::new(lib, x, norm, tc.is_none())?;
+    let prefix = matvec_prefix(tc.is_some(), input.fold);
     let differ = || Error::op("gated_matmul", "gate and up are stored differently");
     let (name, args) = match (gate, up) {
         (
@@ -304,8 +334,7 @@ fn gated_matmul(
                 .int(k)?
                 .code(group_shift)
                 .int(kgroups)?
-                .code(unary_code(act))
-                .norm(input.fold)?,
+                .code(unary_code(act)),
         ),
         (Weight::Ggml { data, ty }, Weight::Ggml { data: data_up, .. }) => (
             format!("{prefix}gated_{}", ty.name()),
@@ -317,8 +346,7 @@ fn gated_matmul(
                 .int(n)?
                 .int(k)?
                 .int(kgroups)?
-                .code(unary_code(act))
-                .norm(input.fold)?,
+                .code(unary_code(act)),
         ),
         (Weight::Dense { w, ft }, Weight::Dense { w: w_up, ft: ft_up }) if ft == ft_up => {
             if k % 32 != 0 || device_ptr(w)? % 16 != 0 || device_ptr(w_up)? % 16 != 0 {
@@ -337,14 +365,19 @@ fn gated_matmul(
                     .int(n)?
                     .int(k)?
                     .int(kgroups)?
-                    .code(unary_code(act))
-                    .norm(input.fold)?,
+                    .code(unary_code(act)),
             )
         }
         _ => return Err(differ()),
     };
-    let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / kgroups)?, 1, 1);
-    let launch = lib.launch(&MATVEC, &name, grid, MATVEC_THREADS, 0, args)?;
+    let launch = match tc {
+        Some(p) => lib.launch(&MATVEC_TC, &name, p.grid, MATVEC_TC_THREADS, p.shared, args)?,
+        None => {
+            let args = args.norm(input.fold)?;
+            let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / kgroups)?, 1, 1);
+            lib.launch(&MATVEC, &name, grid, MATVEC_THREADS, 0, args)?
+        }
+    };
     Ok(input.then(launch))
 }
 
@@ -363,10 +396,11 @@ struct MatvecInput<'a> {
 }
 
 impl<'a> MatvecInput<'a> {
-    fn new(lib: &KernelLibrary, x: &Tensor, norm: Norm<'a>) -> Result<Self> {
+    /// `can_fold`: the kernel that follows takes the norm arguments (matvec.cu's do).
+    fn new(lib: &KernelLibrary, x: &Tensor, norm: Norm<'a>, can_fold: bool) -> Result<Self> {
         let k = x.last_dim();
         match norm {
-            Some((g, p)) if k > FOLD_NORM_MAX_K => {
+            Some((g, p)) if k > FOLD_NORM_MAX_K || !can_fold => {
                 let (scratch, row) = lib.scratch(k * 4)?;
                 let launch = super::norm::rms_norm_rows(lib, device_ptr(x)?, g, row, 1, k, p)?;
                 Ok(MatvecInput {
@@ -417,12 +451,12 @@ fn split_norm<'a>(
     }
 }
 
-/// matvec.cu's kernel name prefix: plain or with the RMSNorm in front.
-fn matvec_prefix(norm: Norm) -> &'static str {
-    if norm.is_some() {
-        "matvec_norm_"
-    } else {
-        "matvec_"
+/// The decode kernel's name prefix: matvec_tc.cu's, or matvec.cu's plain or normed one.
+fn matvec_prefix(tensor_cores: bool, fold: Norm) -> &'static str {
+    match (tensor_cores, fold.is_some()) {
+        (true, _) => "matvec_tc_",
+        (false, true) => "matvec_norm_",
+        (false, false) => "matvec_",
     }
 }
 
@@ -441,6 +475,58 @@ impl NormArgs for Args {
             None => self.opt_ptr(None)?.f32(0.0).f32(0.0),
         })
     }
+}
+
+/// A launch of matvec_tc.cu.
+#[derive(Clone, Copy)]
+struct TcPlan {
+    /// Warps sharing a 16-row tile's k.
+    kgroups: usize,
+    grid: (u32, u32, u32),
+    /// Bytes of staged x (dynamic shared memory).
+    shared: u32,
+}
+
+/// The tensor-core matvec for MLX `bits`-bit weights `[n, k]`, or None where matvec.cu runs
+/// instead: other widths, small matrices, and x too long to stage in shared memory.
+fn matvec_tc_plan(
+    n: usize,
+    k: usize,
+    bits: u32,
+    gated: bool,
+    sm_count: usize,
+) -> Result<Option<TcPlan>> {
+    let weights = n * k * if gated { 2 } else { 1 };
+    if (bits != 4 && bits != 8) || weights <= MATVEC_TC_MAX_SIMT_WEIGHTS {
+        return Ok(None);
+    }
+    // A chunk is one 16-byte load of a row; x is staged as f16 with f32 sums per chunk and a
+    // chunk of zeros (matvec_tc.cu's mt_stage_x).
+    let chunk = 128 / bits as usize;
+    let chunks = k / chunk;
+    let shared = 2 * k + 2 * chunk + 4 * chunks;
+    if shared > MATVEC_TC_MAX_SHARED {
+        return Ok(None);
+    }
+    // Chunks per row a warp loads per stage (MT_STAGE), four chunks per step.
+    let stage = if gated { 1 } else { 2 };
+    let steps = chunks.div_ceil(4);
+    let tiles = n.div_ceil(MATVEC_TC_TILE);
+    // The fewest warps per tile (longest streams) that give the SMs about three quarters of
+    // their warps, keeping two stages a warp so that loads overlap compute.
+    let mut kgroups = 1;
+    while kgroups < MATVEC_TC_WARPS
+        && tiles * kgroups * 4 < sm_count * MATVEC_TC_WARPS_PER_SM * 3
+        && steps >= 2 * stage * kgroups
+    {
+        kgroups *= 2;
+    }
+    let grid = (blocks(n, MATVEC_TC_TILE * MATVEC_TC_WARPS / kgroups)?, 1, 1);
+    Ok(Some(TcPlan {
+        kgroups,
+        grid,
+        shared: shared as u32,
+    }))
 }
 
 /// Warps sharing a row group of the matvec: the fewest (longest streams of loads per warp)
