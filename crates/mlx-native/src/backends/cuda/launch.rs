@@ -295,17 +295,6 @@ impl KernelLibrary {
         })
     }
 
-    /// Zeroed device memory for one dispatch (counters its kernels leave zero), and its
-    /// address; allocated and cleared at record time, before any capture.
-    pub fn zeroed_scratch(&self, bytes: usize) -> Result<(CudaSlice<u8>, u64)> {
-        let slice = self
-            .stream
-            .alloc_zeros::<u8>(bytes.max(1))
-            .map_err(driver_err("scratch allocation"))?;
-        let address = address(&slice, &self.stream);
-        Ok((slice, address))
-    }
-
     /// Device memory for one dispatch's intermediate results, and its address (allocated at
     /// record time, never while a graph is being captured).
     pub fn scratch(&self, bytes: usize) -> Result<(CudaSlice<u8>, u64)> {

@@ -19,31 +19,19 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 // captured graph stays balanced as the context grows. Each of the DEC_WARPS warps takes DEC_KEYS
 // consecutive keys per step (independent loads and reductions in flight) with an online
 // softmax; the warps merge in shared memory. One split writes the output; several write
-// (max, sum, unnormalised acc) partials, and the split block that finishes last (counted in
-// `done`, one u32 per (row, head), zero between launches) merges them: no second launch.
+// (max, sum, unnormalised acc) partials that `attn_combine` merges.
 
 #define DEC_WARPS 4
 #define DEC_KEYS 4
-
-// One head's output from a warp: lane l's dims l, l+32, … of acc / sum.
-template <int HC>
-__device__ __forceinline__ void store_head(float* __restrict__ o, const float* a, float sum,
-                                           int lane, int hd) {
-#pragma unroll
-    for (int c = 0; c < HC; ++c) {
-        const int d = lane + 32 * c;
-        if (d < hd) o[d] = sum > 0.f ? a[c] / sum : 0.f;
-    }
-}
 
 template <int HC>
 __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
                                             const float* __restrict__ kc,
                                             const float* __restrict__ vc,
                                             const u32* __restrict__ pos, float* __restrict__ out,
-                                            float* __restrict__ partial, u32* __restrict__ done,
-                                            int n_heads, int group, int hd, int capacity,
-                                            float scale, int window, float softcap) {
+                                            float* __restrict__ partial, int n_heads, int group,
+                                            int hd, int capacity, float scale, int window,
+                                            float softcap) {
     const int h = blockIdx.x, split = blockIdx.y, row = blockIdx.z, n_splits = gridDim.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int lo, hi;
@@ -122,12 +110,15 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
         for (int c = 0; c < HC; ++c) a[c] += warp_acc[w][lane + 32 * c] * wt;
     }
     if (n_splits == 1) {
-        store_head<HC>(out + ((i64)row * n_heads + h) * hd, a, sum, lane, hd);
+        float* o = out + ((i64)row * n_heads + h) * hd;
+#pragma unroll
+        for (int c = 0; c < HC; ++c) {
+            const int d = lane + 32 * c;
+            if (d < hd) o[d] = sum > 0.f ? a[c] / sum : 0.f;
+        }
         return;
     }
-    const int stride = hd + 2;
-    float* const head_partial = partial + ((i64)row * n_heads + h) * n_splits * stride;
-    float* p = head_partial + split * stride;
+    float* p = partial + (((i64)row * n_heads + h) * n_splits + split) * (hd + 2);
     if (lane == 0) {
         p[0] = mx;
         p[1] = sum;
@@ -137,32 +128,31 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
         const int d = lane + 32 * c;
         if (d < hd) p[2 + d] = a[c];
     }
-    // Publish this split, then count it; the last one sees every other split's partial.
-    __threadfence();
-    u32 arrived = 0;
-    if (lane == 0) arrived = atomicAdd(&done[row * n_heads + h], 1u);
-    if (__shfl_sync(FULL_MASK, arrived, 0) != (u32)n_splits - 1) return;
-    __threadfence();
-    // L2 reads (__ldcg): other blocks wrote the partials after this SM may have cached lines.
-    mx = NEG_INF;
-    for (int s = 0; s < n_splits; ++s) mx = fmaxf(mx, __ldcg(head_partial + s * stride));
-    sum = 0.f;
-#pragma unroll
-    for (int c = 0; c < HC; ++c) a[c] = 0.f;
+}
+
+// Merges the split partials of one (head, row): grid (n_heads, rows).
+extern "C" __global__ void attn_combine(const float* __restrict__ partial, float* __restrict__ out,
+                                        int n_heads, int hd, int n_splits) {
+    kernel_entry();
+    const int h = blockIdx.x, row = blockIdx.y;
+    const int stride = hd + 2;
+    const float* p = partial + ((i64)row * n_heads + h) * n_splits * stride;
+    float mx = NEG_INF;
+    for (int s = 0; s < n_splits; ++s) mx = fmaxf(mx, p[s * stride]);
+    float sum = 0.f;
     for (int s = 0; s < n_splits; ++s) {
-        const float* ps = head_partial + s * stride;
-        const float ms = __ldcg(ps);
-        if (ms == NEG_INF) continue;
-        const float wt = expf(ms - mx);
-        sum += __ldcg(ps + 1) * wt;
-#pragma unroll
-        for (int c = 0; c < HC; ++c) {
-            const int d = lane + 32 * c;
-            if (d < hd) a[c] += __ldcg(ps + 2 + d) * wt;
-        }
+        const float ms = p[s * stride];
+        if (ms != NEG_INF) sum += p[s * stride + 1] * expf(ms - mx);
     }
-    store_head<HC>(out + ((i64)row * n_heads + h) * hd, a, sum, lane, hd);
-    if (lane == 0) done[row * n_heads + h] = 0;  // ready for the next launch (graph replay)
+    float* o = out + ((i64)row * n_heads + h) * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < n_splits; ++s) {
+            const float ms = p[s * stride];
+            if (ms != NEG_INF) a += p[s * stride + 2 + d] * expf(ms - mx);
+        }
+        o[d] = sum > 0.f ? a / sum : 0.f;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -277,11 +267,11 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
 #define ATTENTION(HC)                                                                           \
     extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) attn_decode_##HC(              \
         const float* q, const float* kc, const float* vc, const u32* pos, float* out,           \
-        float* partial, u32* done, int n_heads, int group, int hd, int capacity, float scale,   \
-        int window, float softcap) {                                                            \
+        float* partial, int n_heads, int group, int hd, int capacity, float scale, int window,  \
+        float softcap) {                                                                        \
         kernel_entry();                                                                         \
-        attn_decode<HC>(q, kc, vc, pos, out, partial, done, n_heads, group, hd, capacity,       \
-                        scale, window, softcap);                                                \
+        attn_decode<HC>(q, kc, vc, pos, out, partial, n_heads, group, hd, capacity, scale,      \
+                        window, softcap);                                                       \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) attn_prefill_##HC(              \
         const float* q, const float* kc, const float* vc, const u32* pos, float* out,           \

@@ -1,5 +1,5 @@
 //! Causal attention over the KV cache and the cache append (attention.cu). A few query rows
-//! (decode) use split-K flash decoding in one launch (the last split merges); more (prefill) use tensor-core flash attention
+//! (decode) use split-K flash decoding; more (prefill) use tensor-core flash attention
 //! (flash_attention.cu) for head dims it covers, else shared-memory key tiles in f32.
 
 use super::{COMMON, MMA};
@@ -148,14 +148,11 @@ fn attention(
         .div_ceil((n_heads * rows).max(1))
         .min(capacity.div_ceil(MIN_KEYS_PER_SPLIT))
         .clamp(1, MAX_SPLITS);
-    // Split partials (max, sum, acc[head_dim]) then one arrival counter per (row, head),
-    // zeroed here and left zero by every launch.
-    let (scratch, partial, done) = match splits {
-        1 => (None, 0, 0),
+    let (scratch, partial) = match splits {
+        1 => (None, 0),
         _ => {
-            let partial_bytes = rows * n_heads * splits * (head_dim + 2) * 4;
-            let (slice, address) = lib.zeroed_scratch(partial_bytes + rows * n_heads * 4)?;
-            (Some(slice), address, address + partial_bytes as u64)
+            let (slice, address) = lib.scratch(rows * n_heads * splits * (head_dim + 2) * 4)?;
+            (Some(slice), address)
         }
     };
     let args = Args::new()
@@ -165,7 +162,6 @@ fn attention(
         .ptr(pos)?
         .ptr(out)?
         .u64(partial)
-        .u64(done)
         .int(n_heads)?
         .int(group)?
         .int(head_dim)?
@@ -174,7 +170,7 @@ fn attention(
         .int(window)?
         .f32(softcap);
     let grid = (dim(n_heads)?, dim(splits)?, dim(rows)?);
-    let launches = vec![lib.launch(
+    let mut launches = vec![lib.launch(
         &SOURCE,
         &format!("attn_decode_{chunks}"),
         grid,
@@ -182,6 +178,16 @@ fn attention(
         0,
         args,
     )?];
+    if splits > 1 {
+        let args = Args::new()
+            .u64(partial)
+            .ptr(out)?
+            .int(n_heads)?
+            .int(head_dim)?
+            .int(splits)?;
+        let grid = (dim(n_heads)?, dim(rows)?, 1);
+        launches.push(lib.launch(&SOURCE, "attn_combine", grid, THREADS, 0, args)?);
+    }
     Ok(CudaKernel::new(launches, scratch))
 }
 
