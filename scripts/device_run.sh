@@ -15,7 +15,8 @@ nvcc -O2 -o /tmp/copy_bandwidth scripts/copy_bandwidth.cu && /tmp/copy_bandwidth
 "$bin/cuda_backend" > "$out/cuda_backend.log" 2>&1; echo "cuda_backend tests: exit $?" | tee -a "$out/summary.txt"
 "$bin/reference_smollm2" cuda --nocapture > "$out/reference.log" 2>&1; echo "reference (cuda) tests: exit $?" | tee -a "$out/summary.txt"
 "$bin/families" cuda --nocapture > "$out/families.log" 2>&1; echo "families (cuda) tests: exit $?" | tee -a "$out/summary.txt"
-grep -E "test result|max \|logit|near tie" "$out/cuda_backend.log" "$out/reference.log" "$out/families.log" | tee -a "$out/summary.txt"
+"$bin/moe" > "$out/moe.log" 2>&1; echo "moe tests: exit $?" | tee -a "$out/summary.txt"
+grep -E "test result|max \|logit|near tie" "$out/cuda_backend.log" "$out/reference.log" "$out/families.log" "$out/moe.log" | tee -a "$out/summary.txt"
 model=$root/.device-bin/shared/models/smollm2-135m-instruct-4bit
 bench() { "$bin/mlxn" bench --device cuda --json "$@" 2>&1 | tee -a "$out/bench.jsonl"; }
 bench --model "$model" --prompt-lens 128,512 --decode 256
@@ -23,6 +24,9 @@ bench --model "$model" --prompt-lens 128 --decode 256 --no-graph
 for q in mlx4g64 q4_0; do
   bench --synthetic llama-3.2-1b --quant $q --prompt-lens 128,2048 --decode 128
   bench --synthetic llama-3.1-8b --quant $q --prompt-lens 128,2048 --decode 128 --reps 2
+done
+for m in qwen3-0.6b gemma-3-1b qwen3-30b-a3b; do
+  bench --synthetic $m --quant mlx4g64 --prompt-lens 128,2048 --decode 128 --reps 2
 done
 python3 - "$out/bench.jsonl" <<'PY'
 import json, sys
