@@ -120,13 +120,8 @@ fn matmul(
         ));
     }
     let launch = if vector_ready {
-        let tc = match weight {
-            Weight::Mlx { bits, .. } => matvec_tc_plan(n, k, bits, false, lib.sm_count())?,
-            _ => None,
-        };
-        let kgroups = tc.map_or_else(|| matvec_kgroups(n, k, lib.sm_count()), |p| p.kgroups);
-        let input = MatvecInput::new(lib, x, norm, tc.is_none())?;
-        let prefix = matvec_prefix(tc.is_some(), input.fold);
+        let plan = DecodePlan::new(lib, &weight, false, x, n, norm)?;
+        let (kgroups, prefix) = (plan.kgroups, plan.prefix());
         let (name, args) = match weight {
             Weight::Mlx {
                 w,
@@ -138,7 +133,7 @@ fn matmul(
             } => (
                 format!("{prefix}mlx{bits}_{}", float_name(scale_type)),
                 Args::new()
-                    .u64(input.x)
+                    .u64(plan.input.x)
                     .ptr(w)?
                     .ptr(scales)?
                     .ptr(biases)?
@@ -153,7 +148,7 @@ fn matmul(
             Weight::Ggml { data, ty } => (
                 format!("{prefix}{}", ty.name()),
                 Args::new()
-                    .u64(input.x)
+                    .u64(plan.input.x)
                     .ptr(data)?
                     .opt_ptr(bias)?
                     .code(bias_type)
@@ -165,7 +160,7 @@ fn matmul(
             Weight::Dense { w, ft } => (
                 format!("{prefix}dense_{}", float_name(ft)),
                 Args::new()
-                    .u64(input.x)
+                    .u64(plan.input.x)
                     .ptr(w)?
                     .opt_ptr(bias)?
                     .code(bias_type)
@@ -175,16 +170,7 @@ fn matmul(
                     .int(kgroups)?,
             ),
         };
-        // The tensor-core kernels take no norm arguments: their norm is a launch in front.
-        let launch = match tc {
-            Some(p) => lib.launch(&MATVEC_TC, &name, p.grid, MATVEC_TC_THREADS, p.shared, args)?,
-            None => {
-                let args = args.norm(input.fold)?;
-                let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / kgroups)?, 1, 1);
-                lib.launch(&MATVEC, &name, grid, MATVEC_THREADS, 0, args)?
-            }
-        };
-        return Ok(input.then(launch));
+        return plan.launch(lib, &name, args, n);
     } else {
         // Tensor cores for many rows (float4 loads of x), unless the weight is f32: f16
         // operands would drop its precision and range.
@@ -294,13 +280,8 @@ fn gated_matmul(
     }
     gate.check_alignment("gated_matmul")?;
     up.check_alignment("gated_matmul")?;
-    let tc = match gate {
-        Weight::Mlx { bits, .. } => matvec_tc_plan(n, k, bits, true, lib.sm_count())?,
-        _ => None,
-    };
-    let kgroups = tc.map_or_else(|| matvec_kgroups(n, k, lib.sm_count()), |p| p.kgroups);
-    let input = MatvecInput::new(lib, x, norm, tc.is_none())?;
-    let prefix = matvec_prefix(tc.is_some(), input.fold);
+    let plan = DecodePlan::new(lib, &gate, true, x, n, norm)?;
+    let (kgroups, prefix) = (plan.kgroups, plan.prefix());
     let differ = || Error::op("gated_matmul", "gate and up are stored differently");
     let (name, args) = match (gate, up) {
         (
@@ -322,7 +303,7 @@ fn gated_matmul(
         ) if scale_type == scale_type_up => (
             format!("{prefix}gated_mlx{bits}_{}", float_name(scale_type)),
             Args::new()
-                .u64(input.x)
+                .u64(plan.input.x)
                 .ptr(w)?
                 .ptr(scales)?
                 .ptr(biases)?
@@ -339,7 +320,7 @@ fn gated_matmul(
         (Weight::Ggml { data, ty }, Weight::Ggml { data: data_up, .. }) => (
             format!("{prefix}gated_{}", ty.name()),
             Args::new()
-                .u64(input.x)
+                .u64(plan.input.x)
                 .ptr(data)?
                 .ptr(data_up)?
                 .ptr(out)?
@@ -358,7 +339,7 @@ fn gated_matmul(
             (
                 format!("{prefix}gated_dense_{}", float_name(ft)),
                 Args::new()
-                    .u64(input.x)
+                    .u64(plan.input.x)
                     .ptr(w)?
                     .ptr(w_up)?
                     .ptr(out)?
@@ -370,15 +351,61 @@ fn gated_matmul(
         }
         _ => return Err(differ()),
     };
-    let launch = match tc {
-        Some(p) => lib.launch(&MATVEC_TC, &name, p.grid, MATVEC_TC_THREADS, p.shared, args)?,
-        None => {
-            let args = args.norm(input.fold)?;
-            let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / kgroups)?, 1, 1);
-            lib.launch(&MATVEC, &name, grid, MATVEC_THREADS, 0, args)?
+    plan.launch(lib, &name, args, n)
+}
+
+/// How one row (decode) is multiplied: matvec_tc.cu's tensor cores or matvec.cu, the warps
+/// sharing a row group, and where x comes from.
+struct DecodePlan<'a> {
+    tensor_cores: Option<TcPlan>,
+    kgroups: usize,
+    input: MatvecInput<'a>,
+}
+
+impl<'a> DecodePlan<'a> {
+    /// `weight` (the gate, when `gated`) `[n, x.last_dim()]`.
+    fn new(
+        lib: &KernelLibrary,
+        weight: &Weight,
+        gated: bool,
+        x: &Tensor,
+        n: usize,
+        norm: Norm<'a>,
+    ) -> Result<Self> {
+        let (k, sm_count) = (x.last_dim(), lib.sm_count());
+        let tensor_cores = match *weight {
+            Weight::Mlx { bits, .. } => matvec_tc_plan(n, k, bits, gated, sm_count)?,
+            _ => None,
+        };
+        Ok(DecodePlan {
+            tensor_cores,
+            kgroups: tensor_cores.map_or_else(|| matvec_kgroups(n, k, sm_count), |p| p.kgroups),
+            input: MatvecInput::new(lib, x, norm, tensor_cores.is_none())?,
+        })
+    }
+
+    /// The kernel name prefix: matvec_tc.cu's, or matvec.cu's plain or normed one.
+    fn prefix(&self) -> &'static str {
+        match (self.tensor_cores, self.input.fold) {
+            (Some(_), _) => "matvec_tc_",
+            (None, Some(_)) => "matvec_norm_",
+            (None, None) => "matvec_",
         }
-    };
-    Ok(input.then(launch))
+    }
+
+    /// The dispatch for kernel `name` with `args` (x's address first): the tensor-core
+    /// kernels take no norm arguments (their norm is a launch in front), matvec.cu's do.
+    fn launch(self, lib: &KernelLibrary, name: &str, args: Args, n: usize) -> Result<CudaKernel> {
+        let launch = match self.tensor_cores {
+            Some(p) => lib.launch(&MATVEC_TC, name, p.grid, MATVEC_TC_THREADS, p.shared, args)?,
+            None => {
+                let args = args.norm(self.input.fold)?;
+                let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / self.kgroups)?, 1, 1);
+                lib.launch(&MATVEC, name, grid, MATVEC_THREADS, 0, args)?
+            }
+        };
+        Ok(self.input.then(launch))
+    }
 }
 
 /// The widest input whose RMSNorm the matvec computes itself. Folded, every warp re-reads the
@@ -448,15 +475,6 @@ fn split_norm<'a>(
             Ok((Some((g, p)), operands))
         }
         _ => Err(operand_count(op, inputs.len(), 1)),
-    }
-}
-
-/// The decode kernel's name prefix: matvec_tc.cu's, or matvec.cu's plain or normed one.
-fn matvec_prefix(tensor_cores: bool, fold: Norm) -> &'static str {
-    match (tensor_cores, fold.is_some()) {
-        (true, _) => "matvec_tc_",
-        (false, true) => "matvec_norm_",
-        (false, false) => "matvec_",
     }
 }
 
