@@ -11,6 +11,10 @@ use mlx_native::ops::{self, ExpertLinear};
 use mlx_native::quant::{mlx_affine, WeightLayout};
 use mlx_native::{CommandEncoder, DType, Device, Error, Result, Tensor};
 
+mod common;
+
+use common::{assert_close, poisoned, run, Rng};
+
 /// The CPU, then the CUDA device when this machine has one.
 fn devices() -> Vec<Device> {
     let mut all = vec![Device::cpu()];
@@ -26,68 +30,20 @@ fn devices() -> Vec<Device> {
     all
 }
 
-/// SplitMix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-scale, scale], never zero.
-    fn sym(&mut self, scale: f32) -> f32 {
-        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        let v = (2.0 * u - 1.0) * scale;
-        if v == 0.0 {
-            scale * 0.5
-        } else {
-            v
-        }
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.sym(scale)).collect()
-    }
-    /// `top_k` distinct expert ids for each of `m` rows.
-    fn ids(&mut self, m: usize, top_k: usize, experts: usize) -> Vec<u32> {
-        let mut ids = Vec::with_capacity(m * top_k);
-        for _ in 0..m {
-            let mut row: Vec<u32> = Vec::new();
-            while row.len() < top_k {
-                let e = (self.next_u64() % experts as u64) as u32;
-                if !row.contains(&e) {
-                    row.push(e);
-                }
+/// `top_k` distinct expert ids for each of `m` rows.
+fn expert_ids(rng: &mut Rng, m: usize, top_k: usize, experts: usize) -> Vec<u32> {
+    let mut ids = Vec::with_capacity(m * top_k);
+    for _ in 0..m {
+        let mut row: Vec<u32> = Vec::new();
+        while row.len() < top_k {
+            let e = (rng.next_u64() % experts as u64) as u32;
+            if !row.contains(&e) {
+                row.push(e);
             }
-            ids.extend(row);
         }
-        ids
+        ids.extend(row);
     }
-}
-
-fn poisoned(dev: &Device, shape: &[usize]) -> Result<Tensor> {
-    dev.from_slice(&vec![f32::NAN; shape.iter().product()], shape)
-}
-
-fn run(dev: &Device, record: impl FnOnce(&mut CommandEncoder) -> Result<()>) -> Result<()> {
-    let mut enc = CommandEncoder::new(dev);
-    record(&mut enc)?;
-    enc.commit_and_wait()
-}
-
-/// ‖got − want‖ ≤ tol·‖want‖, and every element finite.
-fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let (mut err, mut norm) = (0.0, 0.0);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(g.is_finite(), "{what}: element {i} is {g} (expected {w})");
-        err += (g as f64 - w) * (g as f64 - w);
-        norm += w * w;
-    }
-    let rel = err.sqrt() / norm.sqrt().max(1e-30);
-    assert!(rel <= tol, "{what}: relative error {rel:e} > {tol:e}");
+    ids
 }
 
 fn to_f64(v: &[f32]) -> Vec<f64> {
@@ -349,7 +305,7 @@ fn gather_matmul_matches_reference() {
                 let top_k = 3.min(w.experts);
                 let rows = if per_slot { m * top_k } else { m };
                 let x = rng.vec(rows * w.k, 1.0);
-                let ids = rng.ids(m, top_k, w.experts);
+                let ids = expert_ids(&mut rng, m, top_k, w.experts);
                 let mut want = Vec::with_capacity(m * top_k * w.n);
                 for (s, &e) in ids.iter().enumerate() {
                     let xr = if per_slot { s } else { s / top_k };
@@ -401,7 +357,7 @@ fn gather_gated_matmul_matches_reference() {
         for m in TOKENS {
             let top_k = 2;
             let x = rng.vec(m * gate.k, 1.0);
-            let ids = rng.ids(m, top_k, gate.experts);
+            let ids = expert_ids(&mut rng, m, top_k, gate.experts);
             let mut want = Vec::new();
             for (s, &e) in ids.iter().enumerate() {
                 let xr = &x[(s / top_k) * gate.k..][..gate.k];
