@@ -1244,6 +1244,107 @@ fn attention_matches_reference() {
     }
 }
 
+/// Decode attention with its input stage fused (`rope_append_attention`): q and the new key
+/// rotated in the kernel, the new row stored in the caches and attended from registers. One
+/// split and many, the new key alone (pos 0), the last cache row, partial and interleaved
+/// RoPE, window and softcap. Outputs concatenated as out, k cache, v cache.
+#[test]
+fn rope_append_attention_matches_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(19);
+    // (heads, kv heads, head dim, capacity, pos, rotary dims, traditional, window, softcap)
+    let cases = [
+        (9, 3, 64, 40, 20, 64, false, None, None),
+        (16, 2, 64, 2000, 1500, 64, false, None, None),
+        (8, 2, 128, 700, 650, 128, true, Some(100), Some(30.0)),
+        (6, 2, 80, 300, 299, 32, false, None, None),
+        (4, 4, 40, 37, 0, 40, true, None, None),
+    ];
+    for (n_heads, n_kv, hd, capacity, pos, rotary_dims, traditional, window, softcap) in cases {
+        let c = AttnCase {
+            rows: 1,
+            n_heads,
+            n_kv,
+            head_dim: hd,
+            capacity,
+            pos,
+            window,
+            softcap,
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let inv_freq = inv_freq_table(rotary_dims);
+        let q = rng.vec(n_heads * hd, 1.5);
+        let (k, v) = (rng.vec(n_kv * hd, 1.5), rng.vec(n_kv * hd, 1.0));
+        let kc = rng.vec(n_kv * capacity * hd, 1.5);
+        let vc = rng.vec(n_kv * capacity * hd, 1.0);
+        let p = pos as u32;
+        let q_rot = rope_ref(&q, n_heads, hd, &inv_freq, p, traditional, 1.0);
+        let k_rot = rope_ref(&k, n_kv, hd, &inv_freq, p, traditional, 1.0);
+        let (mut kc_want, mut vc_want) = (kc.clone(), vc.clone());
+        for g in 0..n_kv {
+            let at = (g * capacity + pos) * hd;
+            for d in 0..hd {
+                kc_want[at + d] = k_rot[g * hd + d] as f32;
+                vc_want[at + d] = v[g * hd + d];
+            }
+        }
+        let q_rot32: Vec<f32> = q_rot.iter().map(|&x| x as f32).collect();
+        let want_out = attention_ref(&c, &q_rot32, &kc_want, &vc_want, scale);
+        let want_caches: Vec<f64> = kc_want.iter().chain(&vc_want).map(|&x| x as f64).collect();
+        // The attention output, or (`caches`) both caches after the call.
+        let compute = |dev: &Device, caches: bool| -> Result<Vec<f32>> {
+            let qt = dev.from_slice(&q, &[1, n_heads * hd])?;
+            let (kt, vt) = (
+                dev.from_slice(&k, &[1, n_kv * hd])?,
+                dev.from_slice(&v, &[1, n_kv * hd])?,
+            );
+            let kct = dev.from_slice(&kc, &[n_kv, capacity, hd])?;
+            let vct = dev.from_slice(&vc, &[n_kv, capacity, hd])?;
+            let table = RopeTable {
+                inv_freq: dev.from_slice(&inv_freq, &[rotary_dims / 2])?,
+                rotary_dims,
+                mscale: 1.0,
+            };
+            let post = dev.from_slice(&[p], &[1])?;
+            let out = poisoned(dev, &[1, n_heads * hd])?;
+            let shape = AttentionShape {
+                n_heads,
+                n_kv_heads: n_kv,
+                head_dim: hd,
+                scale,
+                window,
+                softcap,
+            };
+            run(dev, |enc| {
+                let qkv = [&qt, &kt, &vt];
+                let caches = (&kct, &vct);
+                ops::rope_append_attention(
+                    enc,
+                    shape,
+                    qkv,
+                    &table,
+                    traditional,
+                    &post,
+                    &out,
+                    caches,
+                )
+            })?;
+            if !caches {
+                return out.to_vec::<f32>();
+            }
+            let mut got = kct.to_vec::<f32>()?;
+            got.extend(vct.to_vec::<f32>()?);
+            Ok(got)
+        };
+        let what = format!(
+            "rope_append_attention heads={n_heads}/{n_kv} hd={hd} pos={pos} cap={capacity} rotary={rotary_dims} traditional={traditional}"
+        );
+        check(&what, &dev, |d| compute(d, false), &want_out, 1e-5);
+        let what = format!("{what}: caches");
+        check(&what, &dev, |d| compute(d, true), &want_caches, 1e-6);
+    }
+}
+
 #[test]
 fn kv_append_writes_rows_at_pos() {
     let Some(dev) = gpu() else { return };

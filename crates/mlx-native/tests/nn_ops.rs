@@ -298,6 +298,74 @@ fn rope_kv_append_equals_rope_then_kv_append() {
     }
 }
 
+/// The decode attention with its input stage fused is `rope_kv_append` then `attention` (both
+/// checked against MLX), bit for bit: output and caches.
+#[test]
+fn rope_append_attention_equals_its_parts() {
+    let dev = Device::cpu();
+    let mut rng = Rng(22);
+    let (n_heads, n_kv, hd, capacity, pos) = (6, 2, 32, 19, 11);
+    let table = RopeTable::new(&dev, hd, 10000.0, &RopeScaling::None).unwrap();
+    let shape = AttentionShape {
+        n_heads,
+        n_kv_heads: n_kv,
+        head_dim: hd,
+        scale: 0.2,
+        window: Some(7),
+        softcap: Some(20.0),
+    };
+    let row = |rng: &mut Rng, heads: usize| {
+        dev.from_slice(&rng.normals(heads * hd, 1.0), &[1, heads * hd])
+            .unwrap()
+    };
+    let (q, k, v) = (
+        row(&mut rng, n_heads),
+        row(&mut rng, n_kv),
+        row(&mut rng, n_kv),
+    );
+    let cache_data = rng.normals(n_kv * capacity * hd, 1.0);
+    let cache = || dev.from_slice(&cache_data, &[n_kv, capacity, hd]).unwrap();
+    let pos_t = pos_tensor(&dev, pos);
+    let mut enc = CommandEncoder::new(&dev);
+    let (k_want, v_want, q_rot) = (cache(), cache(), nan_tensor(&dev, q.shape()));
+    let want = nan_tensor(&dev, q.shape());
+    let caches = (&k_want, &v_want);
+    ops::rope_kv_append(
+        &mut enc,
+        [&q, &k, &v],
+        &table,
+        n_heads,
+        false,
+        &pos_t,
+        &q_rot,
+        caches,
+    )
+    .unwrap();
+    ops::attention(&mut enc, shape, &q_rot, &k_want, &v_want, &pos_t, &want).unwrap();
+    let (k_got, v_got, got) = (cache(), cache(), nan_tensor(&dev, q.shape()));
+    let caches = (&k_got, &v_got);
+    ops::rope_append_attention(
+        &mut enc,
+        shape,
+        [&q, &k, &v],
+        &table,
+        false,
+        &pos_t,
+        &got,
+        caches,
+    )
+    .unwrap();
+    enc.commit().unwrap();
+    for (what, got, want) in [
+        ("out", &got, &want),
+        ("k cache", &k_got, &k_want),
+        ("v cache", &v_got, &v_want),
+    ] {
+        let (got, want) = (got.to_vec::<f32>().unwrap(), want.to_vec::<f32>().unwrap());
+        assert_eq!(got, want, "rope_append_attention: {what}");
+    }
+}
+
 /// Invalid scaling parameters are reported, not turned into NaN frequencies.
 #[test]
 fn rope_rejects_degenerate_scaling() {
