@@ -86,14 +86,6 @@ impl Default for SamplingParams {
     }
 }
 
-/// A rotary embedding as an op applies it: rotated dims, layout, cos/sin factor (`Op::Rope`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RopeSpec {
-    pub rotary_dims: usize,
-    pub traditional: bool,
-    pub mscale: f32,
-}
-
 /// An RMSNorm folded into the matmul that reads its output (decode): x·(w [+ 1])/rms(x),
 /// w f32 `[k]`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -137,11 +129,6 @@ pub enum Op {
     /// pos u32 `[1]` (position of query row 0; row i sees keys 0..=pos+i); out like q.
     /// `window`: a key is seen only if its position > query position − window.
     /// `softcap`: scores become softcap·tanh(score/softcap) before the softmax.
-    /// With `new_row`, the input stage is fused (`RopeKvAppend` first; one query row, decode):
-    /// in: q `[1, n_heads*head_dim]` before RoPE, k and v `[1, n_kv_heads*head_dim]` of the
-    /// position itself (before RoPE, not yet in the caches), inv_freq f32 `[rotary_dims/2]`,
-    /// pos u32 `[1]`; out: like q, then k_cache and v_cache (read-modify-write: the row stored
-    /// at pos).
     Attention {
         n_heads: usize,
         n_kv_heads: usize,
@@ -149,7 +136,6 @@ pub enum Op {
         scale: f32,
         window: Option<usize>,
         softcap: Option<f32>,
-        new_row: Option<RopeSpec>,
     },
     /// Writes rows of k (or v) into a cache at positions pos..pos+m.
     /// in: x `[m, n_kv_heads*head_dim]`, pos u32 `[1]`; out (read-modify-write):

@@ -647,6 +647,16 @@ impl Decoder {
             }
             _ => (&s.q, &s.k),
         };
+        ops::rope_kv_append(
+            enc,
+            [q, k, &s.v],
+            &layer.rope,
+            p.num_heads,
+            layer.rope_traditional,
+            pos,
+            &s.q_rot,
+            (k_cache, v_cache),
+        )?;
         let shape = AttentionShape {
             n_heads: p.num_heads,
             n_kv_heads: p.num_kv_heads,
@@ -655,33 +665,7 @@ impl Decoder {
             window: layer.window,
             softcap: p.arch.attn_softcap,
         };
-        let (rope, traditional, caches) = (&layer.rope, layer.rope_traditional, (k_cache, v_cache));
-        // One decode row: RoPE and the cache append inside the attention kernel.
-        if s.m == 1 {
-            let qkv = [q, k, &s.v];
-            return ops::rope_append_attention(
-                enc,
-                shape,
-                qkv,
-                rope,
-                traditional,
-                pos,
-                &s.attn,
-                caches,
-            );
-        }
-        let (q_rot, heads) = (&s.q_rot, p.num_heads);
-        ops::rope_kv_append(
-            enc,
-            [q, k, &s.v],
-            rope,
-            heads,
-            traditional,
-            pos,
-            q_rot,
-            caches,
-        )?;
-        ops::attention(enc, shape, q_rot, k_cache, v_cache, pos, &s.attn)
+        ops::attention(enc, shape, &s.q_rot, k_cache, v_cache, pos, &s.attn)
     }
 
     /// `out` = `x` + `branch`·Wᵀ, the block output first normed by `out_norm` if there is one.

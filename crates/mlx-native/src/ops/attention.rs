@@ -1,9 +1,8 @@
 use super::{expect_dtype, expect_shape};
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
-use crate::core::op::{Op, RopeSpec};
+use crate::core::op::Op;
 use crate::core::tensor::Tensor;
-use crate::ops::RopeTable;
 use crate::{Error, Result};
 
 /// Shape of one attention layer.
@@ -32,82 +31,6 @@ pub fn attention(
     pos: &Tensor,
     out: &Tensor,
 ) -> Result<()> {
-    check_attention(shape, q, (k_cache, v_cache), pos, out)?;
-    let op = attention_op(shape, None);
-    enc.dispatch(op, &[q, k_cache, v_cache, pos], &[out])
-}
-
-/// One decode row's attention with its input stage: `rope_kv_append` of `q`, `k` and `v`
-/// (`[1, heads*head_dim]` each, the position's rows before RoPE) into the caches, then
-/// `attention`, in one dispatch.
-#[allow(clippy::too_many_arguments)]
-pub fn rope_append_attention(
-    enc: &mut CommandEncoder,
-    shape: AttentionShape,
-    [q, k, v]: [&Tensor; 3],
-    table: &RopeTable,
-    traditional: bool,
-    pos: &Tensor,
-    out: &Tensor,
-    (k_cache, v_cache): (&Tensor, &Tensor),
-) -> Result<()> {
-    check_attention(shape, q, (k_cache, v_cache), pos, out)?;
-    if q.rows() != 1 {
-        return Err(Error::op(
-            "attention",
-            "a fused input stage takes one query row",
-        ));
-    }
-    for (what, t) in [("k", k), ("v", v)] {
-        expect_dtype("attention", what, t, &[DType::F32])?;
-        expect_shape(
-            "attention",
-            what,
-            t,
-            &[1, shape.n_kv_heads * shape.head_dim],
-        )?;
-    }
-    if table.rotary_dims > shape.head_dim {
-        return Err(Error::op(
-            "attention",
-            format!(
-                "rotary dims {} > head dim {}",
-                table.rotary_dims, shape.head_dim
-            ),
-        ));
-    }
-    let rope = RopeSpec {
-        rotary_dims: table.rotary_dims,
-        traditional,
-        mscale: table.mscale,
-    };
-    let op = attention_op(shape, Some(rope));
-    enc.dispatch(
-        op,
-        &[q, k, v, &table.inv_freq, pos],
-        &[out, k_cache, v_cache],
-    )
-}
-
-fn attention_op(shape: AttentionShape, new_row: Option<RopeSpec>) -> Op {
-    Op::Attention {
-        n_heads: shape.n_heads,
-        n_kv_heads: shape.n_kv_heads,
-        head_dim: shape.head_dim,
-        scale: shape.scale,
-        window: shape.window,
-        softcap: shape.softcap,
-        new_row,
-    }
-}
-
-fn check_attention(
-    shape: AttentionShape,
-    q: &Tensor,
-    (k_cache, v_cache): (&Tensor, &Tensor),
-    pos: &Tensor,
-    out: &Tensor,
-) -> Result<()> {
     let AttentionShape {
         n_heads,
         n_kv_heads,
@@ -129,7 +52,16 @@ fn check_attention(
     }
     expect_dtype("attention", "pos", pos, &[DType::U32])?;
     expect_shape("attention", "pos", pos, &[1])?;
-    expect_shape("attention", "out", out, q.shape())
+    expect_shape("attention", "out", out, q.shape())?;
+    let op = Op::Attention {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        scale: shape.scale,
+        window: shape.window,
+        softcap: shape.softcap,
+    };
+    enc.dispatch(op, &[q, k_cache, v_cache, pos], &[out])
 }
 
 /// Store rows of `x` `[m, n_kv_heads*head_dim]` into `cache` `[n_kv_heads, capacity,

@@ -29,41 +29,10 @@ fn attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         scale,
         window,
         softcap,
-        new_row,
     } = *op
     else {
         return Err(wrong_op(op));
     };
-    if let Some(rope) = new_row {
-        // The input stage first (RoPE of q into a scratch row, k and v into the caches), then
-        // the plain attention over the caches.
-        let ([q, k, v, inv_freq, pos], [out, k_cache, v_cache]) = (inputs, outputs) else {
-            return Err(Error::op("attention", "unexpected operand count"));
-        };
-        let q_rot = q.device().empty(q.shape(), DType::F32)?;
-        let stage = Op::RopeKvAppend {
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            rotary_dims: rope.rotary_dims,
-            traditional: rope.traditional,
-            mscale: rope.mscale,
-        };
-        let stage_in = [q, k, v, inv_freq, pos].map(Tensor::clone);
-        let stage_out = [&q_rot, k_cache, v_cache].map(Tensor::clone);
-        super::rope::rope_kv_append(&stage, &stage_in, &stage_out)?;
-        let plain = Op::Attention {
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            scale,
-            window,
-            softcap,
-            new_row: None,
-        };
-        let plain_in = [&q_rot, k_cache, v_cache, pos].map(Tensor::clone);
-        return attention(&plain, &plain_in, std::slice::from_ref(out));
-    }
     let q = slice::<f32>(&inputs[0])?;
     let k_cache = slice::<f32>(&inputs[1])?;
     let v_cache = slice::<f32>(&inputs[2])?;

@@ -24,44 +24,14 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 #define DEC_WARPS 4
 #define DEC_KEYS 4
 
-// The position's own key and value row for a decode that fuses its input stage (FRESH): k
-// and v [n_kv, hd] before RoPE, not yet in the caches; the kernel rotates k (and q) and the
-// first block of each kv head's last split stores both (kc_w, vc_w: the caches, writable).
-struct NewRow {
-    const float* k;
-    const float* v;
-    const float* inv_freq;
-    float* kc_w;
-    float* vc_w;
-    int rotary_dims;
-    int traditional;
-    float mscale;
-};
-
-// Element d of head `x` after RoPE at position p (as rope.cu computes it; dims past
-// rotary_dims pass through).
-__device__ __forceinline__ float rope_element(const float* __restrict__ x, int d, u32 p,
-                                              const NewRow& nr) {
-    if (d >= nr.rotary_dims) return x[d];
-    const int half = nr.rotary_dims / 2;
-    const bool first = nr.traditional ? (d & 1) == 0 : d < half;
-    const int j = nr.traditional ? d >> 1 : (first ? d : d - half);
-    const int partner = nr.traditional ? d ^ 1 : (first ? d + half : d - half);
-    float s, c;
-    sincosf((float)p * nr.inv_freq[j], &s, &c);
-    s *= nr.mscale;
-    c *= nr.mscale;
-    return first ? x[d] * c - x[partner] * s : x[partner] * s + x[d] * c;
-}
-
-template <int HC, bool FRESH>
+template <int HC>
 __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
                                             const float* __restrict__ kc,
                                             const float* __restrict__ vc,
                                             const u32* __restrict__ pos, float* __restrict__ out,
                                             float* __restrict__ partial, int n_heads, int group,
                                             int hd, int capacity, float scale, int window,
-                                            float softcap, const NewRow nr) {
+                                            float softcap) {
     const int h = blockIdx.x, split = blockIdx.y, row = blockIdx.z, n_splits = gridDim.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int lo, hi;
@@ -69,42 +39,21 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
     const int per = max(0, (hi - lo + n_splits - 1) / n_splits);
     const int start = lo + split * per, end = min(hi, start + per);
 
-    const u32 p_row = pos[0] + (u32)row;
     const float* qr = q + ((i64)row * n_heads + h) * hd;
     float qv[HC], acc[HC];
 #pragma unroll
     for (int c = 0; c < HC; ++c) {
         const int d = lane + 32 * c;
-        const float x = d < hd ? (FRESH ? rope_element(qr, d, p_row, nr) : qr[d]) : 0.f;
-        qv[c] = x * scale;
+        qv[c] = d < hd ? qr[d] * scale : 0.f;
         acc[c] = 0.f;
     }
-    const int g = h / group;
-    const i64 kv_base = (i64)g * capacity * hd;
-    // FRESH: the split whose range ends at the row's own position takes that key from
-    // registers (no block reads it from the cache in this launch), and its first head of the
-    // group stores it.
-    const bool own_key = FRESH && start < end && end == (int)p_row + 1;
-    float kn[HC], vn[HC];
-    if (own_key) {
-#pragma unroll
-        for (int c = 0; c < HC; ++c) {
-            const int d = lane + 32 * c;
-            kn[c] = d < hd ? rope_element(nr.k + (i64)g * hd, d, p_row, nr) : 0.f;
-            vn[c] = d < hd ? nr.v[(i64)g * hd + d] : 0.f;
-            if (d < hd && warp == 0 && h % group == 0) {
-                nr.kc_w[kv_base + (i64)p_row * hd + d] = kn[c];
-                nr.vc_w[kv_base + (i64)p_row * hd + d] = vn[c];
-            }
-        }
-    }
-    const int loop_end = own_key ? end - 1 : end;
+    const i64 kv_base = (i64)(h / group) * capacity * hd;
     float m = NEG_INF, l = 0.f;
-    for (int j0 = start + warp * DEC_KEYS; j0 < loop_end; j0 += DEC_WARPS * DEC_KEYS) {
+    for (int j0 = start + warp * DEC_KEYS; j0 < end; j0 += DEC_WARPS * DEC_KEYS) {
         float s[DEC_KEYS];
 #pragma unroll
         for (int u = 0; u < DEC_KEYS; ++u) {
-            const float* kr = kc + kv_base + (i64)min(j0 + u, loop_end - 1) * hd;
+            const float* kr = kc + kv_base + (i64)min(j0 + u, end - 1) * hd;
             float dot = 0.f;
 #pragma unroll
             for (int c = 0; c < HC; ++c) {
@@ -116,7 +65,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
         float m_new = m;
 #pragma unroll
         for (int u = 0; u < DEC_KEYS; ++u) {
-            s[u] = j0 + u < loop_end ? cap_score(warp_sum(s[u]), softcap) : NEG_INF;
+            s[u] = j0 + u < end ? cap_score(warp_sum(s[u]), softcap) : NEG_INF;
             m_new = fmaxf(m_new, s[u]);
         }
         const float corr = expf(m - m_new);  // 0 while m is −inf; m_new is finite here
@@ -127,26 +76,13 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
         for (int u = 0; u < DEC_KEYS; ++u) {
             const float p = expf(s[u] - m_new);
             l += p;
-            const float* vr = vc + kv_base + (i64)min(j0 + u, loop_end - 1) * hd;
+            const float* vr = vc + kv_base + (i64)min(j0 + u, end - 1) * hd;
 #pragma unroll
             for (int c = 0; c < HC; ++c) {
                 const int d = lane + 32 * c;
                 if (d < hd) acc[c] = fmaf(p, vr[d], acc[c]);
             }
         }
-        m = m_new;
-    }
-
-    if (own_key && warp == 0) {
-        float dot = 0.f;
-#pragma unroll
-        for (int c = 0; c < HC; ++c) dot = fmaf(qv[c], kn[c], dot);
-        const float sn = cap_score(warp_sum(dot), softcap);
-        const float m_new = fmaxf(m, sn);
-        const float corr = expf(m - m_new), pn = expf(sn - m_new);
-        l = l * corr + pn;
-#pragma unroll
-        for (int c = 0; c < HC; ++c) acc[c] = fmaf(pn, vn[c], acc[c] * corr);
         m = m_new;
     }
 
@@ -328,22 +264,15 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
     }
 }
 
-// Decode kernels come plain and with the fused input stage (`attn_decode_new_row_…`); both
-// take the NewRow arguments, which the plain one ignores.
-#define ATTN_DECODE(HC, NAME, FRESH)                                                            \
-    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) NAME##HC(                      \
+#define ATTENTION(HC)                                                                           \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) attn_decode_##HC(              \
         const float* q, const float* kc, const float* vc, const u32* pos, float* out,           \
         float* partial, int n_heads, int group, int hd, int capacity, float scale, int window,  \
-        float softcap, const float* k_new, const float* v_new, const float* inv_freq,           \
-        float* kc_w, float* vc_w, int rotary_dims, int traditional, float mscale) {             \
+        float softcap) {                                                                        \
         kernel_entry();                                                                         \
-        const NewRow nr{k_new, v_new, inv_freq, kc_w, vc_w, rotary_dims, traditional, mscale};  \
-        attn_decode<HC, FRESH>(q, kc, vc, pos, out, partial, n_heads, group, hd, capacity,      \
-                               scale, window, softcap, nr);                                     \
-    }
-#define ATTENTION(HC)                                                                           \
-    ATTN_DECODE(HC, attn_decode_, false)                                                        \
-    ATTN_DECODE(HC, attn_decode_new_row_, true)                                                 \
+        attn_decode<HC>(q, kc, vc, pos, out, partial, n_heads, group, hd, capacity, scale,      \
+                        window, softcap);                                                       \
+    }                                                                                           \
     extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) attn_prefill_##HC(              \
         const float* q, const float* kc, const float* vc, const u32* pos, float* out,           \
         int n_heads, int group, int hd, int capacity, float scale, int window, float softcap,   \

@@ -63,18 +63,12 @@ fn attention(
         scale,
         window,
         softcap,
-        new_row,
     } = *op
     else {
         return Err(wrong_op(op));
     };
-    // With a fused input stage the caches are outputs, and the new rows come in.
-    let (q, k_cache, v_cache, pos, out, new_row) = match (new_row, inputs, outputs) {
-        (None, [q, kc, vc, pos], [out]) => (q, kc, vc, pos, out, None),
-        (Some(rope), [q, k, v, inv_freq, pos], [out, kc, vc]) => {
-            (q, kc, vc, pos, out, Some((rope, k, v, inv_freq)))
-        }
-        _ => return Err(operand_count(op, inputs.len(), outputs.len())),
+    let ([q, k_cache, v_cache, pos], [out]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
     };
     if head_dim == 0 || head_dim > MAX_HEAD_DIM {
         return Err(Error::op(
@@ -106,12 +100,6 @@ fn attention(
             .collect::<Result<Vec<_>>>()?
             .iter()
             .all(|p| p % 16 == 0);
-    if new_row.is_some() && rows != 1 {
-        return Err(Error::op(
-            "attention",
-            "a fused input stage takes one query row",
-        ));
-    }
     if rows > DECODE_MAX_ROWS && flash_ready {
         // f16 tiles of q and of K and V, each row padded by 8 halves.
         let shared = (FLASH_ROWS + 2 * FLASH_KEYS) * (head_dim + 8) * 2;
@@ -181,34 +169,10 @@ fn attention(
         .f32(scale)
         .int(window)?
         .f32(softcap);
-    let args = match new_row {
-        Some((rope, k, v, inv_freq)) => args
-            .ptr(k)?
-            .ptr(v)?
-            .ptr(inv_freq)?
-            .ptr(k_cache)?
-            .ptr(v_cache)?
-            .int(rope.rotary_dims)?
-            .code(rope.traditional as i32)
-            .f32(rope.mscale),
-        None => args
-            .u64(0)
-            .u64(0)
-            .u64(0)
-            .u64(0)
-            .u64(0)
-            .code(0)
-            .code(0)
-            .f32(1.0),
-    };
-    let kernel = match new_row {
-        Some(_) => "attn_decode_new_row",
-        None => "attn_decode",
-    };
     let grid = (dim(n_heads)?, dim(splits)?, dim(rows)?);
     let mut launches = vec![lib.launch(
         &SOURCE,
-        &format!("{kernel}_{chunks}"),
+        &format!("attn_decode_{chunks}"),
         grid,
         THREADS,
         0,
