@@ -1880,7 +1880,7 @@ fn bench_decode_kernels() {
         );
         if matches!(
             w.layout,
-            WeightLayout::MlxAffine { bits: 4, .. }
+            WeightLayout::MlxAffine { bits: 4 | 8, .. }
                 | WeightLayout::Gguf(GgmlType::Q4K)
                 | WeightLayout::Dense
         ) {
