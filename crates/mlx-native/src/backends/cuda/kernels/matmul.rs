@@ -195,6 +195,8 @@ fn matmul(
             && k % 4 == 0
             && device_ptr(x)? % 16 == 0
             && !matches!(weight, Weight::Dense { ft: 0, .. });
+        // The MLX 4/8-bit kernel addresses its staged x with 32-bit element offsets.
+        let staged_offsets_fit = m * k.next_multiple_of(MATMUL_TC_STEP) <= u32::MAX as usize;
         if let (
             true,
             Weight::Mlx {
@@ -205,7 +207,7 @@ fn matmul(
                 group_shift,
                 scale_type,
             },
-        ) = (tensor_cores, &weight)
+        ) = (tensor_cores && staged_offsets_fit, &weight)
         {
             let staged = StagedX::new(lib, x, *bits)?;
             let args = Args::new()
@@ -320,11 +322,11 @@ impl StagedX {
     }
 }
 
-/// Dynamic shared memory of `matmul_tcq_mlx{bits}`: TCQ_STAGES × sizeof(TcqStage<bits>) (an
+/// Dynamic shared memory of `matmul_tcq_mlx{bits}`: Tcq<bits>::STAGES slots of Tcq::BYTES (an
 /// x tile of 128 rows × 72 halves, 128 rows of 8·bits raw bytes, 2 × 2 × 136 scale words).
 fn tcq_shared_bytes(bits: u32) -> u32 {
-    const TCQ_STAGES: u32 = 3;
-    TCQ_STAGES * (128 * 72 * 2 + 128 * 8 * bits + 2 * 2 * 136 * 4)
+    let stages = if bits == 4 { 4 } else { 3 };
+    stages * (128 * 72 * 2 + 128 * 8 * bits + 2 * 2 * 136 * 4)
 }
 
 /// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4- and 8-bit), gate

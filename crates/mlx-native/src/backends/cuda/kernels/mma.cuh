@@ -51,16 +51,25 @@ __device__ __forceinline__ u32 sub_f16x2(u32 a, u32 b) {
     return d;
 }
 
-// Asynchronous global → shared copies (sm_80+), zero-filled where `live` is false (the source
-// address must still be valid). Completion is tracked in commit groups.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool live) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+// ldmatrix_x4 from a shared-memory address (`smem_addr`), for address arithmetic in 32 bits.
+__device__ __forceinline__ void ldmatrix_x4_at(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
+// Asynchronous global → shared copies (sm_80+) to a shared-memory address, zero-filled where
+// `live` is false (the source address must still be valid). Completion is tracked in commit
+// groups.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool live) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
                  "r"(live ? 16 : 0)
                  : "memory");
 }
 
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool live) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src),
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool live) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src),
                  "r"(live ? 4 : 0)
                  : "memory");
 }
