@@ -1078,6 +1078,67 @@ fn matmul_every_layout() {
 }
 
 #[test]
+fn matmul_mlx_tensor_cores_at_tile_edges() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(21);
+    // MLX 4/8-bit prefill weights take the staged-f16 kernel: rows and columns past one
+    // 128-tile and short of the next, steps of 64 columns with a last half step (k = 288: 9
+    // units) and an odd number of groups per row (scale words not 4-byte aligned), every
+    // group size and scale type, more steps than pipeline stages.
+    for bits in [4, 8] {
+        for (k, group_size, st) in [
+            (288, 32, DType::F32),
+            (288, 32, DType::BF16),
+            (384, 64, DType::F16),
+            (640, 128, DType::BF16),
+            (576, 64, DType::F32),
+        ] {
+            let w = mlx_weight(&mut rng, 135, k, bits, group_size, st);
+            check_matmul(&dev, &mut rng, &w, 130, k == 384);
+        }
+    }
+    // Exactly 17 rows (the first tensor-core size) and one column tile.
+    let w = mlx_weight(&mut rng, 128, 256, 4, 64, DType::BF16);
+    check_matmul(&dev, &mut rng, &w, 17, true);
+}
+
+#[test]
+fn staged_x_is_shared_by_dispatches_in_order() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(22);
+    // Three quantized prefill matmuls recorded together: the second needs a larger staging
+    // buffer than the first, the third reuses it. Each must read its own x.
+    let cases = [(40, 256, 4), (200, 512, 8), (40, 256, 4)];
+    let weights: Vec<HostWeight> = cases
+        .iter()
+        .map(|&(_, k, bits)| mlx_weight(&mut rng, 72, k, bits, 64, DType::BF16))
+        .collect();
+    let xs: Vec<Vec<f32>> = cases.iter().map(|&(m, k, _)| rng.vec(m * k, 1.0)).collect();
+    let outs: Vec<Tensor> = cases
+        .iter()
+        .map(|&(m, ..)| poisoned(&dev, &[m, 72]).unwrap())
+        .collect();
+    let lins: Vec<Linear> = weights
+        .iter()
+        .map(|w| w.upload(&dev, None).unwrap())
+        .collect();
+    let xts: Vec<Tensor> = cases
+        .iter()
+        .zip(&xs)
+        .map(|(&(m, k, _), x)| dev.from_slice(x, &[m, k]).unwrap())
+        .collect();
+    run(&dev, |enc| {
+        (0..cases.len()).try_for_each(|i| ops::matmul(enc, &xts[i], &lins[i], &outs[i]))
+    })
+    .unwrap();
+    for (i, &(m, ..)) in cases.iter().enumerate() {
+        let want = matmul_ref(&xs[i], &weights[i], None, m);
+        let got = outs[i].to_vec::<f32>().unwrap();
+        assert_close(&format!("dispatch {i}"), &got, &want, 1e-3);
+    }
+}
+
+#[test]
 fn embedding_every_layout() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(8);
@@ -1766,7 +1827,7 @@ fn bench_decode_kernels() {
         );
         if matches!(
             w.layout,
-            WeightLayout::MlxAffine { bits: 4, .. }
+            WeightLayout::MlxAffine { bits: 4 | 8, .. }
                 | WeightLayout::Gguf(GgmlType::Q4K)
                 | WeightLayout::Dense
         ) {

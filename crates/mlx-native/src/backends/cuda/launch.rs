@@ -142,17 +142,26 @@ impl Launch {
 }
 
 /// The resolved form of one dispatch: its launches in order, and device scratch memory they
-/// use (split-K partial results), owned here so it lives as long as the dispatch.
+/// use (split-K partial results, staged operands), held here so it lives as long as the
+/// dispatch.
 pub(crate) struct CudaKernel {
     launches: Vec<Launch>,
-    _scratch: Option<CudaSlice<u8>>,
+    _scratch: Option<Arc<CudaSlice<u8>>>,
 }
 
 impl CudaKernel {
     pub fn new(launches: Vec<Launch>, scratch: Option<CudaSlice<u8>>) -> Self {
         CudaKernel {
             launches,
-            _scratch: scratch,
+            _scratch: scratch.map(Arc::new),
+        }
+    }
+
+    /// Launches that use the library's shared scratch (`KernelLibrary::shared_scratch`).
+    pub fn sharing(launches: Vec<Launch>, scratch: Arc<CudaSlice<u8>>) -> Self {
+        CudaKernel {
+            launches,
+            _scratch: Some(scratch),
         }
     }
 
@@ -188,6 +197,8 @@ pub(crate) struct KernelLibrary {
     functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
     /// Functions whose dynamic shared-memory limit has been raised, and to what.
     raised: Mutex<HashMap<(&'static str, String), u32>>,
+    /// The largest shared scratch handed out so far (`shared_scratch`).
+    shared: Mutex<Option<Arc<CudaSlice<u8>>>>,
 }
 
 impl KernelLibrary {
@@ -212,6 +223,7 @@ impl KernelLibrary {
             modules: Mutex::default(),
             functions: Mutex::default(),
             raised: Mutex::default(),
+            shared: Mutex::default(),
         })
     }
 
@@ -302,6 +314,21 @@ impl KernelLibrary {
         let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
             .map_err(driver_err("scratch allocation"))?;
         let address = address(&slice, &self.stream);
+        Ok((slice, address))
+    }
+
+    /// Device memory of at least `bytes` that every dispatch of this device may use, and its
+    /// address, for a dispatch whose launches write it before they read it: dispatches run in
+    /// stream order, so one dispatch's use ends before the next begins. A larger request
+    /// replaces it for later dispatches; earlier ones keep theirs alive (`CudaKernel::sharing`).
+    pub fn shared_scratch(&self, bytes: usize) -> Result<(Arc<CudaSlice<u8>>, u64)> {
+        let mut shared = self.shared.lock().map_err(|_| poisoned())?;
+        if let Some(s) = shared.as_ref().filter(|s| s.len() >= bytes) {
+            return Ok((s.clone(), address(s, &self.stream)));
+        }
+        let (slice, address) = self.scratch(bytes)?;
+        let slice = Arc::new(slice);
+        *shared = Some(slice.clone());
         Ok((slice, address))
     }
 }

@@ -17,6 +17,7 @@ use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
 use cudarc::driver::CudaSlice;
+use std::sync::Arc;
 
 pub(super) static MATVEC: Source = Source {
     name: "matvec",
@@ -62,6 +63,8 @@ const MATMUL_TILE: usize = 64;
 const MATMUL_THREADS: u32 = 256;
 /// TC_BM = TC_BN (matmul_tc.cu), 256 threads.
 const MATMUL_TC_TILE: usize = 128;
+/// TC_BK: columns of k per step of the tensor-core kernels.
+const MATMUL_TC_STEP: usize = 64;
 /// Fewer rows leave most of a 128-row tensor-core tile idle; the f32 tiles then do as well and
 /// keep f32 operands.
 const MATMUL_TC_MIN_ROWS: usize = 17;
@@ -178,6 +181,43 @@ fn matmul(
             && k % 4 == 0
             && device_ptr(x)? % 16 == 0
             && !matches!(weight, Weight::Dense { ft: 0, .. });
+        // The MLX 4/8-bit kernel addresses its staged x with 32-bit element offsets.
+        let staged_offsets_fit = m * k.next_multiple_of(MATMUL_TC_STEP) <= u32::MAX as usize;
+        if let (
+            true,
+            Weight::Mlx {
+                w,
+                scales,
+                biases,
+                bits: bits @ (4 | 8),
+                group_shift,
+                scale_type,
+            },
+        ) = (tensor_cores && staged_offsets_fit, &weight)
+        {
+            let staged = StagedX::new(lib, x, *bits)?;
+            let args = Args::new()
+                .u64(staged.xh)
+                .ptr(w)?
+                .ptr(scales)?
+                .ptr(biases)?
+                .code(*scale_type)
+                .opt_ptr(bias)?
+                .code(bias_type)
+                .ptr(out)?
+                .int(m)?
+                .int(n)?
+                .int(k)?
+                .code(*group_shift);
+            let grid = (blocks(n, MATMUL_TC_TILE)?, blocks(m, MATMUL_TC_TILE)?, 1);
+            let name = format!("matmul_tcq_mlx{bits}");
+            let shared = tcq_shared_bytes(*bits);
+            let matmul = lib.launch(&MATMUL_TC, &name, grid, MATMUL_THREADS, shared, args)?;
+            return Ok(CudaKernel::sharing(
+                vec![staged.launch, matmul],
+                staged.scratch,
+            ));
+        }
         let (source, prefix, tile) = match tensor_cores {
             true => (&MATMUL_TC, "matmul_tc", MATMUL_TC_TILE),
             false => (&MATMUL, "matmul", MATMUL_TILE),
@@ -236,6 +276,43 @@ fn matmul(
         lib.launch(source, &name, grid, MATMUL_THREADS, 0, args)?
     };
     Ok(CudaKernel::single(launch))
+}
+
+/// x as `matmul_tcq_mlx{bits}` reads it: f16 rows padded to whole steps, columns in the
+/// kernel's order, written by `stage_x_f16` to the library's shared scratch.
+struct StagedX {
+    launch: Launch,
+    scratch: Arc<CudaSlice<u8>>,
+    xh: u64,
+}
+
+impl StagedX {
+    fn new(lib: &KernelLibrary, x: &Tensor, bits: u32) -> Result<Self> {
+        let (m, k) = (x.rows(), x.last_dim());
+        let kp = k.div_ceil(MATMUL_TC_STEP) * MATMUL_TC_STEP;
+        let (scratch, xh) = lib.shared_scratch(m * kp * 2)?;
+        let args = Args::new()
+            .ptr(x)?
+            .u64(xh)
+            .int(m)?
+            .int(k)?
+            .int(kp)?
+            .int(bits as usize)?;
+        let grid = (blocks(m * kp / 8, MATMUL_THREADS as usize)?, 1, 1);
+        let launch = lib.launch(&MATMUL_TC, "stage_x_f16", grid, MATMUL_THREADS, 0, args)?;
+        Ok(StagedX {
+            launch,
+            scratch,
+            xh,
+        })
+    }
+}
+
+/// Dynamic shared memory of `matmul_tcq_mlx{bits}`: Tcq<bits>::STAGES slots of Tcq::BYTES (an
+/// x tile of 128 rows × 72 halves, 128 rows of 8·bits raw bytes, 2 × 2 × 136 scale words).
+fn tcq_shared_bytes(bits: u32) -> u32 {
+    let stages = if bits == 4 { 4 } else { 3 };
+    stages * (128 * 72 * 2 + 128 * 8 * bits + 2 * 2 * 136 * 4)
 }
 
 /// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4- and 8-bit), gate

@@ -151,3 +151,260 @@ extern "C" __global__ void __launch_bounds__(256, 2)
     const Dense l{w, weight_type, k};
     matmul_tc(l, x, bias, bias_type, out, m, n);
 }
+
+// ---------------------------------------------------------------------------------------------
+// MLX affine 4- and 8-bit weights, the bulk of prefill. The same 128×128 tiles and warp layout,
+// but nothing is dequantized into shared memory and every load is asynchronous:
+// - x arrives as f16 (`stage_x_f16`, one pass before the matmul), so its tile is a plain
+//   cp.async copy;
+// - the raw weight words and each row's scale/bias word of the step are cp.async copies too,
+//   into a ring of Tcq<BITS>::STAGES steps, so global loads run that many steps less one
+//   ahead of the mma;
+// - each thread dequantizes exactly the weights of its own mma B fragments from the raw words,
+//   in f16x2 arithmetic: OR-ing a 4-bit field at bit 0 (or 4) of each half into the f16 1024
+//   (0x6400) gives 1024 + q (1024 + 16q), one subtraction (one FMA with 1/16, −64) gives q
+//   exactly, one FMA gives s·q + b rounded once, as the f32 path rounds it. 8-bit fields are
+//   moved next to 0x64 bytes with one byte permute.
+// A B fragment pairs columns (2t, 2t+1) and (2t+8, 2t+9) of a 16-column chunk; the fields one
+// word yields in pairs are (e, e+4) for 4 bits and (e, e+2) for 8 bits. So the columns of each
+// 64-column step are permuted (`tcq_column`) to make every pair a fragment register, and x is
+// staged in that order: the dot product does not depend on the order of k.
+
+#define TCQ_SB_LD (TC_BN + 8)  // u32 words per (scale or bias, unit) row of scale windows
+
+// The x column (0..63, within its step) at position p of the staged step.
+__device__ __forceinline__ int tcq_column(int p, int bits) {
+    const int c = p >> 4, t = (p >> 1) & 3, j = p & 1, h = (p >> 3) & 1;
+    return bits == 4 ? 16 * t + 8 * (c >> 1) + 2 * (c & 1) + h + 4 * j
+                     : 16 * t + 4 * c + 2 * j + h;
+}
+
+// xh [m, kp] (kp = k rounded up to 64) = x [m, k] as f16, each 64-column step permuted for
+// `bits`, zero past k. Launch: 256 threads, one 16-byte group of 8 outputs each.
+extern "C" __global__ void stage_x_f16(const float* __restrict__ x, u16* __restrict__ xh, int m,
+                                       int k, int kp, int bits) {
+    kernel_entry();
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const int per_row = kp / 8;
+    if (i >= (i64)m * per_row) return;
+    const i64 row = i / per_row;
+    const int p = (int)(i - row * per_row) * 8, step = p & ~63;
+    const float* xr = x + row * k;
+    u32 h[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int c0 = step + tcq_column((p & 63) + 2 * e, bits);
+        const int c1 = step + tcq_column((p & 63) + 2 * e + 1, bits);
+        h[e] = pack_f16x2(c0 < k ? xr[c0] : 0.f, c1 < k ? xr[c1] : 0.f);
+    }
+    *(uint4*)(xh + row * kp + p) = uint4{h[0], h[1], h[2], h[3]};
+}
+
+// One step's slot of the shared-memory ring, as byte offsets: the x tile (TC_BM rows of TC_LD
+// halves), the raw words (8·BITS bytes a row) and, per (scale or bias, 32-column unit, row),
+// the aligned 4-byte word holding that value. 4-bit steps keep 4 slots in flight, 8-bit 3
+// (two blocks per SM fit either).
+template <int BITS>
+struct Tcq {
+    static constexpr int STAGES = BITS == 4 ? 4 : 3;
+    static constexpr u32 W = TC_BM * TC_LD * 2;
+    static constexpr u32 SB = W + TC_BN * 8 * BITS;
+    static constexpr u32 BYTES = SB + 2 * 2 * TCQ_SB_LD * 4;
+};
+
+// Issues this thread's copies of the step at k0 into the slot at shared address `slot`. Rows
+// past m or n repeat the last row (their outputs are never stored); units past k are
+// zero-filled, so x and weights both read 0 there. `xoff`: element offsets in xh of the 4 x
+// chunks at k0 = 0 (rows tid/8 + 32i, columns 8·(tid%8)); `wsrc`: the raw-word chunks at
+// k0 = 0; `group0`: the first group of the scale/bias row (tid % 128). A 2-byte scale's
+// aligned word may reach 2 bytes past the tensor, never past its 256-byte-aligned allocation.
+template <int BITS>
+__device__ __forceinline__ void tcq_load(u32 slot, const u16* __restrict__ xh, const u32* xoff,
+                                         const u32* const* wsrc, i64 group0, const u8* scales,
+                                         const u8* biases, int esize, int gshift, int k,
+                                         int k0) {
+    const int tid = threadIdx.x;
+    const u32 xdst = slot + ((tid >> 3) * TC_LD + 8 * (tid & 7)) * 2;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cp_async16(xdst + i * 32 * TC_LD * 2, xh + xoff[i] + k0, true);
+    // 16-byte chunk q of a row's step holds 128/BITS columns, from unit q·4/BITS.
+#pragma unroll
+    for (int i = 0; i < BITS / 4; ++i) {
+        const int id = tid + 256 * i, r = id / (BITS / 2), q = id % (BITS / 2);
+        const bool live = k0 + 32 * (q * 4 / BITS) < k;
+        cp_async16(slot + Tcq<BITS>::W + r * 8 * BITS + 16 * q,
+                   wsrc[i] + (live ? k0 / 32 * BITS : 0), live);
+    }
+    const int r = tid & 127, unit = (tid >> 7) & 1, col = k0 + 32 * unit;
+    const bool live = col < k;
+    const i64 g = group0 + (live ? col >> (5 + gshift) : 0);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const u64 at = (u64)(i ? biases : scales) + g * esize;
+        cp_async4(slot + Tcq<BITS>::SB + ((2 * i + unit) * TCQ_SB_LD + r) * 4,
+                  (const void*)(at & ~(u64)3), live);
+    }
+}
+
+// A scale or bias from its aligned 4-byte word (`high`: the value is its upper half) as an
+// f16 pair.
+__device__ __forceinline__ u32 tcq_pair(u32 window, bool high, int st) {
+    if (st == FT_F32) {
+        const float v = __uint_as_float(window);
+        return pack_f16x2(v, v);
+    }
+    const u32 h = high ? window >> 16 : window & 0xffffu;
+    if (st == FT_F16) return h * 0x10001u;
+    const float v = bf16_to_f32((u16)h);
+    return pack_f16x2(v, v);
+}
+
+// The B fragment registers of a 16-column chunk for one n row from the raw word holding its
+// fields: for 4 bits, word c/2 of this thread's two (2t, 2t+1 of the row) moved down by
+// 8·(c%2), whose fields (0, 4) and (1, 5) it takes; for 8 bits, word c of its four (4t..4t+3),
+// fields (0, 2) and (1, 3).
+template <int BITS>
+__device__ __forceinline__ void tcq_fragment(u32 v, u32 s2, u32 b2, u32* b) {
+    if constexpr (BITS == 4) {
+        const u32 lo = (v & 0x000f000fu) | 0x64006400u;  // 1024 + q
+        const u32 hi = (v & 0x00f000f0u) | 0x64006400u;  // 1024 + 16q
+        b[0] = fma_f16x2(sub_f16x2(lo, 0x64006400u), s2, b2);
+        b[1] = fma_f16x2(fma_f16x2(hi, 0x2c002c00u, 0xd400d400u), s2, b2);  // ·1/16 − 64
+    } else {
+        b[0] = fma_f16x2(sub_f16x2(__byte_perm(v, 0x64646464u, 0x4240), 0x64006400u), s2, b2);
+        b[1] = fma_f16x2(sub_f16x2(__byte_perm(v, 0x64646464u, 0x4341), 0x64006400u), s2, b2);
+    }
+}
+
+// Launch: 256 threads, grid (ceil(n/128), ceil(m/128)), Tcq<BITS>::STAGES·BYTES bytes of
+// dynamic shared memory. Needs w 16-byte aligned, xh from `stage_x_f16` and m·kp < 2^32.
+template <int BITS>
+__device__ __forceinline__ void matmul_tcq(const u16* __restrict__ xh, const u32* __restrict__ w,
+                                           const u8* scales, const u8* biases, int st,
+                                           const void* __restrict__ bias, int bias_type,
+                                           float* __restrict__ out, int m, int n, int k,
+                                           int gshift) {
+    using T = Tcq<BITS>;
+    extern __shared__ __align__(16) u8 tcq_smem[];
+    const u32 smem = smem_addr(tcq_smem);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+    const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
+    const int kp = (k + TC_BK - 1) / TC_BK * TC_BK, steps = kp / TC_BK;
+    const int groups = (k >> 5) >> gshift, esize = st == FT_F32 ? 4 : 2;
+
+    // Where this thread's copies come from, fixed for the whole k loop.
+    u32 xoff[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        xoff[i] = (u32)min(m0 + (tid >> 3) + 32 * i, m - 1) * kp + 8 * (tid & 7);
+    const u32* wsrc[BITS / 4];
+#pragma unroll
+    for (int i = 0; i < BITS / 4; ++i) {
+        const int id = tid + 256 * i, r = id / (BITS / 2), q = id % (BITS / 2);
+        wsrc[i] = w + (i64)min(n0 + r, n - 1) * (k / 32) * BITS + 4 * q;
+    }
+    const i64 group0 = (i64)min(n0 + (tid & 127), n - 1) * groups;
+
+    // This thread's fragments read the scales of rows wn + 8j + g in unit t/2 of each step;
+    // bit j (4 + j) of `high`: whether that row's scale (bias) at group 0 is the upper half
+    // of its word (2-byte types; group g's flips with g).
+    const int unit = t >> 1;
+    u32 high = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const i64 gi = (i64)min(n0 + wn + 8 * j + g, n - 1) * groups;
+        high |= (u32)((((u64)scales >> 1) + gi) & 1) << j;
+        high |= (u32)((((u64)biases >> 1) + gi) & 1) << (4 + j);
+    }
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < T::STAGES - 1; ++s) {
+        if (s < steps)
+            tcq_load<BITS>(smem + s * T::BYTES, xh, xoff, wsrc, group0, scales, biases, esize,
+                           gshift, k, s * TC_BK);
+        cp_async_commit();
+    }
+    const u32 a_off = ((wm + (lane & 15)) * TC_LD + 8 * (lane >> 4)) * 2;
+    int slot = 0, fill = T::STAGES - 1;  // the slots of this step and of the one it issues
+    for (int step = 0; step < steps; ++step) {
+        cp_async_wait<T::STAGES - 2>();
+        __syncthreads();  // the step's copies are visible; the slot refilled below is free
+        if (step + T::STAGES - 1 < steps)
+            tcq_load<BITS>(smem + fill * T::BYTES, xh, xoff, wsrc, group0, scales, biases,
+                           esize, gshift, k, (step + T::STAGES - 1) * TC_BK);
+        cp_async_commit();
+        fill = fill + 1 == T::STAGES ? 0 : fill + 1;
+
+        const u8* s = tcq_smem + slot * T::BYTES;
+        const u32 sa = smem + slot * T::BYTES;
+        slot = slot + 1 == T::STAGES ? 0 : slot + 1;
+        const u32 grp = (u32)((step * TC_BK + 32 * unit) >> (5 + gshift));
+        u32 s2[4], b2[4], words[4][2];  // 4 bits: both words of the step, loaded up front
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int r = wn + 8 * j + g;
+            s2[j] = tcq_pair(*(const u32*)(s + T::SB + (unit * TCQ_SB_LD + r) * 4),
+                             ((high >> j) ^ grp) & 1, st);
+            b2[j] = tcq_pair(*(const u32*)(s + T::SB + ((2 + unit) * TCQ_SB_LD + r) * 4),
+                             ((high >> (4 + j)) ^ grp) & 1, st);
+            if constexpr (BITS == 4) {
+                const uint2 v = *(const uint2*)(s + T::W + r * 32 + 8 * t);
+                words[j][0] = v.x;
+                words[j][1] = v.y;
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            u32 b[4][2];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int r = wn + 8 * j + g;
+                const u32 v = BITS == 4 ? words[j][c >> 1] >> (8 * (c & 1))
+                                        : *(const u32*)(s + T::W + r * 64 + 16 * t + 4 * c);
+                tcq_fragment<BITS>(v, s2[j], b2[j], b[j]);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                u32 a[4];
+                ldmatrix_x4_at(a, sa + a_off + i * 16 * TC_LD * 2 + c * 32);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) mma_f16(acc[i][j], a, b[j]);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = m0 + wm + 16 * i + g + 8 * (e >> 1);
+                const int col = n0 + wn + 8 * j + 2 * t + (e & 1);
+                if (row < m && col < n)
+                    out[(i64)row * n + col] =
+                        bias ? acc[i][j][e] + load_float(bias, col, bias_type) : acc[i][j][e];
+            }
+}
+
+#define MATMUL_TCQ_MLX(BITS)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                      \
+        matmul_tcq_mlx##BITS(const u16* xh, const u32* w, const void* scales,                 \
+                             const void* biases, int scale_type, const void* bias,            \
+                             int bias_type, float* out, int m, int n, int k, int group_shift) { \
+        kernel_entry();                                                                       \
+        matmul_tcq<BITS>(xh, w, (const u8*)scales, (const u8*)biases, scale_type, bias,       \
+                         bias_type, out, m, n, k, group_shift);                               \
+    }
+MATMUL_TCQ_MLX(4)
+MATMUL_TCQ_MLX(8)
