@@ -17,11 +17,13 @@ use mlx_native::{Device, SamplingParams};
 const LOGIT_TOLERANCE_F16: f32 = 1.5;
 /// Largest |ours − mlx-lm run in float32| (fixture made by tools/mlx_reference_f32.py).
 const LOGIT_TOLERANCE_F32: f32 = 1e-3;
-/// The same on the CUDA backend, whose prefill (matmuls from 17 rows, attention from 5) runs
-/// on tensor cores with f16 operands (unit roundoff 2^−11, f32 accumulation): logits of a
-/// 37-token prompt move by up to 1.26e-2 (H200; the f32 SIMT kernels stayed within 5e-3),
-/// still two orders below mlx-lm's own float16 run (LOGIT_TOLERANCE_F16).
-const LOGIT_TOLERANCE_F32_CUDA: f32 = 2e-2;
+/// The same on the CUDA backend, which multiplies f16 operands on tensor cores (unit roundoff
+/// 2^−11, f32 accumulation) in prefill (matmuls from 17 rows, attention from 5) and in the
+/// decode matvecs of MLX 4/8-bit matrices over 2^24 weights (here the lm head): logits move by
+/// up to 2.4e-2 (H200, 2026-11-26; 1.26e-2 with f32 decode matvecs; the f32 SIMT kernels
+/// alone stay within 5e-3), still thirty times below mlx-lm's own float16 run
+/// (LOGIT_TOLERANCE_F16).
+const LOGIT_TOLERANCE_F32_CUDA: f32 = 4e-2;
 /// Steps whose reference top-2 gap is below this may pick either token.
 const NEAR_TIE: f32 = 0.05;
 
