@@ -63,7 +63,7 @@ CASES = [
     ("qwen3", (4, 8), "float16",
      dict(head_dim=32, rope_theta=1e6, tie_word_embeddings=False)),
     # mistral is llama in mlx-lm: a configured sliding_window without layer_types is unused.
-    ("mistral", (4,), "float16",
+    ("mistral", (4, 8), "float16",
      dict(num_attention_heads=6, rope_theta=1e6, sliding_window=4, tie_word_embeddings=False)),
     # llama with sliding layers (layer_types), attention and MLP biases, explicit head_dim,
     # one kv head, llama3 RoPE scaling.

@@ -174,6 +174,7 @@ fn every_fixture_on_cuda() {
 family_tests! {
     llama_4bit_sliding_layers_biases_llama3_rope => "llama_4bit",
     mistral_4bit_unused_sliding_window => "mistral_4bit",
+    mistral_8bit => "mistral_8bit",
     qwen2_4bit => "qwen2_4bit",
     qwen2_8bit => "qwen2_8bit",
     qwen3_4bit => "qwen3_4bit",
