@@ -616,8 +616,9 @@ impl Decoder {
         )
     }
 
-    /// Attention of layer `layer` over `s.normed`, written to `s.attn` (before the output
-    /// projection).
+    /// Attention of layer `layer` over the input norm of `x`, written to `s.attn` (before the
+    /// output projection). One decode row reads q, k and v in one matvec with the norm folded
+    /// in; otherwise the norm is a dispatch of its own and q, k, v three matmuls.
     fn encode_attention(
         &self,
         enc: &mut CommandEncoder,
