@@ -1,17 +1,33 @@
 #!/usr/bin/env bash
 # On the GPU machine: build llama.cpp (CUDA) from the carried sdist archive and run
-# llama-bench on the SmolLM2 Q4_1 GGUF and on random-weight Llama-3.2-1B / 3.1-8B Q4_0 GGUFs,
-# the shapes `mlxn bench --synthetic` measures. Inputs in .device-bin/peer/ (see docs/gpu.md).
+# llama-bench on the SmolLM2 Q4_1 GGUF (if its parts were carried; else a random-weight Q4_0
+# GGUF of its shape) and on random-weight Llama-3.2-1B / 3.1-8B Q4_0 GGUFs, the shapes
+# `mlxn bench --synthetic` measures. Inputs in .device-bin/peer/ (see docs/gpu.md). With
+# .device-bin/bin/mlxn carried too, mlxn runs the same shapes in the same call.
 set -uo pipefail
 peer=$PWD/.device-bin/peer
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 work=/tmp/peer
 scripts/peer_llamacpp.sh build cuda "$work" "$peer/llamacpp-src.tar.xz" || { tail -30 "$work/build.log"; exit 1; }
-cat "$peer"/smollm2.gguf.part-* > /tmp/smollm2.gguf
 export PYTHONPATH=$work/llama.cpp/gguf-py
+if ls "$peer"/smollm2.gguf.part-* > /dev/null 2>&1; then
+  cat "$peer"/smollm2.gguf.part-* > /tmp/smollm2.gguf
+else
+  python3 scripts/peer_random_gguf.py smollm2-135m /tmp/smollm2.gguf
+fi
 python3 scripts/peer_random_gguf.py llama-3.2-1b /tmp/llama-1b.gguf
 python3 scripts/peer_random_gguf.py llama-3.1-8b /tmp/llama-8b.gguf
 for m in /tmp/smollm2.gguf /tmp/llama-1b.gguf /tmp/llama-8b.gguf; do
   scripts/peer_llamacpp.sh bench "$work" "$m" -p 2048 -n 128 -fa 1 -o md 2>/dev/null | tee -a "$out/llama_bench.md"
 done
+mlxn=$PWD/.device-bin/bin/mlxn
+if [ -x "$mlxn" ]; then
+  export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+  for m in smollm2-135m llama-3.2-1b llama-3.1-8b; do
+    for q in mlx4g64 q4_0; do
+      "$mlxn" bench --device cuda --json --synthetic $m --quant $q --prompt-lens 16,2048 --decode 128 \
+        --reps 2 2>&1 | grep '^{' | tee -a "$out/mlxn_same_call.jsonl"
+    done
+  done
+fi

@@ -2,13 +2,14 @@
 llama-bench, so peers are measured on the same shapes as `mlxn bench --synthetic`.
 Needs numpy and llama.cpp's gguf-py (in the llama-cpp-python sdist: vendor/llama.cpp/gguf-py).
 
-usage: PYTHONPATH=.../gguf-py python3 peer_random_gguf.py llama-3.2-1b|llama-3.1-8b OUT.gguf
+usage: PYTHONPATH=.../gguf-py python3 peer_random_gguf.py smollm2-135m|llama-3.2-1b|llama-3.1-8b OUT.gguf
 """
 import sys
 import numpy as np
 import gguf
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152, True),
     "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256, True),
     "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256, False),
 }
