@@ -229,7 +229,7 @@ fn matmul(
                 GgmlType::Q8_0 => Some(TCQ_BYTES),
                 _ => None,
             };
-            if let Some(order) = order.filter(|_| k % MATMUL_TC_STEP == 0) {
+            if let Some(order) = order.filter(|_| k.is_multiple_of(MATMUL_TC_STEP)) {
                 if device_ptr(data)? % 4 == 0 {
                     let staged = StagedX::new(lib, x, order)?;
                     let args = Args::new()
@@ -651,7 +651,7 @@ fn matvec_tc_plan(
     sm_count: usize,
 ) -> Result<Option<TcPlan>> {
     let weights = n * k * if gated { 2 } else { 1 };
-    if weights <= MATVEC_TC_MAX_SIMT_WEIGHTS || k % chunk != 0 {
+    if weights <= MATVEC_TC_MAX_SIMT_WEIGHTS || !k.is_multiple_of(chunk) {
         return Ok(None);
     }
     // x is staged as f16 with f32 sums per chunk and a chunk of zeros (matvec_tc.cu's
