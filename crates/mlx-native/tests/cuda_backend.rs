@@ -794,12 +794,13 @@ fn check_matmul(dev: &Device, rng: &mut Rng, w: &HostWeight, m: usize, with_bias
     check(&what, dev, compute, &want, tol);
 }
 
-/// The single-row tolerance: MLX 4- and 8-bit weights may run on the tensor-core matvec, which
-/// rounds x to f16 (the weights' integers are exact in f16, accumulation is f32): about
-/// 2^−11·√(1/3) ≈ 3e-4 on these inputs, 1e-3 allowed as for the prefill tensor-core path.
+/// The single-row tolerance: MLX 4- and 8-bit and Q4_0 weights may run on the tensor-core
+/// matvec, which rounds x to f16 (the weights' integers are exact in f16, accumulation is f32):
+/// about 2^−11·√(1/3) ≈ 3e-4 on these inputs, 1e-3 allowed as for the prefill tensor-core path.
 fn matvec_tol(w: &HostWeight) -> f64 {
     match w.layout {
         WeightLayout::MlxAffine { bits: 4 | 8, .. } => 1e-3,
+        WeightLayout::Gguf(GgmlType::Q4_0) => 1e-3,
         _ => 2e-5,
     }
 }
@@ -848,9 +849,9 @@ fn check_gated(dev: &Device, rng: &mut Rng, f: UnaryFn, gate: &HostWeight, up: &
         gate.k
     );
     // Where x is rounded (tensor cores), two rounded dot products multiply: twice the tolerance.
-    let tol = match gate.layout {
-        WeightLayout::MlxAffine { bits: 4 | 8, .. } => 2e-3,
-        _ => 2e-5,
+    let tol = match matvec_tol(gate) {
+        t if t > 2e-5 => 2.0 * t,
+        t => t,
     };
     check(&what, dev, compute, &want, tol);
 }
@@ -955,6 +956,24 @@ fn matvec_tensor_cores_mlx() {
     }
 }
 
+/// The tensor-core matvec for ggml Q4_0 (matvec_tc.cu's `MtQ4_0`): plain, with a bias,
+/// with the residual, and gated; rows not a multiple of the 16-row tile; k of three blocks (a
+/// partial step), long k (several warps per tile), and an odd number of blocks per row (rows
+/// start at either half of a 4-byte word, so blocks of both alignments in every position).
+#[test]
+fn matvec_tensor_cores_ggml() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(23);
+    for (i, k) in [4352, 96, 4128].into_iter().enumerate() {
+        let n = (1 << 24) / k + 5;
+        let w = ggml_weight(&mut rng, n, k, GgmlType::Q4_0);
+        check_matmul(&dev, &mut rng, &w, 1, i != 1);
+        check_matmul_add(&dev, &mut rng, &w);
+        let up = ggml_weight(&mut rng, n, k, GgmlType::Q4_0);
+        check_gated(&dev, &mut rng, UnaryFn::Silu, &w, &up);
+    }
+}
+
 /// The RMSNorm folded into the decode matvec (plain, with a bias, gated; Gemma's unit offset),
 /// against the f64 norm-then-matmul.
 #[test]
@@ -962,7 +981,8 @@ fn normed_matvec_matches_reference() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(17);
     // (weight, unit offset, bias, tolerance): k up to 1024 folds the norm into matvec.cu's
-    // kernel, wider runs it first; over 2^24 MLX 4-bit weights take the tensor cores (f16 x).
+    // kernel, wider runs it first; over 2^24 MLX 4-bit or Q4_0 weights take the tensor cores
+    // (f16 x).
     let cases = [
         (
             mlx_weight(&mut rng, 37, 1280, 4, 64, DType::BF16),
@@ -990,6 +1010,12 @@ fn normed_matvec_matches_reference() {
         ),
         (
             mlx_weight(&mut rng, 4101, 4096, 4, 64, DType::BF16),
+            false,
+            false,
+            2e-3,
+        ),
+        (
+            ggml_weight(&mut rng, 4101, 4096, GgmlType::Q4_0),
             false,
             false,
             2e-3,
@@ -1100,6 +1126,24 @@ fn matmul_mlx_tensor_cores_at_tile_edges() {
     // Exactly 17 rows (the first tensor-core size) and one column tile.
     let w = mlx_weight(&mut rng, 128, 256, 4, 64, DType::BF16);
     check_matmul(&dev, &mut rng, &w, 17, true);
+}
+
+#[test]
+fn matmul_ggml_tensor_cores_at_tile_edges() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(24);
+    // Q4_0 / Q8_0 prefill weights with whole 64-column steps take the staged-f16 kernel: rows
+    // and columns past one 128-tile and short of the next, one step, more steps than pipeline
+    // stages; k = 288 (a half step) stays on the generic tensor-core kernel.
+    for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+        for (k, with_bias) in [(64, false), (320, true), (576, false), (288, true)] {
+            let w = ggml_weight(&mut rng, 135, k, ty);
+            check_matmul(&dev, &mut rng, &w, 130, with_bias);
+        }
+        // Exactly 17 rows (the first tensor-core size) and one column tile.
+        let w = ggml_weight(&mut rng, 128, 256, ty);
+        check_matmul(&dev, &mut rng, &w, 17, true);
+    }
 }
 
 #[test]
@@ -1828,7 +1872,7 @@ fn bench_decode_kernels() {
         if matches!(
             w.layout,
             WeightLayout::MlxAffine { bits: 4 | 8, .. }
-                | WeightLayout::Gguf(GgmlType::Q4K)
+                | WeightLayout::Gguf(GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q4K)
                 | WeightLayout::Dense
         ) {
             let secs = time_replays(&dev, 3, &|enc, i| {
@@ -1944,7 +1988,7 @@ fn bench_matvec_shapes() {
         if n * k <= 4096 * 14336 && n > 1536 {
             weights.push(mlx_bench_weight(&mut rng, n, k, 8, 64));
             weights.extend(
-                [GgmlType::Q4_0, GgmlType::Q4K, GgmlType::Q6K]
+                [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K]
                     .map(|t| ggml_weight(&mut rng, n, k, t)),
             );
         }

@@ -1,5 +1,6 @@
 //! out = x·Wᵀ (+ bias) for every weight layout, weights read as stored: matvec.cu for a single
-//! row (decode; matvec_tc.cu's tensor-core kernel for MLX 4- and 8-bit weights), matmul_tc.cu's 128×128 tensor-core tiles (f16 operands, f32 accumulation)
+//! row (decode; matvec_tc.cu's tensor-core kernel for MLX 4- and 8-bit and Q4_0 weights),
+//! matmul_tc.cu's 128×128 tensor-core tiles (f16 operands, f32 accumulation)
 //! for prefill-sized row counts, matmul.cu's 64×64 f32 tiles otherwise; and the decode-only
 //! gated pair (`Op::GatedMatMul`) on matvec.cu.
 
@@ -15,6 +16,7 @@ use crate::core::dtype::DType;
 use crate::core::op::{Op, PreNorm};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
+use crate::quant::GgmlType;
 use crate::{Error, Result};
 use cudarc::driver::CudaSlice;
 use std::sync::Arc;
@@ -195,7 +197,8 @@ fn matmul(
             },
         ) = (tensor_cores && staged_offsets_fit, &weight)
         {
-            let staged = StagedX::new(lib, x, *bits)?;
+            let order = if *bits == 4 { TCQ_MLX4 } else { TCQ_BYTES };
+            let staged = StagedX::new(lib, x, order)?;
             let args = Args::new()
                 .u64(staged.xh)
                 .ptr(w)?
@@ -217,6 +220,38 @@ fn matmul(
                 vec![staged.launch, matmul],
                 staged.scratch,
             ));
+        }
+        // Q4_0 / Q8_0 take `matmul_tcq_{q4_0,q8_0}`: whole 64-column steps of 4-byte aligned
+        // rows (two blocks: 36 resp. 68 bytes).
+        if let (true, Weight::Ggml { data, ty }) = (tensor_cores && staged_offsets_fit, &weight) {
+            let order = match ty {
+                GgmlType::Q4_0 => Some(TCQ_Q4_0),
+                GgmlType::Q8_0 => Some(TCQ_BYTES),
+                _ => None,
+            };
+            if let Some(order) = order.filter(|_| k.is_multiple_of(MATMUL_TC_STEP)) {
+                if device_ptr(data)? % 4 == 0 {
+                    let staged = StagedX::new(lib, x, order)?;
+                    let args = Args::new()
+                        .u64(staged.xh)
+                        .ptr(data)?
+                        .opt_ptr(bias)?
+                        .code(bias_type)
+                        .ptr(out)?
+                        .int(m)?
+                        .int(n)?
+                        .int(k)?;
+                    let grid = (blocks(n, MATMUL_TC_TILE)?, blocks(m, MATMUL_TC_TILE)?, 1);
+                    let name = format!("matmul_tcq_{}", ty.name());
+                    let shared = tcq_ggml_shared_bytes(*ty);
+                    let matmul =
+                        lib.launch(&MATMUL_TC, &name, grid, MATMUL_THREADS, shared, args)?;
+                    return Ok(CudaKernel::sharing(
+                        vec![staged.launch, matmul],
+                        staged.scratch,
+                    ));
+                }
+            }
         }
         let (source, prefix, tile) = match tensor_cores {
             true => (&MATMUL_TC, "matmul_tc", MATMUL_TC_TILE),
@@ -278,8 +313,14 @@ fn matmul(
     Ok(CudaKernel::single(launch))
 }
 
-/// x as `matmul_tcq_mlx{bits}` reads it: f16 rows padded to whole steps, columns in the
-/// kernel's order, written by `stage_x_f16` to the library's shared scratch.
+/// Column orders of `stage_x_f16` (matmul_tc.cu's TCQ_*): how the kernel's fragments take the
+/// fields of MLX 4-bit words, of bytes (MLX 8-bit, Q8_0), of Q4_0 blocks.
+const TCQ_MLX4: i32 = 0;
+const TCQ_BYTES: i32 = 1;
+const TCQ_Q4_0: i32 = 2;
+
+/// x as `matmul_tcq_*` reads it: f16 rows padded to whole steps, columns in the kernel's
+/// `order`, written by `stage_x_f16` to the library's shared scratch.
 struct StagedX {
     launch: Launch,
     scratch: Arc<CudaSlice<u8>>,
@@ -287,7 +328,7 @@ struct StagedX {
 }
 
 impl StagedX {
-    fn new(lib: &KernelLibrary, x: &Tensor, bits: u32) -> Result<Self> {
+    fn new(lib: &KernelLibrary, x: &Tensor, order: i32) -> Result<Self> {
         let (m, k) = (x.rows(), x.last_dim());
         let kp = k.div_ceil(MATMUL_TC_STEP) * MATMUL_TC_STEP;
         let (scratch, xh) = lib.shared_scratch(m * kp * 2)?;
@@ -297,7 +338,7 @@ impl StagedX {
             .int(m)?
             .int(k)?
             .int(kp)?
-            .int(bits as usize)?;
+            .code(order);
         let grid = (blocks(m * kp / 8, MATMUL_THREADS as usize)?, 1, 1);
         let launch = lib.launch(&MATMUL_TC, "stage_x_f16", grid, MATMUL_THREADS, 0, args)?;
         Ok(StagedX {
@@ -315,7 +356,18 @@ fn tcq_shared_bytes(bits: u32) -> u32 {
     stages * (128 * 72 * 2 + 128 * 8 * bits + 2 * 2 * 136 * 4)
 }
 
-/// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4- and 8-bit), gate
+/// Dynamic shared memory of `matmul_tcq_{q4_0,q8_0}`: TcqGgml::STAGES (4 resp. 3) slots of an
+/// x tile (128 rows × 72 halves) and 128 rows of two blocks.
+fn tcq_ggml_shared_bytes(ty: GgmlType) -> u32 {
+    let (stages, block) = if ty == GgmlType::Q4_0 {
+        (4, 18)
+    } else {
+        (3, 34)
+    };
+    stages * (128 * 72 * 2 + 128 * 2 * block)
+}
+
+/// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4/8-bit and Q4_0), gate
 /// and up rows side by side in one pass.
 fn gated_matmul(
     lib: &KernelLibrary,
@@ -451,7 +503,11 @@ impl<'a> DecodePlan<'a> {
     ) -> Result<Self> {
         let (k, sm_count) = (x.last_dim(), lib.sm_count());
         let tensor_cores = match *weight {
-            Weight::Mlx { bits, .. } => matvec_tc_plan(n, k, bits, gated, sm_count)?,
+            Weight::Mlx { bits: 4, .. } => matvec_tc_plan(n, k, 32, 2, gated, sm_count)?,
+            Weight::Mlx { bits: 8, .. } => matvec_tc_plan(n, k, 16, 2, gated, sm_count)?,
+            Weight::Ggml {
+                ty: GgmlType::Q4_0, ..
+            } => matvec_tc_plan(n, k, 32, 2, gated, sm_count)?,
             _ => None,
         };
         Ok(DecodePlan {
@@ -582,29 +638,31 @@ struct TcPlan {
     shared: u32,
 }
 
-/// The tensor-core matvec for MLX `bits`-bit weights `[n, k]`, or None where matvec.cu runs
-/// instead: other widths, small matrices, and x too long to stage in shared memory.
+/// The tensor-core matvec for weights `[n, k]` whose format (matvec_tc.cu's `MtMlx` for MLX 4-
+/// and 8-bit, `MtQ4_0`) has `chunk` elements per chunk and `stage` chunks per
+/// row and stage, or None where matvec.cu runs instead: small matrices, and x too long to stage
+/// in shared memory.
 fn matvec_tc_plan(
     n: usize,
     k: usize,
-    bits: u32,
+    chunk: usize,
+    stage: usize,
     gated: bool,
     sm_count: usize,
 ) -> Result<Option<TcPlan>> {
     let weights = n * k * if gated { 2 } else { 1 };
-    if (bits != 4 && bits != 8) || weights <= MATVEC_TC_MAX_SIMT_WEIGHTS {
+    if weights <= MATVEC_TC_MAX_SIMT_WEIGHTS || !k.is_multiple_of(chunk) {
         return Ok(None);
     }
-    // A chunk is one 16-byte load of a row; x is staged as f16 with f32 sums per chunk and a
-    // chunk of zeros (matvec_tc.cu's mt_stage_x).
-    let chunk = 128 / bits as usize;
+    // x is staged as f16 with f32 sums per chunk and a chunk of zeros (matvec_tc.cu's
+    // mt_stage_x).
     let chunks = k / chunk;
     let shared = 2 * k + 2 * chunk + 4 * chunks;
     if shared > MATVEC_TC_MAX_SHARED {
         return Ok(None);
     }
-    // Chunks per row a warp loads per stage (MT_STAGE), four chunks per step.
-    let stage = if gated { 1 } else { 2 };
+    // Four chunks per step; the gated kernel loads one chunk per row and stage.
+    let stage = if gated { 1 } else { stage };
     let steps = chunks.div_ceil(4);
     let tiles = n.div_ceil(MATVEC_TC_TILE);
     // The fewest warps per tile (longest streams) that give the SMs about three quarters of

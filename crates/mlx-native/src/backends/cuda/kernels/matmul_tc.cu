@@ -172,17 +172,26 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 
 #define TCQ_SB_LD (TC_BN + 8)  // u32 words per (scale or bias, unit) row of scale windows
 
+// Orders of the staged x (`order` of stage_x_f16), one per way the fragments take fields:
+// nibbles of MLX 4-bit words, bytes (MLX 8-bit, Q8_0), nibbles of Q4_0 blocks.
+#define TCQ_MLX4 0
+#define TCQ_BYTES 1
+#define TCQ_Q4_0 2
+
 // The x column (0..63, within its step) at position p of the staged step.
-__device__ __forceinline__ int tcq_column(int p, int bits) {
+__device__ __forceinline__ int tcq_column(int p, int order) {
     const int c = p >> 4, t = (p >> 1) & 3, j = p & 1, h = (p >> 3) & 1;
-    return bits == 4 ? 16 * t + 8 * (c >> 1) + 2 * (c & 1) + h + 4 * j
-                     : 16 * t + 4 * c + 2 * j + h;
+    switch (order) {
+        case TCQ_MLX4: return 16 * t + 8 * (c >> 1) + 2 * (c & 1) + h + 4 * j;
+        case TCQ_BYTES: return 16 * t + 4 * c + 2 * j + h;
+        default: return 32 * (t >> 1) + 8 * (t & 1) + 4 * (c >> 1) + (c & 1) + 2 * j + 16 * h;
+    }
 }
 
-// xh [m, kp] (kp = k rounded up to 64) = x [m, k] as f16, each 64-column step permuted for
-// `bits`, zero past k. Launch: 256 threads, one 16-byte group of 8 outputs each.
+// xh [m, kp] (kp = k rounded up to 64) = x [m, k] as f16, each 64-column step permuted in
+// `order`, zero past k. Launch: 256 threads, one 16-byte group of 8 outputs each.
 extern "C" __global__ void stage_x_f16(const float* __restrict__ x, u16* __restrict__ xh, int m,
-                                       int k, int kp, int bits) {
+                                       int k, int kp, int order) {
     kernel_entry();
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     const int per_row = kp / 8;
@@ -193,8 +202,8 @@ extern "C" __global__ void stage_x_f16(const float* __restrict__ x, u16* __restr
     u32 h[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-        const int c0 = step + tcq_column((p & 63) + 2 * e, bits);
-        const int c1 = step + tcq_column((p & 63) + 2 * e + 1, bits);
+        const int c0 = step + tcq_column((p & 63) + 2 * e, order);
+        const int c1 = step + tcq_column((p & 63) + 2 * e + 1, order);
         h[e] = pack_f16x2(c0 < k ? xr[c0] : 0.f, c1 < k ? xr[c1] : 0.f);
     }
     *(uint4*)(xh + row * kp + p) = uint4{h[0], h[1], h[2], h[3]};
@@ -212,6 +221,25 @@ struct Tcq {
     static constexpr u32 BYTES = SB + 2 * 2 * TCQ_SB_LD * 4;
 };
 
+// Element offsets in xh of this thread's 4 x chunks at k0 = 0: rows tid/8 + 32i (the last row
+// past m), columns 8·(tid%8).
+__device__ __forceinline__ void tcq_x_offsets(int m, int m0, int kp, u32* xoff) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        xoff[i] = (u32)min(m0 + (int)(threadIdx.x >> 3) + 32 * i, m - 1) * kp +
+                  8 * (threadIdx.x & 7);
+}
+
+// Issues this thread's copies of the x tile at k0 (offsets from `tcq_x_offsets`) into the slot
+// at shared address `slot`, which begins with the tile.
+__device__ __forceinline__ void tcq_load_x(u32 slot, const u16* __restrict__ xh, const u32* xoff,
+                                           int k0) {
+    const int tid = threadIdx.x;
+    const u32 xdst = slot + ((tid >> 3) * TC_LD + 8 * (tid & 7)) * 2;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cp_async16(xdst + i * 32 * TC_LD * 2, xh + xoff[i] + k0, true);
+}
+
 // Issues this thread's copies of the step at k0 into the slot at shared address `slot`. Rows
 // past m or n repeat the last row (their outputs are never stored); units past k are
 // zero-filled, so x and weights both read 0 there. `xoff`: element offsets in xh of the 4 x
@@ -224,9 +252,7 @@ __device__ __forceinline__ void tcq_load(u32 slot, const u16* __restrict__ xh, c
                                          const u8* biases, int esize, int gshift, int k,
                                          int k0) {
     const int tid = threadIdx.x;
-    const u32 xdst = slot + ((tid >> 3) * TC_LD + 8 * (tid & 7)) * 2;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) cp_async16(xdst + i * 32 * TC_LD * 2, xh + xoff[i] + k0, true);
+    tcq_load_x(slot, xh, xoff, k0);
     // 16-byte chunk q of a row's step holds 128/BITS columns, from unit q·4/BITS.
 #pragma unroll
     for (int i = 0; i < BITS / 4; ++i) {
@@ -276,6 +302,25 @@ __device__ __forceinline__ void tcq_fragment(u32 v, u32 s2, u32 b2, u32* b) {
     }
 }
 
+// Stores a warp's 64×32 accumulators of the block's tile (+ bias), inside m and n.
+__device__ __forceinline__ void tcq_store(const float (&acc)[4][4][4], const void* __restrict__ bias,
+                                          int bias_type, float* __restrict__ out, int m, int n) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int r0 = blockIdx.y * TC_BM + (warp >> 2) * 64, c0 = blockIdx.x * TC_BN + (warp & 3) * 32;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = r0 + 16 * i + g + 8 * (e >> 1);
+                const int col = c0 + 8 * j + 2 * t + (e & 1);
+                if (row < m && col < n)
+                    out[(i64)row * n + col] =
+                        bias ? acc[i][j][e] + load_float(bias, col, bias_type) : acc[i][j][e];
+            }
+}
+
 // Launch: 256 threads, grid (ceil(n/128), ceil(m/128)), Tcq<BITS>::STAGES·BYTES bytes of
 // dynamic shared memory. Needs w 16-byte aligned, xh from `stage_x_f16` and m·kp < 2^32.
 template <int BITS>
@@ -296,9 +341,7 @@ __device__ __forceinline__ void matmul_tcq(const u16* __restrict__ xh, const u32
 
     // Where this thread's copies come from, fixed for the whole k loop.
     u32 xoff[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-        xoff[i] = (u32)min(m0 + (tid >> 3) + 32 * i, m - 1) * kp + 8 * (tid & 7);
+    tcq_x_offsets(m, m0, kp, xoff);
     const u32* wsrc[BITS / 4];
 #pragma unroll
     for (int i = 0; i < BITS / 4; ++i) {
@@ -383,18 +426,7 @@ __device__ __forceinline__ void matmul_tcq(const u16* __restrict__ xh, const u32
         }
     }
 
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = m0 + wm + 16 * i + g + 8 * (e >> 1);
-                const int col = n0 + wn + 8 * j + 2 * t + (e & 1);
-                if (row < m && col < n)
-                    out[(i64)row * n + col] =
-                        bias ? acc[i][j][e] + load_float(bias, col, bias_type) : acc[i][j][e];
-            }
+    tcq_store(acc, bias, bias_type, out, m, n);
 }
 
 #define MATMUL_TCQ_MLX(BITS)                                                                  \
@@ -408,3 +440,154 @@ __device__ __forceinline__ void matmul_tcq(const u16* __restrict__ xh, const u32
     }
 MATMUL_TCQ_MLX(4)
 MATMUL_TCQ_MLX(8)
+
+// ---------------------------------------------------------------------------------------------
+// ggml Q4_0 and Q8_0 weights on the same ring. A 64-column step is two blocks: 36 (Q4_0) or 68
+// (Q8_0) bytes of a row, 4-byte aligned when k % 64 == 0 and the data is, copied as 4-byte
+// words (blocks themselves are only 2-byte aligned). Block 1's quants are word-aligned, block
+// 0's straddle words, so a thread taking block 0 funnel-shifts each word out of two. Thread t
+// takes block t/2 of the step, whose d is the low half of word 0 (block 0) or the high half of
+// word BLOCK/4 (block 1: bytes 18..19 resp. 34..35). Fields become q − 8 (Q4_0: 1032 subtracted)
+// resp. q (Q8_0: flipped to q + 128, 1152 subtracted), exact in f16, then one multiply by d
+// rounds d·q once. x is staged in the order of those fields (TCQ_Q4_0, TCQ_BYTES).
+template <int TYPE>  // 4: Q4_0, 8: Q8_0
+struct TcqGgml {
+    static constexpr int STAGES = TYPE == 4 ? 4 : 3;
+    static constexpr int BLOCK = TYPE == 4 ? 18 : 34;
+    static constexpr int ROW = 2 * BLOCK;       // bytes of a row per step
+    static constexpr int WORDS = ROW / 4;       // 9 or 17
+    static constexpr u32 W = TC_BM * TC_LD * 2;  // after the x tile
+    static constexpr u32 BYTES = W + TC_BN * ROW;
+};
+
+// Issues this thread's copies of the weight words of the step at k0 (rows past n repeat row
+// n − 1, whose outputs are never stored).
+template <int TYPE>
+__device__ __forceinline__ void tcq_load_ggml(u32 slot, const u8* __restrict__ w, i64 row_bytes,
+                                              int n, int n0, int k0) {
+    using T = TcqGgml<TYPE>;
+    constexpr int TOTAL = TC_BN * T::WORDS;
+#pragma unroll
+    for (int i = 0; i < (TOTAL + 255) / 256; ++i) {
+        const int id = threadIdx.x + 256 * i;
+        if (id < TOTAL) {
+            const int r = id / T::WORDS, q = id - r * T::WORDS;
+            const u8* src = w + (i64)min(n0 + r, n - 1) * row_bytes + k0 / TC_BK * T::ROW + 4 * q;
+            cp_async4(slot + T::W + 4 * id, src, true);
+        }
+    }
+}
+
+// Launch: 256 threads, grid (ceil(n/128), ceil(m/128)), TcqGgml<TYPE>::STAGES·BYTES bytes of
+// dynamic shared memory. Needs k % 64 == 0, w 4-byte aligned, xh from `stage_x_f16` and
+// m·k < 2^32.
+template <int TYPE>
+__device__ __forceinline__ void matmul_tcq_ggml(const u16* __restrict__ xh,
+                                                const u8* __restrict__ w,
+                                                const void* __restrict__ bias, int bias_type,
+                                                float* __restrict__ out, int m, int n, int k) {
+    using T = TcqGgml<TYPE>;
+    extern __shared__ __align__(16) u8 tcq_smem[];
+    const u32 smem = smem_addr(tcq_smem);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+    const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
+    const int steps = k / TC_BK;
+    const i64 row_bytes = (i64)(k / 32) * T::BLOCK;
+
+    u32 xoff[4];
+    tcq_x_offsets(m, m0, k, xoff);
+    // This thread's block of the step: its quant word i is word base + i of the row's step
+    // shifted right by `sh` bits with word base + i + `next` above it (block 1's words are
+    // aligned: no next word, which for the last word would lie past the row); its d is half
+    // `dhalf` of word `dword`.
+    const int blk = t >> 1, next = 1 - blk;
+    const int base = (TYPE == 4 ? 2 : 4) * t + blk;
+    const u32 sh = blk ? 0 : 16, dhalf = 16 * blk;
+    const int dword = blk ? T::BLOCK / 4 : 0;
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < T::STAGES - 1; ++s) {
+        if (s < steps) {
+            tcq_load_x(smem + s * T::BYTES, xh, xoff, s * TC_BK);
+            tcq_load_ggml<TYPE>(smem + s * T::BYTES, w, row_bytes, n, n0, s * TC_BK);
+        }
+        cp_async_commit();
+    }
+    const u32 a_off = ((wm + (lane & 15)) * TC_LD + 8 * (lane >> 4)) * 2;
+    int slot = 0, fill = T::STAGES - 1;  // the slots of this step and of the one it issues
+    for (int step = 0; step < steps; ++step) {
+        cp_async_wait<T::STAGES - 2>();
+        __syncthreads();  // the step's copies are visible; the slot refilled below is free
+        if (step + T::STAGES - 1 < steps) {
+            const int k0 = (step + T::STAGES - 1) * TC_BK;
+            tcq_load_x(smem + fill * T::BYTES, xh, xoff, k0);
+            tcq_load_ggml<TYPE>(smem + fill * T::BYTES, w, row_bytes, n, n0, k0);
+        }
+        cp_async_commit();
+        fill = fill + 1 == T::STAGES ? 0 : fill + 1;
+
+        const u32* ws = (const u32*)(tcq_smem + slot * T::BYTES + T::W);
+        const u32 sa = smem + slot * T::BYTES;
+        slot = slot + 1 == T::STAGES ? 0 : slot + 1;
+        u32 d2[4], words[4][2];  // Q4_0: both quant words of the step, shifted up front
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u32* r = ws + (wn + 8 * j + g) * T::WORDS;
+            d2[j] = ((r[dword] >> dhalf) & 0xffffu) * 0x10001u;
+            if constexpr (TYPE == 4) {
+                const u32 a = r[base], b = r[base + 1], c = r[base + 1 + next];
+                words[j][0] = __funnelshift_r(a, b, sh);
+                words[j][1] = __funnelshift_r(b, c, sh);
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            u32 b[4][2];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                if constexpr (TYPE == 4) {
+                    const u32 v = words[j][c >> 1] >> (8 * (c & 1));
+                    const u32 lo = (v & 0x000f000fu) | 0x64006400u;  // 1024 + q
+                    const u32 hi = (v & 0x00f000f0u) | 0x64006400u;  // 1024 + 16q
+                    b[j][0] = mul_f16x2(sub_f16x2(lo, 0x64086408u), d2[j]);
+                    b[j][1] = mul_f16x2(fma_f16x2(hi, 0x2c002c00u, 0xd480d480u), d2[j]);  // ·1/16 − 72
+                } else {
+                    const u32* r = ws + (wn + 8 * j + g) * T::WORDS + base + c;
+                    const u32 v = __funnelshift_r(r[0], r[next], sh) ^ 0x80808080u;  // q + 128
+                    b[j][0] = mul_f16x2(
+                        sub_f16x2(__byte_perm(v, 0x64646464u, 0x4240), 0x64806480u), d2[j]);
+                    b[j][1] = mul_f16x2(
+                        sub_f16x2(__byte_perm(v, 0x64646464u, 0x4341), 0x64806480u), d2[j]);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                u32 a[4];
+                ldmatrix_x4_at(a, sa + a_off + i * 16 * TC_LD * 2 + c * 32);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) mma_f16(acc[i][j], a, b[j]);
+            }
+        }
+    }
+    tcq_store(acc, bias, bias_type, out, m, n);
+}
+
+#define MATMUL_TCQ_GGML(TYPE, NAME)                                                           \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                      \
+        matmul_tcq_##NAME(const u16* xh, const u8* w, const void* bias, int bias_type,        \
+                          float* out, int m, int n, int k) {                                  \
+        kernel_entry();                                                                       \
+        matmul_tcq_ggml<TYPE>(xh, w, bias, bias_type, out, m, n, k);                          \
+    }
+MATMUL_TCQ_GGML(4, q4_0)
+MATMUL_TCQ_GGML(8, q8_0)

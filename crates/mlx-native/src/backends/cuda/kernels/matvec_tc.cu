@@ -1,6 +1,7 @@
-// y = x·Wᵀ (+ bias) for a single row x (decode) and MLX affine 4- or 8-bit weights, on tensor
-// cores: each weight costs about one ALU instruction (a field masked into an f16 with the
-// 0x6400 = 1024 trick, then 1024 subtracted in f16x2), and the multiply-adds run as
+// y = x·Wᵀ (+ bias) for a single row x (decode) and MLX affine 4- or 8-bit or ggml Q4_0
+// weights (the formats `MtMlx`, `MtQ4_0` below), on tensor cores: each weight costs about one
+// ALU instruction (a field masked into an f16 with the 0x6400 = 1024 trick, then 1024
+// subtracted in f16x2), and the multiply-adds run as
 // m16n8k16 mma.sync with f32 accumulation instead of one FMA per weight.
 //
 // A warp owns a tile of 16 rows; lane (g = lane/4, t = lane%4) loads 16 bytes (a "chunk": 32
@@ -11,17 +12,18 @@
 // Column c of B holds x only at the slots of lane t = c/2 (zero elsewhere), so lane (g, t)
 // supplies B only when g/2 == t and every lane's C fragment is the dot of its own chunk: each
 // lane then folds its chunk's group scale and bias in f32 (y += s·Σq·x + b·Σx) exactly as the
-// SIMT matvec does, with no group boundaries inside an mma.
+// SIMT matvec does, with no group boundaries inside an mma. A Q4_0 chunk is one block of 32
+// fields (its d the scale, no bias), loaded as the 4-byte words that span it.
 //
-// Bytes in flight: a warp's chunks are processed in stages of MT_STAGE chunks per row, and the
-// next stage's 16-byte loads (words, raw scales and biases) are issued before the current one
+// Bytes in flight: a warp's chunks are processed in stages of F::STAGE chunks per row, and the
+// next stage's loads (words, raw scales and biases) are issued before the current one
 // is computed (two register sets). `kgroups` warps of a block split a tile's k (steps of four
 // chunks, interleaved) so that the grid fills the GPU; shared memory sums them at the end.
 // GATED reads a second weight (the up projection) at the same rows and stores act(gate)·up.
 // x: f16 rounding gives a relative error ≈ 2^−11 per product (the prefill tensor-core path
 // rounds x alike); q is exact in f16 and the accumulation is f32.
 // Launch: MT_WARPS·32 threads, ceil(n / (16·MT_WARPS/kgroups)) blocks, dynamic shared memory
-// `matvec_tc_shared_bytes` (matmul.rs); x 16-byte aligned, w 16-byte aligned.
+// (`matvec_tc_plan`, matmul.rs); x 16-byte aligned, MLX w 16-byte aligned, ggml w 2-byte.
 
 #define MT_WARPS 8
 #define MT_CHUNK_WORDS 4  // one 16-byte load per row and chunk
@@ -72,33 +74,118 @@ __device__ __forceinline__ float raw_float(u32 r) {
 }
 
 struct MtWeight {
-    const u32* w;
-    const void* scales;
+    const u8* w;
+    const void* scales;  // MLX only
     const void* biases;
-};
-
-// One stage of a lane's loads: MT_STAGE chunks of rows g and g+8 for each weight.
-template <int M, int STAGE>
-struct MtStage {
-    uint4 w[STAGE][M][2];
-    u32 s[STAGE][M][2], b[STAGE][M][2];
 };
 
 // Per-warp constants of the stream.
 struct MtStream {
-    i64 row[2];   // rows g and g+8, clamped to n − 1
-    int chunks;   // chunks per row
-    int first;    // the warp's first step
-    int stride;   // steps between the warp's consecutive steps (kgroups)
-    int words;    // words per row
-    int groups;   // groups per row
-    int cshift;   // log2(chunks per group)
-    int t;        // lane % 4
+    i64 row[2];     // rows g and g+8, clamped to n − 1
+    i64 row_bytes;  // bytes per row of the weight
+    int chunks;     // chunks per row
+    int first;      // the warp's first step
+    int stride;     // steps between the warp's consecutive steps (kgroups)
+    int groups;     // MLX: groups per row
+    int cshift;     // MLX: log2(chunks per group)
+    int t;          // lane % 4
 };
 
-template <int BITS, int ST, int M, int STAGE>
+__device__ __forceinline__ u32 word(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// A weight format of the kernel: what a lane loads for one chunk of one row (`Raw`, issued a
+// stage ahead), the f16 pairs of the chunk's j-th 8 fields (p[0], p[1]: the A registers of the
+// first mma, p[2], p[3]: of the second), the x order that matches them (`slot`: the chunk
+// element in slot e of the j-th staged uint4, slots paired as (0, 1) (2, 3) (4, 5) (6, 7)), and
+// the fold of a chunk's dot into the row sum.
+//
+// MLX affine: a chunk is one 16-byte load (32 4-bit or 16 8-bit fields) inside one group.
+template <int BITS, int ST>
+struct MtMlx {
+    static constexpr int CHUNK = MT_CHUNK_WORDS * 32 / BITS;
+    static constexpr int STAGE = 2;  // chunks per row and stage, not gated
+    static constexpr bool SUMS = true;
+    struct Raw {
+        uint4 w;
+        u32 s, b;
+    };
+    static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
+                                                int c, Raw& r) {
+        r.w = *(const uint4*)(wt.w + st.row[h] * st.row_bytes + 16 * c);
+        const i64 gi = st.row[h] * st.groups + (c >> st.cshift);
+        r.s = load_raw<ST>(wt.scales, gi);
+        r.b = load_raw<ST>(wt.biases, gi);
+    }
+    static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
+        if constexpr (BITS == 4) {
+            fields_f16<4>(word(r.w, j), p);
+        } else {
+            fields_f16<8>(word(r.w, 2 * j), p);
+            fields_f16<8>(word(r.w, 2 * j + 1), p + 2);
+        }
+    }
+    static __device__ __forceinline__ int slot(int j, int e) {
+        const int q = e >> 1;  // the pair
+        return BITS == 4 ? 8 * j + q + 4 * (e & 1) : 8 * j + 4 * (q >> 1) + (q & 1) + 2 * (e & 1);
+    }
+    static __device__ __forceinline__ float fold(const Raw& r, float dot, float sx, float acc) {
+        return fmaf(raw_float<ST>(r.s), dot, fmaf(raw_float<ST>(r.b), sx, acc));
+    }
+};
+
+// ggml Q4_0 (18-byte blocks: f16 d, 16 bytes of nibbles, w = d·(q − 8)): a chunk is one block.
+// Blocks are only 2-byte aligned, so a lane loads the 5 aligned words that span the block and
+// shifts its fields out by 0 or 16 bits when it computes. Fields become q − 8 directly (1032
+// subtracted instead of 1024), so the fold is d·dot (no Σx). Q8_0 on the same scheme (9 words a
+// block, one chunk a stage) was slower than matvec.cu's kernel (H200: 4096×14336 36.1 µs,
+// 1.73 TB/s) and is not built.
+struct MtQ4_0 {
+    static constexpr int CHUNK = 32;
+    static constexpr int BLOCK = 18;
+    static constexpr int STAGE = 2;
+    static constexpr bool SUMS = false;
+    struct Raw {
+        u32 w[5];
+        u32 sh;  // 8 · (block address mod 4): 0 or 16
+    };
+    static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
+                                                int c, Raw& r) {
+        const u64 at = (u64)(wt.w + st.row[h] * st.row_bytes + BLOCK * c);
+        const u32* p = (const u32*)(at & ~(u64)3);
+#pragma unroll
+        for (int i = 0; i < 5; ++i) r.w[i] = p[i];
+        r.sh = (u32)(at & 2) * 8;
+    }
+    // Byte b of quant word j: elements 4j + b (low nibble) and 4j + b + 16 (high nibble).
+    static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
+        const u32 w = __funnelshift_rc(r.w[j], r.w[j + 1], r.sh + 16), w2 = w >> 8;
+        const u32 magic = 0x64006400u, m1032 = 0x64086408u;
+        p[0] = hsub2((w & 0x000f000fu) | magic, m1032);
+        p[1] = hfma2((w & 0x00f000f0u) | magic, 0x2c002c00u, 0xd480d480u);  // ·1/16 − 72
+        p[2] = hsub2((w2 & 0x000f000fu) | magic, m1032);
+        p[3] = hfma2((w2 & 0x00f000f0u) | magic, 0x2c002c00u, 0xd480d480u);
+    }
+    static __device__ __forceinline__ int slot(int j, int e) {
+        const int q = e >> 1;
+        return 4 * j + 16 * (q & 1) + (q >> 1) + 2 * (e & 1);
+    }
+    static __device__ __forceinline__ float fold(const Raw& r, float dot, float, float acc) {
+        const u32 d = __funnelshift_r(r.w[0], r.w[1], r.sh) & 0xffffu;
+        return fmaf(f16_to_f32((u16)d), dot, acc);
+    }
+};
+
+// One stage of a lane's loads: STAGE chunks of rows g and g+8 for each weight.
+template <class F, int M, int STAGE>
+struct MtStage {
+    typename F::Raw r[STAGE][M][2];
+};
+
+template <class F, int M, int STAGE>
 __device__ __forceinline__ void mt_load(const MtWeight* wt, const MtStream& st, int stage,
-                                        MtStage<M, STAGE>& s) {
+                                        MtStage<F, M, STAGE>& s) {
 #pragma unroll
     for (int i = 0; i < STAGE; ++i) {
         const int step = st.first + st.stride * (stage * STAGE + i);
@@ -106,26 +193,17 @@ __device__ __forceinline__ void mt_load(const MtWeight* wt, const MtStream& st, 
 #pragma unroll
         for (int m = 0; m < M; ++m)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                s.w[i][m][h] = ((const uint4*)(wt[m].w + st.row[h] * st.words))[c];
-                const i64 gi = st.row[h] * st.groups + (c >> st.cshift);
-                s.s[i][m][h] = load_raw<ST>(wt[m].scales, gi);
-                s.b[i][m][h] = load_raw<ST>(wt[m].biases, gi);
-            }
+            for (int h = 0; h < 2; ++h) F::load(wt[m], st, h, c, s.r[i][m][h]);
     }
 }
 
-__device__ __forceinline__ u32 word(const uint4& v, int i) {
-    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
-// Multiplies one loaded stage and folds each chunk's scale and bias into acc[m][h].
-template <int BITS, int ST, int M, int STAGE>
-__device__ __forceinline__ void mt_compute(const MtStage<M, STAGE>& s, const MtStream& st,
+// Multiplies one loaded stage and folds each chunk into acc[m][h].
+template <class F, int M, int STAGE>
+__device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const MtStream& st,
                                            int stage, const u32* xh, const u32* zero,
                                            const float* csum, bool supplies_b,
                                            float (&acc)[M][2]) {
-    constexpr int CHUNK_U32 = MT_CHUNK_WORDS * 32 / BITS / 2;  // f16 pairs of x per chunk
+    constexpr int CHUNK_U32 = F::CHUNK / 2;  // f16 pairs of x per chunk
 #pragma unroll
     for (int i = 0; i < STAGE; ++i) {
         const int c = 4 * (st.first + st.stride * (stage * STAGE + i)) + st.t;
@@ -143,82 +221,66 @@ __device__ __forceinline__ void mt_compute(const MtStage<M, STAGE>& s, const MtS
             const u32 b0[2] = {xb.x, xb.y}, b1[2] = {xb.z, xb.w};
 #pragma unroll
             for (int m = 0; m < M; ++m) {
-                if constexpr (BITS == 4) {
-                    // One word per row: two mma.
-                    u32 hg[4], h8[4];
-                    fields_f16<4>(word(s.w[i][m][0], j), hg);
-                    fields_f16<4>(word(s.w[i][m][1], j), h8);
-                    const u32 a0[4] = {hg[0], h8[0], hg[1], h8[1]};
-                    const u32 a1[4] = {hg[2], h8[2], hg[3], h8[3]};
-                    mma_f16(ca[m], a0, b0);
-                    mma_f16(cb[m], a1, b1);
-                } else {
-                    // Two words per row: one mma each.
-                    u32 hg[2], h8[2], ig[2], i8[2];
-                    fields_f16<8>(word(s.w[i][m][0], 2 * j), hg);
-                    fields_f16<8>(word(s.w[i][m][1], 2 * j), h8);
-                    fields_f16<8>(word(s.w[i][m][0], 2 * j + 1), ig);
-                    fields_f16<8>(word(s.w[i][m][1], 2 * j + 1), i8);
-                    const u32 a0[4] = {hg[0], h8[0], hg[1], h8[1]};
-                    const u32 a1[4] = {ig[0], i8[0], ig[1], i8[1]};
-                    mma_f16(ca[m], a0, b0);
-                    mma_f16(cb[m], a1, b1);
-                }
+                u32 pg[4], p8[4];  // rows g and g + 8
+                F::pairs(s.r[i][m][0], j, pg);
+                F::pairs(s.r[i][m][1], j, p8);
+                const u32 a0[4] = {pg[0], p8[0], pg[1], p8[1]};
+                const u32 a1[4] = {pg[2], p8[2], pg[3], p8[3]};
+                mma_f16(ca[m], a0, b0);
+                mma_f16(cb[m], a1, b1);
             }
         }
-        const float sx = live ? csum[c] : 0.f;
+        const float sx = F::SUMS && live ? csum[c] : 0.f;
 #pragma unroll
         for (int m = 0; m < M; ++m)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
+            for (int h = 0; h < 2; ++h)
                 // c[0] = c[1]: row g; c[2] = c[3]: row g + 8.
-                const float dot = ca[m][2 * h] + cb[m][2 * h];
-                acc[m][h] = fmaf(raw_float<ST>(s.s[i][m][h]), dot,
-                                 fmaf(raw_float<ST>(s.b[i][m][h]), sx, acc[m][h]));
-            }
+                acc[m][h] = F::fold(s.r[i][m][h], ca[m][2 * h] + cb[m][2 * h], sx, acc[m][h]);
     }
 }
 
-// x as f16 pairs in A-fragment order (per word of weights: 4 bits (x0,x4) (x1,x5) (x2,x6)
-// (x3,x7), 8 bits (x0,x2) (x1,x3)), Σx per chunk in f32, and a chunk of zeros.
-template <int BITS>
+// x as f16 pairs in the format's fragment order, Σx per chunk in f32 (formats with biases),
+// and a chunk of zeros.
+template <class F>
 __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, u32* xh,
                                            u32* zero, float* csum) {
-    constexpr int CHUNK = MT_CHUNK_WORDS * 32 / BITS;  // elements per chunk
+    constexpr int CHUNK = F::CHUNK;
     const int chunks = k / CHUNK;
-    // An RMSNorm prologue (x·w_norm·rsqrt(mean(x²) + eps)) goes here: a block_sum of x² over
-    // k first, then each v[] scaled before it is rounded and summed.
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         const float4* xp = (const float4*)(x + (i64)c * CHUNK);
-        float sum = 0.f;
+        float v[CHUNK];
 #pragma unroll
-        for (int u = 0; u < CHUNK / 8; ++u) {
-            const float4 p = xp[2 * u], q = xp[2 * u + 1];
-            const float v[8] = {p.x, p.y, p.z, p.w, q.x, q.y, q.z, q.w};
-#pragma unroll
-            for (int e = 0; e < 8; ++e) sum += v[e];
-            uint4 o;
-            if constexpr (BITS == 4)
-                o = uint4{pack_f16x2(v[0], v[4]), pack_f16x2(v[1], v[5]),
-                          pack_f16x2(v[2], v[6]), pack_f16x2(v[3], v[7])};
-            else
-                o = uint4{pack_f16x2(v[0], v[2]), pack_f16x2(v[1], v[3]),
-                          pack_f16x2(v[4], v[6]), pack_f16x2(v[5], v[7])};
-            *(uint4*)(xh + c * (CHUNK / 2) + 4 * u) = o;
+        for (int i = 0; i < CHUNK / 4; ++i) {
+            const float4 p = xp[i];
+            v[4 * i] = p.x; v[4 * i + 1] = p.y; v[4 * i + 2] = p.z; v[4 * i + 3] = p.w;
         }
-        csum[c] = sum;
+        if constexpr (F::SUMS) {
+            float sum = 0.f;
+#pragma unroll
+            for (int e = 0; e < CHUNK; ++e) sum += v[e];
+            csum[c] = sum;
+        }
+#pragma unroll
+        for (int j = 0; j < CHUNK / 8; ++j) {
+            u32 o[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+                o[q] = pack_f16x2(v[F::slot(j, 2 * q)], v[F::slot(j, 2 * q + 1)]);
+            *(uint4*)(xh + c * (CHUNK / 2) + 4 * j) = uint4{o[0], o[1], o[2], o[3]};
+        }
     }
     if (threadIdx.x < CHUNK / 2) zero[threadIdx.x] = 0u;
 }
 
-template <int BITS, int ST, bool GATED>
+template <class F, bool GATED>
 __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __restrict__ x,
                                           const void* __restrict__ bias, int bias_type,
-                                          float* __restrict__ out, int n, int k, int group_shift,
-                                          int kgroups, int act) {
+                                          float* __restrict__ out, int n, int k, i64 row_bytes,
+                                          int group_shift, int kgroups, int act) {
     constexpr int M = GATED ? 2 : 1;
-    constexpr int STAGE = GATED ? 1 : 2;  // chunks per row and stage: 64 bytes in flight a lane
-    constexpr int CHUNK = MT_CHUNK_WORDS * 32 / BITS;
+    constexpr int STAGE = GATED ? 1 : F::STAGE;  // ≈ 64 bytes in flight a lane
+    constexpr int CHUNK = F::CHUNK;
     extern __shared__ __align__(16) u32 smem[];
     __shared__ float partial[MT_WARPS][M][16];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -229,12 +291,12 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     MtStream st;
     st.row[0] = min(row0 + g, n - 1);
     st.row[1] = min(row0 + g + 8, n - 1);
+    st.row_bytes = row_bytes;
     st.chunks = k / CHUNK;
     st.first = slice;
     st.stride = kgroups;
-    st.words = k * BITS / 32;
     st.groups = (k / 32) >> group_shift;
-    st.cshift = group_shift + (BITS == 8 ? 1 : 0);
+    st.cshift = group_shift + (CHUNK == 16 ? 1 : 0);
     st.t = lane & 3;
     const int steps = (st.chunks + 3) / 4;
     const int mine = slice < steps ? (steps - slice + kgroups - 1) / kgroups : 0;
@@ -244,9 +306,9 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     u32* zero = xh + st.chunks * (CHUNK / 2);
     float* csum = (float*)(zero + CHUNK / 2);
 
-    MtStage<M, STAGE> sa, sb;
-    mt_load<BITS, ST>(wt, st, 0, sa);  // the first loads fly while x is staged
-    mt_stage_x<BITS>(x, k, xh, zero, csum);
+    MtStage<F, M, STAGE> sa, sb;
+    mt_load(wt, st, 0, sa);  // the first loads fly while x is staged
+    mt_stage_x<F>(x, k, xh, zero, csum);
     __syncthreads();
 
     float acc[M][2];
@@ -254,11 +316,11 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = 0.f;
     const bool supplies_b = (g >> 1) == st.t;
     for (int s = 0; s < stages; s += 2) {
-        if (s + 1 < stages) mt_load<BITS, ST>(wt, st, s + 1, sb);
-        mt_compute<BITS, ST>(sa, st, s, xh, zero, csum, supplies_b, acc);
+        if (s + 1 < stages) mt_load(wt, st, s + 1, sb);
+        mt_compute(sa, st, s, xh, zero, csum, supplies_b, acc);
         if (s + 1 >= stages) break;
-        if (s + 2 < stages) mt_load<BITS, ST>(wt, st, s + 2, sa);
-        mt_compute<BITS, ST>(sb, st, s + 1, xh, zero, csum, supplies_b, acc);
+        if (s + 2 < stages) mt_load(wt, st, s + 2, sa);
+        mt_compute(sb, st, s + 1, xh, zero, csum, supplies_b, acc);
     }
 
     // Sum the quad's chunks, then the tile's k slices.
@@ -290,22 +352,24 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
 
 #define MATVEC_TC(BITS, ST, NAME)                                                                  \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)                                 \
-        matvec_tc_mlx##BITS##_##NAME(const float* x, const u32* w, const void* scales,             \
+        matvec_tc_mlx##BITS##_##NAME(const float* x, const u8* w, const void* scales,              \
                                      const void* biases, const void* bias, int bias_type,          \
                                      float* out, int n, int k, int group_shift, int kgroups) {     \
         kernel_entry();                                                                            \
         const MtWeight wt[1] = {{w, scales, biases}};                                              \
-        matvec_tc<BITS, ST, false>(wt, x, bias, bias_type, out, n, k, group_shift, kgroups, 0);    \
+        matvec_tc<MtMlx<BITS, ST>, false>(wt, x, bias, bias_type, out, n, k, (i64)k * BITS / 8,    \
+                                          group_shift, kgroups, 0);                                \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)                                 \
-        matvec_tc_gated_mlx##BITS##_##NAME(const float* x, const u32* w, const void* scales,       \
-                                           const void* biases, const u32* w_up,                    \
+        matvec_tc_gated_mlx##BITS##_##NAME(const float* x, const u8* w, const void* scales,        \
+                                           const void* biases, const u8* w_up,                     \
                                            const void* scales_up, const void* biases_up,           \
                                            float* out, int n, int k, int group_shift, int kgroups, \
                                            int act) {                                              \
         kernel_entry();                                                                            \
         const MtWeight wt[2] = {{w, scales, biases}, {w_up, scales_up, biases_up}};                \
-        matvec_tc<BITS, ST, true>(wt, x, nullptr, 0, out, n, k, group_shift, kgroups, act);        \
+        matvec_tc<MtMlx<BITS, ST>, true>(wt, x, nullptr, 0, out, n, k, (i64)k * BITS / 8,          \
+                                         group_shift, kgroups, act);                               \
     }
 #define MATVEC_TC_ALL_TYPES(BITS)                                                                  \
     MATVEC_TC(BITS, FT_F32, f32)                                                                   \
@@ -313,3 +377,20 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     MATVEC_TC(BITS, FT_BF16, bf16)
 MATVEC_TC_ALL_TYPES(4)
 MATVEC_TC_ALL_TYPES(8)
+
+extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)
+    matvec_tc_q4_0(const float* x, const u8* w, const void* bias, int bias_type, float* out,
+                   int n, int k, int kgroups) {
+    kernel_entry();
+    const MtWeight wt[1] = {{w, nullptr, nullptr}};
+    matvec_tc<MtQ4_0, false>(wt, x, bias, bias_type, out, n, k, (i64)(k / 32) * MtQ4_0::BLOCK, 0,
+                             kgroups, 0);
+}
+extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)
+    matvec_tc_gated_q4_0(const float* x, const u8* w, const u8* w_up, float* out, int n, int k,
+                         int kgroups, int act) {
+    kernel_entry();
+    const MtWeight wt[2] = {{w, nullptr, nullptr}, {w_up, nullptr, nullptr}};
+    matvec_tc<MtQ4_0, true>(wt, x, nullptr, 0, out, n, k, (i64)(k / 32) * MtQ4_0::BLOCK, 0,
+                            kgroups, act);
+}
