@@ -956,15 +956,16 @@ fn matvec_tensor_cores_mlx() {
     }
 }
 
-/// The tensor-core matvec for ggml Q4_0 (matvec_tc.cu's `MtQ4_0`): plain, with a bias,
-/// with the residual, and gated; rows not a multiple of the 16-row tile; k of three blocks (a
-/// partial step), long k (several warps per tile), and an odd number of blocks per row (rows
-/// start at either half of a 4-byte word, so blocks of both alignments in every position).
+/// The decode matvec for ggml Q4_0 over 2^24 weights (matvec_tc.cu's `MtQ4_0` where rows start
+/// 8-byte aligned): plain, with a bias, with the residual, and gated; rows not a multiple of
+/// the 16-row tile; k of one quad of blocks (one step), long k (several warps per tile); and
+/// rows that start only 2-byte aligned (k of three blocks, an odd number of blocks), which
+/// matvec.cu multiplies.
 #[test]
 fn matvec_tensor_cores_ggml() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(23);
-    for (i, k) in [4352, 96, 4128].into_iter().enumerate() {
+    for (i, k) in [4352, 128, 2048, 96, 4128].into_iter().enumerate() {
         let n = (1 << 24) / k + 5;
         let w = ggml_weight(&mut rng, n, k, GgmlType::Q4_0);
         check_matmul(&dev, &mut rng, &w, 1, i != 1);

@@ -55,9 +55,12 @@ const MATVEC_TC_WARPS: usize = 8;
 const MATVEC_TC_TILE: usize = 16;
 /// Warps per SM the tensor-core matvec aims for (two blocks of MT_WARPS).
 const MATVEC_TC_WARPS_PER_SM: usize = 16;
-/// Weights (gate and up together) up to this many stay on matvec.cu, which was as fast or
+/// MLX weights (gate and up together) up to this many stay on matvec.cu, which was as fast or
 /// faster there (H200: 576×576 2.2 vs 3.0 µs, 4096×4096 mlx4 6.8 vs 7.1 µs) and keeps x in f32.
-const MATVEC_TC_MAX_SIMT_WEIGHTS: usize = 1 << 24;
+const MLX_SIMT_WEIGHTS: usize = 1 << 24;
+/// Q4_0 weights below 2^24 stay on matvec.cu; at 2^24 `MtQ4_0` was faster (H200: 4096×4096
+/// 7.7 vs 8.6 µs). Smaller matrices were not timed.
+const Q4_0_SIMT_WEIGHTS: usize = (1 << 24) - 1;
 /// Shared memory (staged x) per block that still lets two blocks share an SM.
 const MATVEC_TC_MAX_SHARED: usize = 100 << 10;
 /// MM_BM = MM_BN, 256 threads (matmul.cu).
@@ -125,7 +128,7 @@ fn matmul(
         ));
     }
     let launch = if vector_ready {
-        let plan = DecodePlan::new(lib, &weight, false, x, n, norm)?;
+        let plan = DecodePlan::new(lib, &weight, None, x, n, norm)?;
         let (kgroups, prefix) = (plan.kgroups, plan.prefix());
         let (name, args) = match weight {
             Weight::Mlx {
@@ -409,7 +412,7 @@ fn gated_matmul(
     }
     gate.check_alignment("gated_matmul")?;
     up.check_alignment("gated_matmul")?;
-    let plan = DecodePlan::new(lib, &gate, true, x, n, norm)?;
+    let plan = DecodePlan::new(lib, &gate, Some(&up), x, n, norm)?;
     let (kgroups, prefix) = (plan.kgroups, plan.prefix());
     let differ = || Error::op("gated_matmul", "gate and up are stored differently");
     let (name, args) = match (gate, up) {
@@ -492,22 +495,35 @@ struct DecodePlan<'a> {
 }
 
 impl<'a> DecodePlan<'a> {
-    /// `weight` (the gate, when `gated`) `[n, x.last_dim()]`.
+    /// `weight` (the gate, when `up` is given) `[n, x.last_dim()]`.
     fn new(
         lib: &KernelLibrary,
         weight: &Weight,
-        gated: bool,
+        up: Option<&Weight>,
         x: &Tensor,
         n: usize,
         norm: Norm<'a>,
     ) -> Result<Self> {
-        let (k, sm_count) = (x.last_dim(), lib.sm_count());
+        let (k, sm_count, gated) = (x.last_dim(), lib.sm_count(), up.is_some());
+        // MtQ4_0 loads a quad's four blocks (72 bytes) as 8-byte words: rows of k % 128 == 0
+        // from 8-byte aligned data; other Q4_0 rows stay on matvec.cu.
+        let aligned8 = |w: &Weight| -> Result<bool> { Ok(device_ptr(w.data())? % 8 == 0) };
+        let q4_0_quads = k.is_multiple_of(128)
+            && aligned8(weight)?
+            && match up {
+                Some(up) => aligned8(up)?,
+                None => true,
+            };
         let tensor_cores = match *weight {
-            Weight::Mlx { bits: 4, .. } => matvec_tc_plan(n, k, 32, 2, gated, sm_count)?,
-            Weight::Mlx { bits: 8, .. } => matvec_tc_plan(n, k, 16, 2, gated, sm_count)?,
+            Weight::Mlx { bits: 4, .. } => {
+                matvec_tc_plan(n, k, 32, 2, gated, sm_count, MLX_SIMT_WEIGHTS)?
+            }
+            Weight::Mlx { bits: 8, .. } => {
+                matvec_tc_plan(n, k, 16, 2, gated, sm_count, MLX_SIMT_WEIGHTS)?
+            }
             Weight::Ggml {
                 ty: GgmlType::Q4_0, ..
-            } => matvec_tc_plan(n, k, 32, 2, gated, sm_count)?,
+            } if q4_0_quads => matvec_tc_plan(n, k, 32, 2, gated, sm_count, Q4_0_SIMT_WEIGHTS)?,
             _ => None,
         };
         Ok(DecodePlan {
@@ -640,8 +656,8 @@ struct TcPlan {
 
 /// The tensor-core matvec for weights `[n, k]` whose format (matvec_tc.cu's `MtMlx` for MLX 4-
 /// and 8-bit, `MtQ4_0`) has `chunk` elements per chunk and `stage` chunks per
-/// row and stage, or None where matvec.cu runs instead: small matrices, and x too long to stage
-/// in shared memory.
+/// row and stage, or None where matvec.cu runs instead: matrices of up to `simt_weights`, and x
+/// too long to stage in shared memory.
 fn matvec_tc_plan(
     n: usize,
     k: usize,
@@ -649,9 +665,10 @@ fn matvec_tc_plan(
     stage: usize,
     gated: bool,
     sm_count: usize,
+    simt_weights: usize,
 ) -> Result<Option<TcPlan>> {
     let weights = n * k * if gated { 2 } else { 1 };
-    if weights <= MATVEC_TC_MAX_SIMT_WEIGHTS || !k.is_multiple_of(chunk) {
+    if weights <= simt_weights || !k.is_multiple_of(chunk) {
         return Ok(None);
     }
     // x is staged as f16 with f32 sums per chunk and a chunk of zeros (matvec_tc.cu's

@@ -13,7 +13,7 @@
 // supplies B only when g/2 == t and every lane's C fragment is the dot of its own chunk: each
 // lane then folds its chunk's group scale and bias in f32 (y += s·Σq·x + b·Σx) exactly as the
 // SIMT matvec does, with no group boundaries inside an mma. A Q4_0 chunk is one block of 32
-// fields (its d the scale, no bias), loaded as the 4-byte words that span it.
+// fields (its d the scale, no bias), the quad's four blocks loaded as 8-byte words.
 //
 // Bytes in flight: a warp's chunks are processed in stages of F::STAGE chunks per row, and the
 // next stage's loads (words, raw scales and biases) are issued before the current one
@@ -23,7 +23,7 @@
 // x: f16 rounding gives a relative error ≈ 2^−11 per product (the prefill tensor-core path
 // rounds x alike); q is exact in f16 and the accumulation is f32.
 // Launch: MT_WARPS·32 threads, ceil(n / (16·MT_WARPS/kgroups)) blocks, dynamic shared memory
-// (`matvec_tc_plan`, matmul.rs); x 16-byte aligned, MLX w 16-byte aligned, ggml w 2-byte.
+// (`matvec_tc_plan`, matmul.rs); x 16-byte aligned, MLX w 16-byte aligned, Q4_0 rows 8-byte.
 
 #define MT_WARPS 8
 #define MT_CHUNK_WORDS 4  // one 16-byte load per row and chunk
@@ -98,7 +98,8 @@ __device__ __forceinline__ u32 word(const uint4& v, int i) {
 // A weight format of the kernel: what a lane loads for one chunk of one row (`Raw`, issued a
 // stage ahead), the f16 pairs of the chunk's j-th 8 fields (p[0], p[1]: the A registers of the
 // first mma, p[2], p[3]: of the second), the x order that matches them (`slot`: the chunk
-// element in slot e of the j-th staged uint4, slots paired as (0, 1) (2, 3) (4, 5) (6, 7)), and
+// element in slot e of the j-th staged uint4, slots paired as (0, 1) (2, 3) (4, 5) (6, 7), for the
+// first chunk of a quad or another), and
 // the fold of a chunk's dot into the row sum.
 //
 // MLX affine: a chunk is one 16-byte load (32 4-bit or 16 8-bit fields) inside one group.
@@ -126,7 +127,7 @@ struct MtMlx {
             fields_f16<8>(word(r.w, 2 * j + 1), p + 2);
         }
     }
-    static __device__ __forceinline__ int slot(int j, int e) {
+    static __device__ __forceinline__ int slot(bool, int j, int e) {
         const int q = e >> 1;  // the pair
         return BITS == 4 ? 8 * j + q + 4 * (e & 1) : 8 * j + 4 * (q >> 1) + (q & 1) + 2 * (e & 1);
     }
@@ -135,44 +136,58 @@ struct MtMlx {
     }
 };
 
-// ggml Q4_0 (18-byte blocks: f16 d, 16 bytes of nibbles, w = d·(q − 8)): a chunk is one block.
-// Blocks are only 2-byte aligned, so a lane loads the 5 aligned words that span the block and
-// shifts its fields out by 0 or 16 bits when it computes. Fields become q − 8 directly (1032
-// subtracted instead of 1024), so the fold is d·dot (no Σx). Q8_0 on the same scheme (9 words a
-// block, one chunk a stage) was slower than matvec.cu's kernel (H200: 4096×14336 36.1 µs,
-// 1.73 TB/s) and is not built.
+// ggml Q4_0 (18-byte blocks: f16 d, 16 bytes of nibbles, w = d·(q − 8)): a chunk is one block,
+// so the quad's four chunks are 72 contiguous bytes, 8-byte aligned (the planner takes rows of
+// k % 128 == 0 from an 8-byte aligned base). Lane t loads the three 8-byte words at byte 16t,
+// which hold its block at byte 2t: three wide loads instead of the five 4-byte words that span
+// a 2-byte aligned block (H200, 4096×14336: 23.7 µs before). Each quant word is one byte_perm
+// of two loaded words; lane 0's block starts at byte 0, so its nibble words come whole from
+// bytes 4..15 and its last one joins bytes 2, 3, 16, 17, an order x is staged in for the first
+// chunk of each quad (`slot`). Fields become q − 8 directly (1032 subtracted instead of 1024),
+// so the fold is d·dot (no Σx). Q8_0 on the 4-byte word scheme (9 words a block, one chunk a
+// stage) was slower than matvec.cu's kernel (H200: 4096×14336 36.1 µs, 1.73 TB/s) and is not
+// built.
 struct MtQ4_0 {
     static constexpr int CHUNK = 32;
     static constexpr int BLOCK = 18;
     static constexpr int STAGE = 2;
     static constexpr bool SUMS = false;
     struct Raw {
-        u32 w[5];
-        u32 sh;  // 8 · (block address mod 4): 0 or 16
+        u32 w[6];  // bytes 16t .. 16t + 23 of the quad's blocks; lane 0: w[5] = w[0]
     };
     static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
                                                 int c, Raw& r) {
-        const u64 at = (u64)(wt.w + st.row[h] * st.row_bytes + BLOCK * c);
-        const u32* p = (const u32*)(at & ~(u64)3);
+        const uint2* p = (const uint2*)(wt.w + st.row[h] * st.row_bytes + 4 * BLOCK * (c >> 2) +
+                                        16 * st.t);
 #pragma unroll
-        for (int i = 0; i < 5; ++i) r.w[i] = p[i];
-        r.sh = (u32)(at & 2) * 8;
+        for (int i = 0; i < 3; ++i) {
+            const uint2 v = p[i];
+            r.w[2 * i] = v.x;
+            r.w[2 * i + 1] = v.y;
+        }
+        if (st.t == 0) r.w[5] = r.w[0];  // bytes 2, 3 of the last nibble word
     }
-    // Byte b of quant word j: elements 4j + b (low nibble) and 4j + b + 16 (high nibble).
+    // Byte b of quant word j: elements qb and qb + 16 (low and high nibble), qb = 4j + b, but
+    // for lane 0 4j + b + 2 (j < 3), and 0, 1, 14, 15 (j = 3).
     static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
-        const u32 w = __funnelshift_rc(r.w[j], r.w[j + 1], r.sh + 16), w2 = w >> 8;
+        const u32 t = threadIdx.x & 3;
+        const u32 sel = t < 2 ? 0x3210u : 0x3210u + 0x2222u * (t - 1);
+        const u32 w = __byte_perm(r.w[j + 1], r.w[j + 2], j == 3 && t == 0 ? 0x1076u : sel);
+        const u32 w2 = w >> 8;
         const u32 magic = 0x64006400u, m1032 = 0x64086408u;
         p[0] = hsub2((w & 0x000f000fu) | magic, m1032);
         p[1] = hfma2((w & 0x00f000f0u) | magic, 0x2c002c00u, 0xd480d480u);  // ·1/16 − 72
         p[2] = hsub2((w2 & 0x000f000fu) | magic, m1032);
         p[3] = hfma2((w2 & 0x00f000f0u) | magic, 0x2c002c00u, 0xd480d480u);
     }
-    static __device__ __forceinline__ int slot(int j, int e) {
-        const int q = e >> 1;
-        return 4 * j + 16 * (q & 1) + (q >> 1) + 2 * (e & 1);
+    static __device__ __forceinline__ int slot(bool quad_first, int j, int e) {
+        const int q = e >> 1, b = (q >> 1) + 2 * (e & 1);
+        const int qb = !quad_first ? 4 * j + b : j < 3 ? 4 * j + b + 2 : b < 2 ? b : 12 + b;
+        return qb + 16 * (q & 1);
     }
     static __device__ __forceinline__ float fold(const Raw& r, float dot, float, float acc) {
-        const u32 d = __funnelshift_r(r.w[0], r.w[1], r.sh) & 0xffffu;
+        const u32 t = threadIdx.x & 3;
+        const u32 d = __byte_perm(r.w[0], r.w[1], 0x10u + 0x22u * t) & 0xffffu;
         return fmaf(f16_to_f32((u16)d), dot, acc);
     }
 };
@@ -261,12 +276,17 @@ __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, u
             for (int e = 0; e < CHUNK; ++e) sum += v[e];
             csum[c] = sum;
         }
+        const bool first = (c & 3) == 0;  // the first chunk of its quad
 #pragma unroll
         for (int j = 0; j < CHUNK / 8; ++j) {
             u32 o[4];
 #pragma unroll
-            for (int q = 0; q < 4; ++q)
-                o[q] = pack_f16x2(v[F::slot(j, 2 * q)], v[F::slot(j, 2 * q + 1)]);
+            for (int q = 0; q < 4; ++q) {
+                const int e = 2 * q;  // both orders indexed by constants: v stays in registers
+                const float lo = first ? v[F::slot(true, j, e)] : v[F::slot(false, j, e)];
+                const float hi = first ? v[F::slot(true, j, e + 1)] : v[F::slot(false, j, e + 1)];
+                o[q] = pack_f16x2(lo, hi);
+            }
             *(uint4*)(xh + c * (CHUNK / 2) + 4 * j) = uint4{o[0], o[1], o[2], o[3]};
         }
     }
