@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::formats::config::ConfigFields;
-use crate::models::decoder::DecoderParams;
+use crate::models::decoder::{Architecture, DecoderParams, RopeParams};
 use crate::models::{gemma2, gemma3, llama, mixtral, phi3, qwen2, qwen3, qwen3_moe};
 use crate::Result;
 
@@ -92,6 +92,36 @@ impl Sizes {
             vocab_size: f.required(ConfigFields::positive, "vocab_size")?,
             rms_norm_eps: f.required(ConfigFields::float, "rms_norm_eps")?,
         })
+    }
+
+    /// A decoder of these sizes: `arch`, `head_dim` and `rope` on every layer (no sliding
+    /// window), attention scaled by 1/√head_dim, no experts. Families override what differs.
+    pub fn decoder(
+        &self,
+        arch: Architecture,
+        head_dim: usize,
+        rope: RopeParams,
+        tie_word_embeddings: bool,
+        max_position_embeddings: usize,
+    ) -> DecoderParams {
+        DecoderParams {
+            arch,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_layers,
+            num_heads: self.num_heads,
+            num_kv_heads: self.num_kv_heads,
+            head_dim,
+            vocab_size: self.vocab_size,
+            rms_norm_eps: self.rms_norm_eps,
+            rope,
+            local_rope: None,
+            layer_windows: vec![None; self.num_layers],
+            attention_scale: 1.0 / (head_dim as f32).sqrt(),
+            tie_word_embeddings,
+            max_position_embeddings,
+            moe: None,
+        }
     }
 
     /// `hidden_size / num_attention_heads`, as families without a `head_dim` field compute it.

@@ -17,40 +17,36 @@ pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
         Ok(f.get(ConfigFields::float, field)?.unwrap_or(default))
     };
     let query_pre_attn_scalar = float_or("query_pre_attn_scalar", 144.0)?;
+    let arch = Architecture {
+        norm_unit_offset: true,
+        sandwich_norms: true,
+        activation: UnaryFn::GeluTanh,
+        // mlx-lm multiplies in the activation dtype (float32 here).
+        embed_scale: Some((s.hidden_size as f32).sqrt()),
+        attn_softcap: Some(float_or("attn_logit_softcapping", 50.0)?),
+        final_softcap: Some(float_or("final_logit_softcapping", 30.0)?),
+        ..Architecture::LLAMA
+    };
+    let rope = RopeParams {
+        theta: float_or("rope_theta", 10000.0)?,
+        scaling: RopeScaling::None,
+        traditional: f
+            .get(ConfigFields::bool, "rope_traditional")?
+            .unwrap_or(false),
+        rotary_dims: head_dim,
+    };
+    let tie_word_embeddings = true;
+    let max_position_embeddings = f
+        .get(ConfigFields::positive, "max_position_embeddings")?
+        .unwrap_or(DEFAULT_CONTEXT);
     Ok(DecoderParams {
-        arch: Architecture {
-            norm_unit_offset: true,
-            sandwich_norms: true,
-            activation: UnaryFn::GeluTanh,
-            // mlx-lm multiplies in the activation dtype (float32 here).
-            embed_scale: Some((s.hidden_size as f32).sqrt()),
-            attn_softcap: Some(float_or("attn_logit_softcapping", 50.0)?),
-            final_softcap: Some(float_or("final_logit_softcapping", 30.0)?),
-            ..Architecture::LLAMA
-        },
-        hidden_size: s.hidden_size,
-        intermediate_size: s.intermediate_size,
-        num_layers: s.num_layers,
-        num_heads: s.num_heads,
-        num_kv_heads: s.num_kv_heads,
-        head_dim,
-        vocab_size: s.vocab_size,
-        rms_norm_eps: s.rms_norm_eps,
-        rope: RopeParams {
-            theta: float_or("rope_theta", 10000.0)?,
-            scaling: RopeScaling::None,
-            traditional: f
-                .get(ConfigFields::bool, "rope_traditional")?
-                .unwrap_or(false),
-            rotary_dims: head_dim,
-        },
-        local_rope: None,
-        layer_windows: vec![None; s.num_layers],
         attention_scale: 1.0 / query_pre_attn_scalar.sqrt(),
-        tie_word_embeddings: true,
-        max_position_embeddings: f
-            .get(ConfigFields::positive, "max_position_embeddings")?
-            .unwrap_or(DEFAULT_CONTEXT),
-        moe: None,
+        ..s.decoder(
+            arch,
+            head_dim,
+            rope,
+            tie_word_embeddings,
+            max_position_embeddings,
+        )
     })
 }

@@ -40,35 +40,27 @@ pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
             }
         },
     };
-    Ok(DecoderParams {
-        arch: Architecture {
-            fused_qkv: true,
-            fused_gate_up: true,
-            ..Architecture::LLAMA
-        },
-        hidden_size: s.hidden_size,
-        intermediate_size: s.intermediate_size,
-        num_layers: s.num_layers,
-        num_heads: s.num_heads,
-        num_kv_heads: s.num_kv_heads,
-        head_dim,
-        vocab_size: s.vocab_size,
-        rms_norm_eps: s.rms_norm_eps,
-        rope: RopeParams {
-            theta: f.get(ConfigFields::float, "rope_theta")?.unwrap_or(10000.0),
-            scaling,
-            traditional: f
-                .get(ConfigFields::bool, "rope_traditional")?
-                .unwrap_or(false),
-            rotary_dims,
-        },
-        local_rope: None,
-        layer_windows: vec![None; s.num_layers],
-        attention_scale: 1.0 / (head_dim as f32).sqrt(),
-        tie_word_embeddings: f
-            .get(ConfigFields::bool, "tie_word_embeddings")?
+    let arch = Architecture {
+        fused_qkv: true,
+        fused_gate_up: true,
+        ..Architecture::LLAMA
+    };
+    let rope = RopeParams {
+        theta: f.get(ConfigFields::float, "rope_theta")?.unwrap_or(10000.0),
+        scaling,
+        traditional: f
+            .get(ConfigFields::bool, "rope_traditional")?
             .unwrap_or(false),
+        rotary_dims,
+    };
+    let tie_word_embeddings = f
+        .get(ConfigFields::bool, "tie_word_embeddings")?
+        .unwrap_or(false);
+    Ok(s.decoder(
+        arch,
+        head_dim,
+        rope,
+        tie_word_embeddings,
         max_position_embeddings,
-        moe: None,
-    })
+    ))
 }

@@ -9,36 +9,29 @@ use crate::Result;
 pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
     let s = Sizes::read(f)?;
     let head_dim = s.default_head_dim();
-    Ok(DecoderParams {
-        arch: Architecture {
-            qkv_bias: true,
-            ..Architecture::LLAMA
-        },
-        hidden_size: s.hidden_size,
-        intermediate_size: s.intermediate_size,
-        num_layers: s.num_layers,
-        num_heads: s.num_heads,
-        num_kv_heads: s.num_kv_heads,
+    let arch = Architecture {
+        qkv_bias: true,
+        ..Architecture::LLAMA
+    };
+    let rope = RopeParams {
+        theta: f.get(ConfigFields::float, "rope_theta")?.unwrap_or(1e6),
+        scaling: rope_scaling(f.nested("rope_scaling")?.as_ref())?,
+        traditional: f
+            .get(ConfigFields::bool, "rope_traditional")?
+            .unwrap_or(false),
+        rotary_dims: head_dim,
+    };
+    let tie_word_embeddings = f
+        .get(ConfigFields::bool, "tie_word_embeddings")?
+        .unwrap_or(true);
+    let max_position_embeddings = f
+        .get(ConfigFields::positive, "max_position_embeddings")?
+        .unwrap_or(32768);
+    Ok(s.decoder(
+        arch,
         head_dim,
-        vocab_size: s.vocab_size,
-        rms_norm_eps: s.rms_norm_eps,
-        rope: RopeParams {
-            theta: f.get(ConfigFields::float, "rope_theta")?.unwrap_or(1e6),
-            scaling: rope_scaling(f.nested("rope_scaling")?.as_ref())?,
-            traditional: f
-                .get(ConfigFields::bool, "rope_traditional")?
-                .unwrap_or(false),
-            rotary_dims: head_dim,
-        },
-        local_rope: None,
-        layer_windows: vec![None; s.num_layers],
-        attention_scale: 1.0 / (head_dim as f32).sqrt(),
-        tie_word_embeddings: f
-            .get(ConfigFields::bool, "tie_word_embeddings")?
-            .unwrap_or(true),
-        max_position_embeddings: f
-            .get(ConfigFields::positive, "max_position_embeddings")?
-            .unwrap_or(32768),
-        moe: None,
-    })
+        rope,
+        tie_word_embeddings,
+        max_position_embeddings,
+    ))
 }

@@ -22,30 +22,23 @@ pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
         Some(s) => rope_scaling(Some(&s))?,
         None => rope_scaling(rope_parameters.as_ref())?,
     };
-    Ok(DecoderParams {
-        arch: Architecture {
-            qk_norm: true,
-            ..Architecture::LLAMA
-        },
-        hidden_size: s.hidden_size,
-        intermediate_size: s.intermediate_size,
-        num_layers: s.num_layers,
-        num_heads: s.num_heads,
-        num_kv_heads: s.num_kv_heads,
+    let arch = Architecture {
+        qk_norm: true,
+        ..Architecture::LLAMA
+    };
+    let rope = RopeParams {
+        theta,
+        scaling,
+        traditional: false,
+        rotary_dims: head_dim,
+    };
+    let tie_word_embeddings = f.required(ConfigFields::bool, "tie_word_embeddings")?;
+    let max_position_embeddings = f.required(ConfigFields::positive, "max_position_embeddings")?;
+    Ok(s.decoder(
+        arch,
         head_dim,
-        vocab_size: s.vocab_size,
-        rms_norm_eps: s.rms_norm_eps,
-        rope: RopeParams {
-            theta,
-            scaling,
-            traditional: false,
-            rotary_dims: head_dim,
-        },
-        local_rope: None,
-        layer_windows: vec![None; s.num_layers],
-        attention_scale: 1.0 / (head_dim as f32).sqrt(),
-        tie_word_embeddings: f.required(ConfigFields::bool, "tie_word_embeddings")?,
-        max_position_embeddings: f.required(ConfigFields::positive, "max_position_embeddings")?,
-        moe: None,
-    })
+        rope,
+        tie_word_embeddings,
+        max_position_embeddings,
+    ))
 }

@@ -54,30 +54,26 @@ pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
             block: "mlp",
         })
     });
+    let arch = Architecture {
+        qk_norm: true,
+        ..Architecture::LLAMA
+    };
+    let rope = RopeParams {
+        theta: f.required(ConfigFields::float, "rope_theta")?,
+        scaling: RopeScaling::None,
+        traditional: false,
+        rotary_dims: head_dim,
+    };
+    let tie_word_embeddings = f.required(ConfigFields::bool, "tie_word_embeddings")?;
+    let max_position_embeddings = f.required(ConfigFields::positive, "max_position_embeddings")?;
     Ok(DecoderParams {
-        arch: Architecture {
-            qk_norm: true,
-            ..Architecture::LLAMA
-        },
-        hidden_size: s.hidden_size,
-        intermediate_size: s.intermediate_size,
-        num_layers: s.num_layers,
-        num_heads: s.num_heads,
-        num_kv_heads: s.num_kv_heads,
-        head_dim,
-        vocab_size: s.vocab_size,
-        rms_norm_eps: s.rms_norm_eps,
-        rope: RopeParams {
-            theta: f.required(ConfigFields::float, "rope_theta")?,
-            scaling: RopeScaling::None,
-            traditional: false,
-            rotary_dims: head_dim,
-        },
-        local_rope: None,
-        layer_windows: vec![None; s.num_layers],
-        attention_scale: 1.0 / (head_dim as f32).sqrt(),
-        tie_word_embeddings: f.required(ConfigFields::bool, "tie_word_embeddings")?,
-        max_position_embeddings: f.required(ConfigFields::positive, "max_position_embeddings")?,
         moe: moe.transpose()?,
+        ..s.decoder(
+            arch,
+            head_dim,
+            rope,
+            tie_word_embeddings,
+            max_position_embeddings,
+        )
     })
 }
