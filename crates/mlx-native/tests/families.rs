@@ -101,9 +101,13 @@ fn check(name: &str) -> f32 {
 }
 
 fn check_on(name: &str, device: &Device, tolerance: f32) -> f32 {
+    check_model(name, &fixture_dir(name), device, tolerance)
+}
+
+/// Runs `model` (a checkpoint directory or GGUF file) against fixture `name`'s references.
+fn check_model(name: &str, model: &Path, device: &Device, tolerance: f32) -> f32 {
     let device = device.clone();
-    let dir = fixture_dir(name);
-    let r = reference(&dir);
+    let r = reference(&fixture_dir(name));
     let greedy = SamplingParams::default();
     let n = r.prompt.len();
     let mut worst = 0f32;
@@ -119,8 +123,8 @@ fn check_on(name: &str, device: &Device, tolerance: f32) -> f32 {
     };
 
     // Prefill the prompt, then decode greedily (graph replay) along mlx-lm's path.
-    let model = load_decoder(&dir, &device, &mut |_, _| {}).unwrap();
-    let mut session = Session::new(model, &device, 32).unwrap();
+    let decoder = load_decoder(model, &device, &mut |_, _| {}).unwrap();
+    let mut session = Session::new(decoder, &device, 32).unwrap();
     let mut tokens = vec![session.prefill(&r.prompt, greedy).unwrap()];
     compare("prefill", n - 1, &session.logits().unwrap());
     for step in 1..r.greedy.len() {
@@ -131,8 +135,8 @@ fn check_on(name: &str, device: &Device, tolerance: f32) -> f32 {
     assert_eq!(tokens, r.greedy, "{name}: greedy continuation");
 
     // Every position one token at a time, from a fresh session (direct execution).
-    let model = load_decoder(&dir, &device, &mut |_, _| {}).unwrap();
-    let mut session = Session::new(model, &device, 32).unwrap();
+    let decoder = load_decoder(model, &device, &mut |_, _| {}).unwrap();
+    let mut session = Session::new(decoder, &device, 32).unwrap();
     let seq: Vec<u32> = r.prompt.iter().chain(&r.greedy).copied().collect();
     for (pos, &token) in seq[..r.logits_f32.len()].iter().enumerate() {
         let next = session.step_with_token(token, pos, greedy, false).unwrap();
@@ -140,8 +144,12 @@ fn check_on(name: &str, device: &Device, tolerance: f32) -> f32 {
         assert_eq!(next, argmax(&logits));
         compare("token by token", pos, &logits);
     }
+    let file = model
+        .file_name()
+        .map(|f| f.to_string_lossy())
+        .unwrap_or_default();
     println!(
-        "{name}: max |logit - mlx-lm| {worst:.2e} (float32 run), {worst_native:.3} (run in the checkpoint's dtype)"
+        "{name} ({file}): max |logit - mlx-lm| {worst:.2e} (float32 run), {worst_native:.3} (run in the checkpoint's dtype)"
     );
     worst
 }
@@ -168,6 +176,22 @@ fn every_fixture_on_cuda() {
     for entry in std::fs::read_dir(fixture_dir("")).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
         check_on(&name, &device, LOGIT_TOLERANCE_CUDA);
+        let twin = fixture_dir(&name).join("twin.gguf");
+        if twin.exists() {
+            check_model(&name, &twin, &device, LOGIT_TOLERANCE_CUDA);
+        }
+    }
+}
+
+/// GGUF files of the Qwen families: the twins (tools/make_gguf_family_twins.py) hold a
+/// fixture's weights as MLX dequantizes them, in F32 under llama.cpp's tensor names and
+/// metadata (qwen2: q/k/v biases; qwen3: its own head dim and per-head q/k norms; both
+/// rotate-half RoPE), and must give the fixture's mlx-lm logits.
+#[test]
+fn qwen_gguf_twins_match_mlx_lm() {
+    for name in ["qwen2_4bit", "qwen3_4bit"] {
+        let twin = fixture_dir(name).join("twin.gguf");
+        check_model(name, &twin, &Device::cpu(), LOGIT_TOLERANCE);
     }
 }
 

@@ -18,8 +18,9 @@ use crate::{Error, Result};
 /// The config.json `model_type`s of MLX checkpoints this build runs.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = family::MODEL_TYPES;
 
-/// The GGUF `general.architecture`s this build runs (llama.cpp's Llama tensor layout).
-pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama", "mistral"];
+/// The GGUF `general.architecture`s this build runs (llama.cpp's Llama tensor layout, with
+/// q/k/v biases for qwen2 and per-head q/k norms for qwen3).
+pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 
 pub struct LoadedModel {
     pub model: Decoder,
@@ -170,7 +171,7 @@ fn load_mlx(
     })
 }
 
-/// Llama-family hyper-parameters from GGUF metadata (`{arch}.*` keys, llama.cpp's names).
+/// Llama-layout hyper-parameters from GGUF metadata (`{arch}.*` keys, llama.cpp's names).
 fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
     let key = |k: &str| format!("{arch}.{k}");
     let usize_of = |k: &str| -> Result<usize> { Ok(file.get_u32(&key(k))? as usize) };
@@ -186,9 +187,13 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
             reason: format!("{num_kv_heads} kv heads for {num_heads} heads"),
         });
     }
-    let head_dim = match file.opt_u32(&key("rope.dimension_count"))? {
-        Some(d) => d as usize,
-        None => hidden_size / num_heads,
+    // Qwen3 states its head dim (not hidden / heads) as the key length.
+    let head_dim = match (
+        file.opt_u32(&key("attention.key_length"))?,
+        file.opt_u32(&key("rope.dimension_count"))?,
+    ) {
+        (Some(d), _) | (None, Some(d)) => d as usize,
+        (None, None) => hidden_size / num_heads,
     };
     if file.tensor_info("rope_freqs.weight").is_some() {
         return Err(Error::Config {
@@ -220,6 +225,7 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
         arch: Architecture {
             qkv_bias: attention_bias,
             o_bias: file.tensor_info("blk.0.attn_output.bias").is_some(),
+            qk_norm: arch == "qwen3",
             ..Architecture::LLAMA
         },
         hidden_size,
@@ -233,8 +239,9 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
         rope: RopeParams {
             theta: file.opt_f32(&key("rope.freq_base"))?.unwrap_or(10000.0),
             scaling: rope_scaling,
-            // llama.cpp's converter permuted q/k rows for interleaved-pair RoPE.
-            traditional: true,
+            // llama.cpp's converter permutes llama q/k rows for interleaved-pair RoPE and
+            // keeps Qwen's as they are (rotate-half, NEOX in llama.cpp).
+            traditional: matches!(arch, "llama" | "mistral"),
             rotary_dims: head_dim,
         },
         local_rope: None,

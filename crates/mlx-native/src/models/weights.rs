@@ -109,11 +109,13 @@ pub struct GgufWeights<'a> {
 
 /// llama.cpp's name for a Hugging Face tensor prefix of the Llama family.
 fn gguf_name(hf: &str) -> String {
-    const LAYER_PARTS: [(&str, &str); 9] = [
+    const LAYER_PARTS: [(&str, &str); 11] = [
         ("self_attn.q_proj", "attn_q"),
         ("self_attn.k_proj", "attn_k"),
         ("self_attn.v_proj", "attn_v"),
         ("self_attn.o_proj", "attn_output"),
+        ("self_attn.q_norm", "attn_q_norm"),
+        ("self_attn.k_norm", "attn_k_norm"),
         ("mlp.gate_proj", "ffn_gate"),
         ("mlp.up_proj", "ffn_up"),
         ("mlp.down_proj", "ffn_down"),

@@ -1,0 +1,98 @@
+"""GGUF twins of family fixtures: the same weights as an MLX fixture (dequantized by MLX, so
+exactly the values the quantized checkpoint stands for) written as F32 tensors under
+llama.cpp's names and metadata for that architecture, so that tests/families.rs can hold a
+GGUF file of a non-Llama family to the fixture's mlx-lm logits.
+
+llama.cpp's converter keeps q/k rows of qwen2/qwen3 as they are (NEOX RoPE); so do we.
+Needs mlx and llama.cpp's gguf-py (vendor/llama.cpp/gguf-py of the llama-cpp-python sdist:
+`scripts/peer_llamacpp.sh prepare` fetches it).
+
+usage: PYTHONPATH=.../gguf-py python3 make_gguf_family_twins.py FIXTURES_DIR [NAME ...]
+       (writes FIXTURES_DIR/NAME/twin.gguf; default names: qwen2_4bit qwen3_4bit)
+"""
+import json
+import sys
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+
+LAYER_PARTS = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def gguf_name(prefix):
+    if prefix in TOP:
+        return TOP[prefix]
+    _, _, layer, part = prefix.split(".", 3)
+    return f"blk.{layer}.{LAYER_PARTS[part]}"
+
+
+def float_tensors(directory, config):
+    """Every tensor as float32, quantized matrices dequantized with the checkpoint's params."""
+    weights = {}
+    for shard in sorted(directory.glob("model*.safetensors")):
+        weights.update(mx.load(str(shard)))
+    q = config.get("quantization", {})
+    out = {}
+    for name, w in weights.items():
+        if name.endswith(".scales") or name.endswith(".biases"):
+            continue
+        prefix = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and f"{prefix}.scales" in weights:
+            # In float32, as mlx-lm's float32 reference run multiplies them.
+            scales, biases = (weights[f"{prefix}.{p}"].astype(mx.float32) for p in ("scales", "biases"))
+            w = mx.dequantize(w, scales, biases, q["group_size"], q["bits"])
+        out[name] = np.array(w.astype(mx.float32))
+    return out
+
+
+def write_twin(directory):
+    config = json.loads((directory / "config.json").read_text())
+    arch = config["model_type"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim", config["hidden_size"] // heads)
+    w = gguf.GGUFWriter(str(directory / "twin.gguf"), arch)
+    w.add_name(f"twin of {directory.name}")
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(config.get("rope_theta", 1e6))
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_vocab_size(config["vocab_size"])
+    for name, t in sorted(float_tensors(directory, config).items()):
+        prefix, kind = name.rsplit(".", 1)
+        w.add_tensor(f"{gguf_name(prefix)}.{kind}", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(directory / "twin.gguf", file=sys.stderr)
+
+
+def main():
+    fixtures = Path(sys.argv[1])
+    for name in sys.argv[2:] or ["qwen2_4bit", "qwen3_4bit"]:
+        write_twin(fixtures / name)
+
+
+if __name__ == "__main__":
+    main()
