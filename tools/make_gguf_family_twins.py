@@ -3,7 +3,8 @@ exactly the values the quantized checkpoint stands for) written as F32 tensors u
 llama.cpp's names and metadata for that architecture, so that tests/families.rs can hold a
 GGUF file of a non-Llama family to the fixture's mlx-lm logits.
 
-llama.cpp's converter keeps q/k rows of qwen2/qwen3 as they are (NEOX RoPE); so do we.
+Tensor names come from gguf-py's own map (`gguf.get_tensor_name_map`), as llama.cpp's
+converter names them; it keeps q/k rows of qwen2/qwen3 as they are (NEOX RoPE), and so do we.
 Needs mlx and llama.cpp's gguf-py (vendor/llama.cpp/gguf-py of the llama-cpp-python sdist:
 `scripts/peer_llamacpp.sh prepare` fetches it).
 
@@ -17,29 +18,6 @@ from pathlib import Path
 import gguf
 import mlx.core as mx
 import numpy as np
-
-LAYER_PARTS = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-
-
-def gguf_name(prefix):
-    if prefix in TOP:
-        return TOP[prefix]
-    _, _, layer, part = prefix.split(".", 3)
-    return f"blk.{layer}.{LAYER_PARTS[part]}"
-
 
 def float_tensors(directory, config):
     """Every tensor as float32, quantized matrices dequantized with the checkpoint's params."""
@@ -78,9 +56,10 @@ def write_twin(directory):
     w.add_rope_freq_base(config.get("rope_theta", 1e6))
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_vocab_size(config["vocab_size"])
+    arch_id = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    names = gguf.get_tensor_name_map(arch_id, config["num_hidden_layers"])
     for name, t in sorted(float_tensors(directory, config).items()):
-        prefix, kind = name.rsplit(".", 1)
-        w.add_tensor(f"{gguf_name(prefix)}.{kind}", t)
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

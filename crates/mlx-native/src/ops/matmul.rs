@@ -211,23 +211,7 @@ impl Linear {
 
 /// out `[m, n]` = x `[m, k]` · Wᵀ (+ bias).
 pub fn matmul(enc: &mut CommandEncoder, x: &Tensor, w: &Linear, out: &Tensor) -> Result<()> {
-    expect_dtype("matmul", "x", x, &[DType::F32])?;
-    if x.last_dim() != w.k {
-        return Err(Error::op(
-            "matmul",
-            format!("x has {} columns, weight expects {}", x.last_dim(), w.k),
-        ));
-    }
-    expect_shape("matmul", "out", out, &[x.rows(), w.n])?;
-    let mut inputs: Vec<&Tensor> = vec![x];
-    inputs.extend(w.tensors.iter());
-    inputs.extend(w.bias.iter());
-    let op = Op::MatMul {
-        layout: w.layout,
-        has_bias: w.bias.is_some(),
-        pre_norm: None,
-    };
-    enc.dispatch(op, &inputs, &[out])
+    dispatch_matmul(enc, x, None, w, out)
 }
 
 /// The RMSNorm a decode matmul applies to its input: weight f32 `[k]` and parameters.
@@ -241,6 +225,18 @@ fn check_input_norm(op: &'static str, x: &Tensor, (weight, _): InputNorm) -> Res
     expect_shape(op, "norm weight", weight, &[x.last_dim()])
 }
 
+/// x is f32 with the weight's `k` columns.
+fn check_x(op: &'static str, x: &Tensor, k: usize) -> Result<()> {
+    expect_dtype(op, "x", x, &[DType::F32])?;
+    if x.last_dim() != k {
+        return Err(Error::op(
+            op,
+            format!("x has {} columns, the weight expects {k}", x.last_dim()),
+        ));
+    }
+    Ok(())
+}
+
 /// out `[1, n]` = RMSNorm(x `[1, k]`) · Wᵀ (+ bias), one dispatch: the norm is folded into
 /// the matmul (decode).
 pub fn normed_matmul(
@@ -250,22 +246,28 @@ pub fn normed_matmul(
     w: &Linear,
     out: &Tensor,
 ) -> Result<()> {
-    expect_dtype("matmul", "x", x, &[DType::F32])?;
     check_input_norm("matmul", x, norm)?;
-    if x.last_dim() != w.k {
-        return Err(Error::op(
-            "matmul",
-            format!("x has {} columns, weight expects {}", x.last_dim(), w.k),
-        ));
-    }
-    expect_shape("matmul", "out", out, &[1, w.n])?;
-    let mut inputs: Vec<&Tensor> = vec![x, norm.0];
+    dispatch_matmul(enc, x, Some(norm), w, out)
+}
+
+/// `Op::MatMul` of x (through `norm` if given) and `w` (with its bias) into out `[m, n]`.
+fn dispatch_matmul(
+    enc: &mut CommandEncoder,
+    x: &Tensor,
+    norm: Option<InputNorm>,
+    w: &Linear,
+    out: &Tensor,
+) -> Result<()> {
+    check_x("matmul", x, w.k)?;
+    expect_shape("matmul", "out", out, &[x.rows(), w.n])?;
+    let mut inputs: Vec<&Tensor> = vec![x];
+    inputs.extend(norm.map(|(weight, _)| weight));
     inputs.extend(w.tensors.iter());
     inputs.extend(w.bias.iter());
     let op = Op::MatMul {
         layout: w.layout,
         has_bias: w.bias.is_some(),
-        pre_norm: Some(norm.1),
+        pre_norm: norm.map(|(_, p)| p),
     };
     enc.dispatch(op, &inputs, &[out])
 }
@@ -280,18 +282,12 @@ pub fn matmul_add(
     residual: &Tensor,
     out: &Tensor,
 ) -> Result<()> {
-    expect_dtype("matmul", "x", x, &[DType::F32])?;
+    check_x("matmul", x, w.k)?;
     expect_dtype("matmul", "residual", residual, &[DType::F32])?;
     if x.rows() != 1 || w.bias.is_some() {
         return Err(Error::op(
             "matmul",
             "a fused residual needs one row of x and a weight without bias",
-        ));
-    }
-    if x.last_dim() != w.k {
-        return Err(Error::op(
-            "matmul",
-            format!("x has {} columns, weight expects {}", x.last_dim(), w.k),
         ));
     }
     expect_shape("matmul", "residual", residual, &[1, w.n])?;
@@ -319,7 +315,7 @@ pub fn gated_matmul(
     f: UnaryFn,
     out: &Tensor,
 ) -> Result<()> {
-    expect_dtype("gated_matmul", "x", x, &[DType::F32])?;
+    check_x("gated_matmul", x, gate.k)?;
     if x.rows() != 1 {
         return Err(Error::op("gated_matmul", "x must be a single row"));
     }
@@ -339,12 +335,6 @@ pub fn gated_matmul(
     }
     if gate.bias.is_some() || up.bias.is_some() {
         return Err(Error::op("gated_matmul", "weights with a bias"));
-    }
-    if x.last_dim() != gate.k {
-        return Err(Error::op(
-            "gated_matmul",
-            format!("x has {} columns, weights expect {}", x.last_dim(), gate.k),
-        ));
     }
     expect_shape("gated_matmul", "out", out, &[1, gate.n])?;
     let mut inputs: Vec<&Tensor> = vec![x];

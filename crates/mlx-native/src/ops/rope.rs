@@ -186,6 +186,23 @@ pub fn inv_freq(rotary_dims: usize, theta: f32, scaling: &RopeScaling) -> (Vec<f
     }
 }
 
+/// The table turns at most `head_dim` dims; `pos` is a u32 `[1]` position.
+fn check_table_and_pos(
+    op: &'static str,
+    table: &RopeTable,
+    head_dim: usize,
+    pos: &Tensor,
+) -> Result<()> {
+    if table.rotary_dims > head_dim {
+        return Err(Error::op(
+            op,
+            format!("rotary dims {} > head dim {head_dim}", table.rotary_dims),
+        ));
+    }
+    expect_dtype(op, "pos", pos, &[DType::U32])?;
+    expect_shape(op, "pos", pos, &[1])
+}
+
 /// Rotate the leading `table.rotary_dims` dims of each head of `x` `[m, n_heads*head_dim]`;
 /// row i is at position pos+i (`pos`: u32 `[1]`).
 #[allow(clippy::too_many_arguments)]
@@ -201,14 +218,7 @@ pub fn rope(
 ) -> Result<()> {
     expect_dtype("rope", "x", x, &[DType::F32])?;
     expect_shape("rope", "x", x, &[x.rows(), n_heads * head_dim])?;
-    if table.rotary_dims > head_dim {
-        return Err(Error::op(
-            "rope",
-            format!("rotary dims {} > head dim {head_dim}", table.rotary_dims),
-        ));
-    }
-    expect_dtype("rope", "pos", pos, &[DType::U32])?;
-    expect_shape("rope", "pos", pos, &[1])?;
+    check_table_and_pos("rope", table, head_dim, pos)?;
     expect_shape("rope", "out", out, x.shape())?;
     let op = Op::Rope {
         n_heads,
@@ -254,14 +264,7 @@ pub fn rope_kv_append(
         expect_dtype("rope_kv_append", what, c, &[DType::F32])?;
         expect_shape("rope_kv_append", what, c, &[n_kv_heads, capacity, head_dim])?;
     }
-    if table.rotary_dims > head_dim {
-        return Err(Error::op(
-            "rope_kv_append",
-            format!("rotary dims {} > head dim {head_dim}", table.rotary_dims),
-        ));
-    }
-    expect_dtype("rope_kv_append", "pos", pos, &[DType::U32])?;
-    expect_shape("rope_kv_append", "pos", pos, &[1])?;
+    check_table_and_pos("rope_kv_append", table, head_dim, pos)?;
     let op = Op::RopeKvAppend {
         n_heads,
         n_kv_heads,

@@ -19,6 +19,22 @@ pub enum WeightLayout {
 }
 
 impl WeightLayout {
+    /// MLX affine at every supported bit width and group size.
+    pub fn mlx_affine_all() -> impl Iterator<Item = WeightLayout> {
+        mlx_affine::SUPPORTED_BITS.into_iter().flat_map(|bits| {
+            mlx_affine::SUPPORTED_GROUP_SIZES
+                .into_iter()
+                .map(move |group_size| WeightLayout::MlxAffine { bits, group_size })
+        })
+    }
+
+    /// Every layout: dense, every MLX affine one, every ggml type.
+    pub fn all() -> impl Iterator<Item = WeightLayout> {
+        std::iter::once(WeightLayout::Dense)
+            .chain(Self::mlx_affine_all())
+            .chain(GgmlType::ALL.into_iter().map(WeightLayout::Gguf))
+    }
+
     /// Number of tensors the layout is stored in (weight, scales, biases for MLX).
     pub fn tensor_count(self) -> usize {
         match self {

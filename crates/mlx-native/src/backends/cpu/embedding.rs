@@ -8,39 +8,13 @@ use crate::core::dtype::DType;
 use crate::core::op::Op;
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
-use crate::quant::mlx_affine::{self, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES};
+use crate::quant::mlx_affine;
 use crate::quant::{ggml, GgmlType, WeightLayout};
 use crate::{Error, Result};
 
 pub(super) fn register(reg: &mut Registry<CpuKernel>) {
-    reg.insert(
-        "embedding",
-        &WeightLayout::Dense.variant(),
-        DType::F32,
-        embedding,
-    );
-    for bits in SUPPORTED_BITS {
-        for group_size in SUPPORTED_GROUP_SIZES {
-            let layout = WeightLayout::MlxAffine { bits, group_size };
-            reg.insert("embedding", &layout.variant(), DType::F32, embedding);
-        }
-    }
-    for t in [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4K,
-        GgmlType::Q6K,
-    ] {
-        reg.insert(
-            "embedding",
-            &WeightLayout::Gguf(t).variant(),
-            DType::F32,
-            embedding,
-        );
+    for layout in WeightLayout::all() {
+        reg.insert("embedding", &layout.variant(), DType::F32, embedding);
     }
 }
 

@@ -12,30 +12,11 @@ use crate::core::dtype::DType;
 use crate::core::op::{Op, PreNorm};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
-use crate::quant::mlx_affine::{SUPPORTED_BITS, SUPPORTED_GROUP_SIZES};
-use crate::quant::{GgmlType, WeightLayout};
+use crate::quant::WeightLayout;
 use crate::{Error, Result};
 
 pub(super) fn register(reg: &mut Registry<CpuKernel>) {
-    let mut layouts: Vec<(WeightLayout, CpuKernel)> = vec![(WeightLayout::Dense, matmul_dense)];
-    for bits in SUPPORTED_BITS {
-        for group_size in SUPPORTED_GROUP_SIZES {
-            layouts.push((WeightLayout::MlxAffine { bits, group_size }, matmul_mlx));
-        }
-    }
-    for t in [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4K,
-        GgmlType::Q6K,
-    ] {
-        layouts.push((WeightLayout::Gguf(t), matmul_gguf));
-    }
-    for (layout, _) in layouts {
+    for layout in WeightLayout::all() {
         reg.insert("matmul", &layout.variant(), DType::F32, matmul);
         reg.insert("gated_matmul", &layout.variant(), DType::F32, gated_matmul);
     }

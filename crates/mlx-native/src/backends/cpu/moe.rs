@@ -10,18 +10,11 @@ use crate::core::dtype::DType;
 use crate::core::op::{Op, Routing};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
-use crate::quant::mlx_affine::{SUPPORTED_BITS, SUPPORTED_GROUP_SIZES};
 use crate::quant::WeightLayout;
 use crate::{Error, Result};
 
 pub(super) fn register(reg: &mut Registry<CpuKernel>) {
-    let mut layouts = vec![WeightLayout::Dense];
-    for bits in SUPPORTED_BITS {
-        for group_size in SUPPORTED_GROUP_SIZES {
-            layouts.push(WeightLayout::MlxAffine { bits, group_size });
-        }
-    }
-    for layout in layouts {
+    for layout in std::iter::once(WeightLayout::Dense).chain(WeightLayout::mlx_affine_all()) {
         reg.insert(
             "gather_matmul",
             &layout.variant(),

@@ -91,11 +91,17 @@ pub(crate) struct Launch {
 }
 
 impl Launch {
-    fn enqueue(&self, stream: &CudaStream) -> Result<()> {
+    /// An empty grid (an empty tensor) has nothing to compute and is not launched.
+    fn runs(&self) -> bool {
         let (x, y, z) = self.cfg.grid_dim;
-        if x == 0 || y == 0 || z == 0 {
-            return Ok(()); // nothing to compute (an empty tensor)
+        x > 0 && y > 0 && z > 0
+    }
+
+    fn enqueue(&self, stream: &CudaStream) -> Result<()> {
+        if !self.runs() {
+            return Ok(());
         }
+        let (x, y, z) = self.cfg.grid_dim;
         stream
             .context()
             .bind_to_thread()
@@ -171,11 +177,7 @@ impl CudaKernel {
 
     /// Launches that run (an empty grid launches nothing).
     pub fn launch_count(&self) -> usize {
-        let runs = |l: &&Launch| {
-            let (x, y, z) = l.cfg.grid_dim;
-            x > 0 && y > 0 && z > 0
-        };
-        self.launches.iter().filter(runs).count()
+        self.launches.iter().filter(|l| l.runs()).count()
     }
 
     pub fn enqueue(&self, stream: &CudaStream) -> Result<()> {

@@ -1,6 +1,6 @@
 //! Embedding gather for every table layout (embedding.cu): one block per token.
 
-use super::weights::{all_layouts, Weight};
+use super::weights::Weight;
 use super::{COMMON, LAYOUTS};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::launch::{
@@ -10,6 +10,7 @@ use crate::core::dtype::DType;
 use crate::core::op::Op;
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
+use crate::quant::WeightLayout;
 use crate::Result;
 
 pub(super) static SOURCE: Source = Source {
@@ -20,7 +21,7 @@ pub(super) static SOURCE: Source = Source {
 const THREADS: u32 = 128;
 
 pub(super) fn register(reg: &mut Registry<Planner>) {
-    for layout in all_layouts() {
+    for layout in WeightLayout::all() {
         reg.insert("embedding", &layout.variant(), DType::F32, embedding);
     }
 }

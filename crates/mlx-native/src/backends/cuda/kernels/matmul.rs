@@ -5,7 +5,7 @@
 //! gated pair (`Op::GatedMatMul`) on matvec.cu.
 
 use super::elementwise::unary_code;
-use super::weights::{all_layouts, float_name, Weight};
+use super::weights::{float_name, Weight};
 use super::{COMMON, LAYOUTS, MMA};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
@@ -16,7 +16,7 @@ use crate::core::dtype::DType;
 use crate::core::op::{Op, PreNorm};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
-use crate::quant::GgmlType;
+use crate::quant::{GgmlType, WeightLayout};
 use crate::{Error, Result};
 use cudarc::driver::CudaSlice;
 use std::sync::Arc;
@@ -74,7 +74,7 @@ const MATMUL_TC_STEP: usize = 64;
 /// keep f32 operands.
 const MATMUL_TC_MIN_ROWS: usize = 17;
 pub(super) fn register(reg: &mut Registry<Planner>) {
-    for layout in all_layouts() {
+    for layout in WeightLayout::all() {
         reg.insert("matmul", &layout.variant(), DType::F32, matmul);
         reg.insert("gated_matmul", &layout.variant(), DType::F32, gated_matmul);
     }

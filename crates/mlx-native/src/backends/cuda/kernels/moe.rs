@@ -15,7 +15,6 @@ use crate::core::dtype::DType;
 use crate::core::op::{Op, Routing};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
-use crate::quant::mlx_affine::{SUPPORTED_BITS, SUPPORTED_GROUP_SIZES};
 use crate::quant::WeightLayout;
 use crate::{Error, Result};
 
@@ -41,13 +40,7 @@ const BUCKET_THREADS: u32 = 1024;
 const TILES_PER_SHARE: usize = 4;
 
 pub(super) fn register(reg: &mut Registry<Planner>) {
-    let mut layouts = vec![WeightLayout::Dense];
-    for bits in SUPPORTED_BITS {
-        for group_size in SUPPORTED_GROUP_SIZES {
-            layouts.push(WeightLayout::MlxAffine { bits, group_size });
-        }
-    }
-    for layout in layouts {
+    for layout in std::iter::once(WeightLayout::Dense).chain(WeightLayout::mlx_affine_all()) {
         reg.insert("gather_matmul", &layout.variant(), DType::F32, gather);
         reg.insert("gather_gated_matmul", &layout.variant(), DType::F32, gather);
     }

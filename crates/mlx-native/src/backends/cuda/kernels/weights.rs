@@ -130,30 +130,6 @@ impl<'a> Weight<'a> {
     }
 }
 
-/// Every layout the CUDA kernels read.
-pub(super) fn all_layouts() -> Vec<WeightLayout> {
-    use crate::quant::mlx_affine::{SUPPORTED_BITS, SUPPORTED_GROUP_SIZES};
-    let mut layouts = vec![WeightLayout::Dense];
-    for bits in SUPPORTED_BITS {
-        for group_size in SUPPORTED_GROUP_SIZES {
-            layouts.push(WeightLayout::MlxAffine { bits, group_size });
-        }
-    }
-    for ty in [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4K,
-        GgmlType::Q6K,
-    ] {
-        layouts.push(WeightLayout::Gguf(ty));
-    }
-    layouts
-}
-
 /// The kernel-name suffix of a float type code.
 pub(super) fn float_name(ft: i32) -> &'static str {
     match ft {
