@@ -10,6 +10,7 @@
 use crate::core::op::UnaryFn;
 use crate::formats::config::{rope_scaling, ConfigFields};
 use crate::models::decoder::{Architecture, DecoderParams, RopeParams};
+use crate::models::family::Sizes;
 use crate::ops::RopeScaling;
 use crate::Result;
 
@@ -51,42 +52,44 @@ fn text_params(
         .map(|i| ((i + 1) % pattern != 0).then_some(window))
         .collect();
     let embed_scale = half::bf16::from_f32((hidden_size as f32).sqrt()).to_f32();
-    Ok(DecoderParams {
-        arch: Architecture {
-            norm_unit_offset: true,
-            qk_norm: true,
-            sandwich_norms: true,
-            activation: UnaryFn::GeluTanh,
-            embed_scale: Some(embed_scale),
-            ..Architecture::LLAMA
-        },
+    let sizes = Sizes {
         hidden_size,
         intermediate_size: usize_or("intermediate_size", 6912)?,
         num_layers,
         num_heads: usize_or("num_attention_heads", heads.0)?,
         num_kv_heads: usize_or("num_key_value_heads", heads.1)?,
-        head_dim,
         vocab_size: match vocab_size {
             Some(v) => v,
             None => usize_or("vocab_size", 262144)?,
         },
         rms_norm_eps: float_or("rms_norm_eps", 1e-6)?,
-        rope: RopeParams {
-            theta: float_or("rope_theta", 1e6)?,
-            scaling: rope_scaling(f.nested("rope_scaling")?.as_ref())?,
-            traditional: false,
-            rotary_dims: head_dim,
-        },
-        local_rope: Some(RopeParams {
-            theta: float_or("rope_local_base_freq", 1e4)?,
-            scaling: RopeScaling::None,
-            traditional: false,
-            rotary_dims: head_dim,
-        }),
+    };
+    let arch = Architecture {
+        norm_unit_offset: true,
+        qk_norm: true,
+        sandwich_norms: true,
+        activation: UnaryFn::GeluTanh,
+        embed_scale: Some(embed_scale),
+        ..Architecture::LLAMA
+    };
+    let rope = |theta: f32, scaling: RopeScaling| RopeParams {
+        theta,
+        scaling,
+        traditional: false,
+        rotary_dims: head_dim,
+    };
+    let global = rope(
+        float_or("rope_theta", 1e6)?,
+        rope_scaling(f.nested("rope_scaling")?.as_ref())?,
+    );
+    let context = usize_or("max_position_embeddings", 32768)?;
+    Ok(DecoderParams {
+        local_rope: Some(rope(
+            float_or("rope_local_base_freq", 1e4)?,
+            RopeScaling::None,
+        )),
         layer_windows,
         attention_scale: 1.0 / float_or("query_pre_attn_scalar", 256.0)?.sqrt(),
-        tie_word_embeddings: true,
-        max_position_embeddings: usize_or("max_position_embeddings", 32768)?,
-        moe: None,
+        ..sizes.decoder(arch, head_dim, global, true, context)
     })
 }

@@ -6,7 +6,7 @@
 use crate::core::op::Routing;
 use crate::formats::config::ConfigFields;
 use crate::models::decoder::{Architecture, DecoderParams, MoeParams, RopeParams};
-use crate::models::family::DEFAULT_CONTEXT;
+use crate::models::family::{Sizes, DEFAULT_CONTEXT};
 use crate::ops::RopeScaling;
 use crate::Result;
 
@@ -25,39 +25,44 @@ pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
             format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
         ));
     }
-    let head_dim = hidden_size / num_heads;
-    Ok(DecoderParams {
-        arch: Architecture::LLAMA,
+    let sizes = Sizes {
         hidden_size,
         intermediate_size,
         num_layers,
         num_heads,
         num_kv_heads,
-        head_dim,
         vocab_size: usize_or("vocab_size", 32000)?,
         rms_norm_eps: f.get(ConfigFields::float, "rms_norm_eps")?.unwrap_or(1e-5),
-        rope: RopeParams {
-            theta: f.get(ConfigFields::float, "rope_theta")?.unwrap_or(1e6),
-            scaling: RopeScaling::None,
-            traditional: f
-                .get(ConfigFields::bool, "rope_traditional")?
-                .unwrap_or(false),
-            rotary_dims: head_dim,
-        },
-        local_rope: None,
-        layer_windows: vec![None; num_layers],
-        attention_scale: 1.0 / (head_dim as f32).sqrt(),
-        tie_word_embeddings: f
-            .get(ConfigFields::bool, "tie_word_embeddings")?
+    };
+    let head_dim = sizes.default_head_dim();
+    let rope = RopeParams {
+        theta: f.get(ConfigFields::float, "rope_theta")?.unwrap_or(1e6),
+        scaling: RopeScaling::None,
+        traditional: f
+            .get(ConfigFields::bool, "rope_traditional")?
             .unwrap_or(false),
-        max_position_embeddings: usize_or("max_position_embeddings", DEFAULT_CONTEXT)?,
-        moe: Some(MoeParams {
-            experts: usize_or("num_local_experts", 8)?,
-            top_k: usize_or("num_experts_per_tok", 2)?,
-            intermediate_size,
-            routing: Routing::TopKSoftmax,
-            sparse_layers: vec![true; num_layers],
-            block: "block_sparse_moe",
-        }),
+        rotary_dims: head_dim,
+    };
+    let tie_word_embeddings = f
+        .get(ConfigFields::bool, "tie_word_embeddings")?
+        .unwrap_or(false);
+    let context = usize_or("max_position_embeddings", DEFAULT_CONTEXT)?;
+    let moe = MoeParams {
+        experts: usize_or("num_local_experts", 8)?,
+        top_k: usize_or("num_experts_per_tok", 2)?,
+        intermediate_size,
+        routing: Routing::TopKSoftmax,
+        sparse_layers: vec![true; num_layers],
+        block: "block_sparse_moe",
+    };
+    Ok(DecoderParams {
+        moe: Some(moe),
+        ..sizes.decoder(
+            Architecture::LLAMA,
+            head_dim,
+            rope,
+            tie_word_embeddings,
+            context,
+        )
     })
 }
