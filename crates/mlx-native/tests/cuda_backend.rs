@@ -982,14 +982,15 @@ fn normed_matvec_matches_reference() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(17);
     // (weight, unit offset, bias, tolerance): k up to 1024 folds the norm into matvec.cu's
-    // kernel, wider runs it first; over 2^24 MLX 4-bit or Q4_0 weights take the tensor cores
-    // (f16 x).
+    // kernel; wider MLX 4/8-bit weights take the tensor cores (f16 x), which normalise x as they
+    // stage it, as do MLX 4-bit over 2^24 weights; other wide ones run the norm first, and so
+    // does Q4_0 on the tensor cores (over 2^24 weights).
     let cases = [
         (
             mlx_weight(&mut rng, 37, 1280, 4, 64, DType::BF16),
             false,
             true,
-            2e-5,
+            2e-3,
         ),
         (
             mlx_weight(&mut rng, 21, 576, 8, 32, DType::F32),

@@ -26,6 +26,16 @@ __device__ __forceinline__ void kernel_entry() {
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// The RMSNorm a decode matvec applies to x first, x·(g + g_offset)·rsqrt(mean(x²) + eps), as
+// the kernels' trailing arguments (g f32 [k], or null for none).
+struct PreNorm {
+    const float* g;
+    float g_offset;
+    float eps;
+};
+#define MATVEC_NORM_ARGS const float *norm_g, float norm_offset, float norm_eps
+#define MATVEC_PRE_NORM PreNorm{norm_g, norm_offset, norm_eps}
+
 // Storage types of float operands (weights, scales, biases, norm weights); the numbering is
 // `float_type` in launch.rs.
 #define FT_F32 0

@@ -56,7 +56,10 @@ const MATVEC_TC_TILE: usize = 16;
 /// Warps per SM the tensor-core matvec aims for (two blocks of MT_WARPS).
 const MATVEC_TC_WARPS_PER_SM: usize = 16;
 /// MLX weights (gate and up together) up to this many stay on matvec.cu, which was as fast or
-/// faster there (H200: 576×576 2.2 vs 3.0 µs, 4096×4096 mlx4 6.8 vs 7.1 µs) and keeps x in f32.
+/// faster there (H200: 576×576 2.2 vs 3.0 µs, 4096×4096 mlx4 6.8 vs 7.1 µs) and keeps x in f32,
+/// unless an RMSNorm over more than `FOLD_NORM_MAX_K` comes first: matvec_tc folds it, where
+/// matvec.cu needs a launch in front (H200, 2026-11-26: Llama-3.2-1B shape 1,388 → 1,451 tok/s,
+/// Gemma-3-1B 398 → 438).
 const MLX_SIMT_WEIGHTS: usize = 1 << 24;
 /// Q4_0 weights below 2^24 stay on matvec.cu; at 2^24 `MtQ4_0` was faster (H200: 4096×4096
 /// 7.7 vs 8.6 µs). Smaller matrices were not timed.
@@ -514,12 +517,18 @@ impl<'a> DecodePlan<'a> {
                 Some(up) => aligned8(up)?,
                 None => true,
             };
+        // An RMSNorm that matvec.cu would launch in front (k > FOLD_NORM_MAX_K) sends smaller MLX
+        // matrices to the tensor cores too, which fold it.
+        let mlx_simt_weights = match norm {
+            Some(_) if k > FOLD_NORM_MAX_K => 0,
+            _ => MLX_SIMT_WEIGHTS,
+        };
         let tensor_cores = match *weight {
             Weight::Mlx { bits: 4, .. } => {
-                matvec_tc_plan(n, k, 32, 2, gated, sm_count, MLX_SIMT_WEIGHTS)?
+                matvec_tc_plan(n, k, 32, 2, gated, sm_count, mlx_simt_weights)?
             }
             Weight::Mlx { bits: 8, .. } => {
-                matvec_tc_plan(n, k, 16, 2, gated, sm_count, MLX_SIMT_WEIGHTS)?
+                matvec_tc_plan(n, k, 16, 2, gated, sm_count, mlx_simt_weights)?
             }
             Weight::Ggml {
                 ty: GgmlType::Q4_0, ..
@@ -529,26 +538,38 @@ impl<'a> DecodePlan<'a> {
         Ok(DecodePlan {
             tensor_cores,
             kgroups: tensor_cores.map_or_else(|| matvec_kgroups(n, k, sm_count), |p| p.kgroups),
-            input: MatvecInput::new(lib, x, norm, tensor_cores.is_none())?,
+            // matvec_tc normalises MLX x while staging it, at any width (H200, 2026-11-26:
+            // Llama-3.2-1B shape 1,322 → 1,387 tok/s, 8B 350 → 365); Q4_0 measured slower that
+            // way (8B 331 → 325) and keeps the norm launch in front.
+            input: MatvecInput::new(
+                lib,
+                x,
+                norm,
+                match (tensor_cores, weight) {
+                    (Some(_), Weight::Mlx { .. }) => usize::MAX,
+                    _ => FOLD_NORM_MAX_K,
+                },
+            )?,
         })
     }
 
     /// The kernel name prefix: matvec_tc.cu's, or matvec.cu's plain or normed one.
     fn prefix(&self) -> &'static str {
         match (self.tensor_cores, self.input.fold) {
-            (Some(_), _) => "matvec_tc_",
+            (Some(_), Some(_)) => "matvec_tc_norm_",
+            (Some(_), None) => "matvec_tc_",
             (None, Some(_)) => "matvec_norm_",
             (None, None) => "matvec_",
         }
     }
 
-    /// The dispatch for kernel `name` with `args` (x's address first): the tensor-core
-    /// kernels take no norm arguments (their norm is a launch in front), matvec.cu's do.
+    /// The dispatch for kernel `name` with `args` (x's address first); both kernel families
+    /// take the norm arguments last.
     fn launch(self, lib: &KernelLibrary, name: &str, args: Args, n: usize) -> Result<CudaKernel> {
+        let args = args.norm(self.input.fold)?;
         let launch = match self.tensor_cores {
             Some(p) => lib.launch(&MATVEC_TC, name, p.grid, MATVEC_TC_THREADS, p.shared, args)?,
             None => {
-                let args = args.norm(self.input.fold)?;
                 let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / self.kgroups)?, 1, 1);
                 lib.launch(&MATVEC, name, grid, MATVEC_THREADS, 0, args)?
             }
@@ -564,7 +585,8 @@ impl<'a> DecodePlan<'a> {
 const FOLD_NORM_MAX_K: usize = 1024;
 
 /// Where a matvec reads x from: the input itself, with the RMSNorm (if any) folded into the
-/// kernel, or, for inputs wider than `FOLD_NORM_MAX_K`, a row the norm kernel writes first.
+/// kernel, or, for matvec.cu and inputs wider than `FOLD_NORM_MAX_K`, a row the norm kernel
+/// writes first.
 struct MatvecInput<'a> {
     x: u64,
     fold: Norm<'a>,
@@ -572,11 +594,11 @@ struct MatvecInput<'a> {
 }
 
 impl<'a> MatvecInput<'a> {
-    /// `can_fold`: the kernel that follows takes the norm arguments (matvec.cu's do).
-    fn new(lib: &KernelLibrary, x: &Tensor, norm: Norm<'a>, can_fold: bool) -> Result<Self> {
+    /// `max_fold_k`: the widest x whose norm the kernel that follows computes itself.
+    fn new(lib: &KernelLibrary, x: &Tensor, norm: Norm<'a>, max_fold_k: usize) -> Result<Self> {
         let k = x.last_dim();
         match norm {
-            Some((g, p)) if k > FOLD_NORM_MAX_K || !can_fold => {
+            Some((g, p)) if k > max_fold_k => {
                 let (scratch, row) = lib.scratch(k * 4)?;
                 let launch = super::norm::rms_norm_rows(lib, device_ptr(x)?, g, row, 1, k, p)?;
                 Ok(MatvecInput {

@@ -20,13 +20,6 @@
 // matrix runs in one wave on a 132-SM GPU.
 #define MV_MIN_BLOCKS 4
 
-// The optional RMSNorm in front of a matvec (NORM): g f32 [k].
-struct PreNorm {
-    const float* g;
-    float g_offset;
-    float eps;
-};
-
 template <bool GATED, bool NORM, class L>
 __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* __restrict__ x,
                                        const PreNorm norm, const void* __restrict__ bias,
@@ -121,9 +114,7 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
 }
 
 // Each kernel comes plain and with the RMSNorm in front (`matvec_norm_…`); both take the norm
-// arguments (g f32 [k] or null, g_offset, eps), which the plain one ignores.
-#define MATVEC_NORM_ARGS const float *norm_g, float norm_offset, float norm_eps
-#define MATVEC_PRE_NORM PreNorm{norm_g, norm_offset, norm_eps}
+// arguments (MATVEC_NORM_ARGS), which the plain one ignores.
 
 #define MATVEC_MLX_KERNELS(BITS, ST, NAME, PREFIX, NORM)                                          \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \

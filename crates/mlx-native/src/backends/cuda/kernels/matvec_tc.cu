@@ -24,6 +24,7 @@
 // rounds x alike); q is exact in f16 and the accumulation is f32.
 // Launch: MT_WARPS·32 threads, ceil(n / (16·MT_WARPS/kgroups)) blocks, dynamic shared memory
 // (`matvec_tc_plan`, matmul.rs); x 16-byte aligned, MLX w 16-byte aligned, Q4_0 rows 8-byte.
+// The block's RMSNorm, if any, is applied to x as it is staged (mt_stage_x).
 
 #define MT_WARPS 8
 #define MT_CHUNK_WORDS 4  // one 16-byte load per row and chunk
@@ -255,13 +256,23 @@ __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const 
     }
 }
 
-// x as f16 pairs in the format's fragment order, Σx per chunk in f32 (formats with biases),
-// and a chunk of zeros.
-template <class F>
-__device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, u32* xh,
-                                           u32* zero, float* csum) {
+// x (through the RMSNorm, if NORM) as f16 pairs in the format's fragment order, Σx per
+// chunk in f32 (formats with biases), and a chunk of zeros. Every block normalises x itself
+// (a pass over x from L2 for Σx²), which costs less than a norm launch in front of the kernel.
+template <class F, bool NORM>
+__device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, const PreNorm& norm,
+                                           u32* xh, u32* zero, float* csum) {
     constexpr int CHUNK = F::CHUNK;
     const int chunks = k / CHUNK;
+    float r = 1.f;
+    if constexpr (NORM) {
+        float ss = 0.f;
+        for (int i = threadIdx.x; i < k / 4; i += blockDim.x) {
+            const float4 p = ((const float4*)x)[i];
+            ss = fmaf(p.x, p.x, fmaf(p.y, p.y, fmaf(p.z, p.z, fmaf(p.w, p.w, ss))));
+        }
+        r = rsqrtf(block_sum(ss) / k + norm.eps);
+    }
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         const float4* xp = (const float4*)(x + (i64)c * CHUNK);
         float v[CHUNK];
@@ -269,6 +280,17 @@ __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, u
         for (int i = 0; i < CHUNK / 4; ++i) {
             const float4 p = xp[i];
             v[4 * i] = p.x; v[4 * i + 1] = p.y; v[4 * i + 2] = p.z; v[4 * i + 3] = p.w;
+        }
+        if constexpr (NORM) {
+            const float4* gp = (const float4*)(norm.g + (i64)c * CHUNK);
+#pragma unroll
+            for (int i = 0; i < CHUNK / 4; ++i) {
+                const float4 p = gp[i];
+                v[4 * i] *= r * (p.x + norm.g_offset);
+                v[4 * i + 1] *= r * (p.y + norm.g_offset);
+                v[4 * i + 2] *= r * (p.z + norm.g_offset);
+                v[4 * i + 3] *= r * (p.w + norm.g_offset);
+            }
         }
         if constexpr (F::SUMS) {
             float sum = 0.f;
@@ -293,9 +315,10 @@ __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, u
     if (threadIdx.x < CHUNK / 2) zero[threadIdx.x] = 0u;
 }
 
-template <class F, bool GATED>
+template <class F, bool GATED, bool NORM>
 __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __restrict__ x,
-                                          const void* __restrict__ bias, int bias_type,
+                                          const PreNorm& norm, const void* __restrict__ bias,
+                                          int bias_type,
                                           float* __restrict__ out, int n, int k, i64 row_bytes,
                                           int group_shift, int kgroups, int act) {
     constexpr int M = GATED ? 2 : 1;
@@ -328,7 +351,7 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
 
     MtStage<F, M, STAGE> sa, sb;
     mt_load(wt, st, 0, sa);  // the first loads fly while x is staged
-    mt_stage_x<F>(x, k, xh, zero, csum);
+    mt_stage_x<F, NORM>(x, k, norm, xh, zero, csum);
     __syncthreads();
 
     float acc[M][2];
@@ -370,27 +393,34 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     }
 }
 
-#define MATVEC_TC(BITS, ST, NAME)                                                                  \
+// Each kernel comes plain and with the RMSNorm applied to x first (`matvec_tc_norm_…`, which
+// holds more registers); both take the norm arguments (MATVEC_NORM_ARGS), which the plain one
+// ignores.
+#define MATVEC_TC_KERNELS(BITS, ST, NAME, PREFIX, NORM)                                            \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)                                 \
-        matvec_tc_mlx##BITS##_##NAME(const float* x, const u8* w, const void* scales,              \
-                                     const void* biases, const void* bias, int bias_type,          \
-                                     float* out, int n, int k, int group_shift, int kgroups) {     \
+        PREFIX##mlx##BITS##_##NAME(const float* x, const u8* w, const void* scales,                \
+                                   const void* biases, const void* bias, int bias_type,            \
+                                   float* out, int n, int k, int group_shift, int kgroups,         \
+                                   MATVEC_NORM_ARGS) {                                             \
         kernel_entry();                                                                            \
         const MtWeight wt[1] = {{w, scales, biases}};                                              \
-        matvec_tc<MtMlx<BITS, ST>, false>(wt, x, bias, bias_type, out, n, k, (i64)k * BITS / 8,    \
-                                          group_shift, kgroups, 0);                                \
+        matvec_tc<MtMlx<BITS, ST>, false, NORM>(wt, x, MATVEC_PRE_NORM, bias, bias_type, out, n,   \
+                                                k, (i64)k * BITS / 8, group_shift, kgroups, 0);    \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)                                 \
-        matvec_tc_gated_mlx##BITS##_##NAME(const float* x, const u8* w, const void* scales,        \
-                                           const void* biases, const u8* w_up,                     \
-                                           const void* scales_up, const void* biases_up,           \
-                                           float* out, int n, int k, int group_shift, int kgroups, \
-                                           int act) {                                              \
+        PREFIX##gated_mlx##BITS##_##NAME(const float* x, const u8* w, const void* scales,          \
+                                         const void* biases, const u8* w_up,                       \
+                                         const void* scales_up, const void* biases_up,             \
+                                         float* out, int n, int k, int group_shift, int kgroups,   \
+                                         int act, MATVEC_NORM_ARGS) {                              \
         kernel_entry();                                                                            \
         const MtWeight wt[2] = {{w, scales, biases}, {w_up, scales_up, biases_up}};                \
-        matvec_tc<MtMlx<BITS, ST>, true>(wt, x, nullptr, 0, out, n, k, (i64)k * BITS / 8,          \
-                                         group_shift, kgroups, act);                               \
+        matvec_tc<MtMlx<BITS, ST>, true, NORM>(wt, x, MATVEC_PRE_NORM, nullptr, 0, out, n, k,      \
+                                               (i64)k * BITS / 8, group_shift, kgroups, act);      \
     }
+#define MATVEC_TC(BITS, ST, NAME)                                                                  \
+    MATVEC_TC_KERNELS(BITS, ST, NAME, matvec_tc_, false)                                           \
+    MATVEC_TC_KERNELS(BITS, ST, NAME, matvec_tc_norm_, true)
 #define MATVEC_TC_ALL_TYPES(BITS)                                                                  \
     MATVEC_TC(BITS, FT_F32, f32)                                                                   \
     MATVEC_TC(BITS, FT_F16, f16)                                                                   \
@@ -398,19 +428,22 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
 MATVEC_TC_ALL_TYPES(4)
 MATVEC_TC_ALL_TYPES(8)
 
-extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)
-    matvec_tc_q4_0(const float* x, const u8* w, const void* bias, int bias_type, float* out,
-                   int n, int k, int kgroups) {
-    kernel_entry();
-    const MtWeight wt[1] = {{w, nullptr, nullptr}};
-    matvec_tc<MtQ4_0, false>(wt, x, bias, bias_type, out, n, k, (i64)(k / 32) * MtQ4_0::BLOCK, 0,
-                             kgroups, 0);
-}
-extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)
-    matvec_tc_gated_q4_0(const float* x, const u8* w, const u8* w_up, float* out, int n, int k,
-                         int kgroups, int act) {
-    kernel_entry();
-    const MtWeight wt[2] = {{w, nullptr, nullptr}, {w_up, nullptr, nullptr}};
-    matvec_tc<MtQ4_0, true>(wt, x, nullptr, 0, out, n, k, (i64)(k / 32) * MtQ4_0::BLOCK, 0,
-                            kgroups, act);
-}
+#define MATVEC_TC_Q4_0(PREFIX, NORM)                                                               \
+    extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)                                 \
+        PREFIX##q4_0(const float* x, const u8* w, const void* bias, int bias_type, float* out,     \
+                     int n, int k, int kgroups, MATVEC_NORM_ARGS) {                                \
+        kernel_entry();                                                                            \
+        const MtWeight wt[1] = {{w, nullptr, nullptr}};                                            \
+        matvec_tc<MtQ4_0, false, NORM>(wt, x, MATVEC_PRE_NORM, bias, bias_type, out, n, k,         \
+                                       (i64)(k / 32) * MtQ4_0::BLOCK, 0, kgroups, 0);              \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)                                 \
+        PREFIX##gated_q4_0(const float* x, const u8* w, const u8* w_up, float* out, int n, int k,  \
+                           int kgroups, int act, MATVEC_NORM_ARGS) {                               \
+        kernel_entry();                                                                            \
+        const MtWeight wt[2] = {{w, nullptr, nullptr}, {w_up, nullptr, nullptr}};                  \
+        matvec_tc<MtQ4_0, true, NORM>(wt, x, MATVEC_PRE_NORM, nullptr, 0, out, n, k,               \
+                                      (i64)(k / 32) * MtQ4_0::BLOCK, 0, kgroups, act);             \
+    }
+MATVEC_TC_Q4_0(matvec_tc_, false)
+MATVEC_TC_Q4_0(matvec_tc_norm_, true)
