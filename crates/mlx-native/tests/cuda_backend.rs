@@ -1010,6 +1010,13 @@ fn normed_matvec_matches_reference() {
             true,
             2e-5,
         ),
+        // Rows of no whole 32-element units: the norm first, then the tiled kernel.
+        (
+            dense_weight(&mut rng, 21, 1000, DType::F16),
+            false,
+            false,
+            2e-5,
+        ),
         (
             mlx_weight(&mut rng, 4101, 4096, 4, 64, DType::BF16),
             false,
@@ -1040,20 +1047,25 @@ fn normed_matvec_matches_reference() {
         let bias64: Vec<f64> = bias.iter().map(|&b| b as f64).collect();
         let want = matmul_ref(&xn, &w, with_bias.then_some(&bias64[..]), 1);
         let pre = PreNorm { eps, unit_offset };
-        let compute = |dev: &Device| {
+        let compute = |dev: &Device, shifted: bool| {
             let b = with_bias
                 .then(|| dev.from_slice(&bias, &[w.n]))
                 .transpose()?;
             let lin = w.upload(dev, b.as_ref())?;
-            let (xt, gt) = (dev.from_slice(&x, &[1, k])?, dev.from_slice(&g, &[k])?);
+            let (xt, gt) = (row_at(dev, &x, shifted)?, dev.from_slice(&g, &[k])?);
             let out = poisoned(dev, &[1, w.n])?;
             run(dev, |enc| {
                 ops::normed_matmul(enc, &xt, (&gt, pre), &lin, &out)
             })?;
             out.to_vec::<f32>()
         };
-        let what = format!("normed matvec {} unit_offset={unit_offset}", describe(&w));
-        check(&what, &dev, compute, &want, tol);
+        for shifted in [false, true] {
+            let what = format!(
+                "normed matvec {} unit_offset={unit_offset} x shifted={shifted}",
+                describe(&w)
+            );
+            check(&what, &dev, |dev| compute(dev, shifted), &want, tol);
+        }
         if with_bias {
             continue;
         }
@@ -1070,9 +1082,9 @@ fn normed_matvec_matches_reference() {
             .zip(&up_ref)
             .map(|(&g, &u)| activation_ref(UnaryFn::Silu, g) * u)
             .collect();
-        let compute = |dev: &Device| {
+        let compute = |dev: &Device, shifted: bool| {
             let (gl, ul) = (w.upload(dev, None)?, up.upload(dev, None)?);
-            let (xt, gt) = (dev.from_slice(&x, &[1, k])?, dev.from_slice(&g, &[k])?);
+            let (xt, gt) = (row_at(dev, &x, shifted)?, dev.from_slice(&g, &[k])?);
             let out = poisoned(dev, &[1, w.n])?;
             let norm = Some((&gt, pre));
             run(dev, |enc| {
@@ -1080,12 +1092,24 @@ fn normed_matvec_matches_reference() {
             })?;
             out.to_vec::<f32>()
         };
-        let what = format!(
-            "normed gated matvec {} unit_offset={unit_offset}",
-            describe(&w)
-        );
-        check(&what, &dev, compute, &want, tol);
+        for shifted in [false, true] {
+            let what = format!(
+                "normed gated matvec {} unit_offset={unit_offset} x shifted={shifted}",
+                describe(&w)
+            );
+            check(&what, &dev, |dev| compute(dev, shifted), &want, tol);
+        }
     }
+}
+
+/// x as a `[1, len]` tensor at the start of its buffer or (`shifted`) one element in, so not
+/// 16-byte aligned.
+fn row_at(dev: &Device, x: &[f32], shifted: bool) -> Result<Tensor> {
+    let skip = shifted as usize;
+    let mut data = vec![7.0f32; skip];
+    data.extend_from_slice(x);
+    let column = dev.from_slice(&data, &[data.len(), 1])?;
+    column.narrow_rows(skip, x.len())?.reshape(&[1, x.len()])
 }
 
 #[test]

@@ -13,7 +13,6 @@ use crate::core::op::{BinaryFn, PreNorm, Routing, UnaryFn};
 use crate::core::tensor::Tensor;
 use crate::models::WeightSource;
 use crate::ops::{self, AttentionShape, ExpertLinear, Linear, RopeScaling, RopeTable};
-use crate::quant::{GgmlType, WeightLayout};
 use crate::{Error, Result};
 
 /// How a family's blocks differ from Llama's (`Architecture::LLAMA`).
@@ -175,15 +174,6 @@ fn f32_vector(t: Tensor) -> Result<Tensor> {
     t.device().from_slice(&t.to_f32_vec()?, t.shape())
 }
 
-/// Whether the decode matvec reads `w` in place: quantized layouts (dense rows may be views it
-/// cannot read with wide loads).
-fn matvec_reads(w: &Linear) -> bool {
-    !matches!(
-        w.layout,
-        WeightLayout::Dense | WeightLayout::Gguf(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
-    )
-}
-
 struct Layer {
     /// f32 (as every block input norm here: see `f32_vector`).
     attn_norm: Tensor,
@@ -309,7 +299,6 @@ pub struct Scratch {
     moe: Option<MoeScratch>,
     /// `[m, hidden]` filled with `Architecture::embed_scale` (an elementwise multiplier).
     embed_scale: Option<Tensor>,
-    last_normed: Tensor,
     /// Logits before the final soft-cap (`Architecture::final_softcap`).
     uncapped_logits: Option<Tensor>,
 }
@@ -577,7 +566,6 @@ impl Decoder {
             act: f(p.intermediate_size)?,
             moe,
             embed_scale,
-            last_normed: device.empty(&[1, h], DType::F32)?,
             uncapped_logits,
         })
     }
@@ -630,7 +618,7 @@ impl Decoder {
     ) -> Result<()> {
         let p = &self.params;
         match (&layer.qkv, &s.qkv) {
-            (Some(w), Some(qkv)) if matvec_reads(w) => {
+            (Some(w), Some(qkv)) => {
                 ops::normed_matmul(enc, x, self.input_norm(&layer.attn_norm), w, qkv)?
             }
             _ => {
@@ -709,7 +697,7 @@ impl Decoder {
         s: &Scratch,
     ) -> Result<()> {
         let act = self.params.arch.activation;
-        let stored_alike = matvec_reads(gate) && gate.stored_like(up) && gate.n == up.n;
+        let stored_alike = gate.stored_like(up) && gate.n == up.n;
         if x.rows() == 1 && stored_alike && gate.bias.is_none() && up.bias.is_none() {
             let norm = Some(self.input_norm(norm));
             return ops::gated_matmul(enc, x, norm, gate, up, act, &s.act);
@@ -784,19 +772,13 @@ impl Decoder {
             (Some(_), Some(uncapped)) => uncapped,
             _ => logits,
         };
-        // Rows of a whole number of 16-byte words keep the last one aligned for the matvec.
-        if matvec_reads(&self.lm_head) && self.params.hidden_size.is_multiple_of(4) {
-            ops::normed_matmul(
-                enc,
-                &last,
-                self.input_norm(&self.norm),
-                &self.lm_head,
-                head_out,
-            )?;
-        } else {
-            self.norm(enc, &last, &self.norm, &s.last_normed)?;
-            ops::matmul(enc, &s.last_normed, &self.lm_head, head_out)?;
-        }
+        ops::normed_matmul(
+            enc,
+            &last,
+            self.input_norm(&self.norm),
+            &self.lm_head,
+            head_out,
+        )?;
         match a.final_softcap {
             Some(cap) => ops::softcap(enc, cap, head_out, logits),
             None => Ok(()),

@@ -2,8 +2,9 @@
 
 use super::COMMON;
 use crate::backends::cuda::compile::Source;
+use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
-    blocks, dim, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Planner,
+    blocks, dim, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Launch, Planner,
 };
 use crate::core::dtype::DType;
 use crate::core::op::{BinaryFn, Op, UnaryFn};
@@ -112,22 +113,34 @@ fn gated_activation(
     let ([gate, up], [out]) = (inputs, outputs) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
-    let n = gate.elem_count();
+    let launch = gated_activation_at(
+        lib,
+        device_ptr(gate)?,
+        device_ptr(up)?,
+        device_ptr(out)?,
+        gate.elem_count(),
+        f,
+    )?;
+    Ok(CudaKernel::single(launch))
+}
+
+/// out = f(gate)·up over `n` f32 values at device addresses.
+pub(super) fn gated_activation_at(
+    lib: &KernelLibrary,
+    gate: u64,
+    up: u64,
+    out: u64,
+    n: usize,
+    f: UnaryFn,
+) -> Result<Launch> {
     let args = Args::new()
-        .ptr(gate)?
-        .ptr(up)?
-        .ptr(out)?
+        .u64(gate)
+        .u64(up)
+        .u64(out)
         .long(n)
         .code(unary_code(f));
     let grid = elementwise_grid(lib, n)?;
-    Ok(CudaKernel::single(lib.launch(
-        &SOURCE,
-        "gated_activation",
-        grid,
-        THREADS,
-        0,
-        args,
-    )?))
+    lib.launch(&SOURCE, "gated_activation", grid, THREADS, 0, args)
 }
 
 fn softcap(

@@ -13,7 +13,7 @@ use crate::backends::cuda::launch::{
     blocks, float_type, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Launch, Planner,
 };
 use crate::core::dtype::DType;
-use crate::core::op::{Op, PreNorm};
+use crate::core::op::{Op, PreNorm, UnaryFn};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::quant::{GgmlType, WeightLayout};
@@ -118,17 +118,17 @@ fn matmul(
     }
     weight.check_alignment("matmul")?;
 
-    let vector_ready = m == 1
-        && device_ptr(x)? % 16 == 0
-        && match weight {
-            Weight::Dense { w, .. } => k % 32 == 0 && device_ptr(w)? % 16 == 0,
-            _ => true,
-        };
-    if norm.is_some() && !vector_ready {
-        return Err(Error::op(
-            "matmul",
-            "a folded RMSNorm needs a single 16-byte-aligned row of x",
-        ));
+    // One row goes to the matvec kernels where they can read the weight; a folded norm gives
+    // them an aligned x whatever x is (`MatvecInput`). Otherwise the norm, if any, runs first
+    // into a scratch row that the tiled kernel reads.
+    let vector_ready =
+        m == 1 && matvec_reads(&weight, k)? && (norm.is_some() || device_ptr(x)? % 16 == 0);
+    if let (false, Some((g, p))) = (vector_ready, norm) {
+        let (scratch, row) = lib.scratch(k * 4)?;
+        let normed = super::norm::rms_norm_rows(lib, device_ptr(x)?, g, row, 1, k, p)?;
+        let out = device_ptr(out)?;
+        let matmul = tiled(lib, &weight, row, (1, k, n), bias, bias_type, out, false)?;
+        return Ok(CudaKernel::new(vec![normed, matmul], Some(scratch)));
     }
     let launch = if vector_ready {
         let plan = DecodePlan::new(lib, &weight, None, x, n, norm)?;
@@ -259,64 +259,98 @@ fn matmul(
                 }
             }
         }
-        let (source, prefix, tile) = match tensor_cores {
-            true => (&MATMUL_TC, "matmul_tc", MATMUL_TC_TILE),
-            false => (&MATMUL, "matmul", MATMUL_TILE),
-        };
-        let (name, args) = match weight {
-            Weight::Mlx {
-                w,
-                scales,
-                biases,
-                bits,
-                group_shift,
-                scale_type,
-            } => (
-                format!("{prefix}_mlx{bits}"),
-                Args::new()
-                    .ptr(x)?
-                    .ptr(w)?
-                    .ptr(scales)?
-                    .ptr(biases)?
-                    .code(scale_type)
-                    .opt_ptr(bias)?
-                    .code(bias_type)
-                    .ptr(out)?
-                    .int(m)?
-                    .int(n)?
-                    .int(k)?
-                    .code(group_shift),
-            ),
-            Weight::Ggml { data, ty } => (
-                format!("{prefix}_{}", ty.name()),
-                Args::new()
-                    .ptr(x)?
-                    .ptr(data)?
-                    .opt_ptr(bias)?
-                    .code(bias_type)
-                    .ptr(out)?
-                    .int(m)?
-                    .int(n)?
-                    .int(k)?,
-            ),
-            Weight::Dense { w, ft } => (
-                format!("{prefix}_dense"),
-                Args::new()
-                    .ptr(x)?
-                    .ptr(w)?
-                    .code(ft)
-                    .opt_ptr(bias)?
-                    .code(bias_type)
-                    .ptr(out)?
-                    .int(m)?
-                    .int(n)?
-                    .int(k)?,
-            ),
-        };
-        let grid = (blocks(n, tile)?, blocks(m, tile)?, 1);
-        lib.launch(source, &name, grid, MATMUL_THREADS, 0, args)?
+        tiled(
+            lib,
+            &weight,
+            device_ptr(x)?,
+            (m, k, n),
+            bias,
+            bias_type,
+            device_ptr(out)?,
+            tensor_cores,
+        )?
     };
     Ok(CudaKernel::single(launch))
+}
+
+/// Whether matvec.cu / matvec_tc.cu read `weight` with k columns: dense rows only as whole
+/// 16-byte aligned units of 32 (a view may be neither).
+fn matvec_reads(weight: &Weight, k: usize) -> Result<bool> {
+    Ok(match weight {
+        Weight::Dense { w, .. } => k.is_multiple_of(32) && device_ptr(w)? % 16 == 0,
+        _ => true,
+    })
+}
+
+/// The tiled matmul (matmul.cu's f32 tiles, or matmul_tc.cu's generic tensor-core tiles) of x
+/// `[m, k]` at `x` and `weight` into out `[m, n]` at `out`.
+#[allow(clippy::too_many_arguments)]
+fn tiled(
+    lib: &KernelLibrary,
+    weight: &Weight,
+    x: u64,
+    (m, k, n): (usize, usize, usize),
+    bias: Option<&Tensor>,
+    bias_type: i32,
+    out: u64,
+    tensor_cores: bool,
+) -> Result<Launch> {
+    let (source, prefix, tile) = match tensor_cores {
+        true => (&MATMUL_TC, "matmul_tc", MATMUL_TC_TILE),
+        false => (&MATMUL, "matmul", MATMUL_TILE),
+    };
+    let (name, args) = match *weight {
+        Weight::Mlx {
+            w,
+            scales,
+            biases,
+            bits,
+            group_shift,
+            scale_type,
+        } => (
+            format!("{prefix}_mlx{bits}"),
+            Args::new()
+                .u64(x)
+                .ptr(w)?
+                .ptr(scales)?
+                .ptr(biases)?
+                .code(scale_type)
+                .opt_ptr(bias)?
+                .code(bias_type)
+                .u64(out)
+                .int(m)?
+                .int(n)?
+                .int(k)?
+                .code(group_shift),
+        ),
+        Weight::Ggml { data, ty } => (
+            format!("{prefix}_{}", ty.name()),
+            Args::new()
+                .u64(x)
+                .ptr(data)?
+                .opt_ptr(bias)?
+                .code(bias_type)
+                .u64(out)
+                .int(m)?
+                .int(n)?
+                .int(k)?,
+        ),
+        Weight::Dense { w, ft } => (
+            format!("{prefix}_dense"),
+            Args::new()
+                .u64(x)
+                .ptr(w)?
+                .code(ft)
+                .opt_ptr(bias)?
+                .code(bias_type)
+                .u64(out)
+                .int(m)?
+                .int(n)?
+                .int(k)?,
+        ),
+    };
+    let grid = (blocks(n, tile)?, blocks(m, tile)?, 1);
+    lib.launch(source, &name, grid, MATMUL_THREADS, 0, args)
 }
 
 /// Column orders of `stage_x_f16` (matmul_tc.cu's TCQ_*): how the kernel's fragments take the
@@ -374,7 +408,7 @@ fn tcq_ggml_shared_bytes(ty: GgmlType) -> u32 {
 }
 
 /// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4/8-bit and Q4_0), gate
-/// and up rows side by side in one pass.
+/// and up rows side by side in one pass; `gated_tiled` where they cannot read the operands.
 fn gated_matmul(
     lib: &KernelLibrary,
     op: &Op,
@@ -399,11 +433,8 @@ fn gated_matmul(
         return Err(operand_count(op, inputs.len(), outputs.len()));
     }
     let (m, k, n) = (x.rows(), x.last_dim(), out.last_dim());
-    if m != 1 || device_ptr(x)? % 16 != 0 {
-        return Err(Error::op(
-            "gated_matmul",
-            "x must be a single row, 16-byte aligned",
-        ));
+    if m != 1 {
+        return Err(Error::op("gated_matmul", "x must be a single row"));
     }
     let (gate, gate_rows) = Weight::parse("gated_matmul", layout, &inputs[1..1 + count], k)?;
     let (up, up_rows) = Weight::parse("gated_matmul", layout, &inputs[1 + count..], k)?;
@@ -415,6 +446,12 @@ fn gated_matmul(
     }
     gate.check_alignment("gated_matmul")?;
     up.check_alignment("gated_matmul")?;
+    let vector_ready = matvec_reads(&gate, k)?
+        && matvec_reads(&up, k)?
+        && (norm.is_some() || device_ptr(x)? % 16 == 0);
+    if !vector_ready {
+        return gated_tiled(lib, x, norm, (&gate, &up), (k, n), act, out);
+    }
     let plan = DecodePlan::new(lib, &gate, Some(&up), x, n, norm)?;
     let (kgroups, prefix) = (plan.kgroups, plan.prefix());
     let differ = || Error::op("gated_matmul", "gate and up are stored differently");
@@ -464,29 +501,65 @@ fn gated_matmul(
                 .int(kgroups)?
                 .code(unary_code(act)),
         ),
-        (Weight::Dense { w, ft }, Weight::Dense { w: w_up, ft: ft_up }) if ft == ft_up => {
-            if k % 32 != 0 || device_ptr(w)? % 16 != 0 || device_ptr(w_up)? % 16 != 0 {
-                return Err(Error::op(
-                    "gated_matmul",
-                    "dense rows must be whole units of 32, 16-byte aligned",
-                ));
-            }
-            (
-                format!("{prefix}gated_dense_{}", float_name(ft)),
-                Args::new()
-                    .u64(plan.input.x)
-                    .ptr(w)?
-                    .ptr(w_up)?
-                    .ptr(out)?
-                    .int(n)?
-                    .int(k)?
-                    .int(kgroups)?
-                    .code(unary_code(act)),
-            )
-        }
+        (Weight::Dense { w, ft }, Weight::Dense { w: w_up, ft: ft_up }) if ft == ft_up => (
+            format!("{prefix}gated_dense_{}", float_name(ft)),
+            Args::new()
+                .u64(plan.input.x)
+                .ptr(w)?
+                .ptr(w_up)?
+                .ptr(out)?
+                .int(n)?
+                .int(k)?
+                .int(kgroups)?
+                .code(unary_code(act)),
+        ),
         _ => return Err(differ()),
     };
     plan.launch(lib, &name, args, n)
+}
+
+/// The gated pair where the matvec kernels cannot read a weight (dense rows that are not
+/// whole aligned units) or x: the norm (if any) into a scratch row, gate and up by the tiled
+/// kernel into two more, then act(gate)·up.
+fn gated_tiled(
+    lib: &KernelLibrary,
+    x: &Tensor,
+    norm: Norm,
+    (gate, up): (&Weight, &Weight),
+    (k, n): (usize, usize),
+    act: UnaryFn,
+    out: &Tensor,
+) -> Result<CudaKernel> {
+    let (kp, np) = (k.next_multiple_of(4), n.next_multiple_of(4));
+    let (scratch, base) = lib.scratch((kp + 2 * np) * 4)?;
+    let (gate_out, up_out) = (base + 4 * kp as u64, base + 4 * (kp + np) as u64);
+    let mut launches = Vec::with_capacity(4);
+    let x = match norm {
+        Some((g, p)) => {
+            launches.push(super::norm::rms_norm_rows(
+                lib,
+                device_ptr(x)?,
+                g,
+                base,
+                1,
+                k,
+                p,
+            )?);
+            base
+        }
+        None => device_ptr(x)?,
+    };
+    launches.push(tiled(lib, gate, x, (1, k, n), None, 0, gate_out, false)?);
+    launches.push(tiled(lib, up, x, (1, k, n), None, 0, up_out, false)?);
+    launches.push(super::elementwise::gated_activation_at(
+        lib,
+        gate_out,
+        up_out,
+        device_ptr(out)?,
+        n,
+        act,
+    )?);
+    Ok(CudaKernel::new(launches, Some(scratch)))
 }
 
 /// How one row (decode) is multiplied: matvec_tc.cu's tensor cores or matvec.cu, the warps
@@ -594,11 +667,13 @@ struct MatvecInput<'a> {
 }
 
 impl<'a> MatvecInput<'a> {
-    /// `max_fold_k`: the widest x whose norm the kernel that follows computes itself.
+    /// `max_fold_k`: the widest x whose norm the kernel that follows computes itself; an x
+    /// not 16-byte aligned (the kernels' float4 loads) is always normalised into the aligned
+    /// scratch row first.
     fn new(lib: &KernelLibrary, x: &Tensor, norm: Norm<'a>, max_fold_k: usize) -> Result<Self> {
         let k = x.last_dim();
         match norm {
-            Some((g, p)) if k > max_fold_k => {
+            Some((g, p)) if k > max_fold_k || device_ptr(x)? % 16 != 0 => {
                 let (scratch, row) = lib.scratch(k * 4)?;
                 let launch = super::norm::rms_norm_rows(lib, device_ptr(x)?, g, row, 1, k, p)?;
                 Ok(MatvecInput {
