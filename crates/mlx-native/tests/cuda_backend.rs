@@ -1102,6 +1102,34 @@ fn normed_matvec_matches_reference() {
     }
 }
 
+/// `Linear::concat_rows` copies the parts into one weight on the device: a matvec over the
+/// concatenation equals the parts' references, on the GPU and the CPU backend.
+#[test]
+fn concatenated_rows_match_the_parts() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(23);
+    let k = 256;
+    let parts = [5, 7, 3].map(|n| mlx_weight(&mut rng, n, k, 4, 64, DType::BF16));
+    let x = rng.vec(k, 1.0);
+    let want: Vec<f64> = parts
+        .iter()
+        .flat_map(|w| matmul_ref(&x, w, None, 1))
+        .collect();
+    let compute = |dev: &Device| {
+        let linears = parts
+            .iter()
+            .map(|w| w.upload(dev, None))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&Linear> = linears.iter().collect();
+        let qkv = Linear::concat_rows("qkv", &refs)?;
+        let xt = dev.from_slice(&x, &[1, k])?;
+        let out = poisoned(dev, &[1, want.len()])?;
+        run(dev, |enc| ops::matmul(enc, &xt, &qkv, &out))?;
+        out.to_vec::<f32>()
+    };
+    check("concatenated rows", &dev, compute, &want, 2e-5);
+}
+
 /// x as a `[1, len]` tensor at the start of its buffer or (`shifted`) one element in, so not
 /// 16-byte aligned.
 fn row_at(dev: &Device, x: &[f32], shifted: bool) -> Result<Tensor> {

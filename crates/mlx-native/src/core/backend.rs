@@ -39,6 +39,14 @@ pub trait Backend: Send + Sync {
     ) -> Result<Box<dyn DeviceBuffer>>;
     fn write(&self, dst: &dyn DeviceBuffer, offset: usize, src: &[u8]) -> Result<()>;
     fn read(&self, src: &dyn DeviceBuffer, offset: usize, dst: &mut [u8]) -> Result<()>;
+    /// Copy `len` bytes from `src` at `src_offset` to `dst` at `dst_offset` without a trip
+    /// through host memory (in order with the work submitted before it).
+    fn copy(
+        &self,
+        src: (&dyn DeviceBuffer, usize),
+        dst: (&dyn DeviceBuffer, usize),
+        len: usize,
+    ) -> Result<()>;
     /// Look up the kernel for `op` on these operands (an error if there is none).
     fn resolve(&self, op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<KernelHandle>;
     /// Run dispatches in order (may return before the device finishes).

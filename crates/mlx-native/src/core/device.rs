@@ -151,6 +151,22 @@ impl Device {
             .write(t.buffer().storage(), t.offset(), bytes)
     }
 
+    /// Copies all of `src` into `dst` from byte `dst_offset` of `dst` on, on the device.
+    pub(crate) fn copy_bytes(&self, src: &Tensor, dst: &Tensor, dst_offset: usize) -> Result<()> {
+        if !Arc::ptr_eq(&src.device().0, &self.0) || !Arc::ptr_eq(&dst.device().0, &self.0) {
+            return Err(Error::Invalid(format!(
+                "copy between devices ({} and {})",
+                src.device().label(),
+                dst.device().label()
+            )));
+        }
+        self.backend().copy(
+            (src.buffer().storage(), src.offset()),
+            (dst.buffer().storage(), dst.offset() + dst_offset),
+            src.byte_len(),
+        )
+    }
+
     pub(crate) fn read_bytes(&self, t: &Tensor, out: &mut [u8]) -> Result<()> {
         self.backend().synchronize()?;
         self.backend().read(t.buffer().storage(), t.offset(), out)

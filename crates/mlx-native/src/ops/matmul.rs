@@ -171,14 +171,12 @@ impl Linear {
             if let Some(rows) = shape.first_mut() {
                 *rows = tensors.iter().map(leading).sum();
             }
-            let mut bytes = vec![0u8; tensors.iter().map(|t| t.byte_len()).sum()];
+            let out = device.empty(&shape, tensors[0].dtype())?;
             let mut at = 0;
             for t in &tensors {
-                device.read_bytes(t, &mut bytes[at..at + t.byte_len()])?;
+                device.copy_bytes(t, &out, at)?;
                 at += t.byte_len();
             }
-            let out = device.empty(&shape, tensors[0].dtype())?;
-            device.write_bytes(&out, &bytes)?;
             Ok(out)
         };
         let tensors = (0..first.tensors.len())

@@ -254,6 +254,42 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn copy(
+        &self,
+        (src, src_offset): (&dyn DeviceBuffer, usize),
+        (dst, dst_offset): (&dyn DeviceBuffer, usize),
+        len: usize,
+    ) -> Result<()> {
+        let cpu = |b: &dyn DeviceBuffer| -> Result<*const u8> {
+            b.as_any()
+                .downcast_ref::<CpuBuffer>()
+                .map(CpuBuffer::ptr)
+                .ok_or_else(|| Error::Invalid("not a CPU buffer".into()))
+        };
+        let within = |b: &dyn DeviceBuffer, offset: usize| {
+            offset.checked_add(len).is_some_and(|e| e <= b.byte_len())
+        };
+        let writable = dst
+            .as_any()
+            .downcast_ref::<CpuBuffer>()
+            .is_some_and(|b| !matches!(b.memory, Memory::Host(..)));
+        if !within(src, src_offset) || !within(dst, dst_offset) || !writable {
+            return Err(Error::Invalid(
+                "copy outside CPU buffers or into read-only bytes".into(),
+            ));
+        }
+        // SAFETY: both ranges checked above (they may overlap: `copy` is memmove); no kernel
+        // runs concurrently with host-side copies.
+        unsafe {
+            std::ptr::copy(
+                cpu(src)?.add(src_offset),
+                (cpu(dst)? as *mut u8).add(dst_offset),
+                len,
+            )
+        };
+        Ok(())
+    }
+
     fn resolve(&self, op: &Op, _inputs: &[Tensor], outputs: &[Tensor]) -> Result<KernelHandle> {
         let dtype = outputs
             .first()

@@ -228,6 +228,23 @@ impl Backend for CudaBackend {
         self.synchronize()
     }
 
+    fn copy(
+        &self,
+        (src, src_offset): (&dyn DeviceBuffer, usize),
+        (dst, dst_offset): (&dyn DeviceBuffer, usize),
+        len: usize,
+    ) -> Result<()> {
+        let from = self.range_ptr(cuda_buffer(src)?, src_offset, len)?;
+        let to = self.range_ptr(cuda_buffer(dst)?, dst_offset, len)?;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(driver_err("binding the context"))?;
+        // SAFETY: both ranges were checked and are device memory of this stream's context.
+        unsafe { driver::memcpy_dtod_async(to, from, len, self.stream.cu_stream()) }
+            .map_err(driver_err("device-to-device copy"))
+    }
+
     fn resolve(&self, op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<KernelHandle> {
         let dtype = outputs
             .first()
