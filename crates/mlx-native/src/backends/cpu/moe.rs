@@ -123,7 +123,10 @@ fn gather_into(
     weight: &[Tensor],
     out: &Tensor,
 ) -> Result<()> {
-    let experts = weight[0].shape()[0];
+    let experts = weight
+        .first()
+        .and_then(|w| w.shape().first().copied())
+        .ok_or_else(|| Error::op("gather_matmul", "no stacked expert weight"))?;
     let (k, n) = (x.last_dim(), out.last_dim());
     if let Some(bad) = ids.iter().find(|&&e| e as usize >= experts) {
         return Err(Error::op(

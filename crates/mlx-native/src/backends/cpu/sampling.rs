@@ -16,10 +16,10 @@ pub(super) fn register(reg: &mut Registry<CpuKernel>) {
 }
 
 fn advance_pos(op: &Op, _inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
-    if *op != Op::AdvancePos {
+    let (Op::AdvancePos, [pos]) = (op, outputs) else {
         return Err(wrong_op(op));
-    }
-    let pos = slice_mut::<u32>(&outputs[0])?
+    };
+    let pos = slice_mut::<u32>(pos)?
         .first_mut()
         .ok_or_else(|| Error::op("advance_pos", "empty position"))?;
     *pos = pos.wrapping_add(1);
