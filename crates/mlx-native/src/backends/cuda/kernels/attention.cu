@@ -134,6 +134,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
 extern "C" __global__ void attn_combine(const float* __restrict__ partial, float* __restrict__ out,
                                         int n_heads, int hd, int n_splits) {
     kernel_entry();
+    launch_dependents();
     const int h = blockIdx.x, row = blockIdx.y;
     const int stride = hd + 2;
     const float* p = partial + ((i64)row * n_heads + h) * n_splits * stride;
@@ -270,6 +271,7 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
         float* partial, int n_heads, int group, int hd, int capacity, float scale, int window,  \
         float softcap) {                                                                        \
         kernel_entry();                                                                         \
+        launch_dependents();                                                                    \
         attn_decode<HC>(q, kc, vc, pos, out, partial, n_heads, group, hd, capacity, scale,      \
                         window, softcap);                                                       \
     }                                                                                           \

@@ -11,17 +11,31 @@ typedef long long i64;
 
 #define FULL_MASK 0xffffffffu
 
-// Programmatic dependent launch (sm_90+). Every kernel calls this first, before it touches
-// global memory: it waits until the previous kernel of the stream has finished and its writes
-// are visible. Launched with programmatic stream serialization (launch.rs), a kernel is then
-// launched as soon as the blocks of the one before it have exited, without waiting for that
-// grid's completion to be signalled; launched plainly, the wait is a no-op. (Also triggering
-// `griddepcontrol.launch_dependents` at entry was measured: it halved prefill speed, as blocks
-// of kernels further down the stream occupied the SMs while they waited.)
+// Programmatic dependent launch (sm_90+). Every kernel calls this before it touches memory
+// that an earlier kernel may write: it waits until the previous kernel of the stream has
+// finished and its writes are visible. Launched with programmatic stream serialization
+// (launch.rs), a kernel is launched once every block of the one before it has exited or
+// called `launch_dependents`; launched plainly, the wait is a no-op.
 __device__ __forceinline__ void kernel_entry() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+
+// Lets the next kernel of the stream launch now, while this one runs: its blocks can then
+// start loading weights (which no kernel writes) before their own `kernel_entry`. Only the
+// decode kernels in front of a matvec call it (the matvecs and decode attention): called by
+// every kernel, prefill lost 30% (dependent blocks parked on the SMs of multi-wave grids; H100,
+// 2026-11-26).
+__device__ __forceinline__ void launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Starts the line at p towards L2, without waiting for it.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 #define NEG_INF __int_as_float(0xff800000)

@@ -77,6 +77,15 @@ struct MlxAffine {
         return field(q[word], word + 1 < BITS ? q[word + 1] : 0u, b & 31, BITS);
     }
 
+    // Starts the unit's words and group parameters towards L2 (before the grid dependency
+    // wait: weights never change during a forward pass).
+    __device__ __forceinline__ void prefetch(int row, int u) const {
+        prefetch_l2(w + ((i64)row * (k / 32) + u) * BITS);
+        const i64 g = (i64)row * ((k / 32) >> group_shift) + (u >> group_shift);
+        prefetch_l2((const u8*)scales + g * (st == FT_F32 ? 4 : 2));
+        prefetch_l2((const u8*)biases + g * (st == FT_F32 ? 4 : 2));
+    }
+
     __device__ __forceinline__ void scale_bias(int row, int u, float& s, float& b) const {
         const i64 g = (i64)row * ((k / 32) >> group_shift) + (u >> group_shift);
         s = load_float(scales, g, st);

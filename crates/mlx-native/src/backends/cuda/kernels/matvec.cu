@@ -12,6 +12,8 @@
 // without a pass of its own: the lanes multiply x by g as they load it and sum x² on the way
 // (every warp group covers all of k), and the row sums are scaled by r at the end.
 // Launch: MV_WARPS·32 threads, ceil(n / (MV_ROWS·MV_WARPS/kgroups)) blocks; x 16-byte aligned.
+// The kernels wait for the previous kernel inside `matvec`, after starting their first
+// weights towards L2 (PREFETCH: MLX layouts).
 
 #define MV_WARPS 4
 #define MV_ROWS 4
@@ -20,7 +22,7 @@
 // matrix runs in one wave on a 132-SM GPU.
 #define MV_MIN_BLOCKS 4
 
-template <bool GATED, bool NORM, class L>
+template <bool GATED, bool NORM, class L, bool PREFETCH = false>
 __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* __restrict__ x,
                                        const PreNorm norm, const void* __restrict__ bias,
                                        int bias_type, float* __restrict__ out, int n, int kgroups,
@@ -37,11 +39,26 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
     int rows[MV_ROWS];
 #pragma unroll
     for (int r = 0; r < MV_ROWS; ++r) rows[r] = min(row0 + r, n - 1);
+    // The gated pair holds twice the rows' words: one unit per step keeps it in registers.
+    constexpr int UNROLL = GATED ? 1 : MV_UNROLL;
+    // The first step's weights head for L2 before the wait for the previous kernel (no kernel
+    // writes weights; layouts without `prefetch` skip this).
+    if constexpr (PREFETCH) {
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) {
+            const int u = min(slice * 32 * UNROLL + lane + 32 * j, units - 1);
+#pragma unroll
+            for (int r = 0; r < MV_ROWS; ++r) {
+                l.prefetch(rows[r], u);
+                if constexpr (GATED) l_up.prefetch(rows[r], u);
+            }
+        }
+    }
+    kernel_entry();
+    launch_dependents();
     float acc[ACC];
 #pragma unroll
     for (int r = 0; r < ACC; ++r) acc[r] = 0.f;
-    // The gated pair holds twice the rows' words: one unit per step keeps it in registers.
-    constexpr int UNROLL = GATED ? 1 : MV_UNROLL;
     for (int u0 = slice * 32 * UNROLL + lane; u0 < units; u0 += 32 * UNROLL * kgroups) {
 #pragma unroll
         for (int j = 0; j < UNROLL; ++j) {
@@ -122,9 +139,9 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
                                    const void* biases, const void* bias, int bias_type,            \
                                    float* out, int n, int k, int group_shift, int kgroups,         \
                                    MATVEC_NORM_ARGS) {                                             \
-        kernel_entry();                                                                            \
         const MlxAffine<BITS> l{w, scales, biases, ST, k, group_shift};                            \
-        matvec<false, NORM>(l, l, x, MATVEC_PRE_NORM, bias, bias_type, out, n, kgroups, 0);        \
+        matvec<false, NORM, MlxAffine<BITS>, true>(l, l, x, MATVEC_PRE_NORM, bias, bias_type, out, \
+                                                   n, kgroups, 0);                                 \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
         PREFIX##gated_mlx##BITS##_##NAME(const float* x, const u32* w, const void* scales,         \
@@ -132,10 +149,10 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
                                          const void* scales_up, const void* biases_up, float* out, \
                                          int n, int k, int group_shift, int kgroups, int act,      \
                                          MATVEC_NORM_ARGS) {                                       \
-        kernel_entry();                                                                            \
         const MlxAffine<BITS> l{w, scales, biases, ST, k, group_shift};                            \
         const MlxAffine<BITS> l_up{w_up, scales_up, biases_up, ST, k, group_shift};                \
-        matvec<true, NORM>(l, l_up, x, MATVEC_PRE_NORM, nullptr, 0, out, n, kgroups, act);         \
+        matvec<true, NORM, MlxAffine<BITS>, true>(l, l_up, x, MATVEC_PRE_NORM, nullptr, 0, out, n, \
+                                                  kgroups, act);                                   \
     }
 #define MATVEC_MLX(BITS, ST, NAME)                                                                 \
     MATVEC_MLX_KERNELS(BITS, ST, NAME, matvec_, false)                                             \
@@ -155,14 +172,12 @@ MATVEC_MLX_ALL_TYPES(8)
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
         PREFIX##NAME(const float* x, const u8* w, const void* bias, int bias_type, float* out,     \
                      int n, int k, int kgroups, MATVEC_NORM_ARGS) {                                \
-        kernel_entry();                                                                            \
         const TYPE l{w, k};                                                                        \
         matvec<false, NORM>(l, l, x, MATVEC_PRE_NORM, bias, bias_type, out, n, kgroups, 0);        \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
         PREFIX##gated_##NAME(const float* x, const u8* w, const u8* w_up, float* out, int n,       \
                              int k, int kgroups, int act, MATVEC_NORM_ARGS) {                      \
-        kernel_entry();                                                                            \
         const TYPE l{w, k}, l_up{w_up, k};                                                         \
         matvec<true, NORM>(l, l_up, x, MATVEC_PRE_NORM, nullptr, 0, out, n, kgroups, act);        \
     }
@@ -179,14 +194,12 @@ MATVEC_GGML(Q6_K, q6_k)
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
         PREFIX##dense_##NAME(const float* x, const void* w, const void* bias, int bias_type,       \
                              float* out, int n, int k, int kgroups, MATVEC_NORM_ARGS) {            \
-        kernel_entry();                                                                            \
         const Dense l{w, FT, k};                                                                   \
         matvec<false, NORM>(l, l, x, MATVEC_PRE_NORM, bias, bias_type, out, n, kgroups, 0);        \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
         PREFIX##gated_dense_##NAME(const float* x, const void* w, const void* w_up, float* out,    \
                                    int n, int k, int kgroups, int act, MATVEC_NORM_ARGS) {         \
-        kernel_entry();                                                                            \
         const Dense l{w, FT, k}, l_up{w_up, FT, k};                                                \
         matvec<true, NORM>(l, l_up, x, MATVEC_PRE_NORM, nullptr, 0, out, n, kgroups, act);        \
     }

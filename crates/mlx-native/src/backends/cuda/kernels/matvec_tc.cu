@@ -24,7 +24,8 @@
 // rounds x alike); q is exact in f16 and the accumulation is f32.
 // Launch: MT_WARPS·32 threads, ceil(n / (16·MT_WARPS/kgroups)) blocks, dynamic shared memory
 // (`matvec_tc_plan`, matmul.rs); x 16-byte aligned, MLX w 16-byte aligned, Q4_0 rows 8-byte.
-// The block's RMSNorm, if any, is applied to x as it is staged (mt_stage_x).
+// The block's RMSNorm, if any, is applied to x as it is staged (mt_stage_x). The kernels wait
+// for the previous kernel inside `matvec_tc`, after their first weight loads.
 
 #define MT_WARPS 8
 #define MT_CHUNK_WORDS 4  // one 16-byte load per row and chunk
@@ -350,7 +351,11 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     float* csum = (float*)(zero + CHUNK / 2);
 
     MtStage<F, M, STAGE> sa, sb;
-    mt_load(wt, st, 0, sa);  // the first loads fly while x is staged
+    // The first stage's weights are requested before the wait for the previous kernel (no
+    // kernel writes weights), so they fly while it finishes and while x is staged.
+    mt_load(wt, st, 0, sa);
+    kernel_entry();
+    launch_dependents();
     mt_stage_x<F, NORM>(x, k, norm, xh, zero, csum);
     __syncthreads();
 
@@ -402,7 +407,6 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
                                    const void* biases, const void* bias, int bias_type,            \
                                    float* out, int n, int k, int group_shift, int kgroups,         \
                                    MATVEC_NORM_ARGS) {                                             \
-        kernel_entry();                                                                            \
         const MtWeight wt[1] = {{w, scales, biases}};                                              \
         matvec_tc<MtMlx<BITS, ST>, false, NORM>(wt, x, MATVEC_PRE_NORM, bias, bias_type, out, n,   \
                                                 k, (i64)k * BITS / 8, group_shift, kgroups, 0);    \
@@ -413,7 +417,6 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
                                          const void* scales_up, const void* biases_up,             \
                                          float* out, int n, int k, int group_shift, int kgroups,   \
                                          int act, MATVEC_NORM_ARGS) {                              \
-        kernel_entry();                                                                            \
         const MtWeight wt[2] = {{w, scales, biases}, {w_up, scales_up, biases_up}};                \
         matvec_tc<MtMlx<BITS, ST>, true, NORM>(wt, x, MATVEC_PRE_NORM, nullptr, 0, out, n, k,      \
                                                (i64)k * BITS / 8, group_shift, kgroups, act);      \
@@ -432,7 +435,6 @@ MATVEC_TC_ALL_TYPES(8)
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)                                 \
         PREFIX##q4_0(const float* x, const u8* w, const void* bias, int bias_type, float* out,     \
                      int n, int k, int kgroups, MATVEC_NORM_ARGS) {                                \
-        kernel_entry();                                                                            \
         const MtWeight wt[1] = {{w, nullptr, nullptr}};                                            \
         matvec_tc<MtQ4_0, false, NORM>(wt, x, MATVEC_PRE_NORM, bias, bias_type, out, n, k,         \
                                        (i64)(k / 32) * MtQ4_0::BLOCK, 0, kgroups, 0);              \
@@ -440,7 +442,6 @@ MATVEC_TC_ALL_TYPES(8)
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)                                 \
         PREFIX##gated_q4_0(const float* x, const u8* w, const u8* w_up, float* out, int n, int k,  \
                            int kgroups, int act, MATVEC_NORM_ARGS) {                               \
-        kernel_entry();                                                                            \
         const MtWeight wt[2] = {{w, nullptr, nullptr}, {w_up, nullptr, nullptr}};                  \
         matvec_tc<MtQ4_0, true, NORM>(wt, x, MATVEC_PRE_NORM, nullptr, 0, out, n, k,               \
                                       (i64)(k / 32) * MtQ4_0::BLOCK, 0, kgroups, act);             \
