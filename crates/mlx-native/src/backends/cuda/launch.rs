@@ -152,14 +152,14 @@ impl Launch {
 /// dispatch.
 pub(crate) struct CudaKernel {
     launches: Vec<Launch>,
-    _scratch: Option<Arc<CudaSlice<u8>>>,
+    _scratch: Vec<Arc<CudaSlice<u8>>>,
 }
 
 impl CudaKernel {
     pub fn new(launches: Vec<Launch>, scratch: Option<CudaSlice<u8>>) -> Self {
         CudaKernel {
             launches,
-            _scratch: scratch.map(Arc::new),
+            _scratch: scratch.map(Arc::new).into_iter().collect(),
         }
     }
 
@@ -167,8 +167,14 @@ impl CudaKernel {
     pub fn sharing(launches: Vec<Launch>, scratch: Arc<CudaSlice<u8>>) -> Self {
         CudaKernel {
             launches,
-            _scratch: Some(scratch),
+            _scratch: vec![scratch],
         }
+    }
+
+    /// The same dispatch, also keeping `scratch` alive.
+    pub fn holding(mut self, scratch: CudaSlice<u8>) -> Self {
+        self._scratch.push(Arc::new(scratch));
+        self
     }
 
     pub fn single(launch: Launch) -> Self {

@@ -106,8 +106,7 @@ fn matmul(
     if inputs.len() != 1 + n_weight + has_bias as usize {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     }
-    let bias = inputs.get(1 + n_weight).filter(|_| has_bias);
-    let bias_type = bias.map_or(Ok(0), |b| float_type("matmul", "bias", b.dtype()))?;
+    let bias = Bias::new(inputs.get(1 + n_weight).filter(|_| has_bias))?;
     let (m, k, n) = (x.rows(), x.last_dim(), out.last_dim());
     let (weight, rows) = Weight::parse("matmul", layout, &inputs[1..1 + n_weight], k)?;
     if rows < n {
@@ -123,12 +122,18 @@ fn matmul(
     // into a scratch row that the tiled kernel reads.
     let vector_ready =
         m == 1 && matvec_reads(&weight, k)? && (norm.is_some() || device_ptr(x)? % 16 == 0);
-    if let (false, Some((g, p))) = (vector_ready, norm) {
-        let (scratch, row) = lib.scratch(k * 4)?;
-        let normed = super::norm::rms_norm_rows(lib, device_ptr(x)?, g, row, 1, k, p)?;
-        let out = device_ptr(out)?;
-        let matmul = tiled(lib, &weight, row, (1, k, n), bias, bias_type, out, false)?;
-        return Ok(CudaKernel::new(vec![normed, matmul], Some(scratch)));
+    if let (false, Some(_)) = (vector_ready, norm) {
+        let input = MatvecInput::new(lib, x, norm, 0)?;
+        let matmul = tiled(
+            lib,
+            &weight,
+            input.x,
+            (1, k, n),
+            bias,
+            device_ptr(out)?,
+            false,
+        )?;
+        return Ok(input.then(vec![matmul]));
     }
     let launch = if vector_ready {
         let plan = DecodePlan::new(lib, &weight, None, x, n, norm)?;
@@ -148,8 +153,7 @@ fn matmul(
                     .ptr(w)?
                     .ptr(scales)?
                     .ptr(biases)?
-                    .opt_ptr(bias)?
-                    .code(bias_type)
+                    .bias(bias)?
                     .ptr(out)?
                     .int(n)?
                     .int(k)?
@@ -161,8 +165,7 @@ fn matmul(
                 Args::new()
                     .u64(plan.input.x)
                     .ptr(data)?
-                    .opt_ptr(bias)?
-                    .code(bias_type)
+                    .bias(bias)?
                     .ptr(out)?
                     .int(n)?
                     .int(k)?
@@ -173,8 +176,7 @@ fn matmul(
                 Args::new()
                     .u64(plan.input.x)
                     .ptr(w)?
-                    .opt_ptr(bias)?
-                    .code(bias_type)
+                    .bias(bias)?
                     .ptr(out)?
                     .int(n)?
                     .int(k)?
@@ -211,8 +213,7 @@ fn matmul(
                 .ptr(scales)?
                 .ptr(biases)?
                 .code(*scale_type)
-                .opt_ptr(bias)?
-                .code(bias_type)
+                .bias(bias)?
                 .ptr(out)?
                 .int(m)?
                 .int(n)?
@@ -241,8 +242,7 @@ fn matmul(
                     let args = Args::new()
                         .u64(staged.xh)
                         .ptr(data)?
-                        .opt_ptr(bias)?
-                        .code(bias_type)
+                        .bias(bias)?
                         .ptr(out)?
                         .int(m)?
                         .int(n)?
@@ -265,7 +265,6 @@ fn matmul(
             device_ptr(x)?,
             (m, k, n),
             bias,
-            bias_type,
             device_ptr(out)?,
             tensor_cores,
         )?
@@ -284,14 +283,12 @@ fn matvec_reads(weight: &Weight, k: usize) -> Result<bool> {
 
 /// The tiled matmul (matmul.cu's f32 tiles, or matmul_tc.cu's generic tensor-core tiles) of x
 /// `[m, k]` at `x` and `weight` into out `[m, n]` at `out`.
-#[allow(clippy::too_many_arguments)]
 fn tiled(
     lib: &KernelLibrary,
     weight: &Weight,
     x: u64,
     (m, k, n): (usize, usize, usize),
-    bias: Option<&Tensor>,
-    bias_type: i32,
+    bias: Bias,
     out: u64,
     tensor_cores: bool,
 ) -> Result<Launch> {
@@ -315,8 +312,7 @@ fn tiled(
                 .ptr(scales)?
                 .ptr(biases)?
                 .code(scale_type)
-                .opt_ptr(bias)?
-                .code(bias_type)
+                .bias(bias)?
                 .u64(out)
                 .int(m)?
                 .int(n)?
@@ -328,8 +324,7 @@ fn tiled(
             Args::new()
                 .u64(x)
                 .ptr(data)?
-                .opt_ptr(bias)?
-                .code(bias_type)
+                .bias(bias)?
                 .u64(out)
                 .int(m)?
                 .int(n)?
@@ -341,8 +336,7 @@ fn tiled(
                 .u64(x)
                 .ptr(w)?
                 .code(ft)
-                .opt_ptr(bias)?
-                .code(bias_type)
+                .bias(bias)?
                 .u64(out)
                 .int(m)?
                 .int(n)?
@@ -530,36 +524,16 @@ fn gated_tiled(
     act: UnaryFn,
     out: &Tensor,
 ) -> Result<CudaKernel> {
-    let (kp, np) = (k.next_multiple_of(4), n.next_multiple_of(4));
-    let (scratch, base) = lib.scratch((kp + 2 * np) * 4)?;
-    let (gate_out, up_out) = (base + 4 * kp as u64, base + 4 * (kp + np) as u64);
-    let mut launches = Vec::with_capacity(4);
-    let x = match norm {
-        Some((g, p)) => {
-            launches.push(super::norm::rms_norm_rows(
-                lib,
-                device_ptr(x)?,
-                g,
-                base,
-                1,
-                k,
-                p,
-            )?);
-            base
-        }
-        None => device_ptr(x)?,
-    };
-    launches.push(tiled(lib, gate, x, (1, k, n), None, 0, gate_out, false)?);
-    launches.push(tiled(lib, up, x, (1, k, n), None, 0, up_out, false)?);
-    launches.push(super::elementwise::gated_activation_at(
-        lib,
-        gate_out,
-        up_out,
-        device_ptr(out)?,
-        n,
-        act,
-    )?);
-    Ok(CudaKernel::new(launches, Some(scratch)))
+    let input = MatvecInput::new(lib, x, norm, 0)?;
+    let np = n.next_multiple_of(4);
+    let (scratch, gate_out) = lib.scratch(2 * np * 4)?;
+    let up_out = gate_out + 4 * np as u64;
+    let launches = vec![
+        tiled(lib, gate, input.x, (1, k, n), Bias::NONE, gate_out, false)?,
+        tiled(lib, up, input.x, (1, k, n), Bias::NONE, up_out, false)?,
+        super::elementwise::gated_activation_at(lib, gate_out, up_out, device_ptr(out)?, n, act)?,
+    ];
+    Ok(input.then(launches).holding(scratch))
 }
 
 /// How one row (decode) is multiplied: matvec_tc.cu's tensor cores or matvec.cu, the warps
@@ -647,7 +621,7 @@ impl<'a> DecodePlan<'a> {
                 lib.launch(&MATVEC, name, grid, MATVEC_THREADS, 0, args)?
             }
         };
-        Ok(self.input.then(launch))
+        Ok(self.input.then(vec![launch]))
     }
 }
 
@@ -657,9 +631,9 @@ impl<'a> DecodePlan<'a> {
 /// at k = 2048 and 4096, where the norm runs better as a launch of its own.
 const FOLD_NORM_MAX_K: usize = 1024;
 
-/// Where a matvec reads x from: the input itself, with the RMSNorm (if any) folded into the
-/// kernel, or, for matvec.cu and inputs wider than `FOLD_NORM_MAX_K`, a row the norm kernel
-/// writes first.
+/// Where a one-row kernel reads x from: the input itself, with the RMSNorm (if any) folded
+/// into the kernel, or, for matvec.cu and inputs wider than `FOLD_NORM_MAX_K` (and for the
+/// tiled fallbacks, which fold nothing), a row the norm kernel writes first.
 struct MatvecInput<'a> {
     x: u64,
     fold: Norm<'a>,
@@ -667,9 +641,9 @@ struct MatvecInput<'a> {
 }
 
 impl<'a> MatvecInput<'a> {
-    /// `max_fold_k`: the widest x whose norm the kernel that follows computes itself; an x
-    /// not 16-byte aligned (the kernels' float4 loads) is always normalised into the aligned
-    /// scratch row first.
+    /// `max_fold_k`: the widest x whose norm the kernel that follows computes itself (0:
+    /// none); an x not 16-byte aligned (the kernels' float4 loads) is always normalised into
+    /// the aligned scratch row first.
     fn new(lib: &KernelLibrary, x: &Tensor, norm: Norm<'a>, max_fold_k: usize) -> Result<Self> {
         let k = x.last_dim();
         match norm {
@@ -690,11 +664,14 @@ impl<'a> MatvecInput<'a> {
         }
     }
 
-    /// The dispatch: the norm launch, if any, then the matvec.
-    fn then(self, matvec: Launch) -> CudaKernel {
+    /// The dispatch: the norm launch, if any, then `launches` (which read x at `self.x`).
+    fn then(self, launches: Vec<Launch>) -> CudaKernel {
         match self.norm_first {
-            Some((norm, scratch)) => CudaKernel::new(vec![norm, matvec], Some(scratch)),
-            None => CudaKernel::single(matvec),
+            Some((norm, scratch)) => {
+                let launches = std::iter::once(norm).chain(launches).collect();
+                CudaKernel::new(launches, Some(scratch))
+            }
+            None => CudaKernel::new(launches, None),
         }
     }
 }
@@ -724,12 +701,31 @@ fn split_norm<'a>(
     }
 }
 
-trait NormArgs: Sized {
-    /// The matvec kernels' trailing norm arguments (g or null, g_offset, eps).
-    fn norm(self, norm: Norm) -> Result<Self>;
+/// A matmul's optional bias `[n]` and its float type (0 without one).
+#[derive(Clone, Copy)]
+struct Bias<'a>(Option<&'a Tensor>, i32);
+
+impl<'a> Bias<'a> {
+    const NONE: Bias<'static> = Bias(None, 0);
+
+    fn new(bias: Option<&'a Tensor>) -> Result<Self> {
+        let ty = bias.map_or(Ok(0), |b| float_type("matmul", "bias", b.dtype()))?;
+        Ok(Bias(bias, ty))
+    }
 }
 
-impl NormArgs for Args {
+trait MatmulArgs: Sized {
+    /// The matvec kernels' trailing norm arguments (g or null, g_offset, eps).
+    fn norm(self, norm: Norm) -> Result<Self>;
+    /// The bias pointer (or null) and its float type.
+    fn bias(self, bias: Bias) -> Result<Self>;
+}
+
+impl MatmulArgs for Args {
+    fn bias(self, Bias(bias, ty): Bias) -> Result<Self> {
+        Ok(self.opt_ptr(bias)?.code(ty))
+    }
+
     fn norm(self, norm: Norm) -> Result<Self> {
         Ok(match norm {
             Some((g, p)) => self
