@@ -1162,3 +1162,13 @@ fn sample_history_bounds() {
     .unwrap();
     assert!(enc.commit().is_err());
 }
+
+/// A linear layer with no input columns is refused when it is made, naming it.
+#[test]
+fn linear_without_columns_is_an_error() {
+    let dev = Device::cpu();
+    let w = dev.zeros(&[4, 0], mlx_native::DType::F32).unwrap();
+    let layout = mlx_native::quant::WeightLayout::Dense;
+    let err = ops::Linear::new("proj", layout, vec![w], None, 4, 0).unwrap_err();
+    assert!(err.to_string().contains("`proj`: rows of 0 columns"), "{err}");
+}

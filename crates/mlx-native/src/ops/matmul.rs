@@ -29,6 +29,9 @@ impl Linear {
         k: usize,
     ) -> Result<Linear> {
         let bad = |reason: String| Error::op("linear", format!("`{name}`: {reason}"));
+        if k == 0 {
+            return Err(bad("rows of 0 columns".into()));
+        }
         if tensors.len() != layout.tensor_count() {
             return Err(bad(format!(
                 "{} tensors for layout {}",
