@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# On the GPU machine: decode and prefill speed of two builds, and of kernel variants of the
+# second (NVRTC -D switches through MLXN_NVRTC_OPTIONS), interleaved in one call, because
+# between calls the same build reads differently. Carry both stripped mlxn binaries.
+#   BASE=.device-bin/base NEW=.device-bin/bin \
+#   VARIANTS=$'new -DNONE\nfast -DMY_SWITCH' MODELS="smollm2-135m llama-3.2-1b" \
+#   bash scripts/decode_ab.sh
+# Each variant line is a tag and its NVRTC options. Raw JSON lines and the table under $OUT.
+set -u
+base=${BASE:-.device-bin/base}
+new=${NEW:-.device-bin/bin}
+models=${MODELS:-smollm2-135m llama-3.2-1b llama-3.1-8b qwen3-0.6b}
+variants=${VARIANTS:-new -DNONE}
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+nvidia-smi --query-gpu=name --format=csv,noheader
+run() {
+  local tag=$1 opts=$2 bin=$3
+  shift 3
+  MLXN_NVRTC_OPTIONS="$opts" timeout 150 "$bin/mlxn" "$@" 2>&1 | grep '^{' |
+    sed "s/^/$tag /" >> "$out/ab.txt"
+}
+for round in $(seq "${ROUNDS:-1}"); do
+  for m in $models; do
+    args=(bench --device cuda --json --synthetic "$m" --quant "${QUANT:-mlx4g64}"
+      --prompt-lens "${PROMPT:-128}" --decode 128 --reps 2)
+    run base "" "$base" "${args[@]}"
+    while read -r tag opts; do
+      [ -n "$tag" ] && run "$tag" "$opts" "$new" "${args[@]}"
+    done <<< "$variants"
+  done
+done
+python3 - "$out/ab.txt" <<'PY' | tee "$out/ab_table.txt"
+import json, sys
+for line in open(sys.argv[1]):
+    tag, js = line.split(" ", 1)
+    r = json.loads(js)
+    print(f"{tag:8s} {r['model']:32s} prefill {r['prefill_tokens_per_s']:9.0f} "
+          f"decode {r['decode_tokens_per_s']:8.1f} kernels/token {r['kernels_per_token']}")
+PY
