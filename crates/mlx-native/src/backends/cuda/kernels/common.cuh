@@ -25,8 +25,8 @@ __device__ __forceinline__ void kernel_entry() {
 // Lets the next kernel of the stream launch now, while this one runs: its blocks can then
 // start loading weights (which no kernel writes) before their own `kernel_entry`. Only the
 // decode kernels in front of a matvec call it (the matvecs and decode attention): called by
-// every kernel, prefill lost 30% (dependent blocks parked on the SMs of multi-wave grids; H100,
-// 2026-11-26).
+// every kernel, it cost prefill 30% (H100, 2026-11-26; presumably dependent blocks parked on
+// SMs that multi-wave grids need).
 __device__ __forceinline__ void launch_dependents() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
