@@ -1170,5 +1170,8 @@ fn linear_without_columns_is_an_error() {
     let w = dev.zeros(&[4, 0], mlx_native::DType::F32).unwrap();
     let layout = mlx_native::quant::WeightLayout::Dense;
     let err = ops::Linear::new("proj", layout, vec![w], None, 4, 0).unwrap_err();
-    assert!(err.to_string().contains("`proj`: rows of 0 columns"), "{err}");
+    assert!(
+        err.to_string().contains("`proj`: rows of 0 columns"),
+        "{err}"
+    );
 }

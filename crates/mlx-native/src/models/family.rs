@@ -8,6 +8,7 @@ use serde_json::Value;
 use crate::formats::config::ConfigFields;
 use crate::models::decoder::{Architecture, DecoderParams, RopeParams};
 use crate::models::{gemma2, gemma3, llama, mixtral, phi3, qwen2, qwen3, qwen3_moe};
+use crate::ops::RopeScaling;
 use crate::Result;
 
 /// The config.json `model_type`s `decoder_params` reads.
@@ -128,4 +129,25 @@ impl Sizes {
     pub fn default_head_dim(&self) -> usize {
         self.hidden_size / self.num_heads
     }
+}
+
+/// RoPE over `rotary_dims` with `scaling`, at the config's `rope_theta` (else
+/// `default_theta`) and `rope_traditional` (else false), as mlx-lm's Llama-derived
+/// families read them.
+pub fn rope_params(
+    f: &ConfigFields,
+    default_theta: f32,
+    scaling: RopeScaling,
+    rotary_dims: usize,
+) -> Result<RopeParams> {
+    Ok(RopeParams {
+        theta: f
+            .get(ConfigFields::float, "rope_theta")?
+            .unwrap_or(default_theta),
+        scaling,
+        traditional: f
+            .get(ConfigFields::bool, "rope_traditional")?
+            .unwrap_or(false),
+        rotary_dims,
+    })
 }

@@ -5,8 +5,8 @@
 
 use crate::core::op::UnaryFn;
 use crate::formats::config::ConfigFields;
-use crate::models::decoder::{Architecture, DecoderParams, RopeParams};
-use crate::models::family::{Sizes, DEFAULT_CONTEXT};
+use crate::models::decoder::{Architecture, DecoderParams};
+use crate::models::family::{rope_params, Sizes, DEFAULT_CONTEXT};
 use crate::ops::RopeScaling;
 use crate::Result;
 
@@ -27,14 +27,7 @@ pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
         final_softcap: Some(float_or("final_logit_softcapping", 30.0)?),
         ..Architecture::LLAMA
     };
-    let rope = RopeParams {
-        theta: float_or("rope_theta", 10000.0)?,
-        scaling: RopeScaling::None,
-        traditional: f
-            .get(ConfigFields::bool, "rope_traditional")?
-            .unwrap_or(false),
-        rotary_dims: head_dim,
-    };
+    let rope = rope_params(f, 10000.0, RopeScaling::None, head_dim)?;
     let tie_word_embeddings = true;
     let max_position_embeddings = f
         .get(ConfigFields::positive, "max_position_embeddings")?

@@ -5,8 +5,8 @@
 
 use crate::core::op::Routing;
 use crate::formats::config::ConfigFields;
-use crate::models::decoder::{Architecture, DecoderParams, MoeParams, RopeParams};
-use crate::models::family::{Sizes, DEFAULT_CONTEXT};
+use crate::models::decoder::{Architecture, DecoderParams, MoeParams};
+use crate::models::family::{rope_params, Sizes, DEFAULT_CONTEXT};
 use crate::ops::RopeScaling;
 use crate::Result;
 
@@ -35,14 +35,7 @@ pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
         rms_norm_eps: f.get(ConfigFields::float, "rms_norm_eps")?.unwrap_or(1e-5),
     };
     let head_dim = sizes.default_head_dim();
-    let rope = RopeParams {
-        theta: f.get(ConfigFields::float, "rope_theta")?.unwrap_or(1e6),
-        scaling: RopeScaling::None,
-        traditional: f
-            .get(ConfigFields::bool, "rope_traditional")?
-            .unwrap_or(false),
-        rotary_dims: head_dim,
-    };
+    let rope = rope_params(f, 1e6, RopeScaling::None, head_dim)?;
     let tie_word_embeddings = f
         .get(ConfigFields::bool, "tie_word_embeddings")?
         .unwrap_or(false);

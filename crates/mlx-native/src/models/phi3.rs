@@ -4,8 +4,8 @@
 //! or `linear`.
 
 use crate::formats::config::ConfigFields;
-use crate::models::decoder::{Architecture, DecoderParams, RopeParams};
-use crate::models::family::Sizes;
+use crate::models::decoder::{Architecture, DecoderParams};
+use crate::models::family::{rope_params, Sizes};
 use crate::ops::RopeScaling;
 use crate::Result;
 
@@ -45,14 +45,7 @@ pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
         fused_gate_up: true,
         ..Architecture::LLAMA
     };
-    let rope = RopeParams {
-        theta: f.get(ConfigFields::float, "rope_theta")?.unwrap_or(10000.0),
-        scaling,
-        traditional: f
-            .get(ConfigFields::bool, "rope_traditional")?
-            .unwrap_or(false),
-        rotary_dims,
-    };
+    let rope = rope_params(f, 10000.0, scaling, rotary_dims)?;
     let tie_word_embeddings = f
         .get(ConfigFields::bool, "tie_word_embeddings")?
         .unwrap_or(false);

@@ -2,8 +2,8 @@
 //! hidden / heads, and no sliding window (its `sliding_window` fields are unused).
 
 use crate::formats::config::{rope_scaling, ConfigFields};
-use crate::models::decoder::{Architecture, DecoderParams, RopeParams};
-use crate::models::family::Sizes;
+use crate::models::decoder::{Architecture, DecoderParams};
+use crate::models::family::{rope_params, Sizes};
 use crate::Result;
 
 pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
@@ -13,14 +13,8 @@ pub fn params(f: &ConfigFields) -> Result<DecoderParams> {
         qkv_bias: true,
         ..Architecture::LLAMA
     };
-    let rope = RopeParams {
-        theta: f.get(ConfigFields::float, "rope_theta")?.unwrap_or(1e6),
-        scaling: rope_scaling(f.nested("rope_scaling")?.as_ref())?,
-        traditional: f
-            .get(ConfigFields::bool, "rope_traditional")?
-            .unwrap_or(false),
-        rotary_dims: head_dim,
-    };
+    let scaling = rope_scaling(f.nested("rope_scaling")?.as_ref())?;
+    let rope = rope_params(f, 1e6, scaling, head_dim)?;
     let tie_word_embeddings = f
         .get(ConfigFields::bool, "tie_word_embeddings")?
         .unwrap_or(true);

@@ -68,12 +68,14 @@ impl DeviceBuffer for CpuBuffer {
     }
 }
 
-fn cpu_buffer(t: &Tensor) -> Result<&CpuBuffer> {
-    t.buffer()
-        .storage()
-        .as_any()
+fn as_cpu(b: &dyn DeviceBuffer) -> Result<&CpuBuffer> {
+    b.as_any()
         .downcast_ref::<CpuBuffer>()
-        .ok_or_else(|| Error::Invalid("tensor is not in CPU memory".into()))
+        .ok_or_else(|| Error::Invalid("not a CPU buffer".into()))
+}
+
+fn cpu_buffer(t: &Tensor) -> Result<&CpuBuffer> {
+    as_cpu(t.buffer().storage())
 }
 
 /// The tensor's elements as a slice.
@@ -221,10 +223,7 @@ impl Backend for CpuBackend {
     }
 
     fn write(&self, dst: &dyn DeviceBuffer, offset: usize, src: &[u8]) -> Result<()> {
-        let buf = dst
-            .as_any()
-            .downcast_ref::<CpuBuffer>()
-            .ok_or_else(|| Error::Invalid("not a CPU buffer".into()))?;
+        let buf = as_cpu(dst)?;
         if matches!(buf.memory, Memory::Host(..)) || offset + src.len() > buf.len {
             return Err(Error::Invalid("write outside a writable CPU buffer".into()));
         }
@@ -240,10 +239,7 @@ impl Backend for CpuBackend {
     }
 
     fn read(&self, src: &dyn DeviceBuffer, offset: usize, dst: &mut [u8]) -> Result<()> {
-        let buf = src
-            .as_any()
-            .downcast_ref::<CpuBuffer>()
-            .ok_or_else(|| Error::Invalid("not a CPU buffer".into()))?;
+        let buf = as_cpu(src)?;
         if offset + dst.len() > buf.len {
             return Err(Error::Invalid("read outside a CPU buffer".into()));
         }
@@ -260,20 +256,11 @@ impl Backend for CpuBackend {
         (dst, dst_offset): (&dyn DeviceBuffer, usize),
         len: usize,
     ) -> Result<()> {
-        let cpu = |b: &dyn DeviceBuffer| -> Result<*const u8> {
-            b.as_any()
-                .downcast_ref::<CpuBuffer>()
-                .map(CpuBuffer::ptr)
-                .ok_or_else(|| Error::Invalid("not a CPU buffer".into()))
-        };
-        let within = |b: &dyn DeviceBuffer, offset: usize| {
-            offset.checked_add(len).is_some_and(|e| e <= b.byte_len())
-        };
-        let writable = dst
-            .as_any()
-            .downcast_ref::<CpuBuffer>()
-            .is_some_and(|b| !matches!(b.memory, Memory::Host(..)));
-        if !within(src, src_offset) || !within(dst, dst_offset) || !writable {
+        let (from, to) = (as_cpu(src)?, as_cpu(dst)?);
+        let within =
+            |b: &CpuBuffer, offset: usize| offset.checked_add(len).is_some_and(|e| e <= b.len);
+        let writable = !matches!(to.memory, Memory::Host(..));
+        if !within(from, src_offset) || !within(to, dst_offset) || !writable {
             return Err(Error::Invalid(
                 "copy outside CPU buffers or into read-only bytes".into(),
             ));
@@ -282,8 +269,8 @@ impl Backend for CpuBackend {
         // runs concurrently with host-side copies.
         unsafe {
             std::ptr::copy(
-                cpu(src)?.add(src_offset),
-                (cpu(dst)? as *mut u8).add(dst_offset),
+                from.ptr().add(src_offset),
+                (to.ptr() as *mut u8).add(dst_offset),
                 len,
             )
         };
