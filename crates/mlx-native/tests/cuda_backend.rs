@@ -1355,6 +1355,12 @@ fn attention_matches_reference() {
         case(1, 8, 2, 128, 700, 650, Some(100), Some(30.0)),
         case(3, 6, 3, 96, 64, 10, Some(5), None),
         case(2, 2, 1, 256, 300, 299 - 1, None, Some(20.0)),
+        // A short context in a large cache: of the grid's splits only as many take keys as
+        // hold 32 each (one: the split block writes the output), per row.
+        case(1, 8, 2, 64, 4096, 40, None, None),
+        case(1, 9, 3, 64, 2048, 0, None, None),
+        case(2, 8, 2, 64, 4096, 31, None, None),
+        case(1, 4, 1, 128, 4096, 700, Some(40), None),
         // Prefill: several blocks of rows, tiles of keys, window and softcap.
         case(21, 6, 2, 40, 50, 13, None, None),
         case(37, 4, 1, 64, 100, 0, None, None),

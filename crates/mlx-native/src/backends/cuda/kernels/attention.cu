@@ -20,9 +20,19 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 // consecutive keys per step (independent loads and reductions in flight) with an online
 // softmax; the warps merge in shared memory. One split writes the output; several write
 // (max, sum, unnormalised acc) partials that `attn_combine` merges.
+// The grid's n_splits is fixed when a graph is captured (for the cache's capacity); at run
+// time only `active_splits` of them take keys, at least DEC_MIN_SPLIT_KEYS each, so that a
+// short context is not spread over partials of a key or none. The other split blocks exit;
+// with one active split its block writes the output and the combine does nothing.
 
 #define DEC_WARPS 4
 #define DEC_KEYS 4
+#define DEC_MIN_SPLIT_KEYS 32
+
+// The splits that take keys for a row seeing keys lo..hi.
+__device__ __forceinline__ int active_splits(int lo, int hi, int n_splits) {
+    return max(1, min(n_splits, (hi - lo + DEC_MIN_SPLIT_KEYS - 1) / DEC_MIN_SPLIT_KEYS));
+}
 
 template <int HC>
 __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
@@ -32,10 +42,12 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
                                             float* __restrict__ partial, int n_heads, int group,
                                             int hd, int capacity, float scale, int window,
                                             float softcap) {
-    const int h = blockIdx.x, split = blockIdx.y, row = blockIdx.z, n_splits = gridDim.y;
+    const int h = blockIdx.x, split = blockIdx.y, row = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int lo, hi;
     key_range((int)pos[0] + row, capacity, window, lo, hi);
+    const int n_splits = active_splits(lo, hi, gridDim.y);
+    if (split >= n_splits) return;
     const int per = max(0, (hi - lo + n_splits - 1) / n_splits);
     const int start = lo + split * per, end = min(hi, start + per);
 
@@ -118,7 +130,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
         }
         return;
     }
-    float* p = partial + (((i64)row * n_heads + h) * n_splits + split) * (hd + 2);
+    float* p = partial + (((i64)row * n_heads + h) * gridDim.y + split) * (hd + 2);
     if (lane == 0) {
         p[0] = mx;
         p[1] = sum;
@@ -130,25 +142,31 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
     }
 }
 
-// Merges the split partials of one (head, row): grid (n_heads, rows).
+// Merges the active split partials of one (head, row): grid (n_heads, rows); `n_splits` is
+// the decode grid's, pos, capacity and window give each row's active count as there.
 extern "C" __global__ void attn_combine(const float* __restrict__ partial, float* __restrict__ out,
-                                        int n_heads, int hd, int n_splits) {
+                                        const u32* __restrict__ pos, int n_heads, int hd,
+                                        int n_splits, int capacity, int window) {
     kernel_entry();
     launch_dependents();
     const int h = blockIdx.x, row = blockIdx.y;
+    int lo, hi;
+    key_range((int)pos[0] + row, capacity, window, lo, hi);
+    const int active = active_splits(lo, hi, n_splits);
+    if (active == 1) return;  // the split block wrote the output
     const int stride = hd + 2;
     const float* p = partial + ((i64)row * n_heads + h) * n_splits * stride;
     float mx = NEG_INF;
-    for (int s = 0; s < n_splits; ++s) mx = fmaxf(mx, p[s * stride]);
+    for (int s = 0; s < active; ++s) mx = fmaxf(mx, p[s * stride]);
     float sum = 0.f;
-    for (int s = 0; s < n_splits; ++s) {
+    for (int s = 0; s < active; ++s) {
         const float ms = p[s * stride];
         if (ms != NEG_INF) sum += p[s * stride + 1] * expf(ms - mx);
     }
     float* o = out + ((i64)row * n_heads + h) * hd;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float a = 0.f;
-        for (int s = 0; s < n_splits; ++s) {
+        for (int s = 0; s < active; ++s) {
             const float ms = p[s * stride];
             if (ms != NEG_INF) a += p[s * stride + 2 + d] * expf(ms - mx);
         }

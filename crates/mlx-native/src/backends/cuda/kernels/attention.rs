@@ -143,7 +143,8 @@ fn attention(
         return Ok(CudaKernel::single(launch));
     }
 
-    // Enough splits to fill every multiprocessor, no more than the cache warrants.
+    // Enough splits to fill every multiprocessor, no more than the cache warrants; at run time
+    // a short context uses fewer (`active_splits`, attention.cu).
     let splits = (BLOCKS_PER_SM * lib.sm_count())
         .div_ceil((n_heads * rows).max(1))
         .min(capacity.div_ceil(MIN_KEYS_PER_SPLIT))
@@ -182,9 +183,12 @@ fn attention(
         let args = Args::new()
             .u64(partial)
             .ptr(out)?
+            .ptr(pos)?
             .int(n_heads)?
             .int(head_dim)?
-            .int(splits)?;
+            .int(splits)?
+            .int(capacity)?
+            .int(window)?;
         let grid = (dim(n_heads)?, dim(rows)?, 1);
         launches.push(lib.launch(&SOURCE, "attn_combine", grid, THREADS, 0, args)?);
     }
