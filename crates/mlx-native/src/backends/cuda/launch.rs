@@ -325,6 +325,17 @@ impl KernelLibrary {
         Ok((slice, address))
     }
 
+    /// Like `scratch`, zeroed (a memset on the stream, ahead of the dispatch's launches), for
+    /// kernels that keep counters in it and leave them zeroed.
+    pub fn zeroed_scratch(&self, bytes: usize) -> Result<(CudaSlice<u8>, u64)> {
+        let slice = self
+            .stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(driver_err("scratch allocation"))?;
+        let address = address(&slice, &self.stream);
+        Ok((slice, address))
+    }
+
     /// Device memory of at least `bytes` that every dispatch of this device may use, and its
     /// address, for a dispatch whose launches write it before they read it: dispatches run in
     /// stream order, so one dispatch's use ends before the next begins. A larger request

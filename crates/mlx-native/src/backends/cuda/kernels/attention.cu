@@ -1,8 +1,8 @@
 // Causal attention with GQA over f32 caches [n_kv_heads, capacity, head_dim], and the cache
 // append. Query row i is at position pos+i (pos read from device memory) and sees keys
 // lo..=pos+i, lo > pos+i−window under a sliding window. Scores are scale·q·k, soft-capped
-// when softcap > 0. In both kernels lane l of a warp owns head dims l, l+32, … (HC chunks of
-// 32 cover head_dim).
+// when softcap > 0. In both kernels' P·V lane l of a warp owns head dims l, l+32, … (HC chunks
+// of 32 cover head_dim).
 
 __device__ __forceinline__ void key_range(int qpos, int capacity, int window, int& lo, int& hi) {
     hi = min(qpos + 1, capacity);
@@ -14,24 +14,62 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decode (few query rows): split-K flash decoding. Grid (n_heads, n_splits, rows); the keys a
-// query sees are cut into n_splits equal ranges at run time (from pos), so the fixed grid of a
-// captured graph stays balanced as the context grows. Each of the DEC_WARPS warps takes DEC_KEYS
-// consecutive keys per step (independent loads and reductions in flight) with an online
-// softmax; the warps merge in shared memory. One split writes the output; several write
-// (max, sum, unnormalised acc) partials that `attn_combine` merges.
-// The grid's n_splits is fixed when a graph is captured (for the cache's capacity); at run
-// time only `active_splits` of them take keys, at least DEC_MIN_SPLIT_KEYS each, so that a
-// short context is not spread over partials of a key or none. The other split blocks exit;
-// with one active split its block writes the output and the combine does nothing.
+// Decode (few query rows): split-K flash decoding. Grid (n_heads, n_splits, rows) of DEC_WARPS
+// warps. n_splits is fixed when a graph is captured (for the cache's capacity); at run time a
+// row's keys (from pos) go to as few splits as hold at most DEC_SPLIT_KEYS each, so that one
+// pass of a block covers its split, and the other blocks exit. In a pass each warp takes 32
+// consecutive keys, scored onto lane j for key j (`warp_scores`); a warp max and sum update
+// the online softmax, and for P·V the lanes own head dims, the probabilities broadcast by
+// shuffle. A short context is bound by latency, not bandwidth, so a
+// pass issues all its K loads, then all its V loads (which the lanes sent towards L2 with
+// their K), before using them. The warps merge in shared memory. One active split writes the
+// output; several write (max, sum, unnormalised acc) partials and count themselves on a
+// counter per (row, head), and the block that counts last merges them and resets the counter.
 
-#define DEC_WARPS 4
-#define DEC_KEYS 4
-#define DEC_MIN_SPLIT_KEYS 32
+#define DEC_WARPS 8
+#define DEC_SPLIT_KEYS (DEC_WARPS * 32)
+#define DEC_MAX_SPLITS 128  // MAX_SPLITS in attention.rs
 
-// The splits that take keys for a row seeing keys lo..hi.
-__device__ __forceinline__ int active_splits(int lo, int hi, int n_splits) {
-    return max(1, min(n_splits, (hi - lo + DEC_MIN_SPLIT_KEYS - 1) / DEC_MIN_SPLIT_KEYS));
+__device__ __forceinline__ int active_splits(int keys, int n_splits) {
+    return max(1, min(n_splits, (keys + DEC_SPLIT_KEYS - 1) / DEC_SPLIT_KEYS));
+}
+
+// A step of `warp_scores`' butterfly: lanes with bit O set keep rows j + O of each pair
+// (j, j + O), the others rows j, and each adds its partner's share of the row it keeps.
+template <int O>
+__device__ __forceinline__ void butterfly_step(float (&v)[32], int lane) {
+    const bool upper = lane & O;
+#pragma unroll
+    for (int j = 0; j < O; ++j) {
+        const float send = upper ? v[j] : v[j + O];
+        v[j] = (upper ? v[j + O] : v[j]) + __shfl_xor_sync(FULL_MASK, send, O);
+    }
+}
+
+// Scale·q·k of 32 consecutive cache rows kr (the first n ≤ 32 of them real; the others repeat
+// row n−1), q·scale in shared memory (zero past hd). Lane l sums dims l, l+32, … of every row,
+// coalesced, one chunk of 32 dims at a time (32 loads in flight); a transposing butterfly of
+// 31 shuffles then leaves row j's total on lane j.
+template <int HC>
+__device__ __forceinline__ float warp_scores(const float* __restrict__ qs,
+                                             const float* __restrict__ kr, int n, int hd,
+                                             int lane) {
+    float v[32];
+#pragma unroll
+    for (int j = 0; j < 32; ++j) v[j] = 0.f;
+#pragma unroll 1
+    for (int d = lane; d < 32 * HC; d += 32) {
+        const float qd = qs[d];
+        const int dk = min(d, hd - 1);
+#pragma unroll
+        for (int j = 0; j < 32; ++j) v[j] = fmaf(qd, kr[(i64)min(j, n - 1) * hd + dk], v[j]);
+    }
+    butterfly_step<16>(v, lane);
+    butterfly_step<8>(v, lane);
+    butterfly_step<4>(v, lane);
+    butterfly_step<2>(v, lane);
+    butterfly_step<1>(v, lane);
+    return v[0];
 }
 
 template <int HC>
@@ -39,67 +77,68 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
                                             const float* __restrict__ kc,
                                             const float* __restrict__ vc,
                                             const u32* __restrict__ pos, float* __restrict__ out,
-                                            float* __restrict__ partial, int n_heads, int group,
-                                            int hd, int capacity, float scale, int window,
-                                            float softcap) {
+                                            float* __restrict__ partial, u32* __restrict__ counters,
+                                            int n_heads, int group, int hd, int capacity,
+                                            float scale, int window, float softcap) {
+    __shared__ float qs[HC * 32];
+    __shared__ float warp_m[DEC_WARPS], warp_l[DEC_WARPS], warp_acc[DEC_WARPS][HC * 32];
+    __shared__ float split_w[DEC_MAX_SPLITS], merged_sum;
+    __shared__ int merging;
     const int h = blockIdx.x, split = blockIdx.y, row = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float* qr = q + ((i64)row * n_heads + h) * hd;
+    for (int d = threadIdx.x; d < HC * 32; d += blockDim.x) qs[d] = d < hd ? qr[d] * scale : 0.f;
     int lo, hi;
     key_range((int)pos[0] + row, capacity, window, lo, hi);
-    const int n_splits = active_splits(lo, hi, gridDim.y);
+    const int n_splits = active_splits(hi - lo, gridDim.y);
     if (split >= n_splits) return;
-    const int per = max(0, (hi - lo + n_splits - 1) / n_splits);
+    const int per = (hi - lo + n_splits - 1) / n_splits;
     const int start = lo + split * per, end = min(hi, start + per);
-
-    const float* qr = q + ((i64)row * n_heads + h) * hd;
-    float qv[HC], acc[HC];
-#pragma unroll
-    for (int c = 0; c < HC; ++c) {
-        const int d = lane + 32 * c;
-        qv[c] = d < hd ? qr[d] * scale : 0.f;
-        acc[c] = 0.f;
-    }
     const i64 kv_base = (i64)(h / group) * capacity * hd;
-    float m = NEG_INF, l = 0.f;
-    for (int j0 = start + warp * DEC_KEYS; j0 < end; j0 += DEC_WARPS * DEC_KEYS) {
-        float s[DEC_KEYS];
+    const float* kb = kc + kv_base;
+    const float* vb = vc + kv_base;
+    __syncthreads();
+
+    // V loads in flight a lane: VU keys' HC dims (at most 32 registers; VU divides 32).
+    constexpr int VU = HC == 1 ? 32 : HC == 2 ? 16 : HC <= 4 ? 8 : 4;
+    float m = NEG_INF, l = 0.f, acc[HC];
 #pragma unroll
-        for (int u = 0; u < DEC_KEYS; ++u) {
-            const float* kr = kc + kv_base + (i64)min(j0 + u, end - 1) * hd;
-            float dot = 0.f;
+    for (int c = 0; c < HC; ++c) acc[c] = 0.f;
+    for (int j0 = start + warp * 32; j0 < end; j0 += DEC_SPLIT_KEYS) {
+        const int n = min(32, end - j0);
+        const float* vr = vb + (j0 + min(lane, n - 1)) * (i64)hd;
 #pragma unroll
-            for (int c = 0; c < HC; ++c) {
-                const int d = lane + 32 * c;
-                if (d < hd) dot = fmaf(qv[c], kr[d], dot);
-            }
-            s[u] = dot;
-        }
-        float m_new = m;
-#pragma unroll
-        for (int u = 0; u < DEC_KEYS; ++u) {
-            s[u] = j0 + u < end ? cap_score(warp_sum(s[u]), softcap) : NEG_INF;
-            m_new = fmaxf(m_new, s[u]);
-        }
-        const float corr = expf(m - m_new);  // 0 while m is −inf; m_new is finite here
-        l *= corr;
+        for (int c = 0; c < HC; ++c) prefetch_l2(vr + min(32 * c, hd - 1));
+        prefetch_l2(vr + hd - 1);
+        float s = warp_scores<HC>(qs, kb + (i64)j0 * hd, n, hd, lane);
+        s = lane < n ? cap_score(s, softcap) : NEG_INF;
+        const float m_new = fmaxf(m, warp_max(s));  // finite: lane 0 holds a key
+        const float corr = expf(m - m_new);         // 0 while m is −inf
+        const float p = expf(s - m_new);            // 0 past the keys
+        l = l * corr + warp_sum(p);
 #pragma unroll
         for (int c = 0; c < HC; ++c) acc[c] *= corr;
+        const float* vj = vb + (i64)j0 * hd;
 #pragma unroll
-        for (int u = 0; u < DEC_KEYS; ++u) {
-            const float p = expf(s[u] - m_new);
-            l += p;
-            const float* vr = vc + kv_base + (i64)min(j0 + u, end - 1) * hd;
+        for (int jb = 0; jb < 32; jb += VU) {
+            if (jb >= n) break;
+            float v[VU][HC];
 #pragma unroll
-            for (int c = 0; c < HC; ++c) {
-                const int d = lane + 32 * c;
-                if (d < hd) acc[c] = fmaf(p, vr[d], acc[c]);
+            for (int u = 0; u < VU; ++u) {
+                const i64 at = (i64)min(jb + u, n - 1) * hd;
+#pragma unroll
+                for (int c = 0; c < HC; ++c) v[u][c] = vj[at + min(lane + 32 * c, hd - 1)];
+            }
+#pragma unroll
+            for (int u = 0; u < VU; ++u) {
+                const float pj = __shfl_sync(FULL_MASK, p, jb + u);
+#pragma unroll
+                for (int c = 0; c < HC; ++c) acc[c] = fmaf(pj, v[u][c], acc[c]);
             }
         }
         m = m_new;
     }
 
-    __shared__ float warp_m[DEC_WARPS], warp_l[DEC_WARPS];
-    __shared__ float warp_acc[DEC_WARPS][HC * 32];
     if (lane == 0) {
         warp_m[warp] = m;
         warp_l[warp] = l;
@@ -107,71 +146,62 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
 #pragma unroll
     for (int c = 0; c < HC; ++c) warp_acc[warp][lane + 32 * c] = acc[c];
     __syncthreads();
-    if (warp != 0) return;
+    // Thread d (blockDim ≥ 32·HC) merges head dim d over the warps.
+    const int d = threadIdx.x;
     float mx = NEG_INF;
 #pragma unroll
     for (int w = 0; w < DEC_WARPS; ++w) mx = fmaxf(mx, warp_m[w]);
-    float sum = 0.f, a[HC];
-#pragma unroll
-    for (int c = 0; c < HC; ++c) a[c] = 0.f;
+    float sum = 0.f, a = 0.f;
 #pragma unroll
     for (int w = 0; w < DEC_WARPS; ++w) {
         const float wt = warp_m[w] == NEG_INF ? 0.f : expf(warp_m[w] - mx);
         sum += warp_l[w] * wt;
-#pragma unroll
-        for (int c = 0; c < HC; ++c) a[c] += warp_acc[w][lane + 32 * c] * wt;
-    }
-    if (n_splits == 1) {
-        float* o = out + ((i64)row * n_heads + h) * hd;
-#pragma unroll
-        for (int c = 0; c < HC; ++c) {
-            const int d = lane + 32 * c;
-            if (d < hd) o[d] = sum > 0.f ? a[c] / sum : 0.f;
-        }
-        return;
-    }
-    float* p = partial + (((i64)row * n_heads + h) * gridDim.y + split) * (hd + 2);
-    if (lane == 0) {
-        p[0] = mx;
-        p[1] = sum;
-    }
-#pragma unroll
-    for (int c = 0; c < HC; ++c) {
-        const int d = lane + 32 * c;
-        if (d < hd) p[2 + d] = a[c];
-    }
-}
-
-// Merges the active split partials of one (head, row): grid (n_heads, rows); `n_splits` is
-// the decode grid's, pos, capacity and window give each row's active count as there.
-extern "C" __global__ void attn_combine(const float* __restrict__ partial, float* __restrict__ out,
-                                        const u32* __restrict__ pos, int n_heads, int hd,
-                                        int n_splits, int capacity, int window) {
-    kernel_entry();
-    launch_dependents();
-    const int h = blockIdx.x, row = blockIdx.y;
-    int lo, hi;
-    key_range((int)pos[0] + row, capacity, window, lo, hi);
-    const int active = active_splits(lo, hi, n_splits);
-    if (active == 1) return;  // the split block wrote the output
-    const int stride = hd + 2;
-    const float* p = partial + ((i64)row * n_heads + h) * n_splits * stride;
-    float mx = NEG_INF;
-    for (int s = 0; s < active; ++s) mx = fmaxf(mx, p[s * stride]);
-    float sum = 0.f;
-    for (int s = 0; s < active; ++s) {
-        const float ms = p[s * stride];
-        if (ms != NEG_INF) sum += p[s * stride + 1] * expf(ms - mx);
+        if (d < hd) a += warp_acc[w][d] * wt;
     }
     float* o = out + ((i64)row * n_heads + h) * hd;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float a = 0.f;
-        for (int s = 0; s < active; ++s) {
-            const float ms = p[s * stride];
-            if (ms != NEG_INF) a += p[s * stride + 2 + d] * expf(ms - mx);
-        }
-        o[d] = sum > 0.f ? a / sum : 0.f;
+    if (n_splits == 1) {
+        if (d < hd) o[d] = sum > 0.f ? a / sum : 0.f;
+        return;
     }
+    const int stride = hd + 2;
+    float* base = partial + ((i64)row * n_heads + h) * gridDim.y * stride;
+    if (d < hd) base[split * stride + 2 + d] = a;
+    if (d == 0) {
+        base[split * stride] = mx;
+        base[split * stride + 1] = sum;
+    }
+    // Publish the partial, then count it; the block that counts last merges.
+    __threadfence();
+    __syncthreads();
+    u32* counter = counters + (i64)row * n_heads + h;
+    if (threadIdx.x == 0) merging = atomicAdd(counter, 1u) == (u32)n_splits - 1;
+    __syncthreads();
+    if (!merging) return;
+    __threadfence();
+    // Other blocks wrote the partials: read them past L1.
+    if (warp == 0) {
+        float ml = NEG_INF;
+        for (int sp = lane; sp < n_splits; sp += 32) ml = fmaxf(ml, __ldcg(base + sp * stride));
+        const float m_all = warp_max(ml);
+        float sl = 0.f;
+        for (int sp = lane; sp < n_splits; sp += 32) {
+            const float ms = __ldcg(base + sp * stride);
+            const float wt = ms == NEG_INF ? 0.f : expf(ms - m_all);
+            split_w[sp] = wt;
+            sl += __ldcg(base + sp * stride + 1) * wt;
+        }
+        sl = warp_sum(sl);
+        if (lane == 0) {
+            merged_sum = sl;
+            *counter = 0;
+        }
+    }
+    __syncthreads();
+    if (d >= hd) return;
+    float merged = 0.f;
+#pragma unroll 8
+    for (int sp = 0; sp < n_splits; ++sp) merged += split_w[sp] * __ldcg(base + sp * stride + 2 + d);
+    o[d] = merged_sum > 0.f ? merged / merged_sum : 0.f;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -284,14 +314,14 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
 }
 
 #define ATTENTION(HC)                                                                           \
-    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) attn_decode_##HC(              \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2) attn_decode_##HC(              \
         const float* q, const float* kc, const float* vc, const u32* pos, float* out,           \
-        float* partial, int n_heads, int group, int hd, int capacity, float scale, int window,  \
-        float softcap) {                                                                        \
+        float* partial, u32* counters, int n_heads, int group, int hd, int capacity,            \
+        float scale, int window, float softcap) {                                               \
         kernel_entry();                                                                         \
         launch_dependents();                                                                    \
-        attn_decode<HC>(q, kc, vc, pos, out, partial, n_heads, group, hd, capacity, scale,      \
-                        window, softcap);                                                       \
+        attn_decode<HC>(q, kc, vc, pos, out, partial, counters, n_heads, group, hd, capacity,   \
+                        scale, window, softcap);                                                \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) attn_prefill_##HC(              \
         const float* q, const float* kc, const float* vc, const u32* pos, float* out,           \

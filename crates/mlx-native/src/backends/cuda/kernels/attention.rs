@@ -26,8 +26,9 @@ pub(super) static SOURCE: Source = Source {
 
 /// Up to this many query rows take the decode kernel (one pass over the keys per row).
 const DECODE_MAX_ROWS: usize = 4;
-/// DEC_WARPS·32 and PF_WARPS·32 threads (attention.cu).
+/// PF_WARPS·32 and DEC_WARPS·32 threads (attention.cu).
 const THREADS: u32 = 128;
+const DECODE_THREADS: u32 = 256;
 /// Query rows per prefill block (PF_WARPS·PF_ROWS) and keys per tile (PF_KEYS).
 const PREFILL_ROWS: usize = 16;
 const PREFILL_KEYS: usize = 32;
@@ -39,10 +40,11 @@ const FLASH_THREADS: u32 = 128;
 const FLASH_HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
 /// Head dims are covered in chunks of 32 lanes; kernels exist for up to 8 chunks.
 const MAX_HEAD_DIM: usize = 256;
-/// Decode blocks wanted per multiprocessor (latency hiding), fewest cache entries per split at
-/// full capacity, and most splits.
-const BLOCKS_PER_SM: usize = 8;
-const MIN_KEYS_PER_SPLIT: usize = 64;
+/// Decode blocks wanted per multiprocessor (latency hiding), the keys a decode block takes in
+/// one pass (DEC_SPLIT_KEYS: a split of fewer is never active), and most splits
+/// (DEC_MAX_SPLITS).
+const BLOCKS_PER_SM: usize = 4;
+const DECODE_SPLIT_KEYS: usize = 256;
 const MAX_SPLITS: usize = 128;
 
 pub(super) fn register(reg: &mut Registry<Planner>) {
@@ -144,16 +146,18 @@ fn attention(
     }
 
     // Enough splits to fill every multiprocessor, no more than the cache warrants; at run time
-    // a short context uses fewer (`active_splits`, attention.cu).
+    // a row uses only as many as its keys need (`active_splits`, attention.cu).
     let splits = (BLOCKS_PER_SM * lib.sm_count())
         .div_ceil((n_heads * rows).max(1))
-        .min(capacity.div_ceil(MIN_KEYS_PER_SPLIT))
+        .min(capacity.div_ceil(DECODE_SPLIT_KEYS))
         .clamp(1, MAX_SPLITS);
-    let (scratch, partial) = match splits {
-        1 => (None, 0),
+    // Partials, then a merge counter per (row, head): zeroed here, reset by the merging block.
+    let partial_bytes = rows * n_heads * splits * (head_dim + 2) * 4;
+    let (scratch, partial, counters) = match splits {
+        1 => (None, 0, 0),
         _ => {
-            let (slice, address) = lib.scratch(rows * n_heads * splits * (head_dim + 2) * 4)?;
-            (Some(slice), address)
+            let (slice, address) = lib.zeroed_scratch(partial_bytes + rows * n_heads * 4)?;
+            (Some(slice), address, address + partial_bytes as u64)
         }
     };
     let args = Args::new()
@@ -163,6 +167,7 @@ fn attention(
         .ptr(pos)?
         .ptr(out)?
         .u64(partial)
+        .u64(counters)
         .int(n_heads)?
         .int(group)?
         .int(head_dim)?
@@ -171,28 +176,9 @@ fn attention(
         .int(window)?
         .f32(softcap);
     let grid = (dim(n_heads)?, dim(splits)?, dim(rows)?);
-    let mut launches = vec![lib.launch(
-        &SOURCE,
-        &format!("attn_decode_{chunks}"),
-        grid,
-        THREADS,
-        0,
-        args,
-    )?];
-    if splits > 1 {
-        let args = Args::new()
-            .u64(partial)
-            .ptr(out)?
-            .ptr(pos)?
-            .int(n_heads)?
-            .int(head_dim)?
-            .int(splits)?
-            .int(capacity)?
-            .int(window)?;
-        let grid = (dim(n_heads)?, dim(rows)?, 1);
-        launches.push(lib.launch(&SOURCE, "attn_combine", grid, THREADS, 0, args)?);
-    }
-    Ok(CudaKernel::new(launches, scratch))
+    let name = format!("attn_decode_{chunks}");
+    let launch = lib.launch(&SOURCE, &name, grid, DECODE_THREADS, 0, args)?;
+    Ok(CudaKernel::new(vec![launch], scratch))
 }
 
 fn kv_append(
