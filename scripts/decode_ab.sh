@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# On the GPU machine: decode and prefill speed of two builds, and of kernel variants of the
-# second (NVRTC -D switches through MLXN_NVRTC_OPTIONS), interleaved in one call, because
-# between calls the same build reads differently. Carry both stripped mlxn binaries.
+# On the GPU machine: decode and prefill speed of two builds (or more), and of kernel variants
+# of the last (NVRTC -D switches through MLXN_NVRTC_OPTIONS), interleaved in one call, because
+# between calls the same build reads differently. Carry the stripped mlxn binaries.
 #   BASE=.device-bin/base NEW=.device-bin/bin \
 #   VARIANTS=$'new -DNONE\nfast -DMY_SWITCH' MODELS="smollm2-135m llama-3.2-1b" \
 #   bash scripts/decode_ab.sh
-# Each variant line is a tag and its NVRTC options. Raw JSON lines and the table under $OUT.
+# Each variant line is a tag and its NVRTC options. BUILDS="tag=dir …" adds builds run
+# between the base and the new one. Raw JSON lines and the table under $OUT.
 set -u
 base=${BASE:-.device-bin/base}
 new=${NEW:-.device-bin/bin}
+builds=${BUILDS:-}
 models=${MODELS:-smollm2-135m llama-3.2-1b llama-3.1-8b qwen3-0.6b}
 variants=${VARIANTS:-new -DNONE}
 out=${OUT:-/tmp/out}
@@ -26,6 +28,7 @@ for round in $(seq "${ROUNDS:-1}"); do
     args=(bench --device cuda --json --synthetic "$m" --quant "${QUANT:-mlx4g64}"
       --prompt-lens "${PROMPT:-128}" --decode 128 --reps 2)
     run base "" "$base" "${args[@]}"
+    for b in $builds; do run "${b%%=*}" "" "${b#*=}" "${args[@]}"; done
     while read -r tag opts; do
       [ -n "$tag" ] && run "$tag" "$opts" "$new" "${args[@]}"
     done <<< "$variants"

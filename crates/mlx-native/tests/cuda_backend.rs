@@ -1415,6 +1415,121 @@ fn attention_matches_reference() {
     }
 }
 
+/// RoPE of q and k, the cache append and attention in one dispatch (`rope_attention`):
+/// decode rows (one kernel, several splits merged by the last block) and prefill rows (two),
+/// partial and traditional rotation, GQA, windows and softcap. Outputs concatenated as the
+/// attention output, k cache, v cache.
+#[test]
+fn rope_attention_matches_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(19);
+    let case = |rows, n_heads, n_kv, head_dim, capacity, pos, window, softcap| AttnCase {
+        rows,
+        n_heads,
+        n_kv,
+        head_dim,
+        capacity,
+        pos,
+        window,
+        softcap,
+    };
+    let cases = [
+        (case(1, 9, 3, 64, 2048, 130, None, None), 64, false),
+        (case(1, 6, 2, 40, 37, 0, None, None), 40, false),
+        (
+            case(4, 8, 2, 128, 1000, 700, Some(300), Some(20.0)),
+            64,
+            true,
+        ),
+        (case(3, 12, 4, 80, 300, 296, None, None), 80, true),
+        (case(2, 4, 4, 256, 500, 1, Some(2), None), 128, false),
+        (case(40, 8, 2, 64, 200, 100, None, None), 64, false),
+        (case(21, 6, 3, 40, 60, 13, Some(9), None), 20, true),
+    ];
+    for (c, rotary_dims, traditional) in cases {
+        let (m, hd) = (c.rows, c.head_dim);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let pos = c.pos as u32;
+        let q = rng.vec(m * c.n_heads * hd, 1.5);
+        let k = rng.vec(m * c.n_kv * hd, 1.5);
+        let v = rng.vec(m * c.n_kv * hd, 1.0);
+        let caches = [
+            rng.vec(c.n_kv * c.capacity * hd, 1.5),
+            rng.vec(c.n_kv * c.capacity * hd, 1.0),
+        ];
+        let inv_freq = inv_freq_table(rotary_dims);
+        let q_rot = rope_ref(&q, c.n_heads, hd, &inv_freq, pos, traditional, 1.0);
+        let k_rot = rope_ref(&k, c.n_kv, hd, &inv_freq, pos, traditional, 1.0);
+        let v_f64: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+        let mut filled = Vec::new();
+        for (cache, rows) in caches.iter().zip([&k_rot, &v_f64]) {
+            let mut cache: Vec<f64> = cache.iter().map(|&x| x as f64).collect();
+            for r in 0..m {
+                for g in 0..c.n_kv {
+                    let at = (g * c.capacity + c.pos + r) * hd;
+                    cache[at..at + hd].copy_from_slice(&rows[(r * c.n_kv + g) * hd..][..hd]);
+                }
+            }
+            filled.push(cache);
+        }
+        let as_f32 = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+        let mut want = attention_ref(
+            &c,
+            &as_f32(&q_rot),
+            &as_f32(&filled[0]),
+            &as_f32(&filled[1]),
+            scale,
+        );
+        want.extend(filled.concat());
+        let compute = |dev: &Device| {
+            let [qt, kt, vt] = [(&q, c.n_heads), (&k, c.n_kv), (&v, c.n_kv)]
+                .map(|(x, heads)| dev.from_slice(x, &[m, heads * hd]).unwrap());
+            let table = RopeTable {
+                inv_freq: dev.from_slice(&inv_freq, &[rotary_dims / 2])?,
+                rotary_dims,
+                mscale: 1.0,
+            };
+            let post = dev.from_slice(&[pos], &[1])?;
+            let out = poisoned(dev, &[m, c.n_heads * hd])?;
+            let [kc, vc] = caches
+                .each_ref()
+                .map(|x| dev.from_slice(x, &[c.n_kv, c.capacity, hd]).unwrap());
+            let shape = AttentionShape {
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv,
+                head_dim: hd,
+                scale,
+                window: c.window,
+                softcap: c.softcap,
+            };
+            run(dev, |enc| {
+                let caches = (&kc, &vc);
+                ops::rope_attention(
+                    enc,
+                    [&qt, &kt, &vt],
+                    &table,
+                    traditional,
+                    shape,
+                    &post,
+                    caches,
+                    &out,
+                )
+            })?;
+            let mut got = out.to_vec::<f32>()?;
+            got.extend(kc.to_vec::<f32>()?);
+            got.extend(vc.to_vec::<f32>()?);
+            Ok(got)
+        };
+        let what = format!(
+            "rope_attention rows={m} heads={}/{} hd={hd} rot={rotary_dims} trad={traditional} \
+             pos={} cap={} window={:?} softcap={:?}",
+            c.n_heads, c.n_kv, c.pos, c.capacity, c.window, c.softcap
+        );
+        let flash = m > 4 && [64, 80, 96, 128].contains(&hd);
+        check(&what, &dev, compute, &want, if flash { 3e-3 } else { 1e-5 });
+    }
+}
+
 #[test]
 fn kv_append_writes_rows_at_pos() {
     let Some(dev) = gpu() else { return };
@@ -1727,12 +1842,19 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
     let v_cache = dev
         .from_slice(&rng.vec(n_kv * capacity * hd, 1.0), &[n_kv, capacity, hd])
         .unwrap();
+    // rope_attention's own caches, alike at first.
+    let (k_cache2, v_cache2) = (
+        dev.from_slice(&k_cache.to_vec::<f32>().unwrap(), &[n_kv, capacity, hd])
+            .unwrap(),
+        dev.from_slice(&v_cache.to_vec::<f32>().unwrap(), &[n_kv, capacity, hd])
+            .unwrap(),
+    );
     let history: Vec<u32> = (0..capacity).map(|_| rng.below(vocab) as u32).collect();
     let history = dev.from_slice(&history, &[capacity]).unwrap();
     let pos = dev.from_slice(&[0u32], &[1]).unwrap();
     let ids = dev.from_slice(&[17u32], &[1]).unwrap();
     let t = |n| dev.empty(&[1, n], DType::F32).unwrap();
-    let (x, xn, q, qr, k, kr, v, att, logits) = (
+    let (x, xn, q, qr, k, kr, v, att, att2, logits) = (
         t(hidden),
         t(hidden),
         t(n_heads * hd),
@@ -1740,6 +1862,7 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
         t(n_kv * hd),
         t(n_kv * hd),
         t(n_kv * hd),
+        t(n_heads * hd),
         t(n_heads * hd),
         t(vocab),
     );
@@ -1768,11 +1891,13 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
         ops::kv_append(enc, &kr, &pos, &k_cache)?;
         ops::kv_append(enc, &v, &pos, &v_cache)?;
         ops::attention(enc, shape, &qr, &k_cache, &v_cache, &pos, &att)?;
+        let caches2 = (&k_cache2, &v_cache2);
+        ops::rope_attention(enc, [&q, &k, &v], &rope, false, shape, &pos, caches2, &att2)?;
         ops::matmul(enc, &att, &head, &logits)?;
         ops::sample(enc, params, &logits, &pos, &token, &history)
     };
     let outputs = |p: usize| -> Vec<u32> {
-        let mut bits: Vec<u32> = [&x, &xn, &q, &qr, &k, &kr, &v, &att, &logits]
+        let mut bits: Vec<u32> = [&x, &xn, &q, &qr, &k, &kr, &v, &att, &att2, &logits]
             .iter()
             .flat_map(|t| t.to_vec::<f32>().unwrap().into_iter().map(f32::to_bits))
             .collect();
@@ -1781,7 +1906,7 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
         bits
     };
     let poison = || {
-        for t in [&x, &xn, &q, &qr, &k, &kr, &v, &att, &logits] {
+        for t in [&x, &xn, &q, &qr, &k, &kr, &v, &att, &att2, &logits] {
             t.write(&vec![f32::NAN; t.elem_count()]).unwrap();
         }
         token.write(&[u32::MAX]).unwrap();
@@ -1791,7 +1916,7 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
     enc.begin_capture().unwrap();
     record(&mut enc).unwrap();
     let mut graph = enc.end_capture().unwrap();
-    assert_eq!(graph.len(), 12);
+    assert_eq!(graph.len(), 13);
     // Several active splits from 700 on: their merge counters must be back at 0 after each
     // replay.
     for p in [5usize, 6, 700, 701, 898] {
@@ -1803,6 +1928,15 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
             .iter()
             .take(plain.len() - 2)
             .all(|&b| f32::from_bits(b).is_finite()));
+        // The fused RoPE + append + attention agrees with its three steps.
+        let fused = att2.to_vec::<f32>().unwrap();
+        let steps: Vec<f64> = att
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        assert_close(&format!("rope_attention at pos {p}"), &fused, &steps, 1e-6);
         poison();
         graph.replay().unwrap();
         dev.synchronize().unwrap();

@@ -233,7 +233,8 @@ fn rope_matches_mlx() {
 
 /// The fused attention input stage is `rope` of q and k and `kv_append` of k and v (both
 /// checked against MLX here), bit for bit, for both layouts, partial rotation and a YaRN
-/// mscale; cache rows outside pos..pos+m stay untouched.
+/// mscale; cache rows outside pos..pos+m stay untouched. `rope_attention` is that stage
+/// followed by `attention` (GQA, a sliding window), bit for bit, caches included.
 #[test]
 fn rope_kv_append_equals_rope_then_kv_append() {
     let dev = Device::cpu();
@@ -286,11 +287,36 @@ fn rope_kv_append_equals_rope_then_kv_append() {
             (&k_got, &v_got),
         )
         .unwrap();
+        let shape = AttentionShape {
+            n_heads,
+            n_kv_heads: n_kv,
+            head_dim: hd,
+            scale: 0.3,
+            window: Some(6),
+            softcap: None,
+        };
+        let attn_want = nan_tensor(&dev, q.shape());
+        ops::attention(&mut enc, shape, &q_got, &k_got, &v_got, &pos_t, &attn_want).unwrap();
+        let (attn_got, k_fused, v_fused) = (nan_tensor(&dev, q.shape()), cache(), cache());
+        ops::rope_attention(
+            &mut enc,
+            [&q, &k, &v],
+            &table,
+            traditional,
+            shape,
+            &pos_t,
+            (&k_fused, &v_fused),
+            &attn_got,
+        )
+        .unwrap();
         enc.commit().unwrap();
         for (what, got, want) in [
             ("q", &q_got, &q_want),
             ("k cache", &k_got, &k_want),
             ("v cache", &v_got, &v_want),
+            ("rope_attention out", &attn_got, &attn_want),
+            ("rope_attention k cache", &k_fused, &k_want),
+            ("rope_attention v cache", &v_fused, &v_want),
         ] {
             let (got, want) = (got.to_vec::<f32>().unwrap(), want.to_vec::<f32>().unwrap());
             assert_eq!(got, want, "rope_kv_append dims={dims}: {what}");

@@ -154,6 +154,23 @@ pub enum Op {
         traditional: bool,
         mscale: f32,
     },
+    /// `RopeKvAppend`, then `Attention` of the rotated q over the caches, in one dispatch
+    /// (a layer's attention from its q/k/v projections; on the GPU, decode rotates q and the
+    /// new keys inside the attention kernel). in: q `[m, n_heads*head_dim]`, k and v
+    /// `[m, n_kv_heads*head_dim]`, inv_freq f32 `[rotary_dims/2]`, pos u32 `[1]`; out: the
+    /// attention output (like q), k_cache and v_cache `[n_kv_heads, capacity, head_dim]`
+    /// (read-modify-write: rows stored at positions pos..pos+m).
+    RopeAttention {
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        rotary_dims: usize,
+        traditional: bool,
+        mscale: f32,
+        scale: f32,
+        window: Option<usize>,
+        softcap: Option<f32>,
+    },
     /// Softmax over the last dim. in: x `[m, d]`; out `[m, d]`.
     Softmax,
     /// The gated MLP's two projections and activation in one: out = f(x·Gᵀ) ∘ (x·Uᵀ).
@@ -217,6 +234,7 @@ impl Op {
             Op::Attention { .. } => "attention",
             Op::KvAppend { .. } => "kv_append",
             Op::RopeKvAppend { .. } => "rope_kv_append",
+            Op::RopeAttention { .. } => "rope_attention",
             Op::Softmax => "softmax",
             Op::Softcap { .. } => "softcap",
             Op::Unary(_) => "unary",
@@ -230,6 +248,41 @@ impl Op {
             Op::Sample(_) => "sample",
             Op::AdvancePos => "advance_pos",
         }
+    }
+
+    /// A `RopeAttention` as its two steps: the `RopeKvAppend` and the `Attention`.
+    pub fn rope_attention_steps(&self) -> Option<(Op, Op)> {
+        let Op::RopeAttention {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rotary_dims,
+            traditional,
+            mscale,
+            scale,
+            window,
+            softcap,
+        } = *self
+        else {
+            return None;
+        };
+        let rope = Op::RopeKvAppend {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rotary_dims,
+            traditional,
+            mscale,
+        };
+        let attention = Op::Attention {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale,
+            window,
+            softcap,
+        };
+        Some((rope, attention))
     }
 
     /// The variant part of the registry key (what selects among kernels of one family).

@@ -289,7 +289,6 @@ pub struct Scratch {
     v: Tensor,
     /// q and k after their per-head norms (`Architecture::qk_norm`).
     qk_normed: Option<(Tensor, Tensor)>,
-    q_rot: Tensor,
     attn: Tensor,
     proj: Tensor,
     gate: Tensor,
@@ -558,7 +557,6 @@ impl Decoder {
             k,
             v,
             qk_normed,
-            q_rot: f(q_dim)?,
             attn: f(q_dim)?,
             proj: f(h)?,
             gate: f(p.intermediate_size)?,
@@ -636,16 +634,6 @@ impl Decoder {
             }
             _ => (&s.q, &s.k),
         };
-        ops::rope_kv_append(
-            enc,
-            [q, k, &s.v],
-            &layer.rope,
-            p.num_heads,
-            layer.rope_traditional,
-            pos,
-            &s.q_rot,
-            (k_cache, v_cache),
-        )?;
         let shape = AttentionShape {
             n_heads: p.num_heads,
             n_kv_heads: p.num_kv_heads,
@@ -654,7 +642,16 @@ impl Decoder {
             window: layer.window,
             softcap: p.arch.attn_softcap,
         };
-        ops::attention(enc, shape, &s.q_rot, k_cache, v_cache, pos, &s.attn)
+        ops::rope_attention(
+            enc,
+            [q, k, &s.v],
+            &layer.rope,
+            layer.rope_traditional,
+            shape,
+            pos,
+            (k_cache, v_cache),
+            &s.attn,
+        )
     }
 
     /// `out` = `x` + `branch`·Wᵀ, the block output first normed by `out_norm` if there is one.

@@ -1,3 +1,4 @@
+use super::rope::{check_rope_inputs, RopeTable};
 use super::{expect_dtype, expect_shape};
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
@@ -31,6 +32,65 @@ pub fn attention(
     pos: &Tensor,
     out: &Tensor,
 ) -> Result<()> {
+    check_attention("attention", shape, q, (k_cache, v_cache), pos, out)?;
+    let op = Op::Attention {
+        n_heads: shape.n_heads,
+        n_kv_heads: shape.n_kv_heads,
+        head_dim: shape.head_dim,
+        scale: shape.scale,
+        window: shape.window,
+        softcap: shape.softcap,
+    };
+    enc.dispatch(op, &[q, k_cache, v_cache, pos], &[out])
+}
+
+/// A layer's attention from its q, k and v projections (`[m, n_heads*head_dim]`,
+/// `[m, n_kv_heads*head_dim]` twice): RoPE of q and k by `table`, k and v stored into the
+/// caches at positions pos..pos+m, then causal attention of the rotated q over them, in one
+/// dispatch (`rope_kv_append` followed by `attention`).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_attention(
+    enc: &mut CommandEncoder,
+    qkv: [&Tensor; 3],
+    table: &RopeTable,
+    traditional: bool,
+    shape: AttentionShape,
+    pos: &Tensor,
+    (k_cache, v_cache): (&Tensor, &Tensor),
+    out: &Tensor,
+) -> Result<()> {
+    let op = "rope_attention";
+    check_rope_inputs(op, qkv, table, shape.n_heads, pos, (k_cache, v_cache))?;
+    let [q, k, v] = qkv;
+    check_attention(op, shape, q, (k_cache, v_cache), pos, out)?;
+    let op = Op::RopeAttention {
+        n_heads: shape.n_heads,
+        n_kv_heads: shape.n_kv_heads,
+        head_dim: shape.head_dim,
+        rotary_dims: table.rotary_dims,
+        traditional,
+        mscale: table.mscale,
+        scale: shape.scale,
+        window: shape.window,
+        softcap: shape.softcap,
+    };
+    enc.dispatch(
+        op,
+        &[q, k, v, &table.inv_freq, pos],
+        &[out, k_cache, v_cache],
+    )
+}
+
+/// Attention operands: heads that group, q and the caches in f32 with matching shapes, `pos`
+/// a u32 `[1]`, out like q.
+fn check_attention(
+    op: &'static str,
+    shape: AttentionShape,
+    q: &Tensor,
+    (k_cache, v_cache): (&Tensor, &Tensor),
+    pos: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
     let AttentionShape {
         n_heads,
         n_kv_heads,
@@ -39,29 +99,20 @@ pub fn attention(
     } = shape;
     if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
         return Err(Error::op(
-            "attention",
+            op,
             format!("{n_heads} query heads do not divide into {n_kv_heads} kv heads"),
         ));
     }
-    expect_dtype("attention", "q", q, &[DType::F32])?;
-    expect_shape("attention", "q", q, &[q.rows(), n_heads * head_dim])?;
+    expect_dtype(op, "q", q, &[DType::F32])?;
+    expect_shape(op, "q", q, &[q.rows(), n_heads * head_dim])?;
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
     for (what, c) in [("k_cache", k_cache), ("v_cache", v_cache)] {
-        expect_dtype("attention", what, c, &[DType::F32])?;
-        expect_shape("attention", what, c, &[n_kv_heads, capacity, head_dim])?;
+        expect_dtype(op, what, c, &[DType::F32])?;
+        expect_shape(op, what, c, &[n_kv_heads, capacity, head_dim])?;
     }
-    expect_dtype("attention", "pos", pos, &[DType::U32])?;
-    expect_shape("attention", "pos", pos, &[1])?;
-    expect_shape("attention", "out", out, q.shape())?;
-    let op = Op::Attention {
-        n_heads,
-        n_kv_heads,
-        head_dim,
-        scale: shape.scale,
-        window: shape.window,
-        softcap: shape.softcap,
-    };
-    enc.dispatch(op, &[q, k_cache, v_cache, pos], &[out])
+    expect_dtype(op, "pos", pos, &[DType::U32])?;
+    expect_shape(op, "pos", pos, &[1])?;
+    expect_shape(op, "out", out, q.shape())
 }
 
 /// Store rows of `x` `[m, n_kv_heads*head_dim]` into `cache` `[n_kv_heads, capacity,

@@ -236,7 +236,7 @@ pub fn rope(
 #[allow(clippy::too_many_arguments)]
 pub fn rope_kv_append(
     enc: &mut CommandEncoder,
-    [q, k, v]: [&Tensor; 3],
+    qkv: [&Tensor; 3],
     table: &RopeTable,
     n_heads: usize,
     traditional: bool,
@@ -244,31 +244,14 @@ pub fn rope_kv_append(
     q_out: &Tensor,
     (k_cache, v_cache): (&Tensor, &Tensor),
 ) -> Result<()> {
-    let [n_kv_heads, capacity, head_dim] = *k_cache.shape() else {
-        return Err(Error::op(
-            "rope_kv_append",
-            format!("k cache of shape {:?}", k_cache.shape()),
-        ));
-    };
-    let m = q.rows();
-    for (what, t, heads) in [
-        ("q", q, n_heads),
-        ("k", k, n_kv_heads),
-        ("v", v, n_kv_heads),
-    ] {
-        expect_dtype("rope_kv_append", what, t, &[DType::F32])?;
-        expect_shape("rope_kv_append", what, t, &[m, heads * head_dim])?;
-    }
-    expect_shape("rope_kv_append", "q_out", q_out, q.shape())?;
-    for (what, c) in [("k_cache", k_cache), ("v_cache", v_cache)] {
-        expect_dtype("rope_kv_append", what, c, &[DType::F32])?;
-        expect_shape("rope_kv_append", what, c, &[n_kv_heads, capacity, head_dim])?;
-    }
-    check_table_and_pos("rope_kv_append", table, head_dim, pos)?;
+    let op = "rope_kv_append";
+    check_rope_inputs(op, qkv, table, n_heads, pos, (k_cache, v_cache))?;
+    let [q, k, v] = qkv;
+    expect_shape(op, "q_out", q_out, q.shape())?;
     let op = Op::RopeKvAppend {
         n_heads,
-        n_kv_heads,
-        head_dim,
+        n_kv_heads: k_cache.shape()[0],
+        head_dim: k_cache.shape()[2],
         rotary_dims: table.rotary_dims,
         traditional,
         mscale: table.mscale,
@@ -278,4 +261,38 @@ pub fn rope_kv_append(
         &[q, k, v, &table.inv_freq, pos],
         &[q_out, k_cache, v_cache],
     )
+}
+
+/// The operands of a RoPE + cache append (`rope_kv_append`, `rope_attention`): q
+/// `[m, n_heads*head_dim]`, k and v `[m, n_kv_heads*head_dim]` in f32, caches
+/// `[n_kv_heads, capacity, head_dim]` in f32 (a 3-d k cache is checked here, so callers may
+/// index its shape afterwards), the table and `pos`.
+pub(super) fn check_rope_inputs(
+    op: &'static str,
+    [q, k, v]: [&Tensor; 3],
+    table: &RopeTable,
+    n_heads: usize,
+    pos: &Tensor,
+    (k_cache, v_cache): (&Tensor, &Tensor),
+) -> Result<()> {
+    let [n_kv_heads, capacity, head_dim] = *k_cache.shape() else {
+        return Err(Error::op(
+            op,
+            format!("k cache of shape {:?}", k_cache.shape()),
+        ));
+    };
+    let m = q.rows();
+    for (what, t, heads) in [
+        ("q", q, n_heads),
+        ("k", k, n_kv_heads),
+        ("v", v, n_kv_heads),
+    ] {
+        expect_dtype(op, what, t, &[DType::F32])?;
+        expect_shape(op, what, t, &[m, heads * head_dim])?;
+    }
+    for (what, c) in [("k_cache", k_cache), ("v_cache", v_cache)] {
+        expect_dtype(op, what, c, &[DType::F32])?;
+        expect_shape(op, what, c, &[n_kv_heads, capacity, head_dim])?;
+    }
+    check_table_and_pos(op, table, head_dim, pos)
 }

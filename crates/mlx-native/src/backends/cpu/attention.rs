@@ -19,6 +19,27 @@ use crate::{Error, Result};
 pub(super) fn register(reg: &mut Registry<CpuKernel>) {
     reg.insert("attention", "", DType::F32, attention);
     reg.insert("kv_append", "", DType::F32, kv_append);
+    reg.insert("rope_attention", "", DType::F32, rope_attention);
+}
+
+/// `rope_kv_append` into a temporary rotated q, then `attention` of it.
+fn rope_attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
+    let Some((rope, attend)) = op.rope_attention_steps() else {
+        return Err(wrong_op(op));
+    };
+    let ([q, _, _, _, pos], [out, k_cache, v_cache]) = (inputs, outputs) else {
+        return Err(Error::op("rope_attention", "unexpected operand count"));
+    };
+    let q_rot = q.device().empty(q.shape(), DType::F32)?;
+    let (k_cache, v_cache) = (k_cache.clone(), v_cache.clone());
+    let rotated = [q_rot, k_cache, v_cache];
+    super::rope::rope_kv_append(&rope, inputs, &rotated)?;
+    let [q_rot, k_cache, v_cache] = rotated;
+    attention(
+        &attend,
+        &[q_rot, k_cache, v_cache, pos.clone()],
+        std::slice::from_ref(out),
+    )
 }
 
 fn attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {

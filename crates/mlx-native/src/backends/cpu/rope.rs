@@ -98,7 +98,7 @@ fn rope(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
 }
 
 /// `rope` of q, then k rotated straight into its cache rows and v appended (`kv_append`).
-fn rope_kv_append(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
+pub(super) fn rope_kv_append(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let Op::RopeKvAppend {
         n_heads,
         n_kv_heads,

@@ -51,9 +51,8 @@ __device__ __forceinline__ void butterfly_step(float (&v)[32], int lane) {
 // coalesced, one chunk of 32 dims at a time (32 loads in flight); a transposing butterfly of
 // 31 shuffles then leaves row j's total on lane j.
 template <int HC>
-__device__ __forceinline__ float warp_scores(const float* __restrict__ qs,
-                                             const float* __restrict__ kr, int n, int hd,
-                                             int lane) {
+__device__ __forceinline__ float warp_scores(const float* __restrict__ qs, const float* kr,
+                                             int n, int hd, int lane) {
     float v[32];
 #pragma unroll
     for (int j = 0; j < 32; ++j) v[j] = 0.f;
@@ -72,11 +71,25 @@ __device__ __forceinline__ float warp_scores(const float* __restrict__ qs,
     return v[0];
 }
 
+// With `NewKeys::k` set (rope_attention), q, k and v arrive as projected: each block rotates
+// its q head while staging it, and a block whose split holds new positions (pos..pos+rows−1)
+// stores their rotated keys and values into the caches before it reads them. Every block of a
+// kv head's heads and rows that holds a position stores the same bits there, so no block
+// waits for another.
+struct NewKeys {
+    const float* k;  // [rows, n_kv·hd]; null: the caches hold every key (plain attention)
+    const float* v;
+    const float* inv_freq;
+    int rotary_dims;
+    int traditional;
+    float mscale;
+};
+
+// The caches are read through plain (coherent) loads: with NewKeys the kernel writes them.
 template <int HC>
-__device__ __forceinline__ void attn_decode(const float* __restrict__ q,
-                                            const float* __restrict__ kc,
-                                            const float* __restrict__ vc,
-                                            const u32* __restrict__ pos, float* __restrict__ out,
+__device__ __forceinline__ void attn_decode(const float* __restrict__ q, const NewKeys nk,
+                                            float* kc, float* vc, const u32* __restrict__ pos,
+                                            float* __restrict__ out,
                                             float* __restrict__ partial, u32* __restrict__ counters,
                                             int n_heads, int group, int hd, int capacity,
                                             float scale, int window, float softcap) {
@@ -86,18 +99,37 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q,
     __shared__ int merging;
     const int h = blockIdx.x, split = blockIdx.y, row = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const float* qr = q + ((i64)row * n_heads + h) * hd;
-    for (int d = threadIdx.x; d < HC * 32; d += blockDim.x) qs[d] = d < hd ? qr[d] * scale : 0.f;
+    const u32 p0 = pos[0];
     int lo, hi;
-    key_range((int)pos[0] + row, capacity, window, lo, hi);
+    key_range((int)p0 + row, capacity, window, lo, hi);
     const int n_splits = active_splits(hi - lo, gridDim.y);
     if (split >= n_splits) return;
     const int per = (hi - lo + n_splits - 1) / n_splits;
     const int start = lo + split * per, end = min(hi, start + per);
-    const i64 kv_base = (i64)(h / group) * capacity * hd;
+    const int g = h / group, n_kv = n_heads / group;
+    const i64 kv_base = (i64)g * capacity * hd;
+    const float* qr = q + ((i64)row * n_heads + h) * hd;
+    for (int d = threadIdx.x; d < HC * 32; d += blockDim.x) {
+        float x = 0.f;
+        if (d < hd)
+            x = nk.k ? rope_dim(qr, d, p0 + row, nk.inv_freq, nk.rotary_dims, nk.traditional,
+                                nk.mscale)
+                     : qr[d];
+        qs[d] = x * scale;
+    }
+    if (nk.k) {
+        for (int i = max(start - (int)p0, 0); i < min(end - (int)p0, (int)gridDim.z); ++i) {
+            const i64 at = ((i64)i * n_kv + g) * hd, to = kv_base + ((i64)p0 + i) * hd;
+            for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+                kc[to + d] = rope_dim(nk.k + at, d, p0 + i, nk.inv_freq, nk.rotary_dims,
+                                      nk.traditional, nk.mscale);
+                vc[to + d] = nk.v[at + d];
+            }
+        }
+    }
     const float* kb = kc + kv_base;
     const float* vb = vc + kv_base;
-    __syncthreads();
+    __syncthreads();  // q staged, new rows stored (and visible to the block)
 
     // V loads in flight a lane: VU keys' HC dims (at most 32 registers; VU divides 32).
     constexpr int VU = HC == 1 ? 32 : HC == 2 ? 16 : HC <= 4 ? 8 : 4;
@@ -314,14 +346,16 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
 }
 
 #define ATTENTION(HC)                                                                           \
-    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2) attn_decode_##HC(              \
-        const float* q, const float* kc, const float* vc, const u32* pos, float* out,           \
-        float* partial, u32* counters, int n_heads, int group, int hd, int capacity,            \
-        float scale, int window, float softcap) {                                               \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2) attn_decode_##HC(           \
+        const float* q, const float* k_new, const float* v_new, const float* inv_freq,          \
+        int rotary_dims, int traditional, float mscale, float* kc, float* vc, const u32* pos,   \
+        float* out, float* partial, u32* counters, int n_heads, int group, int hd,              \
+        int capacity, float scale, int window, float softcap) {                                 \
         kernel_entry();                                                                         \
         launch_dependents();                                                                    \
-        attn_decode<HC>(q, kc, vc, pos, out, partial, counters, n_heads, group, hd, capacity,   \
-                        scale, window, softcap);                                                \
+        const NewKeys nk{k_new, v_new, inv_freq, rotary_dims, traditional, mscale};             \
+        attn_decode<HC>(q, nk, kc, vc, pos, out, partial, counters, n_heads, group, hd,         \
+                        capacity, scale, window, softcap);                                      \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) attn_prefill_##HC(              \
         const float* q, const float* kc, const float* vc, const u32* pos, float* out,           \

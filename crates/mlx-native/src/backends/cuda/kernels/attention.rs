@@ -2,11 +2,11 @@
 //! (decode) use split-K flash decoding; more (prefill) use tensor-core flash attention
 //! (flash_attention.cu) for head dims it covers, else shared-memory key tiles in f32.
 
-use super::{COMMON, MMA};
+use super::{COMMON, MMA, ROPE};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
-    blocks, dim, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Planner,
+    blocks, dim, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Launch, Planner,
 };
 use crate::core::dtype::DType;
 use crate::core::op::Op;
@@ -19,6 +19,7 @@ pub(super) static SOURCE: Source = Source {
     parts: &[
         COMMON,
         MMA,
+        ROPE,
         include_str!("attention.cu"),
         include_str!("flash_attention.cu"),
     ],
@@ -49,7 +50,71 @@ const MAX_SPLITS: usize = 128;
 
 pub(super) fn register(reg: &mut Registry<Planner>) {
     reg.insert("attention", "", DType::F32, attention);
+    reg.insert("rope_attention", "", DType::F32, rope_attention);
     reg.insert("kv_append", "", DType::F32, kv_append);
+}
+
+/// An `Op::Attention`'s constants as the kernels take them (0 for no window or softcap).
+struct Shape {
+    n_heads: usize,
+    group: usize,
+    head_dim: usize,
+    scale: f32,
+    window: usize,
+    softcap: f32,
+}
+
+impl Shape {
+    fn new(op: &Op) -> Result<Shape> {
+        let Op::Attention {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale,
+            window,
+            softcap,
+        } = *op
+        else {
+            return Err(wrong_op(op));
+        };
+        if head_dim == 0 || head_dim > MAX_HEAD_DIM {
+            return Err(Error::op(
+                "attention",
+                format!("head dim {head_dim} outside 1..={MAX_HEAD_DIM}"),
+            ));
+        }
+        let window = match window {
+            Some(0) => return Err(Error::op("attention", "a sliding window of 0 sees no key")),
+            Some(w) => w,
+            None => 0,
+        };
+        let softcap = match softcap {
+            Some(c) if c <= 0.0 => {
+                return Err(Error::op("attention", format!("softcap {c} must be > 0")))
+            }
+            Some(c) => c,
+            None => 0.0,
+        };
+        Ok(Shape {
+            n_heads,
+            group: n_heads / n_kv_heads.max(1),
+            head_dim,
+            scale,
+            window,
+            softcap,
+        })
+    }
+}
+
+/// The new rows' k and v and the RoPE that the decode kernel applies to them and to q
+/// (`rope_attention`).
+struct NewKeys<'a> {
+    k: &'a Tensor,
+    v: &'a Tensor,
+    inv_freq: &'a Tensor,
+    rotary_dims: usize,
+    traditional: bool,
+    mscale: f32,
 }
 
 fn attention(
@@ -58,61 +123,115 @@ fn attention(
     inputs: &[Tensor],
     outputs: &[Tensor],
 ) -> Result<CudaKernel> {
-    let Op::Attention {
+    let ([q, k_cache, v_cache, pos], [out]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let shape = Shape::new(op)?;
+    if q.rows() > DECODE_MAX_ROWS {
+        let launch = prefill(
+            lib,
+            &shape,
+            (device_ptr(q)?, q.rows()),
+            k_cache,
+            v_cache,
+            pos,
+            out,
+        )?;
+        return Ok(CudaKernel::single(launch));
+    }
+    decode(lib, &shape, q, None, (k_cache, v_cache), pos, out)
+}
+
+/// Decode: one kernel rotates q and the new keys, appends them and attends. Prefill: the
+/// rope_kv_append kernel writes the rotated q into shared scratch, then attention as above.
+fn rope_attention(
+    lib: &KernelLibrary,
+    op: &Op,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+) -> Result<CudaKernel> {
+    let Some((rope, attend)) = op.rope_attention_steps() else {
+        return Err(wrong_op(op));
+    };
+    let ([q, k, v, inv_freq, pos], [out, k_cache, v_cache]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let shape = Shape::new(&attend)?;
+    if q.rows() > DECODE_MAX_ROWS {
+        let (scratch, q_rot) = lib.shared_scratch(q.byte_len())?;
+        let launches = vec![
+            super::rope::rope_kv_append_launch(
+                lib,
+                &rope,
+                [q, k, v, inv_freq, pos],
+                q_rot,
+                (k_cache, v_cache),
+            )?,
+            prefill(lib, &shape, (q_rot, q.rows()), k_cache, v_cache, pos, out)?,
+        ];
+        return Ok(CudaKernel::sharing(launches, scratch));
+    }
+    let Op::RopeKvAppend {
+        rotary_dims,
+        traditional,
+        mscale,
+        ..
+    } = rope
+    else {
+        return Err(wrong_op(op));
+    };
+    let new_keys = NewKeys {
+        k,
+        v,
+        inv_freq,
+        rotary_dims,
+        traditional,
+        mscale,
+    };
+    decode(lib, &shape, q, Some(new_keys), (k_cache, v_cache), pos, out)
+}
+
+/// Many query rows (`q`: address and row count): tensor-core flash attention where the head
+/// dim has a kernel and the operands are 16-byte aligned, else key tiles in f32.
+fn prefill(
+    lib: &KernelLibrary,
+    shape: &Shape,
+    (q, rows): (u64, usize),
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    pos: &Tensor,
+    out: &Tensor,
+) -> Result<Launch> {
+    let Shape {
         n_heads,
-        n_kv_heads,
+        group,
         head_dim,
         scale,
         window,
         softcap,
-    } = *op
-    else {
-        return Err(wrong_op(op));
-    };
-    let ([q, k_cache, v_cache, pos], [out]) = (inputs, outputs) else {
-        return Err(operand_count(op, inputs.len(), outputs.len()));
-    };
-    if head_dim == 0 || head_dim > MAX_HEAD_DIM {
-        return Err(Error::op(
-            "attention",
-            format!("head dim {head_dim} outside 1..={MAX_HEAD_DIM}"),
-        ));
-    }
-    let window = match window {
-        Some(0) => return Err(Error::op("attention", "a sliding window of 0 sees no key")),
-        Some(w) => w,
-        None => 0,
-    };
-    let softcap = match softcap {
-        Some(c) if c <= 0.0 => {
-            return Err(Error::op("attention", format!("softcap {c} must be > 0")))
-        }
-        Some(c) => c,
-        None => 0.0,
-    };
-    let rows = q.rows();
+    } = *shape;
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
-    let chunks = head_dim.div_ceil(32);
-    let group = n_heads / n_kv_heads.max(1);
-
     let flash_ready = FLASH_HEAD_DIMS.contains(&head_dim)
-        && [q, k_cache, v_cache, out]
-            .into_iter()
-            .map(device_ptr)
-            .collect::<Result<Vec<_>>>()?
-            .iter()
-            .all(|p| p % 16 == 0);
-    if rows > DECODE_MAX_ROWS && flash_ready {
+        && [
+            q,
+            device_ptr(k_cache)?,
+            device_ptr(v_cache)?,
+            device_ptr(out)?,
+        ]
+        .iter()
+        .all(|p| p % 16 == 0);
+    let args = Args::new()
+        .u64(q)
+        .ptr(k_cache)?
+        .ptr(v_cache)?
+        .ptr(pos)?
+        .ptr(out)?
+        .int(n_heads)?
+        .int(group)?;
+    if flash_ready {
         // f16 tiles of q and of K and V, each row padded by 8 halves.
         let shared = (FLASH_ROWS + 2 * FLASH_KEYS) * (head_dim + 8) * 2;
-        let args = Args::new()
-            .ptr(q)?
-            .ptr(k_cache)?
-            .ptr(v_cache)?
-            .ptr(pos)?
-            .ptr(out)?
-            .int(n_heads)?
-            .int(group)?
+        let args = args
             .int(capacity)?
             .f32(scale)
             .int(window)?
@@ -120,31 +239,42 @@ fn attention(
             .int(rows)?;
         let grid = (dim(n_heads)?, blocks(rows, FLASH_ROWS)?, 1);
         let name = format!("attn_flash_{head_dim}");
-        let launch = lib.launch(&SOURCE, &name, grid, FLASH_THREADS, shared as u32, args)?;
-        return Ok(CudaKernel::single(launch));
+        return lib.launch(&SOURCE, &name, grid, FLASH_THREADS, shared as u32, args);
     }
-    if rows > DECODE_MAX_ROWS {
-        let shared = ((PREFILL_ROWS + 2 * PREFILL_KEYS) * head_dim + PREFILL_KEYS) * 4;
-        let args = Args::new()
-            .ptr(q)?
-            .ptr(k_cache)?
-            .ptr(v_cache)?
-            .ptr(pos)?
-            .ptr(out)?
-            .int(n_heads)?
-            .int(group)?
-            .int(head_dim)?
-            .int(capacity)?
-            .f32(scale)
-            .int(window)?
-            .f32(softcap)
-            .int(rows)?;
-        let grid = (dim(n_heads)?, blocks(rows, PREFILL_ROWS)?, 1);
-        let name = format!("attn_prefill_{chunks}");
-        let launch = lib.launch(&SOURCE, &name, grid, THREADS, shared as u32, args)?;
-        return Ok(CudaKernel::single(launch));
-    }
+    let shared = ((PREFILL_ROWS + 2 * PREFILL_KEYS) * head_dim + PREFILL_KEYS) * 4;
+    let args = args
+        .int(head_dim)?
+        .int(capacity)?
+        .f32(scale)
+        .int(window)?
+        .f32(softcap)
+        .int(rows)?;
+    let grid = (dim(n_heads)?, blocks(rows, PREFILL_ROWS)?, 1);
+    let name = format!("attn_prefill_{}", head_dim.div_ceil(32));
+    lib.launch(&SOURCE, &name, grid, THREADS, shared as u32, args)
+}
 
+/// A few query rows: split-K flash decoding (`attn_decode`), rotating q and the new keys
+/// itself when `new_keys` is given.
+fn decode(
+    lib: &KernelLibrary,
+    shape: &Shape,
+    q: &Tensor,
+    new_keys: Option<NewKeys>,
+    (k_cache, v_cache): (&Tensor, &Tensor),
+    pos: &Tensor,
+    out: &Tensor,
+) -> Result<CudaKernel> {
+    let Shape {
+        n_heads,
+        group,
+        head_dim,
+        scale,
+        window,
+        softcap,
+    } = *shape;
+    let rows = q.rows();
+    let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
     // Enough splits to fill every multiprocessor, no more than the cache warrants; at run time
     // a row uses only as many as its keys need (`active_splits`, attention.cu).
     let splits = (BLOCKS_PER_SM * lib.sm_count())
@@ -160,8 +290,18 @@ fn attention(
             (Some(slice), address, address + partial_bytes as u64)
         }
     };
-    let args = Args::new()
-        .ptr(q)?
+    let args = Args::new().ptr(q)?;
+    let args = match &new_keys {
+        Some(nk) => args
+            .ptr(nk.k)?
+            .ptr(nk.v)?
+            .ptr(nk.inv_freq)?
+            .int(nk.rotary_dims)?
+            .code(nk.traditional as i32)
+            .f32(nk.mscale),
+        None => args.u64(0).u64(0).u64(0).code(0).code(0).f32(1.0),
+    };
+    let args = args
         .ptr(k_cache)?
         .ptr(v_cache)?
         .ptr(pos)?
@@ -176,7 +316,7 @@ fn attention(
         .int(window)?
         .f32(softcap);
     let grid = (dim(n_heads)?, dim(splits)?, dim(rows)?);
-    let name = format!("attn_decode_{chunks}");
+    let name = format!("attn_decode_{}", head_dim.div_ceil(32));
     let launch = lib.launch(&SOURCE, &name, grid, DECODE_THREADS, 0, args)?;
     Ok(CudaKernel::new(vec![launch], scratch))
 }

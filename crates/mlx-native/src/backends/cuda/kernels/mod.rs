@@ -19,6 +19,8 @@ use crate::core::registry::Registry;
 const COMMON: &str = include_str!("common.cuh");
 /// Weight layouts (MLX affine, ggml blocks, dense) read by matmul and embedding kernels.
 const LAYOUTS: &str = include_str!("layouts.cuh");
+/// RoPE arithmetic (rope kernels and the attention that rotates q and new keys itself).
+const ROPE: &str = include_str!("rope.cuh");
 /// Tensor-core fragments (mma.sync) for the prefill matmul and attention.
 const MMA: &str = include_str!("mma.cuh");
 

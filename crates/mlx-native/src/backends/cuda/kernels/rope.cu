@@ -13,13 +13,10 @@ __device__ __forceinline__ void rope_head_thread(const float* __restrict__ xh, f
         yh[d] = xh[d];
         return;
     }
-    const float angle = (float)p * inv_freq[j];
-    float s, c;
-    sincosf(angle, &s, &c);
-    s *= mscale;
-    c *= mscale;
-    const int i0 = traditional ? 2 * j : j;
-    const int i1 = traditional ? 2 * j + 1 : j + half;
+    float c, s;
+    rope_cos_sin(inv_freq, p, j, mscale, c, s);
+    int i0, i1;
+    rope_pair(j, rotary_dims, traditional, i0, i1);
     const float x0 = xh[i0], x1 = xh[i1];
     yh[i0] = x0 * c - x1 * s;
     yh[i1] = x0 * s + x1 * c;

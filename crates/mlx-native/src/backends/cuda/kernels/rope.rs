@@ -1,10 +1,11 @@
 //! Rotary position embedding (rope.cu): one thread per rotated pair or copied dim; fused with
 //! the KV-cache append for the attention's input stage.
 
-use super::COMMON;
+use super::{COMMON, ROPE};
 use crate::backends::cuda::compile::Source;
+use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
-    blocks, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Planner,
+    blocks, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Launch, Planner,
 };
 use crate::core::dtype::DType;
 use crate::core::op::Op;
@@ -14,7 +15,7 @@ use crate::Result;
 
 pub(super) static SOURCE: Source = Source {
     name: "rope",
-    parts: &[COMMON, include_str!("rope.cu")],
+    parts: &[COMMON, ROPE, include_str!("rope.cu")],
 };
 
 pub(super) fn register(reg: &mut Registry<Planner>) {
@@ -61,6 +62,23 @@ fn rope_kv_append(
     inputs: &[Tensor],
     outputs: &[Tensor],
 ) -> Result<CudaKernel> {
+    let ([q, k, v, inv_freq, pos], [q_out, k_cache, v_cache]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let operands = [q, k, v, inv_freq, pos];
+    let launch = rope_kv_append_launch(lib, op, operands, device_ptr(q_out)?, (k_cache, v_cache))?;
+    Ok(CudaKernel::single(launch))
+}
+
+/// The `rope_kv_append` kernel for an `Op::RopeKvAppend`, the rotated q written at address
+/// `q_out`.
+pub(super) fn rope_kv_append_launch(
+    lib: &KernelLibrary,
+    op: &Op,
+    [q, k, v, inv_freq, pos]: [&Tensor; 5],
+    q_out: u64,
+    (k_cache, v_cache): (&Tensor, &Tensor),
+) -> Result<Launch> {
     let Op::RopeKvAppend {
         n_heads,
         n_kv_heads,
@@ -72,9 +90,6 @@ fn rope_kv_append(
     else {
         return Err(wrong_op(op));
     };
-    let ([q, k, v, inv_freq, pos], [q_out, k_cache, v_cache]) = (inputs, outputs) else {
-        return Err(operand_count(op, inputs.len(), outputs.len()));
-    };
     let rows = q.rows();
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
     let per_row =
@@ -85,7 +100,7 @@ fn rope_kv_append(
         .ptr(v)?
         .ptr(inv_freq)?
         .ptr(pos)?
-        .ptr(q_out)?
+        .u64(q_out)
         .ptr(k_cache)?
         .ptr(v_cache)?
         .int(rows)?
@@ -97,12 +112,5 @@ fn rope_kv_append(
         .f32(mscale)
         .int(capacity)?;
     let grid = (blocks(rows * per_row, 256)?, 1, 1);
-    Ok(CudaKernel::single(lib.launch(
-        &SOURCE,
-        "rope_kv_append",
-        grid,
-        256,
-        0,
-        args,
-    )?))
+    lib.launch(&SOURCE, "rope_kv_append", grid, 256, 0, args)
 }
