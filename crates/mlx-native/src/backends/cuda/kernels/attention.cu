@@ -99,6 +99,24 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     __shared__ int merging;
     const int h = blockIdx.x, split = blockIdx.y, row = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // Thread d (blockDim ≥ 32·HC) stages dim d of q and, with NewKeys, stores dim d of the new
+    // keys and values. Their loads do not depend on pos (row 0's new key is the one a decode
+    // step has), so they are issued before it.
+    const int d = threadIdx.x, g = h / group, n_kv = n_heads / group;
+    const bool rot = nk.k != nullptr;
+    const int dp = rot ? rope_partner(min(d, hd - 1), nk.rotary_dims, nk.traditional) : d;
+    const float* qr = q + ((i64)row * n_heads + h) * hd;
+    const float* k0 = rot ? nk.k + (i64)g * hd : nullptr;
+    float qd = 0.f, qp = 0.f, kd = 0.f, kp = 0.f, vd = 0.f;
+    if (d < hd) {
+        qd = qr[d];
+        if (rot) {
+            qp = qr[dp];
+            kd = k0[d];
+            kp = k0[dp];
+            vd = nk.v[(i64)g * hd + d];
+        }
+    }
     const u32 p0 = pos[0];
     int lo, hi;
     key_range((int)p0 + row, capacity, window, lo, hi);
@@ -106,25 +124,20 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     if (split >= n_splits) return;
     const int per = (hi - lo + n_splits - 1) / n_splits;
     const int start = lo + split * per, end = min(hi, start + per);
-    const int g = h / group, n_kv = n_heads / group;
     const i64 kv_base = (i64)g * capacity * hd;
-    const float* qr = q + ((i64)row * n_heads + h) * hd;
-    for (int d = threadIdx.x; d < HC * 32; d += blockDim.x) {
-        float x = 0.f;
-        if (d < hd)
-            x = nk.k ? rope_dim(qr, d, p0 + row, nk.inv_freq, nk.rotary_dims, nk.traditional,
-                                nk.mscale)
-                     : qr[d];
-        qs[d] = x * scale;
+    if (d < 32 * HC) {
+        const float x = rot ? rope_rotate(qd, qp, d, p0 + row, nk.inv_freq, nk.rotary_dims,
+                                          nk.traditional, nk.mscale)
+                            : qd;
+        qs[d] = d < hd ? x * scale : 0.f;
     }
-    if (nk.k) {
+    if (rot && d < hd) {
         for (int i = max(start - (int)p0, 0); i < min(end - (int)p0, (int)gridDim.z); ++i) {
             const i64 at = ((i64)i * n_kv + g) * hd, to = kv_base + ((i64)p0 + i) * hd;
-            for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-                kc[to + d] = rope_dim(nk.k + at, d, p0 + i, nk.inv_freq, nk.rotary_dims,
-                                      nk.traditional, nk.mscale);
-                vc[to + d] = nk.v[at + d];
-            }
+            const float a = i == 0 ? kd : nk.k[at + d], b = i == 0 ? kp : nk.k[at + dp];
+            kc[to + d] = rope_rotate(a, b, d, p0 + i, nk.inv_freq, nk.rotary_dims,
+                                     nk.traditional, nk.mscale);
+            vc[to + d] = i == 0 ? vd : nk.v[at + d];
         }
     }
     const float* kb = kc + kv_base;
@@ -178,8 +191,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
 #pragma unroll
     for (int c = 0; c < HC; ++c) warp_acc[warp][lane + 32 * c] = acc[c];
     __syncthreads();
-    // Thread d (blockDim ≥ 32·HC) merges head dim d over the warps.
-    const int d = threadIdx.x;
+    // Thread d merges head dim d over the warps.
     float mx = NEG_INF;
 #pragma unroll
     for (int w = 0; w < DEC_WARPS; ++w) mx = fmaxf(mx, warp_m[w]);

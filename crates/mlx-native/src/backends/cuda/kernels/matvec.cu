@@ -56,6 +56,12 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
     }
     kernel_entry();
     launch_dependents();
+    // The bias (often the residual stream, written by an earlier kernel) is loaded now, so its
+    // latency hides behind the loop rather than following the reduction.
+    float bias_v[MV_ROWS];
+#pragma unroll
+    for (int r = 0; r < MV_ROWS; ++r)
+        bias_v[r] = bias && lane == 0 ? load_float(bias, rows[r], bias_type) : 0.f;
     float acc[ACC];
 #pragma unroll
     for (int r = 0; r < ACC; ++r) acc[r] = 0.f;
@@ -126,7 +132,7 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
         if constexpr (GATED)
             out[row] = activation(y, act) * (scale * acc[MV_ROWS + r]);
         else
-            out[row] = bias ? y + load_float(bias, row, bias_type) : y;
+            out[row] = y + bias_v[r];
     }
 }
 

@@ -356,6 +356,10 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     mt_load(wt, st, 0, sa);
     kernel_entry();
     launch_dependents();
+    // Thread r stores row r of the block (tiles·16 ≤ blockDim): its bias (often the residual
+    // stream, written by an earlier kernel) is loaded now, not after the reduction.
+    const int r = threadIdx.x, row = blockIdx.x * tiles * 16 + r;
+    const float bias_v = bias ? load_float(bias, min(row, n - 1), bias_type) : 0.f;
     mt_stage_x<F, NORM>(x, k, norm, xh, zero, csum);
     __syncthreads();
 
@@ -381,9 +385,7 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
             if (st.t == 0) partial[warp][m][g + 8 * h] = acc[m][h];
         }
     __syncthreads();
-    for (int r = threadIdx.x; r < tiles * 16; r += blockDim.x) {
-        const int row = blockIdx.x * tiles * 16 + r;
-        if (row >= n) break;
+    if (r < tiles * 16 && row < n) {
         const int w0 = (r >> 4) * kgroups;
         float y[M];
 #pragma unroll
@@ -394,7 +396,7 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
         if constexpr (GATED)
             out[row] = activation(y[0], act) * y[M - 1];
         else
-            out[row] = bias ? y[0] + load_float(bias, row, bias_type) : y[0];
+            out[row] = y[0] + bias_v;
     }
 }
 

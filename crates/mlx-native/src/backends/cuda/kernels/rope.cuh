@@ -18,17 +18,23 @@ __device__ __forceinline__ void rope_pair(int j, int rotary_dims, int traditiona
     i1 = traditional ? 2 * j + 1 : j + rotary_dims / 2;
 }
 
-// Dim d of head xh rotated at position p (dims past rotary_dims pass through), with the
-// arithmetic of the rope kernels.
-__device__ __forceinline__ float rope_dim(const float* xh, int d, u32 p,
-                                          const float* __restrict__ inv_freq, int rotary_dims,
-                                          int traditional, float mscale) {
-    if (d >= rotary_dims) return xh[d];
+// The dim that dim d is rotated with (d itself past rotary_dims, which pass through).
+__device__ __forceinline__ int rope_partner(int d, int rotary_dims, int traditional) {
+    if (d >= rotary_dims) return d;
+    const int half = rotary_dims / 2;
+    return traditional ? d ^ 1 : d < half ? d + half : d - half;
+}
+
+// Dim d of a head rotated at position p from its value xd and its partner's xp (as loaded by
+// `rope_partner`), with the arithmetic of the rope kernels.
+__device__ __forceinline__ float rope_rotate(float xd, float xp, int d, u32 p,
+                                             const float* __restrict__ inv_freq, int rotary_dims,
+                                             int traditional, float mscale) {
+    if (d >= rotary_dims) return xd;
     const int j = traditional ? d >> 1 : d % (rotary_dims / 2);
     int i0, i1;
     rope_pair(j, rotary_dims, traditional, i0, i1);
     float c, s;
     rope_cos_sin(inv_freq, p, j, mscale, c, s);
-    const float x0 = xh[i0], x1 = xh[i1];
-    return d == i0 ? x0 * c - x1 * s : x0 * s + x1 * c;
+    return d == i0 ? xd * c - xp * s : xp * s + xd * c;
 }
