@@ -2091,6 +2091,8 @@ fn bench_decode_kernels() {
     assert!(out.to_vec::<f32>().unwrap().iter().all(|v| v.is_finite()));
     attention_bench(&dev, &mut rng, 1, 32, 8, 128, 4096);
     attention_bench(&dev, &mut rng, 1, 9, 3, 64, 2048);
+    attention_bench(&dev, &mut rng, 1, 9, 3, 64, 256);
+    attention_bench(&dev, &mut rng, 1, 32, 8, 64, 256);
     attention_bench(&dev, &mut rng, 1, 32, 8, 128, 32768);
     attention_bench(&dev, &mut rng, 1024, 32, 8, 128, 1024);
     attention_bench(&dev, &mut rng, 2048, 32, 8, 128, 2048);

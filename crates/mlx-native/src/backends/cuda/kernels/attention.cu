@@ -20,9 +20,9 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 // pass of a block covers its split, and the other blocks exit. In a pass each warp takes 32
 // consecutive keys, scored onto lane j for key j (`warp_scores`); a warp max and sum update
 // the online softmax, and for P·V the lanes own head dims, the probabilities broadcast by
-// shuffle. A short context is bound by latency, not bandwidth, so a
-// pass issues all its K loads, then all its V loads (which the lanes sent towards L2 with
-// their K), before using them. The warps merge in shared memory. One active split writes the
+// shuffle. A short context is bound by latency, not bandwidth: the first pass's K and V rows
+// head for L2 before the wait for the previous kernel, and a pass issues its K loads, then its
+// V loads, in few batches. The warps merge in shared memory. One active split writes the
 // output; several write (max, sum, unnormalised acc) partials and count themselves on a
 // counter per (row, head), and the block that counts last merges them and resets the counter.
 
@@ -32,6 +32,14 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 
 __device__ __forceinline__ int active_splits(int keys, int n_splits) {
     return max(1, min(n_splits, (keys + DEC_SPLIT_KEYS - 1) / DEC_SPLIT_KEYS));
+}
+
+// Sends the 128-byte lines of a cache row (hd ≤ 32·HC floats) towards L2.
+template <int HC>
+__device__ __forceinline__ void prefetch_row(const float* row, int hd) {
+#pragma unroll
+    for (int c = 0; c < HC; ++c) prefetch_l2(row + min(32 * c, hd - 1));
+    prefetch_l2(row + hd - 1);
 }
 
 // A step of `warp_scores`' butterfly: lanes with bit O set keep rows j + O of each pair
@@ -99,10 +107,27 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     __shared__ int merging;
     const int h = blockIdx.x, split = blockIdx.y, row = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    // Thread d (blockDim ≥ 32·HC) stages dim d of q and, with NewKeys, stores dim d of the new
-    // keys and values. Their loads do not depend on pos (row 0's new key is the one a decode
-    // step has), so they are issued before it.
     const int d = threadIdx.x, g = h / group, n_kv = n_heads / group;
+    const i64 kv_base = (i64)g * capacity * hd;
+    // pos changes only between decode steps (advance_pos, a step's last kernel, or the host),
+    // never in the kernel just before this one, so it is read before the wait for that kernel,
+    // and the K and V rows of the block's first pass (old keys: no kernel of a step rewrites
+    // them) head for L2 while it finishes.
+    const u32 p0 = pos[0];
+    int lo, hi;
+    key_range((int)p0 + row, capacity, window, lo, hi);
+    const int n_splits = active_splits(hi - lo, gridDim.y);
+    if (split >= n_splits) return;
+    const int per = (hi - lo + n_splits - 1) / n_splits;
+    const int start = lo + split * per, end = min(hi, start + per);
+    if (start + d < end) {  // blockDim = DEC_SPLIT_KEYS: a pass
+        prefetch_row<HC>(kc + kv_base + (i64)(start + d) * hd, hd);
+        prefetch_row<HC>(vc + kv_base + (i64)(start + d) * hd, hd);
+    }
+    kernel_entry();
+    launch_dependents();
+    // Thread d (blockDim ≥ 32·HC) stages dim d of q and, with NewKeys, stores dim d of the new
+    // keys and values (row 0's new key, the one a decode step has, loaded up front).
     const bool rot = nk.k != nullptr;
     const int dp = rot ? rope_partner(min(d, hd - 1), nk.rotary_dims, nk.traditional) : d;
     const float* qr = q + ((i64)row * n_heads + h) * hd;
@@ -117,14 +142,6 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
             vd = nk.v[(i64)g * hd + d];
         }
     }
-    const u32 p0 = pos[0];
-    int lo, hi;
-    key_range((int)p0 + row, capacity, window, lo, hi);
-    const int n_splits = active_splits(hi - lo, gridDim.y);
-    if (split >= n_splits) return;
-    const int per = (hi - lo + n_splits - 1) / n_splits;
-    const int start = lo + split * per, end = min(hi, start + per);
-    const i64 kv_base = (i64)g * capacity * hd;
     if (d < 32 * HC) {
         const float x = rot ? rope_rotate(qd, qp, d, p0 + row, nk.inv_freq, nk.rotary_dims,
                                           nk.traditional, nk.mscale)
@@ -144,17 +161,14 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     const float* vb = vc + kv_base;
     __syncthreads();  // q staged, new rows stored (and visible to the block)
 
-    // V loads in flight a lane: VU keys' HC dims (at most 32 registers; VU divides 32).
-    constexpr int VU = HC == 1 ? 32 : HC == 2 ? 16 : HC <= 4 ? 8 : 4;
+    // V loads in flight a lane: VU keys' HC dims (at most 64 registers; VU divides 32).
+    constexpr int VU = HC <= 2 ? 32 : HC <= 4 ? 16 : 4;
     float m = NEG_INF, l = 0.f, acc[HC];
 #pragma unroll
     for (int c = 0; c < HC; ++c) acc[c] = 0.f;
     for (int j0 = start + warp * 32; j0 < end; j0 += DEC_SPLIT_KEYS) {
         const int n = min(32, end - j0);
-        const float* vr = vb + (j0 + min(lane, n - 1)) * (i64)hd;
-#pragma unroll
-        for (int c = 0; c < HC; ++c) prefetch_l2(vr + min(32 * c, hd - 1));
-        prefetch_l2(vr + hd - 1);
+        if (j0 >= start + DEC_SPLIT_KEYS) prefetch_row<HC>(vb + (j0 + min(lane, n - 1)) * (i64)hd, hd);
         float s = warp_scores<HC>(qs, kb + (i64)j0 * hd, n, hd, lane);
         s = lane < n ? cap_score(s, softcap) : NEG_INF;
         const float m_new = fmaxf(m, warp_max(s));  // finite: lane 0 holds a key
@@ -363,8 +377,6 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
         int rotary_dims, int traditional, float mscale, float* kc, float* vc, const u32* pos,   \
         float* out, float* partial, u32* counters, int n_heads, int group, int hd,              \
         int capacity, float scale, int window, float softcap) {                                 \
-        kernel_entry();                                                                         \
-        launch_dependents();                                                                    \
         const NewKeys nk{k_new, v_new, inv_freq, rotary_dims, traditional, mscale};             \
         attn_decode<HC>(q, nk, kc, vc, pos, out, partial, counters, n_heads, group, hd,         \
                         capacity, scale, window, softcap);                                      \
