@@ -1292,6 +1292,31 @@ struct AttnCase {
     softcap: Option<f32>,
 }
 
+/// An `AttnCase` from (rows, heads, kv heads, head dim, capacity, pos, window, softcap).
+type AttnFields = (
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    Option<usize>,
+    Option<f32>,
+);
+fn attn_case(f: AttnFields) -> AttnCase {
+    let (rows, n_heads, n_kv, head_dim, capacity, pos, window, softcap) = f;
+    AttnCase {
+        rows,
+        n_heads,
+        n_kv,
+        head_dim,
+        capacity,
+        pos,
+        window,
+        softcap,
+    }
+}
+
 fn attention_ref(c: &AttnCase, q: &[f32], kc: &[f32], vc: &[f32], scale: f32) -> Vec<f64> {
     let hd = c.head_dim;
     let mut out = vec![0.0; c.rows * c.n_heads * hd];
@@ -1332,50 +1357,40 @@ fn attention_ref(c: &AttnCase, q: &[f32], kc: &[f32], vc: &[f32], scale: f32) ->
 fn attention_matches_reference() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(9);
-    let case = |rows, n_heads, n_kv, head_dim, capacity, pos, window, softcap| AttnCase {
-        rows,
-        n_heads,
-        n_kv,
-        head_dim,
-        capacity,
-        pos,
-        window,
-        softcap,
-    };
     let cases = [
         // Decode: one split, several splits (long cache), several rows, GQA, odd head dims.
-        case(1, 6, 2, 40, 37, 20, None, None),
+        attn_case((1, 6, 2, 40, 37, 20, None, None)),
         // Decode with GQA groups of 4 to 20 heads.
-        case(1, 16, 2, 64, 2000, 1500, None, None),
-        case(2, 12, 1, 80, 300, 100, Some(50), None),
-        case(4, 32, 2, 128, 256, 200, None, Some(10.0)),
-        case(1, 20, 1, 64, 90, 60, None, None),
-        case(1, 8, 2, 32, 5, 2, None, None),
-        case(1, 4, 4, 64, 1500, 1200, None, None),
-        case(1, 8, 2, 128, 700, 650, Some(100), Some(30.0)),
-        case(3, 6, 3, 96, 64, 10, Some(5), None),
-        case(2, 2, 1, 256, 300, 299 - 1, None, Some(20.0)),
+        attn_case((1, 16, 2, 64, 2000, 1500, None, None)),
+        attn_case((2, 12, 1, 80, 300, 100, Some(50), None)),
+        attn_case((4, 32, 2, 128, 256, 200, None, Some(10.0))),
+        attn_case((1, 20, 1, 64, 90, 60, None, None)),
+        attn_case((1, 8, 2, 32, 5, 2, None, None)),
+        attn_case((1, 4, 4, 64, 1500, 1200, None, None)),
+        attn_case((1, 8, 2, 128, 700, 650, Some(100), Some(30.0))),
+        attn_case((3, 6, 3, 96, 64, 10, Some(5), None)),
+        attn_case((2, 2, 1, 256, 300, 299 - 1, None, Some(20.0))),
         // A short context in a large cache: of the grid's splits only as many take keys as
         // hold 32 each (one: the split block writes the output), per row.
-        case(1, 8, 2, 64, 4096, 40, None, None),
-        case(1, 9, 3, 64, 2048, 0, None, None),
-        case(2, 8, 2, 64, 4096, 31, None, None),
-        case(1, 4, 1, 128, 4096, 700, Some(40), None),
+        attn_case((1, 8, 2, 64, 4096, 40, None, None)),
+        attn_case((1, 9, 3, 64, 2048, 0, None, None)),
+        attn_case((2, 8, 2, 64, 4096, 31, None, None)),
+        attn_case((1, 4, 1, 128, 4096, 700, Some(40), None)),
         // Long contexts: many active splits, merged by the block that finishes last; head dims
         // that are no multiple of 4 (scalar K loads) or need 7 chunks.
-        case(1, 9, 3, 64, 4096, 3000, None, None),
-        case(2, 8, 2, 128, 8192, 7000, None, Some(30.0)),
-        case(1, 6, 2, 50, 1000, 900, None, None),
-        case(1, 4, 2, 200, 600, 550, None, None),
+        attn_case((1, 9, 3, 64, 4096, 3000, None, None)),
+        attn_case((2, 8, 2, 128, 8192, 7000, None, Some(30.0))),
+        attn_case((1, 6, 2, 50, 1000, 900, None, None)),
+        attn_case((1, 4, 2, 200, 600, 550, None, None)),
         // Prefill: several blocks of rows, tiles of keys, window and softcap.
-        case(21, 6, 2, 40, 50, 13, None, None),
-        case(37, 4, 1, 64, 100, 0, None, None),
-        case(19, 4, 2, 128, 120, 70, Some(16), Some(25.0)),
-        case(17, 2, 2, 256, 40, 5, None, None),
-        case(9, 3, 1, 200, 20, 2, Some(3), None),
+        attn_case((21, 6, 2, 40, 50, 13, None, None)),
+        attn_case((37, 4, 1, 64, 100, 0, None, None)),
+        attn_case((19, 4, 2, 128, 120, 70, Some(16), Some(25.0))),
+        attn_case((17, 2, 2, 256, 40, 5, None, None)),
+        attn_case((9, 3, 1, 200, 20, 2, Some(3), None)),
         // Tensor-core prefill: several 64-row blocks and 64-key tiles, GQA groups of 4.
-        case(150, 8, 2, 128, 200, 30, None, None),
-        case(70, 4, 1, 80, 100, 20, Some(40), None),
+        attn_case((150, 8, 2, 128, 200, 30, None, None)),
+        attn_case((70, 4, 1, 80, 100, 20, Some(40), None)),
     ];
     for c in cases {
         let hd = c.head_dim;
@@ -1423,28 +1438,18 @@ fn attention_matches_reference() {
 fn rope_attention_matches_reference() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(19);
-    let case = |rows, n_heads, n_kv, head_dim, capacity, pos, window, softcap| AttnCase {
-        rows,
-        n_heads,
-        n_kv,
-        head_dim,
-        capacity,
-        pos,
-        window,
-        softcap,
-    };
     let cases = [
-        (case(1, 9, 3, 64, 2048, 130, None, None), 64, false),
-        (case(1, 6, 2, 40, 37, 0, None, None), 40, false),
+        (attn_case((1, 9, 3, 64, 2048, 130, None, None)), 64, false),
+        (attn_case((1, 6, 2, 40, 37, 0, None, None)), 40, false),
         (
-            case(4, 8, 2, 128, 1000, 700, Some(300), Some(20.0)),
+            attn_case((4, 8, 2, 128, 1000, 700, Some(300), Some(20.0))),
             64,
             true,
         ),
-        (case(3, 12, 4, 80, 300, 296, None, None), 80, true),
-        (case(2, 4, 4, 256, 500, 1, Some(2), None), 128, false),
-        (case(40, 8, 2, 64, 200, 100, None, None), 64, false),
-        (case(21, 6, 3, 40, 60, 13, Some(9), None), 20, true),
+        (attn_case((3, 12, 4, 80, 300, 296, None, None)), 80, true),
+        (attn_case((2, 4, 4, 256, 500, 1, Some(2), None)), 128, false),
+        (attn_case((40, 8, 2, 64, 200, 100, None, None)), 64, false),
+        (attn_case((21, 6, 3, 40, 60, 13, Some(9), None)), 20, true),
     ];
     for (c, rotary_dims, traditional) in cases {
         let (m, hd) = (c.rows, c.head_dim);

@@ -22,7 +22,9 @@ pub struct AttentionShape {
 
 /// Causal attention of the rows of `q` `[m, n_heads*head_dim]` (row i at position pos+i)
 /// over the caches `[n_kv_heads, capacity, head_dim]`, which must already hold the keys and
-/// values of positions 0..pos+m. `pos` is a u32 `[1]` buffer. out like q.
+/// values of positions 0..pos+m. `pos` is a u32 `[1]` buffer. out like q. The dispatch just
+/// before this one must not write `pos` (the CUDA decode kernel reads it while that dispatch
+/// finishes); the decoder writes it from the host or with `advance_pos` at a step's end.
 pub fn attention(
     enc: &mut CommandEncoder,
     shape: AttentionShape,
@@ -47,7 +49,7 @@ pub fn attention(
 /// A layer's attention from its q, k and v projections (`[m, n_heads*head_dim]`,
 /// `[m, n_kv_heads*head_dim]` twice): RoPE of q and k by `table`, k and v stored into the
 /// caches at positions pos..pos+m, then causal attention of the rotated q over them, in one
-/// dispatch (`rope_kv_append` followed by `attention`).
+/// dispatch (`rope_kv_append` followed by `attention`, whose rule on `pos` it shares).
 #[allow(clippy::too_many_arguments)]
 pub fn rope_attention(
     enc: &mut CommandEncoder,

@@ -168,7 +168,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     for (int c = 0; c < HC; ++c) acc[c] = 0.f;
     for (int j0 = start + warp * 32; j0 < end; j0 += DEC_SPLIT_KEYS) {
         const int n = min(32, end - j0);
-        if (j0 >= start + DEC_SPLIT_KEYS) prefetch_row<HC>(vb + (j0 + min(lane, n - 1)) * (i64)hd, hd);
+        if (j0 >= start + DEC_SPLIT_KEYS)  // the first pass's rows were sent before the wait
+            prefetch_row<HC>(vb + (j0 + min(lane, n - 1)) * (i64)hd, hd);
         float s = warp_scores<HC>(qs, kb + (i64)j0 * hd, n, hd, lane);
         s = lane < n ? cap_score(s, softcap) : NEG_INF;
         const float m_new = fmaxf(m, warp_max(s));  // finite: lane 0 holds a key
