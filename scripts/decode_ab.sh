@@ -6,7 +6,8 @@
 #   VARIANTS=$'new -DNONE\nfast -DMY_SWITCH' MODELS="smollm2-135m llama-3.2-1b" \
 #   bash scripts/decode_ab.sh
 # Each variant line is a tag and its NVRTC options. BUILDS="tag=dir …" adds builds run
-# between the base and the new one. Raw JSON lines and the table under $OUT.
+# between the base and the new one; REAL=dir adds a checkpoint directory (e.g. the carried
+# SmolLM2 files) to the synthetic MODELS. Raw JSON lines and the table under $OUT.
 set -u
 base=${BASE:-.device-bin/base}
 new=${NEW:-.device-bin/bin}
@@ -24,9 +25,13 @@ run() {
     sed "s/^/$tag /" >> "$out/ab.txt"
 }
 for round in $(seq "${ROUNDS:-1}"); do
-  for m in $models; do
-    args=(bench --device cuda --json --synthetic "$m" --quant "${QUANT:-mlx4g64}"
-      --prompt-lens "${PROMPT:-128}" --decode 128 --reps 2)
+  for m in $models ${REAL:+real}; do
+    if [ "$m" = real ]; then
+      args=(bench --device cuda --json --model "$REAL")
+    else
+      args=(bench --device cuda --json --synthetic "$m" --quant "${QUANT:-mlx4g64}")
+    fi
+    args+=(--prompt-lens "${PROMPT:-128}" --decode 128 --reps 2)
     run base "" "$base" "${args[@]}"
     for b in $builds; do run "${b%%=*}" "" "${b#*=}" "${args[@]}"; done
     while read -r tag opts; do
@@ -39,6 +44,6 @@ import json, sys
 for line in open(sys.argv[1]):
     tag, js = line.split(" ", 1)
     r = json.loads(js)
-    print(f"{tag:8s} {r['model']:32s} prefill {r['prefill_tokens_per_s']:9.0f} "
+    print(f"{tag:8s} {r['model'][-32:]:32s} p={r['prompt_tokens']:5d} prefill {r['prefill_tokens_per_s']:9.0f} "
           f"decode {r['decode_tokens_per_s']:8.1f} kernels/token {r['kernels_per_token']}")
 PY
