@@ -1317,6 +1317,19 @@ fn attn_case(f: AttnFields) -> AttnCase {
     }
 }
 
+impl AttnCase {
+    fn shape(&self, scale: f32) -> AttentionShape {
+        AttentionShape {
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv,
+            head_dim: self.head_dim,
+            scale,
+            window: self.window,
+            softcap: self.softcap,
+        }
+    }
+}
+
 fn attention_ref(c: &AttnCase, q: &[f32], kc: &[f32], vc: &[f32], scale: f32) -> Vec<f64> {
     let hd = c.head_dim;
     let mut out = vec![0.0; c.rows * c.n_heads * hd];
@@ -1405,14 +1418,7 @@ fn attention_matches_reference() {
             let vt = dev.from_slice(&vc, &[c.n_kv, c.capacity, hd])?;
             let pos = dev.from_slice(&[c.pos as u32], &[1])?;
             let out = poisoned(dev, &[c.rows, c.n_heads * hd])?;
-            let shape = AttentionShape {
-                n_heads: c.n_heads,
-                n_kv_heads: c.n_kv,
-                head_dim: hd,
-                scale,
-                window: c.window,
-                softcap: c.softcap,
-            };
+            let shape = c.shape(scale);
             run(dev, |enc| {
                 ops::attention(enc, shape, &qt, &kt, &vt, &pos, &out)
             })?;
@@ -1499,14 +1505,7 @@ fn rope_attention_matches_reference() {
             let [kc, vc] = caches
                 .each_ref()
                 .map(|x| dev.from_slice(x, &[c.n_kv, c.capacity, hd]).unwrap());
-            let shape = AttentionShape {
-                n_heads: c.n_heads,
-                n_kv_heads: c.n_kv,
-                head_dim: hd,
-                scale,
-                window: c.window,
-                softcap: c.softcap,
-            };
+            let shape = c.shape(scale);
             run(dev, |enc| {
                 let caches = (&kc, &vc);
                 ops::rope_attention(
