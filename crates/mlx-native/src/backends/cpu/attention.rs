@@ -31,8 +31,7 @@ fn rope_attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> 
         return Err(Error::op("rope_attention", "unexpected operand count"));
     };
     let q_rot = q.device().empty(q.shape(), DType::F32)?;
-    let (k_cache, v_cache) = (k_cache.clone(), v_cache.clone());
-    let rotated = [q_rot, k_cache, v_cache];
+    let rotated = [q_rot, k_cache.clone(), v_cache.clone()];
     super::rope::rope_kv_append(&rope, inputs, &rotated)?;
     let [q_rot, k_cache, v_cache] = rotated;
     attention(
