@@ -26,7 +26,7 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 // output; several write (max, sum, unnormalised acc) partials and count themselves on a
 // counter per (row, head), and the block that counts last merges them and resets the counter.
 
-#define DEC_WARPS 8
+#define DEC_WARPS 16
 #define DEC_SPLIT_KEYS (DEC_WARPS * 32)
 #define DEC_MAX_SPLITS 128  // MAX_SPLITS in attention.rs
 
@@ -373,7 +373,7 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
 }
 
 #define ATTENTION(HC)                                                                           \
-    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2) attn_decode_##HC(           \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 1) attn_decode_##HC(           \
         const float* q, const float* k_new, const float* v_new, const float* inv_freq,          \
         int rotary_dims, int traditional, float mscale, float* kc, float* vc, const u32* pos,   \
         float* out, float* partial, u32* counters, int n_heads, int group, int hd,              \

@@ -29,7 +29,7 @@ pub(super) static SOURCE: Source = Source {
 const DECODE_MAX_ROWS: usize = 4;
 /// PF_WARPS·32 and DEC_WARPS·32 threads (attention.cu).
 const THREADS: u32 = 128;
-const DECODE_THREADS: u32 = 256;
+const DECODE_THREADS: u32 = 512;
 /// Query rows per prefill block (PF_WARPS·PF_ROWS) and keys per tile (PF_KEYS).
 const PREFILL_ROWS: usize = 16;
 const PREFILL_KEYS: usize = 32;
@@ -45,7 +45,7 @@ const MAX_HEAD_DIM: usize = 256;
 /// one pass (DEC_SPLIT_KEYS: a split of fewer is never active), and most splits
 /// (DEC_MAX_SPLITS).
 const BLOCKS_PER_SM: usize = 4;
-const DECODE_SPLIT_KEYS: usize = 256;
+const DECODE_SPLIT_KEYS: usize = 512;
 const MAX_SPLITS: usize = 128;
 
 pub(super) fn register(reg: &mut Registry<Planner>) {
