@@ -860,11 +860,13 @@ fn check_gated(dev: &Device, rng: &mut Rng, f: UnaryFn, gate: &HostWeight, up: &
 fn matvec_every_layout() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(6);
-    // n not a multiple of the rows per block; k = 1280 gives lanes 1 or 2 units.
+    // n not a multiple of the rows per block; k = 1280 (matvec.cu's short shape, up to 1,536)
+    // gives lanes 1 or 2 units.
     for w in every_layout(&mut rng, 37, 1280) {
         check_matmul(&dev, &mut rng, &w, 1, w.n % 2 == 1);
     }
-    // Long rows: 1, 2 and 4 warps share a row group (136 and 264 units leave lanes uneven).
+    // Long rows (the long shape): 1, 2 and 4 warps share a row group (136 and 264 units leave
+    // lanes uneven).
     for k in [2048, 4352, 8448] {
         let ws = [
             mlx_weight(&mut rng, 23, k, 4, 128, DType::F16),

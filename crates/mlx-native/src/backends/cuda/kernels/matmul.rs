@@ -41,12 +41,9 @@ pub(super) static MATMUL_TC: Source = Source {
     parts: &[COMMON, LAYOUTS, MMA, include_str!("matmul_tc.cu")],
 };
 
-/// MV_WARPS·32 threads, MV_ROWS rows per warp group (matvec.cu).
+/// MV_WARPS·32 threads (matvec.cu).
 const MATVEC_THREADS: u32 = 128;
 const MATVEC_WARPS: usize = 4;
-const MATVEC_ROWS: usize = 4;
-/// Units of 32 elements a lane takes per step (MV_UNROLL).
-const MATVEC_UNROLL: usize = 2;
 /// Warps per SM that keep enough weight bytes in flight (MV_MIN_BLOCKS·MV_WARPS).
 const MATVEC_WARPS_PER_SM: usize = 16;
 /// MT_WARPS·32 threads, 16-row tiles (matvec_tc.cu).
@@ -137,7 +134,7 @@ fn matmul(
     }
     let launch = if vector_ready {
         let plan = DecodePlan::new(lib, &weight, None, x, n, norm)?;
-        let (kgroups, prefix) = (plan.kgroups, plan.prefix());
+        let (kgroups, prefix) = (plan.kgroups(), plan.prefix());
         let (name, args) = match weight {
             Weight::Mlx {
                 w,
@@ -447,7 +444,7 @@ fn gated_matmul(
         return gated_tiled(lib, x, norm, (&gate, &up), (k, n), act, out);
     }
     let plan = DecodePlan::new(lib, &gate, Some(&up), x, n, norm)?;
-    let (kgroups, prefix) = (plan.kgroups, plan.prefix());
+    let (kgroups, prefix) = (plan.kgroups(), plan.prefix());
     let differ = || Error::op("gated_matmul", "gate and up are stored differently");
     let (name, args) = match (gate, up) {
         (
@@ -536,11 +533,49 @@ fn gated_tiled(
     Ok(input.then(launches).holding(scratch))
 }
 
-/// How one row (decode) is multiplied: matvec_tc.cu's tensor cores or matvec.cu, the warps
-/// sharing a row group, and where x comes from.
+/// A kernel shape of matvec.cu (`MATVEC_SHAPES`): rows a warp, units of 32 elements a lane
+/// takes per step, and the kernel name prefixes without and with the folded RMSNorm.
+#[derive(Clone, Copy)]
+struct SimtShape {
+    rows: usize,
+    units: usize,
+    prefix: &'static str,
+    norm_prefix: &'static str,
+}
+
+const SIMT_LONG: SimtShape = SimtShape {
+    rows: 4,
+    units: 2,
+    prefix: "matvec_",
+    norm_prefix: "matvec_norm_",
+};
+const SIMT_SHORT: SimtShape = SimtShape {
+    rows: 2,
+    units: 1,
+    prefix: "matvec_short_",
+    norm_prefix: "matvec_short_norm_",
+};
+
+/// Rows up to this long take `SIMT_SHORT`: twice the warps, each lane's chain of work halved.
+/// H100, 2026-11-26, decode after a 128-token prompt: SmolLM2 shape (k = 576 and 1,536)
+/// 1,596 → 2,035 tok/s; at k = 2,048 and 8,192 (Llama-3.2-1B's o and down) the short shape
+/// lost (1,610 → 1,340), as at 4,096 (8B's o: 369 → 348), where x is re-read for fewer rows.
+const SIMT_SHORT_MAX_K: usize = 1536;
+
+/// The kernel a decode matvec runs on.
+#[derive(Clone, Copy)]
+enum MatvecKernel {
+    TensorCores(TcPlan),
+    /// matvec.cu, `kgroups` warps sharing a row group.
+    Simt {
+        shape: SimtShape,
+        kgroups: usize,
+    },
+}
+
+/// How one row (decode) is multiplied: the kernel, and where x comes from.
 struct DecodePlan<'a> {
-    tensor_cores: Option<TcPlan>,
-    kgroups: usize,
+    kernel: MatvecKernel,
     input: MatvecInput<'a>,
 }
 
@@ -582,9 +617,22 @@ impl<'a> DecodePlan<'a> {
             } if q4_0_quads => matvec_tc_plan(n, k, 32, 2, gated, sm_count, Q4_0_SIMT_WEIGHTS)?,
             _ => None,
         };
+        let kernel = match tensor_cores {
+            Some(p) => MatvecKernel::TensorCores(p),
+            None => {
+                let shape = if k <= SIMT_SHORT_MAX_K {
+                    SIMT_SHORT
+                } else {
+                    SIMT_LONG
+                };
+                MatvecKernel::Simt {
+                    shape,
+                    kgroups: matvec_kgroups(n, k, sm_count, shape),
+                }
+            }
+        };
         Ok(DecodePlan {
-            tensor_cores,
-            kgroups: tensor_cores.map_or_else(|| matvec_kgroups(n, k, sm_count), |p| p.kgroups),
+            kernel,
             // matvec_tc normalises MLX x while staging it, at any width (H200, 2026-11-26:
             // Llama-3.2-1B shape 1,322 → 1,387 tok/s, 8B 350 → 365); Q4_0 measured slower that
             // way (8B 331 → 325) and keeps the norm launch in front.
@@ -600,13 +648,21 @@ impl<'a> DecodePlan<'a> {
         })
     }
 
-    /// The kernel name prefix: matvec_tc.cu's, or matvec.cu's plain or normed one.
+    /// The kernel name prefix: matvec_tc.cu's, or matvec.cu's for the shape, plain or normed.
     fn prefix(&self) -> &'static str {
-        match (self.tensor_cores, self.input.fold) {
-            (Some(_), Some(_)) => "matvec_tc_norm_",
-            (Some(_), None) => "matvec_tc_",
-            (None, Some(_)) => "matvec_norm_",
-            (None, None) => "matvec_",
+        match (self.kernel, self.input.fold.is_some()) {
+            (MatvecKernel::TensorCores(_), true) => "matvec_tc_norm_",
+            (MatvecKernel::TensorCores(_), false) => "matvec_tc_",
+            (MatvecKernel::Simt { shape, .. }, true) => shape.norm_prefix,
+            (MatvecKernel::Simt { shape, .. }, false) => shape.prefix,
+        }
+    }
+
+    /// Warps sharing a row group (a 16-row tile on the tensor cores).
+    fn kgroups(&self) -> usize {
+        match self.kernel {
+            MatvecKernel::TensorCores(p) => p.kgroups,
+            MatvecKernel::Simt { kgroups, .. } => kgroups,
         }
     }
 
@@ -614,10 +670,12 @@ impl<'a> DecodePlan<'a> {
     /// take the norm arguments last.
     fn launch(self, lib: &KernelLibrary, name: &str, args: Args, n: usize) -> Result<CudaKernel> {
         let args = args.norm(self.input.fold)?;
-        let launch = match self.tensor_cores {
-            Some(p) => lib.launch(&MATVEC_TC, name, p.grid, MATVEC_TC_THREADS, p.shared, args)?,
-            None => {
-                let grid = (blocks(n, MATVEC_ROWS * MATVEC_WARPS / self.kgroups)?, 1, 1);
+        let launch = match self.kernel {
+            MatvecKernel::TensorCores(p) => {
+                lib.launch(&MATVEC_TC, name, p.grid, MATVEC_TC_THREADS, p.shared, args)?
+            }
+            MatvecKernel::Simt { shape, kgroups } => {
+                let grid = (blocks(n, shape.rows * MATVEC_WARPS / kgroups)?, 1, 1);
                 lib.launch(&MATVEC, name, grid, MATVEC_THREADS, 0, args)?
             }
         };
@@ -795,9 +853,9 @@ fn matvec_tc_plan(
 /// Warps sharing a row group of the matvec: the fewest (longest streams of loads per warp)
 /// that still give every SM `MATVEC_WARPS_PER_SM` warps, and never more than leave each lane
 /// a full step of units.
-fn matvec_kgroups(n: usize, k: usize, sm_count: usize) -> usize {
-    let row_groups = n.div_ceil(MATVEC_ROWS);
-    let lane_steps = (k / 32).div_ceil(32 * MATVEC_UNROLL);
+fn matvec_kgroups(n: usize, k: usize, sm_count: usize, shape: SimtShape) -> usize {
+    let row_groups = n.div_ceil(shape.rows);
+    let lane_steps = (k / 32).div_ceil(32 * shape.units);
     let mut kgroups = 1;
     while kgroups < MATVEC_WARPS
         && row_groups * kgroups < sm_count * MATVEC_WARPS_PER_SM
