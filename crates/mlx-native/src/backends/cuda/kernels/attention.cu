@@ -104,6 +104,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
                                             float scale, int window, float softcap) {
     __shared__ float qs[HC * 32];
     __shared__ float warp_m[DEC_WARPS], warp_l[DEC_WARPS], warp_acc[DEC_WARPS][HC * 32];
+    __shared__ float warp_w[DEC_WARPS], block_m, block_l;  // DEC_WARPS ≤ 32: one lane a warp
     __shared__ float split_w[DEC_MAX_SPLITS], merged_sum;
     __shared__ int merging;
     const int h = blockIdx.x, split = blockIdx.y, row = blockIdx.z;
@@ -143,18 +144,25 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
             vd = nk.v[(i64)g * hd + d];
         }
     }
+    // One sincos a thread: the block's row rotates q and, at the same position, its own new
+    // key (a decode step's only one); other rows' keys take their own.
+    float c = 1.f, s = 0.f;
+    if (rot && d < hd)
+        rope_dim_cos_sin(d, p0 + row, nk.inv_freq, nk.rotary_dims, nk.traditional, nk.mscale, c,
+                         s);
     if (d < 32 * HC) {
-        const float x = rot ? rope_rotate(qd, qp, d, p0 + row, nk.inv_freq, nk.rotary_dims,
-                                          nk.traditional, nk.mscale)
-                            : qd;
+        const float x = rot ? rope_apply(qd, qp, d, c, s, nk.rotary_dims, nk.traditional) : qd;
         qs[d] = d < hd ? x * scale : 0.f;
     }
     if (rot && d < hd) {
         for (int i = max(start - (int)p0, 0); i < min(end - (int)p0, (int)gridDim.z); ++i) {
             const i64 at = ((i64)i * n_kv + g) * hd, to = kv_base + ((i64)p0 + i) * hd;
             const float a = i == 0 ? kd : nk.k[at + d], b = i == 0 ? kp : nk.k[at + dp];
-            kc[to + d] = rope_rotate(a, b, d, p0 + i, nk.inv_freq, nk.rotary_dims,
-                                     nk.traditional, nk.mscale);
+            float ci = c, si = s;
+            if (i != row)
+                rope_dim_cos_sin(d, p0 + i, nk.inv_freq, nk.rotary_dims, nk.traditional,
+                                 nk.mscale, ci, si);
+            kc[to + d] = rope_apply(a, b, d, ci, si, nk.rotary_dims, nk.traditional);
             vc[to + d] = i == 0 ? vd : nk.v[at + d];
         }
     }
@@ -207,16 +215,25 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
 #pragma unroll
     for (int c = 0; c < HC; ++c) warp_acc[warp][lane + 32 * c] = acc[c];
     __syncthreads();
-    // Thread d merges head dim d over the warps.
-    float mx = NEG_INF;
+    // Lane w of warp 0 weighs warp w's partial (one exp a warp, not one a warp and thread: on
+    // the path of every block), then thread d merges head dim d over the warps.
+    if (warp == 0) {
+        const float mw = lane < DEC_WARPS ? warp_m[lane] : NEG_INF;
+        const float mx = warp_max(mw);  // finite: warp 0 holds a key
+        const float wt = mw == NEG_INF ? 0.f : expf(mw - mx);
+        const float sum = warp_sum(lane < DEC_WARPS ? warp_l[lane] * wt : 0.f);
+        if (lane < DEC_WARPS) warp_w[lane] = wt;
+        if (lane == 0) {
+            block_m = mx;
+            block_l = sum;
+        }
+    }
+    __syncthreads();
+    const float mx = block_m, sum = block_l;
+    float a = 0.f;
+    if (d < hd) {
 #pragma unroll
-    for (int w = 0; w < DEC_WARPS; ++w) mx = fmaxf(mx, warp_m[w]);
-    float sum = 0.f, a = 0.f;
-#pragma unroll
-    for (int w = 0; w < DEC_WARPS; ++w) {
-        const float wt = warp_m[w] == NEG_INF ? 0.f : expf(warp_m[w] - mx);
-        sum += warp_l[w] * wt;
-        if (d < hd) a += warp_acc[w][d] * wt;
+        for (int w = 0; w < DEC_WARPS; ++w) a += warp_acc[w][d] * warp_w[w];
     }
     float* o = out + ((i64)row * n_heads + h) * hd;
     if (n_splits == 1) {

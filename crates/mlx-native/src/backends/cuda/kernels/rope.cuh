@@ -25,16 +25,30 @@ __device__ __forceinline__ int rope_partner(int d, int rotary_dims, int traditio
     return traditional ? d ^ 1 : d < half ? d + half : d - half;
 }
 
-// Dim d of a head rotated at position p from its value xd and its partner's xp (as loaded by
-// `rope_partner`), with the arithmetic of the rope kernels.
-__device__ __forceinline__ float rope_rotate(float xd, float xp, int d, u32 p,
-                                             const float* __restrict__ inv_freq, int rotary_dims,
-                                             int traditional, float mscale) {
+// The rotated pair that dim d (< rotary_dims) belongs to.
+__device__ __forceinline__ int rope_pair_of(int d, int rotary_dims, int traditional) {
+    return traditional ? d >> 1 : d % (rotary_dims / 2);
+}
+
+// cos and sin (times mscale) that rotate dim d at position p: c = 1, s = 0 past rotary_dims,
+// which pass through.
+__device__ __forceinline__ void rope_dim_cos_sin(int d, u32 p, const float* __restrict__ inv_freq,
+                                                 int rotary_dims, int traditional, float mscale,
+                                                 float& c, float& s) {
+    if (d >= rotary_dims) {
+        c = 1.f;
+        s = 0.f;
+        return;
+    }
+    rope_cos_sin(inv_freq, p, rope_pair_of(d, rotary_dims, traditional), mscale, c, s);
+}
+
+// Dim d of a head rotated by (c, s) of `rope_dim_cos_sin` from its value xd and its partner's
+// xp (as loaded by `rope_partner`), with the arithmetic of the rope kernels.
+__device__ __forceinline__ float rope_apply(float xd, float xp, int d, float c, float s,
+                                            int rotary_dims, int traditional) {
     if (d >= rotary_dims) return xd;
-    const int j = traditional ? d >> 1 : d % (rotary_dims / 2);
     int i0, i1;
-    rope_pair(j, rotary_dims, traditional, i0, i1);
-    float c, s;
-    rope_cos_sin(inv_freq, p, j, mscale, c, s);
+    rope_pair(rope_pair_of(d, rotary_dims, traditional), rotary_dims, traditional, i0, i1);
     return d == i0 ? xd * c - xp * s : xp * s + xd * c;
 }
