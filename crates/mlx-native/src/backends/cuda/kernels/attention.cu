@@ -57,9 +57,12 @@ __device__ __forceinline__ void butterfly_step(float (&v)[32], int lane) {
 // Scale·q·k of 32 consecutive cache rows kr (the first n ≤ 32 of them real; the others repeat
 // row n−1), q·scale in shared memory (zero past hd). Lane l sums dims l, l+32, … of every row,
 // coalesced; a transposing butterfly of 31 shuffles then leaves row j's total on lane j.
-template <int HC>
+// FULL: all 32 rows are real and hd = 32·HC, so every row is a constant offset from one address
+// (no clamps, no per-load address arithmetic).
+template <int HC, bool FULL>
 __device__ __forceinline__ float warp_scores(const float* __restrict__ qs, const float* kr,
                                              int n, int hd, int lane) {
+    const int stride = FULL ? 32 * HC : hd;
     float v[32];
 #pragma unroll
     for (int j = 0; j < 32; ++j) v[j] = 0.f;
@@ -68,9 +71,10 @@ __device__ __forceinline__ float warp_scores(const float* __restrict__ qs, const
 #pragma unroll(HC <= 2 ? HC : 1)
     for (int d = lane; d < 32 * HC; d += 32) {
         const float qd = qs[d];
-        const int dk = min(d, hd - 1);
+        const int dk = FULL ? d : min(d, hd - 1);
 #pragma unroll
-        for (int j = 0; j < 32; ++j) v[j] = fmaf(qd, kr[(i64)min(j, n - 1) * hd + dk], v[j]);
+        for (int j = 0; j < 32; ++j)
+            v[j] = fmaf(qd, kr[(i64)(FULL ? j : min(j, n - 1)) * stride + dk], v[j]);
     }
     butterfly_step<16>(v, lane);
     butterfly_step<8>(v, lane);
@@ -78,6 +82,44 @@ __device__ __forceinline__ float warp_scores(const float* __restrict__ qs, const
     butterfly_step<2>(v, lane);
     butterfly_step<1>(v, lane);
     return v[0];
+}
+
+// One pass of a warp over keys j0 … j0+n−1 (n ≤ 32): their scores onto lanes, the online
+// softmax update of (m, l, acc), and P·V with lanes owning head dims (acc[c]: dim lane + 32c),
+// V loaded VU keys at a time. FULL as in `warp_scores`.
+template <int HC, int VU, bool FULL>
+__device__ __forceinline__ void decode_pass(const float* __restrict__ qs, const float* kb,
+                                            const float* vb, int j0, int n, int hd, int lane,
+                                            float softcap, float& m, float& l, float (&acc)[HC]) {
+    const int stride = FULL ? 32 * HC : hd;
+    float s = warp_scores<HC, FULL>(qs, kb + (i64)j0 * hd, n, hd, lane);
+    s = lane < n ? cap_score(s, softcap) : NEG_INF;
+    const float m_new = fmaxf(m, warp_max(s));  // finite: lane 0 holds a key
+    const float corr = expf(m - m_new);         // 0 while m is −inf
+    const float p = expf(s - m_new);            // 0 past the keys
+    l = l * corr + warp_sum(p);
+#pragma unroll
+    for (int c = 0; c < HC; ++c) acc[c] *= corr;
+    const float* vj = vb + (i64)j0 * hd;
+#pragma unroll
+    for (int jb = 0; jb < 32; jb += VU) {
+        if (jb >= n) break;
+        float v[VU][HC];
+#pragma unroll
+        for (int u = 0; u < VU; ++u) {
+            const i64 at = (i64)(FULL ? jb + u : min(jb + u, n - 1)) * stride;
+#pragma unroll
+            for (int c = 0; c < HC; ++c)
+                v[u][c] = vj[at + (FULL ? lane + 32 * c : min(lane + 32 * c, hd - 1))];
+        }
+#pragma unroll
+        for (int u = 0; u < VU; ++u) {
+            const float pj = __shfl_sync(FULL_MASK, p, jb + u);
+#pragma unroll
+            for (int c = 0; c < HC; ++c) acc[c] = fmaf(pj, v[u][c], acc[c]);
+        }
+    }
+    m = m_new;
 }
 
 // With `NewKeys::k` set (rope_attention), q, k and v arrive as projected: each block rotates
@@ -179,33 +221,10 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
         const int n = min(32, end - j0);
         if (j0 >= start + DEC_SPLIT_KEYS)  // the first pass's rows were sent before the wait
             prefetch_row<HC>(vb + (j0 + min(lane, n - 1)) * (i64)hd, hd);
-        float s = warp_scores<HC>(qs, kb + (i64)j0 * hd, n, hd, lane);
-        s = lane < n ? cap_score(s, softcap) : NEG_INF;
-        const float m_new = fmaxf(m, warp_max(s));  // finite: lane 0 holds a key
-        const float corr = expf(m - m_new);         // 0 while m is −inf
-        const float p = expf(s - m_new);            // 0 past the keys
-        l = l * corr + warp_sum(p);
-#pragma unroll
-        for (int c = 0; c < HC; ++c) acc[c] *= corr;
-        const float* vj = vb + (i64)j0 * hd;
-#pragma unroll
-        for (int jb = 0; jb < 32; jb += VU) {
-            if (jb >= n) break;
-            float v[VU][HC];
-#pragma unroll
-            for (int u = 0; u < VU; ++u) {
-                const i64 at = (i64)min(jb + u, n - 1) * hd;
-#pragma unroll
-                for (int c = 0; c < HC; ++c) v[u][c] = vj[at + min(lane + 32 * c, hd - 1)];
-            }
-#pragma unroll
-            for (int u = 0; u < VU; ++u) {
-                const float pj = __shfl_sync(FULL_MASK, p, jb + u);
-#pragma unroll
-                for (int c = 0; c < HC; ++c) acc[c] = fmaf(pj, v[u][c], acc[c]);
-            }
-        }
-        m = m_new;
+        if (HC <= 2 && n == 32 && hd == 32 * HC)
+            decode_pass<HC, VU, true>(qs, kb, vb, j0, n, hd, lane, softcap, m, l, acc);
+        else
+            decode_pass<HC, VU, false>(qs, kb, vb, j0, n, hd, lane, softcap, m, l, acc);
     }
 
     if (lane == 0) {
