@@ -834,11 +834,14 @@ fn matvec_tc_plan(
     let steps = chunks.div_ceil(4);
     let tiles = n.div_ceil(MATVEC_TC_TILE);
     // The fewest warps per tile (longest streams) that give the SMs about three quarters of
-    // their warps, keeping two stages a warp so that loads overlap compute.
+    // their warps, keeping two stages a warp so that loads overlap compute, and never so many
+    // blocks that they need a second wave, which would run on a part of the SMs.
+    let resident_blocks = sm_count * MATVEC_TC_WARPS_PER_SM / MATVEC_TC_WARPS;
     let mut kgroups = 1;
     while kgroups < MATVEC_TC_WARPS
         && tiles * kgroups * 4 < sm_count * MATVEC_TC_WARPS_PER_SM * 3
         && steps >= 2 * stage * kgroups
+        && (tiles * 2 * kgroups).div_ceil(MATVEC_TC_WARPS) <= resident_blocks
     {
         kgroups *= 2;
     }
