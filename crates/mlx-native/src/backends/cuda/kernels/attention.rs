@@ -202,16 +202,8 @@ fn prefill(
     pos: &Tensor,
     out: &Tensor,
 ) -> Result<Launch> {
-    let Shape {
-        n_heads,
-        group,
-        head_dim,
-        scale,
-        window,
-        softcap,
-    } = *shape;
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
-    let flash_ready = FLASH_HEAD_DIMS.contains(&head_dim)
+    let flash_ready = FLASH_HEAD_DIMS.contains(&shape.head_dim)
         && [
             q,
             device_ptr(k_cache)?,
@@ -226,31 +218,31 @@ fn prefill(
         .ptr(v_cache)?
         .ptr(pos)?
         .ptr(out)?
-        .int(n_heads)?
-        .int(group)?;
+        .int(shape.n_heads)?
+        .int(shape.group)?;
     if flash_ready {
         // f16 tiles of q and of K and V, each row padded by 8 halves.
-        let shared = (FLASH_ROWS + 2 * FLASH_KEYS) * (head_dim + 8) * 2;
+        let shared = (FLASH_ROWS + 2 * FLASH_KEYS) * (shape.head_dim + 8) * 2;
         let args = args
             .int(capacity)?
-            .f32(scale)
-            .int(window)?
-            .f32(softcap)
+            .f32(shape.scale)
+            .int(shape.window)?
+            .f32(shape.softcap)
             .int(rows)?;
-        let grid = (dim(n_heads)?, blocks(rows, FLASH_ROWS)?, 1);
-        let name = format!("attn_flash_{head_dim}");
+        let grid = (dim(shape.n_heads)?, blocks(rows, FLASH_ROWS)?, 1);
+        let name = format!("attn_flash_{}", shape.head_dim);
         return lib.launch(&SOURCE, &name, grid, FLASH_THREADS, shared as u32, args);
     }
-    let shared = ((PREFILL_ROWS + 2 * PREFILL_KEYS) * head_dim + PREFILL_KEYS) * 4;
+    let shared = ((PREFILL_ROWS + 2 * PREFILL_KEYS) * shape.head_dim + PREFILL_KEYS) * 4;
     let args = args
-        .int(head_dim)?
+        .int(shape.head_dim)?
         .int(capacity)?
-        .f32(scale)
-        .int(window)?
-        .f32(softcap)
+        .f32(shape.scale)
+        .int(shape.window)?
+        .f32(shape.softcap)
         .int(rows)?;
-    let grid = (dim(n_heads)?, blocks(rows, PREFILL_ROWS)?, 1);
-    let name = format!("attn_prefill_{}", head_dim.div_ceil(32));
+    let grid = (dim(shape.n_heads)?, blocks(rows, PREFILL_ROWS)?, 1);
+    let name = format!("attn_prefill_{}", shape.head_dim.div_ceil(32));
     lib.launch(&SOURCE, &name, grid, THREADS, shared as u32, args)
 }
 
@@ -265,28 +257,20 @@ fn decode(
     pos: &Tensor,
     out: &Tensor,
 ) -> Result<CudaKernel> {
-    let Shape {
-        n_heads,
-        group,
-        head_dim,
-        scale,
-        window,
-        softcap,
-    } = *shape;
     let rows = q.rows();
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
     // Enough splits to fill every multiprocessor, no more than the cache warrants; at run time
     // a row uses only as many as its keys need (`active_splits`, attention.cu).
     let splits = (BLOCKS_PER_SM * lib.sm_count())
-        .div_ceil((n_heads * rows).max(1))
+        .div_ceil((shape.n_heads * rows).max(1))
         .min(capacity.div_ceil(DECODE_SPLIT_KEYS))
         .clamp(1, MAX_SPLITS);
     // Partials, then a merge counter per (row, head): zeroed here, reset by the merging block.
-    let partial_bytes = rows * n_heads * splits * (head_dim + 2) * 4;
+    let partial_bytes = rows * shape.n_heads * splits * (shape.head_dim + 2) * 4;
     let (scratch, partial, counters) = match splits {
         1 => (None, 0, 0),
         _ => {
-            let (slice, address) = lib.zeroed_scratch(partial_bytes + rows * n_heads * 4)?;
+            let (slice, address) = lib.zeroed_scratch(partial_bytes + rows * shape.n_heads * 4)?;
             (Some(slice), address, address + partial_bytes as u64)
         }
     };
@@ -308,15 +292,15 @@ fn decode(
         .ptr(out)?
         .u64(partial)
         .u64(counters)
-        .int(n_heads)?
-        .int(group)?
-        .int(head_dim)?
+        .int(shape.n_heads)?
+        .int(shape.group)?
+        .int(shape.head_dim)?
         .int(capacity)?
-        .f32(scale)
-        .int(window)?
-        .f32(softcap);
-    let grid = (dim(n_heads)?, dim(splits)?, dim(rows)?);
-    let name = format!("attn_decode_{}", head_dim.div_ceil(32));
+        .f32(shape.scale)
+        .int(shape.window)?
+        .f32(shape.softcap);
+    let grid = (dim(shape.n_heads)?, dim(splits)?, dim(rows)?);
+    let name = format!("attn_decode_{}", shape.head_dim.div_ceil(32));
     let launch = lib.launch(&SOURCE, &name, grid, DECODE_THREADS, 0, args)?;
     Ok(CudaKernel::new(vec![launch], scratch))
 }

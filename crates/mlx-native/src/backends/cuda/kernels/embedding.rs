@@ -41,47 +41,9 @@ fn embedding(
     let k = out.last_dim();
     let (weight, vocab) = Weight::parse("embedding", layout, table, k)?;
     weight.check_alignment("embedding")?;
-    let (name, args) = match weight {
-        Weight::Mlx {
-            w,
-            scales,
-            biases,
-            bits,
-            group_shift,
-            scale_type,
-        } => (
-            format!("embedding_mlx{bits}"),
-            Args::new()
-                .ptr(ids)?
-                .ptr(w)?
-                .ptr(scales)?
-                .ptr(biases)?
-                .code(scale_type)
-                .ptr(out)?
-                .int(vocab)?
-                .int(k)?
-                .code(group_shift),
-        ),
-        Weight::Ggml { data, ty } => (
-            format!("embedding_{}", ty.name()),
-            Args::new()
-                .ptr(ids)?
-                .ptr(data)?
-                .ptr(out)?
-                .int(vocab)?
-                .int(k)?,
-        ),
-        Weight::Dense { w, ft } => (
-            "embedding_dense".to_string(),
-            Args::new()
-                .ptr(ids)?
-                .ptr(w)?
-                .code(ft)
-                .ptr(out)?
-                .int(vocab)?
-                .int(k)?,
-        ),
-    };
+    let name = format!("embedding_{}", weight.layout_name());
+    let args = weight.typed_tensor_args(Args::new().ptr(ids)?)?;
+    let args = weight.group_args(args.ptr(out)?.int(vocab)?.int(k)?);
     let grid = (dim(ids.elem_count())?, 1, 1);
     Ok(CudaKernel::single(
         lib.launch(&SOURCE, &name, grid, THREADS, 0, args)?,

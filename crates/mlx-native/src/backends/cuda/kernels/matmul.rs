@@ -5,7 +5,7 @@
 //! gated pair (`Op::GatedMatMul`) on matvec.cu.
 
 use super::elementwise::unary_code;
-use super::weights::{float_name, Weight};
+use super::weights::Weight;
 use super::{COMMON, LAYOUTS, MMA};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
@@ -135,51 +135,10 @@ fn matmul(
     let launch = if vector_ready {
         let plan = DecodePlan::new(lib, &weight, None, x, n, norm)?;
         let (kgroups, prefix) = (plan.kgroups(), plan.prefix());
-        let (name, args) = match weight {
-            Weight::Mlx {
-                w,
-                scales,
-                biases,
-                bits,
-                group_shift,
-                scale_type,
-            } => (
-                format!("{prefix}mlx{bits}_{}", float_name(scale_type)),
-                Args::new()
-                    .u64(plan.input.x)
-                    .ptr(w)?
-                    .ptr(scales)?
-                    .ptr(biases)?
-                    .bias(bias)?
-                    .ptr(out)?
-                    .int(n)?
-                    .int(k)?
-                    .code(group_shift)
-                    .int(kgroups)?,
-            ),
-            Weight::Ggml { data, ty } => (
-                format!("{prefix}{}", ty.name()),
-                Args::new()
-                    .u64(plan.input.x)
-                    .ptr(data)?
-                    .bias(bias)?
-                    .ptr(out)?
-                    .int(n)?
-                    .int(k)?
-                    .int(kgroups)?,
-            ),
-            Weight::Dense { w, ft } => (
-                format!("{prefix}dense_{}", float_name(ft)),
-                Args::new()
-                    .u64(plan.input.x)
-                    .ptr(w)?
-                    .bias(bias)?
-                    .ptr(out)?
-                    .int(n)?
-                    .int(k)?
-                    .int(kgroups)?,
-            ),
-        };
+        let name = format!("{prefix}{}", weight.typed_layout_name());
+        let args = weight.tensor_args(Args::new().u64(plan.input.x))?;
+        let args = args.bias(bias)?.ptr(out)?.int(n)?.int(k)?;
+        let args = weight.group_args(args).int(kgroups)?;
         return plan.launch(lib, &name, args, n);
     } else {
         // Tensor cores for many rows (float4 loads of x), unless the weight is f32: f16
@@ -293,53 +252,10 @@ fn tiled(
         true => (&MATMUL_TC, "matmul_tc", MATMUL_TC_TILE),
         false => (&MATMUL, "matmul", MATMUL_TILE),
     };
-    let (name, args) = match *weight {
-        Weight::Mlx {
-            w,
-            scales,
-            biases,
-            bits,
-            group_shift,
-            scale_type,
-        } => (
-            format!("{prefix}_mlx{bits}"),
-            Args::new()
-                .u64(x)
-                .ptr(w)?
-                .ptr(scales)?
-                .ptr(biases)?
-                .code(scale_type)
-                .bias(bias)?
-                .u64(out)
-                .int(m)?
-                .int(n)?
-                .int(k)?
-                .code(group_shift),
-        ),
-        Weight::Ggml { data, ty } => (
-            format!("{prefix}_{}", ty.name()),
-            Args::new()
-                .u64(x)
-                .ptr(data)?
-                .bias(bias)?
-                .u64(out)
-                .int(m)?
-                .int(n)?
-                .int(k)?,
-        ),
-        Weight::Dense { w, ft } => (
-            format!("{prefix}_dense"),
-            Args::new()
-                .u64(x)
-                .ptr(w)?
-                .code(ft)
-                .bias(bias)?
-                .u64(out)
-                .int(m)?
-                .int(n)?
-                .int(k)?,
-        ),
-    };
+    let name = format!("{prefix}_{}", weight.layout_name());
+    let args = weight.typed_tensor_args(Args::new().u64(x))?;
+    let args = args.bias(bias)?.u64(out).int(m)?.int(n)?.int(k)?;
+    let args = weight.group_args(args);
     let grid = (blocks(n, tile)?, blocks(m, tile)?, 1);
     lib.launch(source, &name, grid, MATMUL_THREADS, 0, args)
 }
@@ -445,67 +361,17 @@ fn gated_matmul(
     }
     let plan = DecodePlan::new(lib, &gate, Some(&up), x, n, norm)?;
     let (kgroups, prefix) = (plan.kgroups(), plan.prefix());
-    let differ = || Error::op("gated_matmul", "gate and up are stored differently");
-    let (name, args) = match (gate, up) {
-        (
-            Weight::Mlx {
-                w,
-                scales,
-                biases,
-                bits,
-                group_shift,
-                scale_type,
-            },
-            Weight::Mlx {
-                w: w_up,
-                scales: scales_up,
-                biases: biases_up,
-                scale_type: scale_type_up,
-                ..
-            },
-        ) if scale_type == scale_type_up => (
-            format!("{prefix}gated_mlx{bits}_{}", float_name(scale_type)),
-            Args::new()
-                .u64(plan.input.x)
-                .ptr(w)?
-                .ptr(scales)?
-                .ptr(biases)?
-                .ptr(w_up)?
-                .ptr(scales_up)?
-                .ptr(biases_up)?
-                .ptr(out)?
-                .int(n)?
-                .int(k)?
-                .code(group_shift)
-                .int(kgroups)?
-                .code(unary_code(act)),
-        ),
-        (Weight::Ggml { data, ty }, Weight::Ggml { data: data_up, .. }) => (
-            format!("{prefix}gated_{}", ty.name()),
-            Args::new()
-                .u64(plan.input.x)
-                .ptr(data)?
-                .ptr(data_up)?
-                .ptr(out)?
-                .int(n)?
-                .int(k)?
-                .int(kgroups)?
-                .code(unary_code(act)),
-        ),
-        (Weight::Dense { w, ft }, Weight::Dense { w: w_up, ft: ft_up }) if ft == ft_up => (
-            format!("{prefix}gated_dense_{}", float_name(ft)),
-            Args::new()
-                .u64(plan.input.x)
-                .ptr(w)?
-                .ptr(w_up)?
-                .ptr(out)?
-                .int(n)?
-                .int(k)?
-                .int(kgroups)?
-                .code(unary_code(act)),
-        ),
-        _ => return Err(differ()),
-    };
+    let layout = gate.typed_layout_name();
+    if up.typed_layout_name() != layout {
+        return Err(Error::op(
+            "gated_matmul",
+            "gate and up are stored differently",
+        ));
+    }
+    let name = format!("{prefix}gated_{layout}");
+    let args = up.tensor_args(gate.tensor_args(Args::new().u64(plan.input.x))?)?;
+    let args = args.ptr(out)?.int(n)?.int(k)?;
+    let args = gate.group_args(args).int(kgroups)?.code(unary_code(act));
     plan.launch(lib, &name, args, n)
 }
 

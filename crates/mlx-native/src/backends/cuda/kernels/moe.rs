@@ -4,7 +4,7 @@
 //! the dispatch) and run as tiled matmuls over each expert's slots.
 
 use super::elementwise::unary_code;
-use super::weights::{float_name, Weight};
+use super::weights::Weight;
 use super::{COMMON, LAYOUTS};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
@@ -109,18 +109,6 @@ fn combine(
     Ok(CudaKernel::single(launch))
 }
 
-/// The stored tensors of a weight as kernel arguments, and the kernel-name part of its
-/// layout: MLX (`mlx{bits}`, words, scales, biases) or dense (the rows).
-fn weight_args(args: Args, w: &Weight) -> Result<Args> {
-    match *w {
-        Weight::Mlx {
-            w, scales, biases, ..
-        } => args.ptr(w)?.ptr(scales)?.ptr(biases),
-        Weight::Dense { w, .. } => args.ptr(w),
-        Weight::Ggml { .. } => Err(Error::op("gather_matmul", "ggml blocks")),
-    }
-}
-
 /// `Op::GatherMatMul` and `Op::GatherGatedMatMul`.
 fn gather(
     lib: &KernelLibrary,
@@ -171,24 +159,13 @@ fn gather(
         && dense_vectors(&w)?
         && up.as_ref().map_or(Ok(true), &dense_vectors)?;
     let gated_part = if gated { "gated_" } else { "" };
-    let (layout_name, group_shift, ft) = match w {
-        Weight::Mlx {
-            bits,
-            group_shift,
-            scale_type,
-            ..
-        } => (format!("mlx{bits}"), Some(group_shift), scale_type),
-        Weight::Dense { ft, .. } => ("dense".to_string(), None, ft),
-        Weight::Ggml { ty, .. } => {
-            return Err(Error::op(name, format!("{} blocks", ty.name())));
-        }
+    // The gather kernels read MLX and dense weights; ggml blocks (no float type) have none.
+    let Some(ft) = w.float_type() else {
+        return Err(Error::op(name, format!("{} blocks", w.layout_name())));
     };
+    let layout_name = w.layout_name();
     let tail = |args: Args| -> Result<Args> {
-        let args = args.ptr(out)?.int(n)?.int(k)?;
-        let args = match group_shift {
-            Some(shift) => args.code(shift),
-            None => args,
-        };
+        let args = w.group_args(args.ptr(out)?.int(n)?.int(k)?);
         let args = args.int(experts)?.int(top_k)?;
         Ok(if gated {
             args.code(act)
@@ -198,11 +175,11 @@ fn gather(
     };
     if matvec {
         // Decode: every slot's rows in one launch.
-        let mut args = weight_args(Args::new().ptr(x)?.ptr(ids)?, &w)?;
+        let mut args = w.tensor_args(Args::new().ptr(x)?.ptr(ids)?)?;
         if let Some(up) = &up {
-            args = weight_args(args, up)?;
+            args = up.tensor_args(args)?;
         }
-        let kernel = format!("gather_matvec_{gated_part}{layout_name}_{}", float_name(ft));
+        let kernel = format!("gather_matvec_{gated_part}{}", w.typed_layout_name());
         let grid = (blocks(n, MATVEC_ROWS_PER_BLOCK)?, dim(m * top_k)?, 1);
         let launch = lib.launch(&SOURCE, &kernel, grid, MATVEC_THREADS, 0, tail(args)?)?;
         return Ok(CudaKernel::single(launch));
@@ -227,9 +204,9 @@ fn gather(
         shared,
         bucket_args,
     )?;
-    let mut args = weight_args(Args::new().ptr(x)?.u64(offsets).u64(order), &w)?;
+    let mut args = w.tensor_args(Args::new().ptr(x)?.u64(offsets).u64(order))?;
     if let Some(up) = &up {
-        args = weight_args(args, up)?;
+        args = up.tensor_args(args)?;
     }
     // Tiles read the scale (or dense row) type as an argument.
     let args = args.code(ft);

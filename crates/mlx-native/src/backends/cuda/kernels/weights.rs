@@ -2,7 +2,7 @@
 //! pass them to kernels, with the alignment the kernels' wide loads need.
 
 use crate::backends::cuda::device_ptr;
-use crate::backends::cuda::launch::float_type;
+use crate::backends::cuda::launch::{float_type, Args};
 use crate::core::tensor::Tensor;
 use crate::quant::{GgmlType, WeightLayout};
 use crate::{Error, Result};
@@ -97,6 +97,63 @@ impl<'a> Weight<'a> {
             Weight::Mlx { w, .. } => w,
             Weight::Ggml { data, .. } => data,
             Weight::Dense { w, .. } => w,
+        }
+    }
+
+    /// Appends the stored tensors as kernel arguments: MLX words, scales and biases; ggml
+    /// blocks; dense rows.
+    pub fn tensor_args(&self, args: Args) -> Result<Args> {
+        match *self {
+            Weight::Mlx {
+                w, scales, biases, ..
+            } => args.ptr(w)?.ptr(scales)?.ptr(biases),
+            Weight::Ggml { data, .. } => args.ptr(data),
+            Weight::Dense { w, .. } => args.ptr(w),
+        }
+    }
+
+    /// The tensors, then the float type of MLX scales or dense rows, for the kernels that take
+    /// it as an argument (the tiled matmul, the embedding gather).
+    pub fn typed_tensor_args(&self, args: Args) -> Result<Args> {
+        let args = self.tensor_args(args)?;
+        Ok(match self.float_type() {
+            Some(ft) => args.code(ft),
+            None => args,
+        })
+    }
+
+    /// Appends MLX's group shift; the other layouts take none.
+    pub fn group_args(&self, args: Args) -> Args {
+        match *self {
+            Weight::Mlx { group_shift, .. } => args.code(group_shift),
+            _ => args,
+        }
+    }
+
+    /// The float type of MLX scales or dense rows (ggml kernels know their blocks' types).
+    pub fn float_type(&self) -> Option<i32> {
+        match *self {
+            Weight::Mlx { scale_type, .. } => Some(scale_type),
+            Weight::Ggml { .. } => None,
+            Weight::Dense { ft, .. } => Some(ft),
+        }
+    }
+
+    /// The layout in kernel names: `mlx{bits}`, the ggml type's name, or `dense`.
+    pub fn layout_name(&self) -> String {
+        match *self {
+            Weight::Mlx { bits, .. } => format!("mlx{bits}"),
+            Weight::Ggml { ty, .. } => ty.name().to_string(),
+            Weight::Dense { .. } => "dense".to_string(),
+        }
+    }
+
+    /// The layout and float type in the names of kernels built per type (`mlx4_bf16`,
+    /// `q4_0`, `dense_f16`).
+    pub fn typed_layout_name(&self) -> String {
+        match self.float_type() {
+            Some(ft) => format!("{}_{}", self.layout_name(), float_name(ft)),
+            None => self.layout_name(),
         }
     }
 
