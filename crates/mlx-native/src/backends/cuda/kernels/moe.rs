@@ -159,7 +159,7 @@ fn gather(
         && dense_vectors(&w)?
         && up.as_ref().map_or(Ok(true), &dense_vectors)?;
     let gated_part = if gated { "gated_" } else { "" };
-    // The gather kernels read MLX and dense weights; ggml blocks (no float type) have none.
+    // Gather kernels exist for MLX and dense weights (those with a float type), not ggml blocks.
     let Some(ft) = w.float_type() else {
         return Err(Error::op(name, format!("{} blocks", w.layout_name())));
     };
