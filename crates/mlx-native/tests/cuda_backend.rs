@@ -1386,14 +1386,16 @@ fn attention_matches_reference() {
         attn_case((3, 6, 3, 96, 64, 10, Some(5), None)),
         attn_case((2, 2, 1, 256, 300, 299 - 1, None, Some(20.0))),
         // A short context in a large cache: of the grid's splits only as many take keys as
-        // hold 32 each (one: the split block writes the output), per row.
+        // hold 256 each (one below 512 keys: that block writes the output), per row.
         attn_case((1, 8, 2, 64, 4096, 40, None, None)),
         attn_case((1, 9, 3, 64, 2048, 0, None, None)),
         attn_case((2, 8, 2, 64, 4096, 31, None, None)),
         attn_case((1, 4, 1, 128, 4096, 700, Some(40), None)),
-        // Long contexts: many active splits, merged by the block that finishes last; head dims
+        // Long contexts: many active splits, merged by the block that finishes last; splits
+        // of several passes (32 heads leave a wave of blocks 4 splits on 132 SMs); head dims
         // that are no multiple of 4 (scalar K loads) or need 7 chunks.
         attn_case((1, 9, 3, 64, 4096, 3000, None, None)),
+        attn_case((1, 32, 8, 64, 4096, 3000, None, None)),
         attn_case((2, 8, 2, 128, 8192, 7000, None, Some(30.0))),
         attn_case((1, 6, 2, 50, 1000, 900, None, None)),
         attn_case((1, 4, 2, 200, 600, 550, None, None)),

@@ -15,9 +15,11 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 
 // ---------------------------------------------------------------------------------------------
 // Decode (few query rows): split-K flash decoding. Grid (n_heads, n_splits, rows) of DEC_WARPS
-// warps. n_splits is fixed when a graph is captured (for the cache's capacity); at run time a
-// row's keys (from pos) go to as few splits as hold at most DEC_SPLIT_KEYS each, so that one
-// pass of a block covers its split, and the other blocks exit. In a pass each warp takes 32
+// warps (one block per SM fits). n_splits is fixed when a graph is captured (blocks for one
+// wave over the SMs, fewer for a short cache); at run time a row's keys (from pos) go to as
+// many splits as hold DEC_MIN_SPLIT_KEYS each, up to n_splits, and the other blocks exit: no
+// split (and no merge) below 2·DEC_MIN_SPLIT_KEYS keys, a full wave of blocks for long ones,
+// whose splits then take several passes of DEC_SPLIT_KEYS. In a pass each warp takes 32
 // consecutive keys, scored onto lane j for key j (`warp_scores`); a warp max and sum update
 // the online softmax, and for P·V the lanes own head dims, the probabilities broadcast by
 // shuffle. A short context is bound by latency, not bandwidth: the first pass's K and V rows
@@ -28,10 +30,11 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 
 #define DEC_WARPS 16
 #define DEC_SPLIT_KEYS (DEC_WARPS * 32)
-#define DEC_MAX_SPLITS 128  // MAX_SPLITS in attention.rs
+#define DEC_MIN_SPLIT_KEYS 256  // DECODE_MIN_SPLIT_KEYS in attention.rs
+#define DEC_MAX_SPLITS 128      // MAX_SPLITS in attention.rs
 
 __device__ __forceinline__ int active_splits(int keys, int n_splits) {
-    return max(1, min(n_splits, (keys + DEC_SPLIT_KEYS - 1) / DEC_SPLIT_KEYS));
+    return max(1, min(n_splits, keys / DEC_MIN_SPLIT_KEYS));
 }
 
 // Sends the 128-byte lines of a cache row (hd ≤ 32·HC floats) towards L2.
@@ -164,7 +167,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     if (split >= n_splits) return;
     const int per = (hi - lo + n_splits - 1) / n_splits;
     const int start = lo + split * per, end = min(hi, start + per);
-    if (start + d < end) {  // blockDim = DEC_SPLIT_KEYS: a pass
+    if (start + d < end) {  // blockDim = DEC_SPLIT_KEYS: the first pass
         prefetch_row<HC>(kc + kv_base + (i64)(start + d) * hd, hd);
         prefetch_row<HC>(vc + kv_base + (i64)(start + d) * hd, hd);
     }

@@ -41,11 +41,9 @@ const FLASH_THREADS: u32 = 128;
 const FLASH_HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
 /// Head dims are covered in chunks of 32 lanes; kernels exist for up to 8 chunks.
 const MAX_HEAD_DIM: usize = 256;
-/// Decode blocks wanted per multiprocessor (latency hiding), the keys a decode block takes in
-/// one pass (DEC_SPLIT_KEYS: a split of fewer is never active), and most splits
-/// (DEC_MAX_SPLITS).
-const BLOCKS_PER_SM: usize = 4;
-const DECODE_SPLIT_KEYS: usize = 512;
+/// The fewest keys a decode split takes (DEC_MIN_SPLIT_KEYS: a row uses no more splits than
+/// its keys fill), and most splits (DEC_MAX_SPLITS).
+const DECODE_MIN_SPLIT_KEYS: usize = 256;
 const MAX_SPLITS: usize = 128;
 
 pub(super) fn register(reg: &mut Registry<Planner>) {
@@ -259,11 +257,12 @@ fn decode(
 ) -> Result<CudaKernel> {
     let rows = q.rows();
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
-    // Enough splits to fill every multiprocessor, no more than the cache warrants; at run time
-    // a row uses only as many as its keys need (`active_splits`, attention.cu).
-    let splits = (BLOCKS_PER_SM * lib.sm_count())
-        .div_ceil((shape.n_heads * rows).max(1))
-        .min(capacity.div_ceil(DECODE_SPLIT_KEYS))
+    // One wave of blocks (one fits per multiprocessor) over all heads and rows, no more splits
+    // than the cache can fill; at run time a row uses as many as its keys fill
+    // (`active_splits`, attention.cu). H100, 2026-11-26: ceil(keys / 512) splits instead lost
+    // 3% on the 1B shape after 1,024 tokens (3 splits, 96 blocks on 132 SMs).
+    let splits = (lib.sm_count() / (shape.n_heads * rows).max(1))
+        .min(capacity / DECODE_MIN_SPLIT_KEYS)
         .clamp(1, MAX_SPLITS);
     // Partials, then a merge counter per (row, head): zeroed here, reset by the merging block.
     let partial_bytes = rows * shape.n_heads * splits * (shape.head_dim + 2) * 4;
