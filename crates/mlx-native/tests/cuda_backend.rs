@@ -273,6 +273,80 @@ fn rope_matches_reference() {
     }
 }
 
+/// A RoPE + cache append case (`rope_kv_append`, `rope_attention`): q `[m, n_heads·hd]`, k
+/// and v `[m, n_kv·hd]`, caches `[n_kv, capacity, hd]`, rows at positions pos….
+struct RopeAppendCase {
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+    capacity: usize,
+    pos: u32,
+    rotary_dims: usize,
+    traditional: bool,
+    qkv: [Vec<f32>; 3],
+    caches: [Vec<f32>; 2],
+}
+
+/// A `RopeAppendCase`'s operands on a device.
+struct RopeAppendOperands {
+    qkv: [Tensor; 3],
+    table: RopeTable,
+    pos: Tensor,
+    caches: [Tensor; 2],
+}
+
+impl RopeAppendCase {
+    fn m(&self) -> usize {
+        self.qkv[0].len() / (self.n_heads * self.hd)
+    }
+
+    /// q rotated, and the caches with the rotated k rows and the v rows stored at pos.., in
+    /// f64.
+    fn want(&self) -> (Vec<f64>, [Vec<f64>; 2]) {
+        let (hd, n_kv) = (self.hd, self.n_kv);
+        let inv_freq = inv_freq_table(self.rotary_dims);
+        let rope =
+            |x: &[f32], heads| rope_ref(x, heads, hd, &inv_freq, self.pos, self.traditional, 1.0);
+        let [q, k, v] = &self.qkv;
+        let rows = [rope(k, n_kv), v.iter().map(|&x| x as f64).collect()];
+        let filled = [0, 1].map(|i| {
+            let mut cache: Vec<f64> = self.caches[i].iter().map(|&x| x as f64).collect();
+            for r in 0..self.m() {
+                for g in 0..n_kv {
+                    let at = (g * self.capacity + self.pos as usize + r) * hd;
+                    cache[at..at + hd].copy_from_slice(&rows[i][(r * n_kv + g) * hd..][..hd]);
+                }
+            }
+            cache
+        });
+        (rope(q, self.n_heads), filled)
+    }
+
+    fn upload(&self, dev: &Device) -> Result<RopeAppendOperands> {
+        let (m, hd) = (self.m(), self.hd);
+        let up = |x: &[f32], shape: &[usize]| dev.from_slice(x, shape);
+        let [q, k, v] = &self.qkv;
+        let (q_shape, kv_shape) = ([m, self.n_heads * hd], [m, self.n_kv * hd]);
+        let qkv = [up(q, &q_shape)?, up(k, &kv_shape)?, up(v, &kv_shape)?];
+        let cache_shape = [self.n_kv, self.capacity, hd];
+        let caches = [
+            up(&self.caches[0], &cache_shape)?,
+            up(&self.caches[1], &cache_shape)?,
+        ];
+        Ok(RopeAppendOperands {
+            qkv,
+            table: RopeTable {
+                inv_freq: dev
+                    .from_slice(&inv_freq_table(self.rotary_dims), &[self.rotary_dims / 2])?,
+                rotary_dims: self.rotary_dims,
+                mscale: 1.0,
+            },
+            pos: dev.from_slice(&[self.pos], &[1])?,
+            caches,
+        })
+    }
+}
+
 /// The fused attention input stage: q rotated, k rotated into its cache rows, v appended; the
 /// cache rows around them untouched. Outputs concatenated as q, k cache, v cache.
 #[test]
@@ -280,51 +354,44 @@ fn rope_kv_append_matches_reference() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(14);
     let (m, n_heads, n_kv, hd, capacity, pos) = (3, 6, 2, 22, 13, 9u32);
-    let q = rng.vec(m * n_heads * hd, 2.0);
-    let k = rng.vec(m * n_kv * hd, 2.0);
-    let v = rng.vec(m * n_kv * hd, 2.0);
+    let qkv = [
+        rng.vec(m * n_heads * hd, 2.0),
+        rng.vec(m * n_kv * hd, 2.0),
+        rng.vec(m * n_kv * hd, 2.0),
+    ];
     let caches = [
         rng.vec(n_kv * capacity * hd, 1.0),
         rng.vec(n_kv * capacity * hd, 1.0),
     ];
     for (rotary_dims, traditional) in [(22, false), (10, true)] {
-        let inv_freq = inv_freq_table(rotary_dims);
-        let mut want = rope_ref(&q, n_heads, hd, &inv_freq, pos, traditional, 1.0);
-        let k_rot = rope_ref(&k, n_kv, hd, &inv_freq, pos, traditional, 1.0);
-        let v_f64: Vec<f64> = v.iter().map(|&x| x as f64).collect();
-        for (cache, rows) in caches.iter().zip([&k_rot, &v_f64]) {
-            let mut c: Vec<f64> = cache.iter().map(|&x| x as f64).collect();
-            for r in 0..m {
-                for g in 0..n_kv {
-                    let at = (g * capacity + pos as usize + r) * hd;
-                    c[at..at + hd].copy_from_slice(&rows[(r * n_kv + g) * hd..][..hd]);
-                }
-            }
-            want.extend(c);
-        }
+        let case = RopeAppendCase {
+            n_heads,
+            n_kv,
+            hd,
+            capacity,
+            pos,
+            rotary_dims,
+            traditional,
+            qkv: qkv.clone(),
+            caches: caches.clone(),
+        };
+        let (mut want, filled) = case.want();
+        want.extend(filled.concat());
         let compute = |dev: &Device| {
-            let [qt, kt, vt] = [(&q, n_heads), (&k, n_kv), (&v, n_kv)]
-                .map(|(x, heads)| dev.from_slice(x, &[m, heads * hd]).unwrap());
-            let table = RopeTable {
-                inv_freq: dev.from_slice(&inv_freq, &[rotary_dims / 2])?,
-                rotary_dims,
-                mscale: 1.0,
-            };
-            let post = dev.from_slice(&[pos], &[1])?;
+            let o = case.upload(dev)?;
             let q_out = poisoned(dev, &[m, n_heads * hd])?;
-            let [kc, vc] = caches
-                .each_ref()
-                .map(|c| dev.from_slice(c, &[n_kv, capacity, hd]).unwrap());
+            let [kc, vc] = &o.caches;
             run(dev, |enc| {
+                let [q, k, v] = &o.qkv;
                 ops::rope_kv_append(
                     enc,
-                    [&qt, &kt, &vt],
-                    &table,
+                    [q, k, v],
+                    &o.table,
                     n_heads,
                     traditional,
-                    &post,
+                    &o.pos,
                     &q_out,
-                    (&kc, &vc),
+                    (kc, vc),
                 )
             })?;
             let mut got = q_out.to_vec::<f32>()?;
@@ -1474,29 +1541,25 @@ fn rope_attention_matches_reference() {
     for (c, rotary_dims, traditional) in cases {
         let (m, hd) = (c.rows, c.head_dim);
         let scale = 1.0 / (hd as f32).sqrt();
-        let pos = c.pos as u32;
-        let q = rng.vec(m * c.n_heads * hd, 1.5);
-        let k = rng.vec(m * c.n_kv * hd, 1.5);
-        let v = rng.vec(m * c.n_kv * hd, 1.0);
-        let caches = [
-            rng.vec(c.n_kv * c.capacity * hd, 1.5),
-            rng.vec(c.n_kv * c.capacity * hd, 1.0),
-        ];
-        let inv_freq = inv_freq_table(rotary_dims);
-        let q_rot = rope_ref(&q, c.n_heads, hd, &inv_freq, pos, traditional, 1.0);
-        let k_rot = rope_ref(&k, c.n_kv, hd, &inv_freq, pos, traditional, 1.0);
-        let v_f64: Vec<f64> = v.iter().map(|&x| x as f64).collect();
-        let mut filled = Vec::new();
-        for (cache, rows) in caches.iter().zip([&k_rot, &v_f64]) {
-            let mut cache: Vec<f64> = cache.iter().map(|&x| x as f64).collect();
-            for r in 0..m {
-                for g in 0..c.n_kv {
-                    let at = (g * c.capacity + c.pos + r) * hd;
-                    cache[at..at + hd].copy_from_slice(&rows[(r * c.n_kv + g) * hd..][..hd]);
-                }
-            }
-            filled.push(cache);
-        }
+        let case = RopeAppendCase {
+            n_heads: c.n_heads,
+            n_kv: c.n_kv,
+            hd,
+            capacity: c.capacity,
+            pos: c.pos as u32,
+            rotary_dims,
+            traditional,
+            qkv: [
+                rng.vec(m * c.n_heads * hd, 1.5),
+                rng.vec(m * c.n_kv * hd, 1.5),
+                rng.vec(m * c.n_kv * hd, 1.0),
+            ],
+            caches: [
+                rng.vec(c.n_kv * c.capacity * hd, 1.5),
+                rng.vec(c.n_kv * c.capacity * hd, 1.0),
+            ],
+        };
+        let (q_rot, filled) = case.want();
         let as_f32 = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
         let mut want = attention_ref(
             &c,
@@ -1507,29 +1570,20 @@ fn rope_attention_matches_reference() {
         );
         want.extend(filled.concat());
         let compute = |dev: &Device| {
-            let [qt, kt, vt] = [(&q, c.n_heads), (&k, c.n_kv), (&v, c.n_kv)]
-                .map(|(x, heads)| dev.from_slice(x, &[m, heads * hd]).unwrap());
-            let table = RopeTable {
-                inv_freq: dev.from_slice(&inv_freq, &[rotary_dims / 2])?,
-                rotary_dims,
-                mscale: 1.0,
-            };
-            let post = dev.from_slice(&[pos], &[1])?;
+            let o = case.upload(dev)?;
             let out = poisoned(dev, &[m, c.n_heads * hd])?;
-            let [kc, vc] = caches
-                .each_ref()
-                .map(|x| dev.from_slice(x, &[c.n_kv, c.capacity, hd]).unwrap());
+            let [kc, vc] = &o.caches;
             let shape = c.shape(scale);
             run(dev, |enc| {
-                let caches = (&kc, &vc);
+                let [q, k, v] = &o.qkv;
                 ops::rope_attention(
                     enc,
-                    [&qt, &kt, &vt],
-                    &table,
+                    [q, k, v],
+                    &o.table,
                     traditional,
                     shape,
-                    &post,
-                    caches,
+                    &o.pos,
+                    (kc, vc),
                     &out,
                 )
             })?;

@@ -4,6 +4,7 @@
 //! token id) live in device buffers the kernels read, so a captured graph stays valid.
 
 use crate::quant::WeightLayout;
+use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum UnaryFn {
@@ -95,6 +96,50 @@ pub struct PreNorm {
     pub unit_offset: bool,
 }
 
+/// Shape of one attention layer (`Op::Attention`, `Op::RopeAttention`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies q·k (usually 1/√head_dim).
+    pub scale: f32,
+    /// Sliding window: a key is seen only if its position > query position − window.
+    pub window: Option<usize>,
+    /// Attention-logit soft-capping (Gemma 2): scores become softcap·tanh(score/softcap)
+    /// before the softmax.
+    pub softcap: Option<f32>,
+}
+
+impl AttentionShape {
+    /// Checks what every backend needs (`op` names the operation in the error): a head dim,
+    /// query heads in whole groups per kv head, a window that sees a key, a positive softcap.
+    pub fn check(&self, op: &'static str) -> Result<()> {
+        let AttentionShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ..
+        } = *self;
+        if head_dim == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+            return Err(Error::op(
+                op,
+                format!(
+                    "{n_heads} query heads do not divide into {n_kv_heads} kv heads \
+                     of dim {head_dim}"
+                ),
+            ));
+        }
+        if self.window == Some(0) {
+            return Err(Error::op(op, "a sliding window of 0 positions sees no key"));
+        }
+        if let Some(c) = self.softcap.filter(|&c| c <= 0.0) {
+            return Err(Error::op(op, format!("softcap {c} must be > 0")));
+        }
+        Ok(())
+    }
+}
+
 /// Every op a backend may be asked to run. Operand conventions (row-major, activations
 /// `[m, ...]` with `m` rows = tokens) are documented per variant; `ops::*` builds them.
 #[derive(Clone, Debug, PartialEq)]
@@ -124,19 +169,10 @@ pub enum Op {
         has_bias: bool,
         pre_norm: Option<PreNorm>,
     },
-    /// Causal scaled-dot-product attention with GQA over a KV cache.
+    /// Causal scaled-dot-product attention with GQA over a KV cache (`AttentionShape`).
     /// in: q `[m, n_heads*head_dim]`, k_cache and v_cache `[n_kv_heads, capacity, head_dim]`,
     /// pos u32 `[1]` (position of query row 0; row i sees keys 0..=pos+i); out like q.
-    /// `window`: a key is seen only if its position > query position − window.
-    /// `softcap`: scores become softcap·tanh(score/softcap) before the softmax.
-    Attention {
-        n_heads: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
-        scale: f32,
-        window: Option<usize>,
-        softcap: Option<f32>,
-    },
+    Attention(AttentionShape),
     /// Writes rows of k (or v) into a cache at positions pos..pos+m.
     /// in: x `[m, n_kv_heads*head_dim]`, pos u32 `[1]`; out (read-modify-write):
     /// cache `[n_kv_heads, capacity, head_dim]`.
@@ -161,15 +197,10 @@ pub enum Op {
     /// attention output (like q), k_cache and v_cache `[n_kv_heads, capacity, head_dim]`
     /// (read-modify-write: rows stored at positions pos..pos+m).
     RopeAttention {
-        n_heads: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
+        attention: AttentionShape,
         rotary_dims: usize,
         traditional: bool,
         mscale: f32,
-        scale: f32,
-        window: Option<usize>,
-        softcap: Option<f32>,
     },
     /// Softmax over the last dim. in: x `[m, d]`; out `[m, d]`.
     Softmax,
@@ -231,7 +262,7 @@ impl Op {
             Op::Rope { .. } => "rope",
             Op::MatMul { .. } => "matmul",
             Op::GatedMatMul { .. } => "gated_matmul",
-            Op::Attention { .. } => "attention",
+            Op::Attention(_) => "attention",
             Op::KvAppend { .. } => "kv_append",
             Op::RopeKvAppend { .. } => "rope_kv_append",
             Op::RopeAttention { .. } => "rope_attention",
@@ -253,36 +284,23 @@ impl Op {
     /// A `RopeAttention` as its two steps: the `RopeKvAppend` and the `Attention`.
     pub fn rope_attention_steps(&self) -> Option<(Op, Op)> {
         let Op::RopeAttention {
-            n_heads,
-            n_kv_heads,
-            head_dim,
+            attention,
             rotary_dims,
             traditional,
             mscale,
-            scale,
-            window,
-            softcap,
         } = *self
         else {
             return None;
         };
         let rope = Op::RopeKvAppend {
-            n_heads,
-            n_kv_heads,
-            head_dim,
+            n_heads: attention.n_heads,
+            n_kv_heads: attention.n_kv_heads,
+            head_dim: attention.head_dim,
             rotary_dims,
             traditional,
             mscale,
         };
-        let attention = Op::Attention {
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            scale,
-            window,
-            softcap,
-        };
-        Some((rope, attention))
+        Some((rope, Op::Attention(attention)))
     }
 
     /// The variant part of the registry key (what selects among kernels of one family).

@@ -2,23 +2,10 @@ use super::rope::{check_rope_inputs, RopeTable};
 use super::{expect_dtype, expect_shape};
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
+pub use crate::core::op::AttentionShape;
 use crate::core::op::Op;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
-
-/// Shape of one attention layer.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AttentionShape {
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    /// Multiplies q·k (usually 1/√head_dim).
-    pub scale: f32,
-    /// Sliding window: keys older than `window` positions are not seen.
-    pub window: Option<usize>,
-    /// Attention-logit soft-capping (Gemma 2).
-    pub softcap: Option<f32>,
-}
 
 /// Causal attention of the rows of `q` `[m, n_heads*head_dim]` (row i at position pos+i)
 /// over the caches `[n_kv_heads, capacity, head_dim]`, which must already hold the keys and
@@ -35,15 +22,7 @@ pub fn attention(
     out: &Tensor,
 ) -> Result<()> {
     check_attention("attention", shape, q, (k_cache, v_cache), pos, out)?;
-    let op = Op::Attention {
-        n_heads: shape.n_heads,
-        n_kv_heads: shape.n_kv_heads,
-        head_dim: shape.head_dim,
-        scale: shape.scale,
-        window: shape.window,
-        softcap: shape.softcap,
-    };
-    enc.dispatch(op, &[q, k_cache, v_cache, pos], &[out])
+    enc.dispatch(Op::Attention(shape), &[q, k_cache, v_cache, pos], &[out])
 }
 
 /// A layer's attention from its q, k and v projections (`[m, n_heads*head_dim]`,
@@ -66,15 +45,10 @@ pub fn rope_attention(
     let [q, k, v] = qkv;
     check_attention(op, shape, q, (k_cache, v_cache), pos, out)?;
     let op = Op::RopeAttention {
-        n_heads: shape.n_heads,
-        n_kv_heads: shape.n_kv_heads,
-        head_dim: shape.head_dim,
+        attention: shape,
         rotary_dims: table.rotary_dims,
         traditional,
         mscale: table.mscale,
-        scale: shape.scale,
-        window: shape.window,
-        softcap: shape.softcap,
     };
     enc.dispatch(
         op,
@@ -83,8 +57,8 @@ pub fn rope_attention(
     )
 }
 
-/// Attention operands: heads that group, q and the caches in f32 with matching shapes, `pos`
-/// a u32 `[1]`, out like q.
+/// Attention operands: a valid shape (`AttentionShape::check`), q and the caches in f32 with
+/// matching shapes, `pos` a u32 `[1]`, out like q.
 fn check_attention(
     op: &'static str,
     shape: AttentionShape,
@@ -93,18 +67,13 @@ fn check_attention(
     pos: &Tensor,
     out: &Tensor,
 ) -> Result<()> {
+    shape.check(op)?;
     let AttentionShape {
         n_heads,
         n_kv_heads,
         head_dim,
         ..
     } = shape;
-    if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
-        return Err(Error::op(
-            op,
-            format!("{n_heads} query heads do not divide into {n_kv_heads} kv heads"),
-        ));
-    }
     expect_dtype(op, "q", q, &[DType::F32])?;
     expect_shape(op, "q", q, &[q.rows(), n_heads * head_dim])?;
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);

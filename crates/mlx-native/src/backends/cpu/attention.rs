@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::{scalar_u32, slice, slice_mut, wrong_op, CpuKernel};
 use crate::core::dtype::DType;
-use crate::core::op::Op;
+use crate::core::op::{AttentionShape, Op};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
@@ -42,17 +42,18 @@ fn rope_attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> 
 }
 
 fn attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
-    let Op::Attention {
+    let Op::Attention(shape) = op else {
+        return Err(wrong_op(op));
+    };
+    shape.check("attention")?;
+    let AttentionShape {
         n_heads,
         n_kv_heads,
         head_dim,
         scale,
         window,
         softcap,
-    } = *op
-    else {
-        return Err(wrong_op(op));
-    };
+    } = *shape;
     let q = slice::<f32>(&inputs[0])?;
     let k_cache = slice::<f32>(&inputs[1])?;
     let v_cache = slice::<f32>(&inputs[2])?;
@@ -67,18 +68,6 @@ fn attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
                 "query positions {pos}..{} exceed the cache capacity {capacity}",
                 pos + m
             ),
-        ));
-    }
-    if window == Some(0) {
-        return Err(Error::op(
-            "attention",
-            "a sliding window of 0 positions sees no key",
-        ));
-    }
-    if head_dim == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
-        return Err(Error::op(
-            "attention",
-            format!("{n_heads} heads, {n_kv_heads} kv heads of dim {head_dim}"),
         ));
     }
     let group = n_heads / n_kv_heads;

@@ -64,42 +64,23 @@ struct Shape {
 
 impl Shape {
     fn new(op: &Op) -> Result<Shape> {
-        let Op::Attention {
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            scale,
-            window,
-            softcap,
-        } = *op
-        else {
+        let Op::Attention(a) = op else {
             return Err(wrong_op(op));
         };
-        if head_dim == 0 || head_dim > MAX_HEAD_DIM {
+        a.check("attention")?;
+        if a.head_dim > MAX_HEAD_DIM {
             return Err(Error::op(
                 "attention",
-                format!("head dim {head_dim} outside 1..={MAX_HEAD_DIM}"),
+                format!("head dim {} outside 1..={MAX_HEAD_DIM}", a.head_dim),
             ));
         }
-        let window = match window {
-            Some(0) => return Err(Error::op("attention", "a sliding window of 0 sees no key")),
-            Some(w) => w,
-            None => 0,
-        };
-        let softcap = match softcap {
-            Some(c) if c <= 0.0 => {
-                return Err(Error::op("attention", format!("softcap {c} must be > 0")))
-            }
-            Some(c) => c,
-            None => 0.0,
-        };
         Ok(Shape {
-            n_heads,
-            group: n_heads / n_kv_heads.max(1),
-            head_dim,
-            scale,
-            window,
-            softcap,
+            n_heads: a.n_heads,
+            group: a.n_heads / a.n_kv_heads,
+            head_dim: a.head_dim,
+            scale: a.scale,
+            window: a.window.unwrap_or(0),
+            softcap: a.softcap.unwrap_or(0.0),
         })
     }
 }
