@@ -317,3 +317,11 @@ impl Op {
         }
     }
 }
+
+/// The error for a dispatch whose operand count does not match its op.
+pub(crate) fn operand_count(op: &Op, inputs: usize, outputs: usize) -> Error {
+    Error::op(
+        op.name(),
+        format!("unexpected operand count: {inputs} inputs, {outputs} outputs"),
+    )
+}

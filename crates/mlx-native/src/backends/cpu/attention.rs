@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::{scalar_u32, slice, slice_mut, wrong_op, CpuKernel};
 use crate::core::dtype::DType;
-use crate::core::op::{AttentionShape, Op};
+use crate::core::op::{operand_count, AttentionShape, Op};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
@@ -28,7 +28,7 @@ fn rope_attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> 
         return Err(wrong_op(op));
     };
     let ([q, _, _, _, pos], [out, k_cache, v_cache]) = (inputs, outputs) else {
-        return Err(Error::op("rope_attention", "unexpected operand count"));
+        return Err(operand_count(op, inputs.len(), outputs.len()));
     };
     let q_rot = q.device().empty(q.shape(), DType::F32)?;
     let rotated = [q_rot, k_cache.clone(), v_cache.clone()];

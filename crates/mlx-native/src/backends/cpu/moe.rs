@@ -7,7 +7,7 @@
 use super::matmul::kernel_for;
 use super::{elementwise, slice, slice_mut, wrong_op, CpuKernel};
 use crate::core::dtype::DType;
-use crate::core::op::{Op, Routing};
+use crate::core::op::{operand_count, Op, Routing};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::quant::WeightLayout;
@@ -30,13 +30,6 @@ pub(super) fn register(reg: &mut Registry<CpuKernel>) {
     }
     reg.insert("moe_route", "", DType::U32, moe_route);
     reg.insert("moe_combine", "", DType::F32, moe_combine);
-}
-
-fn operands(op: &Op, inputs: usize, outputs: usize) -> Error {
-    Error::op(
-        op.name(),
-        format!("unexpected operand count: {inputs} inputs, {outputs} outputs"),
-    )
 }
 
 /// Indices of `scores` in descending order of score, the lower index first among equals,
@@ -72,7 +65,7 @@ fn moe_route(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         return Err(wrong_op(op));
     };
     let ([logits], [ids, weights]) = (inputs, outputs) else {
-        return Err(operands(op, inputs.len(), outputs.len()));
+        return Err(operand_count(op, inputs.len(), outputs.len()));
     };
     let experts = logits.last_dim();
     let logits = slice::<f32>(logits)?;
@@ -172,10 +165,10 @@ fn gather_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         return Err(wrong_op(op));
     };
     let ([x, ids, weight @ ..], [out]) = (inputs, outputs) else {
-        return Err(operands(op, inputs.len(), outputs.len()));
+        return Err(operand_count(op, inputs.len(), outputs.len()));
     };
     if weight.len() != layout.tensor_count() {
-        return Err(operands(op, inputs.len(), outputs.len()));
+        return Err(operand_count(op, inputs.len(), outputs.len()));
     }
     let top_k = ids.last_dim();
     let row_of = |s: usize| if per_slot { s } else { s / top_k };
@@ -188,10 +181,10 @@ fn gather_gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result
     };
     let count = layout.tensor_count();
     let ([x, ids, weights @ ..], [out]) = (inputs, outputs) else {
-        return Err(operands(op, inputs.len(), outputs.len()));
+        return Err(operand_count(op, inputs.len(), outputs.len()));
     };
     if weights.len() != 2 * count {
-        return Err(operands(op, inputs.len(), outputs.len()));
+        return Err(operand_count(op, inputs.len(), outputs.len()));
     }
     let top_k = ids.last_dim();
     let ids = slice::<u32>(ids)?;
@@ -204,7 +197,7 @@ fn gather_gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result
 
 fn moe_combine(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let ([y, weights, residual], [out]) = (inputs, outputs) else {
-        return Err(operands(op, inputs.len(), outputs.len()));
+        return Err(operand_count(op, inputs.len(), outputs.len()));
     };
     let (top_k, n) = (weights.last_dim(), out.last_dim());
     let y = slice::<f32>(y)?;

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::{scalar_u32, slice, slice_mut, wrong_op, CpuKernel};
 use crate::core::dtype::DType;
-use crate::core::op::Op;
+use crate::core::op::{operand_count, Op};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
@@ -111,7 +111,7 @@ pub(super) fn rope_kv_append(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> 
         return Err(wrong_op(op));
     };
     let ([q, k, v, inv_freq, pos], [q_out, k_cache, v_cache]) = (inputs, outputs) else {
-        return Err(Error::op("rope_kv_append", "unexpected operand count"));
+        return Err(operand_count(op, inputs.len(), outputs.len()));
     };
     let rope_op = Op::Rope {
         n_heads,

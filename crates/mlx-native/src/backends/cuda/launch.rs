@@ -12,6 +12,7 @@ use cudarc::nvrtc::Ptx;
 use super::compile::{self, Source};
 use super::{address, device_ptr, driver_err};
 use crate::core::dtype::DType;
+pub(crate) use crate::core::op::operand_count;
 use crate::core::op::Op;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
@@ -387,12 +388,4 @@ pub(crate) fn wrong_op(op: &Op) -> Error {
         "CUDA planner registered for another op received {}",
         op.name()
     ))
-}
-
-/// The error for a dispatch whose operand count does not match its op.
-pub(crate) fn operand_count(op: &Op, inputs: usize, outputs: usize) -> Error {
-    Error::op(
-        op.name(),
-        format!("unexpected operand count: {inputs} inputs, {outputs} outputs"),
-    )
 }
