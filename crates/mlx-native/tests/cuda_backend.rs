@@ -1023,6 +1023,14 @@ fn matvec_tensor_cores_mlx() {
             }
         }
     }
+    // The Llama-3.1-8B q/k/v and gate/up shapes: on a 132-SM GPU their plans split a tile's k
+    // over 5 warps, and give a block 7 tiles of 2 warps (matvec_tc_plan).
+    let st = FLOAT_TYPES[2];
+    let w = mlx_weight(&mut rng, 6144, 4096, 4, 64, st);
+    check_matmul(&dev, &mut rng, &w, 1, true);
+    let gate = mlx_weight(&mut rng, 14336, 4096, 4, 64, st);
+    let up = mlx_weight(&mut rng, 14336, 4096, 4, 64, st);
+    check_gated(&dev, &mut rng, UnaryFn::Silu, &gate, &up);
 }
 
 /// The decode matvec for ggml Q4_0 over 2^24 weights (matvec_tc.cu's `MtQ4_0` where rows start

@@ -46,12 +46,12 @@ const MATVEC_THREADS: u32 = 128;
 const MATVEC_WARPS: usize = 4;
 /// Warps per SM that keep enough weight bytes in flight (MV_MIN_BLOCKS·MV_WARPS).
 const MATVEC_WARPS_PER_SM: usize = 16;
-/// MT_WARPS·32 threads, 16-row tiles (matvec_tc.cu).
-const MATVEC_TC_THREADS: u32 = 256;
-const MATVEC_TC_WARPS: usize = 8;
+/// MT_WARPS·32 threads, 16-row tiles, one block an SM (matvec_tc.cu): one block of 16 warps
+/// rather than two of 8 reads x from L2 once an SM (H100, 2026-11-26: 1B shape 1,637 → 1,710
+/// tok/s, 8B 390 → 405).
+const MATVEC_TC_THREADS: u32 = 512;
+const MATVEC_TC_WARPS: usize = 16;
 const MATVEC_TC_TILE: usize = 16;
-/// Warps per SM the tensor-core matvec aims for (two blocks of MT_WARPS).
-const MATVEC_TC_WARPS_PER_SM: usize = 16;
 /// MLX weights (gate and up together) up to this many stay on matvec.cu, which was as fast or
 /// faster there (H200: 576×576 2.2 vs 3.0 µs, 4096×4096 mlx4 6.8 vs 7.1 µs) and keeps x in f32,
 /// unless an RMSNorm over more than `FOLD_NORM_MAX_K` comes first: matvec_tc folds it, where
@@ -61,7 +61,7 @@ const MLX_SIMT_WEIGHTS: usize = 1 << 24;
 /// Q4_0 weights below 2^24 stay on matvec.cu; at 2^24 `MtQ4_0` was faster (H200: 4096×4096
 /// 7.7 vs 8.6 µs). Smaller matrices were not timed.
 const Q4_0_SIMT_WEIGHTS: usize = (1 << 24) - 1;
-/// Shared memory (staged x) per block that still lets two blocks share an SM.
+/// Shared memory (staged x) per block: x up to 50,000 elements or so.
 const MATVEC_TC_MAX_SHARED: usize = 100 << 10;
 /// MM_BM = MM_BN, 256 threads (matmul.cu).
 const MATMUL_TILE: usize = 64;
@@ -699,19 +699,18 @@ fn matvec_tc_plan(
     let stage = if gated { 1 } else { stage };
     let steps = chunks.div_ceil(4);
     let tiles = n.div_ceil(MATVEC_TC_TILE);
-    // The fewest warps per tile (longest streams) that give the SMs about three quarters of
-    // their warps, keeping two stages a warp so that loads overlap compute, and never so many
-    // blocks that they need a second wave, which would run on a part of the SMs.
-    let resident_blocks = sm_count * MATVEC_TC_WARPS_PER_SM / MATVEC_TC_WARPS;
-    let mut kgroups = 1;
-    while kgroups < MATVEC_TC_WARPS
-        && tiles * kgroups * 4 < sm_count * MATVEC_TC_WARPS_PER_SM * 3
-        && steps >= 2 * stage * kgroups
-        && (tiles * 2 * kgroups).div_ceil(MATVEC_TC_WARPS) <= resident_blocks
-    {
-        kgroups *= 2;
+    // One block per SM. Tiles per block: the fewest that keep the grid within one wave, so
+    // that every SM streams (all a block holds where even that needs several waves: blocks
+    // that took groups of tiles in turns, staging x once, were slower); then as many warps per
+    // tile as the block holds, each keeping at least a stage of its row's chunks. H100,
+    // 2026-11-26: the 8B shape's q/k/v on 128 SMs instead of 96 and its gate/up on 128 instead
+    // of 112: 8B decode +1% (docs/cuda-backend.md).
+    let per_block = tiles.div_ceil(sm_count.max(1)).clamp(1, MATVEC_TC_WARPS);
+    let mut kgroups = MATVEC_TC_WARPS / per_block;
+    while kgroups > 1 && steps < stage * kgroups {
+        kgroups -= 1;
     }
-    let grid = (blocks(n, MATVEC_TC_TILE * MATVEC_TC_WARPS / kgroups)?, 1, 1);
+    let grid = (blocks(n, MATVEC_TC_TILE * per_block)?, 1, 1);
     Ok(Some(TcPlan {
         kgroups,
         grid,
@@ -733,4 +732,29 @@ fn matvec_kgroups(n: usize, k: usize, sm_count: usize, shape: SimtShape) -> usiz
         kgroups *= 2;
     }
     kgroups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tensor-core matvec plan for a 132-SM GPU: one wave of blocks where that can hold
+    /// every tile, each block's tiles (matvec_tc.cu's rule) in the warps it has.
+    #[test]
+    fn matvec_tc_plan_fills_one_wave() {
+        // (n, k, gated): Llama-3.1-8B q/k/v, gate/up, down, lm head; Llama-3.2-1B q/k/v.
+        let cases = [
+            (6144, 4096, false, 128, 5),
+            (14336, 4096, true, 128, 2),
+            (4096, 14336, false, 128, 8),
+            (128_256, 4096, false, 501, 1),
+            (3072, 2048, false, 96, 8),
+        ];
+        for (n, k, gated, grid, kgroups) in cases {
+            let plan = matvec_tc_plan(n, k, 32, 2, gated, 132, 0).unwrap().unwrap();
+            assert_eq!((plan.grid.0, plan.kgroups), (grid, kgroups), "{n}×{k}");
+            let tiles = n.div_ceil(MATVEC_TC_TILE).div_ceil(grid as usize);
+            assert!(tiles * kgroups <= MATVEC_TC_WARPS, "{n}×{k}");
+        }
+    }
 }

@@ -17,17 +17,19 @@
 //
 // Bytes in flight: a warp's chunks are processed in stages of F::STAGE chunks per row, and the
 // next stage's loads (words, raw scales and biases) are issued before the current one
-// is computed (two register sets). `kgroups` warps of a block split a tile's k (steps of four
-// chunks, interleaved) so that the grid fills the GPU; shared memory sums them at the end.
+// is computed (two register sets). A block owns `tiles` = ⌈⌈n/16⌉ / blocks⌉ 16-row tiles, and
+// `kgroups` of its warps split each tile's k (steps of four chunks, interleaved) so that the
+// grid fills the GPU (warps past tiles·kgroups idle); shared memory sums them at the end.
 // GATED reads a second weight (the up projection) at the same rows and stores act(gate)·up.
 // x: f16 rounding gives a relative error ≈ 2^−11 per product (the prefill tensor-core path
 // rounds x alike); q is exact in f16 and the accumulation is f32.
-// Launch: MT_WARPS·32 threads, ceil(n / (16·MT_WARPS/kgroups)) blocks, dynamic shared memory
-// (`matvec_tc_plan`, matmul.rs); x 16-byte aligned, MLX w 16-byte aligned, Q4_0 rows 8-byte.
+// Launch: MT_WARPS·32 threads (one block an SM), blocks such that tiles·kgroups ≤ MT_WARPS,
+// dynamic shared memory (`matvec_tc_plan`, matmul.rs); x 16-byte aligned, MLX w 16-byte
+// aligned, Q4_0 rows 8-byte.
 // The block's RMSNorm, if any, is applied to x as it is staged (mt_stage_x). The kernels wait
 // for the previous kernel inside `matvec_tc`, after their first weight loads.
 
-#define MT_WARPS 8
+#define MT_WARPS 16
 #define MT_CHUNK_WORDS 4  // one 16-byte load per row and chunk
 
 __device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
@@ -257,14 +259,75 @@ __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const 
     }
 }
 
+// N floats from p (16-byte aligned) into registers.
+template <int N>
+__device__ __forceinline__ void load_floats(const float* p, float* v) {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+        const float4 q = ((const float4*)p)[i];
+        v[4 * i] = q.x; v[4 * i + 1] = q.y; v[4 * i + 2] = q.z; v[4 * i + 3] = q.w;
+    }
+}
+
+// Chunk c of x (already normalised) as the format's f16 pairs in shared memory, and its Σx
+// (formats with biases).
+template <class F>
+__device__ __forceinline__ void mt_store_chunk(const float* v, int c, u32* xh, float* csum) {
+    constexpr int CHUNK = F::CHUNK;
+    const bool first = (c & 3) == 0;  // the first chunk of its quad
+#pragma unroll
+    for (int j = 0; j < CHUNK / 8; ++j) {
+        u32 o[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int e = 2 * q;  // both orders indexed by constants: v stays in registers
+            const float lo = first ? v[F::slot(true, j, e)] : v[F::slot(false, j, e)];
+            const float hi = first ? v[F::slot(true, j, e + 1)] : v[F::slot(false, j, e + 1)];
+            o[q] = pack_f16x2(lo, hi);
+        }
+        *(uint4*)(xh + c * (CHUNK / 2) + 4 * j) = uint4{o[0], o[1], o[2], o[3]};
+    }
+    if constexpr (F::SUMS) {
+        float sum = 0.f;
+#pragma unroll
+        for (int e = 0; e < CHUNK; ++e) sum += v[e];
+        csum[c] = sum;
+    }
+}
+
 // x (through the RMSNorm, if NORM) as f16 pairs in the format's fragment order, Σx per
-// chunk in f32 (formats with biases), and a chunk of zeros. Every block normalises x itself
-// (a pass over x from L2 for Σx²), which costs less than a norm launch in front of the kernel.
+// chunk in f32 (formats with biases), and a chunk of zeros. Every block normalises x itself,
+// which costs less than a norm launch in front of the kernel. Where the block's threads hold
+// all chunks (k ≤ 8,192 4-bit fields), each loads one chunk once and takes the norm's Σx²
+// from those registers; else a first pass over x sums the squares.
+// These reads of x, by every block at once right after the wait, are a large part of the
+// kernel's fixed cost (H100, 2026-11-26: staging only 1/8 of x, a knockout, read 8B decode
+// 391 → 433 tok/s); thread block clusters that split the staging and share it through
+// distributed shared memory were slower (measured in docs/cuda-backend.md).
 template <class F, bool NORM>
 __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, const PreNorm& norm,
                                            u32* xh, u32* zero, float* csum) {
     constexpr int CHUNK = F::CHUNK;
     const int chunks = k / CHUNK;
+    if (threadIdx.x < CHUNK / 2) zero[threadIdx.x] = 0u;
+    if (chunks <= (int)blockDim.x) {
+        const int c = threadIdx.x;
+        const bool mine = c < chunks;
+        float v[CHUNK];
+        load_floats<CHUNK>(x + (i64)(mine ? c : 0) * CHUNK, v);
+        if constexpr (NORM) {
+            float g[CHUNK];
+            load_floats<CHUNK>(norm.g + (i64)(mine ? c : 0) * CHUNK, g);
+            float ss = 0.f;
+#pragma unroll
+            for (int e = 0; e < CHUNK; ++e) ss = fmaf(v[e], v[e], ss);
+            const float r = rsqrtf(block_sum(mine ? ss : 0.f) / k + norm.eps);
+#pragma unroll
+            for (int e = 0; e < CHUNK; ++e) v[e] *= r * (g[e] + norm.g_offset);
+        }
+        if (mine) mt_store_chunk<F>(v, c, xh, csum);
+        return;
+    }
     float r = 1.f;
     if constexpr (NORM) {
         float ss = 0.f;
@@ -275,45 +338,16 @@ __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, c
         r = rsqrtf(block_sum(ss) / k + norm.eps);
     }
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-        const float4* xp = (const float4*)(x + (i64)c * CHUNK);
         float v[CHUNK];
-#pragma unroll
-        for (int i = 0; i < CHUNK / 4; ++i) {
-            const float4 p = xp[i];
-            v[4 * i] = p.x; v[4 * i + 1] = p.y; v[4 * i + 2] = p.z; v[4 * i + 3] = p.w;
-        }
+        load_floats<CHUNK>(x + (i64)c * CHUNK, v);
         if constexpr (NORM) {
-            const float4* gp = (const float4*)(norm.g + (i64)c * CHUNK);
+            float g[CHUNK];
+            load_floats<CHUNK>(norm.g + (i64)c * CHUNK, g);
 #pragma unroll
-            for (int i = 0; i < CHUNK / 4; ++i) {
-                const float4 p = gp[i];
-                v[4 * i] *= r * (p.x + norm.g_offset);
-                v[4 * i + 1] *= r * (p.y + norm.g_offset);
-                v[4 * i + 2] *= r * (p.z + norm.g_offset);
-                v[4 * i + 3] *= r * (p.w + norm.g_offset);
-            }
+            for (int e = 0; e < CHUNK; ++e) v[e] *= r * (g[e] + norm.g_offset);
         }
-        if constexpr (F::SUMS) {
-            float sum = 0.f;
-#pragma unroll
-            for (int e = 0; e < CHUNK; ++e) sum += v[e];
-            csum[c] = sum;
-        }
-        const bool first = (c & 3) == 0;  // the first chunk of its quad
-#pragma unroll
-        for (int j = 0; j < CHUNK / 8; ++j) {
-            u32 o[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int e = 2 * q;  // both orders indexed by constants: v stays in registers
-                const float lo = first ? v[F::slot(true, j, e)] : v[F::slot(false, j, e)];
-                const float hi = first ? v[F::slot(true, j, e + 1)] : v[F::slot(false, j, e + 1)];
-                o[q] = pack_f16x2(lo, hi);
-            }
-            *(uint4*)(xh + c * (CHUNK / 2) + 4 * j) = uint4{o[0], o[1], o[2], o[3]};
-        }
+        mt_store_chunk<F>(v, c, xh, csum);
     }
-    if (threadIdx.x < CHUNK / 2) zero[threadIdx.x] = 0u;
 }
 
 template <class F, bool GATED, bool NORM>
@@ -328,8 +362,9 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     extern __shared__ __align__(16) u32 smem[];
     __shared__ float partial[MT_WARPS][M][16];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, tiles = MT_WARPS / kgroups;
+    const int g = lane >> 2, tiles = ((n + 15) / 16 + gridDim.x - 1) / gridDim.x;
     const int tile = warp / kgroups, slice = warp % kgroups;
+    const bool active = tile < tiles;
     const int row0 = (blockIdx.x * tiles + tile) * 16;
 
     MtStream st;
@@ -344,7 +379,7 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     st.t = lane & 3;
     const int steps = (st.chunks + 3) / 4;
     const int mine = slice < steps ? (steps - slice + kgroups - 1) / kgroups : 0;
-    const int stages = max(1, (mine + STAGE - 1) / STAGE);
+    const int stages = active ? max(1, (mine + STAGE - 1) / STAGE) : 0;
 
     u32* xh = smem;
     u32* zero = xh + st.chunks * (CHUNK / 2);
@@ -353,7 +388,7 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     MtStage<F, M, STAGE> sa, sb;
     // The first stage's weights are requested before the wait for the previous kernel (no
     // kernel writes weights), so they fly while it finishes and while x is staged.
-    mt_load(wt, st, 0, sa);
+    if (active) mt_load(wt, st, 0, sa);
     kernel_entry();
     launch_dependents();
     // Thread r stores row r of the block (tiles·16 ≤ blockDim): its bias (often the residual
@@ -404,7 +439,7 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
 // holds more registers); both take the norm arguments (MATVEC_NORM_ARGS), which the plain one
 // ignores.
 #define MATVEC_TC_KERNELS(BITS, ST, NAME, PREFIX, NORM)                                            \
-    extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)                                 \
+    extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##mlx##BITS##_##NAME(const float* x, const u8* w, const void* scales,                \
                                    const void* biases, const void* bias, int bias_type,            \
                                    float* out, int n, int k, int group_shift, int kgroups,         \
@@ -413,7 +448,7 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
         matvec_tc<MtMlx<BITS, ST>, false, NORM>(wt, x, MATVEC_PRE_NORM, bias, bias_type, out, n,   \
                                                 k, (i64)k * BITS / 8, group_shift, kgroups, 0);    \
     }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)                                 \
+    extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##gated_mlx##BITS##_##NAME(const float* x, const u8* w, const void* scales,          \
                                          const void* biases, const u8* w_up,                       \
                                          const void* scales_up, const void* biases_up,             \
@@ -434,14 +469,14 @@ MATVEC_TC_ALL_TYPES(4)
 MATVEC_TC_ALL_TYPES(8)
 
 #define MATVEC_TC_Q4_0(PREFIX, NORM)                                                               \
-    extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)                                 \
+    extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##q4_0(const float* x, const u8* w, const void* bias, int bias_type, float* out,     \
                      int n, int k, int kgroups, MATVEC_NORM_ARGS) {                                \
         const MtWeight wt[1] = {{w, nullptr, nullptr}};                                            \
         matvec_tc<MtQ4_0, false, NORM>(wt, x, MATVEC_PRE_NORM, bias, bias_type, out, n, k,         \
                                        (i64)(k / 32) * MtQ4_0::BLOCK, 0, kgroups, 0);              \
     }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 2)                                 \
+    extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##gated_q4_0(const float* x, const u8* w, const u8* w_up, float* out, int n, int k,  \
                            int kgroups, int act, MATVEC_NORM_ARGS) {                               \
         const MtWeight wt[2] = {{w, nullptr, nullptr}, {w_up, nullptr, nullptr}};                  \
