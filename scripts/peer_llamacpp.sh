@@ -9,7 +9,8 @@ set -euo pipefail
 version=0.3.36
 case "${1:-}" in
   prepare)
-    out=$2; tmp=$(mktemp -d)
+    out=$(realpath -m "$2"); tmp=$(mktemp -d)
+    mkdir -p "$(dirname "$out")"
     python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python --no-build-isolation \
       -d "$tmp" "llama-cpp-python==$version"
     tar -xzf "$tmp"/llama_cpp_python-$version.tar.gz -C "$tmp"

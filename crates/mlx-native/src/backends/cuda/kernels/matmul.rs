@@ -456,6 +456,8 @@ impl<'a> DecodePlan<'a> {
         norm: Norm<'a>,
     ) -> Result<Self> {
         let (k, sm_count, gated) = (x.last_dim(), lib.sm_count(), up.is_some());
+        // Whether the tensor-core kernel folds the norm (the MLX kernels always do).
+        let normed = norm.is_some();
         // MtQ4_0 loads a quad's four blocks (72 bytes) as 8-byte words: rows of k % 128 == 0
         // from 8-byte aligned data; other Q4_0 rows stay on matvec.cu.
         let aligned8 = |w: &Weight| -> Result<bool> { Ok(device_ptr(w.data())? % 8 == 0) };
@@ -473,14 +475,17 @@ impl<'a> DecodePlan<'a> {
         };
         let tensor_cores = match *weight {
             Weight::Mlx { bits: 4, .. } => {
-                matvec_tc_plan(n, k, 32, 2, gated, sm_count, mlx_simt_weights)?
+                matvec_tc_plan(n, k, 32, 2, gated, normed, sm_count, mlx_simt_weights)?
             }
             Weight::Mlx { bits: 8, .. } => {
-                matvec_tc_plan(n, k, 16, 2, gated, sm_count, mlx_simt_weights)?
+                matvec_tc_plan(n, k, 16, 2, gated, normed, sm_count, mlx_simt_weights)?
             }
             Weight::Ggml {
                 ty: GgmlType::Q4_0, ..
-            } if q4_0_quads => matvec_tc_plan(n, k, 32, 2, gated, sm_count, Q4_0_SIMT_WEIGHTS)?,
+            } if q4_0_quads => {
+                let normed = normed && k <= FOLD_NORM_MAX_K;
+                matvec_tc_plan(n, k, 32, 2, gated, normed, sm_count, Q4_0_SIMT_WEIGHTS)?
+            }
             _ => None,
         };
         let kernel = match tensor_cores {
@@ -538,6 +543,13 @@ impl<'a> DecodePlan<'a> {
         let args = args.norm(self.input.fold)?;
         let launch = match self.kernel {
             MatvecKernel::TensorCores(p) => {
+                // The plan sized shared memory for the norm weight if the kernel folds the norm.
+                if p.normed != self.input.fold.is_some() {
+                    return Err(Error::Invalid(format!(
+                        "{name}: planned for a folded norm: {}",
+                        p.normed
+                    )));
+                }
                 lib.launch(&MATVEC_TC, name, p.grid, MATVEC_TC_THREADS, p.shared, args)?
             }
             MatvecKernel::Simt { shape, kgroups } => {
@@ -669,6 +681,8 @@ struct TcPlan {
     grid: (u32, u32, u32),
     /// Bytes of staged x (dynamic shared memory).
     shared: u32,
+    /// Shared memory holds the norm weight too (the kernel folds the norm).
+    normed: bool,
 }
 
 /// The tensor-core matvec for weights `[n, k]` whose format (matvec_tc.cu's `MtMlx` for MLX 4-
@@ -681,6 +695,7 @@ fn matvec_tc_plan(
     chunk: usize,
     stage: usize,
     gated: bool,
+    normed: bool,
     sm_count: usize,
     simt_weights: usize,
 ) -> Result<Option<TcPlan>> {
@@ -688,10 +703,10 @@ fn matvec_tc_plan(
     if weights <= simt_weights || !k.is_multiple_of(chunk) {
         return Ok(None);
     }
-    // x is staged as f16 with f32 sums per chunk and a chunk of zeros (matvec_tc.cu's
-    // mt_stage_x).
+    // x is staged as f16 with f32 sums per chunk and a chunk of zeros, after the norm weight
+    // in f32 if `normed` (matvec_tc.cu's mt_stage_x).
     let chunks = k / chunk;
-    let shared = 2 * k + 2 * chunk + 4 * chunks;
+    let shared = 2 * k + 2 * chunk + 4 * chunks + if normed { 4 * k } else { 0 };
     if shared > MATVEC_TC_MAX_SHARED {
         return Ok(None);
     }
@@ -715,6 +730,7 @@ fn matvec_tc_plan(
         kgroups,
         grid,
         shared: shared as u32,
+        normed,
     }))
 }
 
@@ -751,7 +767,9 @@ mod tests {
             (3072, 2048, false, 96, 8),
         ];
         for (n, k, gated, grid, kgroups) in cases {
-            let plan = matvec_tc_plan(n, k, 32, 2, gated, 132, 0).unwrap().unwrap();
+            let plan = matvec_tc_plan(n, k, 32, 2, gated, true, 132, 0)
+                .unwrap()
+                .unwrap();
             assert_eq!((plan.grid.0, plan.kgroups), (grid, kgroups), "{n}×{k}");
             let tiles = n.div_ceil(MATVEC_TC_TILE).div_ceil(grid as usize);
             assert!(tiles * kgroups <= MATVEC_TC_WARPS, "{n}×{k}");

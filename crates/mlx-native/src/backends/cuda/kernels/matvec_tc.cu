@@ -216,6 +216,7 @@ __device__ __forceinline__ void mt_load(const MtWeight* wt, const MtStream& st, 
     }
 }
 
+
 // Multiplies one loaded stage and folds each chunk into acc[m][h].
 template <class F, int M, int STAGE>
 __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const MtStream& st,
@@ -297,16 +298,18 @@ __device__ __forceinline__ void mt_store_chunk(const float* v, int c, u32* xh, f
 
 // x (through the RMSNorm, if NORM) as f16 pairs in the format's fragment order, Σx per
 // chunk in f32 (formats with biases), and a chunk of zeros. Every block normalises x itself,
-// which costs less than a norm launch in front of the kernel. Where the block's threads hold
-// all chunks (k ≤ 8,192 4-bit fields), each loads one chunk once and takes the norm's Σx²
-// from those registers; else a first pass over x sums the squares.
-// These reads of x, by every block at once right after the wait, are a large part of the
-// kernel's fixed cost (H100, 2026-11-26: staging only 1/8 of x, a knockout, read 8B decode
-// 391 → 433 tok/s); thread block clusters that split the staging and share it through
-// distributed shared memory were slower (measured in docs/cuda-backend.md).
+// which costs less than a norm launch in front of the kernel; the norm weight is already in
+// shared memory (`gs`, copied before the wait: no kernel writes it). Where the block's threads
+// hold all chunks (k ≤ 16,384 4-bit fields), each loads one chunk once and takes the norm's
+// Σx² from those registers; else a first pass over x sums the squares.
+// These reads of x, by every SM at once right after the wait, are a large part of the kernel's
+// fixed cost (H100, 2026-11-26, knockouts: staging 1/8 of x read 8B decode 391 → 433 tok/s
+// with two blocks an SM, and no staging at all still 408 → 456 with one). Thread block
+// clusters that split the staging and shared it through distributed shared memory were slower
+// (docs/cuda-backend.md).
 template <class F, bool NORM>
 __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, const PreNorm& norm,
-                                           u32* xh, u32* zero, float* csum) {
+                                           const float* gs, u32* xh, u32* zero, float* csum) {
     constexpr int CHUNK = F::CHUNK;
     const int chunks = k / CHUNK;
     if (threadIdx.x < CHUNK / 2) zero[threadIdx.x] = 0u;
@@ -316,12 +319,13 @@ __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, c
         float v[CHUNK];
         load_floats<CHUNK>(x + (i64)(mine ? c : 0) * CHUNK, v);
         if constexpr (NORM) {
-            float g[CHUNK];
-            load_floats<CHUNK>(norm.g + (i64)(mine ? c : 0) * CHUNK, g);
             float ss = 0.f;
 #pragma unroll
             for (int e = 0; e < CHUNK; ++e) ss = fmaf(v[e], v[e], ss);
+            cp_async_wait<0>();  // this thread's part of gs; all of it after block_sum's barrier
             const float r = rsqrtf(block_sum(mine ? ss : 0.f) / k + norm.eps);
+            float g[CHUNK];
+            load_floats<CHUNK>(gs + (mine ? c : 0) * CHUNK, g);
 #pragma unroll
             for (int e = 0; e < CHUNK; ++e) v[e] *= r * (g[e] + norm.g_offset);
         }
@@ -335,6 +339,7 @@ __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, c
             const float4 p = ((const float4*)x)[i];
             ss = fmaf(p.x, p.x, fmaf(p.y, p.y, fmaf(p.z, p.z, fmaf(p.w, p.w, ss))));
         }
+        cp_async_wait<0>();
         r = rsqrtf(block_sum(ss) / k + norm.eps);
     }
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
@@ -342,7 +347,7 @@ __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, c
         load_floats<CHUNK>(x + (i64)c * CHUNK, v);
         if constexpr (NORM) {
             float g[CHUNK];
-            load_floats<CHUNK>(norm.g + (i64)c * CHUNK, g);
+            load_floats<CHUNK>(gs + c * CHUNK, g);
 #pragma unroll
             for (int e = 0; e < CHUNK; ++e) v[e] *= r * (g[e] + norm.g_offset);
         }
@@ -381,7 +386,8 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     const int mine = slice < steps ? (steps - slice + kgroups - 1) / kgroups : 0;
     const int stages = active ? max(1, (mine + STAGE - 1) / STAGE) : 0;
 
-    u32* xh = smem;
+    float* gs = (float*)smem;  // the norm weight (NORM), copied before the wait
+    u32* xh = smem + (NORM ? k : 0);
     u32* zero = xh + st.chunks * (CHUNK / 2);
     float* csum = (float*)(zero + CHUNK / 2);
 
@@ -389,13 +395,18 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     // The first stage's weights are requested before the wait for the previous kernel (no
     // kernel writes weights), so they fly while it finishes and while x is staged.
     if (active) mt_load(wt, st, 0, sa);
+    if constexpr (NORM) {
+        for (int i = threadIdx.x; i < k / 4; i += blockDim.x)
+            cp_async16((u32)__cvta_generic_to_shared(gs + 4 * i), norm.g + 4 * i, true);
+        cp_async_commit();
+    }
     kernel_entry();
     launch_dependents();
     // Thread r stores row r of the block (tiles·16 ≤ blockDim): its bias (often the residual
     // stream, written by an earlier kernel) is loaded now, not after the reduction.
     const int r = threadIdx.x, row = blockIdx.x * tiles * 16 + r;
     const float bias_v = bias ? load_float(bias, min(row, n - 1), bias_type) : 0.f;
-    mt_stage_x<F, NORM>(x, k, norm, xh, zero, csum);
+    mt_stage_x<F, NORM>(x, k, norm, gs, xh, zero, csum);
     __syncthreads();
 
     float acc[M][2];
