@@ -52,12 +52,14 @@ const MATVEC_WARPS_PER_SM: usize = 16;
 const MATVEC_TC_THREADS: u32 = 512;
 const MATVEC_TC_WARPS: usize = 16;
 const MATVEC_TC_TILE: usize = 16;
-/// MLX weights (gate and up together) up to this many stay on matvec.cu, which was as fast or
-/// faster there (H200: 576×576 2.2 vs 3.0 µs, 4096×4096 mlx4 6.8 vs 7.1 µs) and keeps x in f32,
-/// unless an RMSNorm over more than `FOLD_NORM_MAX_K` comes first: matvec_tc folds it, where
-/// matvec.cu needs a launch in front (H200, 2026-11-26: Llama-3.2-1B shape 1,388 → 1,451 tok/s,
-/// Gemma-3-1B 398 → 438).
-const MLX_SIMT_WEIGHTS: usize = 1 << 24;
+/// MLX weights (gate and up together) up to this many stay on matvec.cu, which keeps x in f32
+/// and is faster for small matrices, unless an RMSNorm over more than `FOLD_NORM_MAX_K` comes
+/// first: matvec_tc folds it, where matvec.cu needs a launch in front (H200, 2026-11-26:
+/// Llama-3.2-1B shape 1,388 → 1,451 tok/s, Gemma-3-1B 398 → 438). Since matvec_tc runs one
+/// block an SM, 2^21 weights and more run better on it (H100, 2026-11-26, against 2^24:
+/// Qwen3-0.6B shape 974 → 1,152 tok/s, 2^22 1,035; Gemma-3-1B, 1B and 8B within 1%), but
+/// SmolLM2's gate/up pair (1.8 M) lost 8% there (2^20).
+const MLX_SIMT_WEIGHTS: usize = (1 << 21) - 1;
 /// Q4_0 weights below 2^24 stay on matvec.cu; at 2^24 `MtQ4_0` was faster (H200: 4096×4096
 /// 7.7 vs 8.6 µs). Smaller matrices were not timed.
 const Q4_0_SIMT_WEIGHTS: usize = (1 << 24) - 1;
@@ -456,7 +458,7 @@ impl<'a> DecodePlan<'a> {
         norm: Norm<'a>,
     ) -> Result<Self> {
         let (k, sm_count, gated) = (x.last_dim(), lib.sm_count(), up.is_some());
-        // Whether the tensor-core kernel folds the norm (the MLX kernels always do).
+        // Whether the tensor-core kernel may fold the norm (and stage its weight).
         let normed = norm.is_some();
         // MtQ4_0 loads a quad's four blocks (72 bytes) as 8-byte words: rows of k % 128 == 0
         // from 8-byte aligned data; other Q4_0 rows stay on matvec.cu.
@@ -483,7 +485,6 @@ impl<'a> DecodePlan<'a> {
             Weight::Ggml {
                 ty: GgmlType::Q4_0, ..
             } if q4_0_quads => {
-                let normed = normed && k <= FOLD_NORM_MAX_K;
                 matvec_tc_plan(n, k, 32, 2, gated, normed, sm_count, Q4_0_SIMT_WEIGHTS)?
             }
             _ => None,
@@ -502,21 +503,27 @@ impl<'a> DecodePlan<'a> {
                 }
             }
         };
-        Ok(DecodePlan {
-            kernel,
-            // matvec_tc normalises MLX x while staging it, at any width (H200, 2026-11-26:
-            // Llama-3.2-1B shape 1,322 → 1,387 tok/s, 8B 350 → 365); Q4_0 measured slower that
-            // way (8B 331 → 325) and keeps the norm launch in front.
-            input: MatvecInput::new(
-                lib,
-                x,
-                norm,
-                match (tensor_cores, weight) {
-                    (Some(_), Weight::Mlx { .. }) => usize::MAX,
-                    _ => FOLD_NORM_MAX_K,
-                },
-            )?,
-        })
+        // matvec_tc normalises MLX x while staging it, at any width (H200, 2026-11-26:
+        // Llama-3.2-1B shape 1,322 → 1,387 tok/s, 8B 350 → 365); Q4_0 measured slower that
+        // way (8B 331 → 325) and keeps the norm launch in front.
+        let input = MatvecInput::new(
+            lib,
+            x,
+            norm,
+            match (tensor_cores, weight) {
+                (Some(_), Weight::Mlx { .. }) => usize::MAX,
+                _ => FOLD_NORM_MAX_K,
+            },
+        )?;
+        let kernel = match kernel {
+            // The folded norm's weight is staged in front of x.
+            MatvecKernel::TensorCores(mut p) if input.fold.is_some() => {
+                p.shared += 4 * k as u32;
+                MatvecKernel::TensorCores(p)
+            }
+            kernel => kernel,
+        };
+        Ok(DecodePlan { kernel, input })
     }
 
     /// The kernel name prefix: matvec_tc.cu's, or matvec.cu's for the shape, plain or normed.
@@ -543,13 +550,6 @@ impl<'a> DecodePlan<'a> {
         let args = args.norm(self.input.fold)?;
         let launch = match self.kernel {
             MatvecKernel::TensorCores(p) => {
-                // The plan sized shared memory for the norm weight if the kernel folds the norm.
-                if p.normed != self.input.fold.is_some() {
-                    return Err(Error::Invalid(format!(
-                        "{name}: planned for a folded norm: {}",
-                        p.normed
-                    )));
-                }
                 lib.launch(&MATVEC_TC, name, p.grid, MATVEC_TC_THREADS, p.shared, args)?
             }
             MatvecKernel::Simt { shape, kgroups } => {
@@ -679,10 +679,9 @@ struct TcPlan {
     /// Warps sharing a 16-row tile's k.
     kgroups: usize,
     grid: (u32, u32, u32),
-    /// Bytes of staged x (dynamic shared memory).
+    /// Bytes of staged x (dynamic shared memory), and of the norm weight where the kernel folds
+    /// the norm (added by `DecodePlan::new`).
     shared: u32,
-    /// Shared memory holds the norm weight too (the kernel folds the norm).
-    normed: bool,
 }
 
 /// The tensor-core matvec for weights `[n, k]` whose format (matvec_tc.cu's `MtMlx` for MLX 4-
@@ -704,10 +703,10 @@ fn matvec_tc_plan(
         return Ok(None);
     }
     // x is staged as f16 with f32 sums per chunk and a chunk of zeros, after the norm weight
-    // in f32 if `normed` (matvec_tc.cu's mt_stage_x).
+    // in f32 where the kernel may fold a norm (`normed`; matvec_tc.cu's mt_stage_x).
     let chunks = k / chunk;
-    let shared = 2 * k + 2 * chunk + 4 * chunks + if normed { 4 * k } else { 0 };
-    if shared > MATVEC_TC_MAX_SHARED {
+    let shared = 2 * k + 2 * chunk + 4 * chunks;
+    if shared + if normed { 4 * k } else { 0 } > MATVEC_TC_MAX_SHARED {
         return Ok(None);
     }
     // Four chunks per step; the gated kernel loads one chunk per row and stage.
@@ -730,7 +729,6 @@ fn matvec_tc_plan(
         kgroups,
         grid,
         shared: shared as u32,
-        normed,
     }))
 }
 
