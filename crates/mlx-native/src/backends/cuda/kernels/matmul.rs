@@ -477,15 +477,15 @@ impl<'a> DecodePlan<'a> {
         };
         let tensor_cores = match *weight {
             Weight::Mlx { bits: 4, .. } => {
-                matvec_tc_plan(n, k, 32, 2, gated, normed, sm_count, mlx_simt_weights)?
+                matvec_tc_plan(n, k, 32, gated, normed, sm_count, mlx_simt_weights)?
             }
             Weight::Mlx { bits: 8, .. } => {
-                matvec_tc_plan(n, k, 16, 2, gated, normed, sm_count, mlx_simt_weights)?
+                matvec_tc_plan(n, k, 16, gated, normed, sm_count, mlx_simt_weights)?
             }
             Weight::Ggml {
                 ty: GgmlType::Q4_0, ..
             } if q4_0_quads => {
-                matvec_tc_plan(n, k, 32, 2, gated, normed, sm_count, Q4_0_SIMT_WEIGHTS)?
+                matvec_tc_plan(n, k, 32, gated, normed, sm_count, Q4_0_SIMT_WEIGHTS)?
             }
             _ => None,
         };
@@ -685,14 +685,13 @@ struct TcPlan {
 }
 
 /// The tensor-core matvec for weights `[n, k]` whose format (matvec_tc.cu's `MtMlx` for MLX 4-
-/// and 8-bit, `MtQ4_0`) has `chunk` elements per chunk and `stage` chunks per
-/// row and stage, or None where matvec.cu runs instead: matrices of up to `simt_weights`, and x
-/// too long to stage in shared memory.
+/// and 8-bit, `MtQ4_0`) has `chunk` elements per chunk, or None where matvec.cu runs instead:
+/// matrices of up to `simt_weights`, and x too long to stage in shared memory (with the norm
+/// weight where the kernel may fold a norm, `normed`).
 fn matvec_tc_plan(
     n: usize,
     k: usize,
     chunk: usize,
-    stage: usize,
     gated: bool,
     normed: bool,
     sm_count: usize,
@@ -709,8 +708,8 @@ fn matvec_tc_plan(
     if shared + if normed { 4 * k } else { 0 } > MATVEC_TC_MAX_SHARED {
         return Ok(None);
     }
-    // Four chunks per step; the gated kernel loads one chunk per row and stage.
-    let stage = if gated { 1 } else { stage };
+    // Four chunks per step; a stage is two chunks per row (F::STAGE), one in the gated kernel.
+    let stage = if gated { 1 } else { 2 };
     let steps = chunks.div_ceil(4);
     let tiles = n.div_ceil(MATVEC_TC_TILE);
     // One block per SM. Tiles per block: the fewest that keep the grid within one wave, so
@@ -765,7 +764,7 @@ mod tests {
             (3072, 2048, false, 96, 8),
         ];
         for (n, k, gated, grid, kgroups) in cases {
-            let plan = matvec_tc_plan(n, k, 32, 2, gated, true, 132, 0)
+            let plan = matvec_tc_plan(n, k, 32, gated, true, 132, 0)
                 .unwrap()
                 .unwrap();
             assert_eq!((plan.grid.0, plan.kgroups), (grid, kgroups), "{n}×{k}");
