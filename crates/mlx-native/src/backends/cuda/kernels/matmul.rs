@@ -63,7 +63,9 @@ const MLX_SIMT_WEIGHTS: usize = (1 << 21) - 1;
 /// Q4_0 weights below 2^24 stay on matvec.cu; at 2^24 `MtQ4_0` was faster (H200: 4096×4096
 /// 7.7 vs 8.6 µs). Smaller matrices were not timed.
 const Q4_0_SIMT_WEIGHTS: usize = (1 << 24) - 1;
-/// Shared memory (staged x) per block: x up to 50,000 elements or so.
+/// Shared memory per block (staged x, and the norm weight where the kernel folds the norm): x
+/// up to ~50,000 elements, ~17,000 behind a folded norm (the launch raises the block's limit
+/// past the default 48 KB).
 const MATVEC_TC_MAX_SHARED: usize = 100 << 10;
 /// MM_BM = MM_BN, 256 threads (matmul.cu).
 const MATMUL_TILE: usize = 64;

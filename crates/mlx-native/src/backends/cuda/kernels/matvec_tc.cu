@@ -216,7 +216,6 @@ __device__ __forceinline__ void mt_load(const MtWeight* wt, const MtStream& st, 
     }
 }
 
-
 // Multiplies one loaded stage and folds each chunk into acc[m][h].
 template <class F, int M, int STAGE>
 __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const MtStream& st,
