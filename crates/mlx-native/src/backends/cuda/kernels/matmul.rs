@@ -52,17 +52,15 @@ const MATVEC_WARPS_PER_SM: usize = 16;
 const MATVEC_TC_THREADS: u32 = 512;
 const MATVEC_TC_WARPS: usize = 16;
 const MATVEC_TC_TILE: usize = 16;
-/// MLX weights (gate and up together) up to this many stay on matvec.cu, which keeps x in f32
-/// and is faster for small matrices, unless an RMSNorm over more than `FOLD_NORM_MAX_K` comes
-/// first: matvec_tc folds it, where matvec.cu needs a launch in front (H200, 2026-11-26:
-/// Llama-3.2-1B shape 1,388 → 1,451 tok/s, Gemma-3-1B 398 → 438). Since matvec_tc runs one
-/// block an SM, 2^21 weights and more run better on it (H100, 2026-11-26, against 2^24:
-/// Qwen3-0.6B shape 974 → 1,152 tok/s, 2^22 1,035; Gemma-3-1B, 1B and 8B within 1%), but
-/// SmolLM2's gate/up pair (1.8 M) lost 8% there (2^20).
-const MLX_SIMT_WEIGHTS: usize = (1 << 21) - 1;
-/// Q4_0 weights below 2^24 stay on matvec.cu; at 2^24 `MtQ4_0` was faster (H200: 4096×4096
-/// 7.7 vs 8.6 µs). Smaller matrices were not timed.
-const Q4_0_SIMT_WEIGHTS: usize = (1 << 24) - 1;
+/// MLX and Q4_0 weights (gate and up together) up to this many stay on matvec.cu, which keeps
+/// x in f32 and is faster for small matrices, unless an MLX matrix follows an RMSNorm over more
+/// than `FOLD_NORM_MAX_K`: matvec_tc folds it, where matvec.cu needs a launch in front (H200,
+/// 2026-11-26: Llama-3.2-1B shape 1,388 → 1,451 tok/s, Gemma-3-1B 398 → 438). Since matvec_tc
+/// runs one block an SM, 2^21 weights and more run better on it (H100, 2026-11-26, against
+/// 2^24: Qwen3-0.6B shape 974 → 1,152 tok/s, 2^22 1,035; Gemma-3-1B, 1B and 8B within 1%;
+/// Q4_0 1B 1,457 → 1,609 with the norm folded), but SmolLM2's gate/up pair (1.8 M) lost 8%
+/// there (2^20).
+const SIMT_MAX_WEIGHTS: usize = (1 << 21) - 1;
 /// Shared memory per block (staged x, and the norm weight where the kernel folds the norm): x
 /// up to ~50,000 elements, ~17,000 behind a folded norm (the launch raises the block's limit
 /// past the default 48 KB).
@@ -475,7 +473,7 @@ impl<'a> DecodePlan<'a> {
         // matrices to the tensor cores too, which fold it.
         let mlx_simt_weights = match norm {
             Some(_) if k > FOLD_NORM_MAX_K => 0,
-            _ => MLX_SIMT_WEIGHTS,
+            _ => SIMT_MAX_WEIGHTS,
         };
         let tensor_cores = match *weight {
             Weight::Mlx { bits: 4, .. } => {
@@ -486,9 +484,7 @@ impl<'a> DecodePlan<'a> {
             }
             Weight::Ggml {
                 ty: GgmlType::Q4_0, ..
-            } if q4_0_quads => {
-                matvec_tc_plan(n, k, 32, gated, normed, sm_count, Q4_0_SIMT_WEIGHTS)?
-            }
+            } if q4_0_quads => matvec_tc_plan(n, k, 32, gated, normed, sm_count, SIMT_MAX_WEIGHTS)?,
             _ => None,
         };
         let kernel = match tensor_cores {
@@ -505,18 +501,15 @@ impl<'a> DecodePlan<'a> {
                 }
             }
         };
-        // matvec_tc normalises MLX x while staging it, at any width (H200, 2026-11-26:
-        // Llama-3.2-1B shape 1,322 → 1,387 tok/s, 8B 350 → 365); Q4_0 measured slower that
-        // way (8B 331 → 325) and keeps the norm launch in front.
-        let input = MatvecInput::new(
-            lib,
-            x,
-            norm,
-            match (tensor_cores, weight) {
-                (Some(_), Weight::Mlx { .. }) => usize::MAX,
-                _ => FOLD_NORM_MAX_K,
-            },
-        )?;
+        // matvec_tc normalises x while staging it, at any width (H200, 2026-11-26: MLX
+        // Llama-3.2-1B shape 1,322 → 1,387 tok/s, 8B 350 → 365; Q4_0 then lost, 8B 331 → 325,
+        // but since its staging reads x once, with the norm weight copied before the wait:
+        // H100, 2026-11-26, Q4_0 1B 1,305 → 1,457, 8B 351 → 393).
+        let max_fold_k = match tensor_cores {
+            Some(_) => usize::MAX,
+            None => FOLD_NORM_MAX_K,
+        };
+        let input = MatvecInput::new(lib, x, norm, max_fold_k)?;
         let kernel = match kernel {
             // The folded norm's weight is staged in front of x.
             MatvecKernel::TensorCores(mut p) if input.fold.is_some() => {
