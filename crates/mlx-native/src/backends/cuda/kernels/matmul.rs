@@ -46,10 +46,9 @@ const MATVEC_THREADS: u32 = 128;
 const MATVEC_WARPS: usize = 4;
 /// Warps per SM that keep enough weight bytes in flight (MV_MIN_BLOCKS·MV_WARPS).
 const MATVEC_WARPS_PER_SM: usize = 16;
-/// MT_WARPS·32 threads, 16-row tiles, one block an SM (matvec_tc.cu): one block of 16 warps
-/// rather than two of 8 reads x from L2 once an SM (H100, 2026-11-26: 1B shape 1,637 → 1,710
-/// tok/s, 8B 390 → 405).
-const MATVEC_TC_THREADS: u32 = 512;
+/// Warps of a block (at most MT_WARPS), 16-row tiles, one block an SM (matvec_tc.cu): one
+/// block of 16 warps rather than two of 8 reads x from L2 once an SM (H100, 2026-11-26: 1B
+/// shape 1,637 → 1,710 tok/s, 8B 390 → 405).
 const MATVEC_TC_WARPS: usize = 16;
 const MATVEC_TC_TILE: usize = 16;
 /// MLX and Q4_0 weights (gate and up together) up to this many stay on matvec.cu, which keeps
@@ -545,7 +544,7 @@ impl<'a> DecodePlan<'a> {
         let args = args.norm(self.input.fold)?;
         let launch = match self.kernel {
             MatvecKernel::TensorCores(p) => {
-                lib.launch(&MATVEC_TC, name, p.grid, MATVEC_TC_THREADS, p.shared, args)?
+                lib.launch(&MATVEC_TC, name, p.grid, p.threads, p.shared, args)?
             }
             MatvecKernel::Simt { shape, kgroups } => {
                 let grid = (blocks(n, shape.rows * MATVEC_WARPS / kgroups)?, 1, 1);
@@ -673,6 +672,8 @@ impl MatmulArgs for Args {
 struct TcPlan {
     /// Warps sharing a 16-row tile's k.
     kgroups: usize,
+    /// 32 per warp of the block.
+    threads: u32,
     grid: (u32, u32, u32),
     /// Bytes of staged x (dynamic shared memory), and of the norm weight where the kernel folds
     /// the norm (added by `DecodePlan::new`).
@@ -713,14 +714,25 @@ fn matvec_tc_plan(
     // tile as the block holds, each keeping at least a stage of its row's chunks. H100,
     // 2026-11-26: the 8B shape's q/k/v on 128 SMs instead of 96 and its gate/up on 128 instead
     // of 112: 8B decode +1% (docs/cuda-backend.md).
-    let per_block = tiles.div_ceil(sm_count.max(1)).clamp(1, MATVEC_TC_WARPS);
-    let mut kgroups = MATVEC_TC_WARPS / per_block;
+    // Matrices with more tiles than one wave of such blocks holds (lm heads) run blocks of half
+    // the warps, two an SM, so that one block's tail overlaps the other's work (H100,
+    // 2026-11-26: the 128256×4096 lm head 115.9 → 112.3 µs, Gemma-3-1B decode +1.7%, SmolLM2
+    // +1.7%).
+    let sm_count = sm_count.max(1);
+    let warps = if tiles > sm_count * MATVEC_TC_WARPS {
+        MATVEC_TC_WARPS / 2
+    } else {
+        MATVEC_TC_WARPS
+    };
+    let per_block = tiles.div_ceil(sm_count).clamp(1, warps);
+    let mut kgroups = warps / per_block;
     while kgroups > 1 && steps < stage * kgroups {
         kgroups -= 1;
     }
     let grid = (blocks(n, MATVEC_TC_TILE * per_block)?, 1, 1);
     Ok(Some(TcPlan {
         kgroups,
+        threads: 32 * warps as u32,
         grid,
         shared: shared as u32,
     }))
@@ -747,7 +759,8 @@ mod tests {
     use super::*;
 
     /// The tensor-core matvec plan for a 132-SM GPU: one wave of blocks where that can hold
-    /// every tile, each block's tiles (matvec_tc.cu's rule) in the warps it has.
+    /// every tile (else blocks of 8 warps), each block's tiles (matvec_tc.cu's rule) in the
+    /// warps it has.
     #[test]
     fn matvec_tc_plan_fills_one_wave() {
         // (n, k, gated): Llama-3.1-8B q/k/v, gate/up, down, lm head; Llama-3.2-1B q/k/v.
@@ -755,7 +768,7 @@ mod tests {
             (6144, 4096, false, 128, 5),
             (14336, 4096, true, 128, 2),
             (4096, 14336, false, 128, 8),
-            (128_256, 4096, false, 501, 1),
+            (128_256, 4096, false, 1002, 1),
             (3072, 2048, false, 96, 8),
         ];
         for (n, k, gated, grid, kgroups) in cases {
@@ -764,7 +777,7 @@ mod tests {
                 .unwrap();
             assert_eq!((plan.grid.0, plan.kgroups), (grid, kgroups), "{n}×{k}");
             let tiles = n.div_ceil(MATVEC_TC_TILE).div_ceil(grid as usize);
-            assert!(tiles * kgroups <= MATVEC_TC_WARPS, "{n}×{k}");
+            assert!(tiles * kgroups * 32 <= plan.threads as usize, "{n}×{k}");
         }
     }
 }

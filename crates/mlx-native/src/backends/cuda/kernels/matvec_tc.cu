@@ -23,9 +23,9 @@
 // GATED reads a second weight (the up projection) at the same rows and stores act(gate)·up.
 // x: f16 rounding gives a relative error ≈ 2^−11 per product (the prefill tensor-core path
 // rounds x alike); q is exact in f16 and the accumulation is f32.
-// Launch: MT_WARPS·32 threads (one block an SM), blocks such that tiles·kgroups ≤ MT_WARPS,
-// dynamic shared memory (`matvec_tc_plan`, matmul.rs); x 16-byte aligned, MLX w 16-byte
-// aligned, Q4_0 rows 8-byte.
+// Launch: up to MT_WARPS·32 threads (one block an SM; half that, two an SM, for multi-wave
+// grids), blocks such that tiles·kgroups ≤ warps, dynamic shared memory (`matvec_tc_plan`,
+// matmul.rs); x 16-byte aligned, MLX w 16-byte aligned, Q4_0 rows 8-byte.
 // The block's RMSNorm, if any, is applied to x as it is staged (mt_stage_x). The kernels wait
 // for the previous kernel inside `matvec_tc`, after their first weight loads.
 
