@@ -1060,8 +1060,9 @@ fn normed_matvec_matches_reference() {
     let mut rng = Rng(17);
     // (weight, unit offset, bias, tolerance): k up to 1024 folds the norm into matvec.cu's
     // kernel; wider MLX 4/8-bit weights take the tensor cores (f16 x), which normalise x as they
-    // stage it, as do MLX 4-bit over 2^24 weights; other wide ones run the norm first, and so
-    // does Q4_0 on the tensor cores (over 2^24 weights).
+    // stage it, as do MLX 4-bit and Q4_0 from 2^21 weights; other wide ones run the norm first.
+    // MLX 8-bit at k = 8704 has more 16-element chunks than the block has threads (the staging
+    // loop).
     let cases = [
         (
             mlx_weight(&mut rng, 37, 1280, 4, 64, DType::BF16),
@@ -1104,6 +1105,12 @@ fn normed_matvec_matches_reference() {
             ggml_weight(&mut rng, 4101, 4096, GgmlType::Q4_0),
             false,
             false,
+            2e-3,
+        ),
+        (
+            mlx_weight(&mut rng, 29, 8704, 8, 64, DType::F16),
+            true,
+            true,
             2e-3,
         ),
     ];
