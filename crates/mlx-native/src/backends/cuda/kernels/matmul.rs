@@ -763,7 +763,8 @@ mod tests {
     /// warps it has.
     #[test]
     fn matvec_tc_plan_fills_one_wave() {
-        // (n, k, gated): Llama-3.1-8B q/k/v, gate/up, down, lm head; Llama-3.2-1B q/k/v.
+        // (n, k, gated, grid, kgroups): Llama-3.1-8B q/k/v, gate/up, down, lm head; Llama-3.2-1B
+        // q/k/v.
         let cases = [
             (6144, 4096, false, 128, 5),
             (14336, 4096, true, 128, 2),
