@@ -40,6 +40,16 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// N floats from p (16-byte aligned) into registers, as float4 loads.
+template <int N>
+__device__ __forceinline__ void load_floats(const float* p, float* v) {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+        const float4 q = ((const float4*)p)[i];
+        v[4 * i] = q.x; v[4 * i + 1] = q.y; v[4 * i + 2] = q.z; v[4 * i + 3] = q.w;
+    }
+}
+
 // The RMSNorm a decode matvec applies to x first, x·(g + g_offset)·rsqrt(mean(x²) + eps), as
 // the kernels' trailing arguments (g f32 [k], or null for none).
 struct PreNorm {

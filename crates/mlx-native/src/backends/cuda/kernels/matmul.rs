@@ -457,8 +457,9 @@ impl<'a> DecodePlan<'a> {
         norm: Norm<'a>,
     ) -> Result<Self> {
         let (k, sm_count, gated) = (x.last_dim(), lib.sm_count(), up.is_some());
-        // Whether the tensor-core kernel may fold the norm (and stage its weight).
-        let normed = norm.is_some();
+        // Whether the tensor-core kernel would fold the norm (and stage its weight): at any
+        // width, from a 16-byte aligned x (`MatvecInput`).
+        let tc_folds = norm.is_some() && device_ptr(x)? % 16 == 0;
         // MtQ4_0 loads a quad's four blocks (72 bytes) as 8-byte words: rows of k % 128 == 0
         // from 8-byte aligned data; other Q4_0 rows stay on matvec.cu.
         let aligned8 = |w: &Weight| -> Result<bool> { Ok(device_ptr(w.data())? % 8 == 0) };
@@ -476,14 +477,16 @@ impl<'a> DecodePlan<'a> {
         };
         let tensor_cores = match *weight {
             Weight::Mlx { bits: 4, .. } => {
-                matvec_tc_plan(n, k, 32, gated, normed, sm_count, mlx_simt_weights)?
+                matvec_tc_plan(n, k, 32, gated, tc_folds, sm_count, mlx_simt_weights)?
             }
             Weight::Mlx { bits: 8, .. } => {
-                matvec_tc_plan(n, k, 16, gated, normed, sm_count, mlx_simt_weights)?
+                matvec_tc_plan(n, k, 16, gated, tc_folds, sm_count, mlx_simt_weights)?
             }
             Weight::Ggml {
                 ty: GgmlType::Q4_0, ..
-            } if q4_0_quads => matvec_tc_plan(n, k, 32, gated, normed, sm_count, SIMT_MAX_WEIGHTS)?,
+            } if q4_0_quads => {
+                matvec_tc_plan(n, k, 32, gated, tc_folds, sm_count, SIMT_MAX_WEIGHTS)?
+            }
             _ => None,
         };
         let kernel = match tensor_cores {
@@ -509,14 +512,6 @@ impl<'a> DecodePlan<'a> {
             None => FOLD_NORM_MAX_K,
         };
         let input = MatvecInput::new(lib, x, norm, max_fold_k)?;
-        let kernel = match kernel {
-            // The folded norm's weight is staged in front of x.
-            MatvecKernel::TensorCores(mut p) if input.fold.is_some() => {
-                p.shared += 4 * k as u32;
-                MatvecKernel::TensorCores(p)
-            }
-            kernel => kernel,
-        };
         Ok(DecodePlan { kernel, input })
     }
 
@@ -676,20 +671,20 @@ struct TcPlan {
     threads: u32,
     grid: (u32, u32, u32),
     /// Bytes of staged x (dynamic shared memory), and of the norm weight where the kernel folds
-    /// the norm (added by `DecodePlan::new`).
+    /// the norm.
     shared: u32,
 }
 
 /// The tensor-core matvec for weights `[n, k]` whose format (matvec_tc.cu's `MtMlx` for MLX 4-
 /// and 8-bit, `MtQ4_0`) has `chunk` elements per chunk, or None where matvec.cu runs instead:
 /// matrices of up to `simt_weights`, and x too long to stage in shared memory (with the norm
-/// weight where the kernel may fold a norm, `normed`).
+/// weight where the kernel folds a norm, `folds`).
 fn matvec_tc_plan(
     n: usize,
     k: usize,
     chunk: usize,
     gated: bool,
-    normed: bool,
+    folds: bool,
     sm_count: usize,
     simt_weights: usize,
 ) -> Result<Option<TcPlan>> {
@@ -698,10 +693,10 @@ fn matvec_tc_plan(
         return Ok(None);
     }
     // x is staged as f16 with f32 sums per chunk and a chunk of zeros, after the norm weight
-    // in f32 where the kernel may fold a norm (`normed`; matvec_tc.cu's mt_stage_x).
+    // in f32 where the kernel folds a norm (matvec_tc.cu's mt_stage_x).
     let chunks = k / chunk;
-    let shared = 2 * k + 2 * chunk + 4 * chunks;
-    if shared + if normed { 4 * k } else { 0 } > MATVEC_TC_MAX_SHARED {
+    let shared = if folds { 4 * k } else { 0 } + 2 * k + 2 * chunk + 4 * chunks;
+    if shared > MATVEC_TC_MAX_SHARED {
         return Ok(None);
     }
     // Four chunks per step; a stage is two chunks per row (F::STAGE), one in the gated kernel.
@@ -780,5 +775,21 @@ mod tests {
             let tiles = n.div_ceil(MATVEC_TC_TILE).div_ceil(grid as usize);
             assert!(tiles * kgroups * 32 <= plan.threads as usize, "{n}×{k}");
         }
+    }
+
+    /// Shared memory holds the norm weight only where the kernel folds the norm, and a plan
+    /// whose bytes would pass the limit falls back to matvec.cu.
+    #[test]
+    fn matvec_tc_plan_sizes_shared_memory_by_the_fold() {
+        let shared = |k, folds| {
+            matvec_tc_plan(4096, k, 32, false, folds, 132, 0)
+                .unwrap()
+                .map(|p| p.shared)
+        };
+        // f16 x (2k), a chunk of zeros (64), Σx per chunk (k/8), the f32 norm weight (4k).
+        assert_eq!(shared(4096, false), Some(8_768));
+        assert_eq!(shared(4096, true), Some(25_152));
+        assert_eq!(shared(16_896, false), Some(35_968));
+        assert_eq!(shared(16_896, true), None);
     }
 }

@@ -74,19 +74,13 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
             const float keep = uj < units ? 1.f : 0.f;
             const int u = min(uj, units - 1);
             float xs[32];
-            const float4* xp = (const float4*)(x + u * 32);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const float4 v = xp[i];
-                xs[4 * i] = v.x; xs[4 * i + 1] = v.y; xs[4 * i + 2] = v.z; xs[4 * i + 3] = v.w;
-            }
+            load_floats<32>(x + u * 32, xs);
             if constexpr (NORM) {
-                const float4* gp = (const float4*)(norm.g + u * 32);
                 float ss = 0.f;
 #pragma unroll
                 for (int i = 0; i < 8; ++i) {
-                    const float4 g = gp[i];
-                    const float gs[4] = {g.x, g.y, g.z, g.w};
+                    float gs[4];
+                    load_floats<4>(norm.g + u * 32 + 4 * i, gs);
 #pragma unroll
                     for (int c = 0; c < 4; ++c) {
                         float& xe = xs[4 * i + c];

@@ -259,16 +259,6 @@ __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const 
     }
 }
 
-// N floats from p (16-byte aligned) into registers.
-template <int N>
-__device__ __forceinline__ void load_floats(const float* p, float* v) {
-#pragma unroll
-    for (int i = 0; i < N / 4; ++i) {
-        const float4 q = ((const float4*)p)[i];
-        v[4 * i] = q.x; v[4 * i + 1] = q.y; v[4 * i + 2] = q.z; v[4 * i + 3] = q.w;
-    }
-}
-
 // Chunk c of x (already normalised) as the format's f16 pairs in shared memory, and its Σx
 // (formats with biases).
 template <class F>

@@ -122,12 +122,7 @@ __device__ __forceinline__ void gather_matvec(const L& l, const L& l_up, const f
     for (int r = 0; r < ACC; ++r) acc[r] = 0.f;
     for (int u = lane; u < units; u += 32) {
         float xs[32];
-        const float4* xp = (const float4*)(xr + u * 32);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const float4 v = xp[i];
-            xs[4 * i] = v.x; xs[4 * i + 1] = v.y; xs[4 * i + 2] = v.z; xs[4 * i + 3] = v.w;
-        }
+        load_floats<32>(xr + u * 32, xs);
         float sx[2] = {0.f, 0.f};
 #pragma unroll
         for (int i = 0; i < 32; ++i) {
