@@ -10,11 +10,12 @@
 //          sits beside this one on the SM, and fills its ring before its wait: weights stream
 //          during the previous kernel's tail, staging of x and reduction.
 // THREADSxDxG: threads a block, ring depth in stages, 16-byte words a stage and thread.
-// Build: nvcc -O3 -arch=sm_90 -o prefetch_chain prefetch_chain.cu
+// Build: nvcc -O3 -arch=sm_90 -o prefetch_chain prefetch_chain.cu -lcuda
 #include <cstdio>
 #include <algorithm>
 #include <cstdlib>
 #include <vector>
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #define CHECK(x)                                                                           \
@@ -102,9 +103,198 @@ __global__ void __launch_bounds__(THREADS) chain_kernel(Phase p, int early) {
         p.y[r] = partial[(r - r0) % (THREADS / 32)] * 1e-9f;
 }
 
+// Each warp streams its 16-row tiles through its own ring of D slots: per stage, lanes 0..15
+// each copy W bytes of one row with one bulk copy (cp.async.bulk, the TMA unit), completing on
+// the slot's mbarrier; no per-word load instructions, and D·16·W bytes in flight a warp.
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+template <int THREADS, int W, int D>
+__global__ void __launch_bounds__(THREADS) bulk_kernel(Phase p, int early) {
+    extern __shared__ __align__(128) uint4 smem[];
+    constexpr int WARPS = THREADS / 32;
+    __shared__ __align__(8) unsigned long long bar[WARPS][D];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int rows = ((p.n + gridDim.x - 1) / gridDim.x + 15) / 16 * 16;
+    const int r0 = blockIdx.x * rows, r1 = min(p.n, r0 + rows);
+    const int row_bytes = p.k / 2;
+    const int tiles = max(0, (r1 - r0 + 15) / 16);
+    const int per_tile = (row_bytes + W - 1) / W;
+    const int my_tiles = tiles > warp ? (tiles - warp + WARPS - 1) / WARPS : 0;
+    const int my_stages = my_tiles * per_tile;
+    unsigned char* ring = (unsigned char*)smem + warp * D * 16 * W;
+    if (lane < D)
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&bar[warp][lane])));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncwarp();
+    auto issue = [&](int j) {
+        if (j >= my_stages) return;
+        const int tile = warp + (j / per_tile) * WARPS, off = (j % per_tile) * W;
+        const int size = min(W, row_bytes - off);
+        const unsigned b = smem_addr(&bar[warp][j % D]);
+        if (lane == 0)
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(16 * size)
+                         : "memory");
+        __syncwarp();
+        if (lane < 16) {
+            const int row = min(r0 + tile * 16 + lane, p.n - 1);
+            const unsigned char* src = (const unsigned char*)p.w + (size_t)row * row_bytes + off;
+            asm volatile(
+                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                    smem_addr(ring + (j % D) * 16 * W + lane * W)),
+                "l"(src), "r"(size), "r"(b)
+                : "memory");
+        }
+    };
+    if (early) {
+        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+        for (int j = 0; j < D; ++j) issue(j);
+    }
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    if (!early) {
+        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+        for (int j = 0; j < D; ++j) issue(j);
+    }
+    float* xs = (float*)((unsigned char*)smem + WARPS * D * 16 * W);
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < p.k / 4; i += THREADS) {
+        const float4 v = ((const float4*)p.x)[i];
+        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        ((float4*)xs)[i] = v;
+    }
+    __syncthreads();
+    const int kmask = (1 << (31 - __clz(p.k))) - 1;
+    float acc = ss * 1e-9f;
+    for (int j = 0; j < my_stages; ++j) {
+        const unsigned b = smem_addr(&bar[warp][j % D]);
+        const unsigned parity = (j / D) & 1;
+        unsigned done = 0;
+        while (!done)
+            asm volatile(
+                "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                : "=r"(done)
+                : "r"(b), "r"(parity)
+                : "memory");
+        const int size = min(W, row_bytes - (j % per_tile) * W);
+        const uint4* slot = (const uint4*)(ring + (j % D) * 16 * W);
+        // Row r's words sit at r·W/16: word i of the stage is row i / (size/16), word i % (size/16).
+        const int words = size / 16;
+        for (int i = lane; i < 16 * words; i += 32) {
+            const int r = size == W ? i / (W / 16) : i / words, c = i - r * words;
+            acc += xs[((j * W + c * 16) * 2) & kmask] * word_value(slot[r * (W / 16) + c]);
+        }
+        __syncwarp();
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        issue(j + D);
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    __shared__ float partial[WARPS];
+    if (lane == 0) partial[warp] = acc;
+    __syncthreads();
+    for (int r = r0 + threadIdx.x; r < r1; r += THREADS) p.y[r] = partial[(r - r0) % WARPS] * 1e-9f;
+}
+
+// The same with one 2-D tensor copy a stage (TMA, a [16 rows][W bytes] box of the weight's
+// tensor map), issued by lane 0: 16·W bytes an instruction instead of W.
+template <int THREADS, int W, int D>
+__global__ void __launch_bounds__(THREADS) tensor_kernel(Phase p, const __grid_constant__ CUtensorMap map,
+                                                         int early) {
+    extern __shared__ __align__(128) uint4 smem[];
+    constexpr int WARPS = THREADS / 32;
+    __shared__ __align__(8) unsigned long long bar[WARPS][D];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int rows = ((p.n + gridDim.x - 1) / gridDim.x + 15) / 16 * 16;
+    const int r0 = blockIdx.x * rows, r1 = min(p.n, r0 + rows);
+    const int row_bytes = p.k / 2;
+    const int tiles = max(0, (r1 - r0 + 15) / 16);
+    const int per_tile = (row_bytes + W - 1) / W;
+    const int my_tiles = tiles > warp ? (tiles - warp + WARPS - 1) / WARPS : 0;
+    const int my_stages = my_tiles * per_tile;
+    unsigned char* ring = (unsigned char*)smem + warp * D * 16 * W;
+    if (lane < D)
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&bar[warp][lane])));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncwarp();
+    auto issue = [&](int j) {
+        if (j >= my_stages || lane != 0) return;
+        const int tile = warp + (j / per_tile) * WARPS, off = (j % per_tile) * W;
+        const unsigned b = smem_addr(&bar[warp][j % D]);
+        // The box is whole even past the row's end or n (zero-filled), so its bytes are fixed.
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(16 * W) : "memory");
+        asm volatile(
+            "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+                smem_addr(ring + (j % D) * 16 * W)),
+            "l"(&map), "r"(off), "r"(r0 + tile * 16), "r"(b)
+            : "memory");
+    };
+    if (early) {
+        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+        for (int j = 0; j < D; ++j) issue(j);
+    }
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    if (!early) {
+        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+        for (int j = 0; j < D; ++j) issue(j);
+    }
+    float* xs = (float*)((unsigned char*)smem + WARPS * D * 16 * W);
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < p.k / 4; i += THREADS) {
+        const float4 v = ((const float4*)p.x)[i];
+        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        ((float4*)xs)[i] = v;
+    }
+    __syncthreads();
+    const int kmask = (1 << (31 - __clz(p.k))) - 1;
+    float acc = ss * 1e-9f;
+    for (int j = 0; j < my_stages; ++j) {
+        const unsigned b = smem_addr(&bar[warp][j % D]);
+        const unsigned parity = (j / D) & 1;
+        unsigned done = 0;
+        while (!done)
+            asm volatile(
+                "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                : "=r"(done)
+                : "r"(b), "r"(parity)
+                : "memory");
+        const uint4* slot = (const uint4*)(ring + (j % D) * 16 * W);
+        for (int i = lane; i < W; i += 32) {  // 16 rows of W/16 words
+            const int c = i & (W / 16 - 1);
+            acc += xs[((j * W + c * 16) * 2) & kmask] * word_value(slot[i]);
+        }
+        __syncwarp();
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        issue(j + D);
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    __shared__ float partial[WARPS];
+    if (lane == 0) partial[warp] = acc;
+    __syncthreads();
+    for (int r = r0 + threadIdx.x; r < r1; r += THREADS) p.y[r] = partial[(r - r0) % WARPS] * 1e-9f;
+}
+
+// The tensor map of a phase's weight: n rows of k/2 bytes, boxes of 16 rows × w bytes.
+static CUtensorMap weight_map(const Phase& p, int w) {
+    CUtensorMap map;
+    const cuuint64_t dims[2] = {(cuuint64_t)p.k / 2, (cuuint64_t)p.n};
+    const cuuint64_t strides[1] = {(cuuint64_t)p.k / 2};
+    const cuuint32_t box[2] = {(cuuint32_t)w, 16}, elem[2] = {1, 1};
+    const CUresult r = cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, (void*)p.w, dims,
+                                              strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                              CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+        std::fprintf(stderr, "cuTensorMapEncodeTiled: %d (n %d, k %d, w %d)\n", (int)r, p.n, p.k, w);
+        std::exit(1);
+    }
+    return map;
+}
+
 struct Variant {
     const char* name;
     int threads, depth, group, early;
+    int bulk_w;  // bytes a row and stage of bulk_kernel (group unused), 0: chain_kernel
+    int tensor;  // with bulk_w: tensor_kernel instead
 };
 
 int main() {
@@ -118,29 +308,29 @@ int main() {
         {"llama-3.1-8b", 4096, 6144, 14336, 32, 128256},
     };
     const Variant variants[] = {
-        {"late 1024x4x1", 1024, 4, 1, 0},
-        {"early 1024x4x1", 1024, 4, 1, 1},
-        {"early 1024x3x1", 1024, 3, 1, 1},
-        {"early 1024x6x1", 1024, 6, 1, 1},
-        {"early 1024x2x2", 1024, 2, 2, 1},
-        {"late 1024x3x2", 1024, 3, 2, 0},
-        {"early 1024x3x2", 1024, 3, 2, 1},
-        {"early 512x4x2", 512, 4, 2, 1},
-        {"early 512x2x4", 512, 2, 4, 1},
-        {"early 512x3x4", 512, 3, 4, 1},
-        {"late 512x3x4", 512, 3, 4, 0},
+        {"late 1024x4x1", 1024, 4, 1, 0, 0, 0},
+        {"early 1024x3x1", 1024, 3, 1, 1, 0, 0},
+        {"late bulk 512 W256 D2", 512, 2, 0, 0, 256, 0},
+        {"late tma 512 W256 D2", 512, 2, 0, 0, 256, 1},
+        {"early tma 512 W256 D2", 512, 2, 0, 1, 256, 1},
+        {"late tma 512 W128 D4", 512, 4, 0, 0, 128, 1},
+        {"early tma 512 W128 D4", 512, 4, 0, 1, 128, 1},
+        {"late tma 256 W256 D3", 256, 3, 0, 0, 256, 1},
+        {"early tma 256 W256 D3", 256, 3, 0, 1, 256, 1},
+        {"early tma 256 W256 D2", 256, 2, 0, 1, 256, 1},
+        {"early tma 128 W256 D4", 128, 4, 0, 1, 256, 1},
     };
     int sms = 0;
     CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    const int max_smem = 100 * 1024 + 64 * 1024;
-    CHECK(cudaFuncSetAttribute(chain_kernel<512, 2, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
-    CHECK(cudaFuncSetAttribute(chain_kernel<512, 3, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
-    CHECK(cudaFuncSetAttribute(chain_kernel<512, 4, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
-    CHECK(cudaFuncSetAttribute(chain_kernel<1024, 2, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
+    const int max_smem = 220 * 1024;  // dynamic, beside the static arrays
     CHECK(cudaFuncSetAttribute(chain_kernel<1024, 3, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
-    CHECK(cudaFuncSetAttribute(chain_kernel<1024, 3, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
     CHECK(cudaFuncSetAttribute(chain_kernel<1024, 4, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
-    CHECK(cudaFuncSetAttribute(chain_kernel<1024, 6, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
+    CHECK(cudaFuncSetAttribute(bulk_kernel<512, 256, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
+    CHECK(cudaFuncSetAttribute(tensor_kernel<128, 256, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
+    CHECK(cudaFuncSetAttribute(tensor_kernel<256, 256, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
+    CHECK(cudaFuncSetAttribute(tensor_kernel<256, 256, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
+    CHECK(cudaFuncSetAttribute(tensor_kernel<512, 128, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
+    CHECK(cudaFuncSetAttribute(tensor_kernel<512, 256, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
     cudaStream_t s;
     CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     std::printf("%d SMs; µs per step (replayed graph, median of 7 × 20)\n", sms);
@@ -180,21 +370,21 @@ int main() {
                 cudaLaunchConfig_t cfg = {};
                 cfg.gridDim = dim3(min(sms, (p.n + 15) / 16));
                 cfg.blockDim = dim3(v.threads);
-                cfg.dynamicSmemBytes = v.threads * v.depth * v.group * 16 + p.k * 4;
+                cfg.dynamicSmemBytes = (v.bulk_w ? v.threads / 32 * v.depth * 16 * v.bulk_w : v.threads * v.depth * v.group * 16) + p.k * 4;
                 cfg.stream = s;
                 cudaLaunchAttribute attr;
                 attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
                 attr.val.programmaticStreamSerializationAllowed = 1;
                 cfg.attrs = &attr;
                 cfg.numAttrs = 1;
-                if (v.threads == 512 && v.depth == 2 && v.group == 4) CHECK(cudaLaunchKernelEx(&cfg, chain_kernel<512, 2, 4>, p, v.early));
-                if (v.threads == 512 && v.depth == 3 && v.group == 4) CHECK(cudaLaunchKernelEx(&cfg, chain_kernel<512, 3, 4>, p, v.early));
-                if (v.threads == 512 && v.depth == 4 && v.group == 2) CHECK(cudaLaunchKernelEx(&cfg, chain_kernel<512, 4, 2>, p, v.early));
-                if (v.threads == 1024 && v.depth == 2 && v.group == 2) CHECK(cudaLaunchKernelEx(&cfg, chain_kernel<1024, 2, 2>, p, v.early));
-                if (v.threads == 1024 && v.depth == 3 && v.group == 1) CHECK(cudaLaunchKernelEx(&cfg, chain_kernel<1024, 3, 1>, p, v.early));
-                if (v.threads == 1024 && v.depth == 3 && v.group == 2) CHECK(cudaLaunchKernelEx(&cfg, chain_kernel<1024, 3, 2>, p, v.early));
-                if (v.threads == 1024 && v.depth == 4 && v.group == 1) CHECK(cudaLaunchKernelEx(&cfg, chain_kernel<1024, 4, 1>, p, v.early));
-                if (v.threads == 1024 && v.depth == 6 && v.group == 1) CHECK(cudaLaunchKernelEx(&cfg, chain_kernel<1024, 6, 1>, p, v.early));
+                if (!v.bulk_w && v.threads == 1024 && v.depth == 3 && v.group == 1) CHECK(cudaLaunchKernelEx(&cfg, chain_kernel<1024, 3, 1>, p, v.early));
+                if (!v.bulk_w && v.threads == 1024 && v.depth == 4 && v.group == 1) CHECK(cudaLaunchKernelEx(&cfg, chain_kernel<1024, 4, 1>, p, v.early));
+                if (!v.tensor && v.bulk_w == 256 && v.threads == 512 && v.depth == 2) CHECK(cudaLaunchKernelEx(&cfg, bulk_kernel<512, 256, 2>, p, v.early));
+                if (v.tensor && v.bulk_w == 256 && v.threads == 128 && v.depth == 4) CHECK(cudaLaunchKernelEx(&cfg, tensor_kernel<128, 256, 4>, p, weight_map(p, 256), v.early));
+                if (v.tensor && v.bulk_w == 256 && v.threads == 256 && v.depth == 2) CHECK(cudaLaunchKernelEx(&cfg, tensor_kernel<256, 256, 2>, p, weight_map(p, 256), v.early));
+                if (v.tensor && v.bulk_w == 256 && v.threads == 256 && v.depth == 3) CHECK(cudaLaunchKernelEx(&cfg, tensor_kernel<256, 256, 3>, p, weight_map(p, 256), v.early));
+                if (v.tensor && v.bulk_w == 128 && v.threads == 512 && v.depth == 4) CHECK(cudaLaunchKernelEx(&cfg, tensor_kernel<512, 128, 4>, p, weight_map(p, 128), v.early));
+                if (v.tensor && v.bulk_w == 256 && v.threads == 512 && v.depth == 2) CHECK(cudaLaunchKernelEx(&cfg, tensor_kernel<512, 256, 2>, p, weight_map(p, 256), v.early));
             }
             CHECK(cudaStreamEndCapture(s, &g));
             CHECK(cudaGraphInstantiate(&ge, g, 0));
