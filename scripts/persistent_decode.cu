@@ -10,28 +10,9 @@
 //   +prefetch   the same, and before each barrier a block sends its first rows of the next
 //               phase towards L2 (weights never depend on the previous phase).
 // Build: nvcc -O3 -arch=sm_90 -o persistent_decode persistent_decode.cu
-#include <cstdio>
-#include <cstdlib>
-#include <vector>
-#include <cuda_runtime.h>
-
-#define CHECK(x)                                                                   \
-    do {                                                                           \
-        cudaError_t e = (x);                                                       \
-        if (e != cudaSuccess) {                                                    \
-            std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
-            std::exit(1);                                                          \
-        }                                                                          \
-    } while (0)
+#include "decode_chain.cuh"
 
 constexpr int THREADS = 256, WARPS = 8, ROWS_PER_WARP = 2, ROWS = WARPS * ROWS_PER_WARP;
-
-struct Phase {
-    const uint4* w;  // [n, k/32] 16-byte words (32 four-bit weights each)
-    const float* x;  // [k]
-    float* y;        // [n]
-    int n, k;
-};
 
 __device__ __forceinline__ int blocks_of(const Phase& p) { return (p.n + ROWS - 1) / ROWS; }
 
@@ -114,109 +95,42 @@ __global__ void __launch_bounds__(THREADS) persistent_kernel(const Phase* phases
     }
 }
 
-struct Model {
-    const char* name;
-    int hidden, qkv, inter, layers, vocab;
-};
-
 int main() {
-    const Model models[] = {
-        {"smollm2-135m", 576, 960, 1536, 30, 49152},
-        {"llama-3.2-1b", 2048, 3072, 8192, 16, 128256},
-        {"llama-3.1-8b", 4096, 6144, 14336, 32, 128256},
-    };
     int sms = 0, per_sm = 0;
     CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent_kernel, THREADS, 0));
-    std::printf("%d SMs, %d persistent blocks per SM\n", sms, per_sm);
+    std::printf("%d SMs, %d persistent blocks per SM; µs per step (replayed graph, median of 7 × 20)\n",
+                sms, per_sm);
     cudaStream_t s;
     CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     unsigned* counter;
     CHECK(cudaMalloc(&counter, 4));
     std::printf("%-14s %7s %9s %10s %12s %12s %12s\n", "model", "phases", "MB/step", "bound us",
                 "kernels us", "persist us", "+prefetch us");
-    for (const Model& m : models) {
-        // Per layer: qkv (n = q + k + v heads), o, gate and up as one matrix, down; then the lm head.
-        std::vector<Phase> phases;
-        size_t bytes = 0;
-        float* x0;
-        CHECK(cudaMalloc(&x0, 65536 * 4));
-        CHECK(cudaMemset(x0, 0, 65536 * 4));
-        const float* x = x0;
-        auto add = [&](int n, int k) {
-            uint4* w;
-            float* y;
-            const size_t wb = (size_t)n * k / 2;
-            CHECK(cudaMalloc(&w, wb));
-            CHECK(cudaMemset(w, 0x5a, wb));
-            CHECK(cudaMalloc(&y, (size_t)n * 4));
-            phases.push_back({w, x, y, n, k});
-            bytes += wb;
-            x = y;
-        };
-        for (int l = 0; l < m.layers; ++l) {
-            add(m.qkv, m.hidden);
-            add(m.hidden, m.hidden);
-            add(2 * m.inter, m.hidden);
-            add(m.hidden, m.inter);
-        }
-        add(m.vocab, m.hidden);
+    for (const ChainModel& m : CHAIN_MODELS) {
+        Chain c = build_chain(m);
         Phase* dev_phases;
-        CHECK(cudaMalloc(&dev_phases, phases.size() * sizeof(Phase)));
-        CHECK(cudaMemcpy(dev_phases, phases.data(), phases.size() * sizeof(Phase),
+        CHECK(cudaMalloc(&dev_phases, c.phases.size() * sizeof(Phase)));
+        CHECK(cudaMemcpy(dev_phases, c.phases.data(), c.phases.size() * sizeof(Phase),
                          cudaMemcpyHostToDevice));
-
-        auto graph_of = [&](int mode) {
-            cudaGraph_t g;
-            cudaGraphExec_t ge;
-            CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-            if (mode == 0) {
-                for (const Phase& p : phases) {
-                    cudaLaunchConfig_t cfg = {};
-                    cfg.gridDim = dim3((p.n + ROWS - 1) / ROWS);
-                    cfg.blockDim = dim3(THREADS);
-                    cfg.stream = s;
-                    cudaLaunchAttribute attr;
-                    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-                    attr.val.programmaticStreamSerializationAllowed = 1;
-                    cfg.attrs = &attr;
-                    cfg.numAttrs = 1;
-                    CHECK(cudaLaunchKernelEx(&cfg, phase_kernel, p));
-                }
-            } else {
-                CHECK(cudaMemsetAsync(counter, 0, 4, s));
-                persistent_kernel<<<sms * per_sm, THREADS, 0, s>>>(dev_phases, (int)phases.size(),
-                                                                   counter, mode == 2);
-                CHECK(cudaGetLastError());
-            }
-            CHECK(cudaStreamEndCapture(s, &g));
-            CHECK(cudaGraphInstantiate(&ge, g, 0));
-            return ge;
-        };
         float us[3];
         for (int mode = 0; mode < 3; ++mode) {
-            cudaGraphExec_t ge = graph_of(mode);
-            for (int i = 0; i < 5; ++i) CHECK(cudaGraphLaunch(ge, s));
-            cudaEvent_t a, b;
-            CHECK(cudaEventCreate(&a));
-            CHECK(cudaEventCreate(&b));
-            const int reps = 50;
-            CHECK(cudaEventRecord(a, s));
-            for (int i = 0; i < reps; ++i) CHECK(cudaGraphLaunch(ge, s));
-            CHECK(cudaEventRecord(b, s));
-            CHECK(cudaEventSynchronize(b));
-            float ms;
-            CHECK(cudaEventElapsedTime(&ms, a, b));
-            us[mode] = ms * 1e3f / reps;
+            us[mode] = replay_us(s, [&] {
+                if (mode == 0) {
+                    for (const Phase& p : c.phases)
+                        launch_pdl(phase_kernel, dim3((p.n + ROWS - 1) / ROWS), dim3(THREADS), 0, s, p);
+                } else {
+                    CHECK(cudaMemsetAsync(counter, 0, 4, s));
+                    persistent_kernel<<<sms * per_sm, THREADS, 0, s>>>(
+                        dev_phases, (int)c.phases.size(), counter, mode == 2);
+                    CHECK(cudaGetLastError());
+                }
+            });
         }
-        std::printf("%-14s %7zu %9.1f %10.1f %12.1f %12.1f %12.1f\n", m.name, phases.size(),
-                    bytes / 1e6, bytes / 3.0e12 * 1e6, us[0], us[1], us[2]);
-        for (const Phase& p : phases) {
-            CHECK(cudaFree((void*)p.w));
-            CHECK(cudaFree(p.y));
-        }
+        std::printf("%-14s %7zu %9.1f %10.1f %12.1f %12.1f %12.1f\n", m.name, c.phases.size(),
+                    c.bytes / 1e6, c.bytes / 3.0e12 * 1e6, us[0], us[1], us[2]);
         CHECK(cudaFree(dev_phases));
-        CHECK(cudaFree(x0));
+        free_chain(c);
     }
     return 0;
 }
