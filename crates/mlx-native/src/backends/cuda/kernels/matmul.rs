@@ -457,9 +457,9 @@ impl<'a> DecodePlan<'a> {
         norm: Norm<'a>,
     ) -> Result<Self> {
         let (k, sm_count, gated) = (x.last_dim(), lib.sm_count(), up.is_some());
-        // Whether the tensor-core kernel would fold the norm (and stage its weight): at any
-        // width, from a 16-byte aligned x (`MatvecInput`).
-        let tc_folds = norm.is_some() && device_ptr(x)? % 16 == 0;
+        // Whether the tensor-core kernel would fold the norm (and stage its weight): it folds
+        // at any width.
+        let tc_folds = MatvecInput::folds(x, norm, usize::MAX)?;
         // MtQ4_0 loads a quad's four blocks (72 bytes) as 8-byte words: rows of k % 128 == 0
         // from 8-byte aligned data; other Q4_0 rows stay on matvec.cu.
         let aligned8 = |w: &Weight| -> Result<bool> { Ok(device_ptr(w.data())? % 8 == 0) };
@@ -572,7 +572,7 @@ impl<'a> MatvecInput<'a> {
     fn new(lib: &KernelLibrary, x: &Tensor, norm: Norm<'a>, max_fold_k: usize) -> Result<Self> {
         let k = x.last_dim();
         match norm {
-            Some((g, p)) if k > max_fold_k || device_ptr(x)? % 16 != 0 => {
+            Some((g, p)) if !Self::folds(x, norm, max_fold_k)? => {
                 let (scratch, row) = lib.scratch(k * 4)?;
                 let launch = super::norm::rms_norm_rows(lib, device_ptr(x)?, g, row, 1, k, p)?;
                 Ok(MatvecInput {
@@ -587,6 +587,12 @@ impl<'a> MatvecInput<'a> {
                 norm_first: None,
             }),
         }
+    }
+
+    /// Whether the kernel that follows computes `norm` itself: there is one, x is no wider
+    /// than `max_fold_k`, and 16-byte aligned.
+    fn folds(x: &Tensor, norm: Norm, max_fold_k: usize) -> Result<bool> {
+        Ok(norm.is_some() && x.last_dim() <= max_fold_k && device_ptr(x)? % 16 == 0)
     }
 
     /// The dispatch: the norm launch, if any, then `launches` (which read x at `self.x`).

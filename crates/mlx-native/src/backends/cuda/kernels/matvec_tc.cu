@@ -285,6 +285,17 @@ __device__ __forceinline__ void mt_store_chunk(const float* v, int c, u32* xh, f
     }
 }
 
+// A chunk of x through the norm: v·r·(g + g_offset), g the chunk's norm weight in shared
+// memory.
+template <int N>
+__device__ __forceinline__ void mt_norm_chunk(float* v, const float* g_chunk, float r,
+                                              const PreNorm& norm) {
+    float g[N];
+    load_floats<N>(g_chunk, g);
+#pragma unroll
+    for (int e = 0; e < N; ++e) v[e] *= r * (g[e] + norm.g_offset);
+}
+
 // x (through the RMSNorm, if NORM) as f16 pairs in the format's fragment order, Σx per
 // chunk in f32 (formats with biases), and a chunk of zeros. Every block normalises x itself,
 // which costs less than a norm launch in front of the kernel; the norm weight is already in
@@ -313,10 +324,7 @@ __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, c
             for (int e = 0; e < CHUNK; ++e) ss = fmaf(v[e], v[e], ss);
             cp_async_wait<0>();  // this thread's part of gs; all of it after block_sum's barrier
             const float r = rsqrtf(block_sum(mine ? ss : 0.f) / k + norm.eps);
-            float g[CHUNK];
-            load_floats<CHUNK>(gs + (mine ? c : 0) * CHUNK, g);
-#pragma unroll
-            for (int e = 0; e < CHUNK; ++e) v[e] *= r * (g[e] + norm.g_offset);
+            mt_norm_chunk<CHUNK>(v, gs + (mine ? c : 0) * CHUNK, r, norm);
         }
         if (mine) mt_store_chunk<F>(v, c, xh, csum);
         return;
@@ -334,12 +342,7 @@ __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, c
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         float v[CHUNK];
         load_floats<CHUNK>(x + (i64)c * CHUNK, v);
-        if constexpr (NORM) {
-            float g[CHUNK];
-            load_floats<CHUNK>(gs + c * CHUNK, g);
-#pragma unroll
-            for (int e = 0; e < CHUNK; ++e) v[e] *= r * (g[e] + norm.g_offset);
-        }
+        if constexpr (NORM) mt_norm_chunk<CHUNK>(v, gs + c * CHUNK, r, norm);
         mt_store_chunk<F>(v, c, xh, csum);
     }
 }
