@@ -19,17 +19,17 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 // wave over the SMs, fewer for a short cache); at run time a row's keys (from pos) go to as
 // many splits as hold DEC_MIN_SPLIT_KEYS each, up to n_splits, and the other blocks exit: no
 // split (and no merge) below 2·DEC_MIN_SPLIT_KEYS keys, a full wave of blocks for long ones,
-// whose splits then take several passes of DEC_SPLIT_KEYS. In a pass each warp takes 32
-// consecutive keys, scored onto lane j for key j (`warp_scores`); a warp max and sum update
-// the online softmax, and for P·V the lanes own head dims, the probabilities broadcast by
-// shuffle. A short context is bound by latency, not bandwidth: the first pass's K and V rows
-// head for L2 before the wait for the previous kernel, and a pass issues its K loads, then its
-// V loads, in few batches. The warps merge in shared memory. One active split writes the
-// output; several write (max, sum, unnormalised acc) partials and count themselves on a
+// whose splits then take several passes. In a pass each warp takes KEYS = `dec_keys(HC)`
+// consecutive keys (32 for hd ≤ 32, 16 for hd ≤ 64, 8 up to 128, 4 above), loading their K
+// and V rows at once, and scores them onto lanes (`warp_scores`); a max and a sum over KEYS
+// lanes update the online softmax, and for P·V the lanes own head dims, the probabilities
+// broadcast by shuffle. A short context is bound by latency, not bandwidth: the K and V rows of
+// the block's first DEC_WARPS·32 keys head for L2 before the wait for the previous kernel, and
+// a pass costs one round trip for its loads. The warps merge in shared memory. One active
+// split writes the output; several write (max, sum, unnormalised acc) partials and count themselves on a
 // counter per (row, head), and the block that counts last merges them and resets the counter.
 
 #define DEC_WARPS 16
-#define DEC_SPLIT_KEYS (DEC_WARPS * 32)
 #define DEC_MIN_SPLIT_KEYS 256  // DECODE_MIN_SPLIT_KEYS in attention.rs
 #define DEC_MAX_SPLITS 128      // MAX_SPLITS in attention.rs
 
@@ -45,10 +45,17 @@ __device__ __forceinline__ void prefetch_row(const float* row, int hd) {
     prefetch_l2(row + hd - 1);
 }
 
+// Keys a warp takes in a pass: as many as keep a lane's K and V loads of the pass in 32
+// registers each (KEYS·HC ≤ 32), so that both are issued at once: one round trip to L2 a
+// pass, and at short contexts more warps with shorter chains.
+__host__ __device__ constexpr int dec_keys(int hc) {
+    return hc == 1 ? 32 : hc == 2 ? 16 : hc <= 4 ? 8 : 4;
+}
+
 // A step of `warp_scores`' butterfly: lanes with bit O set keep rows j + O of each pair
 // (j, j + O), the others rows j, and each adds its partner's share of the row it keeps.
-template <int O>
-__device__ __forceinline__ void butterfly_step(float (&v)[32], int lane) {
+template <int O, int N>
+__device__ __forceinline__ void butterfly_step(float (&v)[N], int lane) {
     const bool upper = lane & O;
 #pragma unroll
     for (int j = 0; j < O; ++j) {
@@ -57,70 +64,87 @@ __device__ __forceinline__ void butterfly_step(float (&v)[32], int lane) {
     }
 }
 
-// Scale·q·k of 32 consecutive cache rows kr (the first n ≤ 32 of them real; the others repeat
-// row n−1), q·scale in shared memory (zero past hd). Lane l sums dims l, l+32, … of every row,
-// coalesced; a transposing butterfly of 31 shuffles then leaves row j's total on lane j.
-// FULL: all 32 rows are real and hd = 32·HC, so every row is a constant offset from one address
-// (no clamps, no per-load address arithmetic).
-template <int HC, bool FULL>
-__device__ __forceinline__ float warp_scores(const float* __restrict__ qs, const float* kr,
-                                             int n, int hd, int lane) {
-    const int stride = FULL ? 32 * HC : hd;
-    float v[32];
+// Max and sum over the KEYS lanes of a pass's keys (every group of KEYS lanes holds the same
+// scores).
+template <int KEYS>
+__device__ __forceinline__ float keys_max(float v) {
 #pragma unroll
-    for (int j = 0; j < 32; ++j) v[j] = 0.f;
-    // Up to 64 dims, every K load of the 32 rows is issued at once (one round trip to L2;
-    // H100, 2026-11-26: SmolLM2 decode +2%); wider heads would spill and take a chunk at a time.
-#pragma unroll(HC <= 2 ? HC : 1)
-    for (int d = lane; d < 32 * HC; d += 32) {
-        const float qd = qs[d];
-        const int dk = FULL ? d : min(d, hd - 1);
+    for (int o = KEYS / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+template <int KEYS>
+__device__ __forceinline__ float keys_sum(float v) {
 #pragma unroll
-        for (int j = 0; j < 32; ++j)
-            v[j] = fmaf(qd, kr[(i64)(FULL ? j : min(j, n - 1)) * stride + dk], v[j]);
+    for (int o = KEYS / 2; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+// Scale·q·k of a pass's KEYS rows from their loaded dims (k[j][c]: row j, dim lane + 32c),
+// q·scale in shared memory (zero past hd). A transposing butterfly over the low lane bits,
+// then a sum over the high ones, leaves row j's total on the lanes l with l % KEYS = j.
+template <int HC, int KEYS>
+__device__ __forceinline__ float warp_scores(const float* __restrict__ qs,
+                                             const float (&k)[KEYS][HC], int lane) {
+    float v[KEYS];
+#pragma unroll
+    for (int j = 0; j < KEYS; ++j) v[j] = 0.f;
+#pragma unroll
+    for (int c = 0; c < HC; ++c) {
+        const float qd = qs[lane + 32 * c];
+#pragma unroll
+        for (int j = 0; j < KEYS; ++j) v[j] = fmaf(qd, k[j][c], v[j]);
     }
-    butterfly_step<16>(v, lane);
-    butterfly_step<8>(v, lane);
-    butterfly_step<4>(v, lane);
-    butterfly_step<2>(v, lane);
+    if constexpr (KEYS >= 32) butterfly_step<16>(v, lane);
+    if constexpr (KEYS >= 16) butterfly_step<8>(v, lane);
+    if constexpr (KEYS >= 8) butterfly_step<4>(v, lane);
+    if constexpr (KEYS >= 4) butterfly_step<2>(v, lane);
     butterfly_step<1>(v, lane);
+#pragma unroll
+    for (int o = 16; o >= KEYS; o >>= 1) v[0] += __shfl_xor_sync(FULL_MASK, v[0], o);
     return v[0];
 }
 
-// One pass of a warp over keys j0 … j0+n−1 (n ≤ 32): their scores onto lanes, the online
-// softmax update of (m, l, acc), and P·V with lanes owning head dims (acc[c]: dim lane + 32c),
-// V loaded VU keys at a time. FULL as in `warp_scores`.
-template <int HC, int VU, bool FULL>
+// Rows j0 … j0+KEYS−1 of a cache (the first n real, the others repeating row n−1), dims
+// lane + 32c (clamped to hd). FULL: n = KEYS and hd = 32·HC, so every load is a constant
+// offset from one address.
+template <int HC, int KEYS, bool FULL>
+__device__ __forceinline__ void load_rows(const float* rows, int n, int hd, int lane,
+                                          float (&r)[KEYS][HC]) {
+    const int stride = FULL ? 32 * HC : hd;
+#pragma unroll
+    for (int j = 0; j < KEYS; ++j)
+#pragma unroll
+        for (int c = 0; c < HC; ++c)
+            r[j][c] = rows[(i64)(FULL ? j : min(j, n - 1)) * stride +
+                           (FULL ? lane + 32 * c : min(lane + 32 * c, hd - 1))];
+}
+
+// One pass of a warp over keys j0 … j0+n−1 (n ≤ KEYS): their K and V rows loaded at once,
+// the scores onto lanes, the online softmax update of (m, l, acc), and P·V with lanes owning
+// head dims (acc[c]: dim lane + 32c), the probabilities broadcast by shuffle.
+template <int HC, bool FULL>
 __device__ __forceinline__ void decode_pass(const float* __restrict__ qs, const float* kb,
                                             const float* vb, int j0, int n, int hd, int lane,
                                             float softcap, float& m, float& l, float (&acc)[HC]) {
-    const int stride = FULL ? 32 * HC : hd;
-    float s = warp_scores<HC, FULL>(qs, kb + (i64)j0 * hd, n, hd, lane);
-    s = lane < n ? cap_score(s, softcap) : NEG_INF;
-    const float m_new = fmaxf(m, warp_max(s));  // finite: lane 0 holds a key
-    const float corr = expf(m - m_new);         // 0 while m is −inf
-    const float p = expf(s - m_new);            // 0 past the keys
-    l = l * corr + warp_sum(p);
+    constexpr int KEYS = dec_keys(HC);
+    float k[KEYS][HC], v[KEYS][HC];
+    load_rows<HC, KEYS, FULL>(kb + (i64)j0 * hd, n, hd, lane, k);
+    load_rows<HC, KEYS, FULL>(vb + (i64)j0 * hd, n, hd, lane, v);
+    float s = warp_scores<HC, KEYS>(qs, k, lane);
+    s = (lane & (KEYS - 1)) < n ? cap_score(s, softcap) : NEG_INF;
+    const float m_new = fmaxf(m, keys_max<KEYS>(s));  // finite: lane 0 holds a key
+    const float corr = expf(m - m_new);               // 0 while m is −inf
+    const float p = expf(s - m_new);                  // 0 past the keys (their V rows repeat
+                                                      // a real one: 0·v adds nothing)
+    l = l * corr + keys_sum<KEYS>(p);
 #pragma unroll
     for (int c = 0; c < HC; ++c) acc[c] *= corr;
-    const float* vj = vb + (i64)j0 * hd;
 #pragma unroll
-    for (int jb = 0; jb < 32; jb += VU) {
-        if (jb >= n) break;
-        float v[VU][HC];
+    for (int j = 0; j < KEYS; ++j) {
+        const float pj = __shfl_sync(FULL_MASK, p, j);
 #pragma unroll
-        for (int u = 0; u < VU; ++u) {
-            const i64 at = (i64)(FULL ? jb + u : min(jb + u, n - 1)) * stride;
-#pragma unroll
-            for (int c = 0; c < HC; ++c)
-                v[u][c] = vj[at + (FULL ? lane + 32 * c : min(lane + 32 * c, hd - 1))];
-        }
-#pragma unroll
-        for (int u = 0; u < VU; ++u) {
-            const float pj = __shfl_sync(FULL_MASK, p, jb + u);
-#pragma unroll
-            for (int c = 0; c < HC; ++c) acc[c] = fmaf(pj, v[u][c], acc[c]);
-        }
+        for (int c = 0; c < HC; ++c) acc[c] = fmaf(pj, v[j][c], acc[c]);
     }
     m = m_new;
 }
@@ -158,7 +182,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     const i64 kv_base = (i64)g * capacity * hd;
     // pos changes only between decode steps (advance_pos, a step's last kernel, or the host),
     // never in the kernel just before this one, so it is read before the wait for that kernel,
-    // and the K and V rows of the block's first pass (old keys: no kernel of a step rewrites
+    // and the K and V rows of the block's first keys (old keys: no kernel of a step rewrites
     // them) head for L2 while it finishes.
     const u32 p0 = pos[0];
     int lo, hi;
@@ -167,7 +191,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     if (split >= n_splits) return;
     const int per = (hi - lo + n_splits - 1) / n_splits;
     const int start = lo + split * per, end = min(hi, start + per);
-    if (start + d < end) {  // blockDim = DEC_SPLIT_KEYS: the first pass
+    if (start + d < end) {  // blockDim = DEC_WARPS·32
         prefetch_row<HC>(kc + kv_base + (i64)(start + d) * hd, hd);
         prefetch_row<HC>(vc + kv_base + (i64)(start + d) * hd, hd);
     }
@@ -215,19 +239,16 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     const float* vb = vc + kv_base;
     __syncthreads();  // q staged, new rows stored (and visible to the block)
 
-    // V loads in flight a lane: VU keys' HC dims (at most 64 registers; VU divides 32).
-    constexpr int VU = HC <= 2 ? 32 : HC <= 4 ? 16 : 4;
+    constexpr int KEYS = dec_keys(HC);
     float m = NEG_INF, l = 0.f, acc[HC];
 #pragma unroll
     for (int c = 0; c < HC; ++c) acc[c] = 0.f;
-    for (int j0 = start + warp * 32; j0 < end; j0 += DEC_SPLIT_KEYS) {
-        const int n = min(32, end - j0);
-        if (j0 >= start + DEC_SPLIT_KEYS)  // the first pass's rows were sent before the wait
-            prefetch_row<HC>(vb + (j0 + min(lane, n - 1)) * (i64)hd, hd);
-        if (HC <= 2 && n == 32 && hd == 32 * HC)
-            decode_pass<HC, VU, true>(qs, kb, vb, j0, n, hd, lane, softcap, m, l, acc);
+    for (int j0 = start + warp * KEYS; j0 < end; j0 += DEC_WARPS * KEYS) {
+        const int n = min(KEYS, end - j0);
+        if (n == KEYS && hd == 32 * HC)
+            decode_pass<HC, true>(qs, kb, vb, j0, n, hd, lane, softcap, m, l, acc);
         else
-            decode_pass<HC, VU, false>(qs, kb, vb, j0, n, hd, lane, softcap, m, l, acc);
+            decode_pass<HC, false>(qs, kb, vb, j0, n, hd, lane, softcap, m, l, acc);
     }
 
     if (lane == 0) {
