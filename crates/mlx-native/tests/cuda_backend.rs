@@ -1481,6 +1481,8 @@ fn attention_matches_reference() {
         attn_case((2, 8, 2, 128, 8192, 7000, None, Some(30.0))),
         attn_case((1, 6, 2, 50, 1000, 900, None, None)),
         attn_case((1, 4, 2, 200, 600, 550, None, None)),
+        // More active splits (23) than the merging block reads at a time (16).
+        attn_case((1, 2, 1, 64, 8192, 6000, None, None)),
         // Prefill: several blocks of rows, tiles of keys, window and softcap.
         attn_case((21, 6, 2, 40, 50, 13, None, None)),
         attn_case((37, 4, 1, 64, 100, 0, None, None)),
@@ -1648,20 +1650,32 @@ fn kv_append_writes_rows_at_pos() {
 #[test]
 fn argmax_picks_lowest_id_of_the_last_row() {
     let Some(dev) = gpu() else { return };
-    let mut rng = Rng(11);
-    let vocab = 50_001;
-    let mut logits = rng.vec(2 * vocab, 10.0);
-    // A tie for the maximum in the last row, and a larger value in the first row (ignored).
-    logits[vocab + 31_337] = 20.0;
-    logits[vocab + 777] = 20.0;
-    logits[5] = 50.0;
-    let compute = |dev: &Device| {
-        let lt = dev.from_slice(&logits, &[2, vocab])?;
-        let token = poisoned_u32(dev, &[1])?;
-        run(dev, |enc| ops::argmax(enc, &lt, &token))?;
-        Ok(token.to_vec::<u32>()?.iter().map(|&t| t as f32).collect())
-    };
-    check("argmax", &dev, compute, &[777.0], 0.0);
+    // (rows, vocab, tied ids): a last row off 16-byte alignment (scalar loads), an aligned one
+    // (float4 loads), and an aligned one with a scalar tail holding the tie's lower id.
+    let cases: [(usize, usize, [usize; 2]); 3] = [
+        (2, 50_001, [31_337, 777]),
+        (2, 50_004, [31_337, 777]),
+        (1, 50_003, [50_002, 50_001]),
+    ];
+    for (case, (rows, vocab, tie)) in cases.into_iter().enumerate() {
+        let mut rng = Rng(11 + case as u64);
+        let mut logits = rng.vec(rows * vocab, 10.0);
+        let last = (rows - 1) * vocab;
+        // A tie for the maximum in the last row, and a larger value in the first row (ignored
+        // where there are two).
+        logits[last + tie[0]] = 20.0;
+        logits[last + tie[1]] = 20.0;
+        if rows > 1 {
+            logits[5] = 50.0;
+        }
+        let compute = |dev: &Device| {
+            let lt = dev.from_slice(&logits, &[rows, vocab])?;
+            let token = poisoned_u32(dev, &[1])?;
+            run(dev, |enc| ops::argmax(enc, &lt, &token))?;
+            Ok(token.to_vec::<u32>()?.iter().map(|&t| t as f32).collect())
+        };
+        check("argmax", &dev, compute, &[tie[1] as f64], 0.0);
+    }
 }
 
 #[test]

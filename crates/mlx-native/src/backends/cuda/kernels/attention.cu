@@ -31,7 +31,6 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 
 #define DEC_WARPS 16
 #define DEC_MIN_SPLIT_KEYS 256  // DECODE_MIN_SPLIT_KEYS in attention.rs
-#define DEC_MAX_SPLITS 128      // MAX_SPLITS in attention.rs
 
 __device__ __forceinline__ int active_splits(int keys, int n_splits) {
     return max(1, min(n_splits, keys / DEC_MIN_SPLIT_KEYS));
@@ -174,7 +173,6 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     __shared__ float qs[HC * 32];
     __shared__ float warp_m[DEC_WARPS], warp_l[DEC_WARPS], warp_acc[DEC_WARPS][HC * 32];
     __shared__ float warp_w[DEC_WARPS], block_m, block_l;  // DEC_WARPS ≤ 32: one lane a warp
-    __shared__ float split_w[DEC_MAX_SPLITS], merged_sum;
     __shared__ int merging;
     const int h = blockIdx.x, split = blockIdx.y, row = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -290,38 +288,46 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
         base[split * stride] = mx;
         base[split * stride + 1] = sum;
     }
-    // Publish the partial, then count it; the block that counts last merges.
-    __threadfence();
+    // Publish the partial, then count it; the block that counts last merges. As a grid barrier
+    // does: the block's writes, a barrier, then one thread's fence and atomic.
     __syncthreads();
     u32* counter = counters + (i64)row * n_heads + h;
-    if (threadIdx.x == 0) merging = atomicAdd(counter, 1u) == (u32)n_splits - 1;
-    __syncthreads();
-    if (!merging) return;
-    __threadfence();
-    // Other blocks wrote the partials: read them past L1.
-    if (warp == 0) {
-        float ml = NEG_INF;
-        for (int sp = lane; sp < n_splits; sp += 32) ml = fmaxf(ml, __ldcg(base + sp * stride));
-        const float m_all = warp_max(ml);
-        float sl = 0.f;
-        for (int sp = lane; sp < n_splits; sp += 32) {
-            const float ms = __ldcg(base + sp * stride);
-            const float wt = ms == NEG_INF ? 0.f : expf(ms - m_all);
-            split_w[sp] = wt;
-            sl += __ldcg(base + sp * stride + 1) * wt;
-        }
-        sl = warp_sum(sl);
-        if (lane == 0) {
-            merged_sum = sl;
-            *counter = 0;
-        }
+    if (threadIdx.x == 0) {
+        __threadfence();
+        merging = atomicAdd(counter, 1u) == (u32)n_splits - 1;
     }
     __syncthreads();
-    if (d >= hd) return;
-    float merged = 0.f;
-#pragma unroll 8
-    for (int sp = 0; sp < n_splits; ++sp) merged += split_w[sp] * __ldcg(base + sp * stride + 2 + d);
-    o[d] = merged_sum > 0.f ? merged / merged_sum : 0.f;
+    if (!merging || d >= hd) return;
+    __threadfence();
+    if (d == 0) *counter = 0;  // every split has counted
+    // Thread d merges dim d, reading MERGE_LOADS splits' (max, sum, acc[d]) at a time past L1
+    // (other blocks wrote them): one round trip to L2 for up to MERGE_LOADS splits.
+    constexpr int MERGE_LOADS = 16;
+    float m_all = NEG_INF, l_all = 0.f, merged = 0.f;
+    for (int s0 = 0; s0 < n_splits; s0 += MERGE_LOADS) {
+        float ms[MERGE_LOADS], ls[MERGE_LOADS], as[MERGE_LOADS];
+#pragma unroll
+        for (int i = 0; i < MERGE_LOADS; ++i) {
+            const float* ps = base + min(s0 + i, n_splits - 1) * stride;
+            ms[i] = __ldcg(ps);
+            ls[i] = __ldcg(ps + 1);
+            as[i] = __ldcg(ps + 2 + d);
+        }
+        float m_new = m_all;
+#pragma unroll
+        for (int i = 0; i < MERGE_LOADS; ++i) m_new = fmaxf(m_new, ms[i]);  // repeats: no change
+        const float corr = m_all == NEG_INF ? 0.f : expf(m_all - m_new);
+        l_all *= corr;
+        merged *= corr;
+#pragma unroll
+        for (int i = 0; i < MERGE_LOADS; ++i) {
+            const float wt = s0 + i >= n_splits || ms[i] == NEG_INF ? 0.f : expf(ms[i] - m_new);
+            l_all = fmaf(ls[i], wt, l_all);
+            merged = fmaf(as[i], wt, merged);
+        }
+        m_all = m_new;
+    }
+    o[d] = l_all > 0.f ? merged / l_all : 0.f;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ const FLASH_HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
 /// Head dims are covered in chunks of 32 lanes; kernels exist for up to 8 chunks.
 const MAX_HEAD_DIM: usize = 256;
 /// The fewest keys a decode split takes (DEC_MIN_SPLIT_KEYS: a row uses no more splits than
-/// its keys fill), and most splits (DEC_MAX_SPLITS).
+/// its keys fill), and most splits (a bound on the partials' scratch).
 const DECODE_MIN_SPLIT_KEYS: usize = 256;
 const MAX_SPLITS: usize = 128;
 

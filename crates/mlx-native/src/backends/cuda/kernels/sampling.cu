@@ -89,7 +89,7 @@ template <class Load, class Use>
 __device__ __forceinline__ void for_each_strided(int n, Load load, Use use) {
     int i = threadIdx.x;
     for (; i + (PASS_UNROLL - 1) * (int)blockDim.x < n; i += PASS_UNROLL * blockDim.x) {
-        float x[PASS_UNROLL];
+        decltype(load(0)) x[PASS_UNROLL];
 #pragma unroll
         for (int u = 0; u < PASS_UNROLL; ++u) x[u] = load(i + u * blockDim.x);
 #pragma unroll
@@ -112,14 +112,27 @@ __device__ __forceinline__ void for_each_in_range(int lo, int hi, Load load, Use
     for (; i < hi; ++i) use(i, load(i));
 }
 
+// One block: a 16-byte aligned row is read as float4, PASS_UNROLL·16 bytes in flight a thread
+// (128,256 logits in 4 round trips to L2 instead of 16).
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     argmax(const float* __restrict__ logits, u32* __restrict__ token, int vocab, int last_row) {
     kernel_entry();
     const float* x = logits + (i64)last_row * vocab;
     float v = NEG_INF;
     u32 id = 0xffffffffu;
-    for_each_strided(vocab, [&](int i) { return x[i]; },
-                     [&](int i, float xi) { take_better(v, id, xi, (u32)i); });
+    int scalar_from = 0;
+    if (((size_t)x & 15) == 0) {
+        const float4* x4 = (const float4*)x;
+        scalar_from = vocab / 4 * 4;
+        for_each_strided(vocab / 4, [&](int i) { return x4[i]; },
+                         [&](int i, float4 q) {
+                             take_better(v, id, q.x, (u32)(4 * i));
+                             take_better(v, id, q.y, (u32)(4 * i + 1));
+                             take_better(v, id, q.z, (u32)(4 * i + 2));
+                             take_better(v, id, q.w, (u32)(4 * i + 3));
+                         });
+    }
+    for (int i = scalar_from + threadIdx.x; i < vocab; i += blockDim.x) take_better(v, id, x[i], (u32)i);
     block_argmax(v, id);
     if (threadIdx.x == 0) token[0] = id;
 }
