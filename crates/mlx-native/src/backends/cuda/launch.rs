@@ -89,6 +89,8 @@ pub(crate) struct Launch {
     args: Vec<u64>,
     /// Launch with programmatic stream serialization (see `kernel_entry` in common.cuh).
     programmatic: bool,
+    /// A cooperative launch: every block resident at once (grid-wide barriers), else an error.
+    cooperative: bool,
 }
 
 impl Launch {
@@ -108,10 +110,16 @@ impl Launch {
             .bind_to_thread()
             .map_err(driver_err("binding the CUDA context"))?;
         // SAFETY: an all-zero launch attribute is the valid "ignore" entry; its id and value
-        // are set below.
+        // are set below. A cooperative kernel launches alone (it does not wait on the one
+        // before it programmatically).
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        if self.cooperative {
+            attr.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+            attr.value.cooperative = 1;
+        } else {
+            attr.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+        }
         let (bx, by, bz) = self.cfg.block_dim;
         let config = sys::CUlaunchConfig {
             gridDimX: x,
@@ -123,7 +131,7 @@ impl Launch {
             sharedMemBytes: self.cfg.shared_mem_bytes,
             hStream: stream.cu_stream(),
             attrs: &mut attr,
-            numAttrs: self.programmatic as u32,
+            numAttrs: (self.programmatic || self.cooperative) as u32,
         };
         let mut params: Vec<*mut std::ffi::c_void> = self
             .args
@@ -313,7 +321,24 @@ impl KernelLibrary {
             },
             args: args.0,
             programmatic: self.programmatic,
+            cooperative: false,
         })
+    }
+
+    /// Like `launch`, as a cooperative launch (all blocks resident at once: the driver refuses
+    /// a grid that cannot be).
+    pub fn launch_cooperative(
+        &self,
+        source: &'static Source,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: Args,
+    ) -> Result<Launch> {
+        let mut launch = self.launch(source, name, grid, block, shared, args)?;
+        launch.cooperative = true;
+        Ok(launch)
     }
 
     /// Device memory for one dispatch's intermediate results, and its address (allocated at

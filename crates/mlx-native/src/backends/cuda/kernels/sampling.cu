@@ -1,20 +1,25 @@
-// Token choice over the last row of the logits, in one block of SAMPLE_THREADS threads:
-// argmax, and sampling with the semantics of the CPU backend (backends/cpu/sampling.rs):
-// mlx-lm's repetition penalty, then min-p, top-k and top-p on the penalised logits, then an
-// inverse-CDF draw from softmax(logit / temperature) over the kept tokens in rank order
-// (highest logit first, lowest id on ties), with u = a hash of (seed, pos).
+// Token choice over the last row of the logits: argmax (one block of SAMPLE_THREADS threads),
+// and sampling (a grid of SAMPLER_THREADS-thread blocks, one per SM) with the semantics of the
+// CPU backend (backends/cpu/sampling.rs): mlx-lm's repetition penalty, then min-p, top-k and
+// top-p on the penalised logits, then an inverse-CDF draw from softmax(logit / temperature)
+// over the kept tokens in rank order (highest logit first, lowest id on ties), with u = a
+// hash of (seed, pos).
 //
 // No sort: each filter and the draw is a descending radix selection (four 8-bit levels over
 // an order-preserving key of the logit) of the value where a running count or mass reaches
 // its target, then, inside that tie group, the member at the right rank by id. The masses are
-// f64 as on the CPU; only their summation order differs.
+// f64 as on the CPU; only their summation order differs. Each selection level passes over the
+// whole vocabulary, which is why the sampler is a grid: one block took 442 µs for a draw over
+// 151,936 logits on the H100, a block per SM 49 µs (2026-11-26).
 
 #define SAMPLE_THREADS 1024
-#define SAMPLE_WARPS (SAMPLE_THREADS / 32)
+#define SAMPLE_WARPS (SAMPLE_THREADS / 32)  // the most warps a block of these kernels has
+#define SAMPLER_THREADS 512
+#define SAMPLER_WARPS (SAMPLER_THREADS / 32)
 #define RADIX_BINS 256
 
 // ---------------------------------------------------------------------------------------------
-// Block-wide reductions (results valid in every thread).
+// Block-wide reductions (results valid in every thread; up to SAMPLE_WARPS warps).
 
 __device__ double block_sum_f64(double v, double* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -23,7 +28,7 @@ __device__ double block_sum_f64(double v, double* scratch) {
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = lane < SAMPLE_WARPS ? scratch[lane] : 0.0;
+    v = lane < (int)(blockDim.x >> 5) ? scratch[lane] : 0.0;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
     return v;
@@ -43,7 +48,7 @@ __device__ int block_exclusive_scan(int v, int& total, int* scratch) {
     __syncthreads();
     int before = 0;
     total = 0;
-    for (int w = 0; w < SAMPLE_WARPS; ++w) {
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
         if (w < warp) before += scratch[w];
         total += scratch[w];
     }
@@ -58,8 +63,9 @@ __device__ __forceinline__ void take_better(float& v, u32& id, float ov, u32 oid
     }
 }
 
-// The block's best (value, id) in every thread; id 0 when every value is NaN.
-__device__ void block_argmax(float& v, u32& id) {
+// The block's best (value, id) in every thread; id 0 when every value is NaN, or 0xffffffff
+// with `none_as_zero` false.
+__device__ void block_argmax(float& v, u32& id, bool none_as_zero = true) {
     __shared__ float vals[SAMPLE_WARPS];
     __shared__ u32 ids[SAMPLE_WARPS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -72,22 +78,21 @@ __device__ void block_argmax(float& v, u32& id) {
         ids[warp] = id;
     }
     __syncthreads();
-    v = lane < SAMPLE_WARPS ? vals[lane] : NEG_INF;
-    id = lane < SAMPLE_WARPS ? ids[lane] : 0xffffffffu;
+    v = lane < (int)(blockDim.x >> 5) ? vals[lane] : NEG_INF;
+    id = lane < (int)(blockDim.x >> 5) ? ids[lane] : 0xffffffffu;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
         take_better(v, id, __shfl_xor_sync(FULL_MASK, v, o), __shfl_xor_sync(FULL_MASK, id, o));
-    if (id == 0xffffffffu) id = 0;
+    if (none_as_zero && id == 0xffffffffu) id = 0;
 }
 
-// Calls use(i, load(i)) for i = threadIdx.x, +blockDim.x, … < n. A pass over the vocabulary
-// by one block is bound by load latency: each step issues PASS_UNROLL independent loads
-// before using any.
+// Calls use(i, load(i)) for i = lo + threadIdx.x, +blockDim.x, … < n. A pass by one block
+// is bound by load latency: each step issues PASS_UNROLL independent loads before using any.
 #define PASS_UNROLL 8
 
 template <class Load, class Use>
-__device__ __forceinline__ void for_each_strided(int n, Load load, Use use) {
-    int i = threadIdx.x;
+__device__ __forceinline__ void for_each_strided(int lo, int n, Load load, Use use) {
+    int i = lo + threadIdx.x;
     for (; i + (PASS_UNROLL - 1) * (int)blockDim.x < n; i += PASS_UNROLL * blockDim.x) {
         decltype(load(0)) x[PASS_UNROLL];
 #pragma unroll
@@ -124,7 +129,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     if (((size_t)x & 15) == 0) {
         const float4* x4 = (const float4*)x;
         scalar_from = vocab / 4 * 4;
-        for_each_strided(vocab / 4, [&](int i) { return x4[i]; },
+        for_each_strided(0, vocab / 4, [&](int i) { return x4[i]; },
                          [&](int i, float4 q) {
                              take_better(v, id, q.x, (u32)(4 * i));
                              take_better(v, id, q.y, (u32)(4 * i + 1));
@@ -189,12 +194,102 @@ __device__ __forceinline__ double weight(int kind, float v, float top, double in
     }
 }
 
-// Shared memory of the sampler (dynamic): per-warp histograms, their merge, small scratch.
+// ---------------------------------------------------------------------------------------------
+// The sampler's grid: one block per SM (a cooperative launch, so that all are resident), block b
+// owning the vocabulary slice [b·per, (b+1)·per). Grid-wide steps meet at `grid_sync`, and
+// per-block values go through global scratch (`SamplerGrid`), read past L1 and combined in
+// block order by every block alike, so that all blocks take the same decisions.
+
+struct SamplerGrid {
+    u32* barrier;     // [2]: arrivals, generation (zeroed at record time; left so)
+    double* parts;    // [2][gridDim.x] per-block values, two slots used in turns
+    u32* ids;         // [2][gridDim.x] per-block ids or counts
+    double* hist;     // [2][gridDim.x][RADIX_BINS] per-block histograms
+    double* merged;   // [2][RADIX_BINS]
+    int* found;       // [2]
+    int slot;         // uses so far (the same in every block); a slot is rewritten only after
+                      // a later grid_sync, so every block has read it
+    int lo, hi;       // this block's slice
+};
+
+__device__ __forceinline__ u32 load_acquire(const u32* p) {
+    u32 v;
+    asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// Every block's writes before it are visible to every block after it.
+__device__ void grid_sync(u32* barrier) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const u32 generation = load_acquire(barrier + 1);
+        __threadfence();
+        if (atomicAdd(barrier, 1u) == gridDim.x - 1) {
+            atomicExch(barrier, 0u);
+            __threadfence();
+            atomicAdd(barrier + 1, 1u);
+        } else {
+            while (load_acquire(barrier + 1) == generation) {
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// Σ over blocks of each block's `v` (valid in thread 0), in block order.
+__device__ double grid_sum(SamplerGrid& g, double v, double* scratch) {
+    double* part = g.parts + (g.slot++ & 1) * gridDim.x;
+    if (threadIdx.x == 0) part[blockIdx.x] = v;
+    grid_sync(g.barrier);
+    double s = 0.0;
+    for (int b = threadIdx.x; b < (int)gridDim.x; b += blockDim.x) s += __ldcg(part + b);
+    return block_sum_f64(s, scratch);  // a fixed tree over fixed partial sums
+}
+
+// The grid's best (value, id) from each block's (valid in thread 0), in every thread.
+__device__ void grid_argmax(SamplerGrid& g, float& v, u32& id) {
+    const int slot = g.slot++ & 1;
+    double* part = g.parts + slot * gridDim.x;
+    u32* ids = g.ids + slot * gridDim.x;
+    if (threadIdx.x == 0) {
+        part[blockIdx.x] = v;
+        ids[blockIdx.x] = id;
+    }
+    grid_sync(g.barrier);
+    v = NEG_INF;
+    id = 0xffffffffu;
+    for (int b = threadIdx.x; b < (int)gridDim.x; b += blockDim.x)
+        take_better(v, id, (float)__ldcg(part + b), __ldcg(ids + b));
+    block_argmax(v, id);  // id 0 when no block holds a value
+}
+
+// Per-block counts (valid in thread 0): the blocks' total and the sum over blocks before this
+// one, in every thread.
+__device__ void grid_count(SamplerGrid& g, u32 count, long long& total, long long& before,
+                           int* scratch) {
+    u32* ids = g.ids + (g.slot++ & 1) * gridDim.x;
+    if (threadIdx.x == 0) ids[blockIdx.x] = count;
+    grid_sync(g.barrier);
+    int t = 0, mine = 0;
+    for (int b = threadIdx.x; b < (int)gridDim.x; b += blockDim.x) {
+        const int c = (int)__ldcg(ids + b);
+        t += c;
+        if (b < (int)blockIdx.x) mine += c;
+    }
+    int unused;
+    block_exclusive_scan(t, unused, scratch);  // sums every thread's share
+    total = unused;
+    block_exclusive_scan(mine, unused, scratch);
+    before = unused;
+}
+
+// Shared memory of the sampler (dynamic): per-warp histograms, the merged bins, small scratch.
 struct SampleShared {
-    double* hist;    // [SAMPLE_WARPS][RADIX_BINS]
-    double* bins;    // [RADIX_BINS]
+    double* hist;      // [SAMPLER_WARPS][RADIX_BINS]
+    double* bins;      // [RADIX_BINS]
     double* dscratch;  // [SAMPLE_WARPS]
-    int* iscratch;   // [SAMPLE_WARPS]
+    int* iscratch;     // [SAMPLE_WARPS]
 };
 
 // Descending selection: the largest key v among kept tokens with Σ_{kept, key ≥ v} weight
@@ -203,8 +298,10 @@ struct SampleShared {
 // does; else sets v and `above` = Σ_{kept, key > v} weight. With `clamp` a miss takes the
 // lowest non-empty bin instead (the end of the rank order). Levels below the first re-add
 // the chosen bin's weights in another order; should rounding there miss, they clamp too.
-// Histograms are per warp, to spread the shared-memory atomics.
-__device__ bool select_desc(const Logits& logits, const Kept& kept, int vocab, int kind,
+// A block's histogram is per warp (spreading the shared-memory atomics) over its slice; the
+// blocks' histograms are merged bin by bin (block b merges bins b, b + G, …, each in a fixed
+// order), and every block then walks the same merged bins.
+__device__ bool select_desc(const Logits& logits, const Kept& kept, SamplerGrid& g, int kind,
                             float top, double inv_t, double& target, bool relative, bool strict,
                             bool clamp, const SampleShared& sh, u32& v, double& above) {
     __shared__ int chosen;
@@ -214,21 +311,40 @@ __device__ bool select_desc(const Logits& logits, const Kept& kept, int vocab, i
     above = 0.0;
     for (int level = 0; level < 4; ++level) {
         const int shift = 24 - 8 * level;
-        for (int i = threadIdx.x; i < SAMPLE_WARPS * RADIX_BINS; i += blockDim.x) sh.hist[i] = 0.0;
+        for (int i = threadIdx.x; i < SAMPLER_WARPS * RADIX_BINS; i += blockDim.x)
+            sh.hist[i] = 0.0;
         __syncthreads();
         double* mine = sh.hist + warp * RADIX_BINS;
-        for_each_strided(vocab, logits, [&](int i, float x) {
+        for_each_strided(g.lo, g.hi, logits, [&](int i, float x) {
             const u32 key = order_key(x);
             if (!kept(i, x, key)) return;
             if (level > 0 && (key >> (shift + 8)) != (prefix >> (shift + 8))) return;
             atomicAdd(&mine[(key >> shift) & (RADIX_BINS - 1)], weight(kind, x, top, inv_t));
         });
         __syncthreads();
+        const int slot = g.slot++ & 1;
+        double* hist = g.hist + (i64)slot * gridDim.x * RADIX_BINS;
+        double* merged = g.merged + slot * RADIX_BINS;
         if (threadIdx.x < RADIX_BINS) {
             double s = 0.0;
-            for (int w = 0; w < SAMPLE_WARPS; ++w) s += sh.hist[w * RADIX_BINS + threadIdx.x];
-            sh.bins[threadIdx.x] = s;
+            for (int w = 0; w < SAMPLER_WARPS; ++w) s += sh.hist[w * RADIX_BINS + threadIdx.x];
+            hist[blockIdx.x * RADIX_BINS + threadIdx.x] = s;
         }
+        grid_sync(g.barrier);
+        // Warp w merges bin b + G·w: lane l sums blocks l, l + 32, … in order, then a fixed
+        // tree over the lanes (one round trip to L2, not one a block).
+        for (int b = blockIdx.x + gridDim.x * warp; b < RADIX_BINS;
+             b += gridDim.x * SAMPLER_WARPS) {
+            double s = 0.0;
+#pragma unroll 4
+            for (int blk = lane; blk < (int)gridDim.x; blk += 32)
+                s += __ldcg(hist + blk * RADIX_BINS + b);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+            if (lane == 0) merged[b] = s;
+        }
+        grid_sync(g.barrier);
+        if (threadIdx.x < RADIX_BINS) sh.bins[threadIdx.x] = __ldcg(merged + threadIdx.x);
         __syncthreads();
         if (level == 0 && relative) {
             double total = 0.0;
@@ -289,32 +405,36 @@ __device__ bool select_desc(const Logits& logits, const Kept& kept, int vocab, i
 }
 
 // The id of the j-th (0-based, by ascending id) kept token with key v; the last one when
-// fewer exist. Threads own contiguous id ranges so that a scan orders the matches.
-__device__ int nth_with_key(const Logits& logits, const Kept& kept, int vocab, u32 v, long long j,
-                            const SampleShared& sh) {
-    __shared__ int found;
-    const int chunk = (vocab + blockDim.x - 1) / blockDim.x;
-    const int lo = min(vocab, (int)threadIdx.x * chunk), hi = min(vocab, lo + chunk);
+// fewer exist. Threads own contiguous id ranges of their block's slice, so that a scan within
+// the block and the blocks' counts before it order the matches.
+__device__ int nth_with_key(const Logits& logits, const Kept& kept, SamplerGrid& g, u32 v,
+                            long long j, const SampleShared& sh) {
+    const int span = g.hi - g.lo;
+    const int chunk = (span + blockDim.x - 1) / blockDim.x;
+    const int lo = min(g.hi, g.lo + (int)threadIdx.x * chunk), hi = min(g.hi, lo + chunk);
     int count = 0;
     for_each_in_range(lo, hi, logits, [&](int i, float x) {
         const u32 key = order_key(x);
         count += key == v && kept(i, x, key);
     });
-    int total;
-    const int before = block_exclusive_scan(count, total, sh.iscratch);
-    const long long want = min(j, (long long)total - 1);
-    if (threadIdx.x == 0) found = 0;
-    __syncthreads();
-    if (want >= before && want < before + count) {
-        int seen = before;
+    int block_total;
+    const int before = block_exclusive_scan(count, block_total, sh.iscratch);
+    int* found = g.found + (g.slot++ & 1);
+    if (blockIdx.x == 0 && threadIdx.x == 0) *found = 0;  // no match: id 0
+    long long total, block_before;
+    grid_count(g, (u32)block_total, total, block_before, sh.iscratch);
+    const long long want = min(j, total - 1);
+    const long long first = block_before + before;
+    if (want >= first && want < first + count) {
+        long long seen = first;
         for (int i = lo; i < hi; ++i) {
             const float x = logits(i);
             const u32 key = order_key(x);
-            if (key == v && kept(i, x, key) && seen++ == want) found = i;
+            if (key == v && kept(i, x, key) && seen++ == want) *found = i;
         }
     }
-    __syncthreads();
-    return found;
+    grid_sync(g.barrier);
+    return __ldcg(found);
 }
 
 // The uniform draw in [0, 1) for (seed, pos): one splitmix64 step from seed ⊕ pos·γ (the CPU
@@ -328,23 +448,36 @@ __device__ double uniform(u64 seed, u64 pos) {
     return (double)(z >> 11) / 9007199254740992.0;  // 2^53
 }
 
-// The pick goes to token[0] and history[pos+1]. Dynamic shared memory: the histograms
-// (SAMPLE_WARPS+1)·RADIX_BINS doubles, then a bit per vocabulary entry when penalising.
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+// The pick goes to token[0] and history[pos+1]. A cooperative grid of SAMPLER_THREADS-thread
+// blocks; `scratch` as `SamplerGrid` (sampling.rs). Dynamic shared memory: the histograms
+// (SAMPLER_WARPS+1)·RADIX_BINS doubles, then a bit per vocabulary entry when penalising.
+extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS)
     sample(const float* __restrict__ logits_in, const u32* __restrict__ pos_in,
            u32* __restrict__ token, u32* __restrict__ history, int vocab, int last_row,
            int capacity, float penalty, int window, float temperature, int top_k, float top_p,
-           float min_p, u64 seed) {
+           float min_p, u64 seed, u8* scratch) {
     kernel_entry();
     extern __shared__ double smem[];
     __shared__ double dscratch[SAMPLE_WARPS];
     __shared__ int iscratch[SAMPLE_WARPS];
-    const SampleShared sh{smem, smem + SAMPLE_WARPS * RADIX_BINS, dscratch, iscratch};
-    u32* seen = (u32*)(smem + (SAMPLE_WARPS + 1) * RADIX_BINS);
+    const SampleShared sh{smem, smem + SAMPLER_WARPS * RADIX_BINS, dscratch, iscratch};
+    u32* seen = (u32*)(smem + (SAMPLER_WARPS + 1) * RADIX_BINS);
+    const int blocks = gridDim.x, per = (vocab + blocks - 1) / blocks;
+    SamplerGrid g;
+    g.barrier = (u32*)scratch;
+    g.parts = (double*)(scratch + 8);
+    g.ids = (u32*)(g.parts + 2 * blocks);
+    g.found = (int*)(g.ids + 2 * blocks);
+    g.hist = (double*)(scratch + 8 + 16 * blocks + 8 * blocks + 8);
+    g.merged = g.hist + 2 * blocks * RADIX_BINS;
+    g.slot = 0;
+    g.lo = min(vocab, (int)blockIdx.x * per);
+    g.hi = min(vocab, g.lo + per);
     const i64 pos = pos_in[0];
 
     const bool penalize = penalty != 1.f && window > 0;
     if (penalize) {
+        // Every block marks the whole window (a few ids) in its own bitmap.
         for (int i = threadIdx.x; i < (vocab + 31) / 32; i += blockDim.x) seen[i] = 0u;
         __syncthreads();
         const i64 last = min(pos, (i64)capacity - 1);
@@ -358,23 +491,26 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 
     float top = NEG_INF;
     u32 best = 0xffffffffu;
-    for_each_strided(vocab, logits, [&](int i, float x) { take_better(top, best, x, (u32)i); });
-    block_argmax(top, best);
+    for_each_strided(g.lo, g.hi, logits, [&](int i, float x) { take_better(top, best, x, (u32)i); });
+    block_argmax(top, best, false);
+    grid_argmax(g, top, best);
     int pick = (int)best;
 
     if (temperature != 0.f && isfinite(top)) {
         Kept kept{min_p > 0.f ? top + logf(min_p) : NEG_INF, false, 0u, 0, false, 0u};
         if (top_k > 0) {
             int count = 0;
-            for_each_strided(vocab, logits,
+            for_each_strided(g.lo, g.hi, logits,
                              [&](int i, float x) { count += kept(i, x, order_key(x)); });
-            int total;
-            block_exclusive_scan(count, total, sh.iscratch);
+            int block_total;
+            block_exclusive_scan(count, block_total, sh.iscratch);
+            long long total, unused;
+            grid_count(g, (u32)block_total, total, unused, sh.iscratch);
             u32 key;
             double above, target = (double)top_k;
-            if (top_k < total && select_desc(logits, kept, vocab, WEIGHT_COUNT, top, 0.0, target,
+            if (top_k < total && select_desc(logits, kept, g, WEIGHT_COUNT, top, 0.0, target,
                                              false, false, false, sh, key, above)) {
-                const int id = nth_with_key(logits, kept, vocab, key, top_k - 1 - (long long)above, sh);
+                const int id = nth_with_key(logits, kept, g, key, top_k - 1 - (long long)above, sh);
                 kept.top_k = true;
                 kept.key_k = key;
                 kept.id_k = id;
@@ -383,13 +519,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         if (top_p < 1.f) {
             // The top-p limit is a share of the whole distribution's mass.
             double mass = 0.0;
-            for_each_strided(vocab, logits, [&](int, float x) {
+            for_each_strided(g.lo, g.hi, logits, [&](int, float x) {
                 if (x > NEG_INF) mass += exp((double)(x - top));
             });
-            double limit = (double)top_p * block_sum_f64(mass, sh.dscratch);
+            double limit = (double)top_p * grid_sum(g, block_sum_f64(mass, sh.dscratch), sh.dscratch);
             u32 key;
             double above;
-            if (select_desc(logits, kept, vocab, WEIGHT_MASS, top, 0.0, limit, false, false, false,
+            if (select_desc(logits, kept, g, WEIGHT_MASS, top, 0.0, limit, false, false, false,
                             sh, key, above)) {
                 kept.top_p = true;  // everything tied with the crossing token stays
                 kept.key_p = key;
@@ -401,15 +537,15 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         double target = uniform(seed, (u64)pos);
         u32 key;
         double above;
-        select_desc(logits, kept, vocab, WEIGHT_TEMPERED, top, inv_t, target, true, true, true, sh,
+        select_desc(logits, kept, g, WEIGHT_TEMPERED, top, inv_t, target, true, true, true, sh,
                     key, above);
         // Tied tokens weigh the same: the draw lands on member ⌊(target − above)/w⌋.
         const float x = __uint_as_float((key & 0x80000000u) ? key & 0x7fffffffu : ~key);
         const double w = weight(WEIGHT_TEMPERED, x, top, inv_t);
         const long long m = max(0ll, (long long)floor((target - above) / w));
-        pick = nth_with_key(logits, kept, vocab, key, m, sh);
+        pick = nth_with_key(logits, kept, g, key, m, sh);
     }
-    if (threadIdx.x == 0) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
         token[0] = (u32)pick;
         if (pos + 1 < capacity) history[pos + 1] = (u32)pick;
     }
