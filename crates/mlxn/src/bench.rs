@@ -36,6 +36,15 @@ pub struct BenchArgs {
     /// Print one JSON object per row instead of a table.
     #[arg(long)]
     json: bool,
+    /// Sample each decoded token at this temperature instead of taking the argmax.
+    #[arg(long = "temp", default_value_t = 0.0)]
+    temperature: f32,
+    /// With --temp: keep only the k most likely tokens (0 disables).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// With --temp: nucleus sampling threshold (1 disables).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -76,13 +85,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut session = Session::new(model, &device, capacity)?;
     let opts = GenerateOptions {
         max_new_tokens: args.decode,
-        sampling: SamplingParams::default(),
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            ..SamplingParams::default()
+        },
         stop_ids: Vec::new(),
         use_graph: !args.run.no_graph,
     };
     if !args.json {
+        let sampling = if args.temperature > 0.0 {
+            format!(
+                "T={} top-k {} top-p {}",
+                args.temperature, args.top_k, args.top_p
+            )
+        } else {
+            "greedy".into()
+        };
         println!(
-            "model: {label} | device: {} | weights read per token: {:.1} MiB | graph: {}",
+            "model: {label} | device: {} | weights read per token: {:.1} MiB | graph: {} | {sampling}",
             device.label(),
             weight_bytes as f64 / 1048576.0,
             opts.use_graph
@@ -117,7 +139,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 serde_json::json!({"model": label, "prompt_tokens": len, "decode_tokens": args.decode,
                     "prefill_tokens_per_s": pf, "decode_tokens_per_s": dc, "decode_gb_per_s": gbs,
                     "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": kv_bytes,
-                    "kernels_per_token": kernels, "device": device.label(), "graph": opts.use_graph})
+                    "kernels_per_token": kernels, "device": device.label(), "graph": opts.use_graph,
+                    "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p})
             );
         } else {
             println!("{len:>8} {pf:>14.1} {dc:>14.1} {gbs:>12.2} {kernels:>14}");

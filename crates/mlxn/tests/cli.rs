@@ -47,6 +47,36 @@ fn generate_json_matches_the_mlx_lm_reference() {
 }
 
 #[test]
+fn bench_samples_when_given_a_temperature() {
+    let out = mlxn(&[
+        "bench",
+        "--synthetic",
+        "smollm2-135m",
+        "--prompt-lens",
+        "4",
+        "--decode",
+        "3",
+        "--reps",
+        "1",
+        "--json",
+        "--temp",
+        "0.8",
+        "--top-k",
+        "40",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["temperature"].as_f64(), Some(0.8f32 as f64));
+    assert_eq!(json["top_k"], 40);
+    assert_eq!(json["decode_tokens"], 3);
+    assert!(json["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
 fn bad_input_is_an_error_not_a_panic() {
     let dir = std::env::temp_dir().join(format!("mlxn-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
