@@ -94,6 +94,13 @@ pub(crate) struct Launch {
 }
 
 impl Launch {
+    /// The same launch made cooperative: every block resident at once (for grid-wide
+    /// barriers), else the driver refuses it.
+    pub fn cooperative(mut self) -> Self {
+        self.cooperative = true;
+        self
+    }
+
     /// An empty grid (an empty tensor) has nothing to compute and is not launched.
     fn runs(&self) -> bool {
         let (x, y, z) = self.cfg.grid_dim;
@@ -323,22 +330,6 @@ impl KernelLibrary {
             programmatic: self.programmatic,
             cooperative: false,
         })
-    }
-
-    /// Like `launch`, as a cooperative launch (all blocks resident at once: the driver refuses
-    /// a grid that cannot be).
-    pub fn launch_cooperative(
-        &self,
-        source: &'static Source,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        shared: u32,
-        args: Args,
-    ) -> Result<Launch> {
-        let mut launch = self.launch(source, name, grid, block, shared, args)?;
-        launch.cooperative = true;
-        Ok(launch)
     }
 
     /// Device memory for one dispatch's intermediate results, and its address (allocated at

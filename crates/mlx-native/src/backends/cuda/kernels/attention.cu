@@ -26,8 +26,9 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 // broadcast by shuffle. A short context is bound by latency, not bandwidth: the K and V rows of
 // the block's first DEC_WARPS·32 keys head for L2 before the wait for the previous kernel, and
 // a pass costs one round trip for its loads. The warps merge in shared memory. One active
-// split writes the output; several write (max, sum, unnormalised acc) partials and count themselves on a
-// counter per (row, head), and the block that counts last merges them and resets the counter.
+// split writes the output; several write (max, sum, unnormalised acc) partials and count
+// themselves on a counter per (row, head), and the block that counts last merges them and
+// resets the counter.
 
 #define DEC_WARPS 16
 #define DEC_MIN_SPLIT_KEYS 256  // DECODE_MIN_SPLIT_KEYS in attention.rs

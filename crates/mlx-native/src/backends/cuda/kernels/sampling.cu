@@ -137,7 +137,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
                              take_better(v, id, q.w, (u32)(4 * i + 3));
                          });
     }
-    for (int i = scalar_from + threadIdx.x; i < vocab; i += blockDim.x) take_better(v, id, x[i], (u32)i);
+    for (int i = scalar_from + threadIdx.x; i < vocab; i += blockDim.x)
+        take_better(v, id, x[i], (u32)i);
     block_argmax(v, id);
     if (threadIdx.x == 0) token[0] = id;
 }
@@ -491,7 +492,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS)
 
     float top = NEG_INF;
     u32 best = 0xffffffffu;
-    for_each_strided(g.lo, g.hi, logits, [&](int i, float x) { take_better(top, best, x, (u32)i); });
+    for_each_strided(g.lo, g.hi, logits,
+                     [&](int i, float x) { take_better(top, best, x, (u32)i); });
     block_argmax(top, best, false);
     grid_argmax(g, top, best);
     int pick = (int)best;
@@ -522,7 +524,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS)
             for_each_strided(g.lo, g.hi, logits, [&](int, float x) {
                 if (x > NEG_INF) mass += exp((double)(x - top));
             });
-            double limit = (double)top_p * grid_sum(g, block_sum_f64(mass, sh.dscratch), sh.dscratch);
+            const double mass_all = grid_sum(g, block_sum_f64(mass, sh.dscratch), sh.dscratch);
+            double limit = (double)top_p * mass_all;
             u32 key;
             double above;
             if (select_desc(logits, kept, g, WEIGHT_MASS, top, 0.0, limit, false, false, false,
