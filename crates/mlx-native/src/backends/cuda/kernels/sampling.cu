@@ -452,7 +452,7 @@ __device__ double uniform(u64 seed, u64 pos) {
 // The pick goes to token[0] and history[pos+1]. A cooperative grid of SAMPLER_THREADS-thread
 // blocks; `scratch` as `SamplerGrid` (sampling.rs). Dynamic shared memory: the histograms
 // (SAMPLER_WARPS+1)·RADIX_BINS doubles, then a bit per vocabulary entry when penalising.
-extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS)
+extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS, 1)  // one block an SM: no spills
     sample(const float* __restrict__ logits_in, const u32* __restrict__ pos_in,
            u32* __restrict__ token, u32* __restrict__ history, int vocab, int last_row,
            int capacity, float penalty, int window, float temperature, int top_k, float top_p,
