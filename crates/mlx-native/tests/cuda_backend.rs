@@ -1264,6 +1264,14 @@ fn matmul_mlx_tensor_cores_at_tile_edges() {
     // Exactly 17 rows (the first tensor-core size) and one column tile.
     let w = mlx_weight(&mut rng, 128, 256, 4, 64, DType::BF16);
     check_matmul(&dev, &mut rng, &w, 17, true);
+    // Few output tiles and long rows: blocks split k (25 steps in 3 splits of 9, 9 and 7;
+    // 32 steps in 4) and `splitk_sum` adds the slices and the bias.
+    for bits in [4, 8] {
+        let w = mlx_weight(&mut rng, 135, 1600, bits, 64, DType::BF16);
+        check_matmul(&dev, &mut rng, &w, 130, true);
+        let w = mlx_weight(&mut rng, 100, 2048, bits, 128, DType::F16);
+        check_matmul(&dev, &mut rng, &w, 17, false);
+    }
 }
 
 #[test]
@@ -1281,6 +1289,9 @@ fn matmul_ggml_tensor_cores_at_tile_edges() {
         // Exactly 17 rows (the first tensor-core size) and one column tile.
         let w = ggml_weight(&mut rng, 128, 256, ty);
         check_matmul(&dev, &mut rng, &w, 17, true);
+        // Few output tiles and long rows: split k (25 steps in 3 splits).
+        let w = ggml_weight(&mut rng, 135, 1600, ty);
+        check_matmul(&dev, &mut rng, &w, 130, true);
     }
 }
 

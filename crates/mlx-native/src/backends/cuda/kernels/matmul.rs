@@ -163,27 +163,22 @@ fn matmul(
         ) = (tensor_cores && staged_offsets_fit, &weight)
         {
             let order = if *bits == 4 { TCQ_MLX4 } else { TCQ_BYTES };
-            let staged = StagedX::new(lib, x, order)?;
-            let args = Args::new()
-                .u64(staged.xh)
-                .ptr(w)?
-                .ptr(scales)?
-                .ptr(biases)?
-                .code(*scale_type)
-                .bias(bias)?
-                .ptr(out)?
-                .int(m)?
-                .int(n)?
-                .int(k)?
-                .code(*group_shift);
-            let grid = (blocks(n, MATMUL_TC_TILE)?, blocks(m, MATMUL_TC_TILE)?, 1);
             let name = format!("matmul_tcq_mlx{bits}");
             let shared = tcq_shared_bytes(*bits);
-            let matmul = lib.launch(&MATMUL_TC, &name, grid, MATMUL_THREADS, shared, args)?;
-            return Ok(CudaKernel::sharing(
-                vec![staged.launch, matmul],
-                staged.scratch,
-            ));
+            return tcq_matmul(lib, x, order, (&name, shared), (n, bias), out, |xh, dst| {
+                Ok(Args::new()
+                    .u64(xh)
+                    .ptr(w)?
+                    .ptr(scales)?
+                    .ptr(biases)?
+                    .code(*scale_type)
+                    .bias(bias)?
+                    .u64(dst)
+                    .int(m)?
+                    .int(n)?
+                    .int(k)?
+                    .code(*group_shift))
+            });
         }
         // Q4_0 / Q8_0 take `matmul_tcq_{q4_0,q8_0}`: whole 64-column steps of 4-byte aligned
         // rows (two blocks: 36 resp. 68 bytes).
@@ -195,24 +190,26 @@ fn matmul(
             };
             if let Some(order) = order.filter(|_| k.is_multiple_of(MATMUL_TC_STEP)) {
                 if device_ptr(data)? % 4 == 0 {
-                    let staged = StagedX::new(lib, x, order)?;
-                    let args = Args::new()
-                        .u64(staged.xh)
-                        .ptr(data)?
-                        .bias(bias)?
-                        .ptr(out)?
-                        .int(m)?
-                        .int(n)?
-                        .int(k)?;
-                    let grid = (blocks(n, MATMUL_TC_TILE)?, blocks(m, MATMUL_TC_TILE)?, 1);
                     let name = format!("matmul_tcq_{}", ty.name());
                     let shared = tcq_ggml_shared_bytes(*ty);
-                    let matmul =
-                        lib.launch(&MATMUL_TC, &name, grid, MATMUL_THREADS, shared, args)?;
-                    return Ok(CudaKernel::sharing(
-                        vec![staged.launch, matmul],
-                        staged.scratch,
-                    ));
+                    return tcq_matmul(
+                        lib,
+                        x,
+                        order,
+                        (&name, shared),
+                        (n, bias),
+                        out,
+                        |xh, dst| {
+                            Args::new()
+                                .u64(xh)
+                                .ptr(data)?
+                                .bias(bias)?
+                                .u64(dst)
+                                .int(m)?
+                                .int(n)?
+                                .int(k)
+                        },
+                    );
                 }
             }
         }
@@ -267,19 +264,95 @@ const TCQ_MLX4: i32 = 0;
 const TCQ_BYTES: i32 = 1;
 const TCQ_Q4_0: i32 = 2;
 
+/// Steps of k (MATMUL_TC_STEP columns) a split-K block takes at the least, and the rows long
+/// enough to split where more than half the SMs already work.
+const SPLIT_K_MIN_STEPS: usize = 8;
+const SPLIT_K_LONG_STEPS: usize = 128;
+
+/// Splits of k for a `matmul_tcq_*` whose output tiles leave SMs idle (short prompts: few row
+/// tiles), up to a wave of blocks (two an SM): where at most half the SMs would work, or fewer
+/// than all over long rows. Each split's partial tile costs a write and a read, which short
+/// rows do not repay once most SMs work (H100, 2026-11-26: Qwen3-0.6B's o projection at 2,048
+/// rows, 128 tiles of 32 steps, lost 5% split in two; the 8B shape's down projection at 512
+/// rows, 128 tiles of 224 steps, gained).
+fn tcq_k_splits(tiles: usize, steps: usize, sm_count: usize) -> usize {
+    let idle = tiles <= sm_count / 2 || (tiles < sm_count && steps >= SPLIT_K_LONG_STEPS);
+    if !idle {
+        return 1;
+    }
+    (2 * sm_count / tiles.max(1))
+        .min(steps / SPLIT_K_MIN_STEPS)
+        .max(1)
+}
+
+/// The launches of `matmul_tcq_*` kernel `name` (with `shared` bytes of dynamic shared
+/// memory) for x `[m, k]` staged in `order`: `args(xh, dst)` lists its arguments for the staged
+/// x and the output address. Where the output tiles fill less than a wave, blocks split k
+/// (grid z), write partial tiles to scratch after the staged x, and `splitk_sum` adds them
+/// and the bias into `out`.
+fn tcq_matmul(
+    lib: &KernelLibrary,
+    x: &Tensor,
+    order: i32,
+    (name, shared): (&str, u32),
+    (n, bias): (usize, Bias),
+    out: &Tensor,
+    args: impl Fn(u64, u64) -> Result<Args>,
+) -> Result<CudaKernel> {
+    let (m, k) = (x.rows(), x.last_dim());
+    let tiles = n.div_ceil(MATMUL_TC_TILE) * m.div_ceil(MATMUL_TC_TILE);
+    let splits = tcq_k_splits(tiles, k.div_ceil(MATMUL_TC_STEP), lib.sm_count());
+    let partial_bytes = if splits > 1 { splits * m * n * 4 } else { 0 };
+    let staged = StagedX::new(lib, x, order, partial_bytes)?;
+    let dst = if splits > 1 {
+        staged.after
+    } else {
+        device_ptr(out)?
+    };
+    let grid = (
+        blocks(n, MATMUL_TC_TILE)?,
+        blocks(m, MATMUL_TC_TILE)?,
+        splits as u32,
+    );
+    let matmul = lib.launch(
+        &MATMUL_TC,
+        name,
+        grid,
+        MATMUL_THREADS,
+        shared,
+        args(staged.xh, dst)?,
+    )?;
+    let mut launches = vec![staged.launch, matmul];
+    if splits > 1 {
+        let sum = Args::new()
+            .u64(dst)
+            .int(splits)?
+            .bias(bias)?
+            .ptr(out)?
+            .int(m)?
+            .int(n)?;
+        let grid = (blocks(m * n, MATMUL_THREADS as usize)?, 1, 1);
+        launches.push(lib.launch(&MATMUL_TC, "splitk_sum", grid, MATMUL_THREADS, 0, sum)?);
+    }
+    Ok(CudaKernel::sharing(launches, staged.scratch))
+}
+
 /// x as `matmul_tcq_*` reads it: f16 rows padded to whole steps, columns in the kernel's
-/// `order`, written by `stage_x_f16` to the library's shared scratch.
+/// `order`, written by `stage_x_f16` to the library's shared scratch, followed by `extra`
+/// bytes of scratch at `after` (16-byte aligned).
 struct StagedX {
     launch: Launch,
     scratch: Arc<CudaSlice<u8>>,
     xh: u64,
+    after: u64,
 }
 
 impl StagedX {
-    fn new(lib: &KernelLibrary, x: &Tensor, order: i32) -> Result<Self> {
+    fn new(lib: &KernelLibrary, x: &Tensor, order: i32, extra: usize) -> Result<Self> {
         let (m, k) = (x.rows(), x.last_dim());
         let kp = k.div_ceil(MATMUL_TC_STEP) * MATMUL_TC_STEP;
-        let (scratch, xh) = lib.shared_scratch(m * kp * 2)?;
+        let staged_bytes = (m * kp * 2).next_multiple_of(256);
+        let (scratch, xh) = lib.shared_scratch(staged_bytes + extra)?;
         let args = Args::new()
             .ptr(x)?
             .u64(xh)
@@ -293,6 +366,7 @@ impl StagedX {
             launch,
             scratch,
             xh,
+            after: xh + staged_bytes as u64,
         })
     }
 }
@@ -762,6 +836,31 @@ mod tests {
     /// The tensor-core matvec plan for a 132-SM GPU: one wave of blocks where that can hold
     /// every tile (else blocks of 8 warps), each block's tiles (matvec_tc.cu's rule) in the
     /// warps it has.
+    #[test]
+    fn tcq_splits_k_only_where_tiles_leave_sms_idle() {
+        // (tiles, steps, splits) on 132 SMs: a 2,048-token prompt's tiles fill them; a
+        // 128-token prompt's Llama-3.1-8B down and o projections (32 tiles, k = 14,336 and
+        // 4,096) split into a wave of 264 blocks, its gate/up (112 tiles, 64 steps) not; at
+        // 512 tokens the down projection (128 tiles) in two, Qwen3-0.6B's o projection at
+        // 2,048 (128 tiles, 32 steps) not; a split keeps 8 steps or more.
+        for (tiles, steps, want) in [
+            (512, 224, 1),
+            (32, 224, 8),
+            (32, 64, 8),
+            (112, 64, 1),
+            (128, 224, 2),
+            (128, 32, 1),
+            (4, 5, 1),
+            (4, 25, 3),
+        ] {
+            assert_eq!(
+                tcq_k_splits(tiles, steps, 132),
+                want,
+                "{tiles} tiles, {steps} steps"
+            );
+        }
+    }
+
     #[test]
     fn matvec_tc_plan_fills_one_wave() {
         // (n, k, gated, grid, kgroups): Llama-3.1-8B q/k/v, gate/up, down, lm head; Llama-3.2-1B

@@ -302,6 +302,15 @@ __device__ __forceinline__ void tcq_fragment(u32 v, u32 s2, u32 b2, u32* b) {
     }
 }
 
+// Split-K (grid z > 1, where the output tiles fill too few SMs: short prompts): block z takes
+// steps [begin, end) of the k loop and stores its partial tile, without the bias, as slice z
+// of `out` [gridDim.z][m][n]; `splitk_sum` adds the slices in order.
+__device__ __forceinline__ void tcq_split(int steps, int& begin, int& end) {
+    const int per = (steps + gridDim.z - 1) / gridDim.z;
+    begin = min(steps, (int)blockIdx.z * per);
+    end = min(steps, begin + per);
+}
+
 // Stores a warp's 64×32 accumulators of the block's tile (+ bias), inside m and n.
 __device__ __forceinline__ void tcq_store(const float (&acc)[4][4][4], const void* __restrict__ bias,
                                           int bias_type, float* __restrict__ out, int m, int n) {
@@ -321,6 +330,16 @@ __device__ __forceinline__ void tcq_store(const float (&acc)[4][4][4], const voi
             }
 }
 
+// tcq_store, or with split-K the block's slice of the partials (no bias).
+__device__ __forceinline__ void tcq_store_split(const float (&acc)[4][4][4],
+                                                const void* __restrict__ bias, int bias_type,
+                                                float* __restrict__ out, int m, int n) {
+    if (gridDim.z > 1)
+        tcq_store(acc, nullptr, 0, out + (i64)blockIdx.z * m * n, m, n);
+    else
+        tcq_store(acc, bias, bias_type, out, m, n);
+}
+
 // Launch: 256 threads, grid (ceil(n/128), ceil(m/128)), Tcq<BITS>::STAGES·BYTES bytes of
 // dynamic shared memory. Needs w 16-byte aligned, xh from `stage_x_f16` and m·kp < 2^32.
 template <int BITS>
@@ -336,7 +355,9 @@ __device__ __forceinline__ void matmul_tcq(const u16* __restrict__ xh, const u32
     const int g = lane >> 2, t = lane & 3;
     const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
     const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
-    const int kp = (k + TC_BK - 1) / TC_BK * TC_BK, steps = kp / TC_BK;
+    const int kp = (k + TC_BK - 1) / TC_BK * TC_BK;
+    int begin, end;
+    tcq_split(kp / TC_BK, begin, end);
     const int groups = (k >> 5) >> gshift, esize = st == FT_F32 ? 4 : 2;
 
     // Where this thread's copies come from, fixed for the whole k loop.
@@ -372,17 +393,17 @@ __device__ __forceinline__ void matmul_tcq(const u16* __restrict__ xh, const u32
 
 #pragma unroll
     for (int s = 0; s < T::STAGES - 1; ++s) {
-        if (s < steps)
+        if (begin + s < end)
             tcq_load<BITS>(smem + s * T::BYTES, xh, xoff, wsrc, group0, scales, biases, esize,
-                           gshift, k, s * TC_BK);
+                           gshift, k, (begin + s) * TC_BK);
         cp_async_commit();
     }
     const u32 a_off = ((wm + (lane & 15)) * TC_LD + 8 * (lane >> 4)) * 2;
     int slot = 0, fill = T::STAGES - 1;  // the slots of this step and of the one it issues
-    for (int step = 0; step < steps; ++step) {
+    for (int step = begin; step < end; ++step) {
         cp_async_wait<T::STAGES - 2>();
         __syncthreads();  // the step's copies are visible; the slot refilled below is free
-        if (step + T::STAGES - 1 < steps)
+        if (step + T::STAGES - 1 < end)
             tcq_load<BITS>(smem + fill * T::BYTES, xh, xoff, wsrc, group0, scales, biases,
                            esize, gshift, k, (step + T::STAGES - 1) * TC_BK);
         cp_async_commit();
@@ -426,7 +447,7 @@ __device__ __forceinline__ void matmul_tcq(const u16* __restrict__ xh, const u32
         }
     }
 
-    tcq_store(acc, bias, bias_type, out, m, n);
+    tcq_store_split(acc, bias, bias_type, out, m, n);
 }
 
 #define MATMUL_TCQ_MLX(BITS)                                                                  \
@@ -493,7 +514,8 @@ __device__ __forceinline__ void matmul_tcq_ggml(const u16* __restrict__ xh,
     const int g = lane >> 2, t = lane & 3;
     const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
     const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
-    const int steps = k / TC_BK;
+    int begin, end;
+    tcq_split(k / TC_BK, begin, end);
     const i64 row_bytes = (i64)(k / 32) * T::BLOCK;
 
     u32 xoff[4];
@@ -517,18 +539,18 @@ __device__ __forceinline__ void matmul_tcq_ggml(const u16* __restrict__ xh,
 
 #pragma unroll
     for (int s = 0; s < T::STAGES - 1; ++s) {
-        if (s < steps) {
-            tcq_load_x(smem + s * T::BYTES, xh, xoff, s * TC_BK);
-            tcq_load_ggml<TYPE>(smem + s * T::BYTES, w, row_bytes, n, n0, s * TC_BK);
+        if (begin + s < end) {
+            tcq_load_x(smem + s * T::BYTES, xh, xoff, (begin + s) * TC_BK);
+            tcq_load_ggml<TYPE>(smem + s * T::BYTES, w, row_bytes, n, n0, (begin + s) * TC_BK);
         }
         cp_async_commit();
     }
     const u32 a_off = ((wm + (lane & 15)) * TC_LD + 8 * (lane >> 4)) * 2;
     int slot = 0, fill = T::STAGES - 1;  // the slots of this step and of the one it issues
-    for (int step = 0; step < steps; ++step) {
+    for (int step = begin; step < end; ++step) {
         cp_async_wait<T::STAGES - 2>();
         __syncthreads();  // the step's copies are visible; the slot refilled below is free
-        if (step + T::STAGES - 1 < steps) {
+        if (step + T::STAGES - 1 < end) {
             const int k0 = (step + T::STAGES - 1) * TC_BK;
             tcq_load_x(smem + fill * T::BYTES, xh, xoff, k0);
             tcq_load_ggml<TYPE>(smem + fill * T::BYTES, w, row_bytes, n, n0, k0);
@@ -579,7 +601,7 @@ __device__ __forceinline__ void matmul_tcq_ggml(const u16* __restrict__ xh,
             }
         }
     }
-    tcq_store(acc, bias, bias_type, out, m, n);
+    tcq_store_split(acc, bias, bias_type, out, m, n);
 }
 
 #define MATMUL_TCQ_GGML(TYPE, NAME)                                                           \
@@ -591,3 +613,15 @@ __device__ __forceinline__ void matmul_tcq_ggml(const u16* __restrict__ xh,
     }
 MATMUL_TCQ_GGML(4, q4_0)
 MATMUL_TCQ_GGML(8, q8_0)
+
+// out [m, n] = Σ_z partial[z] (+ bias), the slices in order: the sum of a split-K tcq matmul.
+extern "C" __global__ void splitk_sum(const float* __restrict__ partial, int splits,
+                                      const void* __restrict__ bias, int bias_type,
+                                      float* __restrict__ out, int m, int n) {
+    kernel_entry();
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x, mn = (i64)m * n;
+    if (i >= mn) return;
+    float s = 0.f;
+    for (int z = 0; z < splits; ++z) s += partial[z * mn + i];
+    out[i] = bias ? s + load_float(bias, i % n, bias_type) : s;
+}
