@@ -273,7 +273,7 @@ const SPLIT_K_LONG_STEPS: usize = 128;
 /// tiles), up to a wave of blocks (two an SM): where at most half the SMs would work, or fewer
 /// than all over long rows. Each split's partial tile costs a write and a read, which short
 /// rows do not repay once most SMs work (H100, 2026-11-26: Qwen3-0.6B's o projection at 2,048
-/// rows, 128 tiles of 32 steps, lost 5% split in two; the 8B shape's down projection at 512
+/// rows, 128 tiles of 32 steps, lost 5–6% split in two; the 8B shape's down projection at 512
 /// rows, 128 tiles of 224 steps, gained).
 fn tcq_k_splits(tiles: usize, steps: usize, sm_count: usize) -> usize {
     let idle = tiles <= sm_count / 2 || (tiles < sm_count && steps >= SPLIT_K_LONG_STEPS);
@@ -287,9 +287,9 @@ fn tcq_k_splits(tiles: usize, steps: usize, sm_count: usize) -> usize {
 
 /// The launches of `matmul_tcq_*` kernel `name` (with `shared` bytes of dynamic shared
 /// memory) for x `[m, k]` staged in `order`: `args(xh, dst)` lists its arguments for the staged
-/// x and the output address. Where the output tiles fill less than a wave, blocks split k
-/// (grid z), write partial tiles to scratch after the staged x, and `splitk_sum` adds them
-/// and the bias into `out`.
+/// x and the output address. Where the output tiles leave SMs idle (`tcq_k_splits`), blocks
+/// split k (grid z), write partial tiles to scratch after the staged x, and `splitk_sum` adds
+/// them and the bias into `out`.
 fn tcq_matmul(
     lib: &KernelLibrary,
     x: &Tensor,
