@@ -157,6 +157,30 @@ fn rms_norm_matches_reference() {
                 &want,
                 1e-6,
             );
+            // With a residual added in the same dispatch (a block output norm).
+            let residual = rng.vec(m * d, 3.0);
+            let want: Vec<f64> = want
+                .iter()
+                .zip(&residual)
+                .map(|(&w, &r)| w + r as f64)
+                .collect();
+            let compute = |dev: &Device| {
+                let xt = dev.from_slice(&x, &[m, d])?;
+                let wt = floats(dev, &w, &[d], dtype)?.0;
+                let rt = dev.from_slice(&residual, &[m, d])?;
+                let out = poisoned(dev, &[m, d])?;
+                run(dev, |enc| {
+                    ops::rms_norm_add(enc, &xt, &wt, eps, unit_offset, &rt, &out)
+                })?;
+                out.to_vec::<f32>()
+            };
+            check(
+                &format!("rms_norm_add {dtype} offset={unit_offset}"),
+                &dev,
+                compute,
+                &want,
+                2e-6,
+            );
         }
     }
 }

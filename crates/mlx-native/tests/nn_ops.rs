@@ -342,6 +342,40 @@ fn rope_rejects_degenerate_scaling() {
 // ---------------------------------------------------------------------------------------
 // norms
 
+/// A norm with its residual in one dispatch gives the bits of a norm followed by an add.
+#[test]
+fn rms_norm_add_is_the_norm_then_the_add() {
+    let dev = Device::cpu();
+    let fx = fixture("norm");
+    for (name, p) in fx.cases.iter().filter(|(name, _)| name.starts_with("rms")) {
+        let x = fx.tensor(&dev, &format!("{name}.x"));
+        let w = fx.tensor(&dev, &format!("{name}.weight"));
+        let residual = fx.tensor(&dev, &format!("{name}.out"));
+        let (eps, unit_offset) = (f32_of(p, "eps"), p["unit_offset"].as_bool().unwrap());
+        let (normed, sum, fused) = (
+            nan_tensor(&dev, x.shape()),
+            nan_tensor(&dev, x.shape()),
+            nan_tensor(&dev, x.shape()),
+        );
+        let mut enc = CommandEncoder::new(&dev);
+        ops::rms_norm(&mut enc, &x, &w, eps, unit_offset, &normed).unwrap();
+        ops::binary(&mut enc, BinaryFn::Add, &residual, &normed, &sum).unwrap();
+        ops::rms_norm_add(&mut enc, &x, &w, eps, unit_offset, &residual, &fused).unwrap();
+        enc.commit().unwrap();
+        assert_eq!(
+            fused.to_vec::<f32>().unwrap(),
+            sum.to_vec::<f32>().unwrap(),
+            "{name}"
+        );
+        // A residual of another shape is refused when recorded.
+        let short = nan_tensor(&dev, &[1, x.last_dim()]);
+        if x.rows() > 1 {
+            let err = ops::rms_norm_add(&mut enc, &x, &w, eps, unit_offset, &short, &fused);
+            assert!(err.is_err(), "{name}: a residual of one row");
+        }
+    }
+}
+
 /// mx.fast.rms_norm (plain and with Gemma's 1 + w) and mx.fast.layer_norm: max abs error
 /// 1e-6 on outputs of magnitude up to ~10.
 #[test]

@@ -146,7 +146,8 @@ impl AttentionShape {
 pub enum Op {
     /// in: ids u32 `[m]`, table tensors (per `layout`, `[vocab, hidden]`); out: `[m, hidden]`.
     Embedding { layout: WeightLayout },
-    /// in: x `[m, d]`, weight `[d]`; out `[m, d]`. `unit_offset` scales by (1 + w) (Gemma).
+    /// in: x `[m, d]`, weight `[d]`, optionally a residual `[m, d]`; out `[m, d]` (+ the
+    /// residual). `unit_offset` scales by (1 + w) (Gemma).
     RmsNorm { eps: f32, unit_offset: bool },
     /// in: x `[m, d]`, weight `[d]`, bias `[d]`; out `[m, d]`.
     LayerNorm { eps: f32 },

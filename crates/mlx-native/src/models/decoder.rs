@@ -654,9 +654,9 @@ impl Decoder {
         )
     }
 
-    /// `out` = `x` + `branch`·Wᵀ, the block output first normed by `out_norm` if there is one.
-    /// One decode row without a norm or bias takes the residual as the matmul's bias: one
-    /// dispatch instead of two.
+    /// `out` = `x` + `branch`·Wᵀ, the block output first normed by `out_norm` if there is one
+    /// (the norm and the add one dispatch). One decode row without a norm or bias takes the
+    /// residual as the matmul's bias: one dispatch instead of two.
     #[allow(clippy::too_many_arguments)]
     fn project_residual(
         &self,
@@ -672,14 +672,14 @@ impl Decoder {
             return ops::matmul_add(enc, branch, w, x, out);
         }
         ops::matmul(enc, branch, w, &s.proj)?;
-        let projected = match out_norm {
+        match out_norm {
             Some(norm) => {
-                self.norm(enc, &s.proj, norm, &s.normed)?;
-                &s.normed
+                let p = &self.params;
+                let offset = p.arch.norm_unit_offset;
+                ops::rms_norm_add(enc, &s.proj, norm, p.rms_norm_eps, offset, x, out)
             }
-            None => &s.proj,
-        };
-        ops::binary(enc, BinaryFn::Add, x, projected, out)
+            None => ops::binary(enc, BinaryFn::Add, x, &s.proj, out),
+        }
     }
 
     /// `s.act` = act(`s.normed`·Gᵀ) ∘ (`s.normed`·Uᵀ). One decode row with bias-free

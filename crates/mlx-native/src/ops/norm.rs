@@ -21,6 +21,27 @@ pub fn rms_norm(
     enc.dispatch(Op::RmsNorm { eps, unit_offset }, &[x, weight], &[out])
 }
 
+/// out = residual + x / rms(x) · w (or · (1 + w)), per row: a block output norm and its
+/// residual add in one dispatch (Gemma's post-attention and post-MLP norms).
+pub fn rms_norm_add(
+    enc: &mut CommandEncoder,
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    unit_offset: bool,
+    residual: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    expect_dtype("rms_norm_add", "x", x, &[DType::F32])?;
+    expect_dtype("rms_norm_add", "weight", weight, FLOATS)?;
+    expect_dtype("rms_norm_add", "residual", residual, &[DType::F32])?;
+    expect_shape("rms_norm_add", "weight", weight, &[x.last_dim()])?;
+    expect_shape("rms_norm_add", "residual", residual, x.shape())?;
+    expect_shape("rms_norm_add", "out", out, x.shape())?;
+    let op = Op::RmsNorm { eps, unit_offset };
+    enc.dispatch(op, &[x, weight, residual], &[out])
+}
+
 /// out = (x − mean) / std · w + b, per row.
 pub fn layer_norm(
     enc: &mut CommandEncoder,

@@ -62,7 +62,16 @@ pub(super) fn rms_norm(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result
             }
         }
         Ok(())
-    })
+    })?;
+    // With a residual: the normed rows rounded to f32 first, then the sum, as a norm
+    // followed by an add computes it.
+    if let Some(residual) = inputs.get(2) {
+        let residual = slice::<f32>(residual)?;
+        for (o, &r) in out.iter_mut().zip(residual) {
+            *o += r;
+        }
+    }
+    Ok(())
 }
 
 fn layer_norm(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {

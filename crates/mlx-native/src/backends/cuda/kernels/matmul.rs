@@ -5,6 +5,7 @@
 //! gated pair (`Op::GatedMatMul`) on matvec.cu.
 
 use super::elementwise::unary_code;
+use super::norm::{rms_norm_rows, RmsNormRows};
 use super::weights::Weight;
 use super::{COMMON, LAYOUTS, MMA};
 use crate::backends::cuda::compile::Source;
@@ -648,7 +649,14 @@ impl<'a> MatvecInput<'a> {
         match norm {
             Some((g, p)) if !Self::folds(x, norm, max_fold_k)? => {
                 let (scratch, row) = lib.scratch(k * 4)?;
-                let launch = super::norm::rms_norm_rows(lib, device_ptr(x)?, g, row, 1, k, p)?;
+                let rows = RmsNormRows {
+                    x: device_ptr(x)?,
+                    residual: 0,
+                    out: row,
+                    rows: 1,
+                    d: k,
+                };
+                let launch = rms_norm_rows(lib, rows, g, p)?;
                 Ok(MatvecInput {
                     x: row,
                     fold: None,

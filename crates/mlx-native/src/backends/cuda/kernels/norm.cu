@@ -1,17 +1,23 @@
 // RMSNorm and LayerNorm over the last dimension: one block per row, f32 activations, weights
 // and biases of any float type (`wt`).
 
+// With `residual` (else null) out = residual + the norm, the norm rounded first (no fused
+// multiply-add), as a norm launch and an add launch compute it.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const void* __restrict__ w,
+                                    const float* __restrict__ residual,
                                     float* __restrict__ out, int d, int wt, float eps,
                                     float w_offset) {
     kernel_entry();
-    const float* xr = x + (i64)blockIdx.x * d;
-    float* yr = out + (i64)blockIdx.x * d;
+    const i64 row = (i64)blockIdx.x * d;
+    const float* xr = x + row;
+    float* yr = out + row;
     float ss = 0.f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
     const float r = rsqrtf(block_sum(ss) / d + eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x)
-        yr[i] = xr[i] * r * (load_float(w, i, wt) + w_offset);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float y = xr[i] * r * (load_float(w, i, wt) + w_offset);
+        yr[i] = residual ? __fadd_rn(residual[row + i], y) : y;
+    }
 }
 
 // Two passes (mean, then the centred sum of squares) as the CPU reference does.

@@ -36,29 +36,52 @@ fn rms_norm(
     let Op::RmsNorm { eps, unit_offset } = *op else {
         return Err(wrong_op(op));
     };
-    let ([x, w], [out]) = (inputs, outputs) else {
+    let (x, w, residual) = match inputs {
+        [x, w] => (x, w, 0),
+        [x, w, residual] => (x, w, device_ptr(residual)?),
+        _ => return Err(operand_count(op, inputs.len(), outputs.len())),
+    };
+    let [out] = outputs else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
     let norm = PreNorm { eps, unit_offset };
-    let (x_addr, out_addr) = (device_ptr(x)?, device_ptr(out)?);
-    let launch = rms_norm_rows(lib, x_addr, w, out_addr, x.rows(), x.last_dim(), norm)?;
-    Ok(CudaKernel::single(launch))
+    let rows = RmsNormRows {
+        x: device_ptr(x)?,
+        residual,
+        out: device_ptr(out)?,
+        rows: x.rows(),
+        d: x.last_dim(),
+    };
+    Ok(CudaKernel::single(rms_norm_rows(lib, rows, w, norm)?))
 }
 
-/// The RMSNorm of `rows` rows of `d` f32 at device address `x` into `out` (also used by the
-/// matvec planner in front of a matvec).
+/// Rows of an RMSNorm by device address: `rows` rows of `d` f32 at `x` into `out`, plus the
+/// rows at `residual` unless it is 0.
+pub(super) struct RmsNormRows {
+    pub x: u64,
+    pub residual: u64,
+    pub out: u64,
+    pub rows: usize,
+    pub d: usize,
+}
+
+/// The RMSNorm launch of `rows` (also used by the matvec planner in front of a matvec).
 pub(super) fn rms_norm_rows(
     lib: &KernelLibrary,
-    x: u64,
+    RmsNormRows {
+        x,
+        residual,
+        out,
+        rows,
+        d,
+    }: RmsNormRows,
     w: &Tensor,
-    out: u64,
-    rows: usize,
-    d: usize,
     norm: PreNorm,
 ) -> Result<Launch> {
     let args = Args::new()
         .u64(x)
         .ptr(w)?
+        .u64(residual)
         .u64(out)
         .int(d)?
         .code(float_type("rms_norm", "weight", w.dtype())?)
