@@ -841,9 +841,6 @@ fn matvec_kgroups(n: usize, k: usize, sm_count: usize, shape: SimtShape) -> usiz
 mod tests {
     use super::*;
 
-    /// The tensor-core matvec plan for a 132-SM GPU: one wave of blocks where that can hold
-    /// every tile (else blocks of 8 warps), each block's tiles (matvec_tc.cu's rule) in the
-    /// warps it has.
     #[test]
     fn tcq_splits_k_only_where_tiles_leave_sms_idle() {
         // (tiles, steps, splits) on 132 SMs: a 2,048-token prompt's tiles fill them; a
@@ -869,6 +866,9 @@ mod tests {
         }
     }
 
+    /// The tensor-core matvec plan for a 132-SM GPU: one wave of blocks where that can hold
+    /// every tile (else blocks of 8 warps), each block's tiles (matvec_tc.cu's rule) in the
+    /// warps it has.
     #[test]
     fn matvec_tc_plan_fills_one_wave() {
         // (n, k, gated, grid, kgroups): Llama-3.1-8B q/k/v, gate/up, down, lm head; Llama-3.2-1B

@@ -340,8 +340,8 @@ __device__ __forceinline__ void tcq_store_split(const float (&acc)[4][4][4],
         tcq_store(acc, bias, bias_type, out, m, n);
 }
 
-// Launch: 256 threads, grid (ceil(n/128), ceil(m/128)), Tcq<BITS>::STAGES·BYTES bytes of
-// dynamic shared memory. Needs w 16-byte aligned, xh from `stage_x_f16` and m·kp < 2^32.
+// Launch: 256 threads, grid (ceil(n/128), ceil(m/128), k splits), Tcq<BITS>::STAGES·BYTES bytes
+// of dynamic shared memory. Needs w 16-byte aligned, xh from `stage_x_f16` and m·kp < 2^32.
 template <int BITS>
 __device__ __forceinline__ void matmul_tcq(const u16* __restrict__ xh, const u32* __restrict__ w,
                                            const u8* scales, const u8* biases, int st,
@@ -499,8 +499,8 @@ __device__ __forceinline__ void tcq_load_ggml(u32 slot, const u8* __restrict__ w
     }
 }
 
-// Launch: 256 threads, grid (ceil(n/128), ceil(m/128)), TcqGgml<TYPE>::STAGES·BYTES bytes of
-// dynamic shared memory. Needs k % 64 == 0, w 4-byte aligned, xh from `stage_x_f16` and
+// Launch: 256 threads, grid (ceil(n/128), ceil(m/128), k splits), TcqGgml<TYPE>::STAGES·BYTES
+// bytes of dynamic shared memory. Needs k % 64 == 0, w 4-byte aligned, xh from `stage_x_f16` and
 // m·k < 2^32.
 template <int TYPE>
 __device__ __forceinline__ void matmul_tcq_ggml(const u16* __restrict__ xh,

@@ -278,11 +278,12 @@ __device__ void grid_count(SamplerGrid& g, u32 count, long long& total, long lon
         t += c;
         if (b < (int)blockIdx.x) mine += c;
     }
-    int unused;
-    block_exclusive_scan(t, unused, scratch);  // sums every thread's share
-    total = unused;
-    block_exclusive_scan(mine, unused, scratch);
-    before = unused;
+    // The scans' totals are the block sums of every thread's share.
+    int block_total;
+    block_exclusive_scan(t, block_total, scratch);
+    total = block_total;
+    block_exclusive_scan(mine, block_total, scratch);
+    before = block_total;
 }
 
 // Shared memory of the sampler (dynamic): per-warp histograms, the merged bins, small scratch.
@@ -469,7 +470,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS, 1)  // one block a
     g.parts = (double*)(scratch + 8);
     g.ids = (u32*)(g.parts + 2 * blocks);
     g.found = (int*)(g.ids + 2 * blocks);
-    g.hist = (double*)(scratch + 8 + 16 * blocks + 8 * blocks + 8);
+    g.hist = (double*)(g.found + 2);  // 8-byte aligned: 16 + 24·blocks bytes in
     g.merged = g.hist + 2 * blocks * RADIX_BINS;
     g.slot = 0;
     g.lo = min(vocab, (int)blockIdx.x * per);
