@@ -1571,26 +1571,110 @@ fn attention_matches_reference() {
 
 /// RoPE of q and k, the cache append and attention in one dispatch (`rope_attention`):
 /// decode rows (one kernel, several splits merged by the last block) and prefill rows (two),
-/// partial and traditional rotation, GQA, windows and softcap. Outputs concatenated as the
-/// attention output, k cache, v cache.
+/// partial and traditional rotation, GQA, windows and softcap; with head norms of q and k
+/// (plain and unit-offset weights) folded into the decode kernel for one row, launched first
+/// for more. Outputs concatenated as the attention output, k cache, v cache.
 #[test]
 fn rope_attention_matches_reference() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(19);
+    // (case, rotary dims, traditional, head norms: Some(unit_offset)).
     let cases = [
-        (attn_case((1, 9, 3, 64, 2048, 130, None, None)), 64, false),
-        (attn_case((1, 6, 2, 40, 37, 0, None, None)), 40, false),
+        (
+            attn_case((1, 9, 3, 64, 2048, 130, None, None)),
+            64,
+            false,
+            None,
+        ),
+        (attn_case((1, 6, 2, 40, 37, 0, None, None)), 40, false, None),
         (
             attn_case((4, 8, 2, 128, 1000, 700, Some(300), Some(20.0))),
             64,
             true,
+            None,
         ),
-        (attn_case((3, 12, 4, 80, 300, 296, None, None)), 80, true),
-        (attn_case((2, 4, 4, 256, 500, 1, Some(2), None)), 128, false),
-        (attn_case((40, 8, 2, 64, 200, 100, None, None)), 64, false),
-        (attn_case((21, 6, 3, 40, 60, 13, Some(9), None)), 20, true),
+        (
+            attn_case((3, 12, 4, 80, 300, 296, None, None)),
+            80,
+            true,
+            None,
+        ),
+        (
+            attn_case((2, 4, 4, 256, 500, 1, Some(2), None)),
+            128,
+            false,
+            None,
+        ),
+        (
+            attn_case((40, 8, 2, 64, 200, 100, None, None)),
+            64,
+            false,
+            None,
+        ),
+        (
+            attn_case((21, 6, 3, 40, 60, 13, Some(9), None)),
+            20,
+            true,
+            None,
+        ),
+        // Head norms: one decode row (several splits; hd 40 leaves lanes of a warp out)…
+        (
+            attn_case((1, 16, 8, 128, 2048, 900, None, None)),
+            128,
+            false,
+            Some(false),
+        ),
+        (
+            attn_case((1, 8, 2, 64, 300, 17, None, None)),
+            64,
+            false,
+            Some(true),
+        ),
+        (
+            attn_case((1, 6, 2, 40, 37, 20, None, None)),
+            20,
+            true,
+            Some(false),
+        ),
+        (
+            attn_case((1, 4, 1, 256, 1200, 1000, Some(512), Some(30.0))),
+            256,
+            false,
+            Some(true),
+        ),
+        // … a few decode rows, prefill with flash attention and with key tiles.
+        (
+            attn_case((3, 8, 2, 64, 300, 200, None, None)),
+            64,
+            false,
+            Some(true),
+        ),
+        (
+            attn_case((2, 16, 8, 128, 100, 5, None, None)),
+            128,
+            false,
+            Some(false),
+        ),
+        (
+            attn_case((40, 16, 8, 128, 200, 100, None, None)),
+            128,
+            false,
+            Some(false),
+        ),
+        (
+            attn_case((24, 8, 4, 64, 90, 30, Some(20), None)),
+            64,
+            true,
+            Some(true),
+        ),
+        (
+            attn_case((21, 4, 2, 256, 60, 13, None, None)),
+            256,
+            false,
+            Some(true),
+        ),
     ];
-    for (c, rotary_dims, traditional) in cases {
+    for (c, rotary_dims, traditional, unit_offset) in cases {
         let (m, hd) = (c.rows, c.head_dim);
         let scale = 1.0 / (hd as f32).sqrt();
         let case = RopeAppendCase {
@@ -1611,7 +1695,24 @@ fn rope_attention_matches_reference() {
                 rng.vec(c.n_kv * c.capacity * hd, 1.0),
             ],
         };
-        let (q_rot, filled) = case.want();
+        let eps = 1e-6;
+        let norm_weights = [rng.vec(hd, 1.0), rng.vec(hd, 1.0)];
+        // The reference rotates the normed q and k.
+        let normed = unit_offset.map(|unit_offset| {
+            let [q, k, v] = &case.qkv;
+            let offset = if unit_offset { 1.0 } else { 0.0 };
+            let [qw, kw] = &norm_weights;
+            RopeAppendCase {
+                qkv: [
+                    head_norm_ref(q, qw, eps, offset),
+                    head_norm_ref(k, kw, eps, offset),
+                    v.clone(),
+                ],
+                caches: case.caches.clone(),
+                ..case
+            }
+        });
+        let (q_rot, filled) = normed.as_ref().unwrap_or(&case).want();
         let as_f32 = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
         let mut want = attention_ref(
             &c,
@@ -1626,11 +1727,19 @@ fn rope_attention_matches_reference() {
             let out = poisoned(dev, &[m, c.n_heads * hd])?;
             let [kc, vc] = &o.caches;
             let shape = c.shape(scale);
+            let [qw, kw] = [0, 1].map(|i| dev.from_slice(&norm_weights[i], &[hd]));
+            let (qw, kw) = (qw?, kw?);
+            let head_norms = unit_offset.map(|unit_offset| ops::HeadNorms {
+                q: &qw,
+                k: &kw,
+                norm: PreNorm { eps, unit_offset },
+            });
             run(dev, |enc| {
                 let [q, k, v] = &o.qkv;
                 ops::rope_attention(
                     enc,
                     [q, k, v],
+                    head_norms,
                     &o.table,
                     traditional,
                     shape,
@@ -1646,12 +1755,26 @@ fn rope_attention_matches_reference() {
         };
         let what = format!(
             "rope_attention rows={m} heads={}/{} hd={hd} rot={rotary_dims} trad={traditional} \
-             pos={} cap={} window={:?} softcap={:?}",
+             pos={} cap={} window={:?} softcap={:?} head norms unit_offset={unit_offset:?}",
             c.n_heads, c.n_kv, c.pos, c.capacity, c.window, c.softcap
         );
         let flash = m > 4 && [64, 80, 96, 128].contains(&hd);
         check(&what, &dev, compute, &want, if flash { 3e-3 } else { 1e-5 });
     }
+}
+
+/// RMSNorm of each `w.len()`-dim head of `x` with weight `w` (+ `offset`), in f64, rounded to
+/// f32 (the reference's normed q and k).
+fn head_norm_ref(x: &[f32], w: &[f32], eps: f32, offset: f64) -> Vec<f32> {
+    x.chunks(w.len())
+        .flat_map(|head| {
+            let ms = head.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / w.len() as f64;
+            let r = 1.0 / (ms + eps as f64).sqrt();
+            head.iter()
+                .zip(w)
+                .map(move |(&v, &w)| (v as f64 * r * (w as f64 + offset)) as f32)
+        })
+        .collect()
 }
 
 #[test]
@@ -2028,7 +2151,8 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
         ops::kv_append(enc, &v, &pos, &v_cache)?;
         ops::attention(enc, shape, &qr, &k_cache, &v_cache, &pos, &att)?;
         let caches2 = (&k_cache2, &v_cache2);
-        ops::rope_attention(enc, [&q, &k, &v], &rope, false, shape, &pos, caches2, &att2)?;
+        let qkv = [&q, &k, &v];
+        ops::rope_attention(enc, qkv, None, &rope, false, shape, &pos, caches2, &att2)?;
         ops::matmul(enc, &att, &head, &logits)?;
         ops::sample(enc, params, &logits, &pos, &token, &history)
     };

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use mlx_native::core::op::{BinaryFn, UnaryFn};
-use mlx_native::ops::{self, AttentionShape, RopeScaling, RopeTable};
+use mlx_native::core::op::{BinaryFn, PreNorm, UnaryFn};
+use mlx_native::ops::{self, AttentionShape, HeadNorms, RopeScaling, RopeTable};
 use mlx_native::{CommandEncoder, Device, SamplingParams, Tensor};
 use serde_json::Value;
 
@@ -301,6 +301,7 @@ fn rope_kv_append_equals_rope_then_kv_append() {
         ops::rope_attention(
             &mut enc,
             [&q, &k, &v],
+            None,
             &table,
             traditional,
             shape,
@@ -320,6 +321,116 @@ fn rope_kv_append_equals_rope_then_kv_append() {
         ] {
             let (got, want) = (got.to_vec::<f32>().unwrap(), want.to_vec::<f32>().unwrap());
             assert_eq!(got, want, "rope_kv_append dims={dims}: {what}");
+        }
+    }
+}
+
+/// `rope_attention` with head norms is `rms_norm` over each head of q and of k (plain and
+/// unit-offset weights), then `rope_attention` without them, bit for bit, caches included; a
+/// norm weight of the wrong dtype or length is an error.
+#[test]
+fn rope_attention_head_norms_equal_rms_norm_then_rope_attention() {
+    let dev = Device::cpu();
+    let mut rng = Rng(23);
+    let (m, n_heads, n_kv, hd, capacity, pos, eps) = (3, 4, 2, 16, 9, 4, 1e-6);
+    let table = RopeTable::new(&dev, hd, 10000.0, &RopeScaling::None).unwrap();
+    let shape = AttentionShape {
+        n_heads,
+        n_kv_heads: n_kv,
+        head_dim: hd,
+        scale: 0.25,
+        window: None,
+        softcap: None,
+    };
+    let pos_t = pos_tensor(&dev, pos);
+    let cache_data = rng.normals(n_kv * capacity * hd, 1.0);
+    let cache = || dev.from_slice(&cache_data, &[n_kv, capacity, hd]).unwrap();
+    for unit_offset in [false, true] {
+        let mut tensor = |rows: usize, cols: usize, scale: f32| {
+            dev.from_slice(&rng.normals(rows * cols, scale), &[rows, cols])
+                .unwrap()
+        };
+        let (q, k, v) = (
+            tensor(m, n_heads * hd, 2.0),
+            tensor(m, n_kv * hd, 2.0),
+            tensor(m, n_kv * hd, 1.0),
+        );
+        let (q_w, k_w) = (
+            tensor(1, hd, 0.5).reshape(&[hd]).unwrap(),
+            tensor(1, hd, 0.5).reshape(&[hd]).unwrap(),
+        );
+        let mut enc = CommandEncoder::new(&dev);
+        let (q_normed, k_normed) = (nan_tensor(&dev, q.shape()), nan_tensor(&dev, k.shape()));
+        for (x, w, out, heads) in [(&q, &q_w, &q_normed, n_heads), (&k, &k_w, &k_normed, n_kv)] {
+            let per_head = [m * heads, hd];
+            ops::rms_norm(
+                &mut enc,
+                &x.reshape(&per_head).unwrap(),
+                w,
+                eps,
+                unit_offset,
+                &out.reshape(&per_head).unwrap(),
+            )
+            .unwrap();
+        }
+        let (attn_want, k_want, v_want) = (nan_tensor(&dev, q.shape()), cache(), cache());
+        ops::rope_attention(
+            &mut enc,
+            [&q_normed, &k_normed, &v],
+            None,
+            &table,
+            false,
+            shape,
+            &pos_t,
+            (&k_want, &v_want),
+            &attn_want,
+        )
+        .unwrap();
+        let (attn_got, k_got, v_got) = (nan_tensor(&dev, q.shape()), cache(), cache());
+        let norm = PreNorm { eps, unit_offset };
+        let head_norms = |q, k| Some(HeadNorms { q, k, norm });
+        ops::rope_attention(
+            &mut enc,
+            [&q, &k, &v],
+            head_norms(&q_w, &k_w),
+            &table,
+            false,
+            shape,
+            &pos_t,
+            (&k_got, &v_got),
+            &attn_got,
+        )
+        .unwrap();
+        let short = dev.from_slice(&vec![1f32; hd - 1], &[hd - 1]).unwrap();
+        let half = dev.from_slice(&vec![half::f16::ONE; hd], &[hd]).unwrap();
+        for (q_w, k_w, what) in [
+            (&short, &k_w, "q norm weight"),
+            (&q_w, &half, "k norm weight"),
+        ] {
+            let err = ops::rope_attention(
+                &mut enc,
+                [&q, &k, &v],
+                head_norms(q_w, k_w),
+                &table,
+                false,
+                shape,
+                &pos_t,
+                (&k_got, &v_got),
+                &attn_got,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(what), "{err}");
+        }
+        enc.commit().unwrap();
+        for (what, got, want) in [
+            ("out", &attn_got, &attn_want),
+            ("k cache", &k_got, &k_want),
+            ("v cache", &v_got, &v_want),
+        ] {
+            let (got, want) = (got.to_vec::<f32>().unwrap(), want.to_vec::<f32>().unwrap());
+            assert!(got.iter().all(|x| x.is_finite()), "{what}: not finite");
+            assert_eq!(got, want, "head norms unit_offset={unit_offset}: {what}");
         }
     }
 }

@@ -87,13 +87,32 @@ impl Default for SamplingParams {
     }
 }
 
-/// An RMSNorm folded into the matmul that reads its output (decode): x·(w [+ 1])/rms(x),
-/// w f32 `[k]`.
+/// An RMSNorm folded into the op that reads its output (a decode matmul, `RopeAttention`'s
+/// head norms): x·(w [+ 1])/rms(x), w f32 over x's last dim.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PreNorm {
     pub eps: f32,
     /// Scale by (1 + w) (Gemma).
     pub unit_offset: bool,
+}
+
+impl PreNorm {
+    /// What the kernels add to the weight (1 with `unit_offset`).
+    pub fn w_offset(self) -> f32 {
+        if self.unit_offset {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    /// The norm as a dispatch of its own.
+    pub fn op(self) -> Op {
+        Op::RmsNorm {
+            eps: self.eps,
+            unit_offset: self.unit_offset,
+        }
+    }
 }
 
 /// Shape of one attention layer (`Op::Attention`, `Op::RopeAttention`).
@@ -194,14 +213,18 @@ pub enum Op {
     /// `RopeKvAppend`, then `Attention` of the rotated q over the caches, in one dispatch
     /// (a layer's attention from its q/k/v projections; on the GPU, decode rotates q and the
     /// new keys inside the attention kernel). in: q `[m, n_heads*head_dim]`, k and v
-    /// `[m, n_kv_heads*head_dim]`, inv_freq f32 `[rotary_dims/2]`, pos u32 `[1]`; out: the
-    /// attention output (like q), k_cache and v_cache `[n_kv_heads, capacity, head_dim]`
-    /// (read-modify-write: rows stored at positions pos..pos+m).
+    /// `[m, n_kv_heads*head_dim]`, inv_freq f32 `[rotary_dims/2]`, pos u32 `[1]`, then with
+    /// `head_norm` the q and k norm weights f32 `[head_dim]`; out: the attention output (like
+    /// q), k_cache and v_cache `[n_kv_heads, capacity, head_dim]` (read-modify-write: rows
+    /// stored at positions pos..pos+m). With `head_norm`, each head_dim slice of q and of k
+    /// goes through that RMSNorm (`head_norm_op`) before the rotation (Qwen3's and Gemma 3's
+    /// q/k norms).
     RopeAttention {
         attention: AttentionShape,
         rotary_dims: usize,
         traditional: bool,
         mscale: f32,
+        head_norm: Option<PreNorm>,
     },
     /// Softmax over the last dim. in: x `[m, d]`; out `[m, d]`.
     Softmax,
@@ -282,13 +305,15 @@ impl Op {
         }
     }
 
-    /// A `RopeAttention` as its two steps: the `RopeKvAppend` and the `Attention`.
+    /// A `RopeAttention` as its two steps: the `RopeKvAppend` and the `Attention` (after the
+    /// head norms, if any: `head_norm_op`).
     pub fn rope_attention_steps(&self) -> Option<(Op, Op)> {
         let Op::RopeAttention {
             attention,
             rotary_dims,
             traditional,
             mscale,
+            ..
         } = *self
         else {
             return None;
@@ -302,6 +327,18 @@ impl Op {
             mscale,
         };
         Some((rope, Op::Attention(attention)))
+    }
+
+    /// The per-head RMSNorm a `RopeAttention` applies to q and k first (over rows of
+    /// head_dim), if it has one.
+    pub fn head_norm_op(&self) -> Option<Op> {
+        match *self {
+            Op::RopeAttention {
+                head_norm: Some(norm),
+                ..
+            } => Some(norm.op()),
+            _ => None,
+        }
     }
 
     /// The variant part of the registry key (what selects among kernels of one family).

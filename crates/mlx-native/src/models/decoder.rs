@@ -165,8 +165,8 @@ impl DecoderParams {
     }
 }
 
-/// `t` as f32 (exact from f16/bf16): the block norms are folded into the decode matmuls, which
-/// read their weights as f32.
+/// `t` as f32 (exact from f16/bf16): the block norms are folded into the decode matmuls and the
+/// q/k head norms into the attention, which read their weights as f32.
 fn f32_vector(t: Tensor) -> Result<Tensor> {
     if t.dtype() == DType::F32 {
         return Ok(t);
@@ -183,7 +183,7 @@ struct Layer {
     q: Linear,
     k: Linear,
     v: Linear,
-    /// Per-head norms of q and k (`Architecture::qk_norm`).
+    /// Per-head norms of q and k (`Architecture::qk_norm`), f32 (folded into the attention).
     qk_norm: Option<(Tensor, Tensor)>,
     o: Linear,
     /// Norm of the attention output (`Architecture::sandwich_norms`).
@@ -287,8 +287,6 @@ pub struct Scratch {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// q and k after their per-head norms (`Architecture::qk_norm`).
-    qk_normed: Option<(Tensor, Tensor)>,
     attn: Tensor,
     proj: Tensor,
     gate: Tensor,
@@ -391,8 +389,8 @@ impl Decoder {
             };
             let qk_norm = if a.qk_norm {
                 Some((
-                    weights.vector(&name("self_attn.q_norm.weight"), hd)?,
-                    weights.vector(&name("self_attn.k_norm.weight"), hd)?,
+                    f32_vector(weights.vector(&name("self_attn.q_norm.weight"), hd)?)?,
+                    f32_vector(weights.vector(&name("self_attn.k_norm.weight"), hd)?)?,
                 ))
             } else {
                 None
@@ -514,11 +512,6 @@ impl Decoder {
             Some(scale) => Some(device.from_slice(&vec![scale; m * h], &[m, h])?),
             None => None,
         };
-        let qk_normed = if a.qk_norm {
-            Some((f(q_dim)?, f(kv_dim)?))
-        } else {
-            None
-        };
         let moe = match &p.moe {
             Some(moe) => {
                 let slots = |cols: usize| device.empty(&[m, moe.top_k, cols], DType::F32);
@@ -556,7 +549,6 @@ impl Decoder {
             q,
             k,
             v,
-            qk_normed,
             attn: f(q_dim)?,
             proj: f(h)?,
             gate: f(p.intermediate_size)?,
@@ -568,14 +560,18 @@ impl Decoder {
         })
     }
 
-    /// The family's RMSNorm as a matmul's folded input norm.
-    fn input_norm<'a>(&self, w: &'a Tensor) -> ops::InputNorm<'a> {
+    /// The family's RMSNorm parameters, for a norm folded into another op.
+    fn pre_norm(&self) -> PreNorm {
         let p = &self.params;
-        let pre = PreNorm {
+        PreNorm {
             eps: p.rms_norm_eps,
             unit_offset: p.arch.norm_unit_offset,
-        };
-        (w, pre)
+        }
+    }
+
+    /// The family's RMSNorm as a matmul's folded input norm.
+    fn input_norm<'a>(&self, w: &'a Tensor) -> ops::InputNorm<'a> {
+        (w, self.pre_norm())
     }
 
     /// RMSNorm in the family's style.
@@ -584,27 +580,10 @@ impl Decoder {
         ops::rms_norm(enc, x, w, p.rms_norm_eps, p.arch.norm_unit_offset, out)
     }
 
-    /// `out` = RMSNorm over each `head_dim` slice of `x` `[m, heads*head_dim]`.
-    fn head_norm(
-        &self,
-        enc: &mut CommandEncoder,
-        x: &Tensor,
-        w: &Tensor,
-        out: &Tensor,
-    ) -> Result<()> {
-        let hd = self.params.head_dim;
-        let heads = x.rows() * (x.last_dim() / hd);
-        self.norm(
-            enc,
-            &x.reshape(&[heads, hd])?,
-            w,
-            &out.reshape(&[heads, hd])?,
-        )
-    }
-
     /// Attention of layer `layer` over the input norm of `x`, written to `s.attn` (before the
     /// output projection). One decode row reads q, k and v in one matvec with the norm folded
-    /// in; otherwise the norm is a dispatch of its own and q, k, v three matmuls.
+    /// in; otherwise the norm is a dispatch of its own and q, k, v three matmuls. q/k head
+    /// norms (`Architecture::qk_norm`) are part of the attention dispatch.
     fn encode_attention(
         &self,
         enc: &mut CommandEncoder,
@@ -626,14 +605,11 @@ impl Decoder {
                 ops::matmul(enc, &s.normed, &layer.v, &s.v)?;
             }
         }
-        let (q, k) = match (&layer.qk_norm, &s.qk_normed) {
-            (Some((q_norm, k_norm)), Some((q_out, k_out))) => {
-                self.head_norm(enc, &s.q, q_norm, q_out)?;
-                self.head_norm(enc, &s.k, k_norm, k_out)?;
-                (q_out, k_out)
-            }
-            _ => (&s.q, &s.k),
-        };
+        let head_norms = layer.qk_norm.as_ref().map(|(q, k)| ops::HeadNorms {
+            q,
+            k,
+            norm: self.pre_norm(),
+        });
         let shape = AttentionShape {
             n_heads: p.num_heads,
             n_kv_heads: p.num_kv_heads,
@@ -644,7 +620,8 @@ impl Decoder {
         };
         ops::rope_attention(
             enc,
-            [q, k, &s.v],
+            [&s.q, &s.k, &s.v],
+            head_norms,
             &layer.rope,
             layer.rope_traditional,
             shape,

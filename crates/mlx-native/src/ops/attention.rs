@@ -3,7 +3,7 @@ use super::{expect_dtype, expect_shape};
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
 pub use crate::core::op::AttentionShape;
-use crate::core::op::Op;
+use crate::core::op::{Op, PreNorm};
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
 
@@ -25,14 +25,25 @@ pub fn attention(
     enc.dispatch(Op::Attention(shape), &[q, k_cache, v_cache, pos], &[out])
 }
 
+/// The RMSNorms over each head of q and of k ahead of RoPE (Qwen3's and Gemma 3's q/k norms):
+/// their weights, f32 `[head_dim]`, and parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadNorms<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub norm: PreNorm,
+}
+
 /// A layer's attention from its q, k and v projections (`[m, n_heads*head_dim]`,
-/// `[m, n_kv_heads*head_dim]` twice): RoPE of q and k by `table`, k and v stored into the
-/// caches at positions pos..pos+m, then causal attention of the rotated q over them, in one
-/// dispatch (`rope_kv_append` followed by `attention`, whose rule on `pos` it shares).
+/// `[m, n_kv_heads*head_dim]` twice): with `head_norms`, q and k normed per head first; RoPE
+/// of q and k by `table`, k and v stored into the caches at positions pos..pos+m, then causal
+/// attention of the rotated q over them, in one dispatch (`rms_norm` of q and k, then
+/// `rope_kv_append` followed by `attention`, whose rule on `pos` it shares).
 #[allow(clippy::too_many_arguments)]
 pub fn rope_attention(
     enc: &mut CommandEncoder,
     qkv: [&Tensor; 3],
+    head_norms: Option<HeadNorms>,
     table: &RopeTable,
     traditional: bool,
     shape: AttentionShape,
@@ -44,17 +55,22 @@ pub fn rope_attention(
     check_rope_inputs(op, qkv, table, shape.n_heads, pos, (k_cache, v_cache))?;
     let [q, k, v] = qkv;
     check_attention(op, shape, q, (k_cache, v_cache), pos, out)?;
+    let mut inputs = vec![q, k, v, &table.inv_freq, pos];
+    if let Some(HeadNorms { q, k, .. }) = head_norms {
+        for (what, w) in [("q norm weight", q), ("k norm weight", k)] {
+            expect_dtype(op, what, w, &[DType::F32])?;
+            expect_shape(op, what, w, &[shape.head_dim])?;
+        }
+        inputs.extend([q, k]);
+    }
     let op = Op::RopeAttention {
         attention: shape,
         rotary_dims: table.rotary_dims,
         traditional,
         mscale: table.mscale,
+        head_norm: head_norms.map(|h| h.norm),
     };
-    enc.dispatch(
-        op,
-        &[q, k, v, &table.inv_freq, pos],
-        &[out, k_cache, v_cache],
-    )
+    enc.dispatch(op, &inputs, &[out, k_cache, v_cache])
 }
 
 /// Attention operands: a valid shape (`AttentionShape::check`), q and the caches in f32 with

@@ -10,7 +10,7 @@ mod norm;
 mod rope;
 mod sampling;
 
-pub use attention::{attention, kv_append, rope_attention, AttentionShape};
+pub use attention::{attention, kv_append, rope_attention, AttentionShape, HeadNorms};
 pub use elementwise::{binary, gated_activation, softcap, softmax, unary};
 pub use embedding::embedding;
 pub use matmul::{gated_matmul, matmul, matmul_add, normed_matmul, InputNorm, Linear};

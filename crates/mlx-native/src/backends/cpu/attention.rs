@@ -22,23 +22,44 @@ pub(super) fn register(reg: &mut Registry<CpuKernel>) {
     reg.insert("rope_attention", "", DType::F32, rope_attention);
 }
 
-/// `rope_kv_append` into a temporary rotated q, then `attention` of it.
+/// The head norms of q and k (if any) into temporaries, `rope_kv_append` into a temporary
+/// rotated q, then `attention` of it.
 fn rope_attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let Some((rope, attend)) = op.rope_attention_steps() else {
         return Err(wrong_op(op));
     };
-    let ([q, _, _, _, pos], [out, k_cache, v_cache]) = (inputs, outputs) else {
+    let ([q, k, v, inv_freq, pos, norm_weights @ ..], [out, k_cache, v_cache]) = (inputs, outputs)
+    else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let (q, k) = match (op.head_norm_op(), norm_weights) {
+        (None, []) => (q.clone(), k.clone()),
+        (Some(norm), [q_w, k_w]) => (head_norm(&norm, q, q_w)?, head_norm(&norm, k, k_w)?),
+        _ => return Err(operand_count(op, inputs.len(), outputs.len())),
     };
     let q_rot = q.device().empty(q.shape(), DType::F32)?;
     let rotated = [q_rot, k_cache.clone(), v_cache.clone()];
-    super::rope::rope_kv_append(&rope, inputs, &rotated)?;
+    let operands = [q, k, v.clone(), inv_freq.clone(), pos.clone()];
+    super::rope::rope_kv_append(&rope, &operands, &rotated)?;
     let [q_rot, k_cache, v_cache] = rotated;
     attention(
         &attend,
         &[q_rot, k_cache, v_cache, pos.clone()],
         std::slice::from_ref(out),
     )
+}
+
+/// `norm` (an `Op::RmsNorm`) over each head of `x` `[m, heads*head_dim]` with `w`
+/// `[head_dim]`, into a new tensor.
+fn head_norm(norm: &Op, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let heads = [x.elem_count() / w.elem_count().max(1), w.elem_count()];
+    let normed = x.device().empty(&heads, DType::F32)?;
+    super::norm::rms_norm(
+        norm,
+        &[x.reshape(&heads)?, w.clone()],
+        std::slice::from_ref(&normed),
+    )?;
+    normed.reshape(x.shape())
 }
 
 fn attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {

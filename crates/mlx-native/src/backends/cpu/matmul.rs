@@ -52,12 +52,8 @@ fn normed_input(norm: PreNorm, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         ));
     };
     let normed = x.device().empty(x.shape(), DType::F32)?;
-    let op = Op::RmsNorm {
-        eps: norm.eps,
-        unit_offset: norm.unit_offset,
-    };
     norm::rms_norm(
-        &op,
+        &norm.op(),
         &[x.clone(), weight.clone()],
         std::slice::from_ref(&normed),
     )?;

@@ -187,9 +187,10 @@ impl CudaKernel {
         }
     }
 
-    /// The same dispatch, also keeping `scratch` alive.
-    pub fn holding(mut self, scratch: CudaSlice<u8>) -> Self {
-        self._scratch.push(Arc::new(scratch));
+    /// The same dispatch, also keeping `scratch` alive (its own, or the library's shared
+    /// scratch).
+    pub fn holding(mut self, scratch: impl Into<Arc<CudaSlice<u8>>>) -> Self {
+        self._scratch.push(scratch.into());
         self
     }
 

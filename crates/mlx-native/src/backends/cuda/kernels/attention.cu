@@ -153,7 +153,8 @@ __device__ __forceinline__ void decode_pass(const float* __restrict__ qs, const 
 // its q head while staging it, and a block whose split holds new positions (pos..pos+rows−1)
 // stores their rotated keys and values into the caches before it reads them. Every block of a
 // kv head's heads and rows that holds a position stores the same bits there, so no block
-// waits for another.
+// waits for another. With `q_norm` set too (one row only), q and the new key are RMS-normed
+// per head before the rotation, with norm.cu's arithmetic (x·r·(w + w_offset)).
 struct NewKeys {
     const float* k;  // [rows, n_kv·hd]; null: the caches hold every key (plain attention)
     const float* v;
@@ -161,7 +162,34 @@ struct NewKeys {
     int rotary_dims;
     int traditional;
     float mscale;
+    const float* q_norm;  // [hd]; null: no head norms
+    const float* k_norm;  // [hd]
+    float eps;
+    float w_offset;
 };
+
+// Σ of a and of b over the block's threads d < 32·HC (the others pass 0 or stay out), in the
+// same order in every thread: one warp sum each, then the HC warps' sums from shared memory.
+template <int HC>
+__device__ __forceinline__ void head_sums(float& a, float& b, int d) {
+    __shared__ float sums[2][HC];
+    if (d < 32 * HC) {
+        a = warp_sum(a);
+        b = warp_sum(b);
+        if ((d & 31) == 0) {
+            sums[0][d >> 5] = a;
+            sums[1][d >> 5] = b;
+        }
+    }
+    __syncthreads();
+    a = 0.f;
+    b = 0.f;
+#pragma unroll
+    for (int w = 0; w < HC; ++w) {
+        a += sums[0][w];
+        b += sums[1][w];
+    }
+}
 
 // The caches are read through plain (coherent) loads: with NewKeys the kernel writes them.
 template <int HC>
@@ -194,12 +222,20 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
         prefetch_row<HC>(kc + kv_base + (i64)(start + d) * hd, hd);
         prefetch_row<HC>(vc + kv_base + (i64)(start + d) * hd, hd);
     }
+    // Thread d (blockDim ≥ 32·HC) stages dim d of q and, with NewKeys, stores dim d of the new
+    // keys and values (row 0's new key, the one a decode step has, loaded up front). The head
+    // norms' weights of dims d and dp are constants: loaded before the wait too.
+    const bool rot = nk.k != nullptr, normed = nk.q_norm != nullptr;
+    const int dp = rot ? rope_partner(min(d, hd - 1), nk.rotary_dims, nk.traditional) : d;
+    float wqd = 0.f, wqp = 0.f, wkd = 0.f, wkp = 0.f;
+    if (normed && d < hd) {
+        wqd = nk.q_norm[d] + nk.w_offset;
+        wqp = nk.q_norm[dp] + nk.w_offset;
+        wkd = nk.k_norm[d] + nk.w_offset;
+        wkp = nk.k_norm[dp] + nk.w_offset;
+    }
     kernel_entry();
     launch_dependents();
-    // Thread d (blockDim ≥ 32·HC) stages dim d of q and, with NewKeys, stores dim d of the new
-    // keys and values (row 0's new key, the one a decode step has, loaded up front).
-    const bool rot = nk.k != nullptr;
-    const int dp = rot ? rope_partner(min(d, hd - 1), nk.rotary_dims, nk.traditional) : d;
     const float* qr = q + ((i64)row * n_heads + h) * hd;
     const float* k0 = rot ? nk.k + (i64)g * hd : nullptr;
     float qd = 0.f, qp = 0.f, kd = 0.f, kp = 0.f, vd = 0.f;
@@ -211,6 +247,15 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
             kp = k0[dp];
             vd = nk.v[(i64)g * hd + d];
         }
+    }
+    if (normed) {  // block-uniform; rows = 1, so k0 is the only new key
+        float sq = qd * qd, sk = kd * kd;
+        head_sums<HC>(sq, sk, d);
+        const float rq = rsqrtf(sq / hd + nk.eps), rk = rsqrtf(sk / hd + nk.eps);
+        qd = qd * rq * wqd;
+        qp = qp * rq * wqp;
+        kd = kd * rk * wkd;
+        kp = kp * rk * wkp;
     }
     // One sincos a thread: the block's row rotates q and, at the same position, its own new
     // key (a decode step's only one); other rows' keys take their own.
@@ -443,10 +488,12 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
 #define ATTENTION(HC)                                                                           \
     extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 1) attn_decode_##HC(           \
         const float* q, const float* k_new, const float* v_new, const float* inv_freq,          \
-        int rotary_dims, int traditional, float mscale, float* kc, float* vc, const u32* pos,   \
+        int rotary_dims, int traditional, float mscale, const float* q_norm,                    \
+        const float* k_norm, float eps, float w_offset, float* kc, float* vc, const u32* pos,   \
         float* out, float* partial, u32* counters, int n_heads, int group, int hd,              \
         int capacity, float scale, int window, float softcap) {                                 \
-        const NewKeys nk{k_new, v_new, inv_freq, rotary_dims, traditional, mscale};             \
+        const NewKeys nk{k_new, v_new, inv_freq, rotary_dims, traditional,                      \
+                         mscale, q_norm, k_norm, eps, w_offset};                                \
         attn_decode<HC>(q, nk, kc, vc, pos, out, partial, counters, n_heads, group, hd,         \
                         capacity, scale, window, softcap);                                      \
     }                                                                                           \

@@ -2,6 +2,9 @@
 //! (decode) use split-K flash decoding; more (prefill) use tensor-core flash attention
 //! (flash_attention.cu) for head dims it covers, else shared-memory key tiles in f32.
 
+use cudarc::driver::CudaSlice;
+
+use super::norm::{rms_norm_rows, RmsNormRows};
 use super::{COMMON, MMA, ROPE};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
@@ -9,7 +12,7 @@ use crate::backends::cuda::launch::{
     blocks, dim, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Launch, Planner,
 };
 use crate::core::dtype::DType;
-use crate::core::op::Op;
+use crate::core::op::{Op, PreNorm};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
@@ -85,16 +88,21 @@ impl Shape {
     }
 }
 
-/// The new rows' k and v and the RoPE that the decode kernel applies to them and to q
-/// (`rope_attention`).
+/// The new rows' k (by address) and v and the RoPE that the decode kernel applies to them and
+/// to q (`rope_attention`).
 struct NewKeys<'a> {
-    k: &'a Tensor,
+    k: u64,
     v: &'a Tensor,
     inv_freq: &'a Tensor,
     rotary_dims: usize,
     traditional: bool,
     mscale: f32,
+    /// Head norms the kernel applies to q and k before the rotation (one query row only).
+    head_norm: Option<HeadNorm<'a>>,
 }
+
+/// A `RopeAttention`'s head norms: the q and k norm weights and the parameters.
+type HeadNorm<'a> = (&'a Tensor, &'a Tensor, PreNorm);
 
 fn attention(
     lib: &KernelLibrary,
@@ -118,38 +126,33 @@ fn attention(
         )?;
         return Ok(CudaKernel::single(launch));
     }
-    decode(lib, &shape, q, None, (k_cache, v_cache), pos, out)
+    let (launch, partials) = decode(
+        lib,
+        &shape,
+        (device_ptr(q)?, q.rows()),
+        None,
+        (k_cache, v_cache),
+        pos,
+        out,
+    )?;
+    Ok(CudaKernel::new(vec![launch], partials))
 }
 
-/// Decode: one kernel rotates q and the new keys, appends them and attends. Prefill: the
-/// rope_kv_append kernel writes the rotated q into shared scratch, then attention as above.
+/// Decode: one kernel rotates q and the new keys (head-norming them first for one row),
+/// appends them and attends. Prefill: the rope_kv_append kernel writes the rotated q into
+/// shared scratch, then attention as above. Head norms of several rows run first, as rms_norm
+/// launches into shared scratch.
 fn rope_attention(
     lib: &KernelLibrary,
     op: &Op,
     inputs: &[Tensor],
     outputs: &[Tensor],
 ) -> Result<CudaKernel> {
-    let Some((rope, attend)) = op.rope_attention_steps() else {
+    let (Some((rope, attend)), &Op::RopeAttention { head_norm, .. }) =
+        (op.rope_attention_steps(), op)
+    else {
         return Err(wrong_op(op));
     };
-    let ([q, k, v, inv_freq, pos], [out, k_cache, v_cache]) = (inputs, outputs) else {
-        return Err(operand_count(op, inputs.len(), outputs.len()));
-    };
-    let shape = Shape::new(&attend)?;
-    if q.rows() > DECODE_MAX_ROWS {
-        let (scratch, q_rot) = lib.shared_scratch(q.byte_len())?;
-        let launches = vec![
-            super::rope::rope_kv_append_launch(
-                lib,
-                &rope,
-                [q, k, v, inv_freq, pos],
-                q_rot,
-                (k_cache, v_cache),
-            )?,
-            prefill(lib, &shape, (q_rot, q.rows()), k_cache, v_cache, pos, out)?,
-        ];
-        return Ok(CudaKernel::sharing(launches, scratch));
-    }
     let Op::RopeKvAppend {
         rotary_dims,
         traditional,
@@ -159,15 +162,103 @@ fn rope_attention(
     else {
         return Err(wrong_op(op));
     };
-    let new_keys = NewKeys {
-        k,
-        v,
-        inv_freq,
-        rotary_dims,
-        traditional,
-        mscale,
+    let ([q, k, v, inv_freq, pos, norm_weights @ ..], [out, k_cache, v_cache]) = (inputs, outputs)
+    else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
     };
-    decode(lib, &shape, q, Some(new_keys), (k_cache, v_cache), pos, out)
+    let head_norm = match (head_norm, norm_weights) {
+        (None, []) => None,
+        (Some(norm), [q_w, k_w]) => Some((q_w, k_w, norm)),
+        _ => return Err(operand_count(op, inputs.len(), outputs.len())),
+    };
+    let shape = Shape::new(&attend)?;
+    let rows = q.rows();
+    let (folded, staged) = match head_norm {
+        Some(norm) if rows == 1 => (Some(norm), None),
+        other => (None, other),
+    };
+    // Shared scratch (one request, so that nothing overlaps): the normed q and k when staged,
+    // then prefill's rotated q, each at a 16-byte boundary (flash attention's q needs it).
+    let q_span = q.byte_len().next_multiple_of(16);
+    let normed_span = staged.map_or(0, |_| q_span + k.byte_len().next_multiple_of(16));
+    let prefilling = rows > DECODE_MAX_ROWS;
+    let scratch_bytes = normed_span + if prefilling { q_span } else { 0 };
+    let (scratch, base) = match scratch_bytes {
+        0 => (None, 0),
+        bytes => {
+            let (slice, address) = lib.shared_scratch(bytes)?;
+            (Some(slice), address)
+        }
+    };
+    let mut launches = Vec::new();
+    let (q_at, k_at) = match staged {
+        Some((q_w, k_w, norm)) => {
+            let (q_normed, k_normed) = (base, base + q_span as u64);
+            launches.push(head_norm_launch(lib, q, q_w, norm, q_normed)?);
+            launches.push(head_norm_launch(lib, k, k_w, norm, k_normed)?);
+            (q_normed, k_normed)
+        }
+        None => (device_ptr(q)?, device_ptr(k)?),
+    };
+    let mut partials = None;
+    if prefilling {
+        let q_rot = base + normed_span as u64;
+        launches.push(super::rope::rope_kv_append_launch(
+            lib,
+            &rope,
+            (q_at, k_at),
+            [v, inv_freq, pos],
+            q_rot,
+            (k_cache, v_cache),
+        )?);
+        launches.push(prefill(
+            lib,
+            &shape,
+            (q_rot, rows),
+            k_cache,
+            v_cache,
+            pos,
+            out,
+        )?);
+    } else {
+        let new_keys = NewKeys {
+            k: k_at,
+            v,
+            inv_freq,
+            rotary_dims,
+            traditional,
+            mscale,
+            head_norm: folded,
+        };
+        let caches = (k_cache, v_cache);
+        let (launch, p) = decode(lib, &shape, (q_at, rows), Some(new_keys), caches, pos, out)?;
+        launches.push(launch);
+        partials = p;
+    }
+    let kernel = CudaKernel::new(launches, partials);
+    Ok(match scratch {
+        Some(s) => kernel.holding(s),
+        None => kernel,
+    })
+}
+
+/// The RMSNorm of each head of `x` (rows of the weight's length) into address `out`.
+fn head_norm_launch(
+    lib: &KernelLibrary,
+    x: &Tensor,
+    w: &Tensor,
+    norm: PreNorm,
+    out: u64,
+) -> Result<Launch> {
+    let d = w.elem_count();
+    let rows = RmsNormRows {
+        x: device_ptr(x)?,
+        residual: 0,
+        out,
+        rows: x.elem_count() / d.max(1),
+        d,
+    };
+    rms_norm_rows(lib, rows, w, norm)
 }
 
 /// Many query rows (`q`: address and row count): tensor-core flash attention where the head
@@ -225,18 +316,18 @@ fn prefill(
     lib.launch(&SOURCE, &name, grid, THREADS, shared as u32, args)
 }
 
-/// A few query rows: split-K flash decoding (`attn_decode`), rotating q and the new keys
-/// itself when `new_keys` is given.
+/// A few query rows (`q`: address and row count): split-K flash decoding (`attn_decode`),
+/// rotating q and the new keys itself when `new_keys` is given. The launch, and the scratch
+/// of its split partials if it has several splits.
 fn decode(
     lib: &KernelLibrary,
     shape: &Shape,
-    q: &Tensor,
+    (q, rows): (u64, usize),
     new_keys: Option<NewKeys>,
     (k_cache, v_cache): (&Tensor, &Tensor),
     pos: &Tensor,
     out: &Tensor,
-) -> Result<CudaKernel> {
-    let rows = q.rows();
+) -> Result<(Launch, Option<CudaSlice<u8>>)> {
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
     // One wave of blocks (one fits per multiprocessor) over all heads and rows, no more splits
     // than the cache can fill; at run time a row uses as many as its keys fill
@@ -254,16 +345,20 @@ fn decode(
             (Some(slice), address, address + partial_bytes as u64)
         }
     };
-    let args = Args::new().ptr(q)?;
+    let args = Args::new().u64(q);
     let args = match &new_keys {
         Some(nk) => args
-            .ptr(nk.k)?
+            .u64(nk.k)
             .ptr(nk.v)?
             .ptr(nk.inv_freq)?
             .int(nk.rotary_dims)?
             .code(nk.traditional as i32)
             .f32(nk.mscale),
         None => args.u64(0).u64(0).u64(0).code(0).code(0).f32(1.0),
+    };
+    let args = match new_keys.and_then(|nk| nk.head_norm) {
+        Some((q_w, k_w, norm)) => args.ptr(q_w)?.ptr(k_w)?.f32(norm.eps).f32(norm.w_offset()),
+        None => args.u64(0).u64(0).f32(0.0).f32(0.0),
     };
     let args = args
         .ptr(k_cache)?
@@ -282,7 +377,7 @@ fn decode(
     let grid = (dim(shape.n_heads)?, dim(splits)?, dim(rows)?);
     let name = format!("attn_decode_{}", shape.head_dim.div_ceil(32));
     let launch = lib.launch(&SOURCE, &name, grid, DECODE_THREADS, 0, args)?;
-    Ok(CudaKernel::new(vec![launch], scratch))
+    Ok((launch, scratch))
 }
 
 fn kv_append(

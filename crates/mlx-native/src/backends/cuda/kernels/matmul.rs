@@ -741,10 +741,7 @@ impl MatmulArgs for Args {
 
     fn norm(self, norm: Norm) -> Result<Self> {
         Ok(match norm {
-            Some((g, p)) => self
-                .ptr(g)?
-                .f32(if p.unit_offset { 1.0 } else { 0.0 })
-                .f32(p.eps),
+            Some((g, p)) => self.ptr(g)?.f32(p.w_offset()).f32(p.eps),
             None => self.opt_ptr(None)?.f32(0.0).f32(0.0),
         })
     }

@@ -86,7 +86,7 @@ pub(super) fn rms_norm_rows(
         .int(d)?
         .code(float_type("rms_norm", "weight", w.dtype())?)
         .f32(norm.eps)
-        .f32(if norm.unit_offset { 1.0 } else { 0.0 });
+        .f32(norm.w_offset());
     lib.launch(&SOURCE, "rms_norm", (dim(rows)?, 1, 1), threads(d), 0, args)
 }
 

@@ -65,17 +65,24 @@ fn rope_kv_append(
     let ([q, k, v, inv_freq, pos], [q_out, k_cache, v_cache]) = (inputs, outputs) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
-    let operands = [q, k, v, inv_freq, pos];
-    let launch = rope_kv_append_launch(lib, op, operands, device_ptr(q_out)?, (k_cache, v_cache))?;
+    let launch = rope_kv_append_launch(
+        lib,
+        op,
+        (device_ptr(q)?, device_ptr(k)?),
+        [v, inv_freq, pos],
+        device_ptr(q_out)?,
+        (k_cache, v_cache),
+    )?;
     Ok(CudaKernel::single(launch))
 }
 
-/// The `rope_kv_append` kernel for an `Op::RopeKvAppend`, the rotated q written at address
-/// `q_out`.
+/// The `rope_kv_append` kernel for an `Op::RopeKvAppend`: q and k read at addresses `q` and
+/// `k` (as many rows as `v`), the rotated q written at address `q_out`.
 pub(super) fn rope_kv_append_launch(
     lib: &KernelLibrary,
     op: &Op,
-    [q, k, v, inv_freq, pos]: [&Tensor; 5],
+    (q, k): (u64, u64),
+    [v, inv_freq, pos]: [&Tensor; 3],
     q_out: u64,
     (k_cache, v_cache): (&Tensor, &Tensor),
 ) -> Result<Launch> {
@@ -90,13 +97,13 @@ pub(super) fn rope_kv_append_launch(
     else {
         return Err(wrong_op(op));
     };
-    let rows = q.rows();
+    let rows = v.rows();
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
     let per_row =
         (n_heads + n_kv_heads) * (rotary_dims / 2 + head_dim - rotary_dims) + n_kv_heads * head_dim;
     let args = Args::new()
-        .ptr(q)?
-        .ptr(k)?
+        .u64(q)
+        .u64(k)
         .ptr(v)?
         .ptr(inv_freq)?
         .ptr(pos)?
