@@ -32,6 +32,7 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 
 #define DEC_WARPS 16
 #define DEC_MIN_SPLIT_KEYS 256  // DECODE_MIN_SPLIT_KEYS in attention.rs
+#define DEC_MAX_ROWS 4          // DECODE_MAX_ROWS in attention.rs
 
 __device__ __forceinline__ int active_splits(int keys, int n_splits) {
     return max(1, min(n_splits, keys / DEC_MIN_SPLIT_KEYS));
@@ -120,17 +121,27 @@ __device__ __forceinline__ void load_rows(const float* rows, int n, int hd, int 
                            (FULL ? lane + 32 * c : min(lane + 32 * c, hd - 1))];
 }
 
-// One pass of a warp over keys j0 … j0+n−1 (n ≤ KEYS): their K and V rows loaded at once,
-// the scores onto lanes, the online softmax update of (m, l, acc), and P·V with lanes owning
-// head dims (acc[c]: dim lane + 32c), the probabilities broadcast by shuffle.
-template <int HC, bool FULL>
-__device__ __forceinline__ void decode_pass(const float* __restrict__ qs, const float* kb,
-                                            const float* vb, int j0, int n, int hd, int lane,
+// A pass's K and V rows (keys j0 … j0+n−1, n ≤ KEYS), loaded at once.
+template <int HC, int KEYS>
+__device__ __forceinline__ void load_pass(const float* kb, const float* vb, int j0, int n, int hd,
+                                          int lane, float (&k)[KEYS][HC], float (&v)[KEYS][HC]) {
+    if (n == KEYS && hd == 32 * HC) {
+        load_rows<HC, KEYS, true>(kb + (i64)j0 * hd, n, hd, lane, k);
+        load_rows<HC, KEYS, true>(vb + (i64)j0 * hd, n, hd, lane, v);
+    } else {
+        load_rows<HC, KEYS, false>(kb + (i64)j0 * hd, n, hd, lane, k);
+        load_rows<HC, KEYS, false>(vb + (i64)j0 * hd, n, hd, lane, v);
+    }
+}
+
+// One pass of a warp over the loaded keys j0 … j0+n−1: the scores onto lanes, the online
+// softmax update of (m, l, acc), and P·V with lanes owning head dims (acc[c]: dim lane + 32c),
+// the probabilities broadcast by shuffle.
+template <int HC, int KEYS>
+__device__ __forceinline__ void decode_pass(const float* __restrict__ qs,
+                                            const float (&k)[KEYS][HC],
+                                            const float (&v)[KEYS][HC], int n, int lane,
                                             float softcap, float& m, float& l, float (&acc)[HC]) {
-    constexpr int KEYS = dec_keys(HC);
-    float k[KEYS][HC], v[KEYS][HC];
-    load_rows<HC, KEYS, FULL>(kb + (i64)j0 * hd, n, hd, lane, k);
-    load_rows<HC, KEYS, FULL>(vb + (i64)j0 * hd, n, hd, lane, v);
     float s = warp_scores<HC, KEYS>(qs, k, lane);
     s = (lane & (KEYS - 1)) < n ? cap_score(s, softcap) : NEG_INF;
     const float m_new = fmaxf(m, keys_max<KEYS>(s));  // finite: lane 0 holds a key
@@ -199,7 +210,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
                                             float* __restrict__ partial, u32* __restrict__ counters,
                                             int n_heads, int group, int hd, int capacity,
                                             float scale, int window, float softcap) {
-    __shared__ float qs[HC * 32];
+    __shared__ float qs[HC * 32], new_k[DEC_MAX_ROWS][HC * 32], new_v[DEC_MAX_ROWS][HC * 32];
     __shared__ float warp_m[DEC_WARPS], warp_l[DEC_WARPS], warp_acc[DEC_WARPS][HC * 32];
     __shared__ float warp_w[DEC_WARPS], block_m, block_l;  // DEC_WARPS ≤ 32: one lane a warp
     __shared__ int merging;
@@ -208,9 +219,10 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     const int d = threadIdx.x, g = h / group, n_kv = n_heads / group;
     const i64 kv_base = (i64)g * capacity * hd;
     // pos changes only between decode steps (advance_pos, a step's last kernel, or the host),
-    // never in the kernel just before this one, so it is read before the wait for that kernel,
-    // and the K and V rows of the block's first keys (old keys: no kernel of a step rewrites
-    // them) head for L2 while it finishes.
+    // never in the kernel just before this one, so it is read before the wait for that kernel.
+    // So is everything that depends on it alone: the RoPE angle of the block's row, and each
+    // warp's first pass of K and V rows (old keys: no kernel of a step rewrites them; rows at
+    // new positions, pos and after, are replaced after the wait). Later passes' rows head for L2.
     const u32 p0 = pos[0];
     int lo, hi;
     key_range((int)p0 + row, capacity, window, lo, hi);
@@ -218,15 +230,25 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     if (split >= n_splits) return;
     const int per = (hi - lo + n_splits - 1) / n_splits;
     const int start = lo + split * per, end = min(hi, start + per);
-    if (start + d < end) {  // blockDim = DEC_WARPS·32
-        prefetch_row<HC>(kc + kv_base + (i64)(start + d) * hd, hd);
-        prefetch_row<HC>(vc + kv_base + (i64)(start + d) * hd, hd);
+    const float* kb = kc + kv_base;
+    const float* vb = vc + kv_base;
+    constexpr int KEYS = dec_keys(HC);
+    const int j_first = start + warp * KEYS, n_first = min(KEYS, end - j_first);
+    float k[KEYS][HC], v[KEYS][HC];
+    if (n_first > 0) load_pass<HC, KEYS>(kb, vb, j_first, n_first, hd, lane, k, v);
+    if (const int ahead = start + DEC_WARPS * KEYS + d; ahead < end) {  // blockDim = DEC_WARPS·32
+        prefetch_row<HC>(kb + (i64)ahead * hd, hd);
+        prefetch_row<HC>(vb + (i64)ahead * hd, hd);
     }
-    // Thread d (blockDim ≥ 32·HC) stages dim d of q and, with NewKeys, stores dim d of the new
-    // keys and values (row 0's new key, the one a decode step has, loaded up front). The head
-    // norms' weights of dims d and dp are constants: loaded before the wait too.
+    // One sincos a thread: the block's row rotates q and, at the same position, its own new
+    // key (a decode step's only one); other rows' keys take their own. The head norms' weights
+    // of dims d and dp are constants: loaded before the wait too.
     const bool rot = nk.k != nullptr, normed = nk.q_norm != nullptr;
     const int dp = rot ? rope_partner(min(d, hd - 1), nk.rotary_dims, nk.traditional) : d;
+    float c = 1.f, s = 0.f;
+    if (rot && d < hd)
+        rope_dim_cos_sin(d, p0 + row, nk.inv_freq, nk.rotary_dims, nk.traditional, nk.mscale, c,
+                         s);
     float wqd = 0.f, wqp = 0.f, wkd = 0.f, wkp = 0.f;
     if (normed && d < hd) {
         wqd = nk.q_norm[d] + nk.w_offset;
@@ -236,6 +258,9 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     }
     kernel_entry();
     launch_dependents();
+    // Thread d (blockDim ≥ 32·HC) stages dim d of q and, with NewKeys, stores dim d of the new
+    // keys and values (row 0's new key, the one a decode step has, loaded up front) into the
+    // caches and into new_k/new_v (zero past hd), whence the first passes take them.
     const float* qr = q + ((i64)row * n_heads + h) * hd;
     const float* k0 = rot ? nk.k + (i64)g * hd : nullptr;
     float qd = 0.f, qp = 0.f, kd = 0.f, kp = 0.f, vd = 0.f;
@@ -257,42 +282,55 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
         kd = kd * rk * wkd;
         kp = kp * rk * wkp;
     }
-    // One sincos a thread: the block's row rotates q and, at the same position, its own new
-    // key (a decode step's only one); other rows' keys take their own.
-    float c = 1.f, s = 0.f;
-    if (rot && d < hd)
-        rope_dim_cos_sin(d, p0 + row, nk.inv_freq, nk.rotary_dims, nk.traditional, nk.mscale, c,
-                         s);
     if (d < 32 * HC) {
         const float x = rot ? rope_apply(qd, qp, d, c, s, nk.rotary_dims, nk.traditional) : qd;
         qs[d] = d < hd ? x * scale : 0.f;
     }
-    if (rot && d < hd) {
+    if (rot && d < 32 * HC) {
         for (int i = max(start - (int)p0, 0); i < min(end - (int)p0, (int)gridDim.z); ++i) {
-            const i64 at = ((i64)i * n_kv + g) * hd, to = kv_base + ((i64)p0 + i) * hd;
-            const float a = i == 0 ? kd : nk.k[at + d], b = i == 0 ? kp : nk.k[at + dp];
-            float ci = c, si = s;
-            if (i != row)
-                rope_dim_cos_sin(d, p0 + i, nk.inv_freq, nk.rotary_dims, nk.traditional,
-                                 nk.mscale, ci, si);
-            kc[to + d] = rope_apply(a, b, d, ci, si, nk.rotary_dims, nk.traditional);
-            vc[to + d] = i == 0 ? vd : nk.v[at + d];
+            float kr = 0.f, vr = 0.f;
+            if (d < hd) {
+                const i64 at = ((i64)i * n_kv + g) * hd, to = kv_base + ((i64)p0 + i) * hd;
+                const float a = i == 0 ? kd : nk.k[at + d], b = i == 0 ? kp : nk.k[at + dp];
+                float ci = c, si = s;
+                if (i != row)
+                    rope_dim_cos_sin(d, p0 + i, nk.inv_freq, nk.rotary_dims, nk.traditional,
+                                     nk.mscale, ci, si);
+                kr = rope_apply(a, b, d, ci, si, nk.rotary_dims, nk.traditional);
+                vr = i == 0 ? vd : nk.v[at + d];
+                kc[to + d] = kr;
+                vc[to + d] = vr;
+            }
+            new_k[i][d] = kr;
+            new_v[i][d] = vr;
         }
     }
-    const float* kb = kc + kv_base;
-    const float* vb = vc + kv_base;
     __syncthreads();  // q staged, new rows stored (and visible to the block)
 
-    constexpr int KEYS = dec_keys(HC);
     float m = NEG_INF, l = 0.f, acc[HC];
 #pragma unroll
     for (int c = 0; c < HC; ++c) acc[c] = 0.f;
-    for (int j0 = start + warp * KEYS; j0 < end; j0 += DEC_WARPS * KEYS) {
+    for (int j0 = j_first; j0 < end; j0 += DEC_WARPS * KEYS) {
         const int n = min(KEYS, end - j0);
-        if (n == KEYS && hd == 32 * HC)
-            decode_pass<HC, true>(qs, kb, vb, j0, n, hd, lane, softcap, m, l, acc);
-        else
-            decode_pass<HC, false>(qs, kb, vb, j0, n, hd, lane, softcap, m, l, acc);
+        if (j0 != j_first) {
+            load_pass<HC, KEYS>(kb, vb, j0, n, hd, lane, k, v);
+        } else if (j0 + n > (int)p0) {  // the first pass holds new positions
+            if (rot) {
+#pragma unroll
+                for (int j = 0; j < KEYS; ++j) {
+                    const int i = j0 + min(j, n - 1) - (int)p0;  // as load_rows
+                    if (i < 0) continue;
+#pragma unroll
+                    for (int c = 0; c < HC; ++c) {
+                        k[j][c] = new_k[i][lane + 32 * c];
+                        v[j][c] = new_v[i][lane + 32 * c];
+                    }
+                }
+            } else {  // plain attention: the kernel before this one appended them
+                load_pass<HC, KEYS>(kb, vb, j0, n, hd, lane, k, v);
+            }
+        }
+        decode_pass<HC, KEYS>(qs, k, v, n, lane, softcap, m, l, acc);
     }
 
     if (lane == 0) {
