@@ -205,6 +205,50 @@ fn cuda_greedy_decode_matches_mlx_lm_token_for_token() {
     }
 }
 
+/// A stop id ends generation at its first occurrence, and the session then serves another
+/// prompt exactly as a fresh session does (on a GPU the step after the stop was submitted
+/// before its token was seen, and ran).
+#[test]
+fn stop_id_then_next_prompt_match_a_fresh_session() {
+    check_stop_then_next(&Device::cpu());
+}
+
+#[test]
+fn cuda_stop_id_then_next_prompt_match_a_fresh_session() {
+    if let Some(device) = cuda() {
+        check_stop_then_next(&device);
+    }
+}
+
+fn check_stop_then_next(device: &Device) {
+    let cases = cases();
+    let (first, second) = (&cases[0], &cases[1]);
+    let opts = |stop_ids: Vec<u32>| mlx_native::engine::GenerateOptions {
+        max_new_tokens: 16,
+        sampling: SamplingParams::default(),
+        stop_ids,
+        use_graph: true,
+    };
+    let fresh = |prompt: &[u32]| {
+        let mut session = Session::new(load_on(device).model, device, 128).unwrap();
+        session.generate(prompt, &opts(vec![]), |_| true).unwrap().0
+    };
+    let (full, next) = (fresh(&first.prompt_ids), fresh(&second.prompt_ids));
+    // A token first produced a few steps in, so that steps run before the stop and after it.
+    let stop_at = (4..full.len())
+        .find(|&i| !full[..i].contains(&full[i]))
+        .unwrap();
+    let mut session = Session::new(load_on(device).model, device, 128).unwrap();
+    let (ids, _) = session
+        .generate(&first.prompt_ids, &opts(vec![full[stop_at]]), |_| true)
+        .unwrap();
+    assert_eq!(ids, full[..=stop_at]);
+    let (ids, _) = session
+        .generate(&second.prompt_ids, &opts(vec![]), |_| true)
+        .unwrap();
+    assert_eq!(ids, next);
+}
+
 fn check_greedy(device: &Device) {
     let loaded = load_on(device);
     let stop_ids = loaded.stop_ids.clone();

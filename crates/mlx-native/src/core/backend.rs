@@ -28,8 +28,29 @@ pub trait Executable: Send {
     fn kernel_count(&self) -> usize;
 }
 
+/// A copy to the host started behind the submitted work (`Backend::read_later`).
+pub trait PendingRead: Send {
+    /// Waits for the copy and writes its bytes to `dst` (as many as were asked for).
+    fn finish(self: Box<Self>, dst: &mut [u8]) -> Result<()>;
+}
+
+/// Bytes read already (backends that run synchronously).
+struct ReadDone(Vec<u8>);
+
+impl PendingRead for ReadDone {
+    fn finish(self: Box<Self>, dst: &mut [u8]) -> Result<()> {
+        dst.copy_from_slice(&self.0);
+        Ok(())
+    }
+}
+
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
+    /// Whether `run` and graph replays return before the device finishes (so that the host can
+    /// submit more work meanwhile).
+    fn asynchronous(&self) -> bool {
+        false
+    }
     fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceBuffer>>;
     /// A buffer holding `bytes[range]`. Backends that can read host memory use it in place.
     fn host_buffer(
@@ -39,6 +60,19 @@ pub trait Backend: Send + Sync {
     ) -> Result<Box<dyn DeviceBuffer>>;
     fn write(&self, dst: &dyn DeviceBuffer, offset: usize, src: &[u8]) -> Result<()>;
     fn read(&self, src: &dyn DeviceBuffer, offset: usize, dst: &mut [u8]) -> Result<()>;
+    /// Starts copying `len` bytes of `src` from `offset` to the host after the work submitted
+    /// so far, without waiting for it (by default: waits, and reads at once).
+    fn read_later(
+        &self,
+        src: &dyn DeviceBuffer,
+        offset: usize,
+        len: usize,
+    ) -> Result<Box<dyn PendingRead>> {
+        let mut bytes = vec![0; len];
+        self.synchronize()?;
+        self.read(src, offset, &mut bytes)?;
+        Ok(Box::new(ReadDone(bytes)))
+    }
     /// Copy `len` bytes from `src` at `src_offset` to `dst` at `dst_offset` without a trip
     /// through host memory (in order with the work submitted before it).
     fn copy(

@@ -197,6 +197,29 @@ impl Tensor {
 
     /// Copy the tensor to a host vector (waits for pending device work first).
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        self.check_read::<T>()?;
+        host_vec(self.elem_count(), |bytes| {
+            self.device().read_bytes(self, bytes)
+        })
+    }
+
+    /// Start copying the tensor to the host behind the work submitted so far; the returned
+    /// read's `finish` waits for it (`to_vec` without blocking the host meanwhile).
+    pub fn read_later<T: Element>(&self) -> Result<PendingRead<T>> {
+        self.check_read::<T>()?;
+        let storage = self.buffer().storage();
+        let inner = self
+            .device()
+            .backend()
+            .read_later(storage, self.offset(), self.byte_len())?;
+        Ok(PendingRead {
+            inner,
+            elems: self.elem_count(),
+            _elem: std::marker::PhantomData,
+        })
+    }
+
+    fn check_read<T: Element>(&self) -> Result<()> {
         if T::DTYPE != self.dtype {
             return Err(Error::Invalid(format!(
                 "read of {} from a {} tensor",
@@ -204,14 +227,7 @@ impl Tensor {
                 self.dtype
             )));
         }
-        let mut out: Vec<T> = Vec::with_capacity(self.elem_count());
-        // SAFETY: Element types accept any bit pattern; the bytes are fully written below.
-        let bytes = unsafe {
-            out.set_len(self.elem_count());
-            std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, self.byte_len())
-        };
-        self.device().read_bytes(self, bytes)?;
-        Ok(out)
+        Ok(())
     }
 
     /// The tensor's values converted to f32 (float dtypes and integers).
@@ -233,4 +249,31 @@ impl Tensor {
             DType::I32 => self.to_vec::<i32>()?.iter().map(|&v| v as f32).collect(),
         })
     }
+}
+
+/// A tensor's copy to the host in flight (`Tensor::read_later`).
+pub struct PendingRead<T> {
+    inner: Box<dyn crate::core::backend::PendingRead>,
+    elems: usize,
+    _elem: std::marker::PhantomData<T>,
+}
+
+impl<T: Element> PendingRead<T> {
+    /// Waits for the copy and returns the elements.
+    pub fn finish(self) -> Result<Vec<T>> {
+        host_vec(self.elems, |bytes| self.inner.finish(bytes))
+    }
+}
+
+/// A vector of `n` elements filled from their bytes by `fill`.
+fn host_vec<T: Element>(n: usize, fill: impl FnOnce(&mut [u8]) -> Result<()>) -> Result<Vec<T>> {
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    // SAFETY: Element types accept any bit pattern; `fill` writes every byte before `out` is
+    // returned (on an error it is dropped, its elements never read).
+    let bytes = unsafe {
+        out.set_len(n);
+        std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>())
+    };
+    fill(bytes)?;
+    Ok(out)
 }

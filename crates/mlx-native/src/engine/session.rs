@@ -8,7 +8,7 @@ use crate::core::device::Device;
 use crate::core::dtype::DType;
 use crate::core::encoder::{CommandEncoder, Graph};
 use crate::core::op::SamplingParams;
-use crate::core::tensor::Tensor;
+use crate::core::tensor::{PendingRead, Tensor};
 use crate::models::decoder::{Decoder, KvCache, Scratch};
 use crate::ops;
 use crate::{Error, Result};
@@ -183,6 +183,13 @@ impl Session {
         sampling: SamplingParams,
         use_graph: bool,
     ) -> Result<u32> {
+        self.submit_step(pos, sampling, use_graph)?;
+        self.sampled(self.token.to_vec::<u32>())
+    }
+
+    /// Submit the decode step at `pos` (feeding the token on the device, sampling the next into
+    /// it) without waiting for it.
+    fn submit_step(&mut self, pos: usize, sampling: SamplingParams, use_graph: bool) -> Result<()> {
         if pos >= self.capacity() {
             return Err(Error::ContextOverflow {
                 prompt: pos,
@@ -193,7 +200,7 @@ impl Session {
         if self.pos_on_device != Some(pos) {
             self.pos.write(&[pos as u32])?;
         }
-        // Unknown until the step has run (an error may leave it either way).
+        // Unknown until the step is submitted (an error may leave it either way).
         self.pos_on_device = None;
         if use_graph {
             if self
@@ -213,9 +220,21 @@ impl Session {
             self.encode_decode(sampling)?;
             self.enc.commit()?;
         }
-        let token = self.token.to_vec::<u32>()?[0];
         self.pos_on_device = Some(pos + 1);
-        Ok(token)
+        Ok(())
+    }
+
+    /// The token a submitted step sampled, from its read (a failed step leaves `pos` unknown).
+    fn sampled(&mut self, read: Result<Vec<u32>>) -> Result<u32> {
+        let token = read.and_then(|t| {
+            t.first()
+                .copied()
+                .ok_or_else(|| Error::Invalid("empty token read".into()))
+        });
+        if token.is_err() {
+            self.pos_on_device = None;
+        }
+        token
     }
 
     /// Feed `token` (instead of the last sampled one) at position `pos` and sample the next.
@@ -282,6 +301,12 @@ impl Session {
         let mut next = self.prefill(prompt, opts.sampling)?;
         stats.prefill_time = t0.elapsed();
         let t1 = Instant::now();
+        // On an asynchronous device the step after the current one is submitted before the
+        // current one's token is read: that step reads the token from device memory, so the
+        // GPU need not wait for the host between steps. A stop id (or `on_token`) ending the
+        // run leaves that one step's work unused.
+        let pipelined = self.device.backend().asynchronous();
+        let mut ahead: Option<PendingRead<u32>> = None;
         loop {
             out.push(next);
             let go_on = on_token(next);
@@ -289,7 +314,18 @@ impl Session {
                 break;
             }
             let pos = prompt.len() + out.len() - 1;
-            next = self.decode_step(pos, opts.sampling, opts.use_graph)?;
+            let current = match ahead.take() {
+                Some(read) => read,
+                None => {
+                    self.submit_step(pos, opts.sampling, opts.use_graph)?;
+                    self.token.read_later()?
+                }
+            };
+            if pipelined && out.len() + 1 < opts.max_new_tokens {
+                self.submit_step(pos + 1, opts.sampling, opts.use_graph)?;
+                ahead = Some(self.token.read_later()?);
+            }
+            next = self.sampled(current.finish())?;
         }
         stats.decode_time = t1.elapsed();
         stats.generated_tokens = out.len();

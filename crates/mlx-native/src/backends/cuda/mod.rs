@@ -14,14 +14,17 @@ mod launch;
 
 use std::any::Any;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    result as driver, CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DriverError,
+    result as driver, CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr,
+    DriverError, PinnedHostSlice,
 };
 
-use crate::core::backend::{Backend, DeviceBuffer, Executable, HostBytes, KernelHandle};
+use crate::core::backend::{
+    Backend, DeviceBuffer, Executable, HostBytes, KernelHandle, PendingRead,
+};
 use crate::core::device::Device;
 use crate::core::encoder::Dispatch;
 use crate::core::op::Op;
@@ -97,6 +100,55 @@ pub struct CudaBackend {
     library: KernelLibrary,
     registry: Registry<Planner>,
     allocated: Arc<AtomicUsize>,
+    /// Page-locked staging for `read_later`, reused (a decode step's token read each step).
+    read_slots: Arc<Mutex<Vec<ReadSlot>>>,
+}
+
+/// Page-locked host memory a device-to-host copy lands in, and the event after that copy.
+struct ReadSlot {
+    host: PinnedHostSlice<u8>,
+    copied: CudaEvent,
+}
+
+impl Drop for ReadSlot {
+    fn drop(&mut self) {
+        // A copy may still be landing (its read was dropped unfinished): wait before the memory
+        // is freed. Errors have nowhere to go here; the stream reports them on its next use.
+        let _ = self.copied.synchronize();
+    }
+}
+
+/// A `read_later` copy in flight; its slot goes back to the backend's when it is done with.
+struct CudaPendingRead {
+    slot: Option<ReadSlot>,
+    len: usize,
+    slots: Arc<Mutex<Vec<ReadSlot>>>,
+}
+
+impl PendingRead for CudaPendingRead {
+    fn finish(self: Box<Self>, dst: &mut [u8]) -> Result<()> {
+        let slot = self
+            .slot
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("device read finished twice".into()))?;
+        slot.copied
+            .synchronize()
+            .map_err(driver_err("waiting for a device-to-host copy"))?;
+        let host = slot
+            .host
+            .as_slice()
+            .map_err(driver_err("reading page-locked memory"))?;
+        dst.copy_from_slice(&host[..self.len]);
+        Ok(())
+    }
+}
+
+impl Drop for CudaPendingRead {
+    fn drop(&mut self) {
+        if let (Some(slot), Ok(mut slots)) = (self.slot.take(), self.slots.lock()) {
+            slots.push(slot);
+        }
+    }
 }
 
 impl CudaBackend {
@@ -121,7 +173,28 @@ impl CudaBackend {
             stream,
             registry,
             allocated: Arc::new(AtomicUsize::new(0)),
+            read_slots: Arc::new(Mutex::new(Vec::new())),
         })
+    }
+
+    /// A staging slot of at least `len` bytes: a free one, else a new one.
+    fn read_slot(&self, len: usize) -> Result<ReadSlot> {
+        let mut slots = self
+            .read_slots
+            .lock()
+            .map_err(|_| Error::Invalid("a device read panicked".into()))?;
+        if let Some(i) = slots.iter().position(|s| s.host.len() >= len) {
+            return Ok(slots.swap_remove(i));
+        }
+        drop(slots);
+        let ctx = self.stream.context();
+        // SAFETY: the memory is written by the copy before it is read.
+        let host = unsafe { ctx.alloc_pinned_with_flags::<u8>(len.max(64), 0) }
+            .map_err(driver_err("allocating page-locked memory"))?;
+        let copied = ctx
+            .new_event(None)
+            .map_err(driver_err("creating an event"))?;
+        Ok(ReadSlot { host, copied })
     }
 
     fn new_buffer(&self, bytes: usize) -> Result<CudaBuffer> {
@@ -186,6 +259,10 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
+    fn asynchronous(&self) -> bool {
+        true
+    }
+
     fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceBuffer>> {
         Ok(Box::new(self.new_buffer(bytes)?))
     }
@@ -226,6 +303,36 @@ impl Backend for CudaBackend {
         unsafe { driver::memcpy_dtoh_async(dst, ptr, self.stream.cu_stream()) }
             .map_err(driver_err("device-to-host copy"))?;
         self.synchronize()
+    }
+
+    fn read_later(
+        &self,
+        src: &dyn DeviceBuffer,
+        offset: usize,
+        len: usize,
+    ) -> Result<Box<dyn PendingRead>> {
+        let ptr = self.range_ptr(cuda_buffer(src)?, offset, len)?;
+        let mut slot = self.read_slot(len)?;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(driver_err("binding the context"))?;
+        let host = slot
+            .host
+            .as_mut_slice()
+            .map_err(driver_err("page-locked memory"))?;
+        // SAFETY: the range was checked; the slot's memory stays allocated until the copy is
+        // done (ReadSlot waits for it before freeing).
+        unsafe { driver::memcpy_dtoh_async(&mut host[..len], ptr, self.stream.cu_stream()) }
+            .map_err(driver_err("device-to-host copy"))?;
+        slot.copied
+            .record(&self.stream)
+            .map_err(driver_err("recording an event"))?;
+        Ok(Box::new(CudaPendingRead {
+            slot: Some(slot),
+            len,
+            slots: self.read_slots.clone(),
+        }))
     }
 
     fn copy(
