@@ -80,6 +80,11 @@ impl Args {
     pub fn f32(self, v: f32) -> Self {
         self.push(&v.to_ne_bytes())
     }
+
+    /// The `early` flag of `kernel_entry_early` (common.cuh): set for a single row (decode).
+    pub fn early_launch(self, rows: usize) -> Self {
+        self.code(i32::from(rows == 1))
+    }
 }
 
 /// One kernel launch with fixed arguments.

@@ -23,14 +23,23 @@ __device__ __forceinline__ void kernel_entry() {
 }
 
 // Lets the next kernel of the stream launch now, while this one runs: its blocks can then
-// start loading weights (which no kernel writes) before their own `kernel_entry`. Only the
-// decode kernels in front of a matvec call it (the matvecs and decode attention): called by
-// every kernel, it cost prefill 30% (H100, 2026-11-26; presumably dependent blocks parked on
-// SMs that multi-wave grids need).
+// start loading weights (which no kernel writes) before their own `kernel_entry`. The decode
+// matvecs and decode attention call it; called by every kernel, it cost prefill 30% (H100,
+// 2026-11-26; presumably dependent blocks parked on SMs that multi-wave grids need).
 __device__ __forceinline__ void launch_dependents() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+// `kernel_entry`, then `launch_dependents` where the host says `early` (`Args::early_launch`:
+// a single row, i.e. decode): the small kernels between decode matvecs (norms, the embedding,
+// MoE routing) then let the next matvec start its weights. Prefill keeps the plain order:
+// every grid of at most one block an SM doing it cost prefill of 128 tokens up to 11%
+// (H100, 2026-11-26).
+__device__ __forceinline__ void kernel_entry_early(int early) {
+    kernel_entry();
+    if (early) launch_dependents();
 }
 
 // Starts the line at p towards L2, without waiting for it.

@@ -11,8 +11,8 @@ extern "C" __global__ void unary(const float* __restrict__ x, float* __restrict_
 
 // op: 0 add, 1 mul.
 extern "C" __global__ void binary(const float* __restrict__ a, const float* __restrict__ b,
-                                  float* __restrict__ out, i64 n, int op) {
-    kernel_entry();
+                                  float* __restrict__ out, i64 n, int op, int early) {
+    kernel_entry_early(early);
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (i64)gridDim.x * blockDim.x)
         out[i] = op == 0 ? a[i] + b[i] : a[i] * b[i];

@@ -89,7 +89,13 @@ fn binary(
         BinaryFn::Add => 0,
         BinaryFn::Mul => 1,
     };
-    let args = Args::new().ptr(a)?.ptr(b)?.ptr(out)?.long(n).code(code);
+    let args = Args::new()
+        .ptr(a)?
+        .ptr(b)?
+        .ptr(out)?
+        .long(n)
+        .code(code)
+        .early_launch(a.rows());
     let launch = lib.launch(
         &SOURCE,
         "binary",

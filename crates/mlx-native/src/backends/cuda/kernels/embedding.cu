@@ -23,8 +23,8 @@ __device__ __forceinline__ void gather(const L& l, const u32* __restrict__ ids,
     extern "C" __global__ void embedding_mlx##BITS(const u32* ids, const u32* w,                \
                                                    const void* scales, const void* biases,      \
                                                    int scale_type, float* out, u32 vocab, int k,\
-                                                   int group_shift) {                           \
-        kernel_entry();                                                                         \
+                                                   int group_shift, int early) {                \
+        kernel_entry_early(early);                                                                         \
         const MlxAffine<BITS> l{w, scales, biases, scale_type, k, group_shift};                 \
         gather(l, ids, out, vocab);                                                             \
     }
@@ -37,8 +37,8 @@ EMBEDDING_MLX(8)
 
 #define EMBEDDING_GGML(TYPE, NAME)                                                              \
     extern "C" __global__ void embedding_##NAME(const u32* ids, const u8* w, float* out,        \
-                                                u32 vocab, int k) {                             \
-        kernel_entry();                                                                         \
+                                                u32 vocab, int k, int early) {                  \
+        kernel_entry_early(early);                                                                         \
         const TYPE l{w, k};                                                                     \
         gather(l, ids, out, vocab);                                                             \
     }
@@ -51,8 +51,8 @@ EMBEDDING_GGML(Q6_K, q6_k)
 // Dense tables of any row length, one element per thread.
 extern "C" __global__ void embedding_dense(const u32* __restrict__ ids, const void* __restrict__ w,
                                            int weight_type, float* __restrict__ out, u32 vocab,
-                                           int k) {
-    kernel_entry();
+                                           int k, int early) {
+    kernel_entry_early(early);
     const u32 id = ids[blockIdx.x];
     float* y = out + (i64)blockIdx.x * k;
     for (int i = threadIdx.x; i < k; i += blockDim.x)

@@ -43,7 +43,9 @@ fn embedding(
     weight.check_alignment("embedding")?;
     let name = format!("embedding_{}", weight.layout_name());
     let args = weight.typed_tensor_args(Args::new().ptr(ids)?)?;
-    let args = weight.group_args(args.ptr(out)?.int(vocab)?.int(k)?);
+    let args = weight
+        .group_args(args.ptr(out)?.int(vocab)?.int(k)?)
+        .early_launch(ids.elem_count());
     let grid = (dim(ids.elem_count())?, 1, 1);
     Ok(CudaKernel::single(
         lib.launch(&SOURCE, &name, grid, THREADS, 0, args)?,

@@ -14,8 +14,8 @@
 
 extern "C" __global__ void moe_route(const float* __restrict__ logits, u32* __restrict__ ids,
                                      float* __restrict__ weights, int m, int experts, int top_k,
-                                     int mode) {
-    kernel_entry();
+                                     int mode, int early) {
+    kernel_entry_early(early);
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= m) return;  // the whole warp
@@ -80,8 +80,9 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, u32* __re
 
 extern "C" __global__ void moe_combine(const float* __restrict__ y, const float* __restrict__ w,
                                        const float* __restrict__ residual,
-                                       float* __restrict__ out, int m, int n, int top_k) {
-    kernel_entry();
+                                       float* __restrict__ out, int m, int n, int top_k,
+                                       int early) {
+    kernel_entry_early(early);
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)m * n;
          i += (i64)gridDim.x * blockDim.x) {
         const i64 row = i / n, c = i % n;

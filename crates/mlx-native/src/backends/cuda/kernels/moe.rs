@@ -79,7 +79,8 @@ fn route(
         .int(m)?
         .int(experts)?
         .int(top_k)?
-        .code(mode);
+        .code(mode)
+        .early_launch(m);
     let grid = (blocks(m, ROUTE_WARPS)?, 1, 1);
     let threads = (ROUTE_WARPS * 32) as u32;
     let launch = lib.launch(&SOURCE, "moe_route", grid, threads, 0, args)?;
@@ -103,7 +104,8 @@ fn combine(
         .ptr(out)?
         .int(m)?
         .int(n)?
-        .int(top_k)?;
+        .int(top_k)?
+        .early_launch(m);
     let grid = (blocks(m * n, 256)?.min(65535), 1, 1);
     let launch = lib.launch(&SOURCE, "moe_combine", grid, 256, 0, args)?;
     Ok(CudaKernel::single(launch))

@@ -6,8 +6,8 @@
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const void* __restrict__ w,
                                     const float* __restrict__ residual,
                                     float* __restrict__ out, int d, int wt, float eps,
-                                    float w_offset) {
-    kernel_entry();
+                                    float w_offset, int early) {
+    kernel_entry_early(early);
     const i64 row = (i64)blockIdx.x * d;
     const float* xr = x + row;
     float* yr = out + row;

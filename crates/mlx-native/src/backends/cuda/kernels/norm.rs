@@ -86,7 +86,8 @@ pub(super) fn rms_norm_rows(
         .int(d)?
         .code(float_type("rms_norm", "weight", w.dtype())?)
         .f32(norm.eps)
-        .f32(norm.w_offset());
+        .f32(norm.w_offset())
+        .early_launch(rows);
     lib.launch(&SOURCE, "rms_norm", (dim(rows)?, 1, 1), threads(d), 0, args)
 }
 
