@@ -28,8 +28,8 @@ pub trait Executable: Send {
     fn kernel_count(&self) -> usize;
 }
 
-/// A copy to the host started behind the submitted work (`Backend::read_later`).
-pub trait PendingRead: Send {
+/// Bytes on their way to the host behind the submitted work (`Backend::read_later`).
+pub trait PendingBytes: Send {
     /// Waits for the copy and writes its bytes to `dst` (as many as were asked for).
     fn finish(self: Box<Self>, dst: &mut [u8]) -> Result<()>;
 }
@@ -37,7 +37,7 @@ pub trait PendingRead: Send {
 /// Bytes read already (backends that run synchronously).
 struct ReadDone(Vec<u8>);
 
-impl PendingRead for ReadDone {
+impl PendingBytes for ReadDone {
     fn finish(self: Box<Self>, dst: &mut [u8]) -> Result<()> {
         dst.copy_from_slice(&self.0);
         Ok(())
@@ -67,7 +67,7 @@ pub trait Backend: Send + Sync {
         src: &dyn DeviceBuffer,
         offset: usize,
         len: usize,
-    ) -> Result<Box<dyn PendingRead>> {
+    ) -> Result<Box<dyn PendingBytes>> {
         let mut bytes = vec![0; len];
         self.synchronize()?;
         self.read(src, offset, &mut bytes)?;

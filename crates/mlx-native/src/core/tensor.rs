@@ -253,7 +253,7 @@ impl Tensor {
 
 /// A tensor's copy to the host in flight (`Tensor::read_later`).
 pub struct PendingRead<T> {
-    inner: Box<dyn crate::core::backend::PendingRead>,
+    inner: Box<dyn crate::core::backend::PendingBytes>,
     elems: usize,
     _elem: std::marker::PhantomData<T>,
 }

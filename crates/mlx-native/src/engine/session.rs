@@ -224,17 +224,13 @@ impl Session {
         Ok(())
     }
 
-    /// The token a submitted step sampled, from its read (a failed step leaves `pos` unknown).
+    /// The token a submitted step sampled, from its read of `token` (one id); a failed step
+    /// leaves `pos` unknown.
     fn sampled(&mut self, read: Result<Vec<u32>>) -> Result<u32> {
-        let token = read.and_then(|t| {
-            t.first()
-                .copied()
-                .ok_or_else(|| Error::Invalid("empty token read".into()))
-        });
-        if token.is_err() {
+        if read.is_err() {
             self.pos_on_device = None;
         }
-        token
+        Ok(read?[0])
     }
 
     /// Feed `token` (instead of the last sampled one) at position `pos` and sample the next.

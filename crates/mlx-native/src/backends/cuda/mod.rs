@@ -23,7 +23,7 @@ use cudarc::driver::{
 };
 
 use crate::core::backend::{
-    Backend, DeviceBuffer, Executable, HostBytes, KernelHandle, PendingRead,
+    Backend, DeviceBuffer, Executable, HostBytes, KernelHandle, PendingBytes,
 };
 use crate::core::device::Device;
 use crate::core::encoder::Dispatch;
@@ -119,18 +119,18 @@ impl Drop for ReadSlot {
 }
 
 /// A `read_later` copy in flight; its slot goes back to the backend's when it is done with.
-struct CudaPendingRead {
+struct CudaPendingBytes {
     slot: Option<ReadSlot>,
     len: usize,
     slots: Arc<Mutex<Vec<ReadSlot>>>,
 }
 
-impl PendingRead for CudaPendingRead {
+impl PendingBytes for CudaPendingBytes {
     fn finish(self: Box<Self>, dst: &mut [u8]) -> Result<()> {
         let slot = self
             .slot
             .as_ref()
-            .ok_or_else(|| Error::Invalid("device read finished twice".into()))?;
+            .ok_or_else(|| Error::Invalid("a device read without its staging memory".into()))?;
         slot.copied
             .synchronize()
             .map_err(driver_err("waiting for a device-to-host copy"))?;
@@ -143,7 +143,7 @@ impl PendingRead for CudaPendingRead {
     }
 }
 
-impl Drop for CudaPendingRead {
+impl Drop for CudaPendingBytes {
     fn drop(&mut self) {
         if let (Some(slot), Ok(mut slots)) = (self.slot.take(), self.slots.lock()) {
             slots.push(slot);
@@ -310,7 +310,7 @@ impl Backend for CudaBackend {
         src: &dyn DeviceBuffer,
         offset: usize,
         len: usize,
-    ) -> Result<Box<dyn PendingRead>> {
+    ) -> Result<Box<dyn PendingBytes>> {
         let ptr = self.range_ptr(cuda_buffer(src)?, offset, len)?;
         let mut slot = self.read_slot(len)?;
         self.stream
@@ -328,7 +328,7 @@ impl Backend for CudaBackend {
         slot.copied
             .record(&self.stream)
             .map_err(driver_err("recording an event"))?;
-        Ok(Box::new(CudaPendingRead {
+        Ok(Box::new(CudaPendingBytes {
             slot: Some(slot),
             len,
             slots: self.read_slots.clone(),
