@@ -214,8 +214,9 @@ mod tests {
 
     /// Kernels are launched with programmatic stream serialization, which is safe only if each
     /// waits for its predecessor before touching memory an earlier kernel may write: every
-    /// `extern "C" __global__` function's body must begin with `kernel_entry()` (common.cuh),
-    /// or, for the matvecs, which load weights first, call a function that waits inside.
+    /// `extern "C" __global__` function's body must begin with `kernel_entry()` or
+    /// `kernel_entry_early(…)` (common.cuh; it waits first), or, for the matvecs, which load
+    /// weights first, call a function that waits inside.
     #[test]
     fn every_kernel_begins_with_kernel_entry() {
         const ENTRY: &str = "extern \"C\" __global__";
@@ -230,6 +231,7 @@ mod tests {
                 let name = text[at..].lines().next().unwrap_or_default();
                 assert!(
                     first.starts_with("kernel_entry();")
+                        || first.starts_with("kernel_entry_early(")
                         || WAITS_INSIDE.iter().any(|f| kernel.contains(f)),
                     "{}.cu: kernel at `{name}` does not begin with kernel_entry()",
                     source.name
