@@ -6,7 +6,7 @@
 
 use half::{bf16, f16};
 use mlx_native::backends::cuda;
-use mlx_native::core::op::{Routing, UnaryFn};
+use mlx_native::core::op::{PreNorm, Routing, UnaryFn};
 use mlx_native::ops::{self, ExpertLinear};
 use mlx_native::quant::{mlx_affine, WeightLayout};
 use mlx_native::{CommandEncoder, DType, Device, Error, Result, Tensor};
@@ -249,9 +249,9 @@ impl HostExperts {
     }
 
     /// Σ_c W_e[r, c]·x[c] in f64.
-    fn dot(&self, e: usize, r: usize, x: &[f32]) -> f64 {
+    fn dot(&self, e: usize, r: usize, x: &[f64]) -> f64 {
         let row = &self.values[(e * self.n + r) * self.k..][..self.k];
-        row.iter().zip(x).map(|(w, &x)| w * x as f64).sum()
+        row.iter().zip(x).map(|(w, x)| w * x).sum()
     }
 
     fn describe(&self) -> String {
@@ -305,12 +305,13 @@ fn gather_matmul_matches_reference() {
                 let top_k = 3.min(w.experts);
                 let rows = if per_slot { m * top_k } else { m };
                 let x = rng.vec(rows * w.k, 1.0);
+                let x64 = to_f64(&x);
                 let ids = expert_ids(&mut rng, m, top_k, w.experts);
                 let mut want = Vec::with_capacity(m * top_k * w.n);
                 for (s, &e) in ids.iter().enumerate() {
                     let xr = if per_slot { s } else { s / top_k };
                     for r in 0..w.n {
-                        want.push(w.dot(e as usize, r, &x[xr * w.k..(xr + 1) * w.k]));
+                        want.push(w.dot(e as usize, r, &x64[xr * w.k..(xr + 1) * w.k]));
                     }
                 }
                 let mut cpu: Option<Vec<f32>> = None;
@@ -340,6 +341,30 @@ fn gather_matmul_matches_reference() {
     }
 }
 
+/// The MoE block's input norms: none, and an RMSNorm with each weight offset.
+const NORMS: [Option<bool>; 3] = [None, Some(false), Some(true)];
+const NORM_EPS: f32 = 1e-5;
+
+/// f64 RMSNorm of each row of x `[rows, k]`, weight g (+ 1 with `unit_offset`).
+fn rms_norm_ref(x: &[f32], g: &[f32], unit_offset: bool) -> Vec<f64> {
+    let offset = if unit_offset { 1.0 } else { 0.0 };
+    x.chunks_exact(g.len())
+        .flat_map(|row| {
+            let row = to_f64(row);
+            let ms = row.iter().map(|v| v * v).sum::<f64>() / g.len() as f64;
+            let r = 1.0 / (ms + NORM_EPS as f64).sqrt();
+            let scaled: Vec<f64> = row
+                .iter()
+                .zip(g)
+                .map(|(v, &w)| v * r * (w as f64 + offset))
+                .collect();
+            scaled
+        })
+        .collect()
+}
+
+/// Each stored form, one token and many, without and with the folded input norm (the norm
+/// weight after ids), against norm then product in f64 and, on CUDA, against the CPU.
 #[test]
 fn gather_gated_matmul_matches_reference() {
     let mut rng = Rng(31);
@@ -355,35 +380,98 @@ fn gather_gated_matmul_matches_reference() {
             UnaryFn::GeluTanh
         };
         for m in TOKENS {
-            let top_k = 2;
-            let x = rng.vec(m * gate.k, 1.0);
-            let ids = expert_ids(&mut rng, m, top_k, gate.experts);
-            let mut want = Vec::new();
-            for (s, &e) in ids.iter().enumerate() {
-                let xr = &x[(s / top_k) * gate.k..][..gate.k];
-                let e = e as usize;
-                for r in 0..gate.n {
-                    want.push(act_ref(f, gate.dot(e, r, xr)) * up.dot(e, r, xr));
+            for unit_offset in NORMS {
+                let top_k = 2;
+                let x = rng.vec(m * gate.k, 1.0);
+                let g = rng.vec(gate.k, 1.0);
+                let x64 = match unit_offset {
+                    Some(offset) => rms_norm_ref(&x, &g, offset),
+                    None => to_f64(&x),
+                };
+                let ids = expert_ids(&mut rng, m, top_k, gate.experts);
+                let mut want = Vec::new();
+                for (s, &e) in ids.iter().enumerate() {
+                    let xr = &x64[(s / top_k) * gate.k..][..gate.k];
+                    let e = e as usize;
+                    for r in 0..gate.n {
+                        want.push(act_ref(f, gate.dot(e, r, xr)) * up.dot(e, r, xr));
+                    }
+                }
+                let mut cpu: Option<Vec<f32>> = None;
+                for dev in &devices {
+                    let what = format!(
+                        "{dev:?} gated {} {f:?} m={m} norm={unit_offset:?}",
+                        gate.describe()
+                    );
+                    let (gw, uw) = (gate.upload(dev), up.upload(dev));
+                    let xt = dev.from_slice(&x, &[m, gate.k]).unwrap();
+                    let gt = dev.from_slice(&g, &[gate.k]).unwrap();
+                    let norm = unit_offset.map(|unit_offset| {
+                        let p = PreNorm {
+                            eps: NORM_EPS,
+                            unit_offset,
+                        };
+                        (&gt, p)
+                    });
+                    let idt = dev.from_slice(&ids, &[m, top_k]).unwrap();
+                    let out = poisoned(dev, &[m, top_k, gate.n]).unwrap();
+                    run(dev, |enc| {
+                        ops::gather_gated_matmul(enc, &xt, norm, &idt, &gw, &uw, f, &out)
+                    })
+                    .unwrap();
+                    let got = out.to_vec::<f32>().unwrap();
+                    assert_close(&what, &got, &want, 5e-5);
+                    match &cpu {
+                        None => cpu = Some(got),
+                        Some(c) => {
+                            assert_close(&format!("{what} (vs CPU)"), &got, &to_f64(c), 5e-5)
+                        }
+                    }
                 }
             }
-            let mut cpu: Option<Vec<f32>> = None;
-            for dev in &devices {
-                let what = format!("{dev:?} gated {} {f:?} m={m}", gate.describe());
-                let (g, u) = (gate.upload(dev), up.upload(dev));
-                let xt = dev.from_slice(&x, &[m, gate.k]).unwrap();
-                let idt = dev.from_slice(&ids, &[m, top_k]).unwrap();
-                let out = poisoned(dev, &[m, top_k, gate.n]).unwrap();
-                run(dev, |enc| {
-                    ops::gather_gated_matmul(enc, &xt, &idt, &g, &u, f, &out)
-                })
-                .unwrap();
-                let got = out.to_vec::<f32>().unwrap();
-                assert_close(&what, &got, &want, 5e-5);
-                match &cpu {
-                    None => cpu = Some(got),
-                    Some(c) => assert_close(&format!("{what} (vs CPU)"), &got, &to_f64(c), 5e-5),
-                }
-            }
+        }
+    }
+}
+
+/// On the CPU the folded norm is `rms_norm` followed by the plain op, bit for bit.
+#[test]
+fn folded_norm_equals_rms_norm_then_gather_on_cpu() {
+    let mut rng = Rng(33);
+    let dev = Device::cpu();
+    let mlx = WeightLayout::MlxAffine {
+        bits: 4,
+        group_size: 32,
+    };
+    let (experts, top_k, n, k) = (6, 2, 45, 96);
+    let gate = host_experts(&mut rng, mlx, DType::BF16, experts, n, k).upload(&dev);
+    let up = host_experts(&mut rng, mlx, DType::BF16, experts, n, k).upload(&dev);
+    for m in TOKENS {
+        for unit_offset in [false, true] {
+            let x = dev.from_slice(&rng.vec(m * k, 1.0), &[m, k]).unwrap();
+            let g = dev.from_slice(&rng.vec(k, 1.0), &[k]).unwrap();
+            let ids = expert_ids(&mut rng, m, top_k, experts);
+            let ids = dev.from_slice(&ids, &[m, top_k]).unwrap();
+            let norm = PreNorm {
+                eps: NORM_EPS,
+                unit_offset,
+            };
+            let normed = poisoned(&dev, &[m, k]).unwrap();
+            let (fused, unfused) = (
+                poisoned(&dev, &[m, top_k, n]).unwrap(),
+                poisoned(&dev, &[m, top_k, n]).unwrap(),
+            );
+            run(&dev, |enc| {
+                let f = UnaryFn::Silu;
+                ops::gather_gated_matmul(enc, &x, Some((&g, norm)), &ids, &gate, &up, f, &fused)?;
+                ops::rms_norm(enc, &x, &g, NORM_EPS, unit_offset, &normed)?;
+                ops::gather_gated_matmul(enc, &normed, None, &ids, &gate, &up, f, &unfused)
+            })
+            .unwrap();
+            assert_eq!(
+                fused.to_vec::<f32>().unwrap(),
+                unfused.to_vec::<f32>().unwrap(),
+                "m={m} unit_offset={unit_offset}"
+            );
         }
     }
 }
@@ -454,7 +542,7 @@ fn replayed_graph_follows_new_routing() {
                 &ids,
                 &weights,
             )?;
-            ops::gather_gated_matmul(enc, &xt, &ids, &gate, &up, UnaryFn::Silu, &act)?;
+            ops::gather_gated_matmul(enc, &xt, None, &ids, &gate, &up, UnaryFn::Silu, &act)?;
             ops::gather_matmul(enc, &act, &ids, &down, &y)?;
             ops::moe_combine(enc, &y, &weights, &xt, &out)
         };
@@ -510,6 +598,20 @@ fn mismatched_operands_are_errors() {
     ids.write(&[0u32, 1, 9, 2, 3, 0]).unwrap();
     ops::gather_matmul(&mut enc, &x, &ids, &w, &out_ok).unwrap();
     assert!(enc.commit().is_err());
+    // A folded norm's weight must be f32 over x's columns.
+    let gated_out = dev.zeros(&[2, 3, 8], DType::F32).unwrap();
+    let p = PreNorm {
+        eps: NORM_EPS,
+        unit_offset: false,
+    };
+    for bad_norm in [
+        dev.zeros(&[31], DType::F32).unwrap(),
+        dev.zeros(&[32], DType::F16).unwrap(),
+    ] {
+        let norm = Some((&bad_norm, p));
+        let f = UnaryFn::Silu;
+        assert!(ops::gather_gated_matmul(&mut enc, &x, norm, &ids, &w, &w, f, &gated_out).is_err());
+    }
     // Stacked tensors whose leading dimension is not the expert count.
     let flat = dev.zeros(&[32, 32], DType::F32).unwrap();
     assert!(ExpertLinear::new("w", WeightLayout::Dense, vec![flat], 4, 8, 32).is_err());

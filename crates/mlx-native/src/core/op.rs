@@ -258,9 +258,14 @@ pub enum Op {
         per_slot: bool,
     },
     /// The gated pair of each selected expert: out[i, j] = f(x_i·G_eᵀ) ∘ (x_i·U_eᵀ).
-    /// in: x `[m, k]`, ids u32 `[m, top_k]`, gate tensors, then up tensors (stacked like
-    /// `GatherMatMul`'s); out `[m, top_k, n]`.
-    GatherGatedMatMul { layout: WeightLayout, act: UnaryFn },
+    /// in: x `[m, k]`, ids u32 `[m, top_k]`, the norm weight f32 `[k]` if `pre_norm`, gate
+    /// tensors, then up tensors (stacked like `GatherMatMul`'s); out `[m, top_k, n]`. With
+    /// `pre_norm`, x goes through that RMSNorm first (the MoE block's input norm).
+    GatherGatedMatMul {
+        layout: WeightLayout,
+        act: UnaryFn,
+        pre_norm: Option<PreNorm>,
+    },
     /// The MoE block's output added to the residual: out[i] = residual[i] + Σ_j w[i, j]·y[i, j].
     /// in: y `[m, top_k, n]`, weights f32 `[m, top_k]`, residual `[m, n]`; out `[m, n]`.
     MoeCombine,

@@ -723,9 +723,19 @@ impl Decoder {
                         return Err(Error::Invalid("a MoE layer without MoE parameters".into()));
                     };
                     // mlx-lm's MoE block: route, run the selected experts' gated MLPs, add
-                    // their weighted sum to the residual.
-                    self.norm(enc, x_mid, &layer.mlp_norm, &s.normed)?;
-                    ops::matmul(enc, &s.normed, router, &ms.logits)?;
+                    // their weighted sum to the residual. One decode row folds the input norm
+                    // into the router and the experts' gate/up (no launch of its own); more
+                    // rows norm once into `s.normed`, which both then read.
+                    let (input, norm) = if s.m == 1 {
+                        (x_mid, Some(self.input_norm(&layer.mlp_norm)))
+                    } else {
+                        self.norm(enc, x_mid, &layer.mlp_norm, &s.normed)?;
+                        (&s.normed, None)
+                    };
+                    match norm {
+                        Some(norm) => ops::normed_matmul(enc, input, norm, router, &ms.logits)?,
+                        None => ops::matmul(enc, input, router, &ms.logits)?,
+                    }
                     ops::moe_route(
                         enc,
                         &ms.logits,
@@ -735,7 +745,7 @@ impl Decoder {
                         &ms.weights,
                     )?;
                     let act = self.params.arch.activation;
-                    ops::gather_gated_matmul(enc, &s.normed, &ms.ids, gate, up, act, &ms.act)?;
+                    ops::gather_gated_matmul(enc, input, norm, &ms.ids, gate, up, act, &ms.act)?;
                     ops::gather_matmul(enc, &ms.act, &ms.ids, down, &ms.down)?;
                     ops::moe_combine(enc, &ms.down, &ms.weights, x_mid, x)?;
                 }

@@ -218,10 +218,19 @@ pub fn matmul(enc: &mut CommandEncoder, x: &Tensor, w: &Linear, out: &Tensor) ->
 /// The RMSNorm a decode matmul applies to its input: weight f32 `[k]` and parameters.
 pub type InputNorm<'a> = (&'a Tensor, PreNorm);
 
-fn check_input_norm(op: &'static str, x: &Tensor, (weight, _): InputNorm) -> Result<()> {
+fn check_input_norm(op: &'static str, x: &Tensor, norm: InputNorm) -> Result<()> {
     if x.rows() != 1 {
         return Err(Error::op(op, "a folded RMSNorm needs a single row of x"));
     }
+    check_norm_weight(op, x, norm)
+}
+
+/// The norm weight is f32 over x's last dim.
+pub(super) fn check_norm_weight(
+    op: &'static str,
+    x: &Tensor,
+    (weight, _): InputNorm,
+) -> Result<()> {
     expect_dtype(op, "norm weight", weight, &[DType::F32])?;
     expect_shape(op, "norm weight", weight, &[x.last_dim()])
 }

@@ -1,7 +1,8 @@
 //! Mixture-of-experts ops: routing, expert-indexed (gathered) matmuls over stacked expert
 //! weights, and the weighted combine of the selected experts' outputs.
 
-use super::{expect_dtype, expect_shape, Linear};
+use super::matmul::check_norm_weight;
+use super::{expect_dtype, expect_shape, InputNorm, Linear};
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
 use crate::core::op::{Op, Routing, UnaryFn};
@@ -166,11 +167,14 @@ pub fn gather_matmul(
 }
 
 /// out `[m, top_k, n]` = f(x·G_eᵀ) ∘ (x·U_eᵀ) for each row of x `[m, k]` and each of its
-/// selected experts e: SwitchGLU's gate and up projections and activation in one dispatch.
-/// Both weights must be stored alike.
+/// selected experts e: SwitchGLU's gate and up projections and activation in one dispatch,
+/// x first through `norm` if given (the MoE block's input norm, at any row count). Both
+/// weights must be stored alike.
+#[allow(clippy::too_many_arguments)]
 pub fn gather_gated_matmul(
     enc: &mut CommandEncoder,
     x: &Tensor,
+    norm: Option<InputNorm>,
     ids: &Tensor,
     gate: &ExpertLinear,
     up: &ExpertLinear,
@@ -205,11 +209,16 @@ pub fn gather_gated_matmul(
     expect_shape("gather_gated_matmul", "x", x, &[m, gate.k])?;
     expect_shape("gather_gated_matmul", "out", out, &[m, top_k, gate.n])?;
     let mut inputs: Vec<&Tensor> = vec![x, ids];
+    if let Some(norm) = norm {
+        check_norm_weight("gather_gated_matmul", x, norm)?;
+        inputs.push(norm.0);
+    }
     inputs.extend(gate.tensors.iter());
     inputs.extend(up.tensors.iter());
     let op = Op::GatherGatedMatMul {
         layout: gate.layout,
         act: f,
+        pre_norm: norm.map(|(_, p)| p),
     };
     enc.dispatch(op, &inputs, &[out])
 }

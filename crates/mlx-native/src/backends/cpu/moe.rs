@@ -4,7 +4,7 @@
 //! the stacked tensors), so each selected expert's weights are read once per call and the
 //! products are exactly the dense matmul's.
 
-use super::matmul::kernel_for;
+use super::matmul::{kernel_for, rms_normed};
 use super::{elementwise, slice, slice_mut, wrong_op, CpuKernel};
 use crate::core::dtype::DType;
 use crate::core::op::{operand_count, Op, Routing};
@@ -175,13 +175,25 @@ fn gather_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     gather_into(layout, x, row_of, slice::<u32>(ids)?, weight, out)
 }
 
+/// `Op::GatherGatedMatMul`: both gathered projections, then the gated activation, after
+/// the folded RMSNorm if there is one.
 fn gather_gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
-    let Op::GatherGatedMatMul { layout, act } = *op else {
+    let Op::GatherGatedMatMul {
+        layout,
+        act,
+        pre_norm,
+    } = *op
+    else {
         return Err(wrong_op(op));
     };
     let count = layout.tensor_count();
-    let ([x, ids, weights @ ..], [out]) = (inputs, outputs) else {
+    let ([x, ids, rest @ ..], [out]) = (inputs, outputs) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let (x, weights) = match (pre_norm, rest) {
+        (None, weights) => (x.clone(), weights),
+        (Some(norm), [g, weights @ ..]) => (rms_normed(norm, x, g)?, weights),
+        (Some(_), []) => return Err(operand_count(op, inputs.len(), outputs.len())),
     };
     if weights.len() != 2 * count {
         return Err(operand_count(op, inputs.len(), outputs.len()));
@@ -190,8 +202,8 @@ fn gather_gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result
     let ids = slice::<u32>(ids)?;
     let gate = out.device().empty(out.shape(), DType::F32)?;
     let up = out.device().empty(out.shape(), DType::F32)?;
-    gather_into(layout, x, |s| s / top_k, ids, &weights[..count], &gate)?;
-    gather_into(layout, x, |s| s / top_k, ids, &weights[count..], &up)?;
+    gather_into(layout, &x, |s| s / top_k, ids, &weights[..count], &gate)?;
+    gather_into(layout, &x, |s| s / top_k, ids, &weights[count..], &up)?;
     elementwise::gated_activation(&Op::GatedActivation(act), &[gate, up], outputs)
 }
 

@@ -69,6 +69,25 @@ struct PreNorm {
 #define MATVEC_NORM_ARGS const float *norm_g, float norm_offset, float norm_eps
 #define MATVEC_PRE_NORM PreNorm{norm_g, norm_offset, norm_eps}
 
+// Unit u (32 elements) of x, loaded into xs, times the norm weight (g + g_offset) as a matvec
+// folding the norm reads it; returns the unit's Σx², of which the row's r = rsqrt(mean(x²) +
+// eps) that scales the row sums at the end is formed.
+__device__ __forceinline__ float pre_norm_unit(const PreNorm& norm, int u, float (&xs)[32]) {
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        float gs[4];
+        load_floats<4>(norm.g + u * 32 + 4 * i, gs);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            float& xe = xs[4 * i + c];
+            ss = fmaf(xe, xe, ss);
+            xe *= gs[c] + norm.g_offset;
+        }
+    }
+    return ss;
+}
+
 // Storage types of float operands (weights, scales, biases, norm weights); the numbering is
 // `float_type` in launch.rs.
 #define FT_F32 0

@@ -690,7 +690,7 @@ impl<'a> MatvecInput<'a> {
 }
 
 /// The RMSNorm folded into a matmul: its weight and parameters.
-type Norm<'a> = Option<(&'a Tensor, PreNorm)>;
+pub(super) type Norm<'a> = Option<(&'a Tensor, PreNorm)>;
 
 /// Separates the folded norm's weight (the operand after x) from the other operands.
 fn split_norm<'a>(
@@ -701,17 +701,23 @@ fn split_norm<'a>(
     match (pre_norm, inputs) {
         (None, _) => Ok((None, inputs.to_vec())),
         (Some(p), [x, g, rest @ ..]) => {
-            if g.dtype() != DType::F32 || device_ptr(g)? % 16 != 0 {
-                return Err(Error::op(
-                    op.name(),
-                    "the folded norm's weight must be f32, 16-byte aligned",
-                ));
-            }
+            check_norm_weight(op, g)?;
             let operands = std::iter::once(x).chain(rest).cloned().collect();
             Ok((Some((g, p)), operands))
         }
         _ => Err(operand_count(op, inputs.len(), 1)),
     }
+}
+
+/// The kernels read a folded norm's weight as f32 with 16-byte loads.
+pub(super) fn check_norm_weight(op: &Op, g: &Tensor) -> Result<()> {
+    if g.dtype() != DType::F32 || device_ptr(g)? % 16 != 0 {
+        return Err(Error::op(
+            op.name(),
+            "the folded norm's weight must be f32, 16-byte aligned",
+        ));
+    }
+    Ok(())
 }
 
 /// A matmul's optional bias `[n]` and its float type (0 without one).
@@ -740,11 +746,17 @@ impl MatmulArgs for Args {
     }
 
     fn norm(self, norm: Norm) -> Result<Self> {
-        Ok(match norm {
-            Some((g, p)) => self.ptr(g)?.f32(p.w_offset()).f32(p.eps),
-            None => self.opt_ptr(None)?.f32(0.0).f32(0.0),
-        })
+        norm_args(self, norm)
     }
+}
+
+/// `args` then the trailing norm arguments of a kernel taking MATVEC_NORM_ARGS (g or null,
+/// g_offset, eps).
+pub(super) fn norm_args(args: Args, norm: Norm) -> Result<Args> {
+    Ok(match norm {
+        Some((g, p)) => args.ptr(g)?.f32(p.w_offset()).f32(p.eps),
+        None => args.opt_ptr(None)?.f32(0.0).f32(0.0),
+    })
 }
 
 /// A launch of matvec_tc.cu.

@@ -75,21 +75,7 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
             const int u = min(uj, units - 1);
             float xs[32];
             load_floats<32>(x + u * 32, xs);
-            if constexpr (NORM) {
-                float ss = 0.f;
-#pragma unroll
-                for (int i = 0; i < 8; ++i) {
-                    float gs[4];
-                    load_floats<4>(norm.g + u * 32 + 4 * i, gs);
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) {
-                        float& xe = xs[4 * i + c];
-                        ss = fmaf(xe, xe, ss);
-                        xe *= gs[c] + norm.g_offset;
-                    }
-                }
-                acc[ROW_ACC] = fmaf(keep, ss, acc[ROW_ACC]);
-            }
+            if constexpr (NORM) acc[ROW_ACC] = fmaf(keep, pre_norm_unit(norm, u, xs), acc[ROW_ACC]);
             float sx[2] = {0.f, 0.f};
 #pragma unroll
             for (int e = 0; e < 32; ++e) {

@@ -97,17 +97,22 @@ extern "C" __global__ void moe_combine(const float* __restrict__ y, const float*
 // lanes over the units of 32 elements (layouts.cuh `dot`, x pre-scaled as the matvec does).
 // GATED computes the expert's gate and up rows side by side and stores act(gate)·up. x row of
 // a slot: the slot itself with `per_slot` (x [m·top_k, k]), else its token (x [m, k]); 16-byte
-// aligned. Launch: GMV_WARPS·32 threads, grid (ceil(n / (GMV_WARPS·GMV_ROWS)), m·top_k).
+// aligned. NORM takes x through an RMSNorm first as matvec.cu's NORM does: x·(g + g_offset)
+// as it is loaded, Σx² on the way (each warp covers all of k), the row sums scaled by
+// r = rsqrt(mean(x²) + eps) at the end, so the MoE block's input norm needs no launch.
+// Launch: GMV_WARPS·32 threads, grid (ceil(n / (GMV_WARPS·GMV_ROWS)), m·top_k).
 
 #define GMV_WARPS 4
 #define GMV_ROWS 4
 
-template <bool GATED, class L>
+template <bool GATED, bool NORM, class L>
 __device__ __forceinline__ void gather_matvec(const L& l, const L& l_up, const float* __restrict__ x,
-                                              const u32* __restrict__ ids, float* __restrict__ out,
-                                              int n, int experts, int top_k, int per_slot,
-                                              int act) {
-    constexpr int ACC = GATED ? 2 * GMV_ROWS : GMV_ROWS;
+                                              const PreNorm norm, const u32* __restrict__ ids,
+                                              float* __restrict__ out, int n, int experts,
+                                              int top_k, int per_slot, int act) {
+    // GATED: up rows after the gate rows; NORM: Σx² in the last slot.
+    constexpr int ROW_ACC = GATED ? 2 * GMV_ROWS : GMV_ROWS;
+    constexpr int ACC = ROW_ACC + (NORM ? 1 : 0);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int slot = blockIdx.y;
     const int r0 = (blockIdx.x * GMV_WARPS + warp) * GMV_ROWS;
@@ -124,6 +129,7 @@ __device__ __forceinline__ void gather_matvec(const L& l, const L& l_up, const f
     for (int u = lane; u < units; u += 32) {
         float xs[32];
         load_floats<32>(xr + u * 32, xs);
+        if constexpr (NORM) acc[ROW_ACC] += pre_norm_unit(norm, u, xs);
         float sx[2] = {0.f, 0.f};
 #pragma unroll
         for (int i = 0; i < 32; ++i) {
@@ -139,14 +145,15 @@ __device__ __forceinline__ void gather_matvec(const L& l, const L& l_up, const f
 #pragma unroll
     for (int r = 0; r < ACC; ++r) acc[r] = warp_sum(acc[r]);
     if (lane != 0) return;
+    const float scale = NORM ? rsqrtf(acc[ROW_ACC] / l.k + norm.eps) : 1.f;
 #pragma unroll
     for (int r = 0; r < GMV_ROWS; ++r) {
         if (r0 + r >= n) continue;
         float* o = out + (i64)slot * n + r0 + r;
         if constexpr (GATED)
-            *o = activation(acc[r], act) * acc[GMV_ROWS + r];
+            *o = activation(scale * acc[r], act) * (scale * acc[GMV_ROWS + r]);
         else
-            *o = acc[r];
+            *o = scale * acc[r];
     }
 }
 
@@ -264,6 +271,22 @@ __device__ __forceinline__ void gather_matmul(const L& l, const L& l_up, const f
 
 // Kernels per layout. Common arguments: x, ids (matvec) or offsets and order (tiles), the
 // weight's tensors (then the up weight's, GATED), out, n, k, experts, top_k, per_slot, act.
+// The gated matvecs come plain and with the RMSNorm folded in (`…gated_norm_…`); both take the
+// norm arguments (MATVEC_NORM_ARGS), which the plain one ignores.
+
+#define GATHER_MLX_GATED_MATVEC(PREFIX, NORM, BITS, ST, NAME)                                     \
+    extern "C" __global__ void __launch_bounds__(GMV_WARPS * 32)                                  \
+        PREFIX##mlx##BITS##_##NAME(const float* x, const u32* ids, const u32* w,                  \
+                                   const void* scales, const void* biases, const u32* w_up,       \
+                                   const void* scales_up, const void* biases_up, float* out,      \
+                                   int n, int k, int group_shift, int experts, int top_k,         \
+                                   int act, MATVEC_NORM_ARGS) {                                   \
+        kernel_entry();                                                                           \
+        const MlxAffine<BITS> l{w, scales, biases, ST, k, group_shift};                           \
+        const MlxAffine<BITS> l_up{w_up, scales_up, biases_up, ST, k, group_shift};               \
+        gather_matvec<true, NORM>(l, l_up, x, MATVEC_PRE_NORM, ids, out, n, experts, top_k, 0,    \
+                                  act);                                                           \
+    }
 
 #define GATHER_MLX_MATVEC(BITS, ST, NAME)                                                          \
     extern "C" __global__ void __launch_bounds__(GMV_WARPS * 32)                                  \
@@ -273,18 +296,11 @@ __device__ __forceinline__ void gather_matmul(const L& l, const L& l_up, const f
                                          int per_slot) {                                          \
         kernel_entry();                                                                           \
         const MlxAffine<BITS> l{w, scales, biases, ST, k, group_shift};                           \
-        gather_matvec<false>(l, l, x, ids, out, n, experts, top_k, per_slot, 0);                  \
+        gather_matvec<false, false>(l, l, x, PreNorm{}, ids, out, n, experts, top_k, per_slot,    \
+                                    0);                                                           \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(GMV_WARPS * 32)                                  \
-        gather_matvec_gated_mlx##BITS##_##NAME(                                                   \
-            const float* x, const u32* ids, const u32* w, const void* scales, const void* biases, \
-            const u32* w_up, const void* scales_up, const void* biases_up, float* out, int n,     \
-            int k, int group_shift, int experts, int top_k, int act) {                            \
-        kernel_entry();                                                                           \
-        const MlxAffine<BITS> l{w, scales, biases, ST, k, group_shift};                           \
-        const MlxAffine<BITS> l_up{w_up, scales_up, biases_up, ST, k, group_shift};               \
-        gather_matvec<true>(l, l_up, x, ids, out, n, experts, top_k, 0, act);                     \
-    }
+    GATHER_MLX_GATED_MATVEC(gather_matvec_gated_, false, BITS, ST, NAME)                          \
+    GATHER_MLX_GATED_MATVEC(gather_matvec_gated_norm_, true, BITS, ST, NAME)
 
 #define GATHER_MLX(BITS)                                                                          \
     GATHER_MLX_MATVEC(BITS, FT_F32, f32)                                                          \
@@ -316,22 +332,28 @@ GATHER_MLX(5)
 GATHER_MLX(6)
 GATHER_MLX(8)
 
+#define GATHER_DENSE_GATED_MATVEC(PREFIX, NORM, FT, NAME)                                         \
+    extern "C" __global__ void __launch_bounds__(GMV_WARPS * 32)                                  \
+        PREFIX##dense_##NAME(const float* x, const u32* ids, const void* w, const void* w_up,     \
+                             float* out, int n, int k, int experts, int top_k, int act,           \
+                             MATVEC_NORM_ARGS) {                                                  \
+        kernel_entry();                                                                           \
+        const Dense l{w, FT, k}, l_up{w_up, FT, k};                                               \
+        gather_matvec<true, NORM>(l, l_up, x, MATVEC_PRE_NORM, ids, out, n, experts, top_k, 0,    \
+                                  act);                                                           \
+    }
+
 #define GATHER_DENSE_MATVEC(FT, NAME)                                                             \
     extern "C" __global__ void __launch_bounds__(GMV_WARPS * 32)                                  \
         gather_matvec_dense_##NAME(const float* x, const u32* ids, const void* w, float* out,     \
                                    int n, int k, int experts, int top_k, int per_slot) {          \
         kernel_entry();                                                                           \
         const Dense l{w, FT, k};                                                                  \
-        gather_matvec<false>(l, l, x, ids, out, n, experts, top_k, per_slot, 0);                  \
+        gather_matvec<false, false>(l, l, x, PreNorm{}, ids, out, n, experts, top_k, per_slot,    \
+                                    0);                                                           \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(GMV_WARPS * 32)                                  \
-        gather_matvec_gated_dense_##NAME(const float* x, const u32* ids, const void* w,           \
-                                         const void* w_up, float* out, int n, int k,             \
-                                         int experts, int top_k, int act) {                       \
-        kernel_entry();                                                                           \
-        const Dense l{w, FT, k}, l_up{w_up, FT, k};                                               \
-        gather_matvec<true>(l, l_up, x, ids, out, n, experts, top_k, 0, act);                     \
-    }
+    GATHER_DENSE_GATED_MATVEC(gather_matvec_gated_, false, FT, NAME)                              \
+    GATHER_DENSE_GATED_MATVEC(gather_matvec_gated_norm_, true, FT, NAME)
 GATHER_DENSE_MATVEC(FT_F32, f32)
 GATHER_DENSE_MATVEC(FT_F16, f16)
 GATHER_DENSE_MATVEC(FT_BF16, bf16)

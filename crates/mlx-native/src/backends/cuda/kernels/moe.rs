@@ -1,9 +1,12 @@
 //! Mixture-of-experts ops (moe.cu): routing, gathered matmuls over stacked experts and the
 //! weighted combine. A gathered product of one token (decode) runs every slot's expert as a
-//! matvec in one launch; more tokens are grouped by expert (`moe_bucket`, scratch owned by
-//! the dispatch) and run as tiled matmuls over each expert's slots.
+//! matvec in one launch, a folded input norm included; more tokens are grouped by expert
+//! (`moe_bucket`, scratch owned by the dispatch) and run as tiled matmuls over each expert's
+//! slots, after the norm's own launch.
 
 use super::elementwise::unary_code;
+use super::matmul::{check_norm_weight, norm_args, Norm};
+use super::norm::{rms_norm_rows, RmsNormRows};
 use super::weights::Weight;
 use super::{COMMON, LAYOUTS};
 use crate::backends::cuda::compile::Source;
@@ -118,16 +121,36 @@ fn gather(
     inputs: &[Tensor],
     outputs: &[Tensor],
 ) -> Result<CudaKernel> {
-    let (name, layout, per_slot, act, gated) = match *op {
-        Op::GatherMatMul { layout, per_slot } => ("gather_matmul", layout, per_slot, 0, false),
-        Op::GatherGatedMatMul { layout, act } => {
-            ("gather_gated_matmul", layout, false, unary_code(act), true)
+    let (name, layout, per_slot, act, gated, pre_norm) = match *op {
+        Op::GatherMatMul { layout, per_slot } => {
+            ("gather_matmul", layout, per_slot, 0, false, None)
         }
+        Op::GatherGatedMatMul {
+            layout,
+            act,
+            pre_norm,
+        } => (
+            "gather_gated_matmul",
+            layout,
+            false,
+            unary_code(act),
+            true,
+            pre_norm,
+        ),
         _ => return Err(wrong_op(op)),
     };
     let count = layout.tensor_count();
-    let ([out], [x, ids, weights @ ..]) = (outputs, inputs) else {
+    let ([out], [x, ids, rest @ ..]) = (outputs, inputs) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    // The folded norm's weight comes right after ids.
+    let (norm, weights): (Norm, _) = match (pre_norm, rest) {
+        (None, weights) => (None, weights),
+        (Some(p), [g, weights @ ..]) => {
+            check_norm_weight(op, g)?;
+            (Some((g, p)), weights)
+        }
+        (Some(_), []) => return Err(operand_count(op, inputs.len(), outputs.len())),
     };
     if weights.len() != count * (1 + gated as usize) {
         return Err(operand_count(op, inputs.len(), outputs.len()));
@@ -176,17 +199,46 @@ fn gather(
         })
     };
     if matvec {
-        // Decode: every slot's rows in one launch.
+        // Decode: every slot's rows in one launch, the norm (if any) folded in.
         let mut args = w.tensor_args(Args::new().ptr(x)?.ptr(ids)?)?;
         if let Some(up) = &up {
             args = up.tensor_args(args)?;
         }
-        let kernel = format!("gather_matvec_{gated_part}{}", w.typed_layout_name());
+        let mut args = tail(args)?;
+        let norm_part = if norm.is_some() { "norm_" } else { "" };
+        if gated {
+            args = norm_args(args, norm)?;
+        }
+        let kernel = format!(
+            "gather_matvec_{gated_part}{norm_part}{}",
+            w.typed_layout_name()
+        );
         let grid = (blocks(n, MATVEC_ROWS_PER_BLOCK)?, dim(m * top_k)?, 1);
-        let launch = lib.launch(&SOURCE, &kernel, grid, MATVEC_THREADS, 0, tail(args)?)?;
+        let launch = lib.launch(&SOURCE, &kernel, grid, MATVEC_THREADS, 0, args)?;
         return Ok(CudaKernel::single(launch));
     }
-    // Several tokens: group the slots by expert, then tiles over each expert's slots.
+    // Several tokens: the norm (if any) first, into the shared scratch the tiles then read.
+    let mut launches = Vec::new();
+    let normed = match norm {
+        Some((g, p)) => {
+            let (scratch, row) = lib.shared_scratch(x.byte_len())?;
+            let rows = RmsNormRows {
+                x: device_ptr(x)?,
+                residual: 0,
+                out: row,
+                rows: m,
+                d: k,
+            };
+            launches.push(rms_norm_rows(lib, rows, g, p)?);
+            Some((scratch, row))
+        }
+        None => None,
+    };
+    let x_at = match &normed {
+        Some((_, row)) => *row,
+        None => device_ptr(x)?,
+    };
+    // Then group the slots by expert, and tiles over each expert's slots.
     let slots = m * top_k;
     let (scratch, base) = lib.scratch((experts + 1 + slots) * 4)?;
     let (offsets, order) = (base, base + 4 * (experts as u64 + 1));
@@ -206,7 +258,7 @@ fn gather(
         shared,
         bucket_args,
     )?;
-    let mut args = w.tensor_args(Args::new().ptr(x)?.u64(offsets).u64(order))?;
+    let mut args = w.tensor_args(Args::new().u64(x_at).u64(offsets).u64(order))?;
     if let Some(up) = &up {
         args = up.tensor_args(args)?;
     }
@@ -217,5 +269,10 @@ fn gather(
     let row_tiles = share.clamp(1, m.div_ceil(TILE).max(1));
     let grid = (blocks(n, TILE)?, dim(row_tiles)?, dim(experts)?);
     let tiles = lib.launch(&SOURCE, &kernel, grid, TILE_THREADS, 0, tail(args)?)?;
-    Ok(CudaKernel::new(vec![bucket, tiles], Some(scratch)))
+    launches.extend([bucket, tiles]);
+    let kernel = CudaKernel::new(launches, Some(scratch));
+    Ok(match normed {
+        Some((shared, _)) => kernel.holding(shared),
+        None => kernel,
+    })
 }
