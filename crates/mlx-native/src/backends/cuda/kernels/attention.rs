@@ -28,7 +28,8 @@ pub(super) static SOURCE: Source = Source {
     ],
 };
 
-/// Up to this many query rows take the decode kernel (one pass over the keys per row).
+/// Up to this many query rows take the decode kernel (one pass over the keys per row); its
+/// new-key buffers in shared memory are sized by the same number (DEC_MAX_ROWS, attention.cu).
 const DECODE_MAX_ROWS: usize = 4;
 /// PF_WARPS·32 and DEC_WARPS·32 threads (attention.cu).
 const THREADS: u32 = 128;
@@ -415,4 +416,27 @@ fn kv_append(
         0,
         args,
     )?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The decode kernel's shared-memory buffers and split rule are sized by constants of
+    /// attention.cu that the planner repeats: a mismatch would index past the buffers.
+    #[test]
+    fn planner_constants_match_the_kernel() {
+        let source = include_str!("attention.cu");
+        for (name, value) in [
+            ("DEC_MAX_ROWS", DECODE_MAX_ROWS),
+            ("DEC_MIN_SPLIT_KEYS", DECODE_MIN_SPLIT_KEYS),
+            ("DEC_WARPS", DECODE_THREADS as usize / 32),
+        ] {
+            let define = format!("#define {name} {value}");
+            assert!(
+                source.lines().any(|l| l.starts_with(&define)),
+                "attention.cu lacks `{define}`"
+            );
+        }
+    }
 }
