@@ -6,9 +6,9 @@ use clap::Args;
 use mlx_native::engine::{GenerateOptions, Session};
 use mlx_native::models::decoder::Decoder;
 use mlx_native::models::synthetic::{self, SyntheticWeights};
-use mlx_native::{Device, Error, Result, SamplingParams};
+use mlx_native::{Device, Error, Result};
 
-use crate::{load, peak_memory_bytes, DeviceArgs, ModelArgs};
+use crate::{load, peak_memory_bytes, DeviceArgs, ModelArgs, SamplingArgs};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -36,15 +36,9 @@ pub struct BenchArgs {
     /// Print one JSON object per row instead of a table.
     #[arg(long)]
     json: bool,
-    /// Sample each decoded token at this temperature instead of taking the argmax.
-    #[arg(long = "temp", default_value_t = 0.0)]
-    temperature: f32,
-    /// With --temp: keep only the k most likely tokens (0 disables).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// With --temp: nucleus sampling threshold (1 disables).
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
+    /// How each decoded token is chosen (greedy by default).
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -85,21 +79,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut session = Session::new(model, &device, capacity)?;
     let opts = GenerateOptions {
         max_new_tokens: args.decode,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            ..SamplingParams::default()
-        },
+        sampling: args.sampling.params(),
         stop_ids: Vec::new(),
         use_graph: !args.run.no_graph,
     };
     if !args.json {
-        let sampling = if args.temperature > 0.0 {
-            format!(
-                "T={} top-k {} top-p {}",
-                args.temperature, args.top_k, args.top_p
-            )
+        let s = &opts.sampling;
+        let sampling = if s.temperature > 0.0 {
+            format!("T={} top-k {} top-p {}", s.temperature, s.top_k, s.top_p)
         } else {
             "greedy".into()
         };
@@ -140,7 +127,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "prefill_tokens_per_s": pf, "decode_tokens_per_s": dc, "decode_gb_per_s": gbs,
                     "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": kv_bytes,
                     "kernels_per_token": kernels, "device": device.label(), "graph": opts.use_graph,
-                    "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p})
+                    "temperature": opts.sampling.temperature, "top_k": opts.sampling.top_k,
+                    "top_p": opts.sampling.top_p})
             );
         } else {
             println!("{len:>8} {pf:>14.1} {dc:>14.1} {gbs:>12.2} {kernels:>14}");

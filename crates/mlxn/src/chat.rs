@@ -17,6 +17,9 @@ pub struct ChatArgs {
     model: ModelArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
     /// Context length (tokens of the whole conversation).
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
@@ -34,7 +37,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let template =
         chat_template.ok_or_else(|| Error::Template("the model has no chat template".into()))?;
     let opts = GenerateOptions {
-        max_new_tokens: args.sampling.max_tokens,
+        max_new_tokens: args.max_tokens,
         sampling: args.sampling.params(),
         stop_ids,
         use_graph: !args.model.run.no_graph,

@@ -15,6 +15,9 @@ pub struct GenerateArgs {
     model: ModelArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
     /// Raw prompt text, fed as is.
     #[arg(long, conflicts_with = "chat")]
     prompt: Option<String>,
@@ -37,7 +40,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             ))
         }
     };
-    let capacity = (prompt_ids.len() + args.sampling.max_tokens)
+    let capacity = (prompt_ids.len() + args.max_tokens)
         .min(loaded.model.params.max_position_embeddings)
         .max(1);
     let LoadedModel {
@@ -47,7 +50,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ..
     } = loaded;
     let opts = GenerateOptions {
-        max_new_tokens: args.sampling.max_tokens,
+        max_new_tokens: args.max_tokens,
         sampling: args.sampling.params(),
         stop_ids,
         use_graph: !args.model.run.no_graph,

@@ -45,12 +45,9 @@ pub struct ModelArgs {
     pub run: DeviceArgs,
 }
 
-/// Sampling options shared by generate and chat.
+/// Sampling options shared by generate, chat and bench.
 #[derive(Args, Clone)]
 pub struct SamplingArgs {
-    /// Maximum number of new tokens.
-    #[arg(long, default_value_t = 256)]
-    pub max_tokens: usize,
     /// Temperature; 0 is greedy.
     #[arg(long = "temp", default_value_t = 0.0)]
     pub temperature: f32,
