@@ -128,7 +128,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": kv_bytes,
                     "kernels_per_token": kernels, "device": device.label(), "graph": opts.use_graph,
                     "temperature": opts.sampling.temperature, "top_k": opts.sampling.top_k,
-                    "top_p": opts.sampling.top_p})
+                    "top_p": opts.sampling.top_p, "min_p": opts.sampling.min_p,
+                    "repetition_penalty": opts.sampling.repetition_penalty})
             );
         } else {
             println!("{len:>8} {pf:>14.1} {dc:>14.1} {gbs:>12.2} {kernels:>14}");
