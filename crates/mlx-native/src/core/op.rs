@@ -217,7 +217,7 @@ pub enum Op {
     /// `head_norm` the q and k norm weights f32 `[head_dim]`; out: the attention output (like
     /// q), k_cache and v_cache `[n_kv_heads, capacity, head_dim]` (read-modify-write: rows
     /// stored at positions pos..pos+m). With `head_norm`, each head_dim slice of q and of k
-    /// goes through that RMSNorm (`head_norm_op`) before the rotation (Qwen3's and Gemma 3's
+    /// goes through that RMSNorm (over rows of head_dim) before the rotation (Qwen3's and Gemma 3's
     /// q/k norms).
     RopeAttention {
         attention: AttentionShape,
@@ -311,7 +311,7 @@ impl Op {
     }
 
     /// A `RopeAttention` as its two steps: the `RopeKvAppend` and the `Attention` (after the
-    /// head norms, if any: `head_norm_op`).
+    /// head norms, if any).
     pub fn rope_attention_steps(&self) -> Option<(Op, Op)> {
         let Op::RopeAttention {
             attention,
@@ -332,18 +332,6 @@ impl Op {
             mscale,
         };
         Some((rope, Op::Attention(attention)))
-    }
-
-    /// The per-head RMSNorm a `RopeAttention` applies to q and k first (over rows of
-    /// head_dim), if it has one.
-    pub fn head_norm_op(&self) -> Option<Op> {
-        match *self {
-            Op::RopeAttention {
-                head_norm: Some(norm),
-                ..
-            } => Some(norm.op()),
-            _ => None,
-        }
     }
 
     /// The variant part of the registry key (what selects among kernels of one family).

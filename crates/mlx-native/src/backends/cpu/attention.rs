@@ -9,6 +9,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::norm::rms_normed;
 use super::{scalar_u32, slice, slice_mut, wrong_op, CpuKernel};
 use crate::core::dtype::DType;
 use crate::core::op::{operand_count, AttentionShape, Op};
@@ -32,9 +33,12 @@ fn rope_attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> 
     else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
-    let (q, k) = match (op.head_norm_op(), norm_weights) {
+    let &Op::RopeAttention { head_norm, .. } = op else {
+        return Err(wrong_op(op));
+    };
+    let (q, k) = match (head_norm, norm_weights) {
         (None, []) => (q.clone(), k.clone()),
-        (Some(norm), [q_w, k_w]) => (head_norm(&norm, q, q_w)?, head_norm(&norm, k, k_w)?),
+        (Some(norm), [q_w, k_w]) => (rms_normed(norm, q, q_w)?, rms_normed(norm, k, k_w)?),
         _ => return Err(operand_count(op, inputs.len(), outputs.len())),
     };
     let q_rot = q.device().empty(q.shape(), DType::F32)?;
@@ -47,19 +51,6 @@ fn rope_attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> 
         &[q_rot, k_cache, v_cache, pos.clone()],
         std::slice::from_ref(out),
     )
-}
-
-/// `norm` (an `Op::RmsNorm`) over each head of `x` `[m, heads*head_dim]` with `w`
-/// `[head_dim]`, into a new tensor.
-fn head_norm(norm: &Op, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let heads = [x.elem_count() / w.elem_count().max(1), w.elem_count()];
-    let normed = x.device().empty(&heads, DType::F32)?;
-    super::norm::rms_norm(
-        norm,
-        &[x.reshape(&heads)?, w.clone()],
-        std::slice::from_ref(&normed),
-    )?;
-    normed.reshape(x.shape())
 }
 
 fn attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {

@@ -51,21 +51,9 @@ fn normed_input(norm: PreNorm, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
             "a folded norm without x and norm weight",
         ));
     };
-    Ok(std::iter::once(rms_normed(norm, x, weight)?)
+    Ok(std::iter::once(norm::rms_normed(norm, x, weight)?)
         .chain(rest.iter().cloned())
         .collect())
-}
-
-/// RMSNorm(x) by `weight` into a new tensor: a folded norm computed exactly as its own
-/// dispatch would.
-pub(super) fn rms_normed(norm: PreNorm, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let normed = x.device().empty(x.shape(), DType::F32)?;
-    norm::rms_norm(
-        &norm.op(),
-        &[x.clone(), weight.clone()],
-        std::slice::from_ref(&normed),
-    )?;
-    Ok(normed)
 }
 
 /// `Op::GatedMatMul`: both projections with the matmul kernels, then the gated activation.

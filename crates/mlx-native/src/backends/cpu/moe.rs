@@ -4,7 +4,8 @@
 //! the stacked tensors), so each selected expert's weights are read once per call and the
 //! products are exactly the dense matmul's.
 
-use super::matmul::{kernel_for, rms_normed};
+use super::matmul::kernel_for;
+use super::norm::rms_normed;
 use super::{elementwise, slice, slice_mut, wrong_op, CpuKernel};
 use crate::core::dtype::DType;
 use crate::core::op::{operand_count, Op, Routing};

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::{slice, slice_mut, wrong_op, CpuKernel, FloatSlice};
 use crate::core::dtype::DType;
-use crate::core::op::Op;
+use crate::core::op::{Op, PreNorm};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::Result;
@@ -13,6 +13,22 @@ use crate::Result;
 pub(super) fn register(reg: &mut Registry<CpuKernel>) {
     reg.insert("rms_norm", "", DType::F32, rms_norm);
     reg.insert("layer_norm", "", DType::F32, layer_norm);
+}
+
+/// RMSNorm(x) by `weight` into a new tensor: a norm folded into another op computed exactly as
+/// its own dispatch would (rows of `weight`'s length: x may be a `[m, heads·head_dim]` view).
+pub(super) fn rms_normed(norm: PreNorm, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let rows = [
+        x.elem_count() / weight.elem_count().max(1),
+        weight.elem_count(),
+    ];
+    let normed = x.device().empty(&rows, DType::F32)?;
+    rms_norm(
+        &norm.op(),
+        &[x.reshape(&rows)?, weight.clone()],
+        std::slice::from_ref(&normed),
+    )?;
+    normed.reshape(x.shape())
 }
 
 /// Elements below which rows are normalised on the calling thread (decode steps).
