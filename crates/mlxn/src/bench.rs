@@ -86,7 +86,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if !args.json {
         let s = &opts.sampling;
         let sampling = if s.temperature > 0.0 {
-            format!("T={} top-k {} top-p {}", s.temperature, s.top_k, s.top_p)
+            format!(
+                "T={} top-k {} top-p {} min-p {} repeat-penalty {}",
+                s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty
+            )
         } else {
             "greedy".into()
         };
