@@ -896,22 +896,43 @@ fn matvec_tol(w: &HostWeight) -> f64 {
     }
 }
 
-/// `ops::matmul_add` on one row: the residual rides in as the bias.
+/// `ops::matmul_add` on one row: the residual rides in as the bias; without and with x's f16
+/// copy (`x_h`, which the tensor-core kernels stage instead of x).
 fn check_matmul_add(dev: &Device, rng: &mut Rng, w: &HostWeight) {
     let x = rng.vec(w.k, 1.0);
     let residual = rng.vec(w.n, 2.0);
     let res64: Vec<f64> = residual.iter().map(|&v| v as f64).collect();
     let want = matmul_ref(&x, w, Some(&res64), 1);
-    let compute = |dev: &Device| {
-        let lin = w.upload(dev, None)?;
-        let xt = dev.from_slice(&x, &[1, w.k])?;
-        let rt = dev.from_slice(&residual, &[1, w.n])?;
-        let out = poisoned(dev, &[1, w.n])?;
-        run(dev, |enc| ops::matmul_add(enc, &xt, &lin, &rt, &out))?;
-        out.to_vec::<f32>()
-    };
-    let what = format!("matmul_add {} n={} k={}", describe(w), w.n, w.k);
-    check(&what, dev, compute, &want, matvec_tol(w));
+    for half in [false, true] {
+        let compute = |dev: &Device| {
+            let lin = w.upload(dev, None)?;
+            let xt = dev.from_slice(&x, &[1, w.k])?;
+            let x_h = halves(dev, &x)?;
+            let rt = dev.from_slice(&residual, &[1, w.n])?;
+            let out = poisoned(dev, &[1, w.n])?;
+            let x_h = Some(&x_h).filter(|_| half);
+            run(dev, |enc| ops::matmul_add(enc, &xt, x_h, &lin, &rt, &out))?;
+            out.to_vec::<f32>()
+        };
+        let what = format!("matmul_add {} n={} k={} x_h {half}", describe(w), w.n, w.k);
+        check(&what, dev, compute, &want, matvec_tol(w));
+    }
+}
+
+/// A row of f16 values `[1, len]`.
+fn halves(dev: &Device, v: &[f32]) -> Result<Tensor> {
+    let h: Vec<half::f16> = v.iter().map(|&v| half::f16::from_f32(v)).collect();
+    dev.from_slice(&h, &[1, v.len()])
+}
+
+/// An f16 copy must hold exactly the f32 values rounded to nearest.
+fn assert_half_copy(what: &str, out: &Tensor, out_h: &Tensor) -> Result<()> {
+    let (out, out_h) = (out.to_vec::<f32>()?, out_h.to_vec::<half::f16>()?);
+    for (i, (&v, &h)) in out.iter().zip(&out_h).enumerate() {
+        let want = half::f16::from_f32(v);
+        assert_eq!(h.to_bits(), want.to_bits(), "{what}: f16 copy [{i}] of {v}");
+    }
+    Ok(())
 }
 
 /// `ops::gated_matmul` on one row: act(x·gate)·(x·up).
@@ -924,21 +945,24 @@ fn check_gated(dev: &Device, rng: &mut Rng, f: UnaryFn, gate: &HostWeight, up: &
         .zip(&u)
         .map(|(&g, &u)| activation_ref(f, g) * u)
         .collect();
-    let compute = |dev: &Device| {
-        let (gl, ul) = (gate.upload(dev, None)?, up.upload(dev, None)?);
-        let xt = dev.from_slice(&x, &[1, gate.k])?;
-        let out = poisoned(dev, &[1, gate.n])?;
-        run(dev, |enc| {
-            ops::gated_matmul(enc, &xt, None, &gl, &ul, f, &out)
-        })?;
-        out.to_vec::<f32>()
-    };
     let what = format!(
         "gated_matmul {f:?} {} n={} k={}",
         describe(gate),
         gate.n,
         gate.k
     );
+    // With the output's f16 copy (for a tensor-core down projection), poisoned first.
+    let compute = |dev: &Device| {
+        let (gl, ul) = (gate.upload(dev, None)?, up.upload(dev, None)?);
+        let xt = dev.from_slice(&x, &[1, gate.k])?;
+        let out = poisoned(dev, &[1, gate.n])?;
+        let out_h = dev.from_slice(&vec![half::f16::NAN; gate.n], &[1, gate.n])?;
+        run(dev, |enc| {
+            ops::gated_matmul(enc, &xt, None, &gl, &ul, f, &out, Some(&out_h))
+        })?;
+        assert_half_copy(&what, &out, &out_h)?;
+        out.to_vec::<f32>()
+    };
     // Where x is rounded (tensor cores), two rounded dot products multiply: twice the tolerance.
     let tol = match matvec_tol(gate) {
         t if t > 2e-5 => 2.0 * t,
@@ -1047,6 +1071,27 @@ fn matvec_tensor_cores_mlx() {
             }
         }
     }
+    // The kernel stages x from its f16 copy where given: a copy of another row gives that
+    // row's product (the CPU backend reads x, which the copy must equal).
+    let w = mlx_weight(&mut rng, (1 << 22) / 2048 + 3, 2048, 4, 64, FLOAT_TYPES[2]);
+    let (x, other) = (rng.vec(w.k, 1.0), rng.vec(w.k, 1.0));
+    let residual = vec![0.0f32; w.n];
+    let lin = w.upload(&dev, None).unwrap();
+    let xt = dev.from_slice(&x, &[1, w.k]).unwrap();
+    let other_h = halves(&dev, &other).unwrap();
+    let rt = dev.from_slice(&residual, &[1, w.n]).unwrap();
+    let out = poisoned(&dev, &[1, w.n]).unwrap();
+    run(&dev, |enc| {
+        ops::matmul_add(enc, &xt, Some(&other_h), &lin, &rt, &out)
+    })
+    .unwrap();
+    let want = matmul_ref(&other, &w, None, 1);
+    assert_close(
+        "matvec_tc from x_h",
+        &out.to_vec::<f32>().unwrap(),
+        &want,
+        matvec_tol(&w),
+    );
     // The Llama-3.1-8B q/k/v and gate/up shapes: on a 132-SM GPU their plans split a tile's k
     // over 5 warps, and give a block 7 tiles of 2 warps (matvec_tc_plan).
     let st = FLOAT_TYPES[2];
@@ -1196,7 +1241,7 @@ fn normed_matvec_matches_reference() {
             let out = poisoned(dev, &[1, w.n])?;
             let norm = Some((&gt, pre));
             run(dev, |enc| {
-                ops::gated_matmul(enc, &xt, norm, &gl, &ul, UnaryFn::Silu, &out)
+                ops::gated_matmul(enc, &xt, norm, &gl, &ul, UnaryFn::Silu, &out, None)
             })?;
             out.to_vec::<f32>()
         };
@@ -2435,21 +2480,25 @@ fn bench_copies(dev: &Device, w: &HostWeight) -> Vec<Linear> {
 fn bench_matvec_shapes() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(17);
-    // (n, k): SmolLM2-135M q/o and up, Llama-3 8B q/o, down, gate/up (gated), lm head.
+    // (n, k, gated): SmolLM2-135M q/o and up; Llama-3.2-1B o, q/k/v, down, gate/up; Llama-3
+    // 8B q/o, down, gate/up, lm head.
     let shapes = [
-        (576, 576),
-        (1536, 576),
-        (4096, 4096),
-        (4096, 14336),
-        (14336, 4096),
-        (128_256, 4096),
+        (576, 576, false),
+        (1536, 576, false),
+        (2048, 2048, false),
+        (3072, 2048, false),
+        (2048, 8192, false),
+        (8192, 2048, true),
+        (4096, 4096, false),
+        (4096, 14336, false),
+        (14336, 4096, true),
+        (128_256, 4096, false),
     ];
-    for (n, k) in shapes {
+    for (n, k, gated) in shapes {
         let x = dev.from_slice(&rng.vec(k, 1.0), &[1, k]).unwrap();
         let out = dev.empty(&[1, n], DType::F32).unwrap();
-        let gated = (n, k) == (14336, 4096);
         let mut weights = vec![mlx_bench_weight(&mut rng, n, k, 4, 64)];
-        if n * k <= 4096 * 14336 && n > 1536 {
+        if n * k <= 4096 * 14336 && n >= 4096 {
             weights.push(mlx_bench_weight(&mut rng, n, k, 8, 64));
             weights.extend(
                 [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K]
@@ -2466,7 +2515,7 @@ fn bench_matvec_shapes() {
             let secs = time_replays(&dev, 64, &|enc, i| match gated {
                 true => {
                     let j = i % gates.len();
-                    ops::gated_matmul(enc, &x, None, &gates[j], &ups[j], UnaryFn::Silu, &out)
+                    ops::gated_matmul(enc, &x, None, &gates[j], &ups[j], UnaryFn::Silu, &out, None)
                 }
                 false => ops::matmul(enc, &x, &gates[i % gates.len()], &out),
             });

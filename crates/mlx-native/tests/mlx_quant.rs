@@ -10,7 +10,8 @@
 
 use half::{bf16, f16};
 use mlx_native::core::encoder::CommandEncoder;
-use mlx_native::ops::{embedding, matmul, Linear};
+use mlx_native::core::op::UnaryFn;
+use mlx_native::ops::{embedding, gated_matmul, matmul, matmul_add, Linear};
 use mlx_native::quant::mlx_affine::{dequantize_row, quantize, unpack};
 use mlx_native::quant::{GgmlType, WeightLayout};
 use mlx_native::{DType, Device, Tensor};
@@ -363,6 +364,59 @@ fn matmul_more_rows_with_bias() {
             assert_close(&format!("{} m={m}", c.name()), &got, &want, &size, 1e-5);
         }
     }
+}
+
+/// The f16 copies of a decode row: the gated matmul's `out_h` holds its output rounded to
+/// nearest; matmul_add's `x_h` (which the CUDA tensor-core kernels stage) changes nothing on
+/// the CPU, which reads x; a copy of the wrong dtype or length is an error naming it.
+#[test]
+fn half_copies_of_a_decode_row() {
+    let dev = Device::cpu();
+    let mut rng = Rng(11);
+    let c = cases()
+        .into_iter()
+        .find(|c| c.name() == "b4_g64_f16")
+        .unwrap();
+    let (n, k) = c.nk();
+    let (w, up) = (c.linear(&dev, None), c.linear(&dev, None));
+    let x = dev.from_slice(&rng.vec(k), &[1, k]).unwrap();
+    let run = |f: &dyn Fn(&mut CommandEncoder) -> mlx_native::Result<()>| {
+        let mut enc = CommandEncoder::new(&dev);
+        f(&mut enc).and_then(|_| enc.commit_and_wait())
+    };
+    let out = poisoned(&dev, &[1, n]);
+    let out_h = dev.from_slice(&vec![f16::NAN; n], &[1, n]).unwrap();
+    run(&|enc| gated_matmul(enc, &x, None, &w, &up, UnaryFn::Silu, &out, Some(&out_h))).unwrap();
+    let halves = out_h.to_vec::<f16>().unwrap();
+    for (v, h) in out.to_vec::<f32>().unwrap().iter().zip(&halves) {
+        assert_eq!(f16::from_f32(*v).to_bits(), h.to_bits(), "copy of {v}");
+    }
+
+    let residual = dev.from_slice(&rng.vec(n), &[1, n]).unwrap();
+    let x_h: Vec<f16> = x
+        .to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| f16::from_f32(v))
+        .collect();
+    let x_h = dev.from_slice(&x_h, &[1, k]).unwrap();
+    let (plain, with_copy) = (poisoned(&dev, &[1, n]), poisoned(&dev, &[1, n]));
+    run(&|enc| matmul_add(enc, &x, None, &w, &residual, &plain)).unwrap();
+    run(&|enc| matmul_add(enc, &x, Some(&x_h), &w, &residual, &with_copy)).unwrap();
+    assert_eq!(
+        plain.to_vec::<f32>().unwrap(),
+        with_copy.to_vec::<f32>().unwrap()
+    );
+
+    let wrong_dtype = dev.from_slice(&vec![0f32; k], &[1, k]).unwrap();
+    let wrong_len = dev.from_slice(&vec![f16::ZERO; n], &[1, n]).unwrap();
+    for bad in [&wrong_dtype, &wrong_len] {
+        let err = run(&|enc| matmul_add(enc, &x, Some(bad), &w, &residual, &plain)).unwrap_err();
+        assert!(err.to_string().contains("x_h"), "{err}");
+    }
+    let err = run(&|enc| gated_matmul(enc, &x, None, &w, &up, UnaryFn::Silu, &out, Some(&x)))
+        .unwrap_err();
+    assert!(err.to_string().contains("out_h"), "{err}");
 }
 
 #[test]

@@ -182,12 +182,15 @@ pub enum Op {
         mscale: f32,
     },
     /// y = x · Wᵀ (+ bias). in: x `[m, k]`, the norm weight f32 `[k]` if `pre_norm`, weight
-    /// tensors (per `layout`, `[n, k]`), then bias `[n]` if `has_bias`; out `[m, n]`. With
-    /// `pre_norm`, x goes through that RMSNorm first (one row only: decode).
+    /// tensors (per `layout`, `[n, k]`), bias `[n]` if `has_bias`, then with `half_x` x's f16
+    /// copy `[1, k]`; out `[m, n]`. With `pre_norm`, x goes through that RMSNorm first (one row
+    /// only: decode). `half_x` (one row, no norm) lets a kernel that rounds x to f16 anyway read
+    /// the copy instead (the CUDA tensor-core matvec: half the bytes to stage).
     MatMul {
         layout: WeightLayout,
         has_bias: bool,
         pre_norm: Option<PreNorm>,
+        half_x: bool,
     },
     /// Causal scaled-dot-product attention with GQA over a KV cache (`AttentionShape`).
     /// in: q `[m, n_heads*head_dim]`, k_cache and v_cache `[n_kv_heads, capacity, head_dim]`,
@@ -230,11 +233,13 @@ pub enum Op {
     Softmax,
     /// The gated MLP's two projections and activation in one: out = f(x·Gᵀ) ∘ (x·Uᵀ).
     /// in: x `[1, k]` (a single row: decode), the norm weight f32 `[k]` if `pre_norm`, gate
-    /// weight tensors, then up weight tensors (both per `layout`, `[n, k]`); out `[1, n]`.
+    /// weight tensors, then up weight tensors (both per `layout`, `[n, k]`); out `[1, n]`, then
+    /// with `half_out` its f16 copy `[1, n]` (for the down projection's `MatMul::half_x`).
     GatedMatMul {
         layout: WeightLayout,
         act: UnaryFn,
         pre_norm: Option<PreNorm>,
+        half_out: bool,
     },
     /// out = cap·tanh(x/cap), elementwise (logit soft-capping).
     Softcap { cap: f32 },

@@ -292,6 +292,9 @@ pub struct Scratch {
     gate: Tensor,
     up: Tensor,
     act: Tensor,
+    /// `act`'s f16 copy `[1, intermediate]` for a single row, which the fused gated matmul
+    /// writes and the down projection stages (`ops::matmul_add`'s x_h).
+    act_h: Option<Tensor>,
     /// Buffers of the MoE layers (`DecoderParams::moe`).
     moe: Option<MoeScratch>,
     /// `[m, hidden]` filled with `Architecture::embed_scale` (an elementwise multiplier).
@@ -554,6 +557,10 @@ impl Decoder {
             gate: f(p.intermediate_size)?,
             up: f(p.intermediate_size)?,
             act: f(p.intermediate_size)?,
+            act_h: match m {
+                1 => Some(device.empty(&[1, p.intermediate_size], DType::F16)?),
+                _ => None,
+            },
             moe,
             embed_scale,
             uncapped_logits,
@@ -633,12 +640,13 @@ impl Decoder {
 
     /// `out` = `x` + `branch`·Wᵀ, the block output first normed by `out_norm` if there is one
     /// (the norm and the add one dispatch). One decode row without a norm or bias takes the
-    /// residual as the matmul's bias: one dispatch instead of two.
+    /// residual as the matmul's bias: one dispatch instead of two, reading `branch_h` (branch's
+    /// f16 copy) if given.
     #[allow(clippy::too_many_arguments)]
     fn project_residual(
         &self,
         enc: &mut CommandEncoder,
-        branch: &Tensor,
+        (branch, branch_h): (&Tensor, Option<&Tensor>),
         w: &Linear,
         x: &Tensor,
         out_norm: Option<&Tensor>,
@@ -646,7 +654,7 @@ impl Decoder {
         out: &Tensor,
     ) -> Result<()> {
         if branch.rows() == 1 && out_norm.is_none() && w.bias.is_none() {
-            return ops::matmul_add(enc, branch, w, x, out);
+            return ops::matmul_add(enc, branch, branch_h, w, x, out);
         }
         ops::matmul(enc, branch, w, &s.proj)?;
         match out_norm {
@@ -660,26 +668,29 @@ impl Decoder {
     }
 
     /// `s.act` = act(`s.normed`·Gᵀ) ∘ (`s.normed`·Uᵀ). One decode row with bias-free
-    /// quantized gate and up stored alike is one dispatch; otherwise two matmuls and the
-    /// activation.
-    fn gated_mlp_input(
+    /// quantized gate and up stored alike is one dispatch, which also writes `s.act_h` (then
+    /// returned); otherwise two matmuls and the activation.
+    fn gated_mlp_input<'s>(
         &self,
         enc: &mut CommandEncoder,
         x: &Tensor,
         norm: &Tensor,
         (gate, up): (&Linear, &Linear),
-        s: &Scratch,
-    ) -> Result<()> {
+        s: &'s Scratch,
+    ) -> Result<Option<&'s Tensor>> {
         let act = self.params.arch.activation;
         let stored_alike = gate.stored_like(up) && gate.n == up.n;
         if x.rows() == 1 && stored_alike && gate.bias.is_none() && up.bias.is_none() {
             let norm = Some(self.input_norm(norm));
-            return ops::gated_matmul(enc, x, norm, gate, up, act, &s.act);
+            let act_h = s.act_h.as_ref();
+            ops::gated_matmul(enc, x, norm, gate, up, act, &s.act, act_h)?;
+            return Ok(act_h);
         }
         self.norm(enc, x, norm, &s.normed)?;
         ops::matmul(enc, &s.normed, gate, &s.gate)?;
         ops::matmul(enc, &s.normed, up, &s.up)?;
-        ops::gated_activation(enc, act, &s.gate, &s.up, &s.act)
+        ops::gated_activation(enc, act, &s.gate, &s.up, &s.act)?;
+        Ok(None)
     }
 
     /// Record the forward pass of `s.m` tokens (`tokens` u32 `[m]`, the first at position
@@ -705,13 +716,14 @@ impl Decoder {
         for (layer, kv) in self.layers.iter().zip(&cache.layers) {
             self.encode_attention(enc, layer, x, kv, pos, s)?;
             let attn_norm = layer.attn_out_norm.as_ref();
-            self.project_residual(enc, &s.attn, &layer.o, x, attn_norm, s, x_mid)?;
+            self.project_residual(enc, (&s.attn, None), &layer.o, x, attn_norm, s, x_mid)?;
 
             match &layer.mlp {
                 Mlp::Dense { gate, up, down } => {
-                    self.gated_mlp_input(enc, x_mid, &layer.mlp_norm, (gate, up), s)?;
+                    let act_h = self.gated_mlp_input(enc, x_mid, &layer.mlp_norm, (gate, up), s)?;
                     let mlp_norm = layer.mlp_out_norm.as_ref();
-                    self.project_residual(enc, &s.act, down, x_mid, mlp_norm, s, x)?;
+                    let act = (&s.act, act_h);
+                    self.project_residual(enc, act, down, x_mid, mlp_norm, s, x)?;
                 }
                 Mlp::Moe {
                     router,

@@ -278,21 +278,27 @@ fn dispatch_matmul(
         layout: w.layout,
         has_bias: w.bias.is_some(),
         pre_norm: norm.map(|(_, p)| p),
+        half_x: false,
     };
     enc.dispatch(op, &inputs, &[out])
 }
 
 /// out `[1, n]` = x `[1, k]` · Wᵀ + residual `[1, n]`, one dispatch: for a single row the
 /// residual is a per-column bias, so the matmul kernels add it as they store (decode saves the
-/// separate add). The weight must have no bias of its own.
+/// separate add). The weight must have no bias of its own. `x_h`, if given, is x's f16 copy
+/// `[1, k]` (`gated_matmul`'s `out_h`), which a kernel that rounds x to f16 reads instead.
 pub fn matmul_add(
     enc: &mut CommandEncoder,
     x: &Tensor,
+    x_h: Option<&Tensor>,
     w: &Linear,
     residual: &Tensor,
     out: &Tensor,
 ) -> Result<()> {
     check_x("matmul", x, w.k)?;
+    if let Some(x_h) = x_h {
+        check_half_copy("matmul", "x_h", x_h, w.k)?;
+    }
     expect_dtype("matmul", "residual", residual, &[DType::F32])?;
     if x.rows() != 1 || w.bias.is_some() {
         return Err(Error::op(
@@ -305,17 +311,27 @@ pub fn matmul_add(
     let mut inputs: Vec<&Tensor> = vec![x];
     inputs.extend(w.tensors.iter());
     inputs.push(residual);
+    inputs.extend(x_h);
     let op = Op::MatMul {
         layout: w.layout,
         has_bias: true,
         pre_norm: None,
+        half_x: x_h.is_some(),
     };
     enc.dispatch(op, &inputs, &[out])
 }
 
+/// An f16 copy of a row of `n` values: f16 `[1, n]`.
+fn check_half_copy(op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
+    expect_dtype(op, what, t, &[DType::F16])?;
+    expect_shape(op, what, t, &[1, n])
+}
+
 /// out `[1, n]` = f(x·Gᵀ) ∘ (x·Uᵀ) for one row x `[1, k]`: the gated MLP's gate and up
 /// projections and its activation in one dispatch (decode), x first through `norm` if given.
-/// Both weights must share a layout shape and stored dtypes, and have no bias.
+/// Both weights must share a layout shape and stored dtypes, and have no bias. With `out_h`
+/// (f16 `[1, n]`), out's f16 copy is written there too, for the down projection's `x_h`.
+#[allow(clippy::too_many_arguments)]
 pub fn gated_matmul(
     enc: &mut CommandEncoder,
     x: &Tensor,
@@ -324,6 +340,7 @@ pub fn gated_matmul(
     up: &Linear,
     f: UnaryFn,
     out: &Tensor,
+    out_h: Option<&Tensor>,
 ) -> Result<()> {
     check_x("gated_matmul", x, gate.k)?;
     if x.rows() != 1 {
@@ -347,6 +364,9 @@ pub fn gated_matmul(
         return Err(Error::op("gated_matmul", "weights with a bias"));
     }
     expect_shape("gated_matmul", "out", out, &[1, gate.n])?;
+    if let Some(out_h) = out_h {
+        check_half_copy("gated_matmul", "out_h", out_h, gate.n)?;
+    }
     let mut inputs: Vec<&Tensor> = vec![x];
     if let Some(norm) = norm {
         check_input_norm("gated_matmul", x, norm)?;
@@ -358,6 +378,8 @@ pub fn gated_matmul(
         layout: gate.layout,
         act: f,
         pre_norm: norm.map(|(_, p)| p),
+        half_out: out_h.is_some(),
     };
-    enc.dispatch(op, &inputs, &[out])
+    let outputs: Vec<&Tensor> = std::iter::once(out).chain(out_h).collect();
+    enc.dispatch(op, &inputs, &outputs)
 }

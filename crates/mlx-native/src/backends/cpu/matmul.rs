@@ -22,12 +22,14 @@ pub(super) fn register(reg: &mut Registry<CpuKernel>) {
     }
 }
 
-/// `Op::MatMul`: the layout's kernel, after the folded RMSNorm if there is one.
+/// `Op::MatMul`: the layout's kernel, after the folded RMSNorm if there is one. x's f16 copy
+/// (`half_x`) is not read: x holds the same values unrounded.
 fn matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let Op::MatMul {
         layout,
         has_bias,
         pre_norm,
+        half_x,
     } = *op
     else {
         return Err(wrong_op(op));
@@ -36,7 +38,15 @@ fn matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         layout,
         has_bias,
         pre_norm: None,
+        half_x: false,
     };
+    let inputs = match (half_x, inputs) {
+        (true, [rest @ .., _x_h]) => rest,
+        _ => inputs,
+    };
+    if half_x {
+        return kernel_for(layout)(&plain, inputs, outputs);
+    }
     match pre_norm {
         None => kernel_for(layout)(op, inputs, outputs),
         Some(norm) => kernel_for(layout)(&plain, &normed_input(norm, inputs)?, outputs),
@@ -62,9 +72,14 @@ fn gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         layout,
         act,
         pre_norm,
+        half_out,
     } = *op
     else {
         return Err(wrong_op(op));
+    };
+    let (outputs, out_h) = match (half_out, outputs) {
+        (true, [out, out_h]) => (std::slice::from_ref(out), Some(out_h)),
+        _ => (outputs, None),
     };
     let normed;
     let inputs = match pre_norm {
@@ -86,6 +101,7 @@ fn gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         layout,
         has_bias: false,
         pre_norm: None,
+        half_x: false,
     };
     let gate = out.device().empty(out.shape(), DType::F32)?;
     let up = out.device().empty(out.shape(), DType::F32)?;
@@ -93,7 +109,14 @@ fn gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         let operands: Vec<Tensor> = std::iter::once(x).chain(weight).cloned().collect();
         matmul(&projection, &operands, std::slice::from_ref(result))?;
     }
-    elementwise::gated_activation(&Op::GatedActivation(act), &[gate, up], outputs)
+    elementwise::gated_activation(&Op::GatedActivation(act), &[gate, up], outputs)?;
+    if let Some(out_h) = out_h {
+        let halves = slice_mut::<half::f16>(out_h)?;
+        for (h, &v) in halves.iter_mut().zip(slice::<f32>(out)?) {
+            *h = half::f16::from_f32(v);
+        }
+    }
+    Ok(())
 }
 
 /// The `Op::MatMul` kernel of a weight layout.
@@ -123,6 +146,7 @@ impl<'a> Operands<'a> {
             layout,
             has_bias,
             pre_norm: None,
+            half_x: false,
         } = *op
         else {
             return Err(wrong_op(op));

@@ -102,6 +102,19 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float((u32)h << 16); }
 
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// An f16 copy of a row some decode matvecs write beside their f32 output (`out_h`, or null):
+// the tensor-core matvec that reads the row next stages it from there, half the bytes
+// (matvec_tc.cu).
+__device__ __forceinline__ void store_half_copy(u16* out_h, i64 i, float v) {
+    if (out_h) out_h[i] = f32_to_f16(v);
+}
+
 // Element i of a float array stored as `ft`. With a constant `ft` the switch folds away.
 __device__ __forceinline__ float load_float(const void* p, i64 i, int ft) {
     switch (ft) {

@@ -20,11 +20,14 @@ extern "C" __global__ void binary(const float* __restrict__ a, const float* __re
 
 extern "C" __global__ void gated_activation(const float* __restrict__ gate,
                                             const float* __restrict__ up,
-                                            float* __restrict__ out, i64 n, int f) {
+                                            float* __restrict__ out, u16* __restrict__ out_h,
+                                            i64 n, int f) {
     kernel_entry();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (i64)gridDim.x * blockDim.x)
+         i += (i64)gridDim.x * blockDim.x) {
         out[i] = activation(gate[i], f) * up[i];
+        store_half_copy(out_h, i, out[i]);
+    }
 }
 
 extern "C" __global__ void softcap(const float* __restrict__ x, float* __restrict__ out, i64 n,

@@ -121,21 +121,20 @@ fn gated_activation(
     };
     let launch = gated_activation_at(
         lib,
-        device_ptr(gate)?,
-        device_ptr(up)?,
-        device_ptr(out)?,
+        (device_ptr(gate)?, device_ptr(up)?),
+        (device_ptr(out)?, 0),
         gate.elem_count(),
         f,
     )?;
     Ok(CudaKernel::single(launch))
 }
 
-/// out = f(gate)·up over `n` f32 values at device addresses.
+/// out = f(gate)·up over `n` f32 values at device addresses, and its f16 copy at `out_h`
+/// unless 0.
 pub(super) fn gated_activation_at(
     lib: &KernelLibrary,
-    gate: u64,
-    up: u64,
-    out: u64,
+    (gate, up): (u64, u64),
+    (out, out_h): (u64, u64),
     n: usize,
     f: UnaryFn,
 ) -> Result<Launch> {
@@ -143,6 +142,7 @@ pub(super) fn gated_activation_at(
         .u64(gate)
         .u64(up)
         .u64(out)
+        .u64(out_h)
         .long(n)
         .code(unary_code(f));
     let grid = elementwise_grid(lib, n)?;

@@ -92,6 +92,7 @@ fn matmul(
         layout,
         has_bias,
         pre_norm,
+        half_x,
     } = *op
     else {
         return Err(wrong_op(op));
@@ -99,6 +100,11 @@ fn matmul(
     let n_weight = layout.tensor_count();
     let ([out], Some(x)) = (outputs, inputs.first()) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    // x's f16 copy (last), read by the tensor-core matvec only.
+    let (inputs, x_h) = match (half_x, inputs) {
+        (true, [rest @ .., x_h]) => (rest, Some(x_h)),
+        _ => (inputs, None),
     };
     let (norm, inputs) = split_norm(op, pre_norm, inputs)?;
     let inputs = &inputs[..];
@@ -141,7 +147,16 @@ fn matmul(
         let args = weight.tensor_args(Args::new().u64(plan.input.x))?;
         let args = args.bias(bias)?.ptr(out)?.int(n)?.int(k)?;
         let args = weight.group_args(args).int(kgroups)?;
-        return plan.launch(lib, &name, args, n);
+        // The plain tensor-core kernels take x's f16 copy last (null: none; with a folded norm
+        // they stage x itself).
+        let half = match (plan.kernel, x_h) {
+            (MatvecKernel::TensorCores(_), Some(x_h)) if plan.input.fold.is_none() => {
+                Some(half_copy_ptr(x_h)?)
+            }
+            (MatvecKernel::TensorCores(_), _) => Some(0),
+            _ => None,
+        };
+        return plan.launch(lib, &name, args, n, half);
     } else {
         // Tensor cores for many rows (float4 loads of x), unless the weight is f32: f16
         // operands would drop its precision and range.
@@ -402,12 +417,18 @@ fn gated_matmul(
         layout,
         act,
         pre_norm,
+        half_out,
     } = *op
     else {
         return Err(wrong_op(op));
     };
     let count = layout.tensor_count();
-    let ([out], Some(x)) = (outputs, inputs.first()) else {
+    let (out, out_h) = match (half_out, outputs) {
+        (false, [out]) => (out, 0),
+        (true, [out, out_h]) => (out, half_copy_ptr(out_h)?),
+        _ => return Err(operand_count(op, inputs.len(), outputs.len())),
+    };
+    let Some(x) = inputs.first() else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
     let (norm, inputs) = split_norm(op, pre_norm, inputs)?;
@@ -433,7 +454,7 @@ fn gated_matmul(
         && matvec_reads(&up, k)?
         && (norm.is_some() || device_ptr(x)? % 16 == 0);
     if !vector_ready {
-        return gated_tiled(lib, x, norm, (&gate, &up), (k, n), act, out);
+        return gated_tiled(lib, x, norm, (&gate, &up), (k, n), act, (out, out_h));
     }
     let plan = DecodePlan::new(lib, &gate, Some(&up), x, n, norm)?;
     let (kgroups, prefix) = (plan.kgroups(), plan.prefix());
@@ -448,12 +469,25 @@ fn gated_matmul(
     let args = up.tensor_args(gate.tensor_args(Args::new().u64(plan.input.x))?)?;
     let args = args.ptr(out)?.int(n)?.int(k)?;
     let args = gate.group_args(args).int(kgroups)?.code(unary_code(act));
-    plan.launch(lib, &name, args, n)
+    plan.launch(lib, &name, args, n, Some(out_h))
+}
+
+/// The address of an f16 copy of a row (`x_h`, `out_h`), which the kernels read and write
+/// with 16-byte and 2-byte accesses.
+fn half_copy_ptr(t: &Tensor) -> Result<u64> {
+    let ptr = device_ptr(t)?;
+    if t.dtype() != DType::F16 || ptr % 16 != 0 {
+        return Err(Error::op(
+            "matmul",
+            "an f16 copy of a row must be f16, 16-byte aligned",
+        ));
+    }
+    Ok(ptr)
 }
 
 /// The gated pair where the matvec kernels cannot read a weight (dense rows that are not
 /// whole aligned units) or x: the norm (if any) into a scratch row, gate and up by the tiled
-/// kernel into two more, then act(gate)·up.
+/// kernel into two more, then act(gate)·up (and its f16 copy at `out_h` unless 0).
 fn gated_tiled(
     lib: &KernelLibrary,
     x: &Tensor,
@@ -461,7 +495,7 @@ fn gated_tiled(
     (gate, up): (&Weight, &Weight),
     (k, n): (usize, usize),
     act: UnaryFn,
-    out: &Tensor,
+    (out, out_h): (&Tensor, u64),
 ) -> Result<CudaKernel> {
     let input = MatvecInput::new(lib, x, norm, 0)?;
     let np = n.next_multiple_of(4);
@@ -470,7 +504,13 @@ fn gated_tiled(
     let launches = vec![
         tiled(lib, gate, input.x, (1, k, n), Bias::NONE, gate_out, false)?,
         tiled(lib, up, input.x, (1, k, n), Bias::NONE, up_out, false)?,
-        super::elementwise::gated_activation_at(lib, gate_out, up_out, device_ptr(out)?, n, act)?,
+        super::elementwise::gated_activation_at(
+            lib,
+            (gate_out, up_out),
+            (device_ptr(out)?, out_h),
+            n,
+            act,
+        )?,
     ];
     Ok(input.then(launches).holding(scratch))
 }
@@ -609,9 +649,20 @@ impl<'a> DecodePlan<'a> {
     }
 
     /// The dispatch for kernel `name` with `args` (x's address first); both kernel families
-    /// take the norm arguments last.
-    fn launch(self, lib: &KernelLibrary, name: &str, args: Args, n: usize) -> Result<CudaKernel> {
-        let args = args.norm(self.input.fold)?;
+    /// take the norm arguments, then the kernels that have one the address of an f16 copy of a
+    /// row (`half`: the plain tensor-core kernels' x_h, the gated kernels' out_h; 0 for none).
+    fn launch(
+        self,
+        lib: &KernelLibrary,
+        name: &str,
+        args: Args,
+        n: usize,
+        half: Option<u64>,
+    ) -> Result<CudaKernel> {
+        let mut args = args.norm(self.input.fold)?;
+        if let Some(half) = half {
+            args = args.u64(half);
+        }
         let launch = match self.kernel {
             MatvecKernel::TensorCores(p) => {
                 lib.launch(&MATVEC_TC, name, p.grid, p.threads, p.shared, args)?

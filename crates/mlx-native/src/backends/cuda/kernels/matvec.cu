@@ -11,7 +11,8 @@
 // the latency of each lane's chain of work rather than by bytes (SmolLM2's k = 576: each lane
 // holds one unit, and half the rows a warp give twice the warps; H100, 2026-11-26).
 // GATED reads a second weight `l_up` of the same layout at the same rows (the gated MLP's up
-// projection beside its gate) and stores act(x·gate)·(x·up).
+// projection beside its gate) and stores act(x·gate)·(x·up), and its f16 copy where `out_h` is
+// given (for a tensor-core down projection, matvec_tc.cu).
 // NORM takes x through an RMSNorm first, x·(g + g_offset)·r with r = rsqrt(mean(x²) + eps),
 // without a pass of its own: the lanes multiply x by g as they load it and sum x² on the way
 // (every warp group covers all of k), and the row sums are scaled by r at the end.
@@ -27,8 +28,8 @@
 template <int ROWS, int UNITS, bool GATED, bool NORM, class L, bool PREFETCH = false>
 __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* __restrict__ x,
                                        const PreNorm norm, const void* __restrict__ bias,
-                                       int bias_type, float* __restrict__ out, int n, int kgroups,
-                                       int act) {
+                                       int bias_type, float* __restrict__ out,
+                                       u16* __restrict__ out_h, int n, int kgroups, int act) {
     // GATED: up rows after the gate rows; NORM: Σx² in the last slot.
     constexpr int ROW_ACC = GATED ? 2 * ROWS : ROWS;
     constexpr int ACC = ROW_ACC + (NORM ? 1 : 0);
@@ -111,9 +112,10 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
         const int row = row0 + r;
         if (row >= n) continue;
         const float y = scale * acc[r];
-        if constexpr (GATED)
+        if constexpr (GATED) {
             out[row] = activation(y, act) * (scale * acc[ROWS + r]);
-        else
+            store_half_copy(out_h, row, out[row]);
+        } else
             out[row] = y + bias_v[r];
     }
 }
@@ -127,7 +129,7 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
     F(matvec_short_, false, 2, 1, __VA_ARGS__)                                                     \
     F(matvec_short_norm_, true, 2, 1, __VA_ARGS__)
 
-#define MATVEC_MLX_KERNELS(PREFIX, NORM, ROWS, UNITS, BITS, ST, NAME)                             \
+#define MATVEC_MLX_KERNELS(PREFIX, NORM, ROWS, UNITS, BITS, ST, NAME)                              \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
         PREFIX##mlx##BITS##_##NAME(const float* x, const u32* w, const void* scales,               \
                                    const void* biases, const void* bias, int bias_type,            \
@@ -135,18 +137,18 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
                                    MATVEC_NORM_ARGS) {                                             \
         const MlxAffine<BITS> l{w, scales, biases, ST, k, group_shift};                            \
         matvec<ROWS, UNITS, false, NORM, MlxAffine<BITS>, true>(                                   \
-            l, l, x, MATVEC_PRE_NORM, bias, bias_type, out, n, kgroups, 0);                        \
+            l, l, x, MATVEC_PRE_NORM, bias, bias_type, out, nullptr, n, kgroups, 0);               \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
         PREFIX##gated_mlx##BITS##_##NAME(const float* x, const u32* w, const void* scales,         \
                                          const void* biases, const u32* w_up,                      \
                                          const void* scales_up, const void* biases_up, float* out, \
                                          int n, int k, int group_shift, int kgroups, int act,      \
-                                         MATVEC_NORM_ARGS) {                                       \
+                                         MATVEC_NORM_ARGS, u16* out_h) {                           \
         const MlxAffine<BITS> l{w, scales, biases, ST, k, group_shift};                            \
         const MlxAffine<BITS> l_up{w_up, scales_up, biases_up, ST, k, group_shift};                \
         matvec<ROWS, UNITS, true, NORM, MlxAffine<BITS>, true>(                                    \
-            l, l_up, x, MATVEC_PRE_NORM, nullptr, 0, out, n, kgroups, act);                        \
+            l, l_up, x, MATVEC_PRE_NORM, nullptr, 0, out, out_h, n, kgroups, act);                 \
     }
 #define MATVEC_MLX_ALL_TYPES(BITS)                                                                 \
     MATVEC_SHAPES(MATVEC_MLX_KERNELS, BITS, FT_F32, f32)                                           \
@@ -159,20 +161,20 @@ MATVEC_MLX_ALL_TYPES(5)
 MATVEC_MLX_ALL_TYPES(6)
 MATVEC_MLX_ALL_TYPES(8)
 
-#define MATVEC_GGML_KERNELS(PREFIX, NORM, ROWS, UNITS, TYPE, NAME)                                \
+#define MATVEC_GGML_KERNELS(PREFIX, NORM, ROWS, UNITS, TYPE, NAME)                                 \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
         PREFIX##NAME(const float* x, const u8* w, const void* bias, int bias_type, float* out,     \
                      int n, int k, int kgroups, MATVEC_NORM_ARGS) {                                \
         const TYPE l{w, k};                                                                        \
-        matvec<ROWS, UNITS, false, NORM>(l, l, x, MATVEC_PRE_NORM, bias, bias_type, out, n,        \
-                                         kgroups, 0);                                              \
+        matvec<ROWS, UNITS, false, NORM>(l, l, x, MATVEC_PRE_NORM, bias, bias_type, out, nullptr,  \
+                                         n, kgroups, 0);                                           \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
         PREFIX##gated_##NAME(const float* x, const u8* w, const u8* w_up, float* out, int n,       \
-                             int k, int kgroups, int act, MATVEC_NORM_ARGS) {                      \
+                             int k, int kgroups, int act, MATVEC_NORM_ARGS, u16* out_h) {          \
         const TYPE l{w, k}, l_up{w_up, k};                                                         \
-        matvec<ROWS, UNITS, true, NORM>(l, l_up, x, MATVEC_PRE_NORM, nullptr, 0, out, n, kgroups,  \
-                                        act);                                                      \
+        matvec<ROWS, UNITS, true, NORM>(l, l_up, x, MATVEC_PRE_NORM, nullptr, 0, out, out_h, n,    \
+                                        kgroups, act);                                             \
     }
 MATVEC_SHAPES(MATVEC_GGML_KERNELS, Q4_0, q4_0)
 MATVEC_SHAPES(MATVEC_GGML_KERNELS, Q4_1, q4_1)
@@ -180,20 +182,21 @@ MATVEC_SHAPES(MATVEC_GGML_KERNELS, Q8_0, q8_0)
 MATVEC_SHAPES(MATVEC_GGML_KERNELS, Q4_K, q4_k)
 MATVEC_SHAPES(MATVEC_GGML_KERNELS, Q6_K, q6_k)
 
-#define MATVEC_DENSE_KERNELS(PREFIX, NORM, ROWS, UNITS, FT, NAME)                                 \
+#define MATVEC_DENSE_KERNELS(PREFIX, NORM, ROWS, UNITS, FT, NAME)                                  \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
         PREFIX##dense_##NAME(const float* x, const void* w, const void* bias, int bias_type,       \
                              float* out, int n, int k, int kgroups, MATVEC_NORM_ARGS) {            \
         const Dense l{w, FT, k};                                                                   \
-        matvec<ROWS, UNITS, false, NORM>(l, l, x, MATVEC_PRE_NORM, bias, bias_type, out, n,        \
-                                         kgroups, 0);                                              \
+        matvec<ROWS, UNITS, false, NORM>(l, l, x, MATVEC_PRE_NORM, bias, bias_type, out, nullptr,  \
+                                         n, kgroups, 0);                                           \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_MIN_BLOCKS)                     \
         PREFIX##gated_dense_##NAME(const float* x, const void* w, const void* w_up, float* out,    \
-                                   int n, int k, int kgroups, int act, MATVEC_NORM_ARGS) {         \
+                                   int n, int k, int kgroups, int act, MATVEC_NORM_ARGS,           \
+                                   u16* out_h) {                                                   \
         const Dense l{w, FT, k}, l_up{w_up, FT, k};                                                \
-        matvec<ROWS, UNITS, true, NORM>(l, l_up, x, MATVEC_PRE_NORM, nullptr, 0, out, n, kgroups,  \
-                                        act);                                                      \
+        matvec<ROWS, UNITS, true, NORM>(l, l_up, x, MATVEC_PRE_NORM, nullptr, 0, out, out_h, n,    \
+                                        kgroups, act);                                             \
     }
 MATVEC_SHAPES(MATVEC_DENSE_KERNELS, FT_F32, f32)
 MATVEC_SHAPES(MATVEC_DENSE_KERNELS, FT_F16, f16)

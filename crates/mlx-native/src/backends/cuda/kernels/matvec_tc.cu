@@ -296,6 +296,21 @@ __device__ __forceinline__ void mt_norm_chunk(float* v, const float* g_chunk, fl
     for (int e = 0; e < N; ++e) v[e] *= r * (g[e] + norm.g_offset);
 }
 
+// N f16 values from p (16-byte aligned) as floats.
+template <int N>
+__device__ __forceinline__ void load_halves(const u16* p, float* v) {
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i) {
+        const uint4 q = ((const uint4*)p)[i];
+        const u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            v[8 * i + 2 * j] = f16_to_f32((u16)w[j]);
+            v[8 * i + 2 * j + 1] = f16_to_f32((u16)(w[j] >> 16));
+        }
+    }
+}
+
 // x (through the RMSNorm, if NORM) as f16 pairs in the format's fragment order, Σx per
 // chunk in f32 (formats with biases), and a chunk of zeros. Every block normalises x itself,
 // which costs less than a norm launch in front of the kernel; the norm weight is already in
@@ -303,16 +318,29 @@ __device__ __forceinline__ void mt_norm_chunk(float* v, const float* g_chunk, fl
 // hold all chunks (k ≤ 16,384 4-bit fields), each loads one chunk once and takes the norm's
 // Σx² from those registers; else a first pass over x sums the squares.
 // These reads of x, by every SM at once right after the wait, are a large part of the kernel's
-// fixed cost (H100, 2026-11-26, knockouts: staging 1/8 of x read 8B decode 391 → 433 tok/s
-// with two blocks an SM, and no staging at all still 408 → 456 with one). Thread block
-// clusters that split the staging and shared it through distributed shared memory were slower
-// (docs/cuda-backend.md).
+// fixed cost, about in proportion to their bytes (H100, 2026-11-26, knockouts: without staging
+// the 1B shape's decode read 1,867 → 2,256 tok/s, the 8B's 433 → 491; the 8B's down
+// projection, 4096×14336, 17.4 µs, 14.3 without staging, 15.8 staged from f16). So without a
+// norm, x comes from the f16 copy its producer wrote where there is one (`x_h`, common.cuh's
+// store_half_copy): the values this staging would round x to, in half the bytes. Thread block
+// clusters that split the staging and shared it through distributed shared memory were
+// slower, and so was x brought by a bulk copy (docs/cuda-backend.md).
 template <class F, bool NORM>
-__device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, const PreNorm& norm,
-                                           const float* gs, u32* xh, u32* zero, float* csum) {
+__device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, const u16* __restrict__ x_h,
+                                           int k, const PreNorm& norm, const float* gs, u32* xh,
+                                           u32* zero, float* csum) {
     constexpr int CHUNK = F::CHUNK;
     const int chunks = k / CHUNK;
     if (threadIdx.x < CHUNK / 2) zero[threadIdx.x] = 0u;
+    if (!NORM && x_h) {
+        // The producer's f16 copy: the same values this staging would round x to.
+        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+            float v[CHUNK];
+            load_halves<CHUNK>(x_h + (i64)c * CHUNK, v);
+            mt_store_chunk<F>(v, c, xh, csum);
+        }
+        return;
+    }
     if (chunks <= (int)blockDim.x) {
         const int c = threadIdx.x;
         const bool mine = c < chunks;
@@ -349,10 +377,11 @@ __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, int k, c
 
 template <class F, bool GATED, bool NORM>
 __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __restrict__ x,
-                                          const PreNorm& norm, const void* __restrict__ bias,
-                                          int bias_type,
-                                          float* __restrict__ out, int n, int k, i64 row_bytes,
-                                          int group_shift, int kgroups, int act) {
+                                          const u16* __restrict__ x_h, const PreNorm& norm,
+                                          const void* __restrict__ bias, int bias_type,
+                                          float* __restrict__ out, u16* __restrict__ out_h, int n,
+                                          int k, i64 row_bytes, int group_shift, int kgroups,
+                                          int act) {
     constexpr int M = GATED ? 2 : 1;
     constexpr int STAGE = GATED ? 1 : F::STAGE;  // ≈ 64 bytes in flight a lane
     constexpr int CHUNK = F::CHUNK;
@@ -398,7 +427,7 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     // stream, written by an earlier kernel) is loaded now, not after the reduction.
     const int r = threadIdx.x, row = blockIdx.x * tiles * 16 + r;
     const float bias_v = bias ? load_float(bias, min(row, n - 1), bias_type) : 0.f;
-    mt_stage_x<F, NORM>(x, k, norm, gs, xh, zero, csum);
+    mt_stage_x<F, NORM>(x, x_h, k, norm, gs, xh, zero, csum);
     __syncthreads();
 
     float acc[M][2];
@@ -431,35 +460,39 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
             y[m] = 0.f;
             for (int s = 0; s < kgroups; ++s) y[m] += partial[w0 + s][m][r & 15];
         }
-        if constexpr (GATED)
+        if constexpr (GATED) {
             out[row] = activation(y[0], act) * y[M - 1];
-        else
+            store_half_copy(out_h, row, out[row]);
+        } else
             out[row] = y[0] + bias_v;
     }
 }
 
 // Each kernel comes plain and with the RMSNorm applied to x first (`matvec_tc_norm_…`, which
 // holds more registers); both take the norm arguments (MATVEC_NORM_ARGS), which the plain one
-// ignores.
+// ignores. After them, the plain kernels take x's f16 copy (`x_h`, or null; read only without
+// a norm), the gated ones where to write the f16 copy of their output (`out_h`, or null).
 #define MATVEC_TC_KERNELS(BITS, ST, NAME, PREFIX, NORM)                                            \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##mlx##BITS##_##NAME(const float* x, const u8* w, const void* scales,                \
                                    const void* biases, const void* bias, int bias_type,            \
                                    float* out, int n, int k, int group_shift, int kgroups,         \
-                                   MATVEC_NORM_ARGS) {                                             \
+                                   MATVEC_NORM_ARGS, const u16* x_h) {                             \
         const MtWeight wt[1] = {{w, scales, biases}};                                              \
-        matvec_tc<MtMlx<BITS, ST>, false, NORM>(wt, x, MATVEC_PRE_NORM, bias, bias_type, out, n,   \
-                                                k, (i64)k * BITS / 8, group_shift, kgroups, 0);    \
+        matvec_tc<MtMlx<BITS, ST>, false, NORM>(wt, x, x_h, MATVEC_PRE_NORM, bias, bias_type, out, \
+                                                nullptr, n, k, (i64)k * BITS / 8, group_shift,     \
+                                                kgroups, 0);                                       \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##gated_mlx##BITS##_##NAME(const float* x, const u8* w, const void* scales,          \
                                          const void* biases, const u8* w_up,                       \
                                          const void* scales_up, const void* biases_up,             \
                                          float* out, int n, int k, int group_shift, int kgroups,   \
-                                         int act, MATVEC_NORM_ARGS) {                              \
+                                         int act, MATVEC_NORM_ARGS, u16* out_h) {                  \
         const MtWeight wt[2] = {{w, scales, biases}, {w_up, scales_up, biases_up}};                \
-        matvec_tc<MtMlx<BITS, ST>, true, NORM>(wt, x, MATVEC_PRE_NORM, nullptr, 0, out, n, k,      \
-                                               (i64)k * BITS / 8, group_shift, kgroups, act);      \
+        matvec_tc<MtMlx<BITS, ST>, true, NORM>(wt, x, nullptr, MATVEC_PRE_NORM, nullptr, 0, out,   \
+                                               out_h, n, k, (i64)k * BITS / 8, group_shift,        \
+                                               kgroups, act);                                      \
     }
 #define MATVEC_TC(BITS, ST, NAME)                                                                  \
     MATVEC_TC_KERNELS(BITS, ST, NAME, matvec_tc_, false)                                           \
@@ -474,17 +507,17 @@ MATVEC_TC_ALL_TYPES(8)
 #define MATVEC_TC_Q4_0(PREFIX, NORM)                                                               \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##q4_0(const float* x, const u8* w, const void* bias, int bias_type, float* out,     \
-                     int n, int k, int kgroups, MATVEC_NORM_ARGS) {                                \
+                     int n, int k, int kgroups, MATVEC_NORM_ARGS, const u16* x_h) {                \
         const MtWeight wt[1] = {{w, nullptr, nullptr}};                                            \
-        matvec_tc<MtQ4_0, false, NORM>(wt, x, MATVEC_PRE_NORM, bias, bias_type, out, n, k,         \
-                                       (i64)(k / 32) * MtQ4_0::BLOCK, 0, kgroups, 0);              \
+        matvec_tc<MtQ4_0, false, NORM>(wt, x, x_h, MATVEC_PRE_NORM, bias, bias_type, out, nullptr, \
+                                       n, k, (i64)(k / 32) * MtQ4_0::BLOCK, 0, kgroups, 0);        \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##gated_q4_0(const float* x, const u8* w, const u8* w_up, float* out, int n, int k,  \
-                           int kgroups, int act, MATVEC_NORM_ARGS) {                               \
+                           int kgroups, int act, MATVEC_NORM_ARGS, u16* out_h) {                   \
         const MtWeight wt[2] = {{w, nullptr, nullptr}, {w_up, nullptr, nullptr}};                  \
-        matvec_tc<MtQ4_0, true, NORM>(wt, x, MATVEC_PRE_NORM, nullptr, 0, out, n, k,               \
-                                      (i64)(k / 32) * MtQ4_0::BLOCK, 0, kgroups, act);             \
+        matvec_tc<MtQ4_0, true, NORM>(wt, x, nullptr, MATVEC_PRE_NORM, nullptr, 0, out, out_h, n,  \
+                                      k, (i64)(k / 32) * MtQ4_0::BLOCK, 0, kgroups, act);          \
     }
 MATVEC_TC_Q4_0(matvec_tc_, false)
 MATVEC_TC_Q4_0(matvec_tc_norm_, true)
