@@ -44,11 +44,8 @@ fn matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         (true, [rest @ .., _x_h]) => rest,
         _ => inputs,
     };
-    if half_x {
-        return kernel_for(layout)(&plain, inputs, outputs);
-    }
     match pre_norm {
-        None => kernel_for(layout)(op, inputs, outputs),
+        None => kernel_for(layout)(&plain, inputs, outputs),
         Some(norm) => kernel_for(layout)(&plain, &normed_input(norm, inputs)?, outputs),
     }
 }

@@ -147,11 +147,11 @@ fn matmul(
         let args = weight.tensor_args(Args::new().u64(plan.input.x))?;
         let args = args.bias(bias)?.ptr(out)?.int(n)?.int(k)?;
         let args = weight.group_args(args).int(kgroups)?;
-        // The plain tensor-core kernels take x's f16 copy last (null: none; with a folded norm
-        // they stage x itself).
+        // The plain tensor-core kernels take x's f16 copy last (null: none; with a norm they
+        // read x, or the normed row).
         let half = match (plan.kernel, x_h) {
-            (MatvecKernel::TensorCores(_), Some(x_h)) if plan.input.fold.is_none() => {
-                Some(half_copy_ptr(x_h)?)
+            (MatvecKernel::TensorCores(_), Some(x_h)) if norm.is_none() => {
+                Some(half_copy_ptr(x_h, k)?)
             }
             (MatvecKernel::TensorCores(_), _) => Some(0),
             _ => None,
@@ -425,7 +425,7 @@ fn gated_matmul(
     let count = layout.tensor_count();
     let (out, out_h) = match (half_out, outputs) {
         (false, [out]) => (out, 0),
-        (true, [out, out_h]) => (out, half_copy_ptr(out_h)?),
+        (true, [out, out_h]) => (out, half_copy_ptr(out_h, out.last_dim())?),
         _ => return Err(operand_count(op, inputs.len(), outputs.len())),
     };
     let Some(x) = inputs.first() else {
@@ -472,14 +472,14 @@ fn gated_matmul(
     plan.launch(lib, &name, args, n, Some(out_h))
 }
 
-/// The address of an f16 copy of a row (`x_h`, `out_h`), which the kernels read and write
-/// with 16-byte and 2-byte accesses.
-fn half_copy_ptr(t: &Tensor) -> Result<u64> {
+/// The address of an f16 copy of a row of `len` values (`x_h`, `out_h`), which the kernels
+/// read and write with 16-byte and 2-byte accesses.
+fn half_copy_ptr(t: &Tensor, len: usize) -> Result<u64> {
     let ptr = device_ptr(t)?;
-    if t.dtype() != DType::F16 || ptr % 16 != 0 {
+    if t.dtype() != DType::F16 || t.elem_count() != len || ptr % 16 != 0 {
         return Err(Error::op(
             "matmul",
-            "an f16 copy of a row must be f16, 16-byte aligned",
+            format!("an f16 copy of a row of {len} must be f16 [1, {len}], 16-byte aligned"),
         ));
     }
     Ok(ptr)
