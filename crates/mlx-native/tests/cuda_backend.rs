@@ -1770,6 +1770,13 @@ fn rope_attention_matches_reference() {
         let compute = |dev: &Device| {
             let o = case.upload(dev)?;
             let out = poisoned(dev, &[m, c.n_heads * hd])?;
+            // One query row also writes the output's f16 copy (for the o projection).
+            let out_h = match m {
+                1 => Some(
+                    dev.from_slice(&vec![half::f16::NAN; c.n_heads * hd], &[1, c.n_heads * hd])?,
+                ),
+                _ => None,
+            };
             let [kc, vc] = &o.caches;
             let shape = c.shape(scale);
             let [qw, kw] = [0, 1].map(|i| dev.from_slice(&norm_weights[i], &[hd]));
@@ -1790,9 +1797,12 @@ fn rope_attention_matches_reference() {
                     shape,
                     &o.pos,
                     (kc, vc),
-                    &out,
+                    (&out, out_h.as_ref()),
                 )
             })?;
+            if let Some(out_h) = &out_h {
+                assert_half_copy(&format!("rope_attention m=1 {hd}"), &out, out_h)?;
+            }
             let mut got = out.to_vec::<f32>()?;
             got.extend(kc.to_vec::<f32>()?);
             got.extend(vc.to_vec::<f32>()?);
@@ -2197,7 +2207,17 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
         ops::attention(enc, shape, &qr, &k_cache, &v_cache, &pos, &att)?;
         let caches2 = (&k_cache2, &v_cache2);
         let qkv = [&q, &k, &v];
-        ops::rope_attention(enc, qkv, None, &rope, false, shape, &pos, caches2, &att2)?;
+        ops::rope_attention(
+            enc,
+            qkv,
+            None,
+            &rope,
+            false,
+            shape,
+            &pos,
+            caches2,
+            (&att2, None),
+        )?;
         ops::matmul(enc, &att, &head, &logits)?;
         ops::sample(enc, params, &logits, &pos, &token, &history)
     };

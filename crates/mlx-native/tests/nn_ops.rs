@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use mlx_native::core::op::{BinaryFn, PreNorm, UnaryFn};
 use mlx_native::ops::{self, AttentionShape, HeadNorms, RopeScaling, RopeTable};
-use mlx_native::{CommandEncoder, Device, SamplingParams, Tensor};
+use mlx_native::{CommandEncoder, DType, Device, SamplingParams, Tensor};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ fn rope_kv_append_equals_rope_then_kv_append() {
             shape,
             &pos_t,
             (&k_fused, &v_fused),
-            &attn_got,
+            (&attn_got, None),
         )
         .unwrap();
         enc.commit().unwrap();
@@ -322,6 +322,67 @@ fn rope_kv_append_equals_rope_then_kv_append() {
             let (got, want) = (got.to_vec::<f32>().unwrap(), want.to_vec::<f32>().unwrap());
             assert_eq!(got, want, "rope_kv_append dims={dims}: {what}");
         }
+    }
+}
+
+/// `rope_attention` of one query row writes its output's f16 copy where asked (for the o
+/// projection's `x_h`), rounded to nearest; a copy of many rows or of the wrong dtype is an
+/// error naming it.
+#[test]
+fn rope_attention_writes_the_f16_copy_of_one_row() {
+    let dev = Device::cpu();
+    let mut rng = Rng(22);
+    let (n_heads, n_kv, hd, capacity, pos) = (4, 2, 16, 9, 3);
+    let table = RopeTable::new(&dev, hd, 10000.0, &RopeScaling::None).unwrap();
+    let tensor = |rng: &mut Rng, m: usize, heads: usize| {
+        dev.from_slice(&rng.normals(m * heads * hd, 1.0), &[m, heads * hd])
+            .unwrap()
+    };
+    let cache = || dev.zeros(&[n_kv, capacity, hd], DType::F32).unwrap();
+    let shape = AttentionShape {
+        n_heads,
+        n_kv_heads: n_kv,
+        head_dim: hd,
+        scale: 0.25,
+        window: None,
+        softcap: None,
+    };
+    let pos_t = pos_tensor(&dev, pos);
+    let run = |m: usize, rng: &mut Rng, out_h: &Tensor| {
+        let qkv = [n_heads, n_kv, n_kv].map(|heads| tensor(rng, m, heads));
+        let out = nan_tensor(&dev, &[m, n_heads * hd]);
+        let (kc, vc) = (cache(), cache());
+        let mut enc = CommandEncoder::new(&dev);
+        let [q, k, v] = &qkv;
+        ops::rope_attention(
+            &mut enc,
+            [q, k, v],
+            None,
+            &table,
+            false,
+            shape,
+            &pos_t,
+            (&kc, &vc),
+            (&out, Some(out_h)),
+        )
+        .and_then(|_| enc.commit_and_wait())
+        .map(|_| out)
+    };
+    let half_nan = vec![half::f16::NAN; n_heads * hd];
+    let out_h = dev.from_slice(&half_nan, &[1, n_heads * hd]).unwrap();
+    let out = run(1, &mut rng, &out_h).unwrap();
+    let copy = out_h.to_vec::<half::f16>().unwrap();
+    for (v, h) in out.to_vec::<f32>().unwrap().iter().zip(&copy) {
+        assert_eq!(
+            half::f16::from_f32(*v).to_bits(),
+            h.to_bits(),
+            "copy of {v}"
+        );
+    }
+    let wrong_dtype = nan_tensor(&dev, &[1, n_heads * hd]);
+    for (m, bad) in [(2, &out_h), (1, &wrong_dtype)] {
+        let err = run(m, &mut rng, bad).unwrap_err().to_string();
+        assert!(err.contains("out_h") || err.contains("f16 copy"), "{err}");
     }
 }
 
@@ -383,7 +444,7 @@ fn rope_attention_head_norms_equal_rms_norm_then_rope_attention() {
             shape,
             &pos_t,
             (&k_want, &v_want),
-            &attn_want,
+            (&attn_want, None),
         )
         .unwrap();
         let (attn_got, k_got, v_got) = (nan_tensor(&dev, q.shape()), cache(), cache());
@@ -398,7 +459,7 @@ fn rope_attention_head_norms_equal_rms_norm_then_rope_attention() {
             shape,
             &pos_t,
             (&k_got, &v_got),
-            &attn_got,
+            (&attn_got, None),
         )
         .unwrap();
         let short = dev.from_slice(&vec![1f32; hd - 1], &[hd - 1]).unwrap();
@@ -416,7 +477,7 @@ fn rope_attention_head_norms_equal_rms_norm_then_rope_attention() {
                 shape,
                 &pos_t,
                 (&k_got, &v_got),
-                &attn_got,
+                (&attn_got, None),
             )
             .unwrap_err()
             .to_string();

@@ -219,15 +219,17 @@ pub enum Op {
     /// `[m, n_kv_heads*head_dim]`, inv_freq f32 `[rotary_dims/2]`, pos u32 `[1]`, then with
     /// `head_norm` the q and k norm weights f32 `[head_dim]`; out: the attention output (like
     /// q), k_cache and v_cache `[n_kv_heads, capacity, head_dim]` (read-modify-write: rows
-    /// stored at positions pos..pos+m). With `head_norm`, each head_dim slice of q and of k
-    /// goes through that RMSNorm (over rows of head_dim) before the rotation (Qwen3's and Gemma 3's
-    /// q/k norms).
+    /// stored at positions pos..pos+m), then with `half_out` the output's f16 copy (one row:
+    /// for the o projection's `MatMul::half_x`). With `head_norm`, each head_dim slice of q and
+    /// of k goes through that RMSNorm (over rows of head_dim) before the rotation (Qwen3's and
+    /// Gemma 3's q/k norms).
     RopeAttention {
         attention: AttentionShape,
         rotary_dims: usize,
         traditional: bool,
         mscale: f32,
         head_norm: Option<PreNorm>,
+        half_out: bool,
     },
     /// Softmax over the last dim. in: x `[m, d]`; out `[m, d]`.
     Softmax,

@@ -288,6 +288,9 @@ pub struct Scratch {
     k: Tensor,
     v: Tensor,
     attn: Tensor,
+    /// `attn`'s f16 copy `[1, q]` for a single row, which the attention writes and the o
+    /// projection stages (`ops::matmul_add`'s x_h).
+    attn_h: Option<Tensor>,
     proj: Tensor,
     gate: Tensor,
     up: Tensor,
@@ -506,6 +509,11 @@ impl Decoder {
         let p = &self.params;
         let a = &p.arch;
         let f = |cols: usize| device.empty(&[m, cols], DType::F32);
+        // An f16 copy of a decode row (`act_h`, `attn_h`).
+        let half_row = |cols: usize| match m {
+            1 => device.empty(&[1, cols], DType::F16).map(Some),
+            _ => Ok(None),
+        };
         let (h, q_dim, kv_dim) = (
             p.hidden_size,
             p.num_heads * p.head_dim,
@@ -553,14 +561,12 @@ impl Decoder {
             k,
             v,
             attn: f(q_dim)?,
+            attn_h: half_row(q_dim)?,
             proj: f(h)?,
             gate: f(p.intermediate_size)?,
             up: f(p.intermediate_size)?,
             act: f(p.intermediate_size)?,
-            act_h: match m {
-                1 => Some(device.empty(&[1, p.intermediate_size], DType::F16)?),
-                _ => None,
-            },
+            act_h: half_row(p.intermediate_size)?,
             moe,
             embed_scale,
             uncapped_logits,
@@ -588,7 +594,7 @@ impl Decoder {
     }
 
     /// Attention of layer `layer` over the input norm of `x`, written to `s.attn` (before the
-    /// output projection). One decode row reads q, k and v in one matvec with the norm folded
+    /// output projection; for one row also as f16 to `s.attn_h`). One decode row reads q, k and v in one matvec with the norm folded
     /// in; otherwise the norm is a dispatch of its own and q, k, v three matmuls. q/k head
     /// norms (`Architecture::qk_norm`) are part of the attention dispatch.
     fn encode_attention(
@@ -634,7 +640,7 @@ impl Decoder {
             shape,
             pos,
             (k_cache, v_cache),
-            &s.attn,
+            (&s.attn, s.attn_h.as_ref()),
         )
     }
 
@@ -716,7 +722,8 @@ impl Decoder {
         for (layer, kv) in self.layers.iter().zip(&cache.layers) {
             self.encode_attention(enc, layer, x, kv, pos, s)?;
             let attn_norm = layer.attn_out_norm.as_ref();
-            self.project_residual(enc, (&s.attn, None), &layer.o, x, attn_norm, s, x_mid)?;
+            let attn = (&s.attn, s.attn_h.as_ref());
+            self.project_residual(enc, attn, &layer.o, x, attn_norm, s, x_mid)?;
 
             match &layer.mlp {
                 Mlp::Dense { gate, up, down } => {

@@ -38,7 +38,9 @@ pub struct HeadNorms<'a> {
 /// `[m, n_kv_heads*head_dim]` twice): with `head_norms`, q and k normed per head first; RoPE
 /// of q and k by `table`, k and v stored into the caches at positions pos..pos+m, then causal
 /// attention of the rotated q over them, in one dispatch (`rms_norm` of q and k, then
-/// `rope_kv_append` followed by `attention`, whose rule on `pos` it shares).
+/// `rope_kv_append` followed by `attention`, whose rule on `pos` it shares). With `out_h` (f16
+/// `[1, n_heads*head_dim]`, one query row), the output's f16 copy is written there too, for the
+/// o projection's `x_h` (`ops::matmul_add`).
 #[allow(clippy::too_many_arguments)]
 pub fn rope_attention(
     enc: &mut CommandEncoder,
@@ -49,12 +51,21 @@ pub fn rope_attention(
     shape: AttentionShape,
     pos: &Tensor,
     (k_cache, v_cache): (&Tensor, &Tensor),
-    out: &Tensor,
+    (out, out_h): (&Tensor, Option<&Tensor>),
 ) -> Result<()> {
     let op = "rope_attention";
     check_rope_inputs(op, qkv, table, shape.n_heads, pos, (k_cache, v_cache))?;
     let [q, k, v] = qkv;
     check_attention(op, shape, q, (k_cache, v_cache), pos, out)?;
+    if let Some(out_h) = out_h {
+        super::matmul::check_half_copy(op, "out_h", out_h, out.last_dim())?;
+        if out.rows() != 1 {
+            return Err(Error::op(
+                op,
+                "an f16 copy of the output needs one query row",
+            ));
+        }
+    }
     let mut inputs = vec![q, k, v, &table.inv_freq, pos];
     if let Some(HeadNorms { q, k, .. }) = head_norms {
         for (what, w) in [("q norm weight", q), ("k norm weight", k)] {
@@ -69,8 +80,10 @@ pub fn rope_attention(
         traditional,
         mscale: table.mscale,
         head_norm: head_norms.map(|h| h.norm),
+        half_out: out_h.is_some(),
     };
-    enc.dispatch(op, &inputs, &[out, k_cache, v_cache])
+    let outputs: Vec<&Tensor> = [out, k_cache, v_cache].into_iter().chain(out_h).collect();
+    enc.dispatch(op, &inputs, &outputs)
 }
 
 /// Attention operands: a valid shape (`AttentionShape::check`), q and the caches in f32 with

@@ -322,7 +322,7 @@ pub fn matmul_add(
 }
 
 /// An f16 copy of a row of `n` values: f16 `[1, n]`.
-fn check_half_copy(op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
+pub(super) fn check_half_copy(op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
     expect_dtype(op, what, t, &[DType::F16])?;
     expect_shape(op, what, t, &[1, n])
 }

@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::norm::rms_normed;
-use super::{scalar_u32, slice, slice_mut, wrong_op, CpuKernel};
+use super::{scalar_u32, slice, slice_mut, write_half_copy, wrong_op, CpuKernel};
 use crate::core::dtype::DType;
 use crate::core::op::{operand_count, AttentionShape, Op};
 use crate::core::registry::Registry;
@@ -29,12 +29,21 @@ fn rope_attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> 
     let Some((rope, attend)) = op.rope_attention_steps() else {
         return Err(wrong_op(op));
     };
+    let &Op::RopeAttention {
+        head_norm,
+        half_out,
+        ..
+    } = op
+    else {
+        return Err(wrong_op(op));
+    };
+    let (outputs, out_h) = match (half_out, outputs) {
+        (true, [rest @ .., out_h]) => (rest, Some(out_h)),
+        _ => (outputs, None),
+    };
     let ([q, k, v, inv_freq, pos, norm_weights @ ..], [out, k_cache, v_cache]) = (inputs, outputs)
     else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
-    };
-    let &Op::RopeAttention { head_norm, .. } = op else {
-        return Err(wrong_op(op));
     };
     let (q, k) = match (head_norm, norm_weights) {
         (None, []) => (q.clone(), k.clone()),
@@ -50,7 +59,11 @@ fn rope_attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> 
         &attend,
         &[q_rot, k_cache, v_cache, pos.clone()],
         std::slice::from_ref(out),
-    )
+    )?;
+    match out_h {
+        Some(out_h) => write_half_copy(out, out_h),
+        None => Ok(()),
+    }
 }
 
 fn attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {

@@ -6,7 +6,8 @@
 use rayon::prelude::*;
 
 use super::{
-    elementwise, norm, qmatmul_gguf, qmatmul_mlx, slice, slice_mut, wrong_op, CpuKernel, FloatSlice,
+    elementwise, norm, qmatmul_gguf, qmatmul_mlx, slice, slice_mut, write_half_copy, wrong_op,
+    CpuKernel, FloatSlice,
 };
 use crate::core::dtype::DType;
 use crate::core::op::{Op, PreNorm};
@@ -107,13 +108,10 @@ fn gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         matmul(&projection, &operands, std::slice::from_ref(result))?;
     }
     elementwise::gated_activation(&Op::GatedActivation(act), &[gate, up], outputs)?;
-    if let Some(out_h) = out_h {
-        let halves = slice_mut::<half::f16>(out_h)?;
-        for (h, &v) in halves.iter_mut().zip(slice::<f32>(out)?) {
-            *h = half::f16::from_f32(v);
-        }
+    match out_h {
+        Some(out_h) => write_half_copy(out, out_h),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The `Op::MatMul` kernel of a weight layout.

@@ -206,7 +206,7 @@ __device__ __forceinline__ void head_sums(float& a, float& b, int d) {
 template <int HC>
 __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const NewKeys nk,
                                             float* kc, float* vc, const u32* __restrict__ pos,
-                                            float* __restrict__ out,
+                                            float* __restrict__ out, u16* __restrict__ out_h,
                                             float* __restrict__ partial, u32* __restrict__ counters,
                                             int n_heads, int group, int hd, int capacity,
                                             float scale, int window, float softcap) {
@@ -360,9 +360,13 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
 #pragma unroll
         for (int w = 0; w < DEC_WARPS; ++w) a += warp_acc[w][d] * warp_w[w];
     }
-    float* o = out + ((i64)row * n_heads + h) * hd;
+    const i64 o_at = ((i64)row * n_heads + h) * hd;  // the head's output, and its f16 copy
+    float* o = out + o_at;
     if (n_splits == 1) {
-        if (d < hd) o[d] = sum > 0.f ? a / sum : 0.f;
+        if (d < hd) {
+            o[d] = sum > 0.f ? a / sum : 0.f;
+            store_half_copy(out_h, o_at + d, o[d]);
+        }
         return;
     }
     const int stride = hd + 2;
@@ -412,6 +416,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
         m_all = m_new;
     }
     o[d] = l_all > 0.f ? merged / l_all : 0.f;
+    store_half_copy(out_h, o_at + d, o[d]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -528,11 +533,11 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
         const float* q, const float* k_new, const float* v_new, const float* inv_freq,          \
         int rotary_dims, int traditional, float mscale, const float* q_norm,                    \
         const float* k_norm, float eps, float w_offset, float* kc, float* vc, const u32* pos,   \
-        float* out, float* partial, u32* counters, int n_heads, int group, int hd,              \
+        float* out, u16* out_h, float* partial, u32* counters, int n_heads, int group, int hd,  \
         int capacity, float scale, int window, float softcap) {                                 \
         const NewKeys nk{k_new, v_new, inv_freq, rotary_dims, traditional,                      \
                          mscale, q_norm, k_norm, eps, w_offset};                                \
-        attn_decode<HC>(q, nk, kc, vc, pos, out, partial, counters, n_heads, group, hd,         \
+        attn_decode<HC>(q, nk, kc, vc, pos, out, out_h, partial, counters, n_heads, group, hd,  \
                         capacity, scale, window, softcap);                                      \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) attn_prefill_##HC(              \

@@ -134,7 +134,7 @@ fn attention(
         None,
         (k_cache, v_cache),
         pos,
-        out,
+        (out, 0),
     )?;
     Ok(CudaKernel::new(vec![launch], partials))
 }
@@ -149,10 +149,20 @@ fn rope_attention(
     inputs: &[Tensor],
     outputs: &[Tensor],
 ) -> Result<CudaKernel> {
-    let (Some((rope, attend)), &Op::RopeAttention { head_norm, .. }) =
-        (op.rope_attention_steps(), op)
+    let (
+        Some((rope, attend)),
+        &Op::RopeAttention {
+            head_norm,
+            half_out,
+            ..
+        },
+    ) = (op.rope_attention_steps(), op)
     else {
         return Err(wrong_op(op));
+    };
+    let (outputs, out_h) = match (half_out, outputs) {
+        (true, [rest @ .., out_h]) => (rest, Some(out_h)),
+        _ => (outputs, None),
     };
     let Op::RopeKvAppend {
         rotary_dims,
@@ -183,6 +193,12 @@ fn rope_attention(
     let q_span = q.byte_len().next_multiple_of(16);
     let normed_span = staged.map_or(0, |_| q_span + k.byte_len().next_multiple_of(16));
     let prefilling = rows > DECODE_MAX_ROWS;
+    // The decode kernel writes the output's f16 copy (one row, checked by the op).
+    let out_h = match out_h {
+        Some(t) if !prefilling => super::matmul::half_copy_ptr(t, out.elem_count())?,
+        Some(_) => return Err(Error::op(op.name(), "an f16 copy of many rows")),
+        None => 0,
+    };
     let scratch_bytes = normed_span + if prefilling { q_span } else { 0 };
     let (scratch, base) = match scratch_bytes {
         0 => (None, 0),
@@ -232,7 +248,8 @@ fn rope_attention(
             head_norm: folded,
         };
         let caches = (k_cache, v_cache);
-        let (launch, p) = decode(lib, &shape, (q_at, rows), Some(new_keys), caches, pos, out)?;
+        let outs = (out, out_h);
+        let (launch, p) = decode(lib, &shape, (q_at, rows), Some(new_keys), caches, pos, outs)?;
         launches.push(launch);
         partials = p;
     }
@@ -318,8 +335,9 @@ fn prefill(
 }
 
 /// A few query rows (`q`: address and row count): split-K flash decoding (`attn_decode`),
-/// rotating q and the new keys itself when `new_keys` is given. The launch, and the scratch
-/// of its split partials if it has several splits.
+/// rotating q and the new keys itself when `new_keys` is given, writing out's f16 copy at
+/// `out_h` unless 0. The launch, and the scratch of its split partials if it has several
+/// splits.
 fn decode(
     lib: &KernelLibrary,
     shape: &Shape,
@@ -327,7 +345,7 @@ fn decode(
     new_keys: Option<NewKeys>,
     (k_cache, v_cache): (&Tensor, &Tensor),
     pos: &Tensor,
-    out: &Tensor,
+    (out, out_h): (&Tensor, u64),
 ) -> Result<(Launch, Option<CudaSlice<u8>>)> {
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
     // One wave of blocks (one fits per multiprocessor) over all heads and rows, no more splits
@@ -366,6 +384,7 @@ fn decode(
         .ptr(v_cache)?
         .ptr(pos)?
         .ptr(out)?
+        .u64(out_h)
         .u64(partial)
         .u64(counters)
         .int(shape.n_heads)?

@@ -474,7 +474,7 @@ fn gated_matmul(
 
 /// The address of an f16 copy of a row of `len` values (`x_h`, `out_h`), which the kernels
 /// read and write with 16-byte and 2-byte accesses.
-fn half_copy_ptr(t: &Tensor, len: usize) -> Result<u64> {
+pub(super) fn half_copy_ptr(t: &Tensor, len: usize) -> Result<u64> {
     let ptr = device_ptr(t)?;
     if t.dtype() != DType::F16 || t.elem_count() != len || ptr % 16 != 0 {
         return Err(Error::op(
