@@ -1,5 +1,6 @@
 //! The boundary every backend implements. Small on purpose: memory, one way to run a list
-//! of dispatches, and one way to turn a recorded list into something replayable.
+//! of dispatches, one way to turn a recorded list into something replayable, and what a
+//! model's encoder may ask of the backend's plans.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use crate::core::encoder::Dispatch;
 use crate::core::op::Op;
 use crate::core::tensor::Tensor;
+use crate::quant::WeightLayout;
 use crate::Result;
 
 /// Device memory owned by a backend. Backends downcast through `as_any` to their own type.
@@ -91,4 +93,9 @@ pub trait Backend: Send + Sync {
     fn synchronize(&self) -> Result<()>;
     /// Bytes of device memory currently allocated through this backend.
     fn allocated_bytes(&self) -> usize;
+    /// Whether a one-row `Op::MatMul` without a norm of a weight (`layout`, `[n, k]`) reads x's
+    /// f16 copy (`half_x`) where given: only then is it worth having the producer write one.
+    fn matvec_reads_half_x(&self, _layout: WeightLayout, _n: usize, _k: usize) -> bool {
+        false
+    }
 }

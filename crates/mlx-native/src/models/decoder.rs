@@ -594,7 +594,7 @@ impl Decoder {
     }
 
     /// Attention of layer `layer` over the input norm of `x`, written to `s.attn` (before the
-    /// output projection; for one row also as f16 to `s.attn_h`). One decode row reads q, k and v in one matvec with the norm folded
+    /// output projection), and as f16 to `attn_h` if given. One decode row reads q, k and v in one matvec with the norm folded
     /// in; otherwise the norm is a dispatch of its own and q, k, v three matmuls. q/k head
     /// norms (`Architecture::qk_norm`) are part of the attention dispatch.
     fn encode_attention(
@@ -604,7 +604,7 @@ impl Decoder {
         x: &Tensor,
         (k_cache, v_cache): &(Tensor, Tensor),
         pos: &Tensor,
-        s: &Scratch,
+        (s, attn_h): (&Scratch, Option<&Tensor>),
     ) -> Result<()> {
         let p = &self.params;
         match (&layer.qkv, &s.qkv) {
@@ -640,8 +640,21 @@ impl Decoder {
             shape,
             pos,
             (k_cache, v_cache),
-            (&s.attn, s.attn_h.as_ref()),
+            (&s.attn, attn_h),
         )
+    }
+
+    /// `copy` (a decode row's f16 scratch) where the projection `w` after its producer reads
+    /// it: `project_residual`'s one-dispatch path (no output norm, no bias) on a kernel that
+    /// stages x's f16 copy (`ops::reads_half_copy`); an unread copy only costs.
+    fn half_copy_for<'s>(
+        enc: &CommandEncoder,
+        w: &Linear,
+        out_norm: Option<&Tensor>,
+        copy: Option<&'s Tensor>,
+    ) -> Option<&'s Tensor> {
+        copy.filter(|_| out_norm.is_none() && w.bias.is_none())
+            .filter(|_| ops::reads_half_copy(enc.device(), w))
     }
 
     /// `out` = `x` + `branch`·Wᵀ, the block output first normed by `out_norm` if there is one
@@ -674,21 +687,20 @@ impl Decoder {
     }
 
     /// `s.act` = act(`s.normed`·Gᵀ) ∘ (`s.normed`·Uᵀ). One decode row with bias-free
-    /// quantized gate and up stored alike is one dispatch, which also writes `s.act_h` (then
-    /// returned); otherwise two matmuls and the activation.
+    /// quantized gate and up stored alike is one dispatch, which also writes `act_h` if given
+    /// (then returned); otherwise two matmuls and the activation.
     fn gated_mlp_input<'s>(
         &self,
         enc: &mut CommandEncoder,
         x: &Tensor,
         norm: &Tensor,
         (gate, up): (&Linear, &Linear),
-        s: &'s Scratch,
+        (s, act_h): (&Scratch, Option<&'s Tensor>),
     ) -> Result<Option<&'s Tensor>> {
         let act = self.params.arch.activation;
         let stored_alike = gate.stored_like(up) && gate.n == up.n;
         if x.rows() == 1 && stored_alike && gate.bias.is_none() && up.bias.is_none() {
             let norm = Some(self.input_norm(norm));
-            let act_h = s.act_h.as_ref();
             ops::gated_matmul(enc, x, norm, gate, up, act, &s.act, act_h)?;
             return Ok(act_h);
         }
@@ -720,15 +732,19 @@ impl Decoder {
             None => ops::embedding(enc, tokens, &self.embed, x)?,
         }
         for (layer, kv) in self.layers.iter().zip(&cache.layers) {
-            self.encode_attention(enc, layer, x, kv, pos, s)?;
             let attn_norm = layer.attn_out_norm.as_ref();
-            let attn = (&s.attn, s.attn_h.as_ref());
+            let attn_h = Self::half_copy_for(enc, &layer.o, attn_norm, s.attn_h.as_ref());
+            self.encode_attention(enc, layer, x, kv, pos, (s, attn_h))?;
+            let attn = (&s.attn, attn_h);
             self.project_residual(enc, attn, &layer.o, x, attn_norm, s, x_mid)?;
 
             match &layer.mlp {
                 Mlp::Dense { gate, up, down } => {
-                    let act_h = self.gated_mlp_input(enc, x_mid, &layer.mlp_norm, (gate, up), s)?;
                     let mlp_norm = layer.mlp_out_norm.as_ref();
+                    let act_h = Self::half_copy_for(enc, down, mlp_norm, s.act_h.as_ref());
+                    let mlp_in = (s, act_h);
+                    let act_h =
+                        self.gated_mlp_input(enc, x_mid, &layer.mlp_norm, (gate, up), mlp_in)?;
                     let act = (&s.act, act_h);
                     self.project_residual(enc, act, down, x_mid, mlp_norm, s, x)?;
                 }

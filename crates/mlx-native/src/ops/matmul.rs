@@ -1,4 +1,5 @@
 use super::{expect_dtype, expect_shape, FLOATS};
+use crate::core::device::Device;
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
 use crate::core::op::{Op, PreNorm, UnaryFn};
@@ -319,6 +320,14 @@ pub fn matmul_add(
         half_x: x_h.is_some(),
     };
     enc.dispatch(op, &inputs, &[out])
+}
+
+/// Whether `matmul_add` of one row with `w` on `device` reads x's f16 copy where given (the
+/// CUDA tensor-core matvec stages it instead of x): only then is a copy worth writing, since
+/// an unread one costs its producer (SmolLM2's attention output: decode −3.6%, H100,
+/// 2026-11-26).
+pub fn reads_half_copy(device: &Device, w: &Linear) -> bool {
+    device.backend().matvec_reads_half_x(w.layout, w.n, w.k)
 }
 
 /// An f16 copy of a row of `n` values: f16 `[1, n]`.

@@ -13,7 +13,9 @@ mod sampling;
 pub use attention::{attention, kv_append, rope_attention, AttentionShape, HeadNorms};
 pub use elementwise::{binary, gated_activation, softcap, softmax, unary};
 pub use embedding::embedding;
-pub use matmul::{gated_matmul, matmul, matmul_add, normed_matmul, InputNorm, Linear};
+pub use matmul::{
+    gated_matmul, matmul, matmul_add, normed_matmul, reads_half_copy, InputNorm, Linear,
+};
 pub use moe::{gather_gated_matmul, gather_matmul, moe_combine, moe_route, ExpertLinear};
 pub use norm::{layer_norm, rms_norm, rms_norm_add};
 pub use rope::{rope, rope_kv_append, RopeScaling, RopeTable};

@@ -30,6 +30,7 @@ use crate::core::encoder::Dispatch;
 use crate::core::op::Op;
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
+use crate::quant::WeightLayout;
 use crate::{Error, Result};
 
 use launch::{CudaKernel, KernelLibrary, Planner};
@@ -257,6 +258,10 @@ impl Executable for CudaGraphExec {
 impl Backend for CudaBackend {
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn matvec_reads_half_x(&self, layout: WeightLayout, n: usize, k: usize) -> bool {
+        kernels::matvec_reads_half_x(self.library.sm_count(), layout, n, k)
     }
 
     fn asynchronous(&self) -> bool {

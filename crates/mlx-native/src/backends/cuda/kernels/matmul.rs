@@ -472,6 +472,27 @@ fn gated_matmul(
     plan.launch(lib, &name, args, n, Some(out_h))
 }
 
+/// Whether a one-row matmul of this weight without a norm runs on the tensor-core matvec, which
+/// stages x's f16 copy where given (`Backend::matvec_reads_half_x`). Rows are taken as aligned
+/// (unaligned Q4_0 rows run on matvec.cu, which reads x: the copy is then only unused).
+pub(crate) fn matvec_reads_half_x(
+    sm_count: usize,
+    layout: WeightLayout,
+    n: usize,
+    k: usize,
+) -> bool {
+    let chunk = match layout {
+        WeightLayout::MlxAffine { bits: 4, .. } => 32,
+        WeightLayout::MlxAffine { bits: 8, .. } => 16,
+        WeightLayout::Gguf(GgmlType::Q4_0) if k.is_multiple_of(128) => 32,
+        _ => return false,
+    };
+    matches!(
+        matvec_tc_plan(n, k, chunk, false, false, sm_count, SIMT_MAX_WEIGHTS),
+        Ok(Some(_))
+    )
+}
+
 /// The address of an f16 copy of a row of `len` values (`x_h`, `out_h`), which the kernels
 /// read and write with 16-byte and 2-byte accesses.
 pub(super) fn half_copy_ptr(t: &Tensor, len: usize) -> Result<u64> {
@@ -947,6 +968,28 @@ mod tests {
             assert_eq!((plan.grid.0, plan.kgroups), (grid, kgroups), "{n}×{k}");
             let tiles = n.div_ceil(MATVEC_TC_TILE).div_ceil(grid as usize);
             assert!(tiles * kgroups * 32 <= plan.threads as usize, "{n}×{k}");
+        }
+    }
+
+    /// Which weights' matvecs read x's f16 copy (so that the decoder asks producers for one):
+    /// the tensor-core ones, not SmolLM2's small matrices or layouts matvec.cu multiplies.
+    #[test]
+    fn matvec_reads_half_x_on_tensor_cores_only() {
+        let mlx = |bits| WeightLayout::MlxAffine {
+            bits,
+            group_size: 64,
+        };
+        let cases = [
+            (mlx(4), 2048, 2048, true),
+            (mlx(8), 4096, 14336, true),
+            (WeightLayout::Gguf(GgmlType::Q4_0), 4096, 4096, true),
+            (mlx(4), 576, 576, false),
+            (mlx(6), 4096, 4096, false),
+            (WeightLayout::Gguf(GgmlType::Q4K), 4096, 4096, false),
+            (WeightLayout::Dense, 4096, 4096, false),
+        ];
+        for (layout, n, k, reads) in cases {
+            assert_eq!(matvec_reads_half_x(132, layout, n, k), reads, "{layout:?} {n}×{k}");
         }
     }
 

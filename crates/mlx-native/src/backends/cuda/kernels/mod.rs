@@ -40,6 +40,8 @@ pub(crate) const SOURCES: &[&Source] = &[
     &sampling::SOURCE,
 ];
 
+pub(crate) use matmul::matvec_reads_half_x;
+
 pub(crate) fn register(reg: &mut Registry<Planner>) {
     attention::register(reg);
     elementwise::register(reg);
