@@ -288,15 +288,16 @@ pub struct Scratch {
     k: Tensor,
     v: Tensor,
     attn: Tensor,
-    /// `attn`'s f16 copy `[1, q]` for a single row, which the attention writes and the o
-    /// projection stages (`ops::matmul_add`'s x_h).
+    /// `attn`'s f16 copy `[1, q]` for a single row where an o projection reads one, which the
+    /// attention writes and the o projection stages (`ops::matmul_add`'s x_h).
     attn_h: Option<Tensor>,
     proj: Tensor,
     gate: Tensor,
     up: Tensor,
     act: Tensor,
-    /// `act`'s f16 copy `[1, intermediate]` for a single row, which the fused gated matmul
-    /// writes and the down projection stages (`ops::matmul_add`'s x_h).
+    /// `act`'s f16 copy `[1, intermediate]` for a single row where a down projection reads one,
+    /// which the fused gated matmul writes and the down projection stages (`ops::matmul_add`'s
+    /// x_h).
     act_h: Option<Tensor>,
     /// Buffers of the MoE layers (`DecoderParams::moe`).
     moe: Option<MoeScratch>,
@@ -509,11 +510,17 @@ impl Decoder {
         let p = &self.params;
         let a = &p.arch;
         let f = |cols: usize| device.empty(&[m, cols], DType::F32);
-        // An f16 copy of a decode row (`act_h`, `attn_h`).
-        let half_row = |cols: usize| match m {
-            1 => device.empty(&[1, cols], DType::F16).map(Some),
+        // An f16 copy of a decode row (`attn_h`, `act_h`), where a layer's projection reads it.
+        let half_row = |cols: usize, read: bool| match (m, read) {
+            (1, true) => device.empty(&[1, cols], DType::F16).map(Some),
             _ => Ok(None),
         };
+        let reads = |w: &Linear| ops::reads_half_copy(device, w);
+        let o_reads = self.layers.iter().any(|l| reads(&l.o));
+        let down_reads = self.layers.iter().any(|l| match &l.mlp {
+            Mlp::Dense { down, .. } => reads(down),
+            Mlp::Moe { .. } => false,
+        });
         let (h, q_dim, kv_dim) = (
             p.hidden_size,
             p.num_heads * p.head_dim,
@@ -561,12 +568,12 @@ impl Decoder {
             k,
             v,
             attn: f(q_dim)?,
-            attn_h: half_row(q_dim)?,
+            attn_h: half_row(q_dim, o_reads)?,
             proj: f(h)?,
             gate: f(p.intermediate_size)?,
             up: f(p.intermediate_size)?,
             act: f(p.intermediate_size)?,
-            act_h: half_row(p.intermediate_size)?,
+            act_h: half_row(p.intermediate_size, down_reads)?,
             moe,
             embed_scale,
             uncapped_logits,

@@ -989,7 +989,11 @@ mod tests {
             (WeightLayout::Dense, 4096, 4096, false),
         ];
         for (layout, n, k, reads) in cases {
-            assert_eq!(matvec_reads_half_x(132, layout, n, k), reads, "{layout:?} {n}×{k}");
+            assert_eq!(
+                matvec_reads_half_x(132, layout, n, k),
+                reads,
+                "{layout:?} {n}×{k}"
+            );
         }
     }
 
