@@ -325,6 +325,18 @@ fn rope_kv_append_equals_rope_then_kv_append() {
     }
 }
 
+/// Attention of every visible key (no window, no soft-cap), scaled by 0.25.
+fn full_attention(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> AttentionShape {
+    AttentionShape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        scale: 0.25,
+        window: None,
+        softcap: None,
+    }
+}
+
 /// `rope_attention` of one query row writes its output's f16 copy where asked (for the o
 /// projection's `x_h`), rounded to nearest; a copy of many rows or of the wrong dtype is an
 /// error naming it.
@@ -339,14 +351,7 @@ fn rope_attention_writes_the_f16_copy_of_one_row() {
             .unwrap()
     };
     let cache = || dev.zeros(&[n_kv, capacity, hd], DType::F32).unwrap();
-    let shape = AttentionShape {
-        n_heads,
-        n_kv_heads: n_kv,
-        head_dim: hd,
-        scale: 0.25,
-        window: None,
-        softcap: None,
-    };
+    let shape = full_attention(n_heads, n_kv, hd);
     let pos_t = pos_tensor(&dev, pos);
     let run = |m: usize, rng: &mut Rng, out_h: &Tensor| {
         let qkv = [n_heads, n_kv, n_kv].map(|heads| tensor(rng, m, heads));
@@ -395,14 +400,7 @@ fn rope_attention_head_norms_equal_rms_norm_then_rope_attention() {
     let mut rng = Rng(23);
     let (m, n_heads, n_kv, hd, capacity, pos, eps) = (3, 4, 2, 16, 9, 4, 1e-6);
     let table = RopeTable::new(&dev, hd, 10000.0, &RopeScaling::None).unwrap();
-    let shape = AttentionShape {
-        n_heads,
-        n_kv_heads: n_kv,
-        head_dim: hd,
-        scale: 0.25,
-        window: None,
-        softcap: None,
-    };
+    let shape = full_attention(n_heads, n_kv, hd);
     let pos_t = pos_tensor(&dev, pos);
     let cache_data = rng.normals(n_kv * capacity * hd, 1.0);
     let cache = || dev.from_slice(&cache_data, &[n_kv, capacity, hd]).unwrap();
