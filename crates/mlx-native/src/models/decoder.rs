@@ -601,9 +601,10 @@ impl Decoder {
     }
 
     /// Attention of layer `layer` over the input norm of `x`, written to `s.attn` (before the
-    /// output projection), and as f16 to `attn_h` if given. One decode row reads q, k and v in one matvec with the norm folded
-    /// in; otherwise the norm is a dispatch of its own and q, k, v three matmuls. q/k head
-    /// norms (`Architecture::qk_norm`) are part of the attention dispatch.
+    /// output projection), and as f16 to `attn_h` if given. One decode row reads q, k and v in
+    /// one matvec with the norm folded in; otherwise the norm is a dispatch of its own and q,
+    /// k, v three matmuls. q/k head norms (`Architecture::qk_norm`) are part of the attention
+    /// dispatch.
     fn encode_attention(
         &self,
         enc: &mut CommandEncoder,
