@@ -1122,7 +1122,9 @@ fn matvec_tensor_cores_ggml() {
 }
 
 /// The RMSNorm folded into the decode matvec (plain, with a bias, gated; Gemma's unit offset),
-/// against the f64 norm-then-matmul.
+/// against the f64 norm-then-matmul, for x of ordinary size, past f16's range (a residual
+/// stream can be), and small enough that x·g would be subnormal in f16 (the tensor-core kernels
+/// stage x·g at a power of two a chunk and apply the norm's scale at the end).
 #[test]
 fn normed_matvec_matches_reference() {
     let Some(dev) = gpu() else { return };
@@ -1183,9 +1185,13 @@ fn normed_matvec_matches_reference() {
             2e-3,
         ),
     ];
-    for (w, unit_offset, with_bias, tol) in cases {
+    let magnitudes = [1.0, 3e4, 1e-3];
+    for ((w, unit_offset, with_bias, tol), magnitude) in
+        cases.iter().flat_map(|case| magnitudes.map(|m| (case, m)))
+    {
+        let (unit_offset, with_bias, tol) = (*unit_offset, *with_bias, *tol);
         let k = w.k;
-        let x = rng.vec(k, 3.0);
+        let x: Vec<f32> = rng.vec(k, 3.0).iter().map(|v| v * magnitude).collect();
         let g = rng.vec(k, 1.0);
         let offset = if unit_offset { 1.0 } else { 0.0 };
         let eps = 1e-5f32;
@@ -1198,7 +1204,7 @@ fn normed_matvec_matches_reference() {
             .collect();
         let bias = rng.vec(w.n, 0.5);
         let bias64: Vec<f64> = bias.iter().map(|&b| b as f64).collect();
-        let want = matmul_ref(&xn, &w, with_bias.then_some(&bias64[..]), 1);
+        let want = matmul_ref(&xn, w, with_bias.then_some(&bias64[..]), 1);
         let pre = PreNorm { eps, unit_offset };
         let compute = |dev: &Device, shifted: bool| {
             let b = with_bias
@@ -1214,8 +1220,8 @@ fn normed_matvec_matches_reference() {
         };
         for shifted in [false, true] {
             let what = format!(
-                "normed matvec {} unit_offset={unit_offset} x shifted={shifted}",
-                describe(&w)
+                "normed matvec {} unit_offset={unit_offset} |x| ~{magnitude} shifted={shifted}",
+                describe(w)
             );
             check(&what, &dev, |dev| compute(dev, shifted), &want, tol);
         }
@@ -1229,7 +1235,7 @@ fn normed_matvec_matches_reference() {
             WeightLayout::Gguf(t) => ggml_weight(&mut rng, w.n, k, t),
             WeightLayout::Dense => dense_weight(&mut rng, w.n, k, w.parts[0].2),
         };
-        let (gate_ref, up_ref) = (matmul_ref(&xn, &w, None, 1), matmul_ref(&xn, &up, None, 1));
+        let (gate_ref, up_ref) = (matmul_ref(&xn, w, None, 1), matmul_ref(&xn, &up, None, 1));
         let want: Vec<f64> = gate_ref
             .iter()
             .zip(&up_ref)
@@ -1247,8 +1253,9 @@ fn normed_matvec_matches_reference() {
         };
         for shifted in [false, true] {
             let what = format!(
-                "normed gated matvec {} unit_offset={unit_offset} x shifted={shifted}",
-                describe(&w)
+                "normed gated matvec {} unit_offset={unit_offset} |x| ~{magnitude} \
+                 shifted={shifted}",
+                describe(w)
             );
             check(&what, &dev, |dev| compute(dev, shifted), &want, tol);
         }

@@ -862,9 +862,10 @@ fn matvec_tc_plan(
         return Ok(None);
     }
     // x is staged as f16 with f32 sums per chunk and a chunk of zeros, after the norm weight
-    // in f32 where the kernel folds a norm (matvec_tc.cu's mt_stage_x).
+    // in f32 and followed by each chunk's f32 scale where the kernel folds a norm (matvec_tc.cu's
+    // mt_stage_x).
     let chunks = k / chunk;
-    let shared = if folds { 4 * k } else { 0 } + 2 * k + 2 * chunk + 4 * chunks;
+    let shared = if folds { 4 * k + 4 * chunks } else { 0 } + 2 * k + 2 * chunk + 4 * chunks;
     if shared > MATVEC_TC_MAX_SHARED {
         return Ok(None);
     }
@@ -1006,9 +1007,10 @@ mod tests {
                 .unwrap()
                 .map(|p| p.shared)
         };
-        // f16 x (2k), a chunk of zeros (64), Σx per chunk (k/8), the f32 norm weight (4k).
+        // f16 x (2k), a chunk of zeros (64), Σx per chunk (k/8); the f32 norm weight (4k) and
+        // a scale per chunk (k/8).
         assert_eq!(shared(4096, false), Some(8_768));
-        assert_eq!(shared(4096, true), Some(25_152));
+        assert_eq!(shared(4096, true), Some(25_664));
         assert_eq!(shared(16_896, false), Some(35_968));
         assert_eq!(shared(16_896, true), None);
     }

@@ -26,8 +26,10 @@
 // Launch: up to MT_WARPS·32 threads (one block an SM; half that, two an SM, for multi-wave
 // grids), blocks such that tiles·kgroups ≤ warps, dynamic shared memory (`matvec_tc_plan`,
 // matmul.rs); x 16-byte aligned, MLX w 16-byte aligned, Q4_0 rows 8-byte.
-// The block's RMSNorm, if any, is applied to x as it is staged (mt_stage_x). The kernels wait
-// for the previous kernel inside `matvec_tc`, after their first weight loads.
+// The block's RMSNorm, if any, is split: x·(g + offset) is staged (mt_stage_x) and the rows'
+// sums are scaled by r = rsqrt(mean(x²) + eps) at the end, so no block-wide sum precedes the
+// loop. The kernels wait for the previous kernel inside `matvec_tc`, after their first weight
+// loads.
 
 #define MT_WARPS 16
 #define MT_CHUNK_WORDS 4  // one 16-byte load per row and chunk
@@ -60,6 +62,18 @@ __device__ __forceinline__ void fields_f16(u32 w, u32* h) {
         h[0] = hsub2(__byte_perm(w, 0x64u, 0x4240), magic);
         h[1] = hsub2(__byte_perm(w, 0x64u, 0x4341), magic);
     }
+}
+
+// 16 bytes of a weight: read once, so through the non-coherent path, and with L2 fetching 256
+// bytes a miss (the row's next chunks, which the tile's other k slices read next). H100,
+// 2026-11-26: 8B decode +1.2% (+2.0% in a later build), 1B +0.3%; without L1 allocation as
+// well, 8B −1.5%.
+__device__ __forceinline__ uint4 load_weight16(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
 }
 
 // Scales and biases are loaded as raw bits with the weights and converted only when used, so
@@ -118,7 +132,7 @@ struct MtMlx {
     };
     static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
                                                 int c, Raw& r) {
-        r.w = *(const uint4*)(wt.w + st.row[h] * st.row_bytes + 16 * c);
+        r.w = load_weight16(wt.w + st.row[h] * st.row_bytes + 16 * c);
         const i64 gi = st.row[h] * st.groups + (c >> st.cshift);
         r.s = load_raw<ST>(wt.scales, gi);
         r.b = load_raw<ST>(wt.biases, gi);
@@ -216,11 +230,12 @@ __device__ __forceinline__ void mt_load(const MtWeight* wt, const MtStream& st, 
     }
 }
 
-// Multiplies one loaded stage and folds each chunk into acc[m][h].
-template <class F, int M, int STAGE>
+// Multiplies one loaded stage and folds each chunk into acc[m][h]. NORM: each chunk's dot is
+// scaled back by the power of two its x was staged at (`cinv`).
+template <class F, bool NORM, int M, int STAGE>
 __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const MtStream& st,
                                            int stage, const u32* xh, const u32* zero,
-                                           const float* csum, bool supplies_b,
+                                           const float* csum, const float* cinv, bool supplies_b,
                                            float (&acc)[M][2]) {
     constexpr int CHUNK_U32 = F::CHUNK / 2;  // f16 pairs of x per chunk
 #pragma unroll
@@ -250,19 +265,23 @@ __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const 
             }
         }
         const float sx = F::SUMS && live ? csum[c] : 0.f;
+        const float inv = NORM && live ? cinv[c] : 1.f;
 #pragma unroll
         for (int m = 0; m < M; ++m)
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
+            for (int h = 0; h < 2; ++h) {
                 // c[0] = c[1]: row g; c[2] = c[3]: row g + 8.
-                acc[m][h] = F::fold(s.r[i][m][h], ca[m][2 * h] + cb[m][2 * h], sx, acc[m][h]);
+                const float dot = ca[m][2 * h] + cb[m][2 * h];
+                acc[m][h] = F::fold(s.r[i][m][h], NORM ? dot * inv : dot, sx, acc[m][h]);
+            }
     }
 }
 
-// Chunk c of x (already normalised) as the format's f16 pairs in shared memory, and its Σx
-// (formats with biases).
+// Chunk c of x (times the norm weight, if any) as the format's f16 pairs in shared memory,
+// multiplied by `scale`, and its Σx unscaled (formats with biases).
 template <class F>
-__device__ __forceinline__ void mt_store_chunk(const float* v, int c, u32* xh, float* csum) {
+__device__ __forceinline__ void mt_store_chunk(const float* v, float scale, int c, u32* xh,
+                                               float* csum) {
     constexpr int CHUNK = F::CHUNK;
     const bool first = (c & 3) == 0;  // the first chunk of its quad
 #pragma unroll
@@ -273,7 +292,7 @@ __device__ __forceinline__ void mt_store_chunk(const float* v, int c, u32* xh, f
             const int e = 2 * q;  // both orders indexed by constants: v stays in registers
             const float lo = first ? v[F::slot(true, j, e)] : v[F::slot(false, j, e)];
             const float hi = first ? v[F::slot(true, j, e + 1)] : v[F::slot(false, j, e + 1)];
-            o[q] = pack_f16x2(lo, hi);
+            o[q] = pack_f16x2(lo * scale, hi * scale);
         }
         *(uint4*)(xh + c * (CHUNK / 2) + 4 * j) = uint4{o[0], o[1], o[2], o[3]};
     }
@@ -285,15 +304,28 @@ __device__ __forceinline__ void mt_store_chunk(const float* v, int c, u32* xh, f
     }
 }
 
-// A chunk of x through the norm: v·r·(g + g_offset), g the chunk's norm weight in shared
-// memory.
+// A chunk of x times the norm weight, v·(g + g_offset), g the chunk's norm weight in shared
+// memory; returns the chunk's Σx² and sets `scale` to the power of two that takes its largest
+// |v| into [2^14, 2^15) and `inv` to 1/scale. Staged so, x·g stays inside f16's range (a
+// residual stream can pass 65,504) and keeps f16's relative precision (small x would
+// otherwise fall into subnormals).
 template <int N>
-__device__ __forceinline__ void mt_norm_chunk(float* v, const float* g_chunk, float r,
-                                              const PreNorm& norm) {
+__device__ __forceinline__ float mt_norm_chunk(float* v, const float* g_chunk,
+                                               const PreNorm& norm, float& scale, float& inv) {
     float g[N];
     load_floats<N>(g_chunk, g);
+    float ss = 0.f, top = 0.f;
 #pragma unroll
-    for (int e = 0; e < N; ++e) v[e] *= r * (g[e] + norm.g_offset);
+    for (int e = 0; e < N; ++e) {
+        ss = fmaf(v[e], v[e], ss);
+        v[e] *= g[e] + norm.g_offset;
+        top = fmaxf(top, fabsf(v[e]));
+    }
+    // top in [2^(e−127), 2^(e−126)): scale 2^(141−e), kept normal (zero: any scale).
+    const int shift = min(max(141 - (int)(__float_as_uint(top) >> 23), -100), 100);
+    scale = __uint_as_float((u32)(127 + shift) << 23);
+    inv = __uint_as_float((u32)(127 - shift) << 23);
+    return ss;
 }
 
 // N f16 values from p (16-byte aligned) as floats.
@@ -311,12 +343,15 @@ __device__ __forceinline__ void load_halves(const u16* p, float* v) {
     }
 }
 
-// x (through the RMSNorm, if NORM) as f16 pairs in the format's fragment order, Σx per
-// chunk in f32 (formats with biases), and a chunk of zeros. Every block normalises x itself,
-// which costs less than a norm launch in front of the kernel; the norm weight is already in
-// shared memory (`gs`, copied before the wait: no kernel writes it). Where the block's threads
-// hold all chunks (k ≤ 16,384 4-bit fields), each loads one chunk once and takes the norm's
-// Σx² from those registers; else a first pass over x sums the squares.
+// x (times the norm weight, if NORM) as f16 pairs in the format's fragment order, Σx per
+// chunk in f32 (formats with biases), and a chunk of zeros. Thread t stages chunks t,
+// t + blockDim, …; NORM: the norm weight is in shared memory (`gs`, copied before the wait: no
+// kernel writes it), each chunk is staged at its own power of two (`cinv` the inverse), and
+// the warps' Σx² go to `ssq`, whence r is formed during the loop and applied to the row sums.
+// Every block normalises x itself, which costs less than a norm launch in front of the kernel,
+// and with no block-wide sum before the loop (H100, 2026-11-26: the knockout of that sum read
+// the 1B shape's decode +2.1%, the 8B's +0.9%; this staging with the weights' L2 hint, 1B
+// +0.9%, 8B +1.6%, Qwen3-0.6B +0.5%).
 // These reads of x, by every SM at once right after the wait, are a large part of the kernel's
 // fixed cost, about in proportion to their bytes (H100, 2026-11-26, knockouts: without staging
 // the 1B shape's decode read 1,867 → 2,256 tok/s, the 8B's 433 → 491; the 8B's down
@@ -328,7 +363,7 @@ __device__ __forceinline__ void load_halves(const u16* p, float* v) {
 template <class F, bool NORM>
 __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, const u16* __restrict__ x_h,
                                            int k, const PreNorm& norm, const float* gs, u32* xh,
-                                           u32* zero, float* csum) {
+                                           u32* zero, float* csum, float* cinv, float* ssq) {
     constexpr int CHUNK = F::CHUNK;
     const int chunks = k / CHUNK;
     if (threadIdx.x < CHUNK / 2) zero[threadIdx.x] = 0u;
@@ -337,43 +372,32 @@ __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, const u1
         for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
             float v[CHUNK];
             load_halves<CHUNK>(x_h + (i64)c * CHUNK, v);
-            mt_store_chunk<F>(v, c, xh, csum);
+            mt_store_chunk<F>(v, 1.f, c, xh, csum);
         }
         return;
     }
-    if (chunks <= (int)blockDim.x) {
-        const int c = threadIdx.x;
+    float ss = 0.f;
+    for (int c0 = 0; c0 < chunks; c0 += blockDim.x) {  // block-uniform: the barrier below
+        const int c = c0 + threadIdx.x;
         const bool mine = c < chunks;
         float v[CHUNK];
-        load_floats<CHUNK>(x + (i64)(mine ? c : 0) * CHUNK, v);
+        float scale = 1.f;
+        if (mine) load_floats<CHUNK>(x + (i64)c * CHUNK, v);
         if constexpr (NORM) {
-            float ss = 0.f;
-#pragma unroll
-            for (int e = 0; e < CHUNK; ++e) ss = fmaf(v[e], v[e], ss);
-            cp_async_wait<0>();  // this thread's part of gs; all of it after block_sum's barrier
-            const float r = rsqrtf(block_sum(mine ? ss : 0.f) / k + norm.eps);
-            mt_norm_chunk<CHUNK>(v, gs + (mine ? c : 0) * CHUNK, r, norm);
+            if (c0 == 0) {  // gs, which every thread copied a part of
+                cp_async_wait<0>();
+                __syncthreads();
+            }
+            if (mine) ss += mt_norm_chunk<CHUNK>(v, gs + c * CHUNK, norm, scale, cinv[c]);
         }
-        if (mine) mt_store_chunk<F>(v, c, xh, csum);
-        return;
+        if (mine) mt_store_chunk<F>(v, scale, c, xh, csum);
     }
-    float r = 1.f;
     if constexpr (NORM) {
-        float ss = 0.f;
-        for (int i = threadIdx.x; i < k / 4; i += blockDim.x) {
-            const float4 p = ((const float4*)x)[i];
-            ss = fmaf(p.x, p.x, fmaf(p.y, p.y, fmaf(p.z, p.z, fmaf(p.w, p.w, ss))));
-        }
-        cp_async_wait<0>();
-        r = rsqrtf(block_sum(ss) / k + norm.eps);
-    }
-    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-        float v[CHUNK];
-        load_floats<CHUNK>(x + (i64)c * CHUNK, v);
-        if constexpr (NORM) mt_norm_chunk<CHUNK>(v, gs + c * CHUNK, r, norm);
-        mt_store_chunk<F>(v, c, xh, csum);
+        ss = warp_sum(ss);
+        if ((threadIdx.x & 31) == 0) ssq[threadIdx.x >> 5] = ss;
     }
 }
+
 
 template <class F, bool GATED, bool NORM>
 __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __restrict__ x,
@@ -386,7 +410,7 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     constexpr int STAGE = GATED ? 1 : F::STAGE;  // ≈ 64 bytes in flight a lane
     constexpr int CHUNK = F::CHUNK;
     extern __shared__ __align__(16) u32 smem[];
-    __shared__ float partial[MT_WARPS][M][16];
+    __shared__ float partial[MT_WARPS][M][16], ssq[MT_WARPS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, tiles = ((n + 15) / 16 + gridDim.x - 1) / gridDim.x;
     const int tile = warp / kgroups, slice = warp % kgroups;
@@ -411,12 +435,16 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     u32* xh = smem + (NORM ? k : 0);
     u32* zero = xh + st.chunks * (CHUNK / 2);
     float* csum = (float*)(zero + CHUNK / 2);
+    float* cinv = csum + st.chunks;  // NORM: each chunk's 1/scale
 
     MtStage<F, M, STAGE> sa, sb;
     // The first stage's weights are requested before the wait for the previous kernel (no
     // kernel writes weights), so they fly while it finishes and while x is staged.
     if (active) mt_load(wt, st, 0, sa);
     if constexpr (NORM) {
+        // Consecutive threads copy consecutive 16 bytes. (Each thread the 128 bytes of the chunk
+        // it stages, so that it would need no barrier before reading them, cost the 1B shape's
+        // decode 6%: a warp's copies then touch 32 lines each. H100, 2026-11-26.)
         for (int i = threadIdx.x; i < k / 4; i += blockDim.x)
             cp_async16((u32)__cvta_generic_to_shared(gs + 4 * i), norm.g + 4 * i, true);
         cp_async_commit();
@@ -427,19 +455,27 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     // stream, written by an earlier kernel) is loaded now, not after the reduction.
     const int r = threadIdx.x, row = blockIdx.x * tiles * 16 + r;
     const float bias_v = bias ? load_float(bias, min(row, n - 1), bias_type) : 0.f;
-    mt_stage_x<F, NORM>(x, x_h, k, norm, gs, xh, zero, csum);
+    mt_stage_x<F, NORM>(x, x_h, k, norm, gs, xh, zero, csum, cinv, ssq);
     __syncthreads();
 
     float acc[M][2];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = 0.f;
     const bool supplies_b = (g >> 1) == st.t;
+    // The norm's r from the warps' Σx², formed while the first stage's weights are in flight.
+    float norm_r = 1.f;
+    if constexpr (NORM) {
+        float ss = 0.f;
+#pragma unroll
+        for (int w = 0; w < MT_WARPS; ++w) ss += w < (int)(blockDim.x >> 5) ? ssq[w] : 0.f;
+        norm_r = rsqrtf(ss / k + norm.eps);
+    }
     for (int s = 0; s < stages; s += 2) {
         if (s + 1 < stages) mt_load(wt, st, s + 1, sb);
-        mt_compute(sa, st, s, xh, zero, csum, supplies_b, acc);
+        mt_compute<F, NORM>(sa, st, s, xh, zero, csum, cinv, supplies_b, acc);
         if (s + 1 >= stages) break;
         if (s + 2 < stages) mt_load(wt, st, s + 2, sa);
-        mt_compute(sb, st, s + 1, xh, zero, csum, supplies_b, acc);
+        mt_compute<F, NORM>(sb, st, s + 1, xh, zero, csum, cinv, supplies_b, acc);
     }
 
     // Sum the quad's chunks, then the tile's k slices.
@@ -459,6 +495,7 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
         for (int m = 0; m < M; ++m) {
             y[m] = 0.f;
             for (int s = 0; s < kgroups; ++s) y[m] += partial[w0 + s][m][r & 15];
+            y[m] *= norm_r;
         }
         if constexpr (GATED) {
             out[row] = activation(y[0], act) * y[M - 1];
