@@ -102,6 +102,23 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float((u32)h << 16); }
 
+// N 16-bit floats of type `ft` (FT_F16 or FT_BF16) from p (16-byte aligned) as floats, read
+// with 16-byte loads.
+template <int N>
+__device__ __forceinline__ void load_halves(const u16* p, int ft, float* v) {
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i) {
+        const uint4 q = ((const uint4*)p)[i];
+        const u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u16 lo = (u16)(w[j] & 0xffff), hi = (u16)(w[j] >> 16);
+            v[8 * i + 2 * j] = ft == FT_F16 ? f16_to_f32(lo) : bf16_to_f32(lo);
+            v[8 * i + 2 * j + 1] = ft == FT_F16 ? f16_to_f32(hi) : bf16_to_f32(hi);
+        }
+    }
+}
+
 __device__ __forceinline__ u16 f32_to_f16(float f) {
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));

@@ -368,20 +368,10 @@ struct Dense {
                 acc = fmaf(v.w, xs[4 * i + 3], acc);
             }
         } else {
-            const uint4* p = (const uint4*)((const u16*)w + base);
+            float wv[32];
+            load_halves<32>((const u16*)w + base, ft, wv);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const uint4 v = p[i];
-                const u32 h[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const u16 a = (u16)(h[j] & 0xffff), b = (u16)(h[j] >> 16);
-                    const float fa = ft == FT_F16 ? f16_to_f32(a) : bf16_to_f32(a);
-                    const float fb = ft == FT_F16 ? f16_to_f32(b) : bf16_to_f32(b);
-                    acc = fmaf(fa, xs[8 * i + 2 * j], acc);
-                    acc = fmaf(fb, xs[8 * i + 2 * j + 1], acc);
-                }
-            }
+            for (int e = 0; e < 32; ++e) acc = fmaf(wv[e], xs[e], acc);
         }
         return acc;
     }
@@ -389,18 +379,7 @@ struct Dense {
         const i64 base = (i64)row * k + k0;
         // Half-precision units that lie inside the row and on 16 bytes: four vector loads.
         if (ft != FT_F32 && k0 + 32 <= k && ((u64)((const u16*)w + base) & 15) == 0) {
-            const uint4* p = (const uint4*)((const u16*)w + base);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const uint4 v = p[i];
-                const u32 h[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const u16 a = (u16)(h[j] & 0xffff), b = (u16)(h[j] >> 16);
-                    out[8 * i + 2 * j] = ft == FT_F16 ? f16_to_f32(a) : bf16_to_f32(a);
-                    out[8 * i + 2 * j + 1] = ft == FT_F16 ? f16_to_f32(b) : bf16_to_f32(b);
-                }
-            }
+            load_halves<32>((const u16*)w + base, ft, out);
             return;
         }
 #pragma unroll

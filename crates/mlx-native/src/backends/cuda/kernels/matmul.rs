@@ -481,16 +481,38 @@ pub(crate) fn matvec_reads_half_x(
     n: usize,
     k: usize,
 ) -> bool {
-    let chunk = match layout {
-        WeightLayout::MlxAffine { bits: 4, .. } => 32,
-        WeightLayout::MlxAffine { bits: 8, .. } => 16,
-        WeightLayout::Gguf(GgmlType::Q4_0) if k.is_multiple_of(128) => 32,
-        _ => return false,
-    };
+    let q4_0_quads = k.is_multiple_of(128);
     matches!(
-        matvec_tc_plan(n, k, chunk, false, false, sm_count, SIMT_MAX_WEIGHTS),
+        tensor_core_plan(layout, n, k, false, false, q4_0_quads, false, sm_count),
         Ok(Some(_))
     )
+}
+
+/// The tensor-core matvec's plan for a weight of `layout` `[n, k]` (the gate of a gated pair),
+/// or None where matvec.cu multiplies it: formats matvec_tc.cu has (`MtMlx` 4- and 8-bit;
+/// `MtQ4_0`, whose quads of blocks need rows of k % 128 == 0 from 8-byte aligned data,
+/// `q4_0_quads`). `folds`: the kernel folds a norm; `wide_norm`: a norm that matvec.cu would
+/// launch in front (k > FOLD_NORM_MAX_K), which sends smaller MLX matrices here too, since this
+/// kernel folds it.
+#[allow(clippy::too_many_arguments)]
+fn tensor_core_plan(
+    layout: WeightLayout,
+    n: usize,
+    k: usize,
+    gated: bool,
+    folds: bool,
+    q4_0_quads: bool,
+    wide_norm: bool,
+    sm_count: usize,
+) -> Result<Option<TcPlan>> {
+    let mlx_simt_weights = if wide_norm { 0 } else { SIMT_MAX_WEIGHTS };
+    let (chunk, simt_weights) = match layout {
+        WeightLayout::MlxAffine { bits: 4, .. } => (32, mlx_simt_weights),
+        WeightLayout::MlxAffine { bits: 8, .. } => (16, mlx_simt_weights),
+        WeightLayout::Gguf(GgmlType::Q4_0) if q4_0_quads => (32, SIMT_MAX_WEIGHTS),
+        _ => return Ok(None),
+    };
+    matvec_tc_plan(n, k, chunk, gated, folds, sm_count, simt_weights)
 }
 
 /// The address of an f16 copy of a row of `len` values (`x_h`, `out_h`), which the kernels
@@ -605,26 +627,17 @@ impl<'a> DecodePlan<'a> {
                 Some(up) => aligned8(up)?,
                 None => true,
             };
-        // An RMSNorm that matvec.cu would launch in front (k > FOLD_NORM_MAX_K) sends smaller MLX
-        // matrices to the tensor cores too, which fold it.
-        let mlx_simt_weights = match norm {
-            Some(_) if k > FOLD_NORM_MAX_K => 0,
-            _ => SIMT_MAX_WEIGHTS,
-        };
-        let tensor_cores = match *weight {
-            Weight::Mlx { bits: 4, .. } => {
-                matvec_tc_plan(n, k, 32, gated, tc_folds, sm_count, mlx_simt_weights)?
-            }
-            Weight::Mlx { bits: 8, .. } => {
-                matvec_tc_plan(n, k, 16, gated, tc_folds, sm_count, mlx_simt_weights)?
-            }
-            Weight::Ggml {
-                ty: GgmlType::Q4_0, ..
-            } if q4_0_quads => {
-                matvec_tc_plan(n, k, 32, gated, tc_folds, sm_count, SIMT_MAX_WEIGHTS)?
-            }
-            _ => None,
-        };
+        let wide_norm = norm.is_some() && k > FOLD_NORM_MAX_K;
+        let tensor_cores = tensor_core_plan(
+            weight.layout(),
+            n,
+            k,
+            gated,
+            tc_folds,
+            q4_0_quads,
+            wide_norm,
+            sm_count,
+        )?;
         let kernel = match tensor_cores {
             Some(p) => MatvecKernel::TensorCores(p),
             None => {

@@ -64,11 +64,13 @@ __device__ __forceinline__ void fields_f16(u32 w, u32* h) {
     }
 }
 
-// 16 bytes of a weight: read once, so through the non-coherent path, and with L2 fetching 256
-// bytes a miss (the row's next chunks, which the tile's other k slices read next). H100,
-// 2026-11-26: 8B decode +1.2% (+2.0% in a later build), 1B +0.3%; without L1 allocation as
-// well, 8B −1.5%.
-__device__ __forceinline__ uint4 load_weight16(const void* p) {
+// Loads of weights, scales and biases: read once, so through the non-coherent path, and with
+// L2 fetching 256 bytes a miss (the row's next chunks and groups, which the tile's other k
+// slices read next). H100, 2026-11-26, decode after 128 tokens: MLX 16-byte weight loads 8B
+// +1.2% (+2.0% in a later build), 1B +0.3%; the scale and bias loads as well, 8B +1.1%; Q4_0's
+// 8-byte weight loads, 8B Q4_0 +3.4%; the 1B shapes within noise for both. Without L1
+// allocation as well: 8B −1.5%.
+__device__ __forceinline__ uint4 load_stream16(const void* p) {
     uint4 v;
     asm("ld.global.nc.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
@@ -76,12 +78,30 @@ __device__ __forceinline__ uint4 load_weight16(const void* p) {
     return v;
 }
 
+__device__ __forceinline__ uint2 load_stream8(const void* p) {
+    uint2 v;
+    asm("ld.global.nc.L2::256B.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u32 load_stream4(const void* p) {
+    u32 v;
+    asm("ld.global.nc.L2::256B.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u32 load_stream2(const void* p) {
+    u16 v;
+    asm("ld.global.nc.L2::256B.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return v;
+}
+
 // Scales and biases are loaded as raw bits with the weights and converted only when used, so
 // that the conversion does not wait for a load issued a stage ahead.
 template <int ST>
 __device__ __forceinline__ u32 load_raw(const void* p, i64 i) {
-    if constexpr (ST == FT_F32) return ((const u32*)p)[i];
-    else return ((const u16*)p)[i];
+    if constexpr (ST == FT_F32) return load_stream4((const u32*)p + i);
+    else return load_stream2((const u16*)p + i);
 }
 
 template <int ST>
@@ -132,7 +152,7 @@ struct MtMlx {
     };
     static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
                                                 int c, Raw& r) {
-        r.w = load_weight16(wt.w + st.row[h] * st.row_bytes + 16 * c);
+        r.w = load_stream16(wt.w + st.row[h] * st.row_bytes + 16 * c);
         const i64 gi = st.row[h] * st.groups + (c >> st.cshift);
         r.s = load_raw<ST>(wt.scales, gi);
         r.b = load_raw<ST>(wt.biases, gi);
@@ -179,7 +199,7 @@ struct MtQ4_0 {
                                         16 * st.t);
 #pragma unroll
         for (int i = 0; i < 3; ++i) {
-            const uint2 v = p[i];
+            const uint2 v = load_stream8(p + i);
             r.w[2 * i] = v.x;
             r.w[2 * i + 1] = v.y;
         }
@@ -328,21 +348,6 @@ __device__ __forceinline__ float mt_norm_chunk(float* v, const float* g_chunk,
     return ss;
 }
 
-// N f16 values from p (16-byte aligned) as floats.
-template <int N>
-__device__ __forceinline__ void load_halves(const u16* p, float* v) {
-#pragma unroll
-    for (int i = 0; i < N / 8; ++i) {
-        const uint4 q = ((const uint4*)p)[i];
-        const u32 w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            v[8 * i + 2 * j] = f16_to_f32((u16)w[j]);
-            v[8 * i + 2 * j + 1] = f16_to_f32((u16)(w[j] >> 16));
-        }
-    }
-}
-
 // x (times the norm weight, if NORM) as f16 pairs in the format's fragment order, Σx per
 // chunk in f32 (formats with biases), and a chunk of zeros. Thread t stages chunks t,
 // t + blockDim, …; NORM: the norm weight is in shared memory (`gs`, copied before the wait: no
@@ -371,7 +376,7 @@ __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, const u1
         // The producer's f16 copy: the same values this staging would round x to.
         for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
             float v[CHUNK];
-            load_halves<CHUNK>(x_h + (i64)c * CHUNK, v);
+            load_halves<CHUNK>(x_h + (i64)c * CHUNK, FT_F16, v);
             mt_store_chunk<F>(v, 1.f, c, xh, csum);
         }
         return;

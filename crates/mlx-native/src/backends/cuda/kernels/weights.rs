@@ -139,6 +139,20 @@ impl<'a> Weight<'a> {
         }
     }
 
+    /// The stored layout (what `parse` read).
+    pub fn layout(&self) -> WeightLayout {
+        match *self {
+            Weight::Mlx {
+                bits, group_shift, ..
+            } => WeightLayout::MlxAffine {
+                bits,
+                group_size: 32 << group_shift,
+            },
+            Weight::Ggml { ty, .. } => WeightLayout::Gguf(ty),
+            Weight::Dense { .. } => WeightLayout::Dense,
+        }
+    }
+
     /// The layout in kernel names: `mlx{bits}`, the ggml type's name, or `dense`.
     pub fn layout_name(&self) -> String {
         match *self {
