@@ -1130,8 +1130,8 @@ fn normed_matvec_matches_reference() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(17);
     // (weight, unit offset, bias, tolerance): k up to 1024 folds the norm into matvec.cu's
-    // kernel; wider MLX 4/8-bit weights take the tensor cores (f16 x), which normalise x as they
-    // stage it, as do MLX 4-bit and Q4_0 from 2^21 weights; other wide ones run the norm first.
+    // kernel; wider MLX 4/8-bit weights take the tensor cores (f16 x), which fold the norm too,
+    // as do MLX 4-bit and Q4_0 from 2^21 weights; other wide ones run the norm first.
     // MLX 8-bit at k = 8704 has more 16-element chunks than the block has threads (the staging
     // loop).
     let cases = [

@@ -652,7 +652,7 @@ impl<'a> DecodePlan<'a> {
                 }
             }
         };
-        // matvec_tc normalises x while staging it, at any width (H200, 2026-11-26: MLX
+        // matvec_tc folds the norm at any width (H200, 2026-11-26: MLX
         // Llama-3.2-1B shape 1,322 → 1,387 tok/s, 8B 350 → 365; Q4_0 then lost, 8B 331 → 325,
         // but since its staging reads x once, with the norm weight copied before the wait:
         // H100, 2026-11-26, Q4_0 1B 1,305 → 1,457, 8B 351 → 393).
