@@ -403,7 +403,6 @@ __device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, const u1
     }
 }
 
-
 template <class F, bool GATED, bool NORM>
 __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __restrict__ x,
                                           const u16* __restrict__ x_h, const PreNorm& norm,
