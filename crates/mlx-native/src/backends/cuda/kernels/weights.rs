@@ -139,7 +139,8 @@ impl<'a> Weight<'a> {
         }
     }
 
-    /// The stored layout (what `parse` read).
+    /// The layout the kernels read: MLX affine, a ggml block type, or dense rows (which GGUF's
+    /// float types parse to).
     pub fn layout(&self) -> WeightLayout {
         match *self {
             Weight::Mlx {
@@ -207,5 +208,45 @@ pub(super) fn float_name(ft: i32) -> &'static str {
         1 => "f16",
         2 => "bf16",
         _ => "f32",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::device::Device;
+    use crate::core::dtype::DType;
+
+    /// `layout` gives back what `parse` read (GGUF's float types as dense rows), which the
+    /// tensor-core planner matches on.
+    #[test]
+    fn layout_is_what_parse_read() {
+        let cpu = Device::cpu();
+        let (n, k) = (4, 128);
+        let mlx = WeightLayout::MlxAffine {
+            bits: 4,
+            group_size: 64,
+        };
+        let mlx_tensors = [
+            cpu.zeros(&[n, k * 4 / 32], DType::U32).unwrap(),
+            cpu.zeros(&[n, k / 64], DType::F16).unwrap(),
+            cpu.zeros(&[n, k / 64], DType::F16).unwrap(),
+        ];
+        let q4_0 = WeightLayout::Gguf(GgmlType::Q4_0);
+        let q4_0_tensors = [cpu
+            .zeros(&[n * GgmlType::Q4_0.row_bytes(k)], DType::U8)
+            .unwrap()];
+        let f16 = WeightLayout::Gguf(GgmlType::F16);
+        let f16_tensors = [cpu.zeros(&[n * k], DType::F16).unwrap()];
+        let cases = [
+            (mlx, &mlx_tensors[..], mlx),
+            (q4_0, &q4_0_tensors[..], q4_0),
+            (f16, &f16_tensors[..], WeightLayout::Dense),
+        ];
+        for (layout, tensors, want) in cases {
+            let (weight, rows) = Weight::parse("test", layout, tensors, k).unwrap();
+            assert_eq!(weight.layout(), want, "{layout:?}");
+            assert_eq!(rows, n, "{layout:?}");
+        }
     }
 }
