@@ -50,6 +50,16 @@ fn to_f64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
 
+/// Asserts one device's output against the reference and against the first device's output
+/// (the CPU's, which `devices` lists first), kept in `first`.
+fn check_device(what: &str, got: Vec<f32>, want: &[f64], first: &mut Option<Vec<f32>>, tol: f64) {
+    assert_close(what, &got, want, tol);
+    match first {
+        None => *first = Some(got),
+        Some(c) => assert_close(&format!("{what} (vs CPU)"), &got, &to_f64(c), tol),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Routing
 
@@ -328,13 +338,7 @@ fn gather_matmul_matches_reference() {
                     let out = poisoned(dev, &[m, top_k, w.n]).unwrap();
                     run(dev, |enc| ops::gather_matmul(enc, &xt, &idt, &weight, &out)).unwrap();
                     let got = out.to_vec::<f32>().unwrap();
-                    assert_close(&what, &got, &want, 2e-5);
-                    match &cpu {
-                        None => cpu = Some(got),
-                        Some(c) => {
-                            assert_close(&format!("{what} (vs CPU)"), &got, &to_f64(c), 2e-5)
-                        }
-                    }
+                    check_device(&what, got, &want, &mut cpu, 2e-5);
                 }
             }
         }
@@ -420,13 +424,7 @@ fn gather_gated_matmul_matches_reference() {
                     })
                     .unwrap();
                     let got = out.to_vec::<f32>().unwrap();
-                    assert_close(&what, &got, &want, 5e-5);
-                    match &cpu {
-                        None => cpu = Some(got),
-                        Some(c) => {
-                            assert_close(&format!("{what} (vs CPU)"), &got, &to_f64(c), 5e-5)
-                        }
-                    }
+                    check_device(&what, got, &want, &mut cpu, 5e-5);
                 }
             }
         }
