@@ -230,7 +230,10 @@ impl Session {
         if read.is_err() {
             self.pos_on_device = None;
         }
-        Ok(read?[0])
+        read?
+            .first()
+            .copied()
+            .ok_or_else(|| Error::Invalid("a token read of no ids".into()))
     }
 
     /// Feed `token` (instead of the last sampled one) at position `pos` and sample the next.
