@@ -195,7 +195,7 @@ fn rope_attention(
     let prefilling = rows > DECODE_MAX_ROWS;
     // The decode kernel writes the output's f16 copy (one row, checked by the op).
     let out_h = match out_h {
-        Some(t) if !prefilling => super::matmul::half_copy_ptr(t, out.elem_count())?,
+        Some(t) if !prefilling => super::matmul::half_copy_ptr(op, t, out.elem_count())?,
         Some(_) => return Err(Error::op(op.name(), "an f16 copy of many rows")),
         None => 0,
     };

@@ -151,7 +151,7 @@ fn matmul(
         // read x, or the normed row).
         let half = match (plan.kernel, x_h) {
             (MatvecKernel::TensorCores(_), Some(x_h)) if norm.is_none() => {
-                Some(half_copy_ptr(x_h, k)?)
+                Some(half_copy_ptr(op, x_h, k)?)
             }
             (MatvecKernel::TensorCores(_), _) => Some(0),
             _ => None,
@@ -425,7 +425,7 @@ fn gated_matmul(
     let count = layout.tensor_count();
     let (out, out_h) = match (half_out, outputs) {
         (false, [out]) => (out, 0),
-        (true, [out, out_h]) => (out, half_copy_ptr(out_h, out.last_dim())?),
+        (true, [out, out_h]) => (out, half_copy_ptr(op, out_h, out.last_dim())?),
         _ => return Err(operand_count(op, inputs.len(), outputs.len())),
     };
     let Some(x) = inputs.first() else {
@@ -481,47 +481,55 @@ pub(crate) fn matvec_reads_half_x(
     n: usize,
     k: usize,
 ) -> bool {
-    let q4_0_quads = k.is_multiple_of(128);
-    matches!(
-        tensor_core_plan(layout, n, k, false, false, q4_0_quads, false, sm_count),
-        Ok(Some(_))
-    )
+    let matvec = DecodeMatvec {
+        layout,
+        n,
+        k,
+        gated: false,
+        folds: false,
+        q4_0_quads: k.is_multiple_of(128),
+        wide_norm: false,
+    };
+    matches!(tensor_core_plan(matvec, sm_count), Ok(Some(_)))
 }
 
-/// The tensor-core matvec's plan for a weight of `layout` `[n, k]` (the gate of a gated pair),
-/// or None where matvec.cu multiplies it: formats matvec_tc.cu has (`MtMlx` 4- and 8-bit;
-/// `MtQ4_0`, whose quads of blocks need rows of k % 128 == 0 from 8-byte aligned data,
-/// `q4_0_quads`). `folds`: the kernel folds a norm; `wide_norm`: a norm that matvec.cu would
-/// launch in front (k > FOLD_NORM_MAX_K), which sends smaller MLX matrices here too, since this
-/// kernel folds it.
-#[allow(clippy::too_many_arguments)]
-fn tensor_core_plan(
+/// A decode matvec as the choice of its kernel sees it: a weight of `layout` `[n, k]` (the
+/// gate of a gated pair where `gated`), and what its input asks.
+#[derive(Clone, Copy)]
+struct DecodeMatvec {
     layout: WeightLayout,
     n: usize,
     k: usize,
     gated: bool,
+    /// The kernel folds a norm.
     folds: bool,
+    /// Q4_0 rows of k % 128 == 0 from 8-byte aligned data: `MtQ4_0` loads quads of blocks.
     q4_0_quads: bool,
+    /// A norm that matvec.cu would launch in front (k > FOLD_NORM_MAX_K), which sends smaller
+    /// MLX matrices to the tensor cores too, since their kernel folds it.
     wide_norm: bool,
-    sm_count: usize,
-) -> Result<Option<TcPlan>> {
-    let mlx_simt_weights = if wide_norm { 0 } else { SIMT_MAX_WEIGHTS };
-    let (chunk, simt_weights) = match layout {
-        WeightLayout::MlxAffine { bits: 4, .. } => (32, mlx_simt_weights),
-        WeightLayout::MlxAffine { bits: 8, .. } => (16, mlx_simt_weights),
-        WeightLayout::Gguf(GgmlType::Q4_0) if q4_0_quads => (32, SIMT_MAX_WEIGHTS),
-        _ => return Ok(None),
-    };
-    matvec_tc_plan(n, k, chunk, gated, folds, sm_count, simt_weights)
 }
 
-/// The address of an f16 copy of a row of `len` values (`x_h`, `out_h`), which the kernels
-/// read and write with 16-byte and 2-byte accesses.
-pub(super) fn half_copy_ptr(t: &Tensor, len: usize) -> Result<u64> {
+/// The tensor-core matvec's plan for `m`, or None where matvec.cu multiplies it: formats
+/// matvec_tc.cu has (`MtMlx` 4- and 8-bit, `MtQ4_0` on quads).
+fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> {
+    let mlx_simt_weights = if m.wide_norm { 0 } else { SIMT_MAX_WEIGHTS };
+    let (chunk, simt_weights) = match m.layout {
+        WeightLayout::MlxAffine { bits: 4, .. } => (32, mlx_simt_weights),
+        WeightLayout::MlxAffine { bits: 8, .. } => (16, mlx_simt_weights),
+        WeightLayout::Gguf(GgmlType::Q4_0) if m.q4_0_quads => (32, SIMT_MAX_WEIGHTS),
+        _ => return Ok(None),
+    };
+    matvec_tc_plan(m.n, m.k, chunk, m.gated, m.folds, sm_count, simt_weights)
+}
+
+/// The address of an f16 copy of a row of `len` values (`x_h`, `out_h`) for `op`, which the
+/// kernels read and write with 16-byte and 2-byte accesses.
+pub(super) fn half_copy_ptr(op: &Op, t: &Tensor, len: usize) -> Result<u64> {
     let ptr = device_ptr(t)?;
     if t.dtype() != DType::F16 || t.elem_count() != len || ptr % 16 != 0 {
         return Err(Error::op(
-            "matmul",
+            op.name(),
             format!("an f16 copy of a row of {len} must be f16 [1, {len}], 16-byte aligned"),
         ));
     }
@@ -627,17 +635,16 @@ impl<'a> DecodePlan<'a> {
                 Some(up) => aligned8(up)?,
                 None => true,
             };
-        let wide_norm = norm.is_some() && k > FOLD_NORM_MAX_K;
-        let tensor_cores = tensor_core_plan(
-            weight.layout(),
+        let matvec = DecodeMatvec {
+            layout: weight.layout(),
             n,
             k,
             gated,
-            tc_folds,
+            folds: tc_folds,
             q4_0_quads,
-            wide_norm,
-            sm_count,
-        )?;
+            wide_norm: norm.is_some() && k > FOLD_NORM_MAX_K,
+        };
+        let tensor_cores = tensor_core_plan(matvec, sm_count)?;
         let kernel = match tensor_cores {
             Some(p) => MatvecKernel::TensorCores(p),
             None => {
@@ -967,13 +974,18 @@ mod tests {
     #[test]
     fn matvec_tc_plan_fills_one_wave() {
         // (n, k, gated, grid, kgroups): Llama-3.1-8B q/k/v, gate/up, down, lm head; Llama-3.2-1B
-        // q/k/v.
+        // q/k/v; the lm heads of SmolLM2 (1.45 waves of 264 blocks) and Qwen3-0.6B (4.5). Blocks
+        // of fewer tiles, their warps splitting k, to end the waves evenly were slower (H100,
+        // 2026-11-26, decode: SmolLM2 shape −0.6% with 4 tiles of 2 warps; the 1B −11% and
+        // the 8B −4% with 1 tile of 8).
         let cases = [
             (6144, 4096, false, 128, 5),
             (14336, 4096, true, 128, 2),
             (4096, 14336, false, 128, 8),
             (128_256, 4096, false, 1002, 1),
             (3072, 2048, false, 96, 8),
+            (49_152, 576, false, 384, 1),
+            (151_936, 1024, false, 1187, 1),
         ];
         for (n, k, gated, grid, kgroups) in cases {
             let plan = matvec_tc_plan(n, k, 32, gated, true, 132, 0)
