@@ -479,13 +479,15 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS, 1)  // one block a
 
     const bool penalize = penalty != 1.f && window > 0;
     if (penalize) {
-        // Every block marks the whole window (a few ids) in its own bitmap.
-        for (int i = threadIdx.x; i < (vocab + 31) / 32; i += blockDim.x) seen[i] = 0u;
+        // Every block marks the window's ids (a few) that fall in its slice, in its own bitmap:
+        // it reads only its slice's bits (every pass over the logits stays in [lo, hi)).
+        for (int i = (g.lo >> 5) + threadIdx.x; i < (g.hi + 31) >> 5; i += blockDim.x)
+            seen[i] = 0u;
         __syncthreads();
         const i64 last = min(pos, (i64)capacity - 1);
         for (i64 i = max((i64)0, pos + 1 - window) + threadIdx.x; i <= last; i += blockDim.x) {
             const u32 t = history[i];
-            if (t < (u32)vocab) atomicOr(&seen[t >> 5], 1u << (t & 31));
+            if (t >= (u32)g.lo && t < (u32)g.hi) atomicOr(&seen[t >> 5], 1u << (t & 31));
         }
         __syncthreads();
     }
