@@ -3,6 +3,7 @@
 //! for a recording (sizes, eps, layouts) live here; values that change per token (position,
 //! token id) live in device buffers the kernels read, so a captured graph stays valid.
 
+use crate::core::tensor::Tensor;
 use crate::quant::WeightLayout;
 use crate::{Error, Result};
 
@@ -362,4 +363,13 @@ pub(crate) fn operand_count(op: &Op, inputs: usize, outputs: usize) -> Error {
         op.name(),
         format!("unexpected operand count: {inputs} inputs, {outputs} outputs"),
     )
+}
+
+/// Operands whose last one is there only where the op says so (`present`: `MatMul::half_x`,
+/// the `half_out` flags): the others, and that one.
+pub(crate) fn optional_last(present: bool, operands: &[Tensor]) -> (&[Tensor], Option<&Tensor>) {
+    match (present, operands) {
+        (true, [rest @ .., last]) => (rest, Some(last)),
+        _ => (operands, None),
+    }
 }

@@ -653,16 +653,22 @@ impl Decoder {
     }
 
     /// `copy` (a decode row's f16 scratch) where the projection `w` after its producer reads
-    /// it: `project_residual`'s one-dispatch path (no output norm, no bias) on a kernel that
-    /// stages x's f16 copy (`ops::reads_half_copy`); an unread copy only costs.
+    /// it: `project_residual`'s one-dispatch path on a kernel that stages x's f16 copy
+    /// (`ops::reads_half_copy`); an unread copy only costs.
     fn half_copy_for<'s>(
         enc: &CommandEncoder,
         w: &Linear,
         out_norm: Option<&Tensor>,
         copy: Option<&'s Tensor>,
     ) -> Option<&'s Tensor> {
-        copy.filter(|_| out_norm.is_none() && w.bias.is_none())
+        copy.filter(|c| Self::residual_in_matmul(c.rows(), w, out_norm))
             .filter(|_| ops::reads_half_copy(enc.device(), w))
+    }
+
+    /// Whether `project_residual` adds the residual inside the matmul (`ops::matmul_add`, one
+    /// dispatch): one row, no output norm, no bias.
+    fn residual_in_matmul(rows: usize, w: &Linear, out_norm: Option<&Tensor>) -> bool {
+        rows == 1 && out_norm.is_none() && w.bias.is_none()
     }
 
     /// `out` = `x` + `branch`·Wᵀ, the block output first normed by `out_norm` if there is one
@@ -680,7 +686,7 @@ impl Decoder {
         s: &Scratch,
         out: &Tensor,
     ) -> Result<()> {
-        if branch.rows() == 1 && out_norm.is_none() && w.bias.is_none() {
+        if Self::residual_in_matmul(branch.rows(), w, out_norm) {
             return ops::matmul_add(enc, branch, branch_h, w, x, out);
         }
         ops::matmul(enc, branch, w, &s.proj)?;

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use super::norm::rms_normed;
 use super::{scalar_u32, slice, slice_mut, write_half_copy, wrong_op, CpuKernel};
 use crate::core::dtype::DType;
-use crate::core::op::{operand_count, AttentionShape, Op};
+use crate::core::op::{operand_count, optional_last, AttentionShape, Op};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
@@ -37,10 +37,7 @@ fn rope_attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> 
     else {
         return Err(wrong_op(op));
     };
-    let (outputs, out_h) = match (half_out, outputs) {
-        (true, [rest @ .., out_h]) => (rest, Some(out_h)),
-        _ => (outputs, None),
-    };
+    let (outputs, out_h) = optional_last(half_out, outputs);
     let ([q, k, v, inv_freq, pos, norm_weights @ ..], [out, k_cache, v_cache]) = (inputs, outputs)
     else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
@@ -60,10 +57,7 @@ fn rope_attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> 
         &[q_rot, k_cache, v_cache, pos.clone()],
         std::slice::from_ref(out),
     )?;
-    match out_h {
-        Some(out_h) => write_half_copy(out, out_h),
-        None => Ok(()),
-    }
+    write_half_copy(out, out_h)
 }
 
 fn attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {

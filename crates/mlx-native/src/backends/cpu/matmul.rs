@@ -10,7 +10,7 @@ use super::{
     CpuKernel, FloatSlice,
 };
 use crate::core::dtype::DType;
-use crate::core::op::{Op, PreNorm};
+use crate::core::op::{optional_last, Op, PreNorm};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::quant::WeightLayout;
@@ -41,10 +41,7 @@ fn matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         pre_norm: None,
         half_x: false,
     };
-    let inputs = match (half_x, inputs) {
-        (true, [rest @ .., _x_h]) => rest,
-        _ => inputs,
-    };
+    let (inputs, _x_h) = optional_last(half_x, inputs);
     match pre_norm {
         None => kernel_for(layout)(&plain, inputs, outputs),
         Some(norm) => kernel_for(layout)(&plain, &normed_input(norm, inputs)?, outputs),
@@ -75,10 +72,7 @@ fn gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     else {
         return Err(wrong_op(op));
     };
-    let (outputs, out_h) = match (half_out, outputs) {
-        (true, [out, out_h]) => (std::slice::from_ref(out), Some(out_h)),
-        _ => (outputs, None),
-    };
+    let (outputs, out_h) = optional_last(half_out, outputs);
     let normed;
     let inputs = match pre_norm {
         Some(norm) => {
@@ -108,10 +102,7 @@ fn gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         matmul(&projection, &operands, std::slice::from_ref(result))?;
     }
     elementwise::gated_activation(&Op::GatedActivation(act), &[gate, up], outputs)?;
-    match out_h {
-        Some(out_h) => write_half_copy(out, out_h),
-        None => Ok(()),
-    }
+    write_half_copy(out, out_h)
 }
 
 /// The `Op::MatMul` kernel of a weight layout.

@@ -105,9 +105,10 @@ pub(crate) fn slice_mut<T: Element>(t: &Tensor) -> Result<&mut [T]> {
     })
 }
 
-/// Writes `copy` (f16) = `values` (f32) rounded to nearest: the f16 copy of a row some ops
-/// write beside their output (`GatedMatMul::half_out`, `RopeAttention::half_out`).
-pub(crate) fn write_half_copy(values: &Tensor, copy: &Tensor) -> Result<()> {
+/// Writes `copy` (f16, if given) = `values` (f32) rounded to nearest: the f16 copy of a row
+/// some ops write beside their output (`GatedMatMul::half_out`, `RopeAttention::half_out`).
+pub(crate) fn write_half_copy(values: &Tensor, copy: Option<&Tensor>) -> Result<()> {
+    let Some(copy) = copy else { return Ok(()) };
     let halves = slice_mut::<half::f16>(copy)?;
     for (h, &v) in halves.iter_mut().zip(slice::<f32>(values)?) {
         *h = half::f16::from_f32(v);
