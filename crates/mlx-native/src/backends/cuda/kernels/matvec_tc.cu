@@ -26,10 +26,10 @@
 // Launch: up to MT_WARPS·32 threads (one block an SM; half that, two an SM, for multi-wave
 // grids), blocks such that tiles·kgroups ≤ warps, dynamic shared memory (`matvec_tc_plan`,
 // matmul.rs); x 16-byte aligned, MLX w 16-byte aligned, Q4_0 rows 8-byte.
-// The block's RMSNorm, if any, is split: x·(g + offset) is staged (mt_stage_x) and the rows'
-// sums are scaled by r = rsqrt(mean(x²) + eps) at the end, so no block-wide sum precedes the
-// loop. The kernels wait for the previous kernel inside `matvec_tc`, after their first weight
-// loads.
+// The block's RMSNorm, if any, is split: x·(g + offset) is staged (mt_stage_x_parts,
+// mt_stage_x_chunks) and the rows' sums are scaled by r = rsqrt(mean(x²) + eps) at the end,
+// so no block-wide sum precedes the loop. The kernels wait for the previous kernel inside
+// `matvec_tc`, after their first weight loads.
 
 #define MT_WARPS 16
 #define MT_CHUNK_WORDS 4  // one 16-byte load per row and chunk
@@ -146,6 +146,7 @@ struct MtMlx {
     static constexpr int CHUNK = MT_CHUNK_WORDS * 32 / BITS;
     static constexpr int STAGE = 2;  // chunks per row and stage, not gated
     static constexpr bool SUMS = true;
+    static constexpr bool PARTS = true;  // x staged in parts of 8 elements (mt_stage_x_parts)
     struct Raw {
         uint4 w;
         u32 s, b;
@@ -190,6 +191,7 @@ struct MtQ4_0 {
     static constexpr int BLOCK = 18;
     static constexpr int STAGE = 2;
     static constexpr bool SUMS = false;
+    static constexpr bool PARTS = false;
     struct Raw {
         u32 w[6];  // bytes 16t .. 16t + 23 of the quad's blocks; lane 0: w[5] = w[0]
     };
@@ -297,105 +299,167 @@ __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const 
     }
 }
 
-// Chunk c of x (times the norm weight, if any) as the format's f16 pairs in shared memory,
-// multiplied by `scale`, and its Σx unscaled (formats with biases).
-template <class F>
-__device__ __forceinline__ void mt_store_chunk(const float* v, float scale, int c, u32* xh,
-                                               float* csum) {
-    constexpr int CHUNK = F::CHUNK;
-    const bool first = (c & 3) == 0;  // the first chunk of its quad
-#pragma unroll
-    for (int j = 0; j < CHUNK / 8; ++j) {
-        u32 o[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int e = 2 * q;  // both orders indexed by constants: v stays in registers
-            const float lo = first ? v[F::slot(true, j, e)] : v[F::slot(false, j, e)];
-            const float hi = first ? v[F::slot(true, j, e + 1)] : v[F::slot(false, j, e + 1)];
-            o[q] = pack_f16x2(lo * scale, hi * scale);
-        }
-        *(uint4*)(xh + c * (CHUNK / 2) + 4 * j) = uint4{o[0], o[1], o[2], o[3]};
-    }
-    if constexpr (F::SUMS) {
-        float sum = 0.f;
-#pragma unroll
-        for (int e = 0; e < CHUNK; ++e) sum += v[e];
-        csum[c] = sum;
-    }
-}
+// x (times the norm weight, if NORM) is staged once a block after the wait, in shared memory
+// as f16 pairs in the format's fragment order, with Σx per chunk in f32 (formats with biases).
+// NORM: the norm weight is in shared memory (`gs`, copied before the wait: no kernel writes
+// it), each chunk is staged at its own power of two (`cinv` the inverse), and the warps' Σx²
+// go to `ssq`, whence r is formed during the loop and applied to the row sums. Every block
+// normalises x itself, which costs less than a norm launch in front of the kernel, and with no
+// block-wide sum before the loop (H100, 2026-11-26: the knockout of that sum read the 1B
+// shape's decode +2.1%, the 8B's +0.9%; this staging with the weights' L2 hint, 1B +0.9%, 8B
+// +1.6%, Qwen3-0.6B +0.5%).
+// These reads of x, by every SM at once right after the wait, are the kernel's largest fixed
+// cost (H100, 2026-11-26, knockouts: without staging the 1B shape's decode read 1,867 → 2,256
+// tok/s, the 8B's 433 → 491), and it is latency more than bytes: staged from half the bytes
+// the normed inputs read ≤ 0.4% faster, while shorter chains a thread paid (MLX staged in
+// parts of 8 elements by every thread instead of whole chunks by the first k/CHUNK threads:
+// 8B +1.3%, 1B +1.2%, Qwen3-0.6B +2.1%). Without a norm, x comes from the f16 copy its
+// producer wrote where there is one (`x_h`, common.cuh's store_half_copy): the values this
+// staging would round x to. Thread block clusters that split the staging and shared it through
+// distributed shared memory were slower, and so was x brought by a bulk copy
+// (docs/cuda-backend.md).
 
-// A chunk of x times the norm weight, v·(g + g_offset), g the chunk's norm weight in shared
-// memory; returns the chunk's Σx² and sets `scale` to the power of two that takes its largest
-// |v| into [2^14, 2^15) and `inv` to 1/scale. Staged so, x·g stays inside f16's range (a
-// residual stream can pass 65,504) and keeps f16's relative precision (small x would
-// otherwise fall into subnormals).
+// v·(g + g_offset) in place, g (N floats) in shared memory; returns Σv² of v as given and sets
+// `top` to the largest |v·(g + g_offset)|.
 template <int N>
-__device__ __forceinline__ float mt_norm_chunk(float* v, const float* g_chunk,
-                                               const PreNorm& norm, float& scale, float& inv) {
+__device__ __forceinline__ float mt_norm_values(float* v, const float* g_sh, const PreNorm& norm,
+                                                float& top) {
     float g[N];
-    load_floats<N>(g_chunk, g);
-    float ss = 0.f, top = 0.f;
+    load_floats<N>(g_sh, g);
+    float ss = 0.f;
+    top = 0.f;
 #pragma unroll
     for (int e = 0; e < N; ++e) {
         ss = fmaf(v[e], v[e], ss);
         v[e] *= g[e] + norm.g_offset;
         top = fmaxf(top, fabsf(v[e]));
     }
+    return ss;
+}
+
+// The power of two that takes a chunk's largest |v| (`top`) into [2^14, 2^15), and its
+// inverse. Staged so, x·g stays inside f16's range (a residual stream can pass 65,504) and
+// keeps f16's relative precision (small x would otherwise fall into subnormals).
+__device__ __forceinline__ void mt_f16_scale(float top, float& scale, float& inv) {
     // top in [2^(e−127), 2^(e−126)): scale 2^(141−e), kept normal (zero: any scale).
     const int shift = min(max(141 - (int)(__float_as_uint(top) >> 23), -100), 100);
     scale = __uint_as_float((u32)(127 + shift) << 23);
     inv = __uint_as_float((u32)(127 - shift) << 23);
-    return ss;
 }
 
-// x (times the norm weight, if NORM) as f16 pairs in the format's fragment order, Σx per
-// chunk in f32 (formats with biases), and a chunk of zeros. Thread t stages chunks t,
-// t + blockDim, …; NORM: the norm weight is in shared memory (`gs`, copied before the wait: no
-// kernel writes it), each chunk is staged at its own power of two (`cinv` the inverse), and
-// the warps' Σx² go to `ssq`, whence r is formed during the loop and applied to the row sums.
-// Every block normalises x itself, which costs less than a norm launch in front of the kernel,
-// and with no block-wide sum before the loop (H100, 2026-11-26: the knockout of that sum read
-// the 1B shape's decode +2.1%, the 8B's +0.9%; this staging with the weights' L2 hint, 1B
-// +0.9%, 8B +1.6%, Qwen3-0.6B +0.5%).
-// These reads of x, by every SM at once right after the wait, are a large part of the kernel's
-// fixed cost, about in proportion to their bytes (H100, 2026-11-26, knockouts: without staging
-// the 1B shape's decode read 1,867 → 2,256 tok/s, the 8B's 433 → 491; the 8B's down
-// projection, 4096×14336, 17.4 µs, 14.3 without staging, 15.8 staged from f16). So without a
-// norm, x comes from the f16 copy its producer wrote where there is one (`x_h`, common.cuh's
-// store_half_copy): the values this staging would round x to, in half the bytes. Thread block
-// clusters that split the staging and shared it through distributed shared memory were
-// slower, and so was x brought by a bulk copy (docs/cuda-backend.md).
+// Formats whose chunks split into parts of 8 contiguous elements, one uint4 of the chunk's f16
+// pairs each (F::PARTS: MLX). Consecutive threads stage consecutive parts, P = CHUNK/8 lanes
+// a chunk, which meet by shuffles for the chunk's Σx and largest |v|; R parts a thread are
+// loaded before any is used.
 template <class F, bool NORM>
-__device__ __forceinline__ void mt_stage_x(const float* __restrict__ x, const u16* __restrict__ x_h,
-                                           int k, const PreNorm& norm, const float* gs, u32* xh,
-                                           u32* zero, float* csum, float* cinv, float* ssq) {
+__device__ __forceinline__ void mt_stage_x_parts(const float* __restrict__ x,
+                                                 const u16* __restrict__ x_h, int k,
+                                                 const PreNorm& norm, const float* gs, u32* xh,
+                                                 float* csum, float* cinv, float* ssq) {
+    constexpr int CHUNK = F::CHUNK, P = CHUNK / 8, R = 4;
+    const int parts = k / 8;
+    const bool half = !NORM && x_h;
+    float ss = 0.f;
+    for (int p0 = 0; p0 < parts; p0 += R * blockDim.x) {  // block-uniform: the barrier below
+        float v[R][8];
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+            const int p = p0 + i * blockDim.x + threadIdx.x;
+            if (p < parts) {
+                if (half) load_halves<8>(x_h + (i64)p * 8, FT_F16, v[i]);
+                else load_floats<8>(x + (i64)p * 8, v[i]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) v[i][e] = 0.f;
+            }
+        }
+        if constexpr (NORM) {
+            if (p0 == 0) {  // gs, which every thread copied a part of
+                cp_async_wait<0>();
+                __syncthreads();
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+            if (p0 + i * (int)blockDim.x >= parts) break;  // block-uniform: shuffles below
+            const int p = p0 + i * blockDim.x + threadIdx.x;
+            const bool mine = p < parts;  // a chunk's P lanes alike
+            const int c = p / P, j = p % P;
+            float scale = 1.f;
+            if constexpr (NORM) {
+                float top;
+                ss += mt_norm_values<8>(v[i], gs + (mine ? p : 0) * 8, norm, top);
+#pragma unroll
+                for (int o = 1; o < P; o <<= 1)
+                    top = fmaxf(top, __shfl_xor_sync(FULL_MASK, top, o));
+                float inv;
+                mt_f16_scale(top, scale, inv);
+                if (mine && j == 0) cinv[c] = inv;
+            }
+            u32 o4[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+                o4[q] = pack_f16x2(v[i][F::slot(false, 0, 2 * q)] * scale,
+                                   v[i][F::slot(false, 0, 2 * q + 1)] * scale);
+            if (mine) *(uint4*)(xh + c * (CHUNK / 2) + 4 * j) = uint4{o4[0], o4[1], o4[2], o4[3]};
+            float sum = 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) sum += v[i][e];
+#pragma unroll
+            for (int o = 1; o < P; o <<= 1) sum += __shfl_xor_sync(FULL_MASK, sum, o);
+            if (mine && j == 0) csum[c] = sum;
+        }
+    }
+    if constexpr (NORM) {
+        ss = warp_sum(ss);
+        if ((threadIdx.x & 31) == 0) ssq[threadIdx.x >> 5] = ss;
+    }
+}
+
+// Formats staged in whole chunks (Q4_0, whose first chunk of a quad takes its elements out of
+// order, and which has no Σx): thread t stages chunks t, t + blockDim, ….
+template <class F, bool NORM>
+__device__ __forceinline__ void mt_stage_x_chunks(const float* __restrict__ x,
+                                                  const u16* __restrict__ x_h, int k,
+                                                  const PreNorm& norm, const float* gs, u32* xh,
+                                                  float* cinv, float* ssq) {
     constexpr int CHUNK = F::CHUNK;
     const int chunks = k / CHUNK;
-    if (threadIdx.x < CHUNK / 2) zero[threadIdx.x] = 0u;
-    if (!NORM && x_h) {
-        // The producer's f16 copy: the same values this staging would round x to.
-        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-            float v[CHUNK];
-            load_halves<CHUNK>(x_h + (i64)c * CHUNK, FT_F16, v);
-            mt_store_chunk<F>(v, 1.f, c, xh, csum);
-        }
-        return;
-    }
     float ss = 0.f;
     for (int c0 = 0; c0 < chunks; c0 += blockDim.x) {  // block-uniform: the barrier below
         const int c = c0 + threadIdx.x;
         const bool mine = c < chunks;
         float v[CHUNK];
         float scale = 1.f;
-        if (mine) load_floats<CHUNK>(x + (i64)c * CHUNK, v);
+        if (mine) {
+            if (!NORM && x_h) load_halves<CHUNK>(x_h + (i64)c * CHUNK, FT_F16, v);
+            else load_floats<CHUNK>(x + (i64)c * CHUNK, v);
+        }
         if constexpr (NORM) {
             if (c0 == 0) {  // gs, which every thread copied a part of
                 cp_async_wait<0>();
                 __syncthreads();
             }
-            if (mine) ss += mt_norm_chunk<CHUNK>(v, gs + c * CHUNK, norm, scale, cinv[c]);
+            if (mine) {
+                float top;
+                ss += mt_norm_values<CHUNK>(v, gs + c * CHUNK, norm, top);
+                mt_f16_scale(top, scale, cinv[c]);
+            }
         }
-        if (mine) mt_store_chunk<F>(v, scale, c, xh, csum);
+        if (!mine) continue;
+        const bool first = (c & 3) == 0;  // the first chunk of its quad
+#pragma unroll
+        for (int j = 0; j < CHUNK / 8; ++j) {
+            u32 o[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int e = 2 * q;  // both orders indexed by constants: v stays in registers
+                const float lo = first ? v[F::slot(true, j, e)] : v[F::slot(false, j, e)];
+                const float hi = first ? v[F::slot(true, j, e + 1)] : v[F::slot(false, j, e + 1)];
+                o[q] = pack_f16x2(lo * scale, hi * scale);
+            }
+            *(uint4*)(xh + c * (CHUNK / 2) + 4 * j) = uint4{o[0], o[1], o[2], o[3]};
+        }
     }
     if constexpr (NORM) {
         ss = warp_sum(ss);
@@ -459,7 +523,9 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     // stream, written by an earlier kernel) is loaded now, not after the reduction.
     const int r = threadIdx.x, row = blockIdx.x * tiles * 16 + r;
     const float bias_v = bias ? load_float(bias, min(row, n - 1), bias_type) : 0.f;
-    mt_stage_x<F, NORM>(x, x_h, k, norm, gs, xh, zero, csum, cinv, ssq);
+    if (threadIdx.x < CHUNK / 2) zero[threadIdx.x] = 0u;
+    if constexpr (F::PARTS) mt_stage_x_parts<F, NORM>(x, x_h, k, norm, gs, xh, csum, cinv, ssq);
+    else mt_stage_x_chunks<F, NORM>(x, x_h, k, norm, gs, xh, cinv, ssq);
     __syncthreads();
 
     float acc[M][2];
