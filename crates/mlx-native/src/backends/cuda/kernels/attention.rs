@@ -12,7 +12,7 @@ use crate::backends::cuda::launch::{
     blocks, dim, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Launch, Planner,
 };
 use crate::core::dtype::DType;
-use crate::core::op::{Op, PreNorm};
+use crate::core::op::{optional_last, Op, PreNorm};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
@@ -160,10 +160,7 @@ fn rope_attention(
     else {
         return Err(wrong_op(op));
     };
-    let (outputs, out_h) = match (half_out, outputs) {
-        (true, [rest @ .., out_h]) => (rest, Some(out_h)),
-        _ => (outputs, None),
-    };
+    let (outputs, out_h) = optional_last(half_out, outputs);
     let Op::RopeKvAppend {
         rotary_dims,
         traditional,

@@ -14,7 +14,7 @@ use crate::backends::cuda::launch::{
     blocks, float_type, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Launch, Planner,
 };
 use crate::core::dtype::DType;
-use crate::core::op::{Op, PreNorm, UnaryFn};
+use crate::core::op::{optional_last, Op, PreNorm, UnaryFn};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::quant::{GgmlType, WeightLayout};
@@ -102,10 +102,7 @@ fn matmul(
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
     // x's f16 copy (last), read by the tensor-core matvec only.
-    let (inputs, x_h) = match (half_x, inputs) {
-        (true, [rest @ .., x_h]) => (rest, Some(x_h)),
-        _ => (inputs, None),
-    };
+    let (inputs, x_h) = optional_last(half_x, inputs);
     let (norm, inputs) = split_norm(op, pre_norm, inputs)?;
     let inputs = &inputs[..];
     if inputs.len() != 1 + n_weight + has_bias as usize {
@@ -423,10 +420,13 @@ fn gated_matmul(
         return Err(wrong_op(op));
     };
     let count = layout.tensor_count();
-    let (out, out_h) = match (half_out, outputs) {
-        (false, [out]) => (out, 0),
-        (true, [out, out_h]) => (out, half_copy_ptr(op, out_h, out.last_dim())?),
-        _ => return Err(operand_count(op, inputs.len(), outputs.len())),
+    let (outs, out_h) = optional_last(half_out, outputs);
+    let [out] = outs else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let out_h = match out_h {
+        Some(t) => half_copy_ptr(op, t, out.last_dim())?,
+        None => 0,
     };
     let Some(x) = inputs.first() else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
