@@ -904,19 +904,31 @@ fn check_matmul_add(dev: &Device, rng: &mut Rng, w: &HostWeight) {
     let res64: Vec<f64> = residual.iter().map(|&v| v as f64).collect();
     let want = matmul_ref(&x, w, Some(&res64), 1);
     for half in [false, true] {
-        let compute = |dev: &Device| {
-            let lin = w.upload(dev, None)?;
-            let xt = dev.from_slice(&x, &[1, w.k])?;
-            let x_h = halves(dev, &x)?;
-            let rt = dev.from_slice(&residual, &[1, w.n])?;
-            let out = poisoned(dev, &[1, w.n])?;
-            let x_h = Some(&x_h).filter(|_| half);
-            run(dev, |enc| ops::matmul_add(enc, &xt, x_h, &lin, &rt, &out))?;
-            out.to_vec::<f32>()
-        };
+        let x_h = half.then_some(&x[..]);
+        let compute = |dev: &Device| matmul_add_row(dev, w, &x, x_h, &residual);
         let what = format!("matmul_add {} n={} k={} x_h {half}", describe(w), w.n, w.k);
         check(&what, dev, compute, &want, matvec_tol(w));
     }
+}
+
+/// `ops::matmul_add` of one row x with the residual, given the f16 copy of `x_h` (if any) as
+/// x's copy.
+fn matmul_add_row(
+    dev: &Device,
+    w: &HostWeight,
+    x: &[f32],
+    x_h: Option<&[f32]>,
+    residual: &[f32],
+) -> Result<Vec<f32>> {
+    let lin = w.upload(dev, None)?;
+    let xt = dev.from_slice(x, &[1, w.k])?;
+    let x_h = x_h.map(|v| halves(dev, v)).transpose()?;
+    let rt = dev.from_slice(residual, &[1, w.n])?;
+    let out = poisoned(dev, &[1, w.n])?;
+    run(dev, |enc| {
+        ops::matmul_add(enc, &xt, x_h.as_ref(), &lin, &rt, &out)
+    })?;
+    out.to_vec::<f32>()
 }
 
 /// A row of f16 values `[1, len]`.
@@ -1075,23 +1087,9 @@ fn matvec_tensor_cores_mlx() {
     // row's product (the CPU backend reads x, which the copy must equal).
     let w = mlx_weight(&mut rng, (1 << 22) / 2048 + 3, 2048, 4, 64, FLOAT_TYPES[2]);
     let (x, other) = (rng.vec(w.k, 1.0), rng.vec(w.k, 1.0));
-    let residual = vec![0.0f32; w.n];
-    let lin = w.upload(&dev, None).unwrap();
-    let xt = dev.from_slice(&x, &[1, w.k]).unwrap();
-    let other_h = halves(&dev, &other).unwrap();
-    let rt = dev.from_slice(&residual, &[1, w.n]).unwrap();
-    let out = poisoned(&dev, &[1, w.n]).unwrap();
-    run(&dev, |enc| {
-        ops::matmul_add(enc, &xt, Some(&other_h), &lin, &rt, &out)
-    })
-    .unwrap();
+    let out = matmul_add_row(&dev, &w, &x, Some(&other), &vec![0.0; w.n]).unwrap();
     let want = matmul_ref(&other, &w, None, 1);
-    assert_close(
-        "matvec_tc from x_h",
-        &out.to_vec::<f32>().unwrap(),
-        &want,
-        matvec_tol(&w),
-    );
+    assert_close("matvec_tc from x_h", &out, &want, matvec_tol(&w));
     // The Llama-3.1-8B q/k/v and gate/up shapes: on a 132-SM GPU their plans split a tile's k
     // over 5 warps, and give a block 7 tiles of 2 warps (matvec_tc_plan).
     let st = FLOAT_TYPES[2];
