@@ -564,7 +564,12 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
 #pragma unroll
         for (int m = 0; m < M; ++m) {
             y[m] = 0.f;
-            for (int s = 0; s < kgroups; ++s) y[m] += partial[w0 + s][m][r & 15];
+            // Unrolled to the most slices, so that every load is issued before the first add
+            // (the loop by kgroups issued four at a time; H100, 2026-11-26, decode after 128
+            // tokens: 1B shape +2.8%, Qwen3-0.6B +3.5%, 8B +0.8%).
+#pragma unroll
+            for (int s = 0; s < MT_WARPS; ++s)
+                if (s < kgroups) y[m] += partial[w0 + s][m][r & 15];
             y[m] *= norm_r;
         }
         if constexpr (GATED) {
