@@ -86,8 +86,9 @@ __device__ void block_argmax(float& v, u32& id, bool none_as_zero = true) {
     if (none_as_zero && id == 0xffffffffu) id = 0;
 }
 
-// Calls use(i, load(i)) for i = lo + threadIdx.x, +blockDim.x, … < n. A pass by one block
-// is bound by load latency: each step issues PASS_UNROLL independent loads before using any.
+// Calls use(i, load(i)) for i = lo + threadIdx.x, +blockDim.x, … < n, in that order. A pass
+// by one block is bound by load latency: each step issues PASS_UNROLL independent loads before
+// using any, the last, partial step too.
 #define PASS_UNROLL 8
 
 template <class Load, class Use>
@@ -100,7 +101,15 @@ __device__ __forceinline__ void for_each_strided(int lo, int n, Load load, Use u
 #pragma unroll
         for (int u = 0; u < PASS_UNROLL; ++u) use(i + u * blockDim.x, x[u]);
     }
-    for (; i < n; i += blockDim.x) use(i, load(i));
+    if (i < n) {
+        decltype(load(0)) x[PASS_UNROLL];
+#pragma unroll
+        for (int u = 0; u < PASS_UNROLL; ++u)
+            if (i + u * (int)blockDim.x < n) x[u] = load(i + u * blockDim.x);
+#pragma unroll
+        for (int u = 0; u < PASS_UNROLL; ++u)
+            if (i + u * (int)blockDim.x < n) use(i + u * blockDim.x, x[u]);
+    }
 }
 
 // The same over the contiguous range [lo, hi), in order.
