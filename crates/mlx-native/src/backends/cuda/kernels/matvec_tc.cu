@@ -313,7 +313,7 @@ __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const 
 // tok/s, the 8B's 433 → 491), and it is latency more than bytes: staged from half the bytes
 // the normed inputs read ≤ 0.4% faster, while shorter chains a thread paid (MLX staged in
 // parts of 8 elements by every thread instead of whole chunks by the first k/CHUNK threads:
-// 8B +1.3%, 1B +1.2%, Qwen3-0.6B +2.1%). Without a norm, x comes from the f16 copy its
+// 8B +1.3%, 1B +1.3%, Qwen3-0.6B +2.1%). Without a norm, x comes from the f16 copy its
 // producer wrote where there is one (`x_h`, common.cuh's store_half_copy): the values this
 // staging would round x to. Thread block clusters that split the staging and shared it through
 // distributed shared memory were slower, and so was x brought by a bulk copy
