@@ -14,8 +14,8 @@
 
 // q·2^field_shift(pos, bits) for the unsigned field at bits [pos, pos+bits) of hi:lo (pos < 32).
 // The mask and the OR into 2^23 are one lop3, (w & m) | 2^23: written as `&` and `|`, they took
-// two logic instructions a weight (ptxas keeps one immediate a lop3), a fifth of the SIMT
-// matvec's work a warp (H100, 2026-11-26: SmolLM2 shape's decode +1.1% as one).
+// two logic instructions a weight (ptxas keeps one immediate a lop3), a fifth of the
+// instructions of the SIMT matvec's dot (H100, 2026-11-26: SmolLM2 shape's decode +1.1% as one).
 __device__ __forceinline__ float field(u32 lo, u32 hi, int pos, int bits) {
     const u32 mask = (1u << bits) - 1u;
     const bool low = pos + bits <= 23;
