@@ -883,7 +883,7 @@ fn matvec_tc_plan(
     }
     // x is staged as f16 with f32 sums per chunk and a chunk of zeros, after the norm weight
     // in f32 and followed by each chunk's f32 scale where the kernel folds a norm (matvec_tc.cu's
-    // mt_stage_x).
+    // mt_stage_x_parts and mt_stage_x_chunks).
     let chunks = k / chunk;
     let shared = if folds { 4 * k + 4 * chunks } else { 0 } + 2 * k + 2 * chunk + 4 * chunks;
     if shared > MATVEC_TC_MAX_SHARED {
