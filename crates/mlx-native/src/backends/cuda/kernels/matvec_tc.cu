@@ -302,12 +302,12 @@ __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const 
 // x (times the norm weight, if NORM) is staged once a block after the wait, in shared memory
 // as f16 pairs in the format's fragment order, with Σx per chunk in f32 (formats with biases).
 // NORM: the norm weight is in shared memory (`gs`, copied before the wait: no kernel writes
-// it), each chunk is staged at its own power of two (`cinv` the inverse), and the warps' Σx²
-// go to `ssq`, whence r is formed during the loop and applied to the row sums. Every block
-// normalises x itself, which costs less than a norm launch in front of the kernel, and with no
-// block-wide sum before the loop (H100, 2026-11-26: the knockout of that sum read the 1B
-// shape's decode +2.1%, the 8B's +0.9%; this staging with the weights' L2 hint, 1B +0.9%, 8B
-// +1.6%, Qwen3-0.6B +0.5%).
+// it), each chunk is staged at its own power of two (`cinv` the inverse), and the staging
+// returns the thread's Σx², whence the block's r is formed during the loop and applied to the
+// row sums. Every block normalises x itself, which costs less than a norm launch in front of
+// the kernel, and with no block-wide sum before the loop (H100, 2026-11-26: the knockout of
+// that sum read the 1B shape's decode +2.1%, the 8B's +0.9%; this staging with the weights'
+// L2 hint, 1B +0.9%, 8B +1.6%, Qwen3-0.6B +0.5%).
 // These reads of x, by every SM at once right after the wait, are the kernel's largest fixed
 // cost (H100, 2026-11-26, knockouts: without staging the 1B shape's decode read 1,867 → 2,256
 // tok/s, the 8B's 433 → 491), and it is latency more than bytes: staged from half the bytes
@@ -350,12 +350,12 @@ __device__ __forceinline__ void mt_f16_scale(float top, float& scale, float& inv
 // Formats whose chunks split into parts of 8 contiguous elements, one uint4 of the chunk's f16
 // pairs each (F::PARTS: MLX). Consecutive threads stage consecutive parts, P = CHUNK/8 lanes
 // a chunk, which meet by shuffles for the chunk's Σx and largest |v|; R parts a thread are
-// loaded before any is used.
+// loaded before any is used. Returns the thread's Σx² (NORM).
 template <class F, bool NORM>
-__device__ __forceinline__ void mt_stage_x_parts(const float* __restrict__ x,
-                                                 const u16* __restrict__ x_h, int k,
-                                                 const PreNorm& norm, const float* gs, u32* xh,
-                                                 float* csum, float* cinv, float* ssq) {
+__device__ __forceinline__ float mt_stage_x_parts(const float* __restrict__ x,
+                                                  const u16* __restrict__ x_h, int k,
+                                                  const PreNorm& norm, const float* gs, u32* xh,
+                                                  float* csum, float* cinv) {
     constexpr int CHUNK = F::CHUNK, P = CHUNK / 8, R = 4;
     const int parts = k / 8;
     const bool half = !NORM && x_h;
@@ -410,19 +410,17 @@ __device__ __forceinline__ void mt_stage_x_parts(const float* __restrict__ x,
             if (mine && j == 0) csum[c] = sum;
         }
     }
-    if constexpr (NORM) {
-        ss = warp_sum(ss);
-        if ((threadIdx.x & 31) == 0) ssq[threadIdx.x >> 5] = ss;
-    }
+    return ss;
 }
 
 // Formats staged in whole chunks (Q4_0, whose first chunk of a quad takes its elements out of
-// order, and which has no Σx): thread t stages chunks t, t + blockDim, ….
+// order, and which has no Σx): thread t stages chunks t, t + blockDim, …. Returns the
+// thread's Σx² (NORM).
 template <class F, bool NORM>
-__device__ __forceinline__ void mt_stage_x_chunks(const float* __restrict__ x,
-                                                  const u16* __restrict__ x_h, int k,
-                                                  const PreNorm& norm, const float* gs, u32* xh,
-                                                  float* cinv, float* ssq) {
+__device__ __forceinline__ float mt_stage_x_chunks(const float* __restrict__ x,
+                                                   const u16* __restrict__ x_h, int k,
+                                                   const PreNorm& norm, const float* gs, u32* xh,
+                                                   float* cinv) {
     constexpr int CHUNK = F::CHUNK;
     const int chunks = k / CHUNK;
     float ss = 0.f;
@@ -461,10 +459,7 @@ __device__ __forceinline__ void mt_stage_x_chunks(const float* __restrict__ x,
             *(uint4*)(xh + c * (CHUNK / 2) + 4 * j) = uint4{o[0], o[1], o[2], o[3]};
         }
     }
-    if constexpr (NORM) {
-        ss = warp_sum(ss);
-        if ((threadIdx.x & 31) == 0) ssq[threadIdx.x >> 5] = ss;
-    }
+    return ss;
 }
 
 template <class F, bool GATED, bool NORM>
@@ -524,8 +519,14 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     const int r = threadIdx.x, row = blockIdx.x * tiles * 16 + r;
     const float bias_v = bias ? load_float(bias, min(row, n - 1), bias_type) : 0.f;
     if (threadIdx.x < CHUNK / 2) zero[threadIdx.x] = 0u;
-    if constexpr (F::PARTS) mt_stage_x_parts<F, NORM>(x, x_h, k, norm, gs, xh, csum, cinv, ssq);
-    else mt_stage_x_chunks<F, NORM>(x, x_h, k, norm, gs, xh, cinv, ssq);
+    float staged_ss;  // the thread's Σx² (NORM)
+    if constexpr (F::PARTS)
+        staged_ss = mt_stage_x_parts<F, NORM>(x, x_h, k, norm, gs, xh, csum, cinv);
+    else staged_ss = mt_stage_x_chunks<F, NORM>(x, x_h, k, norm, gs, xh, cinv);
+    if constexpr (NORM) {
+        staged_ss = warp_sum(staged_ss);
+        if (lane == 0) ssq[warp] = staged_ss;
+    }
     __syncthreads();
 
     float acc[M][2];
