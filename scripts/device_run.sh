@@ -34,9 +34,9 @@ bench --synthetic llama-3.2-1b --quant mlx4g64 --prompt-lens 128 --decode 128 --
 bench --synthetic llama-3.1-8b --quant mlx4g64 --prompt-lens 128 --decode 128 --reps 2 --temp 0.7 --top-p 0.9
 python3 - "$out/bench.jsonl" <<'PY'
 import json, sys
-print(f"{'model':34} {'graph':5} {'T':>4} {'prompt':>6} {'prefill tok/s':>14} {'decode tok/s':>13} {'GB/s':>7} {'kern/tok':>8}")
+print(f"{'model':34} {'graph':5} {'T':>4} {'prompt':>6} {'prefill tok/s':>14} {'decode tok/s':>13} {'GB/s':>7} {'% bound':>7} {'kern/tok':>8}")
 for line in open(sys.argv[1]):
     if not line.startswith("{"): continue
     r = json.loads(line)
-    print(f"{r['model'][-34:]:34} {str(r['graph']):5} {r.get('temperature', 0):>4} {r['prompt_tokens']:>6} {r['prefill_tokens_per_s']:>14.0f} {r['decode_tokens_per_s']:>13.1f} {r['decode_gb_per_s']:>7.0f} {r['kernels_per_token']:>8}")
+    print(f"{r['model'][-34:]:34} {str(r['graph']):5} {r.get('temperature', 0):>4} {r['prompt_tokens']:>6} {r['prefill_tokens_per_s']:>14.0f} {r['decode_tokens_per_s']:>13.1f} {r['decode_gb_per_s']:>7.0f} {100 * r['decode_bound_fraction']:>7.1f} {r['kernels_per_token']:>8}")
 PY

@@ -1,6 +1,7 @@
 //! `mlxn bench`: prefill and decode speed at set prompt lengths, with the bytes each decoded
-//! token reads, so speed can be read against the memory bandwidth. Runs a model file or a
-//! synthetic model of a known shape with random weights (`--synthetic llama-3.1-8b`).
+//! token reads and the device's measured copy bandwidth, so that decode reads as a fraction of
+//! the memory bound. Runs a model file or a synthetic model of a known shape with random
+//! weights (`--synthetic llama-3.1-8b`).
 
 use clap::Args;
 use mlx_native::engine::{GenerateOptions, Session};
@@ -41,6 +42,20 @@ pub struct BenchArgs {
     sampling: SamplingArgs,
 }
 
+/// The device's copy bandwidth (bytes read and written a second). A GPU copies 2 GiB, as
+/// scripts/copy_bandwidth.cu does (at 256 MiB an H100's copies read ~1.5% slower, which would
+/// flatter the share of the bound), or half that and so on to 64 MiB where memory is short; the
+/// CPU 256 MiB, far past its caches.
+fn copy_bandwidth(device: &Device) -> Result<f64> {
+    let mut bytes: usize = if device.is_cpu() { 256 << 20 } else { 2 << 30 };
+    loop {
+        match device.copy_bandwidth(bytes) {
+            Err(_) if bytes > 64 << 20 => bytes /= 2,
+            measured => return measured,
+        }
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -70,6 +85,15 @@ fn model(args: &BenchArgs) -> Result<(Device, Decoder, String)> {
     }
 }
 
+/// One prompt length's measurement.
+struct Row {
+    prompt: usize,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    kv_bytes: usize,
+    kernels: usize,
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     let (device, model, label) = model(&args)?;
     let p = model.params.clone();
@@ -83,6 +107,35 @@ pub fn run(args: BenchArgs) -> Result<()> {
         stop_ids: Vec::new(),
         use_graph: !args.run.no_graph,
     };
+    let mut rows = Vec::new();
+    for &len in &args.prompt_lens {
+        // Deterministic, varied ids (none of the special tokens at the start of a vocabulary).
+        let prompt: Vec<u32> = (0..len)
+            .map(|i| 100 + ((i as u64 * 2654435761) % (p.vocab_size as u64 - 100)) as u32)
+            .collect();
+        let mut prefill = Vec::new();
+        let mut decode = Vec::new();
+        let mut kernels = 0;
+        for _ in 0..args.reps.max(1) {
+            let (_, stats) = session.generate(&prompt, &opts, |_| true)?;
+            prefill.push(stats.prefill_tokens_per_s());
+            decode.push(stats.decode_tokens_per_s());
+            kernels = stats.kernels_per_token;
+        }
+        // KV bytes read per decoded token at the middle of the decode run (f32 keys and values).
+        let mid = len + args.decode / 2;
+        rows.push(Row {
+            prompt: len,
+            prefill_tokens_per_s: median(prefill),
+            decode_tokens_per_s: median(decode),
+            kv_bytes: 2 * p.num_layers * p.num_kv_heads * p.head_dim * 4 * mid,
+            kernels,
+        });
+    }
+    // The process's peak before the bandwidth probe's buffers, which would count in it on the
+    // CPU; the probe after the runs, so that it leaves the model's memory as it was.
+    let peak = peak_memory_bytes();
+    let copy_bytes_per_s = copy_bandwidth(&device)?;
     if !args.json {
         let s = &opts.sampling;
         let sampling = if s.temperature > 0.0 {
@@ -100,48 +153,37 @@ pub fn run(args: BenchArgs) -> Result<()> {
             opts.use_graph
         );
         println!(
-            "{:>8} {:>14} {:>14} {:>12} {:>14}",
-            "prompt", "prefill tok/s", "decode tok/s", "decode GB/s", "kernels/token"
+            "copy bandwidth: {:.0} GB/s (read + written); % of bound = decode GB/s ÷ that",
+            copy_bytes_per_s / 1e9
+        );
+        println!(
+            "{:>8} {:>14} {:>14} {:>12} {:>11} {:>14}",
+            "prompt", "prefill tok/s", "decode tok/s", "decode GB/s", "% of bound", "kernels/token"
         );
     }
-    for &len in &args.prompt_lens {
-        // Deterministic, varied ids (none of the special tokens at the start of a vocabulary).
-        let prompt: Vec<u32> = (0..len)
-            .map(|i| 100 + ((i as u64 * 2654435761) % (p.vocab_size as u64 - 100)) as u32)
-            .collect();
-        let mut prefill = Vec::new();
-        let mut decode = Vec::new();
-        let mut kernels = 0;
-        for _ in 0..args.reps.max(1) {
-            let (_, stats) = session.generate(&prompt, &opts, |_| true)?;
-            prefill.push(stats.prefill_tokens_per_s());
-            decode.push(stats.decode_tokens_per_s());
-            kernels = stats.kernels_per_token;
-        }
-        let (pf, dc) = (median(prefill), median(decode));
-        // KV bytes read per decoded token at the middle of the decode run (f32 keys and values).
-        let mid = len + args.decode / 2;
-        let kv_bytes = 2 * p.num_layers * p.num_kv_heads * p.head_dim * 4 * mid;
-        let gbs = (weight_bytes + kv_bytes) as f64 * dc / 1e9;
+    for r in &rows {
+        let (pf, dc) = (r.prefill_tokens_per_s, r.decode_tokens_per_s);
+        let gbs = (weight_bytes + r.kv_bytes) as f64 * dc / 1e9;
+        let bound = gbs * 1e9 / copy_bytes_per_s;
         if args.json {
             println!(
                 "{}",
-                serde_json::json!({"model": label, "prompt_tokens": len, "decode_tokens": args.decode,
+                serde_json::json!({"model": label, "prompt_tokens": r.prompt, "decode_tokens": args.decode,
                     "prefill_tokens_per_s": pf, "decode_tokens_per_s": dc, "decode_gb_per_s": gbs,
-                    "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": kv_bytes,
-                    "kernels_per_token": kernels, "device": device.label(), "graph": opts.use_graph,
+                    "copy_gb_per_s": copy_bytes_per_s / 1e9, "decode_bound_fraction": bound,
+                    "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": r.kv_bytes,
+                    "kernels_per_token": r.kernels, "device": device.label(), "graph": opts.use_graph,
                     "temperature": opts.sampling.temperature, "top_k": opts.sampling.top_k,
                     "top_p": opts.sampling.top_p, "min_p": opts.sampling.min_p,
                     "repetition_penalty": opts.sampling.repetition_penalty})
             );
         } else {
-            println!("{len:>8} {pf:>14.1} {dc:>14.1} {gbs:>12.2} {kernels:>14}");
+            let (len, pct, kernels) = (r.prompt, 100.0 * bound, r.kernels);
+            println!("{len:>8} {pf:>14.1} {dc:>14.1} {gbs:>12.2} {pct:>10.1}% {kernels:>14}");
         }
     }
-    if !args.json {
-        if let Some(peak) = peak_memory_bytes() {
-            println!("peak memory: {:.1} MiB", peak as f64 / 1048576.0);
-        }
+    if let (false, Some(peak)) = (args.json, peak) {
+        println!("peak memory: {:.1} MiB", peak as f64 / 1048576.0);
     }
     Ok(())
 }

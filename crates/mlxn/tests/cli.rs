@@ -74,6 +74,12 @@ fn bench_samples_when_given_a_temperature() {
     assert_eq!(json["top_k"], 40);
     assert_eq!(json["decode_tokens"], 3);
     assert!(json["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    // Decode as a fraction of the bound: its bytes a second over the measured copy bandwidth.
+    let field = |name: &str| json[name].as_f64().unwrap();
+    let copy = field("copy_gb_per_s");
+    assert!(copy.is_finite() && copy > 0.0, "copy bandwidth {copy}");
+    let fraction = field("decode_bound_fraction");
+    assert!((fraction - field("decode_gb_per_s") / copy).abs() <= 1e-9 * fraction);
 }
 
 #[test]

@@ -175,6 +175,39 @@ impl Device {
     pub fn synchronize(&self) -> Result<()> {
         self.backend().synchronize()
     }
+
+    /// The memory bandwidth of this device's own copies, in bytes read and written a second:
+    /// the ceiling that the bytes a decode step reads are compared against (`mlxn bench`).
+    /// Copies `bytes` back and forth between two buffers allocated for the purpose (freed
+    /// after, not pooled), timed over enough copies (~20 ms) that the launches and the
+    /// synchronisation around them do not count.
+    pub fn copy_bandwidth(&self, bytes: usize) -> Result<f64> {
+        const MIN_SECONDS: f64 = 0.02;
+        let buffer = || -> Result<Tensor> {
+            let storage = self.backend().alloc(bytes.max(1))?;
+            Tensor::from_buffer(
+                Buffer::new(self.clone(), storage, false),
+                0,
+                vec![bytes],
+                DType::U8,
+            )
+        };
+        let (a, b) = (buffer()?, buffer()?);
+        let time = |copies: usize| -> Result<f64> {
+            self.synchronize()?;
+            let start = std::time::Instant::now();
+            for i in 0..copies {
+                let (src, dst) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+                self.copy_bytes(src, dst, 0)?;
+            }
+            self.synchronize()?;
+            Ok(start.elapsed().as_secs_f64().max(1e-9))
+        };
+        time(1)?; // first touch
+        let per_copy = time(2)? / 2.0;
+        let copies = ((MIN_SECONDS / per_copy).ceil() as usize).clamp(2, 1000);
+        Ok(2.0 * (bytes * copies) as f64 / time(copies)?)
+    }
 }
 
 impl std::fmt::Debug for Device {
