@@ -107,6 +107,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
         stop_ids: Vec::new(),
         use_graph: !args.run.no_graph,
     };
+    if !args.json {
+        let s = &opts.sampling;
+        let sampling = if s.temperature > 0.0 {
+            format!(
+                "T={} top-k {} top-p {} min-p {} repeat-penalty {}",
+                s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty
+            )
+        } else {
+            "greedy".into()
+        };
+        println!(
+            "model: {label} | device: {} | weights read per token: {:.1} MiB | graph: {} | {sampling}",
+            device.label(),
+            weight_bytes as f64 / 1048576.0,
+            opts.use_graph
+        );
+    }
     let mut rows = Vec::new();
     for &len in &args.prompt_lens {
         // Deterministic, varied ids (none of the special tokens at the start of a vocabulary).
@@ -137,21 +154,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let peak = peak_memory_bytes();
     let copy_bytes_per_s = copy_bandwidth(&device)?;
     if !args.json {
-        let s = &opts.sampling;
-        let sampling = if s.temperature > 0.0 {
-            format!(
-                "T={} top-k {} top-p {} min-p {} repeat-penalty {}",
-                s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty
-            )
-        } else {
-            "greedy".into()
-        };
-        println!(
-            "model: {label} | device: {} | weights read per token: {:.1} MiB | graph: {} | {sampling}",
-            device.label(),
-            weight_bytes as f64 / 1048576.0,
-            opts.use_graph
-        );
         println!(
             "copy bandwidth: {:.0} GB/s (read + written); % of bound = decode GB/s ÷ that",
             copy_bytes_per_s / 1e9
