@@ -183,8 +183,13 @@ impl Device {
     /// synchronisation around them do not count.
     pub fn copy_bandwidth(&self, bytes: usize) -> Result<f64> {
         const MIN_SECONDS: f64 = 0.02;
+        if bytes == 0 {
+            return Err(Error::Invalid(
+                "a copy bandwidth needs copies of at least one byte".into(),
+            ));
+        }
         let buffer = || -> Result<Tensor> {
-            let storage = self.backend().alloc(bytes.max(1))?;
+            let storage = self.backend().alloc(bytes)?;
             Tensor::from_buffer(
                 Buffer::new(self.clone(), storage, false),
                 0,
@@ -213,5 +218,21 @@ impl Device {
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.label())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A copy bandwidth is bytes over time, so it needs bytes; of real copies it is finite and
+    /// positive, and the probe's buffers do not go to the pool.
+    #[test]
+    fn copy_bandwidth_of_real_copies() {
+        let dev = Device::cpu();
+        assert!(dev.copy_bandwidth(0).is_err());
+        let bandwidth = dev.copy_bandwidth(1 << 20).unwrap();
+        assert!(bandwidth.is_finite() && bandwidth > 0.0, "{bandwidth}");
+        assert!(dev.pool().take(1 << 20).is_none());
     }
 }
