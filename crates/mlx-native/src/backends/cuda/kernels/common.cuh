@@ -100,6 +100,15 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
     return f;
 }
 
+// (w & mask) | bits as one lop3. Written as `&` and `|` with two constants it takes two logic
+// instructions (ptxas keeps one immediate a lop3); as operands, the constants sit in registers
+// hoisted out of the loops that call this.
+__device__ __forceinline__ u32 and_or(u32 w, u32 mask, u32 bits) {
+    u32 v;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(w), "r"(mask), "r"(bits));  // (a & b) | c
+    return v;
+}
+
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float((u32)h << 16); }
 
 // N 16-bit floats of type `ft` (FT_F16 or FT_BF16) from p (16-byte aligned) as floats, read

@@ -13,18 +13,14 @@
 // the per-weight cost is one logic op, one add and one FMA.
 
 // q·2^field_shift(pos, bits) for the unsigned field at bits [pos, pos+bits) of hi:lo (pos < 32).
-// The mask and the OR into 2^23 are one lop3, (w & m) | 2^23: written as `&` and `|`, they took
-// two logic instructions a weight (ptxas keeps one immediate a lop3), a fifth of the
-// instructions of the SIMT matvec's dot (H100, 2026-11-26: SmolLM2 shape's decode +1.1% as one).
+// The mask and the OR into 2^23 are one lop3 (`and_or`): as `&` and `|` they were two, a fifth
+// of the instructions of the SIMT matvec's dot (H100, 2026-11-26: SmolLM2 shape's decode +1.1%
+// as one).
 __device__ __forceinline__ float field(u32 lo, u32 hi, int pos, int bits) {
     const u32 mask = (1u << bits) - 1u;
     const bool low = pos + bits <= 23;
     const u32 w = low ? lo : __funnelshift_r(lo, hi, 16);
-    u32 v;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;"  // 0xEA: (a & b) | c
-        : "=r"(v)
-        : "r"(w), "r"(mask << (low ? pos : pos - 16)), "r"(0x4B000000u));
-    return __uint_as_float(v) - 8388608.f;
+    return __uint_as_float(and_or(w, mask << (low ? pos : pos - 16), 0x4B000000u)) - 8388608.f;
 }
 
 __device__ __forceinline__ int field_shift(int pos, int bits) {

@@ -866,8 +866,8 @@ struct TcPlan {
 
 /// The tensor-core matvec for weights `[n, k]` whose format (matvec_tc.cu's `MtMlx` for MLX 4-
 /// and 8-bit, `MtQ4_0`) has `chunk` elements per chunk, or None where matvec.cu runs instead:
-/// matrices of up to `simt_weights`, and x too long to stage in shared memory (with the norm
-/// weight where the kernel folds a norm, `folds`).
+/// matrices of up to `simt_weights`, matrices of 2^32 elements or more, and x too long to stage
+/// in shared memory (with the norm weight where the kernel folds a norm, `folds`).
 fn matvec_tc_plan(
     n: usize,
     k: usize,
@@ -878,14 +878,16 @@ fn matvec_tc_plan(
     simt_weights: usize,
 ) -> Result<Option<TcPlan>> {
     let weights = n * k * if gated { 2 } else { 1 };
-    if weights <= simt_weights || !k.is_multiple_of(chunk) {
+    // The kernel indexes a matrix's loads, scales and biases with 32-bit offsets (MtStream):
+    // at least 14 elements a unit, so fewer than 2^32 elements suffice.
+    if weights <= simt_weights || !k.is_multiple_of(chunk) || (n as u64) * (k as u64) >= 1 << 32 {
         return Ok(None);
     }
-    // x is staged as f16 with f32 sums per chunk and a chunk of zeros, after the norm weight
-    // in f32 and followed by each chunk's f32 scale where the kernel folds a norm (matvec_tc.cu's
-    // mt_stage_x_parts and mt_stage_x_chunks).
+    // x is staged as f16 with two f32 sums per chunk (`cfold`) and a chunk of zeros, after the
+    // norm weight in f32 and followed by each chunk's f32 scale where the kernel folds a norm
+    // (matvec_tc.cu's mt_stage_x_parts and mt_stage_x_chunks).
     let chunks = k / chunk;
-    let shared = if folds { 4 * k + 4 * chunks } else { 0 } + 2 * k + 2 * chunk + 4 * chunks;
+    let shared = if folds { 4 * k + 4 * chunks } else { 0 } + 2 * k + 2 * chunk + 8 * chunks;
     if shared > MATVEC_TC_MAX_SHARED {
         return Ok(None);
     }
@@ -1032,11 +1034,19 @@ mod tests {
                 .unwrap()
                 .map(|p| p.shared)
         };
-        // f16 x (2k), a chunk of zeros (64), Σx per chunk (k/8); the f32 norm weight (4k) and
-        // a scale per chunk (k/8).
-        assert_eq!(shared(4096, false), Some(8_768));
-        assert_eq!(shared(4096, true), Some(25_664));
-        assert_eq!(shared(16_896, false), Some(35_968));
+        // f16 x (2k), a chunk of zeros (64), two sums per chunk (k/4); the f32 norm weight (4k)
+        // and a scale per chunk (k/8).
+        assert_eq!(shared(4096, false), Some(9_280));
+        assert_eq!(shared(4096, true), Some(26_176));
+        assert_eq!(shared(16_896, false), Some(38_080));
         assert_eq!(shared(16_896, true), None);
+    }
+
+    /// The kernel's 32-bit offsets reach 2^32 − 1 elements; a larger matrix runs matvec.cu.
+    #[test]
+    fn matvec_tc_plan_leaves_matrices_of_2_pow_32_elements() {
+        let plan = |n| matvec_tc_plan(n, 4096, 32, false, false, 132, 0).unwrap();
+        assert!(plan((1 << 20) - 1).is_some());
+        assert!(plan(1 << 20).is_none());
     }
 }

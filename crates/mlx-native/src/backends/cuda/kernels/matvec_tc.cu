@@ -1,8 +1,10 @@
 // y = x·Wᵀ (+ bias) for a single row x (decode) and MLX affine 4- or 8-bit or ggml Q4_0
-// weights (the formats `MtMlx`, `MtQ4_0` below), on tensor cores: each weight costs about one
-// ALU instruction (a field masked into an f16 with the 0x6400 = 1024 trick, then 1024
-// subtracted in f16x2), and the multiply-adds run as
-// m16n8k16 mma.sync with f32 accumulation instead of one FMA per weight.
+// weights (the formats `MtMlx`, `MtQ4_0` below), on tensor cores: a 4-bit weight costs 5/8 of an
+// ALU instruction (its field ORed into the mantissa of an f16 as it lies, `fields_f16`), and the
+// multiply-adds run as m16n8k16 mma.sync with f32 accumulation instead of one FMA per weight.
+// Each f16 carries an offset (1024 + q, or 64 + q for a field 4 bits up) that a chunk's dot
+// sheds at once: Σ offset·x over the chunk's staged x is the same for all rows, so the staging
+// computes it once a block (`F::offset`, the `cfold` array).
 //
 // A warp owns a tile of 16 rows; lane (g = lane/4, t = lane%4) loads 16 bytes (a "chunk": 32
 // 4-bit or 16 8-bit fields, always inside one group) of rows g and g+8 per step, the four
@@ -11,8 +13,8 @@
 // both operands); x is staged once per block in shared memory as f16 in the matching order.
 // Column c of B holds x only at the slots of lane t = c/2 (zero elsewhere), so lane (g, t)
 // supplies B only when g/2 == t and every lane's C fragment is the dot of its own chunk: each
-// lane then folds its chunk's group scale and bias in f32 (y += s·Σq·x + b·Σx) exactly as the
-// SIMT matvec does, with no group boundaries inside an mma. A Q4_0 chunk is one block of 32
+// lane then folds its chunk's group scale and bias in f32 (y += s·Σq·x + b·Σx) as the SIMT
+// matvec does, with no group boundaries inside an mma. A Q4_0 chunk is one block of 32
 // fields (its d the scale, no bias), the quad's four blocks loaded as 8-byte words.
 //
 // Bytes in flight: a warp's chunks are processed in stages of F::STAGE chunks per row, and the
@@ -34,33 +36,23 @@
 #define MT_WARPS 16
 #define MT_CHUNK_WORDS 4  // one 16-byte load per row and chunk
 
-__device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
-    u32 d;
-    asm("sub.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-}
-
-__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
-    u32 d;
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-
-// The fields of one word as f16 pairs in A-fragment order. 4 bits: (e0,e4) (e1,e5) (e2,e6)
-// (e3,e7); 8 bits: (e0,e2) (e1,e3). OR-ing a field into the mantissa of 1024 (0x6400) gives
-// 1024 + q; a field 4 bits up gives 1024 + 16q, scaled back by one f16x2 FMA.
+// The fields of one word as f16 pairs in A-fragment order, each ORed into the mantissa of a
+// power of two whose mantissa step is 1 at the field's bits. 4 bits: (e0,e4) (e1,e5) (e2,e6)
+// (e3,e7), the even elements at bits 0–3 of 1024 (0x6400) as 1024 + q, the odd ones at bits 4–7
+// of 64 (0x5400, step 1/16) as 64 + q; 8 bits: (e0,e2) (e1,e3) as 1024 + q. The offsets come off
+// per chunk (`F::offset`), not per pair: an f16x2 subtraction or FMA a pair fewer (H100,
+// 2026-11-27: see docs/cuda-backend.md).
 template <int BITS>
 __device__ __forceinline__ void fields_f16(u32 w, u32* h) {
-    const u32 magic = 0x64006400u;  // 1024, 1024
     if constexpr (BITS == 4) {
         const u32 w2 = w >> 8;
-        h[0] = hsub2((w & 0x000f000fu) | magic, magic);
-        h[1] = hfma2((w & 0x00f000f0u) | magic, 0x2c002c00u, 0xd400d400u);  // ·1/16 − 64
-        h[2] = hsub2((w2 & 0x000f000fu) | magic, magic);
-        h[3] = hfma2((w2 & 0x00f000f0u) | magic, 0x2c002c00u, 0xd400d400u);
+        h[0] = and_or(w, 0x000f000fu, 0x64006400u);
+        h[1] = and_or(w, 0x00f000f0u, 0x54005400u);
+        h[2] = and_or(w2, 0x000f000fu, 0x64006400u);
+        h[3] = and_or(w2, 0x00f000f0u, 0x54005400u);
     } else {
-        h[0] = hsub2(__byte_perm(w, 0x64u, 0x4240), magic);
-        h[1] = hsub2(__byte_perm(w, 0x64u, 0x4341), magic);
+        h[0] = __byte_perm(w, 0x64u, 0x4240);
+        h[1] = __byte_perm(w, 0x64u, 0x4341);
     }
 }
 
@@ -99,7 +91,7 @@ __device__ __forceinline__ u32 load_stream2(const void* p) {
 // Scales and biases are loaded as raw bits with the weights and converted only when used, so
 // that the conversion does not wait for a load issued a stage ahead.
 template <int ST>
-__device__ __forceinline__ u32 load_raw(const void* p, i64 i) {
+__device__ __forceinline__ u32 load_raw(const void* p, u32 i) {
     if constexpr (ST == FT_F32) return load_stream4((const u32*)p + i);
     else return load_stream2((const u16*)p + i);
 }
@@ -117,16 +109,18 @@ struct MtWeight {
     const void* biases;
 };
 
-// Per-warp constants of the stream.
+// Per-warp constants of the stream. Offsets are 32-bit indices from the weight's base (the
+// planner keeps matrices under 2^32 elements), so that each address is one wide multiply-add
+// of an index and a kernel argument: with 64-bit offsets, the tensor-core matvec spent 45 of
+// its 204 instructions a stage on addresses (gated 4-bit, sm_90 SASS, 2026-11-27).
 struct MtStream {
-    i64 row[2];     // rows g and g+8, clamped to n − 1
-    i64 row_bytes;  // bytes per row of the weight
-    int chunks;     // chunks per row
-    int first;      // the warp's first step
-    int stride;     // steps between the warp's consecutive steps (kgroups)
-    int groups;     // MLX: groups per row
-    int cshift;     // MLX: log2(chunks per group)
-    int t;          // lane % 4
+    u32 unit_row[2];   // rows g and g+8 (clamped to n − 1) times the row's F::UNIT-byte units
+    u32 group_row[2];  // MLX: the same rows times groups per row
+    int chunks;        // chunks per row
+    int first;         // the warp's first step
+    int stride;        // steps between the warp's consecutive steps (kgroups)
+    int cshift;        // MLX: log2(chunks per group)
+    int t;             // lane % 4
 };
 
 __device__ __forceinline__ u32 word(const uint4& v, int i) {
@@ -137,15 +131,15 @@ __device__ __forceinline__ u32 word(const uint4& v, int i) {
 // stage ahead), the f16 pairs of the chunk's j-th 8 fields (p[0], p[1]: the A registers of the
 // first mma, p[2], p[3]: of the second), the x order that matches them (`slot`: the chunk
 // element in slot e of the j-th staged uint4, slots paired as (0, 1) (2, 3) (4, 5) (6, 7), for the
-// first chunk of a quad or another), and
-// the fold of a chunk's dot into the row sum.
+// first chunk of a quad or another), the value less the weight's integer of the fields of pair
+// p (`offset`: the chunk's dot less Σ offset·x is Σ q·x), and the fold of that into the row sum.
 //
 // MLX affine: a chunk is one 16-byte load (32 4-bit or 16 8-bit fields) inside one group.
 template <int BITS, int ST>
 struct MtMlx {
     static constexpr int CHUNK = MT_CHUNK_WORDS * 32 / BITS;
+    static constexpr int UNIT = 16;  // bytes of a chunk
     static constexpr int STAGE = 2;  // chunks per row and stage, not gated
-    static constexpr bool SUMS = true;
     static constexpr bool PARTS = true;  // x staged in parts of 8 elements (mt_stage_x_parts)
     struct Raw {
         uint4 w;
@@ -153,8 +147,8 @@ struct MtMlx {
     };
     static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
                                                 int c, Raw& r) {
-        r.w = load_stream16(wt.w + st.row[h] * st.row_bytes + 16 * c);
-        const i64 gi = st.row[h] * st.groups + (c >> st.cshift);
+        r.w = load_stream16((const uint4*)wt.w + (st.unit_row[h] + c));
+        const u32 gi = st.group_row[h] + (c >> st.cshift);
         r.s = load_raw<ST>(wt.scales, gi);
         r.b = load_raw<ST>(wt.biases, gi);
     }
@@ -170,6 +164,9 @@ struct MtMlx {
         const int q = e >> 1;  // the pair
         return BITS == 4 ? 8 * j + q + 4 * (e & 1) : 8 * j + 4 * (q >> 1) + (q & 1) + 2 * (e & 1);
     }
+    static __device__ __forceinline__ float offset(int p) {
+        return BITS == 4 && (p & 1) ? 64.f : 1024.f;
+    }
     static __device__ __forceinline__ float fold(const Raw& r, float dot, float sx, float acc) {
         return fmaf(raw_float<ST>(r.s), dot, fmaf(raw_float<ST>(r.b), sx, acc));
     }
@@ -182,23 +179,24 @@ struct MtMlx {
 // a 2-byte aligned block (H200, 4096×14336: 23.7 µs before). Each quant word is one byte_perm
 // of two loaded words; lane 0's block starts at byte 0, so its nibble words come whole from
 // bytes 4..15 and its last one joins bytes 2, 3, 16, 17, an order x is staged in for the first
-// chunk of each quad (`slot`). Fields become q − 8 directly (1032 subtracted instead of 1024),
-// so the fold is d·dot (no Σx). Q8_0 on the 4-byte word scheme (9 words a block, one chunk a
+// chunk of each quad (`slot`). The nibbles become f16 as MLX 4-bit fields do; their offsets
+// include the 8 (1032 and 72), so the fold is d·dot (no Σx). Q8_0 on the 4-byte word scheme (9
+// words a block, one chunk a
 // stage) was slower than matvec.cu's kernel (H200: 4096×14336 36.1 µs, 1.73 TB/s) and is not
 // built.
 struct MtQ4_0 {
     static constexpr int CHUNK = 32;
     static constexpr int BLOCK = 18;
+    static constexpr int UNIT = 8;  // bytes of a load
     static constexpr int STAGE = 2;
-    static constexpr bool SUMS = false;
     static constexpr bool PARTS = false;
     struct Raw {
         u32 w[6];  // bytes 16t .. 16t + 23 of the quad's blocks; lane 0: w[5] = w[0]
     };
     static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
                                                 int c, Raw& r) {
-        const uint2* p = (const uint2*)(wt.w + st.row[h] * st.row_bytes + 4 * BLOCK * (c >> 2) +
-                                        16 * st.t);
+        const uint2* p = (const uint2*)wt.w + (st.unit_row[h] + 4 * BLOCK / UNIT * (c >> 2) +
+                                                2 * st.t);
 #pragma unroll
         for (int i = 0; i < 3; ++i) {
             const uint2 v = load_stream8(p + i);
@@ -212,19 +210,14 @@ struct MtQ4_0 {
     static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
         const u32 t = threadIdx.x & 3;
         const u32 sel = t < 2 ? 0x3210u : 0x3210u + 0x2222u * (t - 1);
-        const u32 w = __byte_perm(r.w[j + 1], r.w[j + 2], j == 3 && t == 0 ? 0x1076u : sel);
-        const u32 w2 = w >> 8;
-        const u32 magic = 0x64006400u, m1032 = 0x64086408u;
-        p[0] = hsub2((w & 0x000f000fu) | magic, m1032);
-        p[1] = hfma2((w & 0x00f000f0u) | magic, 0x2c002c00u, 0xd480d480u);  // ·1/16 − 72
-        p[2] = hsub2((w2 & 0x000f000fu) | magic, m1032);
-        p[3] = hfma2((w2 & 0x00f000f0u) | magic, 0x2c002c00u, 0xd480d480u);
+        fields_f16<4>(__byte_perm(r.w[j + 1], r.w[j + 2], j == 3 && t == 0 ? 0x1076u : sel), p);
     }
     static __device__ __forceinline__ int slot(bool quad_first, int j, int e) {
         const int q = e >> 1, b = (q >> 1) + 2 * (e & 1);
         const int qb = !quad_first ? 4 * j + b : j < 3 ? 4 * j + b + 2 : b < 2 ? b : 12 + b;
         return qb + 16 * (q & 1);
     }
+    static __device__ __forceinline__ float offset(int p) { return p & 1 ? 72.f : 1032.f; }
     static __device__ __forceinline__ float fold(const Raw& r, float dot, float, float acc) {
         const u32 t = threadIdx.x & 3;
         const u32 d = __byte_perm(r.w[0], r.w[1], 0x10u + 0x22u * t) & 0xffffu;
@@ -257,8 +250,8 @@ __device__ __forceinline__ void mt_load(const MtWeight* wt, const MtStream& st, 
 template <class F, bool NORM, int M, int STAGE>
 __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const MtStream& st,
                                            int stage, const u32* xh, const u32* zero,
-                                           const float* csum, const float* cinv, bool supplies_b,
-                                           float (&acc)[M][2]) {
+                                           const float2* cfold, const float* cinv,
+                                           bool supplies_b, float (&acc)[M][2]) {
     constexpr int CHUNK_U32 = F::CHUNK / 2;  // f16 pairs of x per chunk
 #pragma unroll
     for (int i = 0; i < STAGE; ++i) {
@@ -286,21 +279,22 @@ __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const 
                 mma_f16(cb[m], a1, b1);
             }
         }
-        const float sx = F::SUMS && live ? csum[c] : 0.f;
+        const float2 cf = live ? cfold[c] : float2{0.f, 0.f};  // Σx, Σ offset·x
         const float inv = NORM && live ? cinv[c] : 1.f;
 #pragma unroll
         for (int m = 0; m < M; ++m)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 // c[0] = c[1]: row g; c[2] = c[3]: row g + 8.
-                const float dot = ca[m][2 * h] + cb[m][2 * h];
-                acc[m][h] = F::fold(s.r[i][m][h], NORM ? dot * inv : dot, sx, acc[m][h]);
+                const float dot = ca[m][2 * h] - cf.y + cb[m][2 * h];
+                acc[m][h] = F::fold(s.r[i][m][h], NORM ? dot * inv : dot, cf.x, acc[m][h]);
             }
     }
 }
 
 // x (times the norm weight, if NORM) is staged once a block after the wait, in shared memory
-// as f16 pairs in the format's fragment order, with Σx per chunk in f32 (formats with biases).
+// as f16 pairs in the format's fragment order, with Σx (formats with biases) and Σ offset·x of
+// the staged values (`mt_offsets`) per chunk in f32 (`cfold`).
 // NORM: the norm weight is in shared memory (`gs`, copied before the wait: no kernel writes
 // it), each chunk is staged at its own power of two (`cinv` the inverse), and the staging
 // returns the thread's Σx², whence the block's r is formed during the loop and applied to the
@@ -347,15 +341,25 @@ __device__ __forceinline__ void mt_f16_scale(float top, float& scale, float& inv
     inv = __uint_as_float((u32)(127 - shift) << 23);
 }
 
+// Σ offset·x over one staged uint4 of f16 pairs, from x as the mma reads it (rounded).
+template <class F>
+__device__ __forceinline__ float mt_offsets(const u32* o) {
+    float sum = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        sum = fmaf(F::offset(q), f16_to_f32((u16)o[q]) + f16_to_f32((u16)(o[q] >> 16)), sum);
+    return sum;
+}
+
 // Formats whose chunks split into parts of 8 contiguous elements, one uint4 of the chunk's f16
 // pairs each (F::PARTS: MLX). Consecutive threads stage consecutive parts, P = CHUNK/8 lanes
-// a chunk, which meet by shuffles for the chunk's Σx and largest |v|; R parts a thread are
+// a chunk, which meet by shuffles for the chunk's sums and largest |v|; R parts a thread are
 // loaded before any is used. Returns the thread's Σx² (NORM).
 template <class F, bool NORM>
 __device__ __forceinline__ float mt_stage_x_parts(const float* __restrict__ x,
                                                   const u16* __restrict__ x_h, int k,
                                                   const PreNorm& norm, const float* gs, u32* xh,
-                                                  float* csum, float* cinv) {
+                                                  float2* cfold, float* cinv) {
     constexpr int CHUNK = F::CHUNK, P = CHUNK / 8, R = 4;
     const int parts = k / 8;
     const bool half = !NORM && x_h;
@@ -402,12 +406,15 @@ __device__ __forceinline__ float mt_stage_x_parts(const float* __restrict__ x,
                 o4[q] = pack_f16x2(v[i][F::slot(false, 0, 2 * q)] * scale,
                                    v[i][F::slot(false, 0, 2 * q + 1)] * scale);
             if (mine) *(uint4*)(xh + c * (CHUNK / 2) + 4 * j) = uint4{o4[0], o4[1], o4[2], o4[3]};
-            float sum = 0.f;
+            float sum = 0.f, offsets = mt_offsets<F>(o4);
 #pragma unroll
             for (int e = 0; e < 8; ++e) sum += v[i][e];
 #pragma unroll
-            for (int o = 1; o < P; o <<= 1) sum += __shfl_xor_sync(FULL_MASK, sum, o);
-            if (mine && j == 0) csum[c] = sum;
+            for (int o = 1; o < P; o <<= 1) {
+                sum += __shfl_xor_sync(FULL_MASK, sum, o);
+                offsets += __shfl_xor_sync(FULL_MASK, offsets, o);
+            }
+            if (mine && j == 0) cfold[c] = float2{sum, offsets};
         }
     }
     return ss;
@@ -420,7 +427,7 @@ template <class F, bool NORM>
 __device__ __forceinline__ float mt_stage_x_chunks(const float* __restrict__ x,
                                                    const u16* __restrict__ x_h, int k,
                                                    const PreNorm& norm, const float* gs, u32* xh,
-                                                   float* cinv) {
+                                                   float2* cfold, float* cinv) {
     constexpr int CHUNK = F::CHUNK;
     const int chunks = k / CHUNK;
     float ss = 0.f;
@@ -446,6 +453,7 @@ __device__ __forceinline__ float mt_stage_x_chunks(const float* __restrict__ x,
         }
         if (!mine) continue;
         const bool first = (c & 3) == 0;  // the first chunk of its quad
+        float offsets = 0.f;
 #pragma unroll
         for (int j = 0; j < CHUNK / 8; ++j) {
             u32 o[4];
@@ -457,7 +465,9 @@ __device__ __forceinline__ float mt_stage_x_chunks(const float* __restrict__ x,
                 o[q] = pack_f16x2(lo * scale, hi * scale);
             }
             *(uint4*)(xh + c * (CHUNK / 2) + 4 * j) = uint4{o[0], o[1], o[2], o[3]};
+            offsets += mt_offsets<F>(o);
         }
+        cfold[c] = float2{0.f, offsets};
     }
     return ss;
 }
@@ -467,7 +477,7 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
                                           const u16* __restrict__ x_h, const PreNorm& norm,
                                           const void* __restrict__ bias, int bias_type,
                                           float* __restrict__ out, u16* __restrict__ out_h, int n,
-                                          int k, i64 row_bytes, int group_shift, int kgroups,
+                                          int k, int row_units, int group_shift, int kgroups,
                                           int act) {
     constexpr int M = GATED ? 2 : 1;
     constexpr int STAGE = GATED ? 1 : F::STAGE;  // ≈ 64 bytes in flight a lane
@@ -481,13 +491,16 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     const int row0 = (blockIdx.x * tiles + tile) * 16;
 
     MtStream st;
-    st.row[0] = min(row0 + g, n - 1);
-    st.row[1] = min(row0 + g + 8, n - 1);
-    st.row_bytes = row_bytes;
+    const u32 rows[2] = {(u32)min(row0 + g, n - 1), (u32)min(row0 + g + 8, n - 1)};
+    const u32 groups = (k / 32) >> group_shift;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        st.unit_row[h] = rows[h] * row_units;
+        st.group_row[h] = rows[h] * groups;
+    }
     st.chunks = k / CHUNK;
     st.first = slice;
     st.stride = kgroups;
-    st.groups = (k / 32) >> group_shift;
     st.cshift = group_shift + (CHUNK == 16 ? 1 : 0);
     st.t = lane & 3;
     const int steps = (st.chunks + 3) / 4;
@@ -497,8 +510,8 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     float* gs = (float*)smem;  // the norm weight (NORM), copied before the wait
     u32* xh = smem + (NORM ? k : 0);
     u32* zero = xh + st.chunks * (CHUNK / 2);
-    float* csum = (float*)(zero + CHUNK / 2);
-    float* cinv = csum + st.chunks;  // NORM: each chunk's 1/scale
+    float2* cfold = (float2*)(zero + CHUNK / 2);
+    float* cinv = (float*)(cfold + st.chunks);  // NORM: each chunk's 1/scale
 
     MtStage<F, M, STAGE> sa, sb;
     // The first stage's weights are requested before the wait for the previous kernel (no
@@ -521,8 +534,8 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     if (threadIdx.x < CHUNK / 2) zero[threadIdx.x] = 0u;
     float staged_ss;  // the thread's Σx² (NORM)
     if constexpr (F::PARTS)
-        staged_ss = mt_stage_x_parts<F, NORM>(x, x_h, k, norm, gs, xh, csum, cinv);
-    else staged_ss = mt_stage_x_chunks<F, NORM>(x, x_h, k, norm, gs, xh, cinv);
+        staged_ss = mt_stage_x_parts<F, NORM>(x, x_h, k, norm, gs, xh, cfold, cinv);
+    else staged_ss = mt_stage_x_chunks<F, NORM>(x, x_h, k, norm, gs, xh, cfold, cinv);
     if constexpr (NORM) {
         staged_ss = warp_sum(staged_ss);
         if (lane == 0) ssq[warp] = staged_ss;
@@ -543,10 +556,10 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     }
     for (int s = 0; s < stages; s += 2) {
         if (s + 1 < stages) mt_load(wt, st, s + 1, sb);
-        mt_compute<F, NORM>(sa, st, s, xh, zero, csum, cinv, supplies_b, acc);
+        mt_compute<F, NORM>(sa, st, s, xh, zero, cfold, cinv, supplies_b, acc);
         if (s + 1 >= stages) break;
         if (s + 2 < stages) mt_load(wt, st, s + 2, sa);
-        mt_compute<F, NORM>(sb, st, s + 1, xh, zero, csum, cinv, supplies_b, acc);
+        mt_compute<F, NORM>(sb, st, s + 1, xh, zero, cfold, cinv, supplies_b, acc);
     }
 
     // Sum the quad's chunks, then the tile's k slices.
@@ -593,7 +606,7 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
                                    MATVEC_NORM_ARGS, const u16* x_h) {                             \
         const MtWeight wt[1] = {{w, scales, biases}};                                              \
         matvec_tc<MtMlx<BITS, ST>, false, NORM>(wt, x, x_h, MATVEC_PRE_NORM, bias, bias_type, out, \
-                                                nullptr, n, k, (i64)k * BITS / 8, group_shift,     \
+                                                nullptr, n, k, k * BITS / 128, group_shift,        \
                                                 kgroups, 0);                                       \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
@@ -604,7 +617,7 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
                                          int act, MATVEC_NORM_ARGS, u16* out_h) {                  \
         const MtWeight wt[2] = {{w, scales, biases}, {w_up, scales_up, biases_up}};                \
         matvec_tc<MtMlx<BITS, ST>, true, NORM>(wt, x, nullptr, MATVEC_PRE_NORM, nullptr, 0, out,   \
-                                               out_h, n, k, (i64)k * BITS / 8, group_shift,        \
+                                               out_h, n, k, k * BITS / 128, group_shift,           \
                                                kgroups, act);                                      \
     }
 #define MATVEC_TC(BITS, ST, NAME)                                                                  \
@@ -617,20 +630,21 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
 MATVEC_TC_ALL_TYPES(4)
 MATVEC_TC_ALL_TYPES(8)
 
+// A Q4_0 row is k / 32 blocks of 18 bytes, k / 128 · 9 units of 8 bytes (k % 128 == 0).
 #define MATVEC_TC_Q4_0(PREFIX, NORM)                                                               \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##q4_0(const float* x, const u8* w, const void* bias, int bias_type, float* out,     \
                      int n, int k, int kgroups, MATVEC_NORM_ARGS, const u16* x_h) {                \
         const MtWeight wt[1] = {{w, nullptr, nullptr}};                                            \
         matvec_tc<MtQ4_0, false, NORM>(wt, x, x_h, MATVEC_PRE_NORM, bias, bias_type, out, nullptr, \
-                                       n, k, (i64)(k / 32) * MtQ4_0::BLOCK, 0, kgroups, 0);        \
+                                       n, k, k / 128 * 9, 0, kgroups, 0);                          \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##gated_q4_0(const float* x, const u8* w, const u8* w_up, float* out, int n, int k,  \
                            int kgroups, int act, MATVEC_NORM_ARGS, u16* out_h) {                   \
         const MtWeight wt[2] = {{w, nullptr, nullptr}, {w_up, nullptr, nullptr}};                  \
         matvec_tc<MtQ4_0, true, NORM>(wt, x, nullptr, MATVEC_PRE_NORM, nullptr, 0, out, out_h, n,  \
-                                      k, (i64)(k / 32) * MtQ4_0::BLOCK, 0, kgroups, act);          \
+                                      k, k / 128 * 9, 0, kgroups, act);                            \
     }
 MATVEC_TC_Q4_0(matvec_tc_, false)
 MATVEC_TC_Q4_0(matvec_tc_norm_, true)
