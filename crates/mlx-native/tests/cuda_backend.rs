@@ -1064,8 +1064,8 @@ fn gated_matmul_matches_reference() {
 /// The tensor-core matvec (matvec_tc.cu) at every width, group size and scale type it takes:
 /// plain, with a bias, with the residual, and gated; rows not a multiple of the 16-row tile;
 /// k of three groups (a partial step of four chunks) and long (several warps per tile with
-/// uneven stage counts). Every matrix holds just over 2^24 weights, the planner's minimum for
-/// tensor cores.
+/// uneven stage counts). Every matrix holds just over 2^24 weights, far above the planner's
+/// minimum for tensor cores.
 #[test]
 fn matvec_tensor_cores_mlx() {
     let Some(dev) = gpu() else { return };
@@ -1129,7 +1129,7 @@ fn normed_matvec_matches_reference() {
     let mut rng = Rng(17);
     // (weight, unit offset, bias, tolerance): k up to 1024 folds the norm into matvec.cu's
     // kernel; wider MLX 4/8-bit weights take the tensor cores (f16 x), which fold the norm too,
-    // as do MLX 4-bit and Q4_0 from 2^21 weights; other wide ones run the norm first.
+    // as do MLX and Q4_0 (quads) from 2^18 weights; other wide ones run the norm first.
     // MLX 8-bit at k = 8704 has more 16-element chunks than the block has threads (the staging
     // loop).
     let cases = [

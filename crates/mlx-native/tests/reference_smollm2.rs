@@ -19,11 +19,11 @@ const LOGIT_TOLERANCE_F16: f32 = 1.5;
 const LOGIT_TOLERANCE_F32: f32 = 1e-3;
 /// The same on the CUDA backend, which multiplies f16 operands on tensor cores (unit roundoff
 /// 2^−11, f32 accumulation) in prefill (matmuls from 17 rows, attention from 5) and in the
-/// decode matvecs of MLX 4/8-bit matrices over 2^24 weights (here the lm head): logits move by
-/// up to 2.4e-2 (H200, 2026-11-26; 1.26e-2 with f32 decode matvecs; the f32 SIMT kernels
-/// alone stay within 5e-3), still thirty times below mlx-lm's own float16 run
-/// (LOGIT_TOLERANCE_F16).
-const LOGIT_TOLERANCE_F32_CUDA: f32 = 4e-2;
+/// decode matvecs of MLX 4/8-bit matrices from 2^18 weights (here all of them): logits move by
+/// up to 4.7e-2 (H100, 2026-11-27; 2.6e-2 with only the lm head on tensor cores, 1.26e-2 with
+/// f32 decode matvecs; the f32 SIMT kernels alone stay within 5e-3), still over twenty times
+/// below mlx-lm's own float16 run (1.3; LOGIT_TOLERANCE_F16).
+const LOGIT_TOLERANCE_F32_CUDA: f32 = 8e-2;
 /// Steps whose reference top-2 gap is below this may pick either token.
 const NEAR_TIE: f32 = 0.05;
 
