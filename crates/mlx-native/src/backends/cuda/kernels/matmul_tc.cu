@@ -162,9 +162,9 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 //   ahead of the mma;
 // - each thread dequantizes exactly the weights of its own mma B fragments from the raw words,
 //   in f16x2 arithmetic: OR-ing a 4-bit field at bit 0 (or 4) of each half into the f16 1024
-//   (0x6400) gives 1024 + q (1024 + 16q), one subtraction (one FMA with 1/16, −64) gives q
-//   exactly, one FMA gives s·q + b rounded once, as the f32 path rounds it. 8-bit fields are
-//   moved next to 0x64 bytes with one byte permute.
+//   (0x6400, one lop3: `and_or`) gives 1024 + q (1024 + 16q), one subtraction (one FMA with
+//   1/16, −64) gives q exactly, one FMA gives s·q + b rounded once, as the f32 path rounds it.
+//   8-bit fields are moved next to 0x64 bytes with one byte permute.
 // A B fragment pairs columns (2t, 2t+1) and (2t+8, 2t+9) of a 16-column chunk; the fields one
 // word yields in pairs are (e, e+4) for 4 bits and (e, e+2) for 8 bits. So the columns of each
 // 64-column step are permuted (`tcq_column`) to make every pair a fragment register, and x is
@@ -292,8 +292,8 @@ __device__ __forceinline__ u32 tcq_pair(u32 window, bool high, int st) {
 template <int BITS>
 __device__ __forceinline__ void tcq_fragment(u32 v, u32 s2, u32 b2, u32* b) {
     if constexpr (BITS == 4) {
-        const u32 lo = (v & 0x000f000fu) | 0x64006400u;  // 1024 + q
-        const u32 hi = (v & 0x00f000f0u) | 0x64006400u;  // 1024 + 16q
+        const u32 lo = and_or(v, 0x000f000fu, 0x64006400u);  // 1024 + q
+        const u32 hi = and_or(v, 0x00f000f0u, 0x64006400u);  // 1024 + 16q
         b[0] = fma_f16x2(sub_f16x2(lo, 0x64006400u), s2, b2);
         b[1] = fma_f16x2(fma_f16x2(hi, 0x2c002c00u, 0xd400d400u), s2, b2);  // ·1/16 − 64
     } else {
@@ -579,8 +579,8 @@ __device__ __forceinline__ void matmul_tcq_ggml(const u16* __restrict__ xh,
             for (int j = 0; j < 4; ++j) {
                 if constexpr (TYPE == 4) {
                     const u32 v = words[j][c >> 1] >> (8 * (c & 1));
-                    const u32 lo = (v & 0x000f000fu) | 0x64006400u;  // 1024 + q
-                    const u32 hi = (v & 0x00f000f0u) | 0x64006400u;  // 1024 + 16q
+                    const u32 lo = and_or(v, 0x000f000fu, 0x64006400u);  // 1024 + q
+                    const u32 hi = and_or(v, 0x00f000f0u, 0x64006400u);  // 1024 + 16q
                     b[j][0] = mul_f16x2(sub_f16x2(lo, 0x64086408u), d2[j]);
                     b[j][1] = mul_f16x2(fma_f16x2(hi, 0x2c002c00u, 0xd480d480u), d2[j]);  // ·1/16 − 72
                 } else {
