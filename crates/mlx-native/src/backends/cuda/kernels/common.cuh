@@ -101,8 +101,8 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
 }
 
 // (w & mask) | bits as one lop3. Written as `&` and `|` with two constants it takes two logic
-// instructions (ptxas keeps one immediate a lop3); as operands, the constants sit in registers
-// hoisted out of the loops that call this.
+// instructions (ptxas keeps one immediate a lop3); as asm operands, one constant becomes the
+// immediate and the other a register, shared by every call.
 __device__ __forceinline__ u32 and_or(u32 w, u32 mask, u32 bits) {
     u32 v;
     asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(w), "r"(mask), "r"(bits));  // (a & b) | c

@@ -922,8 +922,8 @@ fn matvec_tc_plan(
     // A block whose tiles and k slices leave at least half its warps idle (short rows: too few
     // steps to split further) runs only the warps it uses, at least MATVEC_TC_MIN_WARPS to stage
     // x. H100, 2026-11-27, decode after 128 tokens, two rounds: SmolLM2 shape +4.3% (2 of 16
-    // warps busy), the 1B shape's o projection (8 of 16) +3.2%, Qwen3-0.6B +5.0%; trimming the
-    // 8B shape's blocks of 14 and 15 busy warps as well read −0.7%.
+    // warps busy), the 1B shape +3.2% (its o projections, 8 of 16), Qwen3-0.6B +5.0%; trimming
+    // the 8B shape's blocks of 14 and 15 busy warps as well read −0.7%.
     let busy = per_block * kgroups;
     let threads = if 2 * busy <= warps {
         busy.max(MATVEC_TC_MIN_WARPS)

@@ -40,8 +40,8 @@
 // power of two whose mantissa step is 1 at the field's bits. 4 bits: (e0,e4) (e1,e5) (e2,e6)
 // (e3,e7), the even elements at bits 0–3 of 1024 (0x6400) as 1024 + q, the odd ones at bits 4–7
 // of 64 (0x5400, step 1/16) as 64 + q; 8 bits: (e0,e2) (e1,e3) as 1024 + q. The offsets come off
-// per chunk (`F::offset`), not per pair: an f16x2 subtraction or FMA a pair fewer (H100,
-// 2026-11-27: see docs/cuda-backend.md).
+// per chunk (`F::offset`), not per pair: with an f16x2 subtraction or FMA a pair (and the mask
+// and OR as two logic ops), the 8B shape's decode read 471 tok/s, 495 so (H100, 2026-11-27).
 template <int BITS>
 __device__ __forceinline__ void fields_f16(u32 w, u32* h) {
     if constexpr (BITS == 4) {
@@ -111,8 +111,8 @@ struct MtWeight {
 
 // Per-warp constants of the stream. Offsets are 32-bit indices from the weight's base (the
 // planner keeps matrices under 2^32 elements), so that each address is one wide multiply-add
-// of an index and a kernel argument: with 64-bit offsets, the tensor-core matvec spent 45 of
-// its 204 instructions a stage on addresses (gated 4-bit, sm_90 SASS, 2026-11-27).
+// of an index and a kernel argument: with 64-bit offsets, the gated 4-bit kernel spent about 45
+// of its ~205 instructions a stage on addresses (sm_90 SASS; H100, 2026-11-27: 8B +0.8%).
 struct MtStream {
     u32 unit_row[2];   // rows g and g+8 (clamped to n − 1) times the row's F::UNIT-byte units
     u32 group_row[2];  // MLX: the same rows times groups per row
@@ -131,8 +131,8 @@ __device__ __forceinline__ u32 word(const uint4& v, int i) {
 // stage ahead), the f16 pairs of the chunk's j-th 8 fields (p[0], p[1]: the A registers of the
 // first mma, p[2], p[3]: of the second), the x order that matches them (`slot`: the chunk
 // element in slot e of the j-th staged uint4, slots paired as (0, 1) (2, 3) (4, 5) (6, 7), for the
-// first chunk of a quad or another), the value less the weight's integer of the fields of pair
-// p (`offset`: the chunk's dot less Σ offset·x is Σ q·x), and the fold of that into the row sum.
+// first chunk of a quad or another), what the fields of pair p hold besides their integers
+// (`offset`: the chunk's dot less Σ offset·x is Σ q·x), and the fold of that into the row sum.
 //
 // MLX affine: a chunk is one 16-byte load (32 4-bit or 16 8-bit fields) inside one group.
 template <int BITS, int ST>
