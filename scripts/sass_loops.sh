@@ -27,6 +27,10 @@ cuobjdump -sass "$out/kernels.cubin" > "$out/kernels.sass"
 for kernel in "${kernels[@]}"; do
   awk -v k="Function : $kernel\$" '$0 ~ k {p=1; next} /Function :/ {p=0} p' "$out/kernels.sass" \
     > "$out/$kernel.sass"
+  if [ ! -s "$out/$kernel.sass" ]; then
+    echo "no kernel $kernel; the source has:" $(sed -n 's/.*Function : //p' "$out/kernels.sass") >&2
+    exit 1
+  fi
   echo "== $kernel: $(grep -c '/\*[0-9a-f]\{4,\}\*/' "$out/$kernel.sass") instructions"
   python3 "$here/sass_loops.py" "$out/$kernel.sass"
 done
