@@ -925,7 +925,7 @@ fn matvec_tc_plan(
     // warps busy), the 1B shape +3.2% (its o projections, 8 of 16), Qwen3-0.6B +5.0%; trimming
     // the 8B shape's blocks of 14 and 15 busy warps as well read −0.7%.
     let busy = per_block * kgroups;
-    let threads = if 2 * busy <= warps {
+    let block_warps = if 2 * busy <= warps {
         busy.max(MATVEC_TC_MIN_WARPS)
     } else {
         warps
@@ -933,7 +933,7 @@ fn matvec_tc_plan(
     let grid = (blocks(n, MATVEC_TC_TILE * per_block)?, 1, 1);
     Ok(Some(TcPlan {
         kgroups,
-        threads: 32 * threads as u32,
+        threads: 32 * block_warps as u32,
         grid,
         shared: shared as u32,
     }))

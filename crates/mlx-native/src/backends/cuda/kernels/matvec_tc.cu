@@ -181,9 +181,8 @@ struct MtMlx {
 // bytes 4..15 and its last one joins bytes 2, 3, 16, 17, an order x is staged in for the first
 // chunk of each quad (`slot`). The nibbles become f16 as MLX 4-bit fields do; their offsets
 // include the 8 (1032 and 72), so the fold is d·dot (no Σx). Q8_0 on the 4-byte word scheme (9
-// words a block, one chunk a
-// stage) was slower than matvec.cu's kernel (H200: 4096×14336 36.1 µs, 1.73 TB/s) and is not
-// built.
+// words a block, one chunk a stage) was slower than matvec.cu's kernel (H200: 4096×14336 36.1
+// µs, 1.73 TB/s) and is not built.
 struct MtQ4_0 {
     static constexpr int CHUNK = 32;
     static constexpr int BLOCK = 18;
