@@ -1,8 +1,8 @@
 // Causal attention with GQA over f32 caches [n_kv_heads, capacity, head_dim], and the cache
 // append. Query row i is at position pos+i (pos read from device memory) and sees keys
 // lo..=pos+i, lo > pos+i−window under a sliding window. Scores are scale·q·k, soft-capped
-// when softcap > 0. In both kernels' P·V lane l of a warp owns head dims l, l+32, … (HC chunks
-// of 32 cover head_dim).
+// when softcap > 0. HC chunks of 32 cover head_dim; in a decode pass lane l of a warp owns
+// head dims `lane_dim(l, c)`, in prefill's P·V dims l, l + 32, ….
 
 __device__ __forceinline__ void key_range(int qpos, int capacity, int window, int& lo, int& hi) {
     hi = min(qpos + 1, capacity);
@@ -46,6 +46,15 @@ __device__ __forceinline__ void prefetch_row(const float* row, int hd) {
     prefetch_l2(row + hd - 1);
 }
 
+// Threads that merge one head dim over the warps' partials: the most (a power of two) that
+// leave every dim of 32·HC a group of the block's threads.
+template <int HC>
+__host__ __device__ constexpr int merge_lanes() {
+    int p = 1;
+    while (2 * p * HC <= DEC_WARPS) p *= 2;
+    return p;
+}
+
 // Keys a warp takes in a pass: as many as keep a lane's K and V loads of the pass in 32
 // registers each (KEYS·HC ≤ 32), so that both are issued at once: one round trip to L2 a
 // pass, and at short contexts more warps with shorter chains.
@@ -81,7 +90,43 @@ __device__ __forceinline__ float keys_sum(float v) {
     return v;
 }
 
-// Scale·q·k of a pass's KEYS rows from their loaded dims (k[j][c]: row j, dim lane + 32c),
+// The head dims a lane owns in a decode pass: runs of V = 4, 2 or 1 (the largest that divides
+// HC) at V·lane + 32·V·r, so that a warp loads a row's dims as coalesced 16- or 8-byte vectors
+// (HC = 1 or odd: dims lane + 32c, as before). H100, 2026-11-27, decode after 128 tokens, runs
+// of HC dims a lane: Qwen3-0.6B (hd 128) +2.2%, 8B +0.7%, SmolLM2 shape ±0.5% (+1.8% after
+// 1,024 tokens); Gemma-3-1B (hd 256) lost 1.4% with runs of 8 (two 16-byte loads a lane 16
+// bytes apart: every warp load half a line), hence runs of at most 4.
+template <int HC>
+__host__ __device__ constexpr int dims_run() {
+    return HC % 4 == 0 ? 4 : HC % 2 == 0 ? 2 : 1;
+}
+
+template <int HC>
+__device__ __forceinline__ int lane_dim(int lane, int c) {
+    constexpr int V = dims_run<HC>();
+    return V * lane + 32 * V * (c / V) + c % V;
+}
+
+// A lane's HC dims of a row.
+template <int HC>
+__device__ __forceinline__ void load_dims(const float* row, int lane, float (&r)[HC]) {
+    constexpr int V = dims_run<HC>();
+#pragma unroll
+    for (int c = 0; c < HC; c += V) {
+        const float* p = row + lane_dim<HC>(lane, c);
+        if constexpr (V == 4) {
+            const float4 t = *(const float4*)p;
+            r[c] = t.x, r[c + 1] = t.y, r[c + 2] = t.z, r[c + 3] = t.w;
+        } else if constexpr (V == 2) {
+            const float2 t = *(const float2*)p;
+            r[c] = t.x, r[c + 1] = t.y;
+        } else {
+            r[c] = *p;
+        }
+    }
+}
+
+// Scale·q·k of a pass's KEYS rows from their loaded dims (k[j][c]: row j, lane_dim(lane, c)),
 // q·scale in shared memory (zero past hd). A transposing butterfly over the low lane bits,
 // then a sum over the high ones, leaves row j's total on the lanes l with l % KEYS = j.
 template <int HC, int KEYS>
@@ -90,12 +135,12 @@ __device__ __forceinline__ float warp_scores(const float* __restrict__ qs,
     float v[KEYS];
 #pragma unroll
     for (int j = 0; j < KEYS; ++j) v[j] = 0.f;
+    float qd[HC];
+    load_dims<HC>(qs, lane, qd);
 #pragma unroll
-    for (int c = 0; c < HC; ++c) {
-        const float qd = qs[lane + 32 * c];
+    for (int c = 0; c < HC; ++c)
 #pragma unroll
-        for (int j = 0; j < KEYS; ++j) v[j] = fmaf(qd, k[j][c], v[j]);
-    }
+        for (int j = 0; j < KEYS; ++j) v[j] = fmaf(qd[c], k[j][c], v[j]);
     if constexpr (KEYS >= 32) butterfly_step<16>(v, lane);
     if constexpr (KEYS >= 16) butterfly_step<8>(v, lane);
     if constexpr (KEYS >= 8) butterfly_step<4>(v, lane);
@@ -107,35 +152,44 @@ __device__ __forceinline__ float warp_scores(const float* __restrict__ qs,
 }
 
 // Rows j0 … j0+KEYS−1 of a cache (the first n real, the others repeating row n−1), dims
-// lane + 32c (clamped to hd). FULL: n = KEYS and hd = 32·HC, so every load is a constant
-// offset from one address.
-template <int HC, int KEYS, bool FULL>
+// lane_dim(lane, c) (clamped to hd). WHOLE: hd = 32·HC, so a lane's dims load as vectors (the
+// caches are 16-byte aligned: attention.rs); ALL_KEYS as well: n = KEYS, so every load is a
+// constant offset from one address.
+template <int HC, int KEYS, bool WHOLE, bool ALL_KEYS>
 __device__ __forceinline__ void load_rows(const float* rows, int n, int hd, int lane,
                                           float (&r)[KEYS][HC]) {
-    const int stride = FULL ? 32 * HC : hd;
 #pragma unroll
-    for (int j = 0; j < KEYS; ++j)
+    for (int j = 0; j < KEYS; ++j) {
+        const int row = ALL_KEYS ? j : min(j, n - 1);
+        if constexpr (WHOLE) {
+            load_dims<HC>(rows + row * 32 * HC, lane, r[j]);
+        } else {
 #pragma unroll
-        for (int c = 0; c < HC; ++c)
-            r[j][c] = rows[(i64)(FULL ? j : min(j, n - 1)) * stride +
-                           (FULL ? lane + 32 * c : min(lane + 32 * c, hd - 1))];
+            for (int c = 0; c < HC; ++c)
+                r[j][c] = rows[(i64)row * hd + min(lane_dim<HC>(lane, c), hd - 1)];
+        }
+    }
 }
 
 // A pass's K and V rows (keys j0 … j0+n−1, n ≤ KEYS), loaded at once.
 template <int HC, int KEYS>
 __device__ __forceinline__ void load_pass(const float* kb, const float* vb, int j0, int n, int hd,
                                           int lane, float (&k)[KEYS][HC], float (&v)[KEYS][HC]) {
-    if (n == KEYS && hd == 32 * HC) {
-        load_rows<HC, KEYS, true>(kb + (i64)j0 * hd, n, hd, lane, k);
-        load_rows<HC, KEYS, true>(vb + (i64)j0 * hd, n, hd, lane, v);
+    const float *ks = kb + (i64)j0 * hd, *vs = vb + (i64)j0 * hd;
+    if (hd == 32 * HC && n == KEYS) {
+        load_rows<HC, KEYS, true, true>(ks, n, hd, lane, k);
+        load_rows<HC, KEYS, true, true>(vs, n, hd, lane, v);
+    } else if (hd == 32 * HC) {
+        load_rows<HC, KEYS, true, false>(ks, n, hd, lane, k);
+        load_rows<HC, KEYS, true, false>(vs, n, hd, lane, v);
     } else {
-        load_rows<HC, KEYS, false>(kb + (i64)j0 * hd, n, hd, lane, k);
-        load_rows<HC, KEYS, false>(vb + (i64)j0 * hd, n, hd, lane, v);
+        load_rows<HC, KEYS, false, false>(ks, n, hd, lane, k);
+        load_rows<HC, KEYS, false, false>(vs, n, hd, lane, v);
     }
 }
 
 // One pass of a warp over the loaded keys j0 … j0+n−1: the scores onto lanes, the online
-// softmax update of (m, l, acc), and P·V with lanes owning head dims (acc[c]: dim lane + 32c),
+// softmax update of (m, l, acc), and P·V with lanes owning head dims (acc[c]: lane_dim(lane, c)),
 // the probabilities broadcast by shuffle.
 template <int HC, int KEYS>
 __device__ __forceinline__ void decode_pass(const float* __restrict__ qs,
@@ -210,9 +264,9 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
                                             float* __restrict__ partial, u32* __restrict__ counters,
                                             int n_heads, int group, int hd, int capacity,
                                             float scale, int window, float softcap) {
-    __shared__ float qs[HC * 32], new_k[DEC_MAX_ROWS][HC * 32], new_v[DEC_MAX_ROWS][HC * 32];
-    __shared__ float warp_m[DEC_WARPS], warp_l[DEC_WARPS], warp_acc[DEC_WARPS][HC * 32];
-    __shared__ float warp_w[DEC_WARPS], block_m, block_l;  // DEC_WARPS ≤ 32: one lane a warp
+    __shared__ __align__(16) float qs[HC * 32], new_k[DEC_MAX_ROWS][HC * 32],
+        new_v[DEC_MAX_ROWS][HC * 32], warp_acc[DEC_WARPS][HC * 32];
+    __shared__ float warp_m[DEC_WARPS], warp_l[DEC_WARPS];
     __shared__ int merging;
     const int h = blockIdx.x, split = blockIdx.y, row = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -223,6 +277,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     // So is everything that depends on it alone: the RoPE angle of the block's row, and each
     // warp's first pass of K and V rows (old keys: no kernel of a step rewrites them; rows at
     // new positions, pos and after, are replaced after the wait). Later passes' rows head for L2.
+    // (Split 0's first passes requested before pos's read returns, since without a window they
+    // start at key 0, read up to 1.5% slower: H100, 2026-11-27.)
     const u32 p0 = pos[0];
     int lo, hi;
     key_range((int)p0 + row, capacity, window, lo, hi);
@@ -320,11 +376,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
                 for (int j = 0; j < KEYS; ++j) {
                     const int i = j0 + min(j, n - 1) - (int)p0;  // as load_rows
                     if (i < 0) continue;
-#pragma unroll
-                    for (int c = 0; c < HC; ++c) {
-                        k[j][c] = new_k[i][lane + 32 * c];
-                        v[j][c] = new_v[i][lane + 32 * c];
-                    }
+                    load_dims<HC>(new_k[i], lane, k[j]);
+                    load_dims<HC>(new_v[i], lane, v[j]);
                 }
             } else {  // plain attention: the kernel before this one appended them
                 load_pass<HC, KEYS>(kb, vb, j0, n, hd, lane, k, v);
@@ -338,41 +391,48 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
         warp_l[warp] = l;
     }
 #pragma unroll
-    for (int c = 0; c < HC; ++c) warp_acc[warp][lane + 32 * c] = acc[c];
+    for (int c = 0; c < HC; ++c) warp_acc[warp][lane_dim<HC>(lane, c)] = acc[c];
     __syncthreads();
-    // Lane w of warp 0 weighs warp w's partial (one exp a warp, not one a warp and thread: on
-    // the path of every block), then thread d merges head dim d over the warps.
-    if (warp == 0) {
-        const float mw = lane < DEC_WARPS ? warp_m[lane] : NEG_INF;
-        const float mx = warp_max(mw);  // finite: warp 0 holds a key
-        const float wt = mw == NEG_INF ? 0.f : expf(mw - mx);
-        const float sum = warp_sum(lane < DEC_WARPS ? warp_l[lane] * wt : 0.f);
-        if (lane < DEC_WARPS) warp_w[lane] = wt;
-        if (lane == 0) {
-            block_m = mx;
-            block_l = sum;
-        }
-    }
-    __syncthreads();
-    const float mx = block_m, sum = block_l;
-    float a = 0.f;
-    if (d < hd) {
+    // The warps' partials merge after this one barrier: P adjacent threads take a head dim
+    // (t / P), each weighing WPT warps against the block's max, which every thread forms from
+    // all the warps' maxima, and the P lanes sum by shuffle. Before, warp 0 weighed the warps
+    // between two barriers and each thread then merged its dim over all of them (a knockout of
+    // that merge read the SmolLM2 shape +5%); every thread weighing all the warps, 16 exps a
+    // thread, was slower. H100, 2026-11-27, decode after 128 tokens: SmolLM2 shape +1.2%, 1B
+    // +1.4%, Qwen3-0.6B ±0.
+    constexpr int P = merge_lanes<HC>(), WPT = DEC_WARPS / P;
+    const int dim = threadIdx.x / P, part = threadIdx.x % P, at = min(dim, 32 * HC - 1);
+    float mx = NEG_INF;
 #pragma unroll
-        for (int w = 0; w < DEC_WARPS; ++w) a += warp_acc[w][d] * warp_w[w];
+    for (int w = 0; w < DEC_WARPS; ++w) mx = fmaxf(mx, warp_m[w]);  // finite: warp 0 holds a key
+    float a = 0.f, sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < WPT; ++i) {
+        const int w = part * WPT + i;
+        const float mw = warp_m[w];
+        const float wt = mw == NEG_INF ? 0.f : expf(mw - mx);
+        sum = fmaf(warp_l[w], wt, sum);
+        a = fmaf(warp_acc[w][at], wt, a);
     }
+#pragma unroll
+    for (int o = 1; o < P; o <<= 1) {
+        a += __shfl_xor_sync(FULL_MASK, a, o);
+        sum += __shfl_xor_sync(FULL_MASK, sum, o);
+    }
+    const bool writes = part == 0 && dim < hd;
     const i64 o_at = ((i64)row * n_heads + h) * hd;  // the head's output, and its f16 copy
     float* o = out + o_at;
     if (n_splits == 1) {
-        if (d < hd) {
-            o[d] = sum > 0.f ? a / sum : 0.f;
-            store_half_copy(out_h, o_at + d, o[d]);
+        if (writes) {
+            o[dim] = sum > 0.f ? a / sum : 0.f;
+            store_half_copy(out_h, o_at + dim, o[dim]);
         }
         return;
     }
     const int stride = hd + 2;
     float* base = partial + ((i64)row * n_heads + h) * gridDim.y * stride;
-    if (d < hd) base[split * stride + 2 + d] = a;
-    if (d == 0) {
+    if (writes) base[split * stride + 2 + dim] = a;
+    if (threadIdx.x == 0) {
         base[split * stride] = mx;
         base[split * stride + 1] = sum;
     }

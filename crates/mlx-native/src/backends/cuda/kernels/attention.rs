@@ -345,6 +345,16 @@ fn decode(
     (out, out_h): (&Tensor, u64),
 ) -> Result<(Launch, Option<CudaSlice<u8>>)> {
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
+    // A full pass loads a lane's head dims as one 8- or 16-byte vector (attention.cu's
+    // load_dims); the allocator's buffers and the caches' row layout keep that alignment.
+    for cache in [k_cache, v_cache] {
+        if device_ptr(cache)? % 16 != 0 {
+            return Err(Error::Invalid(format!(
+                "decode attention: a KV cache at a device address not 16-byte aligned ({:#x})",
+                device_ptr(cache)?
+            )));
+        }
+    }
     // One wave of blocks (one fits per multiprocessor) over all heads and rows, no more splits
     // than the cache can fill; at run time a row uses as many as its keys fill
     // (`active_splits`, attention.cu). H100, 2026-11-26: ceil(keys / 512) splits instead lost
