@@ -67,6 +67,9 @@ pub enum Error {
     DeviceUnavailable(String),
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// A device allocation the device had no memory for (what was being allocated).
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
     #[error("{0}")]
     Invalid(String),
 }

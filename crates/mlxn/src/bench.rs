@@ -47,10 +47,19 @@ pub struct BenchArgs {
 /// flatter the share of the bound), or half that and so on to 64 MiB where memory is short; the
 /// CPU 256 MiB, far past its caches.
 fn copy_bandwidth(device: &Device) -> Result<f64> {
-    let mut bytes: usize = if device.is_cpu() { 256 << 20 } else { 2 << 30 };
+    let bytes = if device.is_cpu() { 256 << 20 } else { 2 << 30 };
+    halving_while_out_of_memory(bytes, |bytes| device.copy_bandwidth(bytes))
+}
+
+/// `probe(bytes)`, then of half the bytes and so on down to 64 MiB while the device has not the
+/// memory for it; any other error is the probe's answer.
+fn halving_while_out_of_memory(
+    mut bytes: usize,
+    mut probe: impl FnMut(usize) -> Result<f64>,
+) -> Result<f64> {
     loop {
-        match device.copy_bandwidth(bytes) {
-            Err(_) if bytes > 64 << 20 => bytes /= 2,
+        match probe(bytes) {
+            Err(Error::OutOfMemory(_)) if bytes > 64 << 20 => bytes /= 2,
             measured => return measured,
         }
     }
@@ -188,4 +197,42 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("peak memory: {:.1} MiB", peak as f64 / 1048576.0);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bandwidth probe halves its copies only for want of memory, down to 64 MiB; another
+    /// failure (a driver error, say) is reported as it comes.
+    #[test]
+    fn bandwidth_probe_halves_only_when_out_of_memory() {
+        let mut sizes = Vec::new();
+        let measured = halving_while_out_of_memory(2 << 30, |bytes| {
+            sizes.push(bytes);
+            if bytes > 256 << 20 {
+                Err(Error::OutOfMemory(format!("allocating {bytes} bytes")))
+            } else {
+                Ok(bytes as f64)
+            }
+        });
+        assert_eq!(measured.ok(), Some((256 << 20) as f64));
+        assert_eq!(sizes, [2 << 30, 1 << 30, 512 << 20, 256 << 20]);
+
+        let mut calls = 0;
+        let failed = halving_while_out_of_memory(2 << 30, |_| {
+            calls += 1;
+            Err(Error::Cuda("launch failed".into()))
+        });
+        assert!(matches!(failed, Err(Error::Cuda(_))), "{failed:?}");
+        assert_eq!(calls, 1);
+
+        let mut smallest = 0;
+        let never = halving_while_out_of_memory(2 << 30, |bytes| {
+            smallest = bytes;
+            Err(Error::OutOfMemory(format!("allocating {bytes} bytes")))
+        });
+        assert!(matches!(never, Err(Error::OutOfMemory(_))), "{never:?}");
+        assert_eq!(smallest, 64 << 20);
+    }
 }

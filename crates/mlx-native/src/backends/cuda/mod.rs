@@ -200,8 +200,14 @@ impl CudaBackend {
 
     fn new_buffer(&self, bytes: usize) -> Result<CudaBuffer> {
         // SAFETY: the contents are unspecified until written, as `Backend::alloc` allows.
-        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
-            .map_err(driver_err(&format!("allocating {bytes} bytes")))?;
+        let what = format!("allocating {bytes} bytes");
+        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| {
+            if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                Error::OutOfMemory(what.clone())
+            } else {
+                driver_err(&what)(e)
+            }
+        })?;
         let ptr = address(&slice, &self.stream);
         self.allocated.fetch_add(slice.len(), Ordering::Relaxed);
         Ok(CudaBuffer {
