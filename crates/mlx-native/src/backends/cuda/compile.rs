@@ -212,6 +212,25 @@ mod tests {
         }
     }
 
+    /// scripts/nvrtc_cubin.py (the SASS tool's compile, with no Rust build) passes NVRTC the
+    /// options this module does: a change to either must reach the other.
+    #[test]
+    fn sass_script_compiles_with_these_options() {
+        let script = include_str!("../../../../../scripts/nvrtc_cubin.py");
+        let line = script
+            .lines()
+            .find(|l| l.trim_start().starts_with("options = ["))
+            .expect("nvrtc_cubin.py sets `options = [...]`");
+        let listed = |option: &str| line.contains(&format!("\"{option}\""));
+        for option in OPTIONS {
+            assert!(listed(option), "nvrtc_cubin.py lacks {option}: {line}");
+        }
+        // OPTIONS and the architecture, quoted, and nothing else but the extra options.
+        assert_eq!(line.matches('"').count(), 2 * (OPTIONS.len() + 1), "{line}");
+        let arch = options(90)[OPTIONS.len()].replace("90", "{args.arch}");
+        assert!(line.contains(&format!("f\"{arch}\"")), "{line}");
+    }
+
     /// Kernels are launched with programmatic stream serialization, which is safe only if each
     /// waits for its predecessor before touching memory an earlier kernel may write: every
     /// `extern "C" __global__` function's body must begin with `kernel_entry()` or
