@@ -1,6 +1,6 @@
 """Compiles CUDA source parts with NVRTC, as the library does (compile.rs: -std=c++17, no fast
 math, the GPU's sm_XX), to a CUBIN file, with no GPU needed:
-    python3 scripts/nvrtc_cubin.py OUT.cubin PART.cu... [--arch 90] [--option -DX ...]
+    python3 scripts/nvrtc_cubin.py OUT.cubin PART.cu... [--arch 90] [--option=-DX ...]
 The parts are concatenated in the order given (a kernel `Source`'s order in kernels/*.rs).
 libnvrtc is found through the loader's path (LD_LIBRARY_PATH), e.g. /usr/local/cuda/lib64 or
 the `nvidia-cuda-nvrtc` wheel's nvidia/cu13/lib."""

@@ -21,7 +21,7 @@ export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64
 parts=()
 for part in ${PARTS:?name the source\'s parts in order}; do parts+=("$dir/$part"); done
 options=()
-for option in ${NVRTC_OPTIONS:-}; do options+=(--option "$option"); done
+for option in ${NVRTC_OPTIONS:-}; do options+=("--option=$option"); done
 python3 "$here/nvrtc_cubin.py" "$out/kernels.cubin" "${parts[@]}" ${options[@]+"${options[@]}"}
 cuobjdump -sass "$out/kernels.cubin" > "$out/kernels.sass"
 for kernel in "${kernels[@]}"; do
