@@ -90,12 +90,13 @@ __device__ __forceinline__ float keys_sum(float v) {
     return v;
 }
 
-// The head dims a lane owns in a decode pass: runs of V = 4, 2 or 1 (the largest that divides
-// HC) at V·lane + 32·V·r, so that a warp loads a row's dims as coalesced 16- or 8-byte vectors
-// (HC = 1 or odd: dims lane + 32c, as before). H100, 2026-11-27, decode after 128 tokens, runs
-// of HC dims a lane: Qwen3-0.6B (hd 128) +2.2%, 8B +0.7%, SmolLM2 shape ±0.5% (+1.8% after
-// 1,024 tokens); Gemma-3-1B (hd 256) lost 1.4% with runs of 8 (two 16-byte loads a lane 16
-// bytes apart: every warp load half a line), hence runs of at most 4.
+// The head dims a lane owns in a decode pass (attention.rs's decode_cache_alignment repeats
+// the rule): runs of V = 4, 2 or 1 (the largest that divides HC) at V·lane + 32·V·r, so that a
+// warp loads a row's dims as coalesced 16- or 8-byte vectors (HC = 1 or odd: dims lane + 32c,
+// as before). H100, 2026-11-27, decode after 128 tokens, runs of HC dims a lane: Qwen3-0.6B
+// (hd 128) +2.2%, 8B +0.7%, SmolLM2 shape ±0.5% (+1.8% after 1,024 tokens); Gemma-3-1B (hd
+// 256) lost 1.4% with runs of 8 (two 16-byte loads a lane 16 bytes apart: every warp load half
+// a line), hence runs of at most 4.
 template <int HC>
 __host__ __device__ constexpr int dims_run() {
     return HC % 4 == 0 ? 4 : HC % 2 == 0 ? 2 : 1;
@@ -153,8 +154,8 @@ __device__ __forceinline__ float warp_scores(const float* __restrict__ qs,
 
 // Rows j0 … j0+KEYS−1 of a cache (the first n real, the others repeating row n−1), dims
 // lane_dim(lane, c) (clamped to hd). WHOLE: hd = 32·HC, so a lane's dims load as vectors (the
-// caches are 16-byte aligned: attention.rs); ALL_KEYS as well: n = KEYS, so every load is a
-// constant offset from one address.
+// planner checks the caches' alignment: attention.rs, decode_cache_alignment); ALL_KEYS as
+// well: n = KEYS, so every load is a constant offset from one address.
 template <int HC, int KEYS, bool WHOLE, bool ALL_KEYS>
 __device__ __forceinline__ void load_rows(const float* rows, int n, int hd, int lane,
                                           float (&r)[KEYS][HC]) {

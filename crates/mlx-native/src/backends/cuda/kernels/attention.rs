@@ -335,6 +335,21 @@ fn prefill(
 /// rotating q and the new keys itself when `new_keys` is given, writing out's f16 copy at
 /// `out_h` unless 0. The launch, and the scratch of its split partials if it has several
 /// splits.
+/// The alignment decode attention's K/V loads need of a cache: where whole rows hold 32·HC dims,
+/// a lane loads its dims as vectors of 4 · `dims_run<HC>()` bytes (attention.cu's `load_dims`);
+/// other rows are read a float at a time. Rows are whole multiples of that, so the cache's start
+/// decides.
+fn decode_cache_alignment(head_dim: usize) -> u64 {
+    let hc = head_dim.div_ceil(32);
+    let run = match hc {
+        _ if head_dim != 32 * hc => 1,
+        _ if hc.is_multiple_of(4) => 4,
+        _ if hc.is_multiple_of(2) => 2,
+        _ => 1,
+    };
+    4 * run as u64
+}
+
 fn decode(
     lib: &KernelLibrary,
     shape: &Shape,
@@ -345,13 +360,14 @@ fn decode(
     (out, out_h): (&Tensor, u64),
 ) -> Result<(Launch, Option<CudaSlice<u8>>)> {
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
-    // A full pass loads a lane's head dims as one 8- or 16-byte vector (attention.cu's
-    // load_dims); the allocator's buffers and the caches' row layout keep that alignment.
+    let align = decode_cache_alignment(shape.head_dim);
     for cache in [k_cache, v_cache] {
-        if device_ptr(cache)? % 16 != 0 {
+        let address = device_ptr(cache)?;
+        if !address.is_multiple_of(align) {
             return Err(Error::Invalid(format!(
-                "decode attention: a KV cache at a device address not 16-byte aligned ({:#x})",
-                device_ptr(cache)?
+                "decode attention: a KV cache at {address:#x}, not {align}-byte aligned (head \
+                 dim {})",
+                shape.head_dim
             )));
         }
     }
@@ -447,6 +463,27 @@ fn kv_append(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Vector K/V loads only where rows are whole chunks of 32 dims: 16 bytes for runs of 4
+    /// dims (hd 128, 256), 8 for runs of 2 (hd 64), a float otherwise (hd 32, 96, odd ones).
+    #[test]
+    fn decode_caches_aligned_as_their_loads() {
+        for (head_dim, bytes) in [
+            (64, 8),
+            (128, 16),
+            (256, 16),
+            (32, 4),
+            (96, 4),
+            (80, 4),
+            (40, 4),
+        ] {
+            assert_eq!(
+                decode_cache_alignment(head_dim),
+                bytes,
+                "head dim {head_dim}"
+            );
+        }
+    }
 
     /// The decode kernel's shared-memory buffers and split rule are sized by constants of
     /// attention.cu that the planner repeats: a mismatch would index past the buffers.
