@@ -1893,6 +1893,17 @@ fn argmax_picks_lowest_id_of_the_last_row() {
             Ok(token.to_vec::<u32>()?.iter().map(|&t| t as f32).collect())
         };
         check("argmax", &dev, compute, &[tie[1] as f64], 0.0);
+        // The greedy step's end: the same pick, and the position moved on by one.
+        let compute = |dev: &Device| {
+            let lt = dev.from_slice(&logits, &[rows, vocab])?;
+            let token = poisoned_u32(dev, &[1])?;
+            let pos = dev.from_slice(&[41u32], &[1])?;
+            run(dev, |enc| ops::argmax_advance(enc, &lt, &token, &pos))?;
+            let mut got = token.to_vec::<u32>()?;
+            got.extend(pos.to_vec::<u32>()?);
+            Ok(got.iter().map(|&t| t as f32).collect())
+        };
+        check("argmax_advance", &dev, compute, &[tie[1] as f64, 42.0], 0.0);
     }
 }
 

@@ -1163,6 +1163,25 @@ fn argmax_last_row_ties_and_nan() {
     assert_eq!(all_nan.argmax(), 0);
 }
 
+/// The greedy step's end: argmax's pick, and pos += 1 in the same dispatch.
+#[test]
+fn argmax_advance_picks_and_moves_the_position_on() {
+    let mut logits = vec![0.25f32; 2 * 11];
+    logits[11 + 7] = 3.0;
+    let s = Sampler::new(&logits, 11, &[0; 4]);
+    s.pos.write(&[9u32]).unwrap();
+    s.token.write(&[u32::MAX]).unwrap();
+    let mut enc = CommandEncoder::new(&s.dev);
+    ops::argmax_advance(&mut enc, &s.logits, &s.token, &s.pos).unwrap();
+    enc.commit().unwrap();
+    assert_eq!(s.token.to_vec::<u32>().unwrap(), [7]);
+    assert_eq!(s.pos.to_vec::<u32>().unwrap(), [10]);
+    let wrong = s.dev.zeros(&[2], DType::U32).unwrap();
+    let mut enc = CommandEncoder::new(&s.dev);
+    let err = ops::argmax_advance(&mut enc, &s.logits, &s.token, &wrong).unwrap_err();
+    assert!(err.to_string().contains("pos"), "{err}");
+}
+
 /// The sampler equals the f64 reference draw for draw over many (seed, pos) and every
 /// filter, alone and combined; top-k 1 is argmax; the pick lands in history[pos + 1].
 #[test]

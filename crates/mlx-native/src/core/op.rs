@@ -277,8 +277,10 @@ pub enum Op {
     /// The MoE block's output added to the residual: out[i] = residual[i] + Σ_j w[i, j]·y[i, j].
     /// in: y `[m, top_k, n]`, weights f32 `[m, top_k]`, residual `[m, n]`; out `[m, n]`.
     MoeCombine,
-    /// Greedy pick over the last row. in: logits f32 `[m, vocab]`; out: token u32 `[1]`.
-    Argmax,
+    /// Greedy pick over the last row. in: logits f32 `[m, vocab]`; out: token u32 `[1]`, then
+    /// with `advance_pos` the decode position pos u32 `[1]` (read-modify-write: += 1, as
+    /// `AdvancePos`; a greedy step's last dispatch, so one kernel fewer).
+    Argmax { advance_pos: bool },
     /// Sample from the last row. in: logits f32 `[m, vocab]`, pos u32 `[1]`;
     /// out: token u32 `[1]`, history u32 `[capacity]` (read-modify-write: tokens at
     /// positions 0..=pos are read for the repetition penalty, the pick is stored at pos+1).
@@ -312,7 +314,7 @@ impl Op {
             Op::GatherMatMul { .. } => "gather_matmul",
             Op::GatherGatedMatMul { .. } => "gather_gated_matmul",
             Op::MoeCombine => "moe_combine",
-            Op::Argmax => "argmax",
+            Op::Argmax { .. } => "argmax",
             Op::Sample(_) => "sample",
             Op::AdvancePos => "advance_pos",
         }

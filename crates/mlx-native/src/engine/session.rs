@@ -154,17 +154,21 @@ impl Session {
             self.enc.commit()?;
         }
         self.pos.write(&[prompt.len() as u32 - 1])?;
-        self.encode_sample(sampling)?;
+        self.encode_sample(sampling, false)?;
         self.enc.commit()?;
         self.pos_on_device = Some(prompt.len() - 1);
         Ok(self.token.to_vec::<u32>()?[0])
     }
 
-    fn encode_sample(&mut self, sampling: SamplingParams) -> Result<()> {
+    /// The token choice; at a decode step's end (`advance`) the position moves on as well, in
+    /// the argmax's own kernel where the choice is greedy.
+    fn encode_sample(&mut self, sampling: SamplingParams, advance: bool) -> Result<()> {
         if sampling.temperature <= 0.0 && sampling.repetition_penalty == 1.0 {
-            ops::argmax(&mut self.enc, &self.logits, &self.token)?;
-            // Keep the history complete for a later sampled session on the same cache.
-            return Ok(());
+            return if advance {
+                ops::argmax_advance(&mut self.enc, &self.logits, &self.token, &self.pos)
+            } else {
+                ops::argmax(&mut self.enc, &self.logits, &self.token)
+            };
         }
         ops::sample(
             &mut self.enc,
@@ -173,7 +177,11 @@ impl Session {
             &self.pos,
             &self.token,
             &self.history,
-        )
+        )?;
+        if advance {
+            ops::advance_pos(&mut self.enc, &self.pos)?;
+        }
+        Ok(())
     }
 
     /// Feed the last sampled token at position `pos` and sample the next one.
@@ -257,8 +265,7 @@ impl Session {
             &self.decode,
             &self.logits,
         )?;
-        self.encode_sample(sampling)?;
-        ops::advance_pos(&mut self.enc, &self.pos)
+        self.encode_sample(sampling, true)
     }
 
     /// Dispatches in one decode step (the captured graph's length).

@@ -7,10 +7,37 @@ use crate::Result;
 
 /// token u32 `[1]` = argmax of the last row of logits `[m, vocab]` (lowest id on ties).
 pub fn argmax(enc: &mut CommandEncoder, logits: &Tensor, token: &Tensor) -> Result<()> {
+    greedy(enc, logits, token, None)
+}
+
+/// `argmax`, then pos u32 `[1]` += 1 (`advance_pos`) in the same dispatch: the end of a greedy
+/// decode step.
+pub fn argmax_advance(
+    enc: &mut CommandEncoder,
+    logits: &Tensor,
+    token: &Tensor,
+    pos: &Tensor,
+) -> Result<()> {
+    greedy(enc, logits, token, Some(pos))
+}
+
+fn greedy(
+    enc: &mut CommandEncoder,
+    logits: &Tensor,
+    token: &Tensor,
+    pos: Option<&Tensor>,
+) -> Result<()> {
     expect_dtype("argmax", "logits", logits, &[DType::F32])?;
     expect_dtype("argmax", "token", token, &[DType::U32])?;
     expect_shape("argmax", "token", token, &[1])?;
-    enc.dispatch(Op::Argmax, &[logits], &[token])
+    match pos {
+        None => enc.dispatch(Op::Argmax { advance_pos: false }, &[logits], &[token]),
+        Some(pos) => {
+            expect_dtype("argmax", "pos", pos, &[DType::U32])?;
+            expect_shape("argmax", "pos", pos, &[1])?;
+            enc.dispatch(Op::Argmax { advance_pos: true }, &[logits], &[token, pos])
+        }
+    }
 }
 
 /// pos u32 `[1]` += 1 (the end of a decode step).

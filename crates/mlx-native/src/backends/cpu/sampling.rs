@@ -4,7 +4,7 @@
 
 use super::{scalar_u32, slice, slice_mut, wrong_op, CpuKernel};
 use crate::core::dtype::DType;
-use crate::core::op::{Op, SamplingParams};
+use crate::core::op::{operand_count, Op, SamplingParams};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
@@ -36,11 +36,23 @@ fn last_row<'a>(logits: &'a Tensor, op: &'static str) -> Result<&'a [f32]> {
 }
 
 fn argmax_kernel(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
-    if *op != Op::Argmax {
+    let Op::Argmax {
+        advance_pos: advance,
+    } = *op
+    else {
         return Err(wrong_op(op));
-    }
+    };
+    let (token, pos) = match (advance, outputs) {
+        (false, [token]) => (token, None),
+        (true, [token, pos]) => (token, Some(pos)),
+        _ => return Err(operand_count(op, inputs.len(), outputs.len())),
+    };
     let logits = last_row(&inputs[0], "argmax")?;
-    write_token(&outputs[0], argmax(logits), "argmax")
+    write_token(token, argmax(logits), "argmax")?;
+    match pos {
+        Some(pos) => advance_pos(&Op::AdvancePos, &[], std::slice::from_ref(pos)),
+        None => Ok(()),
+    }
 }
 
 /// Index of the largest value, the lowest index on ties; NaNs are never chosen (all-NaN

@@ -128,9 +128,11 @@ __device__ __forceinline__ void for_each_in_range(int lo, int hi, Load load, Use
 }
 
 // One block: a 16-byte aligned row is read as float4, PASS_UNROLL·16 bytes in flight a thread
-// (128,256 logits in 4 round trips to L2 instead of 16).
+// (128,256 logits in 4 round trips to L2 instead of 16). With `pos`, advance_pos as well: a
+// greedy decode step's last kernel, so the step has one kernel fewer.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
-    argmax(const float* __restrict__ logits, u32* __restrict__ token, int vocab, int last_row) {
+    argmax(const float* __restrict__ logits, u32* __restrict__ token, u32* __restrict__ pos,
+           int vocab, int last_row) {
     kernel_entry();
     const float* x = logits + (i64)last_row * vocab;
     float v = NEG_INF;
@@ -150,7 +152,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     for (int i = scalar_from + threadIdx.x; i < vocab; i += blockDim.x)
         take_better(v, id, x[i], (u32)i);
     block_argmax(v, id);
-    if (threadIdx.x == 0) token[0] = id;
+    if (threadIdx.x == 0) {
+        token[0] = id;
+        if (pos) pos[0] += 1;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -64,18 +64,24 @@ fn argmax(
     inputs: &[Tensor],
     outputs: &[Tensor],
 ) -> Result<CudaKernel> {
-    let ([logits], [token]) = (inputs, outputs) else {
+    let (&Op::Argmax { advance_pos }, [logits]) = (op, inputs) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let (token, pos) = match (advance_pos, outputs) {
+        (false, [token]) => (token, None),
+        (true, [token, pos]) => (token, Some(pos)),
+        _ => return Err(operand_count(op, inputs.len(), outputs.len())),
     };
     let vocab = logits.last_dim();
     if vocab == 0 {
         return Err(Error::op("argmax", "empty logits"));
     }
-    let args = Args::new()
-        .ptr(logits)?
-        .ptr(token)?
-        .int(vocab)?
-        .int(logits.rows().saturating_sub(1))?;
+    let args = Args::new().ptr(logits)?.ptr(token)?;
+    let args = match pos {
+        Some(pos) => args.ptr(pos)?,
+        None => args.u64(0),
+    };
+    let args = args.int(vocab)?.int(logits.rows().saturating_sub(1))?;
     Ok(CudaKernel::single(lib.launch(
         &SOURCE,
         "argmax",
