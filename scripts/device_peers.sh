@@ -4,12 +4,20 @@
 # GGUF of its shape) and on random-weight Llama-3.2-1B / 3.1-8B Q4_0 GGUFs, the shapes
 # `mlxn bench --synthetic` measures. Inputs in .device-bin/peer/ (see docs/gpu.md). With
 # .device-bin/bin/mlxn carried too, mlxn runs the same shapes in the same call.
+#   bash scripts/device_peers.sh [build]
+# The build takes 4 to 6 minutes, the rest about as long: `build` stops after it, and a second
+# call while the machine is still warm finds llama-bench in .device-bin/peer-build (git-ignored,
+# so kept between calls) and goes straight to the runs.
 set -uo pipefail
 peer=$PWD/.device-bin/peer
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-work=/tmp/peer
-scripts/peer_llamacpp.sh build cuda "$work" "$peer/llamacpp-src.tar.xz" || { tail -30 "$work/build.log"; exit 1; }
+work=$PWD/.device-bin/peer-build
+if [ ! -x "$work/build/bin/llama-bench" ]; then
+  rm -rf "$work"
+  scripts/peer_llamacpp.sh build cuda "$work" "$peer/llamacpp-src.tar.xz" || { tail -30 "$work/build.log"; exit 1; }
+fi
+[ "${1:-}" = build ] && exit 0
 export PYTHONPATH=$work/llama.cpp/gguf-py
 if ls "$peer"/smollm2.gguf.part-* > /dev/null 2>&1; then
   cat "$peer"/smollm2.gguf.part-* > /tmp/smollm2.gguf
