@@ -19,9 +19,13 @@ fn advance_pos(op: &Op, _inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let (Op::AdvancePos, [pos]) = (op, outputs) else {
         return Err(wrong_op(op));
     };
+    increment(pos, "advance_pos")
+}
+
+fn increment(pos: &Tensor, op: &'static str) -> Result<()> {
     let pos = slice_mut::<u32>(pos)?
         .first_mut()
-        .ok_or_else(|| Error::op("advance_pos", "empty position"))?;
+        .ok_or_else(|| Error::op(op, "empty position"))?;
     *pos = pos.wrapping_add(1);
     Ok(())
 }
@@ -36,13 +40,10 @@ fn last_row<'a>(logits: &'a Tensor, op: &'static str) -> Result<&'a [f32]> {
 }
 
 fn argmax_kernel(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
-    let Op::Argmax {
-        advance_pos: advance,
-    } = *op
-    else {
+    let Op::Argmax { advance_pos } = *op else {
         return Err(wrong_op(op));
     };
-    let (token, pos) = match (advance, outputs) {
+    let (token, pos) = match (advance_pos, outputs) {
         (false, [token]) => (token, None),
         (true, [token, pos]) => (token, Some(pos)),
         _ => return Err(operand_count(op, inputs.len(), outputs.len())),
@@ -50,7 +51,7 @@ fn argmax_kernel(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let logits = last_row(&inputs[0], "argmax")?;
     write_token(token, argmax(logits), "argmax")?;
     match pos {
-        Some(pos) => advance_pos(&Op::AdvancePos, &[], std::slice::from_ref(pos)),
+        Some(pos) => increment(pos, "argmax"),
         None => Ok(()),
     }
 }

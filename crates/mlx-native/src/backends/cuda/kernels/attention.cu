@@ -273,8 +273,9 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int d = threadIdx.x, g = h / group, n_kv = n_heads / group;
     const i64 kv_base = (i64)g * capacity * hd;
-    // pos changes only between decode steps (advance_pos, a step's last kernel, or the host),
-    // never in the kernel just before this one, so it is read before the wait for that kernel.
+    // pos changes only between decode steps (a step's last kernel, argmax or advance_pos, or
+    // the host), never in the kernel just before this one, so it is read before the wait for
+    // that kernel.
     // So is everything that depends on it alone: the RoPE angle of the block's row, and each
     // warp's first pass of K and V rows (old keys: no kernel of a step rewrites them; rows at
     // new positions, pos and after, are replaced after the wait). Later passes' rows head for L2.
