@@ -331,25 +331,28 @@ fn prefill(
     lib.launch(&SOURCE, &name, grid, THREADS, shared as u32, args)
 }
 
-/// A few query rows (`q`: address and row count): split-K flash decoding (`attn_decode`),
-/// rotating q and the new keys itself when `new_keys` is given, writing out's f16 copy at
-/// `out_h` unless 0. The launch, and the scratch of its split partials if it has several
-/// splits.
 /// The alignment decode attention's K/V loads need of a cache: where whole rows hold 32·HC dims,
 /// a lane loads its dims as vectors of 4 · `dims_run<HC>()` bytes (attention.cu's `load_dims`);
 /// other rows are read a float at a time. Rows are whole multiples of that, so the cache's start
 /// decides.
 fn decode_cache_alignment(head_dim: usize) -> u64 {
     let hc = head_dim.div_ceil(32);
-    let run = match hc {
-        _ if head_dim != 32 * hc => 1,
-        _ if hc.is_multiple_of(4) => 4,
-        _ if hc.is_multiple_of(2) => 2,
-        _ => 1,
+    let run = if head_dim != 32 * hc {
+        1
+    } else if hc.is_multiple_of(4) {
+        4
+    } else if hc.is_multiple_of(2) {
+        2
+    } else {
+        1
     };
-    4 * run as u64
+    4 * run
 }
 
+/// A few query rows (`q`: address and row count): split-K flash decoding (`attn_decode`),
+/// rotating q and the new keys itself when `new_keys` is given, writing out's f16 copy at
+/// `out_h` unless 0. The launch, and the scratch of its split partials if it has several
+/// splits.
 fn decode(
     lib: &KernelLibrary,
     shape: &Shape,
