@@ -43,12 +43,12 @@ fn argmax_kernel(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let Op::Argmax { advance_pos } = *op else {
         return Err(wrong_op(op));
     };
-    let (token, pos) = match (advance_pos, outputs) {
-        (false, [token]) => (token, None),
-        (true, [token, pos]) => (token, Some(pos)),
+    let (logits, token, pos) = match (advance_pos, inputs, outputs) {
+        (false, [logits], [token]) => (logits, token, None),
+        (true, [logits], [token, pos]) => (logits, token, Some(pos)),
         _ => return Err(operand_count(op, inputs.len(), outputs.len())),
     };
-    let logits = last_row(&inputs[0], "argmax")?;
+    let logits = last_row(logits, "argmax")?;
     write_token(token, argmax(logits), "argmax")?;
     match pos {
         Some(pos) => increment(pos, "argmax"),

@@ -64,12 +64,12 @@ fn argmax(
     inputs: &[Tensor],
     outputs: &[Tensor],
 ) -> Result<CudaKernel> {
-    let (&Op::Argmax { advance_pos }, [logits]) = (op, inputs) else {
-        return Err(operand_count(op, inputs.len(), outputs.len()));
+    let Op::Argmax { advance_pos } = *op else {
+        return Err(wrong_op(op));
     };
-    let (token, pos) = match (advance_pos, outputs) {
-        (false, [token]) => (token, None),
-        (true, [token, pos]) => (token, Some(pos)),
+    let (logits, token, pos) = match (advance_pos, inputs, outputs) {
+        (false, [logits], [token]) => (logits, token, None),
+        (true, [logits], [token, pos]) => (logits, token, Some(pos)),
         _ => return Err(operand_count(op, inputs.len(), outputs.len())),
     };
     let vocab = logits.last_dim();
