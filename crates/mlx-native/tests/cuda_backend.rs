@@ -1619,6 +1619,65 @@ fn attention_matches_reference() {
     }
 }
 
+/// Decode attention loads a lane's head dims as vectors where rows are whole chunks of 32, and
+/// the planner refuses caches less aligned than those loads (attention.rs's
+/// `decode_cache_alignment`, which repeats attention.cu's `dims_run`). Caches placed 0, 4, 8
+/// and 12 bytes past a 16-byte boundary must each be refused with an error naming the
+/// alignment or attended correctly: a rule weaker than the kernel's loads fails here with a
+/// misaligned-address fault, one that refuses what the kernel reads fails on offset 0.
+#[test]
+fn decode_attention_takes_caches_at_the_alignment_it_checks() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(29);
+    for hd in [32, 40, 64, 96, 128, 256] {
+        let c = attn_case((1, 4, 2, hd, 48, 40, None, None));
+        let scale = 1.0 / (hd as f32).sqrt();
+        let q = rng.vec(c.n_heads * hd, 1.5);
+        let cache_len = c.n_kv * c.capacity * hd;
+        let kc = rng.vec(cache_len, 1.5);
+        let vc = rng.vec(cache_len, 1.0);
+        let want = attention_ref(&c, &q, &kc, &vc, scale);
+        let mut accepted = Vec::new();
+        for offset in 0..4 {
+            // The cache `offset` floats into a buffer whose start is 256-byte aligned.
+            let placed = |data: &[f32]| -> Result<Tensor> {
+                let mut padded = vec![f32::NAN; offset];
+                padded.extend_from_slice(data);
+                dev.from_slice(&padded, &[offset + cache_len])?
+                    .narrow_rows(offset, cache_len)?
+                    .reshape(&[c.n_kv, c.capacity, hd])
+            };
+            let what = format!(
+                "decode attention hd={hd}, caches {} bytes past 16",
+                4 * offset
+            );
+            let attend = || -> Result<Vec<f32>> {
+                let (kt, vt) = (placed(&kc)?, placed(&vc)?);
+                let qt = dev.from_slice(&q, &[1, c.n_heads * hd])?;
+                let pos = dev.from_slice(&[c.pos as u32], &[1])?;
+                let out = poisoned(&dev, &[1, c.n_heads * hd])?;
+                run(&dev, |enc| {
+                    ops::attention(enc, c.shape(scale), &qt, &kt, &vt, &pos, &out)
+                })?;
+                out.to_vec::<f32>()
+            };
+            match attend() {
+                Ok(got) => {
+                    assert_close(&what, &got, &want, 2e-6);
+                    accepted.push(offset);
+                }
+                Err(e) if e.to_string().contains("aligned") => {}
+                Err(e) => panic!("{what}: {e}"),
+            }
+        }
+        assert!(
+            accepted.contains(&0),
+            "hd={hd}: 16-byte aligned caches refused"
+        );
+        println!("hd={hd}: caches taken at float offsets {accepted:?}");
+    }
+}
+
 /// RoPE of q and k, the cache append and attention in one dispatch (`rope_attention`):
 /// decode rows (one kernel, several splits merged by the last block) and prefill rows (two),
 /// partial and traditional rotation, GQA, windows and softcap; with head norms of q and k
