@@ -350,6 +350,18 @@ __device__ __forceinline__ float mt_offsets(const u32* o) {
     return sum;
 }
 
+// Before the staging's first use of the norm weight (NORM), after its first loads of x: gs,
+// which every thread copied a part of before the wait.
+template <bool NORM>
+__device__ __forceinline__ void await_norm_weight(bool first) {
+    if constexpr (NORM) {
+        if (first) {
+            cp_async_wait<0>();
+            __syncthreads();
+        }
+    }
+}
+
 // Formats whose chunks split into parts of 8 contiguous elements, one uint4 of the chunk's f16
 // pairs each (F::PARTS: MLX). Consecutive threads stage consecutive parts, P = CHUNK/8 lanes
 // a chunk, which meet by shuffles for the chunk's sums and largest |v|; R parts a thread are
@@ -376,12 +388,7 @@ __device__ __forceinline__ float mt_stage_x_parts(const float* __restrict__ x,
                 for (int e = 0; e < 8; ++e) v[i][e] = 0.f;
             }
         }
-        if constexpr (NORM) {
-            if (p0 == 0) {  // gs, which every thread copied a part of
-                cp_async_wait<0>();
-                __syncthreads();
-            }
-        }
+        await_norm_weight<NORM>(p0 == 0);
 #pragma unroll
         for (int i = 0; i < R; ++i) {
             if (p0 + i * (int)blockDim.x >= parts) break;  // block-uniform: shuffles below
@@ -440,10 +447,7 @@ __device__ __forceinline__ float mt_stage_x_chunks(const float* __restrict__ x,
             else load_floats<CHUNK>(x + (i64)c * CHUNK, v);
         }
         if constexpr (NORM) {
-            if (c0 == 0) {  // gs, which every thread copied a part of
-                cp_async_wait<0>();
-                __syncthreads();
-            }
+            await_norm_weight<NORM>(c0 == 0);
             if (mine) {
                 float top;
                 ss += mt_norm_values<CHUNK>(v, gs + c * CHUNK, norm, top);

@@ -92,25 +92,25 @@ __device__ void block_argmax(float& v, u32& id, bool none_as_zero = true) {
 // for both cost SmolLM2's decode 1.0% (H100, 2026-11-27).
 #define PASS_UNROLL 8
 
+// One step of for_each_strided at i: PASS_UNROLL loads, then their uses; a PARTIAL step skips
+// the indices from n on.
+template <bool PARTIAL, class Load, class Use>
+__device__ __forceinline__ void strided_step(int i, int n, Load load, Use use) {
+    decltype(load(0)) x[PASS_UNROLL];
+#pragma unroll
+    for (int u = 0; u < PASS_UNROLL; ++u)
+        if (!PARTIAL || i + u * (int)blockDim.x < n) x[u] = load(i + u * blockDim.x);
+#pragma unroll
+    for (int u = 0; u < PASS_UNROLL; ++u)
+        if (!PARTIAL || i + u * (int)blockDim.x < n) use(i + u * blockDim.x, x[u]);
+}
+
 template <class Load, class Use>
 __device__ __forceinline__ void for_each_strided(int lo, int n, Load load, Use use) {
     int i = lo + threadIdx.x;
-    for (; i + (PASS_UNROLL - 1) * (int)blockDim.x < n; i += PASS_UNROLL * blockDim.x) {
-        decltype(load(0)) x[PASS_UNROLL];
-#pragma unroll
-        for (int u = 0; u < PASS_UNROLL; ++u) x[u] = load(i + u * blockDim.x);
-#pragma unroll
-        for (int u = 0; u < PASS_UNROLL; ++u) use(i + u * blockDim.x, x[u]);
-    }
-    if (i < n) {
-        decltype(load(0)) x[PASS_UNROLL];
-#pragma unroll
-        for (int u = 0; u < PASS_UNROLL; ++u)
-            if (i + u * (int)blockDim.x < n) x[u] = load(i + u * blockDim.x);
-#pragma unroll
-        for (int u = 0; u < PASS_UNROLL; ++u)
-            if (i + u * (int)blockDim.x < n) use(i + u * blockDim.x, x[u]);
-    }
+    for (; i + (PASS_UNROLL - 1) * (int)blockDim.x < n; i += PASS_UNROLL * blockDim.x)
+        strided_step<false>(i, n, load, use);
+    if (i < n) strided_step<true>(i, n, load, use);
 }
 
 // The same over the contiguous range [lo, hi), in order.
