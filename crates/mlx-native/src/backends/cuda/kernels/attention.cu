@@ -91,7 +91,8 @@ __device__ __forceinline__ float keys_sum(float v) {
 }
 
 // The head dims a lane owns in a decode pass (attention.rs's decode_cache_alignment repeats
-// the rule): runs of V = 4, 2 or 1 (the largest that divides HC) at V·lane + 32·V·r, so that a
+// the rule; cuda_backend.rs's decode_attention_takes_caches_at_the_alignment_it_checks ties the
+// two): runs of V = 4, 2 or 1 (the largest that divides HC) at V·lane + 32·V·r, so that a
 // warp loads a row's dims as coalesced 16- or 8-byte vectors (HC = 1 or odd: dims lane + 32c,
 // as before). H100, 2026-11-27, decode after 128 tokens, runs of HC dims a lane: Qwen3-0.6B
 // (hd 128) +2.2%, 8B +0.7%, SmolLM2 shape ±0.5% (+1.8% after 1,024 tokens); Gemma-3-1B (hd

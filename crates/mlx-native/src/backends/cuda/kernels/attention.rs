@@ -334,7 +334,8 @@ fn prefill(
 /// The alignment decode attention's K/V loads need of a cache: where whole rows hold 32·HC dims,
 /// a lane loads its dims as vectors of 4 · `dims_run<HC>()` bytes (attention.cu's `load_dims`);
 /// other rows are read a float at a time. Rows are whole multiples of that, so the cache's start
-/// decides.
+/// decides. `decode_attention_takes_caches_at_the_alignment_it_checks` (tests/cuda_backend.rs)
+/// runs the kernel on caches at every 4-byte offset the rule accepts.
 fn decode_cache_alignment(head_dim: usize) -> u64 {
     let hc = head_dim.div_ceil(32);
     let run = if head_dim != 32 * hc {
