@@ -1624,7 +1624,7 @@ fn attention_matches_reference() {
 /// `decode_cache_alignment`, which repeats attention.cu's `dims_run`). Caches placed 0, 4, 8
 /// and 12 bytes past a 16-byte boundary must each be refused with an error naming the
 /// alignment or attended correctly: a rule weaker than the kernel's loads fails here with a
-/// misaligned-address fault, one that refuses what the kernel reads fails on offset 0.
+/// misaligned-address fault, one that refuses 16-byte aligned caches fails at offset 0.
 #[test]
 fn decode_attention_takes_caches_at_the_alignment_it_checks() {
     let Some(dev) = gpu() else { return };
