@@ -367,6 +367,21 @@ pub(crate) fn operand_count(op: &Op, inputs: usize, outputs: usize) -> Error {
     )
 }
 
+/// An `Argmax`'s operands (`op`, whose flag is `advance_pos`): the logits, the token, and `pos`
+/// where the step advances it; a wrong count is an error naming the op.
+pub(crate) fn argmax_operands<'t>(
+    op: &Op,
+    advance_pos: bool,
+    inputs: &'t [Tensor],
+    outputs: &'t [Tensor],
+) -> Result<(&'t Tensor, &'t Tensor, Option<&'t Tensor>)> {
+    match (advance_pos, inputs, outputs) {
+        (false, [logits], [token]) => Ok((logits, token, None)),
+        (true, [logits], [token, pos]) => Ok((logits, token, Some(pos))),
+        _ => Err(operand_count(op, inputs.len(), outputs.len())),
+    }
+}
+
 /// Operands whose last one is there only where the op says so (`present`: `MatMul::half_x`,
 /// the `half_out` flags): the others, and that one.
 pub(crate) fn optional_last(present: bool, operands: &[Tensor]) -> (&[Tensor], Option<&Tensor>) {

@@ -4,7 +4,7 @@
 
 use super::{scalar_u32, slice, slice_mut, wrong_op, CpuKernel};
 use crate::core::dtype::DType;
-use crate::core::op::{operand_count, Op, SamplingParams};
+use crate::core::op::{argmax_operands, Op, SamplingParams};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
@@ -43,11 +43,7 @@ fn argmax_kernel(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let Op::Argmax { advance_pos } = *op else {
         return Err(wrong_op(op));
     };
-    let (logits, token, pos) = match (advance_pos, inputs, outputs) {
-        (false, [logits], [token]) => (logits, token, None),
-        (true, [logits], [token, pos]) => (logits, token, Some(pos)),
-        _ => return Err(operand_count(op, inputs.len(), outputs.len())),
-    };
+    let (logits, token, pos) = argmax_operands(op, advance_pos, inputs, outputs)?;
     let logits = last_row(logits, "argmax")?;
     write_token(token, argmax(logits), "argmax")?;
     match pos {

@@ -7,7 +7,7 @@ use crate::backends::cuda::launch::{
     operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Planner,
 };
 use crate::core::dtype::DType;
-use crate::core::op::Op;
+use crate::core::op::{argmax_operands, Op};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
@@ -67,11 +67,7 @@ fn argmax(
     let Op::Argmax { advance_pos } = *op else {
         return Err(wrong_op(op));
     };
-    let (logits, token, pos) = match (advance_pos, inputs, outputs) {
-        (false, [logits], [token]) => (logits, token, None),
-        (true, [logits], [token, pos]) => (logits, token, Some(pos)),
-        _ => return Err(operand_count(op, inputs.len(), outputs.len())),
-    };
+    let (logits, token, pos) = argmax_operands(op, advance_pos, inputs, outputs)?;
     let vocab = logits.last_dim();
     if vocab == 0 {
         return Err(Error::op("argmax", "empty logits"));
