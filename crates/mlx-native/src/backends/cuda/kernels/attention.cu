@@ -235,12 +235,12 @@ struct NewKeys {
     float w_offset;
 };
 
-// Σ of a and of b over the block's threads d < 32·HC (the others pass 0 or stay out), in the
-// same order in every thread: one warp sum each, then the HC warps' sums from shared memory.
+// Σ of a and of b over the block's threads 0 ≤ d < 32·HC (the others pass 0 or stay out), in
+// the same order in every thread: one warp sum each, then the HC warps' sums from shared memory.
 template <int HC>
 __device__ __forceinline__ void head_sums(float& a, float& b, int d) {
     __shared__ float sums[2][HC];
-    if (d < 32 * HC) {
+    if (d >= 0 && d < 32 * HC) {
         a = warp_sum(a);
         b = warp_sum(b);
         if ((d & 31) == 0) {
@@ -273,6 +273,14 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     const int h = blockIdx.x, split = blockIdx.y, row = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int d = threadIdx.x, g = h / group, n_kv = n_heads / group;
+    // The prologue (q's rotation and staging, the new keys' stores) runs on the block's last HC
+    // warps, head dim pd on thread pd of them: passes take keys from warp 0 up, so at short
+    // contexts those warps hold none and rotate while the first warps issue their key loads.
+    // (H100, 2026-11-27, SmolLM2 shape at 200 keys, clock64 stamps: warps 0 and 1 doing both
+    // reached the wait ~800 cycles after the others and the prologue's barrier ~2,600 after
+    // it.)
+    const int pd = d - (DEC_WARPS - HC) * 32;
+    const bool pro = pd >= 0, owns_dim = pro && pd < hd;
     const i64 kv_base = (i64)g * capacity * hd;
     // pos changes only between decode steps (a step's last kernel, argmax or advance_pos, or
     // the host), never in the kernel just before this one, so it is read before the wait for
@@ -287,7 +295,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     key_range((int)p0 + row, capacity, window, lo, hi);
     const int n_splits = active_splits(hi - lo, gridDim.y);
     if (split >= n_splits) return;
-    const int per = (hi - lo + n_splits - 1) / n_splits;
+    int per = hi - lo;  // one split (short contexts): no integer division before the loads
+    if (n_splits > 1) per = (per + n_splits - 1) / n_splits;
     const int start = lo + split * per, end = min(hi, start + per);
     const float* kb = kc + kv_base;
     const float* vb = vc + kv_base;
@@ -303,65 +312,65 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     // key (a decode step's only one); other rows' keys take their own. The head norms' weights
     // of dims d and dp are constants: loaded before the wait too.
     const bool rot = nk.k != nullptr, normed = nk.q_norm != nullptr;
-    const int dp = rot ? rope_partner(min(d, hd - 1), nk.rotary_dims, nk.traditional) : d;
+    const int dp = rot && owns_dim ? rope_partner(pd, nk.rotary_dims, nk.traditional) : pd;
     float c = 1.f, s = 0.f;
-    if (rot && d < hd)
-        rope_dim_cos_sin(d, p0 + row, nk.inv_freq, nk.rotary_dims, nk.traditional, nk.mscale, c,
+    if (rot && owns_dim)
+        rope_dim_cos_sin(pd, p0 + row, nk.inv_freq, nk.rotary_dims, nk.traditional, nk.mscale, c,
                          s);
     float wqd = 0.f, wqp = 0.f, wkd = 0.f, wkp = 0.f;
-    if (normed && d < hd) {
-        wqd = nk.q_norm[d] + nk.w_offset;
+    if (normed && owns_dim) {
+        wqd = nk.q_norm[pd] + nk.w_offset;
         wqp = nk.q_norm[dp] + nk.w_offset;
-        wkd = nk.k_norm[d] + nk.w_offset;
+        wkd = nk.k_norm[pd] + nk.w_offset;
         wkp = nk.k_norm[dp] + nk.w_offset;
     }
     kernel_entry();
     launch_dependents();
-    // Thread d (blockDim ≥ 32·HC) stages dim d of q and, with NewKeys, stores dim d of the new
-    // keys and values (row 0's new key, the one a decode step has, loaded up front) into the
-    // caches and into new_k/new_v (zero past hd), whence the first passes take them.
+    // Prologue thread pd stages dim pd of q and, with NewKeys, stores dim pd of the new keys
+    // and values (row 0's new key, the one a decode step has, loaded up front) into the caches
+    // and into new_k/new_v (zero past hd), whence the first passes take them.
     const float* qr = q + ((i64)row * n_heads + h) * hd;
     const float* k0 = rot ? nk.k + (i64)g * hd : nullptr;
     float qd = 0.f, qp = 0.f, kd = 0.f, kp = 0.f, vd = 0.f;
-    if (d < hd) {
-        qd = qr[d];
+    if (owns_dim) {
+        qd = qr[pd];
         if (rot) {
             qp = qr[dp];
-            kd = k0[d];
+            kd = k0[pd];
             kp = k0[dp];
-            vd = nk.v[(i64)g * hd + d];
+            vd = nk.v[(i64)g * hd + pd];
         }
     }
     if (normed) {  // block-uniform; rows = 1, so k0 is the only new key
         float sq = qd * qd, sk = kd * kd;
-        head_sums<HC>(sq, sk, d);
+        head_sums<HC>(sq, sk, pd);
         const float rq = rsqrtf(sq / hd + nk.eps), rk = rsqrtf(sk / hd + nk.eps);
         qd = qd * rq * wqd;
         qp = qp * rq * wqp;
         kd = kd * rk * wkd;
         kp = kp * rk * wkp;
     }
-    if (d < 32 * HC) {
-        const float x = rot ? rope_apply(qd, qp, d, c, s, nk.rotary_dims, nk.traditional) : qd;
-        qs[d] = d < hd ? x * scale : 0.f;
+    if (pro) {
+        const float x = rot ? rope_apply(qd, qp, pd, c, s, nk.rotary_dims, nk.traditional) : qd;
+        qs[pd] = owns_dim ? x * scale : 0.f;
     }
-    if (rot && d < 32 * HC) {
+    if (rot && pro) {
         for (int i = max(start - (int)p0, 0); i < min(end - (int)p0, (int)gridDim.z); ++i) {
             float kr = 0.f, vr = 0.f;
-            if (d < hd) {
+            if (owns_dim) {
                 const i64 at = ((i64)i * n_kv + g) * hd, to = kv_base + ((i64)p0 + i) * hd;
-                const float a = i == 0 ? kd : nk.k[at + d], b = i == 0 ? kp : nk.k[at + dp];
+                const float a = i == 0 ? kd : nk.k[at + pd], b = i == 0 ? kp : nk.k[at + dp];
                 float ci = c, si = s;
                 if (i != row)
-                    rope_dim_cos_sin(d, p0 + i, nk.inv_freq, nk.rotary_dims, nk.traditional,
+                    rope_dim_cos_sin(pd, p0 + i, nk.inv_freq, nk.rotary_dims, nk.traditional,
                                      nk.mscale, ci, si);
-                kr = rope_apply(a, b, d, ci, si, nk.rotary_dims, nk.traditional);
-                vr = i == 0 ? vd : nk.v[at + d];
-                kc[to + d] = kr;
-                vc[to + d] = vr;
+                kr = rope_apply(a, b, pd, ci, si, nk.rotary_dims, nk.traditional);
+                vr = i == 0 ? vd : nk.v[at + pd];
+                kc[to + pd] = kr;
+                vc[to + pd] = vr;
             }
-            new_k[i][d] = kr;
-            new_v[i][d] = vr;
+            new_k[i][pd] = kr;
+            new_v[i][pd] = vr;
         }
     }
     __syncthreads();  // q staged, new rows stored (and visible to the block)
@@ -375,12 +384,19 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
             load_pass<HC, KEYS>(kb, vb, j0, n, hd, lane, k, v);
         } else if (j0 + n > (int)p0) {  // the first pass holds new positions
             if (rot) {
+                // Every row loads its would-be new row and keeps it by a select: a branch a row
+                // cost the warp ~1,300 cycles over the others' (H100, 2026-11-27, clock64).
 #pragma unroll
                 for (int j = 0; j < KEYS; ++j) {
                     const int i = j0 + min(j, n - 1) - (int)p0;  // as load_rows
-                    if (i < 0) continue;
-                    load_dims<HC>(new_k[i], lane, k[j]);
-                    load_dims<HC>(new_v[i], lane, v[j]);
+                    float nkj[HC], nvj[HC];
+                    load_dims<HC>(new_k[max(i, 0)], lane, nkj);
+                    load_dims<HC>(new_v[max(i, 0)], lane, nvj);
+#pragma unroll
+                    for (int c = 0; c < HC; ++c) {
+                        k[j][c] = i >= 0 ? nkj[c] : k[j][c];
+                        v[j][c] = i >= 0 ? nvj[c] : v[j][c];
+                    }
                 }
             } else {  // plain attention: the kernel before this one appended them
                 load_pass<HC, KEYS>(kb, vb, j0, n, hd, lane, k, v);
