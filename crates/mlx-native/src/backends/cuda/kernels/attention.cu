@@ -291,6 +291,10 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     // (Split 0's first passes requested before pos's read returns, since without a window they
     // start at key 0, read up to 1.5% slower: H100, 2026-11-27.)
     const u32 p0 = pos[0];
+    // The prologue's RoPE frequency does not depend on pos: its load flies beside pos's.
+    const bool rot = nk.k != nullptr, normed = nk.q_norm != nullptr;
+    const float freq =
+        rot && owns_dim ? rope_dim_freq(pd, nk.inv_freq, nk.rotary_dims, nk.traditional) : 0.f;
     int lo, hi;
     key_range((int)p0 + row, capacity, window, lo, hi);
     const int n_splits = active_splits(hi - lo, gridDim.y);
@@ -311,12 +315,10 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     // One sincos a thread: the block's row rotates q and, at the same position, its own new
     // key (a decode step's only one); other rows' keys take their own. The head norms' weights
     // of dims d and dp are constants: loaded before the wait too.
-    const bool rot = nk.k != nullptr, normed = nk.q_norm != nullptr;
     const int dp = rot && owns_dim ? rope_partner(pd, nk.rotary_dims, nk.traditional) : pd;
     float c = 1.f, s = 0.f;
     if (rot && owns_dim)
-        rope_dim_cos_sin(pd, p0 + row, nk.inv_freq, nk.rotary_dims, nk.traditional, nk.mscale, c,
-                         s);
+        rope_dim_freq_cos_sin(pd, freq, p0 + row, nk.rotary_dims, nk.mscale, c, s);
     float wqd = 0.f, wqp = 0.f, wkd = 0.f, wkp = 0.f;
     if (normed && owns_dim) {
         wqd = nk.q_norm[pd] + nk.w_offset;
@@ -358,14 +360,20 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
         for (int i = max(start - (int)p0, 0); i < min(end - (int)p0, (int)gridDim.z); ++i) {
             float kr = 0.f, vr = 0.f;
             if (owns_dim) {
-                const i64 at = ((i64)i * n_kv + g) * hd, to = kv_base + ((i64)p0 + i) * hd;
-                const float a = i == 0 ? kd : nk.k[at + pd], b = i == 0 ? kp : nk.k[at + dp];
+                float a = kd, b = kp;  // row 0's, loaded up front
+                vr = vd;
+                if (i != 0) {  // a later row (several query rows): off a decode step's path
+                    const i64 at = ((i64)i * n_kv + g) * hd;
+                    a = nk.k[at + pd];
+                    b = nk.k[at + dp];
+                    vr = nk.v[at + pd];
+                }
                 float ci = c, si = s;
                 if (i != row)
                     rope_dim_cos_sin(pd, p0 + i, nk.inv_freq, nk.rotary_dims, nk.traditional,
                                      nk.mscale, ci, si);
                 kr = rope_apply(a, b, pd, ci, si, nk.rotary_dims, nk.traditional);
-                vr = i == 0 ? vd : nk.v[at + pd];
+                const i64 to = kv_base + ((i64)p0 + i) * hd;
                 kc[to + pd] = kr;
                 vc[to + pd] = vr;
             }
