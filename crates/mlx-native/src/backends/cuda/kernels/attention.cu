@@ -276,9 +276,11 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     // The prologue (q's rotation and staging, the new keys' stores) runs on the block's last HC
     // warps, head dim pd on thread pd of them: passes take keys from warp 0 up, so at short
     // contexts those warps hold none and rotate while the first warps issue their key loads.
-    // (H100, 2026-11-27, SmolLM2 shape at 200 keys, clock64 stamps: warps 0 and 1 doing both
-    // reached the wait ~800 cycles after the others and the prologue's barrier ~2,600 after
-    // it.)
+    // H100, 2026-11-27, SmolLM2 shape at 200 keys, clock64 stamps: warps 0 and 1 doing both
+    // reached the wait ~800 cycles after the others, and the prologue's barrier came ~2,600
+    // cycles after the wait (~1,600 now). With rope.cuh's division-free pairs and the selects
+    // of the new keys below, decode after 128 tokens: SmolLM2 shape +4.4%, 1B +1.6%,
+    // Qwen3-0.6B +1.3%, Gemma-3-1B +1.8%; ±0 after 1,024.
     const int pd = d - (DEC_WARPS - HC) * 32;
     const bool pro = pd >= 0, owns_dim = pro && pd < hd;
     const i64 kv_base = (i64)g * capacity * hd;
@@ -392,8 +394,9 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
             load_pass<HC, KEYS>(kb, vb, j0, n, hd, lane, k, v);
         } else if (j0 + n > (int)p0) {  // the first pass holds new positions
             if (rot) {
-                // Every row loads its would-be new row and keeps it by a select: a branch a row
-                // cost the warp ~1,300 cycles over the others' (H100, 2026-11-27, clock64).
+                // Every row loads its would-be new row and keeps it by a select. With a branch a
+                // row, the warp holding the new key ended its pass ~1,000 cycles after the
+                // others (~760 so; H100, 2026-11-27, clock64).
 #pragma unroll
                 for (int j = 0; j < KEYS; ++j) {
                     const int i = j0 + min(j, n - 1) - (int)p0;  // as load_rows
