@@ -393,10 +393,21 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
         if (j0 != j_first) {
             load_pass<HC, KEYS>(kb, vb, j0, n, hd, lane, k, v);
         } else if (j0 + n > (int)p0) {  // the first pass holds new positions
-            if (rot) {
-                // Every row loads its would-be new row and keeps it by a select. With a branch a
-                // row, the warp holding the new key ended its pass ~1,000 cycles after the
-                // others (~760 so; H100, 2026-11-27, clock64).
+            if (rot && end - (int)p0 == 1) {
+                // One new key, the pass's last row (and the rows past n, which repeat it): a
+                // decode step's. Kept by selects: with a branch a row, the warp holding the new
+                // key ended its pass ~1,000 cycles after the others (H100, 2026-11-27, clock64).
+                float nk0[HC], nv0[HC];
+                load_dims<HC>(new_k[0], lane, nk0);
+                load_dims<HC>(new_v[0], lane, nv0);
+#pragma unroll
+                for (int j = 0; j < KEYS; ++j)
+#pragma unroll
+                    for (int c = 0; c < HC; ++c) {
+                        k[j][c] = j >= n - 1 ? nk0[c] : k[j][c];
+                        v[j][c] = j >= n - 1 ? nv0[c] : v[j][c];
+                    }
+            } else if (rot) {  // several new rows: each row its own
 #pragma unroll
                 for (int j = 0; j < KEYS; ++j) {
                     const int i = j0 + min(j, n - 1) - (int)p0;  // as load_rows
