@@ -367,14 +367,19 @@ pub(crate) fn operand_count(op: &Op, inputs: usize, outputs: usize) -> Error {
     )
 }
 
-/// An `Argmax`'s operands (`op`, whose flag is `advance_pos`): the logits, the token, and `pos`
-/// where the step advances it; a wrong count is an error naming the op.
+/// An `Argmax`'s operands: the logits, the token, and `pos` where the step advances it
+/// (`advance_pos`); a wrong count is an error naming the op, another op a registry mistake.
 pub(crate) fn argmax_operands<'t>(
     op: &Op,
-    advance_pos: bool,
     inputs: &'t [Tensor],
     outputs: &'t [Tensor],
 ) -> Result<(&'t Tensor, &'t Tensor, Option<&'t Tensor>)> {
+    let Op::Argmax { advance_pos } = *op else {
+        return Err(Error::Invalid(format!(
+            "an argmax kernel received {}",
+            op.name()
+        )));
+    };
     match (advance_pos, inputs, outputs) {
         (false, [logits], [token]) => Ok((logits, token, None)),
         (true, [logits], [token, pos]) => Ok((logits, token, Some(pos))),

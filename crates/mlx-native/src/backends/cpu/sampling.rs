@@ -40,10 +40,7 @@ fn last_row<'a>(logits: &'a Tensor, op: &'static str) -> Result<&'a [f32]> {
 }
 
 fn argmax_kernel(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
-    let Op::Argmax { advance_pos } = *op else {
-        return Err(wrong_op(op));
-    };
-    let (logits, token, pos) = argmax_operands(op, advance_pos, inputs, outputs)?;
+    let (logits, token, pos) = argmax_operands(op, inputs, outputs)?;
     let logits = last_row(logits, "argmax")?;
     write_token(token, argmax(logits), "argmax")?;
     match pos {

@@ -64,10 +64,7 @@ fn argmax(
     inputs: &[Tensor],
     outputs: &[Tensor],
 ) -> Result<CudaKernel> {
-    let Op::Argmax { advance_pos } = *op else {
-        return Err(wrong_op(op));
-    };
-    let (logits, token, pos) = argmax_operands(op, advance_pos, inputs, outputs)?;
+    let (logits, token, pos) = argmax_operands(op, inputs, outputs)?;
     let vocab = logits.last_dim();
     if vocab == 0 {
         return Err(Error::op("argmax", "empty logits"));
