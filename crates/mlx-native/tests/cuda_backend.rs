@@ -54,6 +54,31 @@ fn floats(dev: &Device, data: &[f32], shape: &[usize], dtype: DType) -> Result<(
     })
 }
 
+/// The KV cache dtypes every attention kernel takes.
+const KV_TYPES: [DType; 2] = [DType::F32, DType::F16];
+
+/// A cache's values (f32 or f16) as f32.
+fn cache_values(t: &Tensor) -> Result<Vec<f32>> {
+    match t.dtype() {
+        DType::F16 => Ok(t.to_vec::<f16>()?.iter().map(|v| v.to_f32()).collect()),
+        _ => t.to_vec::<f32>(),
+    }
+}
+
+/// f64 values as an f16 cache holds them (`DType::F16`), else unchanged.
+fn stored_as(kv: DType, x: Vec<f64>) -> Vec<f64> {
+    match kv {
+        DType::F16 => x.iter().map(|&v| f16::from_f64(v).to_f64()).collect(),
+        _ => x,
+    }
+}
+
+/// A cache of `kv` holding `x` (rounded as it stores them) on `dev`, and the values it holds.
+fn cache_of(dev: &Device, kv: DType, x: &[f32], shape: &[usize]) -> Result<(Tensor, Vec<f32>)> {
+    let (t, vals) = floats(dev, x, shape, kv)?;
+    Ok((t, vals.iter().map(|&v| v as f32).collect()))
+}
+
 fn poisoned_u32(dev: &Device, shape: &[usize]) -> Result<Tensor> {
     dev.from_slice(&vec![0xdead_beef_u32; shape.iter().product()], shape)
 }
@@ -309,6 +334,8 @@ struct RopeAppendCase {
     traditional: bool,
     qkv: [Vec<f32>; 3],
     caches: [Vec<f32>; 2],
+    /// The caches' dtype (f32 or f16).
+    kv: DType,
 }
 
 /// A `RopeAppendCase`'s operands on a device.
@@ -325,7 +352,7 @@ impl RopeAppendCase {
     }
 
     /// q rotated, and the caches with the rotated k rows and the v rows stored at pos.., in
-    /// f64.
+    /// f64 (the caches' values as their dtype holds them).
     fn want(&self) -> (Vec<f64>, [Vec<f64>; 2]) {
         let (hd, n_kv) = (self.hd, self.n_kv);
         let inv_freq = inv_freq_table(self.rotary_dims);
@@ -341,7 +368,7 @@ impl RopeAppendCase {
                     cache[at..at + hd].copy_from_slice(&rows[i][(r * n_kv + g) * hd..][..hd]);
                 }
             }
-            cache
+            stored_as(self.kv, cache)
         });
         (rope(q, self.n_heads), filled)
     }
@@ -353,10 +380,9 @@ impl RopeAppendCase {
         let (q_shape, kv_shape) = ([m, self.n_heads * hd], [m, self.n_kv * hd]);
         let qkv = [up(q, &q_shape)?, up(k, &kv_shape)?, up(v, &kv_shape)?];
         let cache_shape = [self.n_kv, self.capacity, hd];
-        let caches = [
-            up(&self.caches[0], &cache_shape)?,
-            up(&self.caches[1], &cache_shape)?,
-        ];
+        let cache =
+            |i: usize| Ok::<_, Error>(floats(dev, &self.caches[i], &cache_shape, self.kv)?.0);
+        let caches = [cache(0)?, cache(1)?];
         Ok(RopeAppendOperands {
             qkv,
             table: RopeTable {
@@ -387,7 +413,10 @@ fn rope_kv_append_matches_reference() {
         rng.vec(n_kv * capacity * hd, 1.0),
         rng.vec(n_kv * capacity * hd, 1.0),
     ];
-    for (rotary_dims, traditional) in [(22, false), (10, true)] {
+    for ((rotary_dims, traditional), kv) in [(22, false), (10, true)]
+        .into_iter()
+        .flat_map(|r| KV_TYPES.map(|kv| (r, kv)))
+    {
         let case = RopeAppendCase {
             n_heads,
             n_kv,
@@ -398,6 +427,7 @@ fn rope_kv_append_matches_reference() {
             traditional,
             qkv: qkv.clone(),
             caches: caches.clone(),
+            kv,
         };
         let (mut want, filled) = case.want();
         want.extend(filled.concat());
@@ -419,11 +449,12 @@ fn rope_kv_append_matches_reference() {
                 )
             })?;
             let mut got = q_out.to_vec::<f32>()?;
-            got.extend(kc.to_vec::<f32>()?);
-            got.extend(vc.to_vec::<f32>()?);
+            got.extend(cache_values(kc)?);
+            got.extend(cache_values(vc)?);
             Ok(got)
         };
-        let what = format!("rope_kv_append dims={rotary_dims} traditional={traditional}");
+        let what =
+            format!("rope_kv_append dims={rotary_dims} traditional={traditional} caches {kv}");
         check(&what, &dev, compute, &want, 1e-5);
     }
 }
@@ -1578,17 +1609,20 @@ fn attention_matches_reference() {
         attn_case((150, 8, 2, 128, 200, 30, None, None)),
         attn_case((70, 4, 1, 80, 100, 20, Some(40), None)),
     ];
-    for c in cases {
+    for (c, kv) in cases.iter().flat_map(|c| KV_TYPES.map(|kv| (c, kv))) {
         let hd = c.head_dim;
         let scale = 1.0 / (hd as f32).sqrt();
         let q = rng.vec(c.rows * c.n_heads * hd, 1.5);
+        let cache_shape = [c.n_kv, c.capacity, hd];
         let kc = rng.vec(c.n_kv * c.capacity * hd, 1.5);
         let vc = rng.vec(c.n_kv * c.capacity * hd, 1.0);
-        let want = attention_ref(&c, &q, &kc, &vc, scale);
+        let kc = cache_of(&Device::cpu(), kv, &kc, &cache_shape).unwrap().1;
+        let vc = cache_of(&Device::cpu(), kv, &vc, &cache_shape).unwrap().1;
+        let want = attention_ref(c, &q, &kc, &vc, scale);
         let compute = |dev: &Device| {
             let qt = dev.from_slice(&q, &[c.rows, c.n_heads * hd])?;
-            let kt = dev.from_slice(&kc, &[c.n_kv, c.capacity, hd])?;
-            let vt = dev.from_slice(&vc, &[c.n_kv, c.capacity, hd])?;
+            let kt = cache_of(dev, kv, &kc, &cache_shape)?.0;
+            let vt = cache_of(dev, kv, &vc, &cache_shape)?.0;
             let pos = dev.from_slice(&[c.pos as u32], &[1])?;
             let out = poisoned(dev, &[c.rows, c.n_heads * hd])?;
             let shape = c.shape(scale);
@@ -1598,7 +1632,8 @@ fn attention_matches_reference() {
             out.to_vec::<f32>()
         };
         let what = format!(
-            "attention rows={} heads={}/{} hd={hd} pos={} cap={} window={:?} softcap={:?}",
+            "attention rows={} heads={}/{} hd={hd} pos={} cap={} window={:?} softcap={:?} \
+             caches {kv}",
             c.rows, c.n_heads, c.n_kv, c.pos, c.capacity, c.window, c.softcap
         );
         // Prefill rows at head dims 64/80/96/128 take the tensor-core kernel: q·scale, k, v
@@ -1621,35 +1656,41 @@ fn attention_matches_reference() {
 
 /// Decode attention loads a lane's head dims as vectors where rows are whole chunks of 32, and
 /// the planner refuses caches less aligned than those loads (attention.rs's
-/// `decode_cache_alignment`, which repeats attention.cu's `dims_run`). Caches placed 0, 4, 8
-/// and 12 bytes past a 16-byte boundary must each be refused with an error naming the
+/// `decode_cache_alignment`, which repeats attention.cu's `dims_run`). Caches placed at every
+/// element offset past a 16-byte boundary must each be refused with an error naming the
 /// alignment or attended correctly: a rule weaker than the kernel's loads fails here with a
 /// misaligned-address fault, one that refuses 16-byte aligned caches fails at offset 0.
 #[test]
 fn decode_attention_takes_caches_at_the_alignment_it_checks() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(29);
-    for hd in [32, 40, 64, 96, 128, 256] {
+    for (hd, kv) in [32, 40, 64, 96, 128, 256]
+        .into_iter()
+        .flat_map(|hd| KV_TYPES.map(|kv| (hd, kv)))
+    {
         let c = attn_case((1, 4, 2, hd, 48, 40, None, None));
         let scale = 1.0 / (hd as f32).sqrt();
         let q = rng.vec(c.n_heads * hd, 1.5);
         let cache_len = c.n_kv * c.capacity * hd;
-        let kc = rng.vec(cache_len, 1.5);
-        let vc = rng.vec(cache_len, 1.0);
+        let stored = |x: Vec<f32>| cache_of(&Device::cpu(), kv, &x, &[cache_len]).unwrap().1;
+        let kc = stored(rng.vec(cache_len, 1.5));
+        let vc = stored(rng.vec(cache_len, 1.0));
         let want = attention_ref(&c, &q, &kc, &vc, scale);
         let mut accepted = Vec::new();
-        for offset in 0..4 {
-            // The cache `offset` floats into a buffer whose start is 256-byte aligned.
+        let elem = kv.size_in_bytes();
+        for offset in 0..16 / elem {
+            // The cache `offset` elements into a buffer whose start is 256-byte aligned.
             let placed = |data: &[f32]| -> Result<Tensor> {
                 let mut padded = vec![f32::NAN; offset];
                 padded.extend_from_slice(data);
-                dev.from_slice(&padded, &[offset + cache_len])?
+                cache_of(&dev, kv, &padded, &[offset + cache_len])?
+                    .0
                     .narrow_rows(offset, cache_len)?
                     .reshape(&[c.n_kv, c.capacity, hd])
             };
             let what = format!(
-                "decode attention hd={hd}, caches {} bytes past 16",
-                4 * offset
+                "decode attention hd={hd}, {kv} caches {} bytes past 16",
+                elem * offset
             );
             let attend = || -> Result<Vec<f32>> {
                 let (kt, vt) = (placed(&kc)?, placed(&vc)?);
@@ -1674,7 +1715,7 @@ fn decode_attention_takes_caches_at_the_alignment_it_checks() {
             accepted.contains(&0),
             "hd={hd}: 16-byte aligned caches refused"
         );
-        println!("hd={hd}: caches taken at float offsets {accepted:?}");
+        println!("hd={hd}: {kv} caches taken at element offsets {accepted:?}");
     }
 }
 
@@ -1783,7 +1824,11 @@ fn rope_attention_matches_reference() {
             Some(true),
         ),
     ];
-    for (c, rotary_dims, traditional, unit_offset) in cases {
+    for ((c, rotary_dims, traditional, unit_offset), kv) in
+        cases.iter().flat_map(|case| KV_TYPES.map(|kv| (case, kv)))
+    {
+        let (c, rotary_dims, traditional, unit_offset) =
+            (c, *rotary_dims, *traditional, *unit_offset);
         let (m, hd) = (c.rows, c.head_dim);
         let scale = 1.0 / (hd as f32).sqrt();
         let case = RopeAppendCase {
@@ -1803,6 +1848,7 @@ fn rope_attention_matches_reference() {
                 rng.vec(c.n_kv * c.capacity * hd, 1.5),
                 rng.vec(c.n_kv * c.capacity * hd, 1.0),
             ],
+            kv,
         };
         let eps = 1e-6;
         let norm_weights = [rng.vec(hd, 1.0), rng.vec(hd, 1.0)];
@@ -1824,7 +1870,7 @@ fn rope_attention_matches_reference() {
         let (q_rot, filled) = normed.as_ref().unwrap_or(&case).want();
         let as_f32 = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
         let mut want = attention_ref(
-            &c,
+            c,
             &as_f32(&q_rot),
             &as_f32(&filled[0]),
             &as_f32(&filled[1]),
@@ -1868,13 +1914,14 @@ fn rope_attention_matches_reference() {
                 assert_half_copy(&format!("rope_attention m=1 {hd}"), &out, out_h)?;
             }
             let mut got = out.to_vec::<f32>()?;
-            got.extend(kc.to_vec::<f32>()?);
-            got.extend(vc.to_vec::<f32>()?);
+            got.extend(cache_values(kc)?);
+            got.extend(cache_values(vc)?);
             Ok(got)
         };
         let what = format!(
             "rope_attention rows={m} heads={}/{} hd={hd} rot={rotary_dims} trad={traditional} \
-             pos={} cap={} window={:?} softcap={:?} head norms unit_offset={unit_offset:?}",
+             pos={} cap={} window={:?} softcap={:?} head norms unit_offset={unit_offset:?} \
+             caches {kv}",
             c.n_heads, c.n_kv, c.pos, c.capacity, c.window, c.softcap
         );
         let flash = m > 4 && [64, 80, 96, 128].contains(&hd);
@@ -1896,6 +1943,7 @@ fn head_norm_ref(x: &[f32], w: &[f32], eps: f32, offset: f64) -> Vec<f32> {
         .collect()
 }
 
+/// Rows stored at pos.., rounded to nearest in an f16 cache; the rows around them untouched.
 #[test]
 fn kv_append_writes_rows_at_pos() {
     let Some(dev) = gpu() else { return };
@@ -1903,22 +1951,25 @@ fn kv_append_writes_rows_at_pos() {
     let (rows, n_kv, hd, capacity, pos) = (3, 2, 40, 11, 7);
     let x = rng.vec(rows * n_kv * hd, 1.0);
     let cache = rng.vec(n_kv * capacity * hd, 1.0);
-    let mut want: Vec<f64> = cache.iter().map(|&v| v as f64).collect();
-    for r in 0..rows {
-        for g in 0..n_kv {
-            for d in 0..hd {
-                want[(g * capacity + pos + r) * hd + d] = x[(r * n_kv + g) * hd + d] as f64;
+    for kv in KV_TYPES {
+        let mut want: Vec<f64> = cache.iter().map(|&v| v as f64).collect();
+        for r in 0..rows {
+            for g in 0..n_kv {
+                for d in 0..hd {
+                    want[(g * capacity + pos + r) * hd + d] = x[(r * n_kv + g) * hd + d] as f64;
+                }
             }
         }
+        let want = stored_as(kv, want);
+        let compute = |dev: &Device| {
+            let xt = dev.from_slice(&x, &[rows, n_kv * hd])?;
+            let ct = cache_of(dev, kv, &cache, &[n_kv, capacity, hd])?.0;
+            let post = dev.from_slice(&[pos as u32], &[1])?;
+            run(dev, |enc| ops::kv_append(enc, &xt, &post, &ct))?;
+            cache_values(&ct)
+        };
+        check(&format!("kv_append {kv}"), &dev, compute, &want, 0.0);
     }
-    let compute = |dev: &Device| {
-        let xt = dev.from_slice(&x, &[rows, n_kv * hd])?;
-        let ct = dev.from_slice(&cache, &[n_kv, capacity, hd])?;
-        let post = dev.from_slice(&[pos as u32], &[1])?;
-        run(dev, |enc| ops::kv_append(enc, &xt, &post, &ct))?;
-        ct.to_vec::<f32>()
-    };
-    check("kv_append", &dev, compute, &want, 0.0);
 }
 
 // ---------------------------------------------------------------------------------------------

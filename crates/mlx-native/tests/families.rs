@@ -19,7 +19,7 @@ use mlx_native::formats::safetensors::SafetensorsFile;
 use mlx_native::models::family::decoder_params;
 use mlx_native::ops::{matmul, Linear, RopeScaling, RopeTable};
 use mlx_native::quant::{ggml, mlx_affine, GgmlType, WeightLayout};
-use mlx_native::{Device, Error, SamplingParams, Tensor};
+use mlx_native::{DType, Device, Error, SamplingParams, Tensor};
 
 /// Largest |ours − mlx-lm float32| allowed on any logit. Measured (2026-11-26): at most
 /// 1.0e-5 over all fixtures (logits of order 1–10). Kept tight on purpose: Gemma 3's
@@ -122,9 +122,11 @@ fn check_model(name: &str, model: &Path, device: &Device, tolerance: f32) -> f32
         );
     };
 
+    // f32 KV caches, as the float32 run keeps them (the default for f16 and bf16 checkpoints
+    // with head dims over 64 is f16: reference_smollm2.rs checks those against mlx-lm).
     // Prefill the prompt, then decode greedily (graph replay) along mlx-lm's path.
     let decoder = load_decoder(model, &device, &mut |_, _| {}).unwrap();
-    let mut session = Session::new(decoder, &device, 32).unwrap();
+    let mut session = Session::with_kv_dtype(decoder, &device, 32, DType::F32).unwrap();
     let mut tokens = vec![session.prefill(&r.prompt, greedy).unwrap()];
     compare("prefill", n - 1, &session.logits().unwrap());
     for step in 1..r.greedy.len() {
@@ -136,7 +138,7 @@ fn check_model(name: &str, model: &Path, device: &Device, tolerance: f32) -> f32
 
     // Every position one token at a time, from a fresh session (direct execution).
     let decoder = load_decoder(model, &device, &mut |_, _| {}).unwrap();
-    let mut session = Session::new(decoder, &device, 32).unwrap();
+    let mut session = Session::with_kv_dtype(decoder, &device, 32, DType::F32).unwrap();
     let seq: Vec<u32> = r.prompt.iter().chain(&r.greedy).copied().collect();
     for (pos, &token) in seq[..r.logits_f32.len()].iter().enumerate() {
         let next = session.step_with_token(token, pos, greedy, false).unwrap();

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use half::f16;
 use mlx_native::core::op::{BinaryFn, PreNorm, UnaryFn};
 use mlx_native::ops::{self, AttentionShape, HeadNorms, RopeScaling, RopeTable};
 use mlx_native::{CommandEncoder, DType, Device, SamplingParams, Tensor};
@@ -894,6 +895,312 @@ fn cache_overflow_is_an_error() {
     )
     .unwrap();
     assert!(enc.commit().is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// f16 KV caches
+
+fn halves(x: &[f32]) -> Vec<f16> {
+    x.iter().map(|&v| f16::from_f32(v)).collect()
+}
+
+/// `x` rounded to nearest f16, back in f32.
+fn f16_rounded(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| f16::from_f32(v).to_f32()).collect()
+}
+
+fn bits(x: &[f16]) -> Vec<u16> {
+    x.iter().map(|h| h.to_bits()).collect()
+}
+
+/// `kv_append` into an f16 cache stores f16::from_f32 of each value (large, small and
+/// subnormal magnitudes) at rows pos..pos+m of every head, and leaves the other rows as they
+/// were; a u32 cache is refused, naming its dtype.
+#[test]
+fn kv_append_into_f16_cache_rounds_to_nearest() {
+    let dev = Device::cpu();
+    let mut rng = Rng(31);
+    let (n_kv, hd, capacity) = (3, 20, 10);
+    for (pos, m, scale) in [(4, 3, 3.0), (0, 2, 1e-5), (9, 1, 300.0), (0, 10, 1.0)] {
+        let before = halves(&rng.normals(n_kv * capacity * hd, 1.0));
+        let cache = dev.from_slice(&before, &[n_kv, capacity, hd]).unwrap();
+        let x = rng.normals(m * n_kv * hd, scale);
+        let x_t = dev.from_slice(&x, &[m, n_kv * hd]).unwrap();
+        let mut enc = CommandEncoder::new(&dev);
+        ops::kv_append(&mut enc, &x_t, &pos_tensor(&dev, pos), &cache).unwrap();
+        enc.commit().unwrap();
+        let mut want = before.clone();
+        for r in 0..m {
+            for h in 0..n_kv {
+                let src = &x[(r * n_kv + h) * hd..][..hd];
+                want[(h * capacity + pos + r) * hd..][..hd].copy_from_slice(&halves(src));
+            }
+        }
+        assert_ne!(bits(&want), bits(&before), "pos {pos}: nothing appended");
+        let got = cache.to_vec::<f16>().unwrap();
+        assert_eq!(bits(&got), bits(&want), "kv_append f16 pos={pos} m={m}");
+    }
+    let u32_cache = dev.zeros(&[n_kv, capacity, hd], DType::U32).unwrap();
+    let x = dev
+        .from_slice(&rng.normals(n_kv * hd, 1.0), &[1, n_kv * hd])
+        .unwrap();
+    let mut enc = CommandEncoder::new(&dev);
+    let err = ops::kv_append(&mut enc, &x, &pos_tensor(&dev, 0), &u32_cache)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cache") && err.contains("u32"), "{err}");
+}
+
+/// `rope_kv_append` with f16 caches writes the f32-cache result rounded to f16, bit for bit
+/// (both layouts, partial rotation, a YaRN mscale; untouched rows stay), and the same rotated q.
+#[test]
+fn rope_kv_append_f16_caches_are_the_f32_result_rounded() {
+    let dev = Device::cpu();
+    let mut rng = Rng(32);
+    let (m, n_heads, n_kv, hd, capacity, pos) = (3, 6, 2, 24, 11, 5);
+    let scaling = RopeScaling::Yarn {
+        factor: 4.0,
+        original_max_position_embeddings: 512,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        mscale: 1.0,
+        mscale_all_dim: 0.0,
+    };
+    for (dims, traditional, m) in [(24, false, m), (10, true, m), (24, false, 1)] {
+        let table = RopeTable::new(&dev, dims, 10000.0, &scaling).unwrap();
+        let mut tensor = |heads: usize| {
+            let x = rng.normals(m * heads * hd, 2.0);
+            dev.from_slice(&x, &[m, heads * hd]).unwrap()
+        };
+        let (q, k, v) = (tensor(n_heads), tensor(n_kv), tensor(n_kv));
+        // f16-representable, so the untouched rows of both runs hold the same values
+        let cache_data = f16_rounded(&rng.normals(n_kv * capacity * hd, 1.0));
+        let dims3 = [n_kv, capacity, hd];
+        let f32_cache = || dev.from_slice(&cache_data, &dims3).unwrap();
+        let f16_cache = || dev.from_slice(&halves(&cache_data), &dims3).unwrap();
+        let pos_t = pos_tensor(&dev, pos);
+        let (q32, k32, v32) = (nan_tensor(&dev, q.shape()), f32_cache(), f32_cache());
+        let (q16, k16, v16) = (nan_tensor(&dev, q.shape()), f16_cache(), f16_cache());
+        let mut enc = CommandEncoder::new(&dev);
+        for (q_out, kc, vc) in [(&q32, &k32, &v32), (&q16, &k16, &v16)] {
+            ops::rope_kv_append(
+                &mut enc,
+                [&q, &k, &v],
+                &table,
+                n_heads,
+                traditional,
+                &pos_t,
+                q_out,
+                (kc, vc),
+            )
+            .unwrap();
+        }
+        enc.commit().unwrap();
+        let what = format!("dims={dims} m={m}");
+        assert_eq!(
+            q16.to_vec::<f32>().unwrap(),
+            q32.to_vec::<f32>().unwrap(),
+            "{what}: q"
+        );
+        for (name, c32, c16) in [("k", &k32, &k16), ("v", &v32, &v16)] {
+            let want = halves(&c32.to_vec::<f32>().unwrap());
+            assert_ne!(want, halves(&cache_data), "{what}: {name} cache unchanged");
+            let got = c16.to_vec::<f16>().unwrap();
+            assert_eq!(bits(&got), bits(&want), "{what}: {name} cache");
+        }
+    }
+}
+
+/// Attention over f16 caches equals attention over f32 caches holding the same (rounded)
+/// values, and the f64 reference over them: decode and a few rows, GQA and MQA, windows,
+/// a soft-cap, head dims 40 and 64, a long decode (the threaded path). Slots past the last
+/// query position are NaN in both caches.
+#[test]
+fn attention_over_f16_caches_equals_f32_over_the_rounded_values() {
+    let dev = Device::cpu();
+    let mut rng = Rng(33);
+    for (m, pos, n_heads, n_kv_heads, hd, window, softcap) in [
+        (1, 12, 6, 2, 40, None, None),
+        (1, 12, 6, 2, 64, Some(5), None),
+        (4, 9, 6, 3, 40, None, None),
+        (4, 9, 4, 1, 64, Some(3), Some(2.0)),
+        (1, 400, 8, 2, 64, None, None),
+    ] {
+        let capacity = pos + m + 3;
+        let shape = AttentionShape {
+            n_heads,
+            n_kv_heads,
+            head_dim: hd,
+            scale: 0.3,
+            window,
+            softcap,
+        };
+        let cache = |rng: &mut Rng| {
+            let mut c = f16_rounded(&rng.normals(n_kv_heads * capacity * hd, 1.0));
+            for h in 0..n_kv_heads {
+                c[(h * capacity + pos + m) * hd..(h + 1) * capacity * hd].fill(f32::NAN);
+            }
+            c
+        };
+        let call = AttentionCall {
+            shape,
+            q: rng.normals(m * n_heads * hd, 1.0),
+            k: cache(&mut rng),
+            v: cache(&mut rng),
+            capacity,
+            pos,
+        };
+        let dims = [n_kv_heads, capacity, hd];
+        let q = dev.from_slice(&call.q, &[m, n_heads * hd]).unwrap();
+        let k = dev.from_slice(&halves(&call.k), &dims).unwrap();
+        let v = dev.from_slice(&halves(&call.v), &dims).unwrap();
+        let out = nan_tensor(&dev, q.shape());
+        let mut enc = CommandEncoder::new(&dev);
+        ops::attention(&mut enc, shape, &q, &k, &v, &pos_tensor(&dev, pos), &out).unwrap();
+        enc.commit().unwrap();
+        let got = out.to_vec::<f32>().unwrap();
+        let what = format!("f16 attention m={m} pos={pos} {shape:?}");
+        assert_close(&what, &got, &run_attention(&dev, &call), 1e-6);
+        assert_close(&what, &got, &attention_f64(&call), 2e-6);
+    }
+}
+
+/// `rope_attention` with f16 caches: the caches are the f32 run's rounded to f16, bit for
+/// bit, and the output is attention of the rotated q over those rounded caches (decode and
+/// three rows, GQA, a window or not).
+#[test]
+fn rope_attention_f16_caches_match_attention_over_the_rounded_caches() {
+    let dev = Device::cpu();
+    let mut rng = Rng(34);
+    let (n_heads, n_kv, hd, capacity, pos) = (6, 2, 32, 12, 7);
+    let table = RopeTable::new(&dev, hd, 10000.0, &RopeScaling::None).unwrap();
+    let pos_t = pos_tensor(&dev, pos);
+    let dims3 = [n_kv, capacity, hd];
+    for (m, window) in [(1, None), (3, Some(4)), (1, Some(2)), (3, None)] {
+        let shape = AttentionShape {
+            window,
+            ..full_attention(n_heads, n_kv, hd)
+        };
+        let [q, k, v] = [n_heads, n_kv, n_kv].map(|heads| {
+            dev.from_slice(&rng.normals(m * heads * hd, 1.5), &[m, heads * hd])
+                .unwrap()
+        });
+        let cache_data = f16_rounded(&rng.normals(n_kv * capacity * hd, 1.0));
+        let f32_cache = || dev.from_slice(&cache_data, &dims3).unwrap();
+        let f16_cache = || dev.from_slice(&halves(&cache_data), &dims3).unwrap();
+        let (out32, k32, v32) = (nan_tensor(&dev, q.shape()), f32_cache(), f32_cache());
+        let (out16, k16, v16) = (nan_tensor(&dev, q.shape()), f16_cache(), f16_cache());
+        let mut enc = CommandEncoder::new(&dev);
+        for (out, kc, vc) in [(&out32, &k32, &v32), (&out16, &k16, &v16)] {
+            ops::rope_attention(
+                &mut enc,
+                [&q, &k, &v],
+                None,
+                &table,
+                false,
+                shape,
+                &pos_t,
+                (kc, vc),
+                (out, None),
+            )
+            .unwrap();
+        }
+        let q_rot = nan_tensor(&dev, q.shape());
+        ops::rope(&mut enc, &q, &table, n_heads, hd, false, &pos_t, &q_rot).unwrap();
+        enc.commit().unwrap();
+        let what = format!("rope_attention f16 m={m} window={window:?}");
+        let mut rounded = Vec::new();
+        for (name, c32, c16) in [("k", &k32, &k16), ("v", &v32, &v16)] {
+            let want = halves(&c32.to_vec::<f32>().unwrap());
+            let got = c16.to_vec::<f16>().unwrap();
+            assert_eq!(bits(&got), bits(&want), "{what}: {name} cache");
+            rounded.push(got.iter().map(|h| h.to_f32()).collect::<Vec<f32>>());
+        }
+        let (kr, vr) = (
+            dev.from_slice(&rounded[0], &dims3).unwrap(),
+            dev.from_slice(&rounded[1], &dims3).unwrap(),
+        );
+        let want = nan_tensor(&dev, q.shape());
+        let mut enc = CommandEncoder::new(&dev);
+        ops::attention(&mut enc, shape, &q_rot, &kr, &vr, &pos_t, &want).unwrap();
+        enc.commit().unwrap();
+        let got = out16.to_vec::<f32>().unwrap();
+        assert_close(&what, &got, &want.to_vec::<f32>().unwrap(), 1e-5);
+        // rounding the caches moves the output, but only a little
+        assert_close(&what, &got, &out32.to_vec::<f32>().unwrap(), 2e-2);
+    }
+}
+
+/// Caches of two dtypes (f16 k with f32 v, f32 k with f16 v, f16 k with u32 v) or both of
+/// an unsupported dtype are refused by every op that takes the pair, naming both dtypes.
+#[test]
+fn mixed_cache_dtypes_are_refused() {
+    let dev = Device::cpu();
+    let mut rng = Rng(35);
+    let (m, n_heads, n_kv, hd, capacity, pos) = (2, 4, 2, 8, 6, 1);
+    let table = RopeTable::new(&dev, hd, 10000.0, &RopeScaling::None).unwrap();
+    let shape = full_attention(n_heads, n_kv, hd);
+    let pos_t = pos_tensor(&dev, pos);
+    let [q, k, v] = [n_heads, n_kv, n_kv].map(|heads| {
+        dev.from_slice(&rng.normals(m * heads * hd, 1.0), &[m, heads * hd])
+            .unwrap()
+    });
+    let dims3 = [n_kv, capacity, hd];
+    let mut cache = |dtype: DType| {
+        let x = rng.normals(n_kv * capacity * hd, 1.0);
+        match dtype {
+            DType::F32 => dev.from_slice(&x, &dims3).unwrap(),
+            DType::F16 => dev.from_slice(&halves(&x), &dims3).unwrap(),
+            DType::BF16 => {
+                let b: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                dev.from_slice(&b, &dims3).unwrap()
+            }
+            _ => dev.from_slice(&vec![7u32; x.len()], &dims3).unwrap(),
+        }
+    };
+    let out = nan_tensor(&dev, q.shape());
+    for (kd, vd) in [
+        (DType::F16, DType::F32),
+        (DType::F32, DType::F16),
+        (DType::F16, DType::U32),
+        (DType::BF16, DType::BF16),
+    ] {
+        let (kc, vc) = (cache(kd), cache(vd));
+        let mut enc = CommandEncoder::new(&dev);
+        let errors = [
+            ops::attention(&mut enc, shape, &q, &kc, &vc, &pos_t, &out),
+            ops::rope_kv_append(
+                &mut enc,
+                [&q, &k, &v],
+                &table,
+                n_heads,
+                false,
+                &pos_t,
+                &out,
+                (&kc, &vc),
+            ),
+            ops::rope_attention(
+                &mut enc,
+                [&q, &k, &v],
+                None,
+                &table,
+                false,
+                shape,
+                &pos_t,
+                (&kc, &vc),
+                (&out, None),
+            ),
+        ];
+        for err in errors {
+            let err = err.unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("k_cache is {kd}"))
+                    && err.contains(&format!("v_cache is {vd}")),
+                "{kd}/{vd}: {err}"
+            );
+        }
+        assert_eq!(enc.dispatch_count(), 0);
+    }
 }
 
 // ---------------------------------------------------------------------------------------

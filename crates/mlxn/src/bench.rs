@@ -4,7 +4,7 @@
 //! weights (`--synthetic llama-3.1-8b`).
 
 use clap::Args;
-use mlx_native::engine::{GenerateOptions, Session};
+use mlx_native::engine::GenerateOptions;
 use mlx_native::models::decoder::Decoder;
 use mlx_native::models::synthetic::{self, SyntheticWeights};
 use mlx_native::{Device, Error, Result};
@@ -109,7 +109,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let weight_bytes = model.weight_bytes();
     let max_len = args.prompt_lens.iter().max().copied().unwrap_or(1) + args.decode;
     let capacity = max_len.min(p.max_position_embeddings);
-    let mut session = Session::new(model, &device, capacity)?;
+    let mut session = args.run.session(model, &device, capacity)?;
     let opts = GenerateOptions {
         max_new_tokens: args.decode,
         sampling: args.sampling.params(),
@@ -127,9 +127,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "greedy".into()
         };
         println!(
-            "model: {label} | device: {} | weights read per token: {:.1} MiB | graph: {} | {sampling}",
+            "model: {label} | device: {} | weights read per token: {:.1} MiB | KV cache: {} | \
+             graph: {} | {sampling}",
             device.label(),
             weight_bytes as f64 / 1048576.0,
+            session.kv_dtype(),
             opts.use_graph
         );
     }
@@ -153,13 +155,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             decode.push(stats.decode_tokens_per_s());
             kernels = stats.kernels_per_token;
         }
-        // KV bytes read per decoded token at the middle of the decode run (f32 keys and values).
+        // KV bytes read per decoded token at the middle of the decode run.
         let mid = len + args.decode / 2;
+        let kv_elem = session.kv_dtype().size_in_bytes();
         rows.push(Row {
             prompt: len,
             prefill_tokens_per_s: median(prefill),
             decode_tokens_per_s: median(decode),
-            kv_bytes: 2 * p.num_layers * p.num_kv_heads * p.head_dim * 4 * mid,
+            kv_bytes: 2 * p.num_layers * p.num_kv_heads * p.head_dim * kv_elem * mid,
             kernels,
         });
     }
@@ -188,6 +191,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "prefill_tokens_per_s": pf, "decode_tokens_per_s": dc, "decode_gb_per_s": gbs,
                     "copy_gb_per_s": copy_bytes_per_s / 1e9, "decode_bound_fraction": bound,
                     "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": r.kv_bytes,
+                    "kv_dtype": session.kv_dtype().name(),
                     "kernels_per_token": r.kernels, "device": device.label(), "graph": opts.use_graph,
                     "temperature": opts.sampling.temperature, "top_k": opts.sampling.top_k,
                     "top_p": opts.sampling.top_p, "min_p": opts.sampling.min_p,

@@ -4,7 +4,7 @@
 use std::io::{BufRead, Write};
 
 use clap::Args;
-use mlx_native::engine::{GenerateOptions, LoadedModel, Session};
+use mlx_native::engine::{GenerateOptions, LoadedModel};
 use mlx_native::formats::chat_template::Message;
 use mlx_native::formats::tokenizer::TextStream;
 use mlx_native::{Error, Result};
@@ -42,7 +42,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         stop_ids,
         use_graph: !args.model.run.no_graph,
     };
-    let mut session = Session::new(model, &device, capacity)?;
+    let mut session = args.model.run.session(model, &device, capacity)?;
     let mut history: Vec<Message> = Vec::new();
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();

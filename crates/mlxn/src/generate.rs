@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use clap::Args;
-use mlx_native::engine::{GenerateOptions, LoadedModel, Session};
+use mlx_native::engine::{GenerateOptions, LoadedModel};
 use mlx_native::formats::tokenizer::TextStream;
 use mlx_native::{Error, Result};
 
@@ -55,7 +55,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         stop_ids,
         use_graph: !args.model.run.no_graph,
     };
-    let mut session = Session::new(model, &device, capacity)?;
+    let mut session = args.model.run.session(model, &device, capacity)?;
     let json = args.output == "json";
     let mut stream = TextStream::new(&tokenizer, true);
     let mut stdout = std::io::stdout();

@@ -5,7 +5,7 @@ mod chat;
 mod generate;
 mod load;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "mlxn", version, about = "MLX-compatible LLM inference in Rust")]
@@ -33,6 +33,40 @@ pub struct DeviceArgs {
     /// Record and submit every decode step instead of replaying a captured graph.
     #[arg(long)]
     pub no_graph: bool,
+    /// Element type of the KV caches [default: f16 for f16 and bf16 models with head dims over
+    /// 64, else f32]
+    #[arg(long, value_enum)]
+    pub kv_dtype: Option<KvDtype>,
+}
+
+impl DeviceArgs {
+    /// A session for `model` with the KV cache dtype asked for, else the model's.
+    pub fn session(
+        &self,
+        model: mlx_native::models::decoder::Decoder,
+        device: &mlx_native::Device,
+        capacity: usize,
+    ) -> mlx_native::Result<mlx_native::engine::Session> {
+        let kv_dtype = self
+            .kv_dtype
+            .map_or(model.default_kv_dtype(), KvDtype::dtype);
+        mlx_native::engine::Session::with_kv_dtype(model, device, capacity, kv_dtype)
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy)]
+pub enum KvDtype {
+    F16,
+    F32,
+}
+
+impl KvDtype {
+    pub fn dtype(self) -> mlx_native::DType {
+        match self {
+            KvDtype::F16 => mlx_native::DType::F16,
+            KvDtype::F32 => mlx_native::DType::F32,
+        }
+    }
 }
 
 /// Options shared by every command that runs a model from a file.

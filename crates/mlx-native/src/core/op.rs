@@ -194,18 +194,20 @@ pub enum Op {
         half_x: bool,
     },
     /// Causal scaled-dot-product attention with GQA over a KV cache (`AttentionShape`).
-    /// in: q `[m, n_heads*head_dim]`, k_cache and v_cache `[n_kv_heads, capacity, head_dim]`,
-    /// pos u32 `[1]` (position of query row 0; row i sees keys 0..=pos+i); out like q.
+    /// in: q `[m, n_heads*head_dim]`, k_cache and v_cache `[n_kv_heads, capacity, head_dim]`
+    /// (both f32 or both f16), pos u32 `[1]` (position of query row 0; row i sees keys
+    /// 0..=pos+i); out like q.
     Attention(AttentionShape),
     /// Writes rows of k (or v) into a cache at positions pos..pos+m.
     /// in: x `[m, n_kv_heads*head_dim]`, pos u32 `[1]`; out (read-modify-write):
-    /// cache `[n_kv_heads, capacity, head_dim]`.
+    /// cache `[n_kv_heads, capacity, head_dim]` (f32, or f16: stores rounded to nearest; the
+    /// kernel is keyed by the cache's dtype, its only output).
     KvAppend { n_kv_heads: usize, head_dim: usize },
     /// `Rope` of q and of k, and `KvAppend` of the rotated k and of v, in one dispatch (the
     /// input stage of attention). in: q `[m, n_heads*head_dim]`, k and v
     /// `[m, n_kv_heads*head_dim]`, inv_freq f32 `[rotary_dims/2]`, pos u32 `[1]`; out: q
-    /// rotated (like q), k_cache and v_cache `[n_kv_heads, capacity, head_dim]`
-    /// (read-modify-write: rows stored at positions pos..pos+m).
+    /// rotated (like q), k_cache and v_cache `[n_kv_heads, capacity, head_dim]` (both f32 or
+    /// both f16; read-modify-write: rows stored at positions pos..pos+m).
     RopeKvAppend {
         n_heads: usize,
         n_kv_heads: usize,
@@ -219,11 +221,11 @@ pub enum Op {
     /// new keys inside the attention kernel). in: q `[m, n_heads*head_dim]`, k and v
     /// `[m, n_kv_heads*head_dim]`, inv_freq f32 `[rotary_dims/2]`, pos u32 `[1]`, then with
     /// `head_norm` the q and k norm weights f32 `[head_dim]`; out: the attention output (like
-    /// q), k_cache and v_cache `[n_kv_heads, capacity, head_dim]` (read-modify-write: rows
-    /// stored at positions pos..pos+m), then with `half_out` the output's f16 copy (one row:
-    /// for the o projection's `MatMul::half_x`). With `head_norm`, each head_dim slice of q and
-    /// of k goes through that RMSNorm (over rows of head_dim) before the rotation (Qwen3's and
-    /// Gemma 3's q/k norms).
+    /// q), k_cache and v_cache `[n_kv_heads, capacity, head_dim]` (both f32 or both f16;
+    /// read-modify-write: rows stored at positions pos..pos+m), then with `half_out` the
+    /// output's f16 copy (one row: for the o projection's `MatMul::half_x`). With `head_norm`,
+    /// each head_dim slice of q and of k goes through that RMSNorm (over rows of head_dim)
+    /// before the rotation (Qwen3's and Gemma 3's q/k norms).
     RopeAttention {
         attention: AttentionShape,
         rotary_dims: usize,

@@ -70,15 +70,27 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session able to hold `capacity` tokens (prompt and generated).
+    /// A session able to hold `capacity` tokens (prompt and generated), its KV caches in the
+    /// model's `default_kv_dtype`.
     pub fn new(model: Decoder, device: &Device, capacity: usize) -> Result<Session> {
+        let kv_dtype = model.default_kv_dtype();
+        Session::with_kv_dtype(model, device, capacity, kv_dtype)
+    }
+
+    /// As `new`, with the KV caches in `kv_dtype` (f32 or f16).
+    pub fn with_kv_dtype(
+        model: Decoder,
+        device: &Device,
+        capacity: usize,
+        kv_dtype: DType,
+    ) -> Result<Session> {
         let limit = model.params.max_position_embeddings;
         if capacity == 0 || capacity > limit {
             return Err(Error::Invalid(format!(
                 "context of {capacity} tokens: must be between 1 and the model's {limit}"
             )));
         }
-        let cache = model.new_cache(device, capacity)?;
+        let cache = model.new_cache(device, capacity, kv_dtype)?;
         let decode = model.new_scratch(device, 1)?;
         Ok(Session {
             enc: CommandEncoder::new(device),
@@ -104,6 +116,9 @@ impl Session {
     }
     pub fn cache_bytes(&self) -> usize {
         self.cache.byte_len()
+    }
+    pub fn kv_dtype(&self) -> DType {
+        self.cache.dtype
     }
     /// Logits of the last forward pass `[1, vocab]`.
     pub fn logits(&self) -> Result<Vec<f32>> {

@@ -235,8 +235,12 @@ impl WeightSource for SyntheticWeights {
         ExpertLinear::new(name, self.layout, tensors, experts, n, k)
     }
 
+    /// In f16, as an MLX checkpoint of an f16 model stores its norms (the session's KV caches
+    /// then default as that model's do: `Decoder::default_kv_dtype`).
     fn vector(&self, _name: &str, len: usize) -> Result<Tensor> {
-        let v: Vec<f32> = self.random(len, 0.1).iter().map(|x| 1.0 + x).collect();
+        let v: Vec<half::f16> = (self.random(len, 0.1).iter())
+            .map(|x| half::f16::from_f32(1.0 + x))
+            .collect();
         self.device.from_slice(&v, &[len])
     }
 

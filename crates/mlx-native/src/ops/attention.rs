@@ -1,5 +1,5 @@
 use super::rope::{check_rope_inputs, RopeTable};
-use super::{expect_dtype, expect_shape};
+use super::{check_kv_caches, expect_dtype, expect_shape, KV_CACHE_DTYPES};
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
 pub use crate::core::op::AttentionShape;
@@ -8,11 +8,11 @@ use crate::core::tensor::Tensor;
 use crate::{Error, Result};
 
 /// Causal attention of the rows of `q` `[m, n_heads*head_dim]` (row i at position pos+i)
-/// over the caches `[n_kv_heads, capacity, head_dim]`, which must already hold the keys and
-/// values of positions 0..pos+m. `pos` is a u32 `[1]` buffer. out like q. The dispatch just
-/// before this one must not write `pos` (the CUDA decode kernel reads it while that dispatch
-/// finishes); the decoder writes it from the host or at a step's end (`advance_pos`, or the
-/// greedy `argmax_advance`).
+/// over the caches `[n_kv_heads, capacity, head_dim]` (both f32 or both f16, read as f32),
+/// which must already hold the keys and values of positions 0..pos+m. `pos` is a u32 `[1]`
+/// buffer. out like q. The dispatch just before this one must not write `pos` (the CUDA
+/// decode kernel reads it while that dispatch finishes); the decoder writes it from the host
+/// or at a step's end (`advance_pos`, or the greedy `argmax_advance`).
 pub fn attention(
     enc: &mut CommandEncoder,
     shape: AttentionShape,
@@ -37,11 +37,12 @@ pub struct HeadNorms<'a> {
 
 /// A layer's attention from its q, k and v projections (`[m, n_heads*head_dim]`,
 /// `[m, n_kv_heads*head_dim]` twice): with `head_norms`, q and k normed per head first; RoPE
-/// of q and k by `table`, k and v stored into the caches at positions pos..pos+m, then causal
-/// attention of the rotated q over them, in one dispatch (`rms_norm` of q and k, then
-/// `rope_kv_append` followed by `attention`, whose rule on `pos` it shares). With `out_h` (f16
-/// `[1, n_heads*head_dim]`, one query row), the output's f16 copy is written there too, for the
-/// o projection's `x_h` (`ops::matmul_add`).
+/// of q and k by `table`, k and v stored into the caches (both f32 or both f16, stores
+/// rounded to nearest) at positions pos..pos+m, then causal attention of the rotated q over
+/// them, in one dispatch (`rms_norm` of q and k, then `rope_kv_append` followed by
+/// `attention`, whose rule on `pos` it shares). With `out_h` (f16 `[1, n_heads*head_dim]`,
+/// one query row), the output's f16 copy is written there too, for the o projection's `x_h`
+/// (`ops::matmul_add`).
 #[allow(clippy::too_many_arguments)]
 pub fn rope_attention(
     enc: &mut CommandEncoder,
@@ -87,8 +88,8 @@ pub fn rope_attention(
     enc.dispatch(op, &inputs, &outputs)
 }
 
-/// Attention operands: a valid shape (`AttentionShape::check`), q and the caches in f32 with
-/// matching shapes, `pos` a u32 `[1]`, out like q.
+/// Attention operands: a valid shape (`AttentionShape::check`), q in f32, the caches with
+/// matching shapes, both f32 or both f16 (`check_kv_caches`), `pos` a u32 `[1]`, out like q.
 fn check_attention(
     op: &'static str,
     shape: AttentionShape,
@@ -107,18 +108,15 @@ fn check_attention(
     expect_dtype(op, "q", q, &[DType::F32])?;
     expect_shape(op, "q", q, &[q.rows(), n_heads * head_dim])?;
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
-    for (what, c) in [("k_cache", k_cache), ("v_cache", v_cache)] {
-        expect_dtype(op, what, c, &[DType::F32])?;
-        expect_shape(op, what, c, &[n_kv_heads, capacity, head_dim])?;
-    }
+    check_kv_caches(op, (k_cache, v_cache), &[n_kv_heads, capacity, head_dim])?;
     expect_dtype(op, "pos", pos, &[DType::U32])?;
     expect_shape(op, "pos", pos, &[1])?;
     expect_shape(op, "out", out, q.shape())
 }
 
-/// Store rows of `x` `[m, n_kv_heads*head_dim]` into `cache` `[n_kv_heads, capacity,
-/// head_dim]` at positions pos..pos+m (`pos`: u32 `[1]`; positions past the capacity are an
-/// error the engine prevents).
+/// Store rows of `x` `[m, n_kv_heads*head_dim]` (f32) into `cache` `[n_kv_heads, capacity,
+/// head_dim]` (f32, or f16: values rounded to nearest) at positions pos..pos+m (`pos`: u32
+/// `[1]`; positions past the capacity are an error the engine prevents).
 pub fn kv_append(enc: &mut CommandEncoder, x: &Tensor, pos: &Tensor, cache: &Tensor) -> Result<()> {
     let [n_kv_heads, _capacity, head_dim] = *cache.shape() else {
         return Err(Error::op(
@@ -127,7 +125,7 @@ pub fn kv_append(enc: &mut CommandEncoder, x: &Tensor, pos: &Tensor, cache: &Ten
         ));
     };
     expect_dtype("kv_append", "x", x, &[DType::F32])?;
-    expect_dtype("kv_append", "cache", cache, &[DType::F32])?;
+    expect_dtype("kv_append", "cache", cache, KV_CACHE_DTYPES)?;
     expect_shape("kv_append", "x", x, &[x.rows(), n_kv_heads * head_dim])?;
     expect_dtype("kv_append", "pos", pos, &[DType::U32])?;
     expect_shape("kv_append", "pos", pos, &[1])?;

@@ -56,3 +56,26 @@ pub(crate) fn expect_dtype(
 }
 
 pub(crate) const FLOATS: &[DType] = &[DType::F32, DType::F16, DType::BF16];
+
+/// The dtypes a KV cache `[n_kv_heads, capacity, head_dim]` may have (values stored into an
+/// f16 cache are rounded to nearest; kernels read them back as f32).
+pub(crate) const KV_CACHE_DTYPES: &[DType] = &[DType::F32, DType::F16];
+
+/// A layer's two KV caches: each of shape `dims` (`[n_kv_heads, capacity, head_dim]`), both
+/// f32 or both f16.
+pub(crate) fn check_kv_caches(
+    op: &'static str,
+    (k_cache, v_cache): (&Tensor, &Tensor),
+    dims: &[usize],
+) -> Result<()> {
+    expect_shape(op, "k_cache", k_cache, dims)?;
+    expect_shape(op, "v_cache", v_cache, dims)?;
+    let (k, v) = (k_cache.dtype(), v_cache.dtype());
+    if k != v || !KV_CACHE_DTYPES.contains(&k) {
+        return Err(Error::op(
+            op,
+            format!("k_cache is {k} and v_cache is {v}: the caches must be both f32 or both f16"),
+        ));
+    }
+    Ok(())
+}

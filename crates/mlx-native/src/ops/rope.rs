@@ -1,4 +1,4 @@
-use super::{expect_dtype, expect_shape};
+use super::{check_kv_caches, expect_dtype, expect_shape};
 use crate::core::device::Device;
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
@@ -231,8 +231,9 @@ pub fn rope(
 }
 
 /// RoPE of `q` `[m, n_heads*head_dim]` into `q_out` and of `k` `[m, n_kv_heads*head_dim]`,
-/// then `k` and `v` stored into `k_cache` and `v_cache` `[n_kv_heads, capacity, head_dim]` at
-/// positions pos..pos+m: `rope` twice and `kv_append` twice in one dispatch.
+/// then `k` and `v` stored into `k_cache` and `v_cache` `[n_kv_heads, capacity, head_dim]`
+/// (both f32 or both f16, stores rounded to nearest) at positions pos..pos+m: `rope` twice and
+/// `kv_append` twice in one dispatch.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_kv_append(
     enc: &mut CommandEncoder,
@@ -265,8 +266,8 @@ pub fn rope_kv_append(
 
 /// The operands of a RoPE + cache append (`rope_kv_append`, `rope_attention`): q
 /// `[m, n_heads*head_dim]`, k and v `[m, n_kv_heads*head_dim]` in f32, caches
-/// `[n_kv_heads, capacity, head_dim]` in f32 (a 3-d k cache is checked here, so callers may
-/// index its shape afterwards), the table and `pos`.
+/// `[n_kv_heads, capacity, head_dim]` both in f32 or both in f16 (`check_kv_caches`; a 3-d k
+/// cache is checked here, so callers may index its shape afterwards), the table and `pos`.
 pub(super) fn check_rope_inputs(
     op: &'static str,
     [q, k, v]: [&Tensor; 3],
@@ -290,9 +291,6 @@ pub(super) fn check_rope_inputs(
         expect_dtype(op, what, t, &[DType::F32])?;
         expect_shape(op, what, t, &[m, heads * head_dim])?;
     }
-    for (what, c) in [("k_cache", k_cache), ("v_cache", v_cache)] {
-        expect_dtype(op, what, c, &[DType::F32])?;
-        expect_shape(op, what, c, &[n_kv_heads, capacity, head_dim])?;
-    }
+    check_kv_caches(op, (k_cache, v_cache), &[n_kv_heads, capacity, head_dim])?;
     check_table_and_pos(op, table, head_dim, pos)
 }

@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::norm::rms_normed;
-use super::{scalar_u32, slice, slice_mut, write_half_copy, wrong_op, CpuKernel};
+use super::{scalar_u32, slice, slice_mut, write_half_copy, wrong_op, CacheElement, CpuKernel};
 use crate::core::dtype::DType;
 use crate::core::op::{operand_count, optional_last, AttentionShape, Op};
 use crate::core::registry::Registry;
@@ -19,7 +19,9 @@ use crate::{Error, Result};
 
 pub(super) fn register(reg: &mut Registry<CpuKernel>) {
     reg.insert("attention", "", DType::F32, attention);
+    // Keyed by the output's dtype, which for kv_append is the cache's.
     reg.insert("kv_append", "", DType::F32, kv_append);
+    reg.insert("kv_append", "", DType::F16, kv_append);
     reg.insert("rope_attention", "", DType::F32, rope_attention);
 }
 
@@ -60,10 +62,31 @@ fn rope_attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> 
     write_half_copy(out, out_h)
 }
 
+/// Over f32 or f16 caches (`CacheElement`): each task reads its visible keys and values in
+/// place (f32) or widened into per-thread rows (f16).
 fn attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let Op::Attention(shape) = op else {
         return Err(wrong_op(op));
     };
+    let [q, k_cache, v_cache, pos] = inputs else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let [out] = outputs else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    match k_cache.dtype() {
+        DType::F16 => attention_over::<half::f16>(shape, q, (k_cache, v_cache), pos, out),
+        _ => attention_over::<f32>(shape, q, (k_cache, v_cache), pos, out),
+    }
+}
+
+fn attention_over<T: CacheElement>(
+    shape: &AttentionShape,
+    q: &Tensor,
+    (k_cache, v_cache): (&Tensor, &Tensor),
+    pos: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
     shape.check("attention")?;
     let AttentionShape {
         n_heads,
@@ -73,13 +96,13 @@ fn attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         window,
         softcap,
     } = *shape;
-    let q = slice::<f32>(&inputs[0])?;
-    let k_cache = slice::<f32>(&inputs[1])?;
-    let v_cache = slice::<f32>(&inputs[2])?;
-    let pos = scalar_u32(&inputs[3])?;
-    let out = slice_mut::<f32>(&outputs[0])?;
-    let capacity = inputs[1].shape().get(1).copied().unwrap_or(0);
-    let m = inputs[0].rows();
+    let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
+    let m = q.rows();
+    let q = slice::<f32>(q)?;
+    let k_cache = slice::<T>(k_cache)?;
+    let v_cache = slice::<T>(v_cache)?;
+    let pos = scalar_u32(pos)?;
+    let out = slice_mut::<f32>(out)?;
     if pos + m > capacity {
         return Err(Error::op(
             "attention",
@@ -99,7 +122,11 @@ fn attention(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         let keys = &k_cache[kv * head_stride..][first * head_dim..(q_pos + 1) * head_dim];
         let values = &v_cache[kv * head_stride..][first * head_dim..(q_pos + 1) * head_dim];
         SCORES.with_borrow_mut(|scores| {
-            attend(q, keys, values, head_dim, scale, softcap, scores, out)
+            WIDENED.with_borrow_mut(|[k_rows, v_rows]| {
+                let keys = T::as_f32(keys, k_rows);
+                let values = T::as_f32(values, v_rows);
+                attend(q, keys, values, head_dim, scale, softcap, scores, out)
+            })
         });
     };
     // Decode-sized work runs on the calling thread.
@@ -124,6 +151,8 @@ const PARALLEL_WORK: usize = 1 << 16;
 thread_local! {
     /// Scores of the running task, kept per thread so that decoding allocates nothing.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The running task's keys and values widened to f32 (f16 caches only), kept likewise.
+    static WIDENED: RefCell<[Vec<f32>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
 }
 
 /// softmax(q·keysᵀ·scale) · values into `out` (one query row, one head).
@@ -412,6 +441,7 @@ mod x86 {
     }
 }
 
+/// Rows of x (f32) into an f32 or f16 cache (`CacheElement::store`).
 pub(super) fn kv_append(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let Op::KvAppend {
         n_kv_heads,
@@ -420,25 +450,57 @@ pub(super) fn kv_append(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Resul
     else {
         return Err(wrong_op(op));
     };
-    let x = slice::<f32>(&inputs[0])?;
-    let pos = scalar_u32(&inputs[1])?;
-    let cache = slice_mut::<f32>(&outputs[0])?;
-    let capacity = outputs[0].shape().get(1).copied().unwrap_or(0);
-    let m = inputs[0].rows();
+    let ([x, pos], [cache]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let (pos, heads) = (scalar_u32(pos)?, (n_kv_heads, head_dim));
+    match cache.dtype() {
+        DType::F16 => append_rows("kv_append", x, heads, pos, cache, store_head::<half::f16>),
+        _ => append_rows("kv_append", x, heads, pos, cache, store_head::<f32>),
+    }
+}
+
+/// One head of a row into its cache row (the `append_rows` writer of a plain append).
+fn store_head<T: CacheElement>(_row: usize, src: &[f32], dst: &mut [T]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = T::store(s);
+    }
+}
+
+/// Writes the rows of `x` (f32 `[m, n_kv_heads*head_dim]`) into `cache` (`T`
+/// `[n_kv_heads, capacity, head_dim]`) at positions pos..pos+m, an error past the capacity:
+/// `write(r, head of row r, its cache row)` for each head of each row, in order.
+pub(super) fn append_rows<T: CacheElement>(
+    op: &'static str,
+    x: &Tensor,
+    (n_kv_heads, head_dim): (usize, usize),
+    pos: usize,
+    cache: &Tensor,
+    mut write: impl FnMut(usize, &[f32], &mut [T]),
+) -> Result<()> {
+    let capacity = cache.shape().get(1).copied().unwrap_or(0);
+    let m = x.rows();
     if pos + m > capacity {
         return Err(Error::op(
-            "kv_append",
+            op,
             format!(
                 "positions {pos}..{} exceed the cache capacity {capacity}",
                 pos + m
             ),
         ));
     }
+    let (x, cells) = (slice::<f32>(x)?, slice_mut::<T>(cache)?);
     let row_len = n_kv_heads * head_dim;
     for (r, row) in x.chunks_exact(row_len.max(1)).take(m).enumerate() {
         for (h, src) in row.chunks_exact(head_dim.max(1)).enumerate() {
             let at = (h * capacity + pos + r) * head_dim;
-            cache[at..at + head_dim].copy_from_slice(src);
+            let Some(dst) = cells.get_mut(at..at + head_dim) else {
+                return Err(Error::op(
+                    op,
+                    format!("row {r} of head {h} outside the cache {:?}", cache.shape()),
+                ));
+            };
+            write(r, src, dst);
         }
     }
     Ok(())

@@ -116,6 +116,39 @@ pub(crate) fn write_half_copy(values: &Tensor, copy: Option<&Tensor>) -> Result<
     Ok(())
 }
 
+/// An element type of KV caches: f32, or f16 (stores rounded to nearest, reads widened to
+/// f32). Cache kernels are written once over it.
+pub(crate) trait CacheElement: Element {
+    /// `x` as the cache stores it.
+    fn store(x: f32) -> Self;
+    /// `src` as f32: `src` itself for f32 caches, else widened into `scratch`.
+    fn as_f32<'a>(src: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32];
+}
+
+impl CacheElement for f32 {
+    #[inline(always)]
+    fn store(x: f32) -> f32 {
+        x
+    }
+    fn as_f32<'a>(src: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
+        src
+    }
+}
+
+impl CacheElement for half::f16 {
+    #[inline(always)]
+    fn store(x: f32) -> half::f16 {
+        half::f16::from_f32(x)
+    }
+    fn as_f32<'a>(src: &'a [half::f16], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        use half::slice::HalfFloatSliceExt;
+        scratch.clear();
+        scratch.resize(src.len(), 0.0);
+        src.convert_to_f32_slice(scratch);
+        scratch
+    }
+}
+
 fn check_dtype<T: Element>(t: &Tensor) -> Result<()> {
     if T::DTYPE != t.dtype() {
         return Err(Error::Invalid(format!(

@@ -4,7 +4,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::{scalar_u32, slice, slice_mut, wrong_op, CpuKernel};
+use super::attention::append_rows;
+use super::{scalar_u32, slice, slice_mut, wrong_op, CacheElement, CpuKernel};
 use crate::core::dtype::DType;
 use crate::core::op::{operand_count, Op};
 use crate::core::registry::Registry;
@@ -31,8 +32,14 @@ fn fill_cos_sin(cos_sin: &mut Vec<(f32, f32)>, inv_freq: &[f32], p: u32, mscale:
     }));
 }
 
-/// Rotate the leading 2·`cos_sin.len()` dims of one head `x` into `out`, copy the rest.
-fn rotate_head(cos_sin: &[(f32, f32)], traditional: bool, x: &[f32], out: &mut [f32]) {
+/// Rotate the leading 2·`cos_sin.len()` dims of one head `x` into `out`, copy the rest
+/// (`out` f32, or an f16 cache row: each value rounded once, as stored).
+fn rotate_head<T: CacheElement>(
+    cos_sin: &[(f32, f32)],
+    traditional: bool,
+    x: &[f32],
+    out: &mut [T],
+) {
     let half = cos_sin.len();
     for (i, &(c, s)) in cos_sin.iter().enumerate() {
         let (a, b) = if traditional {
@@ -41,10 +48,12 @@ fn rotate_head(cos_sin: &[(f32, f32)], traditional: bool, x: &[f32], out: &mut [
             (i, i + half)
         };
         let (x0, x1) = (x[a], x[b]);
-        out[a] = x0 * c - x1 * s;
-        out[b] = x0 * s + x1 * c;
+        out[a] = T::store(x0 * c - x1 * s);
+        out[b] = T::store(x0 * s + x1 * c);
     }
-    out[2 * half..].copy_from_slice(&x[2 * half..]);
+    for (o, &x) in out[2 * half..].iter_mut().zip(&x[2 * half..]) {
+        *o = T::store(x);
+    }
 }
 
 fn rope(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
@@ -134,28 +143,32 @@ pub(super) fn rope_kv_append(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> 
         &[v.clone(), pos.clone()],
         std::slice::from_ref(v_cache),
     )?;
-    let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
-    let start = scalar_u32(pos)?;
-    let m = k.rows();
-    if start + m > capacity {
-        return Err(Error::op(
-            "rope_kv_append",
-            format!(
-                "positions {start}..{} exceed the cache capacity {capacity}",
-                start + m
-            ),
-        ));
+    let (start, inv_freq) = (scalar_u32(pos)?, slice::<f32>(inv_freq)?);
+    let rope = (inv_freq, traditional, mscale);
+    let heads = (n_kv_heads, head_dim);
+    match k_cache.dtype() {
+        DType::F16 => rope_append::<half::f16>(k, rope, heads, start, k_cache),
+        _ => rope_append::<f32>(k, rope, heads, start, k_cache),
     }
-    let (k, inv_freq) = (slice::<f32>(k)?, slice::<f32>(inv_freq)?);
-    let cache = slice_mut::<f32>(k_cache)?;
+}
+
+/// The rows of k rotated (by `inv_freq`, the layout, mscale) into an f32 or f16 cache at
+/// positions start..start+m (`append_rows`).
+fn rope_append<T: CacheElement>(
+    k: &Tensor,
+    (inv_freq, traditional, mscale): (&[f32], bool, f32),
+    heads: (usize, usize),
+    start: usize,
+    cache: &Tensor,
+) -> Result<()> {
     COS_SIN.with_borrow_mut(|cos_sin| {
-        for (r, row) in k.chunks_exact((n_kv_heads * head_dim).max(1)).enumerate() {
-            fill_cos_sin(cos_sin, inv_freq, (start + r) as u32, mscale);
-            for (h, x) in row.chunks_exact(head_dim.max(1)).enumerate() {
-                let at = (h * capacity + start + r) * head_dim;
-                rotate_head(cos_sin, traditional, x, &mut cache[at..at + head_dim]);
+        let mut filled_for = None;
+        append_rows::<T>("rope_kv_append", k, heads, start, cache, |r, x, out| {
+            if filled_for != Some(r) {
+                fill_cos_sin(cos_sin, inv_freq, (start + r) as u32, mscale);
+                filled_for = Some(r);
             }
-        }
-    });
-    Ok(())
+            rotate_head(cos_sin, traditional, x, out);
+        })
+    })
 }

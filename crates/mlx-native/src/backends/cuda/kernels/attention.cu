@@ -1,5 +1,5 @@
-// Causal attention with GQA over f32 caches [n_kv_heads, capacity, head_dim], and the cache
-// append. Query row i is at position pos+i (pos read from device memory) and sees keys
+// Causal attention with GQA over caches [n_kv_heads, capacity, head_dim] of kv_t (f32 or f16:
+// kv_f32.cuh, kv_f16.cuh; values widen to f32 as they are read), and the cache append. Query row i is at position pos+i (pos read from device memory) and sees keys
 // lo..=pos+i, lo > pos+i−window under a sliding window. Scores are scale·q·k, soft-capped
 // when softcap > 0. HC chunks of 32 cover head_dim; in a decode pass lane l of a warp owns
 // head dims `lane_dim(l, c)`, in prefill's P·V dims l, l + 32, ….
@@ -38,11 +38,12 @@ __device__ __forceinline__ int active_splits(int keys, int n_splits) {
     return max(1, min(n_splits, keys / DEC_MIN_SPLIT_KEYS));
 }
 
-// Sends the 128-byte lines of a cache row (hd ≤ 32·HC floats) towards L2.
+// Sends the 128-byte lines of a cache row (hd ≤ 32·HC elements) towards L2.
 template <int HC>
-__device__ __forceinline__ void prefetch_row(const float* row, int hd) {
+__device__ __forceinline__ void prefetch_row(const kv_t* row, int hd) {
+    constexpr int LINE = 128 / sizeof(kv_t);
 #pragma unroll
-    for (int c = 0; c < HC; ++c) prefetch_l2(row + min(32 * c, hd - 1));
+    for (int c = 0; c < (32 * HC + LINE - 1) / LINE; ++c) prefetch_l2(row + min(LINE * c, hd - 1));
     prefetch_l2(row + hd - 1);
 }
 
@@ -109,23 +110,40 @@ __device__ __forceinline__ int lane_dim(int lane, int c) {
     return V * lane + 32 * V * (c / V) + c % V;
 }
 
-// A lane's HC dims of a row.
-template <int HC>
-__device__ __forceinline__ void load_dims(const float* row, int lane, float (&r)[HC]) {
+// V consecutive elements at p (aligned to V elements) as floats, in one load.
+template <int V>
+__device__ __forceinline__ void load_run(const float* p, float* r) {
+    if constexpr (V == 4) {
+        const float4 t = *(const float4*)p;
+        r[0] = t.x, r[1] = t.y, r[2] = t.z, r[3] = t.w;
+    } else if constexpr (V == 2) {
+        const float2 t = *(const float2*)p;
+        r[0] = t.x, r[1] = t.y;
+    } else {
+        r[0] = *p;
+    }
+}
+
+template <int V>
+__device__ __forceinline__ void load_run(const u16* p, float* r) {
+    if constexpr (V == 4) {
+        const uint2 t = *(const uint2*)p;
+        r[0] = f16_to_f32((u16)t.x), r[1] = f16_to_f32((u16)(t.x >> 16));
+        r[2] = f16_to_f32((u16)t.y), r[3] = f16_to_f32((u16)(t.y >> 16));
+    } else if constexpr (V == 2) {
+        const u32 t = *(const u32*)p;
+        r[0] = f16_to_f32((u16)t), r[1] = f16_to_f32((u16)(t >> 16));
+    } else {
+        r[0] = f16_to_f32(*p);
+    }
+}
+
+// A lane's HC dims of a row (of a cache, or staged in shared memory as f32).
+template <int HC, typename T>
+__device__ __forceinline__ void load_dims(const T* row, int lane, float (&r)[HC]) {
     constexpr int V = dims_run<HC>();
 #pragma unroll
-    for (int c = 0; c < HC; c += V) {
-        const float* p = row + lane_dim<HC>(lane, c);
-        if constexpr (V == 4) {
-            const float4 t = *(const float4*)p;
-            r[c] = t.x, r[c + 1] = t.y, r[c + 2] = t.z, r[c + 3] = t.w;
-        } else if constexpr (V == 2) {
-            const float2 t = *(const float2*)p;
-            r[c] = t.x, r[c + 1] = t.y;
-        } else {
-            r[c] = *p;
-        }
-    }
+    for (int c = 0; c < HC; c += V) load_run<V>(row + lane_dim<HC>(lane, c), r + c);
 }
 
 // Scale·q·k of a pass's KEYS rows from their loaded dims (k[j][c]: row j, lane_dim(lane, c)),
@@ -158,7 +176,7 @@ __device__ __forceinline__ float warp_scores(const float* __restrict__ qs,
 // planner checks the caches' alignment: attention.rs, decode_cache_alignment); ALL_KEYS as
 // well: n = KEYS, so every load is a constant offset from one address.
 template <int HC, int KEYS, bool WHOLE, bool ALL_KEYS>
-__device__ __forceinline__ void load_rows(const float* rows, int n, int hd, int lane,
+__device__ __forceinline__ void load_rows(const kv_t* rows, int n, int hd, int lane,
                                           float (&r)[KEYS][HC]) {
 #pragma unroll
     for (int j = 0; j < KEYS; ++j) {
@@ -168,16 +186,16 @@ __device__ __forceinline__ void load_rows(const float* rows, int n, int hd, int 
         } else {
 #pragma unroll
             for (int c = 0; c < HC; ++c)
-                r[j][c] = rows[(i64)row * hd + min(lane_dim<HC>(lane, c), hd - 1)];
+                r[j][c] = elem_f32(rows[(i64)row * hd + min(lane_dim<HC>(lane, c), hd - 1)]);
         }
     }
 }
 
 // A pass's K and V rows (keys j0 … j0+n−1, n ≤ KEYS), loaded at once.
 template <int HC, int KEYS>
-__device__ __forceinline__ void load_pass(const float* kb, const float* vb, int j0, int n, int hd,
+__device__ __forceinline__ void load_pass(const kv_t* kb, const kv_t* vb, int j0, int n, int hd,
                                           int lane, float (&k)[KEYS][HC], float (&v)[KEYS][HC]) {
-    const float *ks = kb + (i64)j0 * hd, *vs = vb + (i64)j0 * hd;
+    const kv_t *ks = kb + (i64)j0 * hd, *vs = vb + (i64)j0 * hd;
     if (hd == 32 * HC && n == KEYS) {
         load_rows<HC, KEYS, true, true>(ks, n, hd, lane, k);
         load_rows<HC, KEYS, true, true>(vs, n, hd, lane, v);
@@ -261,7 +279,7 @@ __device__ __forceinline__ void head_sums(float& a, float& b, int d) {
 // The caches are read through plain (coherent) loads: with NewKeys the kernel writes them.
 template <int HC>
 __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const NewKeys nk,
-                                            float* kc, float* vc, const u32* __restrict__ pos,
+                                            kv_t* kc, kv_t* vc, const u32* __restrict__ pos,
                                             float* __restrict__ out, u16* __restrict__ out_h,
                                             float* __restrict__ partial, u32* __restrict__ counters,
                                             int n_heads, int group, int hd, int capacity,
@@ -304,8 +322,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     int per = hi - lo;  // one split (short contexts): no integer division before the loads
     if (n_splits > 1) per = (per + n_splits - 1) / n_splits;
     const int start = lo + split * per, end = min(hi, start + per);
-    const float* kb = kc + kv_base;
-    const float* vb = vc + kv_base;
+    const kv_t* kb = kc + kv_base;
+    const kv_t* vb = vc + kv_base;
     constexpr int KEYS = dec_keys(HC);
     const int j_first = start + warp * KEYS, n_first = min(KEYS, end - j_first);
     float k[KEYS][HC], v[KEYS][HC];
@@ -374,10 +392,12 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
                 if (i != row)
                     rope_dim_cos_sin(pd, p0 + i, nk.inv_freq, nk.rotary_dims, nk.traditional,
                                      nk.mscale, ci, si);
-                kr = rope_apply(a, b, pd, ci, si, nk.rotary_dims, nk.traditional);
+                // As stored: the first passes take the new rows from shared memory.
+                kr = round_as<kv_t>(rope_apply(a, b, pd, ci, si, nk.rotary_dims, nk.traditional));
+                vr = round_as<kv_t>(vr);
                 const i64 to = kv_base + ((i64)p0 + i) * hd;
-                kc[to + pd] = kr;
-                vc[to + pd] = vr;
+                store_elem(kc + to + pd, kr);
+                store_elem(vc + to + pd, vr);
             }
             new_k[i][pd] = kr;
             new_v[i][pd] = vr;
@@ -534,8 +554,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
 
 template <int HC>
 __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
-                                             const float* __restrict__ kc,
-                                             const float* __restrict__ vc,
+                                             const kv_t* __restrict__ kc,
+                                             const kv_t* __restrict__ vc,
                                              const u32* __restrict__ pos, float* __restrict__ out,
                                              int n_heads, int group, int hd, int capacity,
                                              float scale, int window, float softcap, int rows) {
@@ -574,8 +594,8 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
         for (int i = threadIdx.x; i < PF_KEYS * hd; i += blockDim.x) {
             const int j = i / hd, d = i % hd, key = t0 + j;
             const bool in = key < hi_block;
-            ks[j * (hd + 1) + d] = in ? kc[kv_base + (i64)key * hd + d] : 0.f;
-            vs[i] = in ? vc[kv_base + (i64)key * hd + d] : 0.f;
+            ks[j * (hd + 1) + d] = in ? elem_f32(kc[kv_base + (i64)key * hd + d]) : 0.f;
+            vs[i] = in ? elem_f32(vc[kv_base + (i64)key * hd + d]) : 0.f;
         }
         __syncthreads();
 
@@ -633,7 +653,7 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
     extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 1) attn_decode_##HC(           \
         const float* q, const float* k_new, const float* v_new, const float* inv_freq,          \
         int rotary_dims, int traditional, float mscale, const float* q_norm,                    \
-        const float* k_norm, float eps, float w_offset, float* kc, float* vc, const u32* pos,   \
+        const float* k_norm, float eps, float w_offset, kv_t* kc, kv_t* vc, const u32* pos,     \
         float* out, u16* out_h, float* partial, u32* counters, int n_heads, int group, int hd,  \
         int capacity, float scale, int window, float softcap) {                                 \
         const NewKeys nk{k_new, v_new, inv_freq, rotary_dims, traditional,                      \
@@ -642,7 +662,7 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
                         capacity, scale, window, softcap);                                      \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) attn_prefill_##HC(              \
-        const float* q, const float* kc, const float* vc, const u32* pos, float* out,           \
+        const float* q, const kv_t* kc, const kv_t* vc, const u32* pos, float* out,             \
         int n_heads, int group, int hd, int capacity, float scale, int window, float softcap,   \
         int rows) {                                                                             \
         kernel_entry();                                                                         \
@@ -661,7 +681,7 @@ ATTENTION(8)
 // cache[g, pos+r, d] = x[r, g·hd + d]; rows past the capacity are dropped (the engine never
 // sends them).
 extern "C" __global__ void kv_append(const float* __restrict__ x, const u32* __restrict__ pos,
-                                     float* __restrict__ cache, int rows, int n_kv, int hd,
+                                     kv_t* __restrict__ cache, int rows, int n_kv, int hd,
                                      int capacity) {
     kernel_entry();
     const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -671,5 +691,5 @@ extern "C" __global__ void kv_append(const float* __restrict__ x, const u32* __r
     const int r = (int)(idx / ((i64)hd * n_kv));
     const i64 p = (i64)pos[0] + r;
     if (p >= capacity) return;
-    cache[((i64)g * capacity + p) * hd + d] = x[idx];
+    store_elem(cache + ((i64)g * capacity + p) * hd + d, x[idx]);
 }

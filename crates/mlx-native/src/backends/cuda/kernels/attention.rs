@@ -1,11 +1,12 @@
 //! Causal attention over the KV cache and the cache append (attention.cu). A few query rows
 //! (decode) use split-K flash decoding; more (prefill) use tensor-core flash attention
-//! (flash_attention.cu) for head dims it covers, else shared-memory key tiles in f32.
+//! (flash_attention.cu) for head dims it covers, else shared-memory key tiles in f32. The
+//! caches are f32 or f16, each with its own build of the source (`kv_t`).
 
 use cudarc::driver::CudaSlice;
 
 use super::norm::{rms_norm_rows, RmsNormRows};
-use super::{COMMON, MMA, ROPE};
+use super::{for_caches, COMMON, KV_F16, KV_F32, MMA, ROPE};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
@@ -19,14 +20,19 @@ use crate::{Error, Result};
 
 pub(super) static SOURCE: Source = Source {
     name: "attention",
-    parts: &[
-        COMMON,
-        MMA,
-        ROPE,
-        include_str!("attention.cu"),
-        include_str!("flash_attention.cu"),
-    ],
+    parts: &[COMMON, MMA, ROPE, KV_F32, ATTENTION, FLASH_ATTENTION],
 };
+pub(super) static SOURCE_F16: Source = Source {
+    name: "attention_f16",
+    parts: &[COMMON, MMA, ROPE, KV_F16, ATTENTION, FLASH_ATTENTION],
+};
+const ATTENTION: &str = include_str!("attention.cu");
+const FLASH_ATTENTION: &str = include_str!("flash_attention.cu");
+
+/// The build for the dtype of the caches.
+fn source(caches: [&Tensor; 2]) -> Result<&'static Source> {
+    for_caches("attention", caches, [&SOURCE, &SOURCE_F16])
+}
 
 /// Up to this many query rows take the decode kernel (one pass over the keys per row); its
 /// new-key buffers in shared memory are sized by the same number (DEC_MAX_ROWS, attention.cu).
@@ -53,7 +59,9 @@ const MAX_SPLITS: usize = 128;
 pub(super) fn register(reg: &mut Registry<Planner>) {
     reg.insert("attention", "", DType::F32, attention);
     reg.insert("rope_attention", "", DType::F32, rope_attention);
+    // Keyed by the output's dtype, which for kv_append is the cache's.
     reg.insert("kv_append", "", DType::F32, kv_append);
+    reg.insert("kv_append", "", DType::F16, kv_append);
 }
 
 /// An `Op::Attention`'s constants as the kernels take them (0 for no window or softcap).
@@ -287,6 +295,7 @@ fn prefill(
     pos: &Tensor,
     out: &Tensor,
 ) -> Result<Launch> {
+    let source = source([k_cache, v_cache])?;
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
     let flash_ready = FLASH_HEAD_DIMS.contains(&shape.head_dim)
         && [
@@ -316,7 +325,7 @@ fn prefill(
             .int(rows)?;
         let grid = (dim(shape.n_heads)?, blocks(rows, FLASH_ROWS)?, 1);
         let name = format!("attn_flash_{}", shape.head_dim);
-        return lib.launch(&SOURCE, &name, grid, FLASH_THREADS, shared as u32, args);
+        return lib.launch(source, &name, grid, FLASH_THREADS, shared as u32, args);
     }
     let shared = ((PREFILL_ROWS + 2 * PREFILL_KEYS) * shape.head_dim + PREFILL_KEYS) * 4;
     let args = args
@@ -328,15 +337,16 @@ fn prefill(
         .int(rows)?;
     let grid = (dim(shape.n_heads)?, blocks(rows, PREFILL_ROWS)?, 1);
     let name = format!("attn_prefill_{}", shape.head_dim.div_ceil(32));
-    lib.launch(&SOURCE, &name, grid, THREADS, shared as u32, args)
+    lib.launch(source, &name, grid, THREADS, shared as u32, args)
 }
 
-/// The alignment decode attention's K/V loads need of a cache: where whole rows hold 32·HC dims,
-/// a lane loads its dims as vectors of 4 · `dims_run<HC>()` bytes (attention.cu's `load_dims`);
-/// other rows are read a float at a time. Rows are whole multiples of that, so the cache's start
-/// decides. `decode_attention_takes_caches_at_the_alignment_it_checks` (tests/cuda_backend.rs)
-/// runs the kernel on caches at every 4-byte offset the rule accepts.
-fn decode_cache_alignment(head_dim: usize) -> u64 {
+/// The alignment decode attention's K/V loads need of a cache of `elem_bytes` elements: where
+/// whole rows hold 32·HC dims, a lane loads its dims as vectors of `dims_run<HC>()` elements
+/// (attention.cu's `load_dims`); other rows are read an element at a time. Rows are whole
+/// multiples of that, so the cache's start decides.
+/// `decode_attention_takes_caches_at_the_alignment_it_checks` (tests/cuda_backend.rs) runs the
+/// kernel on caches at every element offset the rule accepts.
+fn decode_cache_alignment(head_dim: usize, elem_bytes: usize) -> u64 {
     let hc = head_dim.div_ceil(32);
     let run = if head_dim != 32 * hc {
         1
@@ -347,7 +357,7 @@ fn decode_cache_alignment(head_dim: usize) -> u64 {
     } else {
         1
     };
-    4 * run
+    (elem_bytes * run) as u64
 }
 
 /// A few query rows (`q`: address and row count): split-K flash decoding (`attn_decode`),
@@ -363,8 +373,9 @@ fn decode(
     pos: &Tensor,
     (out, out_h): (&Tensor, u64),
 ) -> Result<(Launch, Option<CudaSlice<u8>>)> {
+    let source = source([k_cache, v_cache])?;
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
-    let align = decode_cache_alignment(shape.head_dim);
+    let align = decode_cache_alignment(shape.head_dim, k_cache.dtype().size_in_bytes());
     for cache in [k_cache, v_cache] {
         let address = device_ptr(cache)?;
         if !address.is_multiple_of(align) {
@@ -423,7 +434,7 @@ fn decode(
         .f32(shape.softcap);
     let grid = (dim(shape.n_heads)?, dim(splits)?, dim(rows)?);
     let name = format!("attn_decode_{}", shape.head_dim.div_ceil(32));
-    let launch = lib.launch(&SOURCE, &name, grid, DECODE_THREADS, 0, args)?;
+    let launch = lib.launch(source, &name, grid, DECODE_THREADS, 0, args)?;
     Ok((launch, scratch))
 }
 
@@ -443,6 +454,7 @@ fn kv_append(
     let ([x, pos], [cache]) = (inputs, outputs) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
+    let source = for_caches("kv_append", [cache, cache], [&SOURCE, &SOURCE_F16])?;
     let rows = x.rows();
     let capacity = cache.shape().get(1).copied().unwrap_or(0);
     let args = Args::new()
@@ -455,7 +467,7 @@ fn kv_append(
         .int(capacity)?;
     let grid = (blocks(x.elem_count(), 256)?, 1, 1);
     Ok(CudaKernel::single(lib.launch(
-        &SOURCE,
+        source,
         "kv_append",
         grid,
         256,
@@ -468,24 +480,26 @@ fn kv_append(
 mod tests {
     use super::*;
 
-    /// Vector K/V loads only where rows are whole chunks of 32 dims: 16 bytes for runs of 4
-    /// dims (hd 128, 256), 8 for runs of 2 (hd 64), a float otherwise (hd 32, 96, odd ones).
+    /// Vector K/V loads only where rows are whole chunks of 32 dims: runs of 4 elements (hd
+    /// 128, 256), of 2 (hd 64), one element otherwise (hd 32, 96, odd ones); f32 or f16.
     #[test]
     fn decode_caches_aligned_as_their_loads() {
-        for (head_dim, bytes) in [
-            (64, 8),
-            (128, 16),
-            (256, 16),
-            (32, 4),
-            (96, 4),
-            (80, 4),
-            (40, 4),
+        for (head_dim, run) in [
+            (64, 2),
+            (128, 4),
+            (256, 4),
+            (32, 1),
+            (96, 1),
+            (80, 1),
+            (40, 1),
         ] {
-            assert_eq!(
-                decode_cache_alignment(head_dim),
-                bytes,
-                "head dim {head_dim}"
-            );
+            for elem_bytes in [4, 2] {
+                assert_eq!(
+                    decode_cache_alignment(head_dim, elem_bytes),
+                    (run * elem_bytes) as u64,
+                    "head dim {head_dim}, {elem_bytes}-byte elements"
+                );
+            }
         }
     }
 
@@ -493,7 +507,6 @@ mod tests {
     /// attention.cu that the planner repeats: a mismatch would index past the buffers.
     #[test]
     fn planner_constants_match_the_kernel() {
-        let source = include_str!("attention.cu");
         for (name, value) in [
             ("DEC_MAX_ROWS", DECODE_MAX_ROWS),
             ("DEC_MIN_SPLIT_KEYS", DECODE_MIN_SPLIT_KEYS),
@@ -501,7 +514,7 @@ mod tests {
         ] {
             let define = format!("#define {name} {value}");
             assert!(
-                source.lines().any(|l| l.starts_with(&define)),
+                ATTENTION.lines().any(|l| l.starts_with(&define)),
                 "attention.cu lacks `{define}`"
             );
         }

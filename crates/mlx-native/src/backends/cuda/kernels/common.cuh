@@ -134,6 +134,18 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
     return h;
 }
 
+// An element of a float or f16 (u16 bits) array as f32; an f32 stored into one, rounded to
+// nearest; and an f32 rounded as that store rounds it. For the KV caches (kv_t).
+__device__ __forceinline__ float elem_f32(float x) { return x; }
+__device__ __forceinline__ float elem_f32(u16 h) { return f16_to_f32(h); }
+__device__ __forceinline__ void store_elem(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store_elem(u16* p, float x) { *p = f32_to_f16(x); }
+template <typename T>
+__device__ __forceinline__ float round_as(float x) {
+    if constexpr (sizeof(T) == 2) return f16_to_f32(f32_to_f16(x));
+    return x;
+}
+
 // An f16 copy of a row some decode matvecs write beside their f32 output (`out_h`, or null):
 // the tensor-core matvec that reads the row next stages it from there, half the bytes
 // (matvec_tc.cu).

@@ -1,5 +1,5 @@
 // Prefill attention on tensor cores (flash-attention style), compiled after attention.cu
-// (key_range, cap_score) and with its semantics: f32 q [rows, n_heads, HD], f32 caches
+// (key_range, cap_score) and with its semantics: f32 q [rows, n_heads, HD], kv_t caches
 // [n_kv_heads, capacity, HD], GQA, query row i at position pos+i seeing keys lo..=pos+i
 // (sliding window), scores scale·q·k soft-capped when softcap > 0. A block takes FA_ROWS
 // query rows of one head (16 per warp) and streams key tiles of FA_KEYS through shared memory
@@ -14,24 +14,33 @@
 #define FA_ROWS (16 * FA_WARPS)
 #define FA_KEYS 64
 
-// rows × HD floats from `src` (row stride `stride` floats) into f16 `dst` (row stride HD + 8),
+// Four values at p (aligned to four elements) times `mul`, as packed f16.
+__device__ __forceinline__ uint2 f16x4(const float* p, float mul) {
+    const float4 v = *(const float4*)p;
+    return uint2{pack_f16x2(v.x * mul, v.y * mul), pack_f16x2(v.z * mul, v.w * mul)};
+}
+
+__device__ __forceinline__ uint2 f16x4(const u16* p, float mul) {
+    float v[4];
+    load_run<4>(p, v);
+    return uint2{pack_f16x2(v[0] * mul, v[1] * mul), pack_f16x2(v[2] * mul, v[3] * mul)};
+}
+
+// rows × HD values from `src` (row stride `stride` elements) into f16 `dst` (row stride HD + 8),
 // times `mul`; rows at or past `valid` are zero.
-template <int HD>
-__device__ __forceinline__ void fa_stage(u16* dst, const float* __restrict__ src, i64 stride,
+template <int HD, typename T>
+__device__ __forceinline__ void fa_stage(u16* dst, const T* __restrict__ src, i64 stride,
                                          int n_rows, int valid, float mul) {
     for (int i = threadIdx.x; i < n_rows * HD / 4; i += FA_WARPS * 32) {
         const int r = i / (HD / 4), c = 4 * (i % (HD / 4));
-        float4 v = {0.f, 0.f, 0.f, 0.f};
-        if (r < valid) v = *(const float4*)(src + r * stride + c);
-        *(uint2*)&dst[r * (HD + 8) + c] =
-            uint2{pack_f16x2(v.x * mul, v.y * mul), pack_f16x2(v.z * mul, v.w * mul)};
+        *(uint2*)&dst[r * (HD + 8) + c] = r < valid ? f16x4(src + r * stride + c, mul) : uint2{0, 0};
     }
 }
 
 template <int HD>
 __device__ __forceinline__ void attn_flash(const float* __restrict__ q,
-                                           const float* __restrict__ kc,
-                                           const float* __restrict__ vc,
+                                           const kv_t* __restrict__ kc,
+                                           const kv_t* __restrict__ vc,
                                            const u32* __restrict__ pos, float* __restrict__ out,
                                            int n_heads, int group, int capacity, float scale,
                                            int window, float softcap, int rows) {
@@ -161,7 +170,7 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ q,
 
 #define ATTN_FLASH(HD)                                                                        \
     extern "C" __global__ void __launch_bounds__(FA_WARPS * 32) attn_flash_##HD(              \
-        const float* q, const float* kc, const float* vc, const u32* pos, float* out,         \
+        const float* q, const kv_t* kc, const kv_t* vc, const u32* pos, float* out,           \
         int n_heads, int group, int capacity, float scale, int window, float softcap,         \
         int rows) {                                                                           \
         kernel_entry();                                                                       \

@@ -11,10 +11,12 @@ mod rope;
 mod sampling;
 mod weights;
 
-#[cfg(test)]
 use super::compile::Source;
 use super::launch::Planner;
+use crate::core::dtype::DType;
 use crate::core::registry::Registry;
+use crate::core::tensor::Tensor;
+use crate::{Error, Result};
 
 const COMMON: &str = include_str!("common.cuh");
 /// Weight layouts (MLX affine, ggml blocks, dense) read by matmul and embedding kernels.
@@ -23,11 +25,34 @@ const LAYOUTS: &str = include_str!("layouts.cuh");
 const ROPE: &str = include_str!("rope.cuh");
 /// Tensor-core fragments (mma.sync) for the prefill matmul and attention.
 const MMA: &str = include_str!("mma.cuh");
+/// The KV caches' element type `kv_t`: each source that reads or writes the caches (attention,
+/// rope) is built once per cache dtype.
+const KV_F32: &str = include_str!("kv_f32.cuh");
+const KV_F16: &str = include_str!("kv_f16.cuh");
+
+/// The build of a source (`[f32 caches, f16 caches]`) for the dtype of `caches`, which must
+/// agree.
+fn for_caches(
+    op: &'static str,
+    caches: [&Tensor; 2],
+    [f32_build, f16_build]: [&'static Source; 2],
+) -> Result<&'static Source> {
+    let [k, v] = caches.map(Tensor::dtype);
+    match (k, v) {
+        (DType::F32, DType::F32) => Ok(f32_build),
+        (DType::F16, DType::F16) => Ok(f16_build),
+        _ => Err(Error::op(
+            op,
+            format!("KV caches in {k} and {v}: both f32 or both f16"),
+        )),
+    }
+}
 
 /// Every source, for the compile test.
 #[cfg(test)]
 pub(crate) const SOURCES: &[&Source] = &[
     &attention::SOURCE,
+    &attention::SOURCE_F16,
     &elementwise::SOURCE,
     &embedding::SOURCE,
     &matmul::MATVEC,
@@ -37,6 +62,7 @@ pub(crate) const SOURCES: &[&Source] = &[
     &moe::SOURCE,
     &norm::SOURCE,
     &rope::SOURCE,
+    &rope::SOURCE_F16,
     &sampling::SOURCE,
 ];
 

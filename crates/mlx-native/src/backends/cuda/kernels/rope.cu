@@ -3,14 +3,16 @@
 // from device memory so that a captured graph stays valid as it advances.
 
 // Thread j of a head (0 ≤ j < rotary_dims/2 + head_dim − rotary_dims) at position p: rotates
-// pair j of `xh` into `yh`, or, past the pairs, copies one pass-through dim.
-__device__ __forceinline__ void rope_head_thread(const float* __restrict__ xh, float* __restrict__ yh,
+// pair j of `xh` into `yh` (f32, or a kv_t cache row), or, past the pairs, copies one
+// pass-through dim.
+template <typename T>
+__device__ __forceinline__ void rope_head_thread(const float* __restrict__ xh, T* __restrict__ yh,
                                                  const float* __restrict__ inv_freq, u32 p, int j,
                                                  int rotary_dims, int traditional, float mscale) {
     const int half = rotary_dims / 2;
     if (j >= half) {
         const int d = rotary_dims + (j - half);
-        yh[d] = xh[d];
+        store_elem(yh + d, xh[d]);
         return;
     }
     float c, s;
@@ -18,8 +20,8 @@ __device__ __forceinline__ void rope_head_thread(const float* __restrict__ xh, f
     int i0, i1;
     rope_pair(j, rotary_dims, traditional, i0, i1);
     const float x0 = xh[i0], x1 = xh[i1];
-    yh[i0] = x0 * c - x1 * s;
-    yh[i1] = x0 * s + x1 * c;
+    store_elem(yh + i0, x0 * c - x1 * s);
+    store_elem(yh + i1, x0 * s + x1 * c);
 }
 
 extern "C" __global__ void rope(const float* __restrict__ x, const float* __restrict__ inv_freq,
@@ -37,14 +39,14 @@ extern "C" __global__ void rope(const float* __restrict__ x, const float* __rest
 }
 
 // The attention's input stage for rows at positions pos..pos+rows: q rotated into q_out, k
-// rotated into k_cache and v copied into v_cache (caches [n_kv, capacity, head_dim]). Per row,
+// rotated into k_cache and v copied into v_cache (caches [n_kv, capacity, head_dim] of kv_t). Per row,
 // threads cover the q heads' and k heads' rope threads, then v's elements. Rows past the
 // capacity are dropped (the engine never sends them).
 extern "C" __global__ void rope_kv_append(const float* __restrict__ q, const float* __restrict__ k,
                                           const float* __restrict__ v,
                                           const float* __restrict__ inv_freq,
                                           const u32* __restrict__ pos, float* __restrict__ q_out,
-                                          float* __restrict__ k_cache, float* __restrict__ v_cache,
+                                          kv_t* __restrict__ k_cache, kv_t* __restrict__ v_cache,
                                           int rows, int n_heads, int n_kv, int head_dim,
                                           int rotary_dims, int traditional, float mscale,
                                           int capacity) {
@@ -59,7 +61,7 @@ extern "C" __global__ void rope_kv_append(const float* __restrict__ q, const flo
     if (t >= roped) {
         if (p >= (u32)capacity) return;
         const int e = t - roped, g = e / head_dim, d = e % head_dim;
-        v_cache[((i64)g * capacity + p) * head_dim + d] = v[(i64)r * n_kv * head_dim + e];
+        store_elem(v_cache + ((i64)g * capacity + p) * head_dim + d, v[(i64)r * n_kv * head_dim + e]);
         return;
     }
     const int h = t / per_head, j = t % per_head;

@@ -1,7 +1,8 @@
 //! Rotary position embedding (rope.cu): one thread per rotated pair or copied dim; fused with
-//! the KV-cache append for the attention's input stage.
+//! the KV-cache append for the attention's input stage (f32 or f16 caches: a build of the
+//! source each, `kv_t`).
 
-use super::{COMMON, ROPE};
+use super::{for_caches, COMMON, KV_F16, KV_F32, ROPE};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
@@ -15,8 +16,13 @@ use crate::Result;
 
 pub(super) static SOURCE: Source = Source {
     name: "rope",
-    parts: &[COMMON, ROPE, include_str!("rope.cu")],
+    parts: &[COMMON, ROPE, KV_F32, ROPE_CU],
 };
+pub(super) static SOURCE_F16: Source = Source {
+    name: "rope_f16",
+    parts: &[COMMON, ROPE, KV_F16, ROPE_CU],
+};
+const ROPE_CU: &str = include_str!("rope.cu");
 
 pub(super) fn register(reg: &mut Registry<Planner>) {
     reg.insert("rope", "", DType::F32, rope);
@@ -97,6 +103,7 @@ pub(super) fn rope_kv_append_launch(
     else {
         return Err(wrong_op(op));
     };
+    let source = for_caches(op.name(), [k_cache, v_cache], [&SOURCE, &SOURCE_F16])?;
     let rows = v.rows();
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
     let per_row =
@@ -119,5 +126,5 @@ pub(super) fn rope_kv_append_launch(
         .f32(mscale)
         .int(capacity)?;
     let grid = (blocks(rows * per_row, 256)?, 1, 1);
-    lib.launch(&SOURCE, "rope_kv_append", grid, 256, 0, args)
+    lib.launch(source, "rope_kv_append", grid, 256, 0, args)
 }
