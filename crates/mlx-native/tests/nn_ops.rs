@@ -232,6 +232,33 @@ fn rope_matches_mlx() {
     }
 }
 
+/// The YaRN scaling the fused input stage's tests rotate with (an mscale other than 1).
+fn yarn_scaling() -> RopeScaling {
+    RopeScaling::Yarn {
+        factor: 4.0,
+        original_max_position_embeddings: 512,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        mscale: 1.0,
+        mscale_all_dim: 0.0,
+    }
+}
+
+/// Random rows `[m, heads·hd]` (normal, standard deviation `sd`) for each of `heads` (q, k, v).
+fn qkv_rows(
+    dev: &Device,
+    rng: &mut Rng,
+    m: usize,
+    heads: [usize; 3],
+    hd: usize,
+    sd: f32,
+) -> [Tensor; 3] {
+    heads.map(|h| {
+        dev.from_slice(&rng.normals(m * h * hd, sd), &[m, h * hd])
+            .unwrap()
+    })
+}
+
 /// The fused attention input stage is `rope` of q and k and `kv_append` of k and v (both
 /// checked against MLX here), bit for bit, for both layouts, partial rotation and a YaRN
 /// mscale; cache rows outside pos..pos+m stay untouched. `rope_attention` is that stage
@@ -241,21 +268,10 @@ fn rope_kv_append_equals_rope_then_kv_append() {
     let dev = Device::cpu();
     let mut rng = Rng(21);
     let (m, n_heads, n_kv, hd, capacity, pos) = (3, 6, 2, 24, 11, 5);
-    let scaling = RopeScaling::Yarn {
-        factor: 4.0,
-        original_max_position_embeddings: 512,
-        beta_fast: 32.0,
-        beta_slow: 1.0,
-        mscale: 1.0,
-        mscale_all_dim: 0.0,
-    };
+    let scaling = yarn_scaling();
     for (dims, traditional) in [(24, false), (10, true)] {
         let table = RopeTable::new(&dev, dims, 10000.0, &scaling).unwrap();
-        let mut tensor = |heads: usize| {
-            let x = rng.normals(m * heads * hd, 1.0);
-            dev.from_slice(&x, &[m, heads * hd]).unwrap()
-        };
-        let (q, k, v) = (tensor(n_heads), tensor(n_kv), tensor(n_kv));
+        let [q, k, v] = qkv_rows(&dev, &mut rng, m, [n_heads, n_kv, n_kv], hd, 1.0);
         let cache_data = rng.normals(n_kv * capacity * hd, 1.0);
         let cache = || dev.from_slice(&cache_data, &[n_kv, capacity, hd]).unwrap();
         let pos_t = pos_tensor(&dev, pos);
@@ -958,21 +974,10 @@ fn rope_kv_append_f16_caches_are_the_f32_result_rounded() {
     let dev = Device::cpu();
     let mut rng = Rng(32);
     let (m, n_heads, n_kv, hd, capacity, pos) = (3, 6, 2, 24, 11, 5);
-    let scaling = RopeScaling::Yarn {
-        factor: 4.0,
-        original_max_position_embeddings: 512,
-        beta_fast: 32.0,
-        beta_slow: 1.0,
-        mscale: 1.0,
-        mscale_all_dim: 0.0,
-    };
+    let scaling = yarn_scaling();
     for (dims, traditional, m) in [(24, false, m), (10, true, m), (24, false, 1)] {
         let table = RopeTable::new(&dev, dims, 10000.0, &scaling).unwrap();
-        let mut tensor = |heads: usize| {
-            let x = rng.normals(m * heads * hd, 2.0);
-            dev.from_slice(&x, &[m, heads * hd]).unwrap()
-        };
-        let (q, k, v) = (tensor(n_heads), tensor(n_kv), tensor(n_kv));
+        let [q, k, v] = qkv_rows(&dev, &mut rng, m, [n_heads, n_kv, n_kv], hd, 2.0);
         // f16-representable, so the untouched rows of both runs hold the same values
         let cache_data = f16_rounded(&rng.normals(n_kv * capacity * hd, 1.0));
         let dims3 = [n_kv, capacity, hd];
@@ -1065,6 +1070,29 @@ fn attention_over_f16_caches_equals_f32_over_the_rounded_values() {
     }
 }
 
+/// `rope_attention` with no head norms, rotate-half RoPE and no f16 copy of the output.
+fn rope_attention_plain(
+    enc: &mut CommandEncoder,
+    qkv: [&Tensor; 3],
+    table: &RopeTable,
+    shape: AttentionShape,
+    pos: &Tensor,
+    caches: (&Tensor, &Tensor),
+    out: &Tensor,
+) -> mlx_native::Result<()> {
+    ops::rope_attention(
+        enc,
+        qkv,
+        None,
+        table,
+        false,
+        shape,
+        pos,
+        caches,
+        (out, None),
+    )
+}
+
 /// `rope_attention` with f16 caches: the caches are the f32 run's rounded to f16, bit for
 /// bit, and the output is attention of the rotated q over those rounded caches (decode and
 /// three rows, GQA, a window or not).
@@ -1081,10 +1109,7 @@ fn rope_attention_f16_caches_match_attention_over_the_rounded_caches() {
             window,
             ..full_attention(n_heads, n_kv, hd)
         };
-        let [q, k, v] = [n_heads, n_kv, n_kv].map(|heads| {
-            dev.from_slice(&rng.normals(m * heads * hd, 1.5), &[m, heads * hd])
-                .unwrap()
-        });
+        let [q, k, v] = qkv_rows(&dev, &mut rng, m, [n_heads, n_kv, n_kv], hd, 1.5);
         let cache_data = f16_rounded(&rng.normals(n_kv * capacity * hd, 1.0));
         let f32_cache = || dev.from_slice(&cache_data, &dims3).unwrap();
         let f16_cache = || dev.from_slice(&halves(&cache_data), &dims3).unwrap();
@@ -1092,18 +1117,8 @@ fn rope_attention_f16_caches_match_attention_over_the_rounded_caches() {
         let (out16, k16, v16) = (nan_tensor(&dev, q.shape()), f16_cache(), f16_cache());
         let mut enc = CommandEncoder::new(&dev);
         for (out, kc, vc) in [(&out32, &k32, &v32), (&out16, &k16, &v16)] {
-            ops::rope_attention(
-                &mut enc,
-                [&q, &k, &v],
-                None,
-                &table,
-                false,
-                shape,
-                &pos_t,
-                (kc, vc),
-                (out, None),
-            )
-            .unwrap();
+            rope_attention_plain(&mut enc, [&q, &k, &v], &table, shape, &pos_t, (kc, vc), out)
+                .unwrap();
         }
         let q_rot = nan_tensor(&dev, q.shape());
         ops::rope(&mut enc, &q, &table, n_heads, hd, false, &pos_t, &q_rot).unwrap();
@@ -1141,10 +1156,7 @@ fn mixed_cache_dtypes_are_refused() {
     let table = RopeTable::new(&dev, hd, 10000.0, &RopeScaling::None).unwrap();
     let shape = full_attention(n_heads, n_kv, hd);
     let pos_t = pos_tensor(&dev, pos);
-    let [q, k, v] = [n_heads, n_kv, n_kv].map(|heads| {
-        dev.from_slice(&rng.normals(m * heads * hd, 1.0), &[m, heads * hd])
-            .unwrap()
-    });
+    let [q, k, v] = qkv_rows(&dev, &mut rng, m, [n_heads, n_kv, n_kv], hd, 1.0);
     let dims3 = [n_kv, capacity, hd];
     let mut cache = |dtype: DType| {
         let x = rng.normals(n_kv * capacity * hd, 1.0);
@@ -1179,16 +1191,14 @@ fn mixed_cache_dtypes_are_refused() {
                 &out,
                 (&kc, &vc),
             ),
-            ops::rope_attention(
+            rope_attention_plain(
                 &mut enc,
                 [&q, &k, &v],
-                None,
                 &table,
-                false,
                 shape,
                 &pos_t,
                 (&kc, &vc),
-                (&out, None),
+                &out,
             ),
         ];
         for err in errors {

@@ -499,7 +499,8 @@ impl Decoder {
     }
 
     /// The KV caches' dtype unless a session asks for another. f32 for a model whose float
-    /// weights are stored in f32, which mlx-lm computes in f32. Otherwise f16, as MLX
+    /// weights are stored in f32, which mlx-lm computes in f32 (and for GGUF files, whose norms
+    /// are f32). Otherwise f16, as MLX
     /// keeps an f16 model's caches (bf16 models too: the same bytes, llama.cpp's default):
     /// half the memory and half what attention reads, except at head dims up to 64, where the
     /// decode kernel's widening of each element read costs more than the bytes save. H100,
