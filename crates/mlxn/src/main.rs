@@ -40,17 +40,19 @@ pub struct DeviceArgs {
 }
 
 impl DeviceArgs {
-    /// A session for `model` with the KV cache dtype asked for, else the model's.
+    /// A session for `model` with the KV cache dtype asked for, else the model's
+    /// (`Session::new`).
     pub fn session(
         &self,
         model: mlx_native::models::decoder::Decoder,
         device: &mlx_native::Device,
         capacity: usize,
     ) -> mlx_native::Result<mlx_native::engine::Session> {
-        let kv_dtype = self
-            .kv_dtype
-            .map_or(model.default_kv_dtype(), KvDtype::dtype);
-        mlx_native::engine::Session::with_kv_dtype(model, device, capacity, kv_dtype)
+        use mlx_native::engine::Session;
+        match self.kv_dtype {
+            Some(kv) => Session::with_kv_dtype(model, device, capacity, kv.dtype()),
+            None => Session::new(model, device, capacity),
+        }
     }
 }
 

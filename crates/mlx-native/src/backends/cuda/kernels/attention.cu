@@ -1,6 +1,7 @@
 // Causal attention with GQA over caches [n_kv_heads, capacity, head_dim] of kv_t (f32 or f16:
-// kv_f32.cuh, kv_f16.cuh; values widen to f32 as they are read), and the cache append. Query row i is at position pos+i (pos read from device memory) and sees keys
-// lo..=pos+i, lo > pos+i−window under a sliding window. Scores are scale·q·k, soft-capped
+// kv_f32.cuh, kv_f16.cuh; values widen to f32 as they are read), and the cache append. Query
+// row i is at position pos+i (pos read from device memory) and sees keys lo..=pos+i,
+// lo > pos+i−window under a sliding window. Scores are scale·q·k, soft-capped
 // when softcap > 0. HC chunks of 32 cover head_dim; in a decode pass lane l of a warp owns
 // head dims `lane_dim(l, c)`, in prefill's P·V dims l, l + 32, ….
 

@@ -39,8 +39,8 @@ extern "C" __global__ void rope(const float* __restrict__ x, const float* __rest
 }
 
 // The attention's input stage for rows at positions pos..pos+rows: q rotated into q_out, k
-// rotated into k_cache and v copied into v_cache (caches [n_kv, capacity, head_dim] of kv_t). Per row,
-// threads cover the q heads' and k heads' rope threads, then v's elements. Rows past the
+// rotated into k_cache and v copied into v_cache (caches [n_kv, capacity, head_dim] of
+// kv_t). Per row, threads cover the q heads' and k heads' rope threads, then v's elements. Rows past the
 // capacity are dropped (the engine never sends them).
 extern "C" __global__ void rope_kv_append(const float* __restrict__ q, const float* __restrict__ k,
                                           const float* __restrict__ v,
