@@ -2003,17 +2003,25 @@ fn argmax_picks_lowest_id_of_the_last_row() {
             Ok(token.to_vec::<u32>()?.iter().map(|&t| t as f32).collect())
         };
         check("argmax", &dev, compute, &[tie[1] as f64], 0.0);
-        // The greedy step's end: the same pick, and the position moved on by one.
+        // The greedy step's end: the same pick, also in ring slot 42 % 5 (host-mapped memory,
+        // read in place), and the position moved on by one.
         let compute = |dev: &Device| {
             let lt = dev.from_slice(&logits, &[rows, vocab])?;
             let token = poisoned_u32(dev, &[1])?;
             let pos = dev.from_slice(&[41u32], &[1])?;
-            run(dev, |enc| ops::argmax_advance(enc, &lt, &token, &pos))?;
+            let ring = dev.zeros_host_mapped(&[5], DType::U32)?;
+            ring.write(&[u32::MAX; 5])?;
+            run(dev, |enc| {
+                ops::argmax_end_step(enc, &lt, &token, &pos, &ring)
+            })?;
             let mut got = token.to_vec::<u32>()?;
             got.extend(pos.to_vec::<u32>()?);
+            got.extend(ring.read_later::<u32>()?.finish()?);
             Ok(got.iter().map(|&t| t as f32).collect())
         };
-        check("argmax_advance", &dev, compute, &[tie[1] as f64, 42.0], 0.0);
+        let m = u32::MAX as f32 as f64;
+        let want = [tie[1] as f64, 42.0, m, m, tie[1] as f64, m, m];
+        check("argmax_end_step", &dev, compute, &want, 0.0);
     }
 }
 
@@ -2292,6 +2300,7 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
     let history: Vec<u32> = (0..capacity).map(|_| rng.below(vocab) as u32).collect();
     let history = dev.from_slice(&history, &[capacity]).unwrap();
     let pos = dev.from_slice(&[0u32], &[1]).unwrap();
+    let ring = dev.zeros_host_mapped(&[3], DType::U32).unwrap();
     let ids = dev.from_slice(&[17u32], &[1]).unwrap();
     let t = |n| dev.empty(&[1, n], DType::F32).unwrap();
     let (x, xn, q, qr, k, kr, v, att, att2, logits) = (
@@ -2345,7 +2354,8 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
             (&att2, None),
         )?;
         ops::matmul(enc, &att, &head, &logits)?;
-        ops::sample(enc, params, &logits, &pos, &token, &history)
+        ops::sample(enc, params, &logits, &pos, &token, &history)?;
+        ops::end_step(enc, &token, &pos, &ring)
     };
     let outputs = |p: usize| -> Vec<u32> {
         let mut bits: Vec<u32> = [&x, &xn, &q, &qr, &k, &kr, &v, &att, &att2, &logits]
@@ -2354,6 +2364,10 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
             .collect();
         bits.push(token.to_vec::<u32>().unwrap()[0]);
         bits.push(history.to_vec::<u32>().unwrap()[p + 1]);
+        // The step's end: the token in its ring slot (host-mapped, read in place), pos moved.
+        let slot = ring.narrow_rows((p + 1) % 3, 1).unwrap();
+        bits.push(slot.read_later::<u32>().unwrap().finish().unwrap()[0]);
+        bits.push(pos.to_vec::<u32>().unwrap()[0]);
         bits
     };
     let poison = || {
@@ -2361,13 +2375,14 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
             t.write(&vec![f32::NAN; t.elem_count()]).unwrap();
         }
         token.write(&[u32::MAX]).unwrap();
+        ring.write(&[u32::MAX; 3]).unwrap();
     };
 
     let mut enc = CommandEncoder::new(&dev);
     enc.begin_capture().unwrap();
     record(&mut enc).unwrap();
     let mut graph = enc.end_capture().unwrap();
-    assert_eq!(graph.len(), 13);
+    assert_eq!(graph.len(), 14);
     // Several active splits from 700 on: their merge counters must be back at 0 after each
     // replay.
     for p in [5usize, 6, 700, 701, 898] {
@@ -2377,8 +2392,19 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
         let plain = outputs(p);
         assert!(plain
             .iter()
-            .take(plain.len() - 2)
+            .take(plain.len() - 4)
             .all(|&b| f32::from_bits(b).is_finite()));
+        let n = plain.len();
+        assert_eq!(
+            plain[n - 4],
+            plain[n - 2],
+            "pos {p}: the ring slot holds the token"
+        );
+        assert_eq!(
+            plain[n - 1],
+            p as u32 + 1,
+            "pos {p}: the step's end moves pos on"
+        );
         // The fused RoPE + append + attention agrees with its three steps.
         let fused = att2.to_vec::<f32>().unwrap();
         let steps: Vec<f64> = att
@@ -2389,6 +2415,7 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
             .collect();
         assert_close(&format!("rope_attention at pos {p}"), &fused, &steps, 1e-6);
         poison();
+        pos.write(&[p as u32]).unwrap();
         graph.replay().unwrap();
         dev.synchronize().unwrap();
         assert!(

@@ -1480,23 +1480,46 @@ fn argmax_last_row_ties_and_nan() {
     assert_eq!(all_nan.argmax(), 0);
 }
 
-/// The greedy step's end: argmax's pick, and pos += 1 in the same dispatch.
+/// The greedy step's end: argmax's pick, also into ring slot (pos + 1) % r, and pos += 1 in the
+/// same dispatch; `end_step` alone does the same with a given token.
 #[test]
-fn argmax_advance_picks_and_moves_the_position_on() {
+fn argmax_end_step_picks_publishes_and_moves_the_position_on() {
     let mut logits = vec![0.25f32; 2 * 11];
     logits[11 + 7] = 3.0;
     let s = Sampler::new(&logits, 11, &[0; 4]);
+    let ring = s.dev.zeros_host_mapped(&[4], DType::U32).unwrap();
+    ring.write(&[u32::MAX; 4]).unwrap();
     s.pos.write(&[9u32]).unwrap();
     s.token.write(&[u32::MAX]).unwrap();
     let mut enc = CommandEncoder::new(&s.dev);
-    ops::argmax_advance(&mut enc, &s.logits, &s.token, &s.pos).unwrap();
+    ops::argmax_end_step(&mut enc, &s.logits, &s.token, &s.pos, &ring).unwrap();
     enc.commit().unwrap();
     assert_eq!(s.token.to_vec::<u32>().unwrap(), [7]);
     assert_eq!(s.pos.to_vec::<u32>().unwrap(), [10]);
+    assert_eq!(
+        ring.to_vec::<u32>().unwrap(),
+        [u32::MAX, u32::MAX, 7, u32::MAX]
+    );
+
+    s.token.write(&[5u32]).unwrap();
+    let mut enc = CommandEncoder::new(&s.dev);
+    ops::end_step(&mut enc, &s.token, &s.pos, &ring).unwrap();
+    enc.commit().unwrap();
+    assert_eq!(s.pos.to_vec::<u32>().unwrap(), [11]);
+    assert_eq!(ring.to_vec::<u32>().unwrap(), [u32::MAX, u32::MAX, 7, 5]);
+
     let wrong = s.dev.zeros(&[2], DType::U32).unwrap();
     let mut enc = CommandEncoder::new(&s.dev);
-    let err = ops::argmax_advance(&mut enc, &s.logits, &s.token, &wrong).unwrap_err();
+    let err = ops::argmax_end_step(&mut enc, &s.logits, &s.token, &wrong, &ring).unwrap_err();
     assert!(err.to_string().contains("pos"), "{err}");
+    for bad in [
+        s.dev.zeros(&[0], DType::U32).unwrap(),
+        s.dev.zeros(&[2, 2], DType::U32).unwrap(),
+        s.dev.zeros(&[4], DType::F32).unwrap(),
+    ] {
+        let err = ops::end_step(&mut enc, &s.token, &s.pos, &bad).unwrap_err();
+        assert!(err.to_string().contains("end_step: ring"), "{err}");
+    }
 }
 
 /// The sampler equals the f64 reference draw for draw over many (seed, pos) and every

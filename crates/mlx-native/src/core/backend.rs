@@ -54,6 +54,13 @@ pub trait Backend: Send + Sync {
         false
     }
     fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceBuffer>>;
+    /// Memory that kernels write and the host reads without a copy, so that `read_later` of
+    /// it waits for the work before it and copies nothing on the device (CUDA: page-locked
+    /// host memory mapped into the device's address space). By default `alloc`: where the
+    /// device runs synchronously on the host, its memory is the host's.
+    fn alloc_host_mapped(&self, bytes: usize) -> Result<Box<dyn DeviceBuffer>> {
+        self.alloc(bytes)
+    }
     /// A buffer holding `bytes[range]`. Backends that can read host memory use it in place.
     fn host_buffer(
         &self,

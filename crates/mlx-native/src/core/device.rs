@@ -115,6 +115,21 @@ impl Device {
         )
     }
 
+    /// A zeroed tensor in host-mapped memory (`Backend::alloc_host_mapped`), outside the pool:
+    /// what kernels put there, `Tensor::read_later` reads without a device-side copy.
+    pub fn zeros_host_mapped(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let bytes = (shape.iter().product::<usize>() * dtype.size_in_bytes()).max(1);
+        let storage = self.backend().alloc_host_mapped(bytes)?;
+        let t = Tensor::from_buffer(
+            Buffer::new(self.clone(), storage, false),
+            0,
+            shape.to_vec(),
+            dtype,
+        )?;
+        self.write_bytes(&t, &vec![0u8; t.byte_len()])?;
+        Ok(t)
+    }
+
     pub fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let t = self.empty(shape, dtype)?;
         self.write_bytes(&t, &vec![0u8; t.byte_len()])?;

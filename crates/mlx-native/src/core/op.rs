@@ -280,17 +280,19 @@ pub enum Op {
     /// in: y `[m, top_k, n]`, weights f32 `[m, top_k]`, residual `[m, n]`; out `[m, n]`.
     MoeCombine,
     /// Greedy pick over the last row. in: logits f32 `[m, vocab]`; out: token u32 `[1]`, then
-    /// with `advance_pos` the decode position pos u32 `[1]` (read-modify-write: += 1, as
-    /// `AdvancePos`; a greedy step's last dispatch, so one kernel fewer).
-    Argmax { advance_pos: bool },
+    /// with `end_step` pos u32 `[1]` and ring u32 `[r]` as `EndStep` does (a greedy step's last
+    /// dispatch, so one kernel fewer).
+    Argmax { end_step: bool },
     /// Sample from the last row. in: logits f32 `[m, vocab]`, pos u32 `[1]`;
     /// out: token u32 `[1]`, history u32 `[capacity]` (read-modify-write: tokens at
     /// positions 0..=pos are read for the repetition penalty, the pick is stored at pos+1).
     /// The random draw is a hash of (seed, pos), so replays are deterministic.
     Sample(SamplingParams),
-    /// The decode position moves on by one. out (read-modify-write): pos u32 `[1]`. Ends a
-    /// replayed decode step, so the host writes the position only when it jumps.
-    AdvancePos,
+    /// The end of a decode step: ring[(pos + 1) % r] = token, then pos += 1. in: token u32
+    /// `[1]`; out: pos u32 `[1]` (read-modify-write), ring u32 `[r]`. The host writes the
+    /// position only when it jumps, and reads each step's token from its slot of the ring
+    /// (host-mapped memory: `Device::zeros_host_mapped`) while later steps run.
+    EndStep,
 }
 
 impl Op {
@@ -318,7 +320,7 @@ impl Op {
             Op::MoeCombine => "moe_combine",
             Op::Argmax { .. } => "argmax",
             Op::Sample(_) => "sample",
-            Op::AdvancePos => "advance_pos",
+            Op::EndStep => "end_step",
         }
     }
 
@@ -369,22 +371,23 @@ pub(crate) fn operand_count(op: &Op, inputs: usize, outputs: usize) -> Error {
     )
 }
 
-/// An `Argmax`'s operands: the logits, the token, and `pos` where the step advances it
-/// (`advance_pos`); a wrong count is an error naming the op, another op a registry mistake.
+/// An `Argmax`'s operands: the logits, the token, and where the step ends there (`end_step`)
+/// pos and the ring; a wrong count is an error naming the op, another op a registry mistake.
+#[allow(clippy::type_complexity)]
 pub(crate) fn argmax_operands<'t>(
     op: &Op,
     inputs: &'t [Tensor],
     outputs: &'t [Tensor],
-) -> Result<(&'t Tensor, &'t Tensor, Option<&'t Tensor>)> {
-    let Op::Argmax { advance_pos } = *op else {
+) -> Result<(&'t Tensor, &'t Tensor, Option<(&'t Tensor, &'t Tensor)>)> {
+    let Op::Argmax { end_step } = *op else {
         return Err(Error::Invalid(format!(
             "an argmax kernel received {}",
             op.name()
         )));
     };
-    match (advance_pos, inputs, outputs) {
+    match (end_step, inputs, outputs) {
         (false, [logits], [token]) => Ok((logits, token, None)),
-        (true, [logits], [token, pos]) => Ok((logits, token, Some(pos))),
+        (true, [logits], [token, pos, ring]) => Ok((logits, token, Some((pos, ring)))),
         _ => Err(operand_count(op, inputs.len(), outputs.len())),
     }
 }

@@ -215,6 +215,7 @@ impl Tensor {
         Ok(PendingRead {
             inner,
             elems: self.elem_count(),
+            _source: self.buffer.clone(),
             _elem: std::marker::PhantomData,
         })
     }
@@ -255,6 +256,8 @@ impl Tensor {
 pub struct PendingRead<T> {
     inner: Box<dyn crate::core::backend::PendingBytes>,
     elems: usize,
+    /// Kept alive until the read is done: host-mapped memory is read in place.
+    _source: Buffer,
     _elem: std::marker::PhantomData<T>,
 }
 

@@ -18,6 +18,10 @@ use crate::{Error, Result};
 /// give the tensor-core matmul tiles enough blocks to fill a large GPU.
 const PREFILL_CHUNK: usize = 2048;
 
+/// Slots of the ring a decode step leaves its token in. At most two steps are in flight (the
+/// pipelined loop in `generate`), so a slot is read before a later step writes it again.
+const TOKEN_RING: usize = 4;
+
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
@@ -61,6 +65,9 @@ pub struct Session {
     pos_on_device: Option<usize>,
     /// The last sampled token (u32 `[1]`), also the decode step's input.
     token: Tensor,
+    /// Each decode step's token again, at slot (position % TOKEN_RING) (u32 `[TOKEN_RING]`,
+    /// host-mapped): what `generate` reads while the next step runs.
+    ring: Tensor,
     /// Every token by position (u32 `[capacity + 1]`), read by the repetition penalty.
     history: Tensor,
     logits: Tensor,
@@ -97,6 +104,7 @@ impl Session {
             pos: device.zeros(&[1], DType::U32)?,
             pos_on_device: Some(0),
             token: device.zeros(&[1], DType::U32)?,
+            ring: device.zeros_host_mapped(&[TOKEN_RING], DType::U32)?,
             history: device.zeros(&[capacity + 1], DType::U32)?,
             logits: device.zeros(&[1, model.params.vocab_size], DType::F32)?,
             cache,
@@ -175,12 +183,19 @@ impl Session {
         Ok(self.token.to_vec::<u32>()?[0])
     }
 
-    /// The token choice; at a decode step's end (`advance`) the position moves on as well, in
-    /// the argmax's own kernel where the choice is greedy.
+    /// The token choice; at a decode step's end (`advance`) the token goes into its ring slot
+    /// and the position moves on as well, in the argmax's own kernel where the choice is
+    /// greedy.
     fn encode_sample(&mut self, sampling: SamplingParams, advance: bool) -> Result<()> {
         if sampling.temperature <= 0.0 && sampling.repetition_penalty == 1.0 {
             return if advance {
-                ops::argmax_advance(&mut self.enc, &self.logits, &self.token, &self.pos)
+                ops::argmax_end_step(
+                    &mut self.enc,
+                    &self.logits,
+                    &self.token,
+                    &self.pos,
+                    &self.ring,
+                )
             } else {
                 ops::argmax(&mut self.enc, &self.logits, &self.token)
             };
@@ -194,7 +209,7 @@ impl Session {
             &self.history,
         )?;
         if advance {
-            ops::advance_pos(&mut self.enc, &self.pos)?;
+            ops::end_step(&mut self.enc, &self.token, &self.pos, &self.ring)?;
         }
         Ok(())
     }
@@ -245,6 +260,14 @@ impl Session {
         }
         self.pos_on_device = Some(pos + 1);
         Ok(())
+    }
+
+    /// The read of the token at `position` from its ring slot, once the steps submitted so far
+    /// are done.
+    fn read_ring(&self, position: usize) -> Result<PendingRead<u32>> {
+        self.ring
+            .narrow_rows(position % TOKEN_RING, 1)?
+            .read_later()
     }
 
     /// The token a submitted step sampled, from its read of `token` (one id); a failed step
@@ -339,12 +362,12 @@ impl Session {
                 Some(read) => read,
                 None => {
                     self.submit_step(pos, opts.sampling, opts.use_graph)?;
-                    self.token.read_later()?
+                    self.read_ring(pos + 1)?
                 }
             };
             if pipelined && out.len() + 1 < opts.max_new_tokens {
                 self.submit_step(pos + 1, opts.sampling, opts.use_graph)?;
-                ahead = Some(self.token.read_later()?);
+                ahead = Some(self.read_ring(pos + 2)?);
             }
             next = self.sampled(current.finish())?;
         }

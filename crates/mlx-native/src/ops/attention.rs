@@ -12,7 +12,7 @@ use crate::{Error, Result};
 /// which must already hold the keys and values of positions 0..pos+m. `pos` is a u32 `[1]`
 /// buffer. out like q. The dispatch just before this one must not write `pos` (the CUDA
 /// decode kernel reads it while that dispatch finishes); the decoder writes it from the host
-/// or at a step's end (`advance_pos`, or the greedy `argmax_advance`).
+/// or at a step's end (`end_step`, or the greedy `argmax_end_step`).
 pub fn attention(
     enc: &mut CommandEncoder,
     shape: AttentionShape,

@@ -19,7 +19,7 @@ pub use matmul::{
 pub use moe::{gather_gated_matmul, gather_matmul, moe_combine, moe_route, ExpertLinear};
 pub use norm::{layer_norm, rms_norm, rms_norm_add};
 pub use rope::{rope, rope_kv_append, RopeScaling, RopeTable};
-pub use sampling::{advance_pos, argmax, argmax_advance, sample};
+pub use sampling::{argmax, argmax_end_step, end_step, sample};
 
 use crate::core::dtype::DType;
 use crate::core::tensor::Tensor;

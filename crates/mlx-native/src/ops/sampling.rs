@@ -3,48 +3,78 @@ use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
 use crate::core::op::{Op, SamplingParams};
 use crate::core::tensor::Tensor;
-use crate::Result;
+use crate::{Error, Result};
 
 /// token u32 `[1]` = argmax of the last row of logits `[m, vocab]` (lowest id on ties).
 pub fn argmax(enc: &mut CommandEncoder, logits: &Tensor, token: &Tensor) -> Result<()> {
     greedy(enc, logits, token, None)
 }
 
-/// `argmax`, then pos u32 `[1]` += 1 (`advance_pos`) in the same dispatch: the end of a greedy
-/// decode step.
-pub fn argmax_advance(
+/// `argmax`, then `end_step` in the same dispatch: the end of a greedy decode step.
+pub fn argmax_end_step(
     enc: &mut CommandEncoder,
     logits: &Tensor,
     token: &Tensor,
     pos: &Tensor,
+    ring: &Tensor,
 ) -> Result<()> {
-    greedy(enc, logits, token, Some(pos))
+    greedy(enc, logits, token, Some((pos, ring)))
 }
 
 fn greedy(
     enc: &mut CommandEncoder,
     logits: &Tensor,
     token: &Tensor,
-    pos: Option<&Tensor>,
+    step: Option<(&Tensor, &Tensor)>,
 ) -> Result<()> {
     expect_dtype("argmax", "logits", logits, &[DType::F32])?;
-    expect_dtype("argmax", "token", token, &[DType::U32])?;
-    expect_shape("argmax", "token", token, &[1])?;
-    match pos {
-        None => enc.dispatch(Op::Argmax { advance_pos: false }, &[logits], &[token]),
-        Some(pos) => {
-            expect_dtype("argmax", "pos", pos, &[DType::U32])?;
-            expect_shape("argmax", "pos", pos, &[1])?;
-            enc.dispatch(Op::Argmax { advance_pos: true }, &[logits], &[token, pos])
+    expect_token("argmax", token)?;
+    match step {
+        None => enc.dispatch(Op::Argmax { end_step: false }, &[logits], &[token]),
+        Some((pos, ring)) => {
+            expect_step_end("argmax", pos, ring)?;
+            enc.dispatch(
+                Op::Argmax { end_step: true },
+                &[logits],
+                &[token, pos, ring],
+            )
         }
     }
 }
 
-/// pos u32 `[1]` += 1 (the end of a decode step).
-pub fn advance_pos(enc: &mut CommandEncoder, pos: &Tensor) -> Result<()> {
-    expect_dtype("advance_pos", "pos", pos, &[DType::U32])?;
-    expect_shape("advance_pos", "pos", pos, &[1])?;
-    enc.dispatch(Op::AdvancePos, &[], &[pos])
+/// The end of a decode step: ring u32 `[r]` slot (pos + 1) % r = token u32 `[1]`, then pos
+/// u32 `[1]` += 1. The ring is where the host reads each step's token while later steps run;
+/// in host-mapped memory (`Device::zeros_host_mapped`) that read copies nothing on the device.
+pub fn end_step(
+    enc: &mut CommandEncoder,
+    token: &Tensor,
+    pos: &Tensor,
+    ring: &Tensor,
+) -> Result<()> {
+    expect_token("end_step", token)?;
+    expect_step_end("end_step", pos, ring)?;
+    enc.dispatch(Op::EndStep, &[token], &[pos, ring])
+}
+
+fn expect_token(op: &'static str, token: &Tensor) -> Result<()> {
+    expect_dtype(op, "token", token, &[DType::U32])?;
+    expect_shape(op, "token", token, &[1])
+}
+
+fn expect_step_end(op: &'static str, pos: &Tensor, ring: &Tensor) -> Result<()> {
+    expect_dtype(op, "pos", pos, &[DType::U32])?;
+    expect_shape(op, "pos", pos, &[1])?;
+    expect_dtype(op, "ring", ring, &[DType::U32])?;
+    if ring.shape().len() != 1 || ring.elem_count() == 0 {
+        return Err(Error::op(
+            op,
+            format!(
+                "ring: expected shape [r] with r ≥ 1, found {:?}",
+                ring.shape()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// token u32 `[1]` = a draw from the last row of `logits` under `params`; `history` u32

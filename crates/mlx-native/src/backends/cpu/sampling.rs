@@ -12,20 +12,28 @@ use crate::{Error, Result};
 pub(super) fn register(reg: &mut Registry<CpuKernel>) {
     reg.insert("argmax", "", DType::U32, argmax_kernel);
     reg.insert("sample", "", DType::U32, sample);
-    reg.insert("advance_pos", "", DType::U32, advance_pos);
+    reg.insert("end_step", "", DType::U32, end_step);
 }
 
-fn advance_pos(op: &Op, _inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
-    let (Op::AdvancePos, [pos]) = (op, outputs) else {
+fn end_step(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
+    let (Op::EndStep, [token], [pos, ring]) = (op, inputs, outputs) else {
         return Err(wrong_op(op));
     };
-    increment(pos, "advance_pos")
+    // A u32 element, widened by `scalar_u32`.
+    finish_step(scalar_u32(token)? as u32, pos, ring, "end_step")
 }
 
-fn increment(pos: &Tensor, op: &'static str) -> Result<()> {
+/// ring[(pos + 1) % r] = token, then pos += 1 (`Op::EndStep`).
+fn finish_step(token: u32, pos: &Tensor, ring: &Tensor, op: &'static str) -> Result<()> {
     let pos = slice_mut::<u32>(pos)?
         .first_mut()
         .ok_or_else(|| Error::op(op, "empty position"))?;
+    let ring = slice_mut::<u32>(ring)?;
+    if ring.is_empty() {
+        return Err(Error::op(op, "empty ring"));
+    }
+    let slot = (pos.wrapping_add(1) as usize) % ring.len();
+    ring[slot] = token;
     *pos = pos.wrapping_add(1);
     Ok(())
 }
@@ -40,11 +48,12 @@ fn last_row<'a>(logits: &'a Tensor, op: &'static str) -> Result<&'a [f32]> {
 }
 
 fn argmax_kernel(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
-    let (logits, token, pos) = argmax_operands(op, inputs, outputs)?;
+    let (logits, token, step) = argmax_operands(op, inputs, outputs)?;
     let logits = last_row(logits, "argmax")?;
-    write_token(token, argmax(logits), "argmax")?;
-    match pos {
-        Some(pos) => increment(pos, "argmax"),
+    let pick = argmax(logits);
+    write_token(token, pick, "argmax")?;
+    match step {
+        Some((pos, ring)) => finish_step(pick, pos, ring, "argmax"),
         None => Ok(()),
     }
 }

@@ -303,7 +303,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
     const int pd = d - (DEC_WARPS - HC) * 32;
     const bool pro = pd >= 0, owns_dim = pro && pd < hd;
     const i64 kv_base = (i64)g * capacity * hd;
-    // pos changes only between decode steps (a step's last kernel, argmax or advance_pos, or
+    // pos changes only between decode steps (a step's last kernel, argmax or end_step, or
     // the host), never in the kernel just before this one, so it is read before the wait for
     // that kernel.
     // So is everything that depends on it alone: the RoPE angle of the block's row, and each

@@ -127,12 +127,20 @@ __device__ __forceinline__ void for_each_in_range(int lo, int hi, Load load, Use
     for (; i < hi; ++i) use(i, load(i));
 }
 
+// The end of a decode step (Op::EndStep): the token into its position's ring slot, where the
+// host reads it (host-mapped memory: no copy between replays), then the position moves on.
+__device__ __forceinline__ void finish_step(u32 id, u32* pos, u32* ring, int ring_len) {
+    const u32 p = pos[0];
+    ring[(p + 1) % (u32)ring_len] = id;
+    pos[0] = p + 1;
+}
+
 // One block: a 16-byte aligned row is read as float4, PASS_UNROLL·16 bytes in flight a thread
-// (128,256 logits in 4 round trips to L2 instead of 16). With `pos`, advance_pos as well: a
+// (128,256 logits in 4 round trips to L2 instead of 16). With `pos`, end_step as well: a
 // greedy decode step's last kernel, so the step has one kernel fewer.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     argmax(const float* __restrict__ logits, u32* __restrict__ token, u32* __restrict__ pos,
-           int vocab, int last_row) {
+           u32* __restrict__ ring, int ring_len, int vocab, int last_row) {
     kernel_entry();
     const float* x = logits + (i64)last_row * vocab;
     float v = NEG_INF;
@@ -154,7 +162,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     block_argmax(v, id);
     if (threadIdx.x == 0) {
         token[0] = id;
-        if (pos) pos[0] += 1;
+        if (pos) finish_step(id, pos, ring, ring_len);
     }
 }
 
@@ -572,7 +580,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS, 1)  // one block a
     }
 }
 
-extern "C" __global__ void advance_pos(u32* __restrict__ pos) {
+extern "C" __global__ void end_step(const u32* __restrict__ token, u32* __restrict__ pos,
+                                    u32* __restrict__ ring, int ring_len) {
     kernel_entry();
-    if (threadIdx.x == 0) pos[0] += 1;
+    if (threadIdx.x == 0) finish_step(token[0], pos, ring, ring_len);
 }

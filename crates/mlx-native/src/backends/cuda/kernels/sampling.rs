@@ -35,22 +35,26 @@ fn sampler_scratch_bytes(blocks: usize) -> usize {
 pub(super) fn register(reg: &mut Registry<Planner>) {
     reg.insert("argmax", "", DType::U32, argmax);
     reg.insert("sample", "", DType::U32, sample);
-    reg.insert("advance_pos", "", DType::U32, advance_pos);
+    reg.insert("end_step", "", DType::U32, end_step);
 }
 
-fn advance_pos(
+fn end_step(
     lib: &KernelLibrary,
     op: &Op,
     inputs: &[Tensor],
     outputs: &[Tensor],
 ) -> Result<CudaKernel> {
-    let ([], [pos]) = (inputs, outputs) else {
+    let ([token], [pos, ring]) = (inputs, outputs) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
-    let args = Args::new().ptr(pos)?;
+    let args = Args::new()
+        .ptr(token)?
+        .ptr(pos)?
+        .ptr(ring)?
+        .int(ring.elem_count())?;
     Ok(CudaKernel::single(lib.launch(
         &SOURCE,
-        "advance_pos",
+        "end_step",
         (1, 1, 1),
         32,
         0,
@@ -64,15 +68,15 @@ fn argmax(
     inputs: &[Tensor],
     outputs: &[Tensor],
 ) -> Result<CudaKernel> {
-    let (logits, token, pos) = argmax_operands(op, inputs, outputs)?;
+    let (logits, token, step) = argmax_operands(op, inputs, outputs)?;
     let vocab = logits.last_dim();
     if vocab == 0 {
         return Err(Error::op("argmax", "empty logits"));
     }
     let args = Args::new().ptr(logits)?.ptr(token)?;
-    let args = match pos {
-        Some(pos) => args.ptr(pos)?,
-        None => args.u64(0),
+    let args = match step {
+        Some((pos, ring)) => args.ptr(pos)?.ptr(ring)?.int(ring.elem_count())?,
+        None => args.u64(0).u64(0).int(1)?,
     };
     let args = args.int(vocab)?.int(logits.rows().saturating_sub(1))?;
     Ok(CudaKernel::single(lib.launch(
