@@ -19,7 +19,7 @@ nvcc -O2 -o /tmp/copy_bandwidth scripts/copy_bandwidth.cu && /tmp/copy_bandwidth
 grep -E "test result|max \|logit|near tie" "$out/cuda_backend.log" "$out/reference.log" "$out/families.log" "$out/moe.log" | tee -a "$out/summary.txt"
 model=$root/.device-bin/shared/models/smollm2-135m-instruct-4bit
 bench() { "$bin/mlxn" bench --device cuda --json "$@" 2>&1 | tee -a "$out/bench.jsonl"; }
-bench --model "$model" --prompt-lens 128,512 --decode 256
+bench --model "$model" --prompt-lens 16,128,512 --decode 256
 bench --model "$model" --prompt-lens 128 --decode 256 --no-graph
 for q in mlx4g64 q4_0; do
   bench --synthetic llama-3.2-1b --quant $q --prompt-lens 128,2048 --decode 128

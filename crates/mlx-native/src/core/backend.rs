@@ -70,7 +70,8 @@ pub trait Backend: Send + Sync {
     fn write(&self, dst: &dyn DeviceBuffer, offset: usize, src: &[u8]) -> Result<()>;
     fn read(&self, src: &dyn DeviceBuffer, offset: usize, dst: &mut [u8]) -> Result<()>;
     /// Starts copying `len` bytes of `src` from `offset` to the host after the work submitted
-    /// so far, without waiting for it (by default: waits, and reads at once).
+    /// so far, without waiting for it (by default: waits, and reads at once). Host-mapped
+    /// memory (`alloc_host_mapped`) needs no copy: the read only waits for that work.
     fn read_later(
         &self,
         src: &dyn DeviceBuffer,

@@ -183,12 +183,12 @@ impl Session {
         Ok(self.token.to_vec::<u32>()?[0])
     }
 
-    /// The token choice; at a decode step's end (`advance`) the token goes into its ring slot
+    /// The token choice; at a decode step's end (`end_step`) the token goes into its ring slot
     /// and the position moves on as well, in the argmax's own kernel where the choice is
     /// greedy.
-    fn encode_sample(&mut self, sampling: SamplingParams, advance: bool) -> Result<()> {
+    fn encode_sample(&mut self, sampling: SamplingParams, end_step: bool) -> Result<()> {
         if sampling.temperature <= 0.0 && sampling.repetition_penalty == 1.0 {
-            return if advance {
+            return if end_step {
                 ops::argmax_end_step(
                     &mut self.enc,
                     &self.logits,
@@ -208,7 +208,7 @@ impl Session {
             &self.token,
             &self.history,
         )?;
-        if advance {
+        if end_step {
             ops::end_step(&mut self.enc, &self.token, &self.pos, &self.ring)?;
         }
         Ok(())
@@ -270,8 +270,8 @@ impl Session {
             .read_later()
     }
 
-    /// The token a submitted step sampled, from its read of `token` (one id); a failed step
-    /// leaves `pos` unknown.
+    /// The token a submitted step sampled, from its read (one id); a failed step leaves `pos`
+    /// unknown.
     fn sampled(&mut self, read: Result<Vec<u32>>) -> Result<u32> {
         if read.is_err() {
             self.pos_on_device = None;
