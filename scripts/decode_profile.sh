@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU machine: where one decode step's time goes. ncu times every kernel (serialized:
 # no PDL overlap, so a step reads longer than in graph replay) of `mlxn bench --synthetic SHAPE
-# --prompt-lens 128 --decode 3`, and the last complete step (between the last two advance_pos
-# kernels) is summed per kernel. Usage: scripts/decode_profile.sh [MLXN] [SHAPE...]; carry the
-# stripped mlxn binary (default .device-bin/bin/mlxn). Raw CSV and the table under $OUT.
+# --prompt-lens 128 --decode 3`, and the last complete step (between the last two kernels that
+# end a step: the greedy argmax, or end_step after the sampler) is summed per kernel.
+# Usage: scripts/decode_profile.sh [MLXN] [SHAPE...]; carry the stripped mlxn binary (default
+# .device-bin/bin/mlxn). Raw CSV and the table under $OUT.
 set -u
 mlxn=${1:-.device-bin/bin/mlxn}
 shift || true
@@ -28,7 +29,7 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "ncu_*.csv"))):
         if r.get("Metric Name") == "gpu__time_duration.sum":
             v = float(r["Metric Value"].replace(",", ""))
             rows.append((r["Kernel Name"].split("(")[0], v / 1000 if r["Metric Unit"] == "ns" else v))
-    ends = [i for i, (name, _) in enumerate(rows) if name == "advance_pos"]
+    ends = [i for i, (name, _) in enumerate(rows) if name in ("argmax", "end_step")]
     if len(ends) < 2:
         print(f"{path}: no complete decode step")
         continue
