@@ -43,6 +43,11 @@ struct DeviceInner {
 #[derive(Clone)]
 pub struct Device(Arc<DeviceInner>);
 
+/// Bytes of a whole tensor's storage (at least one: allocators take no empty requests).
+fn storage_bytes(shape: &[usize], dtype: DType) -> usize {
+    (shape.iter().product::<usize>() * dtype.size_in_bytes()).max(1)
+}
+
 impl Device {
     pub fn new(backend: Box<dyn Backend>, label: String) -> Device {
         Device(Arc::new(DeviceInner {
@@ -102,36 +107,40 @@ impl Device {
 
     /// An uninitialised tensor from the pool (contents unspecified).
     pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let bytes = (shape.iter().product::<usize>() * dtype.size_in_bytes()).max(1);
+        let bytes = storage_bytes(shape, dtype);
         let storage = match self.pool().take(bytes) {
             Some(s) => s,
             None => self.backend().alloc(bytes)?,
         };
-        Tensor::from_buffer(
-            Buffer::new(self.clone(), storage, true),
-            0,
-            shape.to_vec(),
-            dtype,
-        )
+        self.tensor_in(storage, true, shape, dtype)
+    }
+
+    pub fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.zeroed(self.empty(shape, dtype)?)
     }
 
     /// A zeroed tensor in host-mapped memory (`Backend::alloc_host_mapped`), outside the pool:
     /// what kernels put there, `Tensor::read_later` reads without a device-side copy.
     pub fn zeros_host_mapped(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let bytes = (shape.iter().product::<usize>() * dtype.size_in_bytes()).max(1);
-        let storage = self.backend().alloc_host_mapped(bytes)?;
-        let t = Tensor::from_buffer(
-            Buffer::new(self.clone(), storage, false),
-            0,
-            shape.to_vec(),
-            dtype,
-        )?;
-        self.write_bytes(&t, &vec![0u8; t.byte_len()])?;
-        Ok(t)
+        let storage = self
+            .backend()
+            .alloc_host_mapped(storage_bytes(shape, dtype))?;
+        self.zeroed(self.tensor_in(storage, false, shape, dtype)?)
     }
 
-    pub fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let t = self.empty(shape, dtype)?;
+    /// A whole-buffer tensor over `storage` (given back to the pool when dropped if `pooled`).
+    fn tensor_in(
+        &self,
+        storage: Box<dyn DeviceBuffer>,
+        pooled: bool,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let buffer = Buffer::new(self.clone(), storage, pooled);
+        Tensor::from_buffer(buffer, 0, shape.to_vec(), dtype)
+    }
+
+    fn zeroed(&self, t: Tensor) -> Result<Tensor> {
         self.write_bytes(&t, &vec![0u8; t.byte_len()])?;
         Ok(t)
     }

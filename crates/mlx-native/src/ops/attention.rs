@@ -1,5 +1,5 @@
 use super::rope::{check_rope_inputs, RopeTable};
-use super::{check_kv_caches, expect_dtype, expect_shape, KV_CACHE_DTYPES};
+use super::{check_kv_caches, expect_dtype, expect_shape, expect_u32_scalar, KV_CACHE_DTYPES};
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
 pub use crate::core::op::AttentionShape;
@@ -109,8 +109,7 @@ fn check_attention(
     expect_shape(op, "q", q, &[q.rows(), n_heads * head_dim])?;
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
     check_kv_caches(op, (k_cache, v_cache), &[n_kv_heads, capacity, head_dim])?;
-    expect_dtype(op, "pos", pos, &[DType::U32])?;
-    expect_shape(op, "pos", pos, &[1])?;
+    expect_u32_scalar(op, "pos", pos)?;
     expect_shape(op, "out", out, q.shape())
 }
 
@@ -127,8 +126,7 @@ pub fn kv_append(enc: &mut CommandEncoder, x: &Tensor, pos: &Tensor, cache: &Ten
     expect_dtype("kv_append", "x", x, &[DType::F32])?;
     expect_dtype("kv_append", "cache", cache, KV_CACHE_DTYPES)?;
     expect_shape("kv_append", "x", x, &[x.rows(), n_kv_heads * head_dim])?;
-    expect_dtype("kv_append", "pos", pos, &[DType::U32])?;
-    expect_shape("kv_append", "pos", pos, &[1])?;
+    expect_u32_scalar("kv_append", "pos", pos)?;
     enc.dispatch(
         Op::KvAppend {
             n_kv_heads,

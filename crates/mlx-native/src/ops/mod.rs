@@ -57,6 +57,12 @@ pub(crate) fn expect_dtype(
 
 pub(crate) const FLOATS: &[DType] = &[DType::F32, DType::F16, DType::BF16];
 
+/// One u32 in device memory (`[1]`): a position or a token the kernels read and write.
+pub(crate) fn expect_u32_scalar(op: &'static str, what: &str, t: &Tensor) -> Result<()> {
+    expect_dtype(op, what, t, &[DType::U32])?;
+    expect_shape(op, what, t, &[1])
+}
+
 /// The dtypes a KV cache `[n_kv_heads, capacity, head_dim]` may have (values stored into an
 /// f16 cache are rounded to nearest; kernels read them back as f32).
 pub(crate) const KV_CACHE_DTYPES: &[DType] = &[DType::F32, DType::F16];

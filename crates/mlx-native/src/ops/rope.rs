@@ -1,4 +1,4 @@
-use super::{check_kv_caches, expect_dtype, expect_shape};
+use super::{check_kv_caches, expect_dtype, expect_shape, expect_u32_scalar};
 use crate::core::device::Device;
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
@@ -199,8 +199,7 @@ fn check_table_and_pos(
             format!("rotary dims {} > head dim {head_dim}", table.rotary_dims),
         ));
     }
-    expect_dtype(op, "pos", pos, &[DType::U32])?;
-    expect_shape(op, "pos", pos, &[1])
+    expect_u32_scalar(op, "pos", pos)
 }
 
 /// Rotate the leading `table.rotary_dims` dims of each head of `x` `[m, n_heads*head_dim]`;

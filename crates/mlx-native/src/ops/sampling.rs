@@ -1,4 +1,4 @@
-use super::{expect_dtype, expect_shape};
+use super::{expect_dtype, expect_u32_scalar};
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
 use crate::core::op::{Op, SamplingParams};
@@ -28,7 +28,7 @@ fn greedy(
     step: Option<(&Tensor, &Tensor)>,
 ) -> Result<()> {
     expect_dtype("argmax", "logits", logits, &[DType::F32])?;
-    expect_token("argmax", token)?;
+    expect_u32_scalar("argmax", "token", token)?;
     match step {
         None => enc.dispatch(Op::Argmax { end_step: false }, &[logits], &[token]),
         Some((pos, ring)) => {
@@ -51,19 +51,13 @@ pub fn end_step(
     pos: &Tensor,
     ring: &Tensor,
 ) -> Result<()> {
-    expect_token("end_step", token)?;
+    expect_u32_scalar("end_step", "token", token)?;
     expect_step_end("end_step", pos, ring)?;
     enc.dispatch(Op::EndStep, &[token], &[pos, ring])
 }
 
-fn expect_token(op: &'static str, token: &Tensor) -> Result<()> {
-    expect_dtype(op, "token", token, &[DType::U32])?;
-    expect_shape(op, "token", token, &[1])
-}
-
 fn expect_step_end(op: &'static str, pos: &Tensor, ring: &Tensor) -> Result<()> {
-    expect_dtype(op, "pos", pos, &[DType::U32])?;
-    expect_shape(op, "pos", pos, &[1])?;
+    expect_u32_scalar(op, "pos", pos)?;
     expect_dtype(op, "ring", ring, &[DType::U32])?;
     if ring.shape().len() != 1 || ring.elem_count() == 0 {
         return Err(Error::op(
@@ -89,10 +83,8 @@ pub fn sample(
     history: &Tensor,
 ) -> Result<()> {
     expect_dtype("sample", "logits", logits, &[DType::F32])?;
-    expect_dtype("sample", "pos", pos, &[DType::U32])?;
-    expect_shape("sample", "pos", pos, &[1])?;
-    expect_dtype("sample", "token", token, &[DType::U32])?;
-    expect_shape("sample", "token", token, &[1])?;
+    expect_u32_scalar("sample", "pos", pos)?;
+    expect_u32_scalar("sample", "token", token)?;
     expect_dtype("sample", "history", history, &[DType::U32])?;
     params.validate()?;
     enc.dispatch(Op::Sample(params), &[logits, pos], &[token, history])
