@@ -31,7 +31,7 @@ const FLASH_ATTENTION: &str = include_str!("flash_attention.cu");
 
 /// The build for the dtype of the caches.
 fn source(caches: [&Tensor; 2]) -> Result<&'static Source> {
-    for_caches("attention", caches, [&SOURCE, &SOURCE_F16])
+    for_caches("attention", &caches, [&SOURCE, &SOURCE_F16])
 }
 
 /// Up to this many query rows take the decode kernel (one pass over the keys per row); its
@@ -454,7 +454,7 @@ fn kv_append(
     let ([x, pos], [cache]) = (inputs, outputs) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
-    let source = for_caches("kv_append", [cache, cache], [&SOURCE, &SOURCE_F16])?;
+    let source = for_caches("kv_append", &[cache], [&SOURCE, &SOURCE_F16])?;
     let rows = x.rows();
     let capacity = cache.shape().get(1).copied().unwrap_or(0);
     let args = Args::new()

@@ -14,13 +14,10 @@
 #define FA_ROWS (16 * FA_WARPS)
 #define FA_KEYS 64
 
-// Four values at p (aligned to four elements) times `mul`, as packed f16.
-__device__ __forceinline__ uint2 f16x4(const float* p, float mul) {
-    const float4 v = *(const float4*)p;
-    return uint2{pack_f16x2(v.x * mul, v.y * mul), pack_f16x2(v.z * mul, v.w * mul)};
-}
-
-__device__ __forceinline__ uint2 f16x4(const u16* p, float mul) {
+// Four values at p (f32 or f16, aligned to four elements: attention.cu's load_run) times
+// `mul`, as packed f16.
+template <typename T>
+__device__ __forceinline__ uint2 f16x4(const T* p, float mul) {
     float v[4];
     load_run<4>(p, v);
     return uint2{pack_f16x2(v[0] * mul, v[1] * mul), pack_f16x2(v[2] * mul, v[3] * mul)};

@@ -30,20 +30,20 @@ const MMA: &str = include_str!("mma.cuh");
 const KV_F32: &str = include_str!("kv_f32.cuh");
 const KV_F16: &str = include_str!("kv_f16.cuh");
 
-/// The build of a source (`[f32 caches, f16 caches]`) for the dtype of `caches`, which must
-/// agree.
+/// The build of a source (`[f32 caches, f16 caches]`) for the dtype of `caches` (one, or a
+/// layer's two, which must agree).
 fn for_caches(
     op: &'static str,
-    caches: [&Tensor; 2],
+    caches: &[&Tensor],
     [f32_build, f16_build]: [&'static Source; 2],
 ) -> Result<&'static Source> {
-    let [k, v] = caches.map(Tensor::dtype);
-    match (k, v) {
-        (DType::F32, DType::F32) => Ok(f32_build),
-        (DType::F16, DType::F16) => Ok(f16_build),
+    let dtypes: Vec<DType> = caches.iter().map(|c| c.dtype()).collect();
+    match dtypes.as_slice() {
+        [DType::F32, rest @ ..] if rest.iter().all(|&d| d == DType::F32) => Ok(f32_build),
+        [DType::F16, rest @ ..] if rest.iter().all(|&d| d == DType::F16) => Ok(f16_build),
         _ => Err(Error::op(
             op,
-            format!("KV caches in {k} and {v}: both f32 or both f16"),
+            format!("KV caches in {dtypes:?}: f32 or f16, both alike"),
         )),
     }
 }

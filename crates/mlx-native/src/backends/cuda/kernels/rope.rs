@@ -103,7 +103,7 @@ pub(super) fn rope_kv_append_launch(
     else {
         return Err(wrong_op(op));
     };
-    let source = for_caches(op.name(), [k_cache, v_cache], [&SOURCE, &SOURCE_F16])?;
+    let source = for_caches(op.name(), &[k_cache, v_cache], [&SOURCE, &SOURCE_F16])?;
     let rows = v.rows();
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
     let per_row =
