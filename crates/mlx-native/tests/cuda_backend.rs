@@ -2653,8 +2653,8 @@ fn bench_copies(dev: &Device, w: &HostWeight) -> Vec<Linear> {
 fn bench_matvec_shapes() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(17);
-    // (n, k, gated): SmolLM2-135M q/o and up; Llama-3.2-1B o, q/k/v, down, gate/up; Llama-3
-    // 8B q/o, down, gate/up, lm head.
+    // (n, k, gated): SmolLM2-135M q/o and up; Llama-3.2-1B o, q/k/v, down, gate/up, lm head;
+    // Llama-3 8B q/o, down, gate/up, lm head.
     let shapes = [
         (576, 576, false),
         (1536, 576, false),
@@ -2662,6 +2662,7 @@ fn bench_matvec_shapes() {
         (3072, 2048, false),
         (2048, 8192, false),
         (8192, 2048, true),
+        (128_256, 2048, false),
         (4096, 4096, false),
         (4096, 14336, false),
         (14336, 4096, true),
