@@ -54,8 +54,9 @@ inline Chain build_chain(const ChainModel& m) {
         const size_t wb = (size_t)n * k / 2;
         CHECK(cudaMalloc(&w, wb));
         CHECK(cudaMemset(w, 0x5a, wb));
-        CHECK(cudaMalloc(&y, (size_t)n * 4));
-        CHECK(cudaMemset(y, 0, (size_t)n * 4));
+        // 8 bytes a row: room for persistent_decode.cu's (value, tag) pairs.
+        CHECK(cudaMalloc(&y, (size_t)n * 8));
+        CHECK(cudaMemset(y, 0, (size_t)n * 8));
         c.phases.push_back({w, x, y, n, k});
         c.bytes += wb;
         x = y;

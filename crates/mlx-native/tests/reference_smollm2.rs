@@ -171,6 +171,7 @@ fn cuda_logits_match_mlx_lm_teacher_forced() {
 fn check_logits(device: &Device, kv: DType, tolerance_f32: f32) {
     let loaded = load_on(device);
     let mut session = Session::with_kv_dtype(loaded.model, device, 128, kv).unwrap();
+    assert_eq!((session.kv_dtype(), session.capacity()), (kv, 128));
     let greedy = SamplingParams::default();
     let (mut worst_f16, mut worst_f32) = (0f32, 0f32);
     for case in cases() {

@@ -120,13 +120,13 @@ impl Session {
         &self.model
     }
     pub fn capacity(&self) -> usize {
-        self.cache.capacity
+        self.cache.capacity()
     }
     pub fn cache_bytes(&self) -> usize {
         self.cache.byte_len()
     }
     pub fn kv_dtype(&self) -> DType {
-        self.cache.dtype
+        self.cache.dtype()
     }
     /// Logits of the last forward pass `[1, vocab]`.
     pub fn logits(&self) -> Result<Vec<f32>> {

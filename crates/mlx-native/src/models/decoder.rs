@@ -264,12 +264,24 @@ pub struct Decoder {
 
 /// Per-layer key and value caches, `[n_kv_heads, capacity, head_dim]` each, in f32 or f16.
 pub struct KvCache {
-    pub capacity: usize,
-    pub dtype: DType,
+    /// Never empty (`new_cache` refuses a model of no layers).
     layers: Vec<(Tensor, Tensor)>,
 }
 
 impl KvCache {
+    /// Positions a layer's cache holds.
+    pub fn capacity(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|(k, _)| k.shape().get(1).copied())
+            .unwrap_or(0)
+    }
+
+    /// The caches' dtype (f32 or f16).
+    pub fn dtype(&self) -> DType {
+        self.layers.first().map_or(DType::F32, |(k, _)| k.dtype())
+    }
+
     pub fn byte_len(&self) -> usize {
         self.layers
             .iter()
@@ -523,15 +535,14 @@ impl Decoder {
             )));
         }
         let p = &self.params;
+        if p.num_layers == 0 {
+            return Err(Error::Invalid("KV cache of a model with no layers".into()));
+        }
         let shape = [p.num_kv_heads, capacity, p.head_dim];
         let layers = (0..p.num_layers)
             .map(|_| Ok((device.zeros(&shape, dtype)?, device.zeros(&shape, dtype)?)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(KvCache {
-            capacity,
-            dtype,
-            layers,
-        })
+        Ok(KvCache { layers })
     }
 
     pub fn new_scratch(&self, device: &Device, m: usize) -> Result<Scratch> {

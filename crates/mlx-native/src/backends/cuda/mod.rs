@@ -392,7 +392,12 @@ impl Backend for CudaBackend {
     ) -> Result<Box<dyn PendingBytes>> {
         let buffer = cuda_buffer(src)?;
         let ptr = self.range_ptr(buffer, offset, len)?;
-        let mut slot = self.read_slot(len)?;
+        // Host-mapped memory is read in place: its slot serves for the event alone.
+        let staged = match &buffer.memory {
+            Memory::HostMapped(..) => 0,
+            Memory::Device(_) => len,
+        };
+        let mut slot = self.read_slot(staged)?;
         self.stream
             .context()
             .bind_to_thread()

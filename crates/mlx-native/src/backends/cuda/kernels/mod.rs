@@ -37,14 +37,17 @@ fn for_caches(
     caches: &[&Tensor],
     [f32_build, f16_build]: [&'static Source; 2],
 ) -> Result<&'static Source> {
-    let dtypes: Vec<DType> = caches.iter().map(|c| c.dtype()).collect();
-    match dtypes.as_slice() {
-        [DType::F32, rest @ ..] if rest.iter().all(|&d| d == DType::F32) => Ok(f32_build),
-        [DType::F16, rest @ ..] if rest.iter().all(|&d| d == DType::F16) => Ok(f16_build),
-        _ => Err(Error::op(
-            op,
-            format!("KV caches in {dtypes:?}: f32 or f16, both alike"),
-        )),
+    let alike = |d: DType| caches.iter().all(|c| c.dtype() == d);
+    match caches.first().map(|c| c.dtype()) {
+        Some(DType::F32) if alike(DType::F32) => Ok(f32_build),
+        Some(DType::F16) if alike(DType::F16) => Ok(f16_build),
+        _ => {
+            let dtypes: Vec<DType> = caches.iter().map(|c| c.dtype()).collect();
+            Err(Error::op(
+                op,
+                format!("KV caches in {dtypes:?}: f32 or f16, both alike"),
+            ))
+        }
     }
 }
 
