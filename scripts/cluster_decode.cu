@@ -25,6 +25,7 @@
 #ifndef __CUDACC_RTC__  // NVRTC compiles the kernels alone (a check without nvcc)
 #include <cstdint>
 #include "decode_chain.cuh"
+#include "mbarrier.cuh"
 #endif
 
 constexpr int THREADS = 512, CONSUMER_WARPS = THREADS / 32 - 1;
@@ -44,10 +45,6 @@ struct Smem {
     ClusterPhase phases[MAX_PHASES];
     alignas(8) uint64_t full[SLOTS], empty[SLOTS], done[2];
 };
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
 
 __device__ __forceinline__ unsigned cluster_rank() {
     unsigned r;
@@ -78,19 +75,6 @@ __device__ __forceinline__ void store_remote(float* p, unsigned rank, float v) {
     asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote_addr(p, rank)), "f"(v) : "memory");
 }
 
-__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
-}
-
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
-    asm volatile(
-        "{\n .reg .pred p;\n WAIT_%=:\n"
-        " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT_%=;\n}" ::"r"(
-            smem_addr(bar)),
-        "r"(parity)
-        : "memory");
-}
-
 __device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, unsigned parity) {
     asm volatile(
         "{\n .reg .pred p;\n WAIT_%=:\n"
@@ -100,9 +84,6 @@ __device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, unsigned parity
         : "memory");
 }
 
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
 
 // Arrives on the mbarrier at `bar`'s offset in block `rank`'s shared memory.
 __device__ __forceinline__ void mbar_arrive_remote(uint64_t* bar, unsigned rank) {
@@ -111,17 +92,6 @@ __device__ __forceinline__ void mbar_arrive_remote(uint64_t* bar, unsigned rank)
                  : "memory");
 }
 
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes,
-                                          uint64_t* bar) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
-                 "r"(bytes)
-                 : "memory");
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
-            "r"(smem_addr(dst)),
-        "l"(src), "r"(bytes), "r"(smem_addr(bar))
-        : "memory");
-}
 
 __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;" ::"r"(CONSUMER_WARPS * 32) : "memory");

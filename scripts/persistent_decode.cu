@@ -20,6 +20,7 @@
 //               the copies, leaving the loop's skeleton.
 // Build: nvcc -O3 -arch=sm_90 -o persistent_decode persistent_decode.cu
 #include "decode_chain.cuh"
+#include "mbarrier.cuh"
 
 constexpr int THREADS = 256, WARPS = 8, ROWS_PER_WARP = 2, ROWS = WARPS * ROWS_PER_WARP;
 
@@ -109,37 +110,6 @@ __global__ void __launch_bounds__(THREADS) persistent_kernel(const Phase* phases
 constexpr int DF_CONSUMER_WARPS = 16, DF_THREADS = 32 * (DF_CONSUMER_WARPS + 1);
 constexpr int DF_SLOTS = 9, DF_SLOT = 16384, DF_X_MAX = 14336, DF_ROWS_MAX = 1024;
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
-}
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
-    unsigned done;
-    do {
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
-            "selp.u32 %0, 1, 0, p; }"
-            : "=r"(done)
-            : "r"(smem_u32(bar)), "r"(parity)
-            : "memory");
-    } while (!done);
-}
-__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
-}
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes,
-                                          unsigned long long* bar) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)),
-                 "r"(bytes)
-                 : "memory");
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
-            "r"(smem_u32(dst)),
-        "l"(src), "r"(bytes), "r"(smem_u32(bar))
-        : "memory");
-}
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(32 * DF_CONSUMER_WARPS)); }
 
 // How a phase's x reaches the blocks that read it.
@@ -180,8 +150,8 @@ __global__ void __launch_bounds__(DF_THREADS, 1)
     unsigned char* ring = df_smem;
     float* xs = (float*)(ring + (size_t)DF_SLOTS * DF_SLOT);
     float* acc = xs + DF_X_MAX;
-    unsigned long long* full = (unsigned long long*)(acc + DF_ROWS_MAX);
-    unsigned long long* empty = full + DF_SLOTS;
+    uint64_t* full = (uint64_t*)(acc + DF_ROWS_MAX);
+    uint64_t* empty = full + DF_SLOTS;
     DfPhase* ps = (DfPhase*)(empty + DF_SLOTS);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, b = blockIdx.x, g = gridDim.x;
     for (int i = tid; i < count; i += blockDim.x) {
