@@ -102,16 +102,15 @@ __global__ void tagged_vec_kernel(const uint2* x, uint2* y, const unsigned* step
     for (int i = threadIdx.x; i < VEC; i += blockDim.x) {
         unsigned v, t;
         do {
-            asm volatile("ld.volatile.global.v2.u32 {%0, %1}, [%2];" : "=r"(v), "=r"(t) : "l"(x + i));
+            asm volatile("ld.volatile.global.v2.u32 {%0, %1}, [%2];"
+                         : "=r"(v), "=r"(t)
+                         : "l"(x + i));
         } while (j > 0 && t != want);
         xs[i] = __uint_as_float(v);
     }
     __syncthreads();
     for (int i = blockIdx.x + gridDim.x * threadIdx.x; i < VEC; i += gridDim.x * blockDim.x) {
-        const float v = vec_value(xs, i) + (hold[0] = 0.f);
-        asm volatile("st.volatile.global.v2.u32 [%0], {%1, %2};" ::"l"(y + i), "r"(__float_as_uint(v)),
-                     "r"(tag)
-                     : "memory");
+        store_tagged_pair(y + i, vec_value(xs, i) + (hold[0] = 0.f), tag);
     }
     asm volatile("griddepcontrol.wait;" ::: "memory");
 }

@@ -84,14 +84,12 @@ __device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, unsigned parity
         : "memory");
 }
 
-
 // Arrives on the mbarrier at `bar`'s offset in block `rank`'s shared memory.
 __device__ __forceinline__ void mbar_arrive_remote(uint64_t* bar, unsigned rank) {
     asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(
                      remote_addr(bar, rank))
                  : "memory");
 }
-
 
 __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;" ::"r"(CONSUMER_WARPS * 32) : "memory");

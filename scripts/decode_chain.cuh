@@ -19,6 +19,14 @@
         }                                                                                  \
     } while (0)
 
+// A value and its tag stored as one 8-byte (value, tag) pair, so that a reader that sees the tag
+// sees the value (NCCL's LL protocol: no fence). `p` is 8-byte aligned.
+__device__ __forceinline__ void store_tagged_pair(void* p, float v, unsigned tag) {
+    asm volatile("st.volatile.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(__float_as_uint(v)),
+                 "r"(tag)
+                 : "memory");
+}
+
 struct Phase {
     const uint4* w;  // [n, k/32] 16-byte words (32 four-bit weights each)
     const float* x;  // [k]
