@@ -1001,7 +1001,7 @@ fn check_gated(dev: &Device, rng: &mut Rng, f: UnaryFn, gate: &HostWeight, up: &
         let out = poisoned(dev, &[1, gate.n])?;
         let out_h = dev.from_slice(&vec![half::f16::NAN; gate.n], &[1, gate.n])?;
         run(dev, |enc| {
-            ops::gated_matmul(enc, &xt, None, &gl, &ul, f, &out, Some(&out_h))
+            ops::gated_matmul(enc, &xt, None, None, &gl, &ul, f, &out, Some(&out_h))
         })?;
         assert_half_copy(&what, &out, &out_h)?;
         out.to_vec::<f32>()
@@ -1243,7 +1243,7 @@ fn normed_matvec_matches_reference() {
             let (xt, gt) = (row_at(dev, &x, shifted)?, dev.from_slice(&g, &[k])?);
             let out = poisoned(dev, &[1, w.n])?;
             run(dev, |enc| {
-                ops::normed_matmul(enc, &xt, (&gt, pre), &lin, &out)
+                ops::normed_matmul(enc, &xt, None, (&gt, pre), &lin, &out)
             })?;
             out.to_vec::<f32>()
         };
@@ -1276,7 +1276,7 @@ fn normed_matvec_matches_reference() {
             let out = poisoned(dev, &[1, w.n])?;
             let norm = Some((&gt, pre));
             run(dev, |enc| {
-                ops::gated_matmul(enc, &xt, norm, &gl, &ul, UnaryFn::Silu, &out, None)
+                ops::gated_matmul(enc, &xt, None, norm, &gl, &ul, UnaryFn::Silu, &out, None)
             })?;
             out.to_vec::<f32>()
         };
@@ -1287,6 +1287,86 @@ fn normed_matvec_matches_reference() {
                 describe(w)
             );
             check(&what, &dev, |dev| compute(dev, shifted), &want, tol);
+        }
+    }
+}
+
+/// A residual update folded into a decode matvec (`ops::ResidualUpdate`, Gemma's block output
+/// norm and residual add): the product of the normed updated x and the updated x itself, against
+/// an f64 reference and the CPU backend. MLX 4/8-bit weights on the tensor cores apply the
+/// update in the kernel (`matvec_tc_normup_…`); the others (matvec.cu, Q4_0 quads, the tiled
+/// kernel) launch `rms_norm_add` in front. Gated pairs alike.
+#[test]
+fn residual_updated_normed_matvec_matches_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(29);
+    let cases = [
+        mlx_weight(&mut rng, 1001, 1152, 4, 64, DType::F16),
+        mlx_weight(&mut rng, 700, 2048, 8, 32, DType::BF16),
+        mlx_weight(&mut rng, 37, 1280, 4, 64, DType::BF16),
+        ggml_weight(&mut rng, 515, 1024, GgmlType::Q4_0),
+        dense_weight(&mut rng, 21, 1000, DType::F16),
+    ];
+    for w in &cases {
+        let k = w.k;
+        let (x, y) = (rng.vec(k, 3.0), rng.vec(k, 40.0));
+        let (wu, g) = (rng.vec(k, 1.0), rng.vec(k, 1.0));
+        let eps = 1e-6f32;
+        let rms =
+            |v: &[f64]| 1.0 / (v.iter().map(|v| v * v).sum::<f64>() / k as f64 + eps as f64).sqrt();
+        let y64: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+        let ry = rms(&y64);
+        let updated: Vec<f64> = (0..k)
+            .map(|i| x[i] as f64 + y64[i] * ry * (wu[i] as f64 + 1.0))
+            .collect();
+        let r = rms(&updated);
+        let xn: Vec<f32> = (0..k)
+            .map(|i| (updated[i] * r * (g[i] as f64 + 1.0)) as f32)
+            .collect();
+        let up = match w.layout {
+            WeightLayout::MlxAffine { bits, group_size } => {
+                mlx_weight(&mut rng, w.n, k, bits, group_size, w.parts[1].2)
+            }
+            WeightLayout::Gguf(t) => ggml_weight(&mut rng, w.n, k, t),
+            WeightLayout::Dense => dense_weight(&mut rng, w.n, k, w.parts[0].2),
+        };
+        let plain = matmul_ref(&xn, w, None, 1);
+        let gated: Vec<f64> = plain
+            .iter()
+            .zip(matmul_ref(&xn, &up, None, 1))
+            .map(|(&g, u)| activation_ref(UnaryFn::Silu, g) * u)
+            .collect();
+        let pre = PreNorm {
+            eps,
+            unit_offset: true,
+        };
+        // (product, updated x) of the plain or the gated matvec.
+        let compute = |dev: &Device, gated: bool| -> Result<(Vec<f32>, Vec<f32>)> {
+            let (gl, ul) = (w.upload(dev, None)?, up.upload(dev, None)?);
+            let row = |v: &[f32]| dev.from_slice(v, &[1, k]);
+            let (xt, yt) = (row(&x)?, row(&y)?);
+            let (wut, gt) = (dev.from_slice(&wu, &[k])?, dev.from_slice(&g, &[k])?);
+            let (out, updated) = (poisoned(dev, &[1, w.n])?, poisoned(dev, &[1, k])?);
+            let update = Some(ops::ResidualUpdate {
+                y: &yt,
+                weight: &wut,
+                out: &updated,
+            });
+            run(dev, |enc| match gated {
+                false => ops::normed_matmul(enc, &xt, update, (&gt, pre), &gl, &out),
+                true => {
+                    let (norm, f) = (Some((&gt, pre)), UnaryFn::Silu);
+                    ops::gated_matmul(enc, &xt, update, norm, &gl, &ul, f, &out, None)
+                }
+            })?;
+            Ok((out.to_vec::<f32>()?, updated.to_vec::<f32>()?))
+        };
+        for (is_gated, want) in [(false, &plain), (true, &gated)] {
+            let what = format!("updated normed matvec {} gated={is_gated}", describe(w));
+            let product = |dev: &Device| compute(dev, is_gated).map(|(out, _)| out);
+            check(&what, &dev, product, want, 2e-3);
+            let x_out = |dev: &Device| compute(dev, is_gated).map(|(_, x)| x);
+            check(&format!("{what}: updated x"), &dev, x_out, &updated, 1e-6);
         }
     }
 }
@@ -2260,8 +2340,8 @@ fn sampling_matches_the_cpu_semantics() {
 // Graph capture
 
 /// A decode step of a small model (gather, norm, projections, RoPE, cache append, attention,
-/// logits, greedy sampling) captured once and replayed at several positions gives the very
-/// bits of plain launches.
+/// logits, a tensor-core matvec folding a residual update, greedy sampling) captured once and
+/// replayed at several positions gives the very bits of plain launches.
 #[test]
 fn graph_replay_is_bit_identical_to_plain_launches() {
     let Some(dev) = gpu() else { return };
@@ -2280,6 +2360,10 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
         .upload(&dev, None)
         .unwrap();
     let head = dense_weight(&mut rng, vocab, n_heads * hd, DType::BF16)
+        .upload(&dev, None)
+        .unwrap();
+    // A tensor-core matvec (over 2^18 weights) folding a residual update and a norm.
+    let w_tc = mlx_weight(&mut rng, 1040, hidden, 4, 64, DType::F16)
         .upload(&dev, None)
         .unwrap();
     let norm_w = dev.from_slice(&rng.vec(hidden, 1.0), &[hidden]).unwrap();
@@ -2315,6 +2399,11 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
         t(n_heads * hd),
         t(vocab),
     );
+    let (x_updated, tc_out) = (t(hidden), t(1040));
+    let pre = PreNorm {
+        eps: 1e-6,
+        unit_offset: true,
+    };
     let token = dev.empty(&[1], DType::U32).unwrap();
     let shape = AttentionShape {
         n_heads,
@@ -2354,14 +2443,22 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
             (&att2, None),
         )?;
         ops::matmul(enc, &att, &head, &logits)?;
+        let update = ops::ResidualUpdate {
+            y: &xn,
+            weight: &norm_w,
+            out: &x_updated,
+        };
+        ops::normed_matmul(enc, &x, Some(update), (&norm_w, pre), &w_tc, &tc_out)?;
         ops::sample(enc, params, &logits, &pos, &token, &history)?;
         ops::end_step(enc, &token, &pos, &ring)
     };
     let outputs = |p: usize| -> Vec<u32> {
-        let mut bits: Vec<u32> = [&x, &xn, &q, &qr, &k, &kr, &v, &att, &att2, &logits]
-            .iter()
-            .flat_map(|t| t.to_vec::<f32>().unwrap().into_iter().map(f32::to_bits))
-            .collect();
+        let mut bits: Vec<u32> = [
+            &x, &xn, &q, &qr, &k, &kr, &v, &att, &att2, &logits, &x_updated, &tc_out,
+        ]
+        .iter()
+        .flat_map(|t| t.to_vec::<f32>().unwrap().into_iter().map(f32::to_bits))
+        .collect();
         bits.push(token.to_vec::<u32>().unwrap()[0]);
         bits.push(history.to_vec::<u32>().unwrap()[p + 1]);
         // The step's end: the token in its ring slot (host-mapped, read in place), pos moved.
@@ -2371,7 +2468,9 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
         bits
     };
     let poison = || {
-        for t in [&x, &xn, &q, &qr, &k, &kr, &v, &att, &att2, &logits] {
+        for t in [
+            &x, &xn, &q, &qr, &k, &kr, &v, &att, &att2, &logits, &x_updated, &tc_out,
+        ] {
             t.write(&vec![f32::NAN; t.elem_count()]).unwrap();
         }
         token.write(&[u32::MAX]).unwrap();
@@ -2382,7 +2481,7 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
     enc.begin_capture().unwrap();
     record(&mut enc).unwrap();
     let mut graph = enc.end_capture().unwrap();
-    assert_eq!(graph.len(), 14);
+    assert_eq!(graph.len(), 15);
     // Several active splits from 700 on: their merge counters must be back at 0 after each
     // replay.
     for p in [5usize, 6, 700, 701, 898] {
@@ -2689,7 +2788,17 @@ fn bench_matvec_shapes() {
             let secs = time_replays(&dev, 64, &|enc, i| match gated {
                 true => {
                     let j = i % gates.len();
-                    ops::gated_matmul(enc, &x, None, &gates[j], &ups[j], UnaryFn::Silu, &out, None)
+                    ops::gated_matmul(
+                        enc,
+                        &x,
+                        None,
+                        None,
+                        &gates[j],
+                        &ups[j],
+                        UnaryFn::Silu,
+                        &out,
+                        None,
+                    )
                 }
                 false => ops::matmul(enc, &x, &gates[i % gates.len()], &out),
             });

@@ -10,8 +10,11 @@
 
 use half::{bf16, f16};
 use mlx_native::core::encoder::CommandEncoder;
-use mlx_native::core::op::UnaryFn;
-use mlx_native::ops::{embedding, gated_matmul, matmul, matmul_add, Linear};
+use mlx_native::core::op::{PreNorm, UnaryFn};
+use mlx_native::ops::{
+    embedding, gated_matmul, matmul, matmul_add, normed_matmul, rms_norm_add, Linear,
+    ResidualUpdate,
+};
 use mlx_native::quant::mlx_affine::{dequantize_row, quantize, unpack};
 use mlx_native::quant::{GgmlType, WeightLayout};
 use mlx_native::{DType, Device, Tensor};
@@ -386,7 +389,20 @@ fn half_copies_of_a_decode_row() {
     };
     let out = poisoned(&dev, &[1, n]);
     let out_h = dev.from_slice(&vec![f16::NAN; n], &[1, n]).unwrap();
-    run(&|enc| gated_matmul(enc, &x, None, &w, &up, UnaryFn::Silu, &out, Some(&out_h))).unwrap();
+    run(&|enc| {
+        gated_matmul(
+            enc,
+            &x,
+            None,
+            None,
+            &w,
+            &up,
+            UnaryFn::Silu,
+            &out,
+            Some(&out_h),
+        )
+    })
+    .unwrap();
     let halves = out_h.to_vec::<f16>().unwrap();
     for (v, h) in out.to_vec::<f32>().unwrap().iter().zip(&halves) {
         assert_eq!(f16::from_f32(*v).to_bits(), h.to_bits(), "copy of {v}");
@@ -414,9 +430,81 @@ fn half_copies_of_a_decode_row() {
         let err = run(&|enc| matmul_add(enc, &x, Some(bad), &w, &residual, &plain)).unwrap_err();
         assert!(err.to_string().contains("x_h"), "{err}");
     }
-    let err = run(&|enc| gated_matmul(enc, &x, None, &w, &up, UnaryFn::Silu, &out, Some(&x)))
+    let err = run(&|enc| gated_matmul(enc, &x, None, None, &w, &up, UnaryFn::Silu, &out, Some(&x)))
         .unwrap_err();
     assert!(err.to_string().contains("out_h"), "{err}");
+}
+
+/// A residual update folded into a decode matmul (`ResidualUpdate`: Gemma's block output norm
+/// and residual add, done by the next normed matmul) computes, on the CPU backend, exactly the
+/// two dispatches it replaces: `rms_norm_add`, then the normed matmul of its output; and it
+/// writes that output. Misused, it is an error naming what is wrong.
+#[test]
+fn residual_update_in_front_of_a_normed_matmul() {
+    let dev = Device::cpu();
+    let mut rng = Rng(12);
+    let c = cases()
+        .into_iter()
+        .find(|c| c.name() == "b4_g64_f16")
+        .unwrap();
+    let (n, k) = c.nk();
+    let (w, up) = (c.linear(&dev, None), c.linear(&dev, None));
+    let row = |rng: &mut Rng| dev.from_slice(&rng.vec(k), &[1, k]).unwrap();
+    let (x, y) = (row(&mut rng), row(&mut rng));
+    let (wu, g) = (
+        dev.from_slice(&rng.vec(k), &[k]).unwrap(),
+        dev.from_slice(&rng.vec(k), &[k]).unwrap(),
+    );
+    let pre = PreNorm {
+        eps: 1e-6,
+        unit_offset: true,
+    };
+    let run = |f: &dyn Fn(&mut CommandEncoder) -> mlx_native::Result<()>| {
+        let mut enc = CommandEncoder::new(&dev);
+        f(&mut enc).and_then(|_| enc.commit_and_wait())
+    };
+    let values = |t: &Tensor| t.to_vec::<f32>().unwrap();
+
+    let settled = poisoned(&dev, &[1, k]);
+    run(&|enc| rms_norm_add(enc, &y, &wu, pre.eps, true, &x, &settled)).unwrap();
+    let (want, want_gated) = (poisoned(&dev, &[1, n]), poisoned(&dev, &[1, n]));
+    run(&|enc| normed_matmul(enc, &settled, None, (&g, pre), &w, &want)).unwrap();
+    let norm = Some((&g, pre));
+    let f = UnaryFn::Silu;
+    run(&|enc| gated_matmul(enc, &settled, None, norm, &w, &up, f, &want_gated, None)).unwrap();
+
+    let updated = poisoned(&dev, &[1, k]);
+    let update = ResidualUpdate {
+        y: &y,
+        weight: &wu,
+        out: &updated,
+    };
+    let got = poisoned(&dev, &[1, n]);
+    run(&|enc| normed_matmul(enc, &x, Some(update), (&g, pre), &w, &got)).unwrap();
+    assert_eq!(values(&updated), values(&settled), "updated x");
+    assert_eq!(values(&got), values(&want), "normed matmul");
+    let (updated, got) = (poisoned(&dev, &[1, k]), poisoned(&dev, &[1, n]));
+    let update = ResidualUpdate {
+        out: &updated,
+        ..update
+    };
+    run(&|enc| gated_matmul(enc, &x, Some(update), norm, &w, &up, f, &got, None)).unwrap();
+    assert_eq!(values(&updated), values(&settled), "updated x (gated)");
+    assert_eq!(values(&got), values(&want_gated), "gated matmul");
+
+    let in_place = ResidualUpdate { out: &x, ..update };
+    let err = run(&|enc| normed_matmul(enc, &x, Some(in_place), (&g, pre), &w, &got)).unwrap_err();
+    assert!(err.to_string().contains("overlap"), "{err}");
+    let err =
+        run(&|enc| gated_matmul(enc, &x, Some(update), None, &w, &up, f, &got, None)).unwrap_err();
+    assert!(err.to_string().contains("input norm"), "{err}");
+    let short = dev.from_slice(&rng.vec(k - 1), &[1, k - 1]).unwrap();
+    let bad_y = ResidualUpdate {
+        y: &short,
+        ..update
+    };
+    let err = run(&|enc| normed_matmul(enc, &x, Some(bad_y), (&g, pre), &w, &got)).unwrap_err();
+    assert!(err.to_string().contains("y"), "{err}");
 }
 
 #[test]

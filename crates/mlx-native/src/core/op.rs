@@ -187,11 +187,16 @@ pub enum Op {
     /// copy `[1, k]`; out `[m, n]`. With `pre_norm`, x goes through that RMSNorm first (one row
     /// only: decode). `half_x` (one row, no norm) lets a kernel that rounds x to f16 anyway read
     /// the copy instead (the CUDA tensor-core matvec: half the bytes to stage).
+    /// With `residual_update` (one row, with `pre_norm`), the operands after x are first y
+    /// `[1, k]` and a weight f32 `[k]`, and x + RMSNorm(y)·w (the same eps and offset) takes
+    /// x's place, also written to a second output `[1, k]` (Gemma's block output norm and
+    /// residual add, done by the next block's input matmul).
     MatMul {
         layout: WeightLayout,
         has_bias: bool,
         pre_norm: Option<PreNorm>,
         half_x: bool,
+        residual_update: bool,
     },
     /// Causal scaled-dot-product attention with GQA over a KV cache (`AttentionShape`).
     /// in: q `[m, n_heads*head_dim]`, k_cache and v_cache `[n_kv_heads, capacity, head_dim]`
@@ -240,11 +245,14 @@ pub enum Op {
     /// in: x `[1, k]` (a single row: decode), the norm weight f32 `[k]` if `pre_norm`, gate
     /// weight tensors, then up weight tensors (both per `layout`, `[n, k]`); out `[1, n]`, then
     /// with `half_out` its f16 copy `[1, n]` (for the down projection's `MatMul::half_x`).
+    /// `residual_update` as `MatMul`'s: y and its norm weight follow x, and the updated x is
+    /// the second output (before the f16 copy).
     GatedMatMul {
         layout: WeightLayout,
         act: UnaryFn,
         pre_norm: Option<PreNorm>,
         half_out: bool,
+        residual_update: bool,
     },
     /// out = cap·tanh(x/cap), elementwise (logit soft-capping).
     Softcap { cap: f32 },

@@ -12,7 +12,9 @@ use crate::core::encoder::CommandEncoder;
 use crate::core::op::{BinaryFn, PreNorm, Routing, UnaryFn};
 use crate::core::tensor::Tensor;
 use crate::models::WeightSource;
-use crate::ops::{self, AttentionShape, ExpertLinear, Linear, RopeScaling, RopeTable};
+use crate::ops::{
+    self, AttentionShape, ExpertLinear, Linear, ResidualUpdate, RopeScaling, RopeTable,
+};
 use crate::{Error, Result};
 
 /// How a family's blocks differ from Llama's (`Architecture::LLAMA`).
@@ -322,6 +324,26 @@ pub struct Scratch {
     uncapped_logits: Option<Tensor>,
 }
 
+/// The residual stream as the next op reads it: `x`, or, where a block output is still to be
+/// added (`update`: one decode row with sandwich norms, whose output norm and residual add the
+/// next normed matmul folds in, one dispatch fewer a block), x before that update.
+#[derive(Clone, Copy)]
+struct Residual<'a> {
+    x: &'a Tensor,
+    update: Option<ResidualUpdate<'a>>,
+}
+
+impl<'a> Residual<'a> {
+    fn settled(x: &'a Tensor) -> Self {
+        Residual { x, update: None }
+    }
+
+    /// The tensor that holds the stream once the update, if any, is applied.
+    fn current(&self) -> &'a Tensor {
+        self.update.map_or(self.x, |u| u.out)
+    }
+}
+
 /// Activations of a MoE block over `m` tokens.
 struct MoeScratch {
     /// Router logits `[m, experts]`.
@@ -418,12 +440,14 @@ impl Decoder {
                 None
             };
             // Sandwich-norm blocks name their MLP input norm `pre_feedforward_layernorm` and
-            // use `post_attention_layernorm` on the attention output.
+            // use `post_attention_layernorm` on the attention output. Their output norms are
+            // f32 too, as the next normed matmul folds them (`ops::ResidualUpdate`).
+            let out_norm = |n: &str| f32_vector(weights.vector(&name(n), h)?);
             let (attn_out_norm, mlp_norm, mlp_out_norm) = if a.sandwich_norms {
                 (
-                    Some(weights.vector(&name("post_attention_layernorm.weight"), h)?),
+                    Some(out_norm("post_attention_layernorm.weight")?),
                     weights.vector(&name("pre_feedforward_layernorm.weight"), h)?,
-                    Some(weights.vector(&name("post_feedforward_layernorm.weight"), h)?),
+                    Some(out_norm("post_feedforward_layernorm.weight")?),
                 )
             } else {
                 (
@@ -639,16 +663,16 @@ impl Decoder {
         ops::rms_norm(enc, x, w, p.rms_norm_eps, p.arch.norm_unit_offset, out)
     }
 
-    /// Attention of layer `layer` over the input norm of `x`, written to `s.attn` (before the
-    /// output projection), and as f16 to `attn_h` if given. One decode row reads q, k and v in
-    /// one matvec with the norm folded in; otherwise the norm is a dispatch of its own and q,
-    /// k, v three matmuls. q/k head norms (`Architecture::qk_norm`) are part of the attention
-    /// dispatch.
+    /// Attention of layer `layer` over the input norm of the residual stream `x`, written to
+    /// `s.attn` (before the output projection), and as f16 to `attn_h` if given. One decode row
+    /// reads q, k and v in one matvec with the norm (and x's update, if any) folded in;
+    /// otherwise the norm is a dispatch of its own and q, k, v three matmuls. q/k head norms
+    /// (`Architecture::qk_norm`) are part of the attention dispatch.
     fn encode_attention(
         &self,
         enc: &mut CommandEncoder,
         layer: &Layer,
-        x: &Tensor,
+        x: Residual,
         (k_cache, v_cache): &(Tensor, Tensor),
         pos: &Tensor,
         (s, attn_h): (&Scratch, Option<&Tensor>),
@@ -656,9 +680,11 @@ impl Decoder {
         let p = &self.params;
         match (&layer.qkv, &s.qkv) {
             (Some(w), Some(qkv)) => {
-                ops::normed_matmul(enc, x, self.input_norm(&layer.attn_norm), w, qkv)?
+                let norm = self.input_norm(&layer.attn_norm);
+                ops::normed_matmul(enc, x.x, x.update, norm, w, qkv)?
             }
             _ => {
+                let x = self.settle(enc, x)?;
                 self.norm(enc, x, &layer.attn_norm, &s.normed)?;
                 ops::matmul(enc, &s.normed, &layer.q, &s.q)?;
                 ops::matmul(enc, &s.normed, &layer.k, &s.k)?;
@@ -713,30 +739,55 @@ impl Decoder {
     /// `out` = `x` + `branch`·Wᵀ, the block output first normed by `out_norm` if there is one
     /// (the norm and the add one dispatch). One decode row without a norm or bias takes the
     /// residual as the matmul's bias: one dispatch instead of two, reading `branch_h` (branch's
-    /// f16 copy) if given.
+    /// f16 copy) if given. One decode row with a norm leaves the norm and the add to the next
+    /// normed matmul (`Residual::update`): one dispatch instead of two.
     #[allow(clippy::too_many_arguments)]
-    fn project_residual(
-        &self,
+    fn project_residual<'a>(
+        &'a self,
         enc: &mut CommandEncoder,
         (branch, branch_h): (&Tensor, Option<&Tensor>),
         w: &Linear,
-        x: &Tensor,
-        out_norm: Option<&Tensor>,
-        s: &Scratch,
-        out: &Tensor,
-    ) -> Result<()> {
+        x: &'a Tensor,
+        out_norm: Option<&'a Tensor>,
+        s: &'a Scratch,
+        out: &'a Tensor,
+    ) -> Result<Residual<'a>> {
         if Self::residual_in_matmul(branch.rows(), w, out_norm) {
-            return ops::matmul_add(enc, branch, branch_h, w, x, out);
+            ops::matmul_add(enc, branch, branch_h, w, x, out)?;
+            return Ok(Residual::settled(out));
         }
         ops::matmul(enc, branch, w, &s.proj)?;
         match out_norm {
+            Some(weight) if branch.rows() == 1 => Ok(Residual {
+                x,
+                update: Some(ResidualUpdate {
+                    y: &s.proj,
+                    weight,
+                    out,
+                }),
+            }),
             Some(norm) => {
                 let p = &self.params;
                 let offset = p.arch.norm_unit_offset;
-                ops::rms_norm_add(enc, &s.proj, norm, p.rms_norm_eps, offset, x, out)
+                ops::rms_norm_add(enc, &s.proj, norm, p.rms_norm_eps, offset, x, out)?;
+                Ok(Residual::settled(out))
             }
-            None => ops::binary(enc, BinaryFn::Add, x, &s.proj, out),
+            None => {
+                ops::binary(enc, BinaryFn::Add, x, &s.proj, out)?;
+                Ok(Residual::settled(out))
+            }
         }
+    }
+
+    /// The residual stream with its update applied by a dispatch of its own (`rms_norm_add`),
+    /// for the ops that do not fold it.
+    fn settle<'a>(&self, enc: &mut CommandEncoder, x: Residual<'a>) -> Result<&'a Tensor> {
+        if let Some(u) = x.update {
+            let p = &self.params;
+            let offset = p.arch.norm_unit_offset;
+            ops::rms_norm_add(enc, u.y, u.weight, p.rms_norm_eps, offset, x.x, u.out)?;
+        }
+        Ok(x.current())
     }
 
     /// `s.act` = act(`s.normed`·Gᵀ) ∘ (`s.normed`·Uᵀ). One decode row with bias-free
@@ -745,18 +796,19 @@ impl Decoder {
     fn gated_mlp_input<'s>(
         &self,
         enc: &mut CommandEncoder,
-        x: &Tensor,
+        x: Residual,
         norm: &Tensor,
         (gate, up): (&Linear, &Linear),
         (s, act_h): (&Scratch, Option<&'s Tensor>),
     ) -> Result<Option<&'s Tensor>> {
         let act = self.params.arch.activation;
         let stored_alike = gate.stored_like(up) && gate.n == up.n;
-        if x.rows() == 1 && stored_alike && gate.bias.is_none() && up.bias.is_none() {
+        if x.x.rows() == 1 && stored_alike && gate.bias.is_none() && up.bias.is_none() {
             let norm = Some(self.input_norm(norm));
-            ops::gated_matmul(enc, x, norm, gate, up, act, &s.act, act_h)?;
+            ops::gated_matmul(enc, x.x, x.update, norm, gate, up, act, &s.act, act_h)?;
             return Ok(act_h);
         }
+        let x = self.settle(enc, x)?;
         self.norm(enc, x, norm, &s.normed)?;
         ops::matmul(enc, &s.normed, gate, &s.gate)?;
         ops::matmul(enc, &s.normed, up, &s.up)?;
@@ -784,12 +836,15 @@ impl Decoder {
             }
             None => ops::embedding(enc, tokens, &self.embed, x)?,
         }
+        // The stream alternates between x (attention's input) and x_mid (the MLP's).
+        let mut residual = Residual::settled(x);
         for (layer, kv) in self.layers.iter().zip(&cache.layers) {
             let attn_norm = layer.attn_out_norm.as_ref();
             let attn_h = Self::half_copy_for(enc, &layer.o, attn_norm, s.attn_h.as_ref());
-            self.encode_attention(enc, layer, x, kv, pos, (s, attn_h))?;
+            self.encode_attention(enc, layer, residual, kv, pos, (s, attn_h))?;
             let attn = (&s.attn, attn_h);
-            self.project_residual(enc, attn, &layer.o, x, attn_norm, s, x_mid)?;
+            let attn_in = residual.current();
+            residual = self.project_residual(enc, attn, &layer.o, attn_in, attn_norm, s, x_mid)?;
 
             match &layer.mlp {
                 Mlp::Dense { gate, up, down } => {
@@ -797,9 +852,10 @@ impl Decoder {
                     let act_h = Self::half_copy_for(enc, down, mlp_norm, s.act_h.as_ref());
                     let mlp_in = (s, act_h);
                     let act_h =
-                        self.gated_mlp_input(enc, x_mid, &layer.mlp_norm, (gate, up), mlp_in)?;
+                        self.gated_mlp_input(enc, residual, &layer.mlp_norm, (gate, up), mlp_in)?;
                     let act = (&s.act, act_h);
-                    self.project_residual(enc, act, down, x_mid, mlp_norm, s, x)?;
+                    let mlp_x = residual.current();
+                    residual = self.project_residual(enc, act, down, mlp_x, mlp_norm, s, x)?;
                 }
                 Mlp::Moe {
                     router,
@@ -814,6 +870,7 @@ impl Decoder {
                     // their weighted sum to the residual. One decode row folds the input norm
                     // into the router and the experts' gate/up (no launch of its own); more
                     // rows norm once into `s.normed`, which both then read.
+                    let x_mid = self.settle(enc, residual)?;
                     let (input, norm) = if s.m == 1 {
                         (x_mid, Some(self.input_norm(&layer.mlp_norm)))
                     } else {
@@ -821,7 +878,9 @@ impl Decoder {
                         (&s.normed, None)
                     };
                     match norm {
-                        Some(norm) => ops::normed_matmul(enc, input, norm, router, &ms.logits)?,
+                        Some(norm) => {
+                            ops::normed_matmul(enc, input, None, norm, router, &ms.logits)?
+                        }
                         None => ops::matmul(enc, input, router, &ms.logits)?,
                     }
                     ops::moe_route(
@@ -836,21 +895,18 @@ impl Decoder {
                     ops::gather_gated_matmul(enc, input, norm, &ms.ids, gate, up, act, &ms.act)?;
                     ops::gather_matmul(enc, &ms.act, &ms.ids, down, &ms.down)?;
                     ops::moe_combine(enc, &ms.down, &ms.weights, x_mid, x)?;
+                    residual = Residual::settled(x);
                 }
             }
         }
-        let last = x.narrow_rows(s.m - 1, 1)?;
+        // A pending update (one row) comes with x of one row: its last.
+        let last = residual.x.narrow_rows(s.m - 1, 1)?;
         let head_out = match (a.final_softcap, &s.uncapped_logits) {
             (Some(_), Some(uncapped)) => uncapped,
             _ => logits,
         };
-        ops::normed_matmul(
-            enc,
-            &last,
-            self.input_norm(&self.norm),
-            &self.lm_head,
-            head_out,
-        )?;
+        let norm = self.input_norm(&self.norm);
+        ops::normed_matmul(enc, &last, residual.update, norm, &self.lm_head, head_out)?;
         match a.final_softcap {
             Some(cap) => ops::softcap(enc, cap, head_out, logits),
             None => Ok(()),

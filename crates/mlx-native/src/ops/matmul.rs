@@ -213,11 +213,38 @@ impl Linear {
 
 /// out `[m, n]` = x `[m, k]` · Wᵀ (+ bias).
 pub fn matmul(enc: &mut CommandEncoder, x: &Tensor, w: &Linear, out: &Tensor) -> Result<()> {
-    dispatch_matmul(enc, x, None, w, out)
+    dispatch_matmul(enc, x, None, None, w, out)
 }
 
 /// The RMSNorm a decode matmul applies to its input: weight f32 `[k]` and parameters.
 pub type InputNorm<'a> = (&'a Tensor, PreNorm);
+
+/// The previous block's output added to the residual stream in front of a decode matmul's
+/// folded input norm (Gemma's sandwich norms): the matmul reads x + RMSNorm(y)·weight (with the
+/// input norm's eps and offset), and writes it to `out`, the residual stream's next value.
+#[derive(Clone, Copy)]
+pub struct ResidualUpdate<'a> {
+    pub y: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub out: &'a Tensor,
+}
+
+impl ResidualUpdate<'_> {
+    /// y and out are f32 rows like x, the weight f32 over x's last dim, and out is neither x
+    /// nor y: the kernels read those while they write it.
+    fn check(&self, op: &'static str, x: &Tensor) -> Result<()> {
+        for (what, t) in [("y", self.y), ("updated x", self.out)] {
+            expect_dtype(op, what, t, &[DType::F32])?;
+            expect_shape(op, what, t, x.shape())?;
+        }
+        expect_dtype(op, "update norm weight", self.weight, &[DType::F32])?;
+        expect_shape(op, "update norm weight", self.weight, &[x.last_dim()])?;
+        if self.out.overlaps(x) || self.out.overlaps(self.y) {
+            return Err(Error::op(op, "the updated x must not overlap x or y"));
+        }
+        Ok(())
+    }
+}
 
 fn check_input_norm(op: &'static str, x: &Tensor, norm: InputNorm) -> Result<()> {
     if x.rows() != 1 {
@@ -249,22 +276,29 @@ fn check_x(op: &'static str, x: &Tensor, k: usize) -> Result<()> {
 }
 
 /// out `[1, n]` = RMSNorm(x `[1, k]`) · Wᵀ (+ bias), one dispatch: the norm is folded into
-/// the matmul (decode).
+/// the matmul (decode). With `update`, x + RMSNorm(y)·w takes x's place (and is written to
+/// `update.out`) in the same dispatch.
 pub fn normed_matmul(
     enc: &mut CommandEncoder,
     x: &Tensor,
+    update: Option<ResidualUpdate>,
     norm: InputNorm,
     w: &Linear,
     out: &Tensor,
 ) -> Result<()> {
     check_input_norm("matmul", x, norm)?;
-    dispatch_matmul(enc, x, Some(norm), w, out)
+    if let Some(update) = &update {
+        update.check("matmul", x)?;
+    }
+    dispatch_matmul(enc, x, update, Some(norm), w, out)
 }
 
-/// `Op::MatMul` of x (through `norm` if given) and `w` (with its bias) into out `[m, n]`.
+/// `Op::MatMul` of x (updated by `update` and through `norm` if given) and `w` (with its bias)
+/// into out `[m, n]`.
 fn dispatch_matmul(
     enc: &mut CommandEncoder,
     x: &Tensor,
+    update: Option<ResidualUpdate>,
     norm: Option<InputNorm>,
     w: &Linear,
     out: &Tensor,
@@ -272,6 +306,7 @@ fn dispatch_matmul(
     check_x("matmul", x, w.k)?;
     expect_shape("matmul", "out", out, &[x.rows(), w.n])?;
     let mut inputs: Vec<&Tensor> = vec![x];
+    inputs.extend(update.iter().flat_map(|u| [u.y, u.weight]));
     inputs.extend(norm.map(|(weight, _)| weight));
     inputs.extend(w.tensors.iter());
     inputs.extend(w.bias.iter());
@@ -280,8 +315,10 @@ fn dispatch_matmul(
         has_bias: w.bias.is_some(),
         pre_norm: norm.map(|(_, p)| p),
         half_x: false,
+        residual_update: update.is_some(),
     };
-    enc.dispatch(op, &inputs, &[out])
+    let outputs: Vec<&Tensor> = std::iter::once(out).chain(update.map(|u| u.out)).collect();
+    enc.dispatch(op, &inputs, &outputs)
 }
 
 /// out `[1, n]` = x `[1, k]` · Wᵀ + residual `[1, n]`, one dispatch: for a single row the
@@ -318,6 +355,7 @@ pub fn matmul_add(
         has_bias: true,
         pre_norm: None,
         half_x: x_h.is_some(),
+        residual_update: false,
     };
     enc.dispatch(op, &inputs, &[out])
 }
@@ -339,11 +377,13 @@ pub(super) fn check_half_copy(op: &'static str, what: &str, t: &Tensor, n: usize
 /// out `[1, n]` = f(x·Gᵀ) ∘ (x·Uᵀ) for one row x `[1, k]`: the gated MLP's gate and up
 /// projections and its activation in one dispatch (decode), x first through `norm` if given.
 /// Both weights must share a layout shape and stored dtypes, and have no bias. With `out_h`
-/// (f16 `[1, n]`), out's f16 copy is written there too, for the down projection's `x_h`.
+/// (f16 `[1, n]`), out's f16 copy is written there too, for the down projection's `x_h`. With
+/// `update` (and a norm), x + RMSNorm(y)·w takes x's place, as in `normed_matmul`.
 #[allow(clippy::too_many_arguments)]
 pub fn gated_matmul(
     enc: &mut CommandEncoder,
     x: &Tensor,
+    update: Option<ResidualUpdate>,
     norm: Option<InputNorm>,
     gate: &Linear,
     up: &Linear,
@@ -377,6 +417,16 @@ pub fn gated_matmul(
         check_half_copy("gated_matmul", "out_h", out_h, gate.n)?;
     }
     let mut inputs: Vec<&Tensor> = vec![x];
+    if let Some(update) = &update {
+        if norm.is_none() {
+            return Err(Error::op(
+                "gated_matmul",
+                "a residual update needs the input norm it precedes",
+            ));
+        }
+        update.check("gated_matmul", x)?;
+        inputs.extend([update.y, update.weight]);
+    }
     if let Some(norm) = norm {
         check_input_norm("gated_matmul", x, norm)?;
         inputs.push(norm.0);
@@ -388,7 +438,11 @@ pub fn gated_matmul(
         act: f,
         pre_norm: norm.map(|(_, p)| p),
         half_out: out_h.is_some(),
+        residual_update: update.is_some(),
     };
-    let outputs: Vec<&Tensor> = std::iter::once(out).chain(out_h).collect();
+    let outputs: Vec<&Tensor> = std::iter::once(out)
+        .chain(update.map(|u| u.out))
+        .chain(out_h)
+        .collect();
     enc.dispatch(op, &inputs, &outputs)
 }

@@ -15,6 +15,7 @@ pub use elementwise::{binary, gated_activation, softcap, softmax, unary};
 pub use embedding::embedding;
 pub use matmul::{
     gated_matmul, matmul, matmul_add, normed_matmul, reads_half_copy, InputNorm, Linear,
+    ResidualUpdate,
 };
 pub use moe::{gather_gated_matmul, gather_matmul, moe_combine, moe_route, ExpertLinear};
 pub use norm::{layer_norm, rms_norm, rms_norm_add};

@@ -23,14 +23,15 @@ pub(super) fn register(reg: &mut Registry<CpuKernel>) {
     }
 }
 
-/// `Op::MatMul`: the layout's kernel, after the folded RMSNorm if there is one. x's f16 copy
-/// (`half_x`) is not read: x holds the same values unrounded.
+/// `Op::MatMul`: the layout's kernel, after the residual update and the folded RMSNorm if
+/// there are any. x's f16 copy (`half_x`) is not read: x holds the same values unrounded.
 fn matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let Op::MatMul {
         layout,
         has_bias,
         pre_norm,
         half_x,
+        residual_update,
     } = *op
     else {
         return Err(wrong_op(op));
@@ -40,12 +41,41 @@ fn matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         has_bias,
         pre_norm: None,
         half_x: false,
+        residual_update: false,
     };
     let (inputs, _x_h) = optional_last(half_x, inputs);
+    let (inputs, outputs) = updated_input(residual_update, pre_norm, inputs, outputs)?;
     match pre_norm {
-        None => kernel_for(layout)(&plain, inputs, outputs),
-        Some(norm) => kernel_for(layout)(&plain, &normed_input(norm, inputs)?, outputs),
+        None => kernel_for(layout)(&plain, &inputs, outputs),
+        Some(norm) => kernel_for(layout)(&plain, &normed_input(norm, &inputs)?, outputs),
     }
+}
+
+/// With a residual update (`MatMul::residual_update`): x + RMSNorm(y)·w written to the second
+/// output, which then replaces x, y and w in the operands, the first output left as the only
+/// one. Without one, the operands as they are.
+fn updated_input<'a>(
+    update: bool,
+    norm: Option<PreNorm>,
+    inputs: &[Tensor],
+    outputs: &'a [Tensor],
+) -> Result<(Vec<Tensor>, &'a [Tensor])> {
+    if !update {
+        return Ok((inputs.to_vec(), outputs));
+    }
+    let (Some(norm), [x, y, weight, rest @ ..], [out, updated]) = (norm, inputs, outputs) else {
+        return Err(Error::op(
+            "matmul",
+            "a residual update without its operands or input norm",
+        ));
+    };
+    norm::rms_norm(
+        &norm.op(),
+        &[y.clone(), weight.clone(), x.clone()],
+        std::slice::from_ref(updated),
+    )?;
+    let inputs = std::iter::once(updated).chain(rest).cloned().collect();
+    Ok((inputs, std::slice::from_ref(out)))
 }
 
 /// The operands with x and the norm weight (the first two) replaced by RMSNorm(x).
@@ -68,17 +98,15 @@ fn gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         act,
         pre_norm,
         half_out,
+        residual_update,
     } = *op
     else {
         return Err(wrong_op(op));
     };
     let (outputs, out_h) = optional_last(half_out, outputs);
-    let normed;
+    let (inputs, outputs) = updated_input(residual_update, pre_norm, inputs, outputs)?;
     let inputs = match pre_norm {
-        Some(norm) => {
-            normed = normed_input(norm, inputs)?;
-            &normed[..]
-        }
+        Some(norm) => normed_input(norm, &inputs)?,
         None => inputs,
     };
     let count = layout.tensor_count();
@@ -94,6 +122,7 @@ fn gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         has_bias: false,
         pre_norm: None,
         half_x: false,
+        residual_update: false,
     };
     let gate = out.device().empty(out.shape(), DType::F32)?;
     let up = out.device().empty(out.shape(), DType::F32)?;
@@ -133,6 +162,7 @@ impl<'a> Operands<'a> {
             has_bias,
             pre_norm: None,
             half_x: false,
+            residual_update: false,
         } = *op
         else {
             return Err(wrong_op(op));

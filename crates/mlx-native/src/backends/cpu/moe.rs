@@ -137,6 +137,7 @@ fn gather_into(
         has_bias: false,
         pre_norm: None,
         half_x: false,
+        residual_update: false,
     };
     for e in 0..experts {
         let slots: Vec<usize> = (0..ids.len()).filter(|&s| ids[s] as usize == e).collect();

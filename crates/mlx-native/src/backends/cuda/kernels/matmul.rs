@@ -96,17 +96,19 @@ fn matmul(
         has_bias,
         pre_norm,
         half_x,
+        residual_update,
     } = *op
     else {
         return Err(wrong_op(op));
     };
     let n_weight = layout.tensor_count();
+    // x's f16 copy (last), read by the tensor-core matvec only.
+    let (inputs, x_h) = optional_last(half_x, inputs);
+    let (update, inputs, outputs) = split_update(op, residual_update, inputs, outputs)?;
     let ([out], Some(x)) = (outputs, inputs.first()) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
-    // x's f16 copy (last), read by the tensor-core matvec only.
-    let (inputs, x_h) = optional_last(half_x, inputs);
-    let (norm, inputs) = split_norm(op, pre_norm, inputs)?;
+    let (norm, inputs) = split_norm(op, pre_norm, &inputs)?;
     let inputs = &inputs[..];
     if inputs.len() != 1 + n_weight + has_bias as usize {
         return Err(operand_count(op, inputs.len(), outputs.len()));
@@ -128,7 +130,7 @@ fn matmul(
     let vector_ready =
         m == 1 && matvec_reads(&weight, k)? && (norm.is_some() || device_ptr(x)? % 16 == 0);
     if let (false, Some(_)) = (vector_ready, norm) {
-        let input = MatvecInput::new(lib, x, norm, 0)?;
+        let input = MatvecInput::new(lib, x, update, norm, 0, false)?;
         let matmul = tiled(
             lib,
             &weight,
@@ -141,7 +143,7 @@ fn matmul(
         return Ok(input.then(vec![matmul]));
     }
     let launch = if vector_ready {
-        let plan = DecodePlan::new(lib, &weight, None, x, n, norm)?;
+        let plan = DecodePlan::new(lib, (&weight, None), x, n, update, norm)?;
         let (kgroups, prefix) = (plan.kgroups(), plan.prefix());
         let name = format!("{prefix}{}", weight.typed_layout_name());
         let args = weight.tensor_args(Args::new().u64(plan.input.x))?;
@@ -418,12 +420,14 @@ fn gated_matmul(
         act,
         pre_norm,
         half_out,
+        residual_update,
     } = *op
     else {
         return Err(wrong_op(op));
     };
     let count = layout.tensor_count();
     let (outs, out_h) = optional_last(half_out, outputs);
+    let (update, inputs, outs) = split_update(op, residual_update, inputs, outs)?;
     let [out] = outs else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
@@ -434,7 +438,7 @@ fn gated_matmul(
     let Some(x) = inputs.first() else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
-    let (norm, inputs) = split_norm(op, pre_norm, inputs)?;
+    let (norm, inputs) = split_norm(op, pre_norm, &inputs)?;
     let inputs = &inputs[..];
     if inputs.len() != 1 + 2 * count {
         return Err(operand_count(op, inputs.len(), outputs.len()));
@@ -457,9 +461,10 @@ fn gated_matmul(
         && matvec_reads(&up, k)?
         && (norm.is_some() || device_ptr(x)? % 16 == 0);
     if !vector_ready {
-        return gated_tiled(lib, x, norm, (&gate, &up), (k, n), act, (out, out_h));
+        let input = MatvecInput::new(lib, x, update, norm, 0, false)?;
+        return gated_tiled(lib, input, (&gate, &up), (k, n), act, (out, out_h));
     }
-    let plan = DecodePlan::new(lib, &gate, Some(&up), x, n, norm)?;
+    let plan = DecodePlan::new(lib, (&gate, Some(&up)), x, n, update, norm)?;
     let (kgroups, prefix) = (plan.kgroups(), plan.prefix());
     let layout = gate.typed_layout_name();
     if up.typed_layout_name() != layout {
@@ -490,6 +495,7 @@ pub(crate) fn matvec_reads_half_x(
         k,
         gated: false,
         folds: false,
+        updates: false,
         q4_0_quads: k.is_multiple_of(128),
         wide_norm: false,
     };
@@ -506,6 +512,8 @@ struct DecodeMatvec {
     gated: bool,
     /// The kernel folds a norm.
     folds: bool,
+    /// A residual update precedes the norm (`Op::MatMul::residual_update`).
+    updates: bool,
     /// Q4_0 rows of k % 128 == 0 from 8-byte aligned data: `MtQ4_0` loads quads of blocks.
     q4_0_quads: bool,
     /// A norm that matvec.cu would launch in front (k > FOLD_NORM_MAX_K), which sends smaller
@@ -523,7 +531,13 @@ fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> 
         WeightLayout::Gguf(GgmlType::Q4_0) if m.q4_0_quads => (32, SIMT_MAX_WEIGHTS),
         _ => return Ok(None),
     };
-    matvec_tc_plan(m.n, m.k, chunk, m.gated, m.folds, sm_count, simt_weights)
+    // The update is staged with x in parts (`mt_stage_x_parts`): MLX only.
+    let updates = m.updates && m.folds && matches!(m.layout, WeightLayout::MlxAffine { .. });
+    let folding = Folding {
+        norm: m.folds,
+        update: updates,
+    };
+    matvec_tc_plan(m.n, m.k, chunk, m.gated, folding, sm_count, simt_weights)
 }
 
 /// The address of an f16 copy of a row of `len` values (`x_h`, `out_h`) for `op`, which the
@@ -540,18 +554,17 @@ pub(super) fn half_copy_ptr(op: &Op, t: &Tensor, len: usize) -> Result<u64> {
 }
 
 /// The gated pair where the matvec kernels cannot read a weight (dense rows that are not
-/// whole aligned units) or x: the norm (if any) into a scratch row, gate and up by the tiled
-/// kernel into two more, then act(gate)·up (and its f16 copy at `out_h` unless 0).
+/// whole aligned units) or x: after `input`'s launches (the norm, if any, into a scratch row),
+/// gate and up by the tiled kernel into two more, then act(gate)·up (and its f16 copy at `out_h`
+/// unless 0).
 fn gated_tiled(
     lib: &KernelLibrary,
-    x: &Tensor,
-    norm: Norm,
+    input: MatvecInput,
     (gate, up): (&Weight, &Weight),
     (k, n): (usize, usize),
     act: UnaryFn,
     (out, out_h): (&Tensor, u64),
 ) -> Result<CudaKernel> {
-    let input = MatvecInput::new(lib, x, norm, 0)?;
     let np = n.next_multiple_of(4);
     let (scratch, gate_out) = lib.scratch(2 * np * 4)?;
     let up_out = gate_out + 4 * np as u64;
@@ -619,10 +632,10 @@ impl<'a> DecodePlan<'a> {
     /// `weight` (the gate, when `up` is given) `[n, x.last_dim()]`.
     fn new(
         lib: &KernelLibrary,
-        weight: &Weight,
-        up: Option<&Weight>,
-        x: &Tensor,
+        (weight, up): (&Weight, Option<&Weight>),
+        x: &'a Tensor,
         n: usize,
+        update: Update<'a>,
         norm: Norm<'a>,
     ) -> Result<Self> {
         let (k, sm_count, gated) = (x.last_dim(), lib.sm_count(), up.is_some());
@@ -644,6 +657,7 @@ impl<'a> DecodePlan<'a> {
             k,
             gated,
             folds: tc_folds,
+            updates: update.is_some(),
             q4_0_quads,
             wide_norm: norm.is_some() && k > FOLD_NORM_MAX_K,
         };
@@ -666,17 +680,22 @@ impl<'a> DecodePlan<'a> {
         // Llama-3.2-1B shape 1,322 → 1,387 tok/s, 8B 350 → 365; Q4_0 then lost, 8B 331 → 325,
         // but since its staging reads x once, with the norm weight copied before the wait:
         // H100, 2026-11-26, Q4_0 1B 1,305 → 1,457, 8B 351 → 393).
-        let max_fold_k = match tensor_cores {
-            Some(_) => usize::MAX,
-            None => FOLD_NORM_MAX_K,
+        let (max_fold_k, update_folds) = match tensor_cores {
+            Some(p) => (usize::MAX, p.folds_update),
+            None => (FOLD_NORM_MAX_K, false),
         };
-        let input = MatvecInput::new(lib, x, norm, max_fold_k)?;
+        let input = MatvecInput::new(lib, x, update, norm, max_fold_k, update_folds)?;
         Ok(DecodePlan { kernel, input })
     }
 
-    /// The kernel name prefix: matvec_tc.cu's, or matvec.cu's for the shape, plain or normed.
+    /// The kernel name prefix: matvec_tc.cu's, or matvec.cu's for the shape, plain or normed
+    /// (matvec_tc.cu's also with the update).
     fn prefix(&self) -> &'static str {
-        match (self.kernel, self.input.fold.is_some()) {
+        let input = &self.input;
+        match (self.kernel, input.fold.is_some()) {
+            (MatvecKernel::TensorCores(_), true) if input.fold_update.is_some() => {
+                "matvec_tc_normup_"
+            }
             (MatvecKernel::TensorCores(_), true) => "matvec_tc_norm_",
             (MatvecKernel::TensorCores(_), false) => "matvec_tc_",
             (MatvecKernel::Simt { shape, .. }, true) => shape.norm_prefix,
@@ -694,7 +713,8 @@ impl<'a> DecodePlan<'a> {
 
     /// The dispatch for kernel `name` with `args` (x's address first); both kernel families
     /// take the norm arguments, then the kernels that have one the address of an f16 copy of a
-    /// row (`half`: the plain tensor-core kernels' x_h, the gated kernels' out_h; 0 for none).
+    /// row (`half`: the plain tensor-core kernels' x_h, the gated kernels' out_h; 0 for none),
+    /// and the tensor-core kernels the update's (MATVEC_UPDATE_ARGS).
     fn launch(
         self,
         lib: &KernelLibrary,
@@ -709,6 +729,10 @@ impl<'a> DecodePlan<'a> {
         }
         let launch = match self.kernel {
             MatvecKernel::TensorCores(p) => {
+                let args = match self.input.fold_update {
+                    Some(u) => args.ptr(u.y)?.ptr(u.weight)?.ptr(u.out)?,
+                    None => args.u64(0).u64(0).u64(0),
+                };
                 lib.launch(&MATVEC_TC, name, p.grid, p.threads, p.shared, args)?
             }
             MatvecKernel::Simt { shape, kgroups } => {
@@ -732,15 +756,55 @@ const FOLD_NORM_MAX_K: usize = 1024;
 struct MatvecInput<'a> {
     x: u64,
     fold: Norm<'a>,
-    norm_first: Option<(Launch, CudaSlice<u8>)>,
+    /// The residual update the kernel applies itself (with the norm it folds).
+    fold_update: Update<'a>,
+    /// Launches in front of the kernel: the update and the norm where it does not fold them.
+    first: Vec<Launch>,
+    /// The row the norm launched in front writes.
+    scratch: Option<CudaSlice<u8>>,
 }
 
 impl<'a> MatvecInput<'a> {
     /// `max_fold_k`: the widest x whose norm the kernel that follows computes itself (0:
     /// none); an x not 16-byte aligned (the kernels' float4 loads) is always normalised into
-    /// the aligned scratch row first.
-    fn new(lib: &KernelLibrary, x: &Tensor, norm: Norm<'a>, max_fold_k: usize) -> Result<Self> {
+    /// the aligned scratch row first. `update_folds`: whether that kernel also applies the
+    /// residual update, if any, where it folds the norm; otherwise the update is launched in
+    /// front (as `rms_norm_add`), and its output is the x that the rest reads.
+    fn new(
+        lib: &KernelLibrary,
+        x: &'a Tensor,
+        update: Update<'a>,
+        norm: Norm<'a>,
+        max_fold_k: usize,
+        update_folds: bool,
+    ) -> Result<Self> {
         let k = x.last_dim();
+        let mut first = Vec::new();
+        let (x, fold_update) = match (update, norm) {
+            (None, _) => (x, None),
+            (Some(u), Some(_))
+                if update_folds && Self::folds(x, norm, max_fold_k)? && u.aligned()? =>
+            {
+                (x, Some(u))
+            }
+            (Some(u), Some((_, p))) => {
+                let rows = RmsNormRows {
+                    x: device_ptr(u.y)?,
+                    residual: device_ptr(x)?,
+                    out: device_ptr(u.out)?,
+                    rows: 1,
+                    d: k,
+                };
+                first.push(rms_norm_rows(lib, rows, u.weight, p)?);
+                (u.out, None)
+            }
+            (Some(_), None) => {
+                return Err(Error::op(
+                    "matmul",
+                    "a residual update without an input norm",
+                ))
+            }
+        };
         match norm {
             Some((g, p)) if !Self::folds(x, norm, max_fold_k)? => {
                 let (scratch, row) = lib.scratch(k * 4)?;
@@ -751,17 +815,21 @@ impl<'a> MatvecInput<'a> {
                     rows: 1,
                     d: k,
                 };
-                let launch = rms_norm_rows(lib, rows, g, p)?;
+                first.push(rms_norm_rows(lib, rows, g, p)?);
                 Ok(MatvecInput {
                     x: row,
                     fold: None,
-                    norm_first: Some((launch, scratch)),
+                    fold_update,
+                    first,
+                    scratch: Some(scratch),
                 })
             }
             _ => Ok(MatvecInput {
                 x: device_ptr(x)?,
                 fold: norm,
-                norm_first: None,
+                fold_update,
+                first,
+                scratch: None,
             }),
         }
     }
@@ -772,15 +840,57 @@ impl<'a> MatvecInput<'a> {
         Ok(norm.is_some() && x.last_dim() <= max_fold_k && device_ptr(x)? % 16 == 0)
     }
 
-    /// The dispatch: the norm launch, if any, then `launches` (which read x at `self.x`).
+    /// The dispatch: the launches in front, if any, then `launches` (which read x at
+    /// `self.x`).
     fn then(self, launches: Vec<Launch>) -> CudaKernel {
-        match self.norm_first {
-            Some((norm, scratch)) => {
-                let launches = std::iter::once(norm).chain(launches).collect();
-                CudaKernel::new(launches, Some(scratch))
-            }
-            None => CudaKernel::new(launches, None),
+        let launches = self.first.into_iter().chain(launches).collect();
+        CudaKernel::new(launches, self.scratch)
+    }
+}
+
+/// A decode matmul's residual update (`Op::MatMul::residual_update`): y, its norm weight, and
+/// the updated x.
+#[derive(Clone, Copy)]
+struct UpdateOperands<'a> {
+    y: &'a Tensor,
+    weight: &'a Tensor,
+    out: &'a Tensor,
+}
+
+type Update<'a> = Option<UpdateOperands<'a>>;
+
+impl UpdateOperands<'_> {
+    /// Whether matvec_tc.cu can apply it: y and out 16-byte aligned (float4 accesses), the
+    /// weight f32 and 16-byte aligned (copied by 16-byte cp.async).
+    fn aligned(&self) -> Result<bool> {
+        let aligned = |t: &Tensor| -> Result<bool> { Ok(device_ptr(t)? % 16 == 0) };
+        Ok(aligned(self.y)?
+            && aligned(self.out)?
+            && aligned(self.weight)?
+            && self.weight.dtype() == DType::F32)
+    }
+}
+
+/// With `present`, separates the update's operands (y and its norm weight, after x; the
+/// updated x, the second output) from the others.
+fn split_update<'a>(
+    op: &Op,
+    present: bool,
+    inputs: &'a [Tensor],
+    outputs: &'a [Tensor],
+) -> Result<(Update<'a>, Vec<Tensor>, &'a [Tensor])> {
+    match (present, inputs, outputs) {
+        (false, _, _) => Ok((None, inputs.to_vec(), outputs)),
+        (true, [x, y, weight, rest @ ..], [out, updated]) => {
+            let operands = std::iter::once(x).chain(rest).cloned().collect();
+            let update = UpdateOperands {
+                y,
+                weight,
+                out: updated,
+            };
+            Ok((Some(update), operands, std::slice::from_ref(out)))
         }
+        _ => Err(operand_count(op, inputs.len(), outputs.len())),
     }
 }
 
@@ -862,21 +972,48 @@ struct TcPlan {
     /// 32 per warp of the block.
     threads: u32,
     grid: (u32, u32, u32),
-    /// Bytes of staged x (dynamic shared memory), and of the norm weight where the kernel folds
-    /// the norm.
+    /// Bytes of staged x (dynamic shared memory), and of the norm weights where the kernel folds
+    /// the norm and the update.
     shared: u32,
+    /// The kernel applies the residual update (`matvec_tc_normup_…`).
+    folds_update: bool,
+}
+
+/// What a tensor-core matvec folds in front of its product: the input norm, and the residual
+/// update before it (MLX formats, staged in parts).
+#[derive(Clone, Copy)]
+struct Folding {
+    norm: bool,
+    update: bool,
+}
+
+#[cfg(test)]
+impl Folding {
+    const NONE: Folding = Folding {
+        norm: false,
+        update: false,
+    };
+    const NORM: Folding = Folding {
+        norm: true,
+        update: false,
+    };
+    const UPDATE: Folding = Folding {
+        norm: true,
+        update: true,
+    };
 }
 
 /// The tensor-core matvec for weights `[n, k]` whose format (matvec_tc.cu's `MtMlx` for MLX 4-
 /// and 8-bit, `MtQ4_0`) has `chunk` elements per chunk, or None where matvec.cu runs instead:
 /// matrices of up to `simt_weights`, matrices of 2^32 elements or more, and x too long to stage
-/// in shared memory (with the norm weight where the kernel folds a norm, `folds`).
+/// in shared memory (with the norm weight where the kernel folds a norm). The update is folded
+/// where its weight fits beside and x's parts fill one round of the block's threads.
 fn matvec_tc_plan(
     n: usize,
     k: usize,
     chunk: usize,
     gated: bool,
-    folds: bool,
+    folding: Folding,
     sm_count: usize,
     simt_weights: usize,
 ) -> Result<Option<TcPlan>> {
@@ -890,7 +1027,7 @@ fn matvec_tc_plan(
     // norm weight in f32 and followed by each chunk's f32 scale where the kernel folds a norm
     // (matvec_tc.cu's mt_stage_x_parts and mt_stage_x_chunks).
     let chunks = k / chunk;
-    let shared = if folds { 4 * k + 4 * chunks } else { 0 } + 2 * k + 2 * chunk + 8 * chunks;
+    let shared = if folding.norm { 4 * k + 4 * chunks } else { 0 } + 2 * k + 2 * chunk + 8 * chunks;
     if shared > MATVEC_TC_MAX_SHARED {
         return Ok(None);
     }
@@ -933,11 +1070,16 @@ fn matvec_tc_plan(
         warps
     };
     let grid = (blocks(n, MATVEC_TC_TILE * per_block)?, 1, 1);
+    // mt_update_parts: R = 4 parts of 8 elements a thread, all in one round.
+    let update_shared = shared + 4 * k;
+    let folds_update =
+        folding.update && k <= 32 * 32 * block_warps && update_shared <= MATVEC_TC_MAX_SHARED;
     Ok(Some(TcPlan {
         kgroups,
         threads: 32 * block_warps as u32,
         grid,
-        shared: shared as u32,
+        shared: if folds_update { update_shared } else { shared } as u32,
+        folds_update,
     }))
 }
 
@@ -1010,7 +1152,7 @@ mod tests {
             (151_936, 1024, false, 1187, 1),
         ];
         for (n, k, gated, grid, kgroups) in cases {
-            let plan = matvec_tc_plan(n, k, 32, gated, true, 132, 0)
+            let plan = matvec_tc_plan(n, k, 32, gated, Folding::NORM, 132, 0)
                 .unwrap()
                 .unwrap();
             assert_eq!((plan.grid.0, plan.kgroups), (grid, kgroups), "{n}×{k}");
@@ -1059,34 +1201,37 @@ mod tests {
             (14336, 4096, true, 512),
             (6144, 4096, false, 512),
         ] {
-            let plan = matvec_tc_plan(n, k, 32, gated, false, 132, 0)
+            let plan = matvec_tc_plan(n, k, 32, gated, Folding::NONE, 132, 0)
                 .unwrap()
                 .unwrap();
             assert_eq!(plan.threads, threads, "{n}×{k}");
         }
     }
 
-    /// Shared memory holds the norm weight only where the kernel folds the norm, and a plan
-    /// whose bytes would pass the limit falls back to matvec.cu.
+    /// Shared memory holds the norm weights only where the kernel folds the norm (and the
+    /// update), and a plan whose bytes would pass the limit falls back to matvec.cu (an update
+    /// that would pass it, to a launch in front).
     #[test]
     fn matvec_tc_plan_sizes_shared_memory_by_the_fold() {
-        let shared = |k, folds| {
-            matvec_tc_plan(4096, k, 32, false, folds, 132, 0)
+        let shared = |k, folding| {
+            matvec_tc_plan(4096, k, 32, false, folding, 132, 0)
                 .unwrap()
-                .map(|p| p.shared)
+                .map(|p| (p.shared, p.folds_update))
         };
         // f16 x (2k), a chunk of zeros (64), two sums per chunk (k/4); the f32 norm weight (4k)
-        // and a scale per chunk (k/8).
-        assert_eq!(shared(4096, false), Some(9_280));
-        assert_eq!(shared(4096, true), Some(26_176));
-        assert_eq!(shared(16_896, false), Some(38_080));
-        assert_eq!(shared(16_896, true), None);
+        // and a scale per chunk (k/8); the update's f32 weight (4k).
+        assert_eq!(shared(4096, Folding::NONE), Some((9_280, false)));
+        assert_eq!(shared(4096, Folding::NORM), Some((26_176, false)));
+        assert_eq!(shared(4096, Folding::UPDATE), Some((42_560, true)));
+        assert_eq!(shared(12_288, Folding::UPDATE), Some((78_400, false)));
+        assert_eq!(shared(16_896, Folding::NONE), Some((38_080, false)));
+        assert_eq!(shared(16_896, Folding::NORM), None);
     }
 
     /// The kernel's 32-bit offsets reach 2^32 − 1 elements; a larger matrix runs matvec.cu.
     #[test]
     fn matvec_tc_plan_leaves_matrices_of_2_pow_32_elements() {
-        let plan = |n| matvec_tc_plan(n, 4096, 32, false, false, 132, 0).unwrap();
+        let plan = |n| matvec_tc_plan(n, 4096, 32, false, Folding::NONE, 132, 0).unwrap();
         assert!(plan((1 << 20) - 1).is_some());
         assert!(plan(1 << 20).is_none());
     }

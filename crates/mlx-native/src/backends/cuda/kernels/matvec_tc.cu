@@ -32,6 +32,10 @@
 // mt_stage_x_chunks) and the rows' sums are scaled by r = rsqrt(mean(x²) + eps) at the end,
 // so no block-wide sum precedes the loop. The kernels wait for the previous kernel inside
 // `matvec_tc`, after their first weight loads.
+// UPDATE (`matvec_tc_normup_…`, with the norm): x is first the residual stream plus the previous
+// block's normed output, x + y·(gu + offset)·rsqrt(mean(y²) + eps) (Gemma's sandwich norms),
+// which every block forms alike while staging and block 0 stores for the later kernels. That
+// one block-wide sum before the loop replaces a norm kernel of its own (`MtUpdate`).
 
 #define MT_WARPS 16
 #define MT_CHUNK_WORDS 4  // one 16-byte load per row and chunk
@@ -362,15 +366,71 @@ __device__ __forceinline__ void await_norm_weight(bool first) {
     }
 }
 
+// The residual update in front of the norm (UPDATE): y, the block output to add normed, and
+// where block 0 stores the updated x; its norm weight is staged in shared memory (`gu`) beside
+// the input norm's, and it shares the input norm's eps and offset.
+struct MtUpdate {
+    const float* y;
+    const float* g;
+    float* out;
+};
+#define MATVEC_UPDATE_ARGS const float *upd_y, const float *upd_g, float *upd_out
+#define MATVEC_UPDATE MtUpdate{upd_y, upd_g, upd_out}
+
+// x += y·(gu + offset)·rsqrt(mean(y²) + eps) for the thread's R parts of 8 (v, loaded; all of
+// x's parts in this one round, which the planner ensures: k ≤ 32·blockDim); block 0 stores the
+// result. Also waits for the norm weights' copies (the barrier its sum needs anyway).
+template <int R>
+__device__ __forceinline__ void mt_update_parts(float (&v)[R][8], int p0, int parts, int k,
+                                                const MtUpdate& upd, const PreNorm& norm,
+                                                const float* gu) {
+    __shared__ float red[MT_WARPS];  // the warps' Σy²
+    float u[R][8];
+    float su = 0.f;
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const int p = p0 + i * blockDim.x + threadIdx.x;
+        if (p < parts) load_floats<8>(upd.y + (i64)p * 8, u[i]);
+        else
+#pragma unroll
+            for (int e = 0; e < 8; ++e) u[i][e] = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) su = fmaf(u[i][e], u[i][e], su);
+    }
+    su = warp_sum(su);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = su;
+    cp_async_wait<0>();
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < MT_WARPS; ++w) total += w < (int)(blockDim.x >> 5) ? red[w] : 0.f;
+    const float r = rsqrtf(total / k + norm.eps);
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const int p = p0 + i * blockDim.x + threadIdx.x;
+        if (p >= parts) continue;
+        float g[8];
+        load_floats<8>(gu + p * 8, g);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[i][e] += u[i][e] * r * (g[e] + norm.g_offset);
+        if (blockIdx.x == 0) {
+            float4* o = (float4*)(upd.out + (i64)p * 8);
+            o[0] = float4{v[i][0], v[i][1], v[i][2], v[i][3]};
+            o[1] = float4{v[i][4], v[i][5], v[i][6], v[i][7]};
+        }
+    }
+}
+
 // Formats whose chunks split into parts of 8 contiguous elements, one uint4 of the chunk's f16
 // pairs each (F::PARTS: MLX). Consecutive threads stage consecutive parts, P = CHUNK/8 lanes
 // a chunk, which meet by shuffles for the chunk's sums and largest |v|; R parts a thread are
 // loaded before any is used. Returns the thread's Σx² (NORM).
-template <class F, bool NORM>
+template <class F, bool NORM, bool UPDATE>
 __device__ __forceinline__ float mt_stage_x_parts(const float* __restrict__ x,
                                                   const u16* __restrict__ x_h, int k,
                                                   const PreNorm& norm, const float* gs, u32* xh,
-                                                  float2* cfold, float* cinv) {
+                                                  float2* cfold, float* cinv, const MtUpdate& upd,
+                                                  const float* gu) {
     constexpr int CHUNK = F::CHUNK, P = CHUNK / 8, R = 4;
     const int parts = k / 8;
     const bool half = !NORM && x_h;
@@ -388,7 +448,8 @@ __device__ __forceinline__ float mt_stage_x_parts(const float* __restrict__ x,
                 for (int e = 0; e < 8; ++e) v[i][e] = 0.f;
             }
         }
-        await_norm_weight<NORM>(p0 == 0);
+        if constexpr (UPDATE) mt_update_parts<R>(v, p0, parts, k, upd, norm, gu);
+        else await_norm_weight<NORM>(p0 == 0);
 #pragma unroll
         for (int i = 0; i < R; ++i) {
             if (p0 + i * (int)blockDim.x >= parts) break;  // block-uniform: shuffles below
@@ -475,13 +536,15 @@ __device__ __forceinline__ float mt_stage_x_chunks(const float* __restrict__ x,
     return ss;
 }
 
-template <class F, bool GATED, bool NORM>
+template <class F, bool GATED, bool NORM, bool UPDATE = false>
 __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __restrict__ x,
                                           const u16* __restrict__ x_h, const PreNorm& norm,
+                                          const MtUpdate& upd,
                                           const void* __restrict__ bias, int bias_type,
                                           float* __restrict__ out, u16* __restrict__ out_h, int n,
                                           int k, int row_units, int group_shift, int kgroups,
                                           int act) {
+    static_assert(!UPDATE || (NORM && F::PARTS), "the update is staged with a norm, in parts");
     constexpr int M = GATED ? 2 : 1;
     constexpr int STAGE = GATED ? 1 : F::STAGE;  // ≈ 64 bytes in flight a lane
     constexpr int CHUNK = F::CHUNK;
@@ -511,7 +574,8 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     const int stages = active ? max(1, (mine + STAGE - 1) / STAGE) : 0;
 
     float* gs = (float*)smem;  // the norm weight (NORM), copied before the wait
-    u32* xh = smem + (NORM ? k : 0);
+    float* gu = gs + k;        // the update's norm weight (UPDATE), likewise
+    u32* xh = smem + (NORM ? k : 0) + (UPDATE ? k : 0);
     u32* zero = xh + st.chunks * (CHUNK / 2);
     float2* cfold = (float2*)(zero + CHUNK / 2);
     float* cinv = (float*)(cfold + st.chunks);  // NORM: each chunk's 1/scale
@@ -524,8 +588,11 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
         // Consecutive threads copy consecutive 16 bytes. (Each thread the 128 bytes of the chunk
         // it stages, so that it would need no barrier before reading them, cost the 1B shape's
         // decode 6%: a warp's copies then touch 32 lines each. H100, 2026-11-26.)
-        for (int i = threadIdx.x; i < k / 4; i += blockDim.x)
+        for (int i = threadIdx.x; i < k / 4; i += blockDim.x) {
             cp_async16((u32)__cvta_generic_to_shared(gs + 4 * i), norm.g + 4 * i, true);
+            if constexpr (UPDATE)
+                cp_async16((u32)__cvta_generic_to_shared(gu + 4 * i), upd.g + 4 * i, true);
+        }
         cp_async_commit();
     }
     kernel_entry();
@@ -537,7 +604,8 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     if (threadIdx.x < CHUNK / 2) zero[threadIdx.x] = 0u;
     float staged_ss;  // the thread's Σx² (NORM)
     if constexpr (F::PARTS)
-        staged_ss = mt_stage_x_parts<F, NORM>(x, x_h, k, norm, gs, xh, cfold, cinv);
+        staged_ss = mt_stage_x_parts<F, NORM, UPDATE>(x, x_h, k, norm, gs, xh, cfold, cinv, upd,
+                                                      gu);
     else staged_ss = mt_stage_x_chunks<F, NORM>(x, x_h, k, norm, gs, xh, cfold, cinv);
     if constexpr (NORM) {
         staged_ss = warp_sum(staged_ss);
@@ -597,35 +665,41 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     }
 }
 
-// Each kernel comes plain and with the RMSNorm applied to x first (`matvec_tc_norm_…`, which
-// holds more registers); both take the norm arguments (MATVEC_NORM_ARGS), which the plain one
-// ignores. After them, the plain kernels take x's f16 copy (`x_h`, or null; read only without
-// a norm), the gated ones where to write the f16 copy of their output (`out_h`, or null).
-#define MATVEC_TC_KERNELS(BITS, ST, NAME, PREFIX, NORM)                                            \
+// Each kernel comes plain, with the RMSNorm applied to x first (`matvec_tc_norm_…`, which
+// holds more registers), and for MLX with the residual update before the norm as well
+// (`matvec_tc_normup_…`); all take the norm arguments (MATVEC_NORM_ARGS), then the plain
+// kernels x's f16 copy (`x_h`, or null; read only without a norm), the gated ones where to
+// write the f16 copy of their output (`out_h`, or null), and last the update's
+// (MATVEC_UPDATE_ARGS); kernels without a norm or update ignore theirs.
+#define MATVEC_TC_KERNELS(BITS, ST, NAME, PREFIX, NORM, UPDATE)                                    \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##mlx##BITS##_##NAME(const float* x, const u8* w, const void* scales,                \
                                    const void* biases, const void* bias, int bias_type,            \
                                    float* out, int n, int k, int group_shift, int kgroups,         \
-                                   MATVEC_NORM_ARGS, const u16* x_h) {                             \
+                                   MATVEC_NORM_ARGS, const u16* x_h, MATVEC_UPDATE_ARGS) {         \
         const MtWeight wt[1] = {{w, scales, biases}};                                              \
-        matvec_tc<MtMlx<BITS, ST>, false, NORM>(wt, x, x_h, MATVEC_PRE_NORM, bias, bias_type, out, \
-                                                nullptr, n, k, k * BITS / 128, group_shift,        \
-                                                kgroups, 0);                                       \
+        matvec_tc<MtMlx<BITS, ST>, false, NORM, UPDATE>(wt, x, x_h, MATVEC_PRE_NORM,               \
+                                                        MATVEC_UPDATE, bias, bias_type, out,       \
+                                                        nullptr, n, k, k * BITS / 128,             \
+                                                        group_shift, kgroups, 0);                  \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##gated_mlx##BITS##_##NAME(const float* x, const u8* w, const void* scales,          \
                                          const void* biases, const u8* w_up,                       \
                                          const void* scales_up, const void* biases_up,             \
                                          float* out, int n, int k, int group_shift, int kgroups,   \
-                                         int act, MATVEC_NORM_ARGS, u16* out_h) {                  \
+                                         int act, MATVEC_NORM_ARGS, u16* out_h,                    \
+                                         MATVEC_UPDATE_ARGS) {                                     \
         const MtWeight wt[2] = {{w, scales, biases}, {w_up, scales_up, biases_up}};                \
-        matvec_tc<MtMlx<BITS, ST>, true, NORM>(wt, x, nullptr, MATVEC_PRE_NORM, nullptr, 0, out,   \
-                                               out_h, n, k, k * BITS / 128, group_shift,           \
-                                               kgroups, act);                                      \
+        matvec_tc<MtMlx<BITS, ST>, true, NORM, UPDATE>(wt, x, nullptr, MATVEC_PRE_NORM,            \
+                                                       MATVEC_UPDATE, nullptr, 0, out, out_h, n,   \
+                                                       k, k * BITS / 128, group_shift, kgroups,    \
+                                                       act);                                       \
     }
 #define MATVEC_TC(BITS, ST, NAME)                                                                  \
-    MATVEC_TC_KERNELS(BITS, ST, NAME, matvec_tc_, false)                                           \
-    MATVEC_TC_KERNELS(BITS, ST, NAME, matvec_tc_norm_, true)
+    MATVEC_TC_KERNELS(BITS, ST, NAME, matvec_tc_, false, false)                                    \
+    MATVEC_TC_KERNELS(BITS, ST, NAME, matvec_tc_norm_, true, false)                                \
+    MATVEC_TC_KERNELS(BITS, ST, NAME, matvec_tc_normup_, true, true)
 #define MATVEC_TC_ALL_TYPES(BITS)                                                                  \
     MATVEC_TC(BITS, FT_F32, f32)                                                                   \
     MATVEC_TC(BITS, FT_F16, f16)                                                                   \
@@ -637,17 +711,19 @@ MATVEC_TC_ALL_TYPES(8)
 #define MATVEC_TC_Q4_0(PREFIX, NORM)                                                               \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##q4_0(const float* x, const u8* w, const void* bias, int bias_type, float* out,     \
-                     int n, int k, int kgroups, MATVEC_NORM_ARGS, const u16* x_h) {                \
+                     int n, int k, int kgroups, MATVEC_NORM_ARGS, const u16* x_h,                  \
+                     MATVEC_UPDATE_ARGS) {                                                         \
         const MtWeight wt[1] = {{w, nullptr, nullptr}};                                            \
-        matvec_tc<MtQ4_0, false, NORM>(wt, x, x_h, MATVEC_PRE_NORM, bias, bias_type, out, nullptr, \
-                                       n, k, k / 128 * 9, 0, kgroups, 0);                          \
+        matvec_tc<MtQ4_0, false, NORM>(wt, x, x_h, MATVEC_PRE_NORM, MATVEC_UPDATE, bias,           \
+                                       bias_type, out, nullptr, n, k, k / 128 * 9, 0, kgroups, 0); \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##gated_q4_0(const float* x, const u8* w, const u8* w_up, float* out, int n, int k,  \
-                           int kgroups, int act, MATVEC_NORM_ARGS, u16* out_h) {                   \
+                           int kgroups, int act, MATVEC_NORM_ARGS, u16* out_h,                     \
+                           MATVEC_UPDATE_ARGS) {                                                   \
         const MtWeight wt[2] = {{w, nullptr, nullptr}, {w_up, nullptr, nullptr}};                  \
-        matvec_tc<MtQ4_0, true, NORM>(wt, x, nullptr, MATVEC_PRE_NORM, nullptr, 0, out, out_h, n,  \
-                                      k, k / 128 * 9, 0, kgroups, act);                            \
+        matvec_tc<MtQ4_0, true, NORM>(wt, x, nullptr, MATVEC_PRE_NORM, MATVEC_UPDATE, nullptr, 0,  \
+                                      out, out_h, n, k, k / 128 * 9, 0, kgroups, act);             \
     }
 MATVEC_TC_Q4_0(matvec_tc_, false)
 MATVEC_TC_Q4_0(matvec_tc_norm_, true)
