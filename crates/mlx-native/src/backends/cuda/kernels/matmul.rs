@@ -104,7 +104,7 @@ fn matmul(
     let n_weight = layout.tensor_count();
     // x's f16 copy (last), read by the tensor-core matvec only.
     let (inputs, x_h) = optional_last(half_x, inputs);
-    let (update, inputs, outputs) = split_update(op, residual_update, inputs, outputs)?;
+    let (update, inputs, outputs) = split_update(op, (residual_update, pre_norm), inputs, outputs)?;
     let ([out], Some(x)) = (outputs, inputs.first()) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
@@ -427,7 +427,7 @@ fn gated_matmul(
     };
     let count = layout.tensor_count();
     let (outs, out_h) = optional_last(half_out, outputs);
-    let (update, inputs, outs) = split_update(op, residual_update, inputs, outs)?;
+    let (update, inputs, outs) = split_update(op, (residual_update, pre_norm), inputs, outs)?;
     let [out] = outs else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
@@ -799,10 +799,7 @@ impl<'a> MatvecInput<'a> {
                 (u.out, None)
             }
             (Some(_), None) => {
-                return Err(Error::op(
-                    "matmul",
-                    "a residual update without an input norm",
-                ))
+                return Err(Error::Invalid("a residual update without a norm".into()))
             }
         };
         match norm {
@@ -872,15 +869,19 @@ impl UpdateOperands<'_> {
 }
 
 /// With `present`, separates the update's operands (y and its norm weight, after x; the
-/// updated x, the second output) from the others.
+/// updated x, the second output) from the others. An update needs the input norm it precedes.
 fn split_update<'a>(
     op: &Op,
-    present: bool,
+    (present, norm): (bool, Option<PreNorm>),
     inputs: &'a [Tensor],
     outputs: &'a [Tensor],
 ) -> Result<(Update<'a>, Vec<Tensor>, &'a [Tensor])> {
     match (present, inputs, outputs) {
         (false, _, _) => Ok((None, inputs.to_vec(), outputs)),
+        (true, _, _) if norm.is_none() => Err(Error::op(
+            op.name(),
+            "a residual update without an input norm",
+        )),
         (true, [x, y, weight, rest @ ..], [out, updated]) => {
             let operands = std::iter::once(x).chain(rest).cloned().collect();
             let update = UpdateOperands {
