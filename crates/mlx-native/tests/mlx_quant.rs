@@ -369,6 +369,26 @@ fn matmul_more_rows_with_bias() {
     }
 }
 
+/// The gate and up weights of a decode row's gated matmul (the 4-bit, group-64, f16-scaled
+/// fixture, twice) and their (n, k).
+fn gated_pair(dev: &Device) -> (Linear, Linear, usize, usize) {
+    let c = cases()
+        .into_iter()
+        .find(|c| c.name() == "b4_g64_f16")
+        .unwrap();
+    let (n, k) = c.nk();
+    (c.linear(dev, None), c.linear(dev, None), n, k)
+}
+
+/// Dispatches recorded by a closure.
+type Record<'a> = dyn Fn(&mut CommandEncoder) -> mlx_native::Result<()> + 'a;
+
+/// Records `f` on `dev` and runs it.
+fn record(dev: &Device, f: &Record<'_>) -> mlx_native::Result<()> {
+    let mut enc = CommandEncoder::new(dev);
+    f(&mut enc).and_then(|_| enc.commit_and_wait())
+}
+
 /// The f16 copies of a decode row: the gated matmul's `out_h` holds its output rounded to
 /// nearest; matmul_add's `x_h` (which the CUDA tensor-core kernels stage) changes nothing on
 /// the CPU, which reads x; a copy of the wrong dtype or length is an error naming it.
@@ -376,17 +396,9 @@ fn matmul_more_rows_with_bias() {
 fn half_copies_of_a_decode_row() {
     let dev = Device::cpu();
     let mut rng = Rng(11);
-    let c = cases()
-        .into_iter()
-        .find(|c| c.name() == "b4_g64_f16")
-        .unwrap();
-    let (n, k) = c.nk();
-    let (w, up) = (c.linear(&dev, None), c.linear(&dev, None));
+    let (w, up, n, k) = gated_pair(&dev);
     let x = dev.from_slice(&rng.vec(k), &[1, k]).unwrap();
-    let run = |f: &dyn Fn(&mut CommandEncoder) -> mlx_native::Result<()>| {
-        let mut enc = CommandEncoder::new(&dev);
-        f(&mut enc).and_then(|_| enc.commit_and_wait())
-    };
+    let run = |f: &Record<'_>| record(&dev, f);
     let out = poisoned(&dev, &[1, n]);
     let out_h = dev.from_slice(&vec![f16::NAN; n], &[1, n]).unwrap();
     run(&|enc| {
@@ -443,12 +455,7 @@ fn half_copies_of_a_decode_row() {
 fn residual_update_in_front_of_a_normed_matmul() {
     let dev = Device::cpu();
     let mut rng = Rng(12);
-    let c = cases()
-        .into_iter()
-        .find(|c| c.name() == "b4_g64_f16")
-        .unwrap();
-    let (n, k) = c.nk();
-    let (w, up) = (c.linear(&dev, None), c.linear(&dev, None));
+    let (w, up, n, k) = gated_pair(&dev);
     let row = |rng: &mut Rng| dev.from_slice(&rng.vec(k), &[1, k]).unwrap();
     let (x, y) = (row(&mut rng), row(&mut rng));
     let (wu, g) = (
@@ -459,10 +466,7 @@ fn residual_update_in_front_of_a_normed_matmul() {
         eps: 1e-6,
         unit_offset: true,
     };
-    let run = |f: &dyn Fn(&mut CommandEncoder) -> mlx_native::Result<()>| {
-        let mut enc = CommandEncoder::new(&dev);
-        f(&mut enc).and_then(|_| enc.commit_and_wait())
-    };
+    let run = |f: &Record<'_>| record(&dev, f);
     let values = |t: &Tensor| t.to_vec::<f32>().unwrap();
 
     let settled = poisoned(&dev, &[1, k]);
