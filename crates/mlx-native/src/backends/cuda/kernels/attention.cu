@@ -18,9 +18,10 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 // Decode (few query rows): split-K flash decoding. Grid (n_heads, n_splits, rows) of DEC_WARPS
 // warps (one block per SM fits). n_splits is fixed when a graph is captured (blocks for one
 // wave over the SMs, fewer for a short cache); at run time a row's keys (from pos) go to as
-// many splits as hold DEC_MIN_SPLIT_KEYS each, up to n_splits, and the other blocks exit: no
-// split (and no merge) below 2·DEC_MIN_SPLIT_KEYS keys, a full wave of blocks for long ones,
-// whose splits then take several passes. In a pass each warp takes KEYS = `dec_keys(HC)`
+// many splits as hold DEC_MIN_SPLIT_KEYS each (or, at head dims over 128, one a pass once a
+// head would take three: `active_splits`), up to n_splits, and the other blocks exit: no
+// split (and no merge) below 2·DEC_MIN_SPLIT_KEYS keys (3 passes), a full wave of blocks for
+// long ones, whose splits then take several passes. In a pass each warp takes KEYS = `dec_keys(HC)`
 // consecutive keys (32 for hd ≤ 32, 16 for hd ≤ 64, 8 up to 128, 4 above), loading their K
 // and V rows at once, and scores them onto lanes (`warp_scores`); a max and a sum over KEYS
 // lanes update the online softmax, and for P·V the lanes own head dims, the probabilities
@@ -34,10 +35,6 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 #define DEC_WARPS 16
 #define DEC_MIN_SPLIT_KEYS 256  // DECODE_MIN_SPLIT_KEYS in attention.rs
 #define DEC_MAX_ROWS 4          // DECODE_MAX_ROWS in attention.rs
-
-__device__ __forceinline__ int active_splits(int keys, int n_splits) {
-    return max(1, min(n_splits, keys / DEC_MIN_SPLIT_KEYS));
-}
 
 // Sends the 128-byte lines of a cache row (hd ≤ 32·HC elements) towards L2.
 template <int HC>
@@ -62,6 +59,24 @@ __host__ __device__ constexpr int merge_lanes() {
 // pass, and at short contexts more warps with shorter chains.
 __host__ __device__ constexpr int dec_keys(int hc) {
     return hc == 1 ? 32 : hc == 2 ? 16 : hc <= 4 ? 8 : 4;
+}
+
+#ifndef DEC_PASS_SPLIT_MIN_HC
+#define DEC_PASS_SPLIT_MIN_HC 5  // DECODE_PASS_SPLIT_MIN_HC in attention.rs
+#endif
+
+// Splits a row's `keys` take: one for each DEC_MIN_SPLIT_KEYS, and for head dims over 32·4
+// (where a pass takes DEC_WARPS·4 keys) one a pass wherever a head would take three passes or
+// more, up to `n_splits`: a later pass costs a round trip to L2 (~0.9 µs at head dim 256), more
+// than a merge. H100, 2026-11-27, Gemma-3-1B (head dim 256, 4 heads), decode after 16 / 128
+// tokens: +1.2% / +5.6% (every head of 2 passes or more split too: −0.4% / +5.6%; splits of two
+// passes: −0.8% / +2.4%). The same at head dim 128 read Qwen3-0.6B +0.1% / +0.7%: not applied.
+template <int HC>
+__device__ __forceinline__ int active_splits(int keys, int n_splits) {
+    constexpr int PASS = DEC_WARPS * dec_keys(HC);
+    const int passes = (keys + PASS - 1) / PASS;
+    const int by_pass = HC >= DEC_PASS_SPLIT_MIN_HC && passes >= 3 ? passes : 1;
+    return max(1, min(n_splits, max(keys / DEC_MIN_SPLIT_KEYS, by_pass)));
 }
 
 // A step of `warp_scores`' butterfly: lanes with bit O set keep rows j + O of each pair
@@ -318,7 +333,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
         rot && owns_dim ? rope_dim_freq(pd, nk.inv_freq, nk.rotary_dims, nk.traditional) : 0.f;
     int lo, hi;
     key_range((int)p0 + row, capacity, window, lo, hi);
-    const int n_splits = active_splits(hi - lo, gridDim.y);
+    const int n_splits = active_splits<HC>(hi - lo, gridDim.y);
     if (split >= n_splits) return;
     int per = hi - lo;  // one split (short contexts): no integer division before the loads
     if (n_splits > 1) per = (per + n_splits - 1) / n_splits;

@@ -55,6 +55,20 @@ const MAX_HEAD_DIM: usize = 256;
 /// its keys fill), and most splits (a bound on the partials' scratch).
 const DECODE_MIN_SPLIT_KEYS: usize = 256;
 const MAX_SPLITS: usize = 128;
+/// Head dims of at least 32 times this many dims a lane split a head's keys one split a pass
+/// once it would take three passes (DEC_PASS_SPLIT_MIN_HC, attention.cu's `active_splits`).
+const DECODE_PASS_SPLIT_MIN_HC: usize = 5;
+
+/// Keys a decode pass takes at `hc` dims a lane: attention.cu's DEC_WARPS·`dec_keys(hc)`.
+fn decode_pass_keys(hc: usize) -> usize {
+    DECODE_THREADS as usize / 32
+        * match hc {
+            1 => 32,
+            2 => 16,
+            3 | 4 => 8,
+            _ => 4,
+        }
+}
 
 pub(super) fn register(reg: &mut Registry<Planner>) {
     reg.insert("attention", "", DType::F32, attention);
@@ -390,8 +404,16 @@ fn decode(
     // than the cache can fill; at run time a row uses as many as its keys fill
     // (`active_splits`, attention.cu). H100, 2026-11-26: ceil(keys / 512) splits instead lost
     // 3% on the 1B shape after 1,024 tokens (3 splits, 96 blocks on 132 SMs).
+    // Splits of one pass where the kernel takes them (`active_splits`), else of
+    // DECODE_MIN_SPLIT_KEYS.
+    let hc = shape.head_dim.div_ceil(32);
+    let split_keys = if hc >= DECODE_PASS_SPLIT_MIN_HC {
+        decode_pass_keys(hc)
+    } else {
+        DECODE_MIN_SPLIT_KEYS
+    };
     let splits = (lib.sm_count() / (shape.n_heads * rows).max(1))
-        .min(capacity / DECODE_MIN_SPLIT_KEYS)
+        .min(capacity / split_keys)
         .clamp(1, MAX_SPLITS);
     // Partials, then a merge counter per (row, head): zeroed here, reset by the merging block.
     let partial_bytes = rows * shape.n_heads * splits * (shape.head_dim + 2) * 4;
@@ -510,6 +532,7 @@ mod tests {
         for (name, value) in [
             ("DEC_MAX_ROWS", DECODE_MAX_ROWS),
             ("DEC_MIN_SPLIT_KEYS", DECODE_MIN_SPLIT_KEYS),
+            ("DEC_PASS_SPLIT_MIN_HC", DECODE_PASS_SPLIT_MIN_HC),
             ("DEC_WARPS", DECODE_THREADS as usize / 32),
         ] {
             let define = format!("#define {name} {value}");
