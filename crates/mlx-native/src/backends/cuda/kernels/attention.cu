@@ -16,21 +16,20 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 
 // ---------------------------------------------------------------------------------------------
 // Decode (few query rows): split-K flash decoding. Grid (n_heads, n_splits, rows) of DEC_WARPS
-// warps (one block per SM fits). n_splits is fixed when a graph is captured (blocks for one
-// wave over the SMs, fewer for a short cache); at run time a row's keys (from pos) go to as
-// many splits as hold DEC_MIN_SPLIT_KEYS each (or, at head dims over 128, one a pass once a
-// head would take three: `active_splits`), up to n_splits, and the other blocks exit: no
-// split (and no merge) below 2·DEC_MIN_SPLIT_KEYS keys (3 passes), a full wave of blocks for
-// long ones, whose splits then take several passes. In a pass each warp takes KEYS = `dec_keys(HC)`
-// consecutive keys (32 for hd ≤ 32, 16 for hd ≤ 64, 8 up to 128, 4 above), loading their K
-// and V rows at once, and scores them onto lanes (`warp_scores`); a max and a sum over KEYS
-// lanes update the online softmax, and for P·V the lanes own head dims, the probabilities
-// broadcast by shuffle. A short context is bound by latency, not bandwidth: the K and V rows of
-// the block's first DEC_WARPS·32 keys head for L2 before the wait for the previous kernel, and
-// a pass costs one round trip for its loads. The warps merge in shared memory. One active
-// split writes the output; several write (max, sum, unnormalised acc) partials and count
-// themselves on a counter per (row, head), and the block that counts last merges them and
-// resets the counter.
+// warps (one block per SM fits). n_splits is fixed when a graph is captured (blocks for one wave
+// over the SMs, fewer for a short cache); at run time a row's keys (from pos) go to as many splits
+// as hold DEC_MIN_SPLIT_KEYS each (or, at head dims over 128, one a pass once a head would take
+// three passes: `active_splits`), up to n_splits, and the other blocks exit: no split (and no
+// merge) below 2·DEC_MIN_SPLIT_KEYS keys (or three passes), a full wave of blocks for long ones,
+// whose splits then take several passes. In a pass each warp takes KEYS = `dec_keys(HC)`
+// consecutive keys (32 for hd ≤ 32, 16 for hd ≤ 64, 8 up to 128, 4 above), loading their K and V
+// rows at once, and scores them onto lanes (`warp_scores`); a max and a sum over KEYS lanes update
+// the online softmax, and for P·V the lanes own head dims, the probabilities broadcast by shuffle.
+// A short context is bound by latency, not bandwidth: the K and V rows of the block's first
+// DEC_WARPS·32 keys head for L2 before the wait for the previous kernel, and a pass costs one round
+// trip for its loads. The warps merge in shared memory. One active split writes the output; several
+// write (max, sum, unnormalised acc) partials and count themselves on a counter per (row, head),
+// and the block that counts last merges them and resets the counter.
 
 #define DEC_WARPS 16
 #define DEC_MIN_SPLIT_KEYS 256  // DECODE_MIN_SPLIT_KEYS in attention.rs
@@ -61,9 +60,7 @@ __host__ __device__ constexpr int dec_keys(int hc) {
     return hc == 1 ? 32 : hc == 2 ? 16 : hc <= 4 ? 8 : 4;
 }
 
-#ifndef DEC_PASS_SPLIT_MIN_HC
 #define DEC_PASS_SPLIT_MIN_HC 5  // DECODE_PASS_SPLIT_MIN_HC in attention.rs
-#endif
 
 // Splits a row's `keys` take: one for each DEC_MIN_SPLIT_KEYS, and for head dims over 32·4
 // (where a pass takes DEC_WARPS·4 keys) one a pass wherever a head would take three passes or
