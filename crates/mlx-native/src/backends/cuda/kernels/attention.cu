@@ -18,7 +18,7 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 // Decode (few query rows): split-K flash decoding. Grid (n_heads, n_splits, rows) of DEC_WARPS
 // warps (one block per SM fits). n_splits is fixed when a graph is captured (blocks for one wave
 // over the SMs, fewer for a short cache); at run time a row's keys (from pos) go to as many splits
-// as hold DEC_MIN_SPLIT_KEYS each (or, at head dims over 128, one a pass once a head would take
+// as hold DEC_MIN_SPLIT_KEYS each (or, at head dims over 64, one a pass once a head would take
 // three passes: `active_splits`), up to n_splits, and the other blocks exit: no split (and no
 // merge) below 2·DEC_MIN_SPLIT_KEYS keys (or three passes), a full wave of blocks for long ones,
 // whose splits then take several passes. In a pass each warp takes KEYS = `dec_keys(HC)`
@@ -60,14 +60,15 @@ __host__ __device__ constexpr int dec_keys(int hc) {
     return hc == 1 ? 32 : hc == 2 ? 16 : hc <= 4 ? 8 : 4;
 }
 
-#define DEC_PASS_SPLIT_MIN_HC 5  // DECODE_PASS_SPLIT_MIN_HC in attention.rs
+#define DEC_PASS_SPLIT_MIN_HC 3  // DECODE_PASS_SPLIT_MIN_HC in attention.rs
 
-// Splits a row's `keys` take: one for each DEC_MIN_SPLIT_KEYS, and for head dims over 32·4
-// (where a pass takes DEC_WARPS·4 keys) one a pass wherever a head would take three passes or
-// more, up to `n_splits`: a later pass costs a round trip to L2 (~0.9 µs at head dim 256), more
-// than a merge. H100, 2026-11-27, Gemma-3-1B (head dim 256, 4 heads), decode after 16 / 128
-// tokens: +1.2% / +5.6% (every head of 2 passes or more split too: −0.4% / +5.6%; splits of two
-// passes: −0.8% / +2.4%). The same at head dim 128 read Qwen3-0.6B +0.1% / +0.7%: not applied.
+// Splits a row's `keys` take: one for each DEC_MIN_SPLIT_KEYS, and for head dims over 64
+// (where a pass takes DEC_WARPS·8 or ·4 keys) one a pass wherever a head would take three
+// passes or more, up to `n_splits`: a later pass costs a round trip to L2 (~0.9 µs at head dim
+// 256), more than a merge. H100, 2026-11-27, decode after 16 / 128 tokens, 256 new: Gemma-3-1B
+// (head dim 256, 4 heads) +1.2% / +5.6% (every head of 2 passes or more split too: −0.4% /
+// +5.6%; splits of two passes: −0.8% / +2.4%); at head dim 128 Qwen3-0.6B +0.1% / +0.7%, the
+// 8B +0.5% after 128.
 template <int HC>
 __device__ __forceinline__ int active_splits(int keys, int n_splits) {
     constexpr int PASS = DEC_WARPS * dec_keys(HC);

@@ -55,10 +55,10 @@ const MAX_HEAD_DIM: usize = 256;
 /// its keys fill), and most splits (a bound on the partials' scratch).
 const DECODE_MIN_SPLIT_KEYS: usize = 256;
 const MAX_SPLITS: usize = 128;
-/// From this many head dims a lane (HC: head dims over 128), a head whose keys would take three
+/// From this many head dims a lane (HC: head dims over 64), a head whose keys would take three
 /// passes or more takes one split a pass (DEC_PASS_SPLIT_MIN_HC, attention.cu's
 /// `active_splits`).
-const DECODE_PASS_SPLIT_MIN_HC: usize = 5;
+const DECODE_PASS_SPLIT_MIN_HC: usize = 3;
 
 /// Keys a decode pass takes at `hc` dims a lane: attention.cu's DEC_WARPS·`dec_keys(hc)`.
 fn decode_pass_keys(hc: usize) -> usize {
