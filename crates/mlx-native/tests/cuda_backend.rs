@@ -1541,20 +1541,27 @@ fn embedding_every_layout() {
                     .copy_from_slice(&table.dense[id as usize * k..(id as usize + 1) * k]);
             }
         }
-        let compute = |dev: &Device| {
-            let lin = table.upload(dev, None)?;
-            let idt = dev.from_slice(&ids, &[ids.len()])?;
-            let out = poisoned(dev, &[ids.len(), k])?;
-            run(dev, |enc| ops::embedding(enc, &idt, &lin, &out))?;
-            out.to_vec::<f32>()
-        };
-        check(
-            &format!("embedding {} k={k}", describe(&table)),
-            &dev,
-            compute,
-            &want,
-            1e-7,
-        );
+        // Unscaled, and scaled in the gather (Gemma's √hidden).
+        for scale in [1.0f32, 5.25] {
+            let compute = |dev: &Device| {
+                let lin = table.upload(dev, None)?;
+                let idt = dev.from_slice(&ids, &[ids.len()])?;
+                let out = poisoned(dev, &[ids.len(), k])?;
+                run(dev, |enc| match scale {
+                    1.0 => ops::embedding(enc, &idt, &lin, &out),
+                    _ => ops::scaled_embedding(enc, &idt, &lin, scale, &out),
+                })?;
+                out.to_vec::<f32>()
+            };
+            let want: Vec<f64> = want.iter().map(|v| v * scale as f64).collect();
+            check(
+                &format!("embedding {} k={k} ×{scale}", describe(&table)),
+                &dev,
+                compute,
+                &want,
+                1e-7,
+            );
+        }
     }
 }
 

@@ -12,8 +12,8 @@ use half::{bf16, f16};
 use mlx_native::core::encoder::CommandEncoder;
 use mlx_native::core::op::{PreNorm, UnaryFn};
 use mlx_native::ops::{
-    embedding, gated_matmul, matmul, matmul_add, normed_matmul, rms_norm_add, Linear,
-    ResidualUpdate,
+    embedding, gated_matmul, matmul, matmul_add, normed_matmul, rms_norm_add, scaled_embedding,
+    Linear, ResidualUpdate,
 };
 use mlx_native::quant::mlx_affine::{dequantize_row, quantize, unpack};
 use mlx_native::quant::{GgmlType, WeightLayout};
@@ -520,10 +520,21 @@ fn embedding_gathers_dequantized_rows() {
         let ids: Vec<u32> = vec![3, 0, n as u32 - 1, n as u32, 3, u32::MAX];
         let ids_t = dev.from_slice(&ids, &[ids.len()]).unwrap();
         let out = poisoned(&dev, &[ids.len(), k]);
-        let mut enc = CommandEncoder::new(&dev);
-        embedding(&mut enc, &ids_t, &table, &out).unwrap();
-        enc.commit_and_wait().unwrap();
+        record(&dev, &|enc| embedding(enc, &ids_t, &table, &out)).unwrap();
         let got = out.to_vec::<f32>().unwrap();
+        // Scaled in the gather (Gemma's √hidden): each value times the scale, as an f32 product.
+        let scaled = poisoned(&dev, &[ids.len(), k]);
+        record(&dev, &|enc| {
+            scaled_embedding(enc, &ids_t, &table, 5.25, &scaled)
+        })
+        .unwrap();
+        let times: Vec<f32> = got.iter().map(|v| v * 5.25).collect();
+        assert_eq!(
+            scaled.to_vec::<f32>().unwrap(),
+            times,
+            "{} scaled",
+            c.name()
+        );
         let deq = our_dequantized(&c);
         for (i, &id) in ids.iter().enumerate() {
             let row = &got[i * k..(i + 1) * k];

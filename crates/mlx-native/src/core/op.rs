@@ -164,8 +164,9 @@ impl AttentionShape {
 /// `[m, ...]` with `m` rows = tokens) are documented per variant; `ops::*` builds them.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
-    /// in: ids u32 `[m]`, table tensors (per `layout`, `[vocab, hidden]`); out: `[m, hidden]`.
-    Embedding { layout: WeightLayout },
+    /// in: ids u32 `[m]`, table tensors (per `layout`, `[vocab, hidden]`); out: `[m, hidden]`,
+    /// the rows times `scale` (1 for most models; Gemma's √hidden).
+    Embedding { layout: WeightLayout, scale: f32 },
     /// in: x `[m, d]`, weight `[d]`, optionally a residual `[m, d]`; out `[m, d]` (+ the
     /// residual). `unit_offset` scales by (1 + w) (Gemma).
     RmsNorm { eps: f32, unit_offset: bool },
@@ -359,7 +360,7 @@ impl Op {
     /// The variant part of the registry key (what selects among kernels of one family).
     pub fn variant(&self) -> String {
         match self {
-            Op::Embedding { layout }
+            Op::Embedding { layout, .. }
             | Op::MatMul { layout, .. }
             | Op::GatedMatMul { layout, .. }
             | Op::GatherMatMul { layout, .. }

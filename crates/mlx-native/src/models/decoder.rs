@@ -318,8 +318,6 @@ pub struct Scratch {
     act_h: Option<Tensor>,
     /// Buffers of the MoE layers (`DecoderParams::moe`).
     moe: Option<MoeScratch>,
-    /// `[m, hidden]` filled with `Architecture::embed_scale` (an elementwise multiplier).
-    embed_scale: Option<Tensor>,
     /// Logits before the final soft-cap (`Architecture::final_softcap`).
     uncapped_logits: Option<Tensor>,
 }
@@ -589,10 +587,6 @@ impl Decoder {
             p.num_heads * p.head_dim,
             p.num_kv_heads * p.head_dim,
         );
-        let embed_scale = match a.embed_scale {
-            Some(scale) => Some(device.from_slice(&vec![scale; m * h], &[m, h])?),
-            None => None,
-        };
         let moe = match &p.moe {
             Some(moe) => {
                 let slots = |cols: usize| device.empty(&[m, moe.top_k, cols], DType::F32);
@@ -638,7 +632,6 @@ impl Decoder {
             act: f(p.intermediate_size)?,
             act_h: half_row(p.intermediate_size, down_reads)?,
             moe,
-            embed_scale,
             uncapped_logits,
         })
     }
@@ -829,13 +822,9 @@ impl Decoder {
     ) -> Result<()> {
         let a = &self.params.arch;
         let [x, x_mid] = &s.residual;
-        match &s.embed_scale {
-            Some(scale) => {
-                ops::embedding(enc, tokens, &self.embed, &s.proj)?;
-                ops::binary(enc, BinaryFn::Mul, &s.proj, scale, x)?;
-            }
-            None => ops::embedding(enc, tokens, &self.embed, x)?,
-        }
+        // Gemma scales the embedding by √hidden (`Architecture::embed_scale`), in the gather.
+        let scale = a.embed_scale.unwrap_or(1.0);
+        ops::scaled_embedding(enc, tokens, &self.embed, scale, x)?;
         // The stream alternates between x (attention's input) and x_mid (the MLP's).
         let mut residual = Residual::settled(x);
         for (layer, kv) in self.layers.iter().zip(&cache.layers) {

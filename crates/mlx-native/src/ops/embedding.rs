@@ -13,15 +13,24 @@ pub fn embedding(
     table: &Linear,
     out: &Tensor,
 ) -> Result<()> {
+    scaled_embedding(enc, ids, table, 1.0, out)
+}
+
+/// `embedding`'s rows times `scale` (f32), in the same dispatch (Gemma's √hidden).
+pub fn scaled_embedding(
+    enc: &mut CommandEncoder,
+    ids: &Tensor,
+    table: &Linear,
+    scale: f32,
+    out: &Tensor,
+) -> Result<()> {
     expect_dtype("embedding", "ids", ids, &[DType::U32])?;
     expect_shape("embedding", "out", out, &[ids.elem_count(), table.k])?;
     let mut inputs: Vec<&Tensor> = vec![ids];
     inputs.extend(table.tensors.iter());
-    enc.dispatch(
-        Op::Embedding {
-            layout: table.layout,
-        },
-        &inputs,
-        &[out],
-    )
+    let op = Op::Embedding {
+        layout: table.layout,
+        scale,
+    };
+    enc.dispatch(op, &inputs, &[out])
 }

@@ -12,7 +12,7 @@ mod sampling;
 
 pub use attention::{attention, kv_append, rope_attention, AttentionShape, HeadNorms};
 pub use elementwise::{binary, gated_activation, softcap, softmax, unary};
-pub use embedding::embedding;
+pub use embedding::{embedding, scaled_embedding};
 pub use matmul::{
     gated_matmul, matmul, matmul_add, normed_matmul, reads_half_copy, InputNorm, Linear,
     ResidualUpdate,

@@ -134,7 +134,7 @@ impl<'a> Table<'a> {
 }
 
 fn embedding(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
-    let Op::Embedding { layout } = *op else {
+    let Op::Embedding { layout, scale } = *op else {
         return Err(wrong_op(op));
     };
     let (Some((ids, tensors)), Some(out)) = (inputs.split_first(), outputs.first()) else {
@@ -154,7 +154,13 @@ fn embedding(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     out.par_chunks_mut(hidden)
         .zip(ids.par_iter())
         .try_for_each(|(row, &id)| match id as usize {
-            id if id < vocab => table.row(id, row),
+            id if id < vocab => {
+                table.row(id, row)?;
+                if scale != 1.0 {
+                    row.iter_mut().for_each(|v| *v *= scale);
+                }
+                Ok(())
+            }
             _ => {
                 row.fill(0.0);
                 Ok(())

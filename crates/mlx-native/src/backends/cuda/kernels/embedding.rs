@@ -32,7 +32,7 @@ fn embedding(
     inputs: &[Tensor],
     outputs: &[Tensor],
 ) -> Result<CudaKernel> {
-    let Op::Embedding { layout } = *op else {
+    let Op::Embedding { layout, scale } = *op else {
         return Err(wrong_op(op));
     };
     let ([out], Some((ids, table))) = (outputs, inputs.split_first()) else {
@@ -45,6 +45,7 @@ fn embedding(
     let args = weight.typed_tensor_args(Args::new().ptr(ids)?)?;
     let args = weight
         .group_args(args.ptr(out)?.int(vocab)?.int(k)?)
+        .f32(scale)
         .early_launch(ids.elem_count());
     let grid = (dim(ids.elem_count())?, 1, 1);
     Ok(CudaKernel::single(
