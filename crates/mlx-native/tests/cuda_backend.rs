@@ -847,6 +847,17 @@ fn every_layout(rng: &mut Rng, n: usize, k: usize) -> Vec<HostWeight> {
     all
 }
 
+/// Another random weight of `w`'s shape, layout and stored types (a gated pair's up).
+fn stored_like(rng: &mut Rng, w: &HostWeight) -> HostWeight {
+    match w.layout {
+        WeightLayout::MlxAffine { bits, group_size } => {
+            mlx_weight(rng, w.n, w.k, bits, group_size, w.parts[1].2)
+        }
+        WeightLayout::Gguf(t) => ggml_weight(rng, w.n, w.k, t),
+        WeightLayout::Dense => dense_weight(rng, w.n, w.k, w.parts[0].2),
+    }
+}
+
 fn describe(w: &HostWeight) -> String {
     let dtypes: Vec<String> = w.parts.iter().map(|p| p.2.to_string()).collect();
     format!("{} [{}]", w.layout.variant(), dtypes.join(","))
@@ -1257,13 +1268,7 @@ fn normed_matvec_matches_reference() {
         if with_bias {
             continue;
         }
-        let up = match w.layout {
-            WeightLayout::MlxAffine { bits, group_size } => {
-                mlx_weight(&mut rng, w.n, k, bits, group_size, w.parts[1].2)
-            }
-            WeightLayout::Gguf(t) => ggml_weight(&mut rng, w.n, k, t),
-            WeightLayout::Dense => dense_weight(&mut rng, w.n, k, w.parts[0].2),
-        };
+        let up = stored_like(&mut rng, w);
         let (gate_ref, up_ref) = (matmul_ref(&xn, w, None, 1), matmul_ref(&xn, &up, None, 1));
         let want: Vec<f64> = gate_ref
             .iter()
@@ -1323,13 +1328,7 @@ fn residual_updated_normed_matvec_matches_reference() {
         let xn: Vec<f32> = (0..k)
             .map(|i| (updated[i] * r * (g[i] as f64 + 1.0)) as f32)
             .collect();
-        let up = match w.layout {
-            WeightLayout::MlxAffine { bits, group_size } => {
-                mlx_weight(&mut rng, w.n, k, bits, group_size, w.parts[1].2)
-            }
-            WeightLayout::Gguf(t) => ggml_weight(&mut rng, w.n, k, t),
-            WeightLayout::Dense => dense_weight(&mut rng, w.n, k, w.parts[0].2),
-        };
+        let up = stored_like(&mut rng, w);
         let plain = matmul_ref(&xn, w, None, 1);
         let gated: Vec<f64> = plain
             .iter()

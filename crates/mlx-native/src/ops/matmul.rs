@@ -237,8 +237,7 @@ impl ResidualUpdate<'_> {
             expect_dtype(op, what, t, &[DType::F32])?;
             expect_shape(op, what, t, x.shape())?;
         }
-        expect_dtype(op, "update norm weight", self.weight, &[DType::F32])?;
-        expect_shape(op, "update norm weight", self.weight, &[x.last_dim()])?;
+        check_norm_weight(op, "update norm weight", x, self.weight)?;
         if self.out.overlaps(x) || self.out.overlaps(self.y) {
             return Err(Error::op(op, "the updated x must not overlap x or y"));
         }
@@ -250,17 +249,18 @@ fn check_input_norm(op: &'static str, x: &Tensor, norm: InputNorm) -> Result<()>
     if x.rows() != 1 {
         return Err(Error::op(op, "a folded RMSNorm needs a single row of x"));
     }
-    check_norm_weight(op, x, norm)
+    check_norm_weight(op, "norm weight", x, norm.0)
 }
 
-/// The norm weight is f32 over x's last dim.
+/// A norm weight (`what`) is f32 over x's last dim.
 pub(super) fn check_norm_weight(
     op: &'static str,
+    what: &str,
     x: &Tensor,
-    (weight, _): InputNorm,
+    weight: &Tensor,
 ) -> Result<()> {
-    expect_dtype(op, "norm weight", weight, &[DType::F32])?;
-    expect_shape(op, "norm weight", weight, &[x.last_dim()])
+    expect_dtype(op, what, weight, &[DType::F32])?;
+    expect_shape(op, what, weight, &[x.last_dim()])
 }
 
 /// x is f32 with the weight's `k` columns.

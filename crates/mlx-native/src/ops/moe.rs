@@ -210,7 +210,7 @@ pub fn gather_gated_matmul(
     expect_shape("gather_gated_matmul", "out", out, &[m, top_k, gate.n])?;
     let mut inputs: Vec<&Tensor> = vec![x, ids];
     if let Some(norm) = norm {
-        check_norm_weight("gather_gated_matmul", x, norm)?;
+        check_norm_weight("gather_gated_matmul", "norm weight", x, norm.0)?;
         inputs.push(norm.0);
     }
     inputs.extend(gate.tensors.iter());

@@ -4,6 +4,7 @@
 //! weight row is read once per call and used for every row of x.
 
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 use super::{
     elementwise, norm, qmatmul_gguf, qmatmul_mlx, slice, slice_mut, write_half_copy, wrong_op,
@@ -53,15 +54,15 @@ fn matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
 
 /// With a residual update (`MatMul::residual_update`): x + RMSNorm(y)·w written to the second
 /// output, which then replaces x, y and w in the operands, the first output left as the only
-/// one. Without one, the operands as they are.
+/// one. Without one, the operands as they are (borrowed: no copy on the decode path).
 fn updated_input<'a>(
     update: bool,
     norm: Option<PreNorm>,
-    inputs: &[Tensor],
+    inputs: &'a [Tensor],
     outputs: &'a [Tensor],
-) -> Result<(Vec<Tensor>, &'a [Tensor])> {
+) -> Result<(Cow<'a, [Tensor]>, &'a [Tensor])> {
     if !update {
-        return Ok((inputs.to_vec(), outputs));
+        return Ok((Cow::Borrowed(inputs), outputs));
     }
     let (Some(norm), [x, y, weight, rest @ ..], [out, updated]) = (norm, inputs, outputs) else {
         return Err(Error::op(
@@ -74,8 +75,8 @@ fn updated_input<'a>(
         &[y.clone(), weight.clone(), x.clone()],
         std::slice::from_ref(updated),
     )?;
-    let inputs = std::iter::once(updated).chain(rest).cloned().collect();
-    Ok((inputs, std::slice::from_ref(out)))
+    let inputs: Vec<Tensor> = std::iter::once(updated).chain(rest).cloned().collect();
+    Ok((Cow::Owned(inputs), std::slice::from_ref(out)))
 }
 
 /// The operands with x and the norm weight (the first two) replaced by RMSNorm(x).
@@ -106,7 +107,7 @@ fn gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let (outputs, out_h) = optional_last(half_out, outputs);
     let (inputs, outputs) = updated_input(residual_update, pre_norm, inputs, outputs)?;
     let inputs = match pre_norm {
-        Some(norm) => normed_input(norm, &inputs)?,
+        Some(norm) => Cow::Owned(normed_input(norm, &inputs)?),
         None => inputs,
     };
     let count = layout.tensor_count();

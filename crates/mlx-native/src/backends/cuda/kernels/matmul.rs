@@ -20,6 +20,7 @@ use crate::core::tensor::Tensor;
 use crate::quant::{GgmlType, WeightLayout};
 use crate::{Error, Result};
 use cudarc::driver::CudaSlice;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 pub(super) static MATVEC: Source = Source {
@@ -856,6 +857,9 @@ struct UpdateOperands<'a> {
 
 type Update<'a> = Option<UpdateOperands<'a>>;
 
+/// `split_update`'s result: the update, the other inputs, the other outputs.
+type UpdateSplit<'a> = (Update<'a>, Cow<'a, [Tensor]>, &'a [Tensor]);
+
 impl UpdateOperands<'_> {
     /// Whether matvec_tc.cu can apply it: y and out 16-byte aligned (float4 accesses), the
     /// weight f32 and 16-byte aligned (copied by 16-byte cp.async).
@@ -875,21 +879,25 @@ fn split_update<'a>(
     (present, norm): (bool, Option<PreNorm>),
     inputs: &'a [Tensor],
     outputs: &'a [Tensor],
-) -> Result<(Update<'a>, Vec<Tensor>, &'a [Tensor])> {
+) -> Result<UpdateSplit<'a>> {
     match (present, inputs, outputs) {
-        (false, _, _) => Ok((None, inputs.to_vec(), outputs)),
+        (false, _, _) => Ok((None, Cow::Borrowed(inputs), outputs)),
         (true, _, _) if norm.is_none() => Err(Error::op(
             op.name(),
             "a residual update without an input norm",
         )),
         (true, [x, y, weight, rest @ ..], [out, updated]) => {
-            let operands = std::iter::once(x).chain(rest).cloned().collect();
+            let operands: Vec<Tensor> = std::iter::once(x).chain(rest).cloned().collect();
             let update = UpdateOperands {
                 y,
                 weight,
                 out: updated,
             };
-            Ok((Some(update), operands, std::slice::from_ref(out)))
+            Ok((
+                Some(update),
+                Cow::Owned(operands),
+                std::slice::from_ref(out),
+            ))
         }
         _ => Err(operand_count(op, inputs.len(), outputs.len())),
     }
