@@ -2298,8 +2298,11 @@ fn sampling_matches_the_cpu_semantics() {
     for (case, params) in param_sets.iter().enumerate() {
         for round in 0..12 {
             // Every other round quantizes the logits, so that many tie (top-k cuts, top-p
-            // extension and the draw inside a tie group); some are −∞.
-            let mut logits = rng.vec(vocab, 6.0);
+            // extension and the draw inside a tie group); some are −∞. Every third is nearly
+            // flat, so that top-p and min-p keep thousands of tokens: the sampler's selection
+            // path, where the others take its candidates' path.
+            let spread = if round % 3 == 2 { 0.3 } else { 6.0 };
+            let mut logits = rng.vec(vocab, spread);
             if round % 2 == 1 {
                 logits
                     .iter_mut()
@@ -2682,7 +2685,16 @@ fn bench_decode_kernels() {
     attention_bench(&dev, &mut rng, 512, 9, 3, 64, 512);
 
     let vocab = 151_936;
-    let logits = dev.from_slice(&rng.vec(vocab, 8.0), &[1, vocab]).unwrap();
+    let flat = rng.vec(vocab, 8.0);
+    // A confident model's row: a head of 32 logits 10 to 20 above the flat rest, so that the
+    // filters keep few tokens (the sampler's candidates' path).
+    let mut peaked = flat.clone();
+    for v in 10..20 {
+        for _ in 0..3 {
+            peaked[rng.below(vocab)] = 8.0 + v as f32 + rng.sym(0.5);
+        }
+    }
+    let logits = dev.from_slice(&flat, &[1, vocab]).unwrap();
     let pos = dev.from_slice(&[100u32], &[1]).unwrap();
     let token = dev.empty(&[1], DType::U32).unwrap();
     let history = dev.zeros(&[4096], DType::U32).unwrap();
@@ -2693,25 +2705,35 @@ fn bench_decode_kernels() {
         seed: 5,
         ..SamplingParams::default()
     };
-    for params in [
-        base,
-        SamplingParams {
-            top_k: 40,
-            top_p: 0.95,
-            repetition_penalty: 1.1,
-            ..base
-        },
-        SamplingParams {
-            top_p: 0.9,
-            min_p: 0.05,
-            ..base
-        },
+    let peaked = dev.from_slice(&peaked, &[1, vocab]).unwrap();
+    for (row, params) in [
+        ("flat", base),
+        (
+            "flat",
+            SamplingParams {
+                top_k: 40,
+                top_p: 0.95,
+                repetition_penalty: 1.1,
+                ..base
+            },
+        ),
+        (
+            "flat",
+            SamplingParams {
+                top_p: 0.9,
+                min_p: 0.05,
+                ..base
+            },
+        ),
+        ("peaked", SamplingParams { top_p: 0.9, ..base }),
+        ("peaked", SamplingParams { top_k: 40, ..base }),
     ] {
+        let logits = if row == "peaked" { &peaked } else { &logits };
         let secs = time_replays(&dev, 16, &|enc, _| {
-            ops::sample(enc, params, &logits, &pos, &token, &history)
+            ops::sample(enc, params, logits, &pos, &token, &history)
         });
         println!(
-            "sample vocab={vocab} top_k={} top_p={} min_p={} penalty={}: {:6.1} us",
+            "sample {row} vocab={vocab} top_k={} top_p={} min_p={} penalty={}: {:6.1} us",
             params.top_k,
             params.top_p,
             params.min_p,

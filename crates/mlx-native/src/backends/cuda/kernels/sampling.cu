@@ -5,18 +5,28 @@
 // over the kept tokens in rank order (highest logit first, lowest id on ties), with u = a
 // hash of (seed, pos).
 //
-// No sort: each filter and the draw is a descending radix selection (four 8-bit levels over
-// an order-preserving key of the logit) of the value where a running count or mass reaches
-// its target, then, inside that tie group, the member at the right rank by id. The masses are
-// f64 as on the CPU; only their summation order differs. Each selection level passes over the
-// whole vocabulary, which is why the sampler is a grid: one block took 442 µs for a draw over
-// 151,936 logits on the H100, a block per SM 49 µs (2026-11-26).
+// First, one pass histograms the tokens by their distance below the top logit (1/8 of a logit
+// a bin): where top-k's count or top-p's mass is reached shows which tokens can be kept at all.
+// When those are few (≤ SAMPLE_CANDIDATES, as where a model is confident or top-k is small),
+// they are gathered, and one block sorts them by rank and walks the filters and the draw in
+// order, as the CPU does (`draw_candidates`). H100, 2026-11-27, 151,936 logits: top-k 40,
+// top-p 0.95 and a penalty on a flat row 103 → 40 µs; the real SmolLM2's decode at T = 0.7,
+// top-p 0.9 +14.3%, top-k 40 +16.6%. Otherwise (a flat distribution, or no filter but the
+// temperature): each filter and the draw is a descending radix selection (four 8-bit levels
+// over an order-preserving key of the logit) of the value where a running count or mass
+// reaches its target, then, inside that tie group, the member at the right rank by id. The
+// masses are f64 as on the CPU; only their summation order differs. Each selection level
+// passes over the whole vocabulary, which is why the sampler is a grid: one block took 442 µs
+// for a draw over 151,936 logits on the H100, a block per SM 49 µs (2026-11-26).
 
 #define SAMPLE_THREADS 1024
 #define SAMPLE_WARPS (SAMPLE_THREADS / 32)  // the most warps a block of these kernels has
 #define SAMPLER_THREADS 512
 #define SAMPLER_WARPS (SAMPLER_THREADS / 32)
 #define RADIX_BINS 256
+#define CUT_BINS_PER_LOGIT 8.f
+#define CUT_VALUES (2 * RADIX_BINS + 1)  // a block's counts and masses by bin, its whole mass
+#define SAMPLE_CANDIDATES 2048
 
 // ---------------------------------------------------------------------------------------------
 // Block-wide reductions (results valid in every thread; up to SAMPLE_WARPS warps).
@@ -34,19 +44,21 @@ __device__ double block_sum_f64(double v, double* scratch) {
     return v;
 }
 
-// Exclusive prefix sum of `v` over the threads in index order; `total` gets the sum.
-__device__ int block_exclusive_scan(int v, int& total, int* scratch) {
+// Exclusive prefix sum of `v` over the threads in index order (a fixed order of additions);
+// `total` gets the sum.
+template <class T>
+__device__ T block_exclusive_scan(T v, T& total, T* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int x = v;
+    T x = v;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(FULL_MASK, x, o);
+        const T y = __shfl_up_sync(FULL_MASK, x, o);
         if (lane >= o) x += y;
     }
     __syncthreads();
     if (lane == 31) scratch[warp] = x;
     __syncthreads();
-    int before = 0;
+    T before = 0;
     total = 0;
     for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
         if (w < warp) before += scratch[w];
@@ -225,12 +237,16 @@ __device__ __forceinline__ double weight(int kind, float v, float top, double in
 // block order by every block alike, so that all blocks take the same decisions.
 
 struct SamplerGrid {
-    u32* barrier;     // [2]: arrivals, generation (zeroed at record time; left so)
+    u32* barrier;     // [2]: grid_sync's count (zeroed at record time; left so), a pad
     double* parts;    // [2][gridDim.x] per-block values, two slots used in turns
     u32* ids;         // [2][gridDim.x] per-block ids or counts
     double* hist;     // [2][gridDim.x][RADIX_BINS] per-block histograms
     double* merged;   // [2][RADIX_BINS]
     int* found;       // [2]
+    double* cut;      // [gridDim.x][CUT_VALUES] per-block distance histograms (candidate_cut)
+    double* cut_merged;  // [CUT_VALUES]
+    u64* cand;        // [SAMPLE_CANDIDATES] rank keys of the gathered candidates
+    u32* cand_count;  // [1] candidates gathered (zeroed by block 0 as the kernel starts)
     int slot;         // uses so far (the same in every block); a slot is rewritten only after
                       // a later grid_sync, so every block has read it
     int lo, hi;       // this block's slice
@@ -242,19 +258,20 @@ __device__ __forceinline__ u32 load_acquire(const u32* p) {
     return v;
 }
 
-// Every block's writes before it are visible to every block after it.
+// Every block's writes before it are visible to every block after it. One atomic a block and
+// nothing to reset (cooperative groups' scheme): block 0 adds 2^31 − (G − 1), the others 1, so
+// bit 31 of the count flips when the last block arrives and the low bits return to where they
+// were. A count reset by the last block and a second word for the generation kept the others
+// waiting for two more round trips to L2 (H100, 2026-11-27, 151,936 logits: a flat row's draw
+// with top-p 0.9 and min-p 0.05 88 → 70 µs; synthetic SmolLM2 decode at T = 0.7, top-p 0.9
+// +3.1%, the 1B +4.1%).
 __device__ void grid_sync(u32* barrier) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        const u32 generation = load_acquire(barrier + 1);
+        const u32 add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
         __threadfence();
-        if (atomicAdd(barrier, 1u) == gridDim.x - 1) {
-            atomicExch(barrier, 0u);
-            __threadfence();
-            atomicAdd(barrier + 1, 1u);
-        } else {
-            while (load_acquire(barrier + 1) == generation) {
-            }
+        const u32 old = atomicAdd(barrier, add);
+        while (((old ^ load_acquire(barrier)) & 0x80000000u) == 0) {
         }
         __threadfence();
     }
@@ -462,6 +479,199 @@ __device__ int nth_with_key(const Logits& logits, const Kept& kept, SamplerGrid&
     return __ldcg(found);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The candidates' path: when the tokens that can be kept are few, one block decides on them.
+
+// A token's bin by its distance below the top logit, CUT_BINS_PER_LOGIT bins a logit, the last
+// bin holding everything farther. Monotone in x, so each bin's tokens are consecutive in rank
+// order (tied logits share one).
+__device__ __forceinline__ int distance_bin(float top, float x) {
+    const float d = (top - x) * CUT_BINS_PER_LOGIT;
+    return d < (float)(RADIX_BINS - 1) ? (int)d : RADIX_BINS - 1;
+}
+
+// Where the kept tokens can end: the last distance bin that can hold one (top-k's k-th token's,
+// or one past the bin where top-p's mass is reached, since the bins' masses are summed in
+// another order than the walk's), how many tokens min-p keeps (`min_logit`) in it and the bins
+// above, and the whole distribution's mass (top-p's reference).
+struct Cut {
+    int bin;
+    long long count;
+    double mass_all;
+};
+
+// One pass over the logits, the blocks' histograms merged as in select_desc; the same Cut in
+// every thread of every block.
+__device__ Cut candidate_cut(const Logits& logits, float min_logit, float top, int top_k,
+                             float top_p, SamplerGrid& g, const SampleShared& sh) {
+    __shared__ u32 counts[RADIX_BINS];
+    __shared__ Cut cut;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int i = threadIdx.x; i < SAMPLER_WARPS * RADIX_BINS; i += blockDim.x) sh.hist[i] = 0.0;
+    for (int i = threadIdx.x; i < RADIX_BINS; i += blockDim.x) counts[i] = 0u;
+    __syncthreads();
+    double* mine = sh.hist + warp * RADIX_BINS;
+    double mass = 0.0;
+    for_each_strided(g.lo, g.hi, logits, [&](int, float x) {
+        if (!(x > NEG_INF)) return;  // −∞ and NaN weigh nothing and are never kept
+        const double w = weight(WEIGHT_MASS, x, top, 0.0);
+        mass += w;
+        if (!(x >= min_logit)) return;
+        const int b = distance_bin(top, x);
+        atomicAdd(&counts[b], 1u);
+        atomicAdd(&mine[b], w);
+    });
+    mass = block_sum_f64(mass, sh.dscratch);  // its barriers complete the histograms
+    double* part = g.cut + (i64)blockIdx.x * CUT_VALUES;
+    for (int b = threadIdx.x; b < RADIX_BINS; b += blockDim.x) {
+        double s = 0.0;
+        for (int w = 0; w < SAMPLER_WARPS; ++w) s += sh.hist[w * RADIX_BINS + b];
+        part[b] = (double)counts[b];
+        part[RADIX_BINS + b] = s;
+    }
+    if (threadIdx.x == 0) part[2 * RADIX_BINS] = mass;
+    grid_sync(g.barrier);
+    for (int v = blockIdx.x + gridDim.x * warp; v < CUT_VALUES; v += gridDim.x * SAMPLER_WARPS) {
+        double s = 0.0;
+        for (int blk = lane; blk < (int)gridDim.x; blk += 32)
+            s += __ldcg(g.cut + (i64)blk * CUT_VALUES + v);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+        if (lane == 0) g.cut_merged[v] = s;
+    }
+    grid_sync(g.barrier);
+    if (warp == 0) {
+        // Lane l owns bins 8l … 8l + 7 (bin 0 nearest the top); counts are exact in f64.
+        constexpr int PER_LANE = RADIX_BINS / 32;
+        double c[PER_LANE], m[PER_LANE], csum = 0.0, msum = 0.0;
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+            c[j] = __ldcg(g.cut_merged + PER_LANE * lane + j);
+            m[j] = __ldcg(g.cut_merged + RADIX_BINS + PER_LANE * lane + j);
+            csum += c[j];
+            msum += m[j];
+        }
+        double cbefore = csum, mbefore = msum;  // inclusive over lanes, then made exclusive
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const double cy = __shfl_up_sync(FULL_MASK, cbefore, o);
+            const double my = __shfl_up_sync(FULL_MASK, mbefore, o);
+            if (lane >= o) {
+                cbefore += cy;
+                mbefore += my;
+            }
+        }
+        cbefore -= csum;
+        mbefore -= msum;
+        const double mass_all = __ldcg(g.cut_merged + 2 * RADIX_BINS);
+        const double limit = (double)top_p * mass_all;
+        int bin_k = RADIX_BINS, bin_p = RADIX_BINS;  // none
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+            cbefore += c[j];
+            mbefore += m[j];
+            const int b = PER_LANE * lane + j;
+            if (bin_k == RADIX_BINS && top_k > 0 && cbefore >= (double)top_k) bin_k = b;
+            if (bin_p == RADIX_BINS && top_p < 1.f && mbefore >= limit) bin_p = b;
+        }
+        bin_k = __reduce_min_sync(FULL_MASK, bin_k);
+        bin_p = __reduce_min_sync(FULL_MASK, bin_p);
+        const int bin = min(min(bin_k, bin_p + 1), RADIX_BINS - 1);
+        double through = 0.0;
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) through += PER_LANE * lane + j <= bin ? c[j] : 0.0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) through += __shfl_xor_sync(FULL_MASK, through, o);
+        if (lane == 0) cut = Cut{bin, (long long)through, mass_all};
+    }
+    __syncthreads();
+    return cut;
+}
+
+// Gathers the tokens min-p keeps in distance bins up to `bin` into g.cand as rank keys (the
+// order key above, the id's complement below: a larger key ranks higher), in no particular
+// order; the grid meets after.
+__device__ void gather_candidates(const Logits& logits, float min_logit, float top, int bin,
+                                  SamplerGrid& g) {
+    for_each_strided(g.lo, g.hi, logits, [&](int i, float x) {
+        if (!(x > NEG_INF && x >= min_logit) || distance_bin(top, x) > bin) return;
+        const u32 at = atomicAdd(g.cand_count, 1u);
+        if (at < SAMPLE_CANDIDATES) g.cand[at] = ((u64)order_key(x) << 32) | (u64)~(u32)i;
+    });
+    grid_sync(g.barrier);
+}
+
+// The first j < len whose Σ_{i ≤ j} w(i) (a fixed order of additions) reaches `target` (passes
+// it with `strict`), len if none; with `relative` the target is a share of Σ_{i < len} w(i).
+// Threads own consecutive j, so the block's scan orders the partial sums.
+template <class W>
+__device__ int first_reaching(int len, W w, double target, bool relative, bool strict,
+                              const SampleShared& sh) {
+    __shared__ int found;
+    const int per = (len + blockDim.x - 1) / blockDim.x;
+    const int lo = min(len, (int)threadIdx.x * per), hi = min(len, lo + per);
+    double local = 0.0;
+    for (int j = lo; j < hi; ++j) local += w(j);
+    double total;
+    const double before = block_exclusive_scan(local, total, sh.dscratch);
+    if (relative) target *= total;
+    if (threadIdx.x == 0) found = len;
+    __syncthreads();
+    double run = before;
+    for (int j = lo; j < hi; ++j) {
+        run += w(j);
+        if (strict ? run > target : run >= target) {
+            atomicMin(&found, j);
+            break;
+        }
+    }
+    __syncthreads();
+    return found;
+}
+
+// One block: sorts the gathered candidates by rank (a bitonic sort in shared memory), then
+// keeps top-k's first k, top-p's prefix (mass ranked above below top_p of the whole, and the
+// ties of the last kept) and draws u of the kept tokens' tempered mass, as the CPU does.
+__device__ int draw_candidates(const SamplerGrid& g, float top, int top_k, float top_p,
+                               double mass_all, double inv_t, double u, const SampleShared& sh) {
+    u64* keys = (u64*)sh.hist;  // SAMPLE_CANDIDATES · 8 bytes of the histograms' room
+    const int count = min((int)__ldcg(g.cand_count), SAMPLE_CANDIDATES);  // ≥ 1: the top
+    int n = 1;
+    while (n < count) n <<= 1;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        keys[i] = i < count ? __ldcg(g.cand + i) : 0ull;  // 0 ranks below every token
+    __syncthreads();
+    for (int size = 2; size <= n; size <<= 1)
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < n / 2; i += blockDim.x) {
+                const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
+                const u64 a = keys[lo], b = keys[hi];
+                if ((a < b) == ((lo & size) == 0)) {  // descending where the bit is clear
+                    keys[lo] = b;
+                    keys[hi] = a;
+                }
+            }
+            __syncthreads();
+        }
+    const auto value = [&](int j) {
+        const u32 key = (u32)(keys[j] >> 32);
+        return __uint_as_float((key & 0x80000000u) ? key & 0x7fffffffu : ~key);
+    };
+    const int ranked = top_k > 0 ? min(top_k, count) : count;
+    int kept = ranked;
+    if (top_p < 1.f) {
+        const int last = first_reaching(
+            ranked, [&](int j) { return weight(WEIGHT_MASS, value(j), top, 0.0); },
+            (double)top_p * mass_all, false, false, sh);
+        kept = min(last + 1, ranked);
+        while (kept < ranked && value(kept) == value(kept - 1)) ++kept;  // ties of the last kept
+    }
+    const int j = first_reaching(
+        kept, [&](int j) { return weight(WEIGHT_TEMPERED, value(j), top, inv_t); }, u, true, true,
+        sh);
+    return (int)~(u32)keys[min(j, kept - 1)];
+}
+
 // The uniform draw in [0, 1) for (seed, pos): one splitmix64 step from seed ⊕ pos·γ (the CPU
 // backend's `uniform`).
 __device__ double uniform(u64 seed, u64 pos) {
@@ -471,6 +681,57 @@ __device__ double uniform(u64 seed, u64 pos) {
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     z ^= z >> 31;
     return (double)(z >> 11) / 9007199254740992.0;  // 2^53
+}
+
+// The selections' path (many tokens can be kept): top-k, then top-p, then the draw, each a
+// radix selection over the whole vocabulary; the pick, valid in every thread.
+__device__ int sample_by_selection(const Logits& logits, SamplerGrid& g, const SampleShared& sh,
+                                   float top, float min_logit, int top_k, float top_p,
+                                   double mass_all, double inv_t, double u) {
+    Kept kept{min_logit, false, 0u, 0, false, 0u};
+    if (top_k > 0) {
+        int count = 0;
+        for_each_strided(g.lo, g.hi, logits,
+                         [&](int i, float x) { count += kept(i, x, order_key(x)); });
+        int block_total;
+        block_exclusive_scan(count, block_total, sh.iscratch);
+        long long total, unused;
+        grid_count(g, (u32)block_total, total, unused, sh.iscratch);
+        u32 key;
+        double above, target = (double)top_k;
+        if (top_k < total && select_desc(logits, kept, g, WEIGHT_COUNT, top, 0.0, target, false,
+                                         false, false, sh, key, above)) {
+            const int id = nth_with_key(logits, kept, g, key, top_k - 1 - (long long)above, sh);
+            kept.top_k = true;
+            kept.key_k = key;
+            kept.id_k = id;
+        }
+    }
+    if (top_p < 1.f) {
+        // The top-p limit is a share of the whole distribution's mass.
+        double limit = (double)top_p * mass_all;
+        u32 key;
+        double above;
+        if (select_desc(logits, kept, g, WEIGHT_MASS, top, 0.0, limit, false, false, false, sh,
+                        key, above)) {
+            // Everything tied with the crossing token stays, and ties compare as floats (as
+            // on the CPU): −0 ties +0, the key just below it.
+            kept.top_p = true;
+            kept.key_p = key == order_key(0.f) ? order_key(-0.f) : key;
+        }
+    }
+    // The draw: u of the kept tokens' tempered mass, found in rank order. The selection clamps,
+    // so rounding past the end lands on the last token, as on the CPU.
+    double target = u;
+    u32 key;
+    double above;
+    select_desc(logits, kept, g, WEIGHT_TEMPERED, top, inv_t, target, true, true, true, sh, key,
+                above);
+    // Tied tokens weigh the same: the draw lands on member ⌊(target − above)/w⌋.
+    const float x = __uint_as_float((key & 0x80000000u) ? key & 0x7fffffffu : ~key);
+    const double w = weight(WEIGHT_TEMPERED, x, top, inv_t);
+    const long long m = max(0ll, (long long)floor((target - above) / w));
+    return nth_with_key(logits, kept, g, key, m, sh);
 }
 
 // The pick goes to token[0] and history[pos+1]. A cooperative grid of SAMPLER_THREADS-thread
@@ -495,6 +756,11 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS, 1)  // one block a
     g.found = (int*)(g.ids + 2 * blocks);
     g.hist = (double*)(g.found + 2);  // 8-byte aligned: 16 + 24·blocks bytes in
     g.merged = g.hist + 2 * blocks * RADIX_BINS;
+    g.cut = g.merged + 2 * RADIX_BINS;
+    g.cut_merged = g.cut + blocks * CUT_VALUES;
+    g.cand = (u64*)(g.cut_merged + CUT_VALUES);
+    g.cand_count = (u32*)(g.cand + SAMPLE_CANDIDATES);
+    if (blockIdx.x == 0 && threadIdx.x == 0) *g.cand_count = 0u;  // read after grid syncs
     g.slot = 0;
     g.lo = min(vocab, (int)blockIdx.x * per);
     g.hi = min(vocab, g.lo + per);
@@ -525,54 +791,21 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS, 1)  // one block a
     int pick = (int)best;
 
     if (temperature != 0.f && isfinite(top)) {
-        Kept kept{min_p > 0.f ? top + logf(min_p) : NEG_INF, false, 0u, 0, false, 0u};
-        if (top_k > 0) {
-            int count = 0;
-            for_each_strided(g.lo, g.hi, logits,
-                             [&](int i, float x) { count += kept(i, x, order_key(x)); });
-            int block_total;
-            block_exclusive_scan(count, block_total, sh.iscratch);
-            long long total, unused;
-            grid_count(g, (u32)block_total, total, unused, sh.iscratch);
-            u32 key;
-            double above, target = (double)top_k;
-            if (top_k < total && select_desc(logits, kept, g, WEIGHT_COUNT, top, 0.0, target,
-                                             false, false, false, sh, key, above)) {
-                const int id = nth_with_key(logits, kept, g, key, top_k - 1 - (long long)above, sh);
-                kept.top_k = true;
-                kept.key_k = key;
-                kept.id_k = id;
-            }
-        }
-        if (top_p < 1.f) {
-            // The top-p limit is a share of the whole distribution's mass.
-            double mass = 0.0;
-            for_each_strided(g.lo, g.hi, logits, [&](int, float x) {
-                if (x > NEG_INF) mass += exp((double)(x - top));
-            });
-            const double mass_all = grid_sum(g, block_sum_f64(mass, sh.dscratch), sh.dscratch);
-            double limit = (double)top_p * mass_all;
-            u32 key;
-            double above;
-            if (select_desc(logits, kept, g, WEIGHT_MASS, top, 0.0, limit, false, false, false,
-                            sh, key, above)) {
-                kept.top_p = true;  // everything tied with the crossing token stays
-                kept.key_p = key;
-            }
-        }
-        // The draw: u of the kept tokens' tempered mass, found in rank order. The selection
-        // clamps, so rounding past the end lands on the last token, as on the CPU.
+        const float min_logit = min_p > 0.f ? top + logf(min_p) : NEG_INF;
         const double inv_t = 1.0 / (double)temperature;
-        double target = uniform(seed, (u64)pos);
-        u32 key;
-        double above;
-        select_desc(logits, kept, g, WEIGHT_TEMPERED, top, inv_t, target, true, true, true, sh,
-                    key, above);
-        // Tied tokens weigh the same: the draw lands on member ⌊(target − above)/w⌋.
-        const float x = __uint_as_float((key & 0x80000000u) ? key & 0x7fffffffu : ~key);
-        const double w = weight(WEIGHT_TEMPERED, x, top, inv_t);
-        const long long m = max(0ll, (long long)floor((target - above) / w));
-        pick = nth_with_key(logits, kept, g, key, m, sh);
+        // With no filter every finite token is kept, too many for the candidates' path.
+        const bool filtered = top_k > 0 || top_p < 1.f || min_p > 0.f;
+        const Cut cut = filtered ? candidate_cut(logits, min_logit, top, top_k, top_p, g, sh)
+                                 : Cut{RADIX_BINS - 1, SAMPLE_CANDIDATES + 1ll, 0.0};
+        if (cut.count <= SAMPLE_CANDIDATES) {
+            gather_candidates(logits, min_logit, top, cut.bin, g);
+            if (blockIdx.x != 0) return;  // no grid-wide step follows
+            pick = draw_candidates(g, top, top_k, top_p, cut.mass_all, inv_t,
+                                   uniform(seed, (u64)pos), sh);
+        } else {
+            pick = sample_by_selection(logits, g, sh, top, min_logit, top_k, top_p, cut.mass_all,
+                                       inv_t, uniform(seed, (u64)pos));
+        }
     }
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         token[0] = (u32)pick;

@@ -20,16 +20,26 @@ pub(super) static SOURCE: Source = Source {
 /// SAMPLE_THREADS and SAMPLER_THREADS (sampling.cu).
 const THREADS: u32 = 1024;
 const SAMPLER_THREADS: usize = 512;
-/// RADIX_BINS (sampling.cu).
+/// RADIX_BINS, CUT_VALUES and SAMPLE_CANDIDATES (sampling.cu).
 const RADIX_BINS: usize = 256;
+const CUT_VALUES: usize = 2 * RADIX_BINS + 1;
+const SAMPLE_CANDIDATES: usize = 2048;
 /// A sampler block's histograms: (SAMPLER_WARPS + 1) · RADIX_BINS doubles.
 const HISTOGRAM_BYTES: usize = (SAMPLER_THREADS / 32 + 1) * RADIX_BINS * 8;
 
 /// Global scratch of a sampler grid of `blocks` (`SamplerGrid`, sampling.cu): the barrier's
 /// two counters, two slots of per-block doubles and ids, two found ids, two slots of per-block
-/// histograms, two merged histograms.
+/// histograms, two merged histograms, the per-block and merged distance histograms, the
+/// gathered candidates and their count.
 fn sampler_scratch_bytes(blocks: usize) -> usize {
-    8 + 2 * blocks * 8 + 2 * blocks * 4 + 8 + 2 * blocks * RADIX_BINS * 8 + 2 * RADIX_BINS * 8
+    8 + 2 * blocks * 8
+        + 2 * blocks * 4
+        + 8
+        + 2 * blocks * RADIX_BINS * 8
+        + 2 * RADIX_BINS * 8
+        + (blocks + 1) * CUT_VALUES * 8
+        + SAMPLE_CANDIDATES * 8
+        + 4
 }
 
 pub(super) fn register(reg: &mut Registry<Planner>) {
