@@ -2686,7 +2686,7 @@ fn bench_decode_kernels() {
 
     let vocab = 151_936;
     let flat = rng.vec(vocab, 8.0);
-    // A confident model's row: a head of 32 logits 10 to 20 above the flat rest, so that the
+    // A confident model's row: a head of 30 logits 10 to 20 above the flat rest, so that the
     // filters keep few tokens (the sampler's candidates' path).
     let mut peaked = flat.clone();
     for v in 10..20 {

@@ -12,9 +12,11 @@ use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
 
+const SAMPLING: &str = include_str!("sampling.cu");
+
 pub(super) static SOURCE: Source = Source {
     name: "sampling",
-    parts: &[COMMON, include_str!("sampling.cu")],
+    parts: &[COMMON, SAMPLING],
 };
 
 /// SAMPLE_THREADS and SAMPLER_THREADS (sampling.cu).
@@ -27,8 +29,8 @@ const SAMPLE_CANDIDATES: usize = 2048;
 /// A sampler block's histograms: (SAMPLER_WARPS + 1) · RADIX_BINS doubles.
 const HISTOGRAM_BYTES: usize = (SAMPLER_THREADS / 32 + 1) * RADIX_BINS * 8;
 
-/// Global scratch of a sampler grid of `blocks` (`SamplerGrid`, sampling.cu): the barrier's
-/// two counters, two slots of per-block doubles and ids, two found ids, two slots of per-block
+/// Global scratch of a sampler grid of `blocks` (`SamplerGrid`, sampling.cu): grid_sync's
+/// count and a pad, two slots of per-block doubles and ids, two found ids, two slots of per-block
 /// histograms, two merged histograms, the per-block and merged distance histograms, the
 /// gathered candidates and their count.
 fn sampler_scratch_bytes(blocks: usize) -> usize {
@@ -150,4 +152,27 @@ fn sample(
         )?
         .cooperative();
     Ok(CudaKernel::single(launch).holding(scratch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sampler's global scratch and shared memory are sized by constants of sampling.cu
+    /// that this file repeats: a mismatch would write past them.
+    #[test]
+    fn scratch_constants_match_the_kernel() {
+        for define in [
+            format!("#define SAMPLE_THREADS {THREADS}"),
+            format!("#define SAMPLER_THREADS {SAMPLER_THREADS}"),
+            format!("#define RADIX_BINS {RADIX_BINS}"),
+            "#define CUT_VALUES (2 * RADIX_BINS + 1)".to_string(),
+            format!("#define SAMPLE_CANDIDATES {SAMPLE_CANDIDATES}"),
+        ] {
+            assert!(
+                SAMPLING.lines().any(|l| l.starts_with(&define)),
+                "sampling.cu lacks `{define}`"
+            );
+        }
+    }
 }
