@@ -2171,86 +2171,6 @@ fn greedy_sampling_with_repetition_penalty() {
     }
 }
 
-/// The CPU backend's uniform draw for (seed, pos).
-fn uniform(seed: u64, pos: usize) -> f64 {
-    const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut z = (seed ^ (pos as u64).wrapping_mul(GAMMA)).wrapping_add(GAMMA);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Sampling as the CPU backend specifies it, by sorting: penalty, argmax; then min-p, top-k
-/// and top-p over the rank order (logit descending, id ascending) and an inverse-CDF draw.
-fn sample_ref(logits: &[f32], history: &[u32], pos: usize, p: &SamplingParams) -> u32 {
-    let mut l = logits.to_vec();
-    if p.repetition_penalty != 1.0 && p.repetition_window > 0 {
-        let window = &history[(pos + 1).saturating_sub(p.repetition_window)..=pos];
-        let seen: std::collections::BTreeSet<u32> = window.iter().copied().collect();
-        for t in seen {
-            if let Some(v) = l.get_mut(t as usize) {
-                *v = if *v < 0.0 {
-                    *v * p.repetition_penalty
-                } else {
-                    *v / p.repetition_penalty
-                };
-            }
-        }
-    }
-    let best = (0..l.len()).fold(0, |b, i| {
-        if l[i] > l[b] || l[b].is_nan() && !l[i].is_nan() {
-            i
-        } else {
-            b
-        }
-    });
-    if p.temperature == 0.0 || !l[best].is_finite() {
-        return best as u32;
-    }
-    let max = l[best];
-    let floor = if p.min_p > 0.0 {
-        max + p.min_p.ln()
-    } else {
-        f32::NEG_INFINITY
-    };
-    let mut kept: Vec<usize> = (0..l.len())
-        .filter(|&i| l[i] >= floor && l[i] > f32::NEG_INFINITY)
-        .collect();
-    kept.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
-    if p.top_k > 0 && p.top_k < kept.len() {
-        kept.truncate(p.top_k);
-    }
-    if p.top_p < 1.0 {
-        let total: f64 = l
-            .iter()
-            .filter(|v| **v > f32::NEG_INFINITY)
-            .map(|&v| ((v - max) as f64).exp())
-            .sum();
-        let limit = p.top_p as f64 * total;
-        let (mut above, mut n) = (0.0, 0);
-        while n < kept.len() && above < limit {
-            above += ((l[kept[n]] - max) as f64).exp();
-            n += 1;
-        }
-        while n < kept.len() && l[kept[n]] == l[kept[n - 1]] {
-            n += 1;
-        }
-        kept.truncate(n);
-    }
-    let inv_t = 1.0 / p.temperature as f64;
-    let w = |i: usize| ((l[i] - max) as f64 * inv_t).exp();
-    let target = uniform(p.seed, pos) * kept.iter().map(|&i| w(i)).sum::<f64>();
-    let mut acc = 0.0;
-    for &i in &kept {
-        acc += w(i);
-        if acc > target {
-            return i as u32;
-        }
-    }
-    *kept.last().unwrap() as u32
-}
-
 #[test]
 fn sampling_matches_the_cpu_semantics() {
     let Some(dev) = gpu() else { return };
@@ -2316,7 +2236,7 @@ fn sampling_matches_the_cpu_semantics() {
                 seed: rng.next_u64(),
                 ..*params
             };
-            let want = sample_ref(&logits, &history, pos, &params);
+            let want = common::sample_ref(&logits, &history, pos, &params);
             let compute = |dev: &Device| {
                 let lt = dev.from_slice(&logits, &[1, vocab])?;
                 let post = dev.from_slice(&[pos as u32], &[1])?;

@@ -10,6 +10,8 @@ use mlx_native::ops::{self, AttentionShape, HeadNorms, RopeScaling, RopeTable};
 use mlx_native::{CommandEncoder, DType, Device, SamplingParams, Tensor};
 use serde_json::Value;
 
+mod common;
+
 // ---------------------------------------------------------------------------------------
 // fixtures
 
@@ -1606,6 +1608,68 @@ fn sample_matches_f64_reference() {
         }
     }
     assert!(compared > 270, "only {compared} draws compared");
+}
+
+/// The sampler equals the sorting reference (tests/common: every kept token sorted, then the
+/// walks) token for token, though it ranks only the prefix its walks reach: confident, flat
+/// and quantized rows (ties where the ranked prefix grows), every filter.
+#[test]
+fn sample_matches_the_sorting_reference() {
+    let mut rng = Rng(21);
+    let vocab = 5003;
+    let history: Vec<u32> = (0..64)
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .collect();
+    let settings = [
+        params(0.8),
+        SamplingParams {
+            top_p: 0.9,
+            ..params(0.7)
+        },
+        SamplingParams {
+            top_p: 0.5,
+            ..params(2.0)
+        },
+        SamplingParams {
+            min_p: 0.05,
+            ..params(0.6)
+        },
+        SamplingParams {
+            top_k: 300,
+            top_p: 0.95,
+            ..params(1.0)
+        },
+        SamplingParams {
+            top_k: 7,
+            repetition_penalty: 1.2,
+            repetition_window: 20,
+            ..params(0.8)
+        },
+    ];
+    for round in 0..9 {
+        // Spreads: a confident row, a nearly flat one (top-p keeps thousands), between.
+        let spread = [6.0, 0.3, 2.0][round % 3];
+        let mut logits = rng.normals(vocab, spread);
+        if round % 2 == 1 {
+            logits
+                .iter_mut()
+                .for_each(|v| *v = (*v * 2.0).round() / 2.0);
+        }
+        let s = Sampler::new(&logits, vocab, &history);
+        for (n, base) in settings.iter().enumerate() {
+            for draw in 0..6 {
+                let p = SamplingParams {
+                    seed: rng.next_u64(),
+                    ..*base
+                };
+                let pos = (7 * draw + n) % 60;
+                let got = s.sample(p, pos);
+                s.history.write(&history).unwrap();
+                let want = common::sample_ref(&logits, &history, pos, &p);
+                assert_eq!(got, want, "round {round}, {p:?} at pos {pos}");
+            }
+        }
+    }
 }
 
 /// Same seed and position: same token. Different seeds (or positions) over a flat

@@ -2,7 +2,7 @@
 //! a part of it).
 #![allow(dead_code)]
 
-use mlx_native::{CommandEncoder, Device, Result, Tensor};
+use mlx_native::{CommandEncoder, Device, Result, SamplingParams, Tensor};
 
 /// SplitMix64: small, seeded, good enough for test data.
 pub struct Rng(pub u64);
@@ -59,4 +59,88 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
     }
     let rel = err.sqrt() / norm.sqrt().max(1e-30);
     assert!(rel <= tol, "{what}: relative error {rel:e} > {tol:e}");
+}
+
+/// The CPU backend's uniform draw for (seed, pos): one SplitMix64 step from seed ⊕ pos·γ,
+/// its top 53 bits over 2⁵³.
+pub fn uniform(seed: u64, pos: usize) -> f64 {
+    let mut state = Rng(seed ^ (pos as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    (state.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Sampling as the CPU backend specifies it, by sorting: penalty, argmax; then min-p, top-k
+/// and top-p over the rank order (logit descending, id ascending) and an inverse-CDF draw.
+pub fn sample_ref(logits: &[f32], history: &[u32], pos: usize, p: &SamplingParams) -> u32 {
+    let mut l = logits.to_vec();
+    if p.repetition_penalty != 1.0 && p.repetition_window > 0 {
+        let window = &history[(pos + 1).saturating_sub(p.repetition_window)..=pos];
+        let seen: std::collections::BTreeSet<u32> = window.iter().copied().collect();
+        for t in seen {
+            if let Some(v) = l.get_mut(t as usize) {
+                *v = if *v < 0.0 {
+                    *v * p.repetition_penalty
+                } else {
+                    *v / p.repetition_penalty
+                };
+            }
+        }
+    }
+    let best = (0..l.len()).fold(0, |b, i| {
+        if l[i] > l[b] || l[b].is_nan() && !l[i].is_nan() {
+            i
+        } else {
+            b
+        }
+    });
+    if p.temperature == 0.0 || !l[best].is_finite() {
+        return best as u32;
+    }
+    let max = l[best];
+    let floor = if p.min_p > 0.0 {
+        max + p.min_p.ln()
+    } else {
+        f32::NEG_INFINITY
+    };
+    let mut kept: Vec<usize> = (0..l.len())
+        .filter(|&i| l[i] >= floor && l[i] > f32::NEG_INFINITY)
+        .collect();
+    kept.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+    if p.top_k > 0 && p.top_k < kept.len() {
+        kept.truncate(p.top_k);
+    }
+    if p.top_p < 1.0 {
+        // Each token's share of the untempered mass, summed in id order.
+        let mass: Vec<f64> = l
+            .iter()
+            .map(|&v| {
+                let weighs = v > f32::NEG_INFINITY; // −∞ and NaN weigh nothing
+                if weighs {
+                    ((v - max) as f64).exp()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let limit = p.top_p as f64 * mass.iter().sum::<f64>();
+        let (mut above, mut n) = (0.0, 0);
+        while n < kept.len() && above < limit {
+            above += mass[kept[n]];
+            n += 1;
+        }
+        while n < kept.len() && l[kept[n]] == l[kept[n - 1]] {
+            n += 1;
+        }
+        kept.truncate(n);
+    }
+    let inv_t = 1.0 / p.temperature as f64;
+    let w = |i: usize| ((l[i] - max) as f64 * inv_t).exp();
+    let target = uniform(p.seed, pos) * kept.iter().map(|&i| w(i)).sum::<f64>();
+    let mut acc = 0.0;
+    for &i in &kept {
+        acc += w(i);
+        if acc > target {
+            return i as u32;
+        }
+    }
+    *kept.last().unwrap() as u32
 }
