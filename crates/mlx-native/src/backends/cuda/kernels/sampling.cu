@@ -187,6 +187,11 @@ __device__ __forceinline__ u32 order_key(float v) {
     return (b & 0x80000000u) ? ~b : b | 0x80000000u;
 }
 
+// The float of an order key.
+__device__ __forceinline__ float key_float(u32 key) {
+    return __uint_as_float((key & 0x80000000u) ? key & 0x7fffffffu : ~key);
+}
+
 // The last row of logits with the repetition penalty applied to the tokens marked in `seen`.
 struct Logits {
     const float* x;
@@ -276,6 +281,24 @@ __device__ void grid_sync(u32* barrier) {
         __threadfence();
     }
     __syncthreads();
+}
+
+// merged[v] = Σ over blocks of parts[block·values + v], for v < values, the same bits in
+// every block: the grid meets, warp w of block b sums values b + G·w, … (lane l the blocks l,
+// l + 32, … in order, then a fixed tree over the lanes: one round trip to L2, not one a block),
+// and the grid meets again.
+__device__ void grid_merge(const double* parts, int values, double* merged, u32* barrier) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    grid_sync(barrier);
+    for (int v = blockIdx.x + gridDim.x * warp; v < values; v += gridDim.x * SAMPLER_WARPS) {
+        double s = 0.0;
+#pragma unroll 4
+        for (int blk = lane; blk < (int)gridDim.x; blk += 32) s += __ldcg(parts + blk * values + v);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+        if (lane == 0) merged[v] = s;
+    }
+    grid_sync(barrier);
 }
 
 // Σ over blocks of each block's `v` (valid in thread 0), in block order.
@@ -372,20 +395,7 @@ __device__ bool select_desc(const Logits& logits, const Kept& kept, SamplerGrid&
             for (int w = 0; w < SAMPLER_WARPS; ++w) s += sh.hist[w * RADIX_BINS + threadIdx.x];
             hist[blockIdx.x * RADIX_BINS + threadIdx.x] = s;
         }
-        grid_sync(g.barrier);
-        // Warp w merges bin b + G·w: lane l sums blocks l, l + 32, … in order, then a fixed
-        // tree over the lanes (one round trip to L2, not one a block).
-        for (int b = blockIdx.x + gridDim.x * warp; b < RADIX_BINS;
-             b += gridDim.x * SAMPLER_WARPS) {
-            double s = 0.0;
-#pragma unroll 4
-            for (int blk = lane; blk < (int)gridDim.x; blk += 32)
-                s += __ldcg(hist + blk * RADIX_BINS + b);
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
-            if (lane == 0) merged[b] = s;
-        }
-        grid_sync(g.barrier);
+        grid_merge(hist, RADIX_BINS, merged, g.barrier);
         if (threadIdx.x < RADIX_BINS) sh.bins[threadIdx.x] = __ldcg(merged + threadIdx.x);
         __syncthreads();
         if (level == 0 && relative) {
@@ -530,16 +540,7 @@ __device__ Cut candidate_cut(const Logits& logits, float min_logit, float top, i
         part[RADIX_BINS + b] = s;
     }
     if (threadIdx.x == 0) part[2 * RADIX_BINS] = mass;
-    grid_sync(g.barrier);
-    for (int v = blockIdx.x + gridDim.x * warp; v < CUT_VALUES; v += gridDim.x * SAMPLER_WARPS) {
-        double s = 0.0;
-        for (int blk = lane; blk < (int)gridDim.x; blk += 32)
-            s += __ldcg(g.cut + (i64)blk * CUT_VALUES + v);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
-        if (lane == 0) g.cut_merged[v] = s;
-    }
-    grid_sync(g.barrier);
+    grid_merge(g.cut, CUT_VALUES, g.cut_merged, g.barrier);
     if (warp == 0) {
         // Lane l owns bins 8l … 8l + 7 (bin 0 nearest the top); counts are exact in f64.
         constexpr int PER_LANE = RADIX_BINS / 32;
@@ -653,10 +654,7 @@ __device__ int draw_candidates(const SamplerGrid& g, float top, int top_k, float
             }
             __syncthreads();
         }
-    const auto value = [&](int j) {
-        const u32 key = (u32)(keys[j] >> 32);
-        return __uint_as_float((key & 0x80000000u) ? key & 0x7fffffffu : ~key);
-    };
+    const auto value = [&](int j) { return key_float((u32)(keys[j] >> 32)); };
     const int ranked = top_k > 0 ? min(top_k, count) : count;
     int kept = ranked;
     if (top_p < 1.f) {
@@ -728,7 +726,7 @@ __device__ int sample_by_selection(const Logits& logits, SamplerGrid& g, const S
     select_desc(logits, kept, g, WEIGHT_TEMPERED, top, inv_t, target, true, true, true, sh, key,
                 above);
     // Tied tokens weigh the same: the draw lands on member ⌊(target − above)/w⌋.
-    const float x = __uint_as_float((key & 0x80000000u) ? key & 0x7fffffffu : ~key);
+    const float x = key_float(key);
     const double w = weight(WEIGHT_TEMPERED, x, top, inv_t);
     const long long m = max(0ll, (long long)floor((target - above) / w));
     return nth_with_key(logits, kept, g, key, m, sh);
