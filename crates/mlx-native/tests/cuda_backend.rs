@@ -2599,6 +2599,11 @@ fn bench_decode_kernels() {
     attention_bench(&dev, &mut rng, 1, 9, 3, 64, 2048);
     attention_bench(&dev, &mut rng, 1, 9, 3, 64, 256);
     attention_bench(&dev, &mut rng, 1, 32, 8, 64, 256);
+    attention_bench(&dev, &mut rng, 1, 32, 8, 64, 1024);
+    attention_bench(&dev, &mut rng, 1, 32, 8, 64, 2048);
+    attention_bench(&dev, &mut rng, 1, 32, 8, 64, 8192);
+    attention_bench(&dev, &mut rng, 1, 32, 8, 128, 1024);
+    attention_bench(&dev, &mut rng, 1, 16, 8, 128, 4096);
     attention_bench(&dev, &mut rng, 1, 32, 8, 128, 32768);
     attention_bench(&dev, &mut rng, 1024, 32, 8, 128, 1024);
     attention_bench(&dev, &mut rng, 2048, 32, 8, 128, 2048);
