@@ -6,7 +6,10 @@
 
 use half::{bf16, f16};
 use mlx_native::backends::cuda;
-use mlx_native::core::op::{BinaryFn, PreNorm, UnaryFn};
+use mlx_native::core::op::{BinaryFn, PreNorm, UnaryFn, LONG_ROW_KEYS};
+use mlx_native::engine::Session;
+use mlx_native::models::decoder::Decoder;
+use mlx_native::models::synthetic::{self, SyntheticWeights};
 use mlx_native::ops::{self, AttentionShape, Linear, RopeTable};
 use mlx_native::quant::{GgmlType, WeightLayout};
 use mlx_native::{CommandEncoder, DType, Device, Error, Result, SamplingParams, Tensor};
@@ -1612,8 +1615,25 @@ impl AttnCase {
             scale,
             window: self.window,
             softcap: self.softcap,
+            // Every row sits at pos or after: the planner may take a kernel for long rows.
+            min_keys: self.pos + 1,
         }
     }
+}
+
+/// Whether decode attention takes the tensor-core kernel (attention.rs's `flash_decodes`): one
+/// row over f16 caches (16-byte aligned, as these tests' are), head dim 64 or 128, a group of 2
+/// to 8 heads, rows of 1,024 keys or more at head dim 64 and 4,096 at 128 (`AttnCase::shape`
+/// gives the planner pos + 1 as `min_keys`). It rounds q·scale and the probabilities to f16, as
+/// the flash prefill does.
+fn flash_decodes(c: &AttnCase, kv: DType) -> bool {
+    let group = c.n_heads / c.n_kv;
+    let keys = c.window.map_or(c.pos + 1, |w| w.min(c.pos + 1));
+    c.rows == 1
+        && kv == DType::F16
+        && [64, 128].contains(&c.head_dim)
+        && (2..=8).contains(&group)
+        && keys >= LONG_ROW_KEYS[if c.head_dim <= 64 { 0 } else { 1 }]
 }
 
 fn attention_ref(c: &AttnCase, q: &[f32], kc: &[f32], vc: &[f32], scale: f32) -> Vec<f64> {
@@ -1685,6 +1705,9 @@ fn attention_matches_reference() {
         attn_case((1, 4, 2, 200, 600, 550, None, None)),
         // More active splits (23) than the merging block reads at a time (16).
         attn_case((1, 2, 1, 64, 8192, 6000, None, None)),
+        // Long rows at head dim 128 (with f16 caches: on tensor cores), softcap, a window.
+        attn_case((1, 8, 2, 128, 6000, 5000, None, Some(30.0))),
+        attn_case((1, 16, 4, 128, 6000, 5500, Some(4500), None)),
         // Prefill: several blocks of rows, tiles of keys, window and softcap.
         attn_case((21, 6, 2, 40, 50, 13, None, None)),
         attn_case((37, 4, 1, 64, 100, 0, None, None)),
@@ -1727,7 +1750,7 @@ fn attention_matches_reference() {
         // error to the output on these inputs. The f32 kernels sum the keys in another order
         // than the CPU (splits, passes, warps): held to 2e-6, or √keys·2^−24 for long rows
         // (7,000 keys: 5e-6).
-        let flash = c.rows > 4 && [64, 80, 96, 128].contains(&hd);
+        let flash = c.rows > 4 && [64, 80, 96, 128].contains(&hd) || flash_decodes(c, kv);
         let keys = (c.pos + c.rows) as f64;
         let f32_tol = f64::max(2e-6, keys.sqrt() * 2f64.powi(-24));
         check(
@@ -1878,6 +1901,20 @@ fn rope_attention_matches_reference() {
             false,
             Some(true),
         ),
+        // Long rows (with f16 caches: on tensor cores): head norms at head dim 128, a
+        // traditional rotation at 64.
+        (
+            attn_case((1, 16, 8, 128, 4608, 4500, None, None)),
+            128,
+            false,
+            Some(false),
+        ),
+        (
+            attn_case((1, 8, 2, 64, 2048, 1500, None, None)),
+            64,
+            true,
+            None,
+        ),
         // … a few decode rows, prefill with flash attention and with key tiles.
         (
             attn_case((3, 8, 2, 64, 300, 200, None, None)),
@@ -2010,7 +2047,7 @@ fn rope_attention_matches_reference() {
              caches {kv}",
             c.n_heads, c.n_kv, c.pos, c.capacity, c.window, c.softcap
         );
-        let flash = m > 4 && [64, 80, 96, 128].contains(&hd);
+        let flash = m > 4 && [64, 80, 96, 128].contains(&hd) || flash_decodes(c, kv);
         check(&what, &dev, compute, &want, if flash { 3e-3 } else { 1e-5 });
     }
 }
@@ -2341,6 +2378,7 @@ fn graph_replay_is_bit_identical_to_plain_launches() {
         scale: 0.125,
         window: None,
         softcap: None,
+        min_keys: 0,
     };
     let params = SamplingParams {
         repetition_penalty: 1.3,
@@ -2498,13 +2536,23 @@ fn attention_bench(
     hd: usize,
     ctx: usize,
 ) {
-    let cache_bytes = 2 * n_kv * ctx * hd * 4;
+    attention_bench_kv(dev, rng, DType::F32, (rows, n_heads, n_kv, hd, ctx));
+}
+
+/// `attention_bench` over caches of `kv`: (rows, heads, kv heads, head dim, context).
+fn attention_bench_kv(
+    dev: &Device,
+    rng: &mut Rng,
+    kv: DType,
+    (rows, n_heads, n_kv, hd, ctx): (usize, usize, usize, usize, usize),
+) {
+    let cache_bytes = 2 * n_kv * ctx * hd * kv.size_in_bytes();
     let caches: Vec<(Tensor, Tensor)> = (0..copies(cache_bytes).min(8))
         .map(|_| {
-            let kv = rng.vec(n_kv * ctx * hd, 1.0);
+            let x = rng.vec(n_kv * ctx * hd, 1.0);
             (
-                dev.from_slice(&kv, &[n_kv, ctx, hd]).unwrap(),
-                dev.from_slice(&kv, &[n_kv, ctx, hd]).unwrap(),
+                cache_of(dev, kv, &x, &[n_kv, ctx, hd]).unwrap().0,
+                cache_of(dev, kv, &x, &[n_kv, ctx, hd]).unwrap().0,
             )
         })
         .collect();
@@ -2520,6 +2568,7 @@ fn attention_bench(
         scale: 0.1,
         window: None,
         softcap: None,
+        min_keys: ctx - rows + 1,
     };
     let secs = time_replays(dev, 16, &|enc, i| {
         let (k, v) = &caches[i % caches.len()];
@@ -2527,7 +2576,7 @@ fn attention_bench(
     });
     if rows == 1 {
         println!(
-            "attention decode heads={n_heads}/{n_kv} hd={hd} ctx={ctx}: {:7.1} us  {:6.0} GB/s of KV",
+            "attention decode heads={n_heads}/{n_kv} hd={hd} ctx={ctx} {kv}: {:7.1} us  {:6.0} GB/s of KV",
             secs * 1e6,
             cache_bytes as f64 / secs / 1e9
         );
@@ -2604,6 +2653,18 @@ fn bench_decode_kernels() {
     attention_bench(&dev, &mut rng, 1, 32, 8, 64, 8192);
     attention_bench(&dev, &mut rng, 1, 32, 8, 128, 1024);
     attention_bench(&dev, &mut rng, 1, 16, 8, 128, 4096);
+    for shape in [
+        (1, 32, 8, 64, 1024),
+        (1, 32, 8, 64, 2048),
+        (1, 32, 8, 128, 1024),
+        (1, 32, 8, 128, 2048),
+        (1, 32, 8, 128, 4096),
+        (1, 16, 8, 128, 1024),
+        (1, 16, 8, 128, 2048),
+        (1, 16, 8, 128, 8192),
+    ] {
+        attention_bench_kv(&dev, &mut rng, DType::F16, shape);
+    }
     attention_bench(&dev, &mut rng, 1, 32, 8, 128, 32768);
     attention_bench(&dev, &mut rng, 1024, 32, 8, 128, 1024);
     attention_bench(&dev, &mut rng, 2048, 32, 8, 128, 2048);
@@ -2764,4 +2825,41 @@ fn bench_matvec_shapes() {
             );
         }
     }
+}
+
+/// A session records its decode steps apart once rows pass each of LONG_ROW_KEYS (the planner
+/// takes tensor-core decode attention for f16 caches at head dim 64 from 1,024 keys), and
+/// across that boundary the replayed steps give the very bits of plain launches.
+#[test]
+fn decode_graphs_follow_the_row_length() {
+    let Some(dev) = gpu() else { return };
+    let params = synthetic::preset("smollm2-135m").unwrap();
+    let weights = SyntheticWeights::new(&dev, synthetic::parse_layout("mlx4g64").unwrap(), 3);
+    let model = Decoder::load(params, &weights, &dev).unwrap();
+    let mut session = Session::with_kv_dtype(model, &dev, 1100, DType::F16).unwrap();
+    let greedy = SamplingParams::default();
+    let prompt: Vec<u32> = (0..LONG_ROW_KEYS[0] as u32 - 4)
+        .map(|i| i * 7 % 4096)
+        .collect();
+    let mut runs = Vec::new();
+    for use_graph in [false, true] {
+        let mut token = session.prefill(&prompt, greedy).unwrap();
+        let mut logits = Vec::new();
+        for step in 0..8 {
+            let pos = prompt.len() + step;
+            token = session
+                .step_with_token(token, pos, greedy, use_graph)
+                .unwrap();
+            logits.push(session.logits().unwrap());
+        }
+        runs.push(logits);
+    }
+    for (step, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
+        let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(
+            same,
+            "step {step}: replayed logits differ from plain launches"
+        );
+    }
+    assert!(session.kernels_per_token() > 0);
 }

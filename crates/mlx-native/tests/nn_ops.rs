@@ -313,6 +313,7 @@ fn rope_kv_append_equals_rope_then_kv_append() {
             scale: 0.3,
             window: Some(6),
             softcap: None,
+            min_keys: 0,
         };
         let attn_want = nan_tensor(&dev, q.shape());
         ops::attention(&mut enc, shape, &q_got, &k_got, &v_got, &pos_t, &attn_want).unwrap();
@@ -353,6 +354,7 @@ fn full_attention(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Attenti
         scale: 0.25,
         window: None,
         softcap: None,
+        min_keys: 0,
     }
 }
 
@@ -695,6 +697,7 @@ fn attention_matches_mlx() {
             scale: f32_of(p, "scale"),
             window: p["window"].as_u64().map(|w| w as usize),
             softcap: None,
+            min_keys: 0,
         };
         let mut enc = CommandEncoder::new(&dev);
         ops::kv_append(&mut enc, &k_new, &pos_t, &k_cache).unwrap();
@@ -829,6 +832,7 @@ fn attention_softcap_and_window_match_f64() {
             scale: 0.6,
             window,
             softcap,
+            min_keys: 0,
         };
         let mut call = AttentionCall {
             shape,
@@ -866,6 +870,7 @@ fn attention_long_decode_matches_f64() {
             scale: 0.125,
             window: None,
             softcap: None,
+            min_keys: 0,
         },
         q: rng.normals(9 * hd, 2.0),
         k: rng.normals(3 * capacity * hd, 1.0),
@@ -898,6 +903,7 @@ fn cache_overflow_is_an_error() {
         scale: 0.5,
         window: None,
         softcap: None,
+        min_keys: 0,
     };
     let q = dev.from_slice(&[1f32; 16], &[2, 8]).unwrap();
     let out = nan_tensor(&dev, &[2, 8]);
@@ -1041,6 +1047,7 @@ fn attention_over_f16_caches_equals_f32_over_the_rounded_values() {
             scale: 0.3,
             window,
             softcap,
+            min_keys: 0,
         };
         let cache = |rng: &mut Rng| {
             let mut c = f16_rounded(&rng.normals(n_kv_heads * capacity * hd, 1.0));

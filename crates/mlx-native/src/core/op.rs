@@ -129,7 +129,17 @@ pub struct AttentionShape {
     /// Attention-logit soft-capping (Gemma 2): scores become softcap·tanh(score/softcap)
     /// before the softmax.
     pub softcap: Option<f32>,
+    /// A hint, not checked: every query row's position is at least `min_keys` − 1, so that it
+    /// sees keys 0..=pos (before any window); 0 when not known. A backend may pick a kernel
+    /// for long rows from it (CUDA: decode on tensor cores); results do not depend on it.
+    pub min_keys: usize,
 }
+
+/// Row lengths from which a decode step is recorded apart (`Session`), with
+/// `AttentionShape::min_keys` set to the largest one the row has reached: the points where a
+/// backend may switch kernels (CUDA: tensor-core decode attention from 1,024 keys at head dim
+/// 64, from 4,096 at 128).
+pub const LONG_ROW_KEYS: [usize; 2] = [1024, 4096];
 
 impl AttentionShape {
     /// Checks what every backend needs (`op` names the operation in the error): a head dim,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::core::device::Device;
 use crate::core::dtype::DType;
 use crate::core::encoder::{CommandEncoder, Graph};
-use crate::core::op::SamplingParams;
+use crate::core::op::{SamplingParams, LONG_ROW_KEYS};
 use crate::core::tensor::{PendingRead, Tensor};
 use crate::models::decoder::{Decoder, KvCache, Scratch};
 use crate::ops;
@@ -72,7 +72,9 @@ pub struct Session {
     history: Tensor,
     logits: Tensor,
     decode: Scratch,
-    decode_graph: Option<(SamplingParams, Graph)>,
+    /// Captured decode steps for the current sampling, one for each span of row lengths
+    /// between LONG_ROW_KEYS (keyed by the `min_keys` they were recorded with).
+    decode_graphs: Vec<(SamplingParams, usize, Graph)>,
     prefill: Option<Scratch>,
 }
 
@@ -109,7 +111,7 @@ impl Session {
             logits: device.zeros(&[1, model.params.vocab_size], DType::F32)?,
             cache,
             decode,
-            decode_graph: None,
+            decode_graphs: Vec::new(),
             prefill: None,
             device: device.clone(),
             model,
@@ -166,6 +168,7 @@ impl Session {
                     &partial
                 }
             };
+            self.cache.set_min_keys(start + 1);
             self.model.encode_forward(
                 &mut self.enc,
                 &tokens,
@@ -240,18 +243,22 @@ impl Session {
         }
         // Unknown until the step is submitted (an error may leave it either way).
         self.pos_on_device = None;
+        // Rows past each of LONG_ROW_KEYS are recorded with it as their hint (a backend may
+        // take other kernels for them): a long conversation replays up to three graphs.
+        let min_keys = LONG_ROW_KEYS
+            .into_iter()
+            .rfind(|&k| pos + 1 >= k)
+            .unwrap_or(0);
+        self.cache.set_min_keys(min_keys);
         if use_graph {
-            if self
-                .decode_graph
-                .as_ref()
-                .is_none_or(|(p, _)| *p != sampling)
-            {
+            self.decode_graphs.retain(|(p, ..)| *p == sampling);
+            if !self.decode_graphs.iter().any(|&(_, k, _)| k == min_keys) {
                 self.enc.begin_capture()?;
                 self.encode_decode(sampling)?;
                 let graph = self.enc.end_capture()?;
-                self.decode_graph = Some((sampling, graph));
+                self.decode_graphs.push((sampling, min_keys, graph));
             }
-            if let Some((_, graph)) = &mut self.decode_graph {
+            if let Some(graph) = self.decode_graph_mut(min_keys) {
                 graph.replay()?;
             }
         } else {
@@ -306,16 +313,26 @@ impl Session {
         self.encode_sample(sampling, true)
     }
 
-    /// Dispatches in one decode step (the captured graph's length).
+    fn decode_graph_mut(&mut self, min_keys: usize) -> Option<&mut Graph> {
+        self.decode_graphs
+            .iter_mut()
+            .find(|(_, k, _)| *k == min_keys)
+            .map(|(.., g)| g)
+    }
+
+    /// The decode step captured last.
+    fn last_graph(&self) -> Option<&Graph> {
+        self.decode_graphs.last().map(|(.., g)| g)
+    }
+
+    /// Dispatches in one decode step (the last captured graph's length).
     pub fn dispatches_per_token(&self) -> usize {
-        self.decode_graph.as_ref().map_or(0, |(_, g)| g.len())
+        self.last_graph().map_or(0, Graph::len)
     }
 
     /// Device kernels one decode step launches (0 before a graph was captured).
     pub fn kernels_per_token(&self) -> usize {
-        self.decode_graph
-            .as_ref()
-            .map_or(0, |(_, g)| g.kernel_count())
+        self.last_graph().map_or(0, Graph::kernel_count)
     }
 
     /// Prefill `prompt`, then decode until a stop id, `max_new_tokens` or the context end.

@@ -268,6 +268,9 @@ pub struct Decoder {
 pub struct KvCache {
     /// Never empty (`new_cache` refuses a model of no layers).
     layers: Vec<(Tensor, Tensor)>,
+    /// Keys the rows recorded next see at least (`AttentionShape::min_keys`): 0, or set by
+    /// the session for the decode steps of long rows.
+    min_keys: usize,
 }
 
 impl KvCache {
@@ -277,6 +280,11 @@ impl KvCache {
             .first()
             .and_then(|(k, _)| k.shape().get(1).copied())
             .unwrap_or(0)
+    }
+
+    /// Sets the hint the next recorded attention ops carry (`AttentionShape::min_keys`).
+    pub fn set_min_keys(&mut self, keys: usize) {
+        self.min_keys = keys;
     }
 
     /// The caches' dtype (f32 or f16).
@@ -564,7 +572,10 @@ impl Decoder {
         let layers = (0..p.num_layers)
             .map(|_| Ok((device.zeros(&shape, dtype)?, device.zeros(&shape, dtype)?)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(KvCache { layers })
+        Ok(KvCache {
+            layers,
+            min_keys: 0,
+        })
     }
 
     pub fn new_scratch(&self, device: &Device, m: usize) -> Result<Scratch> {
@@ -666,7 +677,7 @@ impl Decoder {
         enc: &mut CommandEncoder,
         layer: &Layer,
         x: Residual,
-        (k_cache, v_cache): &(Tensor, Tensor),
+        ((k_cache, v_cache), min_keys): (&(Tensor, Tensor), usize),
         pos: &Tensor,
         (s, attn_h): (&Scratch, Option<&Tensor>),
     ) -> Result<()> {
@@ -696,6 +707,7 @@ impl Decoder {
             scale: p.attention_scale,
             window: layer.window,
             softcap: p.arch.attn_softcap,
+            min_keys,
         };
         ops::rope_attention(
             enc,
@@ -830,6 +842,7 @@ impl Decoder {
         for (layer, kv) in self.layers.iter().zip(&cache.layers) {
             let attn_norm = layer.attn_out_norm.as_ref();
             let attn_h = Self::half_copy_for(enc, &layer.o, attn_norm, s.attn_h.as_ref());
+            let kv = (kv, cache.min_keys);
             self.encode_attention(enc, layer, residual, kv, pos, (s, attn_h))?;
             let attn = (&s.attn, attn_h);
             let attn_in = residual.current();

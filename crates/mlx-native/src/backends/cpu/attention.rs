@@ -95,6 +95,7 @@ fn attention_over<T: CacheElement>(
         scale,
         window,
         softcap,
+        min_keys: _, // a kernel-choice hint; one kernel here
     } = *shape;
     let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
     let m = q.rows();

@@ -234,12 +234,12 @@ mod tests {
     /// Kernels are launched with programmatic stream serialization, which is safe only if each
     /// waits for its predecessor before touching memory an earlier kernel may write: every
     /// `extern "C" __global__` function's body must begin with `kernel_entry()` or
-    /// `kernel_entry_early(…)` (common.cuh; it waits first), or, for the matvecs, which load
-    /// weights first, call a function that waits inside.
+    /// `kernel_entry_early(…)` (common.cuh; it waits first), or, for the matvecs and decode
+    /// attention, which load weights or K/V rows first, call a function that waits inside.
     #[test]
     fn every_kernel_begins_with_kernel_entry() {
         const ENTRY: &str = "extern \"C\" __global__";
-        const WAITS_INSIDE: [&str; 3] = ["matvec<", "matvec_tc<", "attn_decode<"];
+        const WAITS_INSIDE: [&str; 4] = ["matvec<", "matvec_tc<", "attn_decode<", "flash_decode<"];
         let mut kernels = 0;
         for source in super::super::kernels::SOURCES {
             let text = source.parts.concat();

@@ -13,7 +13,7 @@ use crate::backends::cuda::launch::{
     blocks, dim, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Launch, Planner,
 };
 use crate::core::dtype::DType;
-use crate::core::op::{optional_last, Op, PreNorm};
+use crate::core::op::{optional_last, Op, PreNorm, LONG_ROW_KEYS};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::{Error, Result};
@@ -24,10 +24,19 @@ pub(super) static SOURCE: Source = Source {
 };
 pub(super) static SOURCE_F16: Source = Source {
     name: "attention_f16",
-    parts: &[COMMON, MMA, ROPE, KV_F16, ATTENTION, FLASH_ATTENTION],
+    parts: &[
+        COMMON,
+        MMA,
+        ROPE,
+        KV_F16,
+        ATTENTION,
+        FLASH_ATTENTION,
+        FLASH_DECODE,
+    ],
 };
 const ATTENTION: &str = include_str!("attention.cu");
 const FLASH_ATTENTION: &str = include_str!("flash_attention.cu");
+const FLASH_DECODE: &str = include_str!("flash_decode.cu");
 
 /// The build for the dtype of the caches.
 fn source(caches: [&Tensor; 2]) -> Result<&'static Source> {
@@ -55,6 +64,12 @@ const MAX_HEAD_DIM: usize = 256;
 /// its keys fill), and most splits (a bound on the partials' scratch).
 const DECODE_MIN_SPLIT_KEYS: usize = 256;
 const MAX_SPLITS: usize = 128;
+/// The tensor-core decode kernel's head dims, largest group, threads (FD_WARPS·32) and fewest
+/// keys a split (FD_MAX_GROUP, FD_MIN_SPLIT_KEYS in flash_decode.cu).
+const FLASH_DECODE_HEAD_DIMS: [usize; 2] = [64, 128];
+const FLASH_DECODE_MAX_GROUP: usize = 8;
+const FLASH_DECODE_THREADS: u32 = 256;
+const FLASH_DECODE_MIN_SPLIT_KEYS: usize = 128;
 /// From this many head dims a lane (HC: head dims over 64), a head whose keys would take three
 /// passes or more takes one split a pass (DEC_PASS_SPLIT_MIN_HC, attention.cu's
 /// `active_splits`).
@@ -87,6 +102,8 @@ struct Shape {
     scale: f32,
     window: usize,
     softcap: f32,
+    /// Keys every row sees at least (`AttentionShape::min_keys` within the window).
+    min_keys: usize,
 }
 
 impl Shape {
@@ -108,6 +125,7 @@ impl Shape {
             scale: a.scale,
             window: a.window.unwrap_or(0),
             softcap: a.softcap.unwrap_or(0.0),
+            min_keys: a.window.map_or(a.min_keys, |w| w.min(a.min_keys)),
         })
     }
 }
@@ -401,6 +419,20 @@ fn decode(
             )));
         }
     }
+    if flash_decodes(shape, rows, k_cache.dtype())
+        && device_ptr(k_cache)?.is_multiple_of(16)
+        && device_ptr(v_cache)?.is_multiple_of(16)
+    {
+        return flash_decode(
+            lib,
+            shape,
+            q,
+            new_keys,
+            (k_cache, v_cache),
+            pos,
+            (out, out_h),
+        );
+    }
     // One wave of blocks (one fits per multiprocessor) over all heads and rows, no more splits
     // than the cache can fill; at run time a row uses as many as its keys fill
     // (`active_splits`, attention.cu). H100, 2026-11-26: ceil(keys / 512) splits instead lost
@@ -425,22 +457,7 @@ fn decode(
             (Some(slice), address, address + partial_bytes as u64)
         }
     };
-    let args = Args::new().u64(q);
-    let args = match &new_keys {
-        Some(nk) => args
-            .u64(nk.k)
-            .ptr(nk.v)?
-            .ptr(nk.inv_freq)?
-            .int(nk.rotary_dims)?
-            .code(nk.traditional as i32)
-            .f32(nk.mscale),
-        None => args.u64(0).u64(0).u64(0).code(0).code(0).f32(1.0),
-    };
-    let args = match new_keys.and_then(|nk| nk.head_norm) {
-        Some((q_w, k_w, norm)) => args.ptr(q_w)?.ptr(k_w)?.f32(norm.eps).f32(norm.w_offset()),
-        None => args.u64(0).u64(0).f32(0.0).f32(0.0),
-    };
-    let args = args
+    let args = decode_args(q, &new_keys)?
         .ptr(k_cache)?
         .ptr(v_cache)?
         .ptr(pos)?
@@ -458,6 +475,95 @@ fn decode(
     let grid = (dim(shape.n_heads)?, dim(splits)?, dim(rows)?);
     let name = format!("attn_decode_{}", shape.head_dim.div_ceil(32));
     let launch = lib.launch(source, &name, grid, DECODE_THREADS, 0, args)?;
+    Ok((launch, scratch))
+}
+
+/// Whether one decode row takes the tensor-core kernel (flash_decode.cu): f16 caches, head dim
+/// 64 or 128, a GQA group of 2 to 8 heads, rows of `flash_decode_min_keys` or more by the op's
+/// hint (and caches 16-byte aligned, checked by `decode`). Shorter rows are latency, where a
+/// block a head (`attn_decode`) spreads the work over more multiprocessors.
+fn flash_decodes(shape: &Shape, rows: usize, cache: DType) -> bool {
+    rows == 1
+        && cache == DType::F16
+        && FLASH_DECODE_HEAD_DIMS.contains(&shape.head_dim)
+        && (2..=FLASH_DECODE_MAX_GROUP).contains(&shape.group)
+        && shape.min_keys >= flash_decode_min_keys(shape.head_dim)
+}
+
+/// The shortest rows the tensor-core decode kernel takes at head dim `hd` (one of
+/// LONG_ROW_KEYS, where the session records a step apart). H100, 2026-11-27, decode against
+/// the SIMT kernel in one call: at head dim 64 (the 1B shape with f16 caches) +5.1% after
+/// 1,024 tokens and +9.3% after 2,048; at 128 the 8B −1.7% after 1,024 and +4.1% after 4,096,
+/// Qwen3-0.6B +0.2% and +0.6% after 1,024 and 2,048.
+fn flash_decode_min_keys(hd: usize) -> usize {
+    if hd <= 64 {
+        LONG_ROW_KEYS[0]
+    } else {
+        LONG_ROW_KEYS[1]
+    }
+}
+
+/// The arguments both decode kernels take, in attn_decode's order, up to the caches.
+fn decode_args(q: u64, new_keys: &Option<NewKeys>) -> Result<Args> {
+    let args = Args::new().u64(q);
+    let args = match new_keys {
+        Some(nk) => args
+            .u64(nk.k)
+            .ptr(nk.v)?
+            .ptr(nk.inv_freq)?
+            .int(nk.rotary_dims)?
+            .code(nk.traditional as i32)
+            .f32(nk.mscale),
+        None => args.u64(0).u64(0).u64(0).code(0).code(0).f32(1.0),
+    };
+    Ok(match new_keys.as_ref().and_then(|nk| nk.head_norm) {
+        Some((q_w, k_w, norm)) => args.ptr(q_w)?.ptr(k_w)?.f32(norm.eps).f32(norm.w_offset()),
+        None => args.u64(0).u64(0).f32(0.0).f32(0.0),
+    })
+}
+
+/// One decode row on tensor cores (`attn_flash_decode_HD`): a block a kv head and split, its
+/// heads together; splits of FLASH_DECODE_MIN_SPLIT_KEYS or more, one wave of blocks at most.
+fn flash_decode(
+    lib: &KernelLibrary,
+    shape: &Shape,
+    q: u64,
+    new_keys: Option<NewKeys>,
+    (k_cache, v_cache): (&Tensor, &Tensor),
+    pos: &Tensor,
+    (out, out_h): (&Tensor, u64),
+) -> Result<(Launch, Option<CudaSlice<u8>>)> {
+    let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
+    let n_kv = shape.n_heads / shape.group;
+    let splits = (lib.sm_count() / n_kv.max(1))
+        .min(capacity / FLASH_DECODE_MIN_SPLIT_KEYS)
+        .clamp(1, MAX_SPLITS);
+    let partial_bytes = shape.n_heads * splits * (shape.head_dim + 2) * 4;
+    let (scratch, partial, counters) = match splits {
+        1 => (None, 0, 0),
+        _ => {
+            let (slice, address) = lib.zeroed_scratch(partial_bytes + n_kv * 4)?;
+            (Some(slice), address, address + partial_bytes as u64)
+        }
+    };
+    let args = decode_args(q, &new_keys)?
+        .ptr(k_cache)?
+        .ptr(v_cache)?
+        .ptr(pos)?
+        .ptr(out)?
+        .u64(out_h)
+        .u64(partial)
+        .u64(counters)
+        .int(shape.n_heads)?
+        .int(shape.group)?
+        .int(shape.head_dim)?
+        .int(capacity)?
+        .f32(shape.scale)
+        .int(shape.window)?
+        .f32(shape.softcap);
+    let grid = (dim(n_kv)?, dim(splits)?, 1);
+    let name = format!("attn_flash_decode_{}", shape.head_dim);
+    let launch = lib.launch(&SOURCE_F16, &name, grid, FLASH_DECODE_THREADS, 0, args)?;
     Ok((launch, scratch))
 }
 
@@ -541,6 +647,20 @@ mod tests {
                 ATTENTION.lines().any(|l| l.starts_with(&define)),
                 "attention.cu lacks `{define}`"
             );
+        }
+        for (name, value) in [
+            ("FD_WARPS", FLASH_DECODE_THREADS as usize / 32),
+            ("FD_MIN_SPLIT_KEYS", FLASH_DECODE_MIN_SPLIT_KEYS),
+            ("FD_MAX_GROUP", FLASH_DECODE_MAX_GROUP),
+        ] {
+            let define = format!("#define {name} {value}");
+            assert!(
+                FLASH_DECODE.lines().any(|l| l.starts_with(&define)),
+                "flash_decode.cu lacks `{define}`"
+            );
+        }
+        for hd in FLASH_DECODE_HEAD_DIMS {
+            assert!(FLASH_DECODE.contains(&format!("\nFLASH_DECODE({hd})")));
         }
     }
 }
