@@ -2854,12 +2854,15 @@ fn decode_graphs_follow_the_row_length() {
         }
         runs.push(logits);
     }
-    for (step, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
-        let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    // Steps 3 on are past 1,024 keys: replayed from the second graph.
+    for (step, (plain, replayed)) in runs[0].iter().zip(&runs[1]).enumerate() {
         assert!(
-            same,
-            "step {step}: replayed logits differ from plain launches"
+            plain
+                .iter()
+                .map(|x| x.to_bits())
+                .eq(replayed.iter().map(|x| x.to_bits())),
+            "step {step} (position {}): replayed logits differ from plain launches",
+            prompt.len() + step
         );
     }
-    assert!(session.kernels_per_token() > 0);
 }

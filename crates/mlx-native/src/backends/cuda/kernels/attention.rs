@@ -448,34 +448,25 @@ fn decode(
     let splits = (lib.sm_count() / (shape.n_heads * rows).max(1))
         .min(capacity / split_keys)
         .clamp(1, MAX_SPLITS);
-    // Partials, then a merge counter per (row, head): zeroed here, reset by the merging block.
+    // Partials, then a merge counter per (row, head).
     let partial_bytes = rows * shape.n_heads * splits * (shape.head_dim + 2) * 4;
-    let (scratch, partial, counters) = match splits {
-        1 => (None, 0, 0),
-        _ => {
-            let (slice, address) = lib.zeroed_scratch(partial_bytes + rows * shape.n_heads * 4)?;
-            (Some(slice), address, address + partial_bytes as u64)
-        }
-    };
-    let args = decode_args(q, &new_keys)?
-        .ptr(k_cache)?
-        .ptr(v_cache)?
-        .ptr(pos)?
-        .ptr(out)?
-        .u64(out_h)
-        .u64(partial)
-        .u64(counters)
-        .int(shape.n_heads)?
-        .int(shape.group)?
-        .int(shape.head_dim)?
-        .int(capacity)?
-        .f32(shape.scale)
-        .int(shape.window)?
-        .f32(shape.softcap);
-    let grid = (dim(shape.n_heads)?, dim(splits)?, dim(rows)?);
-    let name = format!("attn_decode_{}", shape.head_dim.div_ceil(32));
-    let launch = lib.launch(source, &name, grid, DECODE_THREADS, 0, args)?;
-    Ok((launch, scratch))
+    launch_decode(
+        lib,
+        (
+            source,
+            &format!("attn_decode_{}", shape.head_dim.div_ceil(32)),
+        ),
+        (
+            (dim(shape.n_heads)?, dim(splits)?, dim(rows)?),
+            DECODE_THREADS,
+        ),
+        shape,
+        (q, new_keys),
+        (k_cache, v_cache),
+        pos,
+        (out, out_h),
+        (partial_bytes, rows * shape.n_heads),
+    )
 }
 
 /// Whether one decode row takes the tensor-core kernel (flash_decode.cu): f16 caches, head dim
@@ -503,10 +494,30 @@ fn flash_decode_min_keys(hd: usize) -> usize {
     }
 }
 
-/// The arguments both decode kernels take, in attn_decode's order, up to the caches.
-fn decode_args(q: u64, new_keys: &Option<NewKeys>) -> Result<Args> {
+/// Launches decode kernel `name` of `source` (attn_decode's arguments) on `grid` of `threads`,
+/// with the scratch of its split partials, `partial_bytes`, and `counters` merge counters
+/// (zeroed here, reset by the merging block) when the grid has several splits.
+#[allow(clippy::too_many_arguments)]
+fn launch_decode(
+    lib: &KernelLibrary,
+    (source, name): (&'static Source, &str),
+    (grid, threads): ((u32, u32, u32), u32),
+    shape: &Shape,
+    (q, new_keys): (u64, Option<NewKeys>),
+    (k_cache, v_cache): (&Tensor, &Tensor),
+    pos: &Tensor,
+    (out, out_h): (&Tensor, u64),
+    (partial_bytes, counters): (usize, usize),
+) -> Result<(Launch, Option<CudaSlice<u8>>)> {
+    let (scratch, partial, counters) = match grid.1 {
+        1 => (None, 0, 0),
+        _ => {
+            let (slice, address) = lib.zeroed_scratch(partial_bytes + counters * 4)?;
+            (Some(slice), address, address + partial_bytes as u64)
+        }
+    };
     let args = Args::new().u64(q);
-    let args = match new_keys {
+    let args = match &new_keys {
         Some(nk) => args
             .u64(nk.k)
             .ptr(nk.v)?
@@ -516,10 +527,28 @@ fn decode_args(q: u64, new_keys: &Option<NewKeys>) -> Result<Args> {
             .f32(nk.mscale),
         None => args.u64(0).u64(0).u64(0).code(0).code(0).f32(1.0),
     };
-    Ok(match new_keys.as_ref().and_then(|nk| nk.head_norm) {
+    let args = match new_keys.and_then(|nk| nk.head_norm) {
         Some((q_w, k_w, norm)) => args.ptr(q_w)?.ptr(k_w)?.f32(norm.eps).f32(norm.w_offset()),
         None => args.u64(0).u64(0).f32(0.0).f32(0.0),
-    })
+    };
+    let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
+    let args = args
+        .ptr(k_cache)?
+        .ptr(v_cache)?
+        .ptr(pos)?
+        .ptr(out)?
+        .u64(out_h)
+        .u64(partial)
+        .u64(counters)
+        .int(shape.n_heads)?
+        .int(shape.group)?
+        .int(shape.head_dim)?
+        .int(capacity)?
+        .f32(shape.scale)
+        .int(shape.window)?
+        .f32(shape.softcap);
+    let launch = lib.launch(source, name, grid, threads, 0, args)?;
+    Ok((launch, scratch))
 }
 
 /// One decode row on tensor cores (`attn_flash_decode_HD`): a block a kv head and split, its
@@ -539,32 +568,20 @@ fn flash_decode(
         .min(capacity / FLASH_DECODE_MIN_SPLIT_KEYS)
         .clamp(1, MAX_SPLITS);
     let partial_bytes = shape.n_heads * splits * (shape.head_dim + 2) * 4;
-    let (scratch, partial, counters) = match splits {
-        1 => (None, 0, 0),
-        _ => {
-            let (slice, address) = lib.zeroed_scratch(partial_bytes + n_kv * 4)?;
-            (Some(slice), address, address + partial_bytes as u64)
-        }
-    };
-    let args = decode_args(q, &new_keys)?
-        .ptr(k_cache)?
-        .ptr(v_cache)?
-        .ptr(pos)?
-        .ptr(out)?
-        .u64(out_h)
-        .u64(partial)
-        .u64(counters)
-        .int(shape.n_heads)?
-        .int(shape.group)?
-        .int(shape.head_dim)?
-        .int(capacity)?
-        .f32(shape.scale)
-        .int(shape.window)?
-        .f32(shape.softcap);
-    let grid = (dim(n_kv)?, dim(splits)?, 1);
-    let name = format!("attn_flash_decode_{}", shape.head_dim);
-    let launch = lib.launch(&SOURCE_F16, &name, grid, FLASH_DECODE_THREADS, 0, args)?;
-    Ok((launch, scratch))
+    launch_decode(
+        lib,
+        (
+            &SOURCE_F16,
+            &format!("attn_flash_decode_{}", shape.head_dim),
+        ),
+        ((dim(n_kv)?, dim(splits)?, 1), FLASH_DECODE_THREADS),
+        shape,
+        (q, new_keys),
+        (k_cache, v_cache),
+        pos,
+        (out, out_h),
+        (partial_bytes, n_kv),
+    )
 }
 
 fn kv_append(

@@ -145,6 +145,39 @@ __device__ __forceinline__ void fd_step(const u32 (&qa)[HD / 16][2], const FdRow
     }
 }
 
+// Dim d of a head's output from its n_splits partials (max, sum, acc[…]) at base, `stride`
+// floats apart, read MERGE_LOADS splits at a time past L1 (other blocks wrote them): one round
+// trip to L2 for up to MERGE_LOADS splits (attn_decode writes the same loop out).
+__device__ __forceinline__ float merge_splits(const float* base, int stride, int n_splits,
+                                              int d) {
+    constexpr int MERGE_LOADS = 16;
+    float m_all = NEG_INF, l_all = 0.f, merged = 0.f;
+    for (int s0 = 0; s0 < n_splits; s0 += MERGE_LOADS) {
+        float ms[MERGE_LOADS], ls[MERGE_LOADS], as[MERGE_LOADS];
+#pragma unroll
+        for (int i = 0; i < MERGE_LOADS; ++i) {
+            const float* ps = base + min(s0 + i, n_splits - 1) * stride;
+            ms[i] = __ldcg(ps);
+            ls[i] = __ldcg(ps + 1);
+            as[i] = __ldcg(ps + 2 + d);
+        }
+        float m_new = m_all;
+#pragma unroll
+        for (int i = 0; i < MERGE_LOADS; ++i) m_new = fmaxf(m_new, ms[i]);  // repeats: no change
+        const float corr = m_all == NEG_INF ? 0.f : expf(m_all - m_new);
+        l_all *= corr;
+        merged *= corr;
+#pragma unroll
+        for (int i = 0; i < MERGE_LOADS; ++i) {
+            const float wt = s0 + i >= n_splits || ms[i] == NEG_INF ? 0.f : expf(ms[i] - m_new);
+            l_all = fmaf(ls[i], wt, l_all);
+            merged = fmaf(as[i], wt, merged);
+        }
+        m_all = m_new;
+    }
+    return l_all > 0.f ? merged / l_all : 0.f;
+}
+
 template <int HD>
 __device__ __forceinline__ void flash_decode(const float* __restrict__ q, const NewKeys nk,
                                              u16* kc, u16* vc, const u32* __restrict__ pos,
@@ -162,7 +195,6 @@ __device__ __forceinline__ void flash_decode(const float* __restrict__ q, const 
     __shared__ __align__(16) float wacc[FD_WARPS][FD_MAX_GROUP][ALD];
     __shared__ float wm[FD_WARPS][FD_MAX_GROUP], wl[FD_WARPS][FD_MAX_GROUP];
     __shared__ float sums[FD_MAX_GROUP + 1][HD / 32];  // head norms: q's heads, then k
-    __shared__ int merging;
     const int g = blockIdx.x, split = blockIdx.y, h0 = g * group;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, c = lane & 3;
     const int d = threadIdx.x % HD, slot = threadIdx.x / HD;
@@ -194,13 +226,7 @@ __device__ __forceinline__ void flash_decode(const float* __restrict__ q, const 
     const int dp = rot ? rope_partner(d, nk.rotary_dims, nk.traditional) : d;
     float cs = 1.f, sn = 0.f;
     if (rot) rope_dim_freq_cos_sin(d, freq, p0, nk.rotary_dims, nk.mscale, cs, sn);
-    float wqd = 0.f, wqp = 0.f, wkd = 0.f, wkp = 0.f;
-    if (normed) {
-        wqd = nk.q_norm[d] + nk.w_offset;
-        wqp = nk.q_norm[dp] + nk.w_offset;
-        wkd = nk.k_norm[d] + nk.w_offset;
-        wkp = nk.k_norm[dp] + nk.w_offset;
-    }
+    const NormWeights nw(nk, normed, d, dp);
     kernel_entry();
     launch_dependents();
     // Prologue: thread (slot, d) stages dim d of heads h0 + i, i = slot + k·SLOTS, as f16
@@ -235,16 +261,16 @@ __device__ __forceinline__ void flash_decode(const float* __restrict__ q, const 
 #pragma unroll
         for (int w = 0; w < HD / 32; ++w) ssk += sums[FD_MAX_GROUP][w];
         const float rk = rsqrtf(ssk / HD + nk.eps);
-        kd *= rk * wkd;
-        kp *= rk * wkp;
+        kd *= rk * nw.kd;
+        kp *= rk * nw.kp;
 #pragma unroll
         for (int k = 0; k < ROUNDS; ++k) {
             float sq = 0.f;
 #pragma unroll
             for (int w = 0; w < HD / 32; ++w) sq += sums[slot + k * SLOTS][w];
             const float rq = rsqrtf(sq / HD + nk.eps);
-            qd[k] *= rq * wqd;
-            qp[k] *= rq * wqp;
+            qd[k] *= rq * nw.qd;
+            qp[k] *= rq * nw.qp;
         }
     }
 #pragma unroll
@@ -320,67 +346,26 @@ __device__ __forceinline__ void flash_decode(const float* __restrict__ q, const 
             }
         }
     }
-    if (n_splits == 1) return;
-    // Publish the partials, then count them; the block that counts last merges.
-    __syncthreads();
-    u32* counter = counters + g;
-    if (threadIdx.x == 0) {
-        __threadfence();
-        merging = atomicAdd(counter, 1u) == (u32)n_splits - 1;
-    }
-    __syncthreads();
-    if (!merging) return;
+    if (n_splits == 1 || !last_to_count(counters + g, n_splits)) return;
     __threadfence();
-    if (threadIdx.x == 0) *counter = 0;  // every split has counted
+    if (threadIdx.x == 0) counters[g] = 0;  // every split has counted
 #pragma unroll
     for (int k = 0; k < ROUNDS; ++k) {  // unrolled, so that the heads' loads can fly together
         const int i = slot + k * SLOTS;
         if (i >= group) break;
-        const float* base = partial + (i64)(h0 + i) * gridDim.y * stride;
-        // MERGE_LOADS splits' (max, sum, acc[d]) at a time past L1: one round trip to L2 each.
-        constexpr int MERGE_LOADS = 16;
-        float m_all = NEG_INF, l_all = 0.f, merged = 0.f;
-        for (int s0 = 0; s0 < n_splits; s0 += MERGE_LOADS) {
-            float ms[MERGE_LOADS], ls[MERGE_LOADS], as[MERGE_LOADS];
-#pragma unroll
-            for (int k = 0; k < MERGE_LOADS; ++k) {
-                const float* ps = base + min(s0 + k, n_splits - 1) * stride;
-                ms[k] = __ldcg(ps);
-                ls[k] = __ldcg(ps + 1);
-                as[k] = __ldcg(ps + 2 + d);
-            }
-            float m_new = m_all;
-#pragma unroll
-            for (int k = 0; k < MERGE_LOADS; ++k) m_new = fmaxf(m_new, ms[k]);
-            const float corr = m_all == NEG_INF ? 0.f : expf(m_all - m_new);
-            l_all *= corr;
-            merged *= corr;
-#pragma unroll
-            for (int k = 0; k < MERGE_LOADS; ++k) {
-                const float wt = s0 + k >= n_splits ? 0.f : expf(ms[k] - m_new);
-                l_all = fmaf(ls[k], wt, l_all);
-                merged = fmaf(as[k], wt, merged);
-            }
-            m_all = m_new;
-        }
         const i64 o_at = (i64)(h0 + i) * HD + d;
-        out[o_at] = l_all > 0.f ? merged / l_all : 0.f;
+        const float* base = partial + (i64)(h0 + i) * gridDim.y * stride;
+        out[o_at] = merge_splits(base, stride, n_splits, d);
         store_half_copy(out_h, o_at, out[o_at]);
     }
 }
 
-// attn_decode's arguments (n_heads and hd unused: HD is the kernel's).
+// attn_decode's parameters (n_heads and hd unused: HD is the kernel's).
 #define FLASH_DECODE(HD)                                                                        \
-    extern "C" __global__ void __launch_bounds__(FD_WARPS * 32, 1) attn_flash_decode_##HD(      \
-        const float* q, const float* k_new, const float* v_new, const float* inv_freq,          \
-        int rotary_dims, int traditional, float mscale, const float* q_norm,                    \
-        const float* k_norm, float eps, float w_offset, u16* kc, u16* vc, const u32* pos,       \
-        float* out, u16* out_h, float* partial, u32* counters, int n_heads, int group, int hd,  \
-        int capacity, float scale, int window, float softcap) {                                 \
-        const NewKeys nk{k_new, v_new, inv_freq, rotary_dims, traditional,                      \
-                         mscale, q_norm, k_norm, eps, w_offset};                                \
-        flash_decode<HD>(q, nk, kc, vc, pos, out, out_h, partial, counters, group, capacity,    \
-                         scale, window, softcap);                                               \
+    extern "C" __global__ void __launch_bounds__(FD_WARPS * 32, 1)                              \
+        attn_flash_decode_##HD(DECODE_PARAMS) {                                                 \
+        flash_decode<HD>(q, DECODE_NEW_KEYS, kc, vc, pos, out, out_h, partial, counters, group, \
+                         capacity, scale, window, softcap);                                     \
     }
 FLASH_DECODE(64)
 FLASH_DECODE(128)
