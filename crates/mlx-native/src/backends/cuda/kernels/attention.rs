@@ -168,15 +168,15 @@ fn attention(
         )?;
         return Ok(CudaKernel::single(launch));
     }
-    let (launch, partials) = decode(
-        lib,
-        &shape,
-        (device_ptr(q)?, q.rows()),
-        None,
-        (k_cache, v_cache),
+    let operands = DecodeOperands {
+        q: device_ptr(q)?,
+        rows: q.rows(),
+        new_keys: None,
+        caches: (k_cache, v_cache),
         pos,
-        (out, 0),
-    )?;
+        out: (out, 0),
+    };
+    let (launch, partials) = decode(lib, &shape, operands)?;
     Ok(CudaKernel::new(vec![launch], partials))
 }
 
@@ -285,9 +285,15 @@ fn rope_attention(
             mscale,
             head_norm: folded,
         };
-        let caches = (k_cache, v_cache);
-        let outs = (out, out_h);
-        let (launch, p) = decode(lib, &shape, (q_at, rows), Some(new_keys), caches, pos, outs)?;
+        let operands = DecodeOperands {
+            q: q_at,
+            rows,
+            new_keys: Some(new_keys),
+            caches: (k_cache, v_cache),
+            pos,
+            out: (out, out_h),
+        };
+        let (launch, p) = decode(lib, &shape, operands)?;
         launches.push(launch);
         partials = p;
     }
@@ -393,21 +399,37 @@ fn decode_cache_alignment(head_dim: usize, elem_bytes: usize) -> u64 {
     (elem_bytes * run) as u64
 }
 
-/// A few query rows (`q`: address and row count): split-K flash decoding (`attn_decode`),
-/// rotating q and the new keys itself when `new_keys` is given, writing out's f16 copy at
-/// `out_h` unless 0. The launch, and the scratch of its split partials if it has several
-/// splits.
+/// What a decode kernel (`attn_decode`, `attn_flash_decode`) reads and writes: q (address)
+/// and its row count, the new rows' k and v with their rotation (`rope_attention`; none: the
+/// caches hold every key), the caches, pos, and the output with the address of its f16 copy
+/// (0: none).
+struct DecodeOperands<'a> {
+    q: u64,
+    rows: usize,
+    new_keys: Option<NewKeys<'a>>,
+    caches: (&'a Tensor, &'a Tensor),
+    pos: &'a Tensor,
+    out: (&'a Tensor, u64),
+}
+
+impl DecodeOperands<'_> {
+    /// Positions the caches hold.
+    fn capacity(&self) -> usize {
+        self.caches.0.shape().get(1).copied().unwrap_or(0)
+    }
+}
+
+/// A few query rows: split-K flash decoding (`attn_decode`), or for one long row over f16
+/// caches the tensor-core kernel (`flash_decode`). The launch, and the scratch of its split
+/// partials if it has several splits.
 fn decode(
     lib: &KernelLibrary,
     shape: &Shape,
-    (q, rows): (u64, usize),
-    new_keys: Option<NewKeys>,
-    (k_cache, v_cache): (&Tensor, &Tensor),
-    pos: &Tensor,
-    (out, out_h): (&Tensor, u64),
+    operands: DecodeOperands,
 ) -> Result<(Launch, Option<CudaSlice<u8>>)> {
+    let (k_cache, v_cache) = operands.caches;
     let source = source([k_cache, v_cache])?;
-    let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
+    let (rows, capacity) = (operands.rows, operands.capacity());
     let align = decode_cache_alignment(shape.head_dim, k_cache.dtype().size_in_bytes());
     for cache in [k_cache, v_cache] {
         let address = device_ptr(cache)?;
@@ -423,15 +445,7 @@ fn decode(
         && device_ptr(k_cache)?.is_multiple_of(16)
         && device_ptr(v_cache)?.is_multiple_of(16)
     {
-        return flash_decode(
-            lib,
-            shape,
-            q,
-            new_keys,
-            (k_cache, v_cache),
-            pos,
-            (out, out_h),
-        );
+        return flash_decode(lib, shape, operands);
     }
     // One wave of blocks (one fits per multiprocessor) over all heads and rows, no more splits
     // than the cache can fill; at run time a row uses as many as its keys fill
@@ -450,22 +464,16 @@ fn decode(
         .clamp(1, MAX_SPLITS);
     // Partials, then a merge counter per (row, head).
     let partial_bytes = rows * shape.n_heads * splits * (shape.head_dim + 2) * 4;
+    let name = format!("attn_decode_{hc}");
+    let grid = (dim(shape.n_heads)?, dim(splits)?, dim(rows)?);
+    let scratch = (partial_bytes, rows * shape.n_heads);
     launch_decode(
         lib,
-        (
-            source,
-            &format!("attn_decode_{}", shape.head_dim.div_ceil(32)),
-        ),
-        (
-            (dim(shape.n_heads)?, dim(splits)?, dim(rows)?),
-            DECODE_THREADS,
-        ),
+        (source, &name),
+        (grid, DECODE_THREADS),
         shape,
-        (q, new_keys),
-        (k_cache, v_cache),
-        pos,
-        (out, out_h),
-        (partial_bytes, rows * shape.n_heads),
+        operands,
+        scratch,
     )
 }
 
@@ -494,19 +502,15 @@ fn flash_decode_min_keys(hd: usize) -> usize {
     }
 }
 
-/// Launches decode kernel `name` of `source` (attn_decode's arguments) on `grid` of `threads`,
-/// with the scratch of its split partials, `partial_bytes`, and `counters` merge counters
-/// (zeroed here, reset by the merging block) when the grid has several splits.
-#[allow(clippy::too_many_arguments)]
+/// Launches decode kernel `name` of `source` on `grid` of `threads`, with the scratch of its
+/// split partials, `partial_bytes`, and `counters` merge counters (zeroed here, reset by the
+/// merging block) when the grid has several splits.
 fn launch_decode(
     lib: &KernelLibrary,
     (source, name): (&'static Source, &str),
     (grid, threads): ((u32, u32, u32), u32),
     shape: &Shape,
-    (q, new_keys): (u64, Option<NewKeys>),
-    (k_cache, v_cache): (&Tensor, &Tensor),
-    pos: &Tensor,
-    (out, out_h): (&Tensor, u64),
+    operands: DecodeOperands,
     (partial_bytes, counters): (usize, usize),
 ) -> Result<(Launch, Option<CudaSlice<u8>>)> {
     let (scratch, partial, counters) = match grid.1 {
@@ -516,6 +520,15 @@ fn launch_decode(
             (Some(slice), address, address + partial_bytes as u64)
         }
     };
+    let capacity = operands.capacity();
+    let DecodeOperands {
+        q,
+        new_keys,
+        caches: (k_cache, v_cache),
+        pos,
+        out: (out, out_h),
+        ..
+    } = operands;
     let args = Args::new().u64(q);
     let args = match &new_keys {
         Some(nk) => args
@@ -531,7 +544,6 @@ fn launch_decode(
         Some((q_w, k_w, norm)) => args.ptr(q_w)?.ptr(k_w)?.f32(norm.eps).f32(norm.w_offset()),
         None => args.u64(0).u64(0).f32(0.0).f32(0.0),
     };
-    let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
     let args = args
         .ptr(k_cache)?
         .ptr(v_cache)?
@@ -556,31 +568,23 @@ fn launch_decode(
 fn flash_decode(
     lib: &KernelLibrary,
     shape: &Shape,
-    q: u64,
-    new_keys: Option<NewKeys>,
-    (k_cache, v_cache): (&Tensor, &Tensor),
-    pos: &Tensor,
-    (out, out_h): (&Tensor, u64),
+    operands: DecodeOperands,
 ) -> Result<(Launch, Option<CudaSlice<u8>>)> {
-    let capacity = k_cache.shape().get(1).copied().unwrap_or(0);
     let n_kv = shape.n_heads / shape.group;
     let splits = (lib.sm_count() / n_kv.max(1))
-        .min(capacity / FLASH_DECODE_MIN_SPLIT_KEYS)
+        .min(operands.capacity() / FLASH_DECODE_MIN_SPLIT_KEYS)
         .clamp(1, MAX_SPLITS);
-    let partial_bytes = shape.n_heads * splits * (shape.head_dim + 2) * 4;
+    let name = format!("attn_flash_decode_{}", shape.head_dim);
+    let grid = (dim(n_kv)?, dim(splits)?, 1);
+    let scratch = (shape.n_heads * splits * (shape.head_dim + 2) * 4, n_kv);
+    let threads = FLASH_DECODE_THREADS;
     launch_decode(
         lib,
-        (
-            &SOURCE_F16,
-            &format!("attn_flash_decode_{}", shape.head_dim),
-        ),
-        ((dim(n_kv)?, dim(splits)?, 1), FLASH_DECODE_THREADS),
+        (&SOURCE_F16, &name),
+        (grid, threads),
         shape,
-        (q, new_keys),
-        (k_cache, v_cache),
-        pos,
-        (out, out_h),
-        (partial_bytes, n_kv),
+        operands,
+        scratch,
     )
 }
 
