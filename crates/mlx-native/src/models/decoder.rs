@@ -544,11 +544,13 @@ impl Decoder {
     /// weights are stored in f32, which mlx-lm computes in f32 (and for GGUF files, whose norms
     /// are f32). Otherwise f16, as MLX keeps an f16 model's caches (bf16 models too: the same
     /// bytes, llama.cpp's default): half the memory and half what attention reads. Except at
-    /// head dims up to 64: decode attention there is not bound by the bytes it reads (with no
-    /// widening at all, f16 read 1% slower than f32), so the widening only costs. H100,
-    /// 2026-11-27, f16 against f32 caches, decode after 1,024 tokens: Llama-3.2-1B shape (head
-    /// dim 64) −4.5%, SmolLM2 −2.7%; Qwen3-0.6B (128) +7.9%, Gemma-3-1B (256) +2.0%; 8B after
-    /// 2,048 +8.9%.
+    /// head dims up to 64, where short rows are latency and each f16 element costs decode
+    /// attention a widening: f16 gains only on long rows, which the tensor-core decode kernel
+    /// takes. H100, f16 against f32 caches, decode of 256 tokens after N: 2026-11-27,
+    /// Qwen3-0.6B (head dim 128) +7.9% and Gemma-3-1B (256) +2.0% after 1,024, the 8B +8.9%
+    /// after 2,048; 2026-11-28 (thirty-first session), head dim 64: the Llama-3.2-1B shape −0.6%
+    /// after 128, −0.7% after 512, +4.6% after 1,024, +9.4% after 2,048; SmolLM2 −1.0% after 128 (below
+    /// its 3,000 tok/s), −2.9% after 512, +3.0% after 1,024, ±0 after 2,048.
     pub fn default_kv_dtype(&self) -> DType {
         match self.float_dtype {
             DType::F32 => DType::F32,

@@ -459,9 +459,11 @@ fn decode(
     } else {
         DECODE_MIN_SPLIT_KEYS
     };
-    let splits = (lib.sm_count() / (shape.n_heads * rows).max(1))
+    let blocks = shape.n_heads * rows;
+    let splits = (lib.sm_count() / blocks.max(1))
         .min(capacity / split_keys)
         .clamp(1, MAX_SPLITS);
+    let split_min_keys = decode_split_min_keys(blocks, lib.sm_count(), hc, k_cache.dtype());
     // Partials, then a merge counter per (row, head).
     let partial_bytes = rows * shape.n_heads * splits * (shape.head_dim + 2) * 4;
     let name = format!("attn_decode_{hc}");
@@ -473,8 +475,33 @@ fn decode(
         (grid, DECODE_THREADS),
         shape,
         operands,
-        scratch,
+        (scratch, split_min_keys),
     )
+}
+
+/// A grid of more heads (times rows) than one for every CROWDED_SMS multiprocessors is crowded
+/// (`decode_split_min_keys`).
+const CROWDED_SMS: usize = 8;
+
+/// The fewest keys from which a decode row takes several splits (`active_splits` in
+/// attention.cu; at head dims over 64 it also splits by passes). A split costs a merge (a counter,
+/// then the last block's pass over the partials) and, where the grid's heads already hold many
+/// multiprocessors, the ones the next kernel's blocks (the o projection's) would have launched on
+/// early to request their weights. So at head dim 64 (passes of 256 keys) a crowded grid splits a
+/// row only from four passes over f32 caches, from five over f16 (whose passes cost less), and
+/// other grids from two, as before. H100, 2026-11-28, decode of 64 tokens after N, split from 512
+/// keys before → after: the Llama-3.2-1B shape (32 heads) with f32 caches after 512 and 640
+/// tokens +5.0% / +4.6%, after 768 and 896 unsplit −1.3% / −0.7%; with f16 caches +7.6% / +8.9%
+/// after 512 / 640, unsplit +5.0% / +4.4% after 768 / 896. SmolLM2 (9 heads) unsplit: +1.9% after
+/// 512 but −2.1% after 640 and −11% after 768.
+fn decode_split_min_keys(blocks: usize, sm_count: usize, hc: usize, cache: DType) -> usize {
+    let crowded = hc == 2 && blocks * CROWDED_SMS > sm_count;
+    let passes = match (crowded, cache) {
+        (false, _) => return 2 * DECODE_MIN_SPLIT_KEYS,
+        (true, DType::F16) => 4,
+        (true, _) => 3,
+    };
+    passes * decode_pass_keys(hc) + 1
 }
 
 /// Whether one decode row takes the tensor-core kernel (flash_decode.cu): f16 caches, head dim
@@ -504,14 +531,15 @@ fn flash_decode_min_keys(hd: usize) -> usize {
 
 /// Launches decode kernel `name` of `source` on `grid` of `threads`, with the scratch of its
 /// split partials, `partial_bytes`, and `counters` merge counters (zeroed here, reset by the
-/// merging block) when the grid has several splits.
+/// merging block) when the grid has several splits, and the fewest keys a row splits from
+/// (`split_min_keys`: attn_decode's; the tensor-core kernel takes and ignores it).
 fn launch_decode(
     lib: &KernelLibrary,
     (source, name): (&'static Source, &str),
     (grid, threads): ((u32, u32, u32), u32),
     shape: &Shape,
     operands: DecodeOperands,
-    (partial_bytes, counters): (usize, usize),
+    ((partial_bytes, counters), split_min_keys): ((usize, usize), usize),
 ) -> Result<(Launch, Option<CudaSlice<u8>>)> {
     let (scratch, partial, counters) = match grid.1 {
         1 => (None, 0, 0),
@@ -558,7 +586,8 @@ fn launch_decode(
         .int(capacity)?
         .f32(shape.scale)
         .int(shape.window)?
-        .f32(shape.softcap);
+        .f32(shape.softcap)
+        .int(split_min_keys)?;
     let launch = lib.launch(source, name, grid, threads, 0, args)?;
     Ok((launch, scratch))
 }
@@ -584,7 +613,7 @@ fn flash_decode(
         (grid, threads),
         shape,
         operands,
-        scratch,
+        (scratch, 0),
     )
 }
 
@@ -650,6 +679,28 @@ mod tests {
                     "head dim {head_dim}, {elem_bytes}-byte elements"
                 );
             }
+        }
+    }
+
+    /// Rows of a decode grid of many heads at head dim 64 split from four passes (f32 caches)
+    /// or five (f16); grids of few heads, and other head dims, from 512 keys.
+    #[test]
+    fn crowded_decode_grids_split_later() {
+        let sms = 132;
+        for (blocks, hc, cache, keys) in [
+            (32, 2, DType::F32, 769),  // Llama-3.2-1B
+            (32, 2, DType::F16, 1025), // its f16 caches
+            (16, 2, DType::F32, 512),  // 16 · 8 ≤ 132: not crowded
+            (17, 2, DType::F32, 769),
+            (9, 2, DType::F32, 512), // SmolLM2
+            (32, 4, DType::F16, 512),
+            (32, 1, DType::F32, 512),
+        ] {
+            assert_eq!(
+                decode_split_min_keys(blocks, sms, hc, cache),
+                keys,
+                "{blocks} blocks, {hc} dims a lane, {cache} caches"
+            );
         }
     }
 
