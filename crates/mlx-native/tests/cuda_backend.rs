@@ -1690,7 +1690,8 @@ fn attention_matches_reference() {
         attn_case((3, 6, 3, 96, 64, 10, Some(5), None)),
         attn_case((2, 2, 1, 256, 300, 299 - 1, None, Some(20.0))),
         // A short context in a large cache: of the grid's splits only as many take keys as
-        // hold 256 each (one below 512 keys: that block writes the output), per row.
+        // hold 256 each (128 at head dim 64; one below 512 keys: that block writes the output),
+        // per row.
         attn_case((1, 8, 2, 64, 4096, 40, None, None)),
         attn_case((1, 9, 3, 64, 2048, 0, None, None)),
         attn_case((2, 8, 2, 64, 4096, 31, None, None)),

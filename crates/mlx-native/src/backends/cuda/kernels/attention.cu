@@ -18,10 +18,10 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 // Decode (few query rows): split-K flash decoding. Grid (n_heads, n_splits, rows) of DEC_WARPS
 // warps (one block per SM fits). n_splits is fixed when a graph is captured (blocks for one wave
 // over the SMs, fewer for a short cache); at run time a row's keys (from pos) go to as many splits
-// as hold DEC_MIN_SPLIT_KEYS each once they reach `split_min_keys` (or, at head dims over 64, one
-// a pass once a head would take three passes: `active_splits`), up to n_splits, and the other
-// blocks exit: no split (and no merge) for shorter rows, a full wave of blocks for long ones,
-// whose splits then take several passes. In a pass each warp takes KEYS = `dec_keys(HC)`
+// as hold 2^`split_shift` each once they reach `split_min_keys` (both the planner's; or, at head
+// dims over 64, one a pass once a head would take three passes: `active_splits`), up to n_splits,
+// and the other blocks exit: no split (and no merge) for shorter rows, a full wave of blocks for
+// long ones, whose splits then take several passes. In a pass each warp takes KEYS = `dec_keys(HC)`
 // consecutive keys (32 for hd ≤ 32, 16 for hd ≤ 64, 8 up to 128, 4 above), loading their K and V
 // rows at once, and scores them onto lanes (`warp_scores`); a max and a sum over KEYS lanes update
 // the online softmax, and for P·V the lanes own head dims, the probabilities broadcast by shuffle.
@@ -32,7 +32,6 @@ __device__ __forceinline__ float cap_score(float s, float softcap) {
 // and the block that counts last merges them and resets the counter.
 
 #define DEC_WARPS 16
-#define DEC_MIN_SPLIT_KEYS 256  // DECODE_MIN_SPLIT_KEYS in attention.rs
 #define DEC_MAX_ROWS 4          // DECODE_MAX_ROWS in attention.rs
 
 // Sends the 128-byte lines of a cache row (hd ≤ 32·HC elements) towards L2.
@@ -62,8 +61,8 @@ __host__ __device__ constexpr int dec_keys(int hc) {
 
 #define DEC_PASS_SPLIT_MIN_HC 3  // DECODE_PASS_SPLIT_MIN_HC in attention.rs
 
-// Splits a row's `keys` take: from `split_min_keys` keys one for each DEC_MIN_SPLIT_KEYS (the
-// planner's `decode_split_min_keys`), and for head dims over 64
+// Splits a row's `keys` take: from `split_min_keys` keys one for each 2^`split_shift` (the
+// planner's `decode_splitting`), and for head dims over 64
 // (where a pass takes DEC_WARPS·8 or ·4 keys) one a pass wherever a head would take three
 // passes or more, up to `n_splits`: a later pass costs a round trip to L2 (~0.9 µs at head dim
 // 256), more than a merge. H100, 2026-11-27, decode after 16 / 128 tokens, 256 new: Gemma-3-1B
@@ -71,11 +70,12 @@ __host__ __device__ constexpr int dec_keys(int hc) {
 // +5.6%; splits of two passes: −0.8% / +2.4%); at head dim 128 Qwen3-0.6B +0.1% / +0.7%, the
 // 8B +0.5% after 128.
 template <int HC>
-__device__ __forceinline__ int active_splits(int keys, int n_splits, int split_min_keys) {
+__device__ __forceinline__ int active_splits(int keys, int n_splits, int split_min_keys,
+                                             int split_shift) {
     constexpr int PASS = DEC_WARPS * dec_keys(HC);
     const int passes = (keys + PASS - 1) / PASS;
     const int by_pass = HC >= DEC_PASS_SPLIT_MIN_HC && passes >= 3 ? passes : 1;
-    const int by_keys = keys >= split_min_keys ? keys / DEC_MIN_SPLIT_KEYS : 1;
+    const int by_keys = keys >= split_min_keys ? keys >> split_shift : 1;
     return max(1, min(n_splits, max(by_keys, by_pass)));
 }
 
@@ -328,7 +328,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
                                             float* __restrict__ partial, u32* __restrict__ counters,
                                             int n_heads, int group, int hd, int capacity,
                                             float scale, int window, float softcap,
-                                            int split_min_keys) {
+                                            int split_min_keys, int split_shift) {
     __shared__ __align__(16) float qs[HC * 32], new_k[DEC_MAX_ROWS][HC * 32],
         new_v[DEC_MAX_ROWS][HC * 32], warp_acc[DEC_WARPS][HC * 32];
     __shared__ float warp_m[DEC_WARPS], warp_l[DEC_WARPS];
@@ -361,7 +361,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const N
         rot && owns_dim ? rope_dim_freq(pd, nk.inv_freq, nk.rotary_dims, nk.traditional) : 0.f;
     int lo, hi;
     key_range((int)p0 + row, capacity, window, lo, hi);
-    const int n_splits = active_splits<HC>(hi - lo, gridDim.y, split_min_keys);
+    const int n_splits = active_splits<HC>(hi - lo, gridDim.y, split_min_keys, split_shift);
     if (split >= n_splits) return;
     int per = hi - lo;  // one split (short contexts): no integer division before the loads
     if (n_splits > 1) per = (per + n_splits - 1) / n_splits;
@@ -686,7 +686,8 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
         int rotary_dims, int traditional, float mscale, const float *q_norm,                     \
         const float *k_norm, float eps, float w_offset, kv_t *kc, kv_t *vc, const u32 *pos,      \
         float *out, u16 *out_h, float *partial, u32 *counters, int n_heads, int group, int hd,   \
-        int capacity, float scale, int window, float softcap, int split_min_keys
+        int capacity, float scale, int window, float softcap, int split_min_keys,                \
+        int split_shift
 #define DECODE_NEW_KEYS                                                                          \
     NewKeys {                                                                                    \
         k_new, v_new, inv_freq, rotary_dims, traditional, mscale, q_norm, k_norm, eps, w_offset \
@@ -696,7 +697,8 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
     extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 1)                             \
         attn_decode_##HC(DECODE_PARAMS) {                                                       \
         attn_decode<HC>(q, DECODE_NEW_KEYS, kc, vc, pos, out, out_h, partial, counters, n_heads, \
-                        group, hd, capacity, scale, window, softcap, split_min_keys);           \
+                        group, hd, capacity, scale, window, softcap, split_min_keys,            \
+                        split_shift);                                                           \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) attn_prefill_##HC(              \
         const float* q, const kv_t* kc, const kv_t* vc, const u32* pos, float* out,             \

@@ -60,8 +60,9 @@ const FLASH_THREADS: u32 = 128;
 const FLASH_HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
 /// Head dims are covered in chunks of 32 lanes; kernels exist for up to 8 chunks.
 const MAX_HEAD_DIM: usize = 256;
-/// The fewest keys a decode split takes (DEC_MIN_SPLIT_KEYS: a row uses no more splits than
-/// its keys fill), and most splits (a bound on the partials' scratch).
+/// Keys of cache a decode grid holds a split for (`decode`), the fewest keys a split takes
+/// (`decode_splitting`; at head dim 64, half that), and most splits (a bound on the partials'
+/// scratch).
 const DECODE_MIN_SPLIT_KEYS: usize = 256;
 const MAX_SPLITS: usize = 128;
 /// The tensor-core decode kernel's head dims, largest group, threads (FD_WARPS·32) and fewest
@@ -463,7 +464,7 @@ fn decode(
     let splits = (lib.sm_count() / blocks.max(1))
         .min(capacity / split_keys)
         .clamp(1, MAX_SPLITS);
-    let split_min_keys = decode_split_min_keys(blocks, lib.sm_count(), hc, k_cache.dtype());
+    let splitting = decode_splitting(blocks, lib.sm_count(), hc, k_cache.dtype());
     // Partials, then a merge counter per (row, head).
     let partial_bytes = rows * shape.n_heads * splits * (shape.head_dim + 2) * 4;
     let name = format!("attn_decode_{hc}");
@@ -475,33 +476,44 @@ fn decode(
         (grid, DECODE_THREADS),
         shape,
         operands,
-        (scratch, split_min_keys),
+        (scratch, splitting),
     )
 }
 
 /// A grid of more heads (times rows) than one for every CROWDED_SMS multiprocessors is crowded
-/// (`decode_split_min_keys`).
+/// (`decode_splitting`).
 const CROWDED_SMS: usize = 8;
 
-/// The fewest keys from which a decode row takes several splits (`active_splits` in
-/// attention.cu; at head dims over 64 it also splits by passes). A split costs a merge (a counter,
-/// then the last block's pass over the partials) and, where the grid's heads already hold many
-/// multiprocessors, the ones the next kernel's blocks (the o projection's) would have launched on
-/// early to request their weights. So at head dim 64 (passes of 256 keys) a crowded grid splits a
-/// row only from four passes over f32 caches, from five over f16 (whose passes cost less), and
-/// other grids from two, as before. H100, 2026-11-28, decode of 64 tokens after N, split from 512
-/// keys before → after: the Llama-3.2-1B shape (32 heads) with f32 caches after 512 and 640
-/// tokens +5.0% / +4.6%, after 768 and 896 unsplit −1.3% / −0.7%; with f16 caches +7.6% / +8.9%
-/// after 512 / 640, unsplit +5.0% / +4.4% after 768 / 896. SmolLM2 (9 heads) unsplit: +1.9% after
-/// 512 but −2.1% after 640 and −11% after 768.
-fn decode_split_min_keys(blocks: usize, sm_count: usize, hc: usize, cache: DType) -> usize {
-    let crowded = hc == 2 && blocks * CROWDED_SMS > sm_count;
-    let passes = match (crowded, cache) {
-        (false, _) => return 2 * DECODE_MIN_SPLIT_KEYS,
-        (true, DType::F16) => 4,
-        (true, _) => 3,
+/// How a decode row splits (`active_splits` in attention.cu; at head dims over 64 it also splits
+/// by passes): the fewest keys from which it takes several splits, and the fewest each takes (a
+/// power of two: the kernel shifts by it, so no division precedes its first loads).
+/// A split costs a merge (a counter, then the last block's pass over the partials) and, where
+/// the grid's heads already hold many multiprocessors, the ones the next kernel's blocks (the o
+/// projection's) would have launched on early to request their weights; it spreads a row's K/V
+/// over more multiprocessors. At head dim 64 (passes of 256 keys) splits take 128 keys or more,
+/// from 512 keys, but a crowded grid splits a row only from four passes over f32 caches, from
+/// five over f16 (whose passes cost less); elsewhere splits take 256 keys, from 512. H100, decode
+/// of 64 or 128 tokens after N. 2026-11-28, split from 512 keys before → after, the Llama-3.2-1B
+/// shape (32 heads) with f32 caches after 512 and 640 tokens +5.0% / +4.6%, after 768 and 896
+/// unsplit −1.3% / −0.7%; with f16 caches +7.6% / +8.9% after 512 / 640, unsplit +5.0% / +4.4%
+/// after 768 / 896; SmolLM2 (9 heads) unsplit: +1.9% after 512 but −2.1% after 640 and −11% after
+/// 768. Then splits of 128 keys instead of 256 at head dim 64, in grids as before: SmolLM2 +7.1%
+/// / +5.2% after 512 / 1,024 tokens (±0 after 16, 128 and 2,048), the 1B +2.8% after 768. (Grids
+/// of a split for every 128 keys as well, up to 14 a head for SmolLM2, cost it 0.7% after 16
+/// tokens: blocks that exit at once still take SMs from the next kernel.)
+fn decode_splitting(blocks: usize, sm_count: usize, hc: usize, cache: DType) -> (usize, usize) {
+    let split_keys = if hc == 2 {
+        DECODE_MIN_SPLIT_KEYS / 2
+    } else {
+        DECODE_MIN_SPLIT_KEYS
     };
-    passes * decode_pass_keys(hc) + 1
+    let crowded = hc == 2 && blocks * CROWDED_SMS > sm_count;
+    let split_min_keys = match (crowded, cache) {
+        (false, _) => 2 * DECODE_MIN_SPLIT_KEYS,
+        (true, DType::F16) => 4 * decode_pass_keys(hc) + 1,
+        (true, _) => 3 * decode_pass_keys(hc) + 1,
+    };
+    (split_min_keys, split_keys)
 }
 
 /// Whether one decode row takes the tensor-core kernel (flash_decode.cu): f16 caches, head dim
@@ -531,15 +543,15 @@ fn flash_decode_min_keys(hd: usize) -> usize {
 
 /// Launches decode kernel `name` of `source` on `grid` of `threads`, with the scratch of its
 /// split partials, `partial_bytes`, and `counters` merge counters (zeroed here, reset by the
-/// merging block) when the grid has several splits, and the fewest keys a row splits from
-/// (`split_min_keys`: attn_decode's; the tensor-core kernel takes and ignores it).
+/// merging block) when the grid has several splits, and how a row splits (`decode_splitting`:
+/// attn_decode's; the tensor-core kernel takes and ignores it).
 fn launch_decode(
     lib: &KernelLibrary,
     (source, name): (&'static Source, &str),
     (grid, threads): ((u32, u32, u32), u32),
     shape: &Shape,
     operands: DecodeOperands,
-    ((partial_bytes, counters), split_min_keys): ((usize, usize), usize),
+    ((partial_bytes, counters), (split_min_keys, split_keys)): ((usize, usize), (usize, usize)),
 ) -> Result<(Launch, Option<CudaSlice<u8>>)> {
     let (scratch, partial, counters) = match grid.1 {
         1 => (None, 0, 0),
@@ -587,7 +599,8 @@ fn launch_decode(
         .f32(shape.scale)
         .int(shape.window)?
         .f32(shape.softcap)
-        .int(split_min_keys)?;
+        .int(split_min_keys)?
+        .code(split_keys.trailing_zeros() as i32);
     let launch = lib.launch(source, name, grid, threads, 0, args)?;
     Ok((launch, scratch))
 }
@@ -613,7 +626,7 @@ fn flash_decode(
         (grid, threads),
         shape,
         operands,
-        (scratch, 0),
+        (scratch, (0, 0)),
     )
 }
 
@@ -683,22 +696,23 @@ mod tests {
     }
 
     /// Rows of a decode grid of many heads at head dim 64 split from four passes (f32 caches)
-    /// or five (f16); grids of few heads, and other head dims, from 512 keys.
+    /// or five (f16); grids of few heads, and other head dims, from 512 keys. Splits take 128
+    /// keys at head dim 64, 256 elsewhere.
     #[test]
     fn crowded_decode_grids_split_later() {
         let sms = 132;
-        for (blocks, hc, cache, keys) in [
-            (32, 2, DType::F32, 769),  // Llama-3.2-1B
-            (32, 2, DType::F16, 1025), // its f16 caches
-            (16, 2, DType::F32, 512),  // 16 · 8 ≤ 132: not crowded
-            (17, 2, DType::F32, 769),
-            (9, 2, DType::F32, 512), // SmolLM2
-            (32, 4, DType::F16, 512),
-            (32, 1, DType::F32, 512),
+        for (blocks, hc, cache, splitting) in [
+            (32, 2, DType::F32, (769, 128)),  // Llama-3.2-1B
+            (32, 2, DType::F16, (1025, 128)), // its f16 caches
+            (16, 2, DType::F32, (512, 128)),  // 16 · 8 ≤ 132: not crowded
+            (17, 2, DType::F32, (769, 128)),
+            (9, 2, DType::F32, (512, 128)), // SmolLM2
+            (32, 4, DType::F16, (512, 256)),
+            (32, 1, DType::F32, (512, 256)),
         ] {
             assert_eq!(
-                decode_split_min_keys(blocks, sms, hc, cache),
-                keys,
+                decode_splitting(blocks, sms, hc, cache),
+                splitting,
                 "{blocks} blocks, {hc} dims a lane, {cache} caches"
             );
         }
@@ -710,7 +724,6 @@ mod tests {
     fn planner_constants_match_the_kernel() {
         for (name, value) in [
             ("DEC_MAX_ROWS", DECODE_MAX_ROWS),
-            ("DEC_MIN_SPLIT_KEYS", DECODE_MIN_SPLIT_KEYS),
             ("DEC_PASS_SPLIT_MIN_HC", DECODE_PASS_SPLIT_MIN_HC),
             ("DEC_WARPS", DECODE_THREADS as usize / 32),
         ] {
