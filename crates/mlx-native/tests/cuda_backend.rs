@@ -1704,9 +1704,9 @@ fn attention_matches_reference() {
         attn_case((2, 8, 2, 128, 8192, 7000, None, Some(30.0))),
         attn_case((1, 6, 2, 50, 1000, 900, None, None)),
         attn_case((1, 4, 2, 200, 600, 550, None, None)),
-        // More active splits (23) than the merging block reads at a time (16).
+        // More active splits (32) than the merging block reads at a time (16).
         attn_case((1, 2, 1, 64, 8192, 6000, None, None)),
-        // A grid of many heads at head dim 64 (attention.rs's `decode_split_min_keys`): a row of
+        // A grid of many heads at head dim 64 (attention.rs's `decode_splitting`): a row of
         // 701 keys unsplit (three passes); one of 901 split over f32 caches, unsplit (four
         // passes) over f16 ones.
         attn_case((1, 32, 8, 64, 1200, 700, None, None)),

@@ -548,9 +548,9 @@ impl Decoder {
     /// attention a widening: f16 gains only on long rows, which the tensor-core decode kernel
     /// takes. H100, f16 against f32 caches, decode of 256 tokens after N: 2026-11-27,
     /// Qwen3-0.6B (head dim 128) +7.9% and Gemma-3-1B (256) +2.0% after 1,024, the 8B +8.9%
-    /// after 2,048; 2026-11-28 (thirty-first session), head dim 64: the Llama-3.2-1B shape −0.6%
-    /// after 128, −0.7% after 512, +4.6% after 1,024, +9.4% after 2,048; SmolLM2 −1.0% after 128 (below
-    /// its 3,000 tok/s), −2.9% after 512, +3.0% after 1,024, ±0 after 2,048.
+    /// after 2,048; 2026-11-28 (thirty-first session), head dim 64: the Llama-3.2-1B shape
+    /// −0.6% after 128, −0.7% after 512, +4.6% after 1,024, +9.4% after 2,048; SmolLM2 −1.0%
+    /// after 128 (below its 3,000 tok/s), −2.9% after 512, +3.0% after 1,024, ±0 after 2,048.
     pub fn default_kv_dtype(&self) -> DType {
         match self.float_dtype {
             DType::F32 => DType::F32,
