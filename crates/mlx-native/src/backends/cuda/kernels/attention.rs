@@ -60,9 +60,8 @@ const FLASH_THREADS: u32 = 128;
 const FLASH_HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
 /// Head dims are covered in chunks of 32 lanes; kernels exist for up to 8 chunks.
 const MAX_HEAD_DIM: usize = 256;
-/// Keys of cache a decode grid holds a split for (`decode`), the fewest keys a split takes
-/// (`decode_splitting`; at head dim 64, half that), and most splits (a bound on the partials'
-/// scratch).
+/// Keys a decode split takes, and keys of cache a grid holds a split for (`decode_splitting`:
+/// at head dim 64 a split takes half that), and most splits (a bound on the partials' scratch).
 const DECODE_MIN_SPLIT_KEYS: usize = 256;
 const MAX_SPLITS: usize = 128;
 /// The tensor-core decode kernel's head dims, largest group, threads (FD_WARPS·32) and fewest
@@ -452,19 +451,10 @@ fn decode(
     // than the cache can fill; at run time a row uses as many as its keys fill
     // (`active_splits`, attention.cu). H100, 2026-11-26: ceil(keys / 512) splits instead lost
     // 3% on the 1B shape after 1,024 tokens (3 splits, 96 blocks on 132 SMs).
-    // Splits of one pass where the kernel takes them (`active_splits`), else of
-    // DECODE_MIN_SPLIT_KEYS.
     let hc = shape.head_dim.div_ceil(32);
-    let split_keys = if hc >= DECODE_PASS_SPLIT_MIN_HC {
-        decode_pass_keys(hc)
-    } else {
-        DECODE_MIN_SPLIT_KEYS
-    };
     let blocks = shape.n_heads * rows;
-    let splits = (lib.sm_count() / blocks.max(1))
-        .min(capacity / split_keys)
-        .clamp(1, MAX_SPLITS);
     let splitting = decode_splitting(blocks, lib.sm_count(), hc, k_cache.dtype());
+    let splits = splitting.grid(lib.sm_count(), blocks, capacity);
     // Partials, then a merge counter per (row, head).
     let partial_bytes = rows * shape.n_heads * splits * (shape.head_dim + 2) * 4;
     let name = format!("attn_decode_{hc}");
@@ -484,10 +474,28 @@ fn decode(
 /// (`decode_splitting`).
 const CROWDED_SMS: usize = 8;
 
-/// How a decode row splits (`active_splits` in attention.cu; at head dims over 64 it also splits
-/// by passes): the fewest keys from which it takes several splits, and the fewest each takes (a
-/// power of two: the kernel shifts by it, so no division precedes its first loads).
-/// A split costs a merge (a counter, then the last block's pass over the partials) and, where
+/// How a decode kernel splits rows over blocks: the grid holds a split (up to a wave of
+/// blocks) for every `grid_keys` of cache, and at run time a row of `min_keys` keys or more
+/// takes one for every `keys` (a power of two: attn_decode shifts by it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Splitting {
+    grid_keys: usize,
+    min_keys: usize,
+    keys: usize,
+}
+
+impl Splitting {
+    /// Splits of the grid: one wave of `blocks`-block groups, no more than the cache fills.
+    fn grid(&self, sm_count: usize, blocks: usize, capacity: usize) -> usize {
+        (sm_count / blocks.max(1))
+            .min(capacity / self.grid_keys)
+            .clamp(1, MAX_SPLITS)
+    }
+}
+
+/// How attn_decode splits a row (`active_splits` in attention.cu; at head dims over 64 it also
+/// splits by passes, and its grid holds a split for every pass of cache; the shift, not a
+/// division, keeps the kernel's first loads early). A split costs a merge (a counter, then the last block's pass over the partials) and, where
 /// the grid's heads already hold many multiprocessors, the ones the next kernel's blocks (the o
 /// projection's) would have launched on early to request their weights; it spreads a row's K/V
 /// over more multiprocessors. At head dim 64 (passes of 256 keys) splits take 128 keys or more,
@@ -501,19 +509,28 @@ const CROWDED_SMS: usize = 8;
 /// / +5.2% after 512 / 1,024 tokens (±0 after 16, 128 and 2,048), the 1B +2.8% after 768. (Grids
 /// of a split for every 128 keys as well, up to 14 a head for SmolLM2, cost it 0.7% after 16
 /// tokens: blocks that exit at once still take SMs from the next kernel.)
-fn decode_splitting(blocks: usize, sm_count: usize, hc: usize, cache: DType) -> (usize, usize) {
-    let split_keys = if hc == 2 {
+fn decode_splitting(blocks: usize, sm_count: usize, hc: usize, cache: DType) -> Splitting {
+    let grid_keys = if hc >= DECODE_PASS_SPLIT_MIN_HC {
+        decode_pass_keys(hc)
+    } else {
+        DECODE_MIN_SPLIT_KEYS
+    };
+    let keys = if hc == 2 {
         DECODE_MIN_SPLIT_KEYS / 2
     } else {
         DECODE_MIN_SPLIT_KEYS
     };
     let crowded = hc == 2 && blocks * CROWDED_SMS > sm_count;
-    let split_min_keys = match (crowded, cache) {
+    let min_keys = match (crowded, cache) {
         (false, _) => 2 * DECODE_MIN_SPLIT_KEYS,
         (true, DType::F16) => 4 * decode_pass_keys(hc) + 1,
         (true, _) => 3 * decode_pass_keys(hc) + 1,
     };
-    (split_min_keys, split_keys)
+    Splitting {
+        grid_keys,
+        min_keys,
+        keys,
+    }
 }
 
 /// Whether one decode row takes the tensor-core kernel (flash_decode.cu): f16 caches, head dim
@@ -543,15 +560,16 @@ fn flash_decode_min_keys(hd: usize) -> usize {
 
 /// Launches decode kernel `name` of `source` on `grid` of `threads`, with the scratch of its
 /// split partials, `partial_bytes`, and `counters` merge counters (zeroed here, reset by the
-/// merging block) when the grid has several splits, and how a row splits (`decode_splitting`:
-/// attn_decode's; the tensor-core kernel takes and ignores it).
+/// merging block) when the grid has several splits, and how a row splits (attn_decode's; the
+/// tensor-core kernel takes the same arguments and splits by FD_MIN_SPLIT_KEYS itself, the
+/// rule its planner passes).
 fn launch_decode(
     lib: &KernelLibrary,
     (source, name): (&'static Source, &str),
     (grid, threads): ((u32, u32, u32), u32),
     shape: &Shape,
     operands: DecodeOperands,
-    ((partial_bytes, counters), (split_min_keys, split_keys)): ((usize, usize), (usize, usize)),
+    ((partial_bytes, counters), splitting): ((usize, usize), Splitting),
 ) -> Result<(Launch, Option<CudaSlice<u8>>)> {
     let (scratch, partial, counters) = match grid.1 {
         1 => (None, 0, 0),
@@ -599,8 +617,8 @@ fn launch_decode(
         .f32(shape.scale)
         .int(shape.window)?
         .f32(shape.softcap)
-        .int(split_min_keys)?
-        .code(split_keys.trailing_zeros() as i32);
+        .int(splitting.min_keys)?
+        .code(splitting.keys.trailing_zeros() as i32);
     let launch = lib.launch(source, name, grid, threads, 0, args)?;
     Ok((launch, scratch))
 }
@@ -613,9 +631,13 @@ fn flash_decode(
     operands: DecodeOperands,
 ) -> Result<(Launch, Option<CudaSlice<u8>>)> {
     let n_kv = shape.n_heads / shape.group;
-    let splits = (lib.sm_count() / n_kv.max(1))
-        .min(operands.capacity() / FLASH_DECODE_MIN_SPLIT_KEYS)
-        .clamp(1, MAX_SPLITS);
+    // Every row splits, into one split for each FLASH_DECODE_MIN_SPLIT_KEYS.
+    let splitting = Splitting {
+        grid_keys: FLASH_DECODE_MIN_SPLIT_KEYS,
+        min_keys: 0,
+        keys: FLASH_DECODE_MIN_SPLIT_KEYS,
+    };
+    let splits = splitting.grid(lib.sm_count(), n_kv, operands.capacity());
     let name = format!("attn_flash_decode_{}", shape.head_dim);
     let grid = (dim(n_kv)?, dim(splits)?, 1);
     let scratch = (shape.n_heads * splits * (shape.head_dim + 2) * 4, n_kv);
@@ -626,7 +648,7 @@ fn flash_decode(
         (grid, threads),
         shape,
         operands,
-        (scratch, (0, 1)), // attn_decode's splitting: this kernel ignores it
+        (scratch, splitting),
     )
 }
 
@@ -697,25 +719,37 @@ mod tests {
 
     /// Rows of a decode grid of many heads at head dim 64 split from four passes (f32 caches)
     /// or five (f16); grids of few heads, and other head dims, from 512 keys. Splits take 128
-    /// keys at head dim 64, 256 elsewhere.
+    /// keys at head dim 64, 256 elsewhere; grids hold a split for every 256 keys of cache (a
+    /// pass of 128 at head dim 128).
     #[test]
     fn crowded_decode_grids_split_later() {
         let sms = 132;
-        for (blocks, hc, cache, splitting) in [
-            (32, 2, DType::F32, (769, 128)),  // Llama-3.2-1B
-            (32, 2, DType::F16, (1025, 128)), // its f16 caches
-            (16, 2, DType::F32, (512, 128)),  // 16 · 8 ≤ 132: not crowded
-            (17, 2, DType::F32, (769, 128)),
-            (9, 2, DType::F32, (512, 128)), // SmolLM2
-            (32, 4, DType::F16, (512, 256)),
-            (32, 1, DType::F32, (512, 256)),
+        for (blocks, hc, cache, (grid_keys, min_keys, keys)) in [
+            (32, 2, DType::F32, (256, 769, 128)),  // Llama-3.2-1B
+            (32, 2, DType::F16, (256, 1025, 128)), // its f16 caches
+            (16, 2, DType::F32, (256, 512, 128)),  // 16 · 8 ≤ 132: not crowded
+            (17, 2, DType::F32, (256, 769, 128)),
+            (9, 2, DType::F32, (256, 512, 128)), // SmolLM2
+            (32, 4, DType::F16, (128, 512, 256)),
+            (32, 1, DType::F32, (256, 512, 256)),
         ] {
+            let want = Splitting {
+                grid_keys,
+                min_keys,
+                keys,
+            };
             assert_eq!(
                 decode_splitting(blocks, sms, hc, cache),
-                splitting,
+                want,
                 "{blocks} blocks, {hc} dims a lane, {cache} caches"
             );
         }
+        // The 1B's grid: 4 splits a head on 132 SMs once the cache holds 1,024 keys.
+        let one_b = decode_splitting(32, sms, 2, DType::F32);
+        assert_eq!(
+            (one_b.grid(sms, 32, 4096), one_b.grid(sms, 32, 600)),
+            (4, 2)
+        );
     }
 
     /// The decode kernel's shared-memory buffers and split rule are sized by constants of

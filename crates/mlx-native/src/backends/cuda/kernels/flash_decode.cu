@@ -361,7 +361,7 @@ __device__ __forceinline__ void flash_decode(const float* __restrict__ q, const 
 }
 
 // attn_decode's parameters (n_heads and hd unused: HD is the kernel's; split_min_keys and
-// split_shift too: rows reach this kernel long, and split by FD_MIN_SPLIT_KEYS).
+// split_shift too: every row splits by FD_MIN_SPLIT_KEYS, the rule the planner passes).
 #define FLASH_DECODE(HD)                                                                        \
     extern "C" __global__ void __launch_bounds__(FD_WARPS * 32, 1)                              \
         attn_flash_decode_##HD(DECODE_PARAMS) {                                                 \
