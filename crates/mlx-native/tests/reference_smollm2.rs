@@ -15,21 +15,39 @@ use mlx_native::{DType, Device, SamplingParams};
 
 /// Largest |ours − mlx-lm (float16)| allowed on a reference top-20 logit.
 const LOGIT_TOLERANCE_F16: f32 = 1.5;
-/// Largest |ours − mlx-lm run in float32| (fixture made by tools/mlx_reference_f32.py).
-const LOGIT_TOLERANCE_F32: f32 = 1e-3;
-/// The same with f16 KV caches (the model's default, as mlx-lm keeps them for this f16 model):
-/// each cached key and value rounded to f16 (unit roundoff 2^−11) moves the logits by up to
-/// 1.72e-2 from the float32 run (2026-11-27; the float16 run stays 1.29 away).
-const LOGIT_TOLERANCE_F32_KV_F16: f32 = 2.5e-2;
-/// The same on the CUDA backend, which multiplies f16 operands on tensor cores (unit roundoff
-/// 2^−11, f32 accumulation) in prefill (matmuls from 17 rows, attention from 5) and in the
-/// decode matvecs of MLX 4/8-bit matrices from 2^18 weights (here all of them): logits move by
-/// up to 4.7e-2 (H100, 2026-11-27; 2.6e-2 with only the lm head on tensor cores, 1.26e-2 with
-/// f32 decode matvecs; the f32 SIMT kernels alone stay within 5e-3), still over twenty times
-/// below mlx-lm's own float16 run (1.3; LOGIT_TOLERANCE_F16).
-/// With f16 KV caches the CUDA run stays within it: 6.75e-2 (6.37e-2 with f32 caches; H100,
-/// 2026-11-27).
-const LOGIT_TOLERANCE_F32_CUDA: f32 = 8e-2;
+
+/// How far a run's top-20 logits may lie from mlx-lm run in float32 (fixture made by
+/// tools/mlx_reference_f32.py): the largest difference over all 1,440 entries, and their mean.
+struct Tolerance {
+    max: f32,
+    mean: f32,
+}
+
+/// The CPU backend with f32 KV caches: 8.0e-5 at most, 1.4e-5 on average (2026-11-28).
+const CPU_F32: Tolerance = Tolerance {
+    max: 1e-3,
+    mean: 1e-4,
+};
+/// With f16 KV caches (mlx-lm keeps this f16 model's caches in f16): each cached key and value
+/// rounded to f16 (unit roundoff 2^−11) moves the logits by up to 1.72e-2, 2.9e-3 on average
+/// (2026-11-28; the float16 run stays 1.29 away).
+const CPU_KV_F16: Tolerance = Tolerance {
+    max: 2.5e-2,
+    mean: 6e-3,
+};
+/// The CUDA backend multiplies f16 operands on tensor cores (unit roundoff 2^−11, f32
+/// accumulation) in prefill (matmuls from 17 rows, attention from 5) and in the decode matvecs
+/// of MLX 4/8-bit matrices from 2^18 weights (here all of them). On average that moves a logit
+/// by 8.4e-3 to 8.6e-3 with f32 caches and 1.0e-2 with f16 (H100, 2026-11-28): the tight check.
+/// The largest difference is a tail over 1,440 entries that moves with any change of f32
+/// rounding elsewhere (FMA contraction, summation order), which flips some of the f16
+/// roundings: with f32 caches 6.4e-2 at fed5d3b, 7.7e-2 at 1d361f9 and 8.9e-2 with 1d361f9's
+/// kernels compiled with -fmad=false (f16 caches 6.7e-2 to 7.5e-2). Its bound stays eight
+/// times below mlx-lm's own float16 run (1.3; LOGIT_TOLERANCE_F16).
+const CUDA: Tolerance = Tolerance {
+    max: 0.15,
+    mean: 2e-2,
+};
 /// Steps whose reference top-2 gap is below this may pick either token.
 const NEAR_TIE: f32 = 0.05;
 
@@ -148,12 +166,12 @@ fn prompt_ids_match_mlx_lm() {
 
 #[test]
 fn logits_match_mlx_lm_teacher_forced() {
-    check_logits(&Device::cpu(), DType::F32, LOGIT_TOLERANCE_F32);
+    check_logits(&Device::cpu(), DType::F32, CPU_F32);
 }
 
 #[test]
 fn logits_with_f16_kv_caches_match_mlx_lm_teacher_forced() {
-    check_logits(&Device::cpu(), DType::F16, LOGIT_TOLERANCE_F32_KV_F16);
+    check_logits(&Device::cpu(), DType::F16, CPU_KV_F16);
 }
 
 /// The GPU runs the same model within a small tolerance of the CPU and mlx-lm (reductions
@@ -162,18 +180,19 @@ fn logits_with_f16_kv_caches_match_mlx_lm_teacher_forced() {
 fn cuda_logits_match_mlx_lm_teacher_forced() {
     if let Some(device) = cuda() {
         for kv in [DType::F32, DType::F16] {
-            check_logits(&device, kv, LOGIT_TOLERANCE_F32_CUDA);
+            check_logits(&device, kv, CUDA);
         }
     }
 }
 
-/// Teacher-forced logits with KV caches in `kv` against both mlx-lm runs.
-fn check_logits(device: &Device, kv: DType, tolerance_f32: f32) {
+/// Teacher-forced logits with KV caches in `kv` against both mlx-lm runs: each top-20 logit
+/// within LOGIT_TOLERANCE_F16 of the float16 run, and `tolerance` of the float32 run.
+fn check_logits(device: &Device, kv: DType, tolerance: Tolerance) {
     let loaded = load_on(device);
     let mut session = Session::with_kv_dtype(loaded.model, device, 128, kv).unwrap();
     assert_eq!((session.kv_dtype(), session.capacity()), (kv, 128));
     let greedy = SamplingParams::default();
-    let (mut worst_f16, mut worst_f32) = (0f32, 0f32);
+    let (mut from_f16, mut from_f32) = (Differences::default(), Differences::default());
     for case in cases() {
         let n = case.prompt_ids.len();
         session.prefill(&case.prompt_ids, greedy).unwrap();
@@ -184,31 +203,64 @@ fn check_logits(device: &Device, kv: DType, tolerance_f32: f32) {
                     .unwrap();
             }
             let logits = session.logits().unwrap();
-            for (refs, tol, worst) in [
-                (top, LOGIT_TOLERANCE_F16, &mut worst_f16),
-                (&case.top20_f32[step], tolerance_f32, &mut worst_f32),
-            ] {
-                for &(id, want) in refs {
-                    let err = (logits[id as usize] - want).abs();
-                    *worst = worst.max(err);
-                    assert!(
-                        err <= tol,
-                        "{:?} step {step}: token {id} logit {} vs mlx-lm {want}",
-                        case.prompt,
-                        logits[id as usize]
-                    );
-                }
-            }
+            let at = format!("{:?} step {step}", case.prompt);
+            from_f16.add(&logits, top, &at);
+            from_f32.add(&logits, &case.top20_f32[step], &at);
             let gap = top[0].1 - top[1].1;
             if gap >= NEAR_TIE {
-                assert_eq!(argmax(&logits), top[0].0, "{:?} step {step}", case.prompt);
+                assert_eq!(argmax(&logits), top[0].0, "{at}");
             }
         }
     }
+    // Printed before any assertion, so that a failing run still reports where it stands.
     println!(
-        "{kv} KV caches: max |logit - mlx-lm| over all top-20 entries: float16 run {worst_f16}, \
-         float32 run {worst_f32}"
+        "{kv} KV caches: |logit - mlx-lm| over all top-20 entries: float16 run max {}, \
+         float32 run max {} (mean {:.2e} over {})",
+        from_f16.max,
+        from_f32.max,
+        from_f32.mean(),
+        from_f32.count
     );
+    assert!(from_f16.max <= LOGIT_TOLERANCE_F16, "{}", from_f16.worst);
+    assert!(from_f32.max <= tolerance.max, "{}", from_f32.worst);
+    assert!(
+        from_f32.mean() <= tolerance.mean,
+        "mean |logit - mlx-lm float32| {:.3e} over {} entries",
+        from_f32.mean(),
+        from_f32.count
+    );
+}
+
+/// |ours − reference| over reference logits: the largest (and where), the sum and count.
+#[derive(Default)]
+struct Differences {
+    max: f32,
+    worst: String,
+    sum: f64,
+    count: usize,
+}
+
+impl Differences {
+    fn add(&mut self, logits: &[f32], refs: &[(u32, f32)], at: &str) {
+        for &(id, want) in refs {
+            let got = logits[id as usize];
+            // A NaN logit counts as infinitely far (max() and comparisons would skip it).
+            let err = match (got - want).abs() {
+                e if e.is_nan() => f32::INFINITY,
+                e => e,
+            };
+            if err > self.max {
+                self.max = err;
+                self.worst = format!("{at}: token {id} logit {got} vs mlx-lm {want}");
+            }
+            self.sum += err as f64;
+            self.count += 1;
+        }
+    }
+
+    fn mean(&self) -> f32 {
+        (self.sum / self.count.max(1) as f64) as f32
+    }
 }
 
 #[test]
