@@ -5,8 +5,10 @@
 //! mlx-lm computes in float16 (the checkpoint's scales are f16), this crate in float32, so
 //! logits differ by the accumulated f16 rounding of 30 layers: up to 1.29 on these cases
 //! (2026-11-25). Against mlx-lm run in float32 on the same weights the largest difference is
-//! 1.1e-4, which is the real check of the implementation. Where the f16 reference's top two
-//! logits are nearly tied, the other token is a legitimate greedy pick.
+//! 8.0e-5 (2026-11-28), which is the real check of the implementation. A greedy pick is
+//! legitimate wherever the float32 run ranks it within the run's tolerance of its best
+//! (`within_reach`): where mlx-lm's two runs order nearly tied tokens differently, ours may
+//! follow either.
 
 use std::path::PathBuf;
 
@@ -49,8 +51,6 @@ const CUDA: Tolerance = Tolerance {
     max: 0.15,
     mean: 2e-2,
 };
-/// Steps whose reference top-2 gap is below this may pick either token.
-const NEAR_TIE: f32 = 0.05;
 
 /// `../shared` beside the checkout, or `$MLXN_SHARED_DIR` (e.g. on a GPU machine).
 fn shared() -> PathBuf {
@@ -187,7 +187,8 @@ fn cuda_logits_match_mlx_lm_teacher_forced() {
 }
 
 /// Teacher-forced logits with KV caches in `kv` against both mlx-lm runs: each top-20 logit
-/// within LOGIT_TOLERANCE_F16 of the float16 run, and `tolerance` of the float32 run.
+/// within LOGIT_TOLERANCE_F16 of the float16 run and `tolerance` of the float32 run, and the
+/// argmax within reach of the float32 run's best.
 fn check_logits(device: &Device, kv: DType, tolerance: Tolerance) {
     let loaded = load_on(device);
     let mut session = Session::with_kv_dtype(loaded.model, device, 128, kv).unwrap();
@@ -207,10 +208,11 @@ fn check_logits(device: &Device, kv: DType, tolerance: Tolerance) {
             let at = format!("{:?} step {step}", case.prompt);
             from_f16.add(&logits, top, &at);
             from_f32.add(&logits, &case.top20_f32[step], &at);
-            let gap = top[0].1 - top[1].1;
-            if gap >= NEAR_TIE {
-                assert_eq!(argmax(&logits), top[0].0, "{at}");
-            }
+            let ours = argmax(&logits);
+            assert!(
+                within_reach(&case.top20_f32[step], ours, &tolerance),
+                "{at}: our argmax {ours} is out of the float32 run's reach"
+            );
         }
     }
     // Printed before the tolerance checks, so that a failing run still reports where it stands.
@@ -266,13 +268,13 @@ impl Differences {
 
 #[test]
 fn greedy_decode_matches_mlx_lm_token_for_token() {
-    check_greedy(&Device::cpu());
+    check_greedy(&Device::cpu(), CPU_F32);
 }
 
 #[test]
 fn cuda_greedy_decode_matches_mlx_lm_token_for_token() {
     if let Some(device) = cuda() {
-        check_greedy(&device);
+        check_greedy(&device, CUDA);
     }
 }
 
@@ -320,7 +322,21 @@ fn check_stop_then_next(device: &Device) {
     assert_eq!(ids, next);
 }
 
-fn check_greedy(device: &Device) {
+/// Whether the float32 run's listed logits (`refs_f32`) put `token` within reach of their best
+/// for a run `tolerance` away: at most twice its largest allowed difference below it (each of
+/// the two logits may be off by that much).
+fn within_reach(refs_f32: &[(u32, f32)], token: u32, tolerance: &Tolerance) -> bool {
+    let best = refs_f32
+        .iter()
+        .map(|&(_, l)| l)
+        .fold(f32::NEG_INFINITY, f32::max);
+    refs_f32
+        .iter()
+        .any(|&(id, l)| id == token && l >= best - 2.0 * tolerance.max)
+}
+
+/// Free-running greedy decodes (the model's default KV caches, f32 here) against mlx-lm's.
+fn check_greedy(device: &Device, tolerance: Tolerance) {
     let loaded = load_on(device);
     let stop_ids = loaded.stop_ids.clone();
     let mut session = Session::new(loaded.model, device, 128).unwrap();
@@ -332,22 +348,23 @@ fn check_greedy(device: &Device) {
             use_graph: true,
         };
         let (ids, _) = session.generate(&case.prompt_ids, &opts, |_| true).unwrap();
-        // Identical up to the end, or up to a near-tie step where we took the other token.
+        // Identical up to the end, or up to a step where we took another token that the
+        // float32 run ranks within reach of its best (the sequences part there).
         let first_diff = ids.iter().zip(&case.greedy_ids).position(|(a, b)| a != b);
         match first_diff {
             None => assert_eq!(ids, case.greedy_ids, "{:?}", case.prompt),
             Some(step) => {
-                let top = &case.top20[step];
                 assert!(
-                    top[0].1 - top[1].1 < NEAR_TIE && ids[step] == top[1].0,
-                    "{:?}: diverged at step {step} (ours {}, mlx-lm {}) without a near tie",
+                    within_reach(&case.top20_f32[step], ids[step], &tolerance),
+                    "{:?}: diverged at step {step} (ours {}, mlx-lm {}) to a token out of the \
+                     float32 run's reach",
                     case.prompt,
                     ids[step],
                     case.greedy_ids[step]
                 );
                 println!(
-                    "{:?}: near tie at step {step}, took the runner-up",
-                    case.prompt
+                    "{:?}: at step {step} took {} where mlx-lm's float16 run took {}",
+                    case.prompt, ids[step], case.greedy_ids[step]
                 );
             }
         }
