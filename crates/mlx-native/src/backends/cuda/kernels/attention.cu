@@ -61,6 +61,13 @@ __host__ __device__ constexpr int dec_keys(int hc) {
 
 #define DEC_PASS_SPLIT_MIN_HC 3  // DECODE_PASS_SPLIT_MIN_HC in attention.rs
 
+// The decode kernels' split rule by key count, the planner's (`Splitting` in attention.rs):
+// from `split_min_keys` keys one split for each 2^`split_shift` (a shift: no division before
+// the first loads), else one.
+__device__ __forceinline__ int splits_by_keys(int keys, int split_min_keys, int split_shift) {
+    return keys >= split_min_keys ? keys >> split_shift : 1;
+}
+
 // Splits a row's `keys` take: from `split_min_keys` keys one for each 2^`split_shift` (the
 // planner's `decode_splitting`), and for head dims over 64
 // (where a pass takes DEC_WARPS·8 or ·4 keys) one a pass wherever a head would take three
@@ -75,8 +82,7 @@ __device__ __forceinline__ int active_splits(int keys, int n_splits, int split_m
     constexpr int PASS = DEC_WARPS * dec_keys(HC);
     const int passes = (keys + PASS - 1) / PASS;
     const int by_pass = HC >= DEC_PASS_SPLIT_MIN_HC && passes >= 3 ? passes : 1;
-    const int by_keys = keys >= split_min_keys ? keys >> split_shift : 1;
-    return max(1, min(n_splits, max(by_keys, by_pass)));
+    return max(1, min(n_splits, max(splits_by_keys(keys, split_min_keys, split_shift), by_pass)));
 }
 
 // A step of `warp_scores`' butterfly: lanes with bit O set keep rows j + O of each pair

@@ -64,8 +64,8 @@ const MAX_HEAD_DIM: usize = 256;
 /// at head dim 64 a split takes half that), and most splits (a bound on the partials' scratch).
 const DECODE_MIN_SPLIT_KEYS: usize = 256;
 const MAX_SPLITS: usize = 128;
-/// The tensor-core decode kernel's head dims, largest group, threads (FD_WARPS·32) and fewest
-/// keys a split (FD_MAX_GROUP, FD_MIN_SPLIT_KEYS in flash_decode.cu).
+/// The tensor-core decode kernel's head dims, largest group (FD_MAX_GROUP in flash_decode.cu),
+/// threads (FD_WARPS·32) and keys a split (its planner's rule, passed to the kernel).
 const FLASH_DECODE_HEAD_DIMS: [usize; 2] = [64, 128];
 const FLASH_DECODE_MAX_GROUP: usize = 8;
 const FLASH_DECODE_THREADS: u32 = 256;
@@ -495,20 +495,23 @@ impl Splitting {
 
 /// How attn_decode splits a row (`active_splits` in attention.cu; at head dims over 64 it also
 /// splits by passes, and its grid holds a split for every pass of cache; the shift, not a
-/// division, keeps the kernel's first loads early). A split costs a merge (a counter, then the last block's pass over the partials) and, where
-/// the grid's heads already hold many multiprocessors, the ones the next kernel's blocks (the o
-/// projection's) would have launched on early to request their weights; it spreads a row's K/V
-/// over more multiprocessors. At head dim 64 (passes of 256 keys) splits take 128 keys or more,
-/// from 512 keys, but a crowded grid splits a row only from four passes over f32 caches, from
-/// five over f16 (whose passes cost less); elsewhere splits take 256 keys, from 512. H100, decode
-/// of 64 or 128 tokens after N. 2026-11-28, split from 512 keys before → after, the Llama-3.2-1B
-/// shape (32 heads) with f32 caches after 512 and 640 tokens +5.0% / +4.6%, after 768 and 896
-/// unsplit −1.3% / −0.7%; with f16 caches +7.6% / +8.9% after 512 / 640, unsplit +5.0% / +4.4%
-/// after 768 / 896; SmolLM2 (9 heads) unsplit: +1.9% after 512 but −2.1% after 640 and −11% after
-/// 768. Then splits of 128 keys instead of 256 at head dim 64, in grids as before: SmolLM2 +7.1%
-/// / +5.2% after 512 / 1,024 tokens (±0 after 16, 128 and 2,048), the 1B +2.8% after 768. (Grids
-/// of a split for every 128 keys as well, up to 14 a head for SmolLM2, cost it 0.7% after 16
-/// tokens: blocks that exit at once still take SMs from the next kernel.)
+/// division, keeps the kernel's first loads early). A split costs a merge (a counter, then the
+/// last block's pass over the partials) and, where the grid's heads already hold many
+/// multiprocessors, the ones the next kernel's blocks (the o projection's) would have launched
+/// on early to request their weights; it spreads a row's K/V over more multiprocessors. At head
+/// dim 64 (passes of 256 keys) splits take 128 keys or more, from 512 keys, but a crowded grid
+/// splits a row only from four passes over f32 caches, from five over f16 (whose passes cost
+/// less); elsewhere splits take 256 keys, from 512. H100, decode of 64 or 128 tokens after N.
+/// 2026-11-28, split from 512 keys before → after, the Llama-3.2-1B shape (32 heads) with f32
+/// caches after 512 and 640 tokens +5.0% / +4.6%, after 768 and 896 unsplit −1.3% / −0.7%; with
+/// f16 caches +7.6% / +8.9% after 512 / 640, unsplit +5.0% / +4.4% after 768 / 896; SmolLM2 (9
+/// heads) unsplit: +1.9% after 512 but −2.1% after 640 and −11% after 768. Then splits of 128
+/// keys instead of 256 at head dim 64, in grids as before: SmolLM2 +7.1% / +5.2% after 512 /
+/// 1,024 tokens (±0 after 16, 128 and 2,048), the 1B +2.8% after 768. (Grids of a split for
+/// every 128 keys as well, up to 14 a head for SmolLM2, cost it 0.7% after 16 tokens: blocks
+/// that exit at once still take SMs from the next kernel.) At head dims 128 and 256 splitting
+/// by passes from five passes read the same, by 256-key splits from 512 keys or from 1,025
+/// slower (2026-11-28: the 8B up to −2.9%, Qwen3-0.6B up to −8.9%, Gemma-3-1B −9% to −19%).
 fn decode_splitting(blocks: usize, sm_count: usize, hc: usize, cache: DType) -> Splitting {
     let grid_keys = if hc >= DECODE_PASS_SPLIT_MIN_HC {
         decode_pass_keys(hc)
@@ -560,9 +563,8 @@ fn flash_decode_min_keys(hd: usize) -> usize {
 
 /// Launches decode kernel `name` of `source` on `grid` of `threads`, with the scratch of its
 /// split partials, `partial_bytes`, and `counters` merge counters (zeroed here, reset by the
-/// merging block) when the grid has several splits, and how a row splits (attn_decode's; the
-/// tensor-core kernel takes the same arguments and splits by FD_MIN_SPLIT_KEYS itself, the
-/// rule its planner passes).
+/// merging block) when the grid has several splits, and how a row splits (`splitting`, which
+/// both kernels apply through attention.cu's `splits_by_keys`).
 fn launch_decode(
     lib: &KernelLibrary,
     (source, name): (&'static Source, &str),
@@ -769,7 +771,6 @@ mod tests {
         }
         for (name, value) in [
             ("FD_WARPS", FLASH_DECODE_THREADS as usize / 32),
-            ("FD_MIN_SPLIT_KEYS", FLASH_DECODE_MIN_SPLIT_KEYS),
             ("FD_MAX_GROUP", FLASH_DECODE_MAX_GROUP),
         ] {
             let define = format!("#define {name} {value}");

@@ -13,13 +13,12 @@
 // - P·V's n-tile u takes dim (HD/8)·n + u as column n: the lane loads V rows 2c, 2c+1, 2c+8,
 //   2c+9 of the step at dims [(HD/8)·(lane/4), +HD/8) and pairs their halves (`__byte_perm`).
 // The prologue (q's rotation, head norms and staging, the new key's store), the split rule
-// (FD_MIN_SPLIT_KEYS a split, from one wave of blocks at capture) and the merges (warps in
-// shared memory, splits through partials counted on a counter per kv head) follow
-// attn_decode's.
+// (`splits_by_keys` with the planner's arguments: every row, FLASH_DECODE_MIN_SPLIT_KEYS a
+// split, from one wave of blocks at capture) and the merges (warps in shared memory, splits
+// through partials counted on a counter per kv head) follow attn_decode's.
 
 #define FD_WARPS 8
 #define FD_STEP 16
-#define FD_MIN_SPLIT_KEYS 128  // FLASH_DECODE_MIN_SPLIT_KEYS in attention.rs
 #define FD_MAX_GROUP 8
 
 // A step's K rows (lane/4 and 8 + lane/4 of the step: HD/4 halves each) and V rows (2c,
@@ -184,8 +183,8 @@ __device__ __forceinline__ void flash_decode(const float* __restrict__ q, const 
                                              float* __restrict__ out, u16* __restrict__ out_h,
                                              float* __restrict__ partial,
                                              u32* __restrict__ counters, int group, int capacity,
-                                             float scale, int window,
-                                             float softcap) {
+                                             float scale, int window, float softcap,
+                                             int split_min_keys, int split_shift) {
     constexpr int SLOTS = FD_WARPS * 32 / HD;  // heads the prologue takes a round
     // Rows padded (q by 16 bytes, the warps' acc by a float every 32) so that a warp's
     // fragment reads of q and its acc stores, whose lanes' dims are 32c (+u) or 16c apart,
@@ -204,7 +203,8 @@ __device__ __forceinline__ void flash_decode(const float* __restrict__ q, const 
     const float freq = rot ? rope_dim_freq(d, nk.inv_freq, nk.rotary_dims, nk.traditional) : 0.f;
     int lo, hi;
     key_range((int)p0, capacity, window, lo, hi);
-    const int n_splits = max(1, min((int)gridDim.y, (hi - lo) / FD_MIN_SPLIT_KEYS));
+    const int n_splits =
+        max(1, min((int)gridDim.y, splits_by_keys(hi - lo, split_min_keys, split_shift)));
     if (split >= n_splits) return;
     int per = hi - lo;
     if (n_splits > 1) per = (per + n_splits - 1) / n_splits;
@@ -360,13 +360,12 @@ __device__ __forceinline__ void flash_decode(const float* __restrict__ q, const 
     }
 }
 
-// attn_decode's parameters (n_heads and hd unused: HD is the kernel's; split_min_keys and
-// split_shift too: every row splits by FD_MIN_SPLIT_KEYS, the rule the planner passes).
+// attn_decode's parameters (n_heads and hd unused: HD is the kernel's).
 #define FLASH_DECODE(HD)                                                                        \
     extern "C" __global__ void __launch_bounds__(FD_WARPS * 32, 1)                              \
         attn_flash_decode_##HD(DECODE_PARAMS) {                                                 \
         flash_decode<HD>(q, DECODE_NEW_KEYS, kc, vc, pos, out, out_h, partial, counters, group, \
-                         capacity, scale, window, softcap);                                     \
+                         capacity, scale, window, softcap, split_min_keys, split_shift);        \
     }
 FLASH_DECODE(64)
 FLASH_DECODE(128)
