@@ -1,5 +1,5 @@
 //! out = x·Wᵀ (+ bias) for every weight layout, weights read as stored: matvec.cu for a single
-//! row (decode; matvec_tc.cu's tensor-core kernel for MLX 4- and 8-bit and Q4_0 weights),
+//! row (decode; matvec_tc.cu's tensor-core kernel for MLX 4- and 8-bit, Q4_0 and Q4_K weights),
 //! matmul_tc.cu's 128×128 tensor-core tiles (f16 operands, f32 accumulation)
 //! for prefill-sized row counts, matmul.cu's 64×64 f32 tiles otherwise; and the decode-only
 //! gated pair (`Op::GatedMatMul`) on matvec.cu.
@@ -55,7 +55,7 @@ const MATVEC_TC_WARPS: usize = 16;
 const MATVEC_TC_TILE: usize = 16;
 /// The fewest warps of a tensor-core matvec block (`matvec_tc_plan`).
 const MATVEC_TC_MIN_WARPS: usize = 4;
-/// MLX and Q4_0 weights (gate and up together) up to this many stay on matvec.cu, which keeps
+/// MLX, Q4_0 and Q4_K weights (gate and up together) up to this many stay on matvec.cu, which keeps
 /// x in f32, unless an MLX matrix follows an RMSNorm over more than `FOLD_NORM_MAX_K`:
 /// matvec_tc folds it, where matvec.cu needs a launch in front (H200, 2026-11-26: Llama-3.2-1B
 /// shape 1,388 → 1,451 tok/s, Gemma-3-1B 398 → 438). Until the sixteenth session's cheaper
@@ -408,7 +408,7 @@ fn tcq_ggml_shared_bytes(ty: GgmlType) -> u32 {
     stages * (128 * 72 * 2 + 128 * 2 * block)
 }
 
-/// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4/8-bit and Q4_0), gate
+/// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4/8-bit, Q4_0, Q4_K), gate
 /// and up rows side by side in one pass; `gated_tiled` where they cannot read the operands.
 fn gated_matmul(
     lib: &KernelLibrary,
@@ -522,14 +522,38 @@ struct DecodeMatvec {
     wide_norm: bool,
 }
 
+/// How matvec_tc.cu cuts a format's rows: elements a chunk, and bytes of a chunk's staged sums
+/// (`F::Fold`: Σx and Σ offset·x; for Q4_K, whose chunk holds two sub-blocks' runs, both of
+/// each).
+#[derive(Clone, Copy)]
+struct TcChunks {
+    elems: usize,
+    fold_bytes: usize,
+}
+
+const TC_CHUNKS_32: TcChunks = TcChunks {
+    elems: 32,
+    fold_bytes: 8,
+};
+const TC_CHUNKS_16: TcChunks = TcChunks {
+    elems: 16,
+    fold_bytes: 8,
+};
+const TC_CHUNKS_Q4K: TcChunks = TcChunks {
+    elems: 32,
+    fold_bytes: 16,
+};
+
 /// The tensor-core matvec's plan for `m`, or None where matvec.cu multiplies it: formats
-/// matvec_tc.cu has (`MtMlx` 4- and 8-bit, `MtQ4_0` on quads).
+/// matvec_tc.cu has (`MtMlx` 4- and 8-bit, `MtQ4_0` on quads, `MtQ4K`; Q4_K data is 16-byte
+/// aligned, `Weight::check_alignment`, and its rows whole super-blocks of 256).
 fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> {
     let mlx_simt_weights = if m.wide_norm { 0 } else { SIMT_MAX_WEIGHTS };
-    let (chunk, simt_weights) = match m.layout {
-        WeightLayout::MlxAffine { bits: 4, .. } => (32, mlx_simt_weights),
-        WeightLayout::MlxAffine { bits: 8, .. } => (16, mlx_simt_weights),
-        WeightLayout::Gguf(GgmlType::Q4_0) if m.q4_0_quads => (32, SIMT_MAX_WEIGHTS),
+    let (chunks, simt_weights) = match m.layout {
+        WeightLayout::MlxAffine { bits: 4, .. } => (TC_CHUNKS_32, mlx_simt_weights),
+        WeightLayout::MlxAffine { bits: 8, .. } => (TC_CHUNKS_16, mlx_simt_weights),
+        WeightLayout::Gguf(GgmlType::Q4_0) if m.q4_0_quads => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
+        WeightLayout::Gguf(GgmlType::Q4K) => (TC_CHUNKS_Q4K, SIMT_MAX_WEIGHTS),
         _ => return Ok(None),
     };
     // The update is staged with x in parts (`mt_stage_x_parts`): MLX only.
@@ -538,7 +562,7 @@ fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> 
         norm: m.folds,
         update: updates,
     };
-    matvec_tc_plan(m.n, m.k, chunk, m.gated, folding, sm_count, simt_weights)
+    matvec_tc_plan(m.n, m.k, chunks, m.gated, folding, sm_count, simt_weights)
 }
 
 /// The address of an f16 copy of a row of `len` values (`x_h`, `out_h`) for `op`, which the
@@ -1013,30 +1037,33 @@ impl Folding {
 }
 
 /// The tensor-core matvec for weights `[n, k]` whose format (matvec_tc.cu's `MtMlx` for MLX 4-
-/// and 8-bit, `MtQ4_0`) has `chunk` elements per chunk, or None where matvec.cu runs instead:
+/// and 8-bit, `MtQ4_0`, `MtQ4K`) cuts rows as `chunking` says, or None where matvec.cu runs:
 /// matrices of up to `simt_weights`, matrices of 2^32 elements or more, and x too long to stage
 /// in shared memory (with the norm weight where the kernel folds a norm). The update is folded
 /// where its weight fits beside and x's parts fill one round of the block's threads.
 fn matvec_tc_plan(
     n: usize,
     k: usize,
-    chunk: usize,
+    chunking: TcChunks,
     gated: bool,
     folding: Folding,
     sm_count: usize,
     simt_weights: usize,
 ) -> Result<Option<TcPlan>> {
-    let weights = n * k * if gated { 2 } else { 1 };
+    let (chunk, weights) = (chunking.elems, n * k * if gated { 2 } else { 1 });
     // The kernel indexes a matrix's loads, scales and biases with 32-bit offsets (MtStream):
     // at least 14 elements a unit, so fewer than 2^32 elements suffice.
     if weights <= simt_weights || !k.is_multiple_of(chunk) || (n as u64) * (k as u64) >= 1 << 32 {
         return Ok(None);
     }
-    // x is staged as f16 with two f32 sums per chunk (`cfold`) and a chunk of zeros, after the
+    // x is staged as f16 with its f32 sums per chunk (`cfold`) and a chunk of zeros, after the
     // norm weight in f32 and followed by each chunk's f32 scale where the kernel folds a norm
     // (matvec_tc.cu's mt_stage_x_parts and mt_stage_x_chunks).
     let chunks = k / chunk;
-    let shared = if folding.norm { 4 * k + 4 * chunks } else { 0 } + 2 * k + 2 * chunk + 8 * chunks;
+    let shared = if folding.norm { 4 * k + 4 * chunks } else { 0 }
+        + 2 * k
+        + 2 * chunk
+        + chunking.fold_bytes * chunks;
     if shared > MATVEC_TC_MAX_SHARED {
         return Ok(None);
     }
@@ -1161,7 +1188,7 @@ mod tests {
             (151_936, 1024, false, 1187, 1),
         ];
         for (n, k, gated, grid, kgroups) in cases {
-            let plan = matvec_tc_plan(n, k, 32, gated, Folding::NORM, 132, 0)
+            let plan = matvec_tc_plan(n, k, TC_CHUNKS_32, gated, Folding::NORM, 132, 0)
                 .unwrap()
                 .unwrap();
             assert_eq!((plan.grid.0, plan.kgroups), (grid, kgroups), "{n}×{k}");
@@ -1186,7 +1213,8 @@ mod tests {
             (mlx(4), 576, 576, true),
             (mlx(4), 256, 512, false),
             (mlx(6), 4096, 4096, false),
-            (WeightLayout::Gguf(GgmlType::Q4K), 4096, 4096, false),
+            (WeightLayout::Gguf(GgmlType::Q4K), 4096, 4096, true),
+            (WeightLayout::Gguf(GgmlType::Q6K), 4096, 4096, false),
             (WeightLayout::Dense, 4096, 4096, false),
         ];
         for (layout, n, k, reads) in cases {
@@ -1210,7 +1238,7 @@ mod tests {
             (14336, 4096, true, 512),
             (6144, 4096, false, 512),
         ] {
-            let plan = matvec_tc_plan(n, k, 32, gated, Folding::NONE, 132, 0)
+            let plan = matvec_tc_plan(n, k, TC_CHUNKS_32, gated, Folding::NONE, 132, 0)
                 .unwrap()
                 .unwrap();
             assert_eq!(plan.threads, threads, "{n}×{k}");
@@ -1223,7 +1251,7 @@ mod tests {
     #[test]
     fn matvec_tc_plan_sizes_shared_memory_by_the_fold() {
         let shared = |k, folding| {
-            matvec_tc_plan(4096, k, 32, false, folding, 132, 0)
+            matvec_tc_plan(4096, k, TC_CHUNKS_32, false, folding, 132, 0)
                 .unwrap()
                 .map(|p| (p.shared, p.folds_update))
         };
@@ -1240,7 +1268,7 @@ mod tests {
     /// The kernel's 32-bit offsets reach 2^32 − 1 elements; a larger matrix runs matvec.cu.
     #[test]
     fn matvec_tc_plan_leaves_matrices_of_2_pow_32_elements() {
-        let plan = |n| matvec_tc_plan(n, 4096, 32, false, Folding::NONE, 132, 0).unwrap();
+        let plan = |n| matvec_tc_plan(n, 4096, TC_CHUNKS_32, false, Folding::NONE, 132, 0).unwrap();
         assert!(plan((1 << 20) - 1).is_some());
         assert!(plan(1 << 20).is_none());
     }

@@ -1,5 +1,5 @@
-// y = x·Wᵀ (+ bias) for a single row x (decode) and MLX affine 4- or 8-bit or ggml Q4_0
-// weights (the formats `MtMlx`, `MtQ4_0` below), on tensor cores: a 4-bit weight costs 5/8 of an
+// y = x·Wᵀ (+ bias) for a single row x (decode) and MLX affine 4- or 8-bit, ggml Q4_0 or Q4_K
+// weights (the formats `MtMlx`, `MtQ4_0`, `MtQ4K` below), on tensor cores: a 4-bit weight costs 5/8 of an
 // ALU instruction (its field ORed into the mantissa of an f16 as it lies, `fields_f16`), and the
 // multiply-adds run as m16n8k16 mma.sync with f32 accumulation instead of one FMA per weight.
 // Each f16 carries an offset (1024 + q, or 64 + q for a field 4 bits up) that a chunk's dot
@@ -131,6 +131,22 @@ __device__ __forceinline__ u32 word(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// An integer below 2^23 as a float: its bits ORed into the mantissa of 2^23, which then comes
+// off (two full-rate instructions; the conversion instruction runs at a quarter of the rate).
+__device__ __forceinline__ float small_u32_float(u32 v) {
+    return __uint_as_float(0x4b000000u | v) - 8388608.f;
+}
+
+// Σ offset·x over one staged uint4 of f16 pairs, from x as the mma reads it (rounded).
+template <class F>
+__device__ __forceinline__ float mt_offsets(const u32* o) {
+    float sum = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        sum = fmaf(F::offset(q), f16_to_f32((u16)o[q]) + f16_to_f32((u16)(o[q] >> 16)), sum);
+    return sum;
+}
+
 // A weight format of the kernel: what a lane loads for one chunk of one row (`Raw`, issued a
 // stage ahead), the f16 pairs of the chunk's j-th 8 fields (p[0], p[1]: the A registers of the
 // first mma, p[2], p[3]: of the second), the x order that matches them (`slot`: the chunk
@@ -145,6 +161,8 @@ struct MtMlx {
     static constexpr int UNIT = 16;  // bytes of a chunk
     static constexpr int STAGE = 2;  // chunks per row and stage, not gated
     static constexpr bool PARTS = true;  // x staged in parts of 8 elements (mt_stage_x_parts)
+    static constexpr int SUBS = 1;       // scales a chunk
+    using Fold = float2;                 // a chunk's staged sums: Σx, Σ offset·x
     struct Raw {
         uint4 w;
         u32 s, b;
@@ -193,6 +211,9 @@ struct MtQ4_0 {
     static constexpr int UNIT = 8;  // bytes of a load
     static constexpr int STAGE = 2;
     static constexpr bool PARTS = false;
+    static constexpr int SUBS = 1;
+    static constexpr int RUN = 32;  // contiguous elements of x a chunk (mt_stage_x_chunks)
+    using Fold = float2;            // 0, Σ offset·x
     struct Raw {
         u32 w[6];  // bytes 16t .. 16t + 23 of the quad's blocks; lane 0: w[5] = w[0]
     };
@@ -221,10 +242,102 @@ struct MtQ4_0 {
         return qb + 16 * (q & 1);
     }
     static __device__ __forceinline__ float offset(int p) { return p & 1 ? 72.f : 1032.f; }
+    static __device__ __forceinline__ i64 x_at(int c, int) { return (i64)c * CHUNK; }
+    static __device__ __forceinline__ void stage_fold(int, const u32* o, const float*, Fold& f) {
+        f.y += mt_offsets<MtQ4_0>(o);
+    }
     static __device__ __forceinline__ float fold(const Raw& r, float dot, float, float acc) {
         const u32 t = threadIdx.x & 3;
         const u32 d = __byte_perm(r.w[0], r.w[1], 0x10u + 0x22u * t) & 0xffffu;
         return fmaf(f16_to_f32((u16)d), dot, acc);
+    }
+};
+
+// ggml Q4_K (144-byte super-blocks of 256 elements: f16 d and dmin, the 6-bit scales and mins
+// of its eight sub-blocks of 32 in 12 bytes, then 128 bytes of nibbles; w = d·sc·q − dmin·m): a
+// chunk is 16 bytes of nibbles, whose low nibbles are 16 elements of sub-block 2p (p: the
+// chunk's pair of sub-blocks) and whose high nibbles the same 16 of sub-block 2p + 1, 32 further
+// on in the row. x is staged as the low run's 16 elements, then the high run's (`x_at`, `slot`),
+// so that each mma's k lies in one sub-block: the chunk's dot comes as two (SUBS), which fold
+// with their own scales and mins. A quad's four chunks lie in one super-block (a row is whole
+// super-blocks, k % 256 == 0): lane t loads word t of its 16-byte header, and the fold shares
+// the words by shuffles, rather than every lane holding the whole header a row in registers.
+struct MtQ4K {
+    static constexpr int CHUNK = 32;
+    static constexpr int UNIT = 16;  // bytes of a row unit: a super-block is 9
+    static constexpr int STAGE = 2;
+    static constexpr bool PARTS = false;
+    static constexpr int SUBS = 2;
+    static constexpr int RUN = 16;
+    using Fold = float4;  // Σx of the low and high run, 1024·Σx and 64·Σx of them as staged
+    struct Raw {
+        uint4 w;
+        u32 head;  // word t of the super-block's header
+    };
+    static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
+                                                int c, Raw& r) {
+        const u32 block = st.unit_row[h] + 9 * (c >> 3);
+        r.w = load_stream16((const uint4*)wt.w + (block + 1 + (c & 7)));
+        r.head = load_stream4((const u32*)wt.w + (4 * block + st.t));
+    }
+    // Words 2(j % 2) and 2(j % 2) + 1 of the chunk: the low run's nibbles for j < 2, the high
+    // run's for j ≥ 2, as 1024 + q resp. 64 + q.
+    static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
+        const u32 w0 = word(r.w, 2 * (j & 1)), w1 = word(r.w, 2 * (j & 1) + 1);
+        const u32 mask = j < 2 ? 0x000f000fu : 0x00f000f0u;
+        const u32 bits = j < 2 ? 0x64006400u : 0x54005400u;
+        p[0] = and_or(w0, mask, bits);
+        p[1] = and_or(w0 >> 8, mask, bits);
+        p[2] = and_or(w1, mask, bits);
+        p[3] = and_or(w1 >> 8, mask, bits);
+    }
+    // Pair q of the j-th uint4 holds the nibbles of bytes 8(j % 2) + {0, 2}, {1, 3}, {4, 6},
+    // {5, 7} of the chunk.
+    static __device__ __forceinline__ int slot(bool, int j, int e) {
+        return 8 * j + (e & 4) + ((e & 1) << 1) + ((e >> 1) & 1);
+    }
+    // Where run r (low, high) of chunk c starts in x.
+    static __device__ __forceinline__ i64 x_at(int c, int r) {
+        return 256 * (i64)(c >> 3) + 64 * ((c & 7) >> 1) + 16 * (c & 1) + 32 * r;
+    }
+    static __device__ __forceinline__ void stage_fold(int j, const u32* o, const float* v,
+                                                      Fold& f) {
+        float sum = 0.f, staged = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum += v[8 * j + e];
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+            staged += f16_to_f32((u16)o[q]) + f16_to_f32((u16)(o[q] >> 16));
+        if (j < 2) {
+            f.x += sum;
+            f.z = fmaf(1024.f, staged, f.z);
+        } else {
+            f.y += sum;
+            f.w = fmaf(64.f, staged, f.w);
+        }
+    }
+    // y += d·(sc·(dot − offset·Σx as staged)·inv) − dmin·(m·Σx) over the chunk's two sub-blocks
+    // (chunk c: its pair is of sub-blocks 0–3 or 4–7, alike across the warp since a quad's
+    // chunks are 4·step + t). The header's words come from the quad's lanes; the scales and
+    // mins are selected, not branched on, and made floats by the exponent trick.
+    static __device__ __forceinline__ float fold_subs(const Raw& r, int c, const float* dot,
+                                                      const Fold& f, float inv, float acc) {
+        const int quad = threadIdx.x & 28;
+        const u32 w0 = __shfl_sync(FULL_MASK, r.head, quad);
+        const u32 w1 = __shfl_sync(FULL_MASK, r.head, quad + 1);
+        const u32 w2 = __shfl_sync(FULL_MASK, r.head, quad + 2);
+        const u32 w3 = __shfl_sync(FULL_MASK, r.head, quad + 3);
+        // Bytes 2(t / 2) and 2(t / 2) + 1 of the scale words: the pair's two sub-blocks.
+        const u32 sh = 16 * ((threadIdx.x & 3) >> 1);
+        const u32 b1 = w1 >> sh, b2 = w2 >> sh, b3 = w3 >> sh;
+        const bool high = c & 4;  // sub-blocks 4–7: 4 bits in b3, the top 2 in b1 resp. b2
+        const u32 sc = high ? (b3 & 0x0f0fu) | ((b1 >> 2) & 0x3030u) : b1 & 0x3f3fu;
+        const u32 m = high ? ((b3 >> 4) & 0x0f0fu) | ((b2 >> 2) & 0x3030u) : b2 & 0x3f3fu;
+        const float d = f16_to_f32((u16)w0), dmin = f16_to_f32((u16)(w0 >> 16));
+        const float scaled = fmaf(small_u32_float(sc & 0xffu), dot[0] - f.z,
+                                  small_u32_float(sc >> 8) * (dot[1] - f.w));
+        const float mins = fmaf(small_u32_float(m & 0xffu), f.x, small_u32_float(m >> 8) * f.y);
+        return fmaf(-dmin, mins, fmaf(d, scaled * inv, acc));
     }
 };
 
@@ -253,22 +366,27 @@ __device__ __forceinline__ void mt_load(const MtWeight* wt, const MtStream& st, 
 template <class F, bool NORM, int M, int STAGE>
 __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const MtStream& st,
                                            int stage, const u32* xh, const u32* zero,
-                                           const float2* cfold, const float* cinv,
+                                           const typename F::Fold* cfold, const float* cinv,
                                            bool supplies_b, float (&acc)[M][2]) {
     constexpr int CHUNK_U32 = F::CHUNK / 2;  // f16 pairs of x per chunk
+    constexpr int SUBS = F::SUBS, J = CHUNK_U32 / 4;  // the j-th uint4 of x is in sub j·SUBS/J
 #pragma unroll
     for (int i = 0; i < STAGE; ++i) {
         const int c = 4 * (st.first + st.stride * (stage * STAGE + i)) + st.t;
         const bool live = c < st.chunks;
         // Lanes that supply no B column, and chunks past the row, read zeros.
         const u32* xp = supplies_b && live ? xh + c * CHUNK_U32 : zero;
-        float ca[M][4], cb[M][4];  // two accumulators: shorter mma dependency chains
+        // Two accumulators a sub-dot: shorter mma dependency chains.
+        float ca[SUBS][M][4], cb[SUBS][M][4];
 #pragma unroll
-        for (int m = 0; m < M; ++m)
+        for (int u = 0; u < SUBS; ++u)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) ca[m][e] = cb[m][e] = 0.f;
+            for (int m = 0; m < M; ++m)
 #pragma unroll
-        for (int j = 0; j < CHUNK_U32 / 4; ++j) {
+                for (int e = 0; e < 4; ++e) ca[u][m][e] = cb[u][m][e] = 0.f;
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+            const int u = j * SUBS / J;
             const uint4 xb = *(const uint4*)(xp + 4 * j);
             const u32 b0[2] = {xb.x, xb.y}, b1[2] = {xb.z, xb.w};
 #pragma unroll
@@ -278,19 +396,26 @@ __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const 
                 F::pairs(s.r[i][m][1], j, p8);
                 const u32 a0[4] = {pg[0], p8[0], pg[1], p8[1]};
                 const u32 a1[4] = {pg[2], p8[2], pg[3], p8[3]};
-                mma_f16(ca[m], a0, b0);
-                mma_f16(cb[m], a1, b1);
+                mma_f16(ca[u][m], a0, b0);
+                mma_f16(cb[u][m], a1, b1);
             }
         }
-        const float2 cf = live ? cfold[c] : float2{0.f, 0.f};  // Σx, Σ offset·x
+        const typename F::Fold cf = live ? cfold[c] : typename F::Fold{};
         const float inv = NORM && live ? cinv[c] : 1.f;
 #pragma unroll
         for (int m = 0; m < M; ++m)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 // c[0] = c[1]: row g; c[2] = c[3]: row g + 8.
-                const float dot = ca[m][2 * h] - cf.y + cb[m][2 * h];
-                acc[m][h] = F::fold(s.r[i][m][h], NORM ? dot * inv : dot, cf.x, acc[m][h]);
+                if constexpr (SUBS == 1) {
+                    const float dot = ca[0][m][2 * h] - cf.y + cb[0][m][2 * h];  // cf: Σx, Σ offset·x
+                    acc[m][h] = F::fold(s.r[i][m][h], NORM ? dot * inv : dot, cf.x, acc[m][h]);
+                } else {
+                    float dots[SUBS];
+#pragma unroll
+                    for (int u = 0; u < SUBS; ++u) dots[u] = ca[u][m][2 * h] + cb[u][m][2 * h];
+                    acc[m][h] = F::fold_subs(s.r[i][m][h], c, dots, cf, inv, acc[m][h]);
+                }
             }
     }
 }
@@ -342,16 +467,6 @@ __device__ __forceinline__ void mt_f16_scale(float top, float& scale, float& inv
     const int shift = min(max(141 - (int)(__float_as_uint(top) >> 23), -100), 100);
     scale = __uint_as_float((u32)(127 + shift) << 23);
     inv = __uint_as_float((u32)(127 - shift) << 23);
-}
-
-// Σ offset·x over one staged uint4 of f16 pairs, from x as the mma reads it (rounded).
-template <class F>
-__device__ __forceinline__ float mt_offsets(const u32* o) {
-    float sum = 0.f;
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-        sum = fmaf(F::offset(q), f16_to_f32((u16)o[q]) + f16_to_f32((u16)(o[q] >> 16)), sum);
-    return sum;
 }
 
 // Before the staging's first use of the norm weight (NORM), after its first loads of x: gs,
@@ -488,14 +603,15 @@ __device__ __forceinline__ float mt_stage_x_parts(const float* __restrict__ x,
 }
 
 // Formats staged in whole chunks (Q4_0, whose first chunk of a quad takes its elements out of
-// order, and which has no Σx): thread t stages chunks t, t + blockDim, …. Returns the
-// thread's Σx² (NORM).
+// order, and which has no Σx; Q4_K, whose chunk is two runs of x): thread t stages chunks t,
+// t + blockDim, …, each from its runs of F::RUN contiguous elements (`F::x_at`), and forms
+// the chunk's sums uint4 by uint4 (`F::stage_fold`). Returns the thread's Σx² (NORM).
 template <class F, bool NORM>
 __device__ __forceinline__ float mt_stage_x_chunks(const float* __restrict__ x,
                                                    const u16* __restrict__ x_h, int k,
                                                    const PreNorm& norm, const float* gs, u32* xh,
-                                                   float2* cfold, float* cinv) {
-    constexpr int CHUNK = F::CHUNK;
+                                                   typename F::Fold* cfold, float* cinv) {
+    constexpr int CHUNK = F::CHUNK, RUN = F::RUN;
     const int chunks = k / CHUNK;
     float ss = 0.f;
     for (int c0 = 0; c0 < chunks; c0 += blockDim.x) {  // block-uniform: the barrier below
@@ -504,20 +620,29 @@ __device__ __forceinline__ float mt_stage_x_chunks(const float* __restrict__ x,
         float v[CHUNK];
         float scale = 1.f;
         if (mine) {
-            if (!NORM && x_h) load_halves<CHUNK>(x_h + (i64)c * CHUNK, FT_F16, v);
-            else load_floats<CHUNK>(x + (i64)c * CHUNK, v);
+#pragma unroll
+            for (int r = 0; r < CHUNK / RUN; ++r) {
+                const i64 at = F::x_at(c, r);
+                if (!NORM && x_h) load_halves<RUN>(x_h + at, FT_F16, v + r * RUN);
+                else load_floats<RUN>(x + at, v + r * RUN);
+            }
         }
         if constexpr (NORM) {
             await_norm_weight<NORM>(c0 == 0);
             if (mine) {
                 float top;
-                ss += mt_norm_values<CHUNK>(v, gs + c * CHUNK, norm, top);
+#pragma unroll
+                for (int r = 0; r < CHUNK / RUN; ++r) {
+                    float run_top;
+                    ss += mt_norm_values<RUN>(v + r * RUN, gs + F::x_at(c, r), norm, run_top);
+                    top = r == 0 ? run_top : fmaxf(top, run_top);
+                }
                 mt_f16_scale(top, scale, cinv[c]);
             }
         }
         if (!mine) continue;
         const bool first = (c & 3) == 0;  // the first chunk of its quad
-        float offsets = 0.f;
+        typename F::Fold fold{};
 #pragma unroll
         for (int j = 0; j < CHUNK / 8; ++j) {
             u32 o[4];
@@ -529,9 +654,9 @@ __device__ __forceinline__ float mt_stage_x_chunks(const float* __restrict__ x,
                 o[q] = pack_f16x2(lo * scale, hi * scale);
             }
             *(uint4*)(xh + c * (CHUNK / 2) + 4 * j) = uint4{o[0], o[1], o[2], o[3]};
-            offsets += mt_offsets<F>(o);
+            F::stage_fold(j, o, v, fold);
         }
-        cfold[c] = float2{0.f, offsets};
+        cfold[c] = fold;
     }
     return ss;
 }
@@ -577,7 +702,7 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     float* gu = gs + k;        // the update's norm weight (UPDATE), likewise
     u32* xh = smem + (NORM ? k : 0) + (UPDATE ? k : 0);
     u32* zero = xh + st.chunks * (CHUNK / 2);
-    float2* cfold = (float2*)(zero + CHUNK / 2);
+    auto* cfold = (typename F::Fold*)(zero + CHUNK / 2);  // 16-byte aligned: k % 32 == 0
     float* cinv = (float*)(cfold + st.chunks);  // NORM: each chunk's 1/scale
 
     MtStage<F, M, STAGE> sa, sb;
@@ -707,23 +832,27 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
 MATVEC_TC_ALL_TYPES(4)
 MATVEC_TC_ALL_TYPES(8)
 
-// A Q4_0 row is k / 32 blocks of 18 bytes, k / 128 · 9 units of 8 bytes (k % 128 == 0).
-#define MATVEC_TC_Q4_0(PREFIX, NORM)                                                               \
+// The ggml formats' kernels (format F, kernel name NAME, ROW_UNITS: F::UNIT-byte units a row):
+// a Q4_0 row is k / 32 blocks of 18 bytes, k / 128 · 9 units of 8 bytes (k % 128 == 0); a
+// Q4_K row k / 256 super-blocks of 144 bytes, 9 units of 16 bytes each.
+#define MATVEC_TC_GGML(F, NAME, ROW_UNITS, PREFIX, NORM)                                           \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
-        PREFIX##q4_0(const float* x, const u8* w, const void* bias, int bias_type, float* out,     \
+        PREFIX##NAME(const float* x, const u8* w, const void* bias, int bias_type, float* out,     \
                      int n, int k, int kgroups, MATVEC_NORM_ARGS, const u16* x_h,                  \
                      MATVEC_UPDATE_ARGS) {                                                         \
         const MtWeight wt[1] = {{w, nullptr, nullptr}};                                            \
-        matvec_tc<MtQ4_0, false, NORM>(wt, x, x_h, MATVEC_PRE_NORM, MATVEC_UPDATE, bias,           \
-                                       bias_type, out, nullptr, n, k, k / 128 * 9, 0, kgroups, 0); \
+        matvec_tc<F, false, NORM>(wt, x, x_h, MATVEC_PRE_NORM, MATVEC_UPDATE, bias, bias_type,     \
+                                  out, nullptr, n, k, ROW_UNITS, 0, kgroups, 0);                   \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
-        PREFIX##gated_q4_0(const float* x, const u8* w, const u8* w_up, float* out, int n, int k,  \
-                           int kgroups, int act, MATVEC_NORM_ARGS, u16* out_h,                     \
-                           MATVEC_UPDATE_ARGS) {                                                   \
+        PREFIX##gated_##NAME(const float* x, const u8* w, const u8* w_up, float* out, int n,       \
+                             int k, int kgroups, int act, MATVEC_NORM_ARGS, u16* out_h,            \
+                             MATVEC_UPDATE_ARGS) {                                                 \
         const MtWeight wt[2] = {{w, nullptr, nullptr}, {w_up, nullptr, nullptr}};                  \
-        matvec_tc<MtQ4_0, true, NORM>(wt, x, nullptr, MATVEC_PRE_NORM, MATVEC_UPDATE, nullptr, 0,  \
-                                      out, out_h, n, k, k / 128 * 9, 0, kgroups, act);             \
+        matvec_tc<F, true, NORM>(wt, x, nullptr, MATVEC_PRE_NORM, MATVEC_UPDATE, nullptr, 0, out,  \
+                                 out_h, n, k, ROW_UNITS, 0, kgroups, act);                         \
     }
-MATVEC_TC_Q4_0(matvec_tc_, false)
-MATVEC_TC_Q4_0(matvec_tc_norm_, true)
+MATVEC_TC_GGML(MtQ4_0, q4_0, k / 128 * 9, matvec_tc_, false)
+MATVEC_TC_GGML(MtQ4_0, q4_0, k / 128 * 9, matvec_tc_norm_, true)
+MATVEC_TC_GGML(MtQ4K, q4_k, k / 256 * 9, matvec_tc_, false)
+MATVEC_TC_GGML(MtQ4K, q4_k, k / 256 * 9, matvec_tc_norm_, true)
