@@ -1496,6 +1496,26 @@ fn matmul_ggml_tensor_cores_at_tile_edges() {
     }
 }
 
+/// The generic tensor-core tiles (layouts without a staged-f16 kernel) split k where few
+/// output tiles leave SMs idle, as `matmul_tcq_*` do: 130 rows of 135 columns (four tiles) over
+/// 25 to 28 steps of 64 in three splits of unequal length, a partial last step (dense k =
+/// 1,636), and the bias added once, by `splitk_sum`.
+#[test]
+fn matmul_generic_tensor_cores_split_k() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(25);
+    let weights = [
+        ggml_weight(&mut rng, 135, 1792, GgmlType::Q4K),
+        ggml_weight(&mut rng, 135, 1792, GgmlType::Q6K),
+        ggml_weight(&mut rng, 135, 1600, GgmlType::Q4_1),
+        mlx_weight(&mut rng, 135, 1600, 3, 64, DType::BF16),
+        dense_weight(&mut rng, 135, 1636, DType::F16),
+    ];
+    for (i, w) in weights.iter().enumerate() {
+        check_matmul(&dev, &mut rng, w, 130, i % 2 == 0);
+    }
+}
+
 #[test]
 fn staged_x_is_shared_by_dispatches_in_order() {
     let Some(dev) = gpu() else { return };

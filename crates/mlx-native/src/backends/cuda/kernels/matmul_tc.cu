@@ -7,12 +7,51 @@
 // supported models do not reach. The next k step's global loads and dequantization are issued
 // before the current step's mma so they overlap; two blocks per SM hide the rest.
 // Needs k % 4 == 0 and x 16-byte aligned (float4 loads). Launch: 256 threads,
-// grid (ceil(n/128), ceil(m/128)).
+// grid (ceil(n/128), ceil(m/128), k splits: `split_steps`).
 
 #define TC_BM 128
 #define TC_BN 128
 #define TC_BK 64
 #define TC_LD (TC_BK + 8)  // row stride in halves: 144 bytes keeps ldmatrix conflict-free
+
+// Split-K (grid z > 1, where the output tiles fill too few SMs: short prompts): block z takes
+// steps [begin, end) of the k loop and stores its partial tile, without the bias, as slice z
+// of `out` [gridDim.z][m][n]; `splitk_sum` adds the slices in order.
+__device__ __forceinline__ void split_steps(int steps, int& begin, int& end) {
+    const int per = (steps + gridDim.z - 1) / gridDim.z;
+    begin = min(steps, (int)blockIdx.z * per);
+    end = min(steps, begin + per);
+}
+
+// Stores a warp's 64×32 accumulators of the block's tile (+ bias), inside m and n.
+__device__ __forceinline__ void store_tile(const float (&acc)[4][4][4],
+                                           const void* __restrict__ bias, int bias_type,
+                                           float* __restrict__ out, int m, int n) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int r0 = blockIdx.y * TC_BM + (warp >> 2) * 64, c0 = blockIdx.x * TC_BN + (warp & 3) * 32;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = r0 + 16 * i + g + 8 * (e >> 1);
+                const int col = c0 + 8 * j + 2 * t + (e & 1);
+                if (row < m && col < n)
+                    out[(i64)row * n + col] =
+                        bias ? acc[i][j][e] + load_float(bias, col, bias_type) : acc[i][j][e];
+            }
+}
+
+// store_tile, or with split-K the block's slice of the partials (no bias).
+__device__ __forceinline__ void store_tile_split(const float (&acc)[4][4][4],
+                                                 const void* __restrict__ bias, int bias_type,
+                                                 float* __restrict__ out, int m, int n) {
+    if (gridDim.z > 1)
+        store_tile(acc, nullptr, 0, out + (i64)blockIdx.z * m * n, m, n);
+    else
+        store_tile(acc, bias, bias_type, out, m, n);
+}
 
 // This thread's share of the x tile at k0: rows (tid/16) + 16·i, columns 4·(tid%16)..+3,
 // as f16 pairs; zero past m and k.
@@ -61,10 +100,12 @@ __device__ __forceinline__ void matmul_tc(const L& l, const float* __restrict__ 
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
+    int begin, end;  // this block's steps of k
+    split_steps((k + TC_BK - 1) / TC_BK, begin, end);
     u32 xr[16], wr[16];
-    load_x(x, m, k, m0, 0, xr);
-    load_w(l, n, n0, 0, wr);
-    for (int k0 = 0; k0 < k; k0 += TC_BK) {
+    load_x(x, m, k, m0, begin * TC_BK, xr);
+    load_w(l, n, n0, begin * TC_BK, wr);
+    for (int k0 = begin * TC_BK; k0 < end * TC_BK; k0 += TC_BK) {
         __syncthreads();  // the previous step's readers are done with the tiles
 #pragma unroll
         for (int i = 0; i < 8; ++i)
@@ -74,7 +115,7 @@ __device__ __forceinline__ void matmul_tc(const L& l, const float* __restrict__ 
             *(uint4*)&ws[tid >> 1][32 * (tid & 1) + 8 * i] =
                 uint4{wr[4 * i], wr[4 * i + 1], wr[4 * i + 2], wr[4 * i + 3]};
         __syncthreads();
-        if (k0 + TC_BK < k) {
+        if (k0 + TC_BK < end * TC_BK) {
             load_x(x, m, k, m0, k0 + TC_BK, xr);
             load_w(l, n, n0, k0 + TC_BK, wr);
         }
@@ -99,19 +140,7 @@ __device__ __forceinline__ void matmul_tc(const L& l, const float* __restrict__ 
         }
     }
 
-    // Accumulator fragment: rows lane/4 and lane/4 + 8, columns 2·(lane%4) and +1.
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = m0 + wm + 16 * i + (lane >> 2) + 8 * (e >> 1);
-                const int col = n0 + wn + 8 * j + 2 * (lane & 3) + (e & 1);
-                if (row < m && col < n)
-                    out[(i64)row * n + col] =
-                        bias ? acc[i][j][e] + load_float(bias, col, bias_type) : acc[i][j][e];
-            }
+    store_tile_split(acc, bias, bias_type, out, m, n);
 }
 
 #define MATMUL_TC_MLX(BITS)                                                                    \
@@ -302,44 +331,6 @@ __device__ __forceinline__ void tcq_fragment(u32 v, u32 s2, u32 b2, u32* b) {
     }
 }
 
-// Split-K (grid z > 1, where the output tiles fill too few SMs: short prompts): block z takes
-// steps [begin, end) of the k loop and stores its partial tile, without the bias, as slice z
-// of `out` [gridDim.z][m][n]; `splitk_sum` adds the slices in order.
-__device__ __forceinline__ void tcq_split(int steps, int& begin, int& end) {
-    const int per = (steps + gridDim.z - 1) / gridDim.z;
-    begin = min(steps, (int)blockIdx.z * per);
-    end = min(steps, begin + per);
-}
-
-// Stores a warp's 64×32 accumulators of the block's tile (+ bias), inside m and n.
-__device__ __forceinline__ void tcq_store(const float (&acc)[4][4][4], const void* __restrict__ bias,
-                                          int bias_type, float* __restrict__ out, int m, int n) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int r0 = blockIdx.y * TC_BM + (warp >> 2) * 64, c0 = blockIdx.x * TC_BN + (warp & 3) * 32;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = r0 + 16 * i + g + 8 * (e >> 1);
-                const int col = c0 + 8 * j + 2 * t + (e & 1);
-                if (row < m && col < n)
-                    out[(i64)row * n + col] =
-                        bias ? acc[i][j][e] + load_float(bias, col, bias_type) : acc[i][j][e];
-            }
-}
-
-// tcq_store, or with split-K the block's slice of the partials (no bias).
-__device__ __forceinline__ void tcq_store_split(const float (&acc)[4][4][4],
-                                                const void* __restrict__ bias, int bias_type,
-                                                float* __restrict__ out, int m, int n) {
-    if (gridDim.z > 1)
-        tcq_store(acc, nullptr, 0, out + (i64)blockIdx.z * m * n, m, n);
-    else
-        tcq_store(acc, bias, bias_type, out, m, n);
-}
-
 // Launch: 256 threads, grid (ceil(n/128), ceil(m/128), k splits), Tcq<BITS>::STAGES·BYTES bytes
 // of dynamic shared memory. Needs w 16-byte aligned, xh from `stage_x_f16` and m·kp < 2^32.
 template <int BITS>
@@ -357,7 +348,7 @@ __device__ __forceinline__ void matmul_tcq(const u16* __restrict__ xh, const u32
     const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
     const int kp = (k + TC_BK - 1) / TC_BK * TC_BK;
     int begin, end;
-    tcq_split(kp / TC_BK, begin, end);
+    split_steps(kp / TC_BK, begin, end);
     const int groups = (k >> 5) >> gshift, esize = st == FT_F32 ? 4 : 2;
 
     // Where this thread's copies come from, fixed for the whole k loop.
@@ -447,7 +438,7 @@ __device__ __forceinline__ void matmul_tcq(const u16* __restrict__ xh, const u32
         }
     }
 
-    tcq_store_split(acc, bias, bias_type, out, m, n);
+    store_tile_split(acc, bias, bias_type, out, m, n);
 }
 
 #define MATMUL_TCQ_MLX(BITS)                                                                  \
@@ -515,7 +506,7 @@ __device__ __forceinline__ void matmul_tcq_ggml(const u16* __restrict__ xh,
     const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
     const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
     int begin, end;
-    tcq_split(k / TC_BK, begin, end);
+    split_steps(k / TC_BK, begin, end);
     const i64 row_bytes = (i64)(k / 32) * T::BLOCK;
 
     u32 xoff[4];
@@ -601,7 +592,7 @@ __device__ __forceinline__ void matmul_tcq_ggml(const u16* __restrict__ xh,
             }
         }
     }
-    tcq_store_split(acc, bias, bias_type, out, m, n);
+    store_tile_split(acc, bias, bias_type, out, m, n);
 }
 
 #define MATMUL_TCQ_GGML(TYPE, NAME)                                                           \
