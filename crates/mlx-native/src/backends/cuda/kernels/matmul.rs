@@ -1,5 +1,5 @@
 //! out = x·Wᵀ (+ bias) for every weight layout, weights read as stored: matvec.cu for a single
-//! row (decode; matvec_tc.cu's tensor-core kernel for MLX 4- and 8-bit, Q4_0 and Q4_K weights),
+//! row (decode; matvec_tc.cu's tensor-core kernel for MLX 4- and 8-bit, Q4_0, Q4_1 and Q4_K),
 //! matmul_tc.cu's 128×128 tensor-core tiles (f16 operands, f32 accumulation)
 //! for prefill-sized row counts, matmul.cu's 64×64 f32 tiles otherwise; and the decode-only
 //! gated pair (`Op::GatedMatMul`) on matvec.cu.
@@ -55,7 +55,7 @@ const MATVEC_TC_WARPS: usize = 16;
 const MATVEC_TC_TILE: usize = 16;
 /// The fewest warps of a tensor-core matvec block (`matvec_tc_plan`).
 const MATVEC_TC_MIN_WARPS: usize = 4;
-/// MLX, Q4_0 and Q4_K weights (gate and up together) up to this many stay on matvec.cu, which keeps
+/// MLX, Q4_0, Q4_1 and Q4_K weights (gate and up together) up to this many stay on matvec.cu, which keeps
 /// x in f32, unless an MLX matrix follows an RMSNorm over more than `FOLD_NORM_MAX_K`:
 /// matvec_tc folds it, where matvec.cu needs a launch in front (H200, 2026-11-26: Llama-3.2-1B
 /// shape 1,388 → 1,451 tok/s, Gemma-3-1B 398 → 438). Until the sixteenth session's cheaper
@@ -439,7 +439,7 @@ fn tcq_ggml_shared_bytes(ty: GgmlType) -> u32 {
     stages * (128 * 72 * 2 + 128 * 2 * block)
 }
 
-/// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4/8-bit, Q4_0, Q4_K), gate
+/// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4/8-bit, Q4_0/1, Q4_K), gate
 /// and up rows side by side in one pass; `gated_tiled` where they cannot read the operands.
 fn gated_matmul(
     lib: &KernelLibrary,
@@ -576,14 +576,16 @@ const TC_CHUNKS_Q4K: TcChunks = TcChunks {
 };
 
 /// The tensor-core matvec's plan for `m`, or None where matvec.cu multiplies it: formats
-/// matvec_tc.cu has (`MtMlx` 4- and 8-bit, `MtQ4_0` on quads, `MtQ4K`; Q4_K data is 16-byte
-/// aligned, `Weight::check_alignment`, and its rows whole super-blocks of 256).
+/// matvec_tc.cu has (`MtMlx` 4- and 8-bit, `MtQ4_0` on quads, `MtQ4_1`, `MtQ4K`; Q4_1 data is
+/// 4-byte aligned and Q4_K data 16-byte aligned, `Weight::check_alignment`, and a Q4_K row is
+/// whole super-blocks of 256).
 fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> {
     let mlx_simt_weights = if m.wide_norm { 0 } else { SIMT_MAX_WEIGHTS };
     let (chunks, simt_weights) = match m.layout {
         WeightLayout::MlxAffine { bits: 4, .. } => (TC_CHUNKS_32, mlx_simt_weights),
         WeightLayout::MlxAffine { bits: 8, .. } => (TC_CHUNKS_16, mlx_simt_weights),
         WeightLayout::Gguf(GgmlType::Q4_0) if m.q4_0_quads => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
+        WeightLayout::Gguf(GgmlType::Q4_1) => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
         WeightLayout::Gguf(GgmlType::Q4K) => (TC_CHUNKS_Q4K, SIMT_MAX_WEIGHTS),
         _ => return Ok(None),
     };
@@ -1076,7 +1078,7 @@ impl Folding {
 }
 
 /// The tensor-core matvec for weights `[n, k]` whose format (matvec_tc.cu's `MtMlx` for MLX 4-
-/// and 8-bit, `MtQ4_0`, `MtQ4K`) cuts rows as `chunking` says, or None where matvec.cu runs:
+/// and 8-bit, `MtQ4_0`, `MtQ4_1`, `MtQ4K`) cuts rows as `chunking` says, or None where matvec.cu runs:
 /// matrices of up to `simt_weights`, matrices of 2^32 elements or more, and x too long to stage
 /// in shared memory (with the norm weight where the kernel folds a norm). The update is folded
 /// where its weight fits beside and x's parts fill one round of the block's threads.
@@ -1252,6 +1254,7 @@ mod tests {
             (mlx(4), 576, 576, true),
             (mlx(4), 256, 512, false),
             (mlx(6), 4096, 4096, false),
+            (WeightLayout::Gguf(GgmlType::Q4_1), 4096, 4096, true),
             (WeightLayout::Gguf(GgmlType::Q4K), 4096, 4096, true),
             (WeightLayout::Gguf(GgmlType::Q6K), 4096, 4096, false),
             (WeightLayout::Dense, 4096, 4096, false),
