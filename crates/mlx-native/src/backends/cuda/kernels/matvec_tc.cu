@@ -308,6 +308,8 @@ struct MtQ4_1 {
 // with their own scales and mins. A quad's four chunks lie in one super-block (a row is whole
 // super-blocks, k % 256 == 0): lane t loads word t of its 16-byte header, and the fold shares
 // the words by shuffles, rather than every lane holding the whole header a row in registers.
+// H100, 2026-11-28, decode after 128 tokens (from matvec.cu's kernels and their norm launches):
+// Q4_K 1B shape 1,282 → 2,150 tok/s, 8B 300.1 → 483.7, Qwen3-0.6B 1,006 → 1,953.
 struct MtQ4K {
     static constexpr int CHUNK = 32;
     static constexpr int UNIT = 16;  // bytes of a row unit: a super-block is 9
