@@ -55,8 +55,8 @@ const MATVEC_TC_WARPS: usize = 16;
 const MATVEC_TC_TILE: usize = 16;
 /// The fewest warps of a tensor-core matvec block (`matvec_tc_plan`).
 const MATVEC_TC_MIN_WARPS: usize = 4;
-/// MLX, Q4_0, Q4_1 and Q4_K weights (gate and up together) up to this many stay on matvec.cu, which keeps
-/// x in f32, unless an MLX matrix follows an RMSNorm over more than `FOLD_NORM_MAX_K`:
+/// MLX, Q4_0, Q4_1 and Q4_K weights (gate and up together) up to this many stay on matvec.cu,
+/// which keeps x in f32, unless an MLX matrix follows an RMSNorm over more than `FOLD_NORM_MAX_K`:
 /// matvec_tc folds it, where matvec.cu needs a launch in front (H200, 2026-11-26: Llama-3.2-1B
 /// shape 1,388 → 1,451 tok/s, Gemma-3-1B 398 → 438). Until the sixteenth session's cheaper
 /// dequantization the threshold was 2^21 (SmolLM2's gate/up pair, 1.8 M, lost 8% on tensor
@@ -439,8 +439,9 @@ fn tcq_ggml_shared_bytes(ty: GgmlType) -> u32 {
     stages * (128 * 72 * 2 + 128 * 2 * block)
 }
 
-/// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4/8-bit, Q4_0/1, Q4_K), gate
-/// and up rows side by side in one pass; `gated_tiled` where they cannot read the operands.
+/// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4/8-bit, Q4_0, Q4_1 and
+/// Q4_K), gate and up rows side by side in one pass; `gated_tiled` where they cannot read the
+/// operands.
 fn gated_matmul(
     lib: &KernelLibrary,
     op: &Op,
@@ -1078,7 +1079,8 @@ impl Folding {
 }
 
 /// The tensor-core matvec for weights `[n, k]` whose format (matvec_tc.cu's `MtMlx` for MLX 4-
-/// and 8-bit, `MtQ4_0`, `MtQ4_1`, `MtQ4K`) cuts rows as `chunking` says, or None where matvec.cu runs:
+/// and 8-bit, `MtQ4_0`, `MtQ4_1`, `MtQ4K`) cuts rows as `chunking` says, or None where matvec.cu
+/// runs:
 /// matrices of up to `simt_weights`, matrices of 2^32 elements or more, and x too long to stage
 /// in shared memory (with the norm weight where the kernel folds a norm). The update is folded
 /// where its weight fits beside and x's parts fill one round of the block's threads.

@@ -1,7 +1,8 @@
 // y = x·Wᵀ (+ bias) for a single row x (decode) and MLX affine 4- or 8-bit, ggml Q4_0, Q4_1 or
-// Q4_K weights (the formats `MtMlx`, `MtQ4_0`, `MtQ4_1`, `MtQ4K` below), on tensor cores: a 4-bit weight costs 5/8 of an
-// ALU instruction (its field ORed into the mantissa of an f16 as it lies, `fields_f16`), and the
-// multiply-adds run as m16n8k16 mma.sync with f32 accumulation instead of one FMA per weight.
+// Q4_K weights (the formats `MtMlx`, `MtQ4_0`, `MtQ4_1`, `MtQ4K` below), on tensor cores: a 4-bit
+// weight costs 5/8 of an ALU instruction (its field ORed into the mantissa of an f16 as it lies,
+// `fields_f16`), and the multiply-adds run as m16n8k16 mma.sync with f32 accumulation instead of
+// one FMA per weight.
 // Each f16 carries an offset (1024 + q, or 64 + q for a field 4 bits up) that a chunk's dot
 // sheds at once: Σ offset·x over the chunk's staged x is the same for all rows, so the staging
 // computes it once a block (`F::offset`, the `cfold` array).
@@ -456,7 +457,8 @@ __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const 
             for (int h = 0; h < 2; ++h) {
                 // c[0] = c[1]: row g; c[2] = c[3]: row g + 8.
                 if constexpr (SUBS == 1) {
-                    const float dot = ca[0][m][2 * h] - cf.y + cb[0][m][2 * h];  // cf: Σx, Σ offset·x
+                    // cf: Σx, Σ offset·x
+                    const float dot = ca[0][m][2 * h] - cf.y + cb[0][m][2 * h];
                     acc[m][h] = F::fold(s.r[i][m][h], NORM ? dot * inv : dot, cf.x, acc[m][h]);
                 } else {
                     float dots[SUBS];
@@ -651,9 +653,10 @@ __device__ __forceinline__ float mt_stage_x_parts(const float* __restrict__ x,
 }
 
 // Formats staged in whole chunks (Q4_0, whose first chunk of a quad takes its elements out of
-// order, and which has no Σx; Q4_K, whose chunk is two runs of x): thread t stages chunks t,
-// t + blockDim, …, each from its runs of F::RUN contiguous elements (`F::x_at`), and forms
-// the chunk's sums uint4 by uint4 (`F::stage_fold`). Returns the thread's Σx² (NORM).
+// order, and which has no Σx; Q4_1, in Q4_0's order; Q4_K, whose chunk is two runs of x):
+// thread t stages chunks t, t + blockDim, …, each from its runs of F::RUN contiguous elements
+// (`F::x_at`), and forms the chunk's sums uint4 by uint4 (`F::stage_fold`). Returns the
+// thread's Σx² (NORM).
 template <class F, bool NORM>
 __device__ __forceinline__ float mt_stage_x_chunks(const float* __restrict__ x,
                                                    const u16* __restrict__ x_h, int k,
@@ -750,7 +753,7 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     float* gu = gs + k;        // the update's norm weight (UPDATE), likewise
     u32* xh = smem + (NORM ? k : 0) + (UPDATE ? k : 0);
     u32* zero = xh + st.chunks * (CHUNK / 2);
-    auto* cfold = (typename F::Fold*)(zero + CHUNK / 2);  // 16-byte aligned: k % 32 == 0
+    auto* cfold = (typename F::Fold*)(zero + CHUNK / 2);  // 16-byte aligned: k % 16 == 0
     float* cinv = (float*)(cfold + st.chunks);  // NORM: each chunk's 1/scale
 
     MtStage<F, M, STAGE> sa, sb;
