@@ -1307,6 +1307,9 @@ mod tests {
         assert_eq!(shared(12_288, Folding::UPDATE), Some((78_400, false)));
         assert_eq!(shared(16_896, Folding::NONE), Some((38_080, false)));
         assert_eq!(shared(16_896, Folding::NORM), None);
+        // Q4_K's chunks stage four sums each (two runs): 16 bytes a chunk.
+        let q4k = matvec_tc_plan(4096, 4096, TC_CHUNKS_Q4K, false, Folding::NONE, 132, 0);
+        assert_eq!(q4k.unwrap().map(|p| p.shared), Some(10_304));
     }
 
     /// The kernel's 32-bit offsets reach 2^32 − 1 elements; a larger matrix runs matvec.cu.
