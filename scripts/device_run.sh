@@ -21,7 +21,7 @@ model=$root/.device-bin/shared/models/smollm2-135m-instruct-4bit
 bench() { "$bin/mlxn" bench --device cuda --json "$@" 2>&1 | tee -a "$out/bench.jsonl"; }
 bench --model "$model" --prompt-lens 16,128,512 --decode 256
 bench --model "$model" --prompt-lens 128 --decode 256 --no-graph
-for q in mlx4g64 q4_0; do
+for q in mlx4g64 q4_0 q4_k; do
   bench --synthetic llama-3.2-1b --quant $q --prompt-lens 128,2048 --decode 128
   bench --synthetic llama-3.1-8b --quant $q --prompt-lens 128,2048 --decode 128 --reps 2
 done
