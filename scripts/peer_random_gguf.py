@@ -1,8 +1,12 @@
-"""Write a random-weight llama GGUF of a known shape (Q4_0 matrices, f32 norms) for
-llama-bench, so peers are measured on the same shapes as `mlxn bench --synthetic`.
-Needs numpy and llama.cpp's gguf-py (in the llama-cpp-python sdist: vendor/llama.cpp/gguf-py).
+"""Write a random-weight llama GGUF of a known shape (Q4_0 matrices, or f16 ones for
+`llama-quantize` to turn into K-quant mixes such as Q4_K_M; f32 norms; no tokenizer) for
+llama-bench and `mlxn bench --model`, so peers are measured on the same shapes as `mlxn bench
+--synthetic`, or on the very same files. `tiny` (256 wide, one layer) checks the recipe in
+seconds. Needs numpy and llama.cpp's gguf-py (in the llama-cpp-python sdist:
+vendor/llama.cpp/gguf-py).
 
-usage: PYTHONPATH=.../gguf-py python3 peer_random_gguf.py smollm2-135m|llama-3.2-1b|llama-3.1-8b OUT.gguf
+usage: PYTHONPATH=.../gguf-py python3 peer_random_gguf.py SHAPE OUT.gguf [q4_0|f16]
+       SHAPE: smollm2-135m, llama-3.2-1b, llama-3.1-8b, tiny
 """
 import sys
 import numpy as np
@@ -12,8 +16,10 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied
     "smollm2-135m": (576, 1536, 30, 9, 3, 49152, True),
     "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256, True),
     "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256, False),
+    "tiny": (256, 256, 1, 4, 2, 256, True),
 }
 name, out = sys.argv[1], sys.argv[2]
+layout = sys.argv[3] if len(sys.argv) > 3 else "q4_0"
 hidden, inter, layers, heads, kv, vocab, tied = SHAPES[name]
 rng = np.random.default_rng(0)
 
@@ -38,6 +44,9 @@ w.add_vocab_size(vocab)
 w.add_tokenizer_model("none")
 Q = gguf.GGMLQuantizationType.Q4_0
 def mat(tensor, n, k):
+    if layout == "f16":
+        w.add_tensor(tensor, (rng.standard_normal((n, k), dtype=np.float32) * 0.02).astype(np.float16))
+        return
     blocks = q4_0(n, k)
     w.add_tensor(tensor, blocks, raw_shape=blocks.shape, raw_dtype=Q)
 mat("token_embd.weight", vocab, hidden)

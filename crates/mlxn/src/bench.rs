@@ -77,8 +77,8 @@ fn model(args: &BenchArgs) -> Result<(Device, Decoder, String)> {
                 model: path.clone(),
                 run: args.run.clone(),
             };
-            let (device, loaded) = load::device_and_model(&model_args)?;
-            Ok((device, loaded.model, path.display().to_string()))
+            let (device, model) = load::device_and_decoder(&model_args)?;
+            Ok((device, model, path.display().to_string()))
         }
         (None, Some(name)) => {
             let device = Device::parse(&args.run.device)?;

@@ -82,6 +82,38 @@ fn bench_samples_when_given_a_temperature() {
     assert!((fraction - field("decode_gb_per_s") / copy).abs() <= 1e-9 * fraction);
 }
 
+/// `bench` loads the network alone: a GGUF file with no tokenizer (llama.cpp's random-weight
+/// files, here mlx-native's K-quant fixture) runs, and its weight bytes are the file's.
+#[test]
+fn bench_runs_a_gguf_file_without_a_tokenizer() {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../mlx-native/tests/fixtures/kquants/q4_k_m.gguf");
+    let out = mlxn(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-lens",
+        "4",
+        "--decode",
+        "3",
+        "--reps",
+        "1",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["decode_tokens"], 3);
+    // One token reads every matrix once (the tied embedding as the lm head): less than the
+    // file with its metadata, more than half of it.
+    let bytes = json["weight_bytes_per_token"].as_f64().unwrap();
+    let file = std::fs::metadata(&model).unwrap().len() as f64;
+    assert!(bytes < file && bytes > file / 2.0, "{bytes} of {file}");
+}
+
 #[test]
 fn bad_input_is_an_error_not_a_panic() {
     let dir = std::env::temp_dir().join(format!("mlxn-cli-{}", std::process::id()));
