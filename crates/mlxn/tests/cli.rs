@@ -15,6 +15,34 @@ fn mlxn(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The JSON object a run printed, which must have succeeded.
+fn success_json(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `mlxn bench` of `model` (`--model PATH` or `--synthetic NAME`): a 4-token prompt, 3 decode
+/// steps, once, as JSON, with `extra` flags.
+fn short_bench(model: &[&str], extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["bench"];
+    args.extend(model);
+    args.extend([
+        "--prompt-lens",
+        "4",
+        "--decode",
+        "3",
+        "--reps",
+        "1",
+        "--json",
+    ]);
+    args.extend(extra);
+    success_json(&mlxn(&args))
+}
+
 #[test]
 fn generate_json_matches_the_mlx_lm_reference() {
     let reference: serde_json::Value = serde_json::from_slice(
@@ -34,12 +62,7 @@ fn generate_json_matches_the_mlx_lm_reference() {
         "--output",
         "json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = success_json(&out);
     assert_eq!(json["prompt_ids"], case["prompt_ids"]);
     assert_eq!(json["generated_ids"], case["greedy_ids"]);
     assert_eq!(json["text"], case["greedy_text"]);
@@ -48,28 +71,10 @@ fn generate_json_matches_the_mlx_lm_reference() {
 
 #[test]
 fn bench_samples_when_given_a_temperature() {
-    let out = mlxn(&[
-        "bench",
-        "--synthetic",
-        "smollm2-135m",
-        "--prompt-lens",
-        "4",
-        "--decode",
-        "3",
-        "--reps",
-        "1",
-        "--json",
-        "--temp",
-        "0.8",
-        "--top-k",
-        "40",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let json = short_bench(
+        &["--synthetic", "smollm2-135m"],
+        &["--temp", "0.8", "--top-k", "40"],
     );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["temperature"].as_f64(), Some(0.8f32 as f64));
     assert_eq!(json["top_k"], 40);
     assert_eq!(json["decode_tokens"], 3);
@@ -88,24 +93,7 @@ fn bench_samples_when_given_a_temperature() {
 fn bench_runs_a_gguf_file_without_a_tokenizer() {
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../mlx-native/tests/fixtures/kquants/q4_k_m.gguf");
-    let out = mlxn(&[
-        "bench",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt-lens",
-        "4",
-        "--decode",
-        "3",
-        "--reps",
-        "1",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = short_bench(&["--model", model.to_str().unwrap()], &[]);
     assert_eq!(json["decode_tokens"], 3);
     // One token reads every matrix once (the tied embedding as the lm head): less than the
     // file with its metadata, more than half of it.
