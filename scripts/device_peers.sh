@@ -3,8 +3,11 @@
 # llama-bench on the SmolLM2 Q4_1 GGUF (if its parts were carried; else a random-weight Q4_0
 # GGUF of its shape) and on random-weight Llama-3.2-1B / 3.1-8B Q4_0 GGUFs, the shapes
 # `mlxn bench --synthetic` measures. Inputs in .device-bin/peer/ (see docs/gpu.md). With
-# .device-bin/bin/mlxn carried too, mlxn runs the same shapes in the same call.
-#   bash scripts/device_peers.sh [build]
+# .device-bin/bin/mlxn carried too, mlxn runs the same shapes in the same call. KQUANT=Q4_K_M
+# (any llama-quantize type) adds the 1B and 8B shapes in that type: f16 random weights quantized
+# by llama-quantize, and both engines on the very same file (llama_bench_kquant.md,
+# mlxn_kquant.jsonl).
+#   [KQUANT=Q4_K_M] bash scripts/device_peers.sh [build]
 # The build takes 4 to 6 minutes, the rest about as long: `build` stops after it, and a second
 # call while the machine is still warm finds llama-bench in .device-bin/peer-build (git-ignored,
 # so kept between calls) and goes straight to the runs.
@@ -37,5 +40,19 @@ if [ -x "$mlxn" ]; then
       "$mlxn" bench --device cuda --json --synthetic $m --quant $q --prompt-lens 16,2048 --decode 128 \
         --reps 2 2>&1 | grep '^{' | tee -a "$out/mlxn_same_call.jsonl"
     done
+  done
+fi
+if [ -n "${KQUANT:-}" ]; then
+  for m in llama-3.2-1b llama-3.1-8b; do
+    python3 scripts/peer_random_gguf.py $m /tmp/$m-f16.gguf f16
+    LD_LIBRARY_PATH=$work/build/bin "$work/build/bin/llama-quantize" /tmp/$m-f16.gguf \
+      /tmp/$m-$KQUANT.gguf $KQUANT > "$out/quantize-$m.log" 2>&1
+    rm -f /tmp/$m-f16.gguf
+    scripts/peer_llamacpp.sh bench "$work" /tmp/$m-$KQUANT.gguf -p 2048 -n 128 -fa 1 -o md 2>/dev/null \
+      | tee -a "$out/llama_bench_kquant.md"
+    if [ -x "$mlxn" ]; then
+      "$mlxn" bench --device cuda --json --model /tmp/$m-$KQUANT.gguf --prompt-lens 16,2048 \
+        --decode 128 --reps 2 2>&1 | grep '^{' | tee -a "$out/mlxn_kquant.jsonl"
+    fi
   done
 fi

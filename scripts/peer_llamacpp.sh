@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-bench from the llama-cpp-python sdist (the peer we compare with) and
-# run it on a GGUF file. The sdist comes through pip, by package name.
+# Build llama.cpp's llama-bench and llama-quantize from the llama-cpp-python sdist (the peer we
+# compare with) and run llama-bench on a GGUF file. The sdist comes through pip, by package name.
 #   scripts/peer_llamacpp.sh build cpu|cuda BUILD_DIR     (needs cmake; cuda needs nvcc)
 #   scripts/peer_llamacpp.sh bench BUILD_DIR MODEL.gguf [llama-bench args...]
 # On the GPU machine, which has no network: run `prepare OUT.tar.xz` here first, carry the
@@ -25,7 +25,7 @@ case "${1:-}" in
     flags=(-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_TYPE=Release)
     if [ "$kind" = cuda ]; then flags+=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90); fi
     cmake -S "$dir/llama.cpp" -B "$dir/build" "${flags[@]}" > "$dir/cmake.log" 2>&1
-    cmake --build "$dir/build" --target llama-bench -j "$(nproc)" > "$dir/build.log" 2>&1
+    cmake --build "$dir/build" --target llama-bench llama-quantize -j "$(nproc)" > "$dir/build.log" 2>&1
     echo "built $dir/build/bin/llama-bench";;
   bench)
     dir=$2; model=$3; shift 3
