@@ -530,6 +530,7 @@ pub(crate) fn matvec_reads_half_x(
         folds: false,
         updates: false,
         q4_0_quads: k.is_multiple_of(128),
+        q6_k_rows: k.is_multiple_of(2048),
         wide_norm: false,
     };
     matches!(tensor_core_plan(matvec, sm_count), Ok(Some(_)))
@@ -549,6 +550,9 @@ struct DecodeMatvec {
     updates: bool,
     /// Q4_0 rows of k % 128 == 0 from 8-byte aligned data: `MtQ4_0` loads quads of blocks.
     q4_0_quads: bool,
+    /// Q6_K rows of k % 2,048 == 0 from 16-byte aligned data: every row 16-byte aligned, as
+    /// `MtQ6K`'s aligned words need.
+    q6_k_rows: bool,
     /// A norm that matvec.cu would launch in front (k > FOLD_NORM_MAX_K), which sends smaller
     /// MLX matrices to the tensor cores too, since their kernel folds it.
     wide_norm: bool,
@@ -575,6 +579,10 @@ const TC_CHUNKS_Q4K: TcChunks = TcChunks {
     elems: 32,
     fold_bytes: 16,
 };
+const TC_CHUNKS_Q6K: TcChunks = TcChunks {
+    elems: 32,
+    fold_bytes: 16,
+};
 
 /// The tensor-core matvec's plan for `m`, or None where matvec.cu multiplies it: formats
 /// matvec_tc.cu has (`MtMlx` 4- and 8-bit, `MtQ4_0` on quads, `MtQ4_1`, `MtQ4K`; Q4_1 data is
@@ -588,6 +596,9 @@ fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> 
         WeightLayout::Gguf(GgmlType::Q4_0) if m.q4_0_quads => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
         WeightLayout::Gguf(GgmlType::Q4_1) => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
         WeightLayout::Gguf(GgmlType::Q4K) => (TC_CHUNKS_Q4K, SIMT_MAX_WEIGHTS),
+        WeightLayout::Gguf(GgmlType::Q6K) if m.q6_k_rows && !m.gated => {
+            (TC_CHUNKS_Q6K, SIMT_MAX_WEIGHTS)
+        }
         _ => return Ok(None),
     };
     // The update is staged with x in parts (`mt_stage_x_parts`): MLX only.
@@ -718,6 +729,7 @@ impl<'a> DecodePlan<'a> {
                 Some(up) => aligned8(up)?,
                 None => true,
             };
+        let q6_k_rows = k.is_multiple_of(2048) && device_ptr(weight.data())? % 16 == 0;
         let matvec = DecodeMatvec {
             layout: weight.layout(),
             n,
@@ -726,6 +738,7 @@ impl<'a> DecodePlan<'a> {
             folds: tc_folds,
             updates: update.is_some(),
             q4_0_quads,
+            q6_k_rows,
             wide_norm: norm.is_some() && k > FOLD_NORM_MAX_K,
         };
         let tensor_cores = tensor_core_plan(matvec, sm_count)?;
@@ -1258,7 +1271,8 @@ mod tests {
             (mlx(6), 4096, 4096, false),
             (WeightLayout::Gguf(GgmlType::Q4_1), 4096, 4096, true),
             (WeightLayout::Gguf(GgmlType::Q4K), 4096, 4096, true),
-            (WeightLayout::Gguf(GgmlType::Q6K), 4096, 4096, false),
+            (WeightLayout::Gguf(GgmlType::Q6K), 4096, 4096, true),
+            (WeightLayout::Gguf(GgmlType::Q6K), 4096, 4352, false),
             (WeightLayout::Dense, 4096, 4096, false),
         ];
         for (layout, n, k, reads) in cases {

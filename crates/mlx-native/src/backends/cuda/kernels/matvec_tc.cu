@@ -390,6 +390,107 @@ struct MtQ4K {
     }
 };
 
+// ggml Q6_K (210-byte super-blocks of 256 elements: 128 bytes of low nibbles `ql`, 64 of high
+// 2-bit pairs `qh`, 16 int8 scales a 16 elements, f16 d; w = d·sc·(q − 32)): element
+// 128h + 32g + l takes nibble g / 2 of ql[64h + 32(g % 2) + l] and bits 2g of qh[32h + l]. A
+// chunk is 8 values of l (l0 = 8t for lane t of a quad) in the four groups g of half h: the
+// bytes ql[64h + l0 …], ql[64h + 32 + l0 …] and qh[32h + l0 …] (24 bytes for 32 elements, each
+// loaded once), x staged as four runs of 8 (one a group, each its own scale: SUBS = 4). A
+// super-block is only 2-byte aligned (4-byte for even ones, in rows 16-byte aligned: k % 2,048 ==
+// 0), so each 8 bytes come as three aligned words realigned at use by funnel shifts (`shift`,
+// 0 or 16), and every load stays inside the matrix. 6-bit fields: the nibble and the two bits
+// moved beside it, ORed into 1024 (low nibbles) or 64 (high, a step of 1/16), offsets 1024 + 32
+// and 64 + 32 with the −32. Plain kernels only: a stage holds 14 words a row, too many for
+// the gated kernel's two weights (Q4_K_M files keep gate and up in Q4_K).
+struct MtQ6K {
+    static constexpr int CHUNK = 32;
+    static constexpr int UNIT = 1;  // row offsets in bytes: a super-block is 210
+    static constexpr int STAGE = 1;
+    static constexpr bool PARTS = false;
+    static constexpr int SUBS = 4;
+    static constexpr int RUN = 8;
+    using Fold = float4;  // each group's offset times its Σx as staged
+    struct Raw {
+        // Aligned words around ql (groups 0 and 2), ql (1 and 3), qh, and the half's scales.
+        u32 lo[3], hi[3], qh[3], sc[3];
+        u32 d;  // the aligned word holding d
+        u32 shift;                       // 8 × the super-block's misalignment
+    };
+    static __device__ __forceinline__ void load3(const u8* w, u32 at, u32* v) {
+        const u32* p = (const u32*)(w + (at & ~3u));
+#pragma unroll
+        for (int i = 0; i < 3; ++i) v[i] = load_stream4(p + i);
+    }
+    static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
+                                                int c, Raw& r) {
+        const u32 block = st.unit_row[h] + 210 * (c >> 3), half = (c >> 2) & 1;
+        const u32 l0 = 8 * st.t;
+        load3(wt.w, block + 64 * half + l0, r.lo);
+        load3(wt.w, block + 64 * half + 32 + l0, r.hi);
+        load3(wt.w, block + 128 + 32 * half + l0, r.qh);
+        load3(wt.w, block + 192 + 8 * half, r.sc);
+        r.d = load_stream4((const u32*)(wt.w + ((block + 208) & ~3u)));
+        r.shift = 8 * (block & 3);
+    }
+    // The 6-bit fields of group j's elements 4i + {0, 2} and 4i + {1, 3} (i = 0, 1).
+    static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
+        const u32* q = j & 1 ? r.hi : r.lo;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const u32 w = __funnelshift_r(q[i], q[i + 1], r.shift);
+            const u32 hb = __funnelshift_r(r.qh[i], r.qh[i + 1], r.shift);
+            // Bits 2j of each qh byte beside the nibble: at 4–5 (low nibbles) or 8–9 (high).
+            const int up = j == 0 || j == 2 ? 4 : 2;
+            if (j < 2) {
+                p[2 * i] = ((w & 0x000f000fu) | 0x64006400u) | ((hb << up) & 0x00300030u);
+                p[2 * i + 1] =
+                    (((w >> 8) & 0x000f000fu) | 0x64006400u) | ((hb >> (8 - up)) & 0x00300030u);
+            } else {
+                p[2 * i] = ((w & 0x00f000f0u) | 0x54005400u) | ((hb << up) & 0x03000300u);
+                p[2 * i + 1] =
+                    (((w >> 8) & 0x00f000f0u) | 0x54005400u) | ((hb >> (8 - up)) & 0x03000300u);
+            }
+        }
+    }
+    static __device__ __forceinline__ int slot(bool, int j, int e) {
+        return MtQ4K::slot(false, j, e);
+    }
+    // Where group r's run of chunk c starts in x.
+    static __device__ __forceinline__ i64 x_at(int c, int r) {
+        return 256 * (i64)(c >> 3) + 128 * ((c >> 2) & 1) + 32 * r + 8 * (c & 3);
+    }
+    static __device__ __forceinline__ void stage_fold(int j, const u32* o, const float*,
+                                                      Fold& f) {
+        float staged = 0.f;
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+            staged += f16_to_f32((u16)o[q]) + f16_to_f32((u16)(o[q] >> 16));
+        const float offset = j < 2 ? 1056.f : 96.f;
+        if (j == 0) f.x = offset * staged;
+        else if (j == 1) f.y = offset * staged;
+        else if (j == 2) f.z = offset * staged;
+        else f.w = offset * staged;
+    }
+    // y += d·Σ_g sc_g·(dot_g − offset·Σx as staged)·inv; the group's scale is byte
+    // 2g + t / 2 of the half's eight.
+    static __device__ __forceinline__ float fold_subs(const Raw& r, int, const float* dot,
+                                                      const Fold& f, float inv, float acc) {
+        const u32 s0 = __funnelshift_r(r.sc[0], r.sc[1], r.shift);
+        const u32 s1 = __funnelshift_r(r.sc[1], r.sc[2], r.shift);
+        const u32 b = 8 * ((threadIdx.x & 3) >> 1);
+        const float d = f16_to_f32((u16)(r.d >> r.shift));
+        const float offs[4] = {f.x, f.y, f.z, f.w};
+        float sum = 0.f;
+#pragma unroll
+        for (int g = 0; g < 4; ++g) {
+            const u32 byte = ((g < 2 ? s0 : s1) >> (b + 16 * (g & 1))) & 0xffu;
+            const float sc = small_u32_float(byte ^ 0x80u) - 128.f;  // the int8, exactly
+            sum = fmaf(sc, dot[g] - offs[g], sum);
+        }
+        return fmaf(d, sum * inv, acc);
+    }
+};
+
 // One stage of a lane's loads: STAGE chunks of rows g and g+8 for each weight.
 template <class F, int M, int STAGE>
 struct MtStage {
@@ -887,7 +988,7 @@ MATVEC_TC_ALL_TYPES(8)
 // a Q4_0 row is k / 32 blocks of 18 bytes, k / 128 · 9 units of 8 bytes (k % 128 == 0); a Q4_1
 // row k / 32 blocks of 20 bytes, 5 units of 4 bytes each; a Q4_K row k / 256 super-blocks of
 // 144 bytes, 9 units of 16 bytes each.
-#define MATVEC_TC_GGML(F, NAME, ROW_UNITS, PREFIX, NORM)                                           \
+#define MATVEC_TC_GGML_PLAIN(F, NAME, ROW_UNITS, PREFIX, NORM)                                     \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##NAME(const float* x, const u8* w, const void* bias, int bias_type, float* out,     \
                      int n, int k, int kgroups, MATVEC_NORM_ARGS, const u16* x_h,                  \
@@ -895,7 +996,9 @@ MATVEC_TC_ALL_TYPES(8)
         const MtWeight wt[1] = {{w, nullptr, nullptr}};                                            \
         matvec_tc<F, false, NORM>(wt, x, x_h, MATVEC_PRE_NORM, MATVEC_UPDATE, bias, bias_type,     \
                                   out, nullptr, n, k, ROW_UNITS, 0, kgroups, 0);                   \
-    }                                                                                              \
+    }
+#define MATVEC_TC_GGML(F, NAME, ROW_UNITS, PREFIX, NORM)                                           \
+    MATVEC_TC_GGML_PLAIN(F, NAME, ROW_UNITS, PREFIX, NORM)                                         \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##gated_##NAME(const float* x, const u8* w, const u8* w_up, float* out, int n,       \
                              int k, int kgroups, int act, MATVEC_NORM_ARGS, u16* out_h,            \
@@ -910,3 +1013,5 @@ MATVEC_TC_GGML(MtQ4_1, q4_1, k / 32 * 5, matvec_tc_, false)
 MATVEC_TC_GGML(MtQ4_1, q4_1, k / 32 * 5, matvec_tc_norm_, true)
 MATVEC_TC_GGML(MtQ4K, q4_k, k / 256 * 9, matvec_tc_, false)
 MATVEC_TC_GGML(MtQ4K, q4_k, k / 256 * 9, matvec_tc_norm_, true)
+MATVEC_TC_GGML_PLAIN(MtQ6K, q6_k, k / 256 * 210, matvec_tc_, false)
+MATVEC_TC_GGML_PLAIN(MtQ6K, q6_k, k / 256 * 210, matvec_tc_norm_, true)
