@@ -1,4 +1,4 @@
-# Emulates matvec_tc.cu's MtQ6K (branch q6k-tc) on one random Q6_K row: its loads (aligned words
+# Emulates matvec_tc.cu's MtQ6K on one random Q6_K row: its loads (aligned words
 # realigned by funnel shifts), fields, x slots, staged offsets and fold, against ggml's
 # dequantization. Prints the reference dot, the emulated one and their relative difference (f16
 # x: ~1e-5; with f32 x, edit the staged line: ~1e-15). Needs numpy.
