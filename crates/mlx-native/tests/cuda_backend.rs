@@ -9,7 +9,7 @@ use mlx_native::backends::cuda;
 use mlx_native::core::op::{BinaryFn, PreNorm, UnaryFn, LONG_ROW_KEYS};
 use mlx_native::engine::Session;
 use mlx_native::models::decoder::Decoder;
-use mlx_native::models::synthetic::{self, SyntheticWeights};
+use mlx_native::models::synthetic::{self, SyntheticQuant, SyntheticWeights};
 use mlx_native::ops::{self, AttentionShape, Linear, RopeTable};
 use mlx_native::quant::{GgmlType, WeightLayout};
 use mlx_native::{CommandEncoder, DType, Device, Error, Result, SamplingParams, Tensor};
@@ -2908,7 +2908,8 @@ fn bench_matvec_shapes() {
 fn decode_graphs_follow_the_row_length() {
     let Some(dev) = gpu() else { return };
     let params = synthetic::preset("smollm2-135m").unwrap();
-    let weights = SyntheticWeights::new(&dev, synthetic::parse_layout("mlx4g64").unwrap(), 3);
+    let quant = SyntheticQuant::parse("mlx4g64", &params).unwrap();
+    let weights = SyntheticWeights::new(&dev, quant, 3);
     let model = Decoder::load(params, &weights, &dev).unwrap();
     let mut session = Session::with_kv_dtype(model, &dev, 1100, DType::F16).unwrap();
     let greedy = SamplingParams::default();

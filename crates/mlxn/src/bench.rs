@@ -6,7 +6,7 @@
 use clap::Args;
 use mlx_native::engine::GenerateOptions;
 use mlx_native::models::decoder::Decoder;
-use mlx_native::models::synthetic::{self, SyntheticWeights};
+use mlx_native::models::synthetic::{self, SyntheticQuant, SyntheticWeights};
 use mlx_native::{Device, Error, Result};
 
 use crate::{load, peak_memory_bytes, DeviceArgs, ModelArgs, SamplingArgs};
@@ -20,7 +20,8 @@ pub struct BenchArgs {
     /// qwen3-0.6b, gemma-3-1b, qwen3-30b-a3b.
     #[arg(long)]
     synthetic: Option<String>,
-    /// Weight layout of the synthetic model: mlx{bits}g{group}, q4_0, q4_k, f16 …
+    /// Weight layout of the synthetic model: mlx{bits}g{group}, q4_0, q4_k, f16 …, or q4_k_m
+    /// (llama.cpp's mix of Q4_K and Q6_K)
     #[arg(long, default_value = "mlx4g64")]
     quant: String,
     #[command(flatten)]
@@ -83,8 +84,8 @@ fn model(args: &BenchArgs) -> Result<(Device, Decoder, String)> {
         (None, Some(name)) => {
             let device = Device::parse(&args.run.device)?;
             let params = synthetic::preset(name)?;
-            let layout = synthetic::parse_layout(&args.quant)?;
-            let weights = SyntheticWeights::new(&device, layout, 1);
+            let quant = SyntheticQuant::parse(&args.quant, &params)?;
+            let weights = SyntheticWeights::new(&device, quant, 1);
             let model = Decoder::load(params, &weights, &device)?;
             Ok((device, model, format!("synthetic {name} {}", args.quant)))
         }

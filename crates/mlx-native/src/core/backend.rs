@@ -106,4 +106,10 @@ pub trait Backend: Send + Sync {
     fn matvec_reads_half_x(&self, _layout: WeightLayout, _n: usize, _k: usize) -> bool {
         false
     }
+    /// Whether a one-row `Op::MatMul` with `pre_norm` of a weight (`layout`, `[n, k]`) computes the norm
+    /// in its own kernel rather than launching one in front: only then do several normed
+    /// matmuls of one x cost no more launches than one norm and plain matmuls.
+    fn matvec_folds_norm(&self, _layout: WeightLayout, _n: usize, _k: usize) -> bool {
+        true
+    }
 }

@@ -167,6 +167,24 @@ impl DecoderParams {
     }
 }
 
+/// `parts` in order, each run of consecutive parts stored alike joined into one weight named
+/// `name` (`Linear::concat_rows`); a part unlike its neighbours stays as it is.
+fn join_alike(name: &str, parts: Vec<Linear>) -> Result<Vec<Linear>> {
+    let mut runs: Vec<Vec<Linear>> = Vec::new();
+    for part in parts {
+        match runs.last_mut() {
+            Some(run) if run[0].stored_like(&part) => run.push(part),
+            _ => runs.push(vec![part]),
+        }
+    }
+    runs.into_iter()
+        .map(|mut run| match run.len() {
+            1 => Ok(run.remove(0)),
+            _ => Linear::concat_rows(name, &run.iter().collect::<Vec<_>>()),
+        })
+        .collect()
+}
+
 /// `t` as f32 (exact from f16/bf16): the block norms are folded into the decode matmuls and the
 /// q/k head norms into the attention, which read their weights as f32.
 fn f32_vector(t: Tensor) -> Result<Tensor> {
@@ -179,9 +197,10 @@ fn f32_vector(t: Tensor) -> Result<Tensor> {
 struct Layer {
     /// f32 (as every block input norm here: see `f32_vector`).
     attn_norm: Tensor,
-    /// q, k and v as one weight when stored alike (a decode step reads them in one pass);
-    /// then `q`, `k` and `v` view its rows.
-    qkv: Option<Linear>,
+    /// q, k and v in order, consecutive ones stored alike joined into one weight (a decode step
+    /// reads each in one pass: one weight unless a K-quant mix keeps v in Q6_K beside q and k
+    /// in Q4_K); `q`, `k` and `v` view their rows.
+    qkv: Vec<Linear>,
     q: Linear,
     k: Linear,
     v: Linear,
@@ -386,30 +405,35 @@ impl Decoder {
             let name = |s: &str| format!("model.layers.{l}.{s}");
             // Fused projections are split by output rows into views of the same memory;
             // separate ones stored alike are fused here.
-            let split = |qkv: &Linear| -> Result<(Linear, Linear, Linear)> {
-                Ok((
-                    qkv.narrow_rows(0, q_dim)?,
-                    qkv.narrow_rows(q_dim, kv_dim)?,
-                    qkv.narrow_rows(q_dim + kv_dim, kv_dim)?,
-                ))
-            };
-            let (qkv, (q, k, v)) = if a.fused_qkv {
+            let parts = if a.fused_qkv {
                 let qkv_dim = q_dim + 2 * kv_dim;
-                let qkv = weights.linear(&name("self_attn.qkv_proj"), qkv_dim, h, a.qkv_bias)?;
-                let parts = split(&qkv)?;
-                (Some(qkv), parts)
+                vec![weights.linear(&name("self_attn.qkv_proj"), qkv_dim, h, a.qkv_bias)?]
             } else {
-                let q = weights.linear(&name("self_attn.q_proj"), q_dim, h, a.qkv_bias)?;
-                let k = weights.linear(&name("self_attn.k_proj"), kv_dim, h, a.qkv_bias)?;
-                let v = weights.linear(&name("self_attn.v_proj"), kv_dim, h, a.qkv_bias)?;
-                if q.stored_like(&k) && q.stored_like(&v) {
-                    let qkv = Linear::concat_rows(&name("self_attn.qkv"), &[&q, &k, &v])?;
-                    let parts = split(&qkv)?;
-                    (Some(qkv), parts)
-                } else {
-                    (None, (q, k, v))
-                }
+                vec![
+                    weights.linear(&name("self_attn.q_proj"), q_dim, h, a.qkv_bias)?,
+                    weights.linear(&name("self_attn.k_proj"), kv_dim, h, a.qkv_bias)?,
+                    weights.linear(&name("self_attn.v_proj"), kv_dim, h, a.qkv_bias)?,
+                ]
             };
+            let qkv = join_alike(&name("self_attn.qkv"), parts)?;
+            let row = |start: usize, len: usize| -> Result<Linear> {
+                let mut first = 0;
+                for w in &qkv {
+                    if start < first + w.n {
+                        return w.narrow_rows(start - first, len);
+                    }
+                    first += w.n;
+                }
+                Err(Error::Invalid(format!(
+                    "{}: no rows at {start}",
+                    name("self_attn")
+                )))
+            };
+            let (q, k, v) = (
+                row(0, q_dim)?,
+                row(q_dim, kv_dim)?,
+                row(q_dim + kv_dim, kv_dim)?,
+            );
             let sparse = p.moe.as_ref().filter(|moe| moe.sparse_layers[l]);
             let mlp = match sparse {
                 Some(moe) => {
@@ -671,8 +695,9 @@ impl Decoder {
 
     /// Attention of layer `layer` over the input norm of the residual stream `x`, written to
     /// `s.attn` (before the output projection), and as f16 to `attn_h` if given. One decode row
-    /// reads q, k and v in one matvec with the norm (and x's update, if any) folded in;
-    /// otherwise the norm is a dispatch of its own and q, k, v three matmuls. q/k head norms
+    /// reads q, k and v in one matvec with the norm (and x's update, if any) folded in, or,
+    /// stored in parts, one normed matvec a part where each folds the norm; otherwise the norm
+    /// is a dispatch of its own and q, k, v three matmuls. q/k head norms
     /// (`Architecture::qk_norm`) are part of the attention dispatch.
     fn encode_attention(
         &self,
@@ -684,10 +709,21 @@ impl Decoder {
         (s, attn_h): (&Scratch, Option<&Tensor>),
     ) -> Result<()> {
         let p = &self.params;
-        match (&layer.qkv, &s.qkv) {
-            (Some(w), Some(qkv)) => {
-                let norm = self.input_norm(&layer.attn_norm);
-                ops::normed_matmul(enc, x.x, x.update, norm, w, qkv)?
+        let norm = self.input_norm(&layer.attn_norm);
+        let folds = |w: &Linear| ops::normed_matmul_folds(enc.device(), w);
+        match (layer.qkv.as_slice(), &s.qkv) {
+            ([w], Some(qkv)) => ops::normed_matmul(enc, x.x, x.update, norm, w, qkv)?,
+            (parts, Some(qkv)) if parts.iter().all(folds) => {
+                // A normed pass a part (q and k, then v, in a K-quant mix): one launch fewer
+                // than a norm of its own and plain matmuls.
+                let x = self.settle(enc, x)?;
+                let flat = qkv.reshape(&[qkv.elem_count()])?;
+                let mut start = 0;
+                for w in parts {
+                    let out = flat.narrow_rows(start, w.n)?.reshape(&[1, w.n])?;
+                    ops::normed_matmul(enc, x, None, norm, w, &out)?;
+                    start += w.n;
+                }
             }
             _ => {
                 let x = self.settle(enc, x)?;

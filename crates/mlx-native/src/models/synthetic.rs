@@ -131,17 +131,66 @@ pub fn parse_layout(name: &str) -> Result<WeightLayout> {
     }
 }
 
+/// How a synthetic model's matrices are stored.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SyntheticQuant {
+    /// Every matrix alike.
+    Uniform(WeightLayout),
+    /// llama.cpp's Q4_K_M mix of a model of `layers` layers, as `llama-quantize` writes it:
+    /// Q6_K for the output matrix (the embedding, where tied) and for v and down in layers
+    /// i < n/8, i ≥ 7n/8 and every third between; Q4_K elsewhere.
+    Q4KM { layers: usize, tied: bool },
+}
+
+impl SyntheticQuant {
+    /// `q4_k_m`, or a layout name (`parse_layout`) for every matrix.
+    pub fn parse(name: &str, params: &DecoderParams) -> Result<SyntheticQuant> {
+        Ok(match name {
+            "q4_k_m" => SyntheticQuant::Q4KM {
+                layers: params.num_layers,
+                tied: params.tie_word_embeddings,
+            },
+            _ => SyntheticQuant::Uniform(parse_layout(name)?),
+        })
+    }
+
+    /// The layout of the matrix the decoder loads as `name`.
+    fn layout_of(self, name: &str) -> WeightLayout {
+        let (layers, tied) = match self {
+            SyntheticQuant::Uniform(layout) => return layout,
+            SyntheticQuant::Q4KM { layers, tied } => (layers, tied),
+        };
+        let more_bits = |i: usize| {
+            let eighth = layers / 8;
+            i < eighth || i >= 7 * layers / 8 || (i - eighth) % 3 == 2
+        };
+        let layer = name
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        let six_bits = match layer {
+            Some(i) => (name.ends_with("v_proj") || name.ends_with("down_proj")) && more_bits(i),
+            None => name == "lm_head" || (tied && name == "model.embed_tokens"),
+        };
+        WeightLayout::Gguf(if six_bits {
+            GgmlType::Q6K
+        } else {
+            GgmlType::Q4K
+        })
+    }
+}
+
 pub struct SyntheticWeights {
     device: Device,
-    layout: WeightLayout,
+    quant: SyntheticQuant,
     seed: std::cell::Cell<u64>,
 }
 
 impl SyntheticWeights {
-    pub fn new(device: &Device, layout: WeightLayout, seed: u64) -> Self {
+    pub fn new(device: &Device, quant: SyntheticQuant, seed: u64) -> Self {
         SyntheticWeights {
             device: device.clone(),
-            layout,
+            quant,
             seed: std::cell::Cell::new(seed),
         }
     }
@@ -183,13 +232,19 @@ fn repeated<T: Element>(device: &Device, period: &[T], shape: &[usize]) -> Resul
 impl SyntheticWeights {
     /// The stored tensors of `lead`×`n` matrices of `k` columns (`lead` = [] for one matrix,
     /// [experts] for stacked experts): `DISTINCT_ROWS` random rows, quantized, repeated.
-    fn matrices(&self, lead: &[usize], n: usize, k: usize) -> Result<Vec<Tensor>> {
+    fn matrices(
+        &self,
+        layout: WeightLayout,
+        lead: &[usize],
+        n: usize,
+        k: usize,
+    ) -> Result<Vec<Tensor>> {
         let d = &self.device;
         // Uniform weights of std 1/√k keep activations in range through the layers.
         let rows = DISTINCT_ROWS.min(n);
         let w = self.random(rows * k, (3.0 / k as f32).sqrt());
         let shape = |cols: usize| [lead, &[n, cols]].concat();
-        Ok(match self.layout {
+        Ok(match layout {
             WeightLayout::Dense => {
                 let w: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
                 vec![repeated(d, &w, &shape(k))?]
@@ -221,18 +276,20 @@ impl SyntheticWeights {
 
 impl WeightSource for SyntheticWeights {
     fn linear(&self, name: &str, n: usize, k: usize, bias: bool) -> Result<Linear> {
-        let tensors = self.matrices(&[], n, k)?;
+        let layout = self.quant.layout_of(name);
+        let tensors = self.matrices(layout, &[], n, k)?;
         let bias = if bias {
             Some(self.device.from_slice(&self.random(n, 0.1), &[n])?)
         } else {
             None
         };
-        Linear::new(name, self.layout, tensors, bias, n, k)
+        Linear::new(name, layout, tensors, bias, n, k)
     }
 
     fn experts(&self, name: &str, experts: usize, n: usize, k: usize) -> Result<ExpertLinear> {
-        let tensors = self.matrices(&[experts], n, k)?;
-        ExpertLinear::new(name, self.layout, tensors, experts, n, k)
+        let layout = self.quant.layout_of(name);
+        let tensors = self.matrices(layout, &[experts], n, k)?;
+        ExpertLinear::new(name, layout, tensors, experts, n, k)
     }
 
     /// In f16, as an MLX checkpoint of an f16 model stores its norms (the session's KV caches
@@ -246,5 +303,61 @@ impl WeightSource for SyntheticWeights {
 
     fn has_linear(&self, _name: &str) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layers whose v and down projections `llama-quantize … Q4_K_M` (llama.cpp from the
+    /// llama-cpp-python 0.3.36 sdist) wrote in Q6_K, read from its logs for random-weight files
+    /// of the 1B and 8B shapes (2026-11-28); the 1B's tied embedding Q6_K, the 8B's Q4_K beside
+    /// its Q6_K output.
+    #[test]
+    fn q4_k_m_mix_matches_llama_quantize() {
+        let cases: [(&str, &[usize], WeightLayout); 2] = [
+            (
+                "llama-3.2-1b",
+                &[0, 1, 4, 7, 10, 13, 14, 15],
+                WeightLayout::Gguf(GgmlType::Q6K),
+            ),
+            (
+                "llama-3.1-8b",
+                &[0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31],
+                WeightLayout::Gguf(GgmlType::Q4K),
+            ),
+        ];
+        let (q4k, q6k) = (
+            WeightLayout::Gguf(GgmlType::Q4K),
+            WeightLayout::Gguf(GgmlType::Q6K),
+        );
+        for (shape, six_bit_layers, embedding) in cases {
+            let params = preset(shape).unwrap();
+            let quant = SyntheticQuant::parse("q4_k_m", &params).unwrap();
+            assert_eq!(quant.layout_of("model.embed_tokens"), embedding, "{shape}");
+            assert_eq!(quant.layout_of("lm_head"), q6k, "{shape}");
+            for l in 0..params.num_layers {
+                let want = if six_bit_layers.contains(&l) {
+                    q6k
+                } else {
+                    q4k
+                };
+                for (part, layout) in [
+                    ("self_attn.v_proj", want),
+                    ("mlp.down_proj", want),
+                    ("self_attn.q_proj", q4k),
+                    ("self_attn.k_proj", q4k),
+                    ("self_attn.o_proj", q4k),
+                    ("mlp.gate_proj", q4k),
+                    ("mlp.up_proj", q4k),
+                ] {
+                    let name = format!("model.layers.{l}.{part}");
+                    assert_eq!(quant.layout_of(&name), layout, "{shape} {name}");
+                }
+            }
+        }
+        let uniform = SyntheticQuant::parse("q6_k", &preset("llama-3.2-1b").unwrap()).unwrap();
+        assert_eq!(uniform.layout_of("model.layers.3.mlp.gate_proj"), q6k);
     }
 }

@@ -368,6 +368,12 @@ pub fn reads_half_copy(device: &Device, w: &Linear) -> bool {
     device.backend().matvec_reads_half_x(w.layout, w.n, w.k)
 }
 
+/// Whether `normed_matmul` of one row with `w` on `device` is one dispatch, the norm computed in
+/// the matmul's kernel (`Backend::matvec_folds_norm`).
+pub fn normed_matmul_folds(device: &Device, w: &Linear) -> bool {
+    device.backend().matvec_folds_norm(w.layout, w.n, w.k)
+}
+
 /// An f16 copy of a row of `n` values: f16 `[1, n]`.
 pub(super) fn check_half_copy(op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
     expect_dtype(op, what, t, &[DType::F16])?;

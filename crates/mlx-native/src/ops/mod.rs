@@ -14,8 +14,8 @@ pub use attention::{attention, kv_append, rope_attention, AttentionShape, HeadNo
 pub use elementwise::{binary, gated_activation, softcap, softmax, unary};
 pub use embedding::{embedding, scaled_embedding};
 pub use matmul::{
-    gated_matmul, matmul, matmul_add, normed_matmul, reads_half_copy, InputNorm, Linear,
-    ResidualUpdate,
+    gated_matmul, matmul, matmul_add, normed_matmul, normed_matmul_folds, reads_half_copy,
+    InputNorm, Linear, ResidualUpdate,
 };
 pub use moe::{gather_gated_matmul, gather_matmul, moe_combine, moe_route, ExpertLinear};
 pub use norm::{layer_norm, rms_norm, rms_norm_add};

@@ -318,6 +318,10 @@ impl Backend for CudaBackend {
         kernels::matvec_reads_half_x(self.library.sm_count(), layout, n, k)
     }
 
+    fn matvec_folds_norm(&self, layout: WeightLayout, n: usize, k: usize) -> bool {
+        kernels::matvec_folds_norm(self.library.sm_count(), layout, n, k)
+    }
+
     fn asynchronous(&self) -> bool {
         true
     }

@@ -522,18 +522,16 @@ pub(crate) fn matvec_reads_half_x(
     n: usize,
     k: usize,
 ) -> bool {
-    let matvec = DecodeMatvec {
-        layout,
-        n,
-        k,
-        gated: false,
-        folds: false,
-        updates: false,
-        q4_0_quads: k.is_multiple_of(128),
-        q6_k_rows: k.is_multiple_of(2048),
-        wide_norm: false,
-    };
+    let matvec = DecodeMatvec::aligned(layout, n, k, false);
     matches!(tensor_core_plan(matvec, sm_count), Ok(Some(_)))
+}
+
+/// Whether a one-row normed matmul of this weight computes the norm in its own kernel
+/// (`Backend::matvec_folds_norm`): matvec.cu up to `FOLD_NORM_MAX_K`, the tensor-core matvec
+/// at any width; rows and x taken as aligned.
+pub(crate) fn matvec_folds_norm(sm_count: usize, layout: WeightLayout, n: usize, k: usize) -> bool {
+    let matvec = DecodeMatvec::aligned(layout, n, k, true);
+    k <= FOLD_NORM_MAX_K || matches!(tensor_core_plan(matvec, sm_count), Ok(Some(_)))
 }
 
 /// A decode matvec as the choice of its kernel sees it: a weight of `layout` `[n, k]` (the
@@ -556,6 +554,24 @@ struct DecodeMatvec {
     /// A norm that matvec.cu would launch in front (k > FOLD_NORM_MAX_K), which sends smaller
     /// MLX matrices to the tensor cores too, since their kernel folds it.
     wide_norm: bool,
+}
+
+impl DecodeMatvec {
+    /// A plain matvec, normed where `norm`, of rows and x aligned as the tensor-core kernels
+    /// ask (the planner's view before the data's addresses are known).
+    fn aligned(layout: WeightLayout, n: usize, k: usize, norm: bool) -> Self {
+        DecodeMatvec {
+            layout,
+            n,
+            k,
+            gated: false,
+            folds: norm,
+            updates: false,
+            q4_0_quads: k.is_multiple_of(128),
+            q6_k_rows: k.is_multiple_of(2048),
+            wide_norm: norm && k > FOLD_NORM_MAX_K,
+        }
+    }
 }
 
 /// How matvec_tc.cu cuts a format's rows: elements a chunk, and bytes of a chunk's staged sums
