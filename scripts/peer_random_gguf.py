@@ -6,7 +6,7 @@ seconds. Needs numpy and llama.cpp's gguf-py (in the llama-cpp-python sdist:
 vendor/llama.cpp/gguf-py).
 
 usage: PYTHONPATH=.../gguf-py python3 peer_random_gguf.py SHAPE OUT.gguf [q4_0|f16]
-       SHAPE: smollm2-135m, llama-3.2-1b, llama-3.1-8b, tiny
+       SHAPE: smollm2-135m, llama-3.2-1b, llama-3.1-8b, tiny, tiny-q5
 """
 import sys
 import numpy as np
@@ -17,10 +17,15 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied
     "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256, True),
     "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256, False),
     "tiny": (256, 256, 1, 4, 2, 256, True),
+    "tiny-q5": (256, 64, 1, 2, 1, 64, True),
 }
+# Head dims other than hidden / heads: `tiny-q5` keeps its attention rows short, so that the
+# rows of 64 (attn_output, ffn_down) take llama-quantize's 32-block fallbacks.
+HEAD_DIMS = {"tiny-q5": 32}
 name, out = sys.argv[1], sys.argv[2]
 layout = sys.argv[3] if len(sys.argv) > 3 else "q4_0"
 hidden, inter, layers, heads, kv, vocab, tied = SHAPES[name]
+hd = HEAD_DIMS.get(name, hidden // heads)
 rng = np.random.default_rng(0)
 
 def q4_0(n, k):
@@ -39,7 +44,10 @@ w.add_head_count(heads)
 w.add_head_count_kv(kv)
 w.add_rope_freq_base(500000.0)
 w.add_layer_norm_rms_eps(1e-5)
-w.add_rope_dimension_count(hidden // heads)
+w.add_rope_dimension_count(hd)
+if hd != hidden // heads:
+    w.add_key_length(hd)
+    w.add_value_length(hd)
 w.add_vocab_size(vocab)
 w.add_tokenizer_model("none")
 Q = gguf.GGMLQuantizationType.Q4_0
@@ -52,7 +60,6 @@ def mat(tensor, n, k):
 mat("token_embd.weight", vocab, hidden)
 for i in range(layers):
     p = f"blk.{i}."
-    hd = hidden // heads
     mat(p + "attn_q.weight", heads * hd, hidden)
     mat(p + "attn_k.weight", kv * hd, hidden)
     mat(p + "attn_v.weight", kv * hd, hidden)

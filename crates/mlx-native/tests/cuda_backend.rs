@@ -759,6 +759,27 @@ fn ggml_weight(rng: &mut Rng, n: usize, k: usize, ty: GgmlType) -> HostWeight {
                     .unzip();
                 dense.extend(lo.into_iter().chain(hi));
             }
+            GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                // Q5_1 has m after d; then the word qh (bit j: element j's fifth bit) and qs.
+                let affine = ty == GgmlType::Q5_1;
+                put_f16(&mut b, 0, rng.sym(0.1));
+                if affine {
+                    put_f16(&mut b, 2, rng.sym(0.5));
+                }
+                let at = if affine { 4 } else { 2 };
+                let d = f16_at(&b, 0);
+                let (m, offset) = if affine {
+                    (f16_at(&b, 2), 0.0)
+                } else {
+                    (0.0, 16.0)
+                };
+                let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                dense.extend((0..32).map(|j| {
+                    let nibble = (b[at + 4 + j % 16] >> (4 * (j / 16))) & 15;
+                    let q = nibble as f64 + 16.0 * ((qh >> j) & 1) as f64;
+                    d * (q - offset) + m
+                }));
+            }
             GgmlType::Q8_0 => {
                 put_f16(&mut b, 0, rng.sym(0.02));
                 let d = f16_at(&b, 0);
@@ -785,6 +806,33 @@ fn ggml_weight(rng: &mut Rng, n: usize, k: usize, ty: GgmlType) -> HostWeight {
                     let (s2, m2) = scale_min(2 * pair + 1);
                     dense.extend(qs.iter().map(|&q| d * s1 * (q & 15) as f64 - dmin * m1));
                     dense.extend(qs.iter().map(|&q| d * s2 * (q >> 4) as f64 - dmin * m2));
+                }
+            }
+            GgmlType::Q5K => {
+                // Q4_K's scales, then qh[32] (bit j of qh[l]: the fifth bit of element l of
+                // sub-block j) and Q4_K's nibbles.
+                put_f16(&mut b, 0, rng.sym(0.01).abs());
+                put_f16(&mut b, 2, rng.sym(0.01).abs());
+                let (d, dmin) = (f16_at(&b, 0), f16_at(&b, 2));
+                let sc = &b[4..16];
+                let scale_min = |j: usize| -> (f64, f64) {
+                    if j < 4 {
+                        ((sc[j] & 63) as f64, (sc[j + 4] & 63) as f64)
+                    } else {
+                        (
+                            ((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4)) as f64,
+                            ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)) as f64,
+                        )
+                    }
+                };
+                let qh = &b[16..48];
+                for j in 0..8 {
+                    let qs = &b[48 + 32 * (j / 2)..48 + 32 * (j / 2) + 32];
+                    let (s, m) = scale_min(j);
+                    dense.extend((0..32).map(|l| {
+                        let q = ((qs[l] >> (4 * (j % 2))) & 15) | (((qh[l] >> j) & 1) << 4);
+                        d * s * q as f64 - dmin * m
+                    }));
                 }
             }
             GgmlType::Q6K => {
@@ -822,14 +870,17 @@ fn ggml_weight(rng: &mut Rng, n: usize, k: usize, ty: GgmlType) -> HostWeight {
     }
 }
 
-const GGML_TYPES: [GgmlType; 8] = [
+const GGML_TYPES: [GgmlType; 11] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
     GgmlType::Q4_0,
     GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
     GgmlType::Q8_0,
     GgmlType::Q4K,
+    GgmlType::Q5K,
     GgmlType::Q6K,
 ];
 
@@ -1065,7 +1116,9 @@ fn matvec_every_layout() {
             mlx_weight(&mut rng, 23, k, 4, 128, DType::F16),
             mlx_weight(&mut rng, 23, k, 5, 32, DType::F32),
             ggml_weight(&mut rng, 23, k, GgmlType::Q4K),
+            ggml_weight(&mut rng, 23, k, GgmlType::Q5K),
             ggml_weight(&mut rng, 23, k, GgmlType::Q6K),
+            ggml_weight(&mut rng, 23, k, GgmlType::Q5_0),
             dense_weight(&mut rng, 23, k, DType::BF16),
         ];
         for w in ws {
@@ -1115,6 +1168,16 @@ fn gated_matmul_matches_reference() {
             UnaryFn::GeluExact,
             ggml_weight(&mut rng, 19, 512, GgmlType::Q6K),
             ggml_weight(&mut rng, 19, 512, GgmlType::Q6K),
+        ),
+        (
+            UnaryFn::Silu,
+            ggml_weight(&mut rng, 19, 2048, GgmlType::Q5K),
+            ggml_weight(&mut rng, 19, 2048, GgmlType::Q5K),
+        ),
+        (
+            UnaryFn::Silu,
+            ggml_weight(&mut rng, 27, 896, GgmlType::Q5_1),
+            ggml_weight(&mut rng, 27, 896, GgmlType::Q5_1),
         ),
         (
             UnaryFn::Silu,
@@ -1542,6 +1605,8 @@ fn matmul_generic_tensor_cores_split_k() {
         ggml_weight(&mut rng, 135, 1792, GgmlType::Q4K),
         ggml_weight(&mut rng, 135, 1792, GgmlType::Q6K),
         ggml_weight(&mut rng, 135, 1600, GgmlType::Q4_1),
+        ggml_weight(&mut rng, 135, 1792, GgmlType::Q5K),
+        ggml_weight(&mut rng, 135, 1600, GgmlType::Q5_0),
         mlx_weight(&mut rng, 135, 1600, 3, 64, DType::BF16),
         dense_weight(&mut rng, 135, 1636, DType::F16),
     ];

@@ -7,7 +7,7 @@ use half::f16;
 use mlx_native::formats::gguf::{GgufFile, GgufValue};
 use mlx_native::quant::ggml::{dequantize_row, quantize_row};
 use mlx_native::quant::GgmlType;
-use mlx_native::{Device, Error};
+use mlx_native::{ops, CommandEncoder, DType, Device, Error};
 
 fn shared_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -174,7 +174,13 @@ fn roundtrip(t: GgmlType, x: &[f32]) -> Vec<f32> {
 #[test]
 fn simple_formats_roundtrip_within_their_bounds() {
     let x: Vec<f32> = random(32 * 7, 1).iter().map(|v| v * 3.0 + 0.5).collect();
-    for t in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+    for t in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+    ] {
         let err = roundtrip(t, &x);
         for (block, err) in x.chunks(32).zip(err.chunks(32)) {
             let max = block.iter().copied().fold(f32::MIN, f32::max);
@@ -182,9 +188,12 @@ fn simple_formats_roundtrip_within_their_bounds() {
             let amax = max.max(-min);
             // Half a step, plus f16 rounding of the scales (2⁻¹¹ relative).
             let bound = match t {
-                // The extreme value maps to −8, so the other side clips at 7: up to a step.
+                // The extreme value maps to −8 (−16), so the other side clips at 7 (15): up to
+                // a step.
                 GgmlType::Q4_0 => amax / 8.0,
                 GgmlType::Q4_1 => (max - min) / 15.0 / 2.0 + amax * 2e-3,
+                GgmlType::Q5_0 => amax / 16.0,
+                GgmlType::Q5_1 => (max - min) / 31.0 / 2.0 + amax * 2e-3,
                 _ => amax / 127.0 / 2.0 + amax * 1e-3,
             };
             let worst = err.iter().copied().fold(0.0, f32::max);
@@ -207,8 +216,12 @@ fn k_quants_roundtrip_within_their_bounds() {
     let x: Vec<f32> = random(256 * 3, 2).iter().map(|v| v * 2.0 - 0.3).collect();
     let rms = (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32).sqrt();
     // Uniform values over a range of 4 (rms ≈ 1.17): rounding error alone is step/√12 rms,
-    // 0.066 for Q4_K's 15 steps per range, 0.018 for Q6_K's ~63.
-    for (t, rel_rms, step) in [(GgmlType::Q4K, 0.08, 15.0), (GgmlType::Q6K, 0.025, 63.0)] {
+    // 0.066 for Q4_K's 15 steps per range, 0.032 for Q5_K's 31, 0.018 for Q6_K's ~63.
+    for (t, rel_rms, step) in [
+        (GgmlType::Q4K, 0.08, 15.0),
+        (GgmlType::Q5K, 0.04, 31.0),
+        (GgmlType::Q6K, 0.025, 63.0),
+    ] {
         let err = roundtrip(t, &x);
         let err_rms = (err.iter().map(|e| e * e).sum::<f32>() / err.len() as f32).sqrt();
         assert!(
@@ -247,6 +260,26 @@ fn simple_formats_decode_in_ggml_element_order() {
     for j in 0..16 {
         assert_eq!(out[j], 0.5 * j as f32 - 2.0);
         assert_eq!(out[j + 16], 0.5 * (15 - j) as f32 - 2.0);
+    }
+    // Q5_0 / Q5_1: the same nibbles, and bit j of the little-endian word qh above element j.
+    let qh: u32 = 0b1011_0000_1111_0000_0101_0011_1000_0001;
+    let mut q5_0 = f16_bytes(0.5).to_vec();
+    q5_0.extend(qh.to_le_bytes());
+    q5_0.extend(&qs);
+    let mut q5_1 = [f16_bytes(0.5), f16_bytes(-2.0)].concat();
+    q5_1.extend(qh.to_le_bytes());
+    q5_1.extend(&qs);
+    let code = |j: usize| {
+        let nibble = if j < 16 { j } else { 31 - j };
+        (nibble + 16 * ((qh >> j) & 1) as usize) as f32
+    };
+    dequantize_row(GgmlType::Q5_0, &q5_0, &mut out).unwrap();
+    for (j, &v) in out.iter().enumerate() {
+        assert_eq!(v, 0.5 * (code(j) - 16.0), "Q5_0 element {j}");
+    }
+    dequantize_row(GgmlType::Q5_1, &q5_1, &mut out).unwrap();
+    for (j, &v) in out.iter().enumerate() {
+        assert_eq!(v, 0.5 * code(j) - 2.0, "Q5_1 element {j}");
     }
     let mut q8_0 = f16_bytes(0.25).to_vec();
     q8_0.extend((0..32).map(|j| (j as i8 * 4 - 64) as u8));
@@ -293,6 +326,38 @@ fn q4_k_reference(b: &[u8]) -> Vec<f32> {
     y
 }
 
+/// ggml's Q5_K decoding loop, restated independently of the library: Q4_K's, with bit
+/// `is` (the sub-block) of qh[l] adding 16 to element l's code.
+fn q5_k_reference(b: &[u8]) -> Vec<f32> {
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
+    let sc = &b[4..16];
+    let scale_min = |j: usize| -> (f32, f32) {
+        if j < 4 {
+            ((sc[j] & 63) as f32, (sc[j + 4] & 63) as f32)
+        } else {
+            (
+                ((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4)) as f32,
+                ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)) as f32,
+            )
+        }
+    };
+    let qh = &b[16..48];
+    let mut y = Vec::new();
+    let mut q = &b[48..];
+    let mut is = 0;
+    for _ in (0..256).step_by(64) {
+        let (s1, m1) = scale_min(is);
+        let (s2, m2) = scale_min(is + 1);
+        let fifth = |l: usize, bit: usize| if qh[l] & (1 << bit) != 0 { 16 } else { 0 };
+        y.extend((0..32).map(|l| d * s1 * ((q[l] & 0xF) + fifth(l, is)) as f32 - dmin * m1));
+        y.extend((0..32).map(|l| d * s2 * ((q[l] >> 4) + fifth(l, is + 1)) as f32 - dmin * m2));
+        q = &q[32..];
+        is += 2;
+    }
+    y
+}
+
 /// ggml's Q6_K decoding loop, restated independently of the library.
 fn q6_k_reference(b: &[u8]) -> Vec<f32> {
     let d = f16::from_le_bytes([b[208], b[209]]).to_f32();
@@ -323,15 +388,74 @@ fn k_quants_decode_like_ggml_on_random_blocks() {
         let mut q4k = random_bytes(144, 10 + seed);
         q4k[..2].copy_from_slice(&f16_bytes(0.013));
         q4k[2..4].copy_from_slice(&f16_bytes(0.007));
+        let mut q5k = random_bytes(176, 30 + seed);
+        q5k[..2].copy_from_slice(&f16_bytes(0.011));
+        q5k[2..4].copy_from_slice(&f16_bytes(0.005));
         let mut q6k = random_bytes(210, 20 + seed);
         q6k[208..].copy_from_slice(&f16_bytes(0.021));
         for (t, block, want) in [
             (GgmlType::Q4K, &q4k, q4_k_reference(&q4k)),
+            (GgmlType::Q5K, &q5k, q5_k_reference(&q5k)),
             (GgmlType::Q6K, &q6k, q6_k_reference(&q6k)),
         ] {
             let mut got = vec![0.0; 256];
             dequantize_row(t, block, &mut got).unwrap();
             assert_eq!(got, want, "{t:?}");
+        }
+    }
+}
+
+/// Random Q5_0, Q5_1 and Q5_K blocks beside gguf-py's numpy dequantization of them
+/// (tools/make_q5_blocks_fixture.py): read through the loader (type ids 6, 7 and 13), they
+/// must decode to exactly gguf-py's values, and the CPU matmul over them must match an f64
+/// product with those values.
+#[test]
+fn q5_blocks_decode_like_gguf_py() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/q5_blocks.gguf");
+    let f = GgufFile::open(path).unwrap();
+    let device = Device::cpu();
+    for (name, t, k) in [
+        ("q5_0", GgmlType::Q5_0, 96),
+        ("q5_1", GgmlType::Q5_1, 160),
+        ("q5_k", GgmlType::Q5K, 512),
+    ] {
+        let n = 5;
+        let info = f.tensor_info(name).unwrap();
+        assert_eq!((info.ggml_type, &info.dims[..]), (t, &[k, n][..]), "{name}");
+        let want: Vec<f32> = f
+            .tensor_data(&format!("{name}.dequantized"))
+            .unwrap()
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(want.len(), n * k);
+        let data = f.tensor_data(name).unwrap();
+        let mut row = vec![0.0; k];
+        for (r, bytes) in data.chunks(t.row_bytes(k)).enumerate() {
+            dequantize_row(t, bytes, &mut row).unwrap();
+            assert_eq!(row, want[r * k..(r + 1) * k], "{name} row {r}");
+        }
+
+        // x [3, k] · Wᵀ on the CPU backend, against f64 sums of gguf-py's values.
+        let m = 3;
+        let x = random(m * k, 40 + t.id() as u64);
+        let w = f.load_linear(&device, name).unwrap();
+        let xt = device.from_slice(&x, &[m, k]).unwrap();
+        let out = device.zeros(&[m, n], DType::F32).unwrap();
+        let mut enc = CommandEncoder::new(&device);
+        ops::matmul(&mut enc, &xt, &w, &out).unwrap();
+        enc.commit_and_wait().unwrap();
+        let got = out.to_vec::<f32>().unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let terms = (0..k).map(|e| x[i * k + e] as f64 * want[j * k + e] as f64);
+                let (sum, size) = terms.fold((0.0, 0.0), |(s, a), p| (s + p, a + p.abs()));
+                let g = got[i * n + j] as f64;
+                assert!(
+                    (g - sum).abs() <= 1e-5 * size,
+                    "{name} matmul [{i}, {j}]: {g} vs {sum}"
+                );
+            }
         }
     }
 }
@@ -346,8 +470,9 @@ fn rows_of_the_wrong_length_are_errors() {
         GgmlType::from_id(GgmlType::Q6K.id()).unwrap(),
         GgmlType::Q6K
     );
+    // Q3_K: a ggml type mlx-native does not read.
     assert!(matches!(
-        GgmlType::from_id(13),
+        GgmlType::from_id(11),
         Err(Error::UnsupportedQuant(_))
     ));
 }
@@ -801,10 +926,10 @@ fn bad_tensor_records_are_errors_naming_the_tensor() {
     assert!(malformed_reason(open_bytes("dup-tensor", &same.bytes())).contains("`a` appears twice"));
 
     let mut unknown = one(&[64, 1], GgmlType::Q4_0, data).bytes();
-    unknown[type_at..type_at + 4].copy_from_slice(&13u32.to_le_bytes()); // Q5_K
+    unknown[type_at..type_at + 4].copy_from_slice(&11u32.to_le_bytes()); // Q3_K
     match open_bytes("unknown-type", &unknown) {
         Err(Error::UnsupportedQuant(msg)) => {
-            assert!(msg.contains("`bad.weight`") && msg.contains("13"), "{msg}")
+            assert!(msg.contains("`bad.weight`") && msg.contains("11"), "{msg}")
         }
         other => panic!("{:?}", other.map(|_| ())),
     }

@@ -1,9 +1,10 @@
-//! A Q4_K_M file made by llama.cpp's own `llama-quantize` (Q4_K matrices; Q6_K for the tied
-//! embedding, attn_v and ffn_down) against its twin: the same tensors dequantized by gguf-py's
-//! reference dequantizer, in F32 (tools/make_kquant_fixture.py). Read by mlx-native, both must
-//! give the same logits and greedy tokens: its Q4_K and Q6_K decoding checked against
-//! llama.cpp's bytes and an independent dequantizer, on the CPU and (when a driver is present)
-//! on CUDA.
+//! Files made by llama.cpp's own `llama-quantize` against their twins: the same tensors
+//! dequantized by gguf-py's reference dequantizer, in F32 (tools/make_kquant_fixture.py). Read
+//! by mlx-native, both must give the same logits and greedy tokens: its block decoding checked
+//! against llama.cpp's bytes and an independent dequantizer, on the CPU and (when a driver is
+//! present) on CUDA. The files: Q4_K_M (Q4_K matrices; Q6_K for the tied embedding, attn_v and
+//! ffn_down); Q5_K_M of a llama with rows of 64 as well as 256 (Q5_K and Q6_K, and the
+//! fallbacks Q5_1 and Q8_0); Q5_0 of the same llama (a Q6_K embedding).
 
 use std::path::{Path, PathBuf};
 
@@ -37,12 +38,13 @@ fn run(model: &Path, device: &Device, steps: usize) -> (Vec<Vec<f32>>, Vec<u32>)
     (logits, tokens)
 }
 
-fn check(device: &Device) {
-    let (quantized, tokens) = run(&fixture("q4_k_m.gguf"), device, 6);
-    let (twin, twin_tokens) = run(&fixture("twin.gguf"), device, 6);
+/// The quantized file `name` against its twin `twin`, for a vocabulary of `vocab`.
+fn check(device: &Device, name: &str, twin: &str, vocab: usize) {
+    let (quantized, tokens) = run(&fixture(name), device, 6);
+    let (twin, twin_tokens) = run(&fixture(twin), device, 6);
     let mut worst = 0f32;
     for (step, (q, t)) in quantized.iter().zip(&twin).enumerate() {
-        assert_eq!(q.len(), 256);
+        assert_eq!(q.len(), vocab);
         let diff = q
             .iter()
             .zip(t)
@@ -50,28 +52,41 @@ fn check(device: &Device) {
             .fold(0f32, f32::max);
         assert!(
             diff <= TOLERANCE,
-            "step {step}: max |Q4_K_M − twin| = {diff}"
+            "{name} step {step}: max |file − twin| = {diff}"
         );
         worst = worst.max(diff);
     }
-    assert_eq!(tokens, twin_tokens, "greedy tokens");
+    assert_eq!(tokens, twin_tokens, "{name}: greedy tokens");
     // The logits must move with the input, or equal runs of nothing would pass.
     let spread = quantized[0].iter().fold(0f32, |m, v| m.max(v.abs()));
-    assert!(spread > 1e-3, "logits of order {spread}");
+    assert!(spread > 1e-3, "{name}: logits of order {spread}");
     println!(
-        "{device:?}: max |Q4_K_M − twin| {worst:.2e} over 7 positions, logits up to {spread:.3}"
+        "{device:?} {name}: max |file − twin| {worst:.2e} over 7 positions, logits up to {spread:.3}"
     );
 }
 
-#[test]
-fn q4_k_m_matches_its_f32_twin() {
-    check(&Device::cpu());
+/// Every fixture, as (file, twin, vocabulary).
+const FIXTURES: [(&str, &str, usize); 3] = [
+    ("q4_k_m.gguf", "twin.gguf", 256),
+    ("q5_k_m.gguf", "q5_k_m_twin.gguf", 64),
+    ("q5_0.gguf", "q5_0_twin.gguf", 64),
+];
+
+fn check_all(device: &Device) {
+    for (name, twin, vocab) in FIXTURES {
+        check(device, name, twin, vocab);
+    }
 }
 
 #[test]
-fn q4_k_m_matches_its_f32_twin_on_cuda() {
+fn quantized_files_match_their_f32_twins() {
+    check_all(&Device::cpu());
+}
+
+#[test]
+fn quantized_files_match_their_f32_twins_on_cuda() {
     match Device::parse("cuda") {
-        Ok(device) => check(&device),
+        Ok(device) => check_all(&device),
         Err(e) => println!("skipped: {e}"),
     }
 }

@@ -1,7 +1,7 @@
 //! Matrix products over GGUF (ggml block) weights, with f32 activations.
 //!
-//! Quantized weights (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) are dequantized on the fly, a block
-//! at a time in registers, into exactly the f32 values of the reference
+//! Quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) are dequantized on the
+//! fly, a block at a time in registers, into exactly the f32 values of the reference
 //! `quant::ggml::dequantize_row`; they are multiplied by x and summed in f32. This is the
 //! product MLX computes from the same quantized values (an exact MLX twin of a GGUF file
 //! gives the same logits to f32 rounding). ggml's CPU path instead rounds x to 8 bits per
@@ -334,7 +334,10 @@ mod tests {
             (GgmlType::Q4_1, 576, 576),
             (GgmlType::Q4_0, 1536, 576),
             (GgmlType::Q8_0, 1536, 576),
+            (GgmlType::Q5_0, 1536, 576),
+            (GgmlType::Q5_1, 1536, 576),
             (GgmlType::Q4K, 1536, 768),
+            (GgmlType::Q5K, 1536, 768),
             (GgmlType::Q6K, 1536, 768),
             (GgmlType::F16, 1536, 576),
             (GgmlType::Q8_0, 49152, 576),

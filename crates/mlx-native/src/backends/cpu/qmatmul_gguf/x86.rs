@@ -6,11 +6,12 @@
 //! per-lane sums, reduced once per tile. The formats are written once against `Simd`,
 //! which both instruction sets implement. 4-bit codes go through a table of the block's 16
 //! possible values: on AVX-512 one `vpermps` looks up 16 codes; on AVX2 the codes are
-//! converted and scaled with a fused multiply-add.
+//! converted and scaled with a fused multiply-add. 5-bit codes always take the multiply-add.
 //!
 //! The weights are exactly `quant::ggml::dequantize_row`'s values: d·(q − 8), d·sc·q and
-//! (d·sc)·(q − 32) round as there, d·q + m rounds once either way (d·q is exact), and Q8_0's
-//! exact d·q is applied as d times the block's sum of q·x.
+//! (d·sc)·(q − 32) round as there, d·q + m rounds once either way (d·q is exact; Q5_0's
+//! d·(q − 16) = d·q − 16·d is exact), and Q8_0's exact d·q is applied as d times the block's
+//! sum of q·x.
 //!
 //! Block headers go through memory on purpose: they are broadcast to every lane from there
 //! (`Simd::splat_from`), which on Zen 4 keeps the shuffle unit free for unpacking codes.
@@ -126,8 +127,11 @@ unsafe fn for_format<S: Simd>(
     match t {
         GgmlType::Q4_0 => tiles.run::<S, Q4_0>(k / 32, x, out),
         GgmlType::Q4_1 => tiles.run::<S, Q4_1>(k / 32, x, out),
+        GgmlType::Q5_0 => tiles.run::<S, Q5_0>(k / 32, x, out),
+        GgmlType::Q5_1 => tiles.run::<S, Q5_1>(k / 32, x, out),
         GgmlType::Q8_0 => tiles.run::<S, Q8_0>(k / 32, x, out),
         GgmlType::Q4K => tiles.run::<S, Q4K>(k / 256, x, out),
+        GgmlType::Q5K => tiles.run::<S, Q5K>(k / 256, x, out),
         GgmlType::Q6K => tiles.run::<S, Q6K>(k / 256, x, out),
         GgmlType::F32 => tiles.run::<S, F32>(k / FLOAT_STEP, x, out),
         GgmlType::F16 => tiles.run::<S, F16>(k / FLOAT_STEP, x, out),
@@ -279,6 +283,8 @@ trait Simd {
     unsafe fn shift_right(v: Self::I, bits: u32) -> Self::I;
     unsafe fn shift_left(v: Self::I, bits: u32) -> Self::I;
     unsafe fn sub(v: Self::I, c: i32) -> Self::I;
+    /// Lane i: bit `first + i` of `word` (0 or 1).
+    unsafe fn bits(word: u32, first: u32) -> Self::I;
     unsafe fn to_f32(v: Self::I) -> Self::F;
     /// The table for the d and m at `d` and `m`.
     unsafe fn lut(d: *const f32, m: *const f32) -> Self::Lut;
@@ -374,6 +380,12 @@ impl Simd for Avx512 {
     #[inline(always)]
     unsafe fn sub(v: __m512i, c: i32) -> __m512i {
         _mm512_sub_epi32(v, _mm512_set1_epi32(c))
+    }
+    #[inline(always)]
+    unsafe fn bits(word: u32, first: u32) -> __m512i {
+        let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let shifts = _mm512_add_epi32(lanes, _mm512_set1_epi32(first as i32));
+        Self::and(_mm512_srlv_epi32(_mm512_set1_epi32(word as i32), shifts), 1)
     }
     #[inline(always)]
     unsafe fn to_f32(v: __m512i) -> __m512 {
@@ -485,6 +497,12 @@ impl Simd for Avx2 {
     #[inline(always)]
     unsafe fn sub(v: __m256i, c: i32) -> __m256i {
         _mm256_sub_epi32(v, _mm256_set1_epi32(c))
+    }
+    #[inline(always)]
+    unsafe fn bits(word: u32, first: u32) -> __m256i {
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let shifts = _mm256_add_epi32(lanes, _mm256_set1_epi32(first as i32));
+        Self::and(_mm256_srlv_epi32(_mm256_set1_epi32(word as i32), shifts), 1)
     }
     #[inline(always)]
     unsafe fn to_f32(v: __m256i) -> __m256 {
@@ -599,6 +617,60 @@ impl<S: Simd> Format<S> for Q4_1 {
     }
 }
 
+/// Elements e..e + LANES of a 32-element block of 5-bit codes as d·q + m: the low 4 bits as
+/// `nibbles` at `qs`, bit 4 of element j as bit j of the little-endian word at `qh`.
+#[inline(always)]
+unsafe fn fives<S: Simd>(qs: *const u8, qh: *const u8, (d, m): (S::F, S::F), e: usize) -> S::F {
+    let v = S::u8s(qs.add(e % 16));
+    let low = S::and(if e < 16 { v } else { S::high_nibbles(v) }, 0xF);
+    let high = S::bits(read_unaligned(qh as *const u32), e as u32);
+    S::fma(S::to_f32(S::or(low, S::shift_left(high, 4))), d, m)
+}
+
+/// Q5_0: d·(q − 16) = d·q − 16·d, exact either way (d·q fits f32's mantissa).
+struct Q5_0;
+impl<S: Simd> Format<S> for Q5_0 {
+    const ELEMS: usize = 32;
+    const BYTES: usize = 22;
+    /// d and −16·d.
+    type Header = [f32; 2];
+    type Unit = (S::F, S::F);
+    #[inline(always)]
+    unsafe fn header(p: *const u8) -> [f32; 2] {
+        let d = f16_at(p);
+        [d, -16.0 * d]
+    }
+    #[inline(always)]
+    unsafe fn unit(h: &[f32; 2], _: usize) -> (S::F, S::F) {
+        (S::splat_from(&h[0]), S::splat_from(&h[1]))
+    }
+    #[inline(always)]
+    unsafe fn chunk(p: *const u8, dm: &(S::F, S::F), _: usize, e: usize) -> S::F {
+        fives::<S>(p.add(6), p.add(2), *dm, e)
+    }
+}
+
+struct Q5_1;
+impl<S: Simd> Format<S> for Q5_1 {
+    const ELEMS: usize = 32;
+    const BYTES: usize = 24;
+    /// d, m (and two values that are codes).
+    type Header = [f32; 4];
+    type Unit = (S::F, S::F);
+    #[inline(always)]
+    unsafe fn header(p: *const u8) -> [f32; 4] {
+        f16x4(p)
+    }
+    #[inline(always)]
+    unsafe fn unit(h: &[f32; 4], _: usize) -> (S::F, S::F) {
+        (S::splat_from(&h[0]), S::splat_from(&h[1]))
+    }
+    #[inline(always)]
+    unsafe fn chunk(p: *const u8, dm: &(S::F, S::F), _: usize, e: usize) -> S::F {
+        fives::<S>(p.add(8), p.add(4), *dm, e)
+    }
+}
+
 /// Q8_0: d·q with d·q exact in f32, so d may as well scale the block's sum.
 struct Q8_0;
 impl<S: Simd> Format<S> for Q8_0 {
@@ -662,6 +734,45 @@ impl<S: Simd> Format<S> for Q4K {
         } else {
             S::lookup(S::high_nibbles(v), luts[1])
         }
+    }
+}
+
+/// Q5_K: Q4_K's sub-blocks with a fifth bit per code; d·sc·q − dmin·m (d·sc·q exact).
+struct Q5K;
+impl<S: Simd> Format<S> for Q5K {
+    const ELEMS: usize = 256;
+    const BYTES: usize = 176;
+    /// Units of two sub-blocks, which share 32 bytes of codes.
+    const UNIT: usize = 64;
+    /// d·sc of the sub-blocks, then −dmin·m.
+    type Header = [f32; 16];
+    /// d·sc and −dmin·m of the unit's two sub-blocks.
+    type Unit = [(S::F, S::F); 2];
+    #[inline(always)]
+    unsafe fn header(p: *const u8) -> [f32; 16] {
+        <Q4K as Format<S>>::header(p)
+    }
+    #[inline(always)]
+    unsafe fn unit(h: &[f32; 16], u: usize) -> [(S::F, S::F); 2] {
+        let j = 2 * u;
+        [
+            (S::splat_from(&h[j]), S::splat_from(&h[8 + j])),
+            (S::splat_from(&h[j + 1]), S::splat_from(&h[8 + j + 1])),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn chunk(p: *const u8, dm: &[(S::F, S::F); 2], u: usize, e: usize) -> S::F {
+        // Sub-block j = 2u + e / 32: the low (j even) or high nibbles of the unit's 32 bytes
+        // of qs, bit j of qh[l] above them.
+        let (half, l) = (e / 32, e % 32);
+        let v = S::u8s(p.add(48 + 32 * u + l));
+        let low = S::and(if half == 0 { v } else { S::high_nibbles(v) }, 0xF);
+        let high = S::and(
+            S::shift_right(S::u8s(p.add(16 + l)), (2 * u + half) as u32),
+            1,
+        );
+        let (d, m) = dm[half];
+        S::fma(S::to_f32(S::or(low, S::shift_left(high, 4))), d, m)
     }
 }
 

@@ -44,8 +44,11 @@ EMBEDDING_MLX(8)
     }
 EMBEDDING_GGML(Q4_0, q4_0)
 EMBEDDING_GGML(Q4_1, q4_1)
+EMBEDDING_GGML(Q5_0, q5_0)
+EMBEDDING_GGML(Q5_1, q5_1)
 EMBEDDING_GGML(Q8_0, q8_0)
 EMBEDDING_GGML(Q4_K, q4_k)
+EMBEDDING_GGML(Q5_K, q5_k)
 EMBEDDING_GGML(Q6_K, q6_k)
 
 // Dense tables of any row length, one element per thread.

@@ -195,6 +195,100 @@ struct Q4_1 {
     }
 };
 
+// The fifth bits of elements 4i..4i+3 of a Q5_0 / Q5_1 block (bits 4i..4i+3 of its word qh),
+// each moved to bit 4 of its byte: the copies h·2^(7b) of the nibble h do not overlap, so
+// the product holds bit b of h at bit 8b with no carries.
+__device__ __forceinline__ u32 fifth_bits(u32 qh, int i) {
+    return ((((qh >> (4 * i)) & 0xFu) * 0x00204081u) & 0x01010101u) << 4;
+}
+
+// A Q5_0 / Q5_1 block's 5-bit codes, one per byte in element order, from its word qh and the
+// four words of qs.
+__device__ __forceinline__ void q5_words(u32 qh, const u32* qs, u32* q) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        q[i] = (qs[i] & 0x0F0F0F0Fu) | fifth_bits(qh, i);
+        q[i + 4] = ((qs[i] >> 4) & 0x0F0F0F0Fu) | fifth_bits(qh, i + 4);
+    }
+}
+
+// block_q5_0 (22 bytes): f16 d; u8 qh[4]; u8 qs[16]. Element e's nibble as Q4_0's, bit e of the
+// little-endian word qh above it; weight = d·(q − 16). Blocks are only 2-byte aligned.
+struct Q5_0 {
+    const u8* data;
+    int k;
+
+    static __device__ __forceinline__ int shift(int e) { return field_shift(8 * (e & 3), 5); }
+    __device__ __forceinline__ const u8* block(int row, int u) const {
+        return data + ((i64)row * (k / 32) + u) * 22;
+    }
+    __device__ __forceinline__ float value(const u32* q, int e) const {
+        return field(q[e >> 2], 0u, 8 * (e & 3), 5);
+    }
+    __device__ __forceinline__ void words(const u8* blk, u32* q) const {
+        u32 qs[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) qs[i] = load_u32_a2(blk + 6 + 4 * i);
+        q5_words(load_u32_a2(blk + 2), qs, q);
+    }
+    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
+        const u8* blk = block(row, u);
+        u32 q[8];
+        words(blk, q);
+        float acc = 0.f;
+#pragma unroll
+        for (int e = 0; e < 32; ++e) acc = fmaf(value(q, e), xs[e], acc);
+        return load_f16(blk) * (acc - 16.f * (sx[0] + sx[1]));
+    }
+    __device__ __forceinline__ void tile(int row, int k0, float* out) const {
+        const u8* blk = block(row, k0 / 32);
+        u32 q[8];
+        words(blk, q);
+        const float d = load_f16(blk);
+#pragma unroll
+        for (int e = 0; e < 32; ++e) out[e] = d * (value(q, e) * pow2_neg(shift(e)) - 16.f);
+    }
+};
+
+// block_q5_1 (24 bytes): f16 d; f16 m; u8 qh[4]; u8 qs[16]; codes as Q5_0; weight = d·q + m.
+// The planner checks 4-byte alignment, so qh and qs are read in words.
+struct Q5_1 {
+    const u8* data;
+    int k;
+
+    static __device__ __forceinline__ int shift(int e) { return field_shift(8 * (e & 3), 5); }
+    __device__ __forceinline__ const u8* block(int row, int u) const {
+        return data + ((i64)row * (k / 32) + u) * 24;
+    }
+    __device__ __forceinline__ float value(const u32* q, int e) const {
+        return field(q[e >> 2], 0u, 8 * (e & 3), 5);
+    }
+    __device__ __forceinline__ void words(const u8* blk, u32* q) const {
+        const u32* p = (const u32*)(blk + 4);
+        u32 qs[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) qs[i] = p[1 + i];
+        q5_words(p[0], qs, q);
+    }
+    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
+        const u8* blk = block(row, u);
+        u32 q[8];
+        words(blk, q);
+        float acc = 0.f;
+#pragma unroll
+        for (int e = 0; e < 32; ++e) acc = fmaf(value(q, e), xs[e], acc);
+        return load_f16(blk) * acc + load_f16(blk + 2) * (sx[0] + sx[1]);
+    }
+    __device__ __forceinline__ void tile(int row, int k0, float* out) const {
+        const u8* blk = block(row, k0 / 32);
+        u32 q[8];
+        words(blk, q);
+        const float d = load_f16(blk), m = load_f16(blk + 2);
+#pragma unroll
+        for (int e = 0; e < 32; ++e) out[e] = fmaf(d, value(q, e) * pow2_neg(shift(e)), m);
+    }
+};
+
 // block_q8_0 (34 bytes): f16 d; i8 qs[32]; weight = d·q. Bytes are flipped to q + 128 so that
 // they read as unsigned fields; the 128 is taken off through Σx.
 struct Q8_0 {
@@ -231,6 +325,19 @@ struct Q8_0 {
     }
 };
 
+// The 6-bit scale and min of sub-block j of a Q4_K or Q5_K block at `blk`, packed in its 12
+// bytes from offset 4 (ggml's get_scale_min_k4).
+__device__ __forceinline__ void k_scale_min(const u8* blk, int j, float& sc, float& m) {
+    const u8* s = blk + 4;
+    if (j < 4) {
+        sc = (float)(s[j] & 63);
+        m = (float)(s[j + 4] & 63);
+    } else {
+        sc = (float)((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4));
+        m = (float)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+    }
+}
+
 // block_q4_K (144 bytes): f16 d; f16 dmin; u8 scales[12] (eight 6-bit scale/min pairs);
 // u8 qs[128]. Sub-block j (32 elements) is the low (j even) or high (j odd) nibbles of
 // qs[32·(j/2) ..]; weight = d·sc_j·q − dmin·m_j. The planner checks 16-byte alignment.
@@ -253,16 +360,56 @@ struct Q4_K {
     __device__ __forceinline__ float value(const u32* q, int e) const {
         return field(q[e >> 2], 0u, 8 * (e & 3), 4);
     }
-    // The 6-bit scale and min of sub-block j (ggml's get_scale_min_k4).
-    __device__ __forceinline__ void scale_min(const u8* blk, int j, float& sc, float& m) const {
-        const u8* s = blk + 4;
-        if (j < 4) {
-            sc = (float)(s[j] & 63);
-            m = (float)(s[j + 4] & 63);
-        } else {
-            sc = (float)((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4));
-            m = (float)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
-        }
+    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
+        const u8* blk = block(row, u);
+        const int j = u & 7;
+        u32 q[8];
+        words(blk, j, q);
+        float acc = 0.f;
+#pragma unroll
+        for (int e = 0; e < 32; ++e) acc = fmaf(value(q, e), xs[e], acc);
+        float sc, m;
+        k_scale_min(blk, j, sc, m);
+        return load_f16(blk) * sc * acc - load_f16(blk + 2) * m * (sx[0] + sx[1]);
+    }
+    __device__ __forceinline__ void tile(int row, int k0, float* out) const {
+        const int u = k0 / 32, j = u & 7;
+        const u8* blk = block(row, u);
+        u32 q[8];
+        words(blk, j, q);
+        float sc, m;
+        k_scale_min(blk, j, sc, m);
+        const float d = load_f16(blk) * sc, dm = load_f16(blk + 2) * m;
+#pragma unroll
+        for (int e = 0; e < 32; ++e) out[e] = d * (value(q, e) * pow2_neg(shift(e))) - dm;
+    }
+};
+
+// block_q5_K (176 bytes): f16 d; f16 dmin; u8 scales[12] (as Q4_K); u8 qh[32]; u8 qs[128].
+// Sub-block j's nibbles as Q4_K's, with bit j of qh[l] above element l; weight =
+// d·sc_j·q − dmin·m_j. The planner checks 16-byte alignment, which 176-byte blocks keep.
+struct Q5_K {
+    const u8* data;
+    int k;
+
+    static __device__ __forceinline__ int shift(int e) { return field_shift(8 * (e & 3), 5); }
+    __device__ __forceinline__ const u8* block(int row, int u) const {
+        return data + ((i64)row * (k / 256) + (u >> 3)) * 176;
+    }
+    // Sub-block j's 5-bit codes, one per byte.
+    __device__ __forceinline__ void words(const u8* blk, int j, u32* q) const {
+        const uint4* p = (const uint4*)(blk + 48 + 32 * (j >> 1));
+        const uint4* h = (const uint4*)(blk + 16);
+        const uint4 a = p[0], b = p[1], ha = h[0], hb = h[1];
+        const u32 lo[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        const u32 hi[8] = {ha.x, ha.y, ha.z, ha.w, hb.x, hb.y, hb.z, hb.w};
+        const int s = 4 * (j & 1);
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+            q[i] = ((lo[i] >> s) & 0x0F0F0F0Fu) | (((hi[i] >> j) & 0x01010101u) << 4);
+    }
+    __device__ __forceinline__ float value(const u32* q, int e) const {
+        return field(q[e >> 2], 0u, 8 * (e & 3), 5);
     }
     __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
         const u8* blk = block(row, u);
@@ -273,7 +420,7 @@ struct Q4_K {
 #pragma unroll
         for (int e = 0; e < 32; ++e) acc = fmaf(value(q, e), xs[e], acc);
         float sc, m;
-        scale_min(blk, j, sc, m);
+        k_scale_min(blk, j, sc, m);
         return load_f16(blk) * sc * acc - load_f16(blk + 2) * m * (sx[0] + sx[1]);
     }
     __device__ __forceinline__ void tile(int row, int k0, float* out) const {
@@ -282,7 +429,7 @@ struct Q4_K {
         u32 q[8];
         words(blk, j, q);
         float sc, m;
-        scale_min(blk, j, sc, m);
+        k_scale_min(blk, j, sc, m);
         const float d = load_f16(blk) * sc, dm = load_f16(blk + 2) * m;
 #pragma unroll
         for (int e = 0; e < 32; ++e) out[e] = d * (value(q, e) * pow2_neg(shift(e))) - dm;

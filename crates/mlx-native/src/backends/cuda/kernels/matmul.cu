@@ -91,8 +91,11 @@ MATMUL_MLX(8)
     }
 MATMUL_GGML(Q4_0, q4_0)
 MATMUL_GGML(Q4_1, q4_1)
+MATMUL_GGML(Q5_0, q5_0)
+MATMUL_GGML(Q5_1, q5_1)
 MATMUL_GGML(Q8_0, q8_0)
 MATMUL_GGML(Q4_K, q4_k)
+MATMUL_GGML(Q5_K, q5_k)
 MATMUL_GGML(Q6_K, q6_k)
 
 extern "C" __global__ void __launch_bounds__(256)

@@ -1289,6 +1289,9 @@ mod tests {
             (WeightLayout::Gguf(GgmlType::Q4K), 4096, 4096, true),
             (WeightLayout::Gguf(GgmlType::Q6K), 4096, 4096, true),
             (WeightLayout::Gguf(GgmlType::Q6K), 4096, 4352, false),
+            (WeightLayout::Gguf(GgmlType::Q5_0), 4096, 4096, false),
+            (WeightLayout::Gguf(GgmlType::Q5_1), 4096, 4096, false),
+            (WeightLayout::Gguf(GgmlType::Q5K), 4096, 4096, false),
             (WeightLayout::Dense, 4096, 4096, false),
         ];
         for (layout, n, k, reads) in cases {

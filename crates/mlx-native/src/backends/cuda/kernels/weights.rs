@@ -184,10 +184,12 @@ impl<'a> Weight<'a> {
                 _ => 4,
             },
             Weight::Ggml {
-                ty: GgmlType::Q4K, ..
+                ty: GgmlType::Q4K | GgmlType::Q5K,
+                ..
             } => 16,
             Weight::Ggml {
-                ty: GgmlType::Q4_1, ..
+                ty: GgmlType::Q4_1 | GgmlType::Q5_1,
+                ..
             } => 4,
             Weight::Ggml { .. } => 2,
             Weight::Dense { .. } => return Ok(()),
