@@ -601,9 +601,9 @@ const TC_CHUNKS_Q6K: TcChunks = TcChunks {
 };
 
 /// The tensor-core matvec's plan for `m`, or None where matvec.cu multiplies it: formats
-/// matvec_tc.cu has (`MtMlx` 4- and 8-bit, `MtQ4_0` on quads, `MtQ4_1`, `MtQ4K`, `MtQ6K` on
-/// plain rows of k % 2,048 == 0; Q4_1 data is 4-byte aligned and Q4_K data 16-byte aligned,
-/// `Weight::check_alignment`, and a Q4_K row is whole super-blocks of 256).
+/// matvec_tc.cu has (`MtMlx` 4- and 8-bit, `MtQ4_0` on quads, `MtQ4_1`, `MtQ4K`, `MtQ5K`, and
+/// `MtQ6K` on plain rows of k % 2,048 == 0; Q4_1 data is 4-byte aligned, Q4_K and Q5_K data
+/// 16-byte aligned, `Weight::check_alignment`, and a K-quant row is whole super-blocks of 256).
 fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> {
     let mlx_simt_weights = if m.wide_norm { 0 } else { SIMT_MAX_WEIGHTS };
     let (chunks, simt_weights) = match m.layout {
@@ -611,7 +611,7 @@ fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> 
         WeightLayout::MlxAffine { bits: 8, .. } => (TC_CHUNKS_16, mlx_simt_weights),
         WeightLayout::Gguf(GgmlType::Q4_0) if m.q4_0_quads => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
         WeightLayout::Gguf(GgmlType::Q4_1) => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
-        WeightLayout::Gguf(GgmlType::Q4K) => (TC_CHUNKS_Q4K, SIMT_MAX_WEIGHTS),
+        WeightLayout::Gguf(GgmlType::Q4K | GgmlType::Q5K) => (TC_CHUNKS_Q4K, SIMT_MAX_WEIGHTS),
         WeightLayout::Gguf(GgmlType::Q6K) if m.q6_k_rows && !m.gated => {
             (TC_CHUNKS_Q6K, SIMT_MAX_WEIGHTS)
         }
@@ -1291,7 +1291,7 @@ mod tests {
             (WeightLayout::Gguf(GgmlType::Q6K), 4096, 4352, false),
             (WeightLayout::Gguf(GgmlType::Q5_0), 4096, 4096, false),
             (WeightLayout::Gguf(GgmlType::Q5_1), 4096, 4096, false),
-            (WeightLayout::Gguf(GgmlType::Q5K), 4096, 4096, false),
+            (WeightLayout::Gguf(GgmlType::Q5K), 4096, 4096, true),
             (WeightLayout::Dense, 4096, 4096, false),
         ];
         for (layout, n, k, reads) in cases {

@@ -390,6 +390,44 @@ struct MtQ4K {
     }
 };
 
+// ggml Q5_K (176-byte super-blocks: Q4_K's 16-byte header, then qh[32], then Q4_K's 128 bytes
+// of nibbles; element l of sub-block j takes bit j of qh[l] as its fifth bit). A chunk is Q4_K's
+// 16 bytes of nibbles (units 3 … 10 of the super-block) and the 16 bytes of qh at the same l
+// (unit 1 or 2), whose bits 2p and 2p + 1 complete its low and high fields: at bit 4 of 1024 + q
+// resp. bit 8 of 64 + q (a step of 1/16), so the offsets, the staging and the fold are Q4_K's.
+// One chunk a stage: a lane's 36 bytes a chunk and row are about Q4_K's two chunks in flight.
+// The gated kernels hold 128 registers and spill 40 bytes, yet gain over gate and up on
+// matvec.cu. H100, 2026-11-28, decode after 128 tokens: 1B shape 1,185 → 1,715 tok/s (33.8 →
+// 49.0% of the bound; 1,522 with the gated pairs left on matvec.cu), 8B 280.2 → 387.5 (48.1 →
+// 66.5%; 355.6).
+struct MtQ5K : MtQ4K {
+    static constexpr int STAGE = 1;
+    struct Raw : MtQ4K::Raw {
+        uint4 h;  // qh at the chunk's 16 values of l
+        u32 bit;  // 2p: the low run's bit of each qh byte
+    };
+    static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
+                                                int c, Raw& r) {
+        const u32 block = st.unit_row[h] + 11 * (c >> 3);
+        r.w = load_stream16((const uint4*)wt.w + (block + 3 + (c & 7)));
+        r.h = load_stream16((const uint4*)wt.w + (block + 1 + (c & 1)));
+        r.head = load_stream4((const u32*)wt.w + (4 * block + st.t));
+        r.bit = 2 * ((c & 7) >> 1);
+    }
+    // MtQ4K's pairs with each field's fifth bit ORed in.
+    static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
+        MtQ4K::pairs(r, j, p);
+        const bool high = j >= 2;
+        const u32 up = high ? 8 : 4, mask = high ? 0x01000100u : 0x00100010u;
+        const u32 h0 = word(r.h, 2 * (j & 1)) >> (r.bit + (high ? 1 : 0));
+        const u32 h1 = word(r.h, 2 * (j & 1) + 1) >> (r.bit + (high ? 1 : 0));
+        p[0] |= (h0 << up) & mask;
+        p[1] |= ((h0 >> 8) << up) & mask;
+        p[2] |= (h1 << up) & mask;
+        p[3] |= ((h1 >> 8) << up) & mask;
+    }
+};
+
 // ggml Q6_K (210-byte super-blocks of 256 elements: 128 bytes of low nibbles `ql`, 64 of high
 // 2-bit pairs `qh`, 16 int8 scales a 16 elements, f16 d; w = d·sc·(q − 32)): element
 // 128h + 32g + l takes nibble g / 2 of ql[64h + 32(g % 2) + l] and bits 2g of qh[32h + l]. A
@@ -987,7 +1025,8 @@ MATVEC_TC_ALL_TYPES(8)
 // The ggml formats' kernels (format F, kernel name NAME, ROW_UNITS: F::UNIT-byte units a row):
 // a Q4_0 row is k / 32 blocks of 18 bytes, k / 128 · 9 units of 8 bytes (k % 128 == 0); a Q4_1
 // row k / 32 blocks of 20 bytes, 5 units of 4 bytes each; a Q4_K row k / 256 super-blocks of
-// 144 bytes, 9 units of 16 bytes each.
+// 144 bytes, 9 units of 16 bytes each, a Q5_K row of 176 bytes, 11 units; a Q6_K row of 210
+// bytes (units of one byte).
 #define MATVEC_TC_GGML_PLAIN(F, NAME, ROW_UNITS, PREFIX, NORM)                                     \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##NAME(const float* x, const u8* w, const void* bias, int bias_type, float* out,     \
@@ -1013,5 +1052,7 @@ MATVEC_TC_GGML(MtQ4_1, q4_1, k / 32 * 5, matvec_tc_, false)
 MATVEC_TC_GGML(MtQ4_1, q4_1, k / 32 * 5, matvec_tc_norm_, true)
 MATVEC_TC_GGML(MtQ4K, q4_k, k / 256 * 9, matvec_tc_, false)
 MATVEC_TC_GGML(MtQ4K, q4_k, k / 256 * 9, matvec_tc_norm_, true)
+MATVEC_TC_GGML(MtQ5K, q5_k, k / 256 * 11, matvec_tc_, false)
+MATVEC_TC_GGML(MtQ5K, q5_k, k / 256 * 11, matvec_tc_norm_, true)
 MATVEC_TC_GGML_PLAIN(MtQ6K, q6_k, k / 256 * 210, matvec_tc_, false)
 MATVEC_TC_GGML_PLAIN(MtQ6K, q6_k, k / 256 * 210, matvec_tc_norm_, true)
