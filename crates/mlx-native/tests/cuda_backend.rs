@@ -989,7 +989,12 @@ fn matvec_tol(w: &HostWeight) -> f64 {
     match w.layout {
         WeightLayout::MlxAffine { bits: 4 | 8, .. } => 1e-3,
         WeightLayout::Gguf(
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K,
+            GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q8_0
+            | GgmlType::Q4K
+            | GgmlType::Q5K
+            | GgmlType::Q6K,
         ) => 1e-3,
         _ => 2e-5,
     }
@@ -1231,14 +1236,15 @@ fn matvec_tensor_cores_mlx() {
     check_gated(&dev, &mut rng, UnaryFn::Silu, &gate, &up);
 }
 
-/// The decode matvec for ggml Q4_0, Q4_1, Q4_K, Q5_K and Q6_K over 2^24 weights (matvec_tc.cu's
-/// `MtQ4_0` where rows start 8-byte aligned, `MtQ4_1`, `MtQ4K`, `MtQ5K`, and `MtQ6K` for plain
-/// rows of k % 2,048 == 0, whose super-blocks alternate 4- and 2-byte alignment; its k = 4,352
-/// and gated pairs stay on matvec.cu): plain, with a bias, with the residual, and gated; rows
-/// not a multiple of the 16-row tile; k of one quad of Q4_0 blocks (one step), of three Q4_1
-/// blocks (a partial step), of one K-quant super-block (two steps: the pairs of sub-blocks 0–3,
-/// then 4–7), long k (several warps per tile); and Q4_0 rows that start only 2-byte aligned (k
-/// of three blocks, an odd number of blocks), which matvec.cu multiplies.
+/// The decode matvec for ggml Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K over 2^24 weights
+/// (matvec_tc.cu's `MtQ4_0` and `MtQ8_0` where rows start 8-byte aligned, `MtQ4_1`, `MtQ4K`,
+/// `MtQ5K`, and `MtQ6K` for plain rows of k % 2,048 == 0, whose super-blocks alternate 4- and
+/// 2-byte alignment; its k = 4,352 and gated pairs stay on matvec.cu): plain, with a bias, with
+/// the residual, and gated; rows not a multiple of the 16-row tile; k of one quad of Q4_0 or
+/// Q8_0 blocks (one step), of three Q4_1 blocks (a partial step), of one K-quant super-block
+/// (two steps: the pairs of sub-blocks 0–3, then 4–7), long k (several warps per tile); and
+/// Q4_0 and Q8_0 rows that start only 2-byte aligned (k of three blocks, an odd number of
+/// blocks, and k = 4,128), which matvec.cu multiplies.
 #[test]
 fn matvec_tensor_cores_ggml() {
     let Some(dev) = gpu() else { return };
@@ -1246,6 +1252,7 @@ fn matvec_tensor_cores_ggml() {
     let cases = [
         (GgmlType::Q4_0, [4352, 128, 2048, 96, 4128].as_slice()),
         (GgmlType::Q4_1, [4352, 96, 2048, 4128].as_slice()),
+        (GgmlType::Q8_0, [4352, 128, 2048, 4128].as_slice()),
         (GgmlType::Q4K, [4352, 256, 2048, 8448].as_slice()),
         (GgmlType::Q5K, [4352, 256, 2048].as_slice()),
         (GgmlType::Q6K, [2048, 6144, 4352].as_slice()),
@@ -1272,8 +1279,8 @@ fn normed_matvec_matches_reference() {
     let mut rng = Rng(17);
     // (weight, unit offset, bias, tolerance): k up to 1024 folds the norm into matvec.cu's
     // kernel; wider MLX 4/8-bit weights take the tensor cores (f16 x), which fold the norm too,
-    // as do MLX, Q4_0 (quads), Q4_1, Q4_K, Q5_K and Q6_K from 2^18 weights; other wide ones run
-    // the norm first.
+    // as do MLX, Q4_0 and Q8_0 (quads), Q4_1, Q4_K, Q5_K and Q6_K from 2^18 weights; other wide
+    // ones run the norm first.
     // MLX 8-bit at k = 8704 has more 16-element chunks than the block has threads (the staging
     // loop).
     let cases = [
@@ -1328,6 +1335,12 @@ fn normed_matvec_matches_reference() {
         ),
         (
             ggml_weight(&mut rng, 4101, 4096, GgmlType::Q4_1),
+            false,
+            false,
+            2e-3,
+        ),
+        (
+            ggml_weight(&mut rng, 4101, 4096, GgmlType::Q8_0),
             false,
             false,
             2e-3,

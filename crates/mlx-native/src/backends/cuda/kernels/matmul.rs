@@ -546,8 +546,9 @@ struct DecodeMatvec {
     folds: bool,
     /// A residual update precedes the norm (`Op::MatMul::residual_update`).
     updates: bool,
-    /// Q4_0 rows of k % 128 == 0 from 8-byte aligned data: `MtQ4_0` loads quads of blocks.
-    q4_0_quads: bool,
+    /// Q4_0 and Q8_0 rows of k % 128 == 0 from 8-byte aligned data: `MtQ4_0` and `MtQ8_0` load
+    /// quads of blocks.
+    quads: bool,
     /// Q6_K rows of k % 2,048 == 0 from 16-byte aligned data: every row 16-byte aligned, as
     /// `MtQ6K`'s aligned words need.
     q6_k_rows: bool,
@@ -567,7 +568,7 @@ impl DecodeMatvec {
             gated: false,
             folds: norm,
             updates: false,
-            q4_0_quads: k.is_multiple_of(128),
+            quads: k.is_multiple_of(128),
             q6_k_rows: k.is_multiple_of(2048),
             wide_norm: norm && k > FOLD_NORM_MAX_K,
         }
@@ -609,7 +610,9 @@ fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> 
     let (chunks, simt_weights) = match m.layout {
         WeightLayout::MlxAffine { bits: 4, .. } => (TC_CHUNKS_32, mlx_simt_weights),
         WeightLayout::MlxAffine { bits: 8, .. } => (TC_CHUNKS_16, mlx_simt_weights),
-        WeightLayout::Gguf(GgmlType::Q4_0) if m.q4_0_quads => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
+        WeightLayout::Gguf(GgmlType::Q4_0 | GgmlType::Q8_0) if m.quads => {
+            (TC_CHUNKS_32, SIMT_MAX_WEIGHTS)
+        }
         WeightLayout::Gguf(GgmlType::Q4_1) => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
         WeightLayout::Gguf(GgmlType::Q4K | GgmlType::Q5K) => (TC_CHUNKS_Q4K, SIMT_MAX_WEIGHTS),
         WeightLayout::Gguf(GgmlType::Q6K) if m.q6_k_rows && !m.gated => {
@@ -736,10 +739,10 @@ impl<'a> DecodePlan<'a> {
         // Whether the tensor-core kernel would fold the norm (and stage its weight): it folds
         // at any width.
         let tc_folds = MatvecInput::folds(x, norm, usize::MAX)?;
-        // MtQ4_0 loads a quad's four blocks (72 bytes) as 8-byte words: rows of k % 128 == 0
-        // from 8-byte aligned data; other Q4_0 rows stay on matvec.cu.
+        // MtQ4_0 and MtQ8_0 load a quad's four blocks (72 or 136 bytes): rows of k % 128 == 0
+        // from 8-byte aligned data; other Q4_0 and Q8_0 rows stay on matvec.cu.
         let aligned8 = |w: &Weight| -> Result<bool> { Ok(device_ptr(w.data())? % 8 == 0) };
-        let q4_0_quads = k.is_multiple_of(128)
+        let quads = k.is_multiple_of(128)
             && aligned8(weight)?
             && match up {
                 Some(up) => aligned8(up)?,
@@ -753,7 +756,7 @@ impl<'a> DecodePlan<'a> {
             gated,
             folds: tc_folds,
             updates: update.is_some(),
-            q4_0_quads,
+            quads,
             q6_k_rows,
             wide_norm: norm.is_some() && k > FOLD_NORM_MAX_K,
         };

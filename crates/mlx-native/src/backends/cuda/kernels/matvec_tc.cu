@@ -203,9 +203,8 @@ struct MtMlx {
 // of two loaded words; lane 0's block starts at byte 0, so its nibble words come whole from
 // bytes 4..15 and its last one joins bytes 2, 3, 16, 17, an order x is staged in for the first
 // chunk of each quad (`slot`). The nibbles become f16 as MLX 4-bit fields do; their offsets
-// include the 8 (1032 and 72), so the fold is d·dot (no Σx). Q8_0 on the 4-byte word scheme (9
-// words a block, one chunk a stage) was slower than matvec.cu's kernel (H200: 4096×14336 36.1
-// µs, 1.73 TB/s) and is not built.
+// include the 8 (1032 and 72), so the fold is d·dot (no Σx). Q8_0 loads its quads alike
+// (`MtQ8_0`).
 struct MtQ4_0 {
     static constexpr int CHUNK = 32;
     static constexpr int BLOCK = 18;
@@ -250,6 +249,63 @@ struct MtQ4_0 {
     static __device__ __forceinline__ float fold(const Raw& r, float dot, float, float acc) {
         const u32 t = threadIdx.x & 3;
         const u32 d = __byte_perm(r.w[0], r.w[1], 0x10u + 0x22u * t) & 0xffffu;
+        return fmaf(f16_to_f32((u16)d), dot, acc);
+    }
+};
+
+// ggml Q8_0 (34-byte blocks: f16 d, 32 int8 q, w = d·q): a chunk is one block, a quad's four
+// blocks 136 contiguous bytes (rows of k % 128 == 0 from an 8-byte aligned base, as Q4_0's).
+// Lane t loads the five 8-byte words at byte 32t, which hold its block at byte 2t: its d is
+// half of word 0 or 1, and quant word i one byte_perm of words i and i + 1 (t < 2) or i + 1 and
+// i + 2, at a 2-byte or 4-byte shift. The int8 become q + 128 (one XOR a word) in MLX 8-bit's
+// fields, offset 1152; the fold is d·dot, as Q4_0's. One chunk a stage.
+// H100, 2026-11-28, decode after 128 tokens (from matvec.cu's kernels and their norm launches):
+// 1B shape 1,057 → 1,431 tok/s (46.4 → 62.8% of the bound), 8B 236.2 → 293.0 (62.6 → 77.7%).
+// Nine aligned 4-byte words a block (one byte_perm a quant word) read 1,259 and 256.8, two
+// chunks a stage so 1,277 and 258.8: the wide loads carry it.
+struct MtQ8_0 {
+    static constexpr int CHUNK = 32;
+    static constexpr int UNIT = 8;  // bytes of a load: a quad of blocks is 17
+    static constexpr int STAGE = 1;
+    static constexpr bool PARTS = false;
+    static constexpr int SUBS = 1;
+    static constexpr int RUN = 32;
+    using Fold = float2;  // 0, Σ offset·x
+    struct Raw {
+        u32 w[10];  // bytes 32t .. 32t + 39 of the quad's blocks
+    };
+    static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
+                                                int c, Raw& r) {
+        const uint2* p = (const uint2*)wt.w + (st.unit_row[h] + 17 * (c >> 2) + 4 * st.t);
+#pragma unroll
+        for (int i = 0; i < 5; ++i) {
+            const uint2 v = load_stream8(p + i);
+            r.w[2 * i] = v.x;
+            r.w[2 * i + 1] = v.y;
+        }
+    }
+    // Quant word i (elements 4i … 4i + 3) as q + 128.
+    static __device__ __forceinline__ u32 quants(const Raw& r, int i) {
+        const u32 t = threadIdx.x & 3, sel = t & 1 ? 0x7654u : 0x5432u;
+        const u32 v = t < 2 ? __byte_perm(r.w[i], r.w[i + 1], sel)
+                            : __byte_perm(r.w[i + 1], r.w[i + 2], sel);
+        return v ^ 0x80808080u;
+    }
+    static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
+        fields_f16<8>(quants(r, 2 * j), p);
+        fields_f16<8>(quants(r, 2 * j + 1), p + 2);
+    }
+    static __device__ __forceinline__ int slot(bool, int j, int e) {
+        return MtMlx<8, FT_F32>::slot(false, j, e);
+    }
+    static __device__ __forceinline__ float offset(int) { return 1152.f; }
+    static __device__ __forceinline__ i64 x_at(int c, int) { return (i64)c * CHUNK; }
+    static __device__ __forceinline__ void stage_fold(int, const u32* o, const float*, Fold& f) {
+        f.y += mt_offsets<MtQ8_0>(o);
+    }
+    static __device__ __forceinline__ float fold(const Raw& r, float dot, float, float acc) {
+        const u32 t = threadIdx.x & 3;
+        const u32 d = ((t < 2 ? r.w[0] : r.w[1]) >> (16 * (t & 1))) & 0xffffu;
         return fmaf(f16_to_f32((u16)d), dot, acc);
     }
 };
@@ -1024,7 +1080,8 @@ MATVEC_TC_ALL_TYPES(8)
 
 // The ggml formats' kernels (format F, kernel name NAME, ROW_UNITS: F::UNIT-byte units a row):
 // a Q4_0 row is k / 32 blocks of 18 bytes, k / 128 · 9 units of 8 bytes (k % 128 == 0); a Q4_1
-// row k / 32 blocks of 20 bytes, 5 units of 4 bytes each; a Q4_K row k / 256 super-blocks of
+// row k / 32 blocks of 20 bytes, 5 units of 4 bytes each; a Q8_0 row k / 128 quads of blocks,
+// 17 units of 8 bytes each; a Q4_K row k / 256 super-blocks of
 // 144 bytes, 9 units of 16 bytes each, a Q5_K row of 176 bytes, 11 units; a Q6_K row of 210
 // bytes (units of one byte).
 #define MATVEC_TC_GGML_PLAIN(F, NAME, ROW_UNITS, PREFIX, NORM)                                     \
@@ -1050,6 +1107,8 @@ MATVEC_TC_GGML(MtQ4_0, q4_0, k / 128 * 9, matvec_tc_, false)
 MATVEC_TC_GGML(MtQ4_0, q4_0, k / 128 * 9, matvec_tc_norm_, true)
 MATVEC_TC_GGML(MtQ4_1, q4_1, k / 32 * 5, matvec_tc_, false)
 MATVEC_TC_GGML(MtQ4_1, q4_1, k / 32 * 5, matvec_tc_norm_, true)
+MATVEC_TC_GGML(MtQ8_0, q8_0, k / 128 * 17, matvec_tc_, false)
+MATVEC_TC_GGML(MtQ8_0, q8_0, k / 128 * 17, matvec_tc_norm_, true)
 MATVEC_TC_GGML(MtQ4K, q4_k, k / 256 * 9, matvec_tc_, false)
 MATVEC_TC_GGML(MtQ4K, q4_k, k / 256 * 9, matvec_tc_norm_, true)
 MATVEC_TC_GGML(MtQ5K, q5_k, k / 256 * 11, matvec_tc_, false)
