@@ -340,25 +340,42 @@ __device__ __forceinline__ void k_scale_min(const u8* blk, int j, float& sc, flo
 
 // block_q4_K (144 bytes): f16 d; f16 dmin; u8 scales[12] (eight 6-bit scale/min pairs);
 // u8 qs[128]. Sub-block j (32 elements) is the low (j even) or high (j odd) nibbles of
-// qs[32·(j/2) ..]; weight = d·sc_j·q − dmin·m_j. The planner checks 16-byte alignment.
-struct Q4_K {
+// qs[32·(j/2) ..]; weight = d·sc_j·q − dmin·m_j.
+// block_q5_K (176 bytes): f16 d; f16 dmin; u8 scales[12] (as Q4_K); u8 qh[32]; u8 qs[128]:
+// Q4_K's nibbles with bit j of qh[l] above element l of sub-block j.
+// The planner checks 16-byte alignment, which both block sizes keep.
+template <int BITS>  // 4: Q4_K, 5: Q5_K
+struct KQuantScaleMin {
     const u8* data;
     int k;
 
-    static __device__ __forceinline__ int shift(int e) { return field_shift(8 * (e & 3), 4); }
+    static constexpr int BLOCK = BITS == 4 ? 144 : 176;
+    static constexpr int QS = BITS == 4 ? 16 : 48;  // where the nibbles start
+    static __device__ __forceinline__ int shift(int e) { return field_shift(8 * (e & 3), BITS); }
     __device__ __forceinline__ const u8* block(int row, int u) const {
-        return data + ((i64)row * (k / 256) + (u >> 3)) * 144;
+        return data + ((i64)row * (k / 256) + (u >> 3)) * BLOCK;
     }
-    // Sub-block j's nibbles, each in the low half of its byte.
+    // Sub-block j's codes, one per byte (Q4_K: each in the low half of its byte).
     __device__ __forceinline__ void words(const u8* blk, int j, u32* q) const {
-        const uint4* p = (const uint4*)(blk + 16 + 32 * (j >> 1));
-        const uint4 a = p[0], b = p[1];
-        const int s = 4 * (j & 1);
-        q[0] = a.x >> s; q[1] = a.y >> s; q[2] = a.z >> s; q[3] = a.w >> s;
-        q[4] = b.x >> s; q[5] = b.y >> s; q[6] = b.z >> s; q[7] = b.w >> s;
+        const uint4* p = (const uint4*)(blk + QS + 32 * (j >> 1));
+        if constexpr (BITS == 4) {
+            const uint4 a = p[0], b = p[1];
+            const int s = 4 * (j & 1);
+            q[0] = a.x >> s; q[1] = a.y >> s; q[2] = a.z >> s; q[3] = a.w >> s;
+            q[4] = b.x >> s; q[5] = b.y >> s; q[6] = b.z >> s; q[7] = b.w >> s;
+        } else {
+            const uint4* h = (const uint4*)(blk + 16);
+            const uint4 a = p[0], b = p[1], ha = h[0], hb = h[1];
+            const u32 lo[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+            const u32 hi[8] = {ha.x, ha.y, ha.z, ha.w, hb.x, hb.y, hb.z, hb.w};
+            const int s = 4 * (j & 1);
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+                q[i] = ((lo[i] >> s) & 0x0F0F0F0Fu) | (((hi[i] >> j) & 0x01010101u) << 4);
+        }
     }
     __device__ __forceinline__ float value(const u32* q, int e) const {
-        return field(q[e >> 2], 0u, 8 * (e & 3), 4);
+        return field(q[e >> 2], 0u, 8 * (e & 3), BITS);
     }
     __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
         const u8* blk = block(row, u);
@@ -384,57 +401,8 @@ struct Q4_K {
         for (int e = 0; e < 32; ++e) out[e] = d * (value(q, e) * pow2_neg(shift(e))) - dm;
     }
 };
-
-// block_q5_K (176 bytes): f16 d; f16 dmin; u8 scales[12] (as Q4_K); u8 qh[32]; u8 qs[128].
-// Sub-block j's nibbles as Q4_K's, with bit j of qh[l] above element l; weight =
-// d·sc_j·q − dmin·m_j. The planner checks 16-byte alignment, which 176-byte blocks keep.
-struct Q5_K {
-    const u8* data;
-    int k;
-
-    static __device__ __forceinline__ int shift(int e) { return field_shift(8 * (e & 3), 5); }
-    __device__ __forceinline__ const u8* block(int row, int u) const {
-        return data + ((i64)row * (k / 256) + (u >> 3)) * 176;
-    }
-    // Sub-block j's 5-bit codes, one per byte.
-    __device__ __forceinline__ void words(const u8* blk, int j, u32* q) const {
-        const uint4* p = (const uint4*)(blk + 48 + 32 * (j >> 1));
-        const uint4* h = (const uint4*)(blk + 16);
-        const uint4 a = p[0], b = p[1], ha = h[0], hb = h[1];
-        const u32 lo[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-        const u32 hi[8] = {ha.x, ha.y, ha.z, ha.w, hb.x, hb.y, hb.z, hb.w};
-        const int s = 4 * (j & 1);
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-            q[i] = ((lo[i] >> s) & 0x0F0F0F0Fu) | (((hi[i] >> j) & 0x01010101u) << 4);
-    }
-    __device__ __forceinline__ float value(const u32* q, int e) const {
-        return field(q[e >> 2], 0u, 8 * (e & 3), 5);
-    }
-    __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
-        const u8* blk = block(row, u);
-        const int j = u & 7;
-        u32 q[8];
-        words(blk, j, q);
-        float acc = 0.f;
-#pragma unroll
-        for (int e = 0; e < 32; ++e) acc = fmaf(value(q, e), xs[e], acc);
-        float sc, m;
-        k_scale_min(blk, j, sc, m);
-        return load_f16(blk) * sc * acc - load_f16(blk + 2) * m * (sx[0] + sx[1]);
-    }
-    __device__ __forceinline__ void tile(int row, int k0, float* out) const {
-        const int u = k0 / 32, j = u & 7;
-        const u8* blk = block(row, u);
-        u32 q[8];
-        words(blk, j, q);
-        float sc, m;
-        k_scale_min(blk, j, sc, m);
-        const float d = load_f16(blk) * sc, dm = load_f16(blk + 2) * m;
-#pragma unroll
-        for (int e = 0; e < 32; ++e) out[e] = d * (value(q, e) * pow2_neg(shift(e))) - dm;
-    }
-};
+using Q4_K = KQuantScaleMin<4>;
+using Q5_K = KQuantScaleMin<5>;
 
 // block_q6_K (210 bytes): u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d. In each half of 128
 // elements, quarter t holds element l at the (t/2 ? high : low) nibble of ql[32·(t%2) + l]
