@@ -785,7 +785,10 @@ fn ggml_weight(rng: &mut Rng, n: usize, k: usize, ty: GgmlType) -> HostWeight {
                 let d = f16_at(&b, 0);
                 dense.extend((0..32).map(|j| d * (b[2 + j] as i8) as f64));
             }
-            GgmlType::Q4K => {
+            GgmlType::Q4K | GgmlType::Q5K => {
+                // d, dmin, eight 6-bit scales and mins; Q5_K: then qh[32] (bit j of qh[l]: the
+                // fifth bit of element l of sub-block j); then the nibbles, sub-blocks 2p and
+                // 2p + 1 in the low and high halves of qs[32p ..].
                 put_f16(&mut b, 0, rng.sym(0.01).abs());
                 put_f16(&mut b, 2, rng.sym(0.01).abs());
                 let (d, dmin) = (f16_at(&b, 0), f16_at(&b, 2));
@@ -800,37 +803,14 @@ fn ggml_weight(rng: &mut Rng, n: usize, k: usize, ty: GgmlType) -> HostWeight {
                         )
                     }
                 };
-                for pair in 0..4 {
-                    let qs = &b[16 + 32 * pair..16 + 32 * pair + 32];
-                    let (s1, m1) = scale_min(2 * pair);
-                    let (s2, m2) = scale_min(2 * pair + 1);
-                    dense.extend(qs.iter().map(|&q| d * s1 * (q & 15) as f64 - dmin * m1));
-                    dense.extend(qs.iter().map(|&q| d * s2 * (q >> 4) as f64 - dmin * m2));
-                }
-            }
-            GgmlType::Q5K => {
-                // Q4_K's scales, then qh[32] (bit j of qh[l]: the fifth bit of element l of
-                // sub-block j) and Q4_K's nibbles.
-                put_f16(&mut b, 0, rng.sym(0.01).abs());
-                put_f16(&mut b, 2, rng.sym(0.01).abs());
-                let (d, dmin) = (f16_at(&b, 0), f16_at(&b, 2));
-                let sc = &b[4..16];
-                let scale_min = |j: usize| -> (f64, f64) {
-                    if j < 4 {
-                        ((sc[j] & 63) as f64, (sc[j + 4] & 63) as f64)
-                    } else {
-                        (
-                            ((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4)) as f64,
-                            ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)) as f64,
-                        )
-                    }
-                };
-                let qh = &b[16..48];
+                let five = ty == GgmlType::Q5K;
+                let qs_at = if five { 48 } else { 16 };
                 for j in 0..8 {
-                    let qs = &b[48 + 32 * (j / 2)..48 + 32 * (j / 2) + 32];
+                    let qs = &b[qs_at + 32 * (j / 2)..qs_at + 32 * (j / 2) + 32];
                     let (s, m) = scale_min(j);
                     dense.extend((0..32).map(|l| {
-                        let q = ((qs[l] >> (4 * (j % 2))) & 15) | (((qh[l] >> j) & 1) << 4);
+                        let high = if five { ((b[16 + l] >> j) & 1) << 4 } else { 0 };
+                        let q = ((qs[l] >> (4 * (j % 2))) & 15) | high;
                         d * s * q as f64 - dmin * m
                     }));
                 }
