@@ -16,7 +16,7 @@ use mlx_native::{CommandEncoder, DType, Device, Error, Result, SamplingParams, T
 
 mod common;
 
-use common::{assert_close, poisoned, run, Rng};
+use common::{assert_close, k_scale_min, poisoned, run, Rng};
 
 // ---------------------------------------------------------------------------------------------
 // Harness
@@ -792,16 +792,9 @@ fn ggml_weight(rng: &mut Rng, n: usize, k: usize, ty: GgmlType) -> HostWeight {
                 put_f16(&mut b, 0, rng.sym(0.01).abs());
                 put_f16(&mut b, 2, rng.sym(0.01).abs());
                 let (d, dmin) = (f16_at(&b, 0), f16_at(&b, 2));
-                let sc = &b[4..16];
-                let scale_min = |j: usize| -> (f64, f64) {
-                    if j < 4 {
-                        ((sc[j] & 63) as f64, (sc[j + 4] & 63) as f64)
-                    } else {
-                        (
-                            ((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4)) as f64,
-                            ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)) as f64,
-                        )
-                    }
+                let scale_min = |j: usize| {
+                    let (s, m) = k_scale_min(&b[4..16], j);
+                    (s as f64, m as f64)
                 };
                 let five = ty == GgmlType::Q5K;
                 let qs_at = if five { 48 } else { 16 };

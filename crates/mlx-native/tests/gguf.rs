@@ -9,6 +9,9 @@ use mlx_native::quant::ggml::{dequantize_row, quantize_row};
 use mlx_native::quant::GgmlType;
 use mlx_native::{ops, CommandEncoder, DType, Device, Error};
 
+mod common;
+use common::k_scale_min;
+
 fn shared_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../../shared/models/smollm2-135m-instruct-q4_1.gguf")
@@ -289,67 +292,26 @@ fn simple_formats_decode_in_ggml_element_order() {
     }
 }
 
-/// ggml's Q4_K decoding loop, restated independently of the library.
-fn q4_k_reference(b: &[u8]) -> Vec<f32> {
+/// ggml's Q4_K and Q5_K decoding loops, restated independently of the library: Q5_K's bit `is`
+/// (the sub-block) of qh[l] adds 16 to element l's code.
+fn k_quant_reference(b: &[u8], five_bits: bool) -> Vec<f32> {
     let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
     let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
-    let sc = &b[4..16];
-    let scale_min = |j: usize| -> (f32, f32) {
-        if j < 4 {
-            ((sc[j] & 63) as f32, (sc[j + 4] & 63) as f32)
-        } else {
-            (
-                ((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4)) as f32,
-                ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)) as f32,
-            )
-        }
-    };
-    let mut y = Vec::new();
-    let mut q = &b[16..];
-    let mut is = 0;
-    for _ in (0..256).step_by(64) {
-        let (s1, m1) = scale_min(is);
-        let (s2, m2) = scale_min(is + 1);
-        y.extend(
-            q[..32]
-                .iter()
-                .map(|&v| d * s1 * (v & 0xF) as f32 - dmin * m1),
-        );
-        y.extend(
-            q[..32]
-                .iter()
-                .map(|&v| d * s2 * (v >> 4) as f32 - dmin * m2),
-        );
-        q = &q[32..];
-        is += 2;
-    }
-    y
-}
-
-/// ggml's Q5_K decoding loop, restated independently of the library: Q4_K's, with bit
-/// `is` (the sub-block) of qh[l] adding 16 to element l's code.
-fn q5_k_reference(b: &[u8]) -> Vec<f32> {
-    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-    let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
-    let sc = &b[4..16];
-    let scale_min = |j: usize| -> (f32, f32) {
-        if j < 4 {
-            ((sc[j] & 63) as f32, (sc[j + 4] & 63) as f32)
-        } else {
-            (
-                ((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4)) as f32,
-                ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)) as f32,
-            )
-        }
+    let scale_min = |j: usize| {
+        let (s, m) = k_scale_min(&b[4..16], j);
+        (s as f32, m as f32)
     };
     let qh = &b[16..48];
+    let fifth = |l: usize, bit: usize| match five_bits && qh[l] & (1 << bit) != 0 {
+        true => 16,
+        false => 0,
+    };
     let mut y = Vec::new();
-    let mut q = &b[48..];
+    let mut q = &b[if five_bits { 48 } else { 16 }..];
     let mut is = 0;
     for _ in (0..256).step_by(64) {
         let (s1, m1) = scale_min(is);
         let (s2, m2) = scale_min(is + 1);
-        let fifth = |l: usize, bit: usize| if qh[l] & (1 << bit) != 0 { 16 } else { 0 };
         y.extend((0..32).map(|l| d * s1 * ((q[l] & 0xF) + fifth(l, is)) as f32 - dmin * m1));
         y.extend((0..32).map(|l| d * s2 * ((q[l] >> 4) + fifth(l, is + 1)) as f32 - dmin * m2));
         q = &q[32..];
@@ -394,8 +356,8 @@ fn k_quants_decode_like_ggml_on_random_blocks() {
         let mut q6k = random_bytes(210, 20 + seed);
         q6k[208..].copy_from_slice(&f16_bytes(0.021));
         for (t, block, want) in [
-            (GgmlType::Q4K, &q4k, q4_k_reference(&q4k)),
-            (GgmlType::Q5K, &q5k, q5_k_reference(&q5k)),
+            (GgmlType::Q4K, &q4k, k_quant_reference(&q4k, false)),
+            (GgmlType::Q5K, &q5k, k_quant_reference(&q5k, true)),
             (GgmlType::Q6K, &q6k, q6_k_reference(&q6k)),
         ] {
             let mut got = vec![0.0; 256];

@@ -144,3 +144,16 @@ pub fn sample_ref(logits: &[f32], history: &[u32], pos: usize, p: &SamplingParam
     }
     *kept.last().unwrap() as u32
 }
+
+/// The 6-bit scale and min of sub-block `j` of a Q4_K or Q5_K super-block, from its 12 packed
+/// bytes `sc` (ggml's get_scale_min_k4, restated).
+pub fn k_scale_min(sc: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (sc[j] & 63, sc[j + 4] & 63)
+    } else {
+        (
+            (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4),
+            (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4),
+        )
+    }
+}
