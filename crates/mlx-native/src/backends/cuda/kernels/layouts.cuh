@@ -120,6 +120,43 @@ struct MlxAffine {
 // ---------------------------------------------------------------------------------------------
 // ggml blocks, byte layouts as in ggml-common.h. `data` holds n rows of k/block_size blocks.
 
+// dot and tile of a ggml block of 32 elements (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): the layout L
+// gives the block's address (`block`), its WORDS words of codes (`words`) and their fields
+// (`value`, `shift`). The weight is d·(q − OFFSET), d the block's first two bytes, or with
+// OFFSET = BLOCK32_AFFINE d·q + m, d and m its first four.
+constexpr int BLOCK32_AFFINE = -1;
+
+template <int WORDS, int OFFSET, class L>
+__device__ __forceinline__ float block32_dot(const L& l, int row, int u, const float* xs,
+                                             const float* sx) {
+    const u8* blk = l.block(row, u);
+    u32 q[WORDS];
+    l.words(blk, q);
+    float acc = 0.f;
+#pragma unroll
+    for (int e = 0; e < 32; ++e) acc = fmaf(l.value(q, e), xs[e], acc);
+    if constexpr (OFFSET == BLOCK32_AFFINE)
+        return load_f16(blk) * acc + load_f16(blk + 2) * (sx[0] + sx[1]);
+    else return load_f16(blk) * (acc - (float)OFFSET * (sx[0] + sx[1]));
+}
+
+template <int WORDS, int OFFSET, class L>
+__device__ __forceinline__ void block32_tile(const L& l, int row, int k0, float* out) {
+    const u8* blk = l.block(row, k0 / 32);
+    u32 q[WORDS];
+    l.words(blk, q);
+    if constexpr (OFFSET == BLOCK32_AFFINE) {
+        const float d = load_f16(blk), m = load_f16(blk + 2);
+#pragma unroll
+        for (int e = 0; e < 32; ++e) out[e] = fmaf(d, l.value(q, e) * pow2_neg(L::shift(e)), m);
+    } else {
+        const float d = load_f16(blk);
+#pragma unroll
+        for (int e = 0; e < 32; ++e)
+            out[e] = d * (l.value(q, e) * pow2_neg(L::shift(e)) - (float)OFFSET);
+    }
+}
+
 // block_q4_0 (18 bytes): f16 d; u8 qs[16]. Element e < 16 is the low nibble of qs[e], e ≥ 16
 // the high nibble of qs[e−16]; weight = d·(q − 8).
 struct Q4_0 {
@@ -139,21 +176,10 @@ struct Q4_0 {
         for (int i = 0; i < 4; ++i) q[i] = load_u32_a2(blk + 2 + 4 * i);
     }
     __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
-        const u8* blk = block(row, u);
-        u32 q[4];
-        words(blk, q);
-        float acc = 0.f;
-#pragma unroll
-        for (int e = 0; e < 32; ++e) acc = fmaf(value(q, e), xs[e], acc);
-        return load_f16(blk) * (acc - 8.f * (sx[0] + sx[1]));
+        return block32_dot<4, 8>(*this, row, u, xs, sx);
     }
     __device__ __forceinline__ void tile(int row, int k0, float* out) const {
-        const u8* blk = block(row, k0 / 32);
-        u32 q[4];
-        words(blk, q);
-        const float d = load_f16(blk);
-#pragma unroll
-        for (int e = 0; e < 32; ++e) out[e] = d * (value(q, e) * pow2_neg(shift(e)) - 8.f);
+        block32_tile<4, 8>(*this, row, k0, out);
     }
 };
 
@@ -177,21 +203,10 @@ struct Q4_1 {
         for (int i = 0; i < 4; ++i) q[i] = p[i];
     }
     __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
-        const u8* blk = block(row, u);
-        u32 q[4];
-        words(blk, q);
-        float acc = 0.f;
-#pragma unroll
-        for (int e = 0; e < 32; ++e) acc = fmaf(value(q, e), xs[e], acc);
-        return load_f16(blk) * acc + load_f16(blk + 2) * (sx[0] + sx[1]);
+        return block32_dot<4, BLOCK32_AFFINE>(*this, row, u, xs, sx);
     }
     __device__ __forceinline__ void tile(int row, int k0, float* out) const {
-        const u8* blk = block(row, k0 / 32);
-        u32 q[4];
-        words(blk, q);
-        const float d = load_f16(blk), m = load_f16(blk + 2);
-#pragma unroll
-        for (int e = 0; e < 32; ++e) out[e] = fmaf(d, value(q, e) * pow2_neg(shift(e)), m);
+        block32_tile<4, BLOCK32_AFFINE>(*this, row, k0, out);
     }
 };
 
@@ -232,21 +247,10 @@ struct Q5_0 {
         q5_words(load_u32_a2(blk + 2), qs, q);
     }
     __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
-        const u8* blk = block(row, u);
-        u32 q[8];
-        words(blk, q);
-        float acc = 0.f;
-#pragma unroll
-        for (int e = 0; e < 32; ++e) acc = fmaf(value(q, e), xs[e], acc);
-        return load_f16(blk) * (acc - 16.f * (sx[0] + sx[1]));
+        return block32_dot<8, 16>(*this, row, u, xs, sx);
     }
     __device__ __forceinline__ void tile(int row, int k0, float* out) const {
-        const u8* blk = block(row, k0 / 32);
-        u32 q[8];
-        words(blk, q);
-        const float d = load_f16(blk);
-#pragma unroll
-        for (int e = 0; e < 32; ++e) out[e] = d * (value(q, e) * pow2_neg(shift(e)) - 16.f);
+        block32_tile<8, 16>(*this, row, k0, out);
     }
 };
 
@@ -271,21 +275,10 @@ struct Q5_1 {
         q5_words(p[0], qs, q);
     }
     __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
-        const u8* blk = block(row, u);
-        u32 q[8];
-        words(blk, q);
-        float acc = 0.f;
-#pragma unroll
-        for (int e = 0; e < 32; ++e) acc = fmaf(value(q, e), xs[e], acc);
-        return load_f16(blk) * acc + load_f16(blk + 2) * (sx[0] + sx[1]);
+        return block32_dot<8, BLOCK32_AFFINE>(*this, row, u, xs, sx);
     }
     __device__ __forceinline__ void tile(int row, int k0, float* out) const {
-        const u8* blk = block(row, k0 / 32);
-        u32 q[8];
-        words(blk, q);
-        const float d = load_f16(blk), m = load_f16(blk + 2);
-#pragma unroll
-        for (int e = 0; e < 32; ++e) out[e] = fmaf(d, value(q, e) * pow2_neg(shift(e)), m);
+        block32_tile<8, BLOCK32_AFFINE>(*this, row, k0, out);
     }
 };
 
@@ -307,21 +300,10 @@ struct Q8_0 {
         return field(q[e >> 2], 0u, 8 * (e & 3), 8);
     }
     __device__ __forceinline__ float dot(int row, int u, const float* xs, const float* sx) const {
-        const u8* blk = block(row, u);
-        u32 q[8];
-        words(blk, q);
-        float acc = 0.f;
-#pragma unroll
-        for (int e = 0; e < 32; ++e) acc = fmaf(value(q, e), xs[e], acc);
-        return load_f16(blk) * (acc - 128.f * (sx[0] + sx[1]));
+        return block32_dot<8, 128>(*this, row, u, xs, sx);
     }
     __device__ __forceinline__ void tile(int row, int k0, float* out) const {
-        const u8* blk = block(row, k0 / 32);
-        u32 q[8];
-        words(blk, q);
-        const float d = load_f16(blk);
-#pragma unroll
-        for (int e = 0; e < 32; ++e) out[e] = d * (value(q, e) * pow2_neg(shift(e)) - 128.f);
+        block32_tile<8, 128>(*this, row, k0, out);
     }
 };
 
