@@ -714,8 +714,8 @@ impl Decoder {
         match (layer.qkv.as_slice(), &s.qkv) {
             ([w], Some(qkv)) => ops::normed_matmul(enc, x.x, x.update, norm, w, qkv)?,
             (parts, Some(qkv)) if parts.iter().all(folds) => {
-                // A normed pass a part (q and k, then v, in a K-quant mix): one launch fewer
-                // than a norm of its own and plain matmuls.
+                // A normed pass a part (q and k, then v, in a K-quant mix): fewer launches than
+                // a norm of its own and three plain matmuls.
                 let x = self.settle(enc, x)?;
                 let flat = qkv.reshape(&[qkv.elem_count()])?;
                 let mut start = 0;

@@ -602,9 +602,10 @@ const TC_CHUNKS_Q6K: TcChunks = TcChunks {
 };
 
 /// The tensor-core matvec's plan for `m`, or None where matvec.cu multiplies it: formats
-/// matvec_tc.cu has (`MtMlx` 4- and 8-bit, `MtQ4_0` on quads, `MtQ4_1`, `MtQ4K`, `MtQ5K`, and
-/// `MtQ6K` on plain rows of k % 2,048 == 0; Q4_1 data is 4-byte aligned, Q4_K and Q5_K data
-/// 16-byte aligned, `Weight::check_alignment`, and a K-quant row is whole super-blocks of 256).
+/// matvec_tc.cu has (`MtMlx` 4- and 8-bit, `MtQ4_0` and `MtQ8_0` on quads, `MtQ4_1`, `MtQ4K`,
+/// `MtQ5K`, and `MtQ6K` on plain rows of k % 2,048 == 0; Q4_1 data is 4-byte aligned, Q4_K and
+/// Q5_K data 16-byte aligned, `Weight::check_alignment`, and a K-quant row is whole
+/// super-blocks of 256).
 fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> {
     let mlx_simt_weights = if m.wide_norm { 0 } else { SIMT_MAX_WEIGHTS };
     let (chunks, simt_weights) = match m.layout {
