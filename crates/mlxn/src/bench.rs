@@ -20,8 +20,8 @@ pub struct BenchArgs {
     /// qwen3-0.6b, gemma-3-1b, qwen3-30b-a3b.
     #[arg(long)]
     synthetic: Option<String>,
-    /// Weight layout of the synthetic model: mlx{bits}g{group}, q4_0, q4_k, f16 …, or q4_k_m
-    /// (llama.cpp's mix of Q4_K and Q6_K)
+    /// Weight layout of the synthetic model: mlx{bits}g{group}, q4_0, q4_k, f16 …, or q4_k_m /
+    /// q5_k_m (llama.cpp's mixes of Q4_K or Q5_K with Q6_K)
     #[arg(long, default_value = "mlx4g64")]
     quant: String,
     #[command(flatten)]

@@ -136,29 +136,36 @@ pub fn parse_layout(name: &str) -> Result<WeightLayout> {
 pub enum SyntheticQuant {
     /// Every matrix alike.
     Uniform(WeightLayout),
-    /// llama.cpp's Q4_K_M mix of a model of `layers` layers, as `llama-quantize` writes it:
-    /// Q6_K for the output matrix (the embedding, where tied) and for v and down in layers
-    /// i < n/8, i ≥ 7n/8 and every third between; Q4_K elsewhere.
-    Q4KM { layers: usize, tied: bool },
+    /// llama.cpp's Q4_K_M or Q5_K_M mix (`base` Q4_K or Q5_K) of a model of `layers` layers, as
+    /// `llama-quantize` writes it: Q6_K for the output matrix (the embedding, where tied) and
+    /// for v and down in layers i < n/8, i ≥ 7n/8 and every third between; `base` elsewhere.
+    KQuantMix {
+        base: GgmlType,
+        layers: usize,
+        tied: bool,
+    },
 }
 
 impl SyntheticQuant {
-    /// `q4_k_m`, or a layout name (`parse_layout`) for every matrix.
+    /// `q4_k_m`, `q5_k_m`, or a layout name (`parse_layout`) for every matrix.
     pub fn parse(name: &str, params: &DecoderParams) -> Result<SyntheticQuant> {
+        let mix = |base| SyntheticQuant::KQuantMix {
+            base,
+            layers: params.num_layers,
+            tied: params.tie_word_embeddings,
+        };
         Ok(match name {
-            "q4_k_m" => SyntheticQuant::Q4KM {
-                layers: params.num_layers,
-                tied: params.tie_word_embeddings,
-            },
+            "q4_k_m" => mix(GgmlType::Q4K),
+            "q5_k_m" => mix(GgmlType::Q5K),
             _ => SyntheticQuant::Uniform(parse_layout(name)?),
         })
     }
 
     /// The layout of the matrix the decoder loads as `name`.
     fn layout_of(self, name: &str) -> WeightLayout {
-        let (layers, tied) = match self {
+        let (base, layers, tied) = match self {
             SyntheticQuant::Uniform(layout) => return layout,
-            SyntheticQuant::Q4KM { layers, tied } => (layers, tied),
+            SyntheticQuant::KQuantMix { base, layers, tied } => (base, layers, tied),
         };
         let more_bits = |i: usize| {
             let eighth = layers / 8;
@@ -172,11 +179,7 @@ impl SyntheticQuant {
             Some(i) => (name.ends_with("v_proj") || name.ends_with("down_proj")) && more_bits(i),
             None => name == "lm_head" || (tied && name == "model.embed_tokens"),
         };
-        WeightLayout::Gguf(if six_bits {
-            GgmlType::Q6K
-        } else {
-            GgmlType::Q4K
-        })
+        WeightLayout::Gguf(if six_bits { GgmlType::Q6K } else { base })
     }
 }
 
@@ -312,48 +315,49 @@ mod tests {
 
     /// The layers whose v and down projections `llama-quantize … Q4_K_M` (llama.cpp from the
     /// llama-cpp-python 0.3.36 sdist) wrote in Q6_K, read from its logs for random-weight files
-    /// of the 1B and 8B shapes (2026-11-28); the 1B's tied embedding Q6_K, the 8B's Q4_K beside
-    /// its Q6_K output.
+    /// of the 1B and 8B shapes (2026-11-28); the 1B's tied embedding Q6_K, the 8B's in the base
+    /// type beside its Q6_K output. Q5_K_M chose the same Q6_K matrices (a 32-layer file of
+    /// 256-wide layers, 2026-11-28), with Q5_K elsewhere.
     #[test]
-    fn q4_k_m_mix_matches_llama_quantize() {
-        let cases: [(&str, &[usize], WeightLayout); 2] = [
-            (
-                "llama-3.2-1b",
-                &[0, 1, 4, 7, 10, 13, 14, 15],
-                WeightLayout::Gguf(GgmlType::Q6K),
-            ),
-            (
-                "llama-3.1-8b",
-                &[0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31],
-                WeightLayout::Gguf(GgmlType::Q4K),
-            ),
+    fn k_quant_mixes_match_llama_quantize() {
+        let q6k = WeightLayout::Gguf(GgmlType::Q6K);
+        let layers_8b: &[usize] = &[0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31];
+        let cases: [(&str, &str, &[usize]); 3] = [
+            ("llama-3.2-1b", "q4_k_m", &[0, 1, 4, 7, 10, 13, 14, 15]),
+            ("llama-3.1-8b", "q4_k_m", layers_8b),
+            ("llama-3.1-8b", "q5_k_m", layers_8b),
         ];
-        let (q4k, q6k) = (
-            WeightLayout::Gguf(GgmlType::Q4K),
-            WeightLayout::Gguf(GgmlType::Q6K),
-        );
-        for (shape, six_bit_layers, embedding) in cases {
+        for (shape, mix, six_bit_layers) in cases {
             let params = preset(shape).unwrap();
-            let quant = SyntheticQuant::parse("q4_k_m", &params).unwrap();
+            let quant = SyntheticQuant::parse(mix, &params).unwrap();
+            let base = WeightLayout::Gguf(match mix {
+                "q4_k_m" => GgmlType::Q4K,
+                _ => GgmlType::Q5K,
+            });
+            let embedding = if params.tie_word_embeddings {
+                q6k
+            } else {
+                base
+            };
             assert_eq!(quant.layout_of("model.embed_tokens"), embedding, "{shape}");
             assert_eq!(quant.layout_of("lm_head"), q6k, "{shape}");
             for l in 0..params.num_layers {
                 let want = if six_bit_layers.contains(&l) {
                     q6k
                 } else {
-                    q4k
+                    base
                 };
                 for (part, layout) in [
                     ("self_attn.v_proj", want),
                     ("mlp.down_proj", want),
-                    ("self_attn.q_proj", q4k),
-                    ("self_attn.k_proj", q4k),
-                    ("self_attn.o_proj", q4k),
-                    ("mlp.gate_proj", q4k),
-                    ("mlp.up_proj", q4k),
+                    ("self_attn.q_proj", base),
+                    ("self_attn.k_proj", base),
+                    ("self_attn.o_proj", base),
+                    ("mlp.gate_proj", base),
+                    ("mlp.up_proj", base),
                 ] {
                     let name = format!("model.layers.{l}.{part}");
-                    assert_eq!(quant.layout_of(&name), layout, "{shape} {name}");
+                    assert_eq!(quant.layout_of(&name), layout, "{shape} {mix} {name}");
                 }
             }
         }
