@@ -236,9 +236,8 @@ fn matmul(
         // `matmul_tcq_*` do. H100, 2026-11-28, prefill of a 128-token prompt: Q4_K 8B shape
         // 2,335 → 5,720 tok/s, 1B 8,454 → 23,391, Q6_K 8B 1,777 → 4,336; of 512 tokens, Q4_K 8B
         // 6,870 → 8,340; of 2,048, within ±1.0%.
-        let tiles = n.div_ceil(MATMUL_TC_TILE) * m.div_ceil(MATMUL_TC_TILE);
         let splits = match tensor_cores {
-            true => tcq_k_splits(tiles, k.div_ceil(MATMUL_TC_STEP), lib.sm_count()),
+            true => tc_k_splits(lib, (m, k, n)),
             false => 1,
         };
         if splits > 1 {
@@ -343,6 +342,13 @@ fn tcq_k_splits(tiles: usize, steps: usize, sm_count: usize) -> usize {
         .max(1)
 }
 
+/// `tcq_k_splits` of a tensor-core prefill matmul of x `[m, k]` into `[m, n]`: its 128×128
+/// output tiles and 64-column steps on this GPU.
+fn tc_k_splits(lib: &KernelLibrary, (m, k, n): (usize, usize, usize)) -> usize {
+    let tiles = n.div_ceil(MATMUL_TC_TILE) * m.div_ceil(MATMUL_TC_TILE);
+    tcq_k_splits(tiles, k.div_ceil(MATMUL_TC_STEP), lib.sm_count())
+}
+
 /// The launches of `matmul_tcq_*` kernel `name` (with `shared` bytes of dynamic shared
 /// memory) for x `[m, k]` staged in `order`: `args(xh, dst)` lists its arguments for the staged
 /// x and the output address. Where the output tiles leave SMs idle (`tcq_k_splits`), blocks
@@ -358,8 +364,7 @@ fn tcq_matmul(
     args: impl Fn(u64, u64) -> Result<Args>,
 ) -> Result<CudaKernel> {
     let (m, k) = (x.rows(), x.last_dim());
-    let tiles = n.div_ceil(MATMUL_TC_TILE) * m.div_ceil(MATMUL_TC_TILE);
-    let splits = tcq_k_splits(tiles, k.div_ceil(MATMUL_TC_STEP), lib.sm_count());
+    let splits = tc_k_splits(lib, (m, k, n));
     let partial_bytes = if splits > 1 { splits * m * n * 4 } else { 0 };
     let staged = StagedX::new(lib, x, order, partial_bytes)?;
     let dst = if splits > 1 {
@@ -592,11 +597,9 @@ const TC_CHUNKS_16: TcChunks = TcChunks {
     elems: 16,
     fold_bytes: 8,
 };
-const TC_CHUNKS_Q4K: TcChunks = TcChunks {
-    elems: 32,
-    fold_bytes: 16,
-};
-const TC_CHUNKS_Q6K: TcChunks = TcChunks {
+/// K-quants (`MtQ4K`, `MtQ5K`, `MtQ6K`): chunks of 32 whose staged sums are four floats (two
+/// runs' Σx and Σ offset·x, or four groups' Σ offset·x).
+const TC_CHUNKS_KQUANT: TcChunks = TcChunks {
     elems: 32,
     fold_bytes: 16,
 };
@@ -615,9 +618,9 @@ fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> 
             (TC_CHUNKS_32, SIMT_MAX_WEIGHTS)
         }
         WeightLayout::Gguf(GgmlType::Q4_1) => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
-        WeightLayout::Gguf(GgmlType::Q4K | GgmlType::Q5K) => (TC_CHUNKS_Q4K, SIMT_MAX_WEIGHTS),
+        WeightLayout::Gguf(GgmlType::Q4K | GgmlType::Q5K) => (TC_CHUNKS_KQUANT, SIMT_MAX_WEIGHTS),
         WeightLayout::Gguf(GgmlType::Q6K) if m.q6_k_rows && !m.gated => {
-            (TC_CHUNKS_Q6K, SIMT_MAX_WEIGHTS)
+            (TC_CHUNKS_KQUANT, SIMT_MAX_WEIGHTS)
         }
         _ => return Ok(None),
     };
@@ -1345,7 +1348,7 @@ mod tests {
         assert_eq!(shared(16_896, Folding::NONE), Some((38_080, false)));
         assert_eq!(shared(16_896, Folding::NORM), None);
         // Q4_K's chunks stage four sums each (two runs): 16 bytes a chunk.
-        let q4k = matvec_tc_plan(4096, 4096, TC_CHUNKS_Q4K, false, Folding::NONE, 132, 0);
+        let q4k = matvec_tc_plan(4096, 4096, TC_CHUNKS_KQUANT, false, Folding::NONE, 132, 0);
         assert_eq!(q4k.unwrap().map(|p| p.shared), Some(10_304));
     }
 

@@ -138,6 +138,15 @@ __device__ __forceinline__ float small_u32_float(u32 v) {
     return __uint_as_float(0x4b000000u | v) - 8388608.f;
 }
 
+// Σx over one staged uint4 of f16 pairs, from x as the mma reads it (rounded): for formats whose
+// staged uint4 shares one field offset (K-quants' runs), which then multiplies the sum once.
+__device__ __forceinline__ float mt_staged_sum(const u32* o) {
+    float sum = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) sum += f16_to_f32((u16)o[q]) + f16_to_f32((u16)(o[q] >> 16));
+    return sum;
+}
+
 // Σ offset·x over one staged uint4 of f16 pairs, from x as the mma reads it (rounded).
 template <class F>
 __device__ __forceinline__ float mt_offsets(const u32* o) {
@@ -407,12 +416,10 @@ struct MtQ4K {
     }
     static __device__ __forceinline__ void stage_fold(int j, const u32* o, const float* v,
                                                       Fold& f) {
-        float sum = 0.f, staged = 0.f;
+        float sum = 0.f;
 #pragma unroll
         for (int e = 0; e < 8; ++e) sum += v[8 * j + e];
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-            staged += f16_to_f32((u16)o[q]) + f16_to_f32((u16)(o[q] >> 16));
+        const float staged = mt_staged_sum(o);
         if (j < 2) {
             f.x += sum;
             f.z = fmaf(1024.f, staged, f.z);
@@ -557,10 +564,7 @@ struct MtQ6K {
     }
     static __device__ __forceinline__ void stage_fold(int j, const u32* o, const float*,
                                                       Fold& f) {
-        float staged = 0.f;
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-            staged += f16_to_f32((u16)o[q]) + f16_to_f32((u16)(o[q] >> 16));
+        const float staged = mt_staged_sum(o);
         const float offset = j < 2 ? 1056.f : 96.f;
         if (j == 0) f.x = offset * staged;
         else if (j == 1) f.y = offset * staged;
@@ -1105,15 +1109,14 @@ MATVEC_TC_ALL_TYPES(8)
         matvec_tc<F, true, NORM>(wt, x, nullptr, MATVEC_PRE_NORM, MATVEC_UPDATE, nullptr, 0, out,  \
                                  out_h, n, k, ROW_UNITS, 0, kgroups, act);                         \
     }
-MATVEC_TC_GGML(MtQ4_0, q4_0, k / 128 * 9, matvec_tc_, false)
-MATVEC_TC_GGML(MtQ4_0, q4_0, k / 128 * 9, matvec_tc_norm_, true)
-MATVEC_TC_GGML(MtQ4_1, q4_1, k / 32 * 5, matvec_tc_, false)
-MATVEC_TC_GGML(MtQ4_1, q4_1, k / 32 * 5, matvec_tc_norm_, true)
-MATVEC_TC_GGML(MtQ8_0, q8_0, k / 128 * 17, matvec_tc_, false)
-MATVEC_TC_GGML(MtQ8_0, q8_0, k / 128 * 17, matvec_tc_norm_, true)
-MATVEC_TC_GGML(MtQ4K, q4_k, k / 256 * 9, matvec_tc_, false)
-MATVEC_TC_GGML(MtQ4K, q4_k, k / 256 * 9, matvec_tc_norm_, true)
-MATVEC_TC_GGML(MtQ5K, q5_k, k / 256 * 11, matvec_tc_, false)
-MATVEC_TC_GGML(MtQ5K, q5_k, k / 256 * 11, matvec_tc_norm_, true)
-MATVEC_TC_GGML_PLAIN(MtQ6K, q6_k, k / 256 * 210, matvec_tc_, false)
-MATVEC_TC_GGML_PLAIN(MtQ6K, q6_k, k / 256 * 210, matvec_tc_norm_, true)
+// A format's kernels (KERNELS: MATVEC_TC_GGML, or _PLAIN without the gated ones), without and
+// with the folded norm.
+#define MATVEC_TC_GGML_NORMS(KERNELS, F, NAME, ROW_UNITS)                                          \
+    KERNELS(F, NAME, ROW_UNITS, matvec_tc_, false)                                                 \
+    KERNELS(F, NAME, ROW_UNITS, matvec_tc_norm_, true)
+MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ4_0, q4_0, k / 128 * 9)
+MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ4_1, q4_1, k / 32 * 5)
+MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ8_0, q8_0, k / 128 * 17)
+MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ4K, q4_k, k / 256 * 9)
+MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ5K, q5_k, k / 256 * 11)
+MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML_PLAIN, MtQ6K, q6_k, k / 256 * 210)
