@@ -1572,9 +1572,9 @@ fn matmul_mlx_tensor_cores_at_tile_edges() {
 fn matmul_ggml_tensor_cores_at_tile_edges() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(24);
-    // Q4_0 / Q8_0 prefill weights with whole 64-column steps take the staged-f16 kernel: rows
-    // and columns past one 128-tile and short of the next, one step, more steps than pipeline
-    // stages; k = 288 (a half step) stays on the generic tensor-core kernel.
+    // Q4_0 / Q8_0 / Q4_K / Q5_K prefill weights with whole 64-column steps take the staged-f16
+    // kernels: rows and columns past one 128-tile and short of the next, one step, more steps
+    // than pipeline stages; k = 288 (a half step) stays on the generic tensor-core kernel.
     for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
         for (k, with_bias) in [(64, false), (320, true), (576, false), (288, true)] {
             let w = ggml_weight(&mut rng, 135, k, ty);
@@ -1587,6 +1587,20 @@ fn matmul_ggml_tensor_cores_at_tile_edges() {
         let w = ggml_weight(&mut rng, 135, 1600, ty);
         check_matmul(&dev, &mut rng, &w, 130, true);
     }
+    // Q4_K and Q5_K (`matmul_tcq_{q4_k,q5_k}`: a step is a sub-block pair): one super-block (as
+    // many steps as Q4_K's pipeline stages), three, 17 rows, and a split k (28 steps in 3
+    // splits).
+    for ty in [GgmlType::Q4K, GgmlType::Q5K] {
+        for (n, k, m, with_bias) in [
+            (135, 256, 130, false),
+            (135, 768, 130, true),
+            (128, 256, 17, true),
+            (135, 1792, 130, false),
+        ] {
+            let w = ggml_weight(&mut rng, n, k, ty);
+            check_matmul(&dev, &mut rng, &w, m, with_bias);
+        }
+    }
 }
 
 /// The generic tensor-core tiles (layouts without a staged-f16 kernel) split k where few
@@ -1598,10 +1612,10 @@ fn matmul_generic_tensor_cores_split_k() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(25);
     let weights = [
-        ggml_weight(&mut rng, 135, 1792, GgmlType::Q4K),
+        ggml_weight(&mut rng, 135, 1600, GgmlType::Q5_1),
         ggml_weight(&mut rng, 135, 1792, GgmlType::Q6K),
         ggml_weight(&mut rng, 135, 1600, GgmlType::Q4_1),
-        ggml_weight(&mut rng, 135, 1792, GgmlType::Q5K),
+        mlx_weight(&mut rng, 135, 1600, 6, 64, DType::F16),
         ggml_weight(&mut rng, 135, 1600, GgmlType::Q5_0),
         mlx_weight(&mut rng, 135, 1600, 3, 64, DType::BF16),
         dense_weight(&mut rng, 135, 1636, DType::F16),

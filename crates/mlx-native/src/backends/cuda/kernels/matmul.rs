@@ -199,16 +199,18 @@ fn matmul(
                     .code(*group_shift))
             });
         }
-        // Q4_0 / Q8_0 take `matmul_tcq_{q4_0,q8_0}`: whole 64-column steps of 4-byte aligned
-        // rows (two blocks: 36 resp. 68 bytes).
+        // Q4_0 / Q8_0 / Q4_K / Q5_K take `matmul_tcq_{q4_0,q8_0,q4_k,q5_k}`: whole 64-column
+        // steps of rows 4-byte aligned (two blocks: 36 resp. 68 bytes) or 16-byte aligned (a
+        // K-quant header, a sub-block pair's nibbles and Q5_K's qh: 48 resp. 80 bytes).
         if let (true, Weight::Ggml { data, ty }) = (tensor_cores && staged_offsets_fit, &weight) {
-            let order = match ty {
-                GgmlType::Q4_0 => Some(TCQ_Q4_0),
-                GgmlType::Q8_0 => Some(TCQ_BYTES),
-                _ => None,
+            let (order, align) = match ty {
+                GgmlType::Q4_0 => (Some(TCQ_Q4_0), 4),
+                GgmlType::Q8_0 => (Some(TCQ_BYTES), 4),
+                GgmlType::Q4K | GgmlType::Q5K => (Some(TCQ_Q4K), 16),
+                _ => (None, 1),
             };
             if let Some(order) = order.filter(|_| k.is_multiple_of(MATMUL_TC_STEP)) {
-                if device_ptr(data)? % 4 == 0 {
+                if device_ptr(data)? % align == 0 {
                     let name = format!("matmul_tcq_{}", ty.name());
                     let shared = tcq_ggml_shared_bytes(*ty);
                     return tcq_matmul(
@@ -316,10 +318,12 @@ fn splitk_sum(
 }
 
 /// Column orders of `stage_x_f16` (matmul_tc.cu's TCQ_*): how the kernel's fragments take the
-/// fields of MLX 4-bit words, of bytes (MLX 8-bit, Q8_0), of Q4_0 blocks.
+/// fields of MLX 4-bit words, of bytes (MLX 8-bit, Q8_0), of Q4_0 blocks, of a Q4_K sub-block
+/// pair.
 const TCQ_MLX4: i32 = 0;
 const TCQ_BYTES: i32 = 1;
 const TCQ_Q4_0: i32 = 2;
+const TCQ_Q4K: i32 = 3;
 
 /// Steps of k (MATMUL_TC_STEP columns) a split-K block takes at the least, and the rows long
 /// enough to split where more than half the SMs already work.
@@ -433,15 +437,17 @@ fn tcq_shared_bytes(bits: u32) -> u32 {
     stages * (128 * 72 * 2 + 128 * 8 * bits + 2 * 2 * 136 * 4)
 }
 
-/// Dynamic shared memory of `matmul_tcq_{q4_0,q8_0}`: TcqGgml::STAGES (4 resp. 3) slots of an
-/// x tile (128 rows × 72 halves) and 128 rows of two blocks.
+/// Dynamic shared memory of `matmul_tcq_{q4_0,q8_0,q4_k,q5_k}`: TcqGgml::STAGES or
+/// TcqK::STAGES slots of an x tile (128 rows × 72 halves) and 128 rows of a step's bytes (two
+/// blocks; a K-quant header, sub-block pair and Q5_K's qh).
 fn tcq_ggml_shared_bytes(ty: GgmlType) -> u32 {
-    let (stages, block) = if ty == GgmlType::Q4_0 {
-        (4, 18)
-    } else {
-        (3, 34)
+    let (stages, row) = match ty {
+        GgmlType::Q4_0 => (4, 36),
+        GgmlType::Q4K => (4, 48),
+        GgmlType::Q5K => (3, 80),
+        _ => (3, 68),
     };
-    stages * (128 * 72 * 2 + 128 * 2 * block)
+    stages * (128 * 72 * 2 + 128 * row)
 }
 
 /// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4/8-bit, Q4_0, Q4_1 and

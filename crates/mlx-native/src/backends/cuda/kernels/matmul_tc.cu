@@ -205,10 +205,12 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 #define TCQ_SB_LD (TC_BN + 8)  // u32 words per (scale or bias, unit) row of scale windows
 
 // Orders of the staged x (`order` of stage_x_f16), one per way the fragments take fields:
-// nibbles of MLX 4-bit words, bytes (MLX 8-bit, Q8_0), nibbles of Q4_0 blocks.
+// nibbles of MLX 4-bit words, bytes (MLX 8-bit, Q8_0), nibbles of Q4_0 blocks, nibbles of a
+// Q4_K sub-block pair.
 #define TCQ_MLX4 0
 #define TCQ_BYTES 1
 #define TCQ_Q4_0 2
+#define TCQ_Q4K 3
 
 // The x column (0..63, within its step) at position p of the staged step.
 __device__ __forceinline__ int tcq_column(int p, int order) {
@@ -216,6 +218,7 @@ __device__ __forceinline__ int tcq_column(int p, int order) {
     switch (order) {
         case TCQ_MLX4: return 16 * t + 8 * (c >> 1) + 2 * (c & 1) + h + 4 * j;
         case TCQ_BYTES: return 16 * t + 4 * c + 2 * j + h;
+        case TCQ_Q4K: return 8 * t + 4 * (c >> 1) + (c & 1) + 2 * j + 32 * h;
         default: return 32 * (t >> 1) + 8 * (t & 1) + 4 * (c >> 1) + (c & 1) + 2 * j + 16 * h;
     }
 }
@@ -607,6 +610,178 @@ __device__ __forceinline__ void matmul_tcq_ggml(const u16* __restrict__ xh,
     }
 MATMUL_TCQ_GGML(4, q4_0)
 MATMUL_TCQ_GGML(8, q8_0)
+
+// ggml Q4_K and Q5_K weights on the same ring. A 64-column step is one pair p of a
+// super-block's eight sub-blocks: the super-block's 16-byte header (f16 d and dmin, the packed
+// 6-bit scales and mins), the pair's 32 bytes of nibbles and, for Q5_K, the 32 bytes of qh (bits
+// 2p and 2p + 1 are the pair's fifth bits): 48 or 80 bytes a row, copied as 16-byte chunks (rows
+// are 16-byte aligned: 144- or 176-byte super-blocks from a 16-byte aligned base). Thread t
+// takes bytes 8t … 8t + 7 of the nibbles (and of qh): their low nibbles are elements 8t … of
+// sub-block 2p, their high ones the same of sub-block 2p + 1, 32 columns on (x staged in that
+// order, TCQ_Q4K). Each row's two scales d·sc and mins dmin·m are formed in f32 once a step and
+// rounded to f16, and a weight is q·(d·sc) − dmin·m in one f16 FMA.
+template <int BITS>  // 4: Q4_K, 5: Q5_K
+struct TcqK {
+    static constexpr int STAGES = BITS == 4 ? 4 : 3;  // two blocks an SM either way
+    static constexpr int BLOCK = BITS == 4 ? 144 : 176;
+    static constexpr int QS = BITS == 4 ? 16 : 48;  // where a super-block's nibbles start
+    static constexpr int CHUNKS = BITS == 4 ? 3 : 5;  // 16-byte copies a row per step
+    static constexpr int ROW = 16 * CHUNKS;  // header, nibbles (and qh) of a row per step
+    static constexpr u32 W = TC_BM * TC_LD * 2;  // after the x tile
+    static constexpr u32 BYTES = W + TC_BN * ROW;
+};
+
+// Issues this thread's copies of the header, nibbles (and qh) of the step at k0 (rows past n
+// repeat row n − 1, whose outputs are never stored).
+template <int BITS>
+__device__ __forceinline__ void tcq_load_k(u32 slot, const u8* __restrict__ w, i64 row_bytes,
+                                           int n, int n0, int k0) {
+    using T = TcqK<BITS>;
+    constexpr int TOTAL = TC_BN * T::CHUNKS;
+#pragma unroll
+    for (int i = 0; i < (TOTAL + 255) / 256; ++i) {
+        const int id = threadIdx.x + 256 * i;
+        if (id < TOTAL) {
+            const int r = id / T::CHUNKS, q = id - T::CHUNKS * r;
+            const u8* blk = w + (i64)min(n0 + r, n - 1) * row_bytes + (i64)(k0 / 256) * T::BLOCK;
+            // Chunk 0: the header; 1, 2: the pair's nibbles; 3, 4: qh.
+            const u8* src = q == 0   ? blk
+                            : q < 3  ? blk + T::QS + 32 * ((k0 / TC_BK) & 3) + 16 * (q - 1)
+                                     : blk + 16 * (q - 2);
+            cp_async16(slot + T::W + T::ROW * r + 16 * q, src, true);
+        }
+    }
+}
+
+// The f16x2 pairs (d·sc, d·sc) and (−dmin·m, −dmin·m) of sub-blocks 2p and 2p + 1 from a
+// super-block's header words h[0..3] (p uniform across the block: branches cost nothing).
+__device__ __forceinline__ void tcq_k_scales(const u32* h, int p, u32* ds, u32* dm) {
+    u32 sc, mn;  // bytes 0 and 1: sub-blocks 2p and 2p + 1
+    if (p < 2) {
+        const u32 sh = 16 * p;
+        sc = (h[1] >> sh) & 0x3f3fu;
+        mn = (h[2] >> sh) & 0x3f3fu;
+    } else {
+        const u32 sh = 16 * (p - 2), b1 = h[1] >> sh, b2 = h[2] >> sh, b3 = h[3] >> sh;
+        sc = (b3 & 0x0f0fu) | ((b1 >> 2) & 0x3030u);
+        mn = ((b3 >> 4) & 0x0f0fu) | ((b2 >> 2) & 0x3030u);
+    }
+    const float d = f16_to_f32((u16)h[0]), dmin = f16_to_f32((u16)(h[0] >> 16));
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        const float a = d * (float)((sc >> (8 * s)) & 0xffu);
+        const float b = -dmin * (float)((mn >> (8 * s)) & 0xffu);
+        ds[s] = pack_f16x2(a, a);
+        dm[s] = pack_f16x2(b, b);
+    }
+}
+
+// Launch: 256 threads, grid (ceil(n/128), ceil(m/128), k splits), TcqK<BITS>::STAGES·BYTES bytes
+// of dynamic shared memory. Needs k % 256 == 0, w 16-byte aligned, xh from `stage_x_f16`
+// (TCQ_Q4K) and m·k < 2^32.
+template <int BITS>
+__device__ __forceinline__ void matmul_tcq_k(const u16* __restrict__ xh,
+                                             const u8* __restrict__ w,
+                                             const void* __restrict__ bias, int bias_type,
+                                             float* __restrict__ out, int m, int n, int k) {
+    using T = TcqK<BITS>;
+    extern __shared__ __align__(16) u8 tcq_smem[];
+    const u32 smem = smem_addr(tcq_smem);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+    const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
+    int begin, end;
+    split_steps(k / TC_BK, begin, end);
+    const i64 row_bytes = (i64)(k / 256) * T::BLOCK;
+
+    u32 xoff[4];
+    tcq_x_offsets(m, m0, k, xoff);
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < T::STAGES - 1; ++s) {
+        if (begin + s < end) {
+            tcq_load_x(smem + s * T::BYTES, xh, xoff, (begin + s) * TC_BK);
+            tcq_load_k<BITS>(smem + s * T::BYTES, w, row_bytes, n, n0, (begin + s) * TC_BK);
+        }
+        cp_async_commit();
+    }
+    const u32 a_off = ((wm + (lane & 15)) * TC_LD + 8 * (lane >> 4)) * 2;
+    int slot = 0, fill = T::STAGES - 1;  // the slots of this step and of the one it issues
+    for (int step = begin; step < end; ++step) {
+        cp_async_wait<T::STAGES - 2>();
+        __syncthreads();  // the step's copies are visible; the slot refilled below is free
+        if (step + T::STAGES - 1 < end) {
+            const int k0 = (step + T::STAGES - 1) * TC_BK;
+            tcq_load_x(smem + fill * T::BYTES, xh, xoff, k0);
+            tcq_load_k<BITS>(smem + fill * T::BYTES, w, row_bytes, n, n0, k0);
+        }
+        cp_async_commit();
+        fill = fill + 1 == T::STAGES ? 0 : fill + 1;
+
+        const u32* ws = (const u32*)(tcq_smem + slot * T::BYTES + T::W);
+        const u32 sa = smem + slot * T::BYTES;
+        slot = slot + 1 == T::STAGES ? 0 : slot + 1;
+        const int pair = step & 3;
+        u32 ds[4][2], dm[4][2], words[4][2], fifth[4][2];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u32* r = ws + (wn + 8 * j + g) * (T::ROW / 4);
+            const u32 h[4] = {r[0], r[1], r[2], r[3]};
+            tcq_k_scales(h, pair, ds[j], dm[j]);
+            words[j][0] = r[4 + 2 * t];
+            words[j][1] = r[5 + 2 * t];
+            if constexpr (BITS == 5) {
+                // qh's bytes at the same l: bits 2p, 2p + 1 of each moved to bits 0, 1.
+                fifth[j][0] = r[12 + 2 * t] >> (2 * pair);
+                fifth[j][1] = r[13 + 2 * t] >> (2 * pair);
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            u32 b[4][2];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const u32 v = words[j][c >> 1] >> (8 * (c & 1));
+                u32 lo = and_or(v, 0x000f000fu, 0x64006400u);  // 1024 + q
+                u32 hi = and_or(v, 0x00f000f0u, 0x64006400u);  // 1024 + 16q
+                if constexpr (BITS == 5) {
+                    const u32 f = fifth[j][c >> 1] >> (8 * (c & 1));
+                    lo |= (f << 4) & 0x00100010u;  // bit 2p at bit 4: + 16
+                    hi |= (f << 7) & 0x01000100u;  // bit 2p + 1 at bit 8: + 256 = 16·16
+                }
+                b[j][0] = fma_f16x2(sub_f16x2(lo, 0x64006400u), ds[j][0], dm[j][0]);
+                b[j][1] = fma_f16x2(fma_f16x2(hi, 0x2c002c00u, 0xd400d400u), ds[j][1], dm[j][1]);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                u32 a[4];
+                ldmatrix_x4_at(a, sa + a_off + i * 16 * TC_LD * 2 + c * 32);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) mma_f16(acc[i][j], a, b[j]);
+            }
+        }
+    }
+    store_tile_split(acc, bias, bias_type, out, m, n);
+}
+
+#define MATMUL_TCQ_K(BITS, NAME)                                                              \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                      \
+        matmul_tcq_##NAME(const u16* xh, const u8* w, const void* bias, int bias_type,        \
+                          float* out, int m, int n, int k) {                                  \
+        kernel_entry();                                                                       \
+        matmul_tcq_k<BITS>(xh, w, bias, bias_type, out, m, n, k);                             \
+    }
+MATMUL_TCQ_K(4, q4_k)
+MATMUL_TCQ_K(5, q5_k)
 
 // out [m, n] = Σ_z partial[z] (+ bias), the slices in order: the sum of a split-K tcq matmul.
 extern "C" __global__ void splitk_sum(const float* __restrict__ partial, int splits,
