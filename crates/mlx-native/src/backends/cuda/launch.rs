@@ -203,6 +203,13 @@ impl CudaKernel {
         CudaKernel::new(vec![launch], None)
     }
 
+    /// This dispatch's launches, then `next`'s, each keeping its scratch.
+    pub fn then(mut self, next: CudaKernel) -> Self {
+        self.launches.extend(next.launches);
+        self._scratch.extend(next._scratch);
+        self
+    }
+
     /// Launches that run (an empty grid launches nothing).
     pub fn launch_count(&self) -> usize {
         self.launches.iter().filter(|l| l.runs()).count()

@@ -145,11 +145,6 @@ fn matmul(
     }
     let launch = if vector_ready {
         let plan = DecodePlan::new(lib, (&weight, None), x, n, update, norm)?;
-        let (kgroups, prefix) = (plan.kgroups(), plan.prefix());
-        let name = format!("{prefix}{}", weight.typed_layout_name());
-        let args = weight.tensor_args(Args::new().u64(plan.input.x))?;
-        let args = args.bias(bias)?.ptr(out)?.int(n)?.int(k)?;
-        let args = weight.group_args(args).int(kgroups)?;
         // The plain tensor-core kernels take x's f16 copy last (null: none; with a norm they
         // read x, or the normed row).
         let half = match (plan.kernel, x_h) {
@@ -159,7 +154,7 @@ fn matmul(
             (MatvecKernel::TensorCores(_), _) => Some(0),
             _ => None,
         };
-        return plan.launch(lib, &name, args, n, half);
+        return plan.plain(lib, &weight, (k, n), bias, device_ptr(out)?, half);
     } else {
         // Tensor cores for many rows (float4 loads of x), unless the weight is f32: f16
         // operands would drop its precision and range.
@@ -450,9 +445,10 @@ fn tcq_ggml_shared_bytes(ty: GgmlType) -> u32 {
     stages * (128 * 72 * 2 + 128 * row)
 }
 
-/// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4/8-bit, Q4_0, Q4_1 and
-/// Q4_K), gate and up rows side by side in one pass; `gated_tiled` where they cannot read the
-/// operands.
+/// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4/8-bit, Q4_0, Q8_0,
+/// Q4_1, Q4_K and Q5_K), gate and up rows side by side in one pass; for Q6_K two plain
+/// tensor-core matvecs and the activation (`gated_plain_pair`); `gated_tiled` where they cannot
+/// read the operands.
 fn gated_matmul(
     lib: &KernelLibrary,
     op: &Op,
@@ -509,6 +505,12 @@ fn gated_matmul(
         return gated_tiled(lib, input, (&gate, &up), (k, n), act, (out, out_h));
     }
     let plan = DecodePlan::new(lib, (&gate, Some(&up)), x, n, update, norm)?;
+    if let (MatvecKernel::Simt { .. }, None) = (plan.kernel, update) {
+        let pair = (&gate, &up);
+        if let Some(kernel) = gated_plain_pair(lib, x, norm, pair, (k, n), act, (out, out_h))? {
+            return Ok(kernel);
+        }
+    }
     let (kgroups, prefix) = (plan.kgroups(), plan.prefix());
     let layout = gate.typed_layout_name();
     if up.typed_layout_name() != layout {
@@ -522,6 +524,42 @@ fn gated_matmul(
     let args = args.ptr(out)?.int(n)?.int(k)?;
     let args = gate.group_args(args).int(kgroups)?.code(unary_code(act));
     plan.launch(lib, &name, args, n, Some(out_h))
+}
+
+/// A gated pair whose layout the tensor-core matvec takes only as plain matvecs (`MtQ6K`, whose
+/// stage holds too many registers for two weights): gate and up as two plain tensor-core
+/// matvecs (each folding the norm) into scratch rows, then the activation, instead of
+/// matvec.cu's gated kernel (and, for k > 1,024, a norm launch in front). None where either
+/// plain matvec would not take the tensor cores.
+fn gated_plain_pair(
+    lib: &KernelLibrary,
+    x: &Tensor,
+    norm: Norm,
+    (gate, up): (&Weight, &Weight),
+    (k, n): (usize, usize),
+    act: UnaryFn,
+    (out, out_h): (&Tensor, u64),
+) -> Result<Option<CudaKernel>> {
+    let gate_plan = DecodePlan::new(lib, (gate, None), x, n, None, norm)?;
+    let up_plan = DecodePlan::new(lib, (up, None), x, n, None, norm)?;
+    let on_tensor_cores = |p: &DecodePlan| matches!(p.kernel, MatvecKernel::TensorCores(_));
+    if !on_tensor_cores(&gate_plan) || !on_tensor_cores(&up_plan) {
+        return Ok(None);
+    }
+    let np = n.next_multiple_of(4);
+    let (scratch, gate_out) = lib.scratch(2 * np * 4)?;
+    let up_out = gate_out + 4 * np as u64;
+    let gate_rows = gate_plan.plain(lib, gate, (k, n), Bias::NONE, gate_out, Some(0))?;
+    let up_rows = up_plan.plain(lib, up, (k, n), Bias::NONE, up_out, Some(0))?;
+    let outs = (device_ptr(out)?, out_h);
+    let activation =
+        super::elementwise::gated_activation_at(lib, (gate_out, up_out), outs, n, act)?;
+    Ok(Some(
+        gate_rows
+            .then(up_rows)
+            .then(CudaKernel::single(activation))
+            .holding(scratch),
+    ))
 }
 
 /// Whether a one-row matmul of this weight without a norm runs on the tensor-core matvec, which
@@ -818,6 +856,25 @@ impl<'a> DecodePlan<'a> {
             MatvecKernel::TensorCores(p) => p.kgroups,
             MatvecKernel::Simt { kgroups, .. } => kgroups,
         }
+    }
+
+    /// The dispatch of a plain (not gated) matvec of `weight` `[n, k]` into the row at `out`,
+    /// with `half` as `launch` takes it.
+    fn plain(
+        self,
+        lib: &KernelLibrary,
+        weight: &Weight,
+        (k, n): (usize, usize),
+        bias: Bias,
+        out: u64,
+        half: Option<u64>,
+    ) -> Result<CudaKernel> {
+        let (kgroups, prefix) = (self.kgroups(), self.prefix());
+        let name = format!("{prefix}{}", weight.typed_layout_name());
+        let args = weight.tensor_args(Args::new().u64(self.input.x))?;
+        let args = args.bias(bias)?.u64(out).int(n)?.int(k)?;
+        let args = weight.group_args(args).int(kgroups)?;
+        self.launch(lib, &name, args, n, half)
     }
 
     /// The dispatch for kernel `name` with `args` (x's address first); both kernel families
