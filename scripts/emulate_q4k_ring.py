@@ -48,7 +48,7 @@ def kernel():
     for step in range(k // 64):
         k0 = step * 64
         blk = row[BLOCK * (k0 // 256):BLOCK * (k0 // 256) + BLOCK]
-        smem = blk[0:16] + blk[QS + 32 * (step & 3):QS + 32 + 32 * (step & 3)]  # tcq_load_k
+        smem = blk[0:16] + blk[QS + 32 * (step & 3):QS + 32 + 32 * (step & 3)]  # TcqK::load
         if BITS == 5:
             smem += blk[16:48]
         words = [int.from_bytes(smem[4 * i:4 * i + 4], "little") for i in range(len(smem) // 4)]

@@ -275,38 +275,6 @@ __device__ __forceinline__ void tcq_load_x(u32 slot, const u16* __restrict__ xh,
     for (int i = 0; i < 4; ++i) cp_async16(xdst + i * 32 * TC_LD * 2, xh + xoff[i] + k0, true);
 }
 
-// Issues this thread's copies of the step at k0 into the slot at shared address `slot`. Rows
-// past m or n repeat the last row (their outputs are never stored); units past k are
-// zero-filled, so x and weights both read 0 there. `xoff`: element offsets in xh of the 4 x
-// chunks at k0 = 0 (rows tid/8 + 32i, columns 8·(tid%8)); `wsrc`: the raw-word chunks at
-// k0 = 0; `group0`: the first group of the scale/bias row (tid % 128). A 2-byte scale's
-// aligned word may reach 2 bytes past the tensor, never past its 256-byte-aligned allocation.
-template <int BITS>
-__device__ __forceinline__ void tcq_load(u32 slot, const u16* __restrict__ xh, const u32* xoff,
-                                         const u32* const* wsrc, i64 group0, const u8* scales,
-                                         const u8* biases, int esize, int gshift, int k,
-                                         int k0) {
-    const int tid = threadIdx.x;
-    tcq_load_x(slot, xh, xoff, k0);
-    // 16-byte chunk q of a row's step holds 128/BITS columns, from unit q·4/BITS.
-#pragma unroll
-    for (int i = 0; i < BITS / 4; ++i) {
-        const int id = tid + 256 * i, r = id / (BITS / 2), q = id % (BITS / 2);
-        const bool live = k0 + 32 * (q * 4 / BITS) < k;
-        cp_async16(slot + Tcq<BITS>::W + r * 8 * BITS + 16 * q,
-                   wsrc[i] + (live ? k0 / 32 * BITS : 0), live);
-    }
-    const int r = tid & 127, unit = (tid >> 7) & 1, col = k0 + 32 * unit;
-    const bool live = col < k;
-    const i64 g = group0 + (live ? col >> (5 + gshift) : 0);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const u64 at = (u64)(i ? biases : scales) + g * esize;
-        cp_async4(slot + Tcq<BITS>::SB + ((2 * i + unit) * TCQ_SB_LD + r) * 4,
-                  (const void*)(at & ~(u64)3), live);
-    }
-}
-
 // A scale or bias from its aligned 4-byte word (`high`: the value is its upper half) as an
 // f16 pair.
 __device__ __forceinline__ u32 tcq_pair(u32 window, bool high, int st) {
@@ -337,48 +305,35 @@ __device__ __forceinline__ void tcq_fragment(u32 v, u32 s2, u32 b2, u32* b) {
     }
 }
 
-// Launch: 256 threads, grid (ceil(n/128), ceil(m/128), k splits), Tcq<BITS>::STAGES·BYTES bytes
-// of dynamic shared memory. Needs w 16-byte aligned, xh from `stage_x_f16` and m·kp < 2^32.
-template <int BITS>
-__device__ __forceinline__ void matmul_tcq(const u16* __restrict__ xh, const u32* __restrict__ w,
-                                           const u8* scales, const u8* biases, int st,
-                                           const void* __restrict__ bias, int bias_type,
-                                           float* __restrict__ out, int m, int n, int k,
-                                           int gshift) {
-    using T = Tcq<BITS>;
+// This thread's place in a staged-f16 kernel's 128×128 output tile: lane (g, t) of the warp at
+// (wm, wn) of the block's tile at (m0, n0).
+struct TcqThread {
+    int lane, g, t, wm, wn, m0, n0;
+    __device__ __forceinline__ TcqThread()
+        : lane(threadIdx.x & 31), g(lane >> 2), t(lane & 3), wm((threadIdx.x >> 7) * 64),
+          wn(((threadIdx.x >> 5) & 3) * 32), m0(blockIdx.y * TC_BM), n0(blockIdx.x * TC_BN) {}
+};
+
+// The k loop of the staged-f16 kernels: a cp.async ring of L::STAGES slots of L::BYTES, each an
+// x tile (128 rows × TC_LD halves) and then the layout's bytes of a 64-column step, and the
+// tile's store. The layout L = layout(at) issues a step's weight copies (`load`), reads a slot's
+// values for the step once (`prepare`) and makes the B fragments of 16-column chunk c of it
+// (`fragments`). Launch: 256 threads, grid (ceil(n/128), ceil(m/128), k splits),
+// L::STAGES·L::BYTES bytes of dynamic shared memory; xh from `stage_x_f16` with rows of kp (k
+// rounded up to the step), in the layout's order, and m·kp < 2^32.
+template <class Layout>
+__device__ __forceinline__ void tcq_ring(Layout layout, const u16* __restrict__ xh,
+                                         const void* __restrict__ bias, int bias_type,
+                                         float* __restrict__ out, int m, int n, int kp) {
     extern __shared__ __align__(16) u8 tcq_smem[];
     const u32 smem = smem_addr(tcq_smem);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
-    const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
-    const int kp = (k + TC_BK - 1) / TC_BK * TC_BK;
+    const TcqThread at;
     int begin, end;
     split_steps(kp / TC_BK, begin, end);
-    const int groups = (k >> 5) >> gshift, esize = st == FT_F32 ? 4 : 2;
-
-    // Where this thread's copies come from, fixed for the whole k loop.
     u32 xoff[4];
-    tcq_x_offsets(m, m0, kp, xoff);
-    const u32* wsrc[BITS / 4];
-#pragma unroll
-    for (int i = 0; i < BITS / 4; ++i) {
-        const int id = tid + 256 * i, r = id / (BITS / 2), q = id % (BITS / 2);
-        wsrc[i] = w + (i64)min(n0 + r, n - 1) * (k / 32) * BITS + 4 * q;
-    }
-    const i64 group0 = (i64)min(n0 + (tid & 127), n - 1) * groups;
-
-    // This thread's fragments read the scales of rows wn + 8j + g in unit t/2 of each step;
-    // bit j (4 + j) of `high`: whether that row's scale (bias) at group 0 is the upper half
-    // of its word (2-byte types; group g's flips with g).
-    const int unit = t >> 1;
-    u32 high = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const i64 gi = (i64)min(n0 + wn + 8 * j + g, n - 1) * groups;
-        high |= (u32)((((u64)scales >> 1) + gi) & 1) << j;
-        high |= (u32)((((u64)biases >> 1) + gi) & 1) << (4 + j);
-    }
+    tcq_x_offsets(m, at.m0, kp, xoff);
+    const auto l = layout(at);
+    using L = decltype(l);
 
     float acc[4][4][4];
 #pragma unroll
@@ -389,51 +344,35 @@ __device__ __forceinline__ void matmul_tcq(const u16* __restrict__ xh, const u32
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
 #pragma unroll
-    for (int s = 0; s < T::STAGES - 1; ++s) {
-        if (begin + s < end)
-            tcq_load<BITS>(smem + s * T::BYTES, xh, xoff, wsrc, group0, scales, biases, esize,
-                           gshift, k, (begin + s) * TC_BK);
+    for (int s = 0; s < L::STAGES - 1; ++s) {
+        if (begin + s < end) {
+            tcq_load_x(smem + s * L::BYTES, xh, xoff, (begin + s) * TC_BK);
+            l.load(smem + s * L::BYTES, (begin + s) * TC_BK);
+        }
         cp_async_commit();
     }
-    const u32 a_off = ((wm + (lane & 15)) * TC_LD + 8 * (lane >> 4)) * 2;
-    int slot = 0, fill = T::STAGES - 1;  // the slots of this step and of the one it issues
+    const u32 a_off = ((at.wm + (at.lane & 15)) * TC_LD + 8 * (at.lane >> 4)) * 2;
+    int slot = 0, fill = L::STAGES - 1;  // the slots of this step and of the one it issues
     for (int step = begin; step < end; ++step) {
-        cp_async_wait<T::STAGES - 2>();
+        cp_async_wait<L::STAGES - 2>();
         __syncthreads();  // the step's copies are visible; the slot refilled below is free
-        if (step + T::STAGES - 1 < end)
-            tcq_load<BITS>(smem + fill * T::BYTES, xh, xoff, wsrc, group0, scales, biases,
-                           esize, gshift, k, (step + T::STAGES - 1) * TC_BK);
-        cp_async_commit();
-        fill = fill + 1 == T::STAGES ? 0 : fill + 1;
-
-        const u8* s = tcq_smem + slot * T::BYTES;
-        const u32 sa = smem + slot * T::BYTES;
-        slot = slot + 1 == T::STAGES ? 0 : slot + 1;
-        const u32 grp = (u32)((step * TC_BK + 32 * unit) >> (5 + gshift));
-        u32 s2[4], b2[4], words[4][2];  // 4 bits: both words of the step, loaded up front
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int r = wn + 8 * j + g;
-            s2[j] = tcq_pair(*(const u32*)(s + T::SB + (unit * TCQ_SB_LD + r) * 4),
-                             ((high >> j) ^ grp) & 1, st);
-            b2[j] = tcq_pair(*(const u32*)(s + T::SB + ((2 + unit) * TCQ_SB_LD + r) * 4),
-                             ((high >> (4 + j)) ^ grp) & 1, st);
-            if constexpr (BITS == 4) {
-                const uint2 v = *(const uint2*)(s + T::W + r * 32 + 8 * t);
-                words[j][0] = v.x;
-                words[j][1] = v.y;
-            }
+        if (step + L::STAGES - 1 < end) {
+            const int k0 = (step + L::STAGES - 1) * TC_BK;
+            tcq_load_x(smem + fill * L::BYTES, xh, xoff, k0);
+            l.load(smem + fill * L::BYTES, k0);
         }
+        cp_async_commit();
+        fill = fill + 1 == L::STAGES ? 0 : fill + 1;
+
+        const u8* s = tcq_smem + slot * L::BYTES;
+        const u32 sa = smem + slot * L::BYTES;
+        slot = slot + 1 == L::STAGES ? 0 : slot + 1;
+        typename L::Step st;
+        l.prepare(s, step, st);
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             u32 b[4][2];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int r = wn + 8 * j + g;
-                const u32 v = BITS == 4 ? words[j][c >> 1] >> (8 * (c & 1))
-                                        : *(const u32*)(s + T::W + r * 64 + 16 * t + 4 * c);
-                tcq_fragment<BITS>(v, s2[j], b2[j], b[j]);
-            }
+            l.fragments(st, s, c, b);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 u32 a[4];
@@ -443,9 +382,101 @@ __device__ __forceinline__ void matmul_tcq(const u16* __restrict__ xh, const u32
             }
         }
     }
-
     store_tile_split(acc, bias, bias_type, out, m, n);
 }
+
+// MLX affine weights on the ring: a step is 64 columns of BITS-bit words (8·BITS bytes a row)
+// and the scales and biases of its two 32-column units as aligned 4-byte words. Needs w 16-byte
+// aligned.
+template <int BITS>
+struct TcqMlx : Tcq<BITS> {
+    using T = Tcq<BITS>;
+    const u32* wsrc[BITS / 4];  // the raw-word chunks this thread copies at k0 = 0
+    i64 group0;                 // the first group of the scale/bias row tid % 128
+    const u8 *scales, *biases;
+    int st, esize, gshift, k;
+    // This thread's fragments read the scales of rows wn + 8j + g in unit t/2 of each step;
+    // bit j (4 + j) of `high`: whether that row's scale (bias) at group 0 is the upper half of
+    // its word (2-byte types; group g's flips with g).
+    int unit, g, t, wn;
+    u32 high;
+    struct Step {
+        u32 s2[4], b2[4], words[4][2];  // 4 bits: both words of the step, loaded up front
+    };
+
+    __device__ __forceinline__ TcqMlx(const TcqThread& at, const u32* __restrict__ w,
+                                      const u8* scales, const u8* biases, int st, int n, int k,
+                                      int gshift)
+        : scales(scales), biases(biases), st(st), esize(st == FT_F32 ? 4 : 2), gshift(gshift),
+          k(k), unit(at.t >> 1), g(at.g), t(at.t), wn(at.wn), high(0) {
+        const int tid = threadIdx.x, groups = (k >> 5) >> gshift;
+#pragma unroll
+        for (int i = 0; i < BITS / 4; ++i) {
+            const int id = tid + 256 * i, r = id / (BITS / 2), q = id % (BITS / 2);
+            wsrc[i] = w + (i64)min(at.n0 + r, n - 1) * (k / 32) * BITS + 4 * q;
+        }
+        group0 = (i64)min(at.n0 + (tid & 127), n - 1) * groups;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const i64 gi = (i64)min(at.n0 + wn + 8 * j + g, n - 1) * groups;
+            high |= (u32)((((u64)scales >> 1) + gi) & 1) << j;
+            high |= (u32)((((u64)biases >> 1) + gi) & 1) << (4 + j);
+        }
+    }
+
+    // Issues this thread's copies of the step at k0 into the slot at shared address `slot`:
+    // rows past n repeat the last row (their outputs are never stored); units past k are
+    // zero-filled, so x and weights both read 0 there. A 2-byte scale's aligned word may reach
+    // 2 bytes past the tensor, never past its 256-byte-aligned allocation.
+    __device__ __forceinline__ void load(u32 slot, int k0) const {
+        const int tid = threadIdx.x;
+        // 16-byte chunk q of a row's step holds 128/BITS columns, from unit q·4/BITS.
+#pragma unroll
+        for (int i = 0; i < BITS / 4; ++i) {
+            const int id = tid + 256 * i, r = id / (BITS / 2), q = id % (BITS / 2);
+            const bool live = k0 + 32 * (q * 4 / BITS) < k;
+            cp_async16(slot + T::W + r * 8 * BITS + 16 * q,
+                       wsrc[i] + (live ? k0 / 32 * BITS : 0), live);
+        }
+        const int r = tid & 127, unit = (tid >> 7) & 1, col = k0 + 32 * unit;
+        const bool live = col < k;
+        const i64 g = group0 + (live ? col >> (5 + gshift) : 0);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const u64 at = (u64)(i ? biases : scales) + g * esize;
+            cp_async4(slot + T::SB + ((2 * i + unit) * TCQ_SB_LD + r) * 4,
+                      (const void*)(at & ~(u64)3), live);
+        }
+    }
+
+    __device__ __forceinline__ void prepare(const u8* s, int step, Step& p) const {
+        const u32 grp = (u32)((step * TC_BK + 32 * unit) >> (5 + gshift));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int r = wn + 8 * j + g;
+            p.s2[j] = tcq_pair(*(const u32*)(s + T::SB + (unit * TCQ_SB_LD + r) * 4),
+                               ((high >> j) ^ grp) & 1, st);
+            p.b2[j] = tcq_pair(*(const u32*)(s + T::SB + ((2 + unit) * TCQ_SB_LD + r) * 4),
+                               ((high >> (4 + j)) ^ grp) & 1, st);
+            if constexpr (BITS == 4) {
+                const uint2 v = *(const uint2*)(s + T::W + r * 32 + 8 * t);
+                p.words[j][0] = v.x;
+                p.words[j][1] = v.y;
+            }
+        }
+    }
+
+    __device__ __forceinline__ void fragments(const Step& p, const u8* s, int c,
+                                              u32 (&b)[4][2]) const {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int r = wn + 8 * j + g;
+            const u32 v = BITS == 4 ? p.words[j][c >> 1] >> (8 * (c & 1))
+                                    : *(const u32*)(s + T::W + r * 64 + 16 * t + 4 * c);
+            tcq_fragment<BITS>(v, p.s2[j], p.b2[j], b[j]);
+        }
+    }
+};
 
 #define MATMUL_TCQ_MLX(BITS)                                                                  \
     extern "C" __global__ void __launch_bounds__(256, 2)                                      \
@@ -453,8 +484,11 @@ __device__ __forceinline__ void matmul_tcq(const u16* __restrict__ xh, const u32
                              const void* biases, int scale_type, const void* bias,            \
                              int bias_type, float* out, int m, int n, int k, int group_shift) { \
         kernel_entry();                                                                       \
-        matmul_tcq<BITS>(xh, w, (const u8*)scales, (const u8*)biases, scale_type, bias,       \
-                         bias_type, out, m, n, k, group_shift);                               \
+        const auto layout = [&](const TcqThread& at) {                                        \
+            return TcqMlx<BITS>(at, w, (const u8*)scales, (const u8*)biases, scale_type, n,   \
+                                k, group_shift);                                              \
+        };                                                                                    \
+        tcq_ring(layout, xh, bias, bias_type, out, m, n, (k + TC_BK - 1) / TC_BK * TC_BK);    \
     }
 MATMUL_TCQ_MLX(4)
 MATMUL_TCQ_MLX(8)
@@ -476,137 +510,91 @@ struct TcqGgml {
     static constexpr int WORDS = ROW / 4;       // 9 or 17
     static constexpr u32 W = TC_BM * TC_LD * 2;  // after the x tile
     static constexpr u32 BYTES = W + TC_BN * ROW;
-};
-
-// Issues this thread's copies of the weight words of the step at k0 (rows past n repeat row
-// n − 1, whose outputs are never stored).
-template <int TYPE>
-__device__ __forceinline__ void tcq_load_ggml(u32 slot, const u8* __restrict__ w, i64 row_bytes,
-                                              int n, int n0, int k0) {
-    using T = TcqGgml<TYPE>;
-    constexpr int TOTAL = TC_BN * T::WORDS;
-#pragma unroll
-    for (int i = 0; i < (TOTAL + 255) / 256; ++i) {
-        const int id = threadIdx.x + 256 * i;
-        if (id < TOTAL) {
-            const int r = id / T::WORDS, q = id - r * T::WORDS;
-            const u8* src = w + (i64)min(n0 + r, n - 1) * row_bytes + k0 / TC_BK * T::ROW + 4 * q;
-            cp_async4(slot + T::W + 4 * id, src, true);
-        }
-    }
-}
-
-// Launch: 256 threads, grid (ceil(n/128), ceil(m/128), k splits), TcqGgml<TYPE>::STAGES·BYTES
-// bytes of dynamic shared memory. Needs k % 64 == 0, w 4-byte aligned, xh from `stage_x_f16` and
-// m·k < 2^32.
-template <int TYPE>
-__device__ __forceinline__ void matmul_tcq_ggml(const u16* __restrict__ xh,
-                                                const u8* __restrict__ w,
-                                                const void* __restrict__ bias, int bias_type,
-                                                float* __restrict__ out, int m, int n, int k) {
-    using T = TcqGgml<TYPE>;
-    extern __shared__ __align__(16) u8 tcq_smem[];
-    const u32 smem = smem_addr(tcq_smem);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
-    const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
-    int begin, end;
-    split_steps(k / TC_BK, begin, end);
-    const i64 row_bytes = (i64)(k / 32) * T::BLOCK;
-
-    u32 xoff[4];
-    tcq_x_offsets(m, m0, k, xoff);
+    const u8* w;
+    i64 row_bytes;
+    int n, n0, g, wn;
     // This thread's block of the step: its quant word i is word base + i of the row's step
     // shifted right by `sh` bits with word base + i + `next` above it (block 1's words are
     // aligned: no next word, which for the last word would lie past the row); its d is half
     // `dhalf` of word `dword`.
-    const int blk = t >> 1, next = 1 - blk;
-    const int base = (TYPE == 4 ? 2 : 4) * t + blk;
-    const u32 sh = blk ? 0 : 16, dhalf = 16 * blk;
-    const int dword = blk ? T::BLOCK / 4 : 0;
-
-    float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
-
-#pragma unroll
-    for (int s = 0; s < T::STAGES - 1; ++s) {
-        if (begin + s < end) {
-            tcq_load_x(smem + s * T::BYTES, xh, xoff, (begin + s) * TC_BK);
-            tcq_load_ggml<TYPE>(smem + s * T::BYTES, w, row_bytes, n, n0, (begin + s) * TC_BK);
-        }
-        cp_async_commit();
-    }
-    const u32 a_off = ((wm + (lane & 15)) * TC_LD + 8 * (lane >> 4)) * 2;
-    int slot = 0, fill = T::STAGES - 1;  // the slots of this step and of the one it issues
-    for (int step = begin; step < end; ++step) {
-        cp_async_wait<T::STAGES - 2>();
-        __syncthreads();  // the step's copies are visible; the slot refilled below is free
-        if (step + T::STAGES - 1 < end) {
-            const int k0 = (step + T::STAGES - 1) * TC_BK;
-            tcq_load_x(smem + fill * T::BYTES, xh, xoff, k0);
-            tcq_load_ggml<TYPE>(smem + fill * T::BYTES, w, row_bytes, n, n0, k0);
-        }
-        cp_async_commit();
-        fill = fill + 1 == T::STAGES ? 0 : fill + 1;
-
-        const u32* ws = (const u32*)(tcq_smem + slot * T::BYTES + T::W);
-        const u32 sa = smem + slot * T::BYTES;
-        slot = slot + 1 == T::STAGES ? 0 : slot + 1;
+    int next, base, dword;
+    u32 sh, dhalf;
+    struct Step {
         u32 d2[4], words[4][2];  // Q4_0: both quant words of the step, shifted up front
+    };
+
+    // Needs k % 64 == 0 and w 4-byte aligned.
+    __device__ __forceinline__ TcqGgml(const TcqThread& at, const u8* __restrict__ w, int n,
+                                       int k)
+        : w(w), row_bytes((i64)(k / 32) * BLOCK), n(n), n0(at.n0), g(at.g), wn(at.wn) {
+        const int blk = at.t >> 1;
+        next = 1 - blk;
+        base = (TYPE == 4 ? 2 : 4) * at.t + blk;
+        sh = blk ? 0 : 16;
+        dhalf = 16 * blk;
+        dword = blk ? BLOCK / 4 : 0;
+    }
+
+    // Issues this thread's copies of the weight words of the step at k0 (rows past n repeat
+    // row n − 1, whose outputs are never stored).
+    __device__ __forceinline__ void load(u32 slot, int k0) const {
+        constexpr int TOTAL = TC_BN * WORDS;
+#pragma unroll
+        for (int i = 0; i < (TOTAL + 255) / 256; ++i) {
+            const int id = threadIdx.x + 256 * i;
+            if (id < TOTAL) {
+                const int r = id / WORDS, q = id - r * WORDS;
+                const u8* src = w + (i64)min(n0 + r, n - 1) * row_bytes + k0 / TC_BK * ROW + 4 * q;
+                cp_async4(slot + W + 4 * id, src, true);
+            }
+        }
+    }
+
+    __device__ __forceinline__ void prepare(const u8* s, int, Step& p) const {
+        const u32* ws = (const u32*)(s + W);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const u32* r = ws + (wn + 8 * j + g) * T::WORDS;
-            d2[j] = ((r[dword] >> dhalf) & 0xffffu) * 0x10001u;
+            const u32* r = ws + (wn + 8 * j + g) * WORDS;
+            p.d2[j] = ((r[dword] >> dhalf) & 0xffffu) * 0x10001u;
             if constexpr (TYPE == 4) {
                 const u32 a = r[base], b = r[base + 1], c = r[base + 1 + next];
-                words[j][0] = __funnelshift_r(a, b, sh);
-                words[j][1] = __funnelshift_r(b, c, sh);
-            }
-        }
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            u32 b[4][2];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                if constexpr (TYPE == 4) {
-                    const u32 v = words[j][c >> 1] >> (8 * (c & 1));
-                    const u32 lo = and_or(v, 0x000f000fu, 0x64006400u);  // 1024 + q
-                    const u32 hi = and_or(v, 0x00f000f0u, 0x64006400u);  // 1024 + 16q
-                    b[j][0] = mul_f16x2(sub_f16x2(lo, 0x64086408u), d2[j]);
-                    b[j][1] = mul_f16x2(fma_f16x2(hi, 0x2c002c00u, 0xd480d480u), d2[j]);  // ·1/16 − 72
-                } else {
-                    const u32* r = ws + (wn + 8 * j + g) * T::WORDS + base + c;
-                    const u32 v = __funnelshift_r(r[0], r[next], sh) ^ 0x80808080u;  // q + 128
-                    b[j][0] = mul_f16x2(
-                        sub_f16x2(__byte_perm(v, 0x64646464u, 0x4240), 0x64806480u), d2[j]);
-                    b[j][1] = mul_f16x2(
-                        sub_f16x2(__byte_perm(v, 0x64646464u, 0x4341), 0x64806480u), d2[j]);
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                u32 a[4];
-                ldmatrix_x4_at(a, sa + a_off + i * 16 * TC_LD * 2 + c * 32);
-#pragma unroll
-                for (int j = 0; j < 4; ++j) mma_f16(acc[i][j], a, b[j]);
+                p.words[j][0] = __funnelshift_r(a, b, sh);
+                p.words[j][1] = __funnelshift_r(b, c, sh);
             }
         }
     }
-    store_tile_split(acc, bias, bias_type, out, m, n);
-}
+
+    __device__ __forceinline__ void fragments(const Step& p, const u8* s, int c,
+                                              u32 (&b)[4][2]) const {
+        const u32* ws = (const u32*)(s + W);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if constexpr (TYPE == 4) {
+                const u32 v = p.words[j][c >> 1] >> (8 * (c & 1));
+                const u32 lo = and_or(v, 0x000f000fu, 0x64006400u);  // 1024 + q
+                const u32 hi = and_or(v, 0x00f000f0u, 0x64006400u);  // 1024 + 16q
+                b[j][0] = mul_f16x2(sub_f16x2(lo, 0x64086408u), p.d2[j]);
+                // hi·1/16 − 72
+                b[j][1] = mul_f16x2(fma_f16x2(hi, 0x2c002c00u, 0xd480d480u), p.d2[j]);
+            } else {
+                const u32* r = ws + (wn + 8 * j + g) * WORDS + base + c;
+                const u32 v = __funnelshift_r(r[0], r[next], sh) ^ 0x80808080u;  // q + 128
+                b[j][0] = mul_f16x2(
+                    sub_f16x2(__byte_perm(v, 0x64646464u, 0x4240), 0x64806480u), p.d2[j]);
+                b[j][1] = mul_f16x2(
+                    sub_f16x2(__byte_perm(v, 0x64646464u, 0x4341), 0x64806480u), p.d2[j]);
+            }
+        }
+    }
+};
 
 #define MATMUL_TCQ_GGML(TYPE, NAME)                                                           \
     extern "C" __global__ void __launch_bounds__(256, 2)                                      \
         matmul_tcq_##NAME(const u16* xh, const u8* w, const void* bias, int bias_type,        \
                           float* out, int m, int n, int k) {                                  \
         kernel_entry();                                                                       \
-        matmul_tcq_ggml<TYPE>(xh, w, bias, bias_type, out, m, n, k);                          \
+        const auto layout = [&](const TcqThread& at) { return TcqGgml<TYPE>(at, w, n, k); };  \
+        tcq_ring(layout, xh, bias, bias_type, out, m, n, k);                                  \
     }
 MATMUL_TCQ_GGML(4, q4_0)
 MATMUL_TCQ_GGML(8, q8_0)
@@ -629,29 +617,41 @@ struct TcqK {
     static constexpr int ROW = 16 * CHUNKS;  // header, nibbles (and qh) of a row per step
     static constexpr u32 W = TC_BM * TC_LD * 2;  // after the x tile
     static constexpr u32 BYTES = W + TC_BN * ROW;
-};
+    const u8* w;
+    i64 row_bytes;
+    int n, n0, g, t, wn;
+    struct Step {
+        u32 ds[4][2], dm[4][2], words[4][2], fifth[4][2];
+    };
 
-// Issues this thread's copies of the header, nibbles (and qh) of the step at k0 (rows past n
-// repeat row n − 1, whose outputs are never stored).
-template <int BITS>
-__device__ __forceinline__ void tcq_load_k(u32 slot, const u8* __restrict__ w, i64 row_bytes,
-                                           int n, int n0, int k0) {
-    using T = TcqK<BITS>;
-    constexpr int TOTAL = TC_BN * T::CHUNKS;
+    // Needs k % 256 == 0 and w 16-byte aligned; x staged in TCQ_Q4K order.
+    __device__ __forceinline__ TcqK(const TcqThread& at, const u8* __restrict__ w, int n, int k)
+        : w(w), row_bytes((i64)(k / 256) * BLOCK), n(n), n0(at.n0), g(at.g), t(at.t),
+          wn(at.wn) {}
+
+    // Issues this thread's copies of the header, nibbles (and qh) of the step at k0 (rows past
+    // n repeat row n − 1, whose outputs are never stored).
+    __device__ __forceinline__ void load(u32 slot, int k0) const {
+        constexpr int TOTAL = TC_BN * CHUNKS;
 #pragma unroll
-    for (int i = 0; i < (TOTAL + 255) / 256; ++i) {
-        const int id = threadIdx.x + 256 * i;
-        if (id < TOTAL) {
-            const int r = id / T::CHUNKS, q = id - T::CHUNKS * r;
-            const u8* blk = w + (i64)min(n0 + r, n - 1) * row_bytes + (i64)(k0 / 256) * T::BLOCK;
-            // Chunk 0: the header; 1, 2: the pair's nibbles; 3, 4: qh.
-            const u8* src = q == 0   ? blk
-                            : q < 3  ? blk + T::QS + 32 * ((k0 / TC_BK) & 3) + 16 * (q - 1)
-                                     : blk + 16 * (q - 2);
-            cp_async16(slot + T::W + T::ROW * r + 16 * q, src, true);
+        for (int i = 0; i < (TOTAL + 255) / 256; ++i) {
+            const int id = threadIdx.x + 256 * i;
+            if (id < TOTAL) {
+                const int r = id / CHUNKS, q = id - CHUNKS * r;
+                const u8* blk = w + (i64)min(n0 + r, n - 1) * row_bytes + (i64)(k0 / 256) * BLOCK;
+                // Chunk 0: the header; 1, 2: the pair's nibbles; 3, 4: qh.
+                const u8* src = q == 0   ? blk
+                                : q < 3  ? blk + QS + 32 * ((k0 / TC_BK) & 3) + 16 * (q - 1)
+                                         : blk + 16 * (q - 2);
+                cp_async16(slot + W + ROW * r + 16 * q, src, true);
+            }
         }
     }
-}
+
+    __device__ __forceinline__ void prepare(const u8* s, int step, Step& p) const;
+    __device__ __forceinline__ void fragments(const Step& p, const u8*, int c,
+                                              u32 (&b)[4][2]) const;
+};
 
 // The f16x2 pairs (d·sc, d·sc) and (−dmin·m, −dmin·m) of sub-blocks 2p and 2p + 1 from a
 // super-block's header words h[0..3] (p uniform across the block: branches cost nothing).
@@ -676,101 +676,41 @@ __device__ __forceinline__ void tcq_k_scales(const u32* h, int p, u32* ds, u32* 
     }
 }
 
-// Launch: 256 threads, grid (ceil(n/128), ceil(m/128), k splits), TcqK<BITS>::STAGES·BYTES bytes
-// of dynamic shared memory. Needs k % 256 == 0, w 16-byte aligned, xh from `stage_x_f16`
-// (TCQ_Q4K) and m·k < 2^32.
 template <int BITS>
-__device__ __forceinline__ void matmul_tcq_k(const u16* __restrict__ xh,
-                                             const u8* __restrict__ w,
-                                             const void* __restrict__ bias, int bias_type,
-                                             float* __restrict__ out, int m, int n, int k) {
-    using T = TcqK<BITS>;
-    extern __shared__ __align__(16) u8 tcq_smem[];
-    const u32 smem = smem_addr(tcq_smem);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
-    const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
-    int begin, end;
-    split_steps(k / TC_BK, begin, end);
-    const i64 row_bytes = (i64)(k / 256) * T::BLOCK;
-
-    u32 xoff[4];
-    tcq_x_offsets(m, m0, k, xoff);
-
-    float acc[4][4][4];
+__device__ __forceinline__ void TcqK<BITS>::prepare(const u8* s, int step, Step& p) const {
+    const u32* ws = (const u32*)(s + W);
+    const int pair = step & 3;
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
-
-#pragma unroll
-    for (int s = 0; s < T::STAGES - 1; ++s) {
-        if (begin + s < end) {
-            tcq_load_x(smem + s * T::BYTES, xh, xoff, (begin + s) * TC_BK);
-            tcq_load_k<BITS>(smem + s * T::BYTES, w, row_bytes, n, n0, (begin + s) * TC_BK);
-        }
-        cp_async_commit();
-    }
-    const u32 a_off = ((wm + (lane & 15)) * TC_LD + 8 * (lane >> 4)) * 2;
-    int slot = 0, fill = T::STAGES - 1;  // the slots of this step and of the one it issues
-    for (int step = begin; step < end; ++step) {
-        cp_async_wait<T::STAGES - 2>();
-        __syncthreads();  // the step's copies are visible; the slot refilled below is free
-        if (step + T::STAGES - 1 < end) {
-            const int k0 = (step + T::STAGES - 1) * TC_BK;
-            tcq_load_x(smem + fill * T::BYTES, xh, xoff, k0);
-            tcq_load_k<BITS>(smem + fill * T::BYTES, w, row_bytes, n, n0, k0);
-        }
-        cp_async_commit();
-        fill = fill + 1 == T::STAGES ? 0 : fill + 1;
-
-        const u32* ws = (const u32*)(tcq_smem + slot * T::BYTES + T::W);
-        const u32 sa = smem + slot * T::BYTES;
-        slot = slot + 1 == T::STAGES ? 0 : slot + 1;
-        const int pair = step & 3;
-        u32 ds[4][2], dm[4][2], words[4][2], fifth[4][2];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const u32* r = ws + (wn + 8 * j + g) * (T::ROW / 4);
-            const u32 h[4] = {r[0], r[1], r[2], r[3]};
-            tcq_k_scales(h, pair, ds[j], dm[j]);
-            words[j][0] = r[4 + 2 * t];
-            words[j][1] = r[5 + 2 * t];
-            if constexpr (BITS == 5) {
-                // qh's bytes at the same l: bits 2p, 2p + 1 of each moved to bits 0, 1.
-                fifth[j][0] = r[12 + 2 * t] >> (2 * pair);
-                fifth[j][1] = r[13 + 2 * t] >> (2 * pair);
-            }
-        }
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            u32 b[4][2];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const u32 v = words[j][c >> 1] >> (8 * (c & 1));
-                u32 lo = and_or(v, 0x000f000fu, 0x64006400u);  // 1024 + q
-                u32 hi = and_or(v, 0x00f000f0u, 0x64006400u);  // 1024 + 16q
-                if constexpr (BITS == 5) {
-                    const u32 f = fifth[j][c >> 1] >> (8 * (c & 1));
-                    lo |= (f << 4) & 0x00100010u;  // bit 2p at bit 4: + 16
-                    hi |= (f << 7) & 0x01000100u;  // bit 2p + 1 at bit 8: + 256 = 16·16
-                }
-                b[j][0] = fma_f16x2(sub_f16x2(lo, 0x64006400u), ds[j][0], dm[j][0]);
-                b[j][1] = fma_f16x2(fma_f16x2(hi, 0x2c002c00u, 0xd400d400u), ds[j][1], dm[j][1]);
-            }
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                u32 a[4];
-                ldmatrix_x4_at(a, sa + a_off + i * 16 * TC_LD * 2 + c * 32);
-#pragma unroll
-                for (int j = 0; j < 4; ++j) mma_f16(acc[i][j], a, b[j]);
-            }
+    for (int j = 0; j < 4; ++j) {
+        const u32* r = ws + (wn + 8 * j + g) * (ROW / 4);
+        const u32 h[4] = {r[0], r[1], r[2], r[3]};
+        tcq_k_scales(h, pair, p.ds[j], p.dm[j]);
+        p.words[j][0] = r[4 + 2 * t];
+        p.words[j][1] = r[5 + 2 * t];
+        if constexpr (BITS == 5) {
+            // qh's bytes at the same l: bits 2p, 2p + 1 of each moved to bits 0, 1.
+            p.fifth[j][0] = r[12 + 2 * t] >> (2 * pair);
+            p.fifth[j][1] = r[13 + 2 * t] >> (2 * pair);
         }
     }
-    store_tile_split(acc, bias, bias_type, out, m, n);
+}
+
+template <int BITS>
+__device__ __forceinline__ void TcqK<BITS>::fragments(const Step& p, const u8*, int c,
+                                                      u32 (&b)[4][2]) const {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const u32 v = p.words[j][c >> 1] >> (8 * (c & 1));
+        u32 lo = and_or(v, 0x000f000fu, 0x64006400u);  // 1024 + q
+        u32 hi = and_or(v, 0x00f000f0u, 0x64006400u);  // 1024 + 16q
+        if constexpr (BITS == 5) {
+            const u32 f = p.fifth[j][c >> 1] >> (8 * (c & 1));
+            lo |= (f << 4) & 0x00100010u;  // bit 2p at bit 4: + 16
+            hi |= (f << 7) & 0x01000100u;  // bit 2p + 1 at bit 8: + 256 = 16·16
+        }
+        b[j][0] = fma_f16x2(sub_f16x2(lo, 0x64006400u), p.ds[j][0], p.dm[j][0]);
+        b[j][1] = fma_f16x2(fma_f16x2(hi, 0x2c002c00u, 0xd400d400u), p.ds[j][1], p.dm[j][1]);
+    }
 }
 
 #define MATMUL_TCQ_K(BITS, NAME)                                                              \
@@ -778,7 +718,8 @@ __device__ __forceinline__ void matmul_tcq_k(const u16* __restrict__ xh,
         matmul_tcq_##NAME(const u16* xh, const u8* w, const void* bias, int bias_type,        \
                           float* out, int m, int n, int k) {                                  \
         kernel_entry();                                                                       \
-        matmul_tcq_k<BITS>(xh, w, bias, bias_type, out, m, n, k);                             \
+        const auto layout = [&](const TcqThread& at) { return TcqK<BITS>(at, w, n, k); };     \
+        tcq_ring(layout, xh, bias, bias_type, out, m, n, k);                                  \
     }
 MATMUL_TCQ_K(4, q4_k)
 MATMUL_TCQ_K(5, q5_k)
