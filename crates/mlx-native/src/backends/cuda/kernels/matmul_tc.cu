@@ -312,7 +312,24 @@ struct TcqThread {
     __device__ __forceinline__ TcqThread()
         : lane(threadIdx.x & 31), g(lane >> 2), t(lane & 3), wm((threadIdx.x >> 7) * 64),
           wn(((threadIdx.x >> 5) & 3) * 32), m0(blockIdx.y * TC_BM), n0(blockIdx.x * TC_BN) {}
+    // The tile row (0 … 127) of this thread's B fragments for n8 block j.
+    __device__ __forceinline__ int row(int j) const { return wn + 8 * j + g; }
 };
+
+// This thread's share of a step's TC_BN·PIECES weight copies: `copy(r, q, id)` for piece q of
+// tile row r, id = r·PIECES + q (256 threads).
+template <int PIECES, class Copy>
+__device__ __forceinline__ void tcq_row_copies(Copy copy) {
+    constexpr int TOTAL = TC_BN * PIECES;
+#pragma unroll
+    for (int i = 0; i < (TOTAL + 255) / 256; ++i) {
+        const int id = threadIdx.x + 256 * i;
+        if (id < TOTAL) {
+            const int r = id / PIECES;
+            copy(r, id - PIECES * r, id);
+        }
+    }
+}
 
 // The k loop of the staged-f16 kernels: a cp.async ring of L::STAGES slots of L::BYTES, each an
 // x tile (128 rows × TC_LD halves) and then the layout's bytes of a 64-column step, and the
@@ -395,30 +412,31 @@ struct TcqMlx : Tcq<BITS> {
     i64 group0;                 // the first group of the scale/bias row tid % 128
     const u8 *scales, *biases;
     int st, esize, gshift, k;
-    // This thread's fragments read the scales of rows wn + 8j + g in unit t/2 of each step;
+    // This thread's fragments read the scales of rows at.row(j) in unit t/2 of each step;
     // bit j (4 + j) of `high`: whether that row's scale (bias) at group 0 is the upper half of
     // its word (2-byte types; group g's flips with g).
-    int unit, g, t, wn;
+    int unit;
+    TcqThread at;
     u32 high;
     struct Step {
         u32 s2[4], b2[4], words[4][2];  // 4 bits: both words of the step, loaded up front
     };
 
-    __device__ __forceinline__ TcqMlx(const TcqThread& at, const u32* __restrict__ w,
+    __device__ __forceinline__ TcqMlx(const TcqThread& thread, const u32* __restrict__ w,
                                       const u8* scales, const u8* biases, int st, int n, int k,
                                       int gshift)
         : scales(scales), biases(biases), st(st), esize(st == FT_F32 ? 4 : 2), gshift(gshift),
-          k(k), unit(at.t >> 1), g(at.g), t(at.t), wn(at.wn), high(0) {
+          k(k), unit(thread.t >> 1), at(thread), high(0) {
         const int tid = threadIdx.x, groups = (k >> 5) >> gshift;
 #pragma unroll
         for (int i = 0; i < BITS / 4; ++i) {
             const int id = tid + 256 * i, r = id / (BITS / 2), q = id % (BITS / 2);
-            wsrc[i] = w + (i64)min(at.n0 + r, n - 1) * (k / 32) * BITS + 4 * q;
+            wsrc[i] = w + (i64)min(thread.n0 + r, n - 1) * (k / 32) * BITS + 4 * q;
         }
-        group0 = (i64)min(at.n0 + (tid & 127), n - 1) * groups;
+        group0 = (i64)min(thread.n0 + (tid & 127), n - 1) * groups;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const i64 gi = (i64)min(at.n0 + wn + 8 * j + g, n - 1) * groups;
+            const i64 gi = (i64)min(thread.n0 + at.row(j), n - 1) * groups;
             high |= (u32)((((u64)scales >> 1) + gi) & 1) << j;
             high |= (u32)((((u64)biases >> 1) + gi) & 1) << (4 + j);
         }
@@ -453,13 +471,13 @@ struct TcqMlx : Tcq<BITS> {
         const u32 grp = (u32)((step * TC_BK + 32 * unit) >> (5 + gshift));
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const int r = wn + 8 * j + g;
+            const int r = at.row(j);
             p.s2[j] = tcq_pair(*(const u32*)(s + T::SB + (unit * TCQ_SB_LD + r) * 4),
                                ((high >> j) ^ grp) & 1, st);
             p.b2[j] = tcq_pair(*(const u32*)(s + T::SB + ((2 + unit) * TCQ_SB_LD + r) * 4),
                                ((high >> (4 + j)) ^ grp) & 1, st);
             if constexpr (BITS == 4) {
-                const uint2 v = *(const uint2*)(s + T::W + r * 32 + 8 * t);
+                const uint2 v = *(const uint2*)(s + T::W + r * 32 + 8 * at.t);
                 p.words[j][0] = v.x;
                 p.words[j][1] = v.y;
             }
@@ -470,9 +488,9 @@ struct TcqMlx : Tcq<BITS> {
                                               u32 (&b)[4][2]) const {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const int r = wn + 8 * j + g;
+            const int r = at.row(j);
             const u32 v = BITS == 4 ? p.words[j][c >> 1] >> (8 * (c & 1))
-                                    : *(const u32*)(s + T::W + r * 64 + 16 * t + 4 * c);
+                                    : *(const u32*)(s + T::W + r * 64 + 16 * at.t + 4 * c);
             tcq_fragment<BITS>(v, p.s2[j], p.b2[j], b[j]);
         }
     }
@@ -512,7 +530,8 @@ struct TcqGgml {
     static constexpr u32 BYTES = W + TC_BN * ROW;
     const u8* w;
     i64 row_bytes;
-    int n, n0, g, wn;
+    int n;
+    TcqThread at;
     // This thread's block of the step: its quant word i is word base + i of the row's step
     // shifted right by `sh` bits with word base + i + `next` above it (block 1's words are
     // aligned: no next word, which for the last word would lie past the row); its d is half
@@ -524,12 +543,12 @@ struct TcqGgml {
     };
 
     // Needs k % 64 == 0 and w 4-byte aligned.
-    __device__ __forceinline__ TcqGgml(const TcqThread& at, const u8* __restrict__ w, int n,
+    __device__ __forceinline__ TcqGgml(const TcqThread& thread, const u8* __restrict__ w, int n,
                                        int k)
-        : w(w), row_bytes((i64)(k / 32) * BLOCK), n(n), n0(at.n0), g(at.g), wn(at.wn) {
-        const int blk = at.t >> 1;
+        : w(w), row_bytes((i64)(k / 32) * BLOCK), n(n), at(thread) {
+        const int blk = thread.t >> 1;
         next = 1 - blk;
-        base = (TYPE == 4 ? 2 : 4) * at.t + blk;
+        base = (TYPE == 4 ? 2 : 4) * thread.t + blk;
         sh = blk ? 0 : 16;
         dhalf = 16 * blk;
         dword = blk ? BLOCK / 4 : 0;
@@ -538,23 +557,17 @@ struct TcqGgml {
     // Issues this thread's copies of the weight words of the step at k0 (rows past n repeat
     // row n − 1, whose outputs are never stored).
     __device__ __forceinline__ void load(u32 slot, int k0) const {
-        constexpr int TOTAL = TC_BN * WORDS;
-#pragma unroll
-        for (int i = 0; i < (TOTAL + 255) / 256; ++i) {
-            const int id = threadIdx.x + 256 * i;
-            if (id < TOTAL) {
-                const int r = id / WORDS, q = id - r * WORDS;
-                const u8* src = w + (i64)min(n0 + r, n - 1) * row_bytes + k0 / TC_BK * ROW + 4 * q;
-                cp_async4(slot + W + 4 * id, src, true);
-            }
-        }
+        tcq_row_copies<WORDS>([&](int r, int q, int id) {
+            const u8* src = w + (i64)min(at.n0 + r, n - 1) * row_bytes + k0 / TC_BK * ROW + 4 * q;
+            cp_async4(slot + W + 4 * id, src, true);
+        });
     }
 
     __device__ __forceinline__ void prepare(const u8* s, int, Step& p) const {
         const u32* ws = (const u32*)(s + W);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const u32* r = ws + (wn + 8 * j + g) * WORDS;
+            const u32* r = ws + at.row(j) * WORDS;
             p.d2[j] = ((r[dword] >> dhalf) & 0xffffu) * 0x10001u;
             if constexpr (TYPE == 4) {
                 const u32 a = r[base], b = r[base + 1], c = r[base + 1 + next];
@@ -577,7 +590,7 @@ struct TcqGgml {
                 // hi·1/16 − 72
                 b[j][1] = mul_f16x2(fma_f16x2(hi, 0x2c002c00u, 0xd480d480u), p.d2[j]);
             } else {
-                const u32* r = ws + (wn + 8 * j + g) * WORDS + base + c;
+                const u32* r = ws + at.row(j) * WORDS + base + c;
                 const u32 v = __funnelshift_r(r[0], r[next], sh) ^ 0x80808080u;  // q + 128
                 b[j][0] = mul_f16x2(
                     sub_f16x2(__byte_perm(v, 0x64646464u, 0x4240), 0x64806480u), p.d2[j]);
@@ -619,33 +632,29 @@ struct TcqK {
     static constexpr u32 BYTES = W + TC_BN * ROW;
     const u8* w;
     i64 row_bytes;
-    int n, n0, g, t, wn;
+    int n;
+    TcqThread at;
     struct Step {
         u32 ds[4][2], dm[4][2], words[4][2], fifth[4][2];
     };
 
     // Needs k % 256 == 0 and w 16-byte aligned; x staged in TCQ_Q4K order.
-    __device__ __forceinline__ TcqK(const TcqThread& at, const u8* __restrict__ w, int n, int k)
-        : w(w), row_bytes((i64)(k / 256) * BLOCK), n(n), n0(at.n0), g(at.g), t(at.t),
-          wn(at.wn) {}
+    __device__ __forceinline__ TcqK(const TcqThread& thread, const u8* __restrict__ w, int n,
+                                    int k)
+        : w(w), row_bytes((i64)(k / 256) * BLOCK), n(n), at(thread) {}
 
     // Issues this thread's copies of the header, nibbles (and qh) of the step at k0 (rows past
     // n repeat row n − 1, whose outputs are never stored).
     __device__ __forceinline__ void load(u32 slot, int k0) const {
-        constexpr int TOTAL = TC_BN * CHUNKS;
-#pragma unroll
-        for (int i = 0; i < (TOTAL + 255) / 256; ++i) {
-            const int id = threadIdx.x + 256 * i;
-            if (id < TOTAL) {
-                const int r = id / CHUNKS, q = id - CHUNKS * r;
-                const u8* blk = w + (i64)min(n0 + r, n - 1) * row_bytes + (i64)(k0 / 256) * BLOCK;
-                // Chunk 0: the header; 1, 2: the pair's nibbles; 3, 4: qh.
-                const u8* src = q == 0   ? blk
-                                : q < 3  ? blk + QS + 32 * ((k0 / TC_BK) & 3) + 16 * (q - 1)
-                                         : blk + 16 * (q - 2);
-                cp_async16(slot + W + ROW * r + 16 * q, src, true);
-            }
-        }
+        tcq_row_copies<CHUNKS>([&](int r, int q, int) {
+            const u8* blk =
+                w + (i64)min(at.n0 + r, n - 1) * row_bytes + (i64)(k0 / 256) * BLOCK;
+            // Chunk 0: the header; 1, 2: the pair's nibbles; 3, 4: qh.
+            const u8* src = q == 0  ? blk
+                            : q < 3 ? blk + QS + 32 * ((k0 / TC_BK) & 3) + 16 * (q - 1)
+                                    : blk + 16 * (q - 2);
+            cp_async16(slot + W + ROW * r + 16 * q, src, true);
+        });
     }
 
     __device__ __forceinline__ void prepare(const u8* s, int step, Step& p) const;
@@ -682,15 +691,15 @@ __device__ __forceinline__ void TcqK<BITS>::prepare(const u8* s, int step, Step&
     const int pair = step & 3;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-        const u32* r = ws + (wn + 8 * j + g) * (ROW / 4);
+        const u32* r = ws + at.row(j) * (ROW / 4);
         const u32 h[4] = {r[0], r[1], r[2], r[3]};
         tcq_k_scales(h, pair, p.ds[j], p.dm[j]);
-        p.words[j][0] = r[4 + 2 * t];
-        p.words[j][1] = r[5 + 2 * t];
+        p.words[j][0] = r[4 + 2 * at.t];
+        p.words[j][1] = r[5 + 2 * at.t];
         if constexpr (BITS == 5) {
             // qh's bytes at the same l: bits 2p, 2p + 1 of each moved to bits 0, 1.
-            p.fifth[j][0] = r[12 + 2 * t] >> (2 * pair);
-            p.fifth[j][1] = r[13 + 2 * t] >> (2 * pair);
+            p.fifth[j][0] = r[12 + 2 * at.t] >> (2 * pair);
+            p.fifth[j][1] = r[13 + 2 * at.t] >> (2 * pair);
         }
     }
 }
