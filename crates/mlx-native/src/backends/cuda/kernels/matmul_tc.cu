@@ -601,16 +601,17 @@ struct TcqGgml {
     }
 };
 
-#define MATMUL_TCQ_GGML(TYPE, NAME)                                                           \
+// `matmul_tcq_NAME` for a ggml layout struct LAYOUT(thread, w, n, k) on the ring.
+#define MATMUL_TCQ_GGML(LAYOUT, NAME)                                                         \
     extern "C" __global__ void __launch_bounds__(256, 2)                                      \
         matmul_tcq_##NAME(const u16* xh, const u8* w, const void* bias, int bias_type,        \
                           float* out, int m, int n, int k) {                                  \
         kernel_entry();                                                                       \
-        const auto layout = [&](const TcqThread& at) { return TcqGgml<TYPE>(at, w, n, k); };  \
+        const auto layout = [&](const TcqThread& at) { return LAYOUT(at, w, n, k); };         \
         tcq_ring(layout, xh, bias, bias_type, out, m, n, k);                                  \
     }
-MATMUL_TCQ_GGML(4, q4_0)
-MATMUL_TCQ_GGML(8, q8_0)
+MATMUL_TCQ_GGML(TcqGgml<4>, q4_0)
+MATMUL_TCQ_GGML(TcqGgml<8>, q8_0)
 
 // ggml Q4_K and Q5_K weights on the same ring. A 64-column step is one pair p of a
 // super-block's eight sub-blocks: the super-block's 16-byte header (f16 d and dmin, the packed
@@ -722,16 +723,8 @@ __device__ __forceinline__ void TcqK<BITS>::fragments(const Step& p, const u8*, 
     }
 }
 
-#define MATMUL_TCQ_K(BITS, NAME)                                                              \
-    extern "C" __global__ void __launch_bounds__(256, 2)                                      \
-        matmul_tcq_##NAME(const u16* xh, const u8* w, const void* bias, int bias_type,        \
-                          float* out, int m, int n, int k) {                                  \
-        kernel_entry();                                                                       \
-        const auto layout = [&](const TcqThread& at) { return TcqK<BITS>(at, w, n, k); };     \
-        tcq_ring(layout, xh, bias, bias_type, out, m, n, k);                                  \
-    }
-MATMUL_TCQ_K(4, q4_k)
-MATMUL_TCQ_K(5, q5_k)
+MATMUL_TCQ_GGML(TcqK<4>, q4_k)
+MATMUL_TCQ_GGML(TcqK<5>, q5_k)
 
 // out [m, n] = Σ_z partial[z] (+ bias), the slices in order: the sum of a split-K tcq matmul.
 extern "C" __global__ void splitk_sum(const float* __restrict__ partial, int splits,
