@@ -1573,9 +1573,10 @@ fn matmul_mlx_tensor_cores_at_tile_edges() {
 fn matmul_ggml_tensor_cores_at_tile_edges() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(24);
-    // Q4_0 / Q8_0 / Q4_K / Q5_K prefill weights with whole 64-column steps take the staged-f16
-    // kernels: rows and columns past one 128-tile and short of the next, one step, more steps
-    // than pipeline stages; k = 288 (a half step) stays on the generic tensor-core kernel.
+    // Q4_0 / Q8_0 / Q4_K / Q5_K / Q6_K prefill weights with whole 64-column steps take the
+    // staged-f16 kernels: rows and columns past one 128-tile and short of the next, one step,
+    // more steps than pipeline stages; k = 288 (a half step) stays on the generic tensor-core
+    // kernel.
     for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
         for (k, with_bias) in [(64, false), (320, true), (576, false), (288, true)] {
             let w = ggml_weight(&mut rng, 135, k, ty);
@@ -1601,6 +1602,17 @@ fn matmul_ggml_tensor_cores_at_tile_edges() {
             let w = ggml_weight(&mut rng, n, k, ty);
             check_matmul(&dev, &mut rng, &w, m, with_bias);
         }
+    }
+    // Q6_K (`matmul_tcq_q6_k`, rows of k % 2,048 == 0: super-blocks at every offset mod 8), 17
+    // rows, and a split k (96 steps); k = 1,792 stays on the generic tiles.
+    for (n, k, m, with_bias) in [
+        (135, 2048, 130, false),
+        (128, 4096, 17, true),
+        (135, 6144, 130, false),
+        (135, 1792, 130, true),
+    ] {
+        let w = ggml_weight(&mut rng, n, k, GgmlType::Q6K);
+        check_matmul(&dev, &mut rng, &w, m, with_bias);
     }
 }
 

@@ -726,6 +726,112 @@ __device__ __forceinline__ void TcqK<BITS>::fragments(const Step& p, const u8*, 
 MATMUL_TCQ_GGML(TcqK<4>, q4_k)
 MATMUL_TCQ_GGML(TcqK<5>, q5_k)
 
+// ggml Q6_K weights on the same ring (210-byte super-blocks: ql[128], qh[64], 16 int8 scales, f16
+// d; element 128h + 32g + l takes nibble g / 2 of ql[64h + 32(g % 2) + l], bits 2g and 2g + 1 of
+// qh[32h + l] above it and scale sc[8h + 2g + l / 16]: w = d·sc·(q − 32)). Rows of k % 2,048 ==
+// 0 from 16-byte aligned data are 16-byte aligned, so super-block b of every row starts
+// 2·(b % 8) bytes past an 8-byte boundary. A 64-column step s of a super-block is groups g =
+// 2(s % 2) and g + 1 of half h = s / 2: ql[64h + l] and ql[64h + 32 + l] (their nibbles s % 2;
+// columns l and 32 + l), qh[32h + l] (bits 4(s % 2) … 4(s % 2) + 3), the four scales at
+// 8h + 4(s % 2), and d. A row's step is copied as 8-byte words from the aligned addresses at or
+// below its half's ql (9 words), its qh (5) and the scales (3, d in the last): 136 bytes for
+// 102. The fields lie `mis` = 0, 2, 4 or 6 bytes into each copy and are read as words realigned
+// by a funnel shift. Every word holds a byte of its super-block, so the tensor's last word
+// reaches at most 6 bytes past it, inside the aligned 8 bytes that hold its last bytes. Thread t
+// takes l = 8t … 8t + 7 of both groups (x staged in TCQ_Q4K order, as a Q4_K pair): a field
+// is 1024 + q in f16 (the nibble, qh's two bits at bits 4 and 5) and a weight (q − 32)·(d·sc),
+// d·sc rounded to f16 once a step. `scripts/emulate_q6k_ring.py` checks the copies, fields, scales
+// and x order against ggml's dequantization.
+struct TcqQ6K {
+    static constexpr int STAGES = 3;
+    static constexpr int BLOCK = 210;
+    static constexpr int WORDS = 17;         // 8-byte copies a row per step
+    static constexpr int ROW = 8 * WORDS;    // bytes a row per step
+    static constexpr int QH = 72, SC = 112;  // where the qh and scale copies start in a row
+    static constexpr u32 W = TC_BM * TC_LD * 2;  // after the x tile
+    static constexpr u32 BYTES = W + TC_BN * ROW;
+    const u8* w;
+    i64 row_bytes;
+    int n;
+    TcqThread at;
+    struct Step {
+        u32 dsc[4][2];            // (d·sc, d·sc) of group g and g + 1
+        u32 lo[4][2], hi[4][2];   // ql at l = 8t … 8t + 7 of group g, of group g + 1
+        u32 qh[4][2];             // qh at the same l
+        u32 shift;                // 4·(s % 2): the nibble and qh bits of the step's groups
+    };
+
+    // Needs k % 2,048 == 0 and w 16-byte aligned; x staged in TCQ_Q4K order.
+    __device__ __forceinline__ TcqQ6K(const TcqThread& thread, const u8* __restrict__ w, int n,
+                                      int k)
+        : w(w), row_bytes((i64)(k / 256) * BLOCK), n(n), at(thread) {}
+
+    // Issues this thread's copies of the step at k0 (rows past n repeat row n − 1, whose
+    // outputs are never stored).
+    __device__ __forceinline__ void load(u32 slot, int k0) const {
+        const int half = (k0 / TC_BK >> 1) & 1;
+        tcq_row_copies<WORDS>([&](int r, int q, int) {
+            const i64 blk = (i64)min(at.n0 + r, n - 1) * row_bytes + (i64)(k0 / 256) * BLOCK;
+            // Words 0–8: from the half's ql; 9–13: from its qh; 14–16: the scales and d.
+            const i64 start = q < 9    ? blk + 64 * half
+                              : q < 14 ? blk + 128 + 32 * half
+                                       : blk + 192;
+            const int first = q < 9 ? 0 : q < 14 ? 9 : 14;
+            cp_async8(slot + W + ROW * r + 8 * q, w + ((start & ~(i64)7) + 8 * (q - first)),
+                      true);
+        });
+    }
+
+    __device__ __forceinline__ void prepare(const u8* s, int step, Step& p) const {
+        const int sub = step & 3, half = sub >> 1;
+        const u32 mis = (2 * (step >> 2)) & 6;  // 210·b mod 8 for super-block b = step / 4
+        const u32 sh = 8 * (mis & 3);
+        p.shift = 4 * (sub & 1);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u8* row = s + W + ROW * at.row(j);
+            // The 4 bytes at `off` of the row's copies (2-byte aligned).
+            const auto word = [&](u32 off) {
+                const u32* a = (const u32*)(row + (off & ~3u));
+                return __funnelshift_r(a[0], a[1], sh);
+            };
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                p.lo[j][i] = word(mis + 8 * at.t + 4 * i);
+                p.hi[j][i] = word(mis + 32 + 8 * at.t + 4 * i);
+                p.qh[j][i] = word(QH + mis + 8 * at.t + 4 * i);
+            }
+            const u32 scales = word(SC + mis + 8 * half + 4 * (sub & 1));
+            const float d = f16_to_f32(*(const u16*)(row + SC + mis + 16));
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int byte = 2 * hh + (at.t >> 1);
+                const float v = d * (float)(signed char)(scales >> (8 * byte));
+                p.dsc[j][hh] = pack_f16x2(v, v);
+            }
+        }
+    }
+
+    __device__ __forceinline__ void fragments(const Step& p, const u8*, int c,
+                                              u32 (&b)[4][2]) const {
+        const u32 sh = 8 * (c & 1) + p.shift;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u32 vq = p.qh[j][c >> 1] >> sh;
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const u32 v = (hh ? p.hi : p.lo)[j][c >> 1] >> sh;
+                const u32 field = and_or(v, 0x000f000fu, 0x64006400u) |
+                                  (((vq >> (2 * hh)) & 0x00030003u) << 4);  // 1024 + q
+                // (q − 32)·(d·sc)
+                b[j][hh] = mul_f16x2(sub_f16x2(field, 0x64206420u), p.dsc[j][hh]);
+            }
+        }
+    }
+};
+
+MATMUL_TCQ_GGML(TcqQ6K, q6_k)
+
 // out [m, n] = Σ_z partial[z] (+ bias), the slices in order: the sum of a split-K tcq matmul.
 extern "C" __global__ void splitk_sum(const float* __restrict__ partial, int splits,
                                       const void* __restrict__ bias, int bias_type,

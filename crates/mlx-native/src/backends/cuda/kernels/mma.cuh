@@ -74,6 +74,12 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool live) 
                  : "memory");
 }
 
+__device__ __forceinline__ void cp_async8(u32 dst, const void* src, bool live) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src),
+                 "r"(live ? 8 : 0)
+                 : "memory");
+}
+
 __device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool live) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src),
                  "r"(live ? 4 : 0)
