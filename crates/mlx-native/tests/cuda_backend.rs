@@ -954,7 +954,7 @@ fn check_matmul(dev: &Device, rng: &mut Rng, w: &HostWeight, m: usize, with_bias
     check(&what, dev, compute, &want, tol);
 }
 
-/// The single-row tolerance: MLX 4- and 8-bit, Q4_0, Q4_1 and Q4_K weights may run on the
+/// The single-row tolerance: MLX 4- and 8-bit and the ggml block formats may run on the
 /// tensor-core matvec, which rounds x to f16 (the weights' integers are exact in f16,
 /// accumulation is f32): about 2^−11·√(1/3) ≈ 3e-4 on these inputs, 1e-3 allowed as for the
 /// prefill tensor-core path.
@@ -964,6 +964,8 @@ fn matvec_tol(w: &HostWeight) -> f64 {
         WeightLayout::Gguf(
             GgmlType::Q4_0
             | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
             | GgmlType::Q8_0
             | GgmlType::Q4K
             | GgmlType::Q5K
@@ -1209,16 +1211,17 @@ fn matvec_tensor_cores_mlx() {
     check_gated(&dev, &mut rng, UnaryFn::Silu, &gate, &up);
 }
 
-/// The decode matvec for ggml Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K over 2^24 weights
-/// (matvec_tc.cu's `MtQ4_0` and `MtQ8_0` where rows start 8-byte aligned, `MtQ4_1`, `MtQ4K`,
-/// `MtQ5K`, and `MtQ6K` for plain rows of k % 2,048 == 0, whose super-blocks alternate 4- and
-/// 2-byte alignment, gated pairs as two plain matvecs and the activation; its k = 4,352 stays on
-/// matvec.cu): plain, with a bias, with the residual, and gated; rows not a multiple of the
-/// 16-row tile; k of one quad of Q4_0 or
-/// Q8_0 blocks (one step), of three Q4_1 blocks (a partial step), of one K-quant super-block
-/// (two steps: the pairs of sub-blocks 0–3, then 4–7), long k (several warps per tile); and
-/// Q4_0 and Q8_0 rows that start only 2-byte aligned (k of three blocks, an odd number of
-/// blocks, and k = 4,128), which matvec.cu multiplies.
+/// The decode matvec for ggml Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K over 2^24
+/// weights (matvec_tc.cu's `MtQ4_0` and `MtQ8_0` where rows start 8-byte aligned, `MtQ4_1`,
+/// `MtQ5_1`, `MtQ5_0` for rows of k % 64 == 0, whose blocks alternate 4- and 2-byte alignment,
+/// `MtQ4K`, `MtQ5K`, and `MtQ6K` for plain rows of k % 2,048 == 0, whose super-blocks alternate
+/// 4- and 2-byte alignment, gated pairs as two plain matvecs and the activation; its k = 4,352
+/// stays on matvec.cu): plain, with a bias, with the residual, and gated; rows not a multiple of
+/// the 16-row tile; k of one quad of Q4_0, Q5_0 or Q8_0 blocks (one step), of three Q4_1 or Q5_1
+/// blocks (a partial step), of 130 Q5_0 blocks (a partial last step), of one K-quant
+/// super-block (two steps: the pairs of sub-blocks 0–3, then 4–7), long k (several warps per
+/// tile); and Q4_0, Q5_0 and Q8_0 rows that start only 2-byte aligned (k of three blocks, an odd
+/// number of blocks, and k = 4,128), which matvec.cu multiplies.
 #[test]
 fn matvec_tensor_cores_ggml() {
     let Some(dev) = gpu() else { return };
@@ -1226,6 +1229,8 @@ fn matvec_tensor_cores_ggml() {
     let cases = [
         (GgmlType::Q4_0, [4352, 128, 2048, 96, 4128].as_slice()),
         (GgmlType::Q4_1, [4352, 96, 2048, 4128].as_slice()),
+        (GgmlType::Q5_0, [4352, 128, 2048, 96, 4128, 4160].as_slice()),
+        (GgmlType::Q5_1, [4352, 96, 2048, 4128].as_slice()),
         (GgmlType::Q8_0, [4352, 128, 2048, 4128].as_slice()),
         (GgmlType::Q4K, [4352, 256, 2048, 8448].as_slice()),
         (GgmlType::Q5K, [4352, 256, 2048].as_slice()),
@@ -1253,8 +1258,8 @@ fn normed_matvec_matches_reference() {
     let mut rng = Rng(17);
     // (weight, unit offset, bias, tolerance): k up to 1024 folds the norm into matvec.cu's
     // kernel; wider MLX 4/8-bit weights take the tensor cores (f16 x), which fold the norm too,
-    // as do MLX, Q4_0 and Q8_0 (quads), Q4_1, Q4_K, Q5_K and Q6_K from 2^18 weights; other wide
-    // ones run the norm first.
+    // as do MLX, Q4_0 and Q8_0 (quads), Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K from 2^18 weights;
+    // other wide ones run the norm first.
     // MLX 8-bit at k = 8704 has more 16-element chunks than the block has threads (the staging
     // loop).
     let cases = [
@@ -1317,6 +1322,18 @@ fn normed_matvec_matches_reference() {
             ggml_weight(&mut rng, 4101, 4096, GgmlType::Q8_0),
             false,
             false,
+            2e-3,
+        ),
+        (
+            ggml_weight(&mut rng, 4101, 4096, GgmlType::Q5_0),
+            true,
+            false,
+            2e-3,
+        ),
+        (
+            ggml_weight(&mut rng, 4101, 4096, GgmlType::Q5_1),
+            false,
+            true,
             2e-3,
         ),
         (

@@ -138,7 +138,9 @@ pub enum SyntheticQuant {
     Uniform(WeightLayout),
     /// llama.cpp's Q4_K_M or Q5_K_M mix (`base` Q4_K or Q5_K) of a model of `layers` layers, as
     /// `llama-quantize` writes it: Q6_K for the output matrix (the embedding, where tied) and
-    /// for v and down in layers i < n/8, i ≥ 7n/8 and every third between; `base` elsewhere.
+    /// for v and down in layers i < n/8, i ≥ 7n/8 and every third between; `base` elsewhere;
+    /// and as it falls back for rows that are not whole super-blocks of 256 (SmolLM2's 576):
+    /// Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0.
     KQuantMix {
         base: GgmlType,
         layers: usize,
@@ -161,8 +163,8 @@ impl SyntheticQuant {
         })
     }
 
-    /// The layout of the matrix the decoder loads as `name`.
-    fn layout_of(self, name: &str) -> WeightLayout {
+    /// The layout of the matrix the decoder loads as `name`, of rows of `k`.
+    fn layout_of(self, name: &str, k: usize) -> WeightLayout {
         let (base, layers, tied) = match self {
             SyntheticQuant::Uniform(layout) => return layout,
             SyntheticQuant::KQuantMix { base, layers, tied } => (base, layers, tied),
@@ -179,7 +181,13 @@ impl SyntheticQuant {
             Some(i) => (name.ends_with("v_proj") || name.ends_with("down_proj")) && more_bits(i),
             None => name == "lm_head" || (tied && name == "model.embed_tokens"),
         };
-        WeightLayout::Gguf(if six_bits { GgmlType::Q6K } else { base })
+        let ty = if six_bits { GgmlType::Q6K } else { base };
+        WeightLayout::Gguf(match ty {
+            _ if k.is_multiple_of(256) => ty,
+            GgmlType::Q4K => GgmlType::Q5_0,
+            GgmlType::Q5K => GgmlType::Q5_1,
+            _ => GgmlType::Q8_0,
+        })
     }
 }
 
@@ -279,7 +287,7 @@ impl SyntheticWeights {
 
 impl WeightSource for SyntheticWeights {
     fn linear(&self, name: &str, n: usize, k: usize, bias: bool) -> Result<Linear> {
-        let layout = self.quant.layout_of(name);
+        let layout = self.quant.layout_of(name, k);
         let tensors = self.matrices(layout, &[], n, k)?;
         let bias = if bias {
             Some(self.device.from_slice(&self.random(n, 0.1), &[n])?)
@@ -290,7 +298,7 @@ impl WeightSource for SyntheticWeights {
     }
 
     fn experts(&self, name: &str, experts: usize, n: usize, k: usize) -> Result<ExpertLinear> {
-        let layout = self.quant.layout_of(name);
+        let layout = self.quant.layout_of(name, k);
         let tensors = self.matrices(layout, &[experts], n, k)?;
         ExpertLinear::new(name, layout, tensors, experts, n, k)
     }
@@ -339,8 +347,13 @@ mod tests {
             } else {
                 base
             };
-            assert_eq!(quant.layout_of("model.embed_tokens"), embedding, "{shape}");
-            assert_eq!(quant.layout_of("lm_head"), q6k, "{shape}");
+            let k = params.hidden_size;
+            assert_eq!(
+                quant.layout_of("model.embed_tokens", k),
+                embedding,
+                "{shape}"
+            );
+            assert_eq!(quant.layout_of("lm_head", k), q6k, "{shape}");
             for l in 0..params.num_layers {
                 let want = if six_bit_layers.contains(&l) {
                     q6k
@@ -357,11 +370,34 @@ mod tests {
                     ("mlp.up_proj", base),
                 ] {
                     let name = format!("model.layers.{l}.{part}");
-                    assert_eq!(quant.layout_of(&name), layout, "{shape} {mix} {name}");
+                    assert_eq!(quant.layout_of(&name, k), layout, "{shape} {mix} {name}");
                 }
             }
         }
         let uniform = SyntheticQuant::parse("q6_k", &preset("llama-3.2-1b").unwrap()).unwrap();
-        assert_eq!(uniform.layout_of("model.layers.3.mlp.gate_proj"), q6k);
+        assert_eq!(uniform.layout_of("model.layers.3.mlp.gate_proj", 2048), q6k);
+    }
+
+    /// Rows that are not whole super-blocks (SmolLM2's 576) take llama-quantize's fallbacks;
+    /// its down projection's rows of 1,536 keep the K-quants.
+    #[test]
+    fn k_quant_mixes_fall_back_on_narrow_rows() {
+        let params = preset("smollm2-135m").unwrap();
+        let gguf = WeightLayout::Gguf;
+        for (mix, base, fallback) in [
+            ("q4_k_m", GgmlType::Q4K, GgmlType::Q5_0),
+            ("q5_k_m", GgmlType::Q5K, GgmlType::Q5_1),
+        ] {
+            let quant = SyntheticQuant::parse(mix, &params).unwrap();
+            for (name, k, want) in [
+                ("model.embed_tokens", 576, GgmlType::Q8_0),
+                ("model.layers.0.self_attn.v_proj", 576, GgmlType::Q8_0),
+                ("model.layers.0.mlp.down_proj", 1536, GgmlType::Q6K),
+                ("model.layers.4.self_attn.q_proj", 576, fallback),
+                ("model.layers.4.mlp.down_proj", 1536, base),
+            ] {
+                assert_eq!(quant.layout_of(name, k), gguf(want), "{mix} {name}");
+            }
+        }
     }
 }

@@ -109,6 +109,14 @@ __device__ __forceinline__ u32 and_or(u32 w, u32 mask, u32 bits) {
     return v;
 }
 
+// The fifth bits of elements 4i..4i+3 of a Q5_0 / Q5_1 block (bits 4i..4i+3 of its word qh),
+// each moved to bit 4 of its byte (layouts.cuh's codes, matvec_tc.cu's fields): the copies
+// h·2^(7b) of the nibble h do not overlap, so the product holds bit b of h at bit 8b with no
+// carries.
+__device__ __forceinline__ u32 fifth_bits(u32 qh, int i) {
+    return ((((qh >> (4 * i)) & 0xFu) * 0x00204081u) & 0x01010101u) << 4;
+}
+
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float((u32)h << 16); }
 
 // N 16-bit floats of type `ft` (FT_F16 or FT_BF16) from p (16-byte aligned) as floats, read

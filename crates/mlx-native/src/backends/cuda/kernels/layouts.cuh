@@ -210,13 +210,6 @@ struct Q4_1 {
     }
 };
 
-// The fifth bits of elements 4i..4i+3 of a Q5_0 / Q5_1 block (bits 4i..4i+3 of its word qh),
-// each moved to bit 4 of its byte: the copies h·2^(7b) of the nibble h do not overlap, so
-// the product holds bit b of h at bit 8b with no carries.
-__device__ __forceinline__ u32 fifth_bits(u32 qh, int i) {
-    return ((((qh >> (4 * i)) & 0xFu) * 0x00204081u) & 0x01010101u) << 4;
-}
-
 // A Q5_0 / Q5_1 block's 5-bit codes, one per byte in element order, from its word qh and the
 // four words of qs.
 __device__ __forceinline__ void q5_words(u32 qh, const u32* qs, u32* q) {

@@ -1,5 +1,5 @@
 //! out = x·Wᵀ (+ bias) for every weight layout, weights read as stored: matvec.cu for a single
-//! row (decode; matvec_tc.cu's tensor-core kernel for MLX 4- and 8-bit, Q4_0, Q4_1 and Q4_K),
+//! row (decode; matvec_tc.cu's tensor-core kernel for MLX 4- and 8-bit and the ggml layouts),
 //! matmul_tc.cu's 128×128 tensor-core tiles (f16 operands, f32 accumulation)
 //! for prefill-sized row counts, matmul.cu's 64×64 f32 tiles otherwise; and the decode-only
 //! gated pair (`Op::GatedMatMul`) on matvec.cu.
@@ -55,7 +55,7 @@ const MATVEC_TC_WARPS: usize = 16;
 const MATVEC_TC_TILE: usize = 16;
 /// The fewest warps of a tensor-core matvec block (`matvec_tc_plan`).
 const MATVEC_TC_MIN_WARPS: usize = 4;
-/// MLX, Q4_0, Q4_1 and Q4_K weights (gate and up together) up to this many stay on matvec.cu,
+/// MLX and ggml weights (gate and up together) up to this many stay on matvec.cu,
 /// which keeps x in f32, unless an MLX matrix follows an RMSNorm over more than `FOLD_NORM_MAX_K`:
 /// matvec_tc folds it, where matvec.cu needs a launch in front (H200, 2026-11-26: Llama-3.2-1B
 /// shape 1,388 → 1,451 tok/s, Gemma-3-1B 398 → 438). Until the sixteenth session's cheaper
@@ -449,9 +449,9 @@ fn tcq_ggml_shared_bytes(ty: GgmlType) -> u32 {
 }
 
 /// `Op::GatedMatMul`: matvec.cu's gated kernels (matvec_tc.cu's for MLX 4/8-bit, Q4_0, Q8_0,
-/// Q4_1, Q4_K and Q5_K), gate and up rows side by side in one pass; for Q6_K two plain
-/// tensor-core matvecs and the activation (`gated_plain_pair`); `gated_tiled` where they cannot
-/// read the operands.
+/// Q4_1, Q5_0, Q5_1, Q4_K and Q5_K), gate and up rows side by side in one pass; for Q6_K two
+/// plain tensor-core matvecs and the activation (`gated_plain_pair`); `gated_tiled` where they
+/// cannot read the operands.
 fn gated_matmul(
     lib: &KernelLibrary,
     op: &Op,
@@ -604,6 +604,9 @@ struct DecodeMatvec {
     /// Q6_K rows of k % 2,048 == 0 from 16-byte aligned data: every row 16-byte aligned, as
     /// `MtQ6K`'s aligned words need.
     q6_k_rows: bool,
+    /// Q5_0 rows of k % 64 == 0 from 4-byte aligned data: every row 4-byte aligned, as
+    /// `MtQ5_0`'s aligned words need.
+    q5_0_rows: bool,
     /// A norm that matvec.cu would launch in front (k > FOLD_NORM_MAX_K), which sends smaller
     /// MLX matrices to the tensor cores too, since their kernel folds it.
     wide_norm: bool,
@@ -622,6 +625,7 @@ impl DecodeMatvec {
             updates: false,
             quads: k.is_multiple_of(128),
             q6_k_rows: k.is_multiple_of(2048),
+            q5_0_rows: k.is_multiple_of(64),
             wide_norm: norm && k > FOLD_NORM_MAX_K,
         }
     }
@@ -652,10 +656,10 @@ const TC_CHUNKS_KQUANT: TcChunks = TcChunks {
 };
 
 /// The tensor-core matvec's plan for `m`, or None where matvec.cu multiplies it: formats
-/// matvec_tc.cu has (`MtMlx` 4- and 8-bit, `MtQ4_0` and `MtQ8_0` on quads, `MtQ4_1`, `MtQ4K`,
-/// `MtQ5K`, and `MtQ6K` on plain rows of k % 2,048 == 0; Q4_1 data is 4-byte aligned, Q4_K and
-/// Q5_K data 16-byte aligned, `Weight::check_alignment`, and a K-quant row is whole
-/// super-blocks of 256).
+/// matvec_tc.cu has (`MtMlx` 4- and 8-bit, `MtQ4_0` and `MtQ8_0` on quads, `MtQ4_1`, `MtQ5_1`,
+/// `MtQ5_0` on rows of k % 64 == 0, `MtQ4K`, `MtQ5K`, and `MtQ6K` on plain rows of k % 2,048 ==
+/// 0; Q4_1 and Q5_1 data is 4-byte aligned, Q4_K and Q5_K data 16-byte aligned,
+/// `Weight::check_alignment`, and a K-quant row is whole super-blocks of 256).
 fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> {
     let mlx_simt_weights = if m.wide_norm { 0 } else { SIMT_MAX_WEIGHTS };
     let (chunks, simt_weights) = match m.layout {
@@ -664,7 +668,8 @@ fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> 
         WeightLayout::Gguf(GgmlType::Q4_0 | GgmlType::Q8_0) if m.quads => {
             (TC_CHUNKS_32, SIMT_MAX_WEIGHTS)
         }
-        WeightLayout::Gguf(GgmlType::Q4_1) => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
+        WeightLayout::Gguf(GgmlType::Q4_1 | GgmlType::Q5_1) => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
+        WeightLayout::Gguf(GgmlType::Q5_0) if m.q5_0_rows => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
         WeightLayout::Gguf(GgmlType::Q4K | GgmlType::Q5K) => (TC_CHUNKS_KQUANT, SIMT_MAX_WEIGHTS),
         WeightLayout::Gguf(GgmlType::Q6K) if m.q6_k_rows && !m.gated => {
             (TC_CHUNKS_KQUANT, SIMT_MAX_WEIGHTS)
@@ -790,16 +795,17 @@ impl<'a> DecodePlan<'a> {
         // Whether the tensor-core kernel would fold the norm (and stage its weight): it folds
         // at any width.
         let tc_folds = MatvecInput::folds(x, norm, usize::MAX)?;
-        // MtQ4_0 and MtQ8_0 load a quad's four blocks (72 or 136 bytes): rows of k % 128 == 0
-        // from 8-byte aligned data; other Q4_0 and Q8_0 rows stay on matvec.cu.
-        let aligned8 = |w: &Weight| -> Result<bool> { Ok(device_ptr(w.data())? % 8 == 0) };
-        let quads = k.is_multiple_of(128)
-            && aligned8(weight)?
-            && match up {
-                Some(up) => aligned8(up)?,
-                None => true,
-            };
-        let q6_k_rows = k.is_multiple_of(2048) && device_ptr(weight.data())? % 16 == 0;
+        // Formats read in aligned words: MtQ4_0 and MtQ8_0 load a quad's four blocks (72 or 136
+        // bytes) of rows of k % 128 == 0 from 8-byte aligned data, MtQ6K rows of k % 2,048 from
+        // 16-byte aligned data, MtQ5_0 rows of k % 64 from 4-byte aligned data; other rows of
+        // these formats stay on matvec.cu.
+        let aligned = |align: u64| -> Result<bool> {
+            let base = |w: &Weight| -> Result<bool> { Ok(device_ptr(w.data())? % align == 0) };
+            Ok(base(weight)? && up.map_or(Ok(true), base)?)
+        };
+        let quads = k.is_multiple_of(128) && aligned(8)?;
+        let q6_k_rows = k.is_multiple_of(2048) && aligned(16)?;
+        let q5_0_rows = k.is_multiple_of(64) && aligned(4)?;
         let matvec = DecodeMatvec {
             layout: weight.layout(),
             n,
@@ -809,6 +815,7 @@ impl<'a> DecodePlan<'a> {
             updates: update.is_some(),
             quads,
             q6_k_rows,
+            q5_0_rows,
             wide_norm: norm.is_some() && k > FOLD_NORM_MAX_K,
         };
         let tensor_cores = tensor_core_plan(matvec, sm_count)?;
@@ -1181,8 +1188,7 @@ impl Folding {
 }
 
 /// The tensor-core matvec for weights `[n, k]` whose format (matvec_tc.cu's `MtMlx` for MLX 4-
-/// and 8-bit, `MtQ4_0`, `MtQ4_1`, `MtQ4K`) cuts rows as `chunking` says, or None where matvec.cu
-/// runs:
+/// and 8-bit, `MtQ4_0`, …) cuts rows as `chunking` says, or None where matvec.cu runs:
 /// matrices of up to `simt_weights`, matrices of 2^32 elements or more, and x too long to stage
 /// in shared memory (with the norm weight where the kernel folds a norm). The update is folded
 /// where its weight fits beside and x's parts fill one round of the block's threads.
@@ -1362,8 +1368,9 @@ mod tests {
             (WeightLayout::Gguf(GgmlType::Q4K), 4096, 4096, true),
             (WeightLayout::Gguf(GgmlType::Q6K), 4096, 4096, true),
             (WeightLayout::Gguf(GgmlType::Q6K), 4096, 4352, false),
-            (WeightLayout::Gguf(GgmlType::Q5_0), 4096, 4096, false),
-            (WeightLayout::Gguf(GgmlType::Q5_1), 4096, 4096, false),
+            (WeightLayout::Gguf(GgmlType::Q5_0), 4096, 4096, true),
+            (WeightLayout::Gguf(GgmlType::Q5_0), 4096, 4128, false),
+            (WeightLayout::Gguf(GgmlType::Q5_1), 4096, 4096, true),
             (WeightLayout::Gguf(GgmlType::Q5K), 4096, 4096, true),
             (WeightLayout::Dense, 4096, 4096, false),
         ];

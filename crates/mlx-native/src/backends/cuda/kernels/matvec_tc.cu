@@ -1,8 +1,8 @@
-// y = x·Wᵀ (+ bias) for a single row x (decode) and MLX affine 4- or 8-bit, ggml Q4_0, Q4_1 or
-// Q4_K weights (the formats `MtMlx`, `MtQ4_0`, `MtQ4_1`, `MtQ4K` below), on tensor cores: a 4-bit
-// weight costs 5/8 of an ALU instruction (its field ORed into the mantissa of an f16 as it lies,
-// `fields_f16`), and the multiply-adds run as m16n8k16 mma.sync with f32 accumulation instead of
-// one FMA per weight.
+// y = x·Wᵀ (+ bias) for a single row x (decode) and MLX affine 4- or 8-bit or ggml Q4_0, Q4_1,
+// Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K weights (the formats `MtMlx`, `MtQ4_0`, … below), on
+// tensor cores: a 4-bit weight costs 5/8 of an ALU instruction (its field ORed into the mantissa
+// of an f16 as it lies, `fields_f16`), and the multiply-adds run as m16n8k16 mma.sync with f32
+// accumulation instead of one FMA per weight.
 // Each f16 carries an offset (1024 + q, or 64 + q for a field 4 bits up) that a chunk's dot
 // sheds at once: Σ offset·x over the chunk's staged x is the same for all rows, so the staging
 // computes it once a block (`F::offset`, the `cfold` array).
@@ -319,6 +319,23 @@ struct MtQ8_0 {
     }
 };
 
+// The staged sums of a chunk of a ggml block format with a minimum (Q4_1, Q5_1; chunks in
+// `MtQ4_0`'s order): Σx and Σ offset·x.
+template <class F>
+__device__ __forceinline__ void affine_stage_fold(int j, const u32* o, const float* v, float2& f) {
+    float sum = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum += v[MtQ4_0::slot(false, j, e)];
+    f.x += sum;
+    f.y += mt_offsets<F>(o);
+}
+
+// d·Σq·x + m·Σx for a block's word of f16 d and m.
+__device__ __forceinline__ float affine_fold(u32 dm, float dot, float sx, float acc) {
+    const float d = f16_to_f32((u16)dm), m = f16_to_f32((u16)(dm >> 16));
+    return fmaf(d, dot, fmaf(m, sx, acc));
+}
+
 // ggml Q4_1 (20-byte blocks: f16 d and m, 16 bytes of nibbles, w = d·q + m): a chunk is one
 // block, loaded as five 4-byte words (a block is 4-byte aligned, so its nibble words come whole).
 // Its nibbles lie as Q4_0's (element i in the low nibble of byte i, i + 16 in the high one), in
@@ -353,15 +370,105 @@ struct MtQ4_1 {
     static __device__ __forceinline__ i64 x_at(int c, int) { return (i64)c * CHUNK; }
     static __device__ __forceinline__ void stage_fold(int j, const u32* o, const float* v,
                                                       Fold& f) {
-        float sum = 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) sum += v[slot(false, j, e)];
-        f.x += sum;
-        f.y += mt_offsets<MtQ4_1>(o);
+        affine_stage_fold<MtQ4_1>(j, o, v, f);
     }
     static __device__ __forceinline__ float fold(const Raw& r, float dot, float sx, float acc) {
-        const float d = f16_to_f32((u16)r.w[0]), m = f16_to_f32((u16)(r.w[0] >> 16));
-        return fmaf(d, dot, fmaf(m, sx, acc));
+        return affine_fold(r.w[0], dot, sx, acc);
+    }
+};
+
+// The f16 pairs of a Q5_0 / Q5_1 chunk's j-th 8 fields, in `MtQ4_1`'s order (elements 4j + {0,
+// 2}, 4j + 16 + {0, 2}, 4j + {1, 3}, 4j + 16 + {1, 3}): each byte of qs word j becomes two 5-bit
+// codes, its low and high nibble with their fifth bits from qh at bit 4 (`fifth_bits`), ORed
+// into 1024 as 1024 + q.
+__device__ __forceinline__ void q5_pairs(u32 qh, u32 qs, int j, u32* p) {
+    const u32 lo = (qs & 0x0f0f0f0fu) | fifth_bits(qh, j);
+    const u32 hi = ((qs >> 4) & 0x0f0f0f0fu) | fifth_bits(qh, j + 4);
+    p[0] = and_or(lo, 0x001f001fu, 0x64006400u);
+    p[1] = and_or(hi, 0x001f001fu, 0x64006400u);
+    p[2] = and_or(lo >> 8, 0x001f001fu, 0x64006400u);
+    p[3] = and_or(hi >> 8, 0x001f001fu, 0x64006400u);
+}
+
+// ggml Q5_0 (22-byte blocks: f16 d, the 32 fifth bits qh, 16 bytes of nibbles as Q4_0's;
+// w = d·(q − 16)): a chunk is one block, loaded as the six aligned 4-byte words around it and
+// realigned at use by funnel shifts. Rows of k % 64 == 0 from 4-byte aligned data are 4-byte
+// aligned, so block c starts 2·(c % 2) bytes past a word: the six words never pass the row's
+// end (its last block is odd). The fold is d·dot, offsets 1024 + 16 (`q5_pairs`). H200,
+// 2026-11-28, decode after 128 tokens (from matvec.cu's kernels and their norm launches): 1B
+// shape 1,243 → 1,580 tok/s, 8B 298.3 → 343.8, SmolLM2's shape 2,096 → 2,505; Q5_1 (`MtQ5_1`)
+// 1B 1,323 → 1,663.
+struct MtQ5_0 {
+    static constexpr int CHUNK = 32;
+    static constexpr int UNIT = 2;  // bytes of a row unit: a block is 11
+    static constexpr int STAGE = 2;
+    static constexpr bool PARTS = false;
+    static constexpr int SUBS = 1;
+    static constexpr int RUN = 32;
+    using Fold = float2;  // 0, Σ offset·x
+    struct Raw {
+        u32 w[6];
+        u32 shift;  // 16 + 8 × the block's offset in its first word: bytes 2.. of the block
+    };
+    static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
+                                                int c, Raw& r) {
+        const u32 at = 2 * st.unit_row[h] + 22 * c;
+        const u32* p = (const u32*)(wt.w + (at & ~3u));
+#pragma unroll
+        for (int i = 0; i < 6; ++i) r.w[i] = load_stream4(p + i);
+        r.shift = 16 + 8 * (at & 2);
+    }
+    static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
+        q5_pairs(__funnelshift_rc(r.w[0], r.w[1], r.shift),
+                 __funnelshift_rc(r.w[1 + j], r.w[2 + j], r.shift), j, p);
+    }
+    static __device__ __forceinline__ int slot(bool, int j, int e) {
+        return MtQ4_0::slot(false, j, e);
+    }
+    static __device__ __forceinline__ float offset(int) { return 1040.f; }
+    static __device__ __forceinline__ i64 x_at(int c, int) { return (i64)c * CHUNK; }
+    static __device__ __forceinline__ void stage_fold(int, const u32* o, const float*, Fold& f) {
+        f.y += mt_offsets<MtQ5_0>(o);
+    }
+    static __device__ __forceinline__ float fold(const Raw& r, float dot, float, float acc) {
+        const u32 d = (r.w[0] >> (r.shift - 16)) & 0xffffu;
+        return fmaf(f16_to_f32((u16)d), dot, acc);
+    }
+};
+
+// ggml Q5_1 (24-byte blocks: f16 d and m, qh, then Q5_0's nibbles; w = d·q + m): a chunk is one
+// block, six aligned 4-byte words (4-byte aligned data), folded as Q4_1's, offsets 1024.
+struct MtQ5_1 {
+    static constexpr int CHUNK = 32;
+    static constexpr int UNIT = 4;  // bytes of a load: a block is 6
+    static constexpr int STAGE = 2;
+    static constexpr bool PARTS = false;
+    static constexpr int SUBS = 1;
+    static constexpr int RUN = 32;
+    using Fold = float2;  // Σx, Σ offset·x
+    struct Raw {
+        u32 w[6];  // d and m, qh, then the nibble words
+    };
+    static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
+                                                int c, Raw& r) {
+        const u32* p = (const u32*)wt.w + (st.unit_row[h] + 6 * c);
+#pragma unroll
+        for (int i = 0; i < 6; ++i) r.w[i] = load_stream4(p + i);
+    }
+    static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
+        q5_pairs(r.w[1], r.w[2 + j], j, p);
+    }
+    static __device__ __forceinline__ int slot(bool, int j, int e) {
+        return MtQ4_0::slot(false, j, e);
+    }
+    static __device__ __forceinline__ float offset(int) { return 1024.f; }
+    static __device__ __forceinline__ i64 x_at(int c, int) { return (i64)c * CHUNK; }
+    static __device__ __forceinline__ void stage_fold(int j, const u32* o, const float* v,
+                                                      Fold& f) {
+        affine_stage_fold<MtQ5_1>(j, o, v, f);
+    }
+    static __device__ __forceinline__ float fold(const Raw& r, float dot, float sx, float acc) {
+        return affine_fold(r.w[0], dot, sx, acc);
     }
 };
 
@@ -1086,7 +1193,8 @@ MATVEC_TC_ALL_TYPES(8)
 
 // The ggml formats' kernels (format F, kernel name NAME, ROW_UNITS: F::UNIT-byte units a row):
 // a Q4_0 row is k / 32 blocks of 18 bytes, k / 128 · 9 units of 8 bytes (k % 128 == 0); a Q4_1
-// row k / 32 blocks of 20 bytes, 5 units of 4 bytes each; a Q8_0 row k / 128 quads of blocks,
+// row k / 32 blocks of 20 bytes, 5 units of 4 bytes each; Q5_0 blocks of 22 bytes, 11 units of
+// 2 bytes; Q5_1 blocks of 24 bytes, 6 units of 4 bytes; a Q8_0 row k / 128 quads of blocks,
 // 17 units of 8 bytes each; a Q4_K row k / 256 super-blocks of
 // 144 bytes, 9 units of 16 bytes each, a Q5_K row of 176 bytes, 11 units; a Q6_K row of 210
 // bytes (units of one byte).
@@ -1116,6 +1224,8 @@ MATVEC_TC_ALL_TYPES(8)
     KERNELS(F, NAME, ROW_UNITS, matvec_tc_norm_, true)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ4_0, q4_0, k / 128 * 9)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ4_1, q4_1, k / 32 * 5)
+MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ5_0, q5_0, k / 32 * 11)
+MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ5_1, q5_1, k / 32 * 6)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ8_0, q8_0, k / 128 * 17)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ4K, q4_k, k / 256 * 9)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ5K, q5_k, k / 256 * 11)
