@@ -522,7 +522,7 @@ fn gated_matmul(
             "gate and up are stored differently",
         ));
     }
-    let name = format!("{prefix}gated_{layout}");
+    let name = format!("{prefix}gated_{layout}{}", plan.layout_suffix);
     let args = up.tensor_args(gate.tensor_args(Args::new().u64(plan.input.x))?)?;
     let args = args.ptr(out)?.int(n)?.int(k)?;
     let args = gate.group_args(args).int(kgroups)?.code(unary_code(act));
@@ -601,12 +601,10 @@ struct DecodeMatvec {
     /// Q4_0 and Q8_0 rows of k % 128 == 0 from 8-byte aligned data: `MtQ4_0` and `MtQ8_0` load
     /// quads of blocks.
     quads: bool,
-    /// Q6_K rows of k % 2,048 == 0 from 16-byte aligned data: every row 16-byte aligned, as
-    /// `MtQ6K`'s aligned words need.
-    q6_k_rows: bool,
-    /// Q5_0 rows of k % 64 == 0 from 4-byte aligned data: every row 4-byte aligned, as
-    /// `MtQ5_0`'s aligned words need.
-    q5_0_rows: bool,
+    /// Rows of an even number of blocks from 4-byte aligned data (`paired_blocks`): the
+    /// aligned 4-byte words around a 2-byte aligned block that `MtQ5_0`, `MtQ8_0Words` and
+    /// `MtQ6K` load never pass the matrix.
+    paired_rows: bool,
     /// A norm that matvec.cu would launch in front (k > FOLD_NORM_MAX_K), which sends smaller
     /// MLX matrices to the tensor cores too, since their kernel folds it.
     wide_norm: bool,
@@ -624,11 +622,21 @@ impl DecodeMatvec {
             folds: norm,
             updates: false,
             quads: k.is_multiple_of(128),
-            q6_k_rows: k.is_multiple_of(2048),
-            q5_0_rows: k.is_multiple_of(64),
+            paired_rows: paired_blocks(layout, k),
             wide_norm: norm && k > FOLD_NORM_MAX_K,
         }
     }
+}
+
+/// Whether rows of `k` hold an even number of the layout's blocks (32 elements, Q6_K's 256):
+/// from 4-byte aligned data every row is then 4-byte aligned and its last block starts 2 bytes
+/// past a word, so that the aligned words around it end with it.
+fn paired_blocks(layout: WeightLayout, k: usize) -> bool {
+    let block = match layout {
+        WeightLayout::Gguf(GgmlType::Q6K) => 256,
+        _ => 32,
+    };
+    k.is_multiple_of(2 * block)
 }
 
 /// How matvec_tc.cu cuts a format's rows: elements a chunk, and bytes of a chunk's staged sums
@@ -657,8 +665,8 @@ const TC_CHUNKS_KQUANT: TcChunks = TcChunks {
 
 /// The tensor-core matvec's plan for `m`, or None where matvec.cu multiplies it: formats
 /// matvec_tc.cu has (`MtMlx` 4- and 8-bit, `MtQ4_0` and `MtQ8_0` on quads, `MtQ4_1`, `MtQ5_1`,
-/// `MtQ5_0` on rows of k % 64 == 0, `MtQ4K`, `MtQ5K`, and `MtQ6K` on plain rows of k % 2,048 ==
-/// 0; Q4_1 and Q5_1 data is 4-byte aligned, Q4_K and Q5_K data 16-byte aligned,
+/// `MtQ4K`, `MtQ5K`; on paired rows `MtQ5_0`, `MtQ8_0Words` and `MtQ6K`, the last for plain
+/// matvecs; Q4_1 and Q5_1 data is 4-byte aligned, Q4_K and Q5_K data 16-byte aligned,
 /// `Weight::check_alignment`, and a K-quant row is whole super-blocks of 256).
 fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> {
     let mlx_simt_weights = if m.wide_norm { 0 } else { SIMT_MAX_WEIGHTS };
@@ -669,9 +677,11 @@ fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> 
             (TC_CHUNKS_32, SIMT_MAX_WEIGHTS)
         }
         WeightLayout::Gguf(GgmlType::Q4_1 | GgmlType::Q5_1) => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
-        WeightLayout::Gguf(GgmlType::Q5_0) if m.q5_0_rows => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
+        WeightLayout::Gguf(GgmlType::Q5_0 | GgmlType::Q8_0) if m.paired_rows => {
+            (TC_CHUNKS_32, SIMT_MAX_WEIGHTS)
+        }
         WeightLayout::Gguf(GgmlType::Q4K | GgmlType::Q5K) => (TC_CHUNKS_KQUANT, SIMT_MAX_WEIGHTS),
-        WeightLayout::Gguf(GgmlType::Q6K) if m.q6_k_rows && !m.gated => {
+        WeightLayout::Gguf(GgmlType::Q6K) if m.paired_rows && !m.gated => {
             (TC_CHUNKS_KQUANT, SIMT_MAX_WEIGHTS)
         }
         _ => return Ok(None),
@@ -779,6 +789,9 @@ enum MatvecKernel {
 struct DecodePlan<'a> {
     kernel: MatvecKernel,
     input: MatvecInput<'a>,
+    /// After the layout in the kernel's name: `_words` for Q8_0 off quads on the tensor cores
+    /// (`MtQ8_0Words`).
+    layout_suffix: &'static str,
 }
 
 impl<'a> DecodePlan<'a> {
@@ -796,16 +809,15 @@ impl<'a> DecodePlan<'a> {
         // at any width.
         let tc_folds = MatvecInput::folds(x, norm, usize::MAX)?;
         // Formats read in aligned words: MtQ4_0 and MtQ8_0 load a quad's four blocks (72 or 136
-        // bytes) of rows of k % 128 == 0 from 8-byte aligned data, MtQ6K rows of k % 2,048 from
-        // 16-byte aligned data, MtQ5_0 rows of k % 64 from 4-byte aligned data; other rows of
-        // these formats stay on matvec.cu.
+        // bytes) of rows of k % 128 == 0 from 8-byte aligned data; MtQ5_0, MtQ8_0Words and MtQ6K
+        // paired rows (`paired_blocks`) from 4-byte aligned data; other rows of these formats
+        // stay on matvec.cu.
         let aligned = |align: u64| -> Result<bool> {
             let base = |w: &Weight| -> Result<bool> { Ok(device_ptr(w.data())? % align == 0) };
             Ok(base(weight)? && up.map_or(Ok(true), base)?)
         };
         let quads = k.is_multiple_of(128) && aligned(8)?;
-        let q6_k_rows = k.is_multiple_of(2048) && aligned(16)?;
-        let q5_0_rows = k.is_multiple_of(64) && aligned(4)?;
+        let paired_rows = paired_blocks(weight.layout(), k) && aligned(4)?;
         let matvec = DecodeMatvec {
             layout: weight.layout(),
             n,
@@ -814,8 +826,7 @@ impl<'a> DecodePlan<'a> {
             folds: tc_folds,
             updates: update.is_some(),
             quads,
-            q6_k_rows,
-            q5_0_rows,
+            paired_rows,
             wide_norm: norm.is_some() && k > FOLD_NORM_MAX_K,
         };
         let tensor_cores = tensor_core_plan(matvec, sm_count)?;
@@ -842,7 +853,15 @@ impl<'a> DecodePlan<'a> {
             None => (FOLD_NORM_MAX_K, false),
         };
         let input = MatvecInput::new(lib, x, update, norm, max_fold_k, update_folds)?;
-        Ok(DecodePlan { kernel, input })
+        let layout_suffix = match (tensor_cores, weight.layout()) {
+            (Some(_), WeightLayout::Gguf(GgmlType::Q8_0)) if !quads => "_words",
+            _ => "",
+        };
+        Ok(DecodePlan {
+            kernel,
+            input,
+            layout_suffix,
+        })
     }
 
     /// The kernel name prefix: matvec_tc.cu's, or matvec.cu's for the shape, plain or normed
@@ -880,7 +899,11 @@ impl<'a> DecodePlan<'a> {
         half: Option<u64>,
     ) -> Result<CudaKernel> {
         let (kgroups, prefix) = (self.kgroups(), self.prefix());
-        let name = format!("{prefix}{}", weight.typed_layout_name());
+        let name = format!(
+            "{prefix}{}{}",
+            weight.typed_layout_name(),
+            self.layout_suffix
+        );
         let args = weight.tensor_args(Args::new().u64(self.input.x))?;
         let args = args.bias(bias)?.u64(out).int(n)?.int(k)?;
         let args = weight.group_args(args).int(kgroups)?;
@@ -1368,6 +1391,9 @@ mod tests {
             (WeightLayout::Gguf(GgmlType::Q4K), 4096, 4096, true),
             (WeightLayout::Gguf(GgmlType::Q6K), 4096, 4096, true),
             (WeightLayout::Gguf(GgmlType::Q6K), 4096, 4352, false),
+            (WeightLayout::Gguf(GgmlType::Q6K), 4096, 1536, true),
+            (WeightLayout::Gguf(GgmlType::Q8_0), 4096, 4160, true),
+            (WeightLayout::Gguf(GgmlType::Q8_0), 4096, 4128, false),
             (WeightLayout::Gguf(GgmlType::Q5_0), 4096, 4096, true),
             (WeightLayout::Gguf(GgmlType::Q5_0), 4096, 4128, false),
             (WeightLayout::Gguf(GgmlType::Q5_1), 4096, 4096, true),

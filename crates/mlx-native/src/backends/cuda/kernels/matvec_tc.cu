@@ -319,6 +319,51 @@ struct MtQ8_0 {
     }
 };
 
+// ggml Q8_0 rows that are not whole quads (k % 128 == 64, as SmolLM2's 576): a chunk is one
+// block, loaded as the nine aligned 4-byte words around it (rows of k % 64 == 0 from 4-byte
+// aligned data, as `MtQ5_0`'s), quant word i a funnel shift of words i and i + 1; otherwise
+// `MtQ8_0`'s fields, offsets and fold. One chunk a stage.
+struct MtQ8_0Words {
+    static constexpr int CHUNK = 32;
+    static constexpr int UNIT = 2;  // bytes of a row unit: a block is 17
+    static constexpr int STAGE = 1;
+    static constexpr bool PARTS = false;
+    static constexpr int SUBS = 1;
+    static constexpr int RUN = 32;
+    using Fold = float2;  // 0, Σ offset·x
+    struct Raw {
+        u32 w[9];
+        u32 shift;  // 16 + 8 × the block's offset in its first word: bytes 2.. of the block
+    };
+    static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
+                                                int c, Raw& r) {
+        const u32 at = 2 * st.unit_row[h] + 34 * c;
+        const u32* p = (const u32*)(wt.w + (at & ~3u));
+#pragma unroll
+        for (int i = 0; i < 9; ++i) r.w[i] = load_stream4(p + i);
+        r.shift = 16 + 8 * (at & 2);
+    }
+    static __device__ __forceinline__ u32 quants(const Raw& r, int i) {
+        return __funnelshift_rc(r.w[i], r.w[i + 1], r.shift) ^ 0x80808080u;
+    }
+    static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
+        fields_f16<8>(quants(r, 2 * j), p);
+        fields_f16<8>(quants(r, 2 * j + 1), p + 2);
+    }
+    static __device__ __forceinline__ int slot(bool, int j, int e) {
+        return MtQ8_0::slot(false, j, e);
+    }
+    static __device__ __forceinline__ float offset(int) { return 1152.f; }
+    static __device__ __forceinline__ i64 x_at(int c, int) { return (i64)c * CHUNK; }
+    static __device__ __forceinline__ void stage_fold(int, const u32* o, const float*, Fold& f) {
+        f.y += mt_offsets<MtQ8_0Words>(o);
+    }
+    static __device__ __forceinline__ float fold(const Raw& r, float dot, float, float acc) {
+        const u32 d = (r.w[0] >> (r.shift - 16)) & 0xffffu;
+        return fmaf(f16_to_f32((u16)d), dot, acc);
+    }
+};
+
 // The staged sums of a chunk of a ggml block format with a minimum (Q4_1, Q5_1; chunks in
 // `MtQ4_0`'s order): Σx and Σ offset·x.
 template <class F>
@@ -604,9 +649,10 @@ struct MtQ5K : MtQ4K {
 // chunk is 8 values of l (l0 = 8t for lane t of a quad) in the four groups g of half h: the
 // bytes ql[64h + l0 …], ql[64h + 32 + l0 …] and qh[32h + l0 …] (24 bytes for 32 elements, each
 // loaded once), x staged as four runs of 8 (one a group, each its own scale: SUBS = 4). A
-// super-block is only 2-byte aligned (4-byte for even ones, in rows 16-byte aligned: k % 2,048 ==
-// 0), so each 8 bytes come as three aligned words realigned at use by funnel shifts (`shift`,
-// 0 or 16), and every load stays inside the matrix. 6-bit fields: the nibble and the two bits
+// super-block is only 2-byte aligned (4-byte for even ones, in 4-byte aligned rows of an even
+// number of super-blocks: k % 512 == 0), so each 8 bytes come as three aligned words realigned
+// at use by funnel shifts (`shift`, 0 or 16), and every load stays inside the matrix (a row's
+// last super-block is odd). 6-bit fields: the nibble and the two bits
 // moved beside it, ORed into 1024 (low nibbles) or 64 (high, a step of 1/16), offsets 1024 + 32
 // and 64 + 32 with the −32. Plain kernels only: a stage holds 14 words a row, too many for
 // the gated kernel's two weights (Q4_K_M files keep gate and up in Q4_K). H100, 2026-11-28,
@@ -1195,9 +1241,9 @@ MATVEC_TC_ALL_TYPES(8)
 // a Q4_0 row is k / 32 blocks of 18 bytes, k / 128 · 9 units of 8 bytes (k % 128 == 0); a Q4_1
 // row k / 32 blocks of 20 bytes, 5 units of 4 bytes each; Q5_0 blocks of 22 bytes, 11 units of
 // 2 bytes; Q5_1 blocks of 24 bytes, 6 units of 4 bytes; a Q8_0 row k / 128 quads of blocks,
-// 17 units of 8 bytes each; a Q4_K row k / 256 super-blocks of
-// 144 bytes, 9 units of 16 bytes each, a Q5_K row of 176 bytes, 11 units; a Q6_K row of 210
-// bytes (units of one byte).
+// 17 units of 8 bytes each (off quads, k / 32 blocks of 17 units of 2 bytes); a Q4_K row k /
+// 256 super-blocks of 144 bytes, 9 units of 16 bytes each, a Q5_K row of 176 bytes, 11 units; a
+// Q6_K row of 210 bytes (units of one byte).
 #define MATVEC_TC_GGML_PLAIN(F, NAME, ROW_UNITS, PREFIX, NORM)                                     \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##NAME(const float* x, const u8* w, const void* bias, int bias_type, float* out,     \
@@ -1227,6 +1273,7 @@ MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ4_1, q4_1, k / 32 * 5)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ5_0, q5_0, k / 32 * 11)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ5_1, q5_1, k / 32 * 6)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ8_0, q8_0, k / 128 * 17)
+MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ8_0Words, q8_0_words, k / 32 * 17)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ4K, q4_k, k / 256 * 9)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ5K, q5_k, k / 256 * 11)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML_PLAIN, MtQ6K, q6_k, k / 256 * 210)
