@@ -1213,21 +1213,25 @@ fn matvec_tensor_cores_mlx() {
 
 /// The decode matvec for ggml Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K over 2^24
 /// weights (matvec_tc.cu's `MtQ4_0` and `MtQ8_0` where rows start 8-byte aligned, `MtQ4_1`,
-/// `MtQ5_1`, `MtQ4K`, `MtQ5K`; `MtQ5_0`, `MtQ8_0Words` and `MtQ6K` for rows of an even number of
-/// blocks, whose blocks alternate 4- and 2-byte alignment, Q6_K's gated pairs as two plain
-/// matvecs and the activation; its k = 4,352, 17 super-blocks, stays on matvec.cu): plain, with
-/// a bias, with the residual, and gated; rows not a multiple of the 16-row tile; k of one quad
-/// of Q4_0, Q5_0 or Q8_0 blocks (one step), of three Q4_1 or Q5_1 blocks (a partial step), of
-/// 130 Q5_0 or Q8_0 blocks (a partial last step; Q8_0 off quads, as SmolLM2's 576), of one
-/// K-quant super-block (two steps: the pairs of sub-blocks 0–3, then 4–7), long k (several warps
-/// per tile); and Q4_0, Q5_0 and Q8_0 rows that start only 2-byte aligned (k of three blocks, an
-/// odd number of blocks, and k = 4,128), which matvec.cu multiplies.
+/// `MtQ5_1`, `MtQ4K`, `MtQ5K`; `MtQ5_0`, `MtQ4_0Words`, `MtQ8_0Words` and `MtQ6K` for rows of an
+/// even number of blocks, whose blocks alternate 4- and 2-byte alignment; Q6_K's gated pairs as
+/// two plain matvecs and the activation; its k = 4,352, 17 super-blocks, stays on matvec.cu):
+/// plain, with a bias, with the residual, and gated; rows not a multiple of the 16-row tile; k
+/// of one quad of Q4_0, Q5_0 or Q8_0 blocks (one step), of three Q4_1 or Q5_1 blocks (a partial
+/// step), of 130 Q4_0, Q5_0 or Q8_0 blocks (a partial last step; Q4_0 and Q8_0 off quads, as
+/// SmolLM2's 576), of one K-quant super-block (two steps: the pairs of sub-blocks 0–3, then
+/// 4–7), long k (several warps per tile); and Q4_0, Q5_0 and Q8_0 rows that start only 2-byte
+/// aligned (k of three blocks, an odd number of blocks, and k = 4,128), which matvec.cu
+/// multiplies.
 #[test]
 fn matvec_tensor_cores_ggml() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(23);
     let cases = [
-        (GgmlType::Q4_0, [4352, 128, 2048, 96, 4128].as_slice()),
+        (
+            GgmlType::Q4_0,
+            [4352, 128, 2048, 96, 4128, 4160, 576].as_slice(),
+        ),
         (GgmlType::Q4_1, [4352, 96, 2048, 4128].as_slice()),
         (GgmlType::Q5_0, [4352, 128, 2048, 96, 4128, 4160].as_slice()),
         (GgmlType::Q5_1, [4352, 96, 2048, 4128].as_slice()),
@@ -1342,6 +1346,12 @@ fn normed_matvec_matches_reference() {
         (
             ggml_weight(&mut rng, 4101, 4160, GgmlType::Q8_0),
             false,
+            false,
+            2e-3,
+        ),
+        (
+            ggml_weight(&mut rng, 4101, 4160, GgmlType::Q4_0),
+            true,
             false,
             2e-3,
         ),

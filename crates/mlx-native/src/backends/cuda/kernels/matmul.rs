@@ -602,8 +602,8 @@ struct DecodeMatvec {
     /// quads of blocks.
     quads: bool,
     /// Rows of an even number of blocks from 4-byte aligned data (`paired_blocks`): the
-    /// aligned 4-byte words around a 2-byte aligned block that `MtQ5_0`, `MtQ8_0Words` and
-    /// `MtQ6K` load never pass the matrix.
+    /// aligned 4-byte words around a 2-byte aligned block that `MtQ5_0`, `MtQ4_0Words`,
+    /// `MtQ8_0Words` and `MtQ6K` load never pass the matrix.
     paired_rows: bool,
     /// A norm that matvec.cu would launch in front (k > FOLD_NORM_MAX_K), which sends smaller
     /// MLX matrices to the tensor cores too, since their kernel folds it.
@@ -665,8 +665,8 @@ const TC_CHUNKS_KQUANT: TcChunks = TcChunks {
 
 /// The tensor-core matvec's plan for `m`, or None where matvec.cu multiplies it: formats
 /// matvec_tc.cu has (`MtMlx` 4- and 8-bit, `MtQ4_0` and `MtQ8_0` on quads, `MtQ4_1`, `MtQ5_1`,
-/// `MtQ4K`, `MtQ5K`; on paired rows `MtQ5_0`, `MtQ8_0Words` and `MtQ6K`, the last for plain
-/// matvecs; Q4_1 and Q5_1 data is 4-byte aligned, Q4_K and Q5_K data 16-byte aligned,
+/// `MtQ4K`, `MtQ5K`; on paired rows `MtQ5_0`, `MtQ4_0Words`, `MtQ8_0Words` and `MtQ6K`, the
+/// last for plain matvecs; Q4_1 and Q5_1 data is 4-byte aligned, Q4_K and Q5_K data 16-byte aligned,
 /// `Weight::check_alignment`, and a K-quant row is whole super-blocks of 256).
 fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> {
     let mlx_simt_weights = if m.wide_norm { 0 } else { SIMT_MAX_WEIGHTS };
@@ -677,7 +677,7 @@ fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> 
             (TC_CHUNKS_32, SIMT_MAX_WEIGHTS)
         }
         WeightLayout::Gguf(GgmlType::Q4_1 | GgmlType::Q5_1) => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
-        WeightLayout::Gguf(GgmlType::Q5_0 | GgmlType::Q8_0) if m.paired_rows => {
+        WeightLayout::Gguf(GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0) if m.paired_rows => {
             (TC_CHUNKS_32, SIMT_MAX_WEIGHTS)
         }
         WeightLayout::Gguf(GgmlType::Q4K | GgmlType::Q5K) => (TC_CHUNKS_KQUANT, SIMT_MAX_WEIGHTS),
@@ -789,8 +789,8 @@ enum MatvecKernel {
 struct DecodePlan<'a> {
     kernel: MatvecKernel,
     input: MatvecInput<'a>,
-    /// After the layout in the kernel's name: `_words` for Q8_0 off quads on the tensor cores
-    /// (`MtQ8_0Words`).
+    /// After the layout in the kernel's name: `_words` for Q4_0 and Q8_0 off quads on the tensor
+    /// cores (`MtQ4_0Words`, `MtQ8_0Words`).
     layout_suffix: &'static str,
 }
 
@@ -809,9 +809,9 @@ impl<'a> DecodePlan<'a> {
         // at any width.
         let tc_folds = MatvecInput::folds(x, norm, usize::MAX)?;
         // Formats read in aligned words: MtQ4_0 and MtQ8_0 load a quad's four blocks (72 or 136
-        // bytes) of rows of k % 128 == 0 from 8-byte aligned data; MtQ5_0, MtQ8_0Words and MtQ6K
-        // paired rows (`paired_blocks`) from 4-byte aligned data; other rows of these formats
-        // stay on matvec.cu.
+        // bytes) of rows of k % 128 == 0 from 8-byte aligned data; MtQ5_0, MtQ6K and, off quads,
+        // MtQ4_0Words and MtQ8_0Words paired rows (`paired_blocks`) from 4-byte aligned data;
+        // other rows of these formats stay on matvec.cu.
         let aligned = |align: u64| -> Result<bool> {
             let base = |w: &Weight| -> Result<bool> { Ok(device_ptr(w.data())? % align == 0) };
             Ok(base(weight)? && up.map_or(Ok(true), base)?)
@@ -854,7 +854,7 @@ impl<'a> DecodePlan<'a> {
         };
         let input = MatvecInput::new(lib, x, update, norm, max_fold_k, update_folds)?;
         let layout_suffix = match (tensor_cores, weight.layout()) {
-            (Some(_), WeightLayout::Gguf(GgmlType::Q8_0)) if !quads => "_words",
+            (Some(_), WeightLayout::Gguf(GgmlType::Q4_0 | GgmlType::Q8_0)) if !quads => "_words",
             _ => "",
         };
         Ok(DecodePlan {
@@ -1394,6 +1394,7 @@ mod tests {
             (WeightLayout::Gguf(GgmlType::Q6K), 4096, 1536, true),
             (WeightLayout::Gguf(GgmlType::Q8_0), 4096, 4160, true),
             (WeightLayout::Gguf(GgmlType::Q8_0), 4096, 4128, false),
+            (WeightLayout::Gguf(GgmlType::Q4_0), 4096, 4160, true),
             (WeightLayout::Gguf(GgmlType::Q5_0), 4096, 4096, true),
             (WeightLayout::Gguf(GgmlType::Q5_0), 4096, 4128, false),
             (WeightLayout::Gguf(GgmlType::Q5_1), 4096, 4096, true),

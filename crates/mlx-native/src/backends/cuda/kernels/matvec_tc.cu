@@ -319,10 +319,49 @@ struct MtQ8_0 {
     }
 };
 
-// ggml Q8_0 rows that are not whole quads (k % 128 == 64, as SmolLM2's 576): a chunk is one
-// block, loaded as the nine aligned 4-byte words around it (rows of k % 64 == 0 from 4-byte
-// aligned data, as `MtQ5_0`'s), quant word i a funnel shift of words i and i + 1; otherwise
-// `MtQ8_0`'s fields, offsets and fold. One chunk a stage.
+// ggml Q4_0 rows that are not whole quads (k % 128 == 64, as SmolLM2's 576): a chunk is one
+// block, loaded as the five aligned 4-byte words around it (rows of k % 64 == 0 from 4-byte
+// aligned data, as `MtQ5_0`'s), nibble word j a funnel shift of words j and j + 1, in `MtQ4_1`'s
+// order; `MtQ4_0`'s offsets and fold.
+struct MtQ4_0Words {
+    static constexpr int CHUNK = 32;
+    static constexpr int UNIT = 2;  // bytes of a row unit: a block is 9
+    static constexpr int STAGE = 2;
+    static constexpr bool PARTS = false;
+    static constexpr int SUBS = 1;
+    static constexpr int RUN = 32;
+    using Fold = float2;  // 0, Σ offset·x
+    struct Raw {
+        u32 w[5];
+        u32 shift;  // 16 + 8 × the block's offset in its first word: bytes 2.. of the block
+    };
+    static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
+                                                int c, Raw& r) {
+        const u32 at = 2 * st.unit_row[h] + 18 * c;
+        const u32* p = (const u32*)(wt.w + (at & ~3u));
+#pragma unroll
+        for (int i = 0; i < 5; ++i) r.w[i] = load_stream4(p + i);
+        r.shift = 16 + 8 * (at & 2);
+    }
+    static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
+        fields_f16<4>(__funnelshift_rc(r.w[j], r.w[j + 1], r.shift), p);
+    }
+    static __device__ __forceinline__ int slot(bool, int j, int e) {
+        return MtQ4_0::slot(false, j, e);
+    }
+    static __device__ __forceinline__ float offset(int p) { return MtQ4_0::offset(p); }
+    static __device__ __forceinline__ i64 x_at(int c, int) { return (i64)c * CHUNK; }
+    static __device__ __forceinline__ void stage_fold(int, const u32* o, const float*, Fold& f) {
+        f.y += mt_offsets<MtQ4_0Words>(o);
+    }
+    static __device__ __forceinline__ float fold(const Raw& r, float dot, float, float acc) {
+        const u32 d = (r.w[0] >> (r.shift - 16)) & 0xffffu;
+        return fmaf(f16_to_f32((u16)d), dot, acc);
+    }
+};
+
+// ggml Q8_0 rows off quads: as `MtQ4_0Words`, nine words a block, quant word i a funnel shift
+// of words i and i + 1; otherwise `MtQ8_0`'s fields, offsets and fold. One chunk a stage.
 struct MtQ8_0Words {
     static constexpr int CHUNK = 32;
     static constexpr int UNIT = 2;  // bytes of a row unit: a block is 17
@@ -1238,12 +1277,12 @@ MATVEC_TC_ALL_TYPES(4)
 MATVEC_TC_ALL_TYPES(8)
 
 // The ggml formats' kernels (format F, kernel name NAME, ROW_UNITS: F::UNIT-byte units a row):
-// a Q4_0 row is k / 32 blocks of 18 bytes, k / 128 · 9 units of 8 bytes (k % 128 == 0); a Q4_1
-// row k / 32 blocks of 20 bytes, 5 units of 4 bytes each; Q5_0 blocks of 22 bytes, 11 units of
-// 2 bytes; Q5_1 blocks of 24 bytes, 6 units of 4 bytes; a Q8_0 row k / 128 quads of blocks,
-// 17 units of 8 bytes each (off quads, k / 32 blocks of 17 units of 2 bytes); a Q4_K row k /
-// 256 super-blocks of 144 bytes, 9 units of 16 bytes each, a Q5_K row of 176 bytes, 11 units; a
-// Q6_K row of 210 bytes (units of one byte).
+// a Q4_0 row is k / 32 blocks of 18 bytes, k / 128 · 9 units of 8 bytes (k % 128 == 0; off
+// quads 9 units of 2 bytes a block); a Q4_1 row k / 32 blocks of 20 bytes, 5 units of 4 bytes
+// each; Q5_0 blocks of 22 bytes, 11 units of 2 bytes; Q5_1 blocks of 24 bytes, 6 units of 4
+// bytes; a Q8_0 row k / 128 quads of blocks, 17 units of 8 bytes each (off quads, k / 32 blocks
+// of 17 units of 2 bytes); a Q4_K row k / 256 super-blocks of 144 bytes, 9 units of 16 bytes
+// each, a Q5_K row of 176 bytes, 11 units; a Q6_K row of 210 bytes (units of one byte).
 #define MATVEC_TC_GGML_PLAIN(F, NAME, ROW_UNITS, PREFIX, NORM)                                     \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##NAME(const float* x, const u8* w, const void* bias, int bias_type, float* out,     \
@@ -1273,6 +1312,7 @@ MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ4_1, q4_1, k / 32 * 5)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ5_0, q5_0, k / 32 * 11)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ5_1, q5_1, k / 32 * 6)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ8_0, q8_0, k / 128 * 17)
+MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ4_0Words, q4_0_words, k / 32 * 9)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ8_0Words, q8_0_words, k / 32 * 17)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ4K, q4_k, k / 256 * 9)
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ5K, q5_k, k / 256 * 11)
