@@ -319,40 +319,40 @@ struct MtQ8_0 {
     }
 };
 
-// ggml Q4_0 rows that are not whole quads (k % 128 == 64, as SmolLM2's 576): a chunk is one
-// block, loaded as the five aligned 4-byte words around it (rows of k % 64 == 0 from 4-byte
-// aligned data, as `MtQ5_0`'s), nibble word j a funnel shift of words j and j + 1, in `MtQ4_1`'s
-// order; `MtQ4_0`'s offsets and fold.
-struct MtQ4_0Words {
+// ggml blocks of 32 elements whose rows are read in the aligned 4-byte words around each block
+// (F: the format; WORDS: words a block; BLOCK: its bytes): rows of an even number of blocks
+// from 4-byte aligned data (the planner's paired rows) are 4-byte aligned, so block c starts
+// 2·(c % 2) bytes past a word and the words never pass the row's end (its last block is odd).
+// A chunk is one block: its f16 d first, then the words at its bytes 2 + 4i, each a funnel
+// shift of two loaded words (`word`); the fold is d·dot, the staged sum Σ offset·x.
+template <class F, int WORDS, int BLOCK, int STAGE_>
+struct MtWords {
     static constexpr int CHUNK = 32;
-    static constexpr int UNIT = 2;  // bytes of a row unit: a block is 9
-    static constexpr int STAGE = 2;
+    static constexpr int UNIT = 2;  // bytes of a row unit
+    static constexpr int STAGE = STAGE_;
     static constexpr bool PARTS = false;
     static constexpr int SUBS = 1;
     static constexpr int RUN = 32;
     using Fold = float2;  // 0, Σ offset·x
     struct Raw {
-        u32 w[5];
+        u32 w[WORDS];
         u32 shift;  // 16 + 8 × the block's offset in its first word: bytes 2.. of the block
     };
     static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
                                                 int c, Raw& r) {
-        const u32 at = 2 * st.unit_row[h] + 18 * c;
+        const u32 at = 2 * st.unit_row[h] + BLOCK * c;
         const u32* p = (const u32*)(wt.w + (at & ~3u));
 #pragma unroll
-        for (int i = 0; i < 5; ++i) r.w[i] = load_stream4(p + i);
+        for (int i = 0; i < WORDS; ++i) r.w[i] = load_stream4(p + i);
         r.shift = 16 + 8 * (at & 2);
     }
-    static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
-        fields_f16<4>(__funnelshift_rc(r.w[j], r.w[j + 1], r.shift), p);
+    // The block's bytes 2 + 4i … 5 + 4i.
+    static __device__ __forceinline__ u32 word(const Raw& r, int i) {
+        return __funnelshift_rc(r.w[i], r.w[i + 1], r.shift);
     }
-    static __device__ __forceinline__ int slot(bool, int j, int e) {
-        return MtQ4_0::slot(false, j, e);
-    }
-    static __device__ __forceinline__ float offset(int p) { return MtQ4_0::offset(p); }
     static __device__ __forceinline__ i64 x_at(int c, int) { return (i64)c * CHUNK; }
     static __device__ __forceinline__ void stage_fold(int, const u32* o, const float*, Fold& f) {
-        f.y += mt_offsets<MtQ4_0Words>(o);
+        f.y += mt_offsets<F>(o);
     }
     static __device__ __forceinline__ float fold(const Raw& r, float dot, float, float acc) {
         const u32 d = (r.w[0] >> (r.shift - 16)) & 0xffffu;
@@ -360,47 +360,29 @@ struct MtQ4_0Words {
     }
 };
 
-// ggml Q8_0 rows off quads: as `MtQ4_0Words`, nine words a block, quant word i a funnel shift
-// of words i and i + 1; otherwise `MtQ8_0`'s fields, offsets and fold. One chunk a stage.
-struct MtQ8_0Words {
-    static constexpr int CHUNK = 32;
-    static constexpr int UNIT = 2;  // bytes of a row unit: a block is 17
-    static constexpr int STAGE = 1;
-    static constexpr bool PARTS = false;
-    static constexpr int SUBS = 1;
-    static constexpr int RUN = 32;
-    using Fold = float2;  // 0, Σ offset·x
-    struct Raw {
-        u32 w[9];
-        u32 shift;  // 16 + 8 × the block's offset in its first word: bytes 2.. of the block
-    };
-    static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
-                                                int c, Raw& r) {
-        const u32 at = 2 * st.unit_row[h] + 34 * c;
-        const u32* p = (const u32*)(wt.w + (at & ~3u));
-#pragma unroll
-        for (int i = 0; i < 9; ++i) r.w[i] = load_stream4(p + i);
-        r.shift = 16 + 8 * (at & 2);
-    }
-    static __device__ __forceinline__ u32 quants(const Raw& r, int i) {
-        return __funnelshift_rc(r.w[i], r.w[i + 1], r.shift) ^ 0x80808080u;
-    }
+// ggml Q4_0 rows that are not whole quads (k % 128 == 64, as SmolLM2's 576): five words a
+// block, nibble word j in `MtQ4_1`'s order, `MtQ4_0`'s offsets.
+struct MtQ4_0Words : MtWords<MtQ4_0Words, 5, 18, 2> {
     static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
-        fields_f16<8>(quants(r, 2 * j), p);
-        fields_f16<8>(quants(r, 2 * j + 1), p + 2);
+        fields_f16<4>(word(r, j), p);
+    }
+    static __device__ __forceinline__ int slot(bool, int j, int e) {
+        return MtQ4_0::slot(false, j, e);
+    }
+    static __device__ __forceinline__ float offset(int p) { return MtQ4_0::offset(p); }
+};
+
+// ggml Q8_0 rows off quads: nine words a block, quant word i `word(i)`; otherwise `MtQ8_0`'s
+// fields and offsets. One chunk a stage.
+struct MtQ8_0Words : MtWords<MtQ8_0Words, 9, 34, 1> {
+    static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
+        fields_f16<8>(word(r, 2 * j) ^ 0x80808080u, p);
+        fields_f16<8>(word(r, 2 * j + 1) ^ 0x80808080u, p + 2);
     }
     static __device__ __forceinline__ int slot(bool, int j, int e) {
         return MtQ8_0::slot(false, j, e);
     }
     static __device__ __forceinline__ float offset(int) { return 1152.f; }
-    static __device__ __forceinline__ i64 x_at(int c, int) { return (i64)c * CHUNK; }
-    static __device__ __forceinline__ void stage_fold(int, const u32* o, const float*, Fold& f) {
-        f.y += mt_offsets<MtQ8_0Words>(o);
-    }
-    static __device__ __forceinline__ float fold(const Raw& r, float dot, float, float acc) {
-        const u32 d = (r.w[0] >> (r.shift - 16)) & 0xffffu;
-        return fmaf(f16_to_f32((u16)d), dot, acc);
-    }
 };
 
 // The staged sums of a chunk of a ggml block format with a minimum (Q4_1, Q5_1; chunks in
@@ -475,49 +457,18 @@ __device__ __forceinline__ void q5_pairs(u32 qh, u32 qs, int j, u32* p) {
 }
 
 // ggml Q5_0 (22-byte blocks: f16 d, the 32 fifth bits qh, 16 bytes of nibbles as Q4_0's;
-// w = d·(q − 16)): a chunk is one block, loaded as the six aligned 4-byte words around it and
-// realigned at use by funnel shifts. Rows of k % 64 == 0 from 4-byte aligned data are 4-byte
-// aligned, so block c starts 2·(c % 2) bytes past a word: the six words never pass the row's
-// end (its last block is odd). The fold is d·dot, offsets 1024 + 16 (`q5_pairs`). H200,
-// 2026-11-28, decode after 128 tokens (from matvec.cu's kernels and their norm launches): 1B
-// shape 1,243 → 1,580 tok/s, 8B 298.3 → 343.8, SmolLM2's shape 2,096 → 2,505; Q5_1 (`MtQ5_1`)
-// 1B 1,323 → 1,663.
-struct MtQ5_0 {
-    static constexpr int CHUNK = 32;
-    static constexpr int UNIT = 2;  // bytes of a row unit: a block is 11
-    static constexpr int STAGE = 2;
-    static constexpr bool PARTS = false;
-    static constexpr int SUBS = 1;
-    static constexpr int RUN = 32;
-    using Fold = float2;  // 0, Σ offset·x
-    struct Raw {
-        u32 w[6];
-        u32 shift;  // 16 + 8 × the block's offset in its first word: bytes 2.. of the block
-    };
-    static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
-                                                int c, Raw& r) {
-        const u32 at = 2 * st.unit_row[h] + 22 * c;
-        const u32* p = (const u32*)(wt.w + (at & ~3u));
-#pragma unroll
-        for (int i = 0; i < 6; ++i) r.w[i] = load_stream4(p + i);
-        r.shift = 16 + 8 * (at & 2);
-    }
+// w = d·(q − 16)) on paired rows (`MtWords`): six words a block, qh `word(0)`, nibble word j
+// `word(1 + j)`; offsets 1024 + 16 (`q5_pairs`). H200, 2026-11-28, decode after 128 tokens
+// (from matvec.cu's kernels and their norm launches): 1B shape 1,243 → 1,580 tok/s, 8B 298.3 →
+// 343.8, SmolLM2's shape 2,096 → 2,505; Q5_1 (`MtQ5_1`) 1B 1,323 → 1,663.
+struct MtQ5_0 : MtWords<MtQ5_0, 6, 22, 2> {
     static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
-        q5_pairs(__funnelshift_rc(r.w[0], r.w[1], r.shift),
-                 __funnelshift_rc(r.w[1 + j], r.w[2 + j], r.shift), j, p);
+        q5_pairs(word(r, 0), word(r, 1 + j), j, p);
     }
     static __device__ __forceinline__ int slot(bool, int j, int e) {
         return MtQ4_0::slot(false, j, e);
     }
     static __device__ __forceinline__ float offset(int) { return 1040.f; }
-    static __device__ __forceinline__ i64 x_at(int c, int) { return (i64)c * CHUNK; }
-    static __device__ __forceinline__ void stage_fold(int, const u32* o, const float*, Fold& f) {
-        f.y += mt_offsets<MtQ5_0>(o);
-    }
-    static __device__ __forceinline__ float fold(const Raw& r, float dot, float, float acc) {
-        const u32 d = (r.w[0] >> (r.shift - 16)) & 0xffffu;
-        return fmaf(f16_to_f32((u16)d), dot, acc);
-    }
 };
 
 // ggml Q5_1 (24-byte blocks: f16 d and m, qh, then Q5_0's nibbles; w = d·q + m): a chunk is one
