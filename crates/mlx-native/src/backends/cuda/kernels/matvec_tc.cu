@@ -385,62 +385,57 @@ struct MtQ8_0Words : MtWords<MtQ8_0Words, 9, 34, 1> {
     static __device__ __forceinline__ float offset(int) { return 1152.f; }
 };
 
-// The staged sums of a chunk of a ggml block format with a minimum (Q4_1, Q5_1; chunks in
-// `MtQ4_0`'s order): Σx and Σ offset·x.
-template <class F>
-__device__ __forceinline__ void affine_stage_fold(int j, const u32* o, const float* v, float2& f) {
-    float sum = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) sum += v[MtQ4_0::slot(false, j, e)];
-    f.x += sum;
-    f.y += mt_offsets<F>(o);
-}
-
-// d·Σq·x + m·Σx for a block's word of f16 d and m.
-__device__ __forceinline__ float affine_fold(u32 dm, float dot, float sx, float acc) {
-    const float d = f16_to_f32((u16)dm), m = f16_to_f32((u16)(dm >> 16));
-    return fmaf(d, dot, fmaf(m, sx, acc));
-}
-
-// ggml Q4_1 (20-byte blocks: f16 d and m, 16 bytes of nibbles, w = d·q + m): a chunk is one
-// block, loaded as five 4-byte words (a block is 4-byte aligned, so its nibble words come whole).
-// Its nibbles lie as Q4_0's (element i in the low nibble of byte i, i + 16 in the high one), in
-// the order of a Q4_0 chunk that is not first in its quad, as 1024 + q and 64 + q; the fold is
-// d·Σq·x + m·Σx, as MLX's. H100, 2026-11-28, decode after 128 tokens (from matvec.cu's kernels,
-// which also needed a norm launch in front of each normed matvec): Q4_1 1B shape 1,452 → 1,920
-// tok/s, 8B 338.4 → 417.8, SmolLM2's shape 2,185 → 2,893.
-struct MtQ4_1 {
+// ggml blocks of 32 elements with a minimum whose blocks are 4-byte aligned (F: the format,
+// WORDS: 4-byte words a block; Q4_1, Q5_1): a chunk is one block, its words loaded whole, the
+// first f16 d and m; chunks in `MtQ4_0`'s order, staged with Σx and Σ offset·x, folded as
+// d·Σq·x + m·Σx (as MLX's).
+template <class F, int WORDS>
+struct MtAffine {
     static constexpr int CHUNK = 32;
-    static constexpr int UNIT = 4;  // bytes of a load: a block is 5
+    static constexpr int UNIT = 4;  // bytes of a load
     static constexpr int STAGE = 2;
     static constexpr bool PARTS = false;
     static constexpr int SUBS = 1;
     static constexpr int RUN = 32;
     using Fold = float2;  // Σx, Σ offset·x
     struct Raw {
-        u32 w[5];  // d and m, then the nibble words
+        u32 w[WORDS];  // d and m, then the format's words
     };
     static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
                                                 int c, Raw& r) {
-        const u32* p = (const u32*)wt.w + (st.unit_row[h] + 5 * c);
+        const u32* p = (const u32*)wt.w + (st.unit_row[h] + WORDS * c);
 #pragma unroll
-        for (int i = 0; i < 5; ++i) r.w[i] = load_stream4(p + i);
-    }
-    static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
-        fields_f16<4>(r.w[1 + j], p);
+        for (int i = 0; i < WORDS; ++i) r.w[i] = load_stream4(p + i);
     }
     static __device__ __forceinline__ int slot(bool, int j, int e) {
         return MtQ4_0::slot(false, j, e);
     }
-    static __device__ __forceinline__ float offset(int p) { return p & 1 ? 64.f : 1024.f; }
     static __device__ __forceinline__ i64 x_at(int c, int) { return (i64)c * CHUNK; }
     static __device__ __forceinline__ void stage_fold(int j, const u32* o, const float* v,
                                                       Fold& f) {
-        affine_stage_fold<MtQ4_1>(j, o, v, f);
+        float sum = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum += v[slot(false, j, e)];
+        f.x += sum;
+        f.y += mt_offsets<F>(o);
     }
     static __device__ __forceinline__ float fold(const Raw& r, float dot, float sx, float acc) {
-        return affine_fold(r.w[0], dot, sx, acc);
+        const float d = f16_to_f32((u16)r.w[0]), m = f16_to_f32((u16)(r.w[0] >> 16));
+        return fmaf(d, dot, fmaf(m, sx, acc));
     }
+};
+
+// ggml Q4_1 (20-byte blocks: f16 d and m, 16 bytes of nibbles, w = d·q + m): five words a block
+// (`MtAffine`). Its nibbles lie as Q4_0's (element i in the low nibble of byte i, i + 16 in the
+// high one), in the order of a Q4_0 chunk that is not first in its quad, as 1024 + q and 64 + q.
+// H100, 2026-11-28, decode after 128 tokens (from matvec.cu's kernels, which also needed a norm
+// launch in front of each normed matvec): Q4_1 1B shape 1,452 → 1,920 tok/s, 8B 338.4 → 417.8,
+// SmolLM2's shape 2,185 → 2,893.
+struct MtQ4_1 : MtAffine<MtQ4_1, 5> {
+    static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
+        fields_f16<4>(r.w[1 + j], p);
+    }
+    static __device__ __forceinline__ float offset(int p) { return p & 1 ? 64.f : 1024.f; }
 };
 
 // The f16 pairs of a Q5_0 / Q5_1 chunk's j-th 8 fields, in `MtQ4_1`'s order (elements 4j + {0,
@@ -471,40 +466,13 @@ struct MtQ5_0 : MtWords<MtQ5_0, 6, 22, 2> {
     static __device__ __forceinline__ float offset(int) { return 1040.f; }
 };
 
-// ggml Q5_1 (24-byte blocks: f16 d and m, qh, then Q5_0's nibbles; w = d·q + m): a chunk is one
-// block, six aligned 4-byte words (4-byte aligned data), folded as Q4_1's, offsets 1024.
-struct MtQ5_1 {
-    static constexpr int CHUNK = 32;
-    static constexpr int UNIT = 4;  // bytes of a load: a block is 6
-    static constexpr int STAGE = 2;
-    static constexpr bool PARTS = false;
-    static constexpr int SUBS = 1;
-    static constexpr int RUN = 32;
-    using Fold = float2;  // Σx, Σ offset·x
-    struct Raw {
-        u32 w[6];  // d and m, qh, then the nibble words
-    };
-    static __device__ __forceinline__ void load(const MtWeight& wt, const MtStream& st, int h,
-                                                int c, Raw& r) {
-        const u32* p = (const u32*)wt.w + (st.unit_row[h] + 6 * c);
-#pragma unroll
-        for (int i = 0; i < 6; ++i) r.w[i] = load_stream4(p + i);
-    }
+// ggml Q5_1 (24-byte blocks: f16 d and m, qh, then Q5_0's nibbles; w = d·q + m): six words a
+// block (`MtAffine`, 4-byte aligned data), offsets 1024.
+struct MtQ5_1 : MtAffine<MtQ5_1, 6> {
     static __device__ __forceinline__ void pairs(const Raw& r, int j, u32* p) {
         q5_pairs(r.w[1], r.w[2 + j], j, p);
     }
-    static __device__ __forceinline__ int slot(bool, int j, int e) {
-        return MtQ4_0::slot(false, j, e);
-    }
     static __device__ __forceinline__ float offset(int) { return 1024.f; }
-    static __device__ __forceinline__ i64 x_at(int c, int) { return (i64)c * CHUNK; }
-    static __device__ __forceinline__ void stage_fold(int j, const u32* o, const float* v,
-                                                      Fold& f) {
-        affine_stage_fold<MtQ5_1>(j, o, v, f);
-    }
-    static __device__ __forceinline__ float fold(const Raw& r, float dot, float sx, float acc) {
-        return affine_fold(r.w[0], dot, sx, acc);
-    }
 };
 
 // ggml Q4_K (144-byte super-blocks of 256 elements: f16 d and dmin, the 6-bit scales and mins
