@@ -610,12 +610,12 @@ struct MtQ5K : MtQ4K {
 // super-block is only 2-byte aligned (4-byte for even ones, in 4-byte aligned rows of an even
 // number of super-blocks: k % 512 == 0), so each 8 bytes come as three aligned words realigned
 // at use by funnel shifts (`shift`, 0 or 16), and every load stays inside the matrix (a row's
-// last super-block is odd). 6-bit fields: the nibble and the two bits
-// moved beside it, ORed into 1024 (low nibbles) or 64 (high, a step of 1/16), offsets 1024 + 32
-// and 64 + 32 with the −32. Plain kernels only: a stage holds 14 words a row, too many for
-// the gated kernel's two weights (Q4_K_M files keep gate and up in Q4_K). H100, 2026-11-28,
-// decode after 128 tokens of uniform Q6_K models (gate and up on matvec.cu): 1B shape 830.8 →
-// 1,128 tok/s, 8B 184.6 → 248.3 (37.8 → 50.9% of the bound).
+// last super-block is odd). 6-bit fields: the nibble and the two bits moved beside it, ORed
+// into 1024 (low nibbles) or 64 (high, a step of 1/16), offsets 1024 + 32 and 64 + 32 with the
+// −32. Plain kernels only: a stage holds 14 words a row, too many for the gated kernel's two
+// weights (Q4_K_M files keep gate and up in Q4_K). H100, 2026-11-28, decode after 128 tokens of
+// uniform Q6_K models (gate and up on matvec.cu): 1B shape 830.8 → 1,128 tok/s, 8B 184.6 →
+// 248.3 (37.8 → 50.9% of the bound).
 struct MtQ6K {
     static constexpr int CHUNK = 32;
     static constexpr int UNIT = 1;  // row offsets in bytes: a super-block is 210
