@@ -522,7 +522,7 @@ fn gated_matmul(
             "gate and up are stored differently",
         ));
     }
-    let name = format!("{prefix}gated_{layout}{}", plan.layout_suffix);
+    let name = format!("{prefix}gated_{layout}{}", plan.layout_suffix());
     let args = up.tensor_args(gate.tensor_args(Args::new().u64(plan.input.x))?)?;
     let args = args.ptr(out)?.int(n)?.int(k)?;
     let args = gate.group_args(args).int(kgroups)?.code(unary_code(act));
@@ -549,9 +549,7 @@ fn gated_plain_pair(
     if !on_tensor_cores(&gate_plan) || !on_tensor_cores(&up_plan) {
         return Ok(None);
     }
-    let np = n.next_multiple_of(4);
-    let (scratch, gate_out) = lib.scratch(2 * np * 4)?;
-    let up_out = gate_out + 4 * np as u64;
+    let (scratch, gate_out, up_out) = gate_up_rows(lib, n)?;
     let gate_rows = gate_plan.plain(lib, gate, (k, n), Bias::NONE, gate_out, Some(0))?;
     let up_rows = up_plan.plain(lib, up, (k, n), Bias::NONE, up_out, Some(0))?;
     let outs = (device_ptr(out)?, out_h);
@@ -666,23 +664,24 @@ const TC_CHUNKS_KQUANT: TcChunks = TcChunks {
 /// The tensor-core matvec's plan for `m`, or None where matvec.cu multiplies it: formats
 /// matvec_tc.cu has (`MtMlx` 4- and 8-bit, `MtQ4_0` and `MtQ8_0` on quads, `MtQ4_1`, `MtQ5_1`,
 /// `MtQ4K`, `MtQ5K`; on paired rows `MtQ5_0`, `MtQ4_0Words`, `MtQ8_0Words` and `MtQ6K`, the
-/// last for plain matvecs; Q4_1 and Q5_1 data is 4-byte aligned, Q4_K and Q5_K data 16-byte aligned,
-/// `Weight::check_alignment`, and a K-quant row is whole super-blocks of 256).
+/// last for plain matvecs; Q4_1 and Q5_1 data is 4-byte aligned, Q4_K and Q5_K data 16-byte
+/// aligned, `Weight::check_alignment`, and a K-quant row is whole super-blocks of 256).
 fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> {
     let mlx_simt_weights = if m.wide_norm { 0 } else { SIMT_MAX_WEIGHTS };
-    let (chunks, simt_weights) = match m.layout {
-        WeightLayout::MlxAffine { bits: 4, .. } => (TC_CHUNKS_32, mlx_simt_weights),
-        WeightLayout::MlxAffine { bits: 8, .. } => (TC_CHUNKS_16, mlx_simt_weights),
-        WeightLayout::Gguf(GgmlType::Q4_0 | GgmlType::Q8_0) if m.quads => {
-            (TC_CHUNKS_32, SIMT_MAX_WEIGHTS)
+    let ggml = SIMT_MAX_WEIGHTS;
+    // (chunking, matrices that stay on matvec.cu, the kernel name's suffix after the layout)
+    let (chunks, simt_weights, layout_suffix) = match m.layout {
+        WeightLayout::MlxAffine { bits: 4, .. } => (TC_CHUNKS_32, mlx_simt_weights, ""),
+        WeightLayout::MlxAffine { bits: 8, .. } => (TC_CHUNKS_16, mlx_simt_weights, ""),
+        WeightLayout::Gguf(GgmlType::Q4_0 | GgmlType::Q8_0) if m.quads => (TC_CHUNKS_32, ggml, ""),
+        WeightLayout::Gguf(GgmlType::Q4_1 | GgmlType::Q5_1) => (TC_CHUNKS_32, ggml, ""),
+        WeightLayout::Gguf(GgmlType::Q5_0) if m.paired_rows => (TC_CHUNKS_32, ggml, ""),
+        WeightLayout::Gguf(GgmlType::Q4_0 | GgmlType::Q8_0) if m.paired_rows => {
+            (TC_CHUNKS_32, ggml, "_words")
         }
-        WeightLayout::Gguf(GgmlType::Q4_1 | GgmlType::Q5_1) => (TC_CHUNKS_32, SIMT_MAX_WEIGHTS),
-        WeightLayout::Gguf(GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0) if m.paired_rows => {
-            (TC_CHUNKS_32, SIMT_MAX_WEIGHTS)
-        }
-        WeightLayout::Gguf(GgmlType::Q4K | GgmlType::Q5K) => (TC_CHUNKS_KQUANT, SIMT_MAX_WEIGHTS),
+        WeightLayout::Gguf(GgmlType::Q4K | GgmlType::Q5K) => (TC_CHUNKS_KQUANT, ggml, ""),
         WeightLayout::Gguf(GgmlType::Q6K) if m.paired_rows && !m.gated => {
-            (TC_CHUNKS_KQUANT, SIMT_MAX_WEIGHTS)
+            (TC_CHUNKS_KQUANT, ggml, "")
         }
         _ => return Ok(None),
     };
@@ -692,7 +691,8 @@ fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> 
         norm: m.folds,
         update: updates,
     };
-    matvec_tc_plan(m.n, m.k, chunks, m.gated, folding, sm_count, simt_weights)
+    let plan = matvec_tc_plan(m.n, m.k, chunks, m.gated, folding, sm_count, simt_weights)?;
+    Ok(plan.map(|p| TcPlan { layout_suffix, ..p }))
 }
 
 /// The address of an f16 copy of a row of `len` values (`x_h`, `out_h`) for `op`, which the
@@ -708,6 +708,14 @@ pub(super) fn half_copy_ptr(op: &Op, t: &Tensor, len: usize) -> Result<u64> {
     Ok(ptr)
 }
 
+/// Two f32 scratch rows of `n` (each 16-byte aligned) for a gated pair's gate and up outputs:
+/// the allocation and the two addresses.
+fn gate_up_rows(lib: &KernelLibrary, n: usize) -> Result<(CudaSlice<u8>, u64, u64)> {
+    let np = n.next_multiple_of(4);
+    let (scratch, gate_out) = lib.scratch(2 * np * 4)?;
+    Ok((scratch, gate_out, gate_out + 4 * np as u64))
+}
+
 /// The gated pair where the matvec kernels cannot read a weight (dense rows that are not
 /// whole aligned units) or x: after `input`'s launches (the norm, if any, into a scratch row),
 /// gate and up by the tiled kernel into two more, then act(gate)·up (and its f16 copy at `out_h`
@@ -720,9 +728,7 @@ fn gated_tiled(
     act: UnaryFn,
     (out, out_h): (&Tensor, u64),
 ) -> Result<CudaKernel> {
-    let np = n.next_multiple_of(4);
-    let (scratch, gate_out) = lib.scratch(2 * np * 4)?;
-    let up_out = gate_out + 4 * np as u64;
+    let (scratch, gate_out, up_out) = gate_up_rows(lib, n)?;
     let launches = vec![
         tiled(
             lib,
@@ -789,9 +795,6 @@ enum MatvecKernel {
 struct DecodePlan<'a> {
     kernel: MatvecKernel,
     input: MatvecInput<'a>,
-    /// After the layout in the kernel's name: `_words` for Q4_0 and Q8_0 off quads on the tensor
-    /// cores (`MtQ4_0Words`, `MtQ8_0Words`).
-    layout_suffix: &'static str,
 }
 
 impl<'a> DecodePlan<'a> {
@@ -853,15 +856,7 @@ impl<'a> DecodePlan<'a> {
             None => (FOLD_NORM_MAX_K, false),
         };
         let input = MatvecInput::new(lib, x, update, norm, max_fold_k, update_folds)?;
-        let layout_suffix = match (tensor_cores, weight.layout()) {
-            (Some(_), WeightLayout::Gguf(GgmlType::Q4_0 | GgmlType::Q8_0)) if !quads => "_words",
-            _ => "",
-        };
-        Ok(DecodePlan {
-            kernel,
-            input,
-            layout_suffix,
-        })
+        Ok(DecodePlan { kernel, input })
     }
 
     /// The kernel name prefix: matvec_tc.cu's, or matvec.cu's for the shape, plain or normed
@@ -876,6 +871,14 @@ impl<'a> DecodePlan<'a> {
             (MatvecKernel::TensorCores(_), false) => "matvec_tc_",
             (MatvecKernel::Simt { shape, .. }, true) => shape.norm_prefix,
             (MatvecKernel::Simt { shape, .. }, false) => shape.prefix,
+        }
+    }
+
+    /// The kernel name's suffix after the layout (`TcPlan::layout_suffix`).
+    fn layout_suffix(&self) -> &'static str {
+        match self.kernel {
+            MatvecKernel::TensorCores(p) => p.layout_suffix,
+            MatvecKernel::Simt { .. } => "",
         }
     }
 
@@ -902,7 +905,7 @@ impl<'a> DecodePlan<'a> {
         let name = format!(
             "{prefix}{}{}",
             weight.typed_layout_name(),
-            self.layout_suffix
+            self.layout_suffix()
         );
         let args = weight.tensor_args(Args::new().u64(self.input.x))?;
         let args = args.bias(bias)?.u64(out).int(n)?.int(k)?;
@@ -1184,6 +1187,9 @@ struct TcPlan {
     shared: u32,
     /// The kernel applies the residual update (`matvec_tc_normup_…`).
     folds_update: bool,
+    /// After the layout in the kernel's name: `_words` for Q4_0 and Q8_0 off quads
+    /// (`MtQ4_0Words`, `MtQ8_0Words`).
+    layout_suffix: &'static str,
 }
 
 /// What a tensor-core matvec folds in front of its product: the input norm, and the residual
@@ -1290,6 +1296,7 @@ fn matvec_tc_plan(
         grid,
         shared: if folds_update { update_shared } else { shared } as u32,
         folds_update,
+        layout_suffix: "",
     }))
 }
 
@@ -1408,6 +1415,22 @@ mod tests {
                 "{layout:?} {n}×{k}"
             );
         }
+    }
+
+    /// Q4_0 and Q8_0 rows off quads (k % 128 == 64) take the word-loaded kernels
+    /// (`matvec_tc_*_words`); whole quads and the other layouts keep their plain names.
+    #[test]
+    fn tensor_core_plan_names_the_word_loaded_kernels() {
+        let suffix = |ty, k| {
+            let m = DecodeMatvec::aligned(WeightLayout::Gguf(ty), 4096, k, false);
+            tensor_core_plan(m, 132).unwrap().map(|p| p.layout_suffix)
+        };
+        assert_eq!(suffix(GgmlType::Q4_0, 4160), Some("_words"));
+        assert_eq!(suffix(GgmlType::Q8_0, 4160), Some("_words"));
+        assert_eq!(suffix(GgmlType::Q4_0, 4096), Some(""));
+        assert_eq!(suffix(GgmlType::Q8_0, 4096), Some(""));
+        assert_eq!(suffix(GgmlType::Q5_0, 4160), Some(""));
+        assert_eq!(suffix(GgmlType::Q8_0, 4128), None);
     }
 
     /// Blocks that would leave half their warps or more idle run only the busy ones (at least
