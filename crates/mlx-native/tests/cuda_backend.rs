@@ -1615,11 +1615,18 @@ fn matmul_mlx_tensor_cores_at_tile_edges() {
 fn matmul_ggml_tensor_cores_at_tile_edges() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(24);
-    // Q4_0 / Q8_0 / Q4_K / Q5_K / Q6_K prefill weights with whole 64-column steps take the
-    // staged-f16 kernels: rows and columns past one 128-tile and short of the next, one step,
-    // more steps than pipeline stages; k = 288 (a half step) stays on the generic tensor-core
-    // kernel.
-    for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+    // Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K prefill weights with whole 64-column
+    // steps take the staged-f16 kernels: rows and columns past one 128-tile and short of the
+    // next, one step, more steps than pipeline stages; k = 288 (a half step) stays on the
+    // generic tensor-core kernel.
+    let blocks_of_32 = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+    ];
+    for ty in blocks_of_32 {
         for (k, with_bias) in [(64, false), (320, true), (576, false), (288, true)] {
             let w = ggml_weight(&mut rng, 135, k, ty);
             check_matmul(&dev, &mut rng, &w, 130, with_bias);

@@ -194,13 +194,15 @@ fn matmul(
                     .code(*group_shift))
             });
         }
-        // Q4_0 / Q8_0 / Q4_K / Q5_K / Q6_K take `matmul_tcq_{q4_0,q8_0,q4_k,q5_k,q6_k}`: whole
-        // 64-column steps of rows 4-byte aligned (two blocks: 36 resp. 68 bytes) or 16-byte
+        // The ggml layouts take `matmul_tcq_{q4_0,q4_1,q5_0,q5_1,q8_0,q4_k,q5_k,q6_k}`: whole
+        // 64-column steps of rows 4-byte aligned (two blocks of 32: 36 to 68 bytes) or 16-byte
         // aligned (a K-quant header, a sub-block pair's nibbles and Q5_K's qh: 48 resp. 80
         // bytes; Q6_K rows of k % 2,048 == 0, 8-byte words around a half's ql, qh and scales).
         if let (true, Weight::Ggml { data, ty }) = (tensor_cores && staged_offsets_fit, &weight) {
             let (order, align) = match ty {
-                GgmlType::Q4_0 => (Some(TCQ_Q4_0), 4),
+                GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                    (Some(TCQ_Q4_0), 4)
+                }
                 GgmlType::Q8_0 => (Some(TCQ_BYTES), 4),
                 GgmlType::Q4K | GgmlType::Q5K => (Some(TCQ_Q4K), 16),
                 GgmlType::Q6K if k.is_multiple_of(2048) => (Some(TCQ_Q4K), 16),
@@ -434,12 +436,15 @@ fn tcq_shared_bytes(bits: u32) -> u32 {
     stages * (128 * 72 * 2 + 128 * 8 * bits + 2 * 2 * 136 * 4)
 }
 
-/// Dynamic shared memory of `matmul_tcq_{q4_0,q8_0,q4_k,q5_k,q6_k}`: the layout's STAGES
-/// (TcqGgml, TcqK, TcqQ6K) slots of an x tile (128 rows × 72 halves) and 128 rows of a step's
-/// bytes (two blocks; a K-quant header, sub-block pair and Q5_K's qh; Q6_K's 17 words).
+/// Dynamic shared memory of `matmul_tcq_{q4_0,…,q6_k}`: the layout's STAGES (TcqGgml, TcqK,
+/// TcqQ6K) slots of an x tile (128 rows × 72 halves) and 128 rows of a step's bytes (two blocks;
+/// a K-quant header, sub-block pair and Q5_K's qh; Q6_K's 17 words).
 fn tcq_ggml_shared_bytes(ty: GgmlType) -> u32 {
     let (stages, row) = match ty {
         GgmlType::Q4_0 => (4, 36),
+        GgmlType::Q4_1 => (4, 40),
+        GgmlType::Q5_0 => (4, 44),
+        GgmlType::Q5_1 => (4, 48),
         GgmlType::Q4K => (4, 48),
         GgmlType::Q5K => (3, 80),
         GgmlType::Q6K => (3, 136),

@@ -512,46 +512,73 @@ MATMUL_TCQ_MLX(4)
 MATMUL_TCQ_MLX(8)
 
 // ---------------------------------------------------------------------------------------------
-// ggml Q4_0 and Q8_0 weights on the same ring. A 64-column step is two blocks: 36 (Q4_0) or 68
-// (Q8_0) bytes of a row, 4-byte aligned when k % 64 == 0 and the data is, copied as 4-byte
-// words (blocks themselves are only 2-byte aligned). Block 1's quants are word-aligned, block
-// 0's straddle words, so a thread taking block 0 funnel-shifts each word out of two. Thread t
-// takes block t/2 of the step, whose d is the low half of word 0 (block 0) or the high half of
-// word BLOCK/4 (block 1: bytes 18..19 resp. 34..35). Fields become q − 8 (Q4_0: 1032 subtracted)
-// resp. q (Q8_0: flipped to q + 128, 1152 subtracted), exact in f16, then one multiply by d
-// rounds d·q once. x is staged in the order of those fields (TCQ_Q4_0, TCQ_BYTES).
-template <int TYPE>  // 4: Q4_0, 8: Q8_0
+// ggml blocks of 32 elements (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) on the same ring. A 64-column step
+// is two blocks of a row (2·BLOCK bytes), 4-byte aligned when k % 64 == 0 and the data is,
+// copied as 4-byte words (Q4_0, Q5_0 and Q8_0 blocks are only 2-byte aligned). Thread t takes
+// block t/2 of the step and its quant words 2(t % 2), 2(t % 2) + 1 (Q8_0: 4(t % 2) … + 3); a
+// word that straddles two copied words is a funnel shift of them (`sh`, 0 or 16 bits). Its d is
+// half `dhalf` of word `dword`, the minimum m (Q4_1, Q5_1) the other half, the fifth bits (Q5_0,
+// Q5_1) the word qh at `qh_base` shifted by `qh_sh`. Nibble fields become 1024 + q (1024 + 16q)
+// by one lop3, their fifth bits ORed in at bit 4 (8), then q − 8 (Q4_0), q − 16 (Q5_0) or q
+// exactly in f16 by one subtraction (one FMA with 1/16), and one multiply by d (one FMA with d
+// and m) rounds the weight once; Q8_0's bytes are flipped to q + 128 and moved next to 0x64
+// bytes. x is staged in the order of those fields (TCQ_Q4_0, TCQ_BYTES).
+#define TCQ_GGML_Q4_0 0
+#define TCQ_GGML_Q4_1 1
+#define TCQ_GGML_Q5_0 2
+#define TCQ_GGML_Q5_1 3
+#define TCQ_GGML_Q8_0 4
+template <int TYPE>
 struct TcqGgml {
-    static constexpr int STAGES = TYPE == 4 ? 4 : 3;
-    static constexpr int BLOCK = TYPE == 4 ? 18 : 34;
-    static constexpr int ROW = 2 * BLOCK;       // bytes of a row per step
-    static constexpr int WORDS = ROW / 4;       // 9 or 17
-    static constexpr u32 W = TC_BM * TC_LD * 2;  // after the x tile
+    static constexpr bool BYTES8 = TYPE == TCQ_GGML_Q8_0;
+    static constexpr bool FIFTH = TYPE == TCQ_GGML_Q5_0 || TYPE == TCQ_GGML_Q5_1;
+    static constexpr bool MIN = TYPE == TCQ_GGML_Q4_1 || TYPE == TCQ_GGML_Q5_1;
+    static constexpr int STAGES = BYTES8 ? 3 : 4;
+    static constexpr int BLOCK = TYPE == TCQ_GGML_Q4_0   ? 18
+                                 : TYPE == TCQ_GGML_Q4_1 ? 20
+                                 : TYPE == TCQ_GGML_Q5_0 ? 22
+                                 : TYPE == TCQ_GGML_Q5_1 ? 24
+                                                         : 34;
+    static constexpr int QS = BLOCK - (BYTES8 ? 32 : 16);  // where a block's quants start
+    static constexpr int ROW = 2 * BLOCK;                  // bytes of a row per step
+    static constexpr int WORDS = ROW / 4;                  // 9, 10, 11, 12 or 17
+    static constexpr u32 W = TC_BM * TC_LD * 2;            // after the x tile
     static constexpr u32 BYTES = W + TC_BN * ROW;
     const u8* w;
     i64 row_bytes;
     int n;
     TcqThread at;
     // This thread's block of the step: its quant word i is word base + i of the row's step
-    // shifted right by `sh` bits with word base + i + `next` above it (block 1's words are
-    // aligned: no next word, which for the last word would lie past the row); its d is half
-    // `dhalf` of word `dword`.
-    int next, base, dword;
-    u32 sh, dhalf;
+    // shifted right by `sh` bits with word base + i + `next` above it (aligned words have no
+    // next word, which for the last word would lie past the row).
+    int next, base, dword, qh_base, qh_next;
+    u32 sh, dhalf, qh_sh, qh_bit;
     struct Step {
-        u32 d2[4], words[4][2];  // Q4_0: both quant words of the step, shifted up front
+        // d in both halves (Q4_1, Q5_1: and m), the thread's two quant words (4-bit) and qh.
+        u32 d2[4], m2[4], words[4][2], qh[4];
     };
 
     // Needs k % 64 == 0 and w 4-byte aligned.
     __device__ __forceinline__ TcqGgml(const TcqThread& thread, const u8* __restrict__ w, int n,
                                        int k)
         : w(w), row_bytes((i64)(k / 32) * BLOCK), n(n), at(thread) {
+        // Block 0 starts the step (word-aligned), block 1 BLOCK bytes on (2 past a word for
+        // Q4_0, Q5_0 and Q8_0): each offset is a constant plus blk times another.
+        constexpr int PER = BYTES8 ? 4 : 2;  // quant words a thread
+        constexpr int SH0 = 8 * (QS % 4), SH1 = 8 * ((BLOCK + QS) % 4);
         const int blk = thread.t >> 1;
-        next = 1 - blk;
-        base = (TYPE == 4 ? 2 : 4) * thread.t + blk;
-        sh = blk ? 0 : 16;
-        dhalf = 16 * blk;
+        base = QS / 4 + PER * thread.t + blk * ((BLOCK + QS) / 4 - QS / 4 - 2 * PER);
+        next = (SH0 ? 1 : 0) + blk * ((SH1 ? 1 : 0) - (SH0 ? 1 : 0));
+        sh = blk ? SH1 : SH0;
+        dhalf = 8 * (BLOCK % 4) * blk;
         dword = blk ? BLOCK / 4 : 0;
+        if constexpr (FIFTH) {
+            constexpr int QH = MIN ? 4 : 2;  // where a block's qh starts
+            qh_base = blk ? (BLOCK + QH) / 4 : QH / 4;
+            qh_sh = blk ? 8 * ((BLOCK + QH) % 4) : 8 * (QH % 4);
+            qh_next = qh_sh ? 1 : 0;
+            qh_bit = 8 * (thread.t & 1);
+        }
     }
 
     // Issues this thread's copies of the weight words of the step at k0 (rows past n repeat
@@ -569,7 +596,9 @@ struct TcqGgml {
         for (int j = 0; j < 4; ++j) {
             const u32* r = ws + at.row(j) * WORDS;
             p.d2[j] = ((r[dword] >> dhalf) & 0xffffu) * 0x10001u;
-            if constexpr (TYPE == 4) {
+            if constexpr (MIN) p.m2[j] = (r[dword] >> 16) * 0x10001u;
+            if constexpr (FIFTH) p.qh[j] = __funnelshift_r(r[qh_base], r[qh_base + qh_next], qh_sh);
+            if constexpr (!BYTES8) {
                 const u32 a = r[base], b = r[base + 1], c = r[base + 1 + next];
                 p.words[j][0] = __funnelshift_r(a, b, sh);
                 p.words[j][1] = __funnelshift_r(b, c, sh);
@@ -577,18 +606,36 @@ struct TcqGgml {
         }
     }
 
+    // d·q, or d·q + m, of the fields q of n8 block j, rounded once.
+    static __device__ __forceinline__ u32 scaled(u32 q, const Step& p, int j) {
+        if constexpr (MIN) return fma_f16x2(q, p.d2[j], p.m2[j]);
+        else return mul_f16x2(q, p.d2[j]);
+    }
+
     __device__ __forceinline__ void fragments(const Step& p, const u8* s, int c,
                                               u32 (&b)[4][2]) const {
         const u32* ws = (const u32*)(s + W);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            if constexpr (TYPE == 4) {
+            if constexpr (!BYTES8) {
                 const u32 v = p.words[j][c >> 1] >> (8 * (c & 1));
-                const u32 lo = and_or(v, 0x000f000fu, 0x64006400u);  // 1024 + q
-                const u32 hi = and_or(v, 0x00f000f0u, 0x64006400u);  // 1024 + 16q
-                b[j][0] = mul_f16x2(sub_f16x2(lo, 0x64086408u), p.d2[j]);
-                // hi·1/16 − 72
-                b[j][1] = mul_f16x2(fma_f16x2(hi, 0x2c002c00u, 0xd480d480u), p.d2[j]);
+                u32 lo = and_or(v, 0x000f000fu, 0x64006400u);  // 1024 + q
+                u32 hi = and_or(v, 0x00f000f0u, 0x64006400u);  // 1024 + 16q
+                if constexpr (FIFTH) {
+                    // Elements e and e + 2 (e = 8(t % 2) + 4(c / 2) + c % 2) and e + 16, e + 18.
+                    const u32 h = p.qh[j] >> (qh_bit + 4 * (c >> 1) + (c & 1));
+                    lo |= ((h & 1u) << 4) | ((h & 4u) << 18);
+                    hi |= ((h & 0x10000u) >> 8) | ((h & 0x40000u) << 6);
+                }
+                // q less Q4_0's 8 or Q5_0's 16; the high fields as 1/16 of 1024 + 16q, less 64.
+                constexpr u32 LO = TYPE == TCQ_GGML_Q4_0   ? 0x64086408u
+                                   : TYPE == TCQ_GGML_Q5_0 ? 0x64106410u
+                                                           : 0x64006400u;
+                constexpr u32 HI = TYPE == TCQ_GGML_Q4_0   ? 0xd480d480u
+                                   : TYPE == TCQ_GGML_Q5_0 ? 0xd500d500u
+                                                           : 0xd400d400u;
+                b[j][0] = scaled(sub_f16x2(lo, LO), p, j);
+                b[j][1] = scaled(fma_f16x2(hi, 0x2c002c00u, HI), p, j);
             } else {
                 const u32* r = ws + at.row(j) * WORDS + base + c;
                 const u32 v = __funnelshift_r(r[0], r[next], sh) ^ 0x80808080u;  // q + 128
@@ -610,8 +657,11 @@ struct TcqGgml {
         const auto layout = [&](const TcqThread& at) { return LAYOUT(at, w, n, k); };         \
         tcq_ring(layout, xh, bias, bias_type, out, m, n, k);                                  \
     }
-MATMUL_TCQ_GGML(TcqGgml<4>, q4_0)
-MATMUL_TCQ_GGML(TcqGgml<8>, q8_0)
+MATMUL_TCQ_GGML(TcqGgml<TCQ_GGML_Q4_0>, q4_0)
+MATMUL_TCQ_GGML(TcqGgml<TCQ_GGML_Q4_1>, q4_1)
+MATMUL_TCQ_GGML(TcqGgml<TCQ_GGML_Q5_0>, q5_0)
+MATMUL_TCQ_GGML(TcqGgml<TCQ_GGML_Q5_1>, q5_1)
+MATMUL_TCQ_GGML(TcqGgml<TCQ_GGML_Q8_0>, q8_0)
 
 // ggml Q4_K and Q5_K weights on the same ring. A 64-column step is one pair p of a
 // super-block's eight sub-blocks: the super-block's 16-byte header (f16 d and dmin, the packed
