@@ -1665,6 +1665,28 @@ fn matmul_ggml_tensor_cores_at_tile_edges() {
     }
 }
 
+/// Prompts of 192 rows and more go through cuBLAS where it loads (matmul.rs `dequant_gemm`):
+/// every layout dequantized into f16 rows, x staged as f16, their GEMM, and the bias added after
+/// it; rows short of a 64-column step (k = 288, dense k = 333: the rows padded with zeros) and
+/// columns not a multiple of any tile.
+#[test]
+fn matmul_long_prompts_through_cublas() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(26);
+    for (i, w) in every_layout(&mut rng, 135, 768).iter().enumerate() {
+        check_matmul(&dev, &mut rng, w, 300, i % 2 == 0);
+    }
+    let short = [
+        mlx_weight(&mut rng, 77, 288, 4, 32, DType::BF16),
+        ggml_weight(&mut rng, 77, 288, GgmlType::Q8_0),
+        dense_weight(&mut rng, 77, 333, DType::F16),
+        dense_weight(&mut rng, 77, 333, DType::BF16),
+    ];
+    for w in short {
+        check_matmul(&dev, &mut rng, &w, 257, true);
+    }
+}
+
 /// The generic tensor-core tiles (layouts without a staged-f16 kernel) split k where few
 /// output tiles leave SMs idle, as `matmul_tcq_*` do: 130 rows of 135 columns (four tiles) over
 /// 25 to 28 steps of 64 in three splits of unequal length, a partial last step (dense k =

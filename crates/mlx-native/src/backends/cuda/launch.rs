@@ -1,9 +1,13 @@
-//! What a resolved CUDA dispatch is: kernel launches whose arguments, device pointers
-//! included, were fixed at record time, so running one (directly or while a graph is being
-//! captured) is only the launch. Also the per-device kernel library the planners draw on.
+//! What a resolved CUDA dispatch is: kernel launches (and cuBLAS products) whose arguments,
+//! device pointers included, were fixed at record time, so running one (directly or while a
+//! graph is being captured) is only the launch. Also the per-device kernel library the
+//! planners draw on.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::{self, CudaBlas};
 
 use cudarc::driver::sys::{self, CUfunction_attribute, CUlaunchAttributeID};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig};
@@ -87,8 +91,14 @@ impl Args {
     }
 }
 
-/// One kernel launch with fixed arguments.
-pub(crate) struct Launch {
+/// One step of a dispatch: a kernel launch with fixed arguments, or a cuBLAS matrix product.
+pub(crate) enum Launch {
+    Kernel(KernelLaunch),
+    Gemm(Gemm),
+}
+
+/// A kernel launch with fixed arguments.
+pub(crate) struct KernelLaunch {
     func: CudaFunction,
     cfg: LaunchConfig,
     args: Vec<u64>,
@@ -101,26 +111,46 @@ pub(crate) struct Launch {
 impl Launch {
     /// The same launch made cooperative: every block resident at once (for grid-wide
     /// barriers), else the driver refuses it.
-    pub fn cooperative(mut self) -> Self {
-        self.cooperative = true;
-        self
+    /// A cuBLAS product is left as it is.
+    pub fn cooperative(self) -> Self {
+        match self {
+            Launch::Kernel(k) => Launch::Kernel(KernelLaunch {
+                cooperative: true,
+                ..k
+            }),
+            gemm => gemm,
+        }
     }
 
-    /// An empty grid (an empty tensor) has nothing to compute and is not launched.
+    /// An empty grid or product (an empty tensor) has nothing to compute and is not run.
     fn runs(&self) -> bool {
-        let (x, y, z) = self.cfg.grid_dim;
-        x > 0 && y > 0 && z > 0
+        match self {
+            Launch::Kernel(k) => {
+                let (x, y, z) = k.cfg.grid_dim;
+                x > 0 && y > 0 && z > 0
+            }
+            Launch::Gemm(g) => g.m > 0 && g.n > 0 && g.k > 0,
+        }
     }
 
     fn enqueue(&self, stream: &CudaStream) -> Result<()> {
         if !self.runs() {
             return Ok(());
         }
-        let (x, y, z) = self.cfg.grid_dim;
         stream
             .context()
             .bind_to_thread()
             .map_err(driver_err("binding the CUDA context"))?;
+        match self {
+            Launch::Kernel(k) => k.enqueue(stream),
+            Launch::Gemm(g) => g.enqueue(stream),
+        }
+    }
+}
+
+impl KernelLaunch {
+    fn enqueue(&self, stream: &CudaStream) -> Result<()> {
+        let (x, y, z) = self.cfg.grid_dim;
         // SAFETY: an all-zero launch attribute is the valid "ignore" entry; its id and value
         // are set below. A cooperative kernel launches alone (it does not wait on the one
         // before it programmatically).
@@ -165,6 +195,68 @@ impl Launch {
         .result()
         .map_err(driver_err("kernel launch"))?;
         Ok(())
+    }
+}
+
+/// out `[m, n]` (f32, rows of n) = x `[m, k]` · wᵀ for w `[n, k]`, both f16 in rows of `ld`
+/// halves, by cuBLAS (tensor-core GEMM, f32 accumulation) on the library's stream, to which
+/// its handle is bound.
+pub(crate) struct Gemm {
+    blas: Arc<CudaBlas>,
+    /// The handle's stream (`CUstream` as an address).
+    blas_stream: usize,
+    /// m, n, k and ld, checked to fit cuBLAS's ints when planned.
+    m: i32,
+    n: i32,
+    k: i32,
+    ld: i32,
+    w: u64,
+    x: u64,
+    out: u64,
+}
+
+impl Gemm {
+    fn enqueue(&self, stream: &CudaStream) -> Result<()> {
+        if stream.cu_stream() as usize != self.blas_stream {
+            return Err(Error::Cuda(
+                "a cuBLAS product enqueued on another stream than its library's".into(),
+            ));
+        }
+        let (one, zero) = (1f32, 0f32);
+        // Column-major, cuBLAS computes outᵀ [n, m] = w [n, k] · xᵀ [k, m]: w's rows of ld
+        // halves are the columns of a k × n matrix (transposed), x's those of k × m, and out's
+        // rows of n floats the columns of n × m.
+        // SAFETY: the planner sized w [n, ld], x [m, ld] and out [m, n] and keeps them alive for
+        // the dispatch; alpha and beta are host scalars (the handle's default pointer mode).
+        unsafe {
+            cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+                cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+                self.n,
+                self.m,
+                self.k,
+                &one as *const f32 as *const c_void,
+                self.w as *const c_void,
+                cublas::sys::cudaDataType::CUDA_R_16F,
+                self.ld,
+                self.x as *const c_void,
+                cublas::sys::cudaDataType::CUDA_R_16F,
+                self.ld,
+                &zero as *const f32 as *const c_void,
+                self.out as *mut c_void,
+                cublas::sys::cudaDataType::CUDA_R_32F,
+                self.n,
+                cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| {
+            Error::Cuda(format!(
+                "cuBLAS GEMM {}×{}×{}: {e:?}",
+                self.m, self.n, self.k
+            ))
+        })
     }
 }
 
@@ -236,6 +328,8 @@ pub(crate) struct KernelLibrary {
     raised: Mutex<HashMap<(&'static str, String), u32>>,
     /// The largest shared scratch handed out so far (`shared_scratch`).
     shared: Mutex<Option<Arc<CudaSlice<u8>>>>,
+    /// cuBLAS on `stream`, made on first use (`blas`).
+    blas: OnceLock<Option<Arc<CudaBlas>>>,
 }
 
 impl KernelLibrary {
@@ -261,6 +355,7 @@ impl KernelLibrary {
             functions: Mutex::default(),
             raised: Mutex::default(),
             shared: Mutex::default(),
+            blas: OnceLock::new(),
         })
     }
 
@@ -332,7 +427,7 @@ impl KernelLibrary {
                 *limit = shared;
             }
         }
-        Ok(Launch {
+        Ok(Launch::Kernel(KernelLaunch {
             func,
             cfg: LaunchConfig {
                 grid_dim: grid,
@@ -342,7 +437,53 @@ impl KernelLibrary {
             args: args.0,
             programmatic: self.programmatic,
             cooperative: false,
-        })
+        }))
+    }
+
+    /// cuBLAS on this library's stream, made on first use (at record time, never while a graph
+    /// is being captured); None where its library cannot be loaded or a handle not made.
+    fn blas(&self) -> Option<Arc<CudaBlas>> {
+        self.blas
+            .get_or_init(|| {
+                // SAFETY: only tries to load the library; no other CUDA state is touched.
+                if !unsafe { cublas::sys::is_culib_present() } {
+                    return None;
+                }
+                CudaBlas::new(self.stream.clone()).ok().map(Arc::new)
+            })
+            .clone()
+    }
+
+    /// Whether `gemm` can run here (cuBLAS loads).
+    pub fn has_cublas(&self) -> bool {
+        self.blas().is_some()
+    }
+
+    /// The cuBLAS product `Gemm` of f16 w `[n, k]` and x `[m, k]` (rows of `ld` halves at `w`
+    /// and `x`) into f32 out `[m, n]` at `out`; None without cuBLAS.
+    pub fn gemm(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        ld: usize,
+        (w, x, out): (u64, u64, u64),
+    ) -> Result<Option<Launch>> {
+        let Some(blas) = self.blas() else {
+            return Ok(None);
+        };
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| Error::Invalid(format!("{v} exceeds a cuBLAS dimension")))
+        };
+        Ok(Some(Launch::Gemm(Gemm {
+            blas,
+            blas_stream: self.stream.cu_stream() as usize,
+            m: int(m)?,
+            n: int(n)?,
+            k: int(k)?,
+            ld: int(ld)?,
+            w,
+            x,
+            out,
+        })))
     }
 
     /// Device memory for one dispatch's intermediate results, and its address (allocated at

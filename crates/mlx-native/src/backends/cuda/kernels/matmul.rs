@@ -1,8 +1,9 @@
 //! out = x·Wᵀ (+ bias) for every weight layout, weights read as stored: matvec.cu for a single
 //! row (decode; matvec_tc.cu's tensor-core kernel for MLX 4- and 8-bit and the ggml layouts),
 //! matmul_tc.cu's 128×128 tensor-core tiles (f16 operands, f32 accumulation)
-//! for prefill-sized row counts, matmul.cu's 64×64 f32 tiles otherwise; and the decode-only
-//! gated pair (`Op::GatedMatMul`) on matvec.cu.
+//! for prefill-sized row counts, and from GEMM_MIN_ROWS rows cuBLAS on the weight dequantized
+//! into f16 scratch; matmul.cu's 64×64 f32 tiles otherwise; and the decode-only gated pair
+//! (`Op::GatedMatMul`) on matvec.cu.
 
 use super::elementwise::unary_code;
 use super::norm::{rms_norm_rows, RmsNormRows};
@@ -79,6 +80,14 @@ const MATMUL_TC_STEP: usize = 64;
 /// Fewer rows leave most of a 128-row tensor-core tile idle; the f32 tiles then do as well and
 /// keep f32 operands.
 const MATMUL_TC_MIN_ROWS: usize = 17;
+/// From this many rows the product goes through cuBLAS on a dequantized f16 copy of the weight
+/// (`dequant_gemm`), where cuBLAS loads: the copy's writes and reads cost less than the
+/// tensor-core tiles lose to cuBLAS's GEMMs. H200, 2026-11-28, prefill tok/s of the tiles
+/// against cuBLAS: at 192 rows (two row tiles, the second half empty) 8B MLX 4-bit 7,007 →
+/// 9,921, 1B 32,570 → 46,890, 8B Q4_K_M 6,642 → 10,273, Qwen3-0.6B 29,325 → 42,235; at 128 rows
+/// the tiles still win on the 8B (8,353 against 7,052; Q4_K_M 8,360 against 7,387); at 2,048
+/// rows 8B 13,442 → 27,381, 1B 82,369 → 144,359.
+const GEMM_MIN_ROWS: usize = 192;
 pub(super) fn register(reg: &mut Registry<Planner>) {
     for layout in WeightLayout::all() {
         reg.insert("matmul", &layout.variant(), DType::F32, matmul);
@@ -162,6 +171,9 @@ fn matmul(
             && k % 4 == 0
             && device_ptr(x)? % 16 == 0
             && !matches!(weight, Weight::Dense { ft: 0, .. });
+        if tensor_cores && m >= GEMM_MIN_ROWS && lib.has_cublas() {
+            return dequant_gemm(lib, &weight, x, (n, bias), out);
+        }
         // The MLX 4/8-bit kernel addresses its staged x with 32-bit element offsets.
         let staged_offsets_fit = m * k.next_multiple_of(MATMUL_TC_STEP) <= u32::MAX as usize;
         if let (
@@ -323,6 +335,8 @@ const TCQ_MLX4: i32 = 0;
 const TCQ_BYTES: i32 = 1;
 const TCQ_Q4_0: i32 = 2;
 const TCQ_Q4K: i32 = 3;
+/// x as it lies (`dequant_gemm`).
+const TCQ_NATURAL: i32 = 4;
 
 /// Steps of k (MATMUL_TC_STEP columns) a split-K block takes at the least, and the rows long
 /// enough to split where more than half the SMs already work.
@@ -391,6 +405,42 @@ fn tcq_matmul(
     let mut launches = vec![staged.launch, matmul];
     if splits > 1 {
         launches.push(splitk_sum(lib, dst, splits, bias, out)?);
+    }
+    Ok(CudaKernel::sharing(launches, staged.scratch))
+}
+
+/// A long prompt's product through cuBLAS: the weight dequantized into f16 rows of kp columns
+/// (`dequant_f16_*`, scratch after the staged x), x staged as f16 as it lies (`stage_x_f16`),
+/// their product by cuBLAS (`Gemm`: Hopper's tensor-core GEMMs, which mma.sync tiles do not
+/// reach) into out, or with a bias into scratch that `splitk_sum` (one slice) adds it to.
+fn dequant_gemm(
+    lib: &KernelLibrary,
+    weight: &Weight,
+    x: &Tensor,
+    (n, bias): (usize, Bias),
+    out: &Tensor,
+) -> Result<CudaKernel> {
+    let (m, k) = (x.rows(), x.last_dim());
+    let kp = k.next_multiple_of(MATMUL_TC_STEP);
+    let w_bytes = (n * kp * 2).next_multiple_of(256);
+    let sum_bytes = if bias.0.is_some() { m * n * 4 } else { 0 };
+    let staged = StagedX::new(lib, x, TCQ_NATURAL, w_bytes + sum_bytes)?;
+    let w_h = staged.after;
+    let args = weight.typed_tensor_args(Args::new())?;
+    let args = weight.group_args(args.u64(w_h).int(n)?.int(k)?.int(kp)?);
+    let name = format!("dequant_f16_{}", weight.layout_name());
+    let grid = (blocks(n * kp / 32, MATMUL_THREADS as usize)?, 1, 1);
+    let dequant = lib.launch(&MATMUL_TC, &name, grid, MATMUL_THREADS, 0, args)?;
+    let dst = match bias.0 {
+        Some(_) => w_h + w_bytes as u64,
+        None => device_ptr(out)?,
+    };
+    let gemm = lib
+        .gemm((m, n, kp), kp, (w_h, staged.xh, dst))?
+        .ok_or_else(|| Error::Cuda("cuBLAS went missing after it loaded".into()))?;
+    let mut launches = vec![staged.launch, dequant, gemm];
+    if bias.0.is_some() {
+        launches.push(splitk_sum(lib, dst, 1, bias, out)?);
     }
     Ok(CudaKernel::sharing(launches, staged.scratch))
 }

@@ -206,11 +206,12 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 
 // Orders of the staged x (`order` of stage_x_f16), one per way the fragments take fields:
 // nibbles of MLX 4-bit words, bytes (MLX 8-bit, Q8_0), nibbles of Q4_0 blocks, nibbles of a
-// Q4_K sub-block pair.
+// Q4_K sub-block pair; and x as it lies (cuBLAS, `dequant_f16_*` below).
 #define TCQ_MLX4 0
 #define TCQ_BYTES 1
 #define TCQ_Q4_0 2
 #define TCQ_Q4K 3
+#define TCQ_NATURAL 4
 
 // The x column (0..63, within its step) at position p of the staged step.
 __device__ __forceinline__ int tcq_column(int p, int order) {
@@ -219,6 +220,7 @@ __device__ __forceinline__ int tcq_column(int p, int order) {
         case TCQ_MLX4: return 16 * t + 8 * (c >> 1) + 2 * (c & 1) + h + 4 * j;
         case TCQ_BYTES: return 16 * t + 4 * c + 2 * j + h;
         case TCQ_Q4K: return 8 * t + 4 * (c >> 1) + (c & 1) + 2 * j + 32 * h;
+        case TCQ_NATURAL: return p;
         default: return 32 * (t >> 1) + 8 * (t & 1) + 4 * (c >> 1) + (c & 1) + 2 * j + 16 * h;
     }
 }
@@ -892,4 +894,62 @@ extern "C" __global__ void splitk_sum(const float* __restrict__ partial, int spl
     float s = 0.f;
     for (int z = 0; z < splits; ++z) s += partial[z * mn + i];
     out[i] = bias ? s + load_float(bias, i % n, bias_type) : s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Long prompts through cuBLAS (matmul.rs `dequant_gemm`): the weight, dequantized by its layout
+// (layouts.cuh `tile`), as f16 rows of kp columns (k rounded up to 64, zero past k), which a
+// cuBLAS GEMM multiplies with x staged as f16 in its own order (`stage_x_f16`, TCQ_NATURAL).
+// The rows are scratch of one dispatch: weights stay stored as the file stores them. Rounded to
+// f16 as the tensor-core tiles round them. Thread i writes the 32 halves of unit i % (kp/32) of
+// row i / (kp/32) (four 16-byte stores). Launch: 256 threads, ⌈n·kp/32 / 256⌉ blocks.
+template <class L>
+__device__ __forceinline__ void dequant_f16(const L& l, u16* __restrict__ out, int n, int kp) {
+    kernel_entry();
+    const int units = kp / 32;
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (i64)n * units) return;
+    const int row = (int)(i / units), k0 = (int)(i - (i64)row * units) * 32;
+    float w[32];
+    if (k0 < l.k) l.tile(row, k0, w);
+    else
+#pragma unroll
+        for (int e = 0; e < 32; ++e) w[e] = 0.f;
+    uint4* o = (uint4*)(out + (i64)row * kp + k0);
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        o[q] = uint4{pack_f16x2(w[8 * q], w[8 * q + 1]), pack_f16x2(w[8 * q + 2], w[8 * q + 3]),
+                     pack_f16x2(w[8 * q + 4], w[8 * q + 5]), pack_f16x2(w[8 * q + 6], w[8 * q + 7])};
+}
+
+#define DEQUANT_F16_MLX(BITS)                                                                  \
+    extern "C" __global__ void dequant_f16_mlx##BITS(const u32* w, const void* scales,         \
+                                                     const void* biases, int scale_type,       \
+                                                     u16* out, int n, int k, int kp,           \
+                                                     int group_shift) {                        \
+        dequant_f16(MlxAffine<BITS>{w, scales, biases, scale_type, k, group_shift}, out, n, kp); \
+    }
+DEQUANT_F16_MLX(2)
+DEQUANT_F16_MLX(3)
+DEQUANT_F16_MLX(4)
+DEQUANT_F16_MLX(5)
+DEQUANT_F16_MLX(6)
+DEQUANT_F16_MLX(8)
+
+#define DEQUANT_F16_GGML(TYPE, NAME)                                                           \
+    extern "C" __global__ void dequant_f16_##NAME(const u8* w, u16* out, int n, int k, int kp) { \
+        dequant_f16(TYPE{w, k}, out, n, kp);                                                   \
+    }
+DEQUANT_F16_GGML(Q4_0, q4_0)
+DEQUANT_F16_GGML(Q4_1, q4_1)
+DEQUANT_F16_GGML(Q5_0, q5_0)
+DEQUANT_F16_GGML(Q5_1, q5_1)
+DEQUANT_F16_GGML(Q8_0, q8_0)
+DEQUANT_F16_GGML(Q4_K, q4_k)
+DEQUANT_F16_GGML(Q5_K, q5_k)
+DEQUANT_F16_GGML(Q6_K, q6_k)
+
+extern "C" __global__ void dequant_f16_dense(const void* w, int weight_type, u16* out, int n,
+                                             int k, int kp) {
+    dequant_f16(Dense{w, weight_type, k}, out, n, kp);
 }
