@@ -1713,8 +1713,9 @@ fn matmul_generic_tensor_cores_split_k() {
 fn staged_x_is_shared_by_dispatches_in_order() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(22);
-    // Three quantized prefill matmuls recorded together: the second needs a larger staging
-    // buffer than the first, the third reuses it. Each must read its own x.
+    // Three quantized prefill matmuls recorded together: the second (200 rows: through cuBLAS
+    // where it loads, its f16 weight copy in the same scratch) needs a larger staging buffer
+    // than the first, the third reuses it. Each must read its own x.
     let cases = [(40, 256, 4), (200, 512, 8), (40, 256, 4)];
     let weights: Vec<HostWeight> = cases
         .iter()
