@@ -902,10 +902,10 @@ extern "C" __global__ void splitk_sum(const float* __restrict__ partial, int spl
 // cuBLAS GEMM multiplies with x staged as f16 in its own order (`stage_x_f16`, TCQ_NATURAL).
 // The rows are scratch of one dispatch: weights stay stored as the file stores them. Rounded to
 // f16 as the tensor-core tiles round them. Thread i writes the 32 halves of unit i % (kp/32) of
-// row i / (kp/32) (four 16-byte stores). Launch: 256 threads, ⌈n·kp/32 / 256⌉ blocks.
+// row i / (kp/32) (four 16-byte stores), after the kernel's `kernel_entry`. Launch: 256
+// threads, ⌈n·kp/32 / 256⌉ blocks.
 template <class L>
 __device__ __forceinline__ void dequant_f16(const L& l, u16* __restrict__ out, int n, int kp) {
-    kernel_entry();
     const int units = kp / 32;
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (i64)n * units) return;
@@ -927,6 +927,7 @@ __device__ __forceinline__ void dequant_f16(const L& l, u16* __restrict__ out, i
                                                      const void* biases, int scale_type,       \
                                                      u16* out, int n, int k, int kp,           \
                                                      int group_shift) {                        \
+        kernel_entry();                                                                        \
         dequant_f16(MlxAffine<BITS>{w, scales, biases, scale_type, k, group_shift}, out, n, kp); \
     }
 DEQUANT_F16_MLX(2)
@@ -938,6 +939,7 @@ DEQUANT_F16_MLX(8)
 
 #define DEQUANT_F16_GGML(TYPE, NAME)                                                           \
     extern "C" __global__ void dequant_f16_##NAME(const u8* w, u16* out, int n, int k, int kp) { \
+        kernel_entry();                                                                        \
         dequant_f16(TYPE{w, k}, out, n, kp);                                                   \
     }
 DEQUANT_F16_GGML(Q4_0, q4_0)
@@ -951,5 +953,6 @@ DEQUANT_F16_GGML(Q6_K, q6_k)
 
 extern "C" __global__ void dequant_f16_dense(const void* w, int weight_type, u16* out, int n,
                                              int k, int kp) {
+    kernel_entry();
     dequant_f16(Dense{w, weight_type, k}, out, n, kp);
 }
