@@ -318,6 +318,21 @@ struct TcqThread {
     __device__ __forceinline__ int row(int j) const { return wn + 8 * j + g; }
 };
 
+// What the ggml layouts on the ring (TcqGgml, TcqK, TcqQ6K) copy from: the weight, its bytes a
+// row, its rows, and this thread's place; a slot's weight bytes start at W, after the x tile.
+struct TcqRows {
+    static constexpr u32 W = TC_BM * TC_LD * 2;
+    const u8* w;
+    i64 row_bytes;
+    int n;
+    TcqThread at;
+    // Where tile row r starts in w (rows past n repeat row n − 1, whose outputs are never
+    // stored).
+    __device__ __forceinline__ i64 row_at(int r) const {
+        return (i64)min(at.n0 + r, n - 1) * row_bytes;
+    }
+};
+
 // This thread's share of a step's TC_BN·PIECES weight copies: `copy(r, q, id)` for piece q of
 // tile row r, id = r·PIECES + q (256 threads).
 template <int PIECES, class Copy>
@@ -531,7 +546,7 @@ MATMUL_TCQ_MLX(8)
 #define TCQ_GGML_Q5_1 3
 #define TCQ_GGML_Q8_0 4
 template <int TYPE>
-struct TcqGgml {
+struct TcqGgml : TcqRows {
     static constexpr bool BYTES8 = TYPE == TCQ_GGML_Q8_0;
     static constexpr bool FIFTH = TYPE == TCQ_GGML_Q5_0 || TYPE == TCQ_GGML_Q5_1;
     static constexpr bool MIN = TYPE == TCQ_GGML_Q4_1 || TYPE == TCQ_GGML_Q5_1;
@@ -544,12 +559,7 @@ struct TcqGgml {
     static constexpr int QS = BLOCK - (BYTES8 ? 32 : 16);  // where a block's quants start
     static constexpr int ROW = 2 * BLOCK;                  // bytes of a row per step
     static constexpr int WORDS = ROW / 4;                  // 9, 10, 11, 12 or 17
-    static constexpr u32 W = TC_BM * TC_LD * 2;            // after the x tile
     static constexpr u32 BYTES = W + TC_BN * ROW;
-    const u8* w;
-    i64 row_bytes;
-    int n;
-    TcqThread at;
     // This thread's block of the step: its quant word i is word base + i of the row's step
     // shifted right by `sh` bits with word base + i + `next` above it (aligned words have no
     // next word, which for the last word would lie past the row).
@@ -563,7 +573,7 @@ struct TcqGgml {
     // Needs k % 64 == 0 and w 4-byte aligned.
     __device__ __forceinline__ TcqGgml(const TcqThread& thread, const u8* __restrict__ w, int n,
                                        int k)
-        : w(w), row_bytes((i64)(k / 32) * BLOCK), n(n), at(thread) {
+        : TcqRows{w, (i64)(k / 32) * BLOCK, n, thread} {
         // Block 0 starts the step (word-aligned), block 1 BLOCK bytes on (2 past a word for
         // Q4_0, Q5_0 and Q8_0): each offset is a constant plus blk times another.
         constexpr int PER = BYTES8 ? 4 : 2;  // quant words a thread
@@ -583,11 +593,10 @@ struct TcqGgml {
         }
     }
 
-    // Issues this thread's copies of the weight words of the step at k0 (rows past n repeat
-    // row n − 1, whose outputs are never stored).
+    // Issues this thread's copies of the weight words of the step at k0.
     __device__ __forceinline__ void load(u32 slot, int k0) const {
         tcq_row_copies<WORDS>([&](int r, int q, int id) {
-            const u8* src = w + (i64)min(at.n0 + r, n - 1) * row_bytes + k0 / TC_BK * ROW + 4 * q;
+            const u8* src = w + row_at(r) + k0 / TC_BK * ROW + 4 * q;
             cp_async4(slot + W + 4 * id, src, true);
         });
     }
@@ -675,18 +684,13 @@ MATMUL_TCQ_GGML(TcqGgml<TCQ_GGML_Q8_0>, q8_0)
 // order, TCQ_Q4K). Each row's two scales d·sc and mins dmin·m are formed in f32 once a step and
 // rounded to f16, and a weight is q·(d·sc) − dmin·m in one f16 FMA.
 template <int BITS>  // 4: Q4_K, 5: Q5_K
-struct TcqK {
+struct TcqK : TcqRows {
     static constexpr int STAGES = BITS == 4 ? 4 : 3;  // two blocks an SM either way
     static constexpr int BLOCK = BITS == 4 ? 144 : 176;
     static constexpr int QS = BITS == 4 ? 16 : 48;  // where a super-block's nibbles start
     static constexpr int CHUNKS = BITS == 4 ? 3 : 5;  // 16-byte copies a row per step
     static constexpr int ROW = 16 * CHUNKS;  // header, nibbles (and qh) of a row per step
-    static constexpr u32 W = TC_BM * TC_LD * 2;  // after the x tile
     static constexpr u32 BYTES = W + TC_BN * ROW;
-    const u8* w;
-    i64 row_bytes;
-    int n;
-    TcqThread at;
     struct Step {
         u32 ds[4][2], dm[4][2], words[4][2], fifth[4][2];
     };
@@ -694,14 +698,12 @@ struct TcqK {
     // Needs k % 256 == 0 and w 16-byte aligned; x staged in TCQ_Q4K order.
     __device__ __forceinline__ TcqK(const TcqThread& thread, const u8* __restrict__ w, int n,
                                     int k)
-        : w(w), row_bytes((i64)(k / 256) * BLOCK), n(n), at(thread) {}
+        : TcqRows{w, (i64)(k / 256) * BLOCK, n, thread} {}
 
-    // Issues this thread's copies of the header, nibbles (and qh) of the step at k0 (rows past
-    // n repeat row n − 1, whose outputs are never stored).
+    // Issues this thread's copies of the header, nibbles (and qh) of the step at k0.
     __device__ __forceinline__ void load(u32 slot, int k0) const {
         tcq_row_copies<CHUNKS>([&](int r, int q, int) {
-            const u8* blk =
-                w + (i64)min(at.n0 + r, n - 1) * row_bytes + (i64)(k0 / 256) * BLOCK;
+            const u8* blk = w + row_at(r) + (i64)(k0 / 256) * BLOCK;
             // Chunk 0: the header; 1, 2: the pair's nibbles; 3, 4: qh.
             const u8* src = q == 0  ? blk
                             : q < 3 ? blk + QS + 32 * ((k0 / TC_BK) & 3) + 16 * (q - 1)
@@ -794,18 +796,13 @@ MATMUL_TCQ_GGML(TcqK<5>, q5_k)
 // is 1024 + q in f16 (the nibble, qh's two bits at bits 4 and 5) and a weight (q − 32)·(d·sc),
 // d·sc rounded to f16 once a step. `scripts/emulate_q6k_ring.py` checks the copies, fields, scales
 // and x order against ggml's dequantization.
-struct TcqQ6K {
+struct TcqQ6K : TcqRows {
     static constexpr int STAGES = 3;
     static constexpr int BLOCK = 210;
     static constexpr int WORDS = 17;         // 8-byte copies a row per step
     static constexpr int ROW = 8 * WORDS;    // bytes a row per step
     static constexpr int QH = 72, SC = 112;  // where the qh and scale copies start in a row
-    static constexpr u32 W = TC_BM * TC_LD * 2;  // after the x tile
     static constexpr u32 BYTES = W + TC_BN * ROW;
-    const u8* w;
-    i64 row_bytes;
-    int n;
-    TcqThread at;
     struct Step {
         u32 dsc[4][2];            // (d·sc, d·sc) of group g and g + 1
         u32 lo[4][2], hi[4][2];   // ql at l = 8t … 8t + 7 of group g, of group g + 1
@@ -816,14 +813,13 @@ struct TcqQ6K {
     // Needs k % 2,048 == 0 and w 16-byte aligned; x staged in TCQ_Q4K order.
     __device__ __forceinline__ TcqQ6K(const TcqThread& thread, const u8* __restrict__ w, int n,
                                       int k)
-        : w(w), row_bytes((i64)(k / 256) * BLOCK), n(n), at(thread) {}
+        : TcqRows{w, (i64)(k / 256) * BLOCK, n, thread} {}
 
-    // Issues this thread's copies of the step at k0 (rows past n repeat row n − 1, whose
-    // outputs are never stored).
+    // Issues this thread's copies of the step at k0.
     __device__ __forceinline__ void load(u32 slot, int k0) const {
         const int half = (k0 / TC_BK >> 1) & 1;
         tcq_row_copies<WORDS>([&](int r, int q, int) {
-            const i64 blk = (i64)min(at.n0 + r, n - 1) * row_bytes + (i64)(k0 / 256) * BLOCK;
+            const i64 blk = row_at(r) + (i64)(k0 / 256) * BLOCK;
             // Words 0–8: from the half's ql; 9–13: from its qh; 14–16: the scales and d.
             const i64 start = q < 9    ? blk + 64 * half
                               : q < 14 ? blk + 128 + 32 * half
