@@ -198,13 +198,44 @@ impl KernelLaunch {
     }
 }
 
+/// A cuBLAS handle bound to a library's stream (`KernelLibrary::cublas`).
+#[derive(Clone)]
+pub(crate) struct Cublas {
+    blas: Arc<CudaBlas>,
+    /// The handle's stream (`CUstream` as an address).
+    stream: usize,
+}
+
+impl Cublas {
+    /// The product `Gemm` of f16 w `[n, k]` and x `[m, k]` (rows of `ld` halves at `w` and `x`)
+    /// into f32 out `[m, n]` at `out`.
+    pub fn gemm(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        ld: usize,
+        (w, x, out): (u64, u64, u64),
+    ) -> Result<Launch> {
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| Error::Invalid(format!("{v} exceeds a cuBLAS dimension")))
+        };
+        Ok(Launch::Gemm(Gemm {
+            cublas: self.clone(),
+            m: int(m)?,
+            n: int(n)?,
+            k: int(k)?,
+            ld: int(ld)?,
+            w,
+            x,
+            out,
+        }))
+    }
+}
+
 /// out `[m, n]` (f32, rows of n) = x `[m, k]` · wᵀ for w `[n, k]`, both f16 in rows of `ld`
 /// halves, by cuBLAS (tensor-core GEMM, f32 accumulation) on the library's stream, to which
 /// its handle is bound.
 pub(crate) struct Gemm {
-    blas: Arc<CudaBlas>,
-    /// The handle's stream (`CUstream` as an address).
-    blas_stream: usize,
+    cublas: Cublas,
     /// m, n, k and ld, checked to fit cuBLAS's ints when planned.
     m: i32,
     n: i32,
@@ -217,7 +248,7 @@ pub(crate) struct Gemm {
 
 impl Gemm {
     fn enqueue(&self, stream: &CudaStream) -> Result<()> {
-        if stream.cu_stream() as usize != self.blas_stream {
+        if stream.cu_stream() as usize != self.cublas.stream {
             return Err(Error::Cuda(
                 "a cuBLAS product enqueued on another stream than its library's".into(),
             ));
@@ -230,7 +261,7 @@ impl Gemm {
         // the dispatch; alpha and beta are host scalars (the handle's default pointer mode).
         unsafe {
             cublas::result::gemm_ex(
-                *self.blas.handle(),
+                *self.cublas.blas.handle(),
                 cublas::sys::cublasOperation_t::CUBLAS_OP_T,
                 cublas::sys::cublasOperation_t::CUBLAS_OP_N,
                 self.n,
@@ -328,8 +359,8 @@ pub(crate) struct KernelLibrary {
     raised: Mutex<HashMap<(&'static str, String), u32>>,
     /// The largest shared scratch handed out so far (`shared_scratch`).
     shared: Mutex<Option<Arc<CudaSlice<u8>>>>,
-    /// cuBLAS on `stream`, made on first use (`blas`).
-    blas: OnceLock<Option<Arc<CudaBlas>>>,
+    /// cuBLAS on `stream`, made on first use (`cublas`).
+    blas: OnceLock<Option<Cublas>>,
 }
 
 impl KernelLibrary {
@@ -442,48 +473,20 @@ impl KernelLibrary {
 
     /// cuBLAS on this library's stream, made on first use (at record time, never while a graph
     /// is being captured); None where its library cannot be loaded or a handle not made.
-    fn blas(&self) -> Option<Arc<CudaBlas>> {
+    pub fn cublas(&self) -> Option<Cublas> {
         self.blas
             .get_or_init(|| {
                 // SAFETY: only tries to load the library; no other CUDA state is touched.
                 if !unsafe { cublas::sys::is_culib_present() } {
                     return None;
                 }
-                CudaBlas::new(self.stream.clone()).ok().map(Arc::new)
+                let blas = CudaBlas::new(self.stream.clone()).ok()?;
+                Some(Cublas {
+                    blas: Arc::new(blas),
+                    stream: self.stream.cu_stream() as usize,
+                })
             })
             .clone()
-    }
-
-    /// Whether `gemm` can run here (cuBLAS loads).
-    pub fn has_cublas(&self) -> bool {
-        self.blas().is_some()
-    }
-
-    /// The cuBLAS product `Gemm` of f16 w `[n, k]` and x `[m, k]` (rows of `ld` halves at `w`
-    /// and `x`) into f32 out `[m, n]` at `out`; None without cuBLAS.
-    pub fn gemm(
-        &self,
-        (m, n, k): (usize, usize, usize),
-        ld: usize,
-        (w, x, out): (u64, u64, u64),
-    ) -> Result<Option<Launch>> {
-        let Some(blas) = self.blas() else {
-            return Ok(None);
-        };
-        let int = |v: usize| {
-            i32::try_from(v).map_err(|_| Error::Invalid(format!("{v} exceeds a cuBLAS dimension")))
-        };
-        Ok(Some(Launch::Gemm(Gemm {
-            blas,
-            blas_stream: self.stream.cu_stream() as usize,
-            m: int(m)?,
-            n: int(n)?,
-            k: int(k)?,
-            ld: int(ld)?,
-            w,
-            x,
-            out,
-        })))
     }
 
     /// Device memory for one dispatch's intermediate results, and its address (allocated at

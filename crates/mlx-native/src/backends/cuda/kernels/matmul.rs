@@ -12,7 +12,8 @@ use super::{COMMON, LAYOUTS, MMA};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
-    blocks, float_type, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Launch, Planner,
+    blocks, float_type, operand_count, wrong_op, Args, Cublas, CudaKernel, KernelLibrary, Launch,
+    Planner,
 };
 use crate::core::dtype::DType;
 use crate::core::op::{optional_last, Op, PreNorm, UnaryFn};
@@ -171,8 +172,12 @@ fn matmul(
             && k % 4 == 0
             && device_ptr(x)? % 16 == 0
             && !matches!(weight, Weight::Dense { ft: 0, .. });
-        if tensor_cores && m >= GEMM_MIN_ROWS && lib.has_cublas() {
-            return dequant_gemm(lib, &weight, x, (n, bias), out);
+        // (cuBLAS is loaded only when a prompt this long first comes.)
+        let blas = (tensor_cores && m >= GEMM_MIN_ROWS)
+            .then(|| lib.cublas())
+            .flatten();
+        if let Some(blas) = blas {
+            return dequant_gemm(lib, &blas, &weight, x, (n, bias), out);
         }
         // The MLX 4/8-bit kernel addresses its staged x with 32-bit element offsets.
         let staged_offsets_fit = m * k.next_multiple_of(MATMUL_TC_STEP) <= u32::MAX as usize;
@@ -415,6 +420,7 @@ fn tcq_matmul(
 /// reach) into out, or with a bias into scratch that `splitk_sum` (one slice) adds it to.
 fn dequant_gemm(
     lib: &KernelLibrary,
+    blas: &Cublas,
     weight: &Weight,
     x: &Tensor,
     (n, bias): (usize, Bias),
@@ -435,9 +441,7 @@ fn dequant_gemm(
         Some(_) => w_h + w_bytes as u64,
         None => device_ptr(out)?,
     };
-    let gemm = lib
-        .gemm((m, n, kp), kp, (w_h, staged.xh, dst))?
-        .ok_or_else(|| Error::Cuda("cuBLAS went missing after it loaded".into()))?;
+    let gemm = blas.gemm((m, n, kp), kp, (w_h, staged.xh, dst))?;
     let mut launches = vec![staged.launch, dequant, gemm];
     if bias.0.is_some() {
         launches.push(splitk_sum(lib, dst, 1, bias, out)?);
