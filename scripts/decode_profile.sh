@@ -19,28 +19,4 @@ for shape in $shapes; do
     --quant mlx4g64 --prompt-lens 128 --decode 3 --reps 1 > /dev/null 2>&1
   echo "$shape: ncu exit $?"
 done
-python3 - "$out" <<'PY' | tee "$out/decode_profile.txt"
-import collections, csv, glob, os, re, sys
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "ncu_*.csv"))):
-    with open(path) as f:
-        lines = [line for line in f if line.startswith('"')]
-    rows = []
-    for r in csv.DictReader(lines):
-        if r.get("Metric Name") == "gpu__time_duration.sum":
-            v = float(r["Metric Value"].replace(",", ""))
-            rows.append((r["Kernel Name"].split("(")[0], v / 1000 if r["Metric Unit"] == "ns" else v))
-    ends = [i for i, (name, _) in enumerate(rows) if name in ("argmax", "end_step")]
-    if len(ends) < 2:
-        print(f"{path}: no complete decode step")
-        continue
-    step = rows[ends[-2] + 1 : ends[-1] + 1]
-    per = collections.defaultdict(lambda: [0, 0.0])
-    for name, us in step:
-        key = re.sub(r"_(f32|f16|bf16)$", "", name)
-        per[key][0] += 1
-        per[key][1] += us
-    total = sum(us for _, us in step)
-    print(f"== {os.path.basename(path)[4:-4]}: {len(step)} kernels, {total:.1f} us serialized")
-    for name, (count, us) in sorted(per.items(), key=lambda kv: -kv[1][1]):
-        print(f"   {name:28s} {count:4d} x {us / count:6.2f} us = {us:7.1f} us")
-PY
+python3 scripts/ncu_kernel_times.py decode "$out"/ncu_*.csv | tee "$out/decode_profile.txt"

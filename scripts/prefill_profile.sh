@@ -2,7 +2,7 @@
 # On the GPU machine: where one prefill's time goes. ncu times every kernel (serialized, cuBLAS's
 # GEMM kernels included) of `mlxn bench --synthetic SHAPE --quant QUANT --prompt-lens TOKENS`,
 # and the first prefill (every kernel before the first greedy argmax, which picks its token) is
-# summed per kernel (scripts/prefill_profile.py).
+# summed per kernel (scripts/ncu_kernel_times.py).
 # Usage: scripts/prefill_profile.sh [MLXN] [TOKENS] [SHAPE:QUANT...]; carry the stripped mlxn
 # binary (default .device-bin/bin/mlxn). Raw CSV and the table under $OUT.
 set -u
@@ -17,9 +17,9 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 for c in $cases; do
   shape=${c%%:*} quant=${c#*:}
   timeout 300 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-    --log-file "$out/ncu_prefill_${shape}_$quant.csv" "$mlxn" bench --device cuda \
+    --log-file "$out/prefill_${shape}_$quant.csv" "$mlxn" bench --device cuda \
     --synthetic "$shape" --quant "$quant" --prompt-lens "$tokens" --decode 1 --reps 1 \
     > /dev/null 2>&1
   echo "$shape $quant: ncu exit $?"
 done
-python3 scripts/prefill_profile.py "$out"/ncu_prefill_*.csv | tee "$out/prefill_profile.txt"
+python3 scripts/ncu_kernel_times.py prefill "$out"/prefill_*.csv | tee "$out/prefill_profile.txt"
