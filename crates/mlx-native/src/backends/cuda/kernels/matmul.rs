@@ -8,7 +8,7 @@
 use super::elementwise::unary_code;
 use super::norm::{rms_norm_rows, RmsNormRows};
 use super::weights::Weight;
-use super::{COMMON, LAYOUTS, MMA};
+use super::{COMMON, LAYOUTS, MMA, TILES_TC};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
@@ -42,7 +42,7 @@ pub(super) static MATMUL: Source = Source {
 
 pub(super) static MATMUL_TC: Source = Source {
     name: "matmul_tc",
-    parts: &[COMMON, LAYOUTS, MMA, include_str!("matmul_tc.cu")],
+    parts: &[COMMON, LAYOUTS, MMA, TILES_TC, include_str!("matmul_tc.cu")],
 };
 
 /// MV_WARPS·32 threads (matvec.cu).
@@ -74,13 +74,13 @@ const MATVEC_TC_MAX_SHARED: usize = 100 << 10;
 /// MM_BM = MM_BN, 256 threads (matmul.cu).
 const MATMUL_TILE: usize = 64;
 const MATMUL_THREADS: u32 = 256;
-/// TC_BM = TC_BN (matmul_tc.cu), 256 threads.
-const MATMUL_TC_TILE: usize = 128;
+/// TC_BM = TC_BN (tiles_tc.cuh), 256 threads.
+pub(super) const MATMUL_TC_TILE: usize = 128;
 /// TC_BK: columns of k per step of the tensor-core kernels.
 const MATMUL_TC_STEP: usize = 64;
 /// Fewer rows leave most of a 128-row tensor-core tile idle; the f32 tiles then do as well and
 /// keep f32 operands.
-const MATMUL_TC_MIN_ROWS: usize = 17;
+pub(super) const MATMUL_TC_MIN_ROWS: usize = 17;
 /// From this many rows the product goes through cuBLAS on a dequantized f16 copy of the weight
 /// (`dequant_gemm`), where cuBLAS loads: the copy's writes and reads cost less than the
 /// tensor-core tiles lose to cuBLAS's GEMMs. H200, 2026-11-28, prefill tok/s of the tiles

@@ -1,18 +1,7 @@
-// out [m, n] = x [m, k] · Wᵀ (+ bias) on tensor cores, for prefill-sized m: 128×128 output
-// tiles, 256 threads (8 warps as 2×4, each a 64×32 sub-tile of m16n8k16 mma.sync), k in steps
-// of 64 through shared memory. Operands are f16 with f32 accumulation: x is rounded from f32
-// and the weight tile is dequantized by its layout (layouts.cuh `tile`, two units per row) and
-// rounded, so every layout shares the mma loop. f16 rather than bf16: 3 more mantissa bits
-// (unit roundoff 2^−11); activations past ±65504 would overflow, which post-norm inputs of the
-// supported models do not reach. The next k step's global loads and dequantization are issued
-// before the current step's mma so they overlap; two blocks per SM hide the rest.
-// Needs k % 4 == 0 and x 16-byte aligned (float4 loads). Launch: 256 threads,
-// grid (ceil(n/128), ceil(m/128), k splits: `split_steps`).
-
-#define TC_BM 128
-#define TC_BN 128
-#define TC_BK 64
-#define TC_LD (TC_BK + 8)  // row stride in halves: 144 bytes keeps ldmatrix conflict-free
+// out [m, n] = x [m, k] · Wᵀ (+ bias) on the generic tensor-core tiles of tiles_tc.cuh (every
+// layout), for prefill-sized m: block (x, y) takes output columns 128x.., rows 128y..; grid z
+// splits k (`split_steps`). Needs k % 4 == 0 and x 16-byte aligned (float4 loads). Launch: 256
+// threads, grid (ceil(n/128), ceil(m/128), k splits).
 
 // Split-K (grid z > 1, where the output tiles fill too few SMs: short prompts): block z takes
 // steps [begin, end) of the k loop and stores its partial tile, without the bias, as slice z
@@ -23,24 +12,16 @@ __device__ __forceinline__ void split_steps(int steps, int& begin, int& end) {
     end = min(steps, begin + per);
 }
 
-// Stores a warp's 64×32 accumulators of the block's tile (+ bias), inside m and n.
+// Stores a block's 128×128 tile (+ bias), inside m and n.
 __device__ __forceinline__ void store_tile(const float (&acc)[4][4][4],
                                            const void* __restrict__ bias, int bias_type,
                                            float* __restrict__ out, int m, int n) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int r0 = blockIdx.y * TC_BM + (warp >> 2) * 64, c0 = blockIdx.x * TC_BN + (warp & 3) * 32;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = r0 + 16 * i + g + 8 * (e >> 1);
-                const int col = c0 + 8 * j + 2 * t + (e & 1);
-                if (row < m && col < n)
-                    out[(i64)row * n + col] =
-                        bias ? acc[i][j][e] + load_float(bias, col, bias_type) : acc[i][j][e];
-            }
+    const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
+    tc_outputs(acc, [&](int r, int c, float v) {
+        const int row = m0 + r, col = n0 + c;
+        if (row < m && col < n)
+            out[(i64)row * n + col] = bias ? v + load_float(bias, col, bias_type) : v;
+    });
 }
 
 // store_tile, or with split-K the block's slice of the partials (no bias).
@@ -53,93 +34,18 @@ __device__ __forceinline__ void store_tile_split(const float (&acc)[4][4][4],
         store_tile(acc, bias, bias_type, out, m, n);
 }
 
-// This thread's share of the x tile at k0: rows (tid/16) + 16·i, columns 4·(tid%16)..+3,
-// as f16 pairs; zero past m and k.
-__device__ __forceinline__ void load_x(const float* __restrict__ x, int m, int k, int m0, int k0,
-                                       u32* xr) {
-    const int c = k0 + 4 * (threadIdx.x & 15);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const int row = m0 + (threadIdx.x >> 4) + 16 * i;
-        float4 v = {0.f, 0.f, 0.f, 0.f};
-        if (row < m && c < k) v = *(const float4*)(x + (i64)row * k + c);
-        xr[2 * i] = pack_f16x2(v.x, v.y);
-        xr[2 * i + 1] = pack_f16x2(v.z, v.w);
-    }
-}
-
-// This thread's share of the weight tile at k0: unit tid%2 of row tid/2 (columns past n stage
-// row n−1, whose outputs are never stored; units past k are zero).
-template <class L>
-__device__ __forceinline__ void load_w(const L& l, int n, int n0, int k0, u32* wr) {
-    const int row = min(n0 + (int)(threadIdx.x >> 1), n - 1);
-    const int kk = k0 + 32 * (threadIdx.x & 1);
-    float w[32];
-    l.tile(row, min(kk, ((l.k - 1) / 32) * 32), w);
-    const bool live = kk < l.k;
-#pragma unroll
-    for (int e = 0; e < 16; ++e) wr[e] = live ? pack_f16x2(w[2 * e], w[2 * e + 1]) : 0u;
-}
-
 template <class L>
 __device__ __forceinline__ void matmul_tc(const L& l, const float* __restrict__ x,
                                           const void* __restrict__ bias, int bias_type,
                                           float* __restrict__ out, int m, int n) {
-    __shared__ __align__(16) u16 xs[TC_BM][TC_LD];
-    __shared__ __align__(16) u16 ws[TC_BN][TC_LD];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
     const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
-    const int k = l.k;
-
-    float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
-
     int begin, end;  // this block's steps of k
-    split_steps((k + TC_BK - 1) / TC_BK, begin, end);
-    u32 xr[16], wr[16];
-    load_x(x, m, k, m0, begin * TC_BK, xr);
-    load_w(l, n, n0, begin * TC_BK, wr);
-    for (int k0 = begin * TC_BK; k0 < end * TC_BK; k0 += TC_BK) {
-        __syncthreads();  // the previous step's readers are done with the tiles
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-            *(uint2*)&xs[(tid >> 4) + 16 * i][4 * (tid & 15)] = uint2{xr[2 * i], xr[2 * i + 1]};
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-            *(uint4*)&ws[tid >> 1][32 * (tid & 1) + 8 * i] =
-                uint4{wr[4 * i], wr[4 * i + 1], wr[4 * i + 2], wr[4 * i + 3]};
-        __syncthreads();
-        if (k0 + TC_BK < end * TC_BK) {
-            load_x(x, m, k, m0, k0 + TC_BK, xr);
-            load_w(l, n, n0, k0 + TC_BK, wr);
-        }
-#pragma unroll
-        for (int kk = 0; kk < TC_BK; kk += 16) {
-            u32 a[4][4], b[4][2];
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-                ldmatrix_x4(a[i], &xs[wm + 16 * i + (lane & 15)][kk + 8 * (lane >> 4)]);
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                u32 r[4];
-                ldmatrix_x4(r, &ws[wn + 16 * j + (lane & 7) + 8 * (lane >> 4)]
-                                  [kk + 8 * ((lane >> 3) & 1)]);
-                b[2 * j][0] = r[0]; b[2 * j][1] = r[1];
-                b[2 * j + 1][0] = r[2]; b[2 * j + 1][1] = r[3];
-            }
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) mma_f16(acc[i][j], a[i], b[j]);
-        }
-    }
-
+    split_steps((l.k + TC_BK - 1) / TC_BK, begin, end);
+    float acc[4][4][4];
+    tc_accumulate(
+        x, [=](int r) { return min(m0 + r, m - 1); },
+        [=](int r, int k0, float* w) { l.tile(min(n0 + r, n - 1), k0, w); }, l.k, begin, end,
+        acc);
     store_tile_split(acc, bias, bias_type, out, m, n);
 }
 

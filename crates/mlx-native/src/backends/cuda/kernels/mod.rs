@@ -25,6 +25,8 @@ const LAYOUTS: &str = include_str!("layouts.cuh");
 const ROPE: &str = include_str!("rope.cuh");
 /// Tensor-core fragments (mma.sync) for the prefill matmul and attention.
 const MMA: &str = include_str!("mma.cuh");
+/// The generic tensor-core tile of x · Wᵀ (every layout), for prefill and MoE prefill.
+const TILES_TC: &str = include_str!("tiles_tc.cuh");
 /// The KV caches' element type `kv_t`: each source that reads or writes the caches (attention,
 /// rope) is built once per cache dtype.
 const KV_F32: &str = include_str!("kv_f32.cuh");

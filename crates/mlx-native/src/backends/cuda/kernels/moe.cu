@@ -158,10 +158,11 @@ __device__ __forceinline__ void gather_matvec(const L& l, const L& l_up, const f
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prefill: the slots grouped by expert (moe_bucket), then per expert matmul.cu's scheme of
-// 64×64 output tiles (256 threads, 4×4 outputs each, k in steps of 32 through shared memory)
-// over the rows of x its slots select. Each selected expert's weights are thus read once per
-// 64 of its slots rather than once per slot.
+// Prefill: the slots grouped by expert (moe_bucket), then per expert tiles over the rows of x
+// its slots select: on tensor cores (`gather_matmul_tc`, below), or for f32 weights and
+// unaligned x matmul.cu's scheme of 64×64 output tiles (256 threads, 4×4 outputs each, k in
+// steps of 32 through shared memory). Each selected expert's weights are thus read once per
+// tile of its slots rather than once per slot.
 
 // offsets[e]..offsets[e+1] of `order` are the slots routed to expert e (in no fixed order:
 // every slot's result is computed alone, so the order changes nothing). One block; shared
@@ -198,8 +199,8 @@ template <bool GATED, class L>
 __device__ __forceinline__ void gather_matmul(const L& l, const L& l_up, const float* __restrict__ x,
                                               const int* __restrict__ offsets,
                                               const int* __restrict__ order,
-                                              float* __restrict__ out, int n, int experts,
-                                              int top_k, int per_slot, int act) {
+                                              float* __restrict__ out, int n, int top_k,
+                                              int per_slot, int act) {
     __shared__ __align__(16) float xs[GMM_BK][GMM_BM + 4];
     __shared__ __align__(16) float ws[GATED ? 2 : 1][GMM_BK][GMM_BN + 4];
     __shared__ int slot_of[GMM_BM];
@@ -269,6 +270,70 @@ __device__ __forceinline__ void gather_matmul(const L& l, const L& l_up, const f
     }
 }
 
+// The same groups of slots on tensor cores (tiles_tc.cuh), for operands f16 can carry (every
+// layout but f32 weights): per expert, tiles of 128 of its slots. Block (x, y, e): tiles y,
+// y + gridDim.y, … of expert e's slots. A tile's x rows are its slots' (or their tokens') rows,
+// its results go to those slots' rows of out. GATED: a warp's 32 weight rows are 16 gate rows
+// and then the up rows of the same outputs, so n8 blocks j and j + 2 of a thread's
+// accumulators are gate and up of one output, stored as act(gate)·up: 64 output columns a
+// block (128 without GATED). Needs k % 4 == 0 and x 16-byte aligned. Launch: 256 threads.
+template <bool GATED, class L>
+__device__ __forceinline__ void gather_matmul_tc(const L& l, const L& l_up,
+                                                 const float* __restrict__ x,
+                                                 const int* __restrict__ offsets,
+                                                 const int* __restrict__ order,
+                                                 float* __restrict__ out, int n, int top_k,
+                                                 int per_slot, int act) {
+    __shared__ int slot_of[TC_BM], x_row_of[TC_BM];
+    const int e = blockIdx.z, k = l.k;
+    const int n0 = blockIdx.x * (GATED ? TC_BN / 2 : TC_BN);
+    const int begin = offsets[e], count = offsets[e + 1] - begin;
+    const auto x_row = [&](int r) { return x_row_of[r]; };
+    const auto w_tile = [&](int r, int k0, float* w) {
+        if constexpr (GATED) {
+            // r & 16 is uniform across a warp's loads (tc_load_w: 16 tile rows a warp).
+            const int col = min(n0 + 16 * (r >> 5) + (r & 15), n - 1);
+            if (r & 16) l_up.tile(e * n + col, k0, w);
+            else l.tile(e * n + col, k0, w);
+        } else {
+            l.tile(e * n + min(n0 + r, n - 1), k0, w);
+        }
+    };
+    for (int t0 = blockIdx.y * TC_BM; t0 < count; t0 += gridDim.y * TC_BM) {
+        __syncthreads();  // the previous tile's stores are done with slot_of
+        // Tile rows from `rows` on repeat the last slot; they are not stored.
+        const int rows = count - t0;
+        if (threadIdx.x < TC_BM) {
+            const int s = order[begin + t0 + min((int)threadIdx.x, rows - 1)];
+            slot_of[threadIdx.x] = s;
+            x_row_of[threadIdx.x] = per_slot ? s : s / top_k;
+        }
+        __syncthreads();
+        float acc[4][4][4];
+        tc_accumulate(x, x_row, w_tile, k, 0, (k + TC_BK - 1) / TC_BK, acc);
+        if constexpr (GATED) {
+            // A warp's 16 outputs: the columns of its n8 blocks 0 and 1.
+            const int c0 = n0 + ((threadIdx.x >> 5) & 3) * 16;
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        const int r = tc_row(i, q), col = c0 + (tc_col(j, q) & 31);
+                        if (r < rows && col < n)
+                            out[(i64)slot_of[r] * n + col] =
+                                activation(acc[i][j][q], act) * acc[i][j + 2][q];
+                    }
+        } else {
+            tc_outputs(acc, [&](int r, int c, float v) {
+                const int col = n0 + c;
+                if (r < rows && col < n) out[(i64)slot_of[r] * n + col] = v;
+            });
+        }
+    }
+}
+
 // Kernels per layout. Common arguments: x, ids (matvec) or offsets and order (tiles), the
 // weight's tensors (then the up weight's, GATED), out, n, k, experts, top_k, per_slot, act.
 // The gated matvecs come plain and with the RMSNorm folded in (`…gated_norm_…`); both take the
@@ -302,20 +367,18 @@ __device__ __forceinline__ void gather_matmul(const L& l, const L& l_up, const f
     GATHER_MLX_GATED_MATVEC(gather_matvec_gated_, false, BITS, ST, NAME)                          \
     GATHER_MLX_GATED_MATVEC(gather_matvec_gated_norm_, true, BITS, ST, NAME)
 
-#define GATHER_MLX(BITS)                                                                          \
-    GATHER_MLX_MATVEC(BITS, FT_F32, f32)                                                          \
-    GATHER_MLX_MATVEC(BITS, FT_F16, f16)                                                          \
-    GATHER_MLX_MATVEC(BITS, FT_BF16, bf16)                                                        \
-    extern "C" __global__ void __launch_bounds__(256)                                             \
-        gather_matmul_mlx##BITS(const float* x, const int* offsets, const int* order,             \
-                                const u32* w, const void* scales, const void* biases,             \
-                                int scale_type, float* out, int n, int k, int group_shift,        \
-                                int experts, int top_k, int per_slot) {                           \
+// gather_matmul_mlxBITS and gather_matmul_gated_mlxBITS on the SIMT tiles (PREFIX
+// gather_matmul_) or on tensor cores (gather_matmul_tc_), FN the one or the other.
+#define GATHER_MLX_TILES(PREFIX, FN, BITS, BLOCKS)                                              \
+    extern "C" __global__ void __launch_bounds__(256, BLOCKS)                                     \
+        PREFIX##mlx##BITS(const float* x, const int* offsets, const int* order, const u32* w,     \
+                          const void* scales, const void* biases, int scale_type, float* out,     \
+                          int n, int k, int group_shift, int experts, int top_k, int per_slot) {  \
         kernel_entry();                                                                           \
         const MlxAffine<BITS> l{w, scales, biases, scale_type, k, group_shift};                   \
-        gather_matmul<false>(l, l, x, offsets, order, out, n, experts, top_k, per_slot, 0);       \
+        FN<false>(l, l, x, offsets, order, out, n, top_k, per_slot, 0);                           \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256) gather_matmul_gated_mlx##BITS(              \
+    extern "C" __global__ void __launch_bounds__(256, BLOCKS) PREFIX##gated_mlx##BITS(            \
         const float* x, const int* offsets, const int* order, const u32* w, const void* scales,   \
         const void* biases, const u32* w_up, const void* scales_up, const void* biases_up,        \
         int scale_type, float* out, int n, int k, int group_shift, int experts, int top_k,        \
@@ -323,8 +386,15 @@ __device__ __forceinline__ void gather_matmul(const L& l, const L& l_up, const f
         kernel_entry();                                                                           \
         const MlxAffine<BITS> l{w, scales, biases, scale_type, k, group_shift};                   \
         const MlxAffine<BITS> l_up{w_up, scales_up, biases_up, scale_type, k, group_shift};       \
-        gather_matmul<true>(l, l_up, x, offsets, order, out, n, experts, top_k, 0, act);          \
+        FN<true>(l, l_up, x, offsets, order, out, n, top_k, 0, act);                              \
     }
+
+#define GATHER_MLX(BITS)                                                                          \
+    GATHER_MLX_MATVEC(BITS, FT_F32, f32)                                                          \
+    GATHER_MLX_MATVEC(BITS, FT_F16, f16)                                                          \
+    GATHER_MLX_MATVEC(BITS, FT_BF16, bf16)                                                        \
+    GATHER_MLX_TILES(gather_matmul_, gather_matmul, BITS, 1)                                      \
+    GATHER_MLX_TILES(gather_matmul_tc_, gather_matmul_tc, BITS, 2)
 GATHER_MLX(2)
 GATHER_MLX(3)
 GATHER_MLX(4)
@@ -358,20 +428,22 @@ GATHER_DENSE_MATVEC(FT_F32, f32)
 GATHER_DENSE_MATVEC(FT_F16, f16)
 GATHER_DENSE_MATVEC(FT_BF16, bf16)
 
-extern "C" __global__ void __launch_bounds__(256)
-    gather_matmul_dense(const float* x, const int* offsets, const int* order, const void* w,
-                        int weight_type, float* out, int n, int k, int experts, int top_k,
-                        int per_slot) {
-    kernel_entry();
-    const Dense l{w, weight_type, k};
-    gather_matmul<false>(l, l, x, offsets, order, out, n, experts, top_k, per_slot, 0);
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-    gather_matmul_gated_dense(const float* x, const int* offsets, const int* order,
-                              const void* w, const void* w_up, int weight_type, float* out,
-                              int n, int k, int experts, int top_k, int act) {
-    kernel_entry();
-    const Dense l{w, weight_type, k}, l_up{w_up, weight_type, k};
-    gather_matmul<true>(l, l_up, x, offsets, order, out, n, experts, top_k, 0, act);
-}
+#define GATHER_DENSE_TILES(PREFIX, FN, BLOCKS)                                                   \
+    extern "C" __global__ void __launch_bounds__(256, BLOCKS)                                     \
+        PREFIX##dense(const float* x, const int* offsets, const int* order, const void* w,        \
+                      int weight_type, float* out, int n, int k, int experts, int top_k,          \
+                      int per_slot) {                                                             \
+        kernel_entry();                                                                           \
+        const Dense l{w, weight_type, k};                                                         \
+        FN<false>(l, l, x, offsets, order, out, n, top_k, per_slot, 0);                           \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, BLOCKS)                                     \
+        PREFIX##gated_dense(const float* x, const int* offsets, const int* order, const void* w,  \
+                            const void* w_up, int weight_type, float* out, int n, int k,          \
+                            int experts, int top_k, int act) {                                    \
+        kernel_entry();                                                                           \
+        const Dense l{w, weight_type, k}, l_up{w_up, weight_type, k};                             \
+        FN<true>(l, l_up, x, offsets, order, out, n, top_k, 0, act);                              \
+    }
+GATHER_DENSE_TILES(gather_matmul_, gather_matmul, 1)
+GATHER_DENSE_TILES(gather_matmul_tc_, gather_matmul_tc, 2)

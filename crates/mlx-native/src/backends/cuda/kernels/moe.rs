@@ -2,13 +2,14 @@
 //! weighted combine. A gathered product of one token (decode) runs every slot's expert as a
 //! matvec in one launch, a folded input norm included; more tokens are grouped by expert
 //! (`moe_bucket`, scratch owned by the dispatch) and run as tiled matmuls over each expert's
-//! slots, after the norm's own launch.
+//! slots (on tensor cores from MATMUL_TC_MIN_ROWS tokens, as the dense matmul), after the
+//! norm's own launch.
 
 use super::elementwise::unary_code;
-use super::matmul::{check_norm_weight, norm_args, Norm};
+use super::matmul::{check_norm_weight, norm_args, Norm, MATMUL_TC_MIN_ROWS, MATMUL_TC_TILE};
 use super::norm::{rms_norm_rows, RmsNormRows};
 use super::weights::Weight;
-use super::{COMMON, LAYOUTS};
+use super::{COMMON, LAYOUTS, MMA, TILES_TC};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
@@ -23,7 +24,7 @@ use crate::{Error, Result};
 
 pub(super) static SOURCE: Source = Source {
     name: "moe",
-    parts: &[COMMON, LAYOUTS, include_str!("moe.cu")],
+    parts: &[COMMON, LAYOUTS, MMA, TILES_TC, include_str!("moe.cu")],
 };
 
 /// Warps per block of moe_route (one row each).
@@ -33,7 +34,7 @@ const ROUTE_MAX_EXPERTS: usize = 32 * 64;
 /// GMV_WARPS·GMV_ROWS output rows per block of the gathered matvec, GMV_WARPS·32 threads.
 const MATVEC_ROWS_PER_BLOCK: usize = 16;
 const MATVEC_THREADS: u32 = 128;
-/// GMM_BM = GMM_BN (64×64 tiles), 256 threads.
+/// GMM_BM = GMM_BN (64×64 SIMT tiles), 256 threads as the tensor-core tiles.
 const TILE: usize = 64;
 const TILE_THREADS: u32 = 256;
 /// Threads of moe_bucket (one block).
@@ -264,10 +265,21 @@ fn gather(
     }
     // Tiles read the scale (or dense row) type as an argument.
     let args = args.code(ft);
-    let kernel = format!("gather_matmul_{gated_part}{layout_name}");
-    let share = (TILES_PER_SHARE * slots).div_ceil(experts * TILE);
-    let row_tiles = share.clamp(1, m.div_ceil(TILE).max(1));
-    let grid = (blocks(n, TILE)?, dim(row_tiles)?, dim(experts)?);
+    // Tensor cores as the dense matmul takes them (f16 operands, float4 loads of x), except
+    // for f32 weights, whose precision and range f16 would drop.
+    let tensor_cores = m >= MATMUL_TC_MIN_ROWS
+        && k % 4 == 0
+        && x_at % 16 == 0
+        && !matches!(w, Weight::Dense { ft: 0, .. });
+    let (tc, rows_per_tile, cols_per_block) = match (tensor_cores, gated) {
+        (true, true) => ("tc_", MATMUL_TC_TILE, MATMUL_TC_TILE / 2),
+        (true, false) => ("tc_", MATMUL_TC_TILE, MATMUL_TC_TILE),
+        (false, _) => ("", TILE, TILE),
+    };
+    let kernel = format!("gather_matmul_{tc}{gated_part}{layout_name}");
+    let share = (TILES_PER_SHARE * slots).div_ceil(experts * rows_per_tile);
+    let row_tiles = share.clamp(1, m.div_ceil(rows_per_tile).max(1));
+    let grid = (blocks(n, cols_per_block)?, dim(row_tiles)?, dim(experts)?);
     let tiles = lib.launch(&SOURCE, &kernel, grid, TILE_THREADS, 0, tail(args)?)?;
     launches.extend([bucket, tiles]);
     let kernel = CudaKernel::new(launches, Some(scratch));
