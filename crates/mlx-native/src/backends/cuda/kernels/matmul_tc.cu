@@ -803,25 +803,38 @@ extern "C" __global__ void splitk_sum(const float* __restrict__ partial, int spl
 // (layouts.cuh `tile`), as f16 rows of kp columns (k rounded up to 64, zero past k), which a
 // cuBLAS GEMM multiplies with x staged as f16 in its own order (`stage_x_f16`, TCQ_NATURAL).
 // The rows are scratch of one dispatch: weights stay stored as the file stores them. Rounded to
-// f16 as the tensor-core tiles round them. Thread i writes the 32 halves of unit i % (kp/32) of
-// row i / (kp/32) (four 16-byte stores), after the kernel's `kernel_entry`. Launch: 256
-// threads, ⌈n·kp/32 / 256⌉ blocks.
+// f16 as the tensor-core tiles round them. Thread i dequantizes unit i % (kp/32) of row
+// i / (kp/32), whose 32 halves are out[32i ..]: a warp's units are 2 KB of out, which it
+// stores through shared memory as 16-byte words, lane l the words l, l + 32, … (one thread's
+// four 16-byte stores 64 bytes apart left every sector half-written by each store). Launch:
+// 256 threads, ⌈n·kp/32 / 256⌉ blocks.
 template <class L>
 __device__ __forceinline__ void dequant_f16(const L& l, u16* __restrict__ out, int n, int kp) {
-    const int units = kp / 32;
-    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (i64)n * units) return;
-    const int row = (int)(i / units), k0 = (int)(i - (i64)row * units) * 32;
-    float w[32];
-    if (k0 < l.k) l.tile(row, k0, w);
-    else
+    __shared__ uint4 staged[8][32 * 4];
+    const int units = kp / 32, lane = threadIdx.x & 31;
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x, total = (i64)n * units;
+    uint4* mine = staged[threadIdx.x >> 5];
+    if (i < total) {
+        const int row = (int)(i / units), k0 = (int)(i - (i64)row * units) * 32;
+        float w[32];
+        if (k0 < l.k) l.tile(row, k0, w);
+        else
 #pragma unroll
-        for (int e = 0; e < 32; ++e) w[e] = 0.f;
-    uint4* o = (uint4*)(out + (i64)row * kp + k0);
+            for (int e = 0; e < 32; ++e) w[e] = 0.f;
 #pragma unroll
-    for (int q = 0; q < 4; ++q)
-        o[q] = uint4{pack_f16x2(w[8 * q], w[8 * q + 1]), pack_f16x2(w[8 * q + 2], w[8 * q + 3]),
-                     pack_f16x2(w[8 * q + 4], w[8 * q + 5]), pack_f16x2(w[8 * q + 6], w[8 * q + 7])};
+        for (int q = 0; q < 4; ++q)
+            mine[4 * lane + q] =
+                uint4{pack_f16x2(w[8 * q], w[8 * q + 1]), pack_f16x2(w[8 * q + 2], w[8 * q + 3]),
+                      pack_f16x2(w[8 * q + 4], w[8 * q + 5]), pack_f16x2(w[8 * q + 6], w[8 * q + 7])};
+    }
+    __syncwarp();
+    const i64 first = i - lane;  // the warp's first unit
+    uint4* o = (uint4*)(out + first * 32);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int word = 32 * q + lane;  // four words a unit
+        if (first + word / 4 < total) o[word] = mine[word];
+    }
 }
 
 #define DEQUANT_F16_MLX(BITS)                                                                  \
