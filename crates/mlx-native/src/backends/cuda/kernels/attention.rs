@@ -56,6 +56,8 @@ const PREFILL_KEYS: usize = 32;
 /// the head dims with a flash kernel (attn_flash_HD).
 const FLASH_ROWS: usize = 64;
 const FLASH_KEYS: usize = 64;
+/// FA_STAGES: K/V tiles in flight with f16 caches (copied asynchronously).
+const FLASH_STAGES: usize = 2;
 const FLASH_THREADS: u32 = 128;
 const FLASH_HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
 /// Head dims are covered in chunks of 32 lanes; kernels exist for up to 8 chunks.
@@ -354,8 +356,13 @@ fn prefill(
         .int(shape.n_heads)?
         .int(shape.group)?;
     if flash_ready {
-        // f16 tiles of q and of K and V, each row padded by 8 halves.
-        let shared = (FLASH_ROWS + 2 * FLASH_KEYS) * (shape.head_dim + 8) * 2;
+        // f16 tiles of q and of K and V, each row padded by 8 halves; f16 caches' K and V
+        // tiles in FLASH_STAGES buffers.
+        let stages = match k_cache.dtype() {
+            DType::F16 => FLASH_STAGES,
+            _ => 1,
+        };
+        let shared = (FLASH_ROWS + 2 * stages * FLASH_KEYS) * (shape.head_dim + 8) * 2;
         let args = args
             .int(capacity)?
             .f32(shape.scale)
@@ -754,8 +761,8 @@ mod tests {
         );
     }
 
-    /// The decode kernel's shared-memory buffers and split rule are sized by constants of
-    /// attention.cu that the planner repeats: a mismatch would index past the buffers.
+    /// The attention kernels' shared-memory buffers and split rules are sized by constants of
+    /// their sources that the planner repeats: a mismatch would index past the buffers.
     #[test]
     fn planner_constants_match_the_kernel() {
         for (name, value) in [
@@ -767,6 +774,17 @@ mod tests {
             assert!(
                 ATTENTION.lines().any(|l| l.starts_with(&define)),
                 "attention.cu lacks `{define}`"
+            );
+        }
+        for (name, value) in [
+            ("FA_WARPS", FLASH_THREADS as usize / 32),
+            ("FA_KEYS", FLASH_KEYS),
+            ("FA_STAGES", FLASH_STAGES),
+        ] {
+            let define = format!("#define {name} {value}");
+            assert!(
+                FLASH_ATTENTION.lines().any(|l| l.starts_with(&define)),
+                "flash_attention.cu lacks `{define}`"
             );
         }
         for (name, value) in [
