@@ -276,12 +276,7 @@ __device__ __forceinline__ void tcq_ring(Layout layout, const u16* __restrict__ 
     using L = decltype(l);
 
     float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    tc_zero(acc);
 
 #pragma unroll
     for (int s = 0; s < L::STAGES - 1; ++s) {

@@ -43,6 +43,16 @@ __device__ __forceinline__ void tc_load_w(WTile w_tile, int k, int k0, u32* wr) 
     for (int e = 0; e < 16; ++e) wr[e] = live ? pack_f16x2(w[2 * e], w[2 * e + 1]) : 0u;
 }
 
+// Zeroes a thread's accumulators of a 128×128 tile (4×4 m16n8 C fragments).
+__device__ __forceinline__ void tc_zero(float (&acc)[4][4][4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+}
+
 // acc = the tile's steps [begin, end) of k: tile row r of x is `x_row(r)`, tile row r of W is
 // what `w_tile(r, k0, w)` writes (see tc_load_x, tc_load_w). Starts with a barrier, so a block
 // may call it again for another tile.
@@ -55,12 +65,7 @@ __device__ __forceinline__ void tc_accumulate(const float* __restrict__ x, XRow 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
 
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    tc_zero(acc);
 
     u32 xr[16], wr[16];
     tc_load_x(x, x_row, k, begin * TC_BK, xr);
