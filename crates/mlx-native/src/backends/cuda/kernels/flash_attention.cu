@@ -4,8 +4,10 @@
 // (sliding window), scores scale·q·k soft-capped when softcap > 0. A block takes FA_ROWS
 // query rows of one head (16 per warp) and streams key tiles of FA_KEYS through shared memory
 // as f16: S = Q·Kᵀ and O += P·V are m16n8k16 mma with f32 accumulators, the online softmax
-// runs on the S fragments in f32 (each row is held by the 4 lanes of a quad). q (pre-scaled),
-// k, v and p are rounded to f16 (unit roundoff 2^−11). Row blocks run latest first: they see
+// runs on the S fragments in f32 (each row is held by the 4 lanes of a quad), in base 2: q is
+// pre-scaled by scale·log2(e) (and the softcap by log2(e)), so each probability is one MUFU.EX2
+// (`fa_exp2`), where expf without fast math is a range reduction around it. q, k, v and p
+// are rounded to f16 (unit roundoff 2^−11). Row blocks run latest first: they see
 // the most keys. Needs HD % 16 == 0 and q, the caches and out 16-byte aligned. Launch:
 // FA_WARPS·32 threads, grid (n_heads, ceil(rows/FA_ROWS)), dynamic shared memory
 // (FA_ROWS + 2·FA_KEYS·stages)·(HD + 8)·2 bytes, stages FA_STAGES with f16 caches, else 1.
@@ -16,6 +18,14 @@
 #define FA_ROWS (16 * FA_WARPS)
 #define FA_KEYS 64
 #define FA_STAGES 2  // K/V buffers with f16 caches: the tile multiplied and the next one
+
+// 2^x by the special-function unit alone (ex2.approx.ftz: relative error ~2^−22, subnormal
+// results flushed to 0, 2^−∞ = 0); exp2f adds a rescale for subnormal results around it.
+__device__ __forceinline__ float fa_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 
 // Four values at p (f32 or f16, aligned to four elements: attention.cu's load_run) times
 // `mul`, as packed f16.
@@ -68,8 +78,11 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ q,
     const int p0 = (int)pos[0];
     const i64 kv_base = (i64)(h / group) * capacity * HD;
 
+    constexpr float LOG2E = 1.4426950408889634f;
     fa_stage<HD>(qs, q + ((i64)r0 * n_heads + h) * HD, (i64)n_heads * HD, FA_ROWS, rows - r0,
-                 scale);
+                 scale * LOG2E);
+    // cap·tanh(s / cap) of base-2 scores s = log2(e)·s_e is log2(e) times the natural one's.
+    const float softcap2 = softcap * LOG2E;
     int lo_block, hi_block, unused;
     key_range(p0 + r0, capacity, window, lo_block, unused);
     key_range(p0 + min(r0 + FA_ROWS, rows) - 1, capacity, window, unused, hi_block);
@@ -141,21 +154,21 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ q,
                 for (int e = 0; e < 2; ++e) {
                     const int key = t0 + 8 * j + 2 * quad + e;
                     float& v = s[j][2 * r + e];
-                    v = key >= lo[r] && key < hi[r] ? cap_score(v, softcap) : NEG_INF;
+                    v = key >= lo[r] && key < hi[r] ? cap_score(v, softcap2) : NEG_INF;
                     mx = fmaxf(mx, v);
                 }
             mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
             const float m_new = fmaxf(m[r], mx);
             // Rows that have seen no key yet keep m = −inf and add nothing.
-            corr[r] = m_new == NEG_INF ? 1.f : expf(m[r] - m_new);
+            corr[r] = m_new == NEG_INF ? 1.f : fa_exp2(m[r] - m_new);
             float sum = 0.f;
 #pragma unroll
             for (int j = 0; j < FA_KEYS / 8; ++j)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     float& v = s[j][2 * r + e];
-                    v = m_new == NEG_INF ? 0.f : expf(v - m_new);
+                    v = m_new == NEG_INF ? 0.f : fa_exp2(v - m_new);
                     sum += v;
                 }
             l[r] = l[r] * corr[r] + sum;  // this lane's keys; the quad is summed at the end
