@@ -159,9 +159,9 @@ __device__ __forceinline__ void gather_matvec(const L& l, const L& l_up, const f
 
 // ---------------------------------------------------------------------------------------------
 // Prefill: the slots grouped by expert (moe_bucket), then per expert tiles over the rows of x
-// its slots select: on tensor cores (`gather_matmul_tc`, below), or for f32 weights and
-// unaligned x matmul.cu's scheme of 64×64 output tiles (256 threads, 4×4 outputs each, k in
-// steps of 32 through shared memory). Each selected expert's weights are thus read once per
+// its slots select: on tensor cores (`gather_matmul_tc`, below), or (f32 weights, x not
+// float4-aligned, under 17 tokens) matmul.cu's scheme of 64×64 output tiles (256 threads, 4×4
+// outputs each, k in steps of 32 through shared memory). Each selected expert's weights are thus read once per
 // tile of its slots rather than once per slot.
 
 // offsets[e]..offsets[e+1] of `order` are the slots routed to expert e (in no fixed order:
