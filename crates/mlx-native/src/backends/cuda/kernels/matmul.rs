@@ -80,7 +80,7 @@ pub(super) const MATMUL_TC_TILE: usize = 128;
 const MATMUL_TC_STEP: usize = 64;
 /// Fewer rows leave most of a 128-row tensor-core tile idle; the f32 tiles then do as well and
 /// keep f32 operands.
-pub(super) const MATMUL_TC_MIN_ROWS: usize = 17;
+const MATMUL_TC_MIN_ROWS: usize = 17;
 /// From this many rows the product goes through cuBLAS on a dequantized f16 copy of the weight
 /// (`dequant_gemm`), where cuBLAS loads: the copy's writes and reads cost less than the
 /// tensor-core tiles lose to cuBLAS's GEMMs. H200, 2026-11-28, prefill tok/s of the tiles
@@ -166,12 +166,7 @@ fn matmul(
         };
         return plan.plain(lib, &weight, (k, n), bias, device_ptr(out)?, half);
     } else {
-        // Tensor cores for many rows (float4 loads of x), unless the weight is f32: f16
-        // operands would drop its precision and range.
-        let tensor_cores = m >= MATMUL_TC_MIN_ROWS
-            && k % 4 == 0
-            && device_ptr(x)? % 16 == 0
-            && !matches!(weight, Weight::Dense { ft: 0, .. });
+        let tensor_cores = tensor_core_tiles((m, k), device_ptr(x)?, &weight);
         // (cuBLAS is loaded only when a prompt this long first comes.)
         let blas = (tensor_cores && m >= GEMM_MIN_ROWS)
             .then(|| lib.cublas())
@@ -342,6 +337,16 @@ const TCQ_Q4_0: i32 = 2;
 const TCQ_Q4K: i32 = 3;
 /// x as it lies (`dequant_gemm`).
 const TCQ_NATURAL: i32 = 4;
+
+/// Whether the tensor-core tiles (`tiles_tc.cuh` and the rings) take an `[m, k]` x at address
+/// `x` times `weight`: rows enough to fill a tile, float4 loads of x, and a weight that f16
+/// operands carry (not f32: f16 would drop its precision and range). The MoE tiles ask the same.
+pub(super) fn tensor_core_tiles((m, k): (usize, usize), x: u64, weight: &Weight) -> bool {
+    m >= MATMUL_TC_MIN_ROWS
+        && k.is_multiple_of(4)
+        && x.is_multiple_of(16)
+        && !matches!(weight, Weight::Dense { ft: 0, .. })
+}
 
 /// Steps of k (MATMUL_TC_STEP columns) a split-K block takes at the least, and the rows long
 /// enough to split where more than half the SMs already work.

@@ -2,11 +2,11 @@
 //! weighted combine. A gathered product of one token (decode) runs every slot's expert as a
 //! matvec in one launch, a folded input norm included; more tokens are grouped by expert
 //! (`moe_bucket`, scratch owned by the dispatch) and run as tiled matmuls over each expert's
-//! slots (on tensor cores from MATMUL_TC_MIN_ROWS tokens, as the dense matmul), after the
+//! slots (on tensor cores where the dense matmul's tiles would take them), after the
 //! norm's own launch.
 
 use super::elementwise::unary_code;
-use super::matmul::{check_norm_weight, norm_args, Norm, MATMUL_TC_MIN_ROWS, MATMUL_TC_TILE};
+use super::matmul::{check_norm_weight, norm_args, tensor_core_tiles, Norm, MATMUL_TC_TILE};
 use super::norm::{rms_norm_rows, RmsNormRows};
 use super::weights::Weight;
 use super::{COMMON, LAYOUTS, MMA, TILES_TC};
@@ -265,13 +265,7 @@ fn gather(
     }
     // Tiles read the scale (or dense row) type as an argument.
     let args = args.code(ft);
-    // Tensor cores as the dense matmul takes them (f16 operands, float4 loads of x), except
-    // for f32 weights, whose precision and range f16 would drop.
-    let tensor_cores = m >= MATMUL_TC_MIN_ROWS
-        && k % 4 == 0
-        && x_at % 16 == 0
-        && !matches!(w, Weight::Dense { ft: 0, .. });
-    let (tc, rows_per_tile, cols_per_block) = match (tensor_cores, gated) {
+    let (tc, rows_per_tile, cols_per_block) = match (tensor_core_tiles((m, k), x_at, &w), gated) {
         (true, true) => ("tc_", MATMUL_TC_TILE, MATMUL_TC_TILE / 2),
         (true, false) => ("tc_", MATMUL_TC_TILE, MATMUL_TC_TILE),
         (false, _) => ("", TILE, TILE),
