@@ -6,7 +6,7 @@
 
 use half::{bf16, f16};
 use mlx_native::backends::cuda;
-use mlx_native::core::op::{PreNorm, Routing, UnaryFn};
+use mlx_native::core::op::{PreNorm, Route, Routing, UnaryFn};
 use mlx_native::ops::{self, ExpertLinear};
 use mlx_native::quant::{mlx_affine, WeightLayout};
 use mlx_native::{CommandEncoder, DType, Device, Error, Result, Tensor};
@@ -94,7 +94,13 @@ fn route_ref(row: &[f32], top_k: usize, routing: Routing) -> (Vec<u32>, Vec<f64>
 fn routing_picks_the_top_experts_with_each_normalisation() {
     let mut rng = Rng(11);
     for dev in devices() {
-        for (m, experts, top_k) in [(1, 8, 2), (5, 13, 3), (3, 128, 8), (2, 70, 1)] {
+        for (m, experts, top_k) in [
+            (1, 8, 2),
+            (5, 13, 3),
+            (3, 128, 8),
+            (2, 70, 1),
+            (2, 2048, 32),
+        ] {
             let mut logits = rng.vec(m * experts, 3.0);
             // Exact ties: the lower id must win, on every backend.
             logits[1] = logits[0].abs() + 5.0;
@@ -299,18 +305,30 @@ fn cases(rng: &mut Rng) -> Vec<HostExperts> {
         host_experts(rng, mlx(8, 64), DType::F32, 5, 21, 192),
         host_experts(rng, mlx(3, 32), DType::F16, 3, 33, 64),
         host_experts(rng, mlx(6, 128), DType::BF16, 4, 17, 256),
+        // One token: several blocks a slot, each tile's k split between warps.
+        host_experts(rng, mlx(4, 64), DType::BF16, 4, 300, 2048),
     ]
 }
 
 /// One token (the decode path) and 70 (the grouped, tiled path).
 const TOKENS: [usize; 2] = [1, 70];
 
-/// The relative tolerance of a gathered product on `dev`: `exact`, or on CUDA for many tokens
-/// (the tensor-core tiles, which round x and the weights to f16; f32 weights stay on the f32
-/// tiles) `rounded`.
-fn gather_tol(dev: &Device, w: &HostExperts, m: usize, (exact, rounded): (f64, f64)) -> f64 {
+/// The relative tolerance of a gathered product on `dev`: `exact`, or on CUDA where tensor
+/// cores multiply (x rounded to f16) `rounded`: many tokens (the tiles, which round the weights
+/// to f16 as well; f32 weights stay on the f32 tiles), and one token of MLX 4- and 8-bit
+/// experts of more than 2^18 − 1 weights, gate and up together (matvec_tc.cu's gathered
+/// kernels).
+fn gather_tol(
+    dev: &Device,
+    w: &HostExperts,
+    (m, gated): (usize, bool),
+    (exact, rounded): (f64, f64),
+) -> f64 {
     let f32_weights = w.layout == WeightLayout::Dense && w.dtype == DType::F32;
-    if dev.is_cpu() || m == 1 || f32_weights {
+    let weights = w.n * w.k * if gated { 2 } else { 1 };
+    let tc_matvec =
+        matches!(w.layout, WeightLayout::MlxAffine { bits: 4 | 8, .. }) && weights >= 1 << 18;
+    if dev.is_cpu() || f32_weights || (m == 1 && !tc_matvec) {
         exact
     } else {
         rounded
@@ -350,7 +368,7 @@ fn gather_matmul_matches_reference() {
                     let out = poisoned(dev, &[m, top_k, w.n]).unwrap();
                     run(dev, |enc| ops::gather_matmul(enc, &xt, &idt, &weight, &out)).unwrap();
                     let got = out.to_vec::<f32>().unwrap();
-                    let tol = gather_tol(dev, &w, m, (2e-5, 1e-3));
+                    let tol = gather_tol(dev, &w, (m, false), (2e-5, 1e-3));
                     check_device(&what, got, &want, &mut cpu, tol);
                 }
             }
@@ -394,7 +412,7 @@ fn skewed_routing_loops_over_an_experts_tiles() {
         let idt = dev.from_slice(&ids, &[m, top_k]).unwrap();
         let out = poisoned(dev, &[m, top_k, n]).unwrap();
         run(dev, |enc| ops::gather_matmul(enc, &xt, &idt, &gw, &out)).unwrap();
-        let tol = gather_tol(dev, &gate, m, (2e-5, 1e-3));
+        let tol = gather_tol(dev, &gate, (m, false), (2e-5, 1e-3));
         let what = format!("{dev:?} skewed gather");
         check_device(&what, out.to_vec().unwrap(), &plain, &mut cpu_plain, tol);
         let out = poisoned(dev, &[m, top_k, n]).unwrap();
@@ -402,7 +420,7 @@ fn skewed_routing_loops_over_an_experts_tiles() {
             ops::gather_gated_matmul(enc, &xt, None, &idt, &gw, &uw, UnaryFn::Silu, &out)
         })
         .unwrap();
-        let tol = gather_tol(dev, &gate, m, (5e-5, 2e-3));
+        let tol = gather_tol(dev, &gate, (m, true), (5e-5, 2e-3));
         let what = format!("{dev:?} skewed gated gather");
         check_device(&what, out.to_vec().unwrap(), &gated, &mut cpu_gated, tol);
     }
@@ -487,7 +505,7 @@ fn gather_gated_matmul_matches_reference() {
                     })
                     .unwrap();
                     let got = out.to_vec::<f32>().unwrap();
-                    let tol = gather_tol(dev, gate, m, (5e-5, 2e-3));
+                    let tol = gather_tol(dev, gate, (m, true), (5e-5, 2e-3));
                     check_device(&what, got, &want, &mut cpu, tol);
                 }
             }
@@ -570,8 +588,84 @@ fn moe_combine_adds_weighted_slots_to_the_residual() {
     }
 }
 
+/// The routing op's routing and product are `moe_route` then `gather_gated_matmul`, bit for
+/// bit: one token and three (routed by a launch in front on CUDA), every routing, with and
+/// without the folded norm, small experts (moe.cu's matvec) and large (matvec_tc.cu's, on CUDA
+/// routing in the product's kernel).
+#[test]
+fn routed_gated_matmul_equals_route_then_gated() {
+    let mut rng = Rng(45);
+    let mlx = |group_size| WeightLayout::MlxAffine {
+        bits: 4,
+        group_size,
+    };
+    let shapes = [(mlx(32), 8, 45, 96, 3), (mlx(64), 6, 300, 2048, 4)];
+    for (layout, experts, n, k, top_k) in shapes {
+        let gate_h = host_experts(&mut rng, layout, DType::BF16, experts, n, k);
+        let up_h = host_experts(&mut rng, layout, DType::BF16, experts, n, k);
+        for dev in devices() {
+            let (gate, up) = (gate_h.upload(&dev), up_h.upload(&dev));
+            let g = dev.from_slice(&rng.vec(k, 1.0), &[k]).unwrap();
+            for (m, routing, norm) in [
+                (1, Routing::SoftmaxTopK { normalize: true }, true),
+                (1, Routing::SoftmaxTopK { normalize: false }, false),
+                (1, Routing::TopKSoftmax, true),
+                (3, Routing::SoftmaxTopK { normalize: true }, true),
+            ] {
+                let what = format!("{dev:?} {experts}×{n}×{k} m={m} {routing:?} norm={norm}");
+                let x = dev.from_slice(&rng.vec(m * k, 1.0), &[m, k]).unwrap();
+                let logits = dev
+                    .from_slice(&rng.vec(m * experts, 2.0), &[m, experts])
+                    .unwrap();
+                let norm = norm.then_some((
+                    &g,
+                    PreNorm {
+                        eps: NORM_EPS,
+                        unit_offset: false,
+                    },
+                ));
+                let outputs = || {
+                    let ids = dev
+                        .from_slice(&vec![u32::MAX; m * top_k], &[m, top_k])
+                        .unwrap();
+                    let w = poisoned(&dev, &[m, top_k]).unwrap();
+                    (ids, w, poisoned(&dev, &[m, top_k, n]).unwrap())
+                };
+                let (ids_a, w_a, out_a) = outputs();
+                let (ids_b, w_b, out_b) = outputs();
+                let f = UnaryFn::Silu;
+                run(&dev, |enc| {
+                    ops::moe_route(enc, &logits, top_k, routing, &ids_a, &w_a)?;
+                    ops::gather_gated_matmul(enc, &x, norm, &ids_a, &gate, &up, f, &out_a)?;
+                    let route = (&logits, Route { top_k, routing });
+                    let routed = (&ids_b, &w_b);
+                    ops::routed_gated_matmul(enc, &x, norm, route, routed, (&gate, &up), f, &out_b)
+                })
+                .unwrap();
+                assert_eq!(
+                    ids_a.to_vec::<u32>().unwrap(),
+                    ids_b.to_vec::<u32>().unwrap(),
+                    "{what}"
+                );
+                assert_eq!(
+                    w_a.to_vec::<f32>().unwrap(),
+                    w_b.to_vec::<f32>().unwrap(),
+                    "{what}"
+                );
+                assert_eq!(
+                    out_a.to_vec::<f32>().unwrap(),
+                    out_b.to_vec::<f32>().unwrap(),
+                    "{what}"
+                );
+            }
+        }
+    }
+}
+
 /// A captured route → gated experts → down → combine replays with the routing of new router
-/// logits (ids live in a device buffer), bit-identical to recording it afresh.
+/// logits (ids live in a device buffer), bit-identical to recording it afresh: routed by a
+/// launch of its own, and by the gated product (on CUDA the tensor-core kernel, gate and up of
+/// 2^18 weights, routing its token itself).
 #[test]
 fn replayed_graph_follows_new_routing() {
     let mut rng = Rng(51);
@@ -579,14 +673,17 @@ fn replayed_graph_follows_new_routing() {
         bits: 4,
         group_size: 32,
     };
-    let (experts, top_k, h, inter) = (8, 2, 64, 96);
+    let (experts, top_k, h, inter) = (8, 2, 512, 256);
     let gate_h = host_experts(&mut rng, mlx, DType::F16, experts, inter, h);
     let up_h = host_experts(&mut rng, mlx, DType::F16, experts, inter, h);
     let down_h = host_experts(&mut rng, mlx, DType::F16, experts, h, inter);
     let x = rng.vec(h, 1.0);
     let logits_a = rng.vec(experts, 2.0);
     let logits_b: Vec<f32> = logits_a.iter().rev().copied().collect();
-    for dev in devices() {
+    for (dev, routed) in devices()
+        .into_iter()
+        .flat_map(|d| [(d.clone(), false), (d, true)])
+    {
         let (gate, up, down) = (gate_h.upload(&dev), up_h.upload(&dev), down_h.upload(&dev));
         let xt = dev.from_slice(&x, &[1, h]).unwrap();
         let logits = dev.from_slice(&logits_a, &[1, experts]).unwrap();
@@ -595,16 +692,26 @@ fn replayed_graph_follows_new_routing() {
         let act = dev.zeros(&[1, top_k, inter], DType::F32).unwrap();
         let y = dev.zeros(&[1, top_k, h], DType::F32).unwrap();
         let out = dev.zeros(&[1, h], DType::F32).unwrap();
+        let routing = Routing::SoftmaxTopK { normalize: true };
         let record = |enc: &mut CommandEncoder| -> Result<()> {
-            ops::moe_route(
-                enc,
-                &logits,
-                top_k,
-                Routing::SoftmaxTopK { normalize: true },
-                &ids,
-                &weights,
-            )?;
-            ops::gather_gated_matmul(enc, &xt, None, &ids, &gate, &up, UnaryFn::Silu, &act)?;
+            let f = UnaryFn::Silu;
+            if routed {
+                let route = (&logits, Route { top_k, routing });
+                let experts = (&gate, &up);
+                ops::routed_gated_matmul(
+                    enc,
+                    &xt,
+                    None,
+                    route,
+                    (&ids, &weights),
+                    experts,
+                    f,
+                    &act,
+                )?;
+            } else {
+                ops::moe_route(enc, &logits, top_k, routing, &ids, &weights)?;
+                ops::gather_gated_matmul(enc, &xt, None, &ids, &gate, &up, f, &act)?;
+            }
             ops::gather_matmul(enc, &act, &ids, &down, &y)?;
             ops::moe_combine(enc, &y, &weights, &xt, &out)
         };
@@ -626,11 +733,15 @@ fn replayed_graph_follows_new_routing() {
         for (l, (ids_replayed, out_replayed)) in [&logits_a, &logits_b].iter().zip(&replayed) {
             logits.write(l).unwrap();
             run(&dev, record).unwrap();
-            assert_eq!(ids.to_vec::<u32>().unwrap(), *ids_replayed, "{dev:?} ids");
+            assert_eq!(
+                ids.to_vec::<u32>().unwrap(),
+                *ids_replayed,
+                "{dev:?} ids routed={routed}"
+            );
             assert_eq!(
                 out.to_vec::<f32>().unwrap(),
                 *out_replayed,
-                "{dev:?} output"
+                "{dev:?} output routed={routed}"
             );
         }
     }

@@ -32,6 +32,14 @@ pub enum Routing {
     SoftmaxTopK { normalize: bool },
 }
 
+/// Routing that an op runs in front of its product (`Op::GatherGatedMatMul::route`): the top
+/// `top_k` experts of each row of router logits, weighted as `routing` says (`Op::MoeRoute`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub top_k: usize,
+    pub routing: Routing,
+}
+
 /// Sampling settings. `temperature == 0` is greedy (argmax).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -289,11 +297,14 @@ pub enum Op {
     /// The gated pair of each selected expert: out[i, j] = f(x_i·G_eᵀ) ∘ (x_i·U_eᵀ).
     /// in: x `[m, k]`, ids u32 `[m, top_k]`, the norm weight f32 `[k]` if `pre_norm`, gate
     /// tensors, then up tensors (stacked like `GatherMatMul`'s); out `[m, top_k, n]`. With
-    /// `pre_norm`, x goes through that RMSNorm first (the MoE block's input norm).
+    /// `pre_norm`, x goes through that RMSNorm first (the MoE block's input norm). With
+    /// `route`, the second input is the router logits f32 `[m, experts]` instead of ids: the op
+    /// routes them first as `MoeRoute` does, into its second and third outputs (ids, weights).
     GatherGatedMatMul {
         layout: WeightLayout,
         act: UnaryFn,
         pre_norm: Option<PreNorm>,
+        route: Option<Route>,
     },
     /// The MoE block's output added to the residual: out[i] = residual[i] + Σ_j w[i, j]·y[i, j].
     /// in: y `[m, top_k, n]`, weights f32 `[m, top_k]`, residual `[m, n]`; out `[m, n]`.

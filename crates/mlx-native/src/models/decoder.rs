@@ -9,7 +9,7 @@
 use crate::core::device::Device;
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
-use crate::core::op::{BinaryFn, PreNorm, Routing, UnaryFn};
+use crate::core::op::{BinaryFn, PreNorm, Route, Routing, UnaryFn};
 use crate::core::tensor::Tensor;
 use crate::models::WeightSource;
 use crate::ops::{
@@ -923,16 +923,20 @@ impl Decoder {
                         }
                         None => ops::matmul(enc, input, router, &ms.logits)?,
                     }
-                    ops::moe_route(
+                    let route = Route {
+                        top_k: moe.top_k,
+                        routing: moe.routing,
+                    };
+                    ops::routed_gated_matmul(
                         enc,
-                        &ms.logits,
-                        moe.top_k,
-                        moe.routing,
-                        &ms.ids,
-                        &ms.weights,
+                        input,
+                        norm,
+                        (&ms.logits, route),
+                        (&ms.ids, &ms.weights),
+                        (gate, up),
+                        self.params.arch.activation,
+                        &ms.act,
                     )?;
-                    let act = self.params.arch.activation;
-                    ops::gather_gated_matmul(enc, input, norm, &ms.ids, gate, up, act, &ms.act)?;
                     ops::gather_matmul(enc, &ms.act, &ms.ids, down, &ms.down)?;
                     ops::moe_combine(enc, &ms.down, &ms.weights, x_mid, x)?;
                     residual = Residual::settled(x);

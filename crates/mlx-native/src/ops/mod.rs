@@ -17,7 +17,9 @@ pub use matmul::{
     gated_matmul, matmul, matmul_add, normed_matmul, normed_matmul_folds, reads_half_copy,
     InputNorm, Linear, ResidualUpdate,
 };
-pub use moe::{gather_gated_matmul, gather_matmul, moe_combine, moe_route, ExpertLinear};
+pub use moe::{
+    gather_gated_matmul, gather_matmul, moe_combine, moe_route, routed_gated_matmul, ExpertLinear,
+};
 pub use norm::{layer_norm, rms_norm, rms_norm_add};
 pub use rope::{rope, rope_kv_append, RopeScaling, RopeTable};
 pub use sampling::{argmax, argmax_end_step, end_step, sample};

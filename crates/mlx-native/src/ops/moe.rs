@@ -5,7 +5,7 @@ use super::matmul::check_norm_weight;
 use super::{expect_dtype, expect_shape, InputNorm, Linear};
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
-use crate::core::op::{Op, Routing, UnaryFn};
+use crate::core::op::{Op, Route, Routing, UnaryFn};
 use crate::core::tensor::Tensor;
 use crate::quant::WeightLayout;
 use crate::{Error, Result};
@@ -105,9 +105,16 @@ pub fn moe_route(
     ids: &Tensor,
     weights: &Tensor,
 ) -> Result<()> {
+    check_route(logits, Route { top_k, routing }, ids, weights)?;
+    enc.dispatch(Op::MoeRoute { top_k, routing }, &[logits], &[ids, weights])
+}
+
+/// The operands of routing `logits` `[m, experts]` into `ids` and `weights` `[m, top_k]`.
+fn check_route(logits: &Tensor, route: Route, ids: &Tensor, weights: &Tensor) -> Result<()> {
     expect_dtype("moe_route", "logits", logits, &[DType::F32])?;
     expect_dtype("moe_route", "ids", ids, &[DType::U32])?;
     expect_dtype("moe_route", "weights", weights, &[DType::F32])?;
+    let top_k = route.top_k;
     if top_k == 0 || top_k > logits.last_dim() {
         return Err(Error::op(
             "moe_route",
@@ -116,8 +123,7 @@ pub fn moe_route(
     }
     let m = logits.rows();
     expect_shape("moe_route", "ids", ids, &[m, top_k])?;
-    expect_shape("moe_route", "weights", weights, &[m, top_k])?;
-    enc.dispatch(Op::MoeRoute { top_k, routing }, &[logits], &[ids, weights])
+    expect_shape("moe_route", "weights", weights, &[m, top_k])
 }
 
 /// (m, top_k) of an ids tensor `[m, top_k]` of u32.
@@ -182,6 +188,62 @@ pub fn gather_gated_matmul(
     out: &Tensor,
 ) -> Result<()> {
     let (m, top_k) = slots("gather_gated_matmul", ids)?;
+    let inputs = gated_inputs(x, norm, ids, (gate, up), (m, top_k), out)?;
+    let op = Op::GatherGatedMatMul {
+        layout: gate.layout,
+        act: f,
+        pre_norm: norm.map(|(_, p)| p),
+        route: None,
+    };
+    enc.dispatch(op, &inputs, &[out])
+}
+
+/// `moe_route` of the router `logits` into `ids` and `weights`, then `gather_gated_matmul`
+/// with those ids, in one dispatch: one token's decode runs both in one kernel on CUDA (the
+/// routing in every block of the product, before it reads an expert).
+#[allow(clippy::too_many_arguments)]
+pub fn routed_gated_matmul(
+    enc: &mut CommandEncoder,
+    x: &Tensor,
+    norm: Option<InputNorm>,
+    (logits, route): (&Tensor, Route),
+    (ids, weights): (&Tensor, &Tensor),
+    (gate, up): (&ExpertLinear, &ExpertLinear),
+    f: UnaryFn,
+    out: &Tensor,
+) -> Result<()> {
+    check_route(logits, route, ids, weights)?;
+    if logits.last_dim() != gate.experts {
+        return Err(Error::op(
+            "routed_gated_matmul",
+            format!(
+                "{} router logits for {} experts",
+                logits.last_dim(),
+                gate.experts
+            ),
+        ));
+    }
+    let m = logits.rows();
+    let inputs = gated_inputs(x, norm, logits, (gate, up), (m, route.top_k), out)?;
+    let op = Op::GatherGatedMatMul {
+        layout: gate.layout,
+        act: f,
+        pre_norm: norm.map(|(_, p)| p),
+        route: Some(route),
+    };
+    enc.dispatch(op, &inputs, &[out, ids, weights])
+}
+
+/// The inputs of `Op::GatherGatedMatMul` (x, `ids`, the norm weight, gate and up tensors)
+/// after checking that gate and up are stored alike and the shapes of x and out.
+fn gated_inputs<'a>(
+    x: &'a Tensor,
+    norm: Option<InputNorm<'a>>,
+    ids: &'a Tensor,
+    (gate, up): (&'a ExpertLinear, &'a ExpertLinear),
+    (m, top_k): (usize, usize),
+    out: &Tensor,
+) -> Result<Vec<&'a Tensor>> {
     expect_dtype("gather_gated_matmul", "x", x, &[DType::F32])?;
     let alike = gate.layout == up.layout
         && (gate.experts, gate.n, gate.k) == (up.experts, up.n, up.k)
@@ -215,12 +277,7 @@ pub fn gather_gated_matmul(
     }
     inputs.extend(gate.tensors.iter());
     inputs.extend(up.tensors.iter());
-    let op = Op::GatherGatedMatMul {
-        layout: gate.layout,
-        act: f,
-        pre_norm: norm.map(|(_, p)| p),
-    };
-    enc.dispatch(op, &inputs, &[out])
+    Ok(inputs)
 }
 
 /// out `[m, n]` = residual + Σ_j weights[:, j]·y[:, j] for y `[m, top_k, n]`.

@@ -8,7 +8,7 @@ use super::matmul::kernel_for;
 use super::norm::rms_normed;
 use super::{elementwise, slice, slice_mut, wrong_op, CpuKernel};
 use crate::core::dtype::DType;
-use crate::core::op::{operand_count, Op, Routing};
+use crate::core::op::{operand_count, Op, Route, Routing};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::quant::WeightLayout;
@@ -178,20 +178,30 @@ fn gather_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     gather_into(layout, x, row_of, slice::<u32>(ids)?, weight, out)
 }
 
-/// `Op::GatherGatedMatMul`: both gathered projections, then the gated activation, after
-/// the folded RMSNorm if there is one.
+/// `Op::GatherGatedMatMul`: the routing if the op routes, then both gathered projections and
+/// the gated activation, after the folded RMSNorm if there is one.
 fn gather_gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let Op::GatherGatedMatMul {
         layout,
         act,
         pre_norm,
+        route,
     } = *op
     else {
         return Err(wrong_op(op));
     };
     let count = layout.tensor_count();
-    let ([x, ids, rest @ ..], [out]) = (inputs, outputs) else {
+    let ([x, ids_or_logits, rest @ ..], [out, routed @ ..]) = (inputs, outputs) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let ids = match (route, routed) {
+        (None, []) => ids_or_logits,
+        (Some(Route { top_k, routing }), [ids, _]) => {
+            let route_op = Op::MoeRoute { top_k, routing };
+            moe_route(&route_op, std::slice::from_ref(ids_or_logits), routed)?;
+            ids
+        }
+        _ => return Err(operand_count(op, inputs.len(), outputs.len())),
     };
     let (x, weights) = match (pre_norm, rest) {
         (None, weights) => (x.clone(), weights),
@@ -207,7 +217,7 @@ fn gather_gated_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result
     let up = out.device().empty(out.shape(), DType::F32)?;
     gather_into(layout, &x, |s| s / top_k, ids, &weights[..count], &gate)?;
     gather_into(layout, &x, |s| s / top_k, ids, &weights[count..], &up)?;
-    elementwise::gated_activation(&Op::GatedActivation(act), &[gate, up], outputs)
+    elementwise::gated_activation(&Op::GatedActivation(act), &[gate, up], &outputs[..1])
 }
 
 fn moe_combine(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {

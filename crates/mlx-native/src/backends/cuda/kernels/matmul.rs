@@ -8,12 +8,12 @@
 use super::elementwise::unary_code;
 use super::norm::{rms_norm_rows, RmsNormRows};
 use super::weights::Weight;
-use super::{COMMON, LAYOUTS, MMA, TILES_TC};
+use super::{COMMON, LAYOUTS, MMA, ROUTE, TILES_TC};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
-    blocks, float_type, operand_count, wrong_op, Args, Cublas, CudaKernel, KernelLibrary, Launch,
-    Planner,
+    blocks, dim, float_type, operand_count, wrong_op, Args, Cublas, CudaKernel, KernelLibrary,
+    Launch, Planner,
 };
 use crate::core::dtype::DType;
 use crate::core::op::{optional_last, Op, PreNorm, UnaryFn};
@@ -32,7 +32,7 @@ pub(super) static MATVEC: Source = Source {
 
 pub(super) static MATVEC_TC: Source = Source {
     name: "matvec_tc",
-    parts: &[COMMON, MMA, include_str!("matvec_tc.cu")],
+    parts: &[COMMON, MMA, ROUTE, include_str!("matvec_tc.cu")],
 };
 
 pub(super) static MATMUL: Source = Source {
@@ -999,7 +999,7 @@ impl<'a> DecodePlan<'a> {
                     Some(u) => args.ptr(u.y)?.ptr(u.weight)?.ptr(u.out)?,
                     None => args.u64(0).u64(0).u64(0),
                 };
-                lib.launch(&MATVEC_TC, name, p.grid, p.threads, p.shared, args)?
+                p.launch(lib, name, args)?
             }
             MatvecKernel::Simt { shape, kgroups } => {
                 let grid = (blocks(n, shape.rows * MATVEC_WARPS / kgroups)?, 1, 1);
@@ -1238,9 +1238,43 @@ pub(super) fn norm_args(args: Args, norm: Norm) -> Result<Args> {
     })
 }
 
+/// The tensor-core plan of a gathered decode matvec (matvec_tc.cu's `gather_matvec_tc_…`, MLX
+/// 4- and 8-bit): `slots` products with `[n, k]` matrices of a stack of `experts`, each slot's
+/// blocks planned on an even share of the SMs. None where moe.cu's SIMT kernels multiply, as
+/// matvec.cu does for dense matvecs: other layouts, experts of up to `SIMT_MAX_WEIGHTS`
+/// (gate and up together), a stack of 2^32 elements or more (the 32-bit offsets), x too long
+/// to stage.
+pub(super) fn gather_matvec_tc_plan(
+    layout: WeightLayout,
+    (n, k): (usize, usize),
+    (experts, slots): (usize, usize),
+    gated: bool,
+    norm: bool,
+    sm_count: usize,
+) -> Result<Option<TcPlan>> {
+    let chunks = match layout {
+        WeightLayout::MlxAffine { bits: 4, .. } => TC_CHUNKS_32,
+        WeightLayout::MlxAffine { bits: 8, .. } => TC_CHUNKS_16,
+        _ => return Ok(None),
+    };
+    if (experts as u64) * (n as u64) * (k as u64) >= 1 << 32 {
+        return Ok(None);
+    }
+    let folding = Folding {
+        norm,
+        update: false,
+    };
+    let share = sm_count.div_ceil(slots.max(1));
+    let Some(plan) = matvec_tc_plan(n, k, chunks, gated, folding, share, SIMT_MAX_WEIGHTS)? else {
+        return Ok(None);
+    };
+    let grid = (plan.grid.0, dim(slots)?, 1);
+    Ok(Some(TcPlan { grid, ..plan }))
+}
+
 /// A launch of matvec_tc.cu.
 #[derive(Clone, Copy)]
-struct TcPlan {
+pub(super) struct TcPlan {
     /// Warps sharing a 16-row tile's k.
     kgroups: usize,
     /// 32 per warp of the block.
@@ -1254,6 +1288,24 @@ struct TcPlan {
     /// After the layout in the kernel's name: `_words` for Q4_0 and Q8_0 off quads
     /// (`MtQ4_0Words`, `MtQ8_0Words`).
     layout_suffix: &'static str,
+}
+
+impl TcPlan {
+    /// Warps sharing a 16-row tile's k (the kernels' `kgroups` argument).
+    pub(super) fn kgroups(&self) -> usize {
+        self.kgroups
+    }
+
+    /// The plan with `bytes` more dynamic shared memory (after what the kernel stages).
+    pub(super) fn with_shared(self, bytes: u32) -> Self {
+        let shared = self.shared + bytes;
+        TcPlan { shared, ..self }
+    }
+
+    /// matvec_tc.cu's kernel `name` with `args`, launched as planned.
+    pub(super) fn launch(&self, lib: &KernelLibrary, name: &str, args: Args) -> Result<Launch> {
+        lib.launch(&MATVEC_TC, name, self.grid, self.threads, self.shared, args)
+    }
 }
 
 /// What a tensor-core matvec folds in front of its product: the input norm, and the residual
@@ -1537,6 +1589,29 @@ mod tests {
         // Q4_K's chunks stage four sums each (two runs): 16 bytes a chunk.
         let q4k = matvec_tc_plan(4096, 4096, TC_CHUNKS_KQUANT, false, Folding::NONE, 132, 0);
         assert_eq!(q4k.unwrap().map(|p| p.shared), Some(10_304));
+    }
+
+    /// A gathered matvec's slots share the SMs: Qwen3-30B-A3B's gate/up and down (128 experts,
+    /// 8 slots) on 16 blocks a slot; other widths, small experts, and stacks past the 32-bit
+    /// offsets stay on moe.cu's kernels.
+    #[test]
+    fn gather_matvec_tc_plan_shares_the_sms_between_slots() {
+        let mlx = |bits| WeightLayout::MlxAffine {
+            bits,
+            group_size: 64,
+        };
+        let plan = |bits, (n, k), experts, gated| {
+            gather_matvec_tc_plan(mlx(bits), (n, k), (experts, 8), gated, gated, 132)
+                .unwrap()
+                .map(|p| (p.grid, p.kgroups, p.threads))
+        };
+        assert_eq!(plan(4, (768, 2048), 128, true), Some(((16, 8, 1), 5, 512)));
+        assert_eq!(plan(4, (2048, 768), 128, false), Some(((16, 8, 1), 2, 512)));
+        assert_eq!(plan(8, (768, 2048), 128, true), Some(((16, 8, 1), 5, 512)));
+        assert_eq!(plan(6, (768, 2048), 128, true), None);
+        assert_eq!(plan(4, (128, 512), 128, true), None);
+        assert_eq!(plan(4, (256, 1024), 128, false), Some(((16, 8, 1), 4, 128)));
+        assert_eq!(plan(4, (2048, 7168), 293, false), None);
     }
 
     /// The kernel's 32-bit offsets reach 2^32 − 1 elements; a larger matrix runs matvec.cu.

@@ -27,6 +27,9 @@ const ROPE: &str = include_str!("rope.cuh");
 const MMA: &str = include_str!("mma.cuh");
 /// The generic tensor-core tile of x · Wᵀ (every layout), for prefill and MoE prefill.
 const TILES_TC: &str = include_str!("tiles_tc.cuh");
+/// Mixture-of-experts routing of a row by a warp (moe_route, and the gathered tensor-core
+/// matvec that routes its token itself).
+const ROUTE: &str = include_str!("route.cuh");
 /// The KV caches' element type `kv_t`: each source that reads or writes the caches (attention,
 /// rope) is built once per cache dtype.
 const KV_F32: &str = include_str!("kv_f32.cuh");

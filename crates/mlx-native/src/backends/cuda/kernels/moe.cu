@@ -5,72 +5,23 @@
 // expert are clamped to it.
 
 // ---------------------------------------------------------------------------------------------
-// Routing: one warp per row of router logits. mode 0: the top_k logits, then a softmax over
-// them (Mixtral); 1: a softmax over all experts, then the top_k probabilities; 2: as 1, then
-// divided by their sum (norm_topk_prob). Each of the top_k rounds is a warp argmax over the
-// experts not yet taken, the larger score first and the lower id among equal scores, so slot
-// order and ties match the CPU backend. A lane owns experts lane, lane+32, …: at most 64 each
-// (the planner checks experts ≤ 2048). Launch: 128 threads, ceil(m / 4) blocks.
-
+// Routing (route.cuh): one warp per row. Launch: 128 threads, ceil(m / 4) blocks, 4·experts
+// floats of dynamic shared memory.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, u32* __restrict__ ids,
                                      float* __restrict__ weights, int m, int experts, int top_k,
                                      int mode, int early) {
     kernel_entry_early(early);
-    const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    extern __shared__ float route_scores[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int row = blockIdx.x * (blockDim.x >> 5) + warp;
     if (row >= m) return;  // the whole warp
-    const float* l = logits + (i64)row * experts;
-    float mx = NEG_INF;
-    for (int e = lane; e < experts; e += 32) mx = fmaxf(mx, l[e]);
-    mx = warp_max(mx);
-    float sum = 0.f;
-    if (mode != 0) {
-        for (int e = lane; e < experts; e += 32) sum += expf(l[e] - mx);
-        sum = warp_sum(sum);
-    }
-    u32* row_ids = ids + (i64)row * top_k;
-    float* w = weights + (i64)row * top_k;
-    u64 taken = 0;
-    for (int j = 0; j < top_k; ++j) {
-        float best = NEG_INF;
-        int best_e = experts;
-        for (int i = 0, e = lane; e < experts; ++i, e += 32) {
-            if ((taken >> i) & 1) continue;
-            const float v = mode == 0 ? l[e] : expf(l[e] - mx) / sum;
-            if (best_e == experts || v > best) {  // ascending ids: equal scores keep the lower
-                best = v;
-                best_e = e;
-            }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(FULL_MASK, best, o);
-            const int oe = __shfl_xor_sync(FULL_MASK, best_e, o);
-            if (oe < experts && (best_e == experts || ov > best || (ov == best && oe < best_e))) {
-                best = ov;
-                best_e = oe;
-            }
-        }
-        if (best_e < experts && (best_e & 31) == lane) taken |= 1ull << (best_e >> 5);
-        if (lane == 0) {
-            row_ids[j] = (u32)min(best_e, experts - 1);
-            w[j] = best;
-        }
-    }
-    if (lane != 0) return;
-    if (mode == 0) {
-        // Slot 0 holds the largest logit.
-        const float top = w[0];
-        float s = 0.f;
-        for (int j = 0; j < top_k; ++j) {
-            w[j] = expf(w[j] - top);
-            s += w[j];
-        }
-        for (int j = 0; j < top_k; ++j) w[j] /= s;
-    } else if (mode == 2) {
-        float s = 0.f;
-        for (int j = 0; j < top_k; ++j) s += w[j];
-        for (int j = 0; j < top_k; ++j) w[j] /= s;
+    u32 slot_id;
+    float slot_w;
+    route_row(logits + (i64)row * experts, route_scores + warp * experts, experts, top_k, mode,
+              slot_id, slot_w);
+    if (lane < top_k) {
+        ids[(i64)row * top_k + lane] = slot_id;
+        weights[(i64)row * top_k + lane] = slot_w;
     }
 }
 

@@ -1,22 +1,27 @@
 //! Mixture-of-experts ops (moe.cu): routing, gathered matmuls over stacked experts and the
 //! weighted combine. A gathered product of one token (decode) runs every slot's expert as a
-//! matvec in one launch, a folded input norm included; more tokens are grouped by expert
-//! (`moe_bucket`, scratch owned by the dispatch) and run as tiled matmuls over each expert's
-//! slots (on tensor cores where the dense matmul's tiles would take them), after the
-//! norm's own launch.
+//! matvec in one launch, a folded input norm included: on tensor cores (matvec_tc.cu's
+//! gathered kernels) where the dense matvec would take the expert's matrix, MLX 4- and 8-bit;
+//! there the gated product also routes the token itself when the op routes
+//! (`ops::routed_gated_matmul`), elsewhere a moe_route launch goes first. More tokens are
+//! grouped by expert (`moe_bucket`, scratch owned by the dispatch) and run as tiled matmuls over
+//! each expert's slots (on tensor cores where the dense matmul's tiles would take them), after
+//! the norm's own launch.
 
 use super::elementwise::unary_code;
-use super::matmul::{check_norm_weight, norm_args, tensor_core_tiles, Norm, MATMUL_TC_TILE};
+use super::matmul::{
+    check_norm_weight, gather_matvec_tc_plan, norm_args, tensor_core_tiles, Norm, MATMUL_TC_TILE,
+};
 use super::norm::{rms_norm_rows, RmsNormRows};
 use super::weights::Weight;
-use super::{COMMON, LAYOUTS, MMA, TILES_TC};
+use super::{COMMON, LAYOUTS, MMA, ROUTE, TILES_TC};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
-    blocks, dim, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Planner,
+    blocks, dim, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Launch, Planner,
 };
 use crate::core::dtype::DType;
-use crate::core::op::{Op, Routing};
+use crate::core::op::{Op, Route, Routing};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::quant::WeightLayout;
@@ -24,13 +29,22 @@ use crate::{Error, Result};
 
 pub(super) static SOURCE: Source = Source {
     name: "moe",
-    parts: &[COMMON, LAYOUTS, MMA, TILES_TC, include_str!("moe.cu")],
+    parts: &[
+        COMMON,
+        LAYOUTS,
+        MMA,
+        TILES_TC,
+        ROUTE,
+        include_str!("moe.cu"),
+    ],
 };
 
 /// Warps per block of moe_route (one row each).
 const ROUTE_WARPS: usize = 4;
 /// Experts a lane of moe_route can track (a 64-bit mask each).
 const ROUTE_MAX_EXPERTS: usize = 32 * 64;
+/// Slots a row of moe_route keeps (one a lane).
+const ROUTE_MAX_TOP_K: usize = 32;
 /// GMV_WARPS·GMV_ROWS output rows per block of the gathered matvec, GMV_WARPS·32 threads.
 const MATVEC_ROWS_PER_BLOCK: usize = 16;
 const MATVEC_THREADS: u32 = 128;
@@ -64,31 +78,63 @@ fn route(
     let ([logits], [ids, weights]) = (inputs, outputs) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
+    let route = Route { top_k, routing };
+    Ok(CudaKernel::single(route_launch(
+        lib,
+        logits,
+        route,
+        (ids, weights),
+    )?))
+}
+
+/// moe_route of `logits` `[m, experts]` into `ids` and `weights` `[m, top_k]`.
+fn route_launch(
+    lib: &KernelLibrary,
+    logits: &Tensor,
+    route: Route,
+    (ids, weights): (&Tensor, &Tensor),
+) -> Result<Launch> {
     let (m, experts) = (logits.rows(), logits.last_dim());
-    if experts > ROUTE_MAX_EXPERTS {
-        return Err(Error::op(
-            "moe_route",
-            format!("{experts} experts (at most {ROUTE_MAX_EXPERTS})"),
-        ));
-    }
-    let mode = match routing {
-        Routing::TopKSoftmax => 0,
-        Routing::SoftmaxTopK { normalize: false } => 1,
-        Routing::SoftmaxTopK { normalize: true } => 2,
-    };
+    let mode = route_mode(route, experts)?;
     let args = Args::new()
         .ptr(logits)?
         .ptr(ids)?
         .ptr(weights)?
         .int(m)?
         .int(experts)?
-        .int(top_k)?
+        .int(route.top_k)?
         .code(mode)
         .early_launch(m);
     let grid = (blocks(m, ROUTE_WARPS)?, 1, 1);
     let threads = (ROUTE_WARPS * 32) as u32;
-    let launch = lib.launch(&SOURCE, "moe_route", grid, threads, 0, args)?;
-    Ok(CudaKernel::single(launch))
+    let shared = ROUTE_WARPS as u32 * route_shared(experts);
+    lib.launch(&SOURCE, "moe_route", grid, threads, shared, args)
+}
+
+/// Shared memory of a warp's routing (route.cuh): a row of scores.
+fn route_shared(experts: usize) -> u32 {
+    (experts * 4) as u32
+}
+
+/// route.cuh's mode for `route` over `experts`, which must be within what a warp tracks.
+fn route_mode(route: Route, experts: usize) -> Result<i32> {
+    if experts > ROUTE_MAX_EXPERTS {
+        return Err(Error::op(
+            "moe_route",
+            format!("{experts} experts (at most {ROUTE_MAX_EXPERTS})"),
+        ));
+    }
+    if route.top_k > ROUTE_MAX_TOP_K {
+        return Err(Error::op(
+            "moe_route",
+            format!("top {} experts (at most {ROUTE_MAX_TOP_K})", route.top_k),
+        ));
+    }
+    Ok(match route.routing {
+        Routing::TopKSoftmax => 0,
+        Routing::SoftmaxTopK { normalize: false } => 1,
+        Routing::SoftmaxTopK { normalize: true } => 2,
+    })
 }
 
 fn combine(
@@ -115,6 +161,18 @@ fn combine(
     Ok(CudaKernel::single(launch))
 }
 
+/// The routing of an op that routes (logits, route, weights) as a launch of its own, into ids.
+fn routed_first(
+    lib: &KernelLibrary,
+    routing: Option<(&Tensor, Route, &Tensor)>,
+    ids: &Tensor,
+) -> Result<Vec<Launch>> {
+    Ok(match routing {
+        Some((logits, r, weights)) => vec![route_launch(lib, logits, r, (ids, weights))?],
+        None => Vec::new(),
+    })
+}
+
 /// `Op::GatherMatMul` and `Op::GatherGatedMatMul`.
 fn gather(
     lib: &KernelLibrary,
@@ -122,14 +180,15 @@ fn gather(
     inputs: &[Tensor],
     outputs: &[Tensor],
 ) -> Result<CudaKernel> {
-    let (name, layout, per_slot, act, gated, pre_norm) = match *op {
+    let (name, layout, per_slot, act, gated, pre_norm, route) = match *op {
         Op::GatherMatMul { layout, per_slot } => {
-            ("gather_matmul", layout, per_slot, 0, false, None)
+            ("gather_matmul", layout, per_slot, 0, false, None, None)
         }
         Op::GatherGatedMatMul {
             layout,
             act,
             pre_norm,
+            route,
         } => (
             "gather_gated_matmul",
             layout,
@@ -137,12 +196,19 @@ fn gather(
             unary_code(act),
             true,
             pre_norm,
+            route,
         ),
         _ => return Err(wrong_op(op)),
     };
     let count = layout.tensor_count();
-    let ([out], [x, ids, rest @ ..]) = (outputs, inputs) else {
+    let ([out, routed @ ..], [x, ids_or_logits, rest @ ..]) = (outputs, inputs) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    // A routing op's second input is the router logits, and its ids and weights are outputs.
+    let (ids, routing) = match (route, routed) {
+        (None, []) => (ids_or_logits, None),
+        (Some(r), [ids, weights]) => (ids, Some((ids_or_logits, r, weights))),
+        _ => return Err(operand_count(op, inputs.len(), outputs.len())),
     };
     // The folded norm's weight comes right after ids.
     let (norm, weights): (Norm, _) = match (pre_norm, rest) {
@@ -200,26 +266,61 @@ fn gather(
         })
     };
     if matvec {
-        // Decode: every slot's rows in one launch, the norm (if any) folded in.
+        // Decode: every slot's rows in one launch, the norm (if any) folded in; on tensor cores
+        // (matvec_tc.cu) where they take the layout.
         let mut args = w.tensor_args(Args::new().ptr(x)?.ptr(ids)?)?;
         if let Some(up) = &up {
             args = up.tensor_args(args)?;
         }
         let mut args = tail(args)?;
         let norm_part = if norm.is_some() { "norm_" } else { "" };
+        let experts_slots = (experts, m * top_k);
+        let (n_k, has_norm) = ((n, k), norm.is_some());
+        let tc = gather_matvec_tc_plan(
+            w.layout(),
+            n_k,
+            experts_slots,
+            gated,
+            has_norm,
+            lib.sm_count(),
+        )?;
+        if let Some(plan) = tc {
+            args = args.int(plan.kgroups())?;
+        }
         if gated {
             args = norm_args(args, norm)?;
         }
-        let kernel = format!(
-            "gather_matvec_{gated_part}{norm_part}{}",
-            w.typed_layout_name()
-        );
-        let grid = (blocks(n, MATVEC_ROWS_PER_BLOCK)?, dim(m * top_k)?, 1);
-        let launch = lib.launch(&SOURCE, &kernel, grid, MATVEC_THREADS, 0, args)?;
-        return Ok(CudaKernel::single(launch));
+        let layout = w.typed_layout_name();
+        let launch = match (tc, routing) {
+            (Some(plan), _) if gated => {
+                // The tensor-core kernel routes the token itself where the op routes: its
+                // logits, the weights' output and the mode (null, null, 0 for none), and a row
+                // of scores beside staged x.
+                let (args, plan) = match routing {
+                    Some((logits, r, weights)) => {
+                        let mode = route_mode(r, experts)?;
+                        let args = args.ptr(logits)?.ptr(weights)?.code(mode);
+                        (args, plan.with_shared(route_shared(experts)))
+                    }
+                    None => (args.u64(0).u64(0).code(0), plan),
+                };
+                let kernel = format!("gather_matvec_tc_{gated_part}{norm_part}{layout}");
+                return Ok(CudaKernel::single(plan.launch(lib, &kernel, args)?));
+            }
+            (Some(plan), _) => plan.launch(lib, &format!("gather_matvec_tc_{layout}"), args)?,
+            (None, _) => {
+                let kernel = format!("gather_matvec_{gated_part}{norm_part}{layout}");
+                let grid = (blocks(n, MATVEC_ROWS_PER_BLOCK)?, dim(m * top_k)?, 1);
+                lib.launch(&SOURCE, &kernel, grid, MATVEC_THREADS, 0, args)?
+            }
+        };
+        let mut launches = routed_first(lib, routing, ids)?;
+        launches.push(launch);
+        return Ok(CudaKernel::new(launches, None));
     }
-    // Several tokens: the norm (if any) first, into the shared scratch the tiles then read.
-    let mut launches = Vec::new();
+    // Several tokens: the routing and the norm (if any) first, the norm into the shared
+    // scratch the tiles then read.
+    let mut launches = routed_first(lib, routing, ids)?;
     let normed = match norm {
         Some((g, p)) => {
             let (scratch, row) = lib.shared_scratch(x.byte_len())?;
