@@ -662,10 +662,59 @@ fn routed_gated_matmul_equals_route_then_gated() {
     }
 }
 
+/// The combining op is `gather_matmul` then `moe_combine`, bit for bit: one token (on CUDA
+/// the down product's last slot block over each row tile sums the slots, for experts that take
+/// tensor cores) and three, small and large experts, x shared by the slots or one a slot.
+#[test]
+fn gather_matmul_combine_equals_gather_then_combine() {
+    let mut rng = Rng(47);
+    let mlx = |bits, group_size| WeightLayout::MlxAffine { bits, group_size };
+    let shapes = [(mlx(4, 32), 8, 45, 96, 3), (mlx(8, 64), 6, 1000, 768, 4)];
+    for (layout, experts, n, k, top_k) in shapes {
+        let w_h = host_experts(&mut rng, layout, DType::F16, experts, n, k);
+        for dev in devices() {
+            let w = w_h.upload(&dev);
+            for (m, per_slot) in [(1, true), (1, false), (3, true)] {
+                let what = format!("{dev:?} {experts}×{n}×{k} m={m} per_slot={per_slot}");
+                let x_shape = if per_slot {
+                    vec![m, top_k, k]
+                } else {
+                    vec![m, k]
+                };
+                let x_len = x_shape.iter().product();
+                let x = dev.from_slice(&rng.vec(x_len, 1.0), &x_shape).unwrap();
+                let ids = expert_ids(&mut rng, m, top_k, experts);
+                let ids = dev.from_slice(&ids, &[m, top_k]).unwrap();
+                let weights = dev
+                    .from_slice(&rng.vec(m * top_k, 1.0), &[m, top_k])
+                    .unwrap();
+                let residual = dev.from_slice(&rng.vec(m * n, 1.0), &[m, n]).unwrap();
+                let y = poisoned(&dev, &[m, top_k, n]).unwrap();
+                let (a, b) = (
+                    poisoned(&dev, &[m, n]).unwrap(),
+                    poisoned(&dev, &[m, n]).unwrap(),
+                );
+                // Twice: the counters the first run leaves must serve the second.
+                for round in 0..2 {
+                    run(&dev, |enc| {
+                        ops::gather_matmul(enc, &x, &ids, &w, &y)?;
+                        ops::moe_combine(enc, &y, &weights, &residual, &a)?;
+                        ops::gather_matmul_combine(enc, &x, &ids, &w, (&weights, &residual), &b)
+                    })
+                    .unwrap();
+                    let (a, b) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+                    assert_eq!(a, b, "{what} round {round}");
+                }
+            }
+        }
+    }
+}
+
 /// A captured route → gated experts → down → combine replays with the routing of new router
-/// logits (ids live in a device buffer), bit-identical to recording it afresh: routed by a
-/// launch of its own, and by the gated product (on CUDA the tensor-core kernel, gate and up of
-/// 2^18 weights, routing its token itself).
+/// logits (ids live in a device buffer), bit-identical to recording it afresh: routed and
+/// combined by launches of their own, and as the decoder runs them, by the gated product and
+/// the down product (on CUDA the tensor-core kernels, gate and up of 2^18 weights routing
+/// their token, down's blocks summing the slots).
 #[test]
 fn replayed_graph_follows_new_routing() {
     let mut rng = Rng(51);
@@ -673,7 +722,7 @@ fn replayed_graph_follows_new_routing() {
         bits: 4,
         group_size: 32,
     };
-    let (experts, top_k, h, inter) = (8, 2, 512, 256);
+    let (experts, top_k, h, inter) = (8, 2, 1024, 256);
     let gate_h = host_experts(&mut rng, mlx, DType::F16, experts, inter, h);
     let up_h = host_experts(&mut rng, mlx, DType::F16, experts, inter, h);
     let down_h = host_experts(&mut rng, mlx, DType::F16, experts, h, inter);
@@ -712,8 +761,12 @@ fn replayed_graph_follows_new_routing() {
                 ops::moe_route(enc, &logits, top_k, routing, &ids, &weights)?;
                 ops::gather_gated_matmul(enc, &xt, None, &ids, &gate, &up, f, &act)?;
             }
-            ops::gather_matmul(enc, &act, &ids, &down, &y)?;
-            ops::moe_combine(enc, &y, &weights, &xt, &out)
+            if routed {
+                ops::gather_matmul_combine(enc, &act, &ids, &down, (&weights, &xt), &out)
+            } else {
+                ops::gather_matmul(enc, &act, &ids, &down, &y)?;
+                ops::moe_combine(enc, &y, &weights, &xt, &out)
+            }
         };
         let mut enc = CommandEncoder::new(&dev);
         enc.begin_capture().unwrap();

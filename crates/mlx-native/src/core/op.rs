@@ -289,10 +289,13 @@ pub enum Op {
     /// Expert-indexed product: out[i, j] = x_ij · W_eᵀ with e = ids[i, j]. in: x `[m, k]`
     /// (row i shared by its slots) or, with `per_slot`, `[m, top_k, k]`; ids u32 `[m, top_k]`;
     /// weight tensors (per `layout`, experts stacked: `[experts, n, k]`); out `[m, top_k, n]`.
-    /// Only the selected experts are read.
+    /// Only the selected experts are read. With `combine`, `MoeCombine` follows in the same
+    /// op: two more inputs, the routing weights f32 `[m, top_k]` and the residual `[m, n]`, and
+    /// out is the MoE block's output `[m, n]`.
     GatherMatMul {
         layout: WeightLayout,
         per_slot: bool,
+        combine: bool,
     },
     /// The gated pair of each selected expert: out[i, j] = f(x_i·G_eᵀ) ∘ (x_i·U_eᵀ).
     /// in: x `[m, k]`, ids u32 `[m, top_k]`, the norm weight f32 `[k]` if `pre_norm`, gate

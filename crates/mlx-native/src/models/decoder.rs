@@ -376,10 +376,8 @@ struct MoeScratch {
     /// Selected experts u32 `[m, top_k]` and their weights f32 `[m, top_k]`.
     ids: Tensor,
     weights: Tensor,
-    /// Each slot's act(gate)·up `[m, top_k, expert width]`, then its down projection
-    /// `[m, top_k, hidden]`.
+    /// Each slot's act(gate)·up `[m, top_k, expert width]`.
     act: Tensor,
-    down: Tensor,
 }
 
 impl Decoder {
@@ -625,16 +623,12 @@ impl Decoder {
             p.num_kv_heads * p.head_dim,
         );
         let moe = match &p.moe {
-            Some(moe) => {
-                let slots = |cols: usize| device.empty(&[m, moe.top_k, cols], DType::F32);
-                Some(MoeScratch {
-                    logits: f(moe.experts)?,
-                    ids: device.empty(&[m, moe.top_k], DType::U32)?,
-                    weights: f(moe.top_k)?,
-                    act: slots(moe.intermediate_size)?,
-                    down: slots(h)?,
-                })
-            }
+            Some(moe) => Some(MoeScratch {
+                logits: f(moe.experts)?,
+                ids: device.empty(&[m, moe.top_k], DType::U32)?,
+                weights: f(moe.top_k)?,
+                act: device.empty(&[m, moe.top_k, moe.intermediate_size], DType::F32)?,
+            }),
             None => None,
         };
         let uncapped_logits = match a.final_softcap {
@@ -937,8 +931,8 @@ impl Decoder {
                         self.params.arch.activation,
                         &ms.act,
                     )?;
-                    ops::gather_matmul(enc, &ms.act, &ms.ids, down, &ms.down)?;
-                    ops::moe_combine(enc, &ms.down, &ms.weights, x_mid, x)?;
+                    let combine = (&ms.weights, x_mid);
+                    ops::gather_matmul_combine(enc, &ms.act, &ms.ids, down, combine, x)?;
                     residual = Residual::settled(x);
                 }
             }

@@ -18,7 +18,8 @@ pub use matmul::{
     InputNorm, Linear, ResidualUpdate,
 };
 pub use moe::{
-    gather_gated_matmul, gather_matmul, moe_combine, moe_route, routed_gated_matmul, ExpertLinear,
+    gather_gated_matmul, gather_matmul, gather_matmul_combine, moe_combine, moe_route,
+    routed_gated_matmul, ExpertLinear,
 };
 pub use norm::{layer_norm, rms_norm, rms_norm_add};
 pub use rope::{rope, rope_kv_append, RopeScaling, RopeTable};

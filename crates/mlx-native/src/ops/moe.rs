@@ -148,6 +148,47 @@ pub fn gather_matmul(
     out: &Tensor,
 ) -> Result<()> {
     let (m, top_k) = slots("gather_matmul", ids)?;
+    expect_shape("gather_matmul", "out", out, &[m, top_k, w.n])?;
+    let (inputs, per_slot) = gather_inputs(x, ids, w, (m, top_k))?;
+    let op = Op::GatherMatMul {
+        layout: w.layout,
+        per_slot,
+        combine: false,
+    };
+    enc.dispatch(op, &inputs, &[out])
+}
+
+/// `gather_matmul` then `moe_combine` in one dispatch: out `[m, n]` = residual + Σ_j
+/// weights[:, j]·(x_j·W_eᵀ), the MoE block's down projection and output (one token's decode
+/// sums the slots inside the product's kernel on CUDA, with no launch of its own).
+pub fn gather_matmul_combine(
+    enc: &mut CommandEncoder,
+    x: &Tensor,
+    ids: &Tensor,
+    w: &ExpertLinear,
+    (weights, residual): (&Tensor, &Tensor),
+    out: &Tensor,
+) -> Result<()> {
+    let (m, top_k) = slots("gather_matmul", ids)?;
+    check_combine(weights, residual, (m, top_k, w.n), out)?;
+    let (mut inputs, per_slot) = gather_inputs(x, ids, w, (m, top_k))?;
+    inputs.extend([weights, residual]);
+    let op = Op::GatherMatMul {
+        layout: w.layout,
+        per_slot,
+        combine: true,
+    };
+    enc.dispatch(op, &inputs, &[out])
+}
+
+/// The inputs of `Op::GatherMatMul` (x, ids, the weight's tensors) and whether x holds a row per
+/// slot, after checking x's shape.
+fn gather_inputs<'a>(
+    x: &'a Tensor,
+    ids: &'a Tensor,
+    w: &'a ExpertLinear,
+    (m, top_k): (usize, usize),
+) -> Result<(Vec<&'a Tensor>, bool)> {
     expect_dtype("gather_matmul", "x", x, &[DType::F32])?;
     let per_slot = match x.shape() {
         [rows, k] if (*rows, *k) == (m, w.k) => false,
@@ -162,14 +203,9 @@ pub fn gather_matmul(
             ))
         }
     };
-    expect_shape("gather_matmul", "out", out, &[m, top_k, w.n])?;
     let mut inputs: Vec<&Tensor> = vec![x, ids];
     inputs.extend(w.tensors.iter());
-    let op = Op::GatherMatMul {
-        layout: w.layout,
-        per_slot,
-    };
-    enc.dispatch(op, &inputs, &[out])
+    Ok((inputs, per_slot))
 }
 
 /// out `[m, top_k, n]` = f(x·G_eᵀ) ∘ (x·U_eᵀ) for each row of x `[m, k]` and each of its
@@ -289,16 +325,26 @@ pub fn moe_combine(
     out: &Tensor,
 ) -> Result<()> {
     expect_dtype("moe_combine", "y", y, &[DType::F32])?;
-    expect_dtype("moe_combine", "weights", weights, &[DType::F32])?;
-    expect_dtype("moe_combine", "residual", residual, &[DType::F32])?;
     let [m, top_k, n] = *y.shape() else {
         return Err(Error::op(
             "moe_combine",
             format!("y: expected [m, top_k, n], found {:?}", y.shape()),
         ));
     };
+    check_combine(weights, residual, (m, top_k, n), out)?;
+    enc.dispatch(Op::MoeCombine, &[y, weights, residual], &[out])
+}
+
+/// The operands of the weighted sum of `[m, top_k, n]` slots added to the residual.
+fn check_combine(
+    weights: &Tensor,
+    residual: &Tensor,
+    (m, top_k, n): (usize, usize, usize),
+    out: &Tensor,
+) -> Result<()> {
+    expect_dtype("moe_combine", "weights", weights, &[DType::F32])?;
+    expect_dtype("moe_combine", "residual", residual, &[DType::F32])?;
     expect_shape("moe_combine", "weights", weights, &[m, top_k])?;
     expect_shape("moe_combine", "residual", residual, &[m, n])?;
-    expect_shape("moe_combine", "out", out, &[m, n])?;
-    enc.dispatch(Op::MoeCombine, &[y, weights, residual], &[out])
+    expect_shape("moe_combine", "out", out, &[m, n])
 }

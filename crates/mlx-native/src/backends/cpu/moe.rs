@@ -163,19 +163,42 @@ fn gather_into(
     Ok(())
 }
 
+/// `Op::GatherMatMul`: the gathered product, then with `combine` the weighted sum of the slots
+/// added to the residual (`moe_combine`).
 fn gather_matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
-    let Op::GatherMatMul { layout, per_slot } = *op else {
+    let Op::GatherMatMul {
+        layout,
+        per_slot,
+        combine,
+    } = *op
+    else {
         return Err(wrong_op(op));
     };
-    let ([x, ids, weight @ ..], [out]) = (inputs, outputs) else {
+    let count = layout.tensor_count() + if combine { 2 } else { 0 };
+    let ([x, ids, rest @ ..], [out]) = (inputs, outputs) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
-    if weight.len() != layout.tensor_count() {
+    if rest.len() != count {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     }
+    let (weight, combined) = rest.split_at(layout.tensor_count());
     let top_k = ids.last_dim();
     let row_of = |s: usize| if per_slot { s } else { s / top_k };
-    gather_into(layout, x, row_of, slice::<u32>(ids)?, weight, out)
+    let ids = slice::<u32>(ids)?;
+    match combined {
+        [weights, residual] => {
+            let y = out
+                .device()
+                .empty(&[ids.len() / top_k, top_k, out.last_dim()], DType::F32)?;
+            gather_into(layout, x, row_of, ids, weight, &y)?;
+            moe_combine(
+                &Op::MoeCombine,
+                &[y, weights.clone(), residual.clone()],
+                outputs,
+            )
+        }
+        _ => gather_into(layout, x, row_of, ids, weight, out),
+    }
 }
 
 /// `Op::GatherGatedMatMul`: the routing if the op routes, then both gathered projections and

@@ -311,21 +311,6 @@ __device__ __forceinline__ void head_sums(float& a, float& b, int d) {
     }
 }
 
-// Whether this block is the last of n_splits to count itself on `counter`, and so merges
-// their partials (published before the call). As a grid barrier does: the block's writes, a
-// barrier, then one thread's fence and atomic. The merging threads then fence, and one of
-// them resets the counter.
-__device__ __forceinline__ bool last_to_count(u32* counter, int n_splits) {
-    __shared__ int last;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        last = atomicAdd(counter, 1u) == (u32)n_splits - 1;
-    }
-    __syncthreads();
-    return last;
-}
-
 // The caches are read through plain (coherent) loads: with NewKeys the kernel writes them.
 template <int HC>
 __device__ __forceinline__ void attn_decode(const float* __restrict__ q, const NewKeys nk,

@@ -42,6 +42,21 @@ __device__ __forceinline__ void kernel_entry_early(int early) {
     if (early) launch_dependents();
 }
 
+// Whether this block is the last of n_blocks to count itself on `counter`, and so merges
+// their partials (published before the call; read them with __ldcg, past L1). As a grid
+// barrier does: the block's writes, a barrier, then one thread's fence and atomic. The merging
+// threads then fence, and one of them resets the counter. Every thread of the block calls it.
+__device__ __forceinline__ bool last_to_count(u32* counter, int n_blocks) {
+    __shared__ int last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(counter, 1u) == (u32)n_blocks - 1;
+    }
+    __syncthreads();
+    return last;
+}
+
 // Starts the line at p towards L2, without waiting for it.
 __device__ __forceinline__ void prefetch_l2(const void* p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));

@@ -1296,6 +1296,11 @@ impl TcPlan {
         self.kgroups
     }
 
+    /// The grid: blocks over the rows, then (gathered) the slots.
+    pub(super) fn grid(&self) -> (u32, u32, u32) {
+        self.grid
+    }
+
     /// The plan with `bytes` more dynamic shared memory (after what the kernel stages).
     pub(super) fn with_shared(self, bytes: u32) -> Self {
         let shared = self.shared + bytes;

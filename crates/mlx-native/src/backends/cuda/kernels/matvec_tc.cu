@@ -1044,6 +1044,18 @@ struct MtExpert {
     int top_k, mode, slot;  // slot: of the token's
 };
 
+// The MoE block's output formed by a gathered product's blocks (MoE decode's down
+// projection): the last of the token's top_k slot blocks over the same rows (`last_to_count`
+// on counters[blockIdx.x]) stores out[row] = residual[row] + Σ_j w[j]·y[j, row], summed in slot
+// order as moe_combine does, from the rows the slots stored in y. Off where out is null.
+struct MtCombine {
+    const float* w;  // the token's routing weights [top_k]
+    const float* residual;
+    float* out;
+    u32* counters;  // [gridDim.x], zero, left zero
+    int top_k;
+};
+
 template <class F, bool GATED, bool NORM, bool UPDATE = false, bool GATHER = false>
 __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __restrict__ x,
                                           const u16* __restrict__ x_h, const PreNorm& norm,
@@ -1051,7 +1063,8 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
                                           const void* __restrict__ bias, int bias_type,
                                           float* __restrict__ out, u16* __restrict__ out_h, int n,
                                           int k, int row_units, int group_shift, int kgroups,
-                                          int act, const MtExpert expert = MtExpert{}) {
+                                          int act, const MtExpert expert = MtExpert{},
+                                          const MtCombine combine = MtCombine{}) {
     static_assert(!UPDATE || (NORM && F::PARTS), "the update is staged with a norm, in parts");
     constexpr int M = GATED ? 2 : 1;
     constexpr int STAGE = GATED ? 1 : F::STAGE;  // ≈ 64 bytes in flight a lane
@@ -1200,6 +1213,18 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
         } else
             out[row] = y[0] + bias_v;
     }
+    if (GATHER && combine.out && last_to_count(combine.counters + blockIdx.x, combine.top_k)) {
+        __threadfence();
+        if (r < tiles * 16 && row < n) {
+            // out points at this slot's row of y; slot s's row is s − slot rows away.
+            const float* y0 = out - (i64)blockIdx.y % combine.top_k * n;
+            float acc = 0.f;
+            for (int j = 0; j < combine.top_k; ++j)
+                acc += combine.w[j] * __ldcg(y0 + (i64)j * n + row);
+            combine.out[row] = combine.residual[row] + acc;
+        }
+        if (threadIdx.x == 0) combine.counters[blockIdx.x] = 0;
+    }
 }
 
 // Each kernel comes plain, with the RMSNorm applied to x first (`matvec_tc_norm_…`, which
@@ -1250,7 +1275,9 @@ MATVEC_TC_ALL_TYPES(8)
 // gathered matvecs take them, then kgroups; the gated kernels then take the norm's
 // (MATVEC_NORM_ARGS, ignored by `gather_matvec_tc_gated_…`) and the routing's: the router
 // logits [slots / top_k, experts] (or null: ids are given), where to store the routed weights
-// beside the ids, and the mode (route.cuh).
+// beside the ids, and the mode (route.cuh); the plain kernel the combine's (`MtCombine`: the
+// routing weights, the residual, where to store the block's output, or null for none, and the
+// counters; one token).
 #define GATHER_MATVEC_TC_GATED(BITS, ST, NAME, PREFIX, NORM)                                       \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##mlx##BITS##_##NAME(const float* x, u32* ids, const u8* w, const void* scales,      \
@@ -1278,13 +1305,17 @@ MATVEC_TC_ALL_TYPES(8)
         gather_matvec_tc_mlx##BITS##_##NAME(const float* x, const u32* ids, const u8* w,           \
                                             const void* scales, const void* biases, float* out,    \
                                             int n, int k, int group_shift, int experts, int top_k, \
-                                            int per_slot, int kgroups) {                           \
-        const int slot = blockIdx.y;                                                               \
+                                            int per_slot, int kgroups, const float* weights,       \
+                                            const float* residual, float* combined,                \
+                                            u32* counters) {                                       \
+        const int slot = blockIdx.y, token = slot / top_k;                                         \
         const MtWeight wt[1] = {{w, scales, biases}};                                              \
+        const MtCombine combine =                                                                  \
+            combined ? MtCombine{weights, residual, combined, counters, top_k} : MtCombine{};      \
         matvec_tc<MtMlx<BITS, ST>, false, false, false, true>(                                     \
-            wt, x + (i64)(per_slot ? slot : slot / top_k) * k, nullptr, PreNorm{}, MtUpdate{},     \
-            nullptr, 0, out + (i64)slot * n, nullptr, n, k, k * BITS / 128, group_shift, kgroups,  \
-            0, MtExpert{ids + slot, experts, nullptr, nullptr, nullptr, top_k, 0, 0});             \
+            wt, x + (i64)(per_slot ? slot : token) * k, nullptr, PreNorm{}, MtUpdate{}, nullptr,   \
+            0, out + (i64)slot * n, nullptr, n, k, k * BITS / 128, group_shift, kgroups, 0,        \
+            MtExpert{ids + slot, experts, nullptr, nullptr, nullptr, top_k, 0, 0}, combine);       \
     }                                                                                              \
     GATHER_MATVEC_TC_GATED(BITS, ST, NAME, gather_matvec_tc_gated_, false)                         \
     GATHER_MATVEC_TC_GATED(BITS, ST, NAME, gather_matvec_tc_gated_norm_, true)
