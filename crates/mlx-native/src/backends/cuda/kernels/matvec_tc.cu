@@ -39,10 +39,11 @@
 // one block-wide sum before the loop replaces a norm kernel of its own (`MtUpdate`).
 // GATHER (`gather_matvec_tc_…`, MoE decode): block (x, slot) multiplies rows of the slot's
 // expert, which the previous kernel chose or the block routes itself (`MtExpert`), so its first
-// weights are requested after the wait. H200, 2026-11-28, Qwen3-30B-A3B shape decode after 128
+// weights are requested after the wait; a plain product can also sum the token's slots into
+// the MoE block's output (`MtCombine`). H200, 2026-11-28, Qwen3-30B-A3B shape decode after 128
 // tokens: 449.5 → 572.9 tok/s against moe.cu's SIMT matvecs (ncu, the kernels alone: gated
 // 14.1 → 10.3 µs, down 8.7 → 7.1), 578.3 with the routing in the gated kernel (387 → 339
-// kernels a token).
+// kernels a token), 584.4 (against 575.7) with the combine in the down kernel (291).
 
 #define MT_WARPS 16
 #define MT_CHUNK_WORDS 4  // one 16-byte load per row and chunk
@@ -1262,12 +1263,13 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     MATVEC_TC_KERNELS(BITS, ST, NAME, matvec_tc_, false, false)                                    \
     MATVEC_TC_KERNELS(BITS, ST, NAME, matvec_tc_norm_, true, false)                                \
     MATVEC_TC_KERNELS(BITS, ST, NAME, matvec_tc_normup_, true, true)
-#define MATVEC_TC_ALL_TYPES(BITS)                                                                  \
-    MATVEC_TC(BITS, FT_F32, f32)                                                                   \
-    MATVEC_TC(BITS, FT_F16, f16)                                                                   \
-    MATVEC_TC(BITS, FT_BF16, bf16)
-MATVEC_TC_ALL_TYPES(4)
-MATVEC_TC_ALL_TYPES(8)
+// KERNELS(BITS, ST, NAME) for each type of MLX scales and biases.
+#define MLX_SCALE_TYPES(KERNELS, BITS)                                                             \
+    KERNELS(BITS, FT_F32, f32)                                                                     \
+    KERNELS(BITS, FT_F16, f16)                                                                     \
+    KERNELS(BITS, FT_BF16, bf16)
+MLX_SCALE_TYPES(MATVEC_TC, 4)
+MLX_SCALE_TYPES(MATVEC_TC, 8)
 
 // Gathered products of one token (MoE decode): block (x, slot) multiplies the x row of `slot`
 // by rows of its expert, ids[slot], into row `slot` of out [slots, n]; x is the slot's own row
@@ -1319,12 +1321,8 @@ MATVEC_TC_ALL_TYPES(8)
     }                                                                                              \
     GATHER_MATVEC_TC_GATED(BITS, ST, NAME, gather_matvec_tc_gated_, false)                         \
     GATHER_MATVEC_TC_GATED(BITS, ST, NAME, gather_matvec_tc_gated_norm_, true)
-#define GATHER_MATVEC_TC_ALL_TYPES(BITS)                                                           \
-    GATHER_MATVEC_TC(BITS, FT_F32, f32)                                                            \
-    GATHER_MATVEC_TC(BITS, FT_F16, f16)                                                            \
-    GATHER_MATVEC_TC(BITS, FT_BF16, bf16)
-GATHER_MATVEC_TC_ALL_TYPES(4)
-GATHER_MATVEC_TC_ALL_TYPES(8)
+MLX_SCALE_TYPES(GATHER_MATVEC_TC, 4)
+MLX_SCALE_TYPES(GATHER_MATVEC_TC, 8)
 
 // The ggml formats' kernels (format F, kernel name NAME, ROW_UNITS: F::UNIT-byte units a row):
 // a Q4_0 row is k / 32 blocks of 18 bytes, k / 128 · 9 units of 8 bytes (k % 128 == 0; off
