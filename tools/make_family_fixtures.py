@@ -73,6 +73,12 @@ CASES = [
           rope_theta=5e5, tie_word_embeddings=True,
           rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                             high_freq_factor=4.0, original_max_position_embeddings=64))),
+    # llama as Llama 3.x ships (no biases, GQA, llama3 RoPE scaling, bfloat16, tied head): the
+    # fixture behind the GGUF twin with llama.cpp's `rope_freqs.weight`.
+    ("llama", (8,), "bfloat16",
+     dict(rope_theta=5e5, tie_word_embeddings=True,
+          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                            high_freq_factor=4.0, original_max_position_embeddings=64))),
     # (1+w) norms, four norms a layer, GELU-tanh MLP, √hidden embedding scale,
     # query_pre_attn_scalar ≠ head_dim, attention and final logit soft-capping.
     ("gemma2", (4, 8), "bfloat16",

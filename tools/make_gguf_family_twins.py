@@ -1,15 +1,19 @@
 """GGUF twins of family fixtures: the same weights as an MLX fixture (dequantized by MLX, so
 exactly the values the quantized checkpoint stands for) written as F32 tensors under
 llama.cpp's names and metadata for that architecture, so that tests/families.rs can hold a
-GGUF file of a non-Llama family to the fixture's mlx-lm logits.
+GGUF file to the fixture's mlx-lm logits.
 
 Tensor names come from gguf-py's own map (`gguf.get_tensor_name_map`), as llama.cpp's
 converter names them; it keeps q/k rows of qwen2/qwen3 as they are (NEOX RoPE), and so do we.
+For llama it reorders each head's q/k rows from rotate-half to interleaved pairs, and writes
+Llama 3 RoPE scaling as llama.cpp's converter does: no scaling keys, a `rope_freqs.weight`
+of one period factor per rotated pair.
 Needs mlx and llama.cpp's gguf-py (vendor/llama.cpp/gguf-py of the llama-cpp-python sdist:
 `scripts/peer_llamacpp.sh prepare` fetches it).
 
 usage: PYTHONPATH=.../gguf-py python3 make_gguf_family_twins.py FIXTURES_DIR [NAME ...]
-       (writes FIXTURES_DIR/NAME/twin.gguf; default names: qwen2_4bit qwen3_4bit)
+       (writes FIXTURES_DIR/NAME/twin.gguf; default names: qwen2_4bit qwen3_4bit llama_8bit;
+       gguf-py is also `pip install gguf`)
 """
 import json
 import sys
@@ -38,6 +42,33 @@ def float_tensors(directory, config):
     return out
 
 
+def interleave_pairs(w, heads):
+    """Rows of each head from rotate-half order (pair i = rows i and i + d/2) to interleaved
+    pairs (rows 2i, 2i + 1), as llama.cpp's converter permutes llama's q and k."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_period_factors(config, head_dim):
+    """Llama 3 RoPE scaling as one factor per rotated pair (its period is multiplied by it):
+    unchanged above the high-frequency wavelength, slowed by `factor` below the low one, and
+    a smooth blend between."""
+    s = config["rope_scaling"]
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_context = s["original_max_position_embeddings"]
+    inv_freq = 1.0 / config["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factors = []
+    for wavelen in 2 * np.pi / inv_freq:
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def write_twin(directory):
     config = json.loads((directory / "config.json").read_text())
     arch = config["model_type"]
@@ -59,7 +90,12 @@ def write_twin(directory):
     arch_id = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     names = gguf.get_tensor_name_map(arch_id, config["num_hidden_layers"])
     for name, t in sorted(float_tensors(directory, config).items()):
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            kv = config["num_key_value_heads"]
+            t = interleave_pairs(t, heads if name.endswith("q_proj.weight") else kv)
         w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t)
+    if config.get("rope_scaling", {}).get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_period_factors(config, head_dim))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -69,7 +105,7 @@ def write_twin(directory):
 
 def main():
     fixtures = Path(sys.argv[1])
-    for name in sys.argv[2:] or ["qwen2_4bit", "qwen3_4bit"]:
+    for name in sys.argv[2:] or ["qwen2_4bit", "qwen3_4bit", "llama_8bit"]:
         write_twin(fixtures / name)
 
 

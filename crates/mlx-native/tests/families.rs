@@ -185,13 +185,14 @@ fn every_fixture_on_cuda() {
     }
 }
 
-/// GGUF files of the Qwen families: the twins (tools/make_gguf_family_twins.py) hold a
-/// fixture's weights as MLX dequantizes them, in F32 under llama.cpp's tensor names and
-/// metadata (qwen2: q/k/v biases; qwen3: its own head dim and per-head q/k norms; both
-/// rotate-half RoPE), and must give the fixture's mlx-lm logits.
+/// GGUF files: the twins (tools/make_gguf_family_twins.py) hold a fixture's weights as MLX
+/// dequantizes them, in F32 under llama.cpp's tensor names and metadata (qwen2: q/k/v biases;
+/// qwen3: its own head dim and per-head q/k norms; both rotate-half RoPE; llama: q/k rows in
+/// interleaved pairs, and Llama 3 RoPE scaling as `rope_freqs.weight`, one period factor a
+/// pair), and must give the fixture's mlx-lm logits.
 #[test]
-fn qwen_gguf_twins_match_mlx_lm() {
-    for name in ["qwen2_4bit", "qwen3_4bit"] {
+fn gguf_twins_match_mlx_lm() {
+    for name in ["qwen2_4bit", "qwen3_4bit", "llama_8bit"] {
         let twin = fixture_dir(name).join("twin.gguf");
         check_model(name, &twin, &Device::cpu(), LOGIT_TOLERANCE);
     }
@@ -199,6 +200,7 @@ fn qwen_gguf_twins_match_mlx_lm() {
 
 family_tests! {
     llama_4bit_sliding_layers_biases_llama3_rope => "llama_4bit",
+    llama_8bit_llama3_rope => "llama_8bit",
     mistral_4bit_unused_sliding_window => "mistral_4bit",
     mistral_8bit => "mistral_8bit",
     qwen2_4bit => "qwen2_4bit",
@@ -423,13 +425,18 @@ fn family_config_errors_name_the_field() {
 }
 
 #[test]
-fn longrope_needs_one_factor_per_rotated_pair() {
-    let scaling = |pairs: usize| RopeScaling::LongRope {
+fn per_pair_factors_need_one_factor_per_rotated_pair() {
+    let long_rope = |pairs: usize| RopeScaling::LongRope {
         long_factor: vec![1.5; pairs],
         max_position_embeddings: 4096,
         original_max_position_embeddings: 512,
     };
+    let period_factors = |pairs: usize| RopeScaling::PeriodFactors {
+        factors: vec![1.5; pairs],
+    };
     let device = Device::cpu();
-    assert!(RopeTable::new(&device, 18, 1e4, &scaling(9)).is_ok());
-    assert!(RopeTable::new(&device, 18, 1e4, &scaling(8)).is_err());
+    for scaling in [long_rope, period_factors] {
+        assert!(RopeTable::new(&device, 18, 1e4, &scaling(9)).is_ok());
+        assert!(RopeTable::new(&device, 18, 1e4, &scaling(8)).is_err());
+    }
 }

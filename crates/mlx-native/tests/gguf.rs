@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use half::f16;
+use mlx_native::engine::load_model;
 use mlx_native::formats::gguf::{GgufFile, GgufValue};
 use mlx_native::quant::ggml::{dequantize_row, quantize_row};
 use mlx_native::quant::GgmlType;
@@ -936,4 +937,51 @@ fn inconsistent_vocabularies_are_config_errors() {
         .vocab()
         .unwrap();
     assert!(!ok.add_bos);
+}
+
+/// A `rope_freqs.weight` (Llama 3.x files carry one period factor per rotated pair; tests/
+/// families.rs loads such a file) of another length, or beside a RoPE scaling type, is a
+/// config error naming the tensor.
+#[test]
+fn rope_freqs_that_do_not_fit_are_config_errors() {
+    let f32_bytes = |v: f32| v.to_le_bytes();
+    // Head dim 64 / 4 = 16: 8 rotated pairs.
+    for (pairs, scaling, says) in [(7, None, "7 factors"), (8, Some("linear"), "together with")] {
+        let mut w = Writer::new()
+            .str("general.architecture", "llama")
+            .u32("llama.embedding_length", 64)
+            .u32("llama.block_count", 1)
+            .u32("llama.attention.head_count", 4)
+            .u32("llama.feed_forward_length", 96)
+            .u32("llama.vocab_size", 10)
+            .raw(
+                "llama.attention.layer_norm_rms_epsilon",
+                6,
+                &f32_bytes(1e-5),
+            );
+        if let Some(kind) = scaling {
+            w = w.str("llama.rope.scaling.type", kind).raw(
+                "llama.rope.scaling.factor",
+                6,
+                &f32_bytes(2.0),
+            );
+        }
+        let factors: Vec<u8> = (0..pairs).flat_map(|_| f32_bytes(1.0)).collect();
+        let w = w.tensor("rope_freqs.weight", &[pairs as u64], GgmlType::F32, factors);
+        let path = std::env::temp_dir().join(format!(
+            "mlxn-gguf-{}-rope-freqs-{pairs}.gguf",
+            std::process::id()
+        ));
+        std::fs::write(&path, w.bytes()).unwrap();
+        let result = load_model(&path, &Device::cpu(), &mut |_, _| {});
+        std::fs::remove_file(&path).unwrap();
+        match result {
+            Err(Error::Config { field, reason, .. }) => {
+                assert_eq!(field, "rope_freqs.weight");
+                assert!(reason.contains(says), "{reason}");
+            }
+            Err(other) => panic!("expected a config error, got {other}"),
+            Ok(_) => panic!("{pairs} factors loaded"),
+        }
+    }
 }

@@ -21,6 +21,8 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = family::MODEL_TYPES;
 /// The GGUF `general.architecture`s this build runs (llama.cpp's Llama tensor layout, with
 /// q/k/v biases for qwen2 and per-head q/k norms for qwen3).
 pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+/// GGUF's per-pair RoPE period factors (`RopeScaling::PeriodFactors`).
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 pub struct LoadedModel {
     pub model: Decoder,
@@ -195,13 +197,6 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
         (Some(d), _) | (None, Some(d)) => d as usize,
         (None, None) => hidden_size / num_heads,
     };
-    if file.tensor_info("rope_freqs.weight").is_some() {
-        return Err(Error::Config {
-            path: file.path().to_path_buf(),
-            field: "rope_freqs.weight".into(),
-            reason: "per-frequency RoPE factors (Llama 3.1 scaling in GGUF) are not supported yet; use the MLX checkpoint".into(),
-        });
-    }
     let rope_scaling = match file.opt_str(&key("rope.scaling.type"))? {
         None | Some("none") => RopeScaling::None,
         Some("linear") => RopeScaling::Linear {
@@ -212,6 +207,35 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
                 path: file.path().to_path_buf(),
                 field: key("rope.scaling.type"),
                 reason: format!("unsupported RoPE scaling `{other}` (supported: none, linear)"),
+            })
+        }
+    };
+    // Llama 3.x scaling comes as one period factor per rotated pair (llama.cpp's converter
+    // writes no scaling keys for it).
+    let rope_scaling = match (file.tensor_info(ROPE_FREQS), rope_scaling) {
+        (None, scaling) => scaling,
+        (Some(_), RopeScaling::None) => {
+            let factors = file.vector_f32(ROPE_FREQS)?;
+            if factors.len() != head_dim / 2 {
+                return Err(Error::Config {
+                    path: file.path().to_path_buf(),
+                    field: ROPE_FREQS.into(),
+                    reason: format!(
+                        "{} factors for head dim {head_dim} (one per rotated pair expected)",
+                        factors.len()
+                    ),
+                });
+            }
+            RopeScaling::PeriodFactors { factors }
+        }
+        (Some(_), _) => {
+            return Err(Error::Config {
+                path: file.path().to_path_buf(),
+                field: ROPE_FREQS.into(),
+                reason: format!(
+                    "per-pair RoPE factors together with `{}` scaling are not supported",
+                    key("rope.scaling.type")
+                ),
             })
         }
     };

@@ -374,6 +374,12 @@ impl GgufFile {
 
     /// A 1-D tensor (norm weights, biases) of any supported type as an f32 tensor.
     pub fn load_vector_f32(&self, device: &Device, name: &str) -> Result<Tensor> {
+        let values = self.vector_f32(name)?;
+        device.from_slice(&values, &[values.len()])
+    }
+
+    /// The values of the one-dimensional tensor `name`, as f32 on the host.
+    pub fn vector_f32(&self, name: &str) -> Result<Vec<f32>> {
         let info = self.require_tensor(name)?;
         let [len] = info.dims[..] else {
             return Err(Error::Invalid(format!(
@@ -384,7 +390,7 @@ impl GgufFile {
         };
         let mut values = vec![0f32; len];
         ggml::dequantize_row(info.ggml_type, self.tensor_data(name)?, &mut values)?;
-        device.from_slice(&values, &[len])
+        Ok(values)
     }
 
     /// The embedded tokenizer (`tokenizer.ggml.*`). Optional per-token arrays must have one

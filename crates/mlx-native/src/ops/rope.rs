@@ -38,6 +38,12 @@ pub enum RopeScaling {
         max_position_embeddings: usize,
         original_max_position_embeddings: usize,
     },
+    /// Pair i's period multiplied by `factors[i]`, as GGUF files store RoPE scaling in
+    /// `rope_freqs.weight` (llama.cpp's frequency factors; its converter writes Llama 3.x
+    /// scaling so).
+    PeriodFactors {
+        factors: Vec<f32>,
+    },
 }
 
 /// The per-model RoPE constants: inverse frequencies on the device and the cos/sin factor.
@@ -62,13 +68,18 @@ impl RopeTable {
                 format!("rotary dims {rotary_dims} must be even and > 0"),
             ));
         }
-        if let RopeScaling::LongRope { long_factor, .. } = scaling {
-            if long_factor.len() != rotary_dims / 2 {
+        let per_pair = match scaling {
+            RopeScaling::LongRope { long_factor, .. } => Some(("LongRoPE", long_factor)),
+            RopeScaling::PeriodFactors { factors } => Some(("period", factors)),
+            _ => None,
+        };
+        if let Some((what, factors)) = per_pair {
+            if factors.len() != rotary_dims / 2 {
                 return Err(Error::op(
                     "rope",
                     format!(
-                        "{} LongRoPE factors for {rotary_dims} rotary dims (one per pair expected)",
-                        long_factor.len()
+                        "{} {what} factors for {rotary_dims} rotary dims (one per pair expected)",
+                        factors.len()
                     ),
                 ));
             }
@@ -183,6 +194,15 @@ pub fn inv_freq(rotary_dims: usize, theta: f32, scaling: &RopeScaling) -> (Vec<f
             };
             (to_f32(inv.collect()), mscale as f32)
         }
+        RopeScaling::PeriodFactors { factors } => (
+            to_f32(
+                periods
+                    .zip(factors)
+                    .map(|(p, &f)| 1.0 / (p * f as f64))
+                    .collect(),
+            ),
+            1.0,
+        ),
     }
 }
 
