@@ -3,8 +3,9 @@
 # no PDL overlap, so a step reads longer than in graph replay) of `mlxn bench --synthetic SHAPE
 # --prompt-lens 128 --decode 3`, and the last complete step (between the last two kernels that
 # end a step: the greedy argmax, or end_step after the sampler) is summed per kernel.
-# Usage: scripts/decode_profile.sh [MLXN] [SHAPE...]; carry the stripped mlxn binary (default
-# .device-bin/bin/mlxn). Raw CSV and the table under $OUT.
+# Usage: [QUANT=q4_k_m] scripts/decode_profile.sh [MLXN] [SHAPE...]; carry the stripped mlxn
+# binary (default .device-bin/bin/mlxn); QUANT is the weights' layout (default mlx4g64). Raw
+# CSV and the table under $OUT.
 set -u
 mlxn=${1:-.device-bin/bin/mlxn}
 shift || true
@@ -16,7 +17,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 for shape in $shapes; do
   timeout 150 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
     --log-file "$out/ncu_$shape.csv" "$mlxn" bench --device cuda --synthetic "$shape" \
-    --quant mlx4g64 --prompt-lens 128 --decode 3 --reps 1 > /dev/null 2>&1
+    --quant "${QUANT:-mlx4g64}" --prompt-lens 128 --decode 3 --reps 1 > /dev/null 2>&1
   echo "$shape: ncu exit $?"
 done
 python3 scripts/ncu_kernel_times.py decode "$out"/ncu_*.csv | tee "$out/decode_profile.txt"

@@ -7,12 +7,17 @@ Tensor names come from gguf-py's own map (`gguf.get_tensor_name_map`), as llama.
 converter names them; it keeps q/k rows of qwen2/qwen3 as they are (NEOX RoPE), and so do we.
 For llama it reorders each head's q/k rows from rotate-half to interleaved pairs, and writes
 Llama 3 RoPE scaling as llama.cpp's converter does: no scaling keys, a `rope_freqs.weight`
-of one period factor per rotated pair.
+of one period factor per rotated pair. Mixture-of-experts fixtures become llama.cpp's MoE files:
+Qwen3-MoE as architecture `qwen3moe`, Mixtral as `llama`, with the expert counts in the
+metadata, each layer's router as `ffn_gate_inp` and mlx-lm's stacked experts (already
+`[experts, n, k]`) as `ffn_{gate,up,down}_exps`. Layers that Qwen3-MoE's `mlp_only_layers` keeps
+dense keep their dense MLP, which llama.cpp's qwen3moe would not load but mlx-native does.
 Needs mlx and llama.cpp's gguf-py (vendor/llama.cpp/gguf-py of the llama-cpp-python sdist:
 `scripts/peer_llamacpp.sh prepare` fetches it).
 
 usage: PYTHONPATH=.../gguf-py python3 make_gguf_family_twins.py FIXTURES_DIR [NAME ...]
-       (writes FIXTURES_DIR/NAME/twin.gguf; default names: qwen2_4bit qwen3_4bit llama_8bit;
+       (writes FIXTURES_DIR/NAME/twin.gguf; default names: qwen2_4bit qwen3_4bit llama_8bit
+       qwen3_moe_4bit mixtral_4bit;
        gguf-py is also `pip install gguf`)
 """
 import json
@@ -24,7 +29,8 @@ import mlx.core as mx
 import numpy as np
 
 def float_tensors(directory, config):
-    """Every tensor as float32, quantized matrices dequantized with the checkpoint's params."""
+    """Every tensor as float32, quantized matrices dequantized with the checkpoint's params (or a
+    per-layer override's)."""
     weights = {}
     for shard in sorted(directory.glob("model*.safetensors")):
         weights.update(mx.load(str(shard)))
@@ -37,7 +43,8 @@ def float_tensors(directory, config):
         if name.endswith(".weight") and f"{prefix}.scales" in weights:
             # In float32, as mlx-lm's float32 reference run multiplies them.
             scales, biases = (weights[f"{prefix}.{p}"].astype(mx.float32) for p in ("scales", "biases"))
-            w = mx.dequantize(w, scales, biases, q["group_size"], q["bits"])
+            params = q.get(prefix, q)  # a per-layer override (a router at 8 bits), or the default
+            w = mx.dequantize(w, scales, biases, params["group_size"], params["bits"])
         out[name] = np.array(w.astype(mx.float32))
     return out
 
@@ -69,9 +76,30 @@ def llama3_period_factors(config, head_dim):
     return np.array(factors, dtype=np.float32)
 
 
+# llama.cpp's architecture of each mlx-lm model type that differs in name.
+GGUF_ARCH = {"qwen3_moe": "qwen3moe", "mixtral": "llama"}
+# mlx-lm's mixture-of-experts parts and llama.cpp's names for them.
+MOE_PARTS = {
+    "gate": "ffn_gate_inp",
+    "switch_mlp.gate_proj": "ffn_gate_exps",
+    "switch_mlp.up_proj": "ffn_up_exps",
+    "switch_mlp.down_proj": "ffn_down_exps",
+}
+
+
+def moe_name(name):
+    """llama.cpp's name of an MoE tensor (`model.layers.N.{mlp,block_sparse_moe}.PART.weight`),
+    or None."""
+    parts = name.split(".")
+    if len(parts) < 6 or parts[3] not in ("mlp", "block_sparse_moe"):
+        return None
+    part = MOE_PARTS.get(".".join(parts[4:-1]))
+    return part and f"blk.{parts[2]}.{part}.weight"
+
+
 def write_twin(directory):
     config = json.loads((directory / "config.json").read_text())
-    arch = config["model_type"]
+    arch = GGUF_ARCH.get(config["model_type"], config["model_type"])
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim", config["hidden_size"] // heads)
     w = gguf.GGUFWriter(str(directory / "twin.gguf"), arch)
@@ -87,13 +115,24 @@ def write_twin(directory):
     w.add_rope_freq_base(config.get("rope_theta", 1e6))
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_vocab_size(config["vocab_size"])
+    experts = config.get("num_experts", config.get("num_local_experts"))
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(config["num_experts_per_tok"])
+        if "moe_intermediate_size" in config:
+            w.add_expert_feed_forward_length(config["moe_intermediate_size"])
     arch_id = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     names = gguf.get_tensor_name_map(arch_id, config["num_hidden_layers"])
+    llama_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     for name, t in sorted(float_tensors(directory, config).items()):
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             kv = config["num_key_value_heads"]
             t = interleave_pairs(t, heads if name.endswith("q_proj.weight") else kv)
-        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t)
+        suffixes = (".weight", ".bias")
+        # qwen3moe's map has no dense MLP (mlp_only_layers): llama's names serve for those.
+        gguf_name = (moe_name(name) or names.get_name(name, try_suffixes=suffixes)
+                     or llama_names.get_name(name, try_suffixes=suffixes))
+        w.add_tensor(gguf_name, t)
     if config.get("rope_scaling", {}).get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_period_factors(config, head_dim))
     w.write_header_to_file()
@@ -105,7 +144,8 @@ def write_twin(directory):
 
 def main():
     fixtures = Path(sys.argv[1])
-    for name in sys.argv[2:] or ["qwen2_4bit", "qwen3_4bit", "llama_8bit"]:
+    for name in sys.argv[2:] or ["qwen2_4bit", "qwen3_4bit", "llama_8bit", "qwen3_moe_4bit",
+                                 "mixtral_4bit"]:
         write_twin(fixtures / name)
 
 

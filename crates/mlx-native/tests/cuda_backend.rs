@@ -1214,8 +1214,10 @@ fn matvec_tensor_cores_mlx() {
 /// The decode matvec for ggml Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K over 2^24
 /// weights (matvec_tc.cu's `MtQ4_0` and `MtQ8_0` where rows start 8-byte aligned, `MtQ4_1`,
 /// `MtQ5_1`, `MtQ4K`, `MtQ5K`; `MtQ5_0`, `MtQ4_0Words`, `MtQ8_0Words` and `MtQ6K` for rows of an
-/// even number of blocks, whose blocks alternate 4- and 2-byte alignment; Q6_K's gated pairs as
-/// two plain matvecs and the activation; its k = 4,352, 17 super-blocks, stays on matvec.cu):
+/// even number of blocks, whose blocks alternate 4- and 2-byte alignment, and `MtQ6K` for
+/// matrices of an even number of super-blocks, rows of an odd number included (k = 4,352 and
+/// Qwen3-30B-A3B's experts' 768: rows alternate in alignment); Q6_K's gated pairs as two plain
+/// matvecs and the activation):
 /// plain, with a bias, with the residual, and gated; rows not a multiple of the 16-row tile; k
 /// of one quad of Q4_0, Q5_0 or Q8_0 blocks (one step), of three Q4_1 or Q5_1 blocks (a partial
 /// step), of 130 Q4_0, Q5_0 or Q8_0 blocks (a partial last step; Q4_0 and Q8_0 off quads, as
@@ -1241,7 +1243,7 @@ fn matvec_tensor_cores_ggml() {
         ),
         (GgmlType::Q4K, [4352, 256, 2048, 8448].as_slice()),
         (GgmlType::Q5K, [4352, 256, 2048].as_slice()),
-        (GgmlType::Q6K, [2048, 6144, 4352, 1536].as_slice()),
+        (GgmlType::Q6K, [2048, 6144, 4352, 1536, 768].as_slice()),
     ];
     for (ty, ks) in cases {
         for (i, &k) in ks.iter().enumerate() {

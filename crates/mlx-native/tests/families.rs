@@ -189,10 +189,18 @@ fn every_fixture_on_cuda() {
 /// dequantizes them, in F32 under llama.cpp's tensor names and metadata (qwen2: q/k/v biases;
 /// qwen3: its own head dim and per-head q/k norms; both rotate-half RoPE; llama: q/k rows in
 /// interleaved pairs, and Llama 3 RoPE scaling as `rope_freqs.weight`, one period factor a
-/// pair), and must give the fixture's mlx-lm logits.
+/// pair; qwen3moe and a Mixtral-style llama: routers and stacked experts as `ffn_*_exps`), and
+/// must give the fixture's mlx-lm logits.
 #[test]
 fn gguf_twins_match_mlx_lm() {
-    for name in ["qwen2_4bit", "qwen3_4bit", "llama_8bit"] {
+    let names = [
+        "qwen2_4bit",
+        "qwen3_4bit",
+        "llama_8bit",
+        "qwen3_moe_4bit",
+        "mixtral_4bit",
+    ];
+    for name in names {
         let twin = fixture_dir(name).join("twin.gguf");
         check_model(name, &twin, &Device::cpu(), LOGIT_TOLERANCE);
     }

@@ -985,3 +985,85 @@ fn rope_freqs_that_do_not_fit_are_config_errors() {
         }
     }
 }
+
+/// Mixture-of-experts metadata that llama.cpp's qwen3moe and llama builders would not run as
+/// mlx-native does (a token's experts past the count, shared experts, another gating function)
+/// is a config error naming the key.
+#[test]
+fn moe_metadata_that_does_not_fit_is_a_config_error() {
+    let cases = [
+        ("qwen3moe.expert_used_count", 5, "5 experts a token of 4"),
+        ("qwen3moe.expert_shared_count", 1, "shared experts"),
+        ("qwen3moe.expert_gating_func", 2, "gating function 2"),
+    ];
+    for (key, value, says) in cases {
+        let mut w = Writer::new()
+            .str("general.architecture", "qwen3moe")
+            .u32("qwen3moe.embedding_length", 64)
+            .u32("qwen3moe.block_count", 1)
+            .u32("qwen3moe.attention.head_count", 4)
+            .u32("qwen3moe.feed_forward_length", 96)
+            .u32("qwen3moe.vocab_size", 10)
+            .u32("qwen3moe.expert_count", 4)
+            .raw(
+                "qwen3moe.attention.layer_norm_rms_epsilon",
+                6,
+                &1e-5f32.to_le_bytes(),
+            );
+        if key != "qwen3moe.expert_used_count" {
+            w = w.u32("qwen3moe.expert_used_count", 2);
+        }
+        let path =
+            std::env::temp_dir().join(format!("mlxn-gguf-{}-moe-{value}.gguf", std::process::id()));
+        std::fs::write(&path, w.u32(key, value).bytes()).unwrap();
+        let result = load_model(&path, &Device::cpu(), &mut |_, _| {});
+        std::fs::remove_file(&path).unwrap();
+        match result {
+            Err(Error::Config { field, reason, .. }) => {
+                assert_eq!(field, key);
+                assert!(reason.contains(says), "{reason}");
+            }
+            Err(other) => panic!("expected a config error, got {other}"),
+            Ok(_) => panic!("{key} = {value} loaded"),
+        }
+    }
+}
+
+/// Stacked experts (`ffn_*_exps`, dims [k, n, experts]) load as one byte row an expert, each
+/// expert a view of its own blocks; a tensor of other rank is an error naming it.
+#[test]
+fn stacked_experts_load_as_stored() {
+    let (k, n, experts) = (64usize, 3usize, 4usize);
+    let t = GgmlType::Q8_0;
+    let rows: Vec<Vec<f32>> = (0..experts * n)
+        .map(|r| random(k, 100 + r as u64))
+        .collect();
+    let blocks: Vec<u8> = rows
+        .iter()
+        .flat_map(|row| quantize_row(t, row).unwrap())
+        .collect();
+    let dims = [k as u64, n as u64, experts as u64];
+    let file = Writer::new()
+        .tensor("blk.0.ffn_up_exps.weight", &dims, t, blocks.clone())
+        .tensor(
+            "flat",
+            &[k as u64, n as u64],
+            t,
+            blocks[..t.row_bytes(k) * n].to_vec(),
+        );
+    let file = open_bytes("experts", &file.bytes()).unwrap();
+    let device = Device::cpu();
+    let w = file
+        .load_experts(&device, "blk.0.ffn_up_exps.weight")
+        .unwrap();
+    assert_eq!((w.experts, w.n, w.k), (experts, n, k));
+    assert_eq!(w.expert_bytes(), n * t.row_bytes(k));
+    let expert = w.expert(2).unwrap();
+    let got = expert.tensors[0].to_vec::<u8>().unwrap();
+    assert_eq!(got, blocks[2 * n * t.row_bytes(k)..3 * n * t.row_bytes(k)]);
+    match file.load_experts(&device, "flat") {
+        Err(Error::Invalid(reason)) => assert!(reason.contains("`flat`"), "{reason}"),
+        Err(other) => panic!("expected an invalid-tensor error, got {other}"),
+        Ok(_) => panic!("a matrix loaded as stacked experts"),
+    }
+}

@@ -1,5 +1,6 @@
-//! Mixture-of-experts ops against f64 references on random non-zero inputs (odd sizes, dense
-//! and MLX affine experts of several widths and scale dtypes, one token and many), on the CPU
+//! Mixture-of-experts ops against f64 references on random non-zero inputs (odd sizes, dense,
+//! MLX affine experts of several widths and scale dtypes, and ggml blocks of every quantized
+//! type, one token and many), on the CPU
 //! backend and, where there is a CUDA driver, on the GPU, whose results are also compared with
 //! the CPU backend's. Outputs are poisoned before each run. Without a driver the GPU half
 //! prints "skipped: ..." and the CPU half still runs.
@@ -8,7 +9,7 @@ use half::{bf16, f16};
 use mlx_native::backends::cuda;
 use mlx_native::core::op::{PreNorm, Route, Routing, UnaryFn};
 use mlx_native::ops::{self, ExpertLinear};
-use mlx_native::quant::{mlx_affine, WeightLayout};
+use mlx_native::quant::{ggml, mlx_affine, GgmlType, WeightLayout};
 use mlx_native::{CommandEncoder, DType, Device, Error, Result, Tensor};
 
 mod common;
@@ -135,10 +136,11 @@ fn routing_picks_the_top_experts_with_each_normalisation() {
 // ---------------------------------------------------------------------------------------------
 // Gathered matmuls
 
-/// How host experts are stored: dense `[experts·n·k]` values, or MLX words, scales, biases
-/// (floats already rounded to the storage dtype).
+/// How host experts are stored: dense `[experts·n·k]` values, MLX words, scales, biases
+/// (floats already rounded to the storage dtype), or ggml blocks.
 enum Stored {
     Dense(Vec<f32>),
+    Ggml(Vec<u8>),
     Mlx {
         words: Vec<u32>,
         scales: Vec<f32>,
@@ -208,7 +210,24 @@ fn host_experts(
                 k,
             }
         }
-        _ => {
+        WeightLayout::Gguf(t) => {
+            let blocks: Vec<u8> = w
+                .chunks(k)
+                .flat_map(|row| ggml::quantize_row(t, row).unwrap())
+                .collect();
+            let mut values = vec![0f32; w.len()];
+            ggml::dequantize_row(t, &blocks, &mut values).unwrap();
+            HostExperts {
+                layout,
+                values: to_f64(&values),
+                stored: Stored::Ggml(blocks),
+                dtype,
+                experts,
+                n,
+                k,
+            }
+        }
+        WeightLayout::Dense => {
             let w = round_to(&w, dtype);
             HostExperts {
                 layout,
@@ -243,6 +262,9 @@ impl HostExperts {
         let (e, n, k) = (self.experts, self.n, self.k);
         let tensors = match (&self.stored, self.layout) {
             (Stored::Dense(w), _) => vec![floats(dev, w, &[e, n, k], self.dtype)],
+            (Stored::Ggml(blocks), _) => {
+                vec![dev.from_slice(blocks, &[e, blocks.len() / e]).unwrap()]
+            }
             (
                 Stored::Mlx {
                     words,
@@ -259,7 +281,7 @@ impl HostExperts {
                     floats(dev, biases, &[e, n, groups], self.dtype),
                 ]
             }
-            _ => unreachable!("host experts are dense or MLX affine"),
+            _ => unreachable!("MLX words come with an MLX layout"),
         };
         ExpertLinear::new("experts", self.layout, tensors, e, n, k).unwrap()
     }
@@ -271,9 +293,12 @@ impl HostExperts {
     }
 
     fn describe(&self) -> String {
-        let dtype = self.dtype;
+        let dtype = match self.stored {
+            Stored::Ggml(_) => String::new(),
+            _ => format!(" {}", self.dtype),
+        };
         format!(
-            "{} {dtype} [{}, {}, {}]",
+            "{}{dtype} [{}, {}, {}]",
             self.layout.variant(),
             self.experts,
             self.n,
@@ -292,10 +317,11 @@ fn act_ref(f: UnaryFn, x: f64) -> f64 {
     }
 }
 
-/// Every stored form the experts come in: dense f32/f16/bf16 (k a multiple of 32 or not)
-/// and MLX affine of several widths, groups and scale dtypes.
+/// Every stored form the experts come in: dense f32/f16/bf16 (k a multiple of 32 or not),
+/// MLX affine of several widths, groups and scale dtypes, and each quantized ggml type.
 fn cases(rng: &mut Rng) -> Vec<HostExperts> {
     let mlx = |bits, group_size| WeightLayout::MlxAffine { bits, group_size };
+    let ggml = |t| WeightLayout::Gguf(t);
     vec![
         host_experts(rng, WeightLayout::Dense, DType::F32, 5, 37, 64),
         host_experts(rng, WeightLayout::Dense, DType::F16, 5, 37, 72),
@@ -307,6 +333,19 @@ fn cases(rng: &mut Rng) -> Vec<HostExperts> {
         host_experts(rng, mlx(6, 128), DType::BF16, 4, 17, 256),
         // One token: several blocks a slot, each tile's k split between warps.
         host_experts(rng, mlx(4, 64), DType::BF16, 4, 300, 2048),
+        host_experts(rng, ggml(GgmlType::Q4_0), DType::F32, 5, 37, 96),
+        host_experts(rng, ggml(GgmlType::Q4_1), DType::F32, 4, 21, 64),
+        host_experts(rng, ggml(GgmlType::Q5_0), DType::F32, 3, 19, 96),
+        host_experts(rng, ggml(GgmlType::Q5_1), DType::F32, 4, 23, 64),
+        host_experts(rng, ggml(GgmlType::Q8_0), DType::F32, 5, 33, 128),
+        host_experts(rng, ggml(GgmlType::Q4K), DType::F32, 4, 37, 256),
+        host_experts(rng, ggml(GgmlType::Q5K), DType::F32, 3, 17, 512),
+        host_experts(rng, ggml(GgmlType::Q6K), DType::F32, 4, 29, 256),
+        // One token on tensor cores: Q4_K; Q6_K (plain only; rows of three super-blocks, as
+        // Qwen3-30B-A3B's down experts); Q8_0 rows off quads (words).
+        host_experts(rng, ggml(GgmlType::Q4K), DType::F32, 4, 300, 1024),
+        host_experts(rng, ggml(GgmlType::Q6K), DType::F32, 4, 400, 768),
+        host_experts(rng, ggml(GgmlType::Q8_0), DType::F32, 3, 300, 960),
     ]
 }
 
@@ -315,9 +354,9 @@ const TOKENS: [usize; 2] = [1, 70];
 
 /// The relative tolerance of a gathered product on `dev`: `exact`, or on CUDA where tensor
 /// cores multiply (x rounded to f16) `rounded`: many tokens (the tiles, which round the weights
-/// to f16 as well; f32 weights stay on the f32 tiles), and one token of MLX 4- and 8-bit
-/// experts of more than 2^18 − 1 weights, gate and up together (matvec_tc.cu's gathered
-/// kernels).
+/// to f16 as well; f32 weights stay on the f32 tiles), and one token of MLX 4- and 8-bit or
+/// ggml experts of more than 2^18 − 1 weights, gate and up together (matvec_tc.cu's gathered
+/// kernels, where they take the format: rounded is then an upper bound).
 fn gather_tol(
     dev: &Device,
     w: &HostExperts,
@@ -326,8 +365,11 @@ fn gather_tol(
 ) -> f64 {
     let f32_weights = w.layout == WeightLayout::Dense && w.dtype == DType::F32;
     let weights = w.n * w.k * if gated { 2 } else { 1 };
-    let tc_matvec =
-        matches!(w.layout, WeightLayout::MlxAffine { bits: 4 | 8, .. }) && weights >= 1 << 18;
+    let tc_format = matches!(
+        w.layout,
+        WeightLayout::MlxAffine { bits: 4 | 8, .. } | WeightLayout::Gguf(_)
+    );
+    let tc_matvec = tc_format && weights >= 1 << 18;
     if dev.is_cpu() || f32_weights || (m == 1 && !tc_matvec) {
         exact
     } else {

@@ -4,12 +4,13 @@
 use std::path::Path;
 
 use crate::core::device::Device;
+use crate::core::op::Routing;
 use crate::formats::chat_template::{ChatTemplate, Message};
 use crate::formats::config::ConfigFields;
 use crate::formats::gguf::GgufFile;
 use crate::formats::mlx_checkpoint::MlxCheckpoint;
 use crate::formats::tokenizer::{Tokenizer, TokenizerConfig};
-use crate::models::decoder::{Architecture, Decoder, DecoderParams, RopeParams};
+use crate::models::decoder::{Architecture, Decoder, DecoderParams, MoeParams, RopeParams};
 use crate::models::family::{self, DEFAULT_CONTEXT};
 use crate::models::weights::{GgufWeights, MlxWeights, Prefixed, Progress};
 use crate::ops::RopeScaling;
@@ -19,8 +20,10 @@ use crate::{Error, Result};
 pub const SUPPORTED_MODEL_TYPES: &[&str] = family::MODEL_TYPES;
 
 /// The GGUF `general.architecture`s this build runs (llama.cpp's Llama tensor layout, with
-/// q/k/v biases for qwen2 and per-head q/k norms for qwen3).
-pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+/// q/k/v biases for qwen2, per-head q/k norms for qwen3, and mixture-of-experts MLPs for
+/// qwen3moe and for llama files with experts, such as Mixtral's).
+pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] =
+    &["llama", "mistral", "qwen2", "qwen3", "qwen3moe"];
 /// GGUF's per-pair RoPE period factors (`RopeScaling::PeriodFactors`).
 const ROPE_FREQS: &str = "rope_freqs.weight";
 
@@ -244,16 +247,18 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
         None => file.get_str_array("tokenizer.ggml.tokens")?.len(),
     };
     let num_layers = usize_of("block_count")?;
+    let intermediate_size = usize_of("feed_forward_length")?;
+    let moe = gguf_moe(file, arch, num_layers, intermediate_size)?;
     let attention_bias = file.tensor_info("blk.0.attn_q.bias").is_some();
     Ok(DecoderParams {
         arch: Architecture {
             qkv_bias: attention_bias,
             o_bias: file.tensor_info("blk.0.attn_output.bias").is_some(),
-            qk_norm: arch == "qwen3",
+            qk_norm: matches!(arch, "qwen3" | "qwen3moe"),
             ..Architecture::LLAMA
         },
         hidden_size,
-        intermediate_size: usize_of("feed_forward_length")?,
+        intermediate_size,
         num_layers,
         num_heads,
         num_kv_heads,
@@ -275,8 +280,76 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
         max_position_embeddings: file
             .opt_u32(&key("context_length"))?
             .map_or(DEFAULT_CONTEXT, |v| v as usize),
-        moe: None,
+        moe,
     })
+}
+
+/// The mixture-of-experts MLP of a GGUF file with `{arch}.expert_count` experts, as llama.cpp
+/// builds it: the layers holding a router (`blk.N.ffn_gate_inp`) are sparse; Qwen3-MoE takes a
+/// softmax over all experts and normalises the top k, Mixtral-style llama files take a softmax
+/// over the top k logits (the same weights).
+fn gguf_moe(
+    file: &GgufFile,
+    arch: &str,
+    num_layers: usize,
+    intermediate_size: usize,
+) -> Result<Option<MoeParams>> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let experts = match file.opt_u32(&key("expert_count"))? {
+        None | Some(0) => return Ok(None),
+        Some(e) => e as usize,
+    };
+    let config_error = |k: &str, reason: String| Error::Config {
+        path: file.path().to_path_buf(),
+        field: key(k),
+        reason,
+    };
+    let top_k = file.get_u32(&key("expert_used_count"))? as usize;
+    if top_k == 0 || top_k > experts {
+        let reason = format!("{top_k} experts a token of {experts}");
+        return Err(config_error("expert_used_count", reason));
+    }
+    // What llama.cpp's builders for these architectures leave at their defaults.
+    if let Some(shared) = file
+        .opt_u32(&key("expert_shared_count"))?
+        .filter(|&s| s > 0)
+    {
+        let reason = format!("{shared} shared experts are not supported");
+        return Err(config_error("expert_shared_count", reason));
+    }
+    if let Some(scale) = file.opt_f32(&key("expert_weights_scale"))? {
+        if scale != 0.0 && scale != 1.0 {
+            let reason = format!("routing weights scaled by {scale} are not supported");
+            return Err(config_error("expert_weights_scale", reason));
+        }
+    }
+    if let Some(gating) = file
+        .opt_u32(&key("expert_gating_func"))?
+        .filter(|&g| g != 1)
+    {
+        let reason = format!("gating function {gating} (only 1, softmax, is supported)");
+        return Err(config_error("expert_gating_func", reason));
+    }
+    let routing = match arch {
+        "qwen3moe" => Routing::SoftmaxTopK { normalize: true },
+        _ => Routing::TopKSoftmax,
+    };
+    let sparse_layers = (0..num_layers)
+        .map(|l| {
+            file.tensor_info(&format!("blk.{l}.ffn_gate_inp.weight"))
+                .is_some()
+        })
+        .collect();
+    Ok(Some(MoeParams {
+        experts,
+        top_k,
+        intermediate_size: file
+            .opt_u32(&key("expert_feed_forward_length"))?
+            .map_or(intermediate_size, |v| v as usize),
+        routing,
+        sparse_layers,
+        block: "mlp",
+    }))
 }
 
 fn gguf_decoder(

@@ -26,7 +26,7 @@ use crate::core::device::Device;
 use crate::core::dtype::DType;
 use crate::core::tensor::Tensor;
 use crate::formats::tokenizer::GgufVocab;
-use crate::ops::Linear;
+use crate::ops::{ExpertLinear, Linear};
 use crate::quant::{ggml, GgmlType, WeightLayout};
 use crate::{Error, Result};
 
@@ -367,6 +367,30 @@ impl GgufFile {
             WeightLayout::Gguf(info.ggml_type),
             vec![bytes],
             None,
+            n,
+            k,
+        )
+    }
+
+    /// A stack of expert matrices (llama.cpp's `ffn_*_exps`, dims `[k, n, experts]`) as stored,
+    /// one row of `[experts, n·row_bytes]` bytes an expert.
+    pub fn load_experts(&self, device: &Device, name: &str) -> Result<ExpertLinear> {
+        let info = self.require_tensor(name)?;
+        let [k, n, experts] = info.dims[..] else {
+            return Err(Error::Invalid(format!(
+                "{}: tensor `{name}` has dims {:?}; stacked experts need three",
+                self.path.display(),
+                info.dims
+            )));
+        };
+        let host: HostBytes = self.mmap.clone();
+        let shape = [experts, info.range.len() / experts.max(1)];
+        let bytes = device.from_host(host, info.range.clone(), &shape, DType::U8)?;
+        ExpertLinear::new(
+            name,
+            WeightLayout::Gguf(info.ggml_type),
+            vec![bytes],
+            experts,
             n,
             k,
         )

@@ -138,7 +138,9 @@ pub enum SyntheticQuant {
     Uniform(WeightLayout),
     /// llama.cpp's Q4_K_M or Q5_K_M mix (`base` Q4_K or Q5_K) of a model of `layers` layers, as
     /// `llama-quantize` writes it: Q6_K for the output matrix (the embedding, where tied) and
-    /// for v and down in layers i < n/8, i ≥ 7n/8 and every third between; `base` elsewhere;
+    /// for v and down (experts' too) in layers i < n/8, i ≥ 7n/8 and every third between; F32
+    /// for MoE routers (`ffn_gate_inp`, which llama.cpp's converter writes in F32 and
+    /// llama-quantize leaves); `base` elsewhere;
     /// and as it falls back for rows that are not whole super-blocks of 256 (SmolLM2's 576):
     /// Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0.
     KQuantMix {
@@ -169,6 +171,9 @@ impl SyntheticQuant {
             SyntheticQuant::Uniform(layout) => return layout,
             SyntheticQuant::KQuantMix { base, layers, tied } => (base, layers, tied),
         };
+        if name.ends_with(".gate") {
+            return WeightLayout::Gguf(GgmlType::F32);
+        }
         let more_bits = |i: usize| {
             let eighth = layers / 8;
             i < eighth || i >= 7 * layers / 8 || (i - eighth) % 3 == 2
@@ -278,8 +283,11 @@ impl SyntheticWeights {
                     .map(|row| ggml::quantize_row(t, row))
                     .collect::<Result<Vec<_>>>()?
                     .concat();
-                let matrices: usize = lead.iter().product();
-                vec![repeated(d, &bytes, &[matrices * n * t.row_bytes(k)])?]
+                vec![repeated(
+                    d,
+                    &bytes,
+                    &[lead, &[n * t.row_bytes(k)]].concat(),
+                )?]
             }
         })
     }
@@ -373,6 +381,20 @@ mod tests {
                     assert_eq!(quant.layout_of(&name, k), layout, "{shape} {mix} {name}");
                 }
             }
+        }
+        // MoE: routers in F32; stacked experts by the dense rule (not checked against
+        // llama-quantize's logs).
+        let moe = preset("qwen3-30b-a3b").unwrap();
+        let quant = SyntheticQuant::parse("q4_k_m", &moe).unwrap();
+        let f32_layout = WeightLayout::Gguf(GgmlType::F32);
+        let q4k = WeightLayout::Gguf(GgmlType::Q4K);
+        for (name, want) in [
+            ("model.layers.0.mlp.gate", f32_layout),
+            ("model.layers.0.mlp.switch_mlp.down_proj", q6k),
+            ("model.layers.6.mlp.switch_mlp.down_proj", q4k),
+            ("model.layers.6.mlp.switch_mlp.gate_proj", q4k),
+        ] {
+            assert_eq!(quant.layout_of(name, 768), want, "{name}");
         }
         let uniform = SyntheticQuant::parse("q6_k", &preset("llama-3.2-1b").unwrap()).unwrap();
         assert_eq!(uniform.layout_of("model.layers.3.mlp.gate_proj", 2048), q6k);

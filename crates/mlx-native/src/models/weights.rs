@@ -107,7 +107,9 @@ pub struct GgufWeights<'a> {
     pub progress: Progress<'a>,
 }
 
-/// llama.cpp's name for a Hugging Face tensor prefix of the Llama family.
+/// llama.cpp's name for a Hugging Face tensor prefix of the Llama family, its mixture-of-experts
+/// parts (router and stacked experts, under Mixtral's `block_sparse_moe` or Qwen3-MoE's `mlp`)
+/// included.
 fn gguf_name(hf: &str) -> String {
     const LAYER_PARTS: [(&str, &str); 11] = [
         ("self_attn.q_proj", "attn_q"),
@@ -122,13 +124,23 @@ fn gguf_name(hf: &str) -> String {
         ("input_layernorm", "attn_norm"),
         ("post_attention_layernorm", "ffn_norm"),
     ];
+    const MOE_PARTS: [(&str, &str); 4] = [
+        ("gate", "ffn_gate_inp"),
+        ("switch_mlp.gate_proj", "ffn_gate_exps"),
+        ("switch_mlp.up_proj", "ffn_up_exps"),
+        ("switch_mlp.down_proj", "ffn_down_exps"),
+    ];
     if let Some(rest) = hf.strip_prefix("model.layers.") {
         if let Some((layer, part)) = rest.split_once('.') {
             let (part, suffix) = match part.strip_suffix(".weight") {
                 Some(p) => (p, ".weight"),
                 None => (part, ""),
             };
-            if let Some((_, g)) = LAYER_PARTS.iter().find(|(h, _)| *h == part) {
+            let moe_part = ["block_sparse_moe.", "mlp."]
+                .iter()
+                .find_map(|block| part.strip_prefix(block))
+                .and_then(|p| MOE_PARTS.iter().find(|(h, _)| *h == p));
+            if let Some((_, g)) = LAYER_PARTS.iter().find(|(h, _)| *h == part).or(moe_part) {
                 return format!("blk.{layer}.{g}{suffix}");
             }
         }
@@ -173,11 +185,18 @@ impl WeightSource for GgufWeights<'_> {
         Ok(t)
     }
 
-    /// GGUF files are read for the Llama family only, which has no experts.
-    fn experts(&self, name: &str, _: usize, _: usize, _: usize) -> Result<ExpertLinear> {
-        Err(Error::UnsupportedQuant(format!(
-            "`{name}`: mixture-of-experts weights from a GGUF file"
-        )))
+    fn experts(&self, name: &str, experts: usize, n: usize, k: usize) -> Result<ExpertLinear> {
+        self.progress.tick();
+        let gguf = format!("{}.weight", gguf_name(name));
+        let w = self.file.load_experts(self.device, &gguf)?;
+        if (w.experts, w.n, w.k) != (experts, n, k) {
+            return Err(Error::TensorShape {
+                name: gguf,
+                expected: vec![experts, n, k],
+                found: vec![w.experts, w.n, w.k],
+            });
+        }
+        Ok(w)
     }
 
     fn has_linear(&self, name: &str) -> bool {

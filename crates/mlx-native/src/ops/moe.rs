@@ -12,11 +12,12 @@ use crate::{Error, Result};
 
 /// `experts` weight matrices of `n` rows by `k` columns stacked along a leading dimension, as
 /// mlx-lm's `SwitchLinear`/`QuantizedSwitchLinear` store them: dense `[experts, n, k]`, or MLX
-/// affine words `[experts, n, k·bits/32]` with scales and biases `[experts, n, k/group]`.
+/// affine words `[experts, n, k·bits/32]` with scales and biases `[experts, n, k/group]`; or as
+/// llama.cpp's `ffn_*_exps` tensors: ggml blocks, `[experts, n·row_bytes]` bytes.
 #[derive(Clone, Debug)]
 pub struct ExpertLinear {
     pub layout: WeightLayout,
-    /// Dense: `[w]`; MLX affine: `[w (u32), scales, biases]`.
+    /// Dense: `[w]`; MLX affine: `[w (u32), scales, biases]`; GGUF: `[blocks (u8)]`.
     pub tensors: Vec<Tensor>,
     pub experts: usize,
     pub n: usize,
@@ -33,12 +34,6 @@ impl ExpertLinear {
         n: usize,
         k: usize,
     ) -> Result<ExpertLinear> {
-        if matches!(layout, WeightLayout::Gguf(_)) {
-            return Err(Error::UnsupportedQuant(format!(
-                "`{name}`: stacked experts in {} blocks",
-                layout.variant()
-            )));
-        }
         if experts == 0 {
             return Err(Error::op("expert_linear", format!("`{name}`: no experts")));
         }

@@ -15,7 +15,7 @@ use crate::quant::WeightLayout;
 use crate::{Error, Result};
 
 pub(super) fn register(reg: &mut Registry<CpuKernel>) {
-    for layout in std::iter::once(WeightLayout::Dense).chain(WeightLayout::mlx_affine_all()) {
+    for layout in WeightLayout::all() {
         reg.insert(
             "gather_matmul",
             &layout.variant(),

@@ -108,6 +108,11 @@ __device__ __forceinline__ float pre_norm_unit(const PreNorm& norm, int u, float
 #define FT_F32 0
 #define FT_F16 1
 #define FT_BF16 2
+// KERNELS(BITS, ST, NAME) for each type of MLX scales and biases.
+#define MLX_SCALE_TYPES(KERNELS, BITS)                                                             \
+    KERNELS(BITS, FT_F32, f32)                                                                     \
+    KERNELS(BITS, FT_F16, f16)                                                                     \
+    KERNELS(BITS, FT_BF16, bf16)
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;

@@ -651,7 +651,7 @@ pub(crate) fn matvec_folds_norm(sm_count: usize, layout: WeightLayout, n: usize,
 /// A decode matvec as the choice of its kernel sees it: a weight of `layout` `[n, k]` (the
 /// gate of a gated pair where `gated`), and what its input asks.
 #[derive(Clone, Copy)]
-struct DecodeMatvec {
+pub(super) struct DecodeMatvec {
     layout: WeightLayout,
     n: usize,
     k: usize,
@@ -663,9 +663,9 @@ struct DecodeMatvec {
     /// Q4_0 and Q8_0 rows of k % 128 == 0 from 8-byte aligned data: `MtQ4_0` and `MtQ8_0` load
     /// quads of blocks.
     quads: bool,
-    /// Rows of an even number of blocks from 4-byte aligned data (`paired_blocks`): the
-    /// aligned 4-byte words around a 2-byte aligned block that `MtQ5_0`, `MtQ4_0Words`,
-    /// `MtQ8_0Words` and `MtQ6K` load never pass the matrix.
+    /// Blocks paired from 4-byte aligned data (`paired_blocks`): the aligned 4-byte words
+    /// around a 2-byte aligned block that `MtQ5_0`, `MtQ4_0Words`, `MtQ8_0Words` and `MtQ6K`
+    /// load never pass the matrix.
     paired_rows: bool,
     /// A norm that matvec.cu would launch in front (k > FOLD_NORM_MAX_K), which sends smaller
     /// MLX matrices to the tensor cores too, since their kernel folds it.
@@ -673,6 +673,35 @@ struct DecodeMatvec {
 }
 
 impl DecodeMatvec {
+    /// The product of `weight` `[n, k]` (and `up`, a gated pair) as stored in buffers of `rows`
+    /// such rows (more than n for stacked experts), folding a norm where `folds`, with no
+    /// update. Formats read in aligned words: MtQ4_0 and MtQ8_0 load a quad's four blocks (72
+    /// or 136 bytes) of rows of k % 128 == 0 from 8-byte aligned data; MtQ5_0, MtQ6K and, off
+    /// quads, MtQ4_0Words and MtQ8_0Words paired blocks (`paired_blocks`) from 4-byte aligned
+    /// data; other rows of these formats stay on the SIMT kernels.
+    pub(super) fn of(
+        (weight, up): (&Weight, Option<&Weight>),
+        (n, rows): (usize, usize),
+        k: usize,
+        folds: bool,
+    ) -> Result<Self> {
+        let aligned = |align: u64| -> Result<bool> {
+            let base = |w: &Weight| -> Result<bool> { Ok(device_ptr(w.data())? % align == 0) };
+            Ok(base(weight)? && up.map_or(Ok(true), base)?)
+        };
+        Ok(DecodeMatvec {
+            layout: weight.layout(),
+            n,
+            k,
+            gated: up.is_some(),
+            folds,
+            updates: false,
+            quads: k.is_multiple_of(128) && aligned(8)?,
+            paired_rows: paired_blocks(weight.layout(), rows, k) && aligned(4)?,
+            wide_norm: false,
+        })
+    }
+
     /// A plain matvec, normed where `norm`, of rows and x aligned as the tensor-core kernels
     /// ask (the planner's view before the data's addresses are known).
     fn aligned(layout: WeightLayout, n: usize, k: usize, norm: bool) -> Self {
@@ -684,21 +713,23 @@ impl DecodeMatvec {
             folds: norm,
             updates: false,
             quads: k.is_multiple_of(128),
-            paired_rows: paired_blocks(layout, k),
+            paired_rows: paired_blocks(layout, n, k),
             wide_norm: norm && k > FOLD_NORM_MAX_K,
         }
     }
 }
 
-/// Whether rows of `k` hold an even number of the layout's blocks (32 elements, Q6_K's 256):
-/// from 4-byte aligned data every row is then 4-byte aligned and its last block starts 2 bytes
-/// past a word, so that the aligned words around it end with it.
-fn paired_blocks(layout: WeightLayout, k: usize) -> bool {
-    let block = match layout {
-        WeightLayout::Gguf(GgmlType::Q6K) => 256,
-        _ => 32,
-    };
-    k.is_multiple_of(2 * block)
+/// Whether the blocks of a matrix of `rows` rows of `k` pair up: from 4-byte aligned data, the
+/// matrix's last block then starts 2 bytes past a word (each block's size is 2 mod 4), so that
+/// the aligned words around it end with it. The 32-element formats need every row to hold an
+/// even number of blocks (their loads take rows from 4-byte aligned starts); Q6_K only the
+/// matrix (`MtQ6K` realigns each super-block's words itself), so that rows of an odd number of
+/// super-blocks (Qwen3-30B-A3B's experts' k = 768) run on tensor cores too.
+fn paired_blocks(layout: WeightLayout, rows: usize, k: usize) -> bool {
+    match layout {
+        WeightLayout::Gguf(GgmlType::Q6K) => (rows * (k / 256)).is_multiple_of(2),
+        _ => k.is_multiple_of(64),
+    }
 }
 
 /// How matvec_tc.cu cuts a format's rows: elements a chunk, and bytes of a chunk's staged sums
@@ -871,31 +902,13 @@ impl<'a> DecodePlan<'a> {
         update: Update<'a>,
         norm: Norm<'a>,
     ) -> Result<Self> {
-        let (k, sm_count, gated) = (x.last_dim(), lib.sm_count(), up.is_some());
+        let (k, sm_count) = (x.last_dim(), lib.sm_count());
         // Whether the tensor-core kernel would fold the norm (and stage its weight): it folds
         // at any width.
         let tc_folds = MatvecInput::folds(x, norm, usize::MAX)?;
-        // Formats read in aligned words: MtQ4_0 and MtQ8_0 load a quad's four blocks (72 or 136
-        // bytes) of rows of k % 128 == 0 from 8-byte aligned data; MtQ5_0, MtQ6K and, off quads,
-        // MtQ4_0Words and MtQ8_0Words paired rows (`paired_blocks`) from 4-byte aligned data;
-        // other rows of these formats stay on matvec.cu.
-        let aligned = |align: u64| -> Result<bool> {
-            let base = |w: &Weight| -> Result<bool> { Ok(device_ptr(w.data())? % align == 0) };
-            Ok(base(weight)? && up.map_or(Ok(true), base)?)
-        };
-        let quads = k.is_multiple_of(128) && aligned(8)?;
-        let paired_rows = paired_blocks(weight.layout(), k) && aligned(4)?;
-        let matvec = DecodeMatvec {
-            layout: weight.layout(),
-            n,
-            k,
-            gated,
-            folds: tc_folds,
-            updates: update.is_some(),
-            quads,
-            paired_rows,
-            wide_norm: norm.is_some() && k > FOLD_NORM_MAX_K,
-        };
+        let mut matvec = DecodeMatvec::of((weight, up), (n, n), k, tc_folds)?;
+        matvec.updates = update.is_some();
+        matvec.wide_norm = norm.is_some() && k > FOLD_NORM_MAX_K;
         let tensor_cores = tensor_core_plan(matvec, sm_count)?;
         let kernel = match tensor_cores {
             Some(p) => MatvecKernel::TensorCores(p),
@@ -1238,34 +1251,21 @@ pub(super) fn norm_args(args: Args, norm: Norm) -> Result<Args> {
     })
 }
 
-/// The tensor-core plan of a gathered decode matvec (matvec_tc.cu's `gather_matvec_tc_…`, MLX
-/// 4- and 8-bit): `slots` products with `[n, k]` matrices of a stack of `experts`, each slot's
-/// blocks planned on an even share of the SMs. None where moe.cu's SIMT kernels multiply, as
-/// matvec.cu does for dense matvecs: other layouts, experts of up to `SIMT_MAX_WEIGHTS`
-/// (gate and up together), a stack of 2^32 elements or more (the 32-bit offsets), x too long
-/// to stage.
+/// The tensor-core plan of a gathered decode matvec (matvec_tc.cu's `gather_matvec_tc_…`):
+/// `slots` products with the `[n, k]` matrices of `matvec`, stacks of `experts`, each
+/// slot's blocks planned on an even share of the SMs. The formats and sizes are the dense
+/// matvec's (`tensor_core_plan`); None where the gathered SIMT kernels multiply, as the dense
+/// SIMT kernels do: other layouts and rows, experts of up to `SIMT_MAX_WEIGHTS` (gate and up
+/// together), a stack of 2^32 elements or more (the 32-bit offsets), x too long to stage.
 pub(super) fn gather_matvec_tc_plan(
-    layout: WeightLayout,
-    (n, k): (usize, usize),
+    matvec: DecodeMatvec,
     (experts, slots): (usize, usize),
-    gated: bool,
-    norm: bool,
     sm_count: usize,
 ) -> Result<Option<TcPlan>> {
-    let chunks = match layout {
-        WeightLayout::MlxAffine { bits: 4, .. } => TC_CHUNKS_32,
-        WeightLayout::MlxAffine { bits: 8, .. } => TC_CHUNKS_16,
-        _ => return Ok(None),
-    };
-    if (experts as u64) * (n as u64) * (k as u64) >= 1 << 32 {
+    if (experts as u64) * (matvec.n as u64) * (matvec.k as u64) >= 1 << 32 {
         return Ok(None);
     }
-    let folding = Folding {
-        norm,
-        update: false,
-    };
-    let share = sm_count.div_ceil(slots.max(1));
-    let Some(plan) = matvec_tc_plan(n, k, chunks, gated, folding, share, SIMT_MAX_WEIGHTS)? else {
+    let Some(plan) = tensor_core_plan(matvec, sm_count.div_ceil(slots.max(1)))? else {
         return Ok(None);
     };
     let grid = (plan.grid.0, dim(slots)?, 1);
@@ -1294,6 +1294,11 @@ impl TcPlan {
     /// Warps sharing a 16-row tile's k (the kernels' `kgroups` argument).
     pub(super) fn kgroups(&self) -> usize {
         self.kgroups
+    }
+
+    /// After the layout in the kernel's name: `_words` for Q4_0 and Q8_0 off quads.
+    pub(super) fn layout_suffix(&self) -> &'static str {
+        self.layout_suffix
     }
 
     /// The grid: blocks over the rows, then (gathered) the slots.
@@ -1518,7 +1523,8 @@ mod tests {
             (WeightLayout::Gguf(GgmlType::Q4_1), 4096, 4096, true),
             (WeightLayout::Gguf(GgmlType::Q4K), 4096, 4096, true),
             (WeightLayout::Gguf(GgmlType::Q6K), 4096, 4096, true),
-            (WeightLayout::Gguf(GgmlType::Q6K), 4096, 4352, false),
+            (WeightLayout::Gguf(GgmlType::Q6K), 4096, 4352, true),
+            (WeightLayout::Gguf(GgmlType::Q6K), 4095, 4352, false),
             (WeightLayout::Gguf(GgmlType::Q6K), 4096, 1536, true),
             (WeightLayout::Gguf(GgmlType::Q8_0), 4096, 4160, true),
             (WeightLayout::Gguf(GgmlType::Q8_0), 4096, 4128, false),
@@ -1605,10 +1611,17 @@ mod tests {
             bits,
             group_size: 64,
         };
-        let plan = |bits, (n, k), experts, gated| {
-            gather_matvec_tc_plan(mlx(bits), (n, k), (experts, 8), gated, gated, 132)
+        let plan_of = |layout, (n, k), experts, gated| {
+            let matvec = DecodeMatvec {
+                gated,
+                ..DecodeMatvec::aligned(layout, n, k, gated)
+            };
+            gather_matvec_tc_plan(matvec, (experts, 8), 132)
                 .unwrap()
-                .map(|p| (p.grid, p.kgroups, p.threads))
+                .map(|p| (p.grid, p.kgroups, p.threads, p.layout_suffix))
+        };
+        let plan = |bits, (n, k), experts, gated| {
+            plan_of(mlx(bits), (n, k), experts, gated).map(|(g, kg, t, _)| (g, kg, t))
         };
         assert_eq!(plan(4, (768, 2048), 128, true), Some(((16, 8, 1), 5, 512)));
         assert_eq!(plan(4, (2048, 768), 128, false), Some(((16, 8, 1), 2, 512)));
@@ -1617,6 +1630,18 @@ mod tests {
         assert_eq!(plan(4, (128, 512), 128, true), None);
         assert_eq!(plan(4, (256, 1024), 128, false), Some(((16, 8, 1), 4, 128)));
         assert_eq!(plan(4, (2048, 7168), 293, false), None);
+        // ggml experts as the dense matvec takes them: Q4_K gate/up and down; Q6_K plain, on
+        // stacks of an even number of super-blocks only; Q8_0 off quads on words.
+        let gguf = WeightLayout::Gguf;
+        let q4k = plan_of(gguf(GgmlType::Q4K), (768, 2048), 128, true);
+        assert_eq!(q4k, Some(((16, 8, 1), 5, 512, "")));
+        assert!(plan_of(gguf(GgmlType::Q4K), (2048, 768), 128, false).is_some());
+        assert!(plan_of(gguf(GgmlType::Q6K), (2048, 1024), 128, false).is_some());
+        assert!(plan_of(gguf(GgmlType::Q6K), (2048, 768), 128, false).is_some());
+        assert!(plan_of(gguf(GgmlType::Q6K), (2047, 768), 3, false).is_none());
+        assert!(plan_of(gguf(GgmlType::Q6K), (768, 2048), 128, true).is_none());
+        let q8 = plan_of(gguf(GgmlType::Q8_0), (2048, 704), 128, false);
+        assert_eq!(q8.map(|p| p.3), Some("_words"));
     }
 
     /// The kernel's 32-bit offsets reach 2^32 − 1 elements; a larger matrix runs matvec.cu.

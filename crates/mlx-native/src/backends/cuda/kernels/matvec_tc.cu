@@ -614,10 +614,11 @@ struct MtQ5K : MtQ4K {
 // chunk is 8 values of l (l0 = 8t for lane t of a quad) in the four groups g of half h: the
 // bytes ql[64h + l0 …], ql[64h + 32 + l0 …] and qh[32h + l0 …] (24 bytes for 32 elements, each
 // loaded once), x staged as four runs of 8 (one a group, each its own scale: SUBS = 4). A
-// super-block is only 2-byte aligned (4-byte for even ones, in 4-byte aligned rows of an even
-// number of super-blocks: k % 512 == 0), so each 8 bytes come as three aligned words realigned
-// at use by funnel shifts (`shift`, 0 or 16), and every load stays inside the matrix (a row's
-// last super-block is odd). 6-bit fields: the nibble and the two bits moved beside it, ORed
+// super-block is only 2-byte aligned (every other one 4-byte aligned, from 4-byte aligned
+// data), so each 8 bytes come as three aligned words realigned at use by funnel shifts
+// (`shift`, 0 or 16), rows of an odd number of super-blocks included, and every load stays
+// inside the matrix (its last super-block is an odd one: the planners take matrices of an even
+// number of super-blocks). 6-bit fields: the nibble and the two bits moved beside it, ORed
 // into 1024 (low nibbles) or 64 (high, a step of 1/16), offsets 1024 + 32 and 64 + 32 with the
 // −32. Plain kernels only: a stage holds 14 words a row, too many for the gated kernel's two
 // weights (Q4_K_M files keep gate and up in Q4_K). H100, 2026-11-28, decode after 128 tokens of
@@ -1219,10 +1220,9 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
         if (r < tiles * 16 && row < n) {
             // out points at this slot's row of y; slot s's row is s − slot rows away.
             const float* y0 = out - (i64)blockIdx.y % combine.top_k * n;
-            float acc = 0.f;
-            for (int j = 0; j < combine.top_k; ++j)
-                acc += combine.w[j] * __ldcg(y0 + (i64)j * n + row);
-            combine.out[row] = combine.residual[row] + acc;
+            combine.out[row] = combine.residual[row] +
+                               weighted_slots(combine.w, y0 + row, n, combine.top_k,
+                                              [](const float* p) { return __ldcg(p); });
         }
         if (threadIdx.x == 0) combine.counters[blockIdx.x] = 0;
     }
@@ -1263,23 +1263,55 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     MATVEC_TC_KERNELS(BITS, ST, NAME, matvec_tc_, false, false)                                    \
     MATVEC_TC_KERNELS(BITS, ST, NAME, matvec_tc_norm_, true, false)                                \
     MATVEC_TC_KERNELS(BITS, ST, NAME, matvec_tc_normup_, true, true)
-// KERNELS(BITS, ST, NAME) for each type of MLX scales and biases.
-#define MLX_SCALE_TYPES(KERNELS, BITS)                                                             \
-    KERNELS(BITS, FT_F32, f32)                                                                     \
-    KERNELS(BITS, FT_F16, f16)                                                                     \
-    KERNELS(BITS, FT_BF16, bf16)
 MLX_SCALE_TYPES(MATVEC_TC, 4)
 MLX_SCALE_TYPES(MATVEC_TC, 8)
 
 // Gathered products of one token (MoE decode): block (x, slot) multiplies the x row of `slot`
 // by rows of its expert, ids[slot], into row `slot` of out [slots, n]; x is the slot's own row
-// with `per_slot` (x [slots, k]), else its token's (x [slots / top_k, k]). Arguments as moe.cu's
-// gathered matvecs take them, then kgroups; the gated kernels then take the norm's
-// (MATVEC_NORM_ARGS, ignored by `gather_matvec_tc_gated_…`) and the routing's: the router
-// logits [slots / top_k, experts] (or null: ids are given), where to store the routed weights
-// beside the ids, and the mode (route.cuh); the plain kernel the combine's (`MtCombine`: the
-// routing weights, the residual, where to store the block's output, or null for none, and the
-// counters; one token).
+// with `per_slot` (x [slots, k]), else its token's (x [slots / top_k, k]). The gated product
+// routes its token itself where given the router logits [slots / top_k, experts] (else null:
+// ids are given), storing the routed weights beside the ids, by `mode` (route.cuh); the plain
+// product forms the MoE block's output where given `combined` (`MtCombine`: the routing
+// weights, the residual, and the counters; one token), else null.
+template <class F, bool NORM>
+__device__ __forceinline__ void gather_tc_gated(const MtWeight* wt, const float* x, u32* ids,
+                                                float* out, int n, int k, int row_units,
+                                                int group_shift, int experts, int top_k,
+                                                int act, int kgroups, const PreNorm& norm,
+                                                const float* logits, float* weights, int mode) {
+    const int slot = blockIdx.y, token = slot / top_k;
+    const MtExpert expert{ids + slot,
+                          experts,
+                          logits ? logits + (i64)token * experts : nullptr,
+                          ids + (i64)token * top_k,
+                          logits ? weights + (i64)token * top_k : nullptr,
+                          top_k,
+                          mode,
+                          slot % top_k};
+    matvec_tc<F, true, NORM, false, true>(wt, x + (i64)token * k, nullptr, norm, MtUpdate{},
+                                          nullptr, 0, out + (i64)slot * n, nullptr, n, k,
+                                          row_units, group_shift, kgroups, act, expert);
+}
+
+template <class F>
+__device__ __forceinline__ void gather_tc_plain(const MtWeight* wt, const float* x,
+                                                const u32* ids, float* out, int n, int k,
+                                                int row_units, int group_shift, int experts,
+                                                int top_k, int per_slot, int kgroups,
+                                                const float* weights, const float* residual,
+                                                float* combined, u32* counters) {
+    const int slot = blockIdx.y, token = slot / top_k;
+    const MtCombine combine =
+        combined ? MtCombine{weights, residual, combined, counters, top_k} : MtCombine{};
+    matvec_tc<F, false, false, false, true>(
+        wt, x + (i64)(per_slot ? slot : token) * k, nullptr, PreNorm{}, MtUpdate{}, nullptr, 0,
+        out + (i64)slot * n, nullptr, n, k, row_units, group_shift, kgroups, 0,
+        MtExpert{ids + slot, experts, nullptr, nullptr, nullptr, top_k, 0, 0}, combine);
+}
+
+// The kernels take moe.cu's gathered matvecs' arguments, then kgroups; the gated ones then the
+// norm's (MATVEC_NORM_ARGS, ignored by `gather_matvec_tc_gated_…`) and the routing's (logits,
+// weights, mode), the plain one the combine's (weights, residual, combined, counters).
 #define GATHER_MATVEC_TC_GATED(BITS, ST, NAME, PREFIX, NORM)                                       \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
         PREFIX##mlx##BITS##_##NAME(const float* x, u32* ids, const u8* w, const void* scales,      \
@@ -1288,19 +1320,10 @@ MLX_SCALE_TYPES(MATVEC_TC, 8)
                                    int group_shift, int experts, int top_k, int act, int kgroups,  \
                                    MATVEC_NORM_ARGS, const float* logits, float* weights,          \
                                    int mode) {                                                     \
-        const int slot = blockIdx.y, token = slot / top_k;                                         \
         const MtWeight wt[2] = {{w, scales, biases}, {w_up, scales_up, biases_up}};                \
-        const MtExpert expert{ids + slot,                                                          \
-                              experts,                                                             \
-                              logits ? logits + (i64)token * experts : nullptr,                    \
-                              ids + (i64)token * top_k,                                            \
-                              logits ? weights + (i64)token * top_k : nullptr,                     \
-                              top_k,                                                               \
-                              mode,                                                                \
-                              slot % top_k};                                                       \
-        matvec_tc<MtMlx<BITS, ST>, true, NORM, false, true>(                                       \
-            wt, x + (i64)token * k, nullptr, MATVEC_PRE_NORM, MtUpdate{}, nullptr, 0,              \
-            out + (i64)slot * n, nullptr, n, k, k * BITS / 128, group_shift, kgroups, act, expert); \
+        gather_tc_gated<MtMlx<BITS, ST>, NORM>(wt, x, ids, out, n, k, k * BITS / 128, group_shift, \
+                                               experts, top_k, act, kgroups, MATVEC_PRE_NORM,      \
+                                               logits, weights, mode);                             \
     }
 #define GATHER_MATVEC_TC(BITS, ST, NAME)                                                           \
     extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
@@ -1310,14 +1333,10 @@ MLX_SCALE_TYPES(MATVEC_TC, 8)
                                             int per_slot, int kgroups, const float* weights,       \
                                             const float* residual, float* combined,                \
                                             u32* counters) {                                       \
-        const int slot = blockIdx.y, token = slot / top_k;                                         \
         const MtWeight wt[1] = {{w, scales, biases}};                                              \
-        const MtCombine combine =                                                                  \
-            combined ? MtCombine{weights, residual, combined, counters, top_k} : MtCombine{};      \
-        matvec_tc<MtMlx<BITS, ST>, false, false, false, true>(                                     \
-            wt, x + (i64)(per_slot ? slot : token) * k, nullptr, PreNorm{}, MtUpdate{}, nullptr,   \
-            0, out + (i64)slot * n, nullptr, n, k, k * BITS / 128, group_shift, kgroups, 0,        \
-            MtExpert{ids + slot, experts, nullptr, nullptr, nullptr, top_k, 0, 0}, combine);       \
+        gather_tc_plain<MtMlx<BITS, ST>>(wt, x, ids, out, n, k, k * BITS / 128, group_shift,       \
+                                         experts, top_k, per_slot, kgroups, weights, residual,     \
+                                         combined, counters);                                      \
     }                                                                                              \
     GATHER_MATVEC_TC_GATED(BITS, ST, NAME, gather_matvec_tc_gated_, false)                         \
     GATHER_MATVEC_TC_GATED(BITS, ST, NAME, gather_matvec_tc_gated_norm_, true)
@@ -1355,13 +1374,44 @@ MLX_SCALE_TYPES(GATHER_MATVEC_TC, 8)
 #define MATVEC_TC_GGML_NORMS(KERNELS, F, NAME, ROW_UNITS)                                          \
     KERNELS(F, NAME, ROW_UNITS, matvec_tc_, false)                                                 \
     KERNELS(F, NAME, ROW_UNITS, matvec_tc_norm_, true)
-MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ4_0, q4_0, k / 128 * 9)
-MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ4_1, q4_1, k / 32 * 5)
-MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ5_0, q5_0, k / 32 * 11)
-MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ5_1, q5_1, k / 32 * 6)
-MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ8_0, q8_0, k / 128 * 17)
-MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ4_0Words, q4_0_words, k / 32 * 9)
-MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ8_0Words, q8_0_words, k / 32 * 17)
-MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ4K, q4_k, k / 256 * 9)
-MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, MtQ5K, q5_k, k / 256 * 11)
+
+// The gathered ggml kernels (MoE decode of llama.cpp's `ffn_*_exps`): as the MLX ones, without
+// scales, biases and group shift.
+#define GATHER_MATVEC_TC_GGML_PLAIN(F, NAME, ROW_UNITS)                                            \
+    extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
+        gather_matvec_tc_##NAME(const float* x, const u32* ids, const u8* w, float* out, int n,    \
+                                int k, int experts, int top_k, int per_slot, int kgroups,          \
+                                const float* weights, const float* residual, float* combined,      \
+                                u32* counters) {                                                   \
+        const MtWeight wt[1] = {{w, nullptr, nullptr}};                                            \
+        gather_tc_plain<F>(wt, x, ids, out, n, k, ROW_UNITS, 0, experts, top_k, per_slot, kgroups, \
+                           weights, residual, combined, counters);                                 \
+    }
+#define GATHER_MATVEC_TC_GGML_GATED(F, NAME, ROW_UNITS, PREFIX, NORM)                              \
+    extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
+        PREFIX##NAME(const float* x, u32* ids, const u8* w, const u8* w_up, float* out, int n,     \
+                     int k, int experts, int top_k, int act, int kgroups, MATVEC_NORM_ARGS,        \
+                     const float* logits, float* weights, int mode) {                              \
+        const MtWeight wt[2] = {{w, nullptr, nullptr}, {w_up, nullptr, nullptr}};                  \
+        gather_tc_gated<F, NORM>(wt, x, ids, out, n, k, ROW_UNITS, 0, experts, top_k, act,         \
+                                 kgroups, MATVEC_PRE_NORM, logits, weights, mode);                 \
+    }
+#define GATHER_MATVEC_TC_GGML(F, NAME, ROW_UNITS)                                                  \
+    GATHER_MATVEC_TC_GGML_PLAIN(F, NAME, ROW_UNITS)                                                \
+    GATHER_MATVEC_TC_GGML_GATED(F, NAME, ROW_UNITS, gather_matvec_tc_gated_, false)                \
+    GATHER_MATVEC_TC_GGML_GATED(F, NAME, ROW_UNITS, gather_matvec_tc_gated_norm_, true)
+#define DENSE_AND_GATHERED(F, NAME, ROW_UNITS)                                                     \
+    MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML, F, NAME, ROW_UNITS)                                       \
+    GATHER_MATVEC_TC_GGML(F, NAME, ROW_UNITS)
+DENSE_AND_GATHERED(MtQ4_0, q4_0, k / 128 * 9)
+DENSE_AND_GATHERED(MtQ4_1, q4_1, k / 32 * 5)
+DENSE_AND_GATHERED(MtQ5_0, q5_0, k / 32 * 11)
+DENSE_AND_GATHERED(MtQ5_1, q5_1, k / 32 * 6)
+DENSE_AND_GATHERED(MtQ8_0, q8_0, k / 128 * 17)
+DENSE_AND_GATHERED(MtQ4_0Words, q4_0_words, k / 32 * 9)
+DENSE_AND_GATHERED(MtQ8_0Words, q8_0_words, k / 32 * 17)
+DENSE_AND_GATHERED(MtQ4K, q4_k, k / 256 * 9)
+DENSE_AND_GATHERED(MtQ5K, q5_k, k / 256 * 11)
+// Q6_K's gated products run as two plain ones (the planners send no gated pair here).
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML_PLAIN, MtQ6K, q6_k, k / 256 * 210)
+GATHER_MATVEC_TC_GGML_PLAIN(MtQ6K, q6_k, k / 256 * 210)

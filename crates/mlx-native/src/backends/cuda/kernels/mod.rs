@@ -28,8 +28,10 @@ const MMA: &str = include_str!("mma.cuh");
 /// The generic tensor-core tile of x · Wᵀ (every layout), for prefill and MoE prefill.
 const TILES_TC: &str = include_str!("tiles_tc.cuh");
 /// Mixture-of-experts routing of a row by a warp (moe_route, and the gathered tensor-core
-/// matvec that routes its token itself).
+/// matvec that routes its token itself), and the weighted sum of a token's slots.
 const ROUTE: &str = include_str!("route.cuh");
+/// The gathered (expert-indexed) matvec and tiles over any layout, for the MoE programs.
+const GATHER: &str = include_str!("gather.cuh");
 /// The KV caches' element type `kv_t`: each source that reads or writes the caches (attention,
 /// rope) is built once per cache dtype.
 const KV_F32: &str = include_str!("kv_f32.cuh");
@@ -68,6 +70,7 @@ pub(crate) const SOURCES: &[&Source] = &[
     &matmul::MATMUL,
     &matmul::MATMUL_TC,
     &moe::SOURCE,
+    &moe::GGML_SOURCE,
     &norm::SOURCE,
     &rope::SOURCE,
     &rope::SOURCE_F16,

@@ -1,20 +1,22 @@
-//! Mixture-of-experts ops (moe.cu): routing, gathered matmuls over stacked experts and the
-//! weighted combine. A gathered product of one token (decode) runs every slot's expert as a
-//! matvec in one launch, a folded input norm included: on tensor cores (matvec_tc.cu's
-//! gathered kernels) where the dense matvec would take the expert's matrix, MLX 4- and 8-bit;
-//! there the gated product also routes the token itself when the op routes
-//! (`ops::routed_gated_matmul`), elsewhere a moe_route launch goes first. More tokens are
-//! grouped by expert (`moe_bucket`, scratch owned by the dispatch) and run as tiled matmuls over
-//! each expert's slots (on tensor cores where the dense matmul's tiles would take them), after
-//! the norm's own launch.
+//! Mixture-of-experts ops (moe.cu, moe_ggml.cu): routing, gathered matmuls over stacked experts
+//! and the weighted combine. A gathered product of one token (decode) runs every slot's expert
+//! as a matvec in one launch, a folded input norm included: on tensor cores (matvec_tc.cu's
+//! gathered kernels) where the dense matvec would take the expert's matrix (MLX 4- and 8-bit,
+//! the ggml formats the dense planner sends there); there the gated product also routes the
+//! token itself when the op routes (`ops::routed_gated_matmul`), elsewhere a moe_route launch
+//! goes first. More tokens are grouped by expert (`moe_bucket`, scratch owned by the dispatch)
+//! and run as tiled matmuls over each expert's slots (on tensor cores where the dense matmul's
+//! tiles would take them), after the norm's own launch. The SIMT matvecs and tiles of ggml
+//! blocks are a program of their own (moe_ggml.cu), compiled only for models that hold them.
 
 use super::elementwise::unary_code;
 use super::matmul::{
-    check_norm_weight, gather_matvec_tc_plan, norm_args, tensor_core_tiles, Norm, MATMUL_TC_TILE,
+    check_norm_weight, gather_matvec_tc_plan, norm_args, tensor_core_tiles, DecodeMatvec, Norm,
+    TcPlan, MATMUL_TC_TILE,
 };
 use super::norm::{rms_norm_rows, RmsNormRows};
 use super::weights::Weight;
-use super::{COMMON, LAYOUTS, MMA, ROUTE, TILES_TC};
+use super::{COMMON, GATHER, LAYOUTS, MMA, ROUTE, TILES_TC};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
@@ -35,7 +37,21 @@ pub(super) static SOURCE: Source = Source {
         MMA,
         TILES_TC,
         ROUTE,
+        GATHER,
         include_str!("moe.cu"),
+    ],
+};
+
+/// The gathered products of ggml blocks, compiled only for models that hold them.
+pub(super) static GGML_SOURCE: Source = Source {
+    name: "moe_ggml",
+    parts: &[
+        COMMON,
+        LAYOUTS,
+        MMA,
+        TILES_TC,
+        GATHER,
+        include_str!("moe_ggml.cu"),
     ],
 };
 
@@ -58,7 +74,7 @@ const BUCKET_THREADS: u32 = 1024;
 const TILES_PER_SHARE: usize = 4;
 
 pub(super) fn register(reg: &mut Registry<Planner>) {
-    for layout in std::iter::once(WeightLayout::Dense).chain(WeightLayout::mlx_affine_all()) {
+    for layout in WeightLayout::all() {
         reg.insert("gather_matmul", &layout.variant(), DType::F32, gather);
         reg.insert("gather_gated_matmul", &layout.variant(), DType::F32, gather);
     }
@@ -279,11 +295,11 @@ fn gather(
         && dense_vectors(&w)?
         && up.as_ref().map_or(Ok(true), &dense_vectors)?;
     let gated_part = if gated { "gated_" } else { "" };
-    // Gather kernels exist for MLX and dense weights (those with a float type), not ggml blocks.
-    let Some(ft) = w.float_type() else {
-        return Err(Error::op(name, format!("{} blocks", w.layout_name())));
-    };
     let layout_name = w.layout_name();
+    let source = match w {
+        Weight::Ggml { .. } => &GGML_SOURCE,
+        _ => &SOURCE,
+    };
     // A combining op's product goes to the library's shared scratch (`y`, `[m, top_k, n]`: a
     // combining op folds no norm, which the tiles would stage there), allocated once rather
     // than a dispatch (prefill of 128 tokens, 48 layers: 4,907 → 4,671 tok/s with an allocation
@@ -317,16 +333,9 @@ fn gather(
             args = up.tensor_args(args)?;
         }
         let norm_part = if norm.is_some() { "norm_" } else { "" };
-        let experts_slots = (experts, m * top_k);
-        let (n_k, has_norm) = ((n, k), norm.is_some());
-        let tc = gather_matvec_tc_plan(
-            w.layout(),
-            n_k,
-            experts_slots,
-            gated,
-            has_norm,
-            lib.sm_count(),
-        )?;
+        let stacked = (n, experts * n);
+        let matvec = DecodeMatvec::of((&w, up.as_ref()), stacked, k, norm.is_some())?;
+        let tc = gather_matvec_tc_plan(matvec, (experts, m * top_k), lib.sm_count())?;
         let mut args = tail(args)?;
         if let Some(plan) = tc {
             args = args.int(plan.kgroups())?;
@@ -335,8 +344,9 @@ fn gather(
             args = norm_args(args, norm)?;
         }
         let layout = w.typed_layout_name();
-        let launch = match (tc, routing) {
-            (Some(plan), _) if gated => {
+        let tc_layout = |plan: &TcPlan| format!("{layout}{}", plan.layout_suffix());
+        let launch = match tc {
+            Some(plan) if gated => {
                 // The tensor-core kernel routes the token itself where the op routes: its
                 // logits, the weights' output and the mode (null, null, 0 for none), and a row
                 // of scores beside staged x.
@@ -348,10 +358,11 @@ fn gather(
                     }
                     None => (args.u64(0).u64(0).code(0), plan),
                 };
+                let layout = tc_layout(&plan);
                 let kernel = format!("gather_matvec_tc_{gated_part}{norm_part}{layout}");
                 return Ok(CudaKernel::single(plan.launch(lib, &kernel, args)?));
             }
-            (Some(plan), _) => {
+            Some(plan) => {
                 // The slots summed into out by the blocks (weights, residual, out, and counters,
                 // one a block column, the dispatch's own), or nulls.
                 let (args, counters) = match combined {
@@ -362,13 +373,14 @@ fn gather(
                     }
                     None => (args.u64(0).u64(0).u64(0).u64(0), None),
                 };
-                let launch = plan.launch(lib, &format!("gather_matvec_tc_{layout}"), args)?;
+                let kernel = format!("gather_matvec_tc_{}", tc_layout(&plan));
+                let launch = plan.launch(lib, &kernel, args)?;
                 return Ok(holding_y(CudaKernel::new(vec![launch], counters)));
             }
-            (None, _) => {
+            None => {
                 let kernel = format!("gather_matvec_{gated_part}{norm_part}{layout}");
                 let grid = (blocks(n, MATVEC_ROWS_PER_BLOCK)?, dim(m * top_k)?, 1);
-                lib.launch(&SOURCE, &kernel, grid, MATVEC_THREADS, 0, args)?
+                lib.launch(source, &kernel, grid, MATVEC_THREADS, 0, args)?
             }
         };
         let mut launches = routed_first(lib, routing, ids)?;
@@ -424,8 +436,10 @@ fn gather(
     if let Some(up) = &up {
         args = up.tensor_args(args)?;
     }
-    // Tiles read the scale (or dense row) type as an argument.
-    let args = args.code(ft);
+    // Tiles read the scale (or dense row) type as an argument; ggml kernels know their blocks'.
+    if let Some(ft) = w.float_type() {
+        args = args.code(ft);
+    }
     let (tc, rows_per_tile, cols_per_block) = match (tensor_core_tiles((m, k), x_at, &w), gated) {
         (true, true) => ("tc_", MATMUL_TC_TILE, MATMUL_TC_TILE / 2),
         (true, false) => ("tc_", MATMUL_TC_TILE, MATMUL_TC_TILE),
@@ -436,7 +450,7 @@ fn gather(
     let row_tiles = share.clamp(1, m.div_ceil(rows_per_tile).max(1));
     let grid = (blocks(n, cols_per_block)?, dim(row_tiles)?, dim(experts)?);
     let args = tail(args)?;
-    let tiles = lib.launch(&SOURCE, &kernel, grid, TILE_THREADS, 0, args)?;
+    let tiles = lib.launch(source, &kernel, grid, TILE_THREADS, 0, args)?;
     launches.extend([bucket, tiles]);
     if let Some((weights, residual)) = combined {
         launches.push(combine_launch(lib, product, (weights, residual), out)?);

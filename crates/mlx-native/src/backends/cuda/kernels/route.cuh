@@ -1,6 +1,7 @@
 // Mixture-of-experts routing of one row of router logits by one warp (route_row), for moe.cu's
 // moe_route and for the gathered tensor-core matvec that routes its token itself
-// (matvec_tc.cu). mode 0: the top_k logits, then a softmax over them (Mixtral); 1: a softmax
+// (matvec_tc.cu); and the weighted sum of a token's slots that both files' combines take
+// (weighted_slots). mode 0: the top_k logits, then a softmax over them (Mixtral); 1: a softmax
 // over all experts, then the top_k probabilities; 2: as 1, then divided by their sum
 // (norm_topk_prob). The warp scores each expert once into `score` (shared memory; lane owns
 // experts lane, lane+32, …: at most 64 each, the planners check experts ≤ 2048) and each lane
@@ -77,4 +78,14 @@ __device__ __forceinline__ void route_row(const float* __restrict__ l, float* sc
     }
     if (mode != 1) slot_w /= warp_sum(slot ? slot_w : 0.f);
     __syncwarp();  // `score` may be reused
+}
+
+// Σ_j w[j]·y[j·stride] over a token's top_k slots, in slot order as mlx-lm sums them, each y
+// read through `load` (the tensor-core kernel reads rows other blocks of its grid stored).
+template <class Load>
+__device__ __forceinline__ float weighted_slots(const float* w, const float* y, i64 stride,
+                                                int top_k, Load load) {
+    float acc = 0.f;
+    for (int j = 0; j < top_k; ++j) acc += w[j] * load(y + (i64)j * stride);
+    return acc;
 }
