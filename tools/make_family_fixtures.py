@@ -15,8 +15,9 @@ and writes it with `save_model`/`save_config`. It then loads the directory back 
     equality a coin toss), and for MoE models the smallest router-logit gap between the
     last selected and the first unselected expert (a near tie would make the routing one).
 
-usage: make_family_fixtures.py OUT_DIR [MODEL_TYPE ...]
-       (writes OUT_DIR/<model_type>_<bits>bit/, for the given model types only if any)
+usage: make_family_fixtures.py OUT_DIR [MODEL_TYPE | NAME ...]
+       (writes OUT_DIR/<model_type>_<bits>bit/, for the given model types or fixture names
+       only if any)
 """
 import importlib
 import json
@@ -81,13 +82,15 @@ CASES = [
                             high_freq_factor=4.0, original_max_position_embeddings=64))),
     # (1+w) norms, four norms a layer, GELU-tanh MLP, √hidden embedding scale,
     # query_pre_attn_scalar ≠ head_dim, attention and final logit soft-capping.
-    ("gemma2", (4, 8), "bfloat16",
+    ("gemma2", (4,), "bfloat16",
      dict(head_dim=32, query_pre_attn_scalar=20.0, attn_logit_softcapping=4.0,
           final_logit_softcapping=8.0, rope_theta=1e4)),
     # gemma3: q/k norms, alternating sliding (local RoPE base) and global layers (linear
     # RoPE scaling), bf16-rounded embedding scale; tied (no lm_head saved) and untied.
     ("gemma3_text", (4,), "bfloat16", dict(GEMMA3, tie_word_embeddings=True)),
-    ("gemma3_text", (8,), "bfloat16", dict(GEMMA3, tie_word_embeddings=False)),
+    # Untied, and hidden 64, whose √hidden (8) bf16 keeps: llama.cpp scales GGUF embeddings
+    # by √hidden in f32, so this fixture can stand behind a GGUF twin.
+    ("gemma3_text", (8,), "bfloat16", dict(GEMMA3, hidden_size=64, tie_word_embeddings=False)),
     # gemma3 multimodal checkpoints: the text model under `language_model.`, its config in
     # text_config with the head counts and rms_norm_eps left to mlx-lm's defaults (as
     # Hugging Face configs do), vocab_size at the top.
@@ -114,6 +117,12 @@ CASES = [
           num_experts_per_tok=3, decoder_sparse_step=1, mlp_only_layers=[1],
           moe_intermediate_size=64, norm_topk_prob=True, rope_theta=1e6,
           tie_word_embeddings=False)),
+    # gemma2 with query_pre_attn_scalar = head_dim, as Gemma 2 2B and 9B ship (GGUF files state
+    # no scalar: llama.cpp takes 1/√head_dim), the fixture behind a GGUF twin. (Last, so that
+    # the cases before keep their seeds.)
+    ("gemma2", (8,), "bfloat16",
+     dict(head_dim=32, query_pre_attn_scalar=32.0, attn_logit_softcapping=4.0,
+          final_logit_softcapping=8.0, rope_theta=1e4)),
 ]
 
 GEMMA = ("gemma2", "gemma3_text", "gemma3")
@@ -275,9 +284,9 @@ def main():
     only = set(sys.argv[2:])
     total = 0
     for i, (model_type, bit_list, dtype, overrides) in enumerate(CASES):
-        if only and model_type not in only:
-            continue
         for bits in bit_list:
+            if only and not only & {model_type, f"{model_type}_{bits}bit"}:
+                continue
             # A greedy path with a near tie would make token equality a coin toss: reseed.
             for seed in range(1000 * i + bits, 1000 * (i + 1), 10):
                 size = make(out_dir, model_type, bits, dtype, overrides, seed)

@@ -12,12 +12,17 @@ Qwen3-MoE as architecture `qwen3moe`, Mixtral as `llama`, with the expert counts
 metadata, each layer's router as `ffn_gate_inp` and mlx-lm's stacked experts (already
 `[experts, n, k]`) as `ffn_{gate,up,down}_exps`. Layers that Qwen3-MoE's `mlp_only_layers` keeps
 dense keep their dense MLP, which llama.cpp's qwen3moe would not load but mlx-native does.
+Gemma 2 and 3 are written as llama.cpp's converter writes them: every RMSNorm weight with its
++ 1 added, the soft-caps, the sliding window and RoPE bases under llama.cpp's keys, the
+sliding-window pattern stated (llama.cpp's defaults are 2 and 6). A Gemma twin matches mlx-lm
+only where the two runtimes agree: query_pre_attn_scalar = head_dim (the files state none) and
+√hidden exact in bfloat16 for Gemma 3 (mlx-lm rounds the embedding scale, llama.cpp does not).
 Needs mlx and llama.cpp's gguf-py (vendor/llama.cpp/gguf-py of the llama-cpp-python sdist:
 `scripts/peer_llamacpp.sh prepare` fetches it).
 
 usage: PYTHONPATH=.../gguf-py python3 make_gguf_family_twins.py FIXTURES_DIR [NAME ...]
        (writes FIXTURES_DIR/NAME/twin.gguf; default names: qwen2_4bit qwen3_4bit llama_8bit
-       qwen3_moe_4bit mixtral_4bit;
+       qwen3_moe_4bit mixtral_4bit gemma2_8bit gemma3_text_8bit;
        gguf-py is also `pip install gguf`)
 """
 import json
@@ -77,7 +82,7 @@ def llama3_period_factors(config, head_dim):
 
 
 # llama.cpp's architecture of each mlx-lm model type that differs in name.
-GGUF_ARCH = {"qwen3_moe": "qwen3moe", "mixtral": "llama"}
+GGUF_ARCH = {"qwen3_moe": "qwen3moe", "mixtral": "llama", "gemma3_text": "gemma3"}
 # mlx-lm's mixture-of-experts parts and llama.cpp's names for them.
 MOE_PARTS = {
     "gate": "ffn_gate_inp",
@@ -95,6 +100,26 @@ def moe_name(name):
         return None
     part = MOE_PARTS.get(".".join(parts[4:-1]))
     return part and f"blk.{parts[2]}.{part}.weight"
+
+
+def gemma_metadata(w, arch, config):
+    """Gemma's soft-caps, sliding window and pattern, and local RoPE base, as llama.cpp reads
+    them (its converter writes all but the pattern, whose defaults fit the released models)."""
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        w.add_final_logit_softcapping(config["final_logit_softcapping"])
+        # mlx-lm gives Gemma 2 full attention: a window past the fixture's sequence agrees.
+        w.add_sliding_window(config.get("sliding_window", 4096))
+        w.add_uint32(f"{arch}.attention.sliding_window_pattern", 2)
+    else:
+        w.add_sliding_window(config["sliding_window"])
+        w.add_uint32(f"{arch}.attention.sliding_window_pattern", config["sliding_window_pattern"])
+        w.add_float32(f"{arch}.rope.freq_base_swa", config["rope_local_base_freq"])
+        scaling = config.get("rope_scaling")
+        if scaling:
+            assert scaling["rope_type"] == "linear"
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(scaling["factor"])
 
 
 def write_twin(directory):
@@ -115,6 +140,8 @@ def write_twin(directory):
     w.add_rope_freq_base(config.get("rope_theta", 1e6))
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_vocab_size(config["vocab_size"])
+    if arch in ("gemma2", "gemma3"):
+        gemma_metadata(w, arch, config)
     experts = config.get("num_experts", config.get("num_local_experts"))
     if experts:
         w.add_expert_count(experts)
@@ -125,6 +152,8 @@ def write_twin(directory):
     names = gguf.get_tensor_name_map(arch_id, config["num_hidden_layers"])
     llama_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     for name, t in sorted(float_tensors(directory, config).items()):
+        if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
+            t = t + 1  # llama.cpp's converter folds Gemma's (1 + w) into the weight
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             kv = config["num_key_value_heads"]
             t = interleave_pairs(t, heads if name.endswith("q_proj.weight") else kv)
@@ -145,7 +174,7 @@ def write_twin(directory):
 def main():
     fixtures = Path(sys.argv[1])
     for name in sys.argv[2:] or ["qwen2_4bit", "qwen3_4bit", "llama_8bit", "qwen3_moe_4bit",
-                                 "mixtral_4bit"]:
+                                 "mixtral_4bit", "gemma2_8bit", "gemma3_text_8bit"]:
         write_twin(fixtures / name)
 
 

@@ -189,8 +189,10 @@ fn every_fixture_on_cuda() {
 /// dequantizes them, in F32 under llama.cpp's tensor names and metadata (qwen2: q/k/v biases;
 /// qwen3: its own head dim and per-head q/k norms; both rotate-half RoPE; llama: q/k rows in
 /// interleaved pairs, and Llama 3 RoPE scaling as `rope_freqs.weight`, one period factor a
-/// pair; qwen3moe and a Mixtral-style llama: routers and stacked experts as `ffn_*_exps`), and
-/// must give the fixture's mlx-lm logits.
+/// pair; qwen3moe and a Mixtral-style llama: routers and stacked experts as `ffn_*_exps`;
+/// gemma2 and gemma3: norm weights with Gemma's + 1 added, sandwich norms under llama.cpp's
+/// names, soft-caps, sliding windows and local RoPE base from the metadata), and must give the
+/// fixture's mlx-lm logits.
 #[test]
 fn gguf_twins_match_mlx_lm() {
     let names = [
@@ -199,6 +201,8 @@ fn gguf_twins_match_mlx_lm() {
         "llama_8bit",
         "qwen3_moe_4bit",
         "mixtral_4bit",
+        "gemma2_8bit",
+        "gemma3_text_8bit",
     ];
     for name in names {
         let twin = fixture_dir(name).join("twin.gguf");

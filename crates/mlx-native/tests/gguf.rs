@@ -1067,3 +1067,42 @@ fn stacked_experts_load_as_stored() {
         Ok(_) => panic!("a matrix loaded as stacked experts"),
     }
 }
+
+/// A Gemma sliding-window pattern given as one bool a layer must have one for every layer.
+#[test]
+fn gemma_window_pattern_of_the_wrong_length_is_a_config_error() {
+    let key = "gemma3.attention.sliding_window_pattern";
+    // An array (type 9) of three bools (type 7) for two layers.
+    let mut flags = 7u32.to_le_bytes().to_vec();
+    flags.extend(3u64.to_le_bytes());
+    flags.extend([1u8, 0, 1]);
+    let w = Writer::new()
+        .str("general.architecture", "gemma3")
+        .u32("gemma3.embedding_length", 64)
+        .u32("gemma3.block_count", 2)
+        .u32("gemma3.attention.head_count", 4)
+        .u32("gemma3.feed_forward_length", 96)
+        .u32("gemma3.vocab_size", 10)
+        .u32("gemma3.attention.sliding_window", 8)
+        .raw(
+            "gemma3.attention.layer_norm_rms_epsilon",
+            6,
+            &1e-6f32.to_le_bytes(),
+        )
+        .raw(key, 9, &flags);
+    let path = std::env::temp_dir().join(format!(
+        "mlxn-gguf-{}-gemma-pattern.gguf",
+        std::process::id()
+    ));
+    std::fs::write(&path, w.bytes()).unwrap();
+    let result = load_model(&path, &Device::cpu(), &mut |_, _| {});
+    std::fs::remove_file(&path).unwrap();
+    match result {
+        Err(Error::Config { field, reason, .. }) => {
+            assert_eq!(field, key);
+            assert!(reason.contains("3 flags for 2 layers"), "{reason}");
+        }
+        Err(other) => panic!("expected a config error, got {other}"),
+        Ok(_) => panic!("a pattern of 3 flags for 2 layers loaded"),
+    }
+}

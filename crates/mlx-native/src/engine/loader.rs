@@ -4,10 +4,10 @@
 use std::path::Path;
 
 use crate::core::device::Device;
-use crate::core::op::Routing;
+use crate::core::op::{Routing, UnaryFn};
 use crate::formats::chat_template::{ChatTemplate, Message};
 use crate::formats::config::ConfigFields;
-use crate::formats::gguf::GgufFile;
+use crate::formats::gguf::{GgufFile, GgufValue};
 use crate::formats::mlx_checkpoint::MlxCheckpoint;
 use crate::formats::tokenizer::{Tokenizer, TokenizerConfig};
 use crate::models::decoder::{Architecture, Decoder, DecoderParams, MoeParams, RopeParams};
@@ -20,10 +20,12 @@ use crate::{Error, Result};
 pub const SUPPORTED_MODEL_TYPES: &[&str] = family::MODEL_TYPES;
 
 /// The GGUF `general.architecture`s this build runs (llama.cpp's Llama tensor layout, with
-/// q/k/v biases for qwen2, per-head q/k norms for qwen3, and mixture-of-experts MLPs for
-/// qwen3moe and for llama files with experts, such as Mixtral's).
-pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "qwen3moe"];
+/// q/k/v biases for qwen2, per-head q/k norms for qwen3, mixture-of-experts MLPs for qwen3moe
+/// and for llama files with experts, such as Mixtral's, and Gemma's blocks for gemma2 and
+/// gemma3).
+pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &[
+    "llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3",
+];
 /// GGUF's per-pair RoPE period factors (`RopeScaling::PeriodFactors`).
 const ROPE_FREQS: &str = "rope_freqs.weight";
 
@@ -250,7 +252,7 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
     let intermediate_size = usize_of("feed_forward_length")?;
     let moe = gguf_moe(file, arch, num_layers, intermediate_size)?;
     let attention_bias = file.tensor_info("blk.0.attn_q.bias").is_some();
-    Ok(DecoderParams {
+    let params = DecoderParams {
         arch: Architecture {
             qkv_bias: attention_bias,
             o_bias: file.tensor_info("blk.0.attn_output.bias").is_some(),
@@ -281,6 +283,92 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
             .opt_u32(&key("context_length"))?
             .map_or(DEFAULT_CONTEXT, |v| v as usize),
         moe,
+    };
+    match arch {
+        "gemma2" | "gemma3" => gemma_params(file, arch, params),
+        _ => Ok(params),
+    }
+}
+
+/// Gemma 2 and 3 as llama.cpp reads their files: RMSNorm weights stored with Gemma's + 1
+/// already added (its converter adds it), so no unit offset; sandwich norms, GELU-tanh,
+/// embeddings scaled by √hidden in f32; Gemma 3's q/k norms. Attention soft-capping (Gemma 2,
+/// default 50) and final-logit soft-capping (Gemma 2 default 30, Gemma 3 none) from the
+/// metadata. Sliding-window layers: all but every `attention.sliding_window_pattern`-th
+/// (defaults 2 and 6; or one bool a layer), of `attention.sliding_window` (Gemma 2 default
+/// 4096; Gemma 3 has none without it), their RoPE base `rope.freq_base_swa` (Gemma 3 default
+/// 10000, unscaled; Gemma 2 the global one). The files state no query scale: llama.cpp takes
+/// 1/√head_dim, or 1/√(hidden/heads) for the 27B models, which it tells by their layer counts
+/// (46, 62), and so does this.
+fn gemma_params(file: &GgufFile, arch: &str, p: DecoderParams) -> Result<DecoderParams> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let gemma2 = arch == "gemma2";
+    let softcap = |k: &str, default: Option<f32>| -> Result<Option<f32>> {
+        Ok(file.opt_f32(&key(k))?.or(default).filter(|&c| c != 0.0))
+    };
+    let attn_softcap = match gemma2 {
+        true => softcap("attn_logit_softcapping", Some(50.0))?,
+        false => None,
+    };
+    let a = Architecture {
+        qk_norm: !gemma2,
+        sandwich_norms: true,
+        activation: UnaryFn::GeluTanh,
+        embed_scale: Some((p.hidden_size as f32).sqrt()),
+        attn_softcap,
+        final_softcap: softcap("final_logit_softcapping", gemma2.then_some(30.0))?,
+        ..p.arch
+    };
+    let window = file
+        .opt_u32(&key("attention.sliding_window"))?
+        .map(|w| w as usize)
+        .or(gemma2.then_some(4096))
+        .filter(|&w| w > 0);
+    let pattern_key = key("attention.sliding_window_pattern");
+    let sliding: Vec<bool> = match file.metadata(&pattern_key).and_then(GgufValue::as_array) {
+        Some(_) => {
+            let flags = file.opt_bool_array(&pattern_key)?.unwrap_or_default();
+            if flags.len() != p.num_layers {
+                return Err(Error::Config {
+                    path: file.path().to_path_buf(),
+                    field: pattern_key,
+                    reason: format!("{} flags for {} layers", flags.len(), p.num_layers),
+                });
+            }
+            flags
+        }
+        None => {
+            let n = file
+                .opt_u32(&pattern_key)?
+                .unwrap_or(if gemma2 { 2 } else { 6 }) as usize;
+            (0..p.num_layers).map(|l| n == 0 || l % n < n - 1).collect()
+        }
+    };
+    let layer_windows = sliding.iter().map(|&s| window.filter(|_| s)).collect();
+    let swa_base = file.opt_f32(&key("rope.freq_base_swa"))?;
+    let local_rope = match (gemma2, swa_base) {
+        (true, None) => None,
+        (true, Some(theta)) => Some(RopeParams {
+            theta,
+            ..p.rope.clone()
+        }),
+        (false, base) => Some(RopeParams {
+            theta: base.unwrap_or(10000.0),
+            scaling: RopeScaling::None,
+            ..p.rope.clone()
+        }),
+    };
+    let is_27b = p.num_layers == if gemma2 { 46 } else { 62 };
+    let query_dim = match is_27b {
+        true => p.hidden_size / p.num_heads,
+        false => p.head_dim,
+    };
+    Ok(DecoderParams {
+        arch: a,
+        local_rope,
+        layer_windows,
+        attention_scale: 1.0 / (query_dim as f32).sqrt(),
+        ..p
     })
 }
 
@@ -366,6 +454,7 @@ fn gguf_decoder(
         file,
         device,
         progress: Progress::new(Decoder::tensor_count(&params), progress),
+        sandwich_norms: params.arch.sandwich_norms,
     };
     Decoder::load(params, &weights, device)
 }

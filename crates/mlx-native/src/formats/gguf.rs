@@ -288,6 +288,11 @@ impl GgufFile {
         self.required(key, self.opt_bool(key))
     }
 
+    /// An array of bools (`None` when `key` is absent).
+    pub fn opt_bool_array(&self, key: &str) -> Result<Option<Vec<bool>>> {
+        self.array(key, "an array of bools", GgufValue::as_bool)
+    }
+
     pub fn opt_str(&self, key: &str) -> Result<Option<&str>> {
         self.typed(key, "a string", GgufValue::as_str)
     }

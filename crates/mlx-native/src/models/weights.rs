@@ -105,12 +105,15 @@ pub struct GgufWeights<'a> {
     pub file: &'a GgufFile,
     pub device: &'a Device,
     pub progress: Progress<'a>,
+    /// The layers have sandwich norms (Gemma 2/3), which llama.cpp names apart from Llama's.
+    pub sandwich_norms: bool,
 }
 
 /// llama.cpp's name for a Hugging Face tensor prefix of the Llama family, its mixture-of-experts
 /// parts (router and stacked experts, under Mixtral's `block_sparse_moe` or Qwen3-MoE's `mlp`)
-/// included.
-fn gguf_name(hf: &str) -> String {
+/// included; with `sandwich_norms` (Gemma 2/3), `post_attention_layernorm` is the attention
+/// output's norm and `pre_feedforward_layernorm` the MLP's input norm.
+fn gguf_name(hf: &str, sandwich_norms: bool) -> String {
     const LAYER_PARTS: [(&str, &str); 11] = [
         ("self_attn.q_proj", "attn_q"),
         ("self_attn.k_proj", "attn_k"),
@@ -123,6 +126,11 @@ fn gguf_name(hf: &str) -> String {
         ("mlp.down_proj", "ffn_down"),
         ("input_layernorm", "attn_norm"),
         ("post_attention_layernorm", "ffn_norm"),
+    ];
+    const SANDWICH_PARTS: [(&str, &str); 3] = [
+        ("post_attention_layernorm", "post_attention_norm"),
+        ("pre_feedforward_layernorm", "ffn_norm"),
+        ("post_feedforward_layernorm", "post_ffw_norm"),
     ];
     const MOE_PARTS: [(&str, &str); 4] = [
         ("gate", "ffn_gate_inp"),
@@ -140,7 +148,11 @@ fn gguf_name(hf: &str) -> String {
                 .iter()
                 .find_map(|block| part.strip_prefix(block))
                 .and_then(|p| MOE_PARTS.iter().find(|(h, _)| *h == p));
-            if let Some((_, g)) = LAYER_PARTS.iter().find(|(h, _)| *h == part).or(moe_part) {
+            let sandwich_part = SANDWICH_PARTS
+                .iter()
+                .find(|(h, _)| sandwich_norms && *h == part);
+            let layer_part = LAYER_PARTS.iter().find(|(h, _)| *h == part);
+            if let Some((_, g)) = sandwich_part.or(layer_part).or(moe_part) {
                 return format!("blk.{layer}.{g}{suffix}");
             }
         }
@@ -156,7 +168,7 @@ fn gguf_name(hf: &str) -> String {
 impl WeightSource for GgufWeights<'_> {
     fn linear(&self, name: &str, n: usize, k: usize, bias: bool) -> Result<Linear> {
         self.progress.tick();
-        let gguf = gguf_name(name);
+        let gguf = gguf_name(name, self.sandwich_norms);
         let mut linear = self
             .file
             .load_linear(self.device, &format!("{gguf}.weight"))?;
@@ -179,7 +191,7 @@ impl WeightSource for GgufWeights<'_> {
 
     fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
         self.progress.tick();
-        let gguf = gguf_name(name);
+        let gguf = gguf_name(name, self.sandwich_norms);
         let t = self.file.load_vector_f32(self.device, &gguf)?;
         check_vector(&gguf, &t, len)?;
         Ok(t)
@@ -187,7 +199,7 @@ impl WeightSource for GgufWeights<'_> {
 
     fn experts(&self, name: &str, experts: usize, n: usize, k: usize) -> Result<ExpertLinear> {
         self.progress.tick();
-        let gguf = format!("{}.weight", gguf_name(name));
+        let gguf = format!("{}.weight", gguf_name(name, self.sandwich_norms));
         let w = self.file.load_experts(self.device, &gguf)?;
         if (w.experts, w.n, w.k) != (experts, n, k) {
             return Err(Error::TensorShape {
@@ -201,7 +213,7 @@ impl WeightSource for GgufWeights<'_> {
 
     fn has_linear(&self, name: &str) -> bool {
         self.file
-            .tensor_info(&format!("{}.weight", gguf_name(name)))
+            .tensor_info(&format!("{}.weight", gguf_name(name, self.sandwich_norms)))
             .is_some()
     }
 }
