@@ -548,6 +548,20 @@ fn open_bytes(tag: &str, bytes: &[u8]) -> mlx_native::Result<GgufFile> {
     result
 }
 
+/// Writes `w` to a temporary file, loads it as a model, removes the file, and returns the
+/// field and reason of the config error the load must give (`what` names the case).
+fn config_error(tag: &str, w: &Writer, what: &str) -> (String, String) {
+    let path = std::env::temp_dir().join(format!("mlxn-gguf-{}-{tag}.gguf", std::process::id()));
+    std::fs::write(&path, w.bytes()).unwrap();
+    let result = load_model(&path, &Device::cpu(), &mut |_, _| {});
+    std::fs::remove_file(&path).unwrap();
+    match result {
+        Err(Error::Config { field, reason, .. }) => (field, reason),
+        Err(other) => panic!("{what}: expected a config error, got {other}"),
+        Ok(_) => panic!("{what} loaded"),
+    }
+}
+
 fn malformed_reason(result: mlx_native::Result<GgufFile>) -> String {
     match result {
         Err(Error::Malformed {
@@ -968,21 +982,10 @@ fn rope_freqs_that_do_not_fit_are_config_errors() {
         }
         let factors: Vec<u8> = (0..pairs).flat_map(|_| f32_bytes(1.0)).collect();
         let w = w.tensor("rope_freqs.weight", &[pairs as u64], GgmlType::F32, factors);
-        let path = std::env::temp_dir().join(format!(
-            "mlxn-gguf-{}-rope-freqs-{pairs}.gguf",
-            std::process::id()
-        ));
-        std::fs::write(&path, w.bytes()).unwrap();
-        let result = load_model(&path, &Device::cpu(), &mut |_, _| {});
-        std::fs::remove_file(&path).unwrap();
-        match result {
-            Err(Error::Config { field, reason, .. }) => {
-                assert_eq!(field, "rope_freqs.weight");
-                assert!(reason.contains(says), "{reason}");
-            }
-            Err(other) => panic!("expected a config error, got {other}"),
-            Ok(_) => panic!("{pairs} factors loaded"),
-        }
+        let what = format!("{pairs} factors");
+        let (field, reason) = config_error(&format!("rope-freqs-{pairs}"), &w, &what);
+        assert_eq!(field, "rope_freqs.weight");
+        assert!(reason.contains(says), "{reason}");
     }
 }
 
@@ -1013,19 +1016,10 @@ fn moe_metadata_that_does_not_fit_is_a_config_error() {
         if key != "qwen3moe.expert_used_count" {
             w = w.u32("qwen3moe.expert_used_count", 2);
         }
-        let path =
-            std::env::temp_dir().join(format!("mlxn-gguf-{}-moe-{value}.gguf", std::process::id()));
-        std::fs::write(&path, w.u32(key, value).bytes()).unwrap();
-        let result = load_model(&path, &Device::cpu(), &mut |_, _| {});
-        std::fs::remove_file(&path).unwrap();
-        match result {
-            Err(Error::Config { field, reason, .. }) => {
-                assert_eq!(field, key);
-                assert!(reason.contains(says), "{reason}");
-            }
-            Err(other) => panic!("expected a config error, got {other}"),
-            Ok(_) => panic!("{key} = {value} loaded"),
-        }
+        let what = format!("{key} = {value}");
+        let (field, reason) = config_error(&format!("moe-{value}"), &w.u32(key, value), &what);
+        assert_eq!(field, key);
+        assert!(reason.contains(says), "{reason}");
     }
 }
 
@@ -1090,19 +1084,8 @@ fn gemma_window_pattern_of_the_wrong_length_is_a_config_error() {
             &1e-6f32.to_le_bytes(),
         )
         .raw(key, 9, &flags);
-    let path = std::env::temp_dir().join(format!(
-        "mlxn-gguf-{}-gemma-pattern.gguf",
-        std::process::id()
-    ));
-    std::fs::write(&path, w.bytes()).unwrap();
-    let result = load_model(&path, &Device::cpu(), &mut |_, _| {});
-    std::fs::remove_file(&path).unwrap();
-    match result {
-        Err(Error::Config { field, reason, .. }) => {
-            assert_eq!(field, key);
-            assert!(reason.contains("3 flags for 2 layers"), "{reason}");
-        }
-        Err(other) => panic!("expected a config error, got {other}"),
-        Ok(_) => panic!("a pattern of 3 flags for 2 layers loaded"),
-    }
+    let what = "a pattern of 3 flags for 2 layers";
+    let (field, reason) = config_error("gemma-pattern", &w, what);
+    assert_eq!(field, key);
+    assert!(reason.contains("3 flags for 2 layers"), "{reason}");
 }
