@@ -1024,7 +1024,8 @@ fn moe_metadata_that_does_not_fit_is_a_config_error() {
 }
 
 /// Stacked experts (`ffn_*_exps`, dims [k, n, experts]) load as one byte row an expert, each
-/// expert a view of its own blocks; a tensor of other rank is an error naming it.
+/// expert a view of its own blocks; a tensor of other rank, or of no experts, is an error
+/// naming it.
 #[test]
 fn stacked_experts_load_as_stored() {
     let (k, n, experts) = (64usize, 3usize, 4usize);
@@ -1044,7 +1045,8 @@ fn stacked_experts_load_as_stored() {
             &[k as u64, n as u64],
             t,
             blocks[..t.row_bytes(k) * n].to_vec(),
-        );
+        )
+        .tensor("none", &[k as u64, n as u64, 0], t, Vec::new());
     let file = open_bytes("experts", &file.bytes()).unwrap();
     let device = Device::cpu();
     let w = file
@@ -1059,6 +1061,11 @@ fn stacked_experts_load_as_stored() {
         Err(Error::Invalid(reason)) => assert!(reason.contains("`flat`"), "{reason}"),
         Err(other) => panic!("expected an invalid-tensor error, got {other}"),
         Ok(_) => panic!("a matrix loaded as stacked experts"),
+    }
+    match file.load_experts(&device, "none") {
+        Err(Error::Invalid(reason)) => assert!(reason.contains("stacks no experts"), "{reason}"),
+        Err(other) => panic!("expected an invalid-tensor error, got {other}"),
+        Ok(_) => panic!("a stack of no experts loaded"),
     }
 }
 

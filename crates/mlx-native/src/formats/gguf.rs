@@ -381,15 +381,22 @@ impl GgufFile {
     /// one row of `[experts, n·row_bytes]` bytes an expert.
     pub fn load_experts(&self, device: &Device, name: &str) -> Result<ExpertLinear> {
         let info = self.require_tensor(name)?;
-        let [k, n, experts] = info.dims[..] else {
+        let &[k, n, experts] = &info.dims[..] else {
             return Err(Error::Invalid(format!(
                 "{}: tensor `{name}` has dims {:?}; stacked experts need three",
                 self.path.display(),
                 info.dims
             )));
         };
+        if experts == 0 {
+            return Err(Error::Invalid(format!(
+                "{}: tensor `{name}` stacks no experts (dims {:?})",
+                self.path.display(),
+                info.dims
+            )));
+        }
         let host: HostBytes = self.mmap.clone();
-        let shape = [experts, info.range.len() / experts.max(1)];
+        let shape = [experts, info.range.len() / experts];
         let bytes = device.from_host(host, info.range.clone(), &shape, DType::U8)?;
         ExpertLinear::new(
             name,
