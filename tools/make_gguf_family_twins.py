@@ -17,15 +17,19 @@ Gemma 2 and 3 are written as llama.cpp's converter writes them: every RMSNorm we
 sliding-window pattern stated (llama.cpp's defaults are 2 and 6). A Gemma twin matches mlx-lm
 only where the two runtimes agree: query_pre_attn_scalar = head_dim (the files state none) and
 √hidden exact in bfloat16 for Gemma 3 (mlx-lm rounds the embedding scale, llama.cpp does not).
+Phi-3 as its converter writes it: no key length (the head dim is hidden / heads), the rotated
+dims as `rope.dimension_count`, LongRoPE as `rope_factors_long`/`_short` tensors with the
+original context and the attention factor in the metadata.
 Needs mlx and llama.cpp's gguf-py (vendor/llama.cpp/gguf-py of the llama-cpp-python sdist:
 `scripts/peer_llamacpp.sh prepare` fetches it).
 
 usage: PYTHONPATH=.../gguf-py python3 make_gguf_family_twins.py FIXTURES_DIR [NAME ...]
        (writes FIXTURES_DIR/NAME/twin.gguf; default names: qwen2_4bit qwen3_4bit llama_8bit
-       qwen3_moe_4bit mixtral_4bit gemma2_8bit gemma3_text_8bit;
+       qwen3_moe_4bit mixtral_4bit gemma2_8bit gemma3_text_8bit phi3_4bit;
        gguf-py is also `pip install gguf`)
 """
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -122,6 +126,22 @@ def gemma_metadata(w, arch, config):
             w.add_rope_scaling_factor(scaling["factor"])
 
 
+def phi3_metadata(w, config, head_dim):
+    """Phi-3's partial rotation and LongRoPE, as llama.cpp's converter writes them."""
+    rope_dims = int(config.get("partial_rotary_factor", 1.0) * head_dim)
+    w.add_rope_dimension_count(rope_dims)
+    scaling = config["rope_scaling"]
+    assert scaling["type"] in ("longrope", "su")
+    original = config["original_max_position_embeddings"]
+    stretch = config["max_position_embeddings"] / original
+    attn_factor = math.sqrt(1 + math.log(stretch) / math.log(original)) if stretch > 1 else 1.0
+    w.add_rope_scaling_orig_ctx_len(original)
+    w.add_rope_scaling_attn_factors(attn_factor)
+    for which in ("long", "short"):
+        w.add_tensor(f"rope_factors_{which}.weight",
+                     np.array(scaling[f"{which}_factor"], dtype=np.float32))
+
+
 def write_twin(directory):
     config = json.loads((directory / "config.json").read_text())
     arch = GGUF_ARCH.get(config["model_type"], config["model_type"])
@@ -135,13 +155,16 @@ def write_twin(directory):
     w.add_block_count(config["num_hidden_layers"])
     w.add_head_count(heads)
     w.add_head_count_kv(config["num_key_value_heads"])
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
+    if arch != "phi3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_rope_freq_base(config.get("rope_theta", 1e6))
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_vocab_size(config["vocab_size"])
     if arch in ("gemma2", "gemma3"):
         gemma_metadata(w, arch, config)
+    if arch == "phi3":
+        phi3_metadata(w, config, head_dim)
     experts = config.get("num_experts", config.get("num_local_experts"))
     if experts:
         w.add_expert_count(experts)
@@ -174,7 +197,7 @@ def write_twin(directory):
 def main():
     fixtures = Path(sys.argv[1])
     for name in sys.argv[2:] or ["qwen2_4bit", "qwen3_4bit", "llama_8bit", "qwen3_moe_4bit",
-                                 "mixtral_4bit", "gemma2_8bit", "gemma3_text_8bit"]:
+                                 "mixtral_4bit", "gemma2_8bit", "gemma3_text_8bit", "phi3_4bit"]:
         write_twin(fixtures / name)
 
 

@@ -191,8 +191,9 @@ fn every_fixture_on_cuda() {
 /// interleaved pairs, and Llama 3 RoPE scaling as `rope_freqs.weight`, one period factor a
 /// pair; qwen3moe and a Mixtral-style llama: routers and stacked experts as `ffn_*_exps`;
 /// gemma2 and gemma3: norm weights with Gemma's + 1 added, sandwich norms under llama.cpp's
-/// names, soft-caps, sliding windows and local RoPE base from the metadata), and must give the
-/// fixture's mlx-lm logits.
+/// names, soft-caps, sliding windows and local RoPE base from the metadata; phi3: fused
+/// `attn_qkv` and gate/up `ffn_up`, partial rotation, LongRoPE factor tensors), and must give
+/// the fixture's mlx-lm logits.
 #[test]
 fn gguf_twins_match_mlx_lm() {
     let names = [
@@ -203,6 +204,7 @@ fn gguf_twins_match_mlx_lm() {
         "mixtral_4bit",
         "gemma2_8bit",
         "gemma3_text_8bit",
+        "phi3_4bit",
     ];
     for name in names {
         let twin = fixture_dir(name).join("twin.gguf");

@@ -1096,3 +1096,40 @@ fn gemma_window_pattern_of_the_wrong_length_is_a_config_error() {
     assert_eq!(field, key);
     assert!(reason.contains("3 flags for 2 layers"), "{reason}");
 }
+
+/// Phi-3's LongRoPE factors must be one a rotated pair, and a stated attention factor must be
+/// the one LongRoPE implies (√(1 + ln 8 / ln 512) here), or the file is a config error naming
+/// the tensor or key.
+#[test]
+fn long_rope_that_does_not_fit_is_a_config_error() {
+    let f32_bytes = |v: f32| v.to_le_bytes();
+    // Head dim 64 / 4 = 16, all rotated: 8 pairs.
+    let cases = [
+        (7, 1.1547, "rope_factors_long.weight", "7 factors"),
+        (8, 1.0, "phi3.rope.scaling.attn_factor", "LongRoPE implies"),
+    ];
+    for (pairs, attn_factor, key, says) in cases {
+        let factors: Vec<u8> = (0..pairs).flat_map(|_| f32_bytes(1.5)).collect();
+        let w = Writer::new()
+            .str("general.architecture", "phi3")
+            .u32("phi3.embedding_length", 64)
+            .u32("phi3.block_count", 1)
+            .u32("phi3.attention.head_count", 4)
+            .u32("phi3.feed_forward_length", 96)
+            .u32("phi3.vocab_size", 10)
+            .u32("phi3.context_length", 4096)
+            .u32("phi3.rope.scaling.original_context_length", 512)
+            .raw("phi3.rope.scaling.attn_factor", 6, &f32_bytes(attn_factor))
+            .raw("phi3.attention.layer_norm_rms_epsilon", 6, &f32_bytes(1e-5))
+            .tensor(
+                "rope_factors_long.weight",
+                &[pairs as u64],
+                GgmlType::F32,
+                factors,
+            );
+        let what = format!("{pairs} factors, attention factor {attn_factor}");
+        let (field, reason) = config_error(&format!("long-rope-{pairs}"), &w, &what);
+        assert_eq!(field, key);
+        assert!(reason.contains(says), "{reason}");
+    }
+}

@@ -13,7 +13,7 @@ use crate::formats::tokenizer::{Tokenizer, TokenizerConfig};
 use crate::models::decoder::{Architecture, Decoder, DecoderParams, MoeParams, RopeParams};
 use crate::models::family::{self, DEFAULT_CONTEXT};
 use crate::models::weights::{GgufWeights, MlxWeights, Prefixed, Progress};
-use crate::ops::RopeScaling;
+use crate::ops::{inv_freq, RopeScaling};
 use crate::{Error, Result};
 
 /// The config.json `model_type`s of MLX checkpoints this build runs.
@@ -21,13 +21,15 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = family::MODEL_TYPES;
 
 /// The GGUF `general.architecture`s this build runs (llama.cpp's Llama tensor layout, with
 /// q/k/v biases for qwen2, per-head q/k norms for qwen3, mixture-of-experts MLPs for qwen3moe
-/// and for llama files with experts, such as Mixtral's, and Gemma's blocks for gemma2 and
-/// gemma3).
+/// and for llama files with experts, such as Mixtral's, Gemma's blocks for gemma2 and gemma3,
+/// and phi3's fused projections and LongRoPE).
 pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &[
-    "llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3",
+    "llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3",
 ];
 /// GGUF's per-pair RoPE period factors (`RopeScaling::PeriodFactors`).
 const ROPE_FREQS: &str = "rope_freqs.weight";
+/// Phi-3's LongRoPE factors for long contexts (`RopeScaling::LongRope`).
+const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
 
 pub struct LoadedModel {
     pub model: Decoder,
@@ -194,14 +196,15 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
             reason: format!("{num_kv_heads} kv heads for {num_heads} heads"),
         });
     }
-    // Qwen3 states its head dim (not hidden / heads) as the key length.
-    let head_dim = match (
-        file.opt_u32(&key("attention.key_length"))?,
-        file.opt_u32(&key("rope.dimension_count"))?,
-    ) {
-        (Some(d), _) | (None, Some(d)) => d as usize,
-        (None, None) => hidden_size / num_heads,
-    };
+    // As llama.cpp reads them: the head dim is the key length (Qwen3 states its own), else
+    // hidden / heads; the rotated dims `rope.dimension_count` (Phi-3's partial rotation), else
+    // the head dim.
+    let head_dim = file
+        .opt_u32(&key("attention.key_length"))?
+        .map_or(hidden_size / num_heads, |d| d as usize);
+    let rotary_dims = file
+        .opt_u32(&key("rope.dimension_count"))?
+        .map_or(head_dim, |d| d as usize);
     let rope_scaling = match file.opt_str(&key("rope.scaling.type"))? {
         None | Some("none") => RopeScaling::None,
         Some("linear") => RopeScaling::Linear {
@@ -220,17 +223,7 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
     let rope_scaling = match (file.tensor_info(ROPE_FREQS), rope_scaling) {
         (None, scaling) => scaling,
         (Some(_), RopeScaling::None) => {
-            let factors = file.vector_f32(ROPE_FREQS)?;
-            if factors.len() != head_dim / 2 {
-                return Err(Error::Config {
-                    path: file.path().to_path_buf(),
-                    field: ROPE_FREQS.into(),
-                    reason: format!(
-                        "{} factors for head dim {head_dim} (one per rotated pair expected)",
-                        factors.len()
-                    ),
-                });
-            }
+            let factors = pair_factors(file, ROPE_FREQS, rotary_dims)?;
             RopeScaling::PeriodFactors { factors }
         }
         (Some(_), _) => {
@@ -241,6 +234,18 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
                     "per-pair RoPE factors together with `{}` scaling are not supported",
                     key("rope.scaling.type")
                 ),
+            })
+        }
+    };
+    let rope_scaling = match (file.tensor_info(ROPE_FACTORS_LONG), rope_scaling) {
+        (None, scaling) => scaling,
+        (Some(_), RopeScaling::None) => long_rope(file, arch, rotary_dims)?,
+        (Some(_), _) => {
+            return Err(Error::Config {
+                path: file.path().to_path_buf(),
+                field: ROPE_FACTORS_LONG.into(),
+                reason: "LongRoPE factors together with other RoPE scaling are not supported"
+                    .into(),
             })
         }
     };
@@ -257,6 +262,9 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
             qkv_bias: attention_bias,
             o_bias: file.tensor_info("blk.0.attn_output.bias").is_some(),
             qk_norm: matches!(arch, "qwen3" | "qwen3moe"),
+            // Phi-3: q, k and v in one `attn_qkv`, gate and up in one `ffn_up` (gate first).
+            fused_qkv: file.tensor_info("blk.0.attn_qkv.weight").is_some(),
+            fused_gate_up: arch == "phi3",
             ..Architecture::LLAMA
         },
         hidden_size,
@@ -273,7 +281,7 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
             // llama.cpp's converter permutes llama q/k rows for interleaved-pair RoPE and
             // keeps Qwen's as they are (rotate-half, NEOX in llama.cpp).
             traditional: matches!(arch, "llama" | "mistral"),
-            rotary_dims: head_dim,
+            rotary_dims,
         },
         local_rope: None,
         layer_windows: vec![None; num_layers],
@@ -370,6 +378,50 @@ fn gemma_params(file: &GgufFile, arch: &str, p: DecoderParams) -> Result<Decoder
         attention_scale: 1.0 / (query_dim as f32).sqrt(),
         ..p
     })
+}
+
+/// The one-a-pair factors of RoPE tensor `name` for `rotary_dims` rotated dims.
+fn pair_factors(file: &GgufFile, name: &str, rotary_dims: usize) -> Result<Vec<f32>> {
+    let factors = file.vector_f32(name)?;
+    if factors.len() != rotary_dims / 2 {
+        return Err(Error::Config {
+            path: file.path().to_path_buf(),
+            field: name.into(),
+            reason: format!(
+                "{} factors for {rotary_dims} rotated dims (one per rotated pair expected)",
+                factors.len()
+            ),
+        });
+    }
+    Ok(factors)
+}
+
+/// Phi-3's LongRoPE: the long factors at every length, as mlx-lm (and this library's MLX
+/// path) applies them; llama.cpp takes the short ones (`rope_factors_short`) where the context
+/// it is given is no longer than `rope.scaling.original_context_length`, which only shorter
+/// contexts than the model's would do. The attention factor that llama.cpp's converter writes
+/// must be the one LongRoPE implies.
+fn long_rope(file: &GgufFile, arch: &str, rotary_dims: usize) -> Result<RopeScaling> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let scaling = RopeScaling::LongRope {
+        long_factor: pair_factors(file, ROPE_FACTORS_LONG, rotary_dims)?,
+        max_position_embeddings: file.get_u32(&key("context_length"))? as usize,
+        original_max_position_embeddings: file
+            .get_u32(&key("rope.scaling.original_context_length"))?
+            as usize,
+    };
+    // The multiplier of the rotated dims; the base does not enter it.
+    let implied = inv_freq(rotary_dims, 10000.0, &scaling).1;
+    if let Some(stated) = file.opt_f32(&key("rope.scaling.attn_factor"))? {
+        if (stated - implied).abs() > 1e-4 * implied {
+            return Err(Error::Config {
+                path: file.path().to_path_buf(),
+                field: key("rope.scaling.attn_factor"),
+                reason: format!("{stated}, where LongRoPE implies {implied}"),
+            });
+        }
+    }
+    Ok(scaling)
 }
 
 /// The mixture-of-experts MLP of a GGUF file with `{arch}.expert_count` experts, as llama.cpp

@@ -109,13 +109,16 @@ pub struct GgufWeights<'a> {
     pub sandwich_norms: bool,
 }
 
-/// llama.cpp's name for a Hugging Face tensor prefix of the Llama family, its mixture-of-experts
-/// parts (router and stacked experts, under Mixtral's `block_sparse_moe` or Qwen3-MoE's `mlp`)
-/// included; with `sandwich_norms` (Gemma 2/3), `post_attention_layernorm` is the attention
-/// output's norm and `pre_feedforward_layernorm` the MLP's input norm.
+/// llama.cpp's name for a Hugging Face tensor prefix of the Llama family (Phi-3's fused
+/// `qkv_proj` and `gate_up_proj` included), its mixture-of-experts parts (router and stacked
+/// experts, under Mixtral's `block_sparse_moe` or Qwen3-MoE's `mlp`) included; with
+/// `sandwich_norms` (Gemma 2/3), `post_attention_layernorm` is the attention output's norm and
+/// `pre_feedforward_layernorm` the MLP's input norm.
 fn gguf_name(hf: &str, sandwich_norms: bool) -> String {
-    const LAYER_PARTS: [(&str, &str); 11] = [
+    const LAYER_PARTS: [(&str, &str); 13] = [
         ("self_attn.q_proj", "attn_q"),
+        ("self_attn.qkv_proj", "attn_qkv"),
+        ("mlp.gate_up_proj", "ffn_up"),
         ("self_attn.k_proj", "attn_k"),
         ("self_attn.v_proj", "attn_v"),
         ("self_attn.o_proj", "attn_output"),

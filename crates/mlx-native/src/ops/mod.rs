@@ -22,7 +22,7 @@ pub use moe::{
     routed_gated_matmul, ExpertLinear,
 };
 pub use norm::{layer_norm, rms_norm, rms_norm_add};
-pub use rope::{rope, rope_kv_append, RopeScaling, RopeTable};
+pub use rope::{inv_freq, rope, rope_kv_append, RopeScaling, RopeTable};
 pub use sampling::{argmax, argmax_end_step, end_step, sample};
 
 use crate::core::dtype::DType;
