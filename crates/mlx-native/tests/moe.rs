@@ -7,6 +7,7 @@
 
 use half::{bf16, f16};
 use mlx_native::backends::cuda;
+use mlx_native::core::dtype::Element;
 use mlx_native::core::op::{PreNorm, Route, Routing, UnaryFn};
 use mlx_native::ops::{self, ExpertLinear};
 use mlx_native::quant::{ggml, mlx_affine, GgmlType, WeightLayout};
@@ -59,6 +60,11 @@ fn check_device(what: &str, got: Vec<f32>, want: &[f64], first: &mut Option<Vec<
         None => *first = Some(got),
         Some(c) => assert_close(&format!("{what} (vs CPU)"), &got, &to_f64(c), tol),
     }
+}
+
+/// Asserts that two tensors hold the same values, bit for bit (two ways of one computation).
+fn assert_same<T: Element + PartialEq + std::fmt::Debug>(what: &str, a: &Tensor, b: &Tensor) {
+    assert_eq!(a.to_vec::<T>().unwrap(), b.to_vec::<T>().unwrap(), "{what}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -589,11 +595,8 @@ fn folded_norm_equals_rms_norm_then_gather_on_cpu() {
                 ops::gather_gated_matmul(enc, &normed, None, &ids, &gate, &up, f, &unfused)
             })
             .unwrap();
-            assert_eq!(
-                fused.to_vec::<f32>().unwrap(),
-                unfused.to_vec::<f32>().unwrap(),
-                "m={m} unit_offset={unit_offset}"
-            );
+            let what = format!("m={m} unit_offset={unit_offset}");
+            assert_same::<f32>(&what, &fused, &unfused);
         }
     }
 }
@@ -684,21 +687,9 @@ fn routed_gated_matmul_equals_route_then_gated() {
                     ops::routed_gated_matmul(enc, &x, norm, route, routed, (&gate, &up), f, &out_b)
                 })
                 .unwrap();
-                assert_eq!(
-                    ids_a.to_vec::<u32>().unwrap(),
-                    ids_b.to_vec::<u32>().unwrap(),
-                    "{what}"
-                );
-                assert_eq!(
-                    w_a.to_vec::<f32>().unwrap(),
-                    w_b.to_vec::<f32>().unwrap(),
-                    "{what}"
-                );
-                assert_eq!(
-                    out_a.to_vec::<f32>().unwrap(),
-                    out_b.to_vec::<f32>().unwrap(),
-                    "{what}"
-                );
+                assert_same::<u32>(&what, &ids_a, &ids_b);
+                assert_same::<f32>(&what, &w_a, &w_b);
+                assert_same::<f32>(&what, &out_a, &out_b);
             }
         }
     }
@@ -744,8 +735,7 @@ fn gather_matmul_combine_equals_gather_then_combine() {
                         ops::gather_matmul_combine(enc, &x, &ids, &w, (&weights, &residual), &b)
                     })
                     .unwrap();
-                    let (a, b) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
-                    assert_eq!(a, b, "{what} round {round}");
+                    assert_same::<f32>(&format!("{what} round {round}"), &a, &b);
                 }
             }
         }
