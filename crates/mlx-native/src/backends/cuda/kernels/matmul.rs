@@ -276,7 +276,7 @@ fn matmul(
 
 /// Whether matvec.cu / matvec_tc.cu read `weight` with k columns: dense rows only as whole
 /// 16-byte aligned units of 32 (a view may be neither).
-fn matvec_reads(weight: &Weight, k: usize) -> Result<bool> {
+pub(super) fn matvec_reads(weight: &Weight, k: usize) -> Result<bool> {
     Ok(match weight {
         Weight::Dense { w, .. } => k.is_multiple_of(32) && device_ptr(w)? % 16 == 0,
         _ => true,
@@ -906,9 +906,11 @@ impl<'a> DecodePlan<'a> {
         // Whether the tensor-core kernel would fold the norm (and stage its weight): it folds
         // at any width.
         let tc_folds = MatvecInput::folds(x, norm, usize::MAX)?;
-        let mut matvec = DecodeMatvec::of((weight, up), (n, n), k, tc_folds)?;
-        matvec.updates = update.is_some();
-        matvec.wide_norm = norm.is_some() && k > FOLD_NORM_MAX_K;
+        let matvec = DecodeMatvec {
+            updates: update.is_some(),
+            wide_norm: norm.is_some() && k > FOLD_NORM_MAX_K,
+            ..DecodeMatvec::of((weight, up), (n, n), k, tc_folds)?
+        };
         let tensor_cores = tensor_core_plan(matvec, sm_count)?;
         let kernel = match tensor_cores {
             Some(p) => MatvecKernel::TensorCores(p),

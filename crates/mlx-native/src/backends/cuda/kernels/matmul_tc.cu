@@ -17,7 +17,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[4][4][4],
                                            const void* __restrict__ bias, int bias_type,
                                            float* __restrict__ out, int m, int n) {
     const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
-    tc_outputs(acc, [&](int r, int c, float v) {
+    tc_outputs<TC_BM>(acc, [&](int r, int c, float v) {
         const int row = m0 + r, col = n0 + c;
         if (row < m && col < n)
             out[(i64)row * n + col] = bias ? v + load_float(bias, col, bias_type) : v;
@@ -42,7 +42,7 @@ __device__ __forceinline__ void matmul_tc(const L& l, const float* __restrict__ 
     int begin, end;  // this block's steps of k
     split_steps((l.k + TC_BK - 1) / TC_BK, begin, end);
     float acc[4][4][4];
-    tc_accumulate(
+    tc_accumulate<TC_BM>(
         x, [=](int r) { return min(m0 + r, m - 1); },
         [=](int r, int k0, float* w) { l.tile(min(n0 + r, n - 1), k0, w); }, l.k, begin, end,
         acc);

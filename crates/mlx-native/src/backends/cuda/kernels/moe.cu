@@ -128,7 +128,8 @@ extern "C" __global__ void moe_bucket(const u32* __restrict__ ids, int slots, in
 #define GATHER_MLX(BITS)                                                                          \
     MLX_SCALE_TYPES(GATHER_MLX_MATVEC, BITS)                                                      \
     GATHER_MLX_TILES(gather_matmul_, gather_matmul, BITS, 1)                                      \
-    GATHER_MLX_TILES(gather_matmul_tc_, gather_matmul_tc, BITS, 2)
+    GATHER_MLX_TILES(gather_matmul_tc_, gather_matmul_tc128, BITS, 2)                             \
+    GATHER_MLX_TILES(gather_matmul_tc16_, gather_matmul_tc16, BITS, 4)
 GATHER_MLX(2)
 GATHER_MLX(3)
 GATHER_MLX(4)
@@ -180,4 +181,5 @@ GATHER_DENSE_MATVEC(FT_BF16, bf16)
         FN<true>(l, l_up, x, offsets, order, out, n, top_k, 0, act);                              \
     }
 GATHER_DENSE_TILES(gather_matmul_, gather_matmul, 1)
-GATHER_DENSE_TILES(gather_matmul_tc_, gather_matmul_tc, 2)
+GATHER_DENSE_TILES(gather_matmul_tc_, gather_matmul_tc128, 2)
+GATHER_DENSE_TILES(gather_matmul_tc16_, gather_matmul_tc16, 4)

@@ -11,8 +11,8 @@
 
 use super::elementwise::unary_code;
 use super::matmul::{
-    check_norm_weight, gather_matvec_tc_plan, norm_args, tensor_core_tiles, DecodeMatvec, Norm,
-    TcPlan, MATMUL_TC_TILE,
+    check_norm_weight, gather_matvec_tc_plan, matvec_reads, norm_args, tensor_core_tiles,
+    DecodeMatvec, Norm, TcPlan, MATMUL_TC_TILE,
 };
 use super::norm::{rms_norm_rows, RmsNormRows};
 use super::weights::Weight;
@@ -67,6 +67,10 @@ const MATVEC_THREADS: u32 = 128;
 /// GMM_BM = GMM_BN (64×64 SIMT tiles), 256 threads as the tensor-core tiles.
 const TILE: usize = 64;
 const TILE_THREADS: u32 = 256;
+/// Slots of the short tensor-core tiles (gather.cuh `gather_matmul_tc16`), taken while the
+/// experts hold at most this many slots on average.
+const SHORT_TILE_ROWS: usize = 16;
+const SHORT_TILE_MAX_MEAN_SLOTS: usize = 16;
 /// Threads of moe_bucket (one block).
 const BUCKET_THREADS: u32 = 1024;
 /// Row tiles per expert given to blocks up front, as a multiple of an even share of the slots;
@@ -284,16 +288,10 @@ fn gather(
         up.check_alignment(name)?;
     }
     let up = up.map(|(w, _)| w);
-    let dense_vectors = |w: &Weight| -> Result<bool> {
-        Ok(match w {
-            Weight::Dense { w, .. } => k % 32 == 0 && device_ptr(w)? % 16 == 0,
-            _ => true,
-        })
-    };
     let matvec = m == 1
         && device_ptr(x)? % 16 == 0
-        && dense_vectors(&w)?
-        && up.as_ref().map_or(Ok(true), &dense_vectors)?;
+        && matvec_reads(&w, k)?
+        && up.as_ref().map_or(Ok(true), |up| matvec_reads(up, k))?;
     let gated_part = if gated { "gated_" } else { "" };
     let layout_name = w.layout_name();
     let source = match w {
@@ -440,10 +438,17 @@ fn gather(
     if let Some(ft) = w.float_type() {
         args = args.code(ft);
     }
-    let (tc, rows_per_tile, cols_per_block) = match (tensor_core_tiles((m, k), x_at, &w), gated) {
-        (true, true) => ("tc_", MATMUL_TC_TILE, MATMUL_TC_TILE / 2),
+    // Tensor-core tiles take 128 slots of an expert, or 16 where the experts hold few each.
+    let few_slots = slots <= experts * SHORT_TILE_MAX_MEAN_SLOTS;
+    let (tc, rows_per_tile, cols) = match (tensor_core_tiles((m, k), x_at, &w), few_slots) {
+        (true, true) => ("tc16_", SHORT_TILE_ROWS, MATMUL_TC_TILE),
         (true, false) => ("tc_", MATMUL_TC_TILE, MATMUL_TC_TILE),
         (false, _) => ("", TILE, TILE),
+    };
+    // The tensor-core tiles hold the gate and up rows of half their columns' outputs.
+    let cols_per_block = match (tc.is_empty(), gated) {
+        (false, true) => cols / 2,
+        _ => cols,
     };
     let kernel = format!("gather_matmul_{tc}{gated_part}{layout_name}");
     let share = (TILES_PER_SHARE * slots).div_ceil(experts * rows_per_tile);

@@ -47,7 +47,8 @@
     GATHER_GGML_GATED_MATVEC(gather_matvec_gated_, false, L, NAME)                                \
     GATHER_GGML_GATED_MATVEC(gather_matvec_gated_norm_, true, L, NAME)                            \
     GATHER_GGML_TILES(gather_matmul_, gather_matmul, L, NAME, 1)                                  \
-    GATHER_GGML_TILES(gather_matmul_tc_, gather_matmul_tc, L, NAME, 2)
+    GATHER_GGML_TILES(gather_matmul_tc_, gather_matmul_tc128, L, NAME, 2)                         \
+    GATHER_GGML_TILES(gather_matmul_tc16_, gather_matmul_tc16, L, NAME, 4)
 GATHER_GGML(Q4_0, q4_0)
 GATHER_GGML(Q4_1, q4_1)
 GATHER_GGML(Q5_0, q5_0)
