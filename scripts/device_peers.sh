@@ -6,8 +6,11 @@
 # .device-bin/bin/mlxn carried too (or the binary MLXN names), mlxn runs the same shapes in the
 # same call. KQUANT=Q4_K_M (llama-quantize types, comma-separated: Q4_K_M,Q6_K) adds the 1B and 8B
 # shapes in those types: f16 random weights quantized by llama-quantize, and both engines on the
-# very same file (llama_bench_kquant.md, mlxn_kquant.jsonl); `kquant` runs only those.
-#   [KQUANT=Q4_K_M] [MLXN=path] bash scripts/device_peers.sh [build|kquant]
+# very same file (llama_bench_kquant.md, mlxn_kquant.jsonl); `kquant` runs only those. `moe`
+# runs only the Qwen3-30B-A3B shape: random Q8_0 weights (F32 routers) requantized by
+# llama-quantize to Q4_K_M (~32 + 17 GB of disk), then both engines on that file
+# (llama_bench_moe.md, mlxn_moe.jsonl).
+#   [KQUANT=Q4_K_M] [MLXN=path] bash scripts/device_peers.sh [build|kquant|moe]
 # The build takes 4 to 6 minutes, the rest about as long: `build` stops after it, and a second
 # call while the machine is still warm finds llama-bench in .device-bin/peer-build (git-ignored,
 # so kept between calls) and goes straight to the runs.
@@ -24,6 +27,20 @@ fi
 export PYTHONPATH=$work/llama.cpp/gguf-py
 mlxn=${MLXN:-$PWD/.device-bin/bin/mlxn}
 export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+if [ "${1:-}" = moe ]; then
+  python3 scripts/peer_random_gguf.py qwen3-30b-a3b /tmp/moe-q8_0.gguf q8_0
+  LD_LIBRARY_PATH=$work/build/bin "$work/build/bin/llama-quantize" --allow-requantize \
+    /tmp/moe-q8_0.gguf /tmp/moe-q4_k_m.gguf Q4_K_M > "$out/quantize-moe.log" 2>&1
+  rm -f /tmp/moe-q8_0.gguf
+  scripts/peer_llamacpp.sh bench "$work" /tmp/moe-q4_k_m.gguf -p 512,2048 -n 128 -fa 1 -r 2 \
+    -o md 2>/dev/null | tee -a "$out/llama_bench_moe.md"
+  if [ -x "$mlxn" ]; then
+    "$mlxn" bench --device cuda --json --model /tmp/moe-q4_k_m.gguf --prompt-lens 128,512,2048 \
+      --decode 128 --reps 2 2>&1 | grep '^{' | tee -a "$out/mlxn_moe.jsonl"
+  fi
+  rm -f /tmp/moe-q4_k_m.gguf
+  exit 0
+fi
 if [ "${1:-}" != kquant ]; then
 if ls "$peer"/smollm2.gguf.part-* > /dev/null 2>&1; then
   cat "$peer"/smollm2.gguf.part-* > /tmp/smollm2.gguf
