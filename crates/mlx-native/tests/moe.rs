@@ -355,8 +355,9 @@ fn cases(rng: &mut Rng) -> Vec<HostExperts> {
     ]
 }
 
-/// One token (the decode path), 20 (the grouped path's 16-slot tiles on CUDA: at most 16 slots
-/// an expert on average, so an expert may take two tiles) and 70 (its 128-slot tiles).
+/// One token (the decode path), 20 (on CUDA the grouped path's 16-slot tiles where the experts
+/// hold at most 16 slots on average: all but the plain products of 3 experts; an expert may
+/// take two tiles) and 70 (its 128-slot tiles).
 const TOKENS: [usize; 3] = [1, 20, 70];
 
 /// The relative tolerance of a gathered product on `dev`: `exact`, or on CUDA where tensor
