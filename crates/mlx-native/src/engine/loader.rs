@@ -219,36 +219,14 @@ fn gguf_params(file: &GgufFile, arch: &str) -> Result<DecoderParams> {
         }
     };
     // Llama 3.x scaling comes as one period factor per rotated pair (llama.cpp's converter
-    // writes no scaling keys for it).
-    let rope_scaling = match (file.tensor_info(ROPE_FREQS), rope_scaling) {
-        (None, scaling) => scaling,
-        (Some(_), RopeScaling::None) => {
-            let factors = pair_factors(file, ROPE_FREQS, rotary_dims)?;
-            RopeScaling::PeriodFactors { factors }
-        }
-        (Some(_), _) => {
-            return Err(Error::Config {
-                path: file.path().to_path_buf(),
-                field: ROPE_FREQS.into(),
-                reason: format!(
-                    "per-pair RoPE factors together with `{}` scaling are not supported",
-                    key("rope.scaling.type")
-                ),
-            })
-        }
-    };
-    let rope_scaling = match (file.tensor_info(ROPE_FACTORS_LONG), rope_scaling) {
-        (None, scaling) => scaling,
-        (Some(_), RopeScaling::None) => long_rope(file, arch, rotary_dims)?,
-        (Some(_), _) => {
-            return Err(Error::Config {
-                path: file.path().to_path_buf(),
-                field: ROPE_FACTORS_LONG.into(),
-                reason: "LongRoPE factors together with other RoPE scaling are not supported"
-                    .into(),
-            })
-        }
-    };
+    // writes no scaling keys for it), Phi-3's LongRoPE as its long factors.
+    let rope_scaling = scaling_from_tensor(file, ROPE_FREQS, rope_scaling, || {
+        let factors = pair_factors(file, ROPE_FREQS, rotary_dims)?;
+        Ok(RopeScaling::PeriodFactors { factors })
+    })?;
+    let rope_scaling = scaling_from_tensor(file, ROPE_FACTORS_LONG, rope_scaling, || {
+        long_rope(file, arch, rotary_dims)
+    })?;
     let vocab_size = match file.opt_u32(&key("vocab_size"))? {
         Some(v) => v as usize,
         None => file.get_str_array("tokenizer.ggml.tokens")?.len(),
@@ -378,6 +356,27 @@ fn gemma_params(file: &GgufFile, arch: &str, p: DecoderParams) -> Result<Decoder
         attention_scale: 1.0 / (query_dim as f32).sqrt(),
         ..p
     })
+}
+
+/// `scaling` (from the metadata), or where the file holds RoPE factor tensor `name`, the
+/// scaling `from_tensor` makes of it, which no scaling from the metadata may accompany.
+fn scaling_from_tensor(
+    file: &GgufFile,
+    name: &str,
+    scaling: RopeScaling,
+    from_tensor: impl FnOnce() -> Result<RopeScaling>,
+) -> Result<RopeScaling> {
+    match (file.tensor_info(name), scaling) {
+        (None, scaling) => Ok(scaling),
+        (Some(_), RopeScaling::None) => from_tensor(),
+        (Some(_), _) => Err(Error::Config {
+            path: file.path().to_path_buf(),
+            field: name.into(),
+            reason: "its factors together with other RoPE scaling (a `rope.scaling.type` or \
+                     another factor tensor) are not supported"
+                .into(),
+        }),
+    }
 }
 
 /// The one-a-pair factors of RoPE tensor `name` for `rotary_dims` rotated dims.

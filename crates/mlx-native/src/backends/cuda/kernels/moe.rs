@@ -438,17 +438,19 @@ fn gather(
     if let Some(ft) = w.float_type() {
         args = args.code(ft);
     }
-    // Tensor-core tiles take 128 slots of an expert, or 16 where the experts hold few each.
+    // Tensor-core tiles take 128 slots of an expert, or 16 where the experts hold few each; they
+    // hold the gate and up rows of half their columns' outputs.
+    let tensor_cores = tensor_core_tiles((m, k), x_at, &w);
     let few_slots = slots <= experts * SHORT_TILE_MAX_MEAN_SLOTS;
-    let (tc, rows_per_tile, cols) = match (tensor_core_tiles((m, k), x_at, &w), few_slots) {
-        (true, true) => ("tc16_", SHORT_TILE_ROWS, MATMUL_TC_TILE),
-        (true, false) => ("tc_", MATMUL_TC_TILE, MATMUL_TC_TILE),
-        (false, _) => ("", TILE, TILE),
+    let (tc, rows_per_tile) = match (tensor_cores, few_slots) {
+        (true, true) => ("tc16_", SHORT_TILE_ROWS),
+        (true, false) => ("tc_", MATMUL_TC_TILE),
+        (false, _) => ("", TILE),
     };
-    // The tensor-core tiles hold the gate and up rows of half their columns' outputs.
-    let cols_per_block = match (tc.is_empty(), gated) {
-        (false, true) => cols / 2,
-        _ => cols,
+    let cols_per_block = match (tensor_cores, gated) {
+        (true, true) => MATMUL_TC_TILE / 2,
+        (true, false) => MATMUL_TC_TILE,
+        (false, _) => TILE,
     };
     let kernel = format!("gather_matmul_{tc}{gated_part}{layout_name}");
     let share = (TILES_PER_SHARE * slots).div_ceil(experts * rows_per_tile);
