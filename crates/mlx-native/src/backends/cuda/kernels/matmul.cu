@@ -1,7 +1,10 @@
 // out [m, n] = x [m, k] · Wᵀ (+ bias) for many rows (prefill): 64×64 output tiles, 256 threads
 // each computing 4×4 outputs, the k dimension in steps of 32 through shared memory. The weight
 // tile is dequantized to f32 as it is staged (layouts.cuh `tile`), so every layout shares the
-// inner loop. Launch: 256 threads, grid (ceil(n/64), ceil(m/64)).
+// inner loop. Launch: 256 threads, grid (ceil(n/64), ceil(m/64), k splits). Split-K (grid z > 1,
+// where the tiles leave SMs idle: an F32 MoE router's 128 experts, prompts of under 17 rows):
+// block z takes its share of the steps and stores its partial tile, without the bias, as slice
+// z of `out` [gridDim.z][m][n]; matmul_tc.cu's `splitk_sum` adds the slices in order.
 
 #define MM_BM 64
 #define MM_BN 64
@@ -15,14 +18,21 @@ __device__ __forceinline__ void matmul(const L& l, const float* __restrict__ x,
     __shared__ __align__(16) float ws[MM_BK][MM_BN + 4];
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     const int m0 = blockIdx.y * MM_BM, n0 = blockIdx.x * MM_BN;
-    const int k = l.k;
+    const int k = l.k, steps = (k + MM_BK - 1) / MM_BK;
+    const int per = (steps + gridDim.z - 1) / gridDim.z;
+    const int k_begin = min(steps, (int)blockIdx.z * per) * MM_BK;
+    const int k_end = min(k, k_begin + per * MM_BK);
+    if (gridDim.z > 1) {
+        out += (i64)blockIdx.z * m * n;
+        bias = nullptr;
+    }
     float acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
 
-    for (int k0 = 0; k0 < k; k0 += MM_BK) {
+    for (int k0 = k_begin; k0 < k_end; k0 += MM_BK) {
         {
             const int r = tid >> 2, c = (tid & 3) * 8, row = m0 + r;
 #pragma unroll

@@ -251,12 +251,13 @@ fn matmul(
         // 6,870 → 8,340; of 2,048, within ±1.0%.
         let splits = match tensor_cores {
             true => tc_k_splits(lib, (m, k, n)),
-            false => 1,
+            false => f32_k_splits(lib.sm_count(), (m, k, n)),
         };
         if splits > 1 {
             let (scratch, partial) = lib.shared_scratch(splits * m * n * 4)?;
             let x = device_ptr(x)?;
-            let matmul = tiled(lib, &weight, x, (m, k, n), bias, partial, (true, splits))?;
+            let split = (tensor_cores, splits);
+            let matmul = tiled(lib, &weight, x, (m, k, n), bias, partial, split)?;
             let sum = splitk_sum(lib, partial, splits, bias, out)?;
             return Ok(CudaKernel::sharing(vec![matmul, sum], scratch));
         }
@@ -284,9 +285,9 @@ pub(super) fn matvec_reads(weight: &Weight, k: usize) -> Result<bool> {
 }
 
 /// The tiled matmul (matmul.cu's f32 tiles, or matmul_tc.cu's generic tensor-core tiles) of x
-/// `[m, k]` at `x` and `weight` into out `[m, n]` at `out`; on tensor cores with `splits` > 1,
-/// block z of the grid takes the z-th part of k and stores its partial tile as slice z of
-/// `[splits, m, n]` at `out`, for `splitk_sum`.
+/// `[m, k]` at `x` and `weight` into out `[m, n]` at `out`; with `splits` > 1, block z of the
+/// grid takes the z-th part of k and stores its partial tile as slice z of `[splits, m, n]` at
+/// `out`, for `splitk_sum`.
 fn tiled(
     lib: &KernelLibrary,
     weight: &Weight,
@@ -374,6 +375,24 @@ fn tcq_k_splits(tiles: usize, steps: usize, sm_count: usize) -> usize {
 fn tc_k_splits(lib: &KernelLibrary, (m, k, n): (usize, usize, usize)) -> usize {
     let tiles = n.div_ceil(MATMUL_TC_TILE) * m.div_ceil(MATMUL_TC_TILE);
     tcq_k_splits(tiles, k.div_ceil(MATMUL_TC_STEP), lib.sm_count())
+}
+
+/// Columns of k a split of matmul.cu's f32 tiles takes at the least: a 64×64 tile does 4,096
+/// FMAs a column of k, so even short splits repay their partial tile's write and read.
+const F32_SPLIT_MIN_COLUMNS: usize = 128;
+
+/// Splits of k for matmul.cu's f32 tiles of x `[m, k]` into `[m, n]`, where the tiles would
+/// leave most SMs idle, up to two blocks an SM. An F32 MoE router at 128 tokens (128 × 128
+/// outputs, four tiles, k = 2,048) otherwise ran on four SMs: ~190 µs a layer of Qwen3-30B-A3B
+/// (H200, 2026-11-28, the Q4_K_M mix's prefill of 128 tokens 3,444 → 2,754 tok/s with it).
+fn f32_k_splits(sm_count: usize, (m, k, n): (usize, usize, usize)) -> usize {
+    let tiles = n.div_ceil(MATMUL_TILE) * m.div_ceil(MATMUL_TILE);
+    if tiles > sm_count / 2 {
+        return 1;
+    }
+    (2 * sm_count / tiles.max(1))
+        .min(k / F32_SPLIT_MIN_COLUMNS)
+        .max(1)
 }
 
 /// The launches of `matmul_tcq_*` kernel `name` (with `shared` bytes of dynamic shared
@@ -1447,6 +1466,24 @@ fn matvec_kgroups(n: usize, k: usize, sm_count: usize, shape: SimtShape) -> usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f32_tiles_split_k_only_where_they_leave_sms_idle() {
+        // (m, k, n, splits) on 132 SMs: an F32 MoE router at 128 tokens (4 tiles) splits into
+        // 16 of 128 columns; at 2,048 tokens (64 tiles) into 4; 8 tokens of an 8B projection
+        // (64 tiles of k = 4,096) into 4; a 2,048-token dense product's 2,048 tiles not; short
+        // rows not (k < 256).
+        for (m, k, n, want) in [
+            (128, 2048, 128, 16),
+            (2048, 2048, 128, 4),
+            (8, 4096, 4096, 4),
+            (2048, 2048, 4096, 1),
+            (3, 200, 13, 1),
+            (3, 256, 13, 2),
+        ] {
+            assert_eq!(f32_k_splits(132, (m, k, n)), want, "m={m} k={k} n={n}");
+        }
+    }
 
     #[test]
     fn tcq_splits_k_only_where_tiles_leave_sms_idle() {
