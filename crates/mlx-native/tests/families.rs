@@ -25,8 +25,13 @@ use mlx_native::{DType, Device, Error, SamplingParams, Tensor};
 /// 1.0e-5 over all fixtures (logits of order 1–10). Kept tight on purpose: Gemma 3's
 /// bfloat16-rounded embedding scale, if left unrounded, moves logits by 5e-4.
 const LOGIT_TOLERANCE: f32 = 1e-4;
-/// The same on the CUDA backend (other reduction orders, fast-math intrinsics).
-const LOGIT_TOLERANCE_CUDA: f32 = 1e-3;
+/// The same on the CUDA backend: other reduction orders, fast-math intrinsics, and a prompt of
+/// 9 rows or more (these are 12) multiplied on tensor cores, x and the dequantized weights
+/// rounded to f16 (unit roundoff 2^−11). With the f32 tiles the fixtures' prompts took before,
+/// 1e-3 held; on the tensor cores the MLX fixtures' worst errors read 4.0e-4 (gemma3_text_4bit)
+/// to 8.95e-3 (phi3_4bit; H200, 2026-11-28), the GGUF twins' (f32 weights, f32 tiles) at most
+/// 1.8e-5. A wrong tile or fragment is off by O(1), and the greedy tokens must agree.
+const LOGIT_TOLERANCE_CUDA: f32 = 2e-2;
 
 /// `tests/fixtures/families/{name}` of this crate, or of `$MLXN_CRATE_DIR` where the test
 /// binary was moved (the GPU machine).

@@ -38,7 +38,7 @@ const CPU_KV_F16: Tolerance = Tolerance {
     mean: 6e-3,
 };
 /// The CUDA backend multiplies f16 operands on tensor cores (unit roundoff 2^−11, f32
-/// accumulation) in prefill (matmuls from 17 rows, attention from 5) and in the decode matvecs
+/// accumulation) in prefill (matmuls from 9 rows, attention from 5) and in the decode matvecs
 /// of MLX 4/8-bit matrices from 2^18 weights (here all of them; with f32 decode matvecs the
 /// largest difference read 1.26e-2, 2026-11-27). On average that moves a logit by 8.4e-3 to
 /// 8.6e-3 with f32 caches and 1.0e-2 with f16 (H100, 2026-11-28): the tight check.

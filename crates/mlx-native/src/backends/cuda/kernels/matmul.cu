@@ -2,7 +2,7 @@
 // each computing 4×4 outputs, the k dimension in steps of 32 through shared memory. The weight
 // tile is dequantized to f32 as it is staged (layouts.cuh `tile`), so every layout shares the
 // inner loop. Launch: 256 threads, grid (ceil(n/64), ceil(m/64), k splits). Split-K (grid z > 1,
-// where the tiles leave SMs idle: an F32 MoE router's 128 experts, prompts of under 17 rows):
+// where the tiles leave SMs idle: an F32 MoE router's 128 experts, short prompts of f32 weights):
 // block z takes its share of the steps and stores its partial tile, without the bias, as slice
 // z of `out` [gridDim.z][m][n]; matmul_tc.cu's `splitk_sum` adds the slices in order.
 

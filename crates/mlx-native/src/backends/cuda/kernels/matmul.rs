@@ -1,6 +1,6 @@
 //! out = x·Wᵀ (+ bias) for every weight layout, weights read as stored: matvec.cu for a single
 //! row (decode; matvec_tc.cu's tensor-core kernel for MLX 4- and 8-bit and the ggml layouts),
-//! matmul_tc.cu's 128×128 tensor-core tiles (f16 operands, f32 accumulation)
+//! matvec_rows.cu for short prompts (up to 16 rows), matmul_tc.cu's 128×128 tensor-core tiles (f16 operands, f32 accumulation)
 //! for prefill-sized row counts, and from GEMM_MIN_ROWS rows cuBLAS on the weight dequantized
 //! into f16 scratch; matmul.cu's 64×64 f32 tiles otherwise; and the decode-only gated pair
 //! (`Op::GatedMatMul`) on matvec.cu.
@@ -25,9 +25,18 @@ use cudarc::driver::CudaSlice;
 use std::borrow::Cow;
 use std::sync::Arc;
 
+/// matvec.cuh: the SIMT matvec loop that matvec.cu (one row) and matvec_rows.cu (short
+/// prompts) instantiate.
+const MATVEC_LOOP: &str = include_str!("matvec.cuh");
+
 pub(super) static MATVEC: Source = Source {
     name: "matvec",
-    parts: &[COMMON, LAYOUTS, include_str!("matvec.cu")],
+    parts: &[COMMON, LAYOUTS, MATVEC_LOOP, include_str!("matvec.cu")],
+};
+
+pub(super) static MATVEC_ROWS: Source = Source {
+    name: "matvec_rows",
+    parts: &[COMMON, LAYOUTS, MATVEC_LOOP, include_str!("matvec_rows.cu")],
 };
 
 pub(super) static MATVEC_TC: Source = Source {
@@ -79,8 +88,18 @@ pub(super) const MATMUL_TC_TILE: usize = 128;
 /// TC_BK: columns of k per step of the tensor-core kernels.
 const MATMUL_TC_STEP: usize = 64;
 /// Fewer rows leave most of a 128-row tensor-core tile idle; the f32 tiles then do as well and
-/// keep f32 operands.
-const MATMUL_TC_MIN_ROWS: usize = 17;
+/// keep f32 operands (the MoE experts' tiles).
+pub(super) const MATMUL_TC_MIN_ROWS: usize = 17;
+/// Up to this many rows of x (a short prompt) the product runs on matvec_rows.cu where it reads
+/// the weight, from one more on the tensor-core tiles. The tiles cost about the same for any
+/// row count up to 128, matvec_rows.cu about a decode matvec for each row of x: H200,
+/// 2026-11-28, prefill tok/s of matvec_rows.cu against the tiles (at 24 and 32 rows) and the
+/// f32 tiles before: 8B MLX 4-bit at 2 / 4 / 8 / 16 rows 194 / 382 / 451 / 482 (f32 tiles 28 /
+/// 44 / 107 / 210; the tensor-core tiles at 24 and 32 rows 995 and 1,500); 1B 850 / 1,671 /
+/// 2,267 / 2,786 (121 / 190 / 467 / 907; tiles 5,067 and 6,793).
+const MATVEC_ROWS_MAX: usize = 8;
+/// matvec_rows.cu's shape: weight rows a warp (MVR_ROWS) and rows of x a block (MV_XROWS).
+const MATVEC_ROWS_SHAPE: (usize, usize) = (4, 4);
 /// From this many rows the product goes through cuBLAS on a dequantized f16 copy of the weight
 /// (`dequant_gemm`), where cuBLAS loads: the copy's writes and reads cost less than the
 /// tensor-core tiles lose to cuBLAS's GEMMs. H200, 2026-11-28, prefill tok/s of the tiles
@@ -166,7 +185,21 @@ fn matmul(
         };
         return plan.plain(lib, &weight, (k, n), bias, device_ptr(out)?, half);
     } else {
-        let tensor_cores = tensor_core_tiles((m, k), device_ptr(x)?, &weight);
+        // Short prompts: the weights read about once for every 4 rows of x (matvec_rows.cu).
+        let rows_ready = (2..=MATVEC_ROWS_MAX).contains(&m) && matvec_reads(&weight, k)?;
+        if rows_ready && device_ptr(x)? % 16 == 0 {
+            let x = device_ptr(x)?;
+            return Ok(CudaKernel::single(matvec_rows(
+                lib,
+                &weight,
+                x,
+                (m, k, n),
+                bias,
+                device_ptr(out)?,
+            )?));
+        }
+        let tc_rows = MATVEC_ROWS_MAX + 1;
+        let tensor_cores = tensor_core_tiles((m, k), device_ptr(x)?, &weight, tc_rows);
         // (cuBLAS is loaded only when a prompt this long first comes.)
         let blas = (tensor_cores && m >= GEMM_MIN_ROWS)
             .then(|| lib.cublas())
@@ -284,6 +317,32 @@ pub(super) fn matvec_reads(weight: &Weight, k: usize) -> Result<bool> {
     })
 }
 
+/// matvec_rows.cu's product of x `[m, k]` at `x` (2 ≤ m ≤ MATVEC_ROWS_MAX, rows 16-byte
+/// aligned) and `weight` into out `[m, n]` at `out`: kgroups planned as for a matvec of the
+/// blocks' rows of x times n weight rows.
+fn matvec_rows(
+    lib: &KernelLibrary,
+    weight: &Weight,
+    x: u64,
+    (m, k, n): (usize, usize, usize),
+    bias: Bias,
+    out: u64,
+) -> Result<Launch> {
+    let (weight_rows, x_rows) = MATVEC_ROWS_SHAPE;
+    let x_blocks = m.div_ceil(x_rows);
+    let kgroups = matvec_kgroups(n * x_blocks, k, lib.sm_count(), (weight_rows, 1));
+    let name = format!("matvec_rows_{}", weight.typed_layout_name());
+    let args = weight.tensor_args(Args::new().u64(x))?;
+    let args = args.bias(bias)?.u64(out).int(n)?.int(k)?;
+    let args = weight.group_args(args).int(kgroups)?.int(m)?;
+    let grid = (
+        blocks(n, weight_rows * MATVEC_WARPS / kgroups)?,
+        dim(x_blocks)?,
+        1,
+    );
+    lib.launch(&MATVEC_ROWS, &name, grid, MATVEC_THREADS, 0, args)
+}
+
 /// The tiled matmul (matmul.cu's f32 tiles, or matmul_tc.cu's generic tensor-core tiles) of x
 /// `[m, k]` at `x` and `weight` into out `[m, n]` at `out`; with `splits` > 1, block z of the
 /// grid takes the z-th part of k and stores its partial tile as slice z of `[splits, m, n]` at
@@ -340,10 +399,15 @@ const TCQ_Q4K: i32 = 3;
 const TCQ_NATURAL: i32 = 4;
 
 /// Whether the tensor-core tiles (`tiles_tc.cuh` and the rings) take an `[m, k]` x at address
-/// `x` times `weight`: rows enough to fill a tile, float4 loads of x, and a weight that f16
+/// `x` times `weight`: at least `min_rows` rows, float4 loads of x, and a weight that f16
 /// operands carry (not f32: f16 would drop its precision and range). The MoE tiles ask the same.
-pub(super) fn tensor_core_tiles((m, k): (usize, usize), x: u64, weight: &Weight) -> bool {
-    m >= MATMUL_TC_MIN_ROWS
+pub(super) fn tensor_core_tiles(
+    (m, k): (usize, usize),
+    x: u64,
+    weight: &Weight,
+    min_rows: usize,
+) -> bool {
+    m >= min_rows
         && k.is_multiple_of(4)
         && x.is_multiple_of(16)
         && !matches!(weight, Weight::Dense { ft: 0, .. })
@@ -383,8 +447,8 @@ const F32_SPLIT_MIN_COLUMNS: usize = 128;
 
 /// Splits of k for matmul.cu's f32 tiles of x `[m, k]` into `[m, n]`, where the tiles would
 /// leave most SMs idle, up to two blocks an SM. An F32 MoE router at 128 tokens (128 × 128
-/// outputs, four tiles, k = 2,048) otherwise ran on four SMs: ~190 µs a layer of Qwen3-30B-A3B
-/// (H200, 2026-11-28, the Q4_K_M mix's prefill of 128 tokens 3,444 → 2,754 tok/s with it).
+/// outputs, four tiles, k = 2,048) otherwise ran on four SMs: ~190 µs a layer of Qwen3-30B-A3B.
+/// H200, 2026-11-28, the Q4_K_M mix's prefill of 128 tokens: 2,895 → 3,566 tok/s split.
 fn f32_k_splits(sm_count: usize, (m, k, n): (usize, usize, usize)) -> usize {
     let tiles = n.div_ceil(MATMUL_TILE) * m.div_ceil(MATMUL_TILE);
     if tiles > sm_count / 2 {
@@ -941,7 +1005,7 @@ impl<'a> DecodePlan<'a> {
                 };
                 MatvecKernel::Simt {
                     shape,
-                    kgroups: matvec_kgroups(n, k, sm_count, shape),
+                    kgroups: matvec_kgroups(n, k, sm_count, (shape.rows, shape.units)),
                 }
             }
         };
@@ -1450,9 +1514,9 @@ fn matvec_tc_plan(
 /// Warps sharing a row group of the matvec: the fewest (longest streams of loads per warp)
 /// that still give every SM `MATVEC_WARPS_PER_SM` warps, and never more than leave each lane
 /// a full step of units.
-fn matvec_kgroups(n: usize, k: usize, sm_count: usize, shape: SimtShape) -> usize {
-    let row_groups = n.div_ceil(shape.rows);
-    let lane_steps = (k / 32).div_ceil(32 * shape.units);
+fn matvec_kgroups(n: usize, k: usize, sm_count: usize, (rows, units): (usize, usize)) -> usize {
+    let row_groups = n.div_ceil(rows);
+    let lane_steps = (k / 32).div_ceil(32 * units);
     let mut kgroups = 1;
     while kgroups < MATVEC_WARPS
         && row_groups * kgroups < sm_count * MATVEC_WARPS_PER_SM
@@ -1470,9 +1534,9 @@ mod tests {
     #[test]
     fn f32_tiles_split_k_only_where_they_leave_sms_idle() {
         // (m, k, n, splits) on 132 SMs: an F32 MoE router at 128 tokens (4 tiles) splits into
-        // 16 of 128 columns; at 2,048 tokens (64 tiles) into 4; 8 tokens of an 8B projection
-        // (64 tiles of k = 4,096) into 4; a 2,048-token dense product's 2,048 tiles not; short
-        // rows not (k < 256).
+        // 16 of 128 columns; at 2,048 tokens (64 tiles) into 4; 8 rows of an f32 4,096 × 4,096
+        // matrix (64 tiles) into 4; a 2,048-token dense product's 2,048 tiles not; short rows
+        // not (k < 256).
         for (m, k, n, want) in [
             (128, 2048, 128, 16),
             (2048, 2048, 128, 4),

@@ -66,6 +66,7 @@ pub(crate) const SOURCES: &[&Source] = &[
     &elementwise::SOURCE,
     &embedding::SOURCE,
     &matmul::MATVEC,
+    &matmul::MATVEC_ROWS,
     &matmul::MATVEC_TC,
     &matmul::MATMUL,
     &matmul::MATMUL_TC,

@@ -12,7 +12,7 @@
 use super::elementwise::unary_code;
 use super::matmul::{
     check_norm_weight, gather_matvec_tc_plan, matvec_reads, norm_args, tensor_core_tiles,
-    DecodeMatvec, Norm, TcPlan, MATMUL_TC_TILE,
+    DecodeMatvec, Norm, TcPlan, MATMUL_TC_MIN_ROWS, MATMUL_TC_TILE,
 };
 use super::norm::{rms_norm_rows, RmsNormRows};
 use super::weights::Weight;
@@ -440,7 +440,7 @@ fn gather(
     }
     // Tensor-core tiles take 128 slots of an expert, or 16 where the experts hold few each; they
     // hold the gate and up rows of half their columns' outputs.
-    let tensor_cores = tensor_core_tiles((m, k), x_at, &w);
+    let tensor_cores = tensor_core_tiles((m, k), x_at, &w, MATMUL_TC_MIN_ROWS);
     let few_slots = slots <= experts * SHORT_TILE_MAX_MEAN_SLOTS;
     let (tc, rows_per_tile) = match (tensor_cores, few_slots) {
         (true, true) => ("tc16_", SHORT_TILE_ROWS),
