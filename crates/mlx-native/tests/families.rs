@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use mlx_native::core::encoder::CommandEncoder;
-use mlx_native::engine::{load_decoder, Session, SUPPORTED_MODEL_TYPES};
+use mlx_native::engine::{load_decoder, GenerateOptions, Session, SUPPORTED_MODEL_TYPES};
 use mlx_native::formats::safetensors::SafetensorsFile;
 use mlx_native::models::family::decoder_params;
 use mlx_native::ops::{matmul, Linear, RopeScaling, RopeTable};
@@ -214,6 +214,75 @@ fn gguf_twins_match_mlx_lm() {
     for name in names {
         let twin = fixture_dir(name).join("twin.gguf");
         check_model(name, &twin, &Device::cpu(), LOGIT_TOLERANCE);
+    }
+}
+
+/// Prefix reuse (a conversation's turns): a prompt that extends what the cache holds runs only
+/// its new tokens and must give the logits of a full prefill. llama_4bit's teacher-forced
+/// sequence (prompt, then mlx-lm's greedy tokens): a first turn on its first 5 tokens (3 new
+/// tokens, the first 2 of which reach the cache), then the 12-token prompt (at least 5 reused),
+/// then 15 tokens (exactly the 12 reused), against mlx-lm's logits; then a prompt that differs
+/// at position 3 (3 reused) against a fresh session's full prefill; and no reuse when off.
+fn check_prefix_reuse(device: &Device, tolerance: f32) {
+    let name = "llama_4bit";
+    let r = reference(&fixture_dir(name));
+    let new_session = |reuse: bool| {
+        let decoder = load_decoder(&fixture_dir(name), device, &mut |_, _| {}).unwrap();
+        let mut session = Session::with_kv_dtype(decoder, device, 32, DType::F32).unwrap();
+        session.set_prefix_reuse(reuse);
+        session
+    };
+    let greedy = SamplingParams::default();
+    let seq: Vec<u32> = r.prompt.iter().chain(&r.greedy).copied().collect();
+    let mut session = new_session(true);
+    let opts = GenerateOptions {
+        max_new_tokens: 3,
+        sampling: greedy,
+        stop_ids: vec![],
+        use_graph: true,
+    };
+    let (_, first) = session.generate(&seq[..5], &opts, |_| true).unwrap();
+    assert_eq!(first.reused_tokens, 0);
+    assert!(session.reusable_prefix(&seq[..12]) >= 5);
+    for (len, reused) in [(12, None), (15, Some(12))] {
+        if let Some(reused) = reused {
+            assert_eq!(session.reusable_prefix(&seq[..len]), reused);
+        }
+        let token = session.prefill(&seq[..len], greedy).unwrap();
+        let err = max_abs_diff(&session.logits().unwrap(), &r.logits_f32[len - 1]);
+        assert!(
+            err <= tolerance,
+            "{len} tokens: max |logit - mlx-lm| = {err}"
+        );
+        assert_eq!(token, seq[len], "{len} tokens: greedy token");
+    }
+    let mut other = seq[..10].to_vec();
+    other[3] = (other[3] + 1) % r.logits_f32[0].len() as u32;
+    assert_eq!(session.reusable_prefix(&other), 3);
+    let token = session.prefill(&other, greedy).unwrap();
+    let reused_logits = session.logits().unwrap();
+    let mut fresh = new_session(false);
+    assert_eq!(fresh.prefill(&other, greedy).unwrap(), token);
+    let err = max_abs_diff(&reused_logits, &fresh.logits().unwrap());
+    assert!(
+        err <= tolerance,
+        "changed at 3: max |logit - full prefill| = {err}"
+    );
+    assert_eq!(fresh.reusable_prefix(&other), 0, "reuse off");
+}
+
+#[test]
+fn prefix_reuse_matches_full_prefills() {
+    check_prefix_reuse(&Device::cpu(), LOGIT_TOLERANCE);
+}
+
+/// The same on the GPU (skipped without a driver): the prefills from a reused prefix run at a
+/// position past 0 with 3 to 7 rows.
+#[test]
+fn prefix_reuse_matches_full_prefills_on_cuda() {
+    match Device::parse("cuda") {
+        Ok(device) => check_prefix_reuse(&device, LOGIT_TOLERANCE_CUDA),
+        Err(e) => println!("skipped: {e}"),
     }
 }
 

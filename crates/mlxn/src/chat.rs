@@ -1,5 +1,6 @@
-//! `mlxn chat`: an interactive conversation through the model's chat template. The whole
-//! conversation is re-run each turn (simple and exact; prompts here are short).
+//! `mlxn chat`: an interactive conversation through the model's chat template. Each turn's
+//! prompt is the whole conversation rendered again; the session reuses the keys and values of
+//! its longest prefix already in the cache (the earlier turns), so only the new tokens run.
 
 use std::io::{BufRead, Write};
 
@@ -43,6 +44,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         use_graph: !args.model.run.no_graph,
     };
     let mut session = args.model.run.session(model, &device, capacity)?;
+    session.set_prefix_reuse(true);
     let mut history: Vec<Message> = Vec::new();
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
@@ -84,9 +86,11 @@ pub fn run(args: ChatArgs) -> Result<()> {
         }
         println!();
         eprintln!(
-            "[{} tokens, {:.1} tokens/s]",
+            "[{} tokens, {:.1} tokens/s; prompt {} tokens, {} of them cached]",
             stats.generated_tokens,
-            stats.decode_tokens_per_s()
+            stats.decode_tokens_per_s(),
+            stats.prompt_tokens,
+            stats.reused_tokens
         );
         let reply: Vec<u32> = ids
             .into_iter()

@@ -1,8 +1,9 @@
-//! The `mlxn` binary end to end: JSON output with the reference tokens, and bad input
-//! reported as an error (exit 1), never a panic (exit 101).
+//! The `mlxn` binary end to end: JSON output with the reference tokens, a chat's turns reusing
+//! the cache, and bad input reported as an error (exit 1), never a panic (exit 101).
 
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 fn shared() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
@@ -67,6 +68,48 @@ fn generate_json_matches_the_mlx_lm_reference() {
     assert_eq!(json["generated_ids"], case["greedy_ids"]);
     assert_eq!(json["text"], case["greedy_text"]);
     assert!(json["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+/// `mlxn chat`: the second turn's prompt (the conversation rendered again) reuses the first
+/// turn's prompt and the reply tokens it fed: each turn reports `prompt P tokens, R of them
+/// cached` on stderr, with R = 0 first and then at least the first prompt's P.
+#[test]
+fn chat_turns_reuse_the_cache() {
+    let model = shared().join("models/smollm2-135m-instruct-4bit");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mlxn"))
+        .args([
+            "chat",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-tokens",
+            "6",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"What is the capital of France?\nAnd of Italy?\n")
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let turns: Vec<(usize, usize)> = stderr
+        .lines()
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("prompt ")?;
+            let (prompt, rest) = rest.split_once(" tokens, ")?;
+            let (cached, _) = rest.split_once(' ')?;
+            Some((prompt.parse().ok()?, cached.parse().ok()?))
+        })
+        .collect();
+    assert_eq!(turns.len(), 2, "{stderr}");
+    let ((first, none), (second, reused)) = (turns[0], turns[1]);
+    assert_eq!(none, 0, "{stderr}");
+    assert!(reused >= first && reused < second, "{stderr}");
 }
 
 #[test]

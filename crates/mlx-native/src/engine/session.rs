@@ -1,6 +1,8 @@
 //! A generation session: one model, its KV cache and the buffers of a decode step. Prefill
 //! runs the prompt in chunks; each decode step is one replay of a captured graph (forward +
-//! sampling), so only the sampled token id comes back to the host.
+//! sampling), so only the sampled token id comes back to the host. With prefix reuse on (a
+//! conversation), a prompt that begins with tokens whose keys and values the cache already holds
+//! runs only from the first token that differs.
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +37,9 @@ pub struct GenerateOptions {
 #[derive(Clone, Debug, Default)]
 pub struct GenerateStats {
     pub prompt_tokens: usize,
+    /// Leading prompt tokens whose keys and values the cache already held (prefix reuse): the
+    /// prefill ran the rest.
+    pub reused_tokens: usize,
     pub generated_tokens: usize,
     pub prefill_time: Duration,
     /// Time of the decode steps after the first generated token.
@@ -46,8 +51,10 @@ pub struct GenerateStats {
 }
 
 impl GenerateStats {
+    /// Prompt tokens the prefill ran (not those reused) per second.
     pub fn prefill_tokens_per_s(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+        let ran = self.prompt_tokens - self.reused_tokens;
+        ran as f64 / self.prefill_time.as_secs_f64().max(1e-9)
     }
     pub fn decode_tokens_per_s(&self) -> f64 {
         self.generated_tokens.saturating_sub(1) as f64 / self.decode_time.as_secs_f64().max(1e-9)
@@ -76,6 +83,10 @@ pub struct Session {
     /// between LONG_ROW_KEYS (keyed by the `min_keys` they were recorded with).
     decode_graphs: Vec<(SamplingParams, usize, Graph)>,
     prefill: Option<Scratch>,
+    /// The tokens whose keys and values the cache holds at positions 0.., as far as known.
+    cached: Vec<u32>,
+    /// Whether `prefill` starts after the longest prefix of the prompt that `cached` holds.
+    reuse_prefix: bool,
 }
 
 impl Session {
@@ -113,6 +124,8 @@ impl Session {
             decode,
             decode_graphs: Vec::new(),
             prefill: None,
+            cached: Vec::new(),
+            reuse_prefix: false,
             device: device.clone(),
             model,
         })
@@ -135,7 +148,30 @@ impl Session {
         self.logits.to_vec::<f32>()
     }
 
-    /// Run the prompt through the model (positions 0..len) and sample the first new token.
+    /// Whether later prefills reuse the cache's keys and values for the longest prefix of their
+    /// prompt that it holds (off by default: every prefill runs its whole prompt). A chat turn's
+    /// prompt begins with the previous turn's prompt and reply, so only the new tokens run.
+    pub fn set_prefix_reuse(&mut self, on: bool) {
+        self.reuse_prefix = on;
+    }
+
+    /// Leading tokens of `prompt` whose keys and values the cache holds, when prefix reuse is
+    /// on: at most all but the last (whose logits the prefill must compute).
+    pub fn reusable_prefix(&self, prompt: &[u32]) -> usize {
+        if !self.reuse_prefix {
+            return 0;
+        }
+        let common = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        common.min(prompt.len().saturating_sub(1))
+    }
+
+    /// Run the prompt through the model (positions 0..len; with prefix reuse, from the first
+    /// token the cache does not hold) and sample the first new token.
     pub fn prefill(&mut self, prompt: &[u32], sampling: SamplingParams) -> Result<u32> {
         if prompt.is_empty() {
             return Err(Error::Invalid("empty prompt".into()));
@@ -148,15 +184,19 @@ impl Session {
             });
         }
         self.pos_on_device = None;
+        let reused = self.reusable_prefix(prompt);
+        // Until the passes below are done, the cache holds only the reused prefix for sure.
+        self.cached.truncate(reused);
         let mut history = vec![0u32; self.capacity() + 1];
         history[..prompt.len()].copy_from_slice(prompt);
         self.history.write(&history)?;
-        let chunk = prompt.len().min(PREFILL_CHUNK);
+        let rest = &prompt[reused..];
+        let chunk = rest.len().min(PREFILL_CHUNK);
         if self.prefill.as_ref().is_none_or(|s| s.m != chunk) {
             self.prefill = Some(self.model.new_scratch(&self.device, chunk)?);
         }
-        for (i, ids) in prompt.chunks(chunk).enumerate() {
-            let start = i * chunk;
+        for (i, ids) in rest.chunks(chunk).enumerate() {
+            let start = reused + i * chunk;
             self.pos.write(&[start as u32])?;
             let tokens = self.device.from_slice(ids, &[ids.len()])?;
             // The last chunk may be shorter: run it on a narrowed scratch of its own.
@@ -179,6 +219,7 @@ impl Session {
             )?;
             self.enc.commit()?;
         }
+        self.cached = prompt.to_vec();
         self.pos.write(&[prompt.len() as u32 - 1])?;
         self.encode_sample(sampling, false)?;
         self.enc.commit()?;
@@ -241,6 +282,9 @@ impl Session {
         if self.pos_on_device != Some(pos) {
             self.pos.write(&[pos as u32])?;
         }
+        // The step writes position pos with a token the host may not know (`generate` records
+        // the tokens it fed).
+        self.cached.truncate(pos);
         // Unknown until the step is submitted (an error may leave it either way).
         self.pos_on_device = None;
         // Rows past each of LONG_ROW_KEYS are recorded with it as their hint (a backend may
@@ -352,6 +396,7 @@ impl Session {
         }
         let mut stats = GenerateStats {
             prompt_tokens: prompt.len(),
+            reused_tokens: self.reusable_prefix(prompt),
             ..Default::default()
         };
         let mut out = Vec::with_capacity(opts.max_new_tokens);
@@ -390,6 +435,9 @@ impl Session {
         }
         stats.decode_time = t1.elapsed();
         stats.generated_tokens = out.len();
+        // The steps fed every new token but the last at the positions after the prompt.
+        self.cached = prompt.to_vec();
+        self.cached.extend_from_slice(&out[..out.len() - 1]);
         if opts.use_graph {
             stats.dispatches_per_token = self.dispatches_per_token();
             stats.kernels_per_token = self.kernels_per_token();
