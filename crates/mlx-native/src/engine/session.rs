@@ -53,7 +53,7 @@ pub struct GenerateStats {
 impl GenerateStats {
     /// Prompt tokens the prefill ran (not those reused) per second.
     pub fn prefill_tokens_per_s(&self) -> f64 {
-        let ran = self.prompt_tokens - self.reused_tokens;
+        let ran = self.prompt_tokens.saturating_sub(self.reused_tokens);
         ran as f64 / self.prefill_time.as_secs_f64().max(1e-9)
     }
     pub fn decode_tokens_per_s(&self) -> f64 {

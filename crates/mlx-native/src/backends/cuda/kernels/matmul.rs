@@ -1,9 +1,9 @@
 //! out = x·Wᵀ (+ bias) for every weight layout, weights read as stored: matvec.cu for a single
 //! row (decode; matvec_tc.cu's tensor-core kernel for MLX 4- and 8-bit and the ggml layouts),
-//! matvec_rows.cu for short prompts (up to 16 rows), matmul_tc.cu's 128×128 tensor-core tiles (f16 operands, f32 accumulation)
-//! for prefill-sized row counts, and from GEMM_MIN_ROWS rows cuBLAS on the weight dequantized
-//! into f16 scratch; matmul.cu's 64×64 f32 tiles otherwise; and the decode-only gated pair
-//! (`Op::GatedMatMul`) on matvec.cu.
+//! matvec_rows.cu for short prompts (2–8 rows), matmul_tc.cu's 128×128 tensor-core tiles (f16
+//! operands, f32 accumulation) for more rows, and from GEMM_MIN_ROWS rows cuBLAS on the weight
+//! dequantized into f16 scratch; matmul.cu's 64×64 f32 tiles otherwise; and the decode-only
+//! gated pair (`Op::GatedMatMul`) on matvec.cu.
 
 use super::elementwise::unary_code;
 use super::norm::{rms_norm_rows, RmsNormRows};

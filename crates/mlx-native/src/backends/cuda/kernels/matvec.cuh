@@ -19,7 +19,7 @@
 // Launch: MV_WARPS·32 threads, ceil(n / (ROWS·MV_WARPS/kgroups)) blocks; x 16-byte aligned.
 // The kernels wait for the previous kernel inside `matvec`, after starting their first
 // weights towards L2 (PREFETCH: MLX layouts).
-// XROWS > 1 (`matvec_rows_…`, short prompts: 2 to 16 rows of x, plain products only): block
+// XROWS > 1 (`matvec_rows_…`, short prompts: 2 to 8 rows of x, plain products only): block
 // (·, y) multiplies rows y·XROWS … y·XROWS + XROWS − 1 of x (those past m recompute row m − 1
 // and are not stored), each lane taking a unit of every x row against the same weight words,
 // so the weights are read once for XROWS rows (their repeated loads are the same thread's, from

@@ -1,4 +1,4 @@
-// out [m, n] = x [m, k]·Wᵀ (+ bias) for short prompts (2 to 16 rows of x), on matvec.cuh's
+// out [m, n] = x [m, k]·Wᵀ (+ bias) for short prompts (2 to 8 rows of x), on matvec.cuh's
 // loop: a warp owns MVR_ROWS weight rows and takes one unit a step (kgroups warps splitting the
 // units), block (·, y) rows y·MV_XROWS … of x. Each lane's weight words serve the block's
 // MV_XROWS rows of x, so the weights are read about once for them, where the tiled kernels
