@@ -173,6 +173,15 @@ impl Session {
     /// Run the prompt through the model (positions 0..len; with prefix reuse, from the first
     /// token the cache does not hold) and sample the first new token.
     pub fn prefill(&mut self, prompt: &[u32], sampling: SamplingParams) -> Result<u32> {
+        Ok(self.prefill_reusing(prompt, sampling)?.0)
+    }
+
+    /// `prefill`, and how many leading prompt tokens it reused.
+    fn prefill_reusing(
+        &mut self,
+        prompt: &[u32],
+        sampling: SamplingParams,
+    ) -> Result<(u32, usize)> {
         if prompt.is_empty() {
             return Err(Error::Invalid("empty prompt".into()));
         }
@@ -224,7 +233,7 @@ impl Session {
         self.encode_sample(sampling, false)?;
         self.enc.commit()?;
         self.pos_on_device = Some(prompt.len() - 1);
-        Ok(self.token.to_vec::<u32>()?[0])
+        Ok((self.token.to_vec::<u32>()?[0], reused))
     }
 
     /// The token choice; at a decode step's end (`end_step`) the token goes into its ring slot
@@ -396,7 +405,6 @@ impl Session {
         }
         let mut stats = GenerateStats {
             prompt_tokens: prompt.len(),
-            reused_tokens: self.reusable_prefix(prompt),
             ..Default::default()
         };
         let mut out = Vec::with_capacity(opts.max_new_tokens);
@@ -404,7 +412,8 @@ impl Session {
             return Ok((out, stats));
         }
         let t0 = Instant::now();
-        let mut next = self.prefill(prompt, opts.sampling)?;
+        let (mut next, reused) = self.prefill_reusing(prompt, opts.sampling)?;
+        stats.reused_tokens = reused;
         stats.prefill_time = t0.elapsed();
         let t1 = Instant::now();
         // On an asynchronous device the step after the current one is submitted before the

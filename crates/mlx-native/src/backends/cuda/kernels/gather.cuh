@@ -40,12 +40,8 @@ __device__ __forceinline__ void gather_matvec(const L& l, const L& l_up, const f
         float xs[32];
         load_floats<32>(xr + u * 32, xs);
         if constexpr (NORM) acc[ROW_ACC] += pre_norm_unit(norm, u, xs);
-        float sx[2] = {0.f, 0.f};
-#pragma unroll
-        for (int i = 0; i < 32; ++i) {
-            sx[i >> 4] += xs[i];
-            xs[i] *= pow2_neg(L::shift(i));
-        }
+        float sx[2];
+        prescale_unit<L>(xs, sx);
 #pragma unroll
         for (int r = 0; r < GMV_ROWS; ++r) {
             acc[r] += l.dot(rows[r], u, xs, sx);

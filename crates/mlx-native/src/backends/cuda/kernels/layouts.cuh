@@ -30,6 +30,18 @@ __device__ __forceinline__ int field_shift(int pos, int bits) {
 // 2^−s, exact, for 0 ≤ s < 127.
 __device__ __forceinline__ float pow2_neg(int s) { return __uint_as_float((u32)(127 - s) << 23); }
 
+// A matvec's unit of x, made ready for `dot`: sx = its two half-sums (elements 0–15, 16–31),
+// then each xs[e] multiplied by 2^−shift(e) of layout L, once for all the rows it meets.
+template <class L>
+__device__ __forceinline__ void prescale_unit(float* xs, float* sx) {
+    sx[0] = sx[1] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 32; ++e) {
+        sx[e >> 4] += xs[e];
+        xs[e] *= pow2_neg(L::shift(e));
+    }
+}
+
 // Two little-endian u16 loads as one word (for blocks that are only 2-byte aligned).
 __device__ __forceinline__ u32 load_u32_a2(const u8* p) {
     const u16* h = (const u16*)p;

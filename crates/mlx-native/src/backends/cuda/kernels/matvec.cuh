@@ -95,12 +95,8 @@ __device__ __forceinline__ void matvec(const L& l, const L& l_up, const float* _
                 load_floats<32>(x + x_at[t] + u * 32, xs);
                 if constexpr (NORM)
                     acc[t][ROW_ACC] = fmaf(keep, pre_norm_unit(norm, u, xs), acc[t][ROW_ACC]);
-                float sx[2] = {0.f, 0.f};
-#pragma unroll
-                for (int e = 0; e < 32; ++e) {
-                    sx[e >> 4] += xs[e];
-                    xs[e] *= pow2_neg(L::shift(e));
-                }
+                float sx[2];
+                prescale_unit<L>(xs, sx);
 #pragma unroll
                 for (int r = 0; r < ROWS; ++r) {
                     acc[t][r] = fmaf(keep, l.dot(rows[r], u, xs, sx), acc[t][r]);
