@@ -37,6 +37,13 @@ fn gpu() -> Option<Device> {
     }
 }
 
+/// The GPU with cuBLAS off: prompts of 17 rows and more stay on the crate's tensor-core tiles
+/// (where cuBLAS does not load, or `CudaOptions::cublas` is false).
+fn gpu_without_cublas() -> Option<Device> {
+    gpu()?;
+    Some(cuda::cuda_device_with(0, cuda::CudaOptions { cublas: false }).unwrap())
+}
+
 /// Floats stored as `dtype` on `dev`, and the values as stored (after rounding).
 fn floats(dev: &Device, data: &[f32], shape: &[usize], dtype: DType) -> Result<(Tensor, Vec<f64>)> {
     Ok(match dtype {
@@ -936,15 +943,23 @@ fn check_matmul(dev: &Device, rng: &mut Rng, w: &HostWeight, m: usize, with_bias
         w.n,
         w.k
     );
-    // From 9 rows the tensor-core kernels multiply f16 operands (f32 weights and rows of k not a
-    // multiple of 4 excepted): x and the dequantized weight each rounded with unit roundoff 2^−11
-    // give a relative error of about 2^−11·√(2/3) ≈ 4e-4 on these random inputs; 1e-3 leaves
-    // room, and a wrong fragment or tile edge is off by O(1).
+    // From 9 rows the tensor-core kernels and cuBLAS multiply f16 operands (f32 weights and rows
+    // of k not a multiple of 4 excepted), MLX 4/8-bit and ggml block weights from 2 rows (the
+    // short staged-f16 kernels, or the generic tiles where those do not take the rows): x and
+    // the dequantized weight each rounded with unit roundoff 2^−11 give a relative error of
+    // about 2^−11·√(2/3) ≈ 4e-4 on these random inputs; 1e-3 leaves room, and a wrong fragment
+    // or tile edge is off by O(1).
     let f32_weight = match w.layout {
         WeightLayout::Dense => w.parts[0].2 == DType::F32,
         layout => layout == WeightLayout::Gguf(GgmlType::F32),
     };
-    let tol = if m >= 9 && !f32_weight && w.k.is_multiple_of(4) {
+    let tc_rows = match w.layout {
+        WeightLayout::MlxAffine { bits: 4 | 8, .. } => 2,
+        WeightLayout::Gguf(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => 9,
+        WeightLayout::Gguf(_) => 2,
+        _ => 9,
+    };
+    let tol = if m >= tc_rows && !f32_weight && w.k.is_multiple_of(4) {
         1e-3
     } else if m == 1 {
         matvec_tol(w)
@@ -1582,25 +1597,37 @@ fn matmul_every_layout() {
 
 /// Short prompts, every layout: 2 to 8 rows on matvec_rows.cu, with rows of x not a multiple of
 /// a block's 4 (the last block's rows past m are not stored), n not a multiple of a block's 16
-/// weight rows, short and long k (1 to 4 warps sharing a row group); 9 and 16 rows on the
-/// tensor-core tiles (f32 weights on the f32 tiles). And matmul.cu's f32 tiles split in k where
-/// they would leave SMs idle: f32 weights at 20 rows (one tile; k = 640 in 5 splits of 128
-/// columns, summed in order).
+/// weight rows, short and long k (1 to 4 warps sharing a row group); MLX 4/8-bit and the ggml
+/// blocks at 2–16 rows on their short staged-f16 kernels (`matmul_tcq_rows_mlx*` or
+/// `matmul_tcq16_*`; and a last half step: k = 1,312 in groups of 32, 300 rows in three blocks;
+/// A rows 8–15 loaded past 8 rows), MLX 4/8-bit at 17–32 on `matmul_tcq_rows32_mlx*`; 9 and 16
+/// rows of the other layouts on the tensor-core tiles (f32 weights on the f32 tiles), 17–32 on
+/// cuBLAS. And matmul.cu's f32 tiles split in k where they would leave SMs idle: f32 weights at
+/// 20 rows (one tile; k = 640 in 5 splits of 128 columns, summed in order).
 #[test]
 fn matmul_short_prompts_every_layout() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(31);
+    // Up to 16 rows the short kernels; 17–32 MLX 4/8-bit `matmul_tcq_rows32_*` (its second
+    // fragment's upper half empty up to 24 rows), the other layouts cuBLAS.
     let shapes = [
         (37, 256, 2),
         (37, 1280, 5),
         (70, 4352, 8),
         (70, 1280, 9),
         (45, 4352, 16),
+        (37, 1280, 17),
+        (70, 4352, 24),
+        (45, 1280, 32),
     ];
     for (n, k, m) in shapes {
         for (i, w) in every_layout(&mut rng, n, k).iter().enumerate() {
             check_matmul(&dev, &mut rng, w, m, i % 2 == 0);
         }
+    }
+    for (bits, st) in [(4, DType::BF16), (8, DType::F32)] {
+        let w = mlx_weight(&mut rng, 300, 1312, bits, 32, st);
+        check_matmul(&dev, &mut rng, &w, 7, bits == 4);
     }
     let w = dense_weight(&mut rng, 45, 640, DType::F32);
     check_matmul(&dev, &mut rng, &w, 20, true);
@@ -1608,10 +1635,12 @@ fn matmul_short_prompts_every_layout() {
 
 #[test]
 fn matmul_mlx_tensor_cores_at_tile_edges() {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = gpu_without_cublas() else {
+        return;
+    };
     let mut rng = Rng(21);
-    // MLX 4/8-bit prefill weights take the staged-f16 kernel: rows and columns past one
-    // 128-tile and short of the next, steps of 64 columns with a last half step (k = 288: 9
+    // MLX 4/8-bit prefill weights take the staged-f16 kernel where cuBLAS does not (here: off):
+    // columns past one 128-tile and short of the next, rows short of one, steps of 64 columns with a last half step (k = 288: 9
     // units) and an odd number of groups per row (scale words not 4-byte aligned), every
     // group size and scale type, more steps than pipeline stages.
     for bits in [4, 8] {
@@ -1623,29 +1652,32 @@ fn matmul_mlx_tensor_cores_at_tile_edges() {
             (576, 64, DType::F32),
         ] {
             let w = mlx_weight(&mut rng, 135, k, bits, group_size, st);
-            check_matmul(&dev, &mut rng, &w, 130, k == 384);
+            check_matmul(&dev, &mut rng, &w, 95, k == 384);
         }
     }
-    // 17 rows (a tile mostly empty) and one column tile.
+    // 33 rows (a tile mostly empty) and one column tile.
     let w = mlx_weight(&mut rng, 128, 256, 4, 64, DType::BF16);
-    check_matmul(&dev, &mut rng, &w, 17, true);
+    check_matmul(&dev, &mut rng, &w, 33, true);
     // Few output tiles and long rows: blocks split k (25 steps in 3 splits of 9, 9 and 7;
     // 32 steps in 4) and `splitk_sum` adds the slices and the bias.
     for bits in [4, 8] {
         let w = mlx_weight(&mut rng, 135, 1600, bits, 64, DType::BF16);
-        check_matmul(&dev, &mut rng, &w, 130, true);
+        check_matmul(&dev, &mut rng, &w, 95, true);
         let w = mlx_weight(&mut rng, 100, 2048, bits, 128, DType::F16);
-        check_matmul(&dev, &mut rng, &w, 17, false);
+        check_matmul(&dev, &mut rng, &w, 33, false);
     }
 }
 
 #[test]
 fn matmul_ggml_tensor_cores_at_tile_edges() {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = gpu_without_cublas() else {
+        return;
+    };
     let mut rng = Rng(24);
     // Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K prefill weights with whole 64-column
-    // steps take the staged-f16 kernels: rows and columns past one 128-tile and short of the
-    // next, one step, more steps than pipeline stages; k = 288 (a half step) stays on the
+    // steps take the staged-f16 kernels where cuBLAS does not (here: off): columns past one
+    // 128-tile and short of the next, rows short of one, one step, more steps than pipeline stages; k = 288 (a half
+    // step) stays on the
     // generic tensor-core kernel.
     let blocks_of_32 = [
         GgmlType::Q4_0,
@@ -1657,24 +1689,24 @@ fn matmul_ggml_tensor_cores_at_tile_edges() {
     for ty in blocks_of_32 {
         for (k, with_bias) in [(64, false), (320, true), (576, false), (288, true)] {
             let w = ggml_weight(&mut rng, 135, k, ty);
-            check_matmul(&dev, &mut rng, &w, 130, with_bias);
+            check_matmul(&dev, &mut rng, &w, 95, with_bias);
         }
         // 17 rows (a tile mostly empty) and one column tile.
         let w = ggml_weight(&mut rng, 128, 256, ty);
         check_matmul(&dev, &mut rng, &w, 17, true);
         // Few output tiles and long rows: split k (25 steps in 3 splits).
         let w = ggml_weight(&mut rng, 135, 1600, ty);
-        check_matmul(&dev, &mut rng, &w, 130, true);
+        check_matmul(&dev, &mut rng, &w, 95, true);
     }
     // Q4_K and Q5_K (`matmul_tcq_{q4_k,q5_k}`: a step is a sub-block pair): one super-block (as
     // many steps as Q4_K's pipeline stages), three, 17 rows, and a split k (28 steps in 3
     // splits).
     for ty in [GgmlType::Q4K, GgmlType::Q5K] {
         for (n, k, m, with_bias) in [
-            (135, 256, 130, false),
-            (135, 768, 130, true),
+            (135, 256, 95, false),
+            (135, 768, 95, true),
             (128, 256, 17, true),
-            (135, 1792, 130, false),
+            (135, 1792, 95, false),
         ] {
             let w = ggml_weight(&mut rng, n, k, ty);
             check_matmul(&dev, &mut rng, &w, m, with_bias);
@@ -1683,17 +1715,17 @@ fn matmul_ggml_tensor_cores_at_tile_edges() {
     // Q6_K (`matmul_tcq_q6_k`, rows of k % 2,048 == 0: super-blocks at every offset mod 8), 17
     // rows, and a split k (96 steps); k = 1,792 stays on the generic tiles.
     for (n, k, m, with_bias) in [
-        (135, 2048, 130, false),
+        (135, 2048, 95, false),
         (128, 4096, 17, true),
-        (135, 6144, 130, false),
-        (135, 1792, 130, true),
+        (135, 6144, 95, false),
+        (135, 1792, 95, true),
     ] {
         let w = ggml_weight(&mut rng, n, k, GgmlType::Q6K);
         check_matmul(&dev, &mut rng, &w, m, with_bias);
     }
 }
 
-/// Prompts of 192 rows and more go through cuBLAS where it loads (matmul.rs `dequant_gemm`):
+/// Prompts of 17 rows and more (MLX 4/8-bit: 33) go through cuBLAS where it loads (matmul.rs `dequant_gemm`):
 /// every layout dequantized into f16 rows, x staged as f16, their GEMM, and the bias added after
 /// it; rows short of a 64-column step (k = 288, dense k = 333: the rows padded with zeros) and
 /// columns not a multiple of any tile.
@@ -1716,12 +1748,14 @@ fn matmul_long_prompts_through_cublas() {
 }
 
 /// The generic tensor-core tiles (layouts without a staged-f16 kernel) split k where few
-/// output tiles leave SMs idle, as `matmul_tcq_*` do: 130 rows of 135 columns (four tiles) over
+/// output tiles leave SMs idle, as `matmul_tcq_*` do: 95 rows of 135 columns (two tiles) over
 /// 25 to 28 steps of 64 in three splits of unequal length, a partial last step (dense k =
 /// 1,636), and the bias added once, by `splitk_sum`.
 #[test]
 fn matmul_generic_tensor_cores_split_k() {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = gpu_without_cublas() else {
+        return;
+    };
     let mut rng = Rng(25);
     let weights = [
         ggml_weight(&mut rng, 135, 1600, GgmlType::Q5_1),
@@ -1733,7 +1767,7 @@ fn matmul_generic_tensor_cores_split_k() {
         dense_weight(&mut rng, 135, 1636, DType::F16),
     ];
     for (i, w) in weights.iter().enumerate() {
-        check_matmul(&dev, &mut rng, w, 130, i % 2 == 0);
+        check_matmul(&dev, &mut rng, w, 95, i % 2 == 0);
     }
 }
 

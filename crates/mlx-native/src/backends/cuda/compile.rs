@@ -234,17 +234,19 @@ mod tests {
     /// Kernels are launched with programmatic stream serialization, which is safe only if each
     /// waits for its predecessor before touching memory an earlier kernel may write: every
     /// `extern "C" __global__` function's body must begin with `kernel_entry()` or
-    /// `kernel_entry_early(…)` (common.cuh; it waits first), or, for the matvecs and decode
-    /// attention, which load weights or K/V rows first, call a function that waits inside.
+    /// `kernel_entry_early(…)` (common.cuh; it waits first), or, for the matvecs (the short
+    /// prompts' tensor-core kernel too) and decode attention, which load weights or K/V rows
+    /// first, call a function that waits inside.
     #[test]
     fn every_kernel_begins_with_kernel_entry() {
         const ENTRY: &str = "extern \"C\" __global__";
-        const WAITS_INSIDE: [&str; 5] = [
+        const WAITS_INSIDE: [&str; 6] = [
             "matvec<",
             "matvec_tc<",
             "gather_tc_",
             "attn_decode<",
             "flash_decode<",
+            "matmul_tcq_rows<",
         ];
         let mut kernels = 0;
         for source in super::super::kernels::SOURCES {

@@ -359,12 +359,12 @@ pub(crate) struct KernelLibrary {
     raised: Mutex<HashMap<(&'static str, String), u32>>,
     /// The largest shared scratch handed out so far (`shared_scratch`).
     shared: Mutex<Option<Arc<CudaSlice<u8>>>>,
-    /// cuBLAS on `stream`, made on first use (`cublas`).
+    /// cuBLAS on `stream`, made on first use (`cublas`); None at once where it is not wanted.
     blas: OnceLock<Option<Cublas>>,
 }
 
 impl KernelLibrary {
-    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+    pub fn new(stream: Arc<CudaStream>, cublas: bool) -> Result<Self> {
         let ctx = stream.context().clone();
         let (major, minor) = ctx
             .compute_capability()
@@ -386,7 +386,10 @@ impl KernelLibrary {
             functions: Mutex::default(),
             raised: Mutex::default(),
             shared: Mutex::default(),
-            blas: OnceLock::new(),
+            blas: match cublas {
+                true => OnceLock::new(),
+                false => OnceLock::from(None),
+            },
         })
     }
 

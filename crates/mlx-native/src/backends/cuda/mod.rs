@@ -44,14 +44,34 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// Choices a CUDA device is made with (`cuda_device_with`).
+#[derive(Clone, Copy, Debug)]
+pub struct CudaOptions {
+    /// Long prompts' products through cuBLAS where its library loads (matmul.rs
+    /// `dequant_gemm`); off, they stay on this crate's tensor-core tiles, which need no f16 copy
+    /// of a weight.
+    pub cublas: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions { cublas: true }
+    }
+}
+
 /// The device `cuda:ordinal`, or `DeviceUnavailable` when there is no driver or no such GPU.
 pub fn cuda_device(ordinal: usize) -> Result<Device> {
+    cuda_device_with(ordinal, CudaOptions::default())
+}
+
+/// `cuda_device` with `options`.
+pub fn cuda_device_with(ordinal: usize, options: CudaOptions) -> Result<Device> {
     if !driver_present() {
         return Err(Error::DeviceUnavailable(format!(
             "cuda:{ordinal}: no CUDA driver library found on this machine"
         )));
     }
-    let backend = CudaBackend::new(ordinal)?;
+    let backend = CudaBackend::new(ordinal, options)?;
     Ok(Device::new(Box::new(backend), format!("cuda:{ordinal}")))
 }
 
@@ -210,7 +230,7 @@ impl Drop for CudaPendingBytes {
 }
 
 impl CudaBackend {
-    pub fn new(ordinal: usize) -> Result<Self> {
+    pub fn new(ordinal: usize, options: CudaOptions) -> Result<Self> {
         let unavailable = |e: DriverError| Error::DeviceUnavailable(format!("cuda:{ordinal}: {e}"));
         let count = CudaContext::device_count().map_err(unavailable)?;
         if ordinal >= count.max(0) as usize {
@@ -227,7 +247,7 @@ impl CudaBackend {
         let mut registry = Registry::new("cuda");
         kernels::register(&mut registry);
         Ok(CudaBackend {
-            library: KernelLibrary::new(stream.clone())?,
+            library: KernelLibrary::new(stream.clone(), options.cublas)?,
             stream,
             registry,
             allocated: Arc::new(AtomicUsize::new(0)),

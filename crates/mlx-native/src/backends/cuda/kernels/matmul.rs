@@ -1,9 +1,10 @@
 //! out = x·Wᵀ (+ bias) for every weight layout, weights read as stored: matvec.cu for a single
 //! row (decode; matvec_tc.cu's tensor-core kernel for MLX 4- and 8-bit and the ggml layouts),
-//! matvec_rows.cu for short prompts (2–8 rows), matmul_tc.cu's 128×128 tensor-core tiles (f16
-//! operands, f32 accumulation) for more rows, and from GEMM_MIN_ROWS rows cuBLAS on the weight
-//! dequantized into f16 scratch; matmul.cu's 64×64 f32 tiles otherwise; and the decode-only
-//! gated pair (`Op::GatedMatMul`) on matvec.cu.
+//! short prompts on matmul_tc.cu's short kernels (MLX 4/8-bit 2–32 rows, the ggml blocks 2–16)
+//! or matvec_rows.cu (the other layouts, 2–8 rows), matmul_tc.cu's 128×128 tensor-core tiles
+//! (f16 operands, f32 accumulation) for more rows, and from GEMM_MIN_ROWS rows cuBLAS on the
+//! weight dequantized into f16 scratch, where it loads (else the tiles); matmul.cu's 64×64 f32
+//! tiles otherwise; and the decode-only gated pair (`Op::GatedMatMul`) on matvec.cu.
 
 use super::elementwise::unary_code;
 use super::norm::{rms_norm_rows, RmsNormRows};
@@ -90,24 +91,36 @@ const MATMUL_TC_STEP: usize = 64;
 /// Fewer rows leave most of a 128-row tensor-core tile idle; the f32 tiles then do as well and
 /// keep f32 operands (the MoE experts' tiles).
 pub(super) const MATMUL_TC_MIN_ROWS: usize = 17;
-/// Up to this many rows of x (a short prompt) the product runs on matvec_rows.cu where it reads
-/// the weight, from one more on the tensor-core tiles. The tiles cost about the same for any
-/// row count up to 128, matvec_rows.cu about a decode matvec for each row of x: H200,
-/// 2026-11-28, prefill tok/s of matvec_rows.cu against the tiles (at 24 and 32 rows) and the
-/// f32 tiles before: 8B MLX 4-bit at 2 / 4 / 8 / 16 rows 194 / 382 / 451 / 482 (f32 tiles 28 /
-/// 44 / 107 / 210; the tensor-core tiles at 24 and 32 rows 995 and 1,500); 1B 850 / 1,671 /
-/// 2,267 / 2,786 (121 / 190 / 467 / 907; tiles 5,067 and 6,793).
+/// Up to this many rows of x (a short prompt) the layouts without a short tensor-core kernel
+/// (MLX 2/3/5/6-bit, the other ggml types, dense) run on matvec_rows.cu where it reads the
+/// weight, from one more on the tensor-core tiles. The tiles cost about the same for any row
+/// count up to 128, matvec_rows.cu about a decode matvec for each row of x: H200, 2026-11-28,
+/// prefill tok/s of matvec_rows.cu against the tiles (at 24 and 32 rows) and the f32 tiles
+/// before, measured on MLX 4-bit before it had its short kernels: 8B at 2 / 4 / 8 / 16 rows 194 /
+/// 382 / 451 / 482 (f32 tiles 28 / 44 / 107 / 210; the tensor-core tiles at 24 and 32 rows 995
+/// and 1,500); 1B 850 / 1,671 / 2,267 / 2,786 (121 / 190 / 467 / 907; tiles 5,067 and 6,793).
 const MATVEC_ROWS_MAX: usize = 8;
+/// Up to this many rows the staged-f16 layouts take their short kernels (an A fragment's 16
+/// rows: `matmul_tcq_rows_mlx*`, `matmul_tcq16_*`), from one more the ring or cuBLAS.
+const MATMUL_TCQ_ROWS_MAX: usize = 16;
+/// Up to this many rows MLX 4/8-bit weights take `matmul_tcq_rows32_mlx*` (two A fragments)
+/// from one more than MATMUL_TCQ_ROWS_MAX, from one more cuBLAS (matmul_tc.cu has the numbers).
+const MATMUL_TCQ_ROWS32_MAX: usize = 32;
 /// matvec_rows.cu's shape: weight rows a warp (MVR_ROWS) and rows of x a block (MV_XROWS).
 const MATVEC_ROWS_SHAPE: (usize, usize) = (4, 4);
-/// From this many rows the product goes through cuBLAS on a dequantized f16 copy of the weight
-/// (`dequant_gemm`), where cuBLAS loads: the copy's writes and reads cost less than the
-/// tensor-core tiles lose to cuBLAS's GEMMs. H200, 2026-11-28, prefill tok/s of the tiles
-/// against cuBLAS: at 192 rows (two row tiles, the second half empty) 8B MLX 4-bit 7,007 →
-/// 9,921, 1B 32,570 → 46,890, 8B Q4_K_M 6,642 → 10,273, Qwen3-0.6B 29,325 → 42,235; at 128 rows
-/// the tiles still win on the 8B (8,353 against 7,052; Q4_K_M 8,360 against 7,387); at 2,048
-/// rows 8B 13,442 → 27,381, 1B 82,369 → 144,359.
-const GEMM_MIN_ROWS: usize = 192;
+/// From this many rows (MLX 4/8-bit: from MATMUL_TCQ_ROWS32_MAX + 1) the product goes through
+/// cuBLAS on a dequantized f16 copy of the weight (`dequant_gemm`), where cuBLAS loads
+/// (`CudaOptions::cublas`): the copy's writes and reads cost less than the tensor-core tiles
+/// lose to cuBLAS's GEMMs, whose tiles suit a few rows as well. H200, 2026-11-28, prefill tok/s
+/// of the tiles against cuBLAS, the forty-third session: at 17 / 32 / 64 rows 8B MLX 4-bit 749
+/// / 1,425 / 3,344 → 1,429 / 2,638 / 5,065, 1B 3,413 / 7,399 / 15,089 → 6,024 / 11,528 /
+/// 21,899, 8B Q4_K_M 734 / 1,512 / 3,355 → 1,458 / 2,706 / 5,248; the forty-second session at
+/// 96 / 128 / 160 rows 8B MLX 4-bit 6,251 / 8,597 / 5,284 → 7,372 / 9,614 / 11,383, 1B 25,408
+/// / 31,261 / 22,946 → 30,895 / 40,172 / 47,874, Qwen3-30B-A3B MLX 4-bit (attention
+/// projections) 4,512 / 5,035 / 5,657 → 4,822 / 5,364 / 6,522 (at 128 rows the tiles had won in
+/// the thirty-seventh, before the copy's stores were coalesced); at 2,048 rows 8B 13,442 →
+/// 27,381, 1B 82,369 → 144,359.
+const GEMM_MIN_ROWS: usize = 17;
 pub(super) fn register(reg: &mut Registry<Planner>) {
     for layout in WeightLayout::all() {
         reg.insert("matmul", &layout.variant(), DType::F32, matmul);
@@ -185,8 +198,32 @@ fn matmul(
         };
         return plan.plain(lib, &weight, (k, n), bias, device_ptr(out)?, half);
     } else {
-        // Short prompts: the weights read about once for every 4 rows of x (matvec_rows.cu).
-        let rows_ready = (2..=MATVEC_ROWS_MAX).contains(&m) && matvec_reads(&weight, k)?;
+        // Short prompts (2–16 rows): the staged-f16 layouts on tensor cores (MLX 4/8-bit on
+        // `matmul_tcq_rows_*`, the ggml ones on `matmul_tcq16_*`), other layouts with the weights
+        // read about once for every 4 rows of x (matvec_rows.cu, 2–8 rows).
+        let short = (2..=MATMUL_TCQ_ROWS_MAX).contains(&m);
+        let staged_layout = matches!(
+            weight,
+            Weight::Mlx { bits: 4 | 8, .. }
+                | Weight::Ggml {
+                    ty: GgmlType::Q4_0
+                        | GgmlType::Q4_1
+                        | GgmlType::Q5_0
+                        | GgmlType::Q5_1
+                        | GgmlType::Q8_0
+                        | GgmlType::Q4K
+                        | GgmlType::Q5K
+                        | GgmlType::Q6K,
+                    ..
+                }
+        );
+        let tc_rows = match short && staged_layout {
+            true => 2,
+            false => MATVEC_ROWS_MAX + 1,
+        };
+        let tensor_cores = tensor_core_tiles((m, k), device_ptr(x)?, &weight, tc_rows);
+        let rows_ready =
+            m <= MATVEC_ROWS_MAX && short && !tensor_cores && matvec_reads(&weight, k)?;
         if rows_ready && device_ptr(x)? % 16 == 0 {
             let x = device_ptr(x)?;
             return Ok(CudaKernel::single(matvec_rows(
@@ -198,10 +235,13 @@ fn matmul(
                 device_ptr(out)?,
             )?));
         }
-        let tc_rows = MATVEC_ROWS_MAX + 1;
-        let tensor_cores = tensor_core_tiles((m, k), device_ptr(x)?, &weight, tc_rows);
+        // MLX 4/8-bit weights of 2–32 rows take the short kernels, which address the weight's
+        // words and groups with 32-bit offsets.
+        let mlx_rows = (2..=MATMUL_TCQ_ROWS32_MAX).contains(&m)
+            && matches!(weight, Weight::Mlx { bits: bits @ (4 | 8), .. }
+                if n * (k / 32) * bits as usize <= u32::MAX as usize);
         // (cuBLAS is loaded only when a prompt this long first comes.)
-        let blas = (tensor_cores && m >= GEMM_MIN_ROWS)
+        let blas = (tensor_cores && m >= GEMM_MIN_ROWS && !mlx_rows)
             .then(|| lib.cublas())
             .flatten();
         if let Some(blas) = blas {
@@ -222,9 +262,18 @@ fn matmul(
         ) = (tensor_cores && staged_offsets_fit, &weight)
         {
             let order = if *bits == 4 { TCQ_MLX4 } else { TCQ_BYTES };
-            let name = format!("matmul_tcq_mlx{bits}");
-            let shared = tcq_shared_bytes(*bits);
-            return tcq_matmul(lib, x, order, (&name, shared), (n, bias), out, |xh, dst| {
+            // (Short kernels: blocks resident an SM, their launch bounds.)
+            let (name, shared, short) = match (mlx_rows, short) {
+                (true, true) => (format!("matmul_tcq_rows_mlx{bits}"), 0, Some(2)),
+                (true, false) => (format!("matmul_tcq_rows32_mlx{bits}"), 0, Some(1)),
+                (false, _) => (
+                    format!("matmul_tcq_mlx{bits}"),
+                    tcq_shared_bytes(*bits),
+                    None,
+                ),
+            };
+            let kernel = (name.as_str(), shared, short);
+            return tcq_matmul(lib, x, order, kernel, (n, bias), out, |xh, dst| {
                 Ok(Args::new()
                     .u64(xh)
                     .ptr(w)?
@@ -255,13 +304,18 @@ fn matmul(
             };
             if let Some(order) = order.filter(|_| k.is_multiple_of(MATMUL_TC_STEP)) {
                 if device_ptr(data)? % align == 0 {
-                    let name = format!("matmul_tcq_{}", ty.name());
+                    let prefix = if short {
+                        "matmul_tcq16_"
+                    } else {
+                        "matmul_tcq_"
+                    };
+                    let name = format!("{prefix}{}", ty.name());
                     let shared = tcq_ggml_shared_bytes(*ty);
                     return tcq_matmul(
                         lib,
                         x,
                         order,
-                        (&name, shared),
+                        (&name, shared, short.then_some(2)),
                         (n, bias),
                         out,
                         |xh, dst| {
@@ -441,6 +495,19 @@ fn tc_k_splits(lib: &KernelLibrary, (m, k, n): (usize, usize, usize)) -> usize {
     tcq_k_splits(tiles, k.div_ceil(MATMUL_TC_STEP), lib.sm_count())
 }
 
+/// Steps of k a split of a short prompt's kernel takes at the least: two for each warp half.
+const SHORT_SPLIT_MIN_STEPS: usize = 4;
+
+/// Splits of k for a short prompt's kernel (`matmul_tcq_rows*`, `matmul_tcq16_*`: one row of
+/// `tiles` 128-column blocks) up to the blocks the GPU holds at once (`resident`): those
+/// kernels stream weights through registers or a ring, so the bytes in flight scale with the
+/// blocks resident, and the partial slices of a few rows cost little.
+fn short_k_splits(tiles: usize, steps: usize, resident: usize) -> usize {
+    (resident / tiles.max(1))
+        .min(steps / SHORT_SPLIT_MIN_STEPS)
+        .max(1)
+}
+
 /// Columns of k a split of matmul.cu's f32 tiles takes at the least: a 64×64 tile does 4,096
 /// FMAs a column of k, so even short splits repay their partial tile's write and read.
 const F32_SPLIT_MIN_COLUMNS: usize = 128;
@@ -468,13 +535,17 @@ fn tcq_matmul(
     lib: &KernelLibrary,
     x: &Tensor,
     order: i32,
-    (name, shared): (&str, u32),
+    (name, shared, short): (&str, u32, Option<usize>),
     (n, bias): (usize, Bias),
     out: &Tensor,
     args: impl Fn(u64, u64) -> Result<Args>,
 ) -> Result<CudaKernel> {
     let (m, k) = (x.rows(), x.last_dim());
-    let splits = tc_k_splits(lib, (m, k, n));
+    let steps = k.div_ceil(MATMUL_TC_STEP);
+    let splits = match short {
+        Some(per_sm) => short_k_splits(n.div_ceil(MATMUL_TC_TILE), steps, per_sm * lib.sm_count()),
+        None => tc_k_splits(lib, (m, k, n)),
+    };
     let partial_bytes = if splits > 1 { splits * m * n * 4 } else { 0 };
     let staged = StagedX::new(lib, x, order, partial_bytes)?;
     let dst = if splits > 1 {
@@ -1568,6 +1639,29 @@ mod tests {
         ] {
             assert_eq!(
                 tcq_k_splits(tiles, steps, 132),
+                want,
+                "{tiles} tiles, {steps} steps"
+            );
+        }
+    }
+
+    #[test]
+    fn short_prompts_split_k_to_two_blocks_an_sm() {
+        // (tiles, steps, splits) on 132 SMs, two blocks an SM: Llama-3.1-8B's q (32 tiles, 64
+        // steps) into 8 (256 blocks), its k/v (8 tiles) into 16 of 4 steps, gate/up (112 tiles)
+        // into 2, down (224 steps) into 8; Llama-3.2-1B's q (16 tiles, 32 steps) into 8; a split
+        // keeps 4 steps.
+        for (tiles, steps, want) in [
+            (32, 64, 8),
+            (8, 64, 16),
+            (112, 64, 2),
+            (32, 224, 8),
+            (16, 32, 8),
+            (1002, 64, 1),
+            (4, 3, 1),
+        ] {
+            assert_eq!(
+                short_k_splits(tiles, steps, 264),
                 want,
                 "{tiles} tiles, {steps} steps"
             );

@@ -254,6 +254,42 @@ __device__ __forceinline__ void tcq_row_copies(Copy copy) {
     }
 }
 
+// The short kernels' outputs: acc[i][j][2h + e] is x row 16i + g + 8h, weight row n0 + wn + 8j +
+// 2t + e, for RF fragments of 16 rows; the second warp half's sums (wm = 64) are added to the
+// first's through shared memory, which stores them (inside m and n; split: slice z, no bias).
+template <int RF>
+__device__ __forceinline__ void store_rows(const float (*acc)[4][4], const TcqThread& at,
+                                           const void* __restrict__ bias, int bias_type,
+                                           float* __restrict__ out, int m, int n) {
+    __shared__ float upper[4][32][16 * RF];
+    const int group = at.wn / 32;
+    if (at.wm) {
+#pragma unroll
+        for (int i = 0; i < RF; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) upper[group][at.lane][16 * i + 4 * j + e] = acc[i][j][e];
+    }
+    __syncthreads();
+    if (at.wm) return;
+    const bool split = gridDim.z > 1;
+    float* dst = out + (split ? (i64)blockIdx.z * m * n : 0);
+#pragma unroll
+    for (int i = 0; i < RF; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int x_row = 16 * i + at.g + 8 * (e >> 1);
+                const int row = at.n0 + at.wn + 8 * j + 2 * at.t + (e & 1);
+                if (x_row >= m || row >= n) continue;
+                const float v = acc[i][j][e] + upper[group][at.lane][16 * i + 4 * j + e];
+                dst[(i64)x_row * n + row] =
+                    !split && bias ? v + load_float(bias, row, bias_type) : v;
+            }
+}
+
 // The k loop of the staged-f16 kernels: a cp.async ring of L::STAGES slots of L::BYTES, each an
 // x tile (128 rows × TC_LD halves) and then the layout's bytes of a 64-column step, and the
 // tile's store. The layout L = layout(at) issues a step's weight copies (`load`), reads a slot's
@@ -261,7 +297,11 @@ __device__ __forceinline__ void tcq_row_copies(Copy copy) {
 // (`fragments`). Launch: 256 threads, grid (ceil(n/128), ceil(m/128), k splits),
 // L::STAGES·L::BYTES bytes of dynamic shared memory; xh from `stage_x_f16` with rows of kp (k
 // rounded up to the step), in the layout's order, and m·kp < 2^32.
-template <class Layout>
+// SHORT (`matmul_tcq16_*`, 2–16 rows of x): no x tile; the two warp halves take chunks 0–1 and
+// 2–3 of each step, their A fragments (x rows g and g + 8, rows past m repeating m − 1) read
+// from the staged x through L1, and the halves' sums meet in shared memory at the end. Grid
+// (ceil(n/128), 1, k splits).
+template <bool SHORT = false, class Layout>
 __device__ __forceinline__ void tcq_ring(Layout layout, const u16* __restrict__ xh,
                                          const void* __restrict__ bias, int bias_type,
                                          float* __restrict__ out, int m, int n, int kp) {
@@ -281,7 +321,7 @@ __device__ __forceinline__ void tcq_ring(Layout layout, const u16* __restrict__ 
 #pragma unroll
     for (int s = 0; s < L::STAGES - 1; ++s) {
         if (begin + s < end) {
-            tcq_load_x(smem + s * L::BYTES, xh, xoff, (begin + s) * TC_BK);
+            if constexpr (!SHORT) tcq_load_x(smem + s * L::BYTES, xh, xoff, (begin + s) * TC_BK);
             l.load(smem + s * L::BYTES, (begin + s) * TC_BK);
         }
         cp_async_commit();
@@ -293,7 +333,7 @@ __device__ __forceinline__ void tcq_ring(Layout layout, const u16* __restrict__ 
         __syncthreads();  // the step's copies are visible; the slot refilled below is free
         if (step + L::STAGES - 1 < end) {
             const int k0 = (step + L::STAGES - 1) * TC_BK;
-            tcq_load_x(smem + fill * L::BYTES, xh, xoff, k0);
+            if constexpr (!SHORT) tcq_load_x(smem + fill * L::BYTES, xh, xoff, k0);
             l.load(smem + fill * L::BYTES, k0);
         }
         cp_async_commit();
@@ -304,20 +344,39 @@ __device__ __forceinline__ void tcq_ring(Layout layout, const u16* __restrict__ 
         slot = slot + 1 == L::STAGES ? 0 : slot + 1;
         typename L::Step st;
         l.prepare(s, step, st);
+        if constexpr (SHORT) {
+            // This thread's A rows of x (as u32 pairs) at the step; its warp half's chunks.
+            const u16* xs = xh + step * TC_BK;
+            const u32* x0 = (const u32*)(xs + (i64)min(at.g, m - 1) * kp);
+            const u32* x8 = (const u32*)(xs + (i64)min(at.g + 8, m - 1) * kp);
+            const int half = at.wm ? 1 : 0;
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            u32 b[4][2];
-            l.fragments(st, s, c, b);
+            for (int c = 0; c < 4; ++c) {
+                if ((c >> 1) != half) continue;  // warp-uniform; c stays a constant
+                u32 b[4][2];
+                l.fragments(st, s, c, b);
+                const u32 a[4] = {x0[8 * c + at.t], x8[8 * c + at.t], x0[8 * c + at.t + 4],
+                                  x8[8 * c + at.t + 4]};
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                u32 a[4];
-                ldmatrix_x4_at(a, sa + a_off + i * 16 * TC_LD * 2 + c * 32);
+                for (int j = 0; j < 4; ++j) mma_f16(acc[0][j], a, b[j]);
+            }
+        } else {
 #pragma unroll
-                for (int j = 0; j < 4; ++j) mma_f16(acc[i][j], a, b[j]);
+            for (int c = 0; c < 4; ++c) {
+                u32 b[4][2];
+                l.fragments(st, s, c, b);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    u32 a[4];
+                    ldmatrix_x4_at(a, sa + a_off + i * 16 * TC_LD * 2 + c * 32);
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) mma_f16(acc[i][j], a, b[j]);
+                }
             }
         }
     }
-    store_tile_split(acc, bias, bias_type, out, m, n);
+    if constexpr (SHORT) store_rows<1>(acc, at, bias, bias_type, out, m, n);
+    else store_tile_split(acc, bias, bias_type, out, m, n);
 }
 
 // MLX affine weights on the ring: a step is 64 columns of BITS-bit words (8·BITS bytes a row)
@@ -428,6 +487,180 @@ struct TcqMlx : Tcq<BITS> {
     }
 MATMUL_TCQ_MLX(4)
 MATMUL_TCQ_MLX(8)
+
+// Short prompts (2–32 rows of x) of MLX 4- and 8-bit weights on tensor cores, where the ring's
+// 128-row x tile would be mostly empty: x (staged as for the ring, rows past m repeating row
+// m − 1) is the A operand, RF fragments of 16 rows (`matmul_tcq_rows_*` RF = 1 for 2–16 rows,
+// `matmul_tcq_rows32_*` RF = 2 for 17–32; a last fragment's rows 8–15 zero and not loaded
+// where m leaves them empty); a weight row is a column of B. Each of the 8 warps owns 32
+// weight rows (4 n8 blocks: rows n0 + 32·(w%4) + 8j + g) and every other step of the block's
+// steps (w/4); each thread loads its B fragments' raw words, scales and biases straight from
+// global memory (no shared tile: every weight is read by one thread once) into a register
+// ring D steps ahead of their mma, the scale and bias bits converted only when used (a
+// conversion at the load would wait for it), and its A fragments from the staged x, which
+// L1 and L2 serve to all warps. Weights become f16 as in the ring (`tcq_fragment`), so a
+// weight costs ~1.5 ALU instructions whatever the rows of x, where matvec_rows.cu pays a
+// multiply-add for every row. Launch: 256 threads, two blocks an SM for RF = 1 (one for
+// RF = 2, whose accumulators need the registers), grid (ceil(n/128), 1, k splits); split:
+// partial slices as `store_tile_split`'s, summed by `splitk_sum`. H200, 2026-11-28, prefill
+// tok/s, this kernel's first form (one step ahead, scales converted at the load, the 128-row
+// tiles' splits) against this: 8B MLX 4-bit at 2 / 16 rows 306 / 2,056 → 378 / 2,354, 1B 690 / 7,585 →
+// 1,083 / 8,037; RF = 2 against cuBLAS at 17 / 24 / 32 rows: 8B 1,355 / 1,908 / 2,541 →
+// 2,199 / 2,729 / 3,241, 8-bit at 24 / 32 1,828 / 2,414 → 2,473 / 2,995. Loading a step's x a
+// step ahead as well (ring depth 3) gained nothing.
+template <int BITS>
+struct RowsTcStep {
+    u32 words[4][BITS / 2 > 2 ? 4 : 2];  // 4 bits: words 2t, 2t+1; 8 bits: 4t … 4t+3
+    u32 s[4], b[4];                      // raw scale and bias bits, converted when used
+};
+
+// Steps of the register ring a warp has in flight: 4 KB of weights a warp (4-bit: 32 rows of
+// 32 bytes a step).
+template <int BITS>
+__device__ constexpr int rows_tc_depth() {
+    return BITS == 4 ? 4 : 2;
+}
+
+__device__ __forceinline__ u32 load_raw_float(const void* p, i64 i, int ft) {
+    return ft == FT_F32 ? ((const u32*)p)[i] : ((const u16*)p)[i];
+}
+
+__device__ __forceinline__ float raw_float_bits(u32 r, int ft) {
+    return ft == FT_F16 ? f16_to_f32((u16)r) : __uint_as_float(ft == FT_BF16 ? r << 16 : r);
+}
+
+template <int BITS>
+__device__ __forceinline__ void rows_tc_load(const u32* w, const u32 (&wrow)[4],
+                                             const u32 (&grow)[4], const void* scales,
+                                             const void* biases, int st, int t, int gshift,
+                                             int k, int step, RowsTcStep<BITS>& p) {
+    const int k0 = step * TC_BK, col = k0 + 32 * (t >> 1);
+    const bool live = col < k;  // the unit past k (a last half step) reads zeros
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const u32* at = w + wrow[j] + (live ? k0 / 32 * BITS : 0);
+        if constexpr (BITS == 4) {
+            const uint2 v = live ? *(const uint2*)(at + 2 * t) : make_uint2(0, 0);
+            p.words[j][0] = v.x;
+            p.words[j][1] = v.y;
+        } else {
+            const uint4 v = live ? *(const uint4*)(at + 4 * t) : make_uint4(0, 0, 0, 0);
+            p.words[j][0] = v.x;
+            p.words[j][1] = v.y;
+            p.words[j][2] = v.z;
+            p.words[j][3] = v.w;
+        }
+        const u32 g = grow[j] + (col >> (5 + gshift));
+        p.s[j] = live ? load_raw_float(scales, g, st) : 0u;
+        p.b[j] = live ? load_raw_float(biases, g, st) : 0u;
+    }
+}
+
+// One step's mma: the A fragments of its 4 chunks from the staged x rows (xr[i][h]: rows
+// 16i + g + 8h; the last fragment's upper half zero unless `upper`), the B fragments from the
+// step's words.
+template <int BITS, int RF>
+__device__ __forceinline__ void rows_tc_step(const RowsTcStep<BITS>& p,
+                                             const u32* const (&xr)[RF][2], int off, bool upper,
+                                             int st, int t, float (&acc)[RF][4][4]) {
+    u32 s2[4], b2[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float s = raw_float_bits(p.s[j], st), b = raw_float_bits(p.b[j], st);
+        s2[j] = pack_f16x2(s, s);
+        b2[j] = pack_f16x2(b, b);
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        u32 b[4][2];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u32 v = BITS == 4 ? p.words[j][c >> 1] >> (8 * (c & 1)) : p.words[j][c];
+            tcq_fragment<BITS>(v, s2[j], b2[j], b[j]);
+        }
+#pragma unroll
+        for (int i = 0; i < RF; ++i) {
+            const u32 *lo = xr[i][0] + off + 8 * c, *hi = xr[i][1] + off + 8 * c;
+            const bool live = i + 1 < RF || upper;
+            const u32 a[4] = {lo[t], live ? hi[t] : 0u, lo[t + 4], live ? hi[t + 4] : 0u};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) mma_f16(acc[i][j], a, b[j]);
+        }
+    }
+}
+
+template <int BITS, int RF>
+__device__ __forceinline__ void matmul_tcq_rows(const u16* __restrict__ xh,
+                                                const u32* __restrict__ w, const void* scales,
+                                                const void* biases, int st,
+                                                const void* __restrict__ bias, int bias_type,
+                                                float* __restrict__ out, int m, int n, int k,
+                                                int gshift) {
+    constexpr int D = rows_tc_depth<BITS>();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int half = warp >> 2, n0 = blockIdx.x * TC_BN + 32 * (warp & 3);
+    const int kp = (k + TC_BK - 1) / TC_BK * TC_BK, groups = (k >> 5) >> gshift;
+    u32 wrow[4], grow[4];  // word and group offsets of the rows (matmul.rs keeps them 32-bit)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int row = min(n0 + 8 * j + g, n - 1);
+        wrow[j] = (u32)row * (k / 32) * BITS;
+        grow[j] = (u32)row * groups;
+    }
+    const u32* xr[RF][2];
+#pragma unroll
+    for (int i = 0; i < RF; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            xr[i][h] = (const u32*)(xh + (i64)min(16 * i + 8 * h + g, m - 1) * kp);
+    const bool upper = m > 16 * RF - 8;
+    int begin, end;
+    split_steps(kp / TC_BK, begin, end);
+    float acc[RF][4][4];
+#pragma unroll
+    for (int i = 0; i < RF; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    // A ring of D steps in registers (the warp's steps begin + half, + 2, …): a slot is
+    // refilled with the step D ahead as soon as its mma is issued. The first D steps' weights
+    // are requested before the wait for the kernel that staged x (no kernel writes weights).
+    RowsTcStep<BITS> ring[D];
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+        const int step = begin + half + 2 * d;
+        if (step < end)
+            rows_tc_load<BITS>(w, wrow, grow, scales, biases, st, t, gshift, k, step, ring[d]);
+    }
+    kernel_entry();
+    for (int base = begin + half; base < end; base += 2 * D) {
+#pragma unroll
+        for (int d = 0; d < D; ++d) {
+            const int step = base + 2 * d;
+            if (step >= end) break;
+            rows_tc_step<BITS, RF>(ring[d], xr, step * TC_BK / 2, upper, st, t, acc);
+            if (step + 2 * D < end)
+                rows_tc_load<BITS>(w, wrow, grow, scales, biases, st, t, gshift, k, step + 2 * D,
+                                   ring[d]);
+        }
+    }
+    store_rows<RF>(acc, TcqThread(), bias, bias_type, out, m, n);
+}
+
+// `matmul_tcq_rows_mlx*` (2–16 rows of x) and `matmul_tcq_rows32_mlx*` (17–32).
+#define MATMUL_TCQ_ROWS_MLX_KERNEL(NAME, BITS, RF)                                            \
+    extern "C" __global__ void __launch_bounds__(256, 3 - RF)                                 \
+        NAME(const u16* xh, const u32* w, const void* scales, const void* biases, int st,     \
+             const void* bias, int bias_type, float* out, int m, int n, int k,                \
+             int group_shift) {                                                               \
+        matmul_tcq_rows<BITS, RF>(xh, w, scales, biases, st, bias, bias_type, out, m, n, k,   \
+                                  group_shift);                                               \
+    }
+MATMUL_TCQ_ROWS_MLX_KERNEL(matmul_tcq_rows_mlx4, 4, 1)
+MATMUL_TCQ_ROWS_MLX_KERNEL(matmul_tcq_rows_mlx8, 8, 1)
+MATMUL_TCQ_ROWS_MLX_KERNEL(matmul_tcq_rows32_mlx4, 4, 2)
+MATMUL_TCQ_ROWS_MLX_KERNEL(matmul_tcq_rows32_mlx8, 8, 2)
 
 // ---------------------------------------------------------------------------------------------
 // ggml blocks of 32 elements (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) on the same ring. A 64-column step
@@ -561,14 +794,18 @@ struct TcqGgml : TcqRows {
 };
 
 // `matmul_tcq_NAME` for a ggml layout struct LAYOUT(thread, w, n, k) on the ring.
-#define MATMUL_TCQ_GGML(LAYOUT, NAME)                                                         \
+// (and, SHORT, `matmul_tcq16_NAME`)
+#define MATMUL_TCQ_GGML_KERNEL(PREFIX, SHORT, LAYOUT, NAME)                                   \
     extern "C" __global__ void __launch_bounds__(256, 2)                                      \
-        matmul_tcq_##NAME(const u16* xh, const u8* w, const void* bias, int bias_type,        \
-                          float* out, int m, int n, int k) {                                  \
+        PREFIX##NAME(const u16* xh, const u8* w, const void* bias, int bias_type, float* out, \
+                     int m, int n, int k) {                                                   \
         kernel_entry();                                                                       \
         const auto layout = [&](const TcqThread& at) { return LAYOUT(at, w, n, k); };         \
-        tcq_ring(layout, xh, bias, bias_type, out, m, n, k);                                  \
+        tcq_ring<SHORT>(layout, xh, bias, bias_type, out, m, n, k);                           \
     }
+#define MATMUL_TCQ_GGML(LAYOUT, NAME)                                                         \
+    MATMUL_TCQ_GGML_KERNEL(matmul_tcq_, false, LAYOUT, NAME)                                  \
+    MATMUL_TCQ_GGML_KERNEL(matmul_tcq16_, true, LAYOUT, NAME)
 MATMUL_TCQ_GGML(TcqGgml<TCQ_GGML_Q4_0>, q4_0)
 MATMUL_TCQ_GGML(TcqGgml<TCQ_GGML_Q4_1>, q4_1)
 MATMUL_TCQ_GGML(TcqGgml<TCQ_GGML_Q5_0>, q5_0)
