@@ -444,8 +444,8 @@ impl Session {
         }
         stats.decode_time = t1.elapsed();
         stats.generated_tokens = out.len();
-        // The steps fed every new token but the last at the positions after the prompt.
-        self.cached = prompt.to_vec();
+        // The steps fed every new token but the last at the positions after the prompt (the
+        // prefill left `cached` holding the prompt, which the steps past it keep).
         self.cached.extend_from_slice(&out[..out.len() - 1]);
         if opts.use_graph {
             stats.dispatches_per_token = self.dispatches_per_token();

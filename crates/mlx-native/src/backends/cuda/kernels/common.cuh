@@ -190,6 +190,13 @@ __device__ __forceinline__ float load_float(const void* p, i64 i, int ft) {
     }
 }
 
+// Block z's share of a loop of `steps` split over the grid's z (split-K): steps [begin, end).
+__device__ __forceinline__ void split_steps(int steps, int& begin, int& end) {
+    const int per = (steps + gridDim.z - 1) / gridDim.z;
+    begin = min(steps, (int)blockIdx.z * per);
+    end = min(steps, begin + per);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);

@@ -480,12 +480,17 @@ const SPLIT_K_LONG_STEPS: usize = 128;
 /// rows, 128 tiles of 224 steps, gained).
 fn tcq_k_splits(tiles: usize, steps: usize, sm_count: usize) -> usize {
     let idle = tiles <= sm_count / 2 || (tiles < sm_count && steps >= SPLIT_K_LONG_STEPS);
-    if !idle {
-        return 1;
+    match idle {
+        true => splits_to_fill(tiles, steps / SPLIT_K_MIN_STEPS, 2 * sm_count),
+        false => 1,
     }
-    (2 * sm_count / tiles.max(1))
-        .min(steps / SPLIT_K_MIN_STEPS)
-        .max(1)
+}
+
+/// Splits of k that bring `tiles` output blocks up to `resident` blocks (the GPU's at once),
+/// at most `most` (the splits the k loop allows) and at least one: the split-K rule of every
+/// tiled kernel here, each with its own test of whether it splits at all.
+fn splits_to_fill(tiles: usize, most: usize, resident: usize) -> usize {
+    (resident / tiles.max(1)).min(most).max(1)
 }
 
 /// `tcq_k_splits` of a tensor-core prefill matmul of x `[m, k]` into `[m, n]`: its 128×128
@@ -503,9 +508,7 @@ const SHORT_SPLIT_MIN_STEPS: usize = 4;
 /// kernels stream weights through registers or a ring, so the bytes in flight scale with the
 /// blocks resident, and the partial slices of a few rows cost little.
 fn short_k_splits(tiles: usize, steps: usize, resident: usize) -> usize {
-    (resident / tiles.max(1))
-        .min(steps / SHORT_SPLIT_MIN_STEPS)
-        .max(1)
+    splits_to_fill(tiles, steps / SHORT_SPLIT_MIN_STEPS, resident)
 }
 
 /// Columns of k a split of matmul.cu's f32 tiles takes at the least: a 64×64 tile does 4,096
@@ -518,12 +521,10 @@ const F32_SPLIT_MIN_COLUMNS: usize = 128;
 /// H200, 2026-11-28, the Q4_K_M mix's prefill of 128 tokens: 2,895 → 3,566 tok/s split.
 fn f32_k_splits(sm_count: usize, (m, k, n): (usize, usize, usize)) -> usize {
     let tiles = n.div_ceil(MATMUL_TILE) * m.div_ceil(MATMUL_TILE);
-    if tiles > sm_count / 2 {
-        return 1;
+    match tiles > sm_count / 2 {
+        true => 1,
+        false => splits_to_fill(tiles, k / F32_SPLIT_MIN_COLUMNS, 2 * sm_count),
     }
-    (2 * sm_count / tiles.max(1))
-        .min(k / F32_SPLIT_MIN_COLUMNS)
-        .max(1)
 }
 
 /// The launches of `matmul_tcq_*` kernel `name` (with `shared` bytes of dynamic shared

@@ -4,13 +4,8 @@
 // threads, grid (ceil(n/128), ceil(m/128), k splits).
 
 // Split-K (grid z > 1, where the output tiles fill too few SMs: short prompts): block z takes
-// steps [begin, end) of the k loop and stores its partial tile, without the bias, as slice z
-// of `out` [gridDim.z][m][n]; `splitk_sum` adds the slices in order.
-__device__ __forceinline__ void split_steps(int steps, int& begin, int& end) {
-    const int per = (steps + gridDim.z - 1) / gridDim.z;
-    begin = min(steps, (int)blockIdx.z * per);
-    end = min(steps, begin + per);
-}
+// steps [begin, end) of the k loop (`split_steps`, common.cuh) and stores its partial tile,
+// without the bias, as slice z of `out` [gridDim.z][m][n]; `splitk_sum` adds the slices in order.
 
 // Stores a block's 128×128 tile (+ bias), inside m and n.
 __device__ __forceinline__ void store_tile(const float (&acc)[4][4][4],
@@ -617,12 +612,7 @@ __device__ __forceinline__ void matmul_tcq_rows(const u16* __restrict__ xh,
     int begin, end;
     split_steps(kp / TC_BK, begin, end);
     float acc[RF][4][4];
-#pragma unroll
-    for (int i = 0; i < RF; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    tc_zero(acc);
     // A ring of D steps in registers (the warp's steps begin + half, + 2, …): a slot is
     // refilled with the step D ahead as soon as its mma is issued. The first D steps' weights
     // are requested before the wait for the kernel that staged x (no kernel writes weights).

@@ -21,16 +21,12 @@
         const MlxAffine<BITS> l{w, scales, biases, ST, k, group_shift};                            \
         matvec<MVR_ROWS, 1, false, false, MlxAffine<BITS>, false, MV_XROWS>(MVR_ARGS(l));          \
     }
-#define MATVEC_ROWS_MLX_ALL_TYPES(BITS)                                                            \
-    MATVEC_ROWS_MLX_KERNEL(BITS, FT_F32, f32)                                                      \
-    MATVEC_ROWS_MLX_KERNEL(BITS, FT_F16, f16)                                                      \
-    MATVEC_ROWS_MLX_KERNEL(BITS, FT_BF16, bf16)
-MATVEC_ROWS_MLX_ALL_TYPES(2)
-MATVEC_ROWS_MLX_ALL_TYPES(3)
-MATVEC_ROWS_MLX_ALL_TYPES(4)
-MATVEC_ROWS_MLX_ALL_TYPES(5)
-MATVEC_ROWS_MLX_ALL_TYPES(6)
-MATVEC_ROWS_MLX_ALL_TYPES(8)
+MLX_SCALE_TYPES(MATVEC_ROWS_MLX_KERNEL, 2)
+MLX_SCALE_TYPES(MATVEC_ROWS_MLX_KERNEL, 3)
+MLX_SCALE_TYPES(MATVEC_ROWS_MLX_KERNEL, 4)
+MLX_SCALE_TYPES(MATVEC_ROWS_MLX_KERNEL, 5)
+MLX_SCALE_TYPES(MATVEC_ROWS_MLX_KERNEL, 6)
+MLX_SCALE_TYPES(MATVEC_ROWS_MLX_KERNEL, 8)
 
 #define MATVEC_ROWS_GGML_KERNEL(TYPE, NAME)                                                        \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MVR_MIN_BLOCKS)                    \
