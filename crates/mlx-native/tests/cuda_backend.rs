@@ -1600,7 +1600,8 @@ fn matmul_every_layout() {
 /// weight rows, short and long k (1 to 4 warps sharing a row group); MLX 4/8-bit and the ggml
 /// blocks at 2–16 rows on their short staged-f16 kernels (`matmul_tcq_rows_mlx*` or
 /// `matmul_tcq16_*`; and a last half step: k = 1,312 in groups of 32, 300 rows in three blocks;
-/// A rows 8–15 loaded past 8 rows), MLX 4/8-bit at 17–32 on `matmul_tcq_rows32_mlx*`; 9 and 16
+/// A rows 8–15 loaded past 8 rows; k split until a block's range of x fits its shared memory),
+/// MLX 4/8-bit at 17–32 on `matmul_tcq_rows32_mlx*`; 9 and 16
 /// rows of the other layouts on the tensor-core tiles (f32 weights on the f32 tiles), 17–32 on
 /// cuBLAS. And matmul.cu's f32 tiles split in k where they would leave SMs idle: f32 weights at
 /// 20 rows (one tile; k = 640 in 5 splits of 128 columns, summed in order).
@@ -1610,8 +1611,13 @@ fn matmul_short_prompts_every_layout() {
     let mut rng = Rng(31);
     // Up to 16 rows the short kernels; 17–32 MLX 4/8-bit `matmul_tcq_rows32_*` (its second
     // fragment's upper half empty up to 24 rows), the other layouts cuBLAS.
+    // 70 × 4,352 is past 2^18 weights: 2 rows of the decode kernel's layouts run on it
+    // (`matvec_tc_x2_*`), 3–4 rows of MLX 4/8-bit too (`matvec_tc_x4_*`).
     let shapes = [
         (37, 256, 2),
+        (70, 4352, 2),
+        (70, 4352, 3),
+        (70, 4352, 4),
         (37, 1280, 5),
         (70, 4352, 8),
         (70, 1280, 9),
@@ -1628,7 +1634,22 @@ fn matmul_short_prompts_every_layout() {
     for (bits, st) in [(4, DType::BF16), (8, DType::F32)] {
         let w = mlx_weight(&mut rng, 300, 1312, bits, 32, st);
         check_matmul(&dev, &mut rng, &w, 7, bits == 4);
+        // Two to four rows on the decode kernel (`matvec_tc_x2_*`, `matvec_tc_x4_*`: matrices
+        // of 2^18 weights and more; 3 rows with the third repeated as the fourth, not stored).
+        check_matmul(&dev, &mut rng, &w, 2, bits == 8);
+        check_matmul(&dev, &mut rng, &w, 3, bits == 4);
     }
+    for bits in [4, 8] {
+        let w = mlx_weight(&mut rng, 520, 2048, bits, 64, DType::F16);
+        check_matmul(&dev, &mut rng, &w, 2, true);
+        check_matmul(&dev, &mut rng, &w, 4, false);
+    }
+    // 133 tiles of 128 columns take every block the GPU holds unsplit, and 58 steps of 12 rows
+    // of x (k = 3,712) fill more shared memory than a block of `matmul_tcq_rows_*` has: it
+    // splits k so that its range of x fits; 24 rows on `matmul_tcq_rows32_*` unsplit.
+    let w = mlx_weight(&mut rng, 16_900, 3712, 4, 64, DType::F16);
+    check_matmul(&dev, &mut rng, &w, 12, false);
+    check_matmul(&dev, &mut rng, &w, 24, true);
     let w = dense_weight(&mut rng, 45, 640, DType::F32);
     check_matmul(&dev, &mut rng, &w, 20, true);
 }

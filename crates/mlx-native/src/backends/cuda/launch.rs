@@ -436,6 +436,23 @@ impl KernelLibrary {
         Ok(f)
     }
 
+    /// The dynamic shared memory a block of `threads` threads of kernel `name` can take with
+    /// `blocks` such blocks resident an SM (its static shared memory and the SM's reserve
+    /// accounted for).
+    pub fn shared_budget(
+        &self,
+        source: &'static Source,
+        name: &str,
+        blocks: u32,
+        threads: u32,
+    ) -> Result<usize> {
+        self.function(source, name)?
+            .occupancy_available_dynamic_smem_per_block(blocks, threads)
+            .map_err(driver_err(&format!(
+                "{name}: shared memory for {blocks} blocks an SM"
+            )))
+    }
+
     /// A launch of kernel `name` of `source` with `shared` bytes of dynamic shared memory.
     pub fn launch(
         &self,

@@ -81,6 +81,9 @@ const SIMT_MAX_WEIGHTS: usize = (1 << 18) - 1;
 /// up to ~50,000 elements, ~17,000 behind a folded norm (the launch raises the block's limit
 /// past the default 48 KB).
 const MATVEC_TC_MAX_SHARED: usize = 100 << 10;
+/// The most dynamic shared memory of the few-row kernels (`matvec_tc_rows`: four rows of x of
+/// k = 14,336 take 129 KB); one block an SM.
+const MATVEC_TC_ROWS_MAX_SHARED: usize = 200 << 10;
 /// MM_BM = MM_BN, 256 threads (matmul.cu).
 const MATMUL_TILE: usize = 64;
 const MATMUL_THREADS: u32 = 256;
@@ -201,22 +204,32 @@ fn matmul(
         // Short prompts (2–16 rows): the staged-f16 layouts on tensor cores (MLX 4/8-bit on
         // `matmul_tcq_rows_*`, the ggml ones on `matmul_tcq16_*`), other layouts with the weights
         // read about once for every 4 rows of x (matvec_rows.cu, 2–8 rows).
+        if let Some(kernel) = matvec_tc_rows(lib, &weight, x, (m, k, n), bias, out)? {
+            return Ok(kernel);
+        }
         let short = (2..=MATMUL_TCQ_ROWS_MAX).contains(&m);
-        let staged_layout = matches!(
-            weight,
-            Weight::Mlx { bits: 4 | 8, .. }
-                | Weight::Ggml {
-                    ty: GgmlType::Q4_0
-                        | GgmlType::Q4_1
-                        | GgmlType::Q5_0
-                        | GgmlType::Q5_1
-                        | GgmlType::Q8_0
-                        | GgmlType::Q4K
-                        | GgmlType::Q5K
-                        | GgmlType::Q6K,
-                    ..
-                }
-        );
+        // (Rows the ggml kernels below take: whole 64-column steps, Q6_K rows of k % 2,048;
+        // other rows of these layouts keep matvec_rows.cu, as the generic tiles' empty rows
+        // would cost more.)
+        let whole_steps = k.is_multiple_of(MATMUL_TC_STEP);
+        let staged_layout = match weight {
+            Weight::Mlx { bits: 4 | 8, .. } => true,
+            Weight::Ggml {
+                ty: GgmlType::Q6K, ..
+            } => k.is_multiple_of(2048),
+            Weight::Ggml {
+                ty:
+                    GgmlType::Q4_0
+                    | GgmlType::Q4_1
+                    | GgmlType::Q5_0
+                    | GgmlType::Q5_1
+                    | GgmlType::Q8_0
+                    | GgmlType::Q4K
+                    | GgmlType::Q5K,
+                ..
+            } => whole_steps,
+            _ => false,
+        };
         let tc_rows = match short && staged_layout {
             true => 2,
             false => MATVEC_ROWS_MAX + 1,
@@ -264,11 +277,19 @@ fn matmul(
             let order = if *bits == 4 { TCQ_MLX4 } else { TCQ_BYTES };
             // (Short kernels: blocks resident an SM, their launch bounds.)
             let (name, shared, short) = match (mlx_rows, short) {
-                (true, true) => (format!("matmul_tcq_rows_mlx{bits}"), 0, Some(2)),
-                (true, false) => (format!("matmul_tcq_rows32_mlx{bits}"), 0, Some(1)),
+                (true, true) => (
+                    format!("matmul_tcq_rows_mlx{bits}"),
+                    TcqShared::XRange(16),
+                    Some(2),
+                ),
+                (true, false) => (
+                    format!("matmul_tcq_rows32_mlx{bits}"),
+                    TcqShared::Fixed(0),
+                    Some(1),
+                ),
                 (false, _) => (
                     format!("matmul_tcq_mlx{bits}"),
-                    tcq_shared_bytes(*bits),
+                    TcqShared::Fixed(tcq_shared_bytes(*bits)),
                     None,
                 ),
             };
@@ -310,7 +331,7 @@ fn matmul(
                         "matmul_tcq_"
                     };
                     let name = format!("{prefix}{}", ty.name());
-                    let shared = tcq_ggml_shared_bytes(*ty);
+                    let shared = TcqShared::Fixed(tcq_ggml_shared_bytes(*ty));
                     return tcq_matmul(
                         lib,
                         x,
@@ -527,25 +548,61 @@ fn f32_k_splits(sm_count: usize, (m, k, n): (usize, usize, usize)) -> usize {
     }
 }
 
-/// The launches of `matmul_tcq_*` kernel `name` (with `shared` bytes of dynamic shared
-/// memory) for x `[m, k]` staged in `order`: `args(xh, dst)` lists its arguments for the staged
-/// x and the output address. Where the output tiles leave SMs idle (`tcq_k_splits`), blocks
-/// split k (grid z), write partial tiles to scratch after the staged x, and `splitk_sum` adds
-/// them and the bias into `out`.
+/// Dynamic shared memory of a `matmul_tcq_*` kernel.
+#[derive(Clone, Copy)]
+enum TcqShared {
+    /// These bytes, however k is split (the rings' stages).
+    Fixed(u32),
+    /// A block's k range of this many rows of the staged x (`matmul_tcq_rows_*`: 4 bytes a pair
+    /// of a row's columns and ROWS_X_PAD words after each row).
+    XRange(usize),
+}
+
+/// Words of padding after a row of x in `matmul_tcq_rows*`' shared memory (matmul_tc.cu).
+const ROWS_X_PAD: usize = 4;
+
+/// Splits of `steps` 64-column steps (at least `splits`) such that a split's range of `rows`
+/// rows of x fits `budget` bytes of shared memory, and the bytes it takes (`TcqShared::XRange`).
+fn x_range_splits(splits: usize, steps: usize, rows: usize, budget: usize) -> (usize, u32) {
+    let row_bytes = |steps: usize| 4 * (steps * MATMUL_TC_STEP / 2 + ROWS_X_PAD);
+    let most = (1..=steps)
+        .rev()
+        .find(|&s| rows * row_bytes(s) <= budget)
+        .unwrap_or(1);
+    let splits = splits.max(steps.div_ceil(most));
+    (splits, (rows * row_bytes(steps.div_ceil(splits))) as u32)
+}
+
+/// The launches of `matmul_tcq_*` kernel `name` (with `shared` dynamic shared memory; `short`:
+/// a short prompt's kernel, with its blocks resident an SM) for x `[m, k]` staged in `order`:
+/// `args(xh, dst)` lists its arguments for the staged x and the output address. Where the
+/// output tiles leave SMs idle (`tcq_k_splits`, `short_k_splits`), or a block's k range of x
+/// would not fit its shared memory, blocks split k (grid z), write partial tiles to scratch
+/// after the staged x, and `splitk_sum` adds them and the bias into `out`.
 fn tcq_matmul(
     lib: &KernelLibrary,
     x: &Tensor,
     order: i32,
-    (name, shared, short): (&str, u32, Option<usize>),
+    (name, shared, short): (&str, TcqShared, Option<usize>),
     (n, bias): (usize, Bias),
     out: &Tensor,
     args: impl Fn(u64, u64) -> Result<Args>,
 ) -> Result<CudaKernel> {
     let (m, k) = (x.rows(), x.last_dim());
     let steps = k.div_ceil(MATMUL_TC_STEP);
-    let splits = match short {
-        Some(per_sm) => short_k_splits(n.div_ceil(MATMUL_TC_TILE), steps, per_sm * lib.sm_count()),
+    let per_sm = short.unwrap_or(1);
+    let mut splits = match short {
+        Some(_) => short_k_splits(n.div_ceil(MATMUL_TC_TILE), steps, per_sm * lib.sm_count()),
         None => tc_k_splits(lib, (m, k, n)),
+    };
+    let shared = match shared {
+        TcqShared::Fixed(bytes) => bytes,
+        TcqShared::XRange(rows) => {
+            let budget = lib.shared_budget(&MATMUL_TC, name, per_sm as u32, MATMUL_THREADS)?;
+            let (fitting, bytes) = x_range_splits(splits, steps, rows, budget);
+            splits = fitting;
+            bytes
+        }
     };
     let partial_bytes = if splits > 1 { splits * m * n * 4 } else { 0 };
     let staged = StagedX::new(lib, x, order, partial_bytes)?;
@@ -943,6 +1000,47 @@ fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> 
     };
     let plan = matvec_tc_plan(m.n, m.k, chunks, m.gated, folding, sm_count, simt_weights)?;
     Ok(plan.map(|p| TcPlan { layout_suffix, ..p }))
+}
+
+/// Two rows of x (a short prompt) on matvec_tc.cu's decode kernel (`matvec_tc_x2_*`: each B
+/// column that repeats a lane's chunk of x holds the second row's), and three or four of MLX
+/// 4/8-bit weights (`matvec_tc_x4_*`: two such mma a fragment), planned as the one-row product
+/// with the other rows' staged x and sums in shared memory as well; None where that kernel
+/// does not take the weight or x (16-byte aligned rows).
+fn matvec_tc_rows(
+    lib: &KernelLibrary,
+    weight: &Weight,
+    x: &Tensor,
+    (m, k, n): (usize, usize, usize),
+    bias: Bias,
+    out: &Tensor,
+) -> Result<Option<CudaKernel>> {
+    let x_rows = match (m, weight) {
+        (2, Weight::Mlx { .. } | Weight::Ggml { .. }) => 2,
+        (3 | 4, Weight::Mlx { .. }) => 4,
+        _ => return Ok(None),
+    };
+    if device_ptr(x)? % 16 != 0 || !k.is_multiple_of(4) {
+        return Ok(None);
+    }
+    let matvec = DecodeMatvec::of((weight, None), (n, n), k, false)?;
+    let Some(plan) = tensor_core_plan(matvec, lib.sm_count())? else {
+        return Ok(None);
+    };
+    let plan = plan.with_shared(((x_rows - 1) * plan.staged_row_bytes) as u32);
+    if plan.shared as usize > MATVEC_TC_ROWS_MAX_SHARED {
+        return Ok(None);
+    }
+    let name = format!(
+        "matvec_tc_x{x_rows}_{}{}",
+        weight.typed_layout_name(),
+        plan.layout_suffix()
+    );
+    let args = weight.tensor_args(Args::new().ptr(x)?)?;
+    let args = args.bias(bias)?.ptr(out)?.int(n)?.int(k)?;
+    let args = weight.group_args(args).int(plan.kgroups())?;
+    let args = if x_rows == 4 { args.int(m)? } else { args };
+    Ok(Some(CudaKernel::single(plan.launch(lib, &name, args)?)))
 }
 
 /// The address of an f16 copy of a row of `len` values (`x_h`, `out_h`) for `op`, which the
@@ -1445,6 +1543,8 @@ pub(super) struct TcPlan {
     /// After the layout in the kernel's name: `_words` for Q4_0 and Q8_0 off quads
     /// (`MtQ4_0Words`, `MtQ8_0Words`).
     layout_suffix: &'static str,
+    /// Bytes of shared memory one row of x takes staged (f16 and its chunks' sums).
+    staged_row_bytes: usize,
 }
 
 impl TcPlan {
@@ -1580,6 +1680,7 @@ fn matvec_tc_plan(
         shared: if folds_update { update_shared } else { shared } as u32,
         folds_update,
         layout_suffix: "",
+        staged_row_bytes: 2 * k + chunking.fold_bytes * chunks,
     }))
 }
 
@@ -1665,6 +1766,26 @@ mod tests {
                 short_k_splits(tiles, steps, 264),
                 want,
                 "{tiles} tiles, {steps} steps"
+            );
+        }
+    }
+
+    #[test]
+    fn short_prompts_split_k_until_x_fits_shared_memory() {
+        // (splits, steps, rows, budget, want splits, want bytes): the 8B's gate/up (2 splits of
+        // 32 steps) and down (8 of 28) at 2–16 rows as split; down unsplit (224 steps of 16
+        // rows take 459,008 bytes) in 5; one step over a budget.
+        let cases = [
+            (2, 64, 16, 100 << 10, 2, 65_792),
+            (8, 224, 16, 100 << 10, 8, 57_600),
+            (1, 224, 16, 100 << 10, 5, 92_416),
+            (1, 3, 16, 4_000, 3, 2_304),
+        ];
+        for (splits, steps, rows, budget, want, bytes) in cases {
+            assert_eq!(
+                x_range_splits(splits, steps, rows, budget),
+                (want, bytes),
+                "{steps} steps of {rows} rows in {budget} bytes"
             );
         }
     }

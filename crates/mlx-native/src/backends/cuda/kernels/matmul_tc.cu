@@ -492,11 +492,18 @@ MATMUL_TCQ_MLX(8)
 // steps (w/4); each thread loads its B fragments' raw words, scales and biases straight from
 // global memory (no shared tile: every weight is read by one thread once) into a register
 // ring D steps ahead of their mma, the scale and bias bits converted only when used (a
-// conversion at the load would wait for it), and its A fragments from the staged x, which
-// L1 and L2 serve to all warps. Weights become f16 as in the ring (`tcq_fragment`), so a
+// conversion at the load would wait for it), and its A fragments: RF = 1 from shared memory,
+// where the block copies its k range of the staged x after the wait for the kernel that
+// staged it (`rows_stage_x`; read from L2 at each step, x's loads held ~40% of the stall
+// samples of the 8B's 16-row down projection), RF = 2 from the staged x, which L1 and L2
+// serve to all warps (its one block an SM waits for the whole copy: H200, 2026-11-28, 8B
+// prefill tok/s, x in shared memory against L2 at 16 rows 2,522 / 2,497 against 2,265 / 2,348,
+// at 32 rows 2,567 / 2,502 against 3,288 / 3,250). Weights become f16 as in the ring (`tcq_fragment`), so a
 // weight costs ~1.5 ALU instructions whatever the rows of x, where matvec_rows.cu pays a
 // multiply-add for every row. Launch: 256 threads, two blocks an SM for RF = 1 (one for
-// RF = 2, whose accumulators need the registers), grid (ceil(n/128), 1, k splits); split:
+// RF = 2, whose accumulators need the registers), grid (ceil(n/128), 1, k splits), RF = 1 with
+// 4·16·(32·steps + ROWS_X_PAD) bytes of dynamic shared memory for the most steps a split
+// takes; split:
 // partial slices as `store_tile_split`'s, summed by `splitk_sum`. H200, 2026-11-28, prefill
 // tok/s, this kernel's first form (one step ahead, scales converted at the load, the 128-row
 // tiles' splits) against this: 8B MLX 4-bit at 2 / 16 rows 306 / 2,056 → 378 / 2,354, 1B 690 / 7,585 →
@@ -584,6 +591,26 @@ __device__ __forceinline__ void rows_tc_step(const RowsTcStep<BITS>& p,
     }
 }
 
+// Words of padding after a row of x in shared memory (`rows_stage_x`): rows 4 banks apart, so
+// the A fragments' loads (rows g, columns t) hit 32 banks.
+#define ROWS_X_PAD 4
+
+// Copies steps [begin, end) of the first `rows` rows of the staged x (kp halves a row; rows
+// past m repeat row m − 1) into xs, `stride` words a row, and waits for them (the block's
+// threads included).
+__device__ __forceinline__ void rows_stage_x(const u16* __restrict__ xh, u32* xs, int stride,
+                                             int rows, int m, int kp, int begin, int end) {
+    const int per_row = (end - begin) * (TC_BK / 8);  // 16-byte words of a row's range
+    for (int i = threadIdx.x; i < rows * per_row; i += blockDim.x) {
+        const int r = i / per_row, q = i - r * per_row;
+        cp_async16(smem_addr(xs + r * stride + 4 * q),
+                   xh + (i64)min(r, m - 1) * kp + begin * TC_BK + 8 * q, true);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+}
+
 template <int BITS, int RF>
 __device__ __forceinline__ void matmul_tcq_rows(const u16* __restrict__ xh,
                                                 const u32* __restrict__ w, const void* scales,
@@ -602,15 +629,20 @@ __device__ __forceinline__ void matmul_tcq_rows(const u16* __restrict__ xh,
         wrow[j] = (u32)row * (k / 32) * BITS;
         grow[j] = (u32)row * groups;
     }
+    constexpr bool STAGED = RF == 1;               // x in shared memory
+    extern __shared__ __align__(16) u32 rows_x[];  // the block's k range of x (STAGED)
+    const bool upper = m > 16 * RF - 8;
+    int begin, end;
+    split_steps(kp / TC_BK, begin, end);
+    const int stride = (end - begin) * (TC_BK / 2) + ROWS_X_PAD;
     const u32* xr[RF][2];
 #pragma unroll
     for (int i = 0; i < RF; ++i)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-            xr[i][h] = (const u32*)(xh + (i64)min(16 * i + 8 * h + g, m - 1) * kp);
-    const bool upper = m > 16 * RF - 8;
-    int begin, end;
-    split_steps(kp / TC_BK, begin, end);
+        for (int h = 0; h < 2; ++h) {
+            const int r = 16 * i + 8 * h + g;
+            xr[i][h] = STAGED ? rows_x + r * stride : (const u32*)(xh + (i64)min(r, m - 1) * kp);
+        }
     float acc[RF][4][4];
     tc_zero(acc);
     // A ring of D steps in registers (the warp's steps begin + half, + 2, …): a slot is
@@ -624,12 +656,15 @@ __device__ __forceinline__ void matmul_tcq_rows(const u16* __restrict__ xh,
             rows_tc_load<BITS>(w, wrow, grow, scales, biases, st, t, gshift, k, step, ring[d]);
     }
     kernel_entry();
+    // (A last fragment's rows 8–15 are not read where m leaves them empty.)
+    if constexpr (STAGED) rows_stage_x(xh, rows_x, stride, upper ? 16 : 8, m, kp, begin, end);
+    const int first = STAGED ? begin : 0;  // the step at xr
     for (int base = begin + half; base < end; base += 2 * D) {
 #pragma unroll
         for (int d = 0; d < D; ++d) {
             const int step = base + 2 * d;
             if (step >= end) break;
-            rows_tc_step<BITS, RF>(ring[d], xr, step * TC_BK / 2, upper, st, t, acc);
+            rows_tc_step<BITS, RF>(ring[d], xr, (step - first) * TC_BK / 2, upper, st, t, acc);
             if (step + 2 * D < end)
                 rows_tc_load<BITS>(w, wrow, grow, scales, biases, st, t, gshift, k, step + 2 * D,
                                    ring[d]);

@@ -730,34 +730,51 @@ __device__ __forceinline__ void mt_load(const MtWeight* wt, const MtStream& st, 
     }
 }
 
-// Multiplies one loaded stage and folds each chunk into acc[m][h]. NORM: each chunk's dot is
-// scaled back by the power of two its x was staged at (`cinv`).
-template <class F, bool NORM, int M, int STAGE>
+// Multiplies one loaded stage and folds each chunk into acc[r][m][h] (x row r of XR). NORM:
+// each chunk's dot is scaled back by the power of two its x was staged at (`cinv`). xh: the
+// staged row this lane's B column holds (XR ≥ 2: row g % 2, output column 2t + g % 2), the
+// rows a row's chunks apart, as are cfold's sums; XR = 4: a second mma set a fragment takes
+// rows 2 and 3, on weights converted once.
+template <class F, bool NORM, int XR, int M, int STAGE>
 __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const MtStream& st,
                                            int stage, const u32* xh, const u32* zero,
                                            const typename F::Fold* cfold, const float* cinv,
-                                           bool supplies_b, float (&acc)[M][2]) {
+                                           bool supplies_b, float (&acc)[XR][M][2]) {
     constexpr int CHUNK_U32 = F::CHUNK / 2;  // f16 pairs of x per chunk
     constexpr int SUBS = F::SUBS, J = CHUNK_U32 / 4;  // the j-th uint4 of x is in sub j·SUBS/J
+    constexpr int P = (XR + 1) / 2;                   // pairs of x rows, one mma set each
+    const int row_u32 = st.chunks * CHUNK_U32;
 #pragma unroll
     for (int i = 0; i < STAGE; ++i) {
         const int c = 4 * (st.first + st.stride * (stage * STAGE + i)) + st.t;
         const bool live = c < st.chunks;
         // Lanes that supply no B column, and chunks past the row, read zeros.
-        const u32* xp = supplies_b && live ? xh + c * CHUNK_U32 : zero;
+        const u32* xp[P];
+#pragma unroll
+        for (int p = 0; p < P; ++p)
+            xp[p] = supplies_b && live ? xh + 2 * p * row_u32 + c * CHUNK_U32 : zero;
         // Two accumulators a sub-dot: shorter mma dependency chains.
-        float ca[SUBS][M][4], cb[SUBS][M][4];
+        float ca[SUBS][M][P][4], cb[SUBS][M][P][4];
 #pragma unroll
         for (int u = 0; u < SUBS; ++u)
 #pragma unroll
             for (int m = 0; m < M; ++m)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) ca[u][m][e] = cb[u][m][e] = 0.f;
+                for (int p = 0; p < P; ++p)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) ca[u][m][p][e] = cb[u][m][p][e] = 0.f;
 #pragma unroll
         for (int j = 0; j < J; ++j) {
             const int u = j * SUBS / J;
-            const uint4 xb = *(const uint4*)(xp + 4 * j);
-            const u32 b0[2] = {xb.x, xb.y}, b1[2] = {xb.z, xb.w};
+            u32 b0[P][2], b1[P][2];
+#pragma unroll
+            for (int p = 0; p < P; ++p) {
+                const uint4 xb = *(const uint4*)(xp[p] + 4 * j);
+                b0[p][0] = xb.x;
+                b0[p][1] = xb.y;
+                b1[p][0] = xb.z;
+                b1[p][1] = xb.w;
+            }
 #pragma unroll
             for (int m = 0; m < M; ++m) {
                 u32 pg[4], p8[4];  // rows g and g + 8
@@ -765,28 +782,38 @@ __device__ __forceinline__ void mt_compute(const MtStage<F, M, STAGE>& s, const 
                 F::pairs(s.r[i][m][1], j, p8);
                 const u32 a0[4] = {pg[0], p8[0], pg[1], p8[1]};
                 const u32 a1[4] = {pg[2], p8[2], pg[3], p8[3]};
-                mma_f16(ca[u][m], a0, b0);
-                mma_f16(cb[u][m], a1, b1);
-            }
-        }
-        const typename F::Fold cf = live ? cfold[c] : typename F::Fold{};
-        const float inv = NORM && live ? cinv[c] : 1.f;
 #pragma unroll
-        for (int m = 0; m < M; ++m)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                // c[0] = c[1]: row g; c[2] = c[3]: row g + 8.
-                if constexpr (SUBS == 1) {
-                    // cf: Σx, Σ offset·x
-                    const float dot = ca[0][m][2 * h] - cf.y + cb[0][m][2 * h];
-                    acc[m][h] = F::fold(s.r[i][m][h], NORM ? dot * inv : dot, cf.x, acc[m][h]);
-                } else {
-                    float dots[SUBS];
-#pragma unroll
-                    for (int u = 0; u < SUBS; ++u) dots[u] = ca[u][m][2 * h] + cb[u][m][2 * h];
-                    acc[m][h] = F::fold_subs(s.r[i][m][h], c, dots, cf, inv, acc[m][h]);
+                for (int p = 0; p < P; ++p) {
+                    mma_f16(ca[u][m][p], a0, b0[p]);
+                    mma_f16(cb[u][m][p], a1, b1[p]);
                 }
             }
+        }
+#pragma unroll
+        for (int r = 0; r < XR; ++r) {
+            const typename F::Fold cf = live ? cfold[r * st.chunks + c] : typename F::Fold{};
+            const float inv = NORM && live ? cinv[c] : 1.f;
+            const int p = r / 2, e = r % 2;
+#pragma unroll
+            for (int m = 0; m < M; ++m)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    // c[2h + e]: weight row g + 8h, x row 2p + e (XR = 1: c[0] = c[1], c[2] =
+                    // c[3]).
+                    if constexpr (SUBS == 1) {
+                        // cf: Σx, Σ offset·x
+                        const float dot = ca[0][m][p][2 * h + e] - cf.y + cb[0][m][p][2 * h + e];
+                        acc[r][m][h] =
+                            F::fold(s.r[i][m][h], NORM ? dot * inv : dot, cf.x, acc[r][m][h]);
+                    } else {
+                        float dots[SUBS];
+#pragma unroll
+                        for (int u = 0; u < SUBS; ++u)
+                            dots[u] = ca[u][m][p][2 * h + e] + cb[u][m][p][2 * h + e];
+                        acc[r][m][h] = F::fold_subs(s.r[i][m][h], c, dots, cf, inv, acc[r][m][h]);
+                    }
+                }
+        }
     }
 }
 
@@ -1058,7 +1085,7 @@ struct MtCombine {
     int top_k;
 };
 
-template <class F, bool GATED, bool NORM, bool UPDATE = false, bool GATHER = false>
+template <class F, bool GATED, bool NORM, bool UPDATE = false, bool GATHER = false, int XR = 1>
 __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __restrict__ x,
                                           const u16* __restrict__ x_h, const PreNorm& norm,
                                           const MtUpdate& upd,
@@ -1066,13 +1093,16 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
                                           float* __restrict__ out, u16* __restrict__ out_h, int n,
                                           int k, int row_units, int group_shift, int kgroups,
                                           int act, const MtExpert expert = MtExpert{},
-                                          const MtCombine combine = MtCombine{}) {
+                                          const MtCombine combine = MtCombine{},
+                                          int x_rows = XR) {
     static_assert(!UPDATE || (NORM && F::PARTS), "the update is staged with a norm, in parts");
+    static_assert(XR == 1 || ((XR == 2 || XR == 4) && !GATED && !NORM && !GATHER),
+                  "two or four x rows: plain products only");
     constexpr int M = GATED ? 2 : 1;
     constexpr int STAGE = GATED ? 1 : F::STAGE;  // ≈ 64 bytes in flight a lane
     constexpr int CHUNK = F::CHUNK;
     extern __shared__ __align__(16) u32 smem[];
-    __shared__ float partial[MT_WARPS][M][16], ssq[MT_WARPS];
+    __shared__ float partial[MT_WARPS][XR * M][16], ssq[MT_WARPS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, tiles = ((n + 15) / 16 + gridDim.x - 1) / gridDim.x;
     const int tile = warp / kgroups, slice = warp % kgroups;
@@ -1099,9 +1129,9 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     float* gs = (float*)smem;  // the norm weight (NORM), copied before the wait
     float* gu = gs + k;        // the update's norm weight (UPDATE), likewise
     u32* xh = smem + (NORM ? k : 0) + (UPDATE ? k : 0);
-    u32* zero = xh + st.chunks * (CHUNK / 2);
+    u32* zero = xh + XR * st.chunks * (CHUNK / 2);  // the XR rows' staged x before it
     auto* cfold = (typename F::Fold*)(zero + CHUNK / 2);  // 16-byte aligned: k % 16 == 0
-    float* cinv = (float*)(cfold + st.chunks);  // NORM: each chunk's 1/scale
+    float* cinv = (float*)(cfold + XR * st.chunks);  // NORM: each chunk's 1/scale
 
     MtStage<F, M, STAGE> sa, sb;
     // The first stage's weights are requested before the wait for the previous kernel (no
@@ -1155,20 +1185,29 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     const float bias_v = bias ? load_float(bias, min(row, n - 1), bias_type) : 0.f;
     if (threadIdx.x < CHUNK / 2) zero[threadIdx.x] = 0u;
     float staged_ss;  // the thread's Σx² (NORM)
-    if constexpr (F::PARTS)
-        staged_ss = mt_stage_x_parts<F, NORM, UPDATE>(x, x_h, k, norm, gs, xh, cfold, cinv, upd,
-                                                      gu);
-    else staged_ss = mt_stage_x_chunks<F, NORM>(x, x_h, k, norm, gs, xh, cfold, cinv);
+#pragma unroll
+    for (int xr = 0; xr < XR; ++xr) {  // XR > 1: no norm, no f16 copy of x
+        const float* x_r = x + min(xr, x_rows - 1) * k;  // rows past x_rows repeat the last
+        u32* xh_r = xh + xr * st.chunks * (CHUNK / 2);
+        auto* cfold_r = cfold + xr * st.chunks;
+        if constexpr (F::PARTS)
+            staged_ss = mt_stage_x_parts<F, NORM, UPDATE>(x_r, x_h, k, norm, gs, xh_r, cfold_r,
+                                                          cinv, upd, gu);
+        else staged_ss = mt_stage_x_chunks<F, NORM>(x_r, x_h, k, norm, gs, xh_r, cfold_r, cinv);
+    }
     if constexpr (NORM) {
         staged_ss = warp_sum(staged_ss);
         if (lane == 0) ssq[warp] = staged_ss;
     }
     __syncthreads();
 
-    float acc[M][2];
+    float acc[XR][M][2];
 #pragma unroll
-    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = 0.f;
+    for (int xr = 0; xr < XR; ++xr)
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[xr][m][0] = acc[xr][m][1] = 0.f;
     const bool supplies_b = (g >> 1) == st.t;
+    const u32* xh_b = xh + (XR > 1 ? (g & 1) * st.chunks * (CHUNK / 2) : 0);
     // The norm's r from the warps' Σx², formed while the first stage's weights are in flight.
     float norm_r = 1.f;
     if constexpr (NORM) {
@@ -1179,27 +1218,30 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     }
     for (int s = 0; s < stages; s += 2) {
         if (s + 1 < stages) mt_load(wt, st, s + 1, sb);
-        mt_compute<F, NORM>(sa, st, s, xh, zero, cfold, cinv, supplies_b, acc);
+        mt_compute<F, NORM>(sa, st, s, xh_b, zero, cfold, cinv, supplies_b, acc);
         if (s + 1 >= stages) break;
         if (s + 2 < stages) mt_load(wt, st, s + 2, sa);
-        mt_compute<F, NORM>(sb, st, s + 1, xh, zero, cfold, cinv, supplies_b, acc);
+        mt_compute<F, NORM>(sb, st, s + 1, xh_b, zero, cfold, cinv, supplies_b, acc);
     }
 
     // Sum the quad's chunks, then the tile's k slices.
 #pragma unroll
-    for (int m = 0; m < M; ++m)
+    for (int xr = 0; xr < XR; ++xr)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            acc[m][h] += __shfl_xor_sync(FULL_MASK, acc[m][h], 1);
-            acc[m][h] += __shfl_xor_sync(FULL_MASK, acc[m][h], 2);
-            if (st.t == 0) partial[warp][m][g + 8 * h] = acc[m][h];
-        }
+        for (int m = 0; m < M; ++m)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float& a = acc[xr][m][h];
+                a += __shfl_xor_sync(FULL_MASK, a, 1);
+                a += __shfl_xor_sync(FULL_MASK, a, 2);
+                if (st.t == 0) partial[warp][xr * M + m][g + 8 * h] = a;
+            }
     __syncthreads();
     if (r < tiles * 16 && row < n) {
         const int w0 = (r >> 4) * kgroups;
-        float y[M];
+        float y[XR * M];
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
+        for (int m = 0; m < XR * M; ++m) {
             y[m] = 0.f;
             // Unrolled to the most slices, so that every load is issued before the first add
             // (the loop by kgroups issued four at a time; H100, 2026-11-26, decode after 128
@@ -1212,8 +1254,11 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
         if constexpr (GATED) {
             out[row] = activation(y[0], act) * y[M - 1];
             store_half_copy(out_h, row, out[row]);
-        } else
-            out[row] = y[0] + bias_v;
+        } else {
+#pragma unroll
+            for (int xr = 0; xr < XR; ++xr)
+                if (xr < x_rows) out[(i64)xr * n + row] = y[xr] + bias_v;
+        }
     }
     if (GATHER && combine.out && last_to_count(combine.counters + blockIdx.x, combine.top_k)) {
         __threadfence();
@@ -1265,6 +1310,34 @@ __device__ __forceinline__ void matvec_tc(const MtWeight* wt, const float* __res
     MATVEC_TC_KERNELS(BITS, ST, NAME, matvec_tc_normup_, true, true)
 MLX_SCALE_TYPES(MATVEC_TC, 4)
 MLX_SCALE_TYPES(MATVEC_TC, 8)
+
+// Two rows of x (a 2-token prompt) at a decode matvec's cost: the B column that repeats a
+// lane's chunk of x in the one-row kernel (output columns 2t and 2t + 1 alike) holds the chunk
+// of the second row, so the same mma give both rows' dots (`matvec_tc` with XR = 2); x [2, k],
+// out [2, n], no norm, no f16 copy of x. `matvec_tc_x4_*`: 3 or 4 rows (x_rows; a third row
+// repeats as the fourth, which is not stored), two mma sets a fragment (`mt_compute`).
+#define MATVEC_TC_X2(BITS, ST, NAME)                                                               \
+    extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
+        matvec_tc_x2_mlx##BITS##_##NAME(const float* x, const u8* w, const void* scales,           \
+                                        const void* biases, const void* bias, int bias_type,       \
+                                        float* out, int n, int k, int group_shift, int kgroups) {  \
+        const MtWeight wt[1] = {{w, scales, biases}};                                              \
+        matvec_tc<MtMlx<BITS, ST>, false, false, false, false, 2>(                                 \
+            wt, x, nullptr, PreNorm{}, MtUpdate{}, bias, bias_type, out, nullptr, n, k,            \
+            k * BITS / 128, group_shift, kgroups, 0);                                              \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
+        matvec_tc_x4_mlx##BITS##_##NAME(const float* x, const u8* w, const void* scales,           \
+                                        const void* biases, const void* bias, int bias_type,       \
+                                        float* out, int n, int k, int group_shift, int kgroups,    \
+                                        int x_rows) {                                              \
+        const MtWeight wt[1] = {{w, scales, biases}};                                              \
+        matvec_tc<MtMlx<BITS, ST>, false, false, false, false, 4>(                                 \
+            wt, x, nullptr, PreNorm{}, MtUpdate{}, bias, bias_type, out, nullptr, n, k,            \
+            k * BITS / 128, group_shift, kgroups, 0, MtExpert{}, MtCombine{}, x_rows);             \
+    }
+MLX_SCALE_TYPES(MATVEC_TC_X2, 4)
+MLX_SCALE_TYPES(MATVEC_TC_X2, 8)
 
 // Gathered products of one token (MoE decode): block (x, slot) multiplies the x row of `slot`
 // by rows of its expert, ids[slot], into row `slot` of out [slots, n]; x is the slot's own row
@@ -1415,3 +1488,24 @@ DENSE_AND_GATHERED(MtQ5K, q5_k, k / 256 * 11)
 // Q6_K's gated products run as two plain ones (the planners send no gated pair here).
 MATVEC_TC_GGML_NORMS(MATVEC_TC_GGML_PLAIN, MtQ6K, q6_k, k / 256 * 210)
 GATHER_MATVEC_TC_GGML_PLAIN(MtQ6K, q6_k, k / 256 * 210)
+
+// Two rows of x on the ggml formats (`matvec_tc_x2_NAME`), as the MLX ones.
+#define MATVEC_TC_X2_GGML(F, NAME, ROW_UNITS)                                                      \
+    extern "C" __global__ void __launch_bounds__(MT_WARPS * 32, 1)                                 \
+        matvec_tc_x2_##NAME(const float* x, const u8* w, const void* bias, int bias_type,          \
+                            float* out, int n, int k, int kgroups) {                               \
+        const MtWeight wt[1] = {{w, nullptr, nullptr}};                                            \
+        matvec_tc<F, false, false, false, false, 2>(wt, x, nullptr, PreNorm{}, MtUpdate{}, bias,   \
+                                                    bias_type, out, nullptr, n, k, ROW_UNITS, 0,   \
+                                                    kgroups, 0);                                   \
+    }
+MATVEC_TC_X2_GGML(MtQ4_0, q4_0, k / 128 * 9)
+MATVEC_TC_X2_GGML(MtQ4_1, q4_1, k / 32 * 5)
+MATVEC_TC_X2_GGML(MtQ5_0, q5_0, k / 32 * 11)
+MATVEC_TC_X2_GGML(MtQ5_1, q5_1, k / 32 * 6)
+MATVEC_TC_X2_GGML(MtQ8_0, q8_0, k / 128 * 17)
+MATVEC_TC_X2_GGML(MtQ4_0Words, q4_0_words, k / 32 * 9)
+MATVEC_TC_X2_GGML(MtQ8_0Words, q8_0_words, k / 32 * 17)
+MATVEC_TC_X2_GGML(MtQ4K, q4_k, k / 256 * 9)
+MATVEC_TC_X2_GGML(MtQ5K, q5_k, k / 256 * 11)
+MATVEC_TC_X2_GGML(MtQ6K, q6_k, k / 256 * 210)
