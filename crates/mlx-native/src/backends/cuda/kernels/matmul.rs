@@ -201,9 +201,10 @@ fn matmul(
         };
         return plan.plain(lib, &weight, (k, n), bias, device_ptr(out)?, half);
     } else {
-        // Short prompts (2–16 rows): the staged-f16 layouts on tensor cores (MLX 4/8-bit on
-        // `matmul_tcq_rows_*`, the ggml ones on `matmul_tcq16_*`), other layouts with the weights
-        // read about once for every 4 rows of x (matvec_rows.cu, 2–8 rows).
+        // Short prompts: 2–4 rows on the decode kernel where its plan takes the weight
+        // (`matvec_tc_rows`); else up to 16 rows the staged-f16 layouts on tensor cores (MLX
+        // 4/8-bit on `matmul_tcq_rows_*`, the ggml ones on `matmul_tcq16_*`), other layouts with
+        // the weights read about once for every 4 rows of x (matvec_rows.cu, 2–8 rows).
         if let Some(kernel) = matvec_tc_rows(lib, &weight, x, (m, k, n), bias, out)? {
             return Ok(kernel);
         }
@@ -558,7 +559,7 @@ enum TcqShared {
     XRange(usize),
 }
 
-/// Words of padding after a row of x in `matmul_tcq_rows*`' shared memory (matmul_tc.cu).
+/// Words of padding after a row of x in `matmul_tcq_rows_*`' shared memory (matmul_tc.cu).
 const ROWS_X_PAD: usize = 4;
 
 /// Splits of `steps` 64-column steps (at least `splits`) such that a split's range of `rows`
@@ -1004,7 +1005,7 @@ fn tensor_core_plan(m: DecodeMatvec, sm_count: usize) -> Result<Option<TcPlan>> 
 
 /// Two rows of x (a short prompt) on matvec_tc.cu's decode kernel (`matvec_tc_x2_*`: each B
 /// column that repeats a lane's chunk of x holds the second row's), and three or four of MLX
-/// 4/8-bit weights (`matvec_tc_x4_*`: two such mma a fragment), planned as the one-row product
+/// 4/8-bit weights (`matvec_tc_x4_*`: a second mma set a fragment), planned as the one-row product
 /// with the other rows' staged x and sums in shared memory as well; None where that kernel
 /// does not take the weight or x (16-byte aligned rows).
 fn matvec_tc_rows(

@@ -494,22 +494,22 @@ MATMUL_TCQ_MLX(8)
 // ring D steps ahead of their mma, the scale and bias bits converted only when used (a
 // conversion at the load would wait for it), and its A fragments: RF = 1 from shared memory,
 // where the block copies its k range of the staged x after the wait for the kernel that
-// staged it (`rows_stage_x`; read from L2 at each step, x's loads held ~40% of the stall
+// staged it (`rows_stage_x`; read from L2 at each step, x's loads held about half the stall
 // samples of the 8B's 16-row down projection), RF = 2 from the staged x, which L1 and L2
 // serve to all warps (its one block an SM waits for the whole copy: H200, 2026-11-28, 8B
-// prefill tok/s, x in shared memory against L2 at 16 rows 2,522 / 2,497 against 2,265 / 2,348,
-// at 32 rows 2,567 / 2,502 against 3,288 / 3,250). Weights become f16 as in the ring (`tcq_fragment`), so a
-// weight costs ~1.5 ALU instructions whatever the rows of x, where matvec_rows.cu pays a
-// multiply-add for every row. Launch: 256 threads, two blocks an SM for RF = 1 (one for
-// RF = 2, whose accumulators need the registers), grid (ceil(n/128), 1, k splits), RF = 1 with
-// 4·16·(32·steps + ROWS_X_PAD) bytes of dynamic shared memory for the most steps a split
-// takes; split:
-// partial slices as `store_tile_split`'s, summed by `splitk_sum`. H200, 2026-11-28, prefill
-// tok/s, this kernel's first form (one step ahead, scales converted at the load, the 128-row
-// tiles' splits) against this: 8B MLX 4-bit at 2 / 16 rows 306 / 2,056 → 378 / 2,354, 1B 690 / 7,585 →
-// 1,083 / 8,037; RF = 2 against cuBLAS at 17 / 24 / 32 rows: 8B 1,355 / 1,908 / 2,541 →
-// 2,199 / 2,729 / 3,241, 8-bit at 24 / 32 1,828 / 2,414 → 2,473 / 2,995. Loading a step's x a
-// step ahead as well (ring depth 3) gained nothing.
+// prefill tok/s, x in shared memory against L2 at 16 rows 2,522 / 2,497 against 2,265 /
+// 2,348, at 32 rows 2,567 / 2,502 against 3,288 / 3,250). Weights become f16 as in the ring
+// (`tcq_fragment`), so a weight costs ~1.5 ALU instructions whatever the rows of x, where
+// matvec_rows.cu pays a multiply-add for every row. Launch: 256 threads, two blocks an SM for
+// RF = 1 (one for RF = 2, whose accumulators need the registers), grid (ceil(n/128), 1, k
+// splits), RF = 1 with 4·16·(32·steps + ROWS_X_PAD) bytes of dynamic shared memory for the
+// most steps a split takes; split: partial slices as `store_tile_split`'s, summed by
+// `splitk_sum`. H200, 2026-11-28, prefill tok/s, this kernel's first form (one step ahead,
+// scales converted at the load, the 128-row tiles' splits) against this: 8B MLX 4-bit at 2 /
+// 16 rows 306 / 2,056 → 378 / 2,354, 1B 690 / 7,585 → 1,083 / 8,037; RF = 2 against cuBLAS at
+// 17 / 24 / 32 rows: 8B 1,355 / 1,908 / 2,541 → 2,199 / 2,729 / 3,241, 8-bit at 24 / 32 1,828
+// / 2,414 → 2,473 / 2,995. Loading a step's x a step ahead as well (ring depth 3) gained
+// nothing; summing the splits in each tile's last block instead of `splitk_sum` lost 10–28%.
 template <int BITS>
 struct RowsTcStep {
     u32 words[4][BITS / 2 > 2 ? 4 : 2];  // 4 bits: words 2t, 2t+1; 8 bits: 4t … 4t+3
