@@ -1601,10 +1601,10 @@ fn matmul_every_layout() {
 /// blocks at 2–16 rows on their short staged-f16 kernels (`matmul_tcq_rows_mlx*` or
 /// `matmul_tcq16_*`; and a last half step: k = 1,312 in groups of 32, 300 rows in three blocks;
 /// A rows 8–15 loaded past 8 rows; k split until a block's range of x fits its shared memory),
-/// MLX 4/8-bit at 17–32 on `matmul_tcq_rows32_mlx*`; 9 and 16
-/// rows of the other layouts on the tensor-core tiles (f32 weights on the f32 tiles), 17–32 on
-/// cuBLAS. And matmul.cu's f32 tiles split in k where they would leave SMs idle: f32 weights at
-/// 20 rows (one tile; k = 640 in 5 splits of 128 columns, summed in order).
+/// MLX 4/8-bit at 17–32 on `matmul_tcq_rows32_mlx*`; 9 and 16 rows of the other layouts on the
+/// tensor-core tiles (f32 weights on the f32 tiles), 17–32 on cuBLAS. And matmul.cu's f32
+/// tiles split in k where they would leave SMs idle: f32 weights at 20 rows (one tile; k = 640
+/// in 5 splits of 128 columns, summed in order).
 #[test]
 fn matmul_short_prompts_every_layout() {
     let Some(dev) = gpu() else { return };
@@ -1661,9 +1661,9 @@ fn matmul_mlx_tensor_cores_at_tile_edges() {
     };
     let mut rng = Rng(21);
     // MLX 4/8-bit prefill weights take the staged-f16 kernel where cuBLAS does not (here: off):
-    // columns past one 128-tile and short of the next, rows short of one, steps of 64 columns with a last half step (k = 288: 9
-    // units) and an odd number of groups per row (scale words not 4-byte aligned), every
-    // group size and scale type, more steps than pipeline stages.
+    // columns past one 128-tile and short of the next, rows short of one, steps of 64 columns
+    // with a last half step (k = 288: 9 units) and an odd number of groups per row (scale words
+    // not 4-byte aligned), every group size and scale type, more steps than pipeline stages.
     for bits in [4, 8] {
         for (k, group_size, st) in [
             (288, 32, DType::F32),

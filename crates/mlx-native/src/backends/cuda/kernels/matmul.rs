@@ -277,7 +277,7 @@ fn matmul(
         {
             let order = if *bits == 4 { TCQ_MLX4 } else { TCQ_BYTES };
             // (Short kernels: blocks resident an SM, their launch bounds.)
-            let (name, shared, short) = match (mlx_rows, short) {
+            let (name, shared, resident) = match (mlx_rows, short) {
                 (true, true) => (
                     format!("matmul_tcq_rows_mlx{bits}"),
                     TcqShared::XRange(16),
@@ -294,7 +294,7 @@ fn matmul(
                     None,
                 ),
             };
-            let kernel = (name.as_str(), shared, short);
+            let kernel = (name.as_str(), shared, resident);
             return tcq_matmul(lib, x, order, kernel, (n, bias), out, |xh, dst| {
                 Ok(Args::new()
                     .u64(xh)
@@ -565,13 +565,11 @@ const ROWS_X_PAD: usize = 4;
 /// Splits of `steps` 64-column steps (at least `splits`) such that a split's range of `rows`
 /// rows of x fits `budget` bytes of shared memory, and the bytes it takes (`TcqShared::XRange`).
 fn x_range_splits(splits: usize, steps: usize, rows: usize, budget: usize) -> (usize, u32) {
-    let row_bytes = |steps: usize| 4 * (steps * MATMUL_TC_STEP / 2 + ROWS_X_PAD);
-    let most = (1..=steps)
-        .rev()
-        .find(|&s| rows * row_bytes(s) <= budget)
-        .unwrap_or(1);
+    let step_words = MATMUL_TC_STEP / 2;
+    let most = ((budget / (4 * rows)).saturating_sub(ROWS_X_PAD) / step_words).max(1);
     let splits = splits.max(steps.div_ceil(most));
-    (splits, (rows * row_bytes(steps.div_ceil(splits))) as u32)
+    let words = steps.div_ceil(splits) * step_words + ROWS_X_PAD;
+    (splits, (4 * rows * words) as u32)
 }
 
 /// The launches of `matmul_tcq_*` kernel `name` (with `shared` dynamic shared memory; `short`:
