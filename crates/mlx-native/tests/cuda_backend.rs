@@ -67,7 +67,7 @@ fn floats(dev: &Device, data: &[f32], shape: &[usize], dtype: DType) -> Result<(
 /// The KV cache dtypes every attention kernel takes.
 const KV_TYPES: [DType; 2] = [DType::F32, DType::F16];
 
-/// A cache's values (f32 or f16) as f32.
+/// A cache's or activation's values (f32 or f16) as f32.
 fn cache_values(t: &Tensor) -> Result<Vec<f32>> {
     match t.dtype() {
         DType::F16 => Ok(t.to_vec::<f16>()?.iter().map(|v| v.to_f32()).collect()),
@@ -87,6 +87,11 @@ fn stored_as(kv: DType, x: Vec<f64>) -> Vec<f64> {
 fn cache_of(dev: &Device, kv: DType, x: &[f32], shape: &[usize]) -> Result<(Tensor, Vec<f32>)> {
     let (t, vals) = floats(dev, x, shape, kv)?;
     Ok((t, vals.iter().map(|&v| v as f32).collect()))
+}
+
+/// An f16 output (f16 activations) filled with NaN.
+fn poisoned_half(dev: &Device, shape: &[usize]) -> Result<Tensor> {
+    dev.from_slice(&vec![f16::NAN; shape.iter().product()], shape)
 }
 
 fn poisoned_u32(dev: &Device, shape: &[usize]) -> Result<Tensor> {
@@ -192,6 +197,20 @@ fn rms_norm_matches_reference() {
                 &want,
                 1e-6,
             );
+            // Into f16 activations: the same values, each rounded once (a value within an ulp
+            // of a rounding boundary may round the other way from the f64 reference).
+            let want_h = stored_as(DType::F16, want.clone());
+            let compute = |dev: &Device| {
+                let xt = dev.from_slice(&x, &[m, d])?;
+                let wt = floats(dev, &w, &[d], dtype)?.0;
+                let out = poisoned_half(dev, &[m, d])?;
+                run(dev, |enc| {
+                    ops::rms_norm(enc, &xt, &wt, eps, unit_offset, &out)
+                })?;
+                cache_values(&out)
+            };
+            let what = format!("rms_norm {dtype} offset={unit_offset} into f16");
+            check(&what, &dev, compute, &want_h, 1e-4);
             // With a residual added in the same dispatch (a block output norm).
             let residual = rng.vec(m * d, 3.0);
             let want: Vec<f64> = want
@@ -522,6 +541,20 @@ fn elementwise_ops_match_reference() {
             out.to_vec::<f32>()
         };
         check(&format!("gated {f:?}"), &dev, compute, &want, 1e-6);
+        let want_h = stored_as(DType::F16, want);
+        let compute = |dev: &Device| {
+            let (g, u) = (dev.from_slice(&a, &shape)?, dev.from_slice(&b, &shape)?);
+            let out = poisoned_half(dev, &shape)?;
+            run(dev, |enc| ops::gated_activation(enc, f, &g, &u, &out))?;
+            cache_values(&out)
+        };
+        check(
+            &format!("gated {f:?} into f16"),
+            &dev,
+            compute,
+            &want_h,
+            1e-4,
+        );
     }
     for f in [BinaryFn::Add, BinaryFn::Mul] {
         let want: Vec<f64> = a
@@ -918,7 +951,23 @@ fn matmul_ref(x: &[f32], w: &HostWeight, bias: Option<&[f64]>, m: usize) -> Vec<
 }
 
 fn check_matmul(dev: &Device, rng: &mut Rng, w: &HostWeight, m: usize, with_bias: bool) {
+    check_matmul_of(dev, rng, w, (m, DType::F32), with_bias);
+}
+
+/// `check_matmul` of x stored as `x_dtype` (f16: f16 activations, the reference taking the
+/// rounded values).
+fn check_matmul_of(
+    dev: &Device,
+    rng: &mut Rng,
+    w: &HostWeight,
+    (m, x_dtype): (usize, DType),
+    with_bias: bool,
+) {
     let x = rng.vec(m * w.k, 1.0);
+    let x = match x_dtype {
+        DType::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+        _ => x,
+    };
     let (bias_bytes, bias) = float_bytes(rng, w.n, 0.5, DType::BF16);
     let bias = with_bias.then_some(bias);
     let want = matmul_ref(&x, w, bias.as_deref(), m);
@@ -932,13 +981,13 @@ fn check_matmul(dev: &Device, rng: &mut Rng, w: &HostWeight, m: usize, with_bias
             false => None,
         };
         let lin = w.upload(dev, b.as_ref())?;
-        let xt = dev.from_slice(&x, &[m, w.k])?;
+        let xt = floats(dev, &x, &[m, w.k], x_dtype)?.0;
         let out = poisoned(dev, &[m, w.n])?;
         run(dev, |enc| ops::matmul(enc, &xt, &lin, &out))?;
         out.to_vec::<f32>()
     };
     let what = format!(
-        "matmul {} m={m} n={} k={} bias={with_bias}",
+        "matmul {} m={m} n={} k={} bias={with_bias} x={x_dtype}",
         describe(w),
         w.n,
         w.k
@@ -1652,6 +1701,47 @@ fn matmul_short_prompts_every_layout() {
     check_matmul(&dev, &mut rng, &w, 24, true);
     let w = dense_weight(&mut rng, 45, 640, DType::F32);
     check_matmul(&dev, &mut rng, &w, 20, true);
+}
+
+/// Products of f16 activations (a norm's or the gated activation's f16 output): read in place
+/// (cuBLAS with rows of whole 64-column steps, no staging launch), staged from f16 (the short
+/// kernels, the tensor-core tiles, cuBLAS's x of other rows), and widened to f32 for the
+/// kernels that read f32 x (one row, 2–4 rows, matvec_rows.cu, the generic tiles, f32 weights).
+/// Each against the product of the same (rounded) values in f64 and on the CPU backend; and
+/// `matmul_reads_half` true only where they are read in place.
+#[test]
+fn matmul_of_f16_activations() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(41);
+    for m in [1, 3, 12, 24, 40] {
+        for (i, w) in every_layout(&mut rng, 70, 4352).iter().enumerate() {
+            check_matmul_of(&dev, &mut rng, w, (m, DType::F16), i % 2 == 0);
+        }
+    }
+    // Rows of k not whole 64-column steps: cuBLAS's x staged from f16 with zeros past k.
+    let ragged = [
+        mlx_weight(&mut rng, 77, 1312, 4, 32, DType::F16),
+        mlx_weight(&mut rng, 77, 1312, 6, 32, DType::BF16),
+        ggml_weight(&mut rng, 77, 1312, GgmlType::Q8_0),
+    ];
+    for w in ragged {
+        check_matmul_of(&dev, &mut rng, &w, (40, DType::F16), true);
+    }
+    // Worth writing f16 activations for: cuBLAS's products of whole 64-column steps (MLX
+    // 4/8-bit past the 32-row kernel), which read them in place.
+    let mlx4 = mlx_weight(&mut rng, 70, 4352, 4, 64, DType::F16);
+    let lin = mlx4.upload(&dev, None).unwrap();
+    let reads = |m| ops::matmul_reads_half(&dev, &lin, m);
+    assert!(!reads(1) && !reads(16) && !reads(32) && reads(33));
+    let q6k = ggml_weight(&mut rng, 70, 4352, GgmlType::Q6K)
+        .upload(&dev, None)
+        .unwrap();
+    assert!(!ops::matmul_reads_half(&dev, &q6k, 16) && ops::matmul_reads_half(&dev, &q6k, 17));
+    let ragged = ggml_weight(&mut rng, 70, 1312, GgmlType::Q8_0)
+        .upload(&dev, None)
+        .unwrap();
+    assert!(!ops::matmul_reads_half(&dev, &ragged, 40));
+    assert!(!ops::matmul_reads_half(&Device::cpu(), &lin, 40));
 }
 
 #[test]
@@ -3141,6 +3231,32 @@ fn bench_matvec_shapes() {
                 bytes as f64 / secs / 1e9
             );
         }
+    }
+}
+
+/// A prompt of 40 tokens, whose norms and gated activations write f16 activations for the
+/// products through cuBLAS (read in place), and one of 12 (f32 activations, the short kernels),
+/// give the CPU backend's last logits within the f16 rounding of those products.
+#[test]
+fn prefill_of_f16_activations_matches_the_cpu() {
+    let Some(dev) = gpu() else { return };
+    let params = synthetic::preset("smollm2-135m").unwrap();
+    let quant = SyntheticQuant::parse("mlx4g64", &params).unwrap();
+    let logits = |dev: &Device, prompt: &[u32]| {
+        let weights = SyntheticWeights::new(dev, quant, 5);
+        let model = Decoder::load(params.clone(), &weights, dev).unwrap();
+        let mut session = Session::with_kv_dtype(model, dev, 64, DType::F32).unwrap();
+        session.prefill(prompt, SamplingParams::default()).unwrap();
+        session.logits().unwrap()
+    };
+    for len in [12, 40] {
+        let prompt: Vec<u32> = (0..len).map(|i| i * 131 % 4096 + 3).collect();
+        let want: Vec<f64> = logits(&Device::cpu(), &prompt)
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let got = logits(&dev, &prompt);
+        assert_close(&format!("{len}-token prefill"), &got, &want, 1e-2);
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use half::f16;
 use mlx_native::core::op::{BinaryFn, PreNorm, UnaryFn};
 use mlx_native::ops::{self, AttentionShape, HeadNorms, RopeScaling, RopeTable};
+use mlx_native::quant::WeightLayout;
 use mlx_native::{CommandEncoder, DType, Device, SamplingParams, Tensor};
 use serde_json::Value;
 
@@ -569,6 +570,85 @@ fn rms_norm_add_is_the_norm_then_the_add() {
 
 /// mx.fast.rms_norm (plain and with Gemma's 1 + w) and mx.fast.layer_norm: max abs error
 /// 1e-6 on outputs of magnitude up to ~10.
+/// f16 activations (`ops::ACTIVATIONS`: a norm's or the gated activation's output for a matmul
+/// that rounds x to f16) are the f32 results rounded once, and a matmul of f16 x is the matmul
+/// of those values widened. The residual stream and a folded norm's input stay f32.
+#[test]
+fn f16_activations_are_the_f32_values_rounded() {
+    let dev = Device::cpu();
+    let (m, d, n) = (3, 96, 5);
+    let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 17.0;
+    let x = dev
+        .from_slice(&(0..m * d).map(value).collect::<Vec<_>>(), &[m, d])
+        .unwrap();
+    let up = dev
+        .from_slice(
+            &(0..m * d).map(|i| value(i + 7)).collect::<Vec<_>>(),
+            &[m, d],
+        )
+        .unwrap();
+    let w = dev
+        .from_slice(&(0..d).map(|i| value(i + 3)).collect::<Vec<_>>(), &[d])
+        .unwrap();
+    let (wide, half) = (
+        nan_tensor(&dev, &[m, d]),
+        dev.empty(&[m, d], DType::F16).unwrap(),
+    );
+    let rounded = |t: &Tensor| -> Vec<f16> {
+        let v = t.to_vec::<f32>().unwrap();
+        v.iter().map(|&v| f16::from_f32(v)).collect()
+    };
+    let mut enc = CommandEncoder::new(&dev);
+    ops::rms_norm(&mut enc, &x, &w, 1e-5, true, &wide).unwrap();
+    ops::rms_norm(&mut enc, &x, &w, 1e-5, true, &half).unwrap();
+    enc.commit().unwrap();
+    assert_eq!(half.to_vec::<f16>().unwrap(), rounded(&wide), "rms_norm");
+    for f in [UnaryFn::Silu, UnaryFn::GeluTanh] {
+        ops::gated_activation(&mut enc, f, &x, &up, &wide).unwrap();
+        ops::gated_activation(&mut enc, f, &x, &up, &half).unwrap();
+        enc.commit().unwrap();
+        assert_eq!(half.to_vec::<f16>().unwrap(), rounded(&wide), "{f:?}");
+    }
+
+    let weights: Vec<f32> = (0..n * d).map(|i| value(i + 11)).collect();
+    let weight = dev.from_slice(&weights, &[n, d]).unwrap();
+    let lin = ops::Linear::new("w", WeightLayout::Dense, vec![weight], None, n, d).unwrap();
+    let widened: Vec<f32> = half
+        .to_vec::<f16>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    let widened = dev.from_slice(&widened, &[m, d]).unwrap();
+    let (from_half, from_wide) = (nan_tensor(&dev, &[m, n]), nan_tensor(&dev, &[m, n]));
+    ops::matmul(&mut enc, &half, &lin, &from_half).unwrap();
+    ops::matmul(&mut enc, &widened, &lin, &from_wide).unwrap();
+    enc.commit().unwrap();
+    assert_eq!(
+        from_half.to_vec::<f32>().unwrap(),
+        from_wide.to_vec::<f32>().unwrap()
+    );
+    assert!(
+        !ops::matmul_reads_half(&dev, &lin, m),
+        "the CPU rounds no x"
+    );
+
+    // The residual stream is f32: refused, naming the operand.
+    let err = ops::rms_norm_add(&mut enc, &x, &w, 1e-5, false, &up, &half).unwrap_err();
+    assert!(err.to_string().contains("out: dtype f16"), "{err}");
+    let row = dev.empty(&[1, d], DType::F16).unwrap();
+    let out = nan_tensor(&dev, &[1, n]);
+    let norm = (
+        &w,
+        PreNorm {
+            eps: 1e-5,
+            unit_offset: false,
+        },
+    );
+    let err = ops::normed_matmul(&mut enc, &row, None, norm, &lin, &out).unwrap_err();
+    assert!(err.to_string().contains("x: dtype f16"), "{err}");
+}
+
 #[test]
 fn norms_match_mlx() {
     let dev = Device::cpu();

@@ -106,6 +106,12 @@ pub trait Backend: Send + Sync {
     fn matvec_reads_half_x(&self, _layout: WeightLayout, _n: usize, _k: usize) -> bool {
         false
     }
+    /// Whether a plain `Op::MatMul` of `m` rows of x and a weight (`layout`, `[n, k]`) reads f16
+    /// x where it lies, sparing the pass that would round x to f16 for its products: only then
+    /// is it worth having x's producer write f16.
+    fn matmul_reads_half_x(&self, _layout: WeightLayout, _m: usize, _n: usize, _k: usize) -> bool {
+        false
+    }
     /// Whether a one-row `Op::MatMul` with `pre_norm` of a weight (`layout`, `[n, k]`) computes the norm
     /// in its own kernel rather than launching one in front: only then do several normed
     /// matmuls of one x cost no more launches than one norm and plain matmuls.

@@ -325,6 +325,9 @@ pub struct Scratch {
     pub m: usize,
     residual: [Tensor; 2],
     normed: Tensor,
+    /// The input norm's output as f16 `[m, hidden]` for prompts whose projections of it read f16
+    /// activations (`ops::matmul_reads_half`): written instead of `normed` where all do.
+    normed_h: Option<Tensor>,
     /// `[1, q + k + v]` for a single row: the fused projection's output, which `q`, `k` and
     /// `v` then view.
     qkv: Option<Tensor>,
@@ -339,9 +342,10 @@ pub struct Scratch {
     gate: Tensor,
     up: Tensor,
     act: Tensor,
-    /// `act`'s f16 copy `[1, intermediate]` for a single row where a down projection reads one,
-    /// which the fused gated matmul writes and the down projection stages (`ops::matmul_add`'s
-    /// x_h).
+    /// `act` as f16 where a down projection reads it: for a single row `[1, intermediate]`, a
+    /// copy beside `act` that the fused gated matmul writes and the down projection stages
+    /// (`ops::matmul_add`'s x_h); for a prompt `[m, intermediate]`, f16 activations written by
+    /// the gated activation instead of `act` (`ops::matmul_reads_half`).
     act_h: Option<Tensor>,
     /// Buffers of the MoE layers (`DecoderParams::moe`).
     moe: Option<MoeScratch>,
@@ -606,16 +610,29 @@ impl Decoder {
         let p = &self.params;
         let a = &p.arch;
         let f = |cols: usize| device.empty(&[m, cols], DType::F32);
-        // An f16 copy of a decode row (`attn_h`, `act_h`), where a layer's projection reads it.
-        let half_row = |cols: usize, read: bool| match (m, read) {
-            (1, true) => device.empty(&[1, cols], DType::F16).map(Some),
-            _ => Ok(None),
+        // f16 rows (`attn_h`, `act_h`, `normed_h`), where a layer's projection reads them: a
+        // decode row's f16 copy, a prompt's f16 activations.
+        let half_rows = |cols: usize, read: bool| match read {
+            true => device.empty(&[m, cols], DType::F16).map(Some),
+            false => Ok(None),
         };
-        let reads = |w: &Linear| ops::reads_half_copy(device, w);
-        let o_reads = self.layers.iter().any(|l| reads(&l.o));
+        let reads = |w: &Linear| match m {
+            1 => ops::reads_half_copy(device, w),
+            _ => ops::matmul_reads_half(device, w, m),
+        };
+        let all_read = |ws: &[&Linear]| m > 1 && ws.iter().all(|w| reads(w));
+        // (A prompt's attention writes f32 rows.)
+        let o_reads = m == 1 && self.layers.iter().any(|l| reads(&l.o));
         let down_reads = self.layers.iter().any(|l| match &l.mlp {
             Mlp::Dense { down, .. } => reads(down),
             Mlp::Moe { .. } => false,
+        });
+        let normed_reads = self.layers.iter().any(|l| {
+            let mlp = match &l.mlp {
+                Mlp::Dense { gate, up, .. } => all_read(&[gate, up]),
+                Mlp::Moe { .. } => false,
+            };
+            mlp || all_read(&[&l.q, &l.k, &l.v])
         });
         let (h, q_dim, kv_dim) = (
             p.hidden_size,
@@ -651,17 +668,18 @@ impl Decoder {
             m,
             residual: [f(h)?, f(h)?],
             normed: f(h)?,
+            normed_h: half_rows(h, normed_reads)?,
             qkv,
             q,
             k,
             v,
             attn: f(q_dim)?,
-            attn_h: half_row(q_dim, o_reads)?,
+            attn_h: half_rows(q_dim, o_reads)?,
             proj: f(h)?,
             gate: f(p.intermediate_size)?,
             up: f(p.intermediate_size)?,
             act: f(p.intermediate_size)?,
-            act_h: half_row(p.intermediate_size, down_reads)?,
+            act_h: half_rows(p.intermediate_size, down_reads)?,
             moe,
             uncapped_logits,
         })
@@ -685,6 +703,30 @@ impl Decoder {
     fn norm(&self, enc: &mut CommandEncoder, x: &Tensor, w: &Tensor, out: &Tensor) -> Result<()> {
         let p = &self.params;
         ops::rms_norm(enc, x, w, p.rms_norm_eps, p.arch.norm_unit_offset, out)
+    }
+
+    /// RMSNorm of `x` by `w` as the input of the projections `ws`: f16 activations
+    /// (`s.normed_h`) where every one reads them (`ops::matmul_reads_half`), else f32.
+    fn norm_for<'s>(
+        &self,
+        enc: &mut CommandEncoder,
+        (x, w): (&Tensor, &Tensor),
+        ws: &[&Linear],
+        s: &'s Scratch,
+    ) -> Result<&'s Tensor> {
+        let rows = x.rows();
+        let out = match &s.normed_h {
+            Some(h)
+                if ws
+                    .iter()
+                    .all(|l| ops::matmul_reads_half(enc.device(), l, rows)) =>
+            {
+                h
+            }
+            _ => &s.normed,
+        };
+        self.norm(enc, x, w, out)?;
+        Ok(out)
     }
 
     /// Attention of layer `layer` over the input norm of the residual stream `x`, written to
@@ -721,10 +763,11 @@ impl Decoder {
             }
             _ => {
                 let x = self.settle(enc, x)?;
-                self.norm(enc, x, &layer.attn_norm, &s.normed)?;
-                ops::matmul(enc, &s.normed, &layer.q, &s.q)?;
-                ops::matmul(enc, &s.normed, &layer.k, &s.k)?;
-                ops::matmul(enc, &s.normed, &layer.v, &s.v)?;
+                let (q, k, v) = (&layer.q, &layer.k, &layer.v);
+                let normed = self.norm_for(enc, (x, &layer.attn_norm), &[q, k, v], s)?;
+                ops::matmul(enc, normed, q, &s.q)?;
+                ops::matmul(enc, normed, k, &s.k)?;
+                ops::matmul(enc, normed, v, &s.v)?;
             }
         }
         let head_norms = layer.qk_norm.as_ref().map(|(q, k)| ops::HeadNorms {
@@ -754,17 +797,20 @@ impl Decoder {
         )
     }
 
-    /// `copy` (a decode row's f16 scratch) where the projection `w` after its producer reads
-    /// it: `project_residual`'s one-dispatch path on a kernel that stages x's f16 copy
-    /// (`ops::reads_half_copy`); an unread copy only costs.
+    /// `copy` (an f16 scratch of the projection `w`'s input) where `w` reads it: a decode row's
+    /// copy beside x on `project_residual`'s one-dispatch path, on a kernel that stages x's f16
+    /// copy (`ops::reads_half_copy`); a prompt's f16 activations in place of x, where the matmul
+    /// rounds x to f16 anyway (`ops::matmul_reads_half`). An unread copy only costs.
     fn half_copy_for<'s>(
         enc: &CommandEncoder,
         w: &Linear,
         out_norm: Option<&Tensor>,
         copy: Option<&'s Tensor>,
     ) -> Option<&'s Tensor> {
-        copy.filter(|c| Self::residual_in_matmul(c.rows(), w, out_norm))
-            .filter(|_| ops::reads_half_copy(enc.device(), w))
+        copy.filter(|c| match c.rows() {
+            1 => Self::residual_in_matmul(1, w, out_norm) && ops::reads_half_copy(enc.device(), w),
+            rows => ops::matmul_reads_half(enc.device(), w, rows),
+        })
     }
 
     /// Whether `project_residual` adds the residual inside the matmul (`ops::matmul_add`, one
@@ -776,7 +822,7 @@ impl Decoder {
     /// `out` = `x` + `branch`·Wᵀ, the block output first normed by `out_norm` if there is one
     /// (the norm and the add one dispatch). One decode row without a norm or bias takes the
     /// residual as the matmul's bias: one dispatch instead of two, reading `branch_h` (branch's
-    /// f16 copy) if given. One decode row with a norm leaves the norm and the add to the next
+    /// f16 copy) if given; more rows read `branch_h` (their f16 activations) instead of branch. One decode row with a norm leaves the norm and the add to the next
     /// normed matmul (`Residual::update`): one dispatch instead of two.
     #[allow(clippy::too_many_arguments)]
     fn project_residual<'a>(
@@ -793,7 +839,7 @@ impl Decoder {
             ops::matmul_add(enc, branch, branch_h, w, x, out)?;
             return Ok(Residual::settled(out));
         }
-        ops::matmul(enc, branch, w, &s.proj)?;
+        ops::matmul(enc, branch_h.unwrap_or(branch), w, &s.proj)?;
         match out_norm {
             Some(weight) if branch.rows() == 1 => Ok(Residual {
                 x,
@@ -829,7 +875,8 @@ impl Decoder {
 
     /// `s.act` = act(`s.normed`·Gᵀ) ∘ (`s.normed`·Uᵀ). One decode row with bias-free
     /// quantized gate and up stored alike is one dispatch, which also writes `act_h` if given
-    /// (then returned); otherwise two matmuls and the activation.
+    /// (then returned); otherwise two matmuls and the activation, which writes a prompt's
+    /// `act_h` (f16 activations, then returned) instead of `s.act` if given.
     fn gated_mlp_input<'s>(
         &self,
         enc: &mut CommandEncoder,
@@ -846,11 +893,12 @@ impl Decoder {
             return Ok(act_h);
         }
         let x = self.settle(enc, x)?;
-        self.norm(enc, x, norm, &s.normed)?;
-        ops::matmul(enc, &s.normed, gate, &s.gate)?;
-        ops::matmul(enc, &s.normed, up, &s.up)?;
-        ops::gated_activation(enc, act, &s.gate, &s.up, &s.act)?;
-        Ok(None)
+        let normed = self.norm_for(enc, (x, norm), &[gate, up], s)?;
+        ops::matmul(enc, normed, gate, &s.gate)?;
+        ops::matmul(enc, normed, up, &s.up)?;
+        let act_h = act_h.filter(|h| h.rows() > 1);
+        ops::gated_activation(enc, act, &s.gate, &s.up, act_h.unwrap_or(&s.act))?;
+        Ok(act_h)
     }
 
     /// Record the forward pass of `s.m` tokens (`tokens` u32 `[m]`, the first at position

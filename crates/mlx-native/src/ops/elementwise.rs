@@ -1,4 +1,4 @@
-use super::{expect_dtype, expect_shape};
+use super::{expect_dtype, expect_shape, ACTIVATIONS};
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
 use crate::core::op::{BinaryFn, Op, UnaryFn};
@@ -27,7 +27,8 @@ pub fn binary(
     enc.dispatch(Op::Binary(f), &[a, b], &[out])
 }
 
-/// out = f(gate) · up: the gated MLP activation in one pass.
+/// out = f(gate) · up: the gated MLP activation in one pass. out is f32, or f16 (each value
+/// rounded once) for a down projection that reads f16 activations (`ops::matmul_reads_half`).
 pub fn gated_activation(
     enc: &mut CommandEncoder,
     f: UnaryFn,
@@ -38,6 +39,7 @@ pub fn gated_activation(
     expect_dtype("gated_activation", "gate", gate, &[DType::F32])?;
     expect_dtype("gated_activation", "up", up, &[DType::F32])?;
     expect_shape("gated_activation", "up", up, gate.shape())?;
+    expect_dtype("gated_activation", "out", out, ACTIVATIONS)?;
     expect_shape("gated_activation", "out", out, gate.shape())?;
     enc.dispatch(Op::GatedActivation(f), &[gate, up], &[out])
 }

@@ -1,4 +1,4 @@
-use super::{expect_dtype, expect_shape, FLOATS};
+use super::{expect_dtype, expect_shape, ACTIVATIONS, FLOATS};
 use crate::core::device::Device;
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
@@ -211,7 +211,8 @@ impl Linear {
     }
 }
 
-/// out `[m, n]` = x `[m, k]` · Wᵀ (+ bias).
+/// out `[m, n]` = x `[m, k]` · Wᵀ (+ bias). x is f32, or f16 (f16 activations: worth writing
+/// where `matmul_reads_half`; kernels that read f32 x widen them first).
 pub fn matmul(enc: &mut CommandEncoder, x: &Tensor, w: &Linear, out: &Tensor) -> Result<()> {
     dispatch_matmul(enc, x, None, None, w, out)
 }
@@ -265,7 +266,12 @@ pub(super) fn check_norm_weight(
 
 /// x is f32 with the weight's `k` columns.
 fn check_x(op: &'static str, x: &Tensor, k: usize) -> Result<()> {
-    expect_dtype(op, "x", x, &[DType::F32])?;
+    check_x_of(op, x, k, &[DType::F32])
+}
+
+/// x is of `dtypes` with the weight's `k` columns.
+fn check_x_of(op: &'static str, x: &Tensor, k: usize, dtypes: &[DType]) -> Result<()> {
+    expect_dtype(op, "x", x, dtypes)?;
     if x.last_dim() != k {
         return Err(Error::op(
             op,
@@ -303,7 +309,12 @@ fn dispatch_matmul(
     w: &Linear,
     out: &Tensor,
 ) -> Result<()> {
-    check_x("matmul", x, w.k)?;
+    // Only a plain product takes f16 activations: a norm or an update reads x as f32.
+    let x_dtypes = match (norm, update) {
+        (None, None) => ACTIVATIONS,
+        _ => &[DType::F32],
+    };
+    check_x_of("matmul", x, w.k, x_dtypes)?;
     expect_shape("matmul", "out", out, &[x.rows(), w.n])?;
     let mut inputs: Vec<&Tensor> = vec![x];
     inputs.extend(update.iter().flat_map(|u| [u.y, u.weight]));
@@ -366,6 +377,15 @@ pub fn matmul_add(
 /// 2026-11-26).
 pub fn reads_half_copy(device: &Device, w: &Linear) -> bool {
     device.backend().matvec_reads_half_x(w.layout, w.n, w.k)
+}
+
+/// Whether `matmul` of `rows` rows of x with `w` on `device` reads f16 x (the values rounded
+/// once by their producer) where it lies, sparing the pass that would round x to f16 for its
+/// products: only then is it worth having the producer write f16 activations.
+pub fn matmul_reads_half(device: &Device, w: &Linear, rows: usize) -> bool {
+    device
+        .backend()
+        .matmul_reads_half_x(w.layout, rows, w.n, w.k)
 }
 
 /// Whether `normed_matmul` of one row with `w` on `device` is one dispatch, the norm computed in

@@ -14,8 +14,8 @@ pub use attention::{attention, kv_append, rope_attention, AttentionShape, HeadNo
 pub use elementwise::{binary, gated_activation, softcap, softmax, unary};
 pub use embedding::{embedding, scaled_embedding};
 pub use matmul::{
-    gated_matmul, matmul, matmul_add, normed_matmul, normed_matmul_folds, reads_half_copy,
-    InputNorm, Linear, ResidualUpdate,
+    gated_matmul, matmul, matmul_add, matmul_reads_half, normed_matmul, normed_matmul_folds,
+    reads_half_copy, InputNorm, Linear, ResidualUpdate,
 };
 pub use moe::{
     gather_gated_matmul, gather_matmul, gather_matmul_combine, moe_combine, moe_route,
@@ -60,6 +60,10 @@ pub(crate) fn expect_dtype(
 }
 
 pub(crate) const FLOATS: &[DType] = &[DType::F32, DType::F16, DType::BF16];
+
+/// Activations between a producer (a norm, the gated activation) and the matmul that reads
+/// them: f32, or f16 where the matmul reads f16 x as it lies (`matmul_reads_half`).
+pub(crate) const ACTIVATIONS: &[DType] = &[DType::F32, DType::F16];
 
 /// One u32 in device memory (`[1]`): a position or a token the kernels read and write.
 pub(crate) fn expect_u32_scalar(op: &'static str, what: &str, t: &Tensor) -> Result<()> {

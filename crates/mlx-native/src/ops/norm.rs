@@ -1,11 +1,13 @@
-use super::{expect_dtype, expect_shape, FLOATS};
+use super::{expect_dtype, expect_shape, ACTIVATIONS, FLOATS};
 use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
 use crate::core::op::Op;
 use crate::core::tensor::Tensor;
 use crate::Result;
 
-/// out = x / rms(x) · w (or · (1 + w) with `unit_offset`, Gemma's convention), per row.
+/// out = x / rms(x) · w (or · (1 + w) with `unit_offset`, Gemma's convention), per row. out is
+/// f32, or f16 (each value rounded once) for a matmul that reads f16 activations
+/// (`ops::matmul_reads_half`).
 pub fn rms_norm(
     enc: &mut CommandEncoder,
     x: &Tensor,
@@ -17,6 +19,7 @@ pub fn rms_norm(
     expect_dtype("rms_norm", "x", x, &[DType::F32])?;
     expect_dtype("rms_norm", "weight", weight, FLOATS)?;
     expect_shape("rms_norm", "weight", weight, &[x.last_dim()])?;
+    expect_dtype("rms_norm", "out", out, ACTIVATIONS)?;
     expect_shape("rms_norm", "out", out, x.shape())?;
     enc.dispatch(Op::RmsNorm { eps, unit_offset }, &[x, weight], &[out])
 }
@@ -37,6 +40,7 @@ pub fn rms_norm_add(
     expect_dtype("rms_norm_add", "residual", residual, &[DType::F32])?;
     expect_shape("rms_norm_add", "weight", weight, &[x.last_dim()])?;
     expect_shape("rms_norm_add", "residual", residual, x.shape())?;
+    expect_dtype("rms_norm_add", "out", out, &[DType::F32])?;
     expect_shape("rms_norm_add", "out", out, x.shape())?;
     let op = Op::RmsNorm { eps, unit_offset };
     enc.dispatch(op, &[x, weight, residual], &[out])

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::{slice, slice_mut, wrong_op, CpuKernel};
+use super::{into_half, slice, slice_mut, wrong_op, CpuKernel};
 use crate::core::dtype::DType;
 use crate::core::op::{BinaryFn, Op, UnaryFn};
 use crate::core::registry::Registry;
@@ -14,6 +14,9 @@ pub(super) fn register(reg: &mut Registry<CpuKernel>) {
     for f in ["silu", "geluexact", "gelutanh"] {
         reg.insert("unary", f, DType::F32, unary);
         reg.insert("gated_activation", f, DType::F32, gated_activation);
+        reg.insert("gated_activation", f, DType::F16, |op, inputs, outputs| {
+            into_half(op, inputs, outputs, gated_activation)
+        });
     }
     for f in ["add", "mul"] {
         reg.insert("binary", f, DType::F32, binary);

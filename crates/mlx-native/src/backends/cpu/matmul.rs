@@ -7,8 +7,8 @@ use rayon::prelude::*;
 use std::borrow::Cow;
 
 use super::{
-    elementwise, norm, qmatmul_gguf, qmatmul_mlx, slice, slice_mut, write_half_copy, wrong_op,
-    CpuKernel, FloatSlice,
+    elementwise, norm, qmatmul_gguf, qmatmul_mlx, slice, slice_mut, widened, write_half_copy,
+    wrong_op, CpuKernel, FloatSlice,
 };
 use crate::core::dtype::DType;
 use crate::core::op::{optional_last, Op, PreNorm};
@@ -25,7 +25,8 @@ pub(super) fn register(reg: &mut Registry<CpuKernel>) {
 }
 
 /// `Op::MatMul`: the layout's kernel, after the residual update and the folded RMSNorm if
-/// there are any. x's f16 copy (`half_x`) is not read: x holds the same values unrounded.
+/// there are any. x's f16 copy (`half_x`) is not read: x holds the same values unrounded. f16 x
+/// (f16 activations) is widened to f32 first.
 fn matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let Op::MatMul {
         layout,
@@ -45,7 +46,15 @@ fn matmul(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
         residual_update: false,
     };
     let (inputs, _x_h) = optional_last(half_x, inputs);
-    let (inputs, outputs) = updated_input(residual_update, pre_norm, inputs, outputs)?;
+    let inputs = match inputs.split_first() {
+        Some((x, rest)) if x.dtype() != DType::F32 => Cow::Owned(
+            std::iter::once(widened(x)?)
+                .chain(rest.iter().cloned())
+                .collect(),
+        ),
+        _ => Cow::Borrowed(inputs),
+    };
+    let (inputs, outputs) = updated_input(residual_update, pre_norm, &inputs, outputs)?;
     match pre_norm {
         None => kernel_for(layout)(&plain, &inputs, outputs),
         Some(norm) => kernel_for(layout)(&plain, &normed_input(norm, &inputs)?, outputs),

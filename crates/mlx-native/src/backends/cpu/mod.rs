@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::core::backend::{Backend, DeviceBuffer, Executable, HostBytes, KernelHandle};
-use crate::core::dtype::Element;
+use crate::core::dtype::{DType, Element};
 use crate::core::encoder::Dispatch;
 use crate::core::op::Op;
 use crate::core::registry::Registry;
@@ -103,6 +103,32 @@ pub(crate) fn slice_mut<T: Element>(t: &Tensor) -> Result<&mut [T]> {
     Ok(unsafe {
         std::slice::from_raw_parts_mut(buf.ptr().add(t.offset()) as *mut T, t.elem_count())
     })
+}
+
+/// `kernel` (an op on f32 outputs) writing its one output as f16: it runs into an f32 stand-in,
+/// which is then rounded into the output (f16 activations, `ops::ACTIVATIONS`).
+pub(crate) fn into_half(
+    op: &Op,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+    kernel: CpuKernel,
+) -> Result<()> {
+    let [out] = outputs else {
+        return Err(Error::op(op.name(), "one f16 output expected"));
+    };
+    let wide = out.device().empty(out.shape(), DType::F32)?;
+    kernel(op, inputs, std::slice::from_ref(&wide))?;
+    write_half_copy(&wide, Some(out))
+}
+
+/// `x` as f32: x itself, or its f16 values widened into a new tensor.
+pub(crate) fn widened(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return Ok(x.clone());
+    }
+    let wide = x.device().empty(x.shape(), DType::F32)?;
+    wide.write(&x.to_f32_vec()?)?;
+    Ok(wide)
 }
 
 /// Writes `copy` (f16, if given) = `values` (f32) rounded to nearest: the f16 copy of a row

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::{slice, slice_mut, wrong_op, CpuKernel, FloatSlice};
+use super::{into_half, slice, slice_mut, wrong_op, CpuKernel, FloatSlice};
 use crate::core::dtype::DType;
 use crate::core::op::{Op, PreNorm};
 use crate::core::registry::Registry;
@@ -12,6 +12,9 @@ use crate::Result;
 
 pub(super) fn register(reg: &mut Registry<CpuKernel>) {
     reg.insert("rms_norm", "", DType::F32, rms_norm);
+    reg.insert("rms_norm", "", DType::F16, |op, inputs, outputs| {
+        into_half(op, inputs, outputs, rms_norm)
+    });
     reg.insert("layer_norm", "", DType::F32, layer_norm);
 }
 

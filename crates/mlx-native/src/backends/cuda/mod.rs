@@ -338,6 +338,10 @@ impl Backend for CudaBackend {
         kernels::matvec_reads_half_x(self.library.sm_count(), layout, n, k)
     }
 
+    fn matmul_reads_half_x(&self, layout: WeightLayout, m: usize, _n: usize, k: usize) -> bool {
+        kernels::matmul_reads_half_x(&self.library, layout, m, k)
+    }
+
     fn matvec_folds_norm(&self, layout: WeightLayout, n: usize, k: usize) -> bool {
         kernels::matvec_folds_norm(self.library.sm_count(), layout, n, k)
     }

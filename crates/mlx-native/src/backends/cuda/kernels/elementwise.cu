@@ -25,9 +25,18 @@ extern "C" __global__ void gated_activation(const float* __restrict__ gate,
     kernel_entry();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (i64)gridDim.x * blockDim.x) {
-        out[i] = activation(gate[i], f) * up[i];
-        store_half_copy(out_h, i, out[i]);
+        const float y = activation(gate[i], f) * up[i];
+        if (out) out[i] = y;
+        store_half_copy(out_h, i, y);
     }
+}
+
+// out = x widened from f16 to f32 (f16 activations for a kernel that reads f32).
+extern "C" __global__ void widen_f16(const u16* __restrict__ x, float* __restrict__ out, i64 n) {
+    kernel_entry();
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (i64)gridDim.x * blockDim.x)
+        out[i] = f16_to_f32(x[i]);
 }
 
 extern "C" __global__ void softcap(const float* __restrict__ x, float* __restrict__ out, i64 n,

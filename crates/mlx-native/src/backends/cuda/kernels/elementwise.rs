@@ -23,7 +23,9 @@ pub(super) fn register(reg: &mut Registry<Planner>) {
     for f in [UnaryFn::Silu, UnaryFn::GeluExact, UnaryFn::GeluTanh] {
         let variant = Op::Unary(f).variant();
         reg.insert("unary", &variant, DType::F32, unary);
-        reg.insert("gated_activation", &variant, DType::F32, gated_activation);
+        for dtype in [DType::F32, DType::F16] {
+            reg.insert("gated_activation", &variant, dtype, gated_activation);
+        }
     }
     for f in [BinaryFn::Add, BinaryFn::Mul] {
         reg.insert("binary", &Op::Binary(f).variant(), DType::F32, binary);
@@ -119,18 +121,23 @@ fn gated_activation(
     let ([gate, up], [out]) = (inputs, outputs) else {
         return Err(operand_count(op, inputs.len(), outputs.len()));
     };
+    // f16 activations: the f16 copy alone.
+    let outs = match out.dtype() {
+        DType::F16 => (0, device_ptr(out)?),
+        _ => (device_ptr(out)?, 0),
+    };
     let launch = gated_activation_at(
         lib,
         (device_ptr(gate)?, device_ptr(up)?),
-        (device_ptr(out)?, 0),
+        outs,
         gate.elem_count(),
         f,
     )?;
     Ok(CudaKernel::single(launch))
 }
 
-/// out = f(gate)·up over `n` f32 values at device addresses, and its f16 copy at `out_h`
-/// unless 0.
+/// out = f(gate)·up over `n` f32 values at device addresses unless 0, and its f16 copy at
+/// `out_h` unless 0.
 pub(super) fn gated_activation_at(
     lib: &KernelLibrary,
     (gate, up): (u64, u64),
@@ -147,6 +154,13 @@ pub(super) fn gated_activation_at(
         .code(unary_code(f));
     let grid = elementwise_grid(lib, n)?;
     lib.launch(&SOURCE, "gated_activation", grid, THREADS, 0, args)
+}
+
+/// out = x widened from `n` f16 values to f32, at device addresses.
+pub(super) fn widen_f16_at(lib: &KernelLibrary, x: u64, out: u64, n: usize) -> Result<Launch> {
+    let args = Args::new().u64(x).u64(out).long(n);
+    let grid = elementwise_grid(lib, n)?;
+    lib.launch(&SOURCE, "widen_f16", grid, THREADS, 0, args)
 }
 
 fn softcap(

@@ -173,8 +173,13 @@ fn matmul(
     // One row goes to the matvec kernels where they can read the weight; a folded norm gives
     // them an aligned x whatever x is (`MatvecInput`). Otherwise the norm, if any, runs first
     // into a scratch row that the tiled kernel reads.
-    let vector_ready =
-        m == 1 && matvec_reads(&weight, k)? && (norm.is_some() || device_ptr(x)? % 16 == 0);
+    // f16 x (f16 activations) goes to the kernels that stage x as f16 (`StagedX`); the others
+    // read it widened to f32 (`widened_x`).
+    let f16_x = x.dtype() == DType::F16;
+    let vector_ready = !f16_x
+        && m == 1
+        && matvec_reads(&weight, k)?
+        && (norm.is_some() || device_ptr(x)? % 16 == 0);
     if let (false, Some(_)) = (vector_ready, norm) {
         let input = MatvecInput::new(lib, x, update, norm, 0, false)?;
         let matmul = tiled(
@@ -188,7 +193,7 @@ fn matmul(
         )?;
         return Ok(input.then(vec![matmul]));
     }
-    let launch = if vector_ready {
+    if vector_ready {
         let plan = DecodePlan::new(lib, (&weight, None), x, n, update, norm)?;
         // The plain tensor-core kernels take x's f16 copy last (null: none; with a norm they
         // read x, or the normed row).
@@ -200,188 +205,215 @@ fn matmul(
             _ => None,
         };
         return plan.plain(lib, &weight, (k, n), bias, device_ptr(out)?, half);
-    } else {
-        // Short prompts: 2–4 rows on the decode kernel where its plan takes the weight
-        // (`matvec_tc_rows`); else up to 16 rows the staged-f16 layouts on tensor cores (MLX
-        // 4/8-bit on `matmul_tcq_rows_*`, the ggml ones on `matmul_tcq16_*`), other layouts with
-        // the weights read about once for every 4 rows of x (matvec_rows.cu, 2–8 rows).
-        if let Some(kernel) = matvec_tc_rows(lib, &weight, x, (m, k, n), bias, out)? {
-            return Ok(kernel);
-        }
-        let short = (2..=MATMUL_TCQ_ROWS_MAX).contains(&m);
-        // (Rows the ggml kernels below take: whole 64-column steps, Q6_K rows of k % 2,048;
-        // other rows of these layouts keep matvec_rows.cu, as the generic tiles' empty rows
-        // would cost more.)
-        let whole_steps = k.is_multiple_of(MATMUL_TC_STEP);
-        let staged_layout = match weight {
-            Weight::Mlx { bits: 4 | 8, .. } => true,
-            Weight::Ggml {
-                ty: GgmlType::Q6K, ..
-            } => k.is_multiple_of(2048),
-            Weight::Ggml {
-                ty:
-                    GgmlType::Q4_0
-                    | GgmlType::Q4_1
-                    | GgmlType::Q5_0
-                    | GgmlType::Q5_1
-                    | GgmlType::Q8_0
-                    | GgmlType::Q4K
-                    | GgmlType::Q5K,
-                ..
-            } => whole_steps,
-            _ => false,
-        };
-        let tc_rows = match short && staged_layout {
-            true => 2,
-            false => MATVEC_ROWS_MAX + 1,
-        };
-        let tensor_cores = tensor_core_tiles((m, k), device_ptr(x)?, &weight, tc_rows);
-        let rows_ready =
-            m <= MATVEC_ROWS_MAX && short && !tensor_cores && matvec_reads(&weight, k)?;
-        if rows_ready && device_ptr(x)? % 16 == 0 {
-            let x = device_ptr(x)?;
-            return Ok(CudaKernel::single(matvec_rows(
-                lib,
-                &weight,
-                x,
-                (m, k, n),
-                bias,
-                device_ptr(out)?,
-            )?));
-        }
-        // MLX 4/8-bit weights of 2–32 rows take the short kernels, which address the weight's
-        // words and groups with 32-bit offsets.
-        let mlx_rows = (2..=MATMUL_TCQ_ROWS32_MAX).contains(&m)
-            && matches!(weight, Weight::Mlx { bits: bits @ (4 | 8), .. }
-                if n * (k / 32) * bits as usize <= u32::MAX as usize);
-        // (cuBLAS is loaded only when a prompt this long first comes.)
-        let blas = (tensor_cores && m >= GEMM_MIN_ROWS && !mlx_rows)
-            .then(|| lib.cublas())
-            .flatten();
-        if let Some(blas) = blas {
-            return dequant_gemm(lib, &blas, &weight, x, (n, bias), out);
-        }
-        // The MLX 4/8-bit kernel addresses its staged x with 32-bit element offsets.
-        let staged_offsets_fit = m * k.next_multiple_of(MATMUL_TC_STEP) <= u32::MAX as usize;
-        if let (
-            true,
-            Weight::Mlx {
-                w,
-                scales,
-                biases,
-                bits: bits @ (4 | 8),
-                group_shift,
-                scale_type,
-            },
-        ) = (tensor_cores && staged_offsets_fit, &weight)
-        {
-            let order = if *bits == 4 { TCQ_MLX4 } else { TCQ_BYTES };
-            // (Short kernels: blocks resident an SM, their launch bounds.)
-            let (name, shared, resident) = match (mlx_rows, short) {
-                (true, true) => (
-                    format!("matmul_tcq_rows_mlx{bits}"),
-                    TcqShared::XRange(16),
-                    Some(2),
-                ),
-                (true, false) => (
-                    format!("matmul_tcq_rows32_mlx{bits}"),
-                    TcqShared::Fixed(0),
-                    Some(1),
-                ),
-                (false, _) => (
-                    format!("matmul_tcq_mlx{bits}"),
-                    TcqShared::Fixed(tcq_shared_bytes(*bits)),
-                    None,
-                ),
-            };
-            let kernel = (name.as_str(), shared, resident);
-            return tcq_matmul(lib, x, order, kernel, (n, bias), out, |xh, dst| {
-                Ok(Args::new()
-                    .u64(xh)
-                    .ptr(w)?
-                    .ptr(scales)?
-                    .ptr(biases)?
-                    .code(*scale_type)
-                    .bias(bias)?
-                    .u64(dst)
-                    .int(m)?
-                    .int(n)?
-                    .int(k)?
-                    .code(*group_shift))
-            });
-        }
-        // The ggml layouts take `matmul_tcq_{q4_0,q4_1,q5_0,q5_1,q8_0,q4_k,q5_k,q6_k}`: whole
-        // 64-column steps of rows 4-byte aligned (two blocks of 32: 36 to 68 bytes) or 16-byte
-        // aligned (a K-quant header, a sub-block pair's nibbles and Q5_K's qh: 48 resp. 80
-        // bytes; Q6_K rows of k % 2,048 == 0, 8-byte words around a half's ql, qh and scales).
-        if let (true, Weight::Ggml { data, ty }) = (tensor_cores && staged_offsets_fit, &weight) {
-            let (order, align) = match ty {
-                GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
-                    (Some(TCQ_Q4_0), 4)
-                }
-                GgmlType::Q8_0 => (Some(TCQ_BYTES), 4),
-                GgmlType::Q4K | GgmlType::Q5K => (Some(TCQ_Q4K), 16),
-                GgmlType::Q6K if k.is_multiple_of(2048) => (Some(TCQ_Q4K), 16),
-                _ => (None, 1),
-            };
-            if let Some(order) = order.filter(|_| k.is_multiple_of(MATMUL_TC_STEP)) {
-                if device_ptr(data)? % align == 0 {
-                    let prefix = if short {
-                        "matmul_tcq16_"
-                    } else {
-                        "matmul_tcq_"
-                    };
-                    let name = format!("{prefix}{}", ty.name());
-                    let shared = TcqShared::Fixed(tcq_ggml_shared_bytes(*ty));
-                    return tcq_matmul(
-                        lib,
-                        x,
-                        order,
-                        (&name, shared, short.then_some(2)),
-                        (n, bias),
-                        out,
-                        |xh, dst| {
-                            Args::new()
-                                .u64(xh)
-                                .ptr(data)?
-                                .bias(bias)?
-                                .u64(dst)
-                                .int(m)?
-                                .int(n)?
-                                .int(k)
-                        },
-                    );
-                }
-            }
-        }
-        // The generic tensor-core tiles split k where their tiles leave SMs idle, as
-        // `matmul_tcq_*` do. H100, 2026-11-28, prefill of a 128-token prompt: Q4_K 8B shape
-        // 2,335 → 5,720 tok/s, 1B 8,454 → 23,391, Q6_K 8B 1,777 → 4,336; of 512 tokens, Q4_K 8B
-        // 6,870 → 8,340; of 2,048, within ±1.0%.
-        let splits = match tensor_cores {
-            true => tc_k_splits(lib, (m, k, n)),
-            false => f32_k_splits(lib.sm_count(), (m, k, n)),
-        };
-        if splits > 1 {
-            let (scratch, partial) = lib.shared_scratch(splits * m * n * 4)?;
-            let x = device_ptr(x)?;
-            let split = (tensor_cores, splits);
-            let matmul = tiled(lib, &weight, x, (m, k, n), bias, partial, split)?;
-            let sum = splitk_sum(lib, partial, splits, bias, out)?;
-            return Ok(CudaKernel::sharing(vec![matmul, sum], scratch));
-        }
-        let out = device_ptr(out)?;
-        tiled(
+    }
+    // Short prompts: 2–4 rows on the decode kernel where its plan takes the weight
+    // (`matvec_tc_rows`); else up to 16 rows the staged-f16 layouts on tensor cores (MLX
+    // 4/8-bit on `matmul_tcq_rows_*`, the ggml ones on `matmul_tcq16_*`), other layouts with
+    // the weights read about once for every 4 rows of x (matvec_rows.cu, 2–8 rows).
+    if let Some(kernel) = (!f16_x)
+        .then(|| matvec_tc_rows(lib, &weight, x, (m, k, n), bias, out))
+        .transpose()?
+        .flatten()
+    {
+        return Ok(kernel);
+    }
+    let short = (2..=MATMUL_TCQ_ROWS_MAX).contains(&m);
+    let tc_rows = match short && short_rows_staged(layout, k) {
+        true => 2,
+        false => MATVEC_ROWS_MAX + 1,
+    };
+    let tensor_cores = tensor_core_tiles((m, k), device_ptr(x)?, &weight, tc_rows);
+    let rows_ready =
+        !f16_x && m <= MATVEC_ROWS_MAX && short && !tensor_cores && matvec_reads(&weight, k)?;
+    if rows_ready && device_ptr(x)? % 16 == 0 {
+        let x = device_ptr(x)?;
+        return Ok(CudaKernel::single(matvec_rows(
             lib,
             &weight,
-            device_ptr(x)?,
+            x,
             (m, k, n),
             bias,
-            out,
-            (tensor_cores, 1),
-        )?
+            device_ptr(out)?,
+        )?));
+    }
+    // MLX 4/8-bit weights of 2–32 rows take the short kernels, which address the weight's
+    // words and groups with 32-bit offsets.
+    let mlx_rows = (2..=MATMUL_TCQ_ROWS32_MAX).contains(&m)
+        && matches!(weight, Weight::Mlx { bits: bits @ (4 | 8), .. }
+            if n * (k / 32) * bits as usize <= u32::MAX as usize);
+    // (cuBLAS is loaded only when a prompt this long first comes.)
+    let blas = (tensor_cores && m >= GEMM_MIN_ROWS && !mlx_rows)
+        .then(|| lib.cublas())
+        .flatten();
+    if let Some(blas) = blas {
+        return dequant_gemm(lib, &blas, &weight, x, (n, bias), out);
+    }
+    // The MLX 4/8-bit kernel addresses its staged x with 32-bit element offsets.
+    let staged_offsets_fit = m * k.next_multiple_of(MATMUL_TC_STEP) <= u32::MAX as usize;
+    if let (
+        true,
+        Weight::Mlx {
+            w,
+            scales,
+            biases,
+            bits: bits @ (4 | 8),
+            group_shift,
+            scale_type,
+        },
+    ) = (tensor_cores && staged_offsets_fit, &weight)
+    {
+        let order = if *bits == 4 { TCQ_MLX4 } else { TCQ_BYTES };
+        // (Short kernels: blocks resident an SM, their launch bounds.)
+        let (name, shared, resident) = match (mlx_rows, short) {
+            (true, true) => (
+                format!("matmul_tcq_rows_mlx{bits}"),
+                TcqShared::XRange(16),
+                Some(2),
+            ),
+            (true, false) => (
+                format!("matmul_tcq_rows32_mlx{bits}"),
+                TcqShared::Fixed(0),
+                Some(1),
+            ),
+            (false, _) => (
+                format!("matmul_tcq_mlx{bits}"),
+                TcqShared::Fixed(tcq_shared_bytes(*bits)),
+                None,
+            ),
+        };
+        let kernel = (name.as_str(), shared, resident);
+        return tcq_matmul(lib, x, order, kernel, (n, bias), out, |xh, dst| {
+            Ok(Args::new()
+                .u64(xh)
+                .ptr(w)?
+                .ptr(scales)?
+                .ptr(biases)?
+                .code(*scale_type)
+                .bias(bias)?
+                .u64(dst)
+                .int(m)?
+                .int(n)?
+                .int(k)?
+                .code(*group_shift))
+        });
+    }
+    // The ggml layouts take `matmul_tcq_{q4_0,q4_1,q5_0,q5_1,q8_0,q4_k,q5_k,q6_k}`: whole
+    // 64-column steps of rows 4-byte aligned (two blocks of 32: 36 to 68 bytes) or 16-byte
+    // aligned (a K-quant header, a sub-block pair's nibbles and Q5_K's qh: 48 resp. 80
+    // bytes; Q6_K rows of k % 2,048 == 0, 8-byte words around a half's ql, qh and scales).
+    if let (true, Weight::Ggml { data, ty }) = (tensor_cores && staged_offsets_fit, &weight) {
+        let (order, align) = match ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                (Some(TCQ_Q4_0), 4)
+            }
+            GgmlType::Q8_0 => (Some(TCQ_BYTES), 4),
+            GgmlType::Q4K | GgmlType::Q5K => (Some(TCQ_Q4K), 16),
+            GgmlType::Q6K if k.is_multiple_of(2048) => (Some(TCQ_Q4K), 16),
+            _ => (None, 1),
+        };
+        if let Some(order) = order.filter(|_| k.is_multiple_of(MATMUL_TC_STEP)) {
+            if device_ptr(data)? % align == 0 {
+                let prefix = if short {
+                    "matmul_tcq16_"
+                } else {
+                    "matmul_tcq_"
+                };
+                let name = format!("{prefix}{}", ty.name());
+                let shared = TcqShared::Fixed(tcq_ggml_shared_bytes(*ty));
+                return tcq_matmul(
+                    lib,
+                    x,
+                    order,
+                    (&name, shared, short.then_some(2)),
+                    (n, bias),
+                    out,
+                    |xh, dst| {
+                        Args::new()
+                            .u64(xh)
+                            .ptr(data)?
+                            .bias(bias)?
+                            .u64(dst)
+                            .int(m)?
+                            .int(n)?
+                            .int(k)
+                    },
+                );
+            }
+        }
+    }
+    // The generic tensor-core tiles split k where their tiles leave SMs idle, as
+    // `matmul_tcq_*` do. H100, 2026-11-28, prefill of a 128-token prompt: Q4_K 8B shape
+    // 2,335 → 5,720 tok/s, 1B 8,454 → 23,391, Q6_K 8B 1,777 → 4,336; of 512 tokens, Q4_K 8B
+    // 6,870 → 8,340; of 2,048, within ±1.0%.
+    let splits = match tensor_cores {
+        true => tc_k_splits(lib, (m, k, n)),
+        false => f32_k_splits(lib.sm_count(), (m, k, n)),
     };
-    Ok(CudaKernel::single(launch))
+    let (x, widen) = widened_x(lib, x)?;
+    if splits > 1 {
+        let (scratch, partial) = lib.shared_scratch(splits * m * n * 4)?;
+        let split = (tensor_cores, splits);
+        let matmul = tiled(lib, &weight, x, (m, k, n), bias, partial, split)?;
+        let sum = splitk_sum(lib, partial, splits, bias, out)?;
+        return Ok(widen.then(CudaKernel::sharing(vec![matmul, sum], scratch)));
+    }
+    let out = device_ptr(out)?;
+    let matmul = tiled(lib, &weight, x, (m, k, n), bias, out, (tensor_cores, 1))?;
+    Ok(widen.then(CudaKernel::single(matmul)))
+}
+
+/// Whether 2–16 rows of a weight of `layout` with k columns run on the short tensor-core
+/// kernels, which stage x as f16: MLX 4/8-bit (`matmul_tcq_rows_*`), and the ggml layouts of
+/// `matmul_tcq16_*` in whole 64-column steps (Q6_K: rows of k % 2,048). Other rows of these
+/// layouts keep matvec_rows.cu, as the generic tiles' empty rows would cost more.
+fn short_rows_staged(layout: WeightLayout, k: usize) -> bool {
+    match layout {
+        WeightLayout::MlxAffine { bits: 4 | 8, .. } => true,
+        WeightLayout::Gguf(GgmlType::Q6K) => k.is_multiple_of(2048),
+        WeightLayout::Gguf(
+            GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q8_0
+            | GgmlType::Q4K
+            | GgmlType::Q5K,
+        ) => k.is_multiple_of(MATMUL_TC_STEP),
+        _ => false,
+    }
+}
+
+/// Whether a plain matmul of m rows of a weight of `layout` with k columns reads f16 x where it
+/// lies, with no staging launch of its own (`Backend::matmul_reads_half_x`): the products
+/// through cuBLAS (from GEMM_MIN_ROWS; MLX 4/8-bit past the 32-row kernel), of rows of whole
+/// 64-column steps, where cuBLAS loads. The short kernels stage f16 x as they stage f32 x (one
+/// launch either way, and from f16 it took 3.24 µs against 2.70, H200, 2026-11-29), so f16
+/// activations would spare them nothing. Rows and x are taken as aligned.
+pub(crate) fn matmul_reads_half_x(
+    lib: &KernelLibrary,
+    layout: WeightLayout,
+    m: usize,
+    k: usize,
+) -> bool {
+    let short_kernel =
+        matches!(layout, WeightLayout::MlxAffine { bits: 4 | 8, .. }) && m <= MATMUL_TCQ_ROWS32_MAX;
+    m >= GEMM_MIN_ROWS
+        && !short_kernel
+        && k.is_multiple_of(MATMUL_TC_STEP)
+        && !matches!(layout, WeightLayout::Dense)
+        && lib.cublas().is_some()
+}
+
+/// x's address as f32 for the kernels that read f32 x, and the launches before them: none for
+/// f32 x, else f16 x widened into a scratch copy.
+fn widened_x(lib: &KernelLibrary, x: &Tensor) -> Result<(u64, CudaKernel)> {
+    if x.dtype() != DType::F16 {
+        return Ok((device_ptr(x)?, CudaKernel::new(Vec::new(), None)));
+    }
+    let n = x.elem_count();
+    let (scratch, wide) = lib.scratch(n * 4)?;
+    let widen = super::elementwise::widen_f16_at(lib, device_ptr(x)?, wide, n)?;
+    Ok((wide, CudaKernel::new(vec![widen], Some(scratch))))
 }
 
 /// Whether matvec.cu / matvec_tc.cu read `weight` with k columns: dense rows only as whole
@@ -623,7 +655,7 @@ fn tcq_matmul(
         shared,
         args(staged.xh, dst)?,
     )?;
-    let mut launches = vec![staged.launch, matmul];
+    let mut launches: Vec<Launch> = staged.launch.into_iter().chain([matmul]).collect();
     if splits > 1 {
         launches.push(splitk_sum(lib, dst, splits, bias, out)?);
     }
@@ -658,18 +690,20 @@ fn dequant_gemm(
         None => device_ptr(out)?,
     };
     let gemm = blas.gemm((m, n, kp), kp, (w_h, staged.xh, dst))?;
-    let mut launches = vec![staged.launch, dequant, gemm];
+    let mut launches: Vec<Launch> = staged.launch.into_iter().chain([dequant, gemm]).collect();
     if bias.0.is_some() {
         launches.push(splitk_sum(lib, dst, 1, bias, out)?);
     }
     Ok(CudaKernel::sharing(launches, staged.scratch))
 }
 
-/// x as `matmul_tcq_*` reads it: f16 rows padded to whole steps, columns in the kernel's
-/// `order`, written by `stage_x_f16` to the library's shared scratch, followed by `extra`
-/// bytes of scratch at `after` (16-byte aligned).
+/// x as `matmul_tcq_*` and `dequant_gemm` read it: f16 rows padded to whole steps, columns in
+/// the kernel's `order`, written by `stage_x_f16` (`launch`) to the library's shared scratch,
+/// followed by `extra` bytes of scratch at `after` (16-byte aligned). f16 x that already lies so
+/// (rows of whole steps in natural order, 16-byte aligned: f16 activations for cuBLAS) is read
+/// where it is, with no launch.
 struct StagedX {
-    launch: Launch,
+    launch: Option<Launch>,
     scratch: Arc<CudaSlice<u8>>,
     xh: u64,
     after: u64,
@@ -679,6 +713,18 @@ impl StagedX {
     fn new(lib: &KernelLibrary, x: &Tensor, order: i32, extra: usize) -> Result<Self> {
         let (m, k) = (x.rows(), x.last_dim());
         let kp = k.div_ceil(MATMUL_TC_STEP) * MATMUL_TC_STEP;
+        let xt = float_type("matmul", "x", x.dtype())?;
+        let in_place =
+            x.dtype() == DType::F16 && order == TCQ_NATURAL && kp == k && device_ptr(x)? % 16 == 0;
+        if in_place {
+            let (scratch, after) = lib.shared_scratch(extra)?;
+            return Ok(StagedX {
+                launch: None,
+                scratch,
+                xh: device_ptr(x)?,
+                after,
+            });
+        }
         let staged_bytes = (m * kp * 2).next_multiple_of(256);
         let (scratch, xh) = lib.shared_scratch(staged_bytes + extra)?;
         let args = Args::new()
@@ -687,11 +733,12 @@ impl StagedX {
             .int(m)?
             .int(k)?
             .int(kp)?
-            .code(order);
+            .code(order)
+            .code(xt);
         let grid = (blocks(m * kp / 8, MATMUL_THREADS as usize)?, 1, 1);
         let launch = lib.launch(&MATMUL_TC, "stage_x_f16", grid, MATMUL_THREADS, 0, args)?;
         Ok(StagedX {
-            launch,
+            launch: Some(launch),
             scratch,
             xh,
             after: xh + staged_bytes as u64,

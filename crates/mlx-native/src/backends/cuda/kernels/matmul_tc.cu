@@ -126,23 +126,25 @@ __device__ __forceinline__ int tcq_column(int p, int order) {
     }
 }
 
-// xh [m, kp] (kp = k rounded up to 64) = x [m, k] as f16, each 64-column step permuted in
-// `order`, zero past k. Launch: 256 threads, one 16-byte group of 8 outputs each.
-extern "C" __global__ void stage_x_f16(const float* __restrict__ x, u16* __restrict__ xh, int m,
-                                       int k, int kp, int order) {
+// xh [m, kp] (kp = k rounded up to 64) = x [m, k] (f32, or f16 where `xt` says so) as f16,
+// each 64-column step permuted in `order`, zero past k. Launch: 256 threads, one 16-byte group
+// of 8 outputs each.
+extern "C" __global__ void stage_x_f16(const void* __restrict__ x, u16* __restrict__ xh, int m,
+                                       int k, int kp, int order, int xt) {
     kernel_entry();
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     const int per_row = kp / 8;
     if (i >= (i64)m * per_row) return;
     const i64 row = i / per_row;
     const int p = (int)(i - row * per_row) * 8, step = p & ~63;
-    const float* xr = x + row * k;
+    const i64 xr = row * k;
     u32 h[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
         const int c0 = step + tcq_column((p & 63) + 2 * e, order);
         const int c1 = step + tcq_column((p & 63) + 2 * e + 1, order);
-        h[e] = pack_f16x2(c0 < k ? xr[c0] : 0.f, c1 < k ? xr[c1] : 0.f);
+        h[e] = pack_f16x2(c0 < k ? load_float(x, xr + c0, xt) : 0.f,
+                          c1 < k ? load_float(x, xr + c1, xt) : 0.f);
     }
     *(uint4*)(xh + row * kp + p) = uint4{h[0], h[1], h[2], h[3]};
 }

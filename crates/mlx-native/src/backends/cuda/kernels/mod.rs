@@ -78,7 +78,7 @@ pub(crate) const SOURCES: &[&Source] = &[
     &sampling::SOURCE,
 ];
 
-pub(crate) use matmul::{matvec_folds_norm, matvec_reads_half_x};
+pub(crate) use matmul::{matmul_reads_half_x, matvec_folds_norm, matvec_reads_half_x};
 
 pub(crate) fn register(reg: &mut Registry<Planner>) {
     attention::register(reg);

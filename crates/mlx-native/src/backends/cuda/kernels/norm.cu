@@ -3,20 +3,24 @@
 
 // With `residual` (else null) out = residual + the norm, the norm rounded first (no fused
 // multiply-add), as a norm launch and an add launch compute it.
+// out is f32, or f16 where `half_out` (f16 activations for a matmul that rounds x to f16).
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const void* __restrict__ w,
-                                    const float* __restrict__ residual,
-                                    float* __restrict__ out, int d, int wt, float eps,
-                                    float w_offset, int early) {
+                                    const float* __restrict__ residual, void* __restrict__ out,
+                                    int d, int wt, float eps, float w_offset, int half_out,
+                                    int early) {
     kernel_entry_early(early);
     const i64 row = (i64)blockIdx.x * d;
     const float* xr = x + row;
-    float* yr = out + row;
     float ss = 0.f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
     const float r = rsqrtf(block_sum(ss) / d + eps);
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         const float y = xr[i] * r * (load_float(w, i, wt) + w_offset);
-        yr[i] = residual ? __fadd_rn(residual[row + i], y) : y;
+        const float v = residual ? __fadd_rn(residual[row + i], y) : y;
+        if (half_out)
+            ((u16*)out)[row + i] = f32_to_f16(v);
+        else
+            ((float*)out)[row + i] = v;
     }
 }
 

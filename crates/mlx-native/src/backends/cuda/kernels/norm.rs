@@ -18,7 +18,9 @@ pub(super) static SOURCE: Source = Source {
 };
 
 pub(super) fn register(reg: &mut Registry<Planner>) {
-    reg.insert("rms_norm", "", DType::F32, rms_norm);
+    for dtype in [DType::F32, DType::F16] {
+        reg.insert("rms_norm", "", dtype, rms_norm);
+    }
     reg.insert("layer_norm", "", DType::F32, layer_norm);
 }
 
@@ -52,7 +54,10 @@ fn rms_norm(
         rows: x.rows(),
         d: x.last_dim(),
     };
-    Ok(CudaKernel::single(rms_norm_rows(lib, rows, w, norm)?))
+    let half_out = out.dtype() == DType::F16;
+    Ok(CudaKernel::single(rms_norm_launch(
+        lib, rows, w, norm, half_out,
+    )?))
 }
 
 /// Rows of an RMSNorm by device address: `rows` rows of `d` f32 at `x` into `out`, plus the
@@ -65,8 +70,19 @@ pub(super) struct RmsNormRows {
     pub d: usize,
 }
 
-/// The RMSNorm launch of `rows` (also used by the matvec planner in front of a matvec).
+/// The RMSNorm launch of `rows` into f32 (also used by the matvec planner in front of a
+/// matvec).
 pub(super) fn rms_norm_rows(
+    lib: &KernelLibrary,
+    rows: RmsNormRows,
+    w: &Tensor,
+    norm: PreNorm,
+) -> Result<Launch> {
+    rms_norm_launch(lib, rows, w, norm, false)
+}
+
+/// The RMSNorm launch of `rows`, into f16 where `half_out`.
+fn rms_norm_launch(
     lib: &KernelLibrary,
     RmsNormRows {
         x,
@@ -77,6 +93,7 @@ pub(super) fn rms_norm_rows(
     }: RmsNormRows,
     w: &Tensor,
     norm: PreNorm,
+    half_out: bool,
 ) -> Result<Launch> {
     let args = Args::new()
         .u64(x)
@@ -87,6 +104,7 @@ pub(super) fn rms_norm_rows(
         .code(float_type("rms_norm", "weight", w.dtype())?)
         .f32(norm.eps)
         .f32(norm.w_offset())
+        .code(i32::from(half_out))
         .early_launch(rows);
     lib.launch(&SOURCE, "rms_norm", (dim(rows)?, 1, 1), threads(d), 0, args)
 }
