@@ -211,6 +211,32 @@ fn rms_norm_matches_reference() {
             };
             let what = format!("rms_norm {dtype} offset={unit_offset} into f16");
             check(&what, &dev, compute, &want_h, 1e-4);
+            // A residual add in front (`add_rms_norm`): x = a + b, the sum written too.
+            let a = rng.vec(m * d, 1.0);
+            let b: Vec<f32> = x.iter().zip(&a).map(|(&x, &a)| x - a).collect();
+            let sums: Vec<f64> = a.iter().zip(&b).map(|(&a, &b)| (a + b) as f64).collect();
+            for normed_dtype in [DType::F32, DType::F16] {
+                let want = match normed_dtype {
+                    DType::F16 => want_h.clone(),
+                    _ => want.clone(),
+                };
+                let want: Vec<f64> = sums.iter().chain(&want).copied().collect();
+                let compute = |dev: &Device| {
+                    let (at, bt) = (dev.from_slice(&a, &[m, d])?, dev.from_slice(&b, &[m, d])?);
+                    let wt = floats(dev, &w, &[d], dtype)?.0;
+                    let sum = poisoned(dev, &[m, d])?;
+                    let normed = match normed_dtype {
+                        DType::F16 => poisoned_half(dev, &[m, d])?,
+                        _ => poisoned(dev, &[m, d])?,
+                    };
+                    run(dev, |enc| {
+                        ops::add_rms_norm(enc, &at, &bt, &wt, eps, unit_offset, &sum, &normed)
+                    })?;
+                    Ok([cache_values(&sum)?, cache_values(&normed)?].concat())
+                };
+                let what = format!("add_rms_norm {dtype} offset={unit_offset} into {normed_dtype}");
+                check(&what, &dev, compute, &want, 1e-4);
+            }
             // With a residual added in the same dispatch (a block output norm).
             let residual = rng.vec(m * d, 3.0);
             let want: Vec<f64> = want

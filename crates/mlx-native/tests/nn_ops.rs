@@ -649,6 +649,49 @@ fn f16_activations_are_the_f32_values_rounded() {
     assert!(err.to_string().contains("x: dtype f16"), "{err}");
 }
 
+/// A residual add and the next norm in one dispatch (`add_rms_norm`, prompts) give the very
+/// values of `binary` then `rms_norm`, into f32 and into f16.
+#[test]
+fn add_rms_norm_is_the_add_then_the_norm() {
+    let dev = Device::cpu();
+    let fx = fixture("norm");
+    for (name, p) in fx.cases.iter().filter(|(name, _)| name.starts_with("rms")) {
+        let x = fx.tensor(&dev, &format!("{name}.x"));
+        let w = fx.tensor(&dev, &format!("{name}.weight"));
+        let y = fx.tensor(&dev, &format!("{name}.out"));
+        let (eps, unit_offset) = (f32_of(p, "eps"), p["unit_offset"].as_bool().unwrap());
+        let [sum, normed, fused_sum, fused] = [0; 4].map(|_| nan_tensor(&dev, x.shape()));
+        let fused_h = dev.empty(x.shape(), DType::F16).unwrap();
+        let mut enc = CommandEncoder::new(&dev);
+        ops::binary(&mut enc, BinaryFn::Add, &x, &y, &sum).unwrap();
+        ops::rms_norm(&mut enc, &sum, &w, eps, unit_offset, &normed).unwrap();
+        let both = |enc: &mut CommandEncoder, out: &Tensor| {
+            ops::add_rms_norm(enc, &x, &y, &w, eps, unit_offset, &fused_sum, out)
+        };
+        both(&mut enc, &fused).unwrap();
+        enc.commit().unwrap();
+        let values = |t: &Tensor| t.to_vec::<f32>().unwrap();
+        assert_eq!(values(&fused_sum), values(&sum), "{name}: sum");
+        assert_eq!(values(&fused), values(&normed), "{name}: normed");
+        both(&mut enc, &fused_h).unwrap();
+        enc.commit().unwrap();
+        let rounded: Vec<f16> = values(&normed).iter().map(|&v| f16::from_f32(v)).collect();
+        assert_eq!(
+            fused_h.to_vec::<f16>().unwrap(),
+            rounded,
+            "{name}: into f16"
+        );
+        // The sum is the residual stream: f32, and not where the norm goes.
+        let err = ops::add_rms_norm(&mut enc, &x, &y, &w, eps, unit_offset, &fused, &fused);
+        assert!(err.unwrap_err().to_string().contains("overlap"), "{name}");
+        let err = ops::add_rms_norm(&mut enc, &x, &y, &w, eps, unit_offset, &fused_h, &fused);
+        assert!(
+            err.unwrap_err().to_string().contains("sum: dtype f16"),
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn norms_match_mlx() {
     let dev = Device::cpu();

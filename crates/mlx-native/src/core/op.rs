@@ -188,6 +188,9 @@ pub enum Op {
     /// in: x `[m, d]`, weight `[d]`, optionally a residual `[m, d]`; out `[m, d]` (+ the
     /// residual). `unit_offset` scales by (1 + w) (Gemma).
     RmsNorm { eps: f32, unit_offset: bool },
+    /// in: a, b `[m, d]`, weight `[d]`; out: the sum a + b `[m, d]` (f32), then its RMSNorm
+    /// `[m, d]` (f32 or f16): a residual add and the next norm in one pass.
+    AddRmsNorm { eps: f32, unit_offset: bool },
     /// in: x `[m, d]`, weight `[d]`, bias `[d]`; out `[m, d]`.
     LayerNorm { eps: f32 },
     /// Rotary embedding of `rotary_dims` leading dims of each head. in: x `[m, n_heads*head_dim]`,
@@ -334,6 +337,7 @@ impl Op {
         match self {
             Op::Embedding { .. } => "embedding",
             Op::RmsNorm { .. } => "rms_norm",
+            Op::AddRmsNorm { .. } => "add_rms_norm",
             Op::LayerNorm { .. } => "layer_norm",
             Op::Rope { .. } => "rope",
             Op::MatMul { .. } => "matmul",

@@ -354,22 +354,39 @@ pub struct Scratch {
 }
 
 /// The residual stream as the next op reads it: `x`, or, where a block output is still to be
-/// added (`update`: one decode row with sandwich norms, whose output norm and residual add the
-/// next normed matmul folds in, one dispatch fewer a block), x before that update.
+/// added, x before that addition: `update` (one decode row with sandwich norms, whose output
+/// norm and residual add the next normed matmul folds in, one dispatch fewer a block), or `add`
+/// (a prompt's rows, whose residual add the next norm folds in: `ops::add_rms_norm`).
 #[derive(Clone, Copy)]
 struct Residual<'a> {
     x: &'a Tensor,
     update: Option<ResidualUpdate<'a>>,
+    add: Option<PendingAdd<'a>>,
+}
+
+/// x + `y` into `out`, still to be done.
+#[derive(Clone, Copy)]
+struct PendingAdd<'a> {
+    y: &'a Tensor,
+    out: &'a Tensor,
 }
 
 impl<'a> Residual<'a> {
     fn settled(x: &'a Tensor) -> Self {
-        Residual { x, update: None }
+        Residual {
+            x,
+            update: None,
+            add: None,
+        }
     }
 
-    /// The tensor that holds the stream once the update, if any, is applied.
+    /// The tensor that holds the stream once the update or addition, if any, is applied.
     fn current(&self) -> &'a Tensor {
-        self.update.map_or(self.x, |u| u.out)
+        match (self.update, self.add) {
+            (Some(u), _) => u.out,
+            (None, Some(a)) => a.out,
+            (None, None) => self.x,
+        }
     }
 }
 
@@ -705,16 +722,17 @@ impl Decoder {
         ops::rms_norm(enc, x, w, p.rms_norm_eps, p.arch.norm_unit_offset, out)
     }
 
-    /// RMSNorm of `x` by `w` as the input of the projections `ws`: f16 activations
-    /// (`s.normed_h`) where every one reads them (`ops::matmul_reads_half`), else f32.
+    /// RMSNorm of the stream `x` by `w` as the input of the projections `ws`, its pending
+    /// addition, if any, in the same dispatch: f16 activations (`s.normed_h`) where every one
+    /// reads them (`ops::matmul_reads_half`), else f32.
     fn norm_for<'s>(
         &self,
         enc: &mut CommandEncoder,
-        (x, w): (&Tensor, &Tensor),
+        (x, w): (Residual, &Tensor),
         ws: &[&Linear],
         s: &'s Scratch,
     ) -> Result<&'s Tensor> {
-        let rows = x.rows();
+        let rows = x.x.rows();
         let out = match &s.normed_h {
             Some(h)
                 if ws
@@ -725,7 +743,17 @@ impl Decoder {
             }
             _ => &s.normed,
         };
-        self.norm(enc, x, w, out)?;
+        match (x.update, x.add) {
+            (None, Some(add)) => {
+                let (p, sum) = (&self.params, add.out);
+                let (eps, offset) = (p.rms_norm_eps, p.arch.norm_unit_offset);
+                ops::add_rms_norm(enc, x.x, add.y, w, eps, offset, sum, out)?;
+            }
+            _ => {
+                let x = self.settle(enc, x)?;
+                self.norm(enc, x, w, out)?;
+            }
+        }
         Ok(out)
     }
 
@@ -762,7 +790,6 @@ impl Decoder {
                 }
             }
             _ => {
-                let x = self.settle(enc, x)?;
                 let (q, k, v) = (&layer.q, &layer.k, &layer.v);
                 let normed = self.norm_for(enc, (x, &layer.attn_norm), &[q, k, v], s)?;
                 ops::matmul(enc, normed, q, &s.q)?;
@@ -848,6 +875,7 @@ impl Decoder {
                     weight,
                     out,
                 }),
+                add: None,
             }),
             Some(norm) => {
                 let p = &self.params;
@@ -855,20 +883,28 @@ impl Decoder {
                 ops::rms_norm_add(enc, &s.proj, norm, p.rms_norm_eps, offset, x, out)?;
                 Ok(Residual::settled(out))
             }
-            None => {
+            None if branch.rows() == 1 => {
                 ops::binary(enc, BinaryFn::Add, x, &s.proj, out)?;
                 Ok(Residual::settled(out))
             }
+            None => Ok(Residual {
+                x,
+                update: None,
+                add: Some(PendingAdd { y: &s.proj, out }),
+            }),
         }
     }
 
-    /// The residual stream with its update applied by a dispatch of its own (`rms_norm_add`),
-    /// for the ops that do not fold it.
+    /// The residual stream with its update or addition applied by a dispatch of its own
+    /// (`rms_norm_add`, `binary`), for the ops that do not fold it.
     fn settle<'a>(&self, enc: &mut CommandEncoder, x: Residual<'a>) -> Result<&'a Tensor> {
         if let Some(u) = x.update {
             let p = &self.params;
             let offset = p.arch.norm_unit_offset;
             ops::rms_norm_add(enc, u.y, u.weight, p.rms_norm_eps, offset, x.x, u.out)?;
+        }
+        if let Some(add) = x.add {
+            ops::binary(enc, BinaryFn::Add, x.x, add.y, add.out)?;
         }
         Ok(x.current())
     }
@@ -892,7 +928,6 @@ impl Decoder {
             ops::gated_matmul(enc, x.x, x.update, norm, gate, up, act, &s.act, act_h)?;
             return Ok(act_h);
         }
-        let x = self.settle(enc, x)?;
         let normed = self.norm_for(enc, (x, norm), &[gate, up], s)?;
         ops::matmul(enc, normed, gate, &s.gate)?;
         ops::matmul(enc, normed, up, &s.up)?;
@@ -985,7 +1020,11 @@ impl Decoder {
                 }
             }
         }
-        // A pending update (one row) comes with x of one row: its last.
+        // A pending update (one row) comes with x of one row: its last. A prompt's pending
+        // addition is done first (the head reads one row, and the norm folds no addition).
+        if residual.add.is_some() {
+            residual = Residual::settled(self.settle(enc, residual)?);
+        }
         let last = residual.x.narrow_rows(s.m - 1, 1)?;
         let head_out = match (a.final_softcap, &s.uncapped_logits) {
             (Some(_), Some(uncapped)) => uncapped,

@@ -21,7 +21,7 @@ pub use moe::{
     gather_gated_matmul, gather_matmul, gather_matmul_combine, moe_combine, moe_route,
     routed_gated_matmul, ExpertLinear,
 };
-pub use norm::{layer_norm, rms_norm, rms_norm_add};
+pub use norm::{add_rms_norm, layer_norm, rms_norm, rms_norm_add};
 pub use rope::{inv_freq, rope, rope_kv_append, RopeScaling, RopeTable};
 pub use sampling::{argmax, argmax_end_step, end_step, sample};
 

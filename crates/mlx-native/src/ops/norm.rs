@@ -3,7 +3,7 @@ use crate::core::dtype::DType;
 use crate::core::encoder::CommandEncoder;
 use crate::core::op::Op;
 use crate::core::tensor::Tensor;
-use crate::Result;
+use crate::{Error, Result};
 
 /// out = x / rms(x) · w (or · (1 + w) with `unit_offset`, Gemma's convention), per row. out is
 /// f32, or f16 (each value rounded once) for a matmul that reads f16 activations
@@ -44,6 +44,37 @@ pub fn rms_norm_add(
     expect_shape("rms_norm_add", "out", out, x.shape())?;
     let op = Op::RmsNorm { eps, unit_offset };
     enc.dispatch(op, &[x, weight, residual], &[out])
+}
+
+/// sum = a + b, then normed = sum / rms(sum) · w (or · (1 + w)), per row, in one dispatch: a
+/// residual add and the next block's input norm (prompts; the values of `binary` then
+/// `rms_norm`). sum is f32 (the residual stream), normed f32 or f16 (as `rms_norm`'s out).
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm(
+    enc: &mut CommandEncoder,
+    a: &Tensor,
+    b: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    unit_offset: bool,
+    sum: &Tensor,
+    normed: &Tensor,
+) -> Result<()> {
+    let op = "add_rms_norm";
+    expect_dtype(op, "a", a, &[DType::F32])?;
+    expect_dtype(op, "b", b, &[DType::F32])?;
+    expect_shape(op, "b", b, a.shape())?;
+    expect_dtype(op, "weight", weight, FLOATS)?;
+    expect_shape(op, "weight", weight, &[a.last_dim()])?;
+    expect_dtype(op, "sum", sum, &[DType::F32])?;
+    expect_shape(op, "sum", sum, a.shape())?;
+    expect_dtype(op, "normed", normed, ACTIVATIONS)?;
+    expect_shape(op, "normed", normed, a.shape())?;
+    if sum.overlaps(normed) {
+        return Err(Error::op(op, "sum and normed overlap"));
+    }
+    let op = Op::AddRmsNorm { eps, unit_offset };
+    enc.dispatch(op, &[a, b, weight], &[sum, normed])
 }
 
 /// out = (x − mean) / std · w + b, per row.

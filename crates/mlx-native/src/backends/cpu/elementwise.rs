@@ -97,7 +97,7 @@ pub(super) fn gated_activation(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -
     Ok(())
 }
 
-fn binary(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
+pub(super) fn binary(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let Op::Binary(which) = *op else {
         return Err(wrong_op(op));
     };

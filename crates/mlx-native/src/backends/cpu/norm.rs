@@ -3,9 +3,9 @@
 
 use rayon::prelude::*;
 
-use super::{into_half, slice, slice_mut, wrong_op, CpuKernel, FloatSlice};
+use super::{elementwise, into_half, slice, slice_mut, wrong_op, CpuKernel, FloatSlice};
 use crate::core::dtype::DType;
-use crate::core::op::{Op, PreNorm};
+use crate::core::op::{operand_count, BinaryFn, Op, PreNorm};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
 use crate::Result;
@@ -15,6 +15,7 @@ pub(super) fn register(reg: &mut Registry<CpuKernel>) {
     reg.insert("rms_norm", "", DType::F16, |op, inputs, outputs| {
         into_half(op, inputs, outputs, rms_norm)
     });
+    reg.insert("add_rms_norm", "", DType::F32, add_rms_norm);
     reg.insert("layer_norm", "", DType::F32, layer_norm);
 }
 
@@ -91,6 +92,25 @@ pub(super) fn rms_norm(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result
         }
     }
     Ok(())
+}
+
+/// `Op::AddRmsNorm`: the sum as `binary` adds, then its norm as `rms_norm` (into f16 where
+/// normed is f16).
+fn add_rms_norm(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
+    let Op::AddRmsNorm { eps, unit_offset } = *op else {
+        return Err(wrong_op(op));
+    };
+    let ([a, b, w], [sum, normed]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let add = Op::Binary(BinaryFn::Add);
+    elementwise::binary(&add, &[a.clone(), b.clone()], std::slice::from_ref(sum))?;
+    let norm = Op::RmsNorm { eps, unit_offset };
+    let (inputs, normed) = ([sum.clone(), w.clone()], std::slice::from_ref(normed));
+    match normed[0].dtype() {
+        DType::F16 => into_half(&norm, &inputs, normed, rms_norm),
+        _ => rms_norm(&norm, &inputs, normed),
+    }
 }
 
 fn layer_norm(op: &Op, inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {

@@ -24,6 +24,32 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const void* __r
     }
 }
 
+// sum = a + b (f32), then normed = sum·rsqrt(mean(sum²) + eps)·(w + w_offset), f32 or f16 where
+// `half_out`: a residual add and the next norm in one pass, each value as `binary` and `rms_norm`
+// compute it (the same sums of squares in the same order). One block a row.
+extern "C" __global__ void add_rms_norm(const float* __restrict__ a, const float* __restrict__ b,
+                                        const void* __restrict__ w, float* __restrict__ sum,
+                                        void* __restrict__ normed, int d, int wt, float eps,
+                                        float w_offset, int half_out) {
+    kernel_entry();
+    const i64 row = (i64)blockIdx.x * d;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float s = a[row + i] + b[row + i];
+        sum[row + i] = s;
+        ss += s * s;
+    }
+    const float r = rsqrtf(block_sum(ss) / d + eps);
+    // Each thread reads back the sums it wrote itself.
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float y = sum[row + i] * r * (load_float(w, i, wt) + w_offset);
+        if (half_out)
+            ((u16*)normed)[row + i] = f32_to_f16(y);
+        else
+            ((float*)normed)[row + i] = y;
+    }
+}
+
 // Two passes (mean, then the centred sum of squares) as the CPU reference does.
 extern "C" __global__ void layer_norm(const float* __restrict__ x, const void* __restrict__ w,
                                       const void* __restrict__ b, float* __restrict__ out,

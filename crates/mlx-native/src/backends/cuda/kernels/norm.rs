@@ -21,6 +21,7 @@ pub(super) fn register(reg: &mut Registry<Planner>) {
     for dtype in [DType::F32, DType::F16] {
         reg.insert("rms_norm", "", dtype, rms_norm);
     }
+    reg.insert("add_rms_norm", "", DType::F32, add_rms_norm);
     reg.insert("layer_norm", "", DType::F32, layer_norm);
 }
 
@@ -107,6 +108,42 @@ fn rms_norm_launch(
         .code(i32::from(half_out))
         .early_launch(rows);
     lib.launch(&SOURCE, "rms_norm", (dim(rows)?, 1, 1), threads(d), 0, args)
+}
+
+fn add_rms_norm(
+    lib: &KernelLibrary,
+    op: &Op,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+) -> Result<CudaKernel> {
+    let Op::AddRmsNorm { eps, unit_offset } = *op else {
+        return Err(wrong_op(op));
+    };
+    let ([a, b, w], [sum, normed]) = (inputs, outputs) else {
+        return Err(operand_count(op, inputs.len(), outputs.len()));
+    };
+    let norm = PreNorm { eps, unit_offset };
+    let d = a.last_dim();
+    let args = Args::new()
+        .ptr(a)?
+        .ptr(b)?
+        .ptr(w)?
+        .ptr(sum)?
+        .ptr(normed)?
+        .int(d)?
+        .code(float_type("add_rms_norm", "weight", w.dtype())?)
+        .f32(norm.eps)
+        .f32(norm.w_offset())
+        .code(i32::from(normed.dtype() == DType::F16));
+    let grid = (dim(a.rows())?, 1, 1);
+    Ok(CudaKernel::single(lib.launch(
+        &SOURCE,
+        "add_rms_norm",
+        grid,
+        threads(d),
+        0,
+        args,
+    )?))
 }
 
 fn layer_norm(
