@@ -827,7 +827,7 @@ impl Decoder {
     /// `copy` (an f16 scratch of the projection `w`'s input) where `w` reads it: a decode row's
     /// copy beside x on `project_residual`'s one-dispatch path, on a kernel that stages x's f16
     /// copy (`ops::reads_half_copy`); a prompt's f16 activations in place of x, where the matmul
-    /// rounds x to f16 anyway (`ops::matmul_reads_half`). An unread copy only costs.
+    /// reads them as they lie (`ops::matmul_reads_half`). An unread copy only costs.
     fn half_copy_for<'s>(
         enc: &CommandEncoder,
         w: &Linear,
@@ -849,8 +849,10 @@ impl Decoder {
     /// `out` = `x` + `branch`·Wᵀ, the block output first normed by `out_norm` if there is one
     /// (the norm and the add one dispatch). One decode row without a norm or bias takes the
     /// residual as the matmul's bias: one dispatch instead of two, reading `branch_h` (branch's
-    /// f16 copy) if given; more rows read `branch_h` (their f16 activations) instead of branch. One decode row with a norm leaves the norm and the add to the next
-    /// normed matmul (`Residual::update`): one dispatch instead of two.
+    /// f16 copy) if given; more rows read `branch_h` (their f16 activations) instead of branch.
+    /// One decode row with a norm leaves the norm and the add to the next normed matmul
+    /// (`Residual::update`), more rows without one leave the add to the next norm
+    /// (`Residual::add`): one dispatch instead of two.
     #[allow(clippy::too_many_arguments)]
     fn project_residual<'a>(
         &'a self,

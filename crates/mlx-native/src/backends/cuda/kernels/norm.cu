@@ -1,9 +1,17 @@
 // RMSNorm and LayerNorm over the last dimension: one block per row, f32 activations, weights
 // and biases of any float type (`wt`).
 
+// out[i] = v as f32, or as f16 where `half_out` (f16 activations for a matmul that reads them).
+__device__ __forceinline__ void store_activation(void* out, i64 i, float v, int half_out) {
+    if (half_out)
+        ((u16*)out)[i] = f32_to_f16(v);
+    else
+        ((float*)out)[i] = v;
+}
+
 // With `residual` (else null) out = residual + the norm, the norm rounded first (no fused
-// multiply-add), as a norm launch and an add launch compute it.
-// out is f32, or f16 where `half_out` (f16 activations for a matmul that rounds x to f16).
+// multiply-add), as a norm launch and an add launch compute it. out is f32, or f16 where
+// `half_out`.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const void* __restrict__ w,
                                     const float* __restrict__ residual, void* __restrict__ out,
                                     int d, int wt, float eps, float w_offset, int half_out,
@@ -16,11 +24,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const void* __r
     const float r = rsqrtf(block_sum(ss) / d + eps);
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         const float y = xr[i] * r * (load_float(w, i, wt) + w_offset);
-        const float v = residual ? __fadd_rn(residual[row + i], y) : y;
-        if (half_out)
-            ((u16*)out)[row + i] = f32_to_f16(v);
-        else
-            ((float*)out)[row + i] = v;
+        store_activation(out, row + i, residual ? __fadd_rn(residual[row + i], y) : y, half_out);
     }
 }
 
@@ -42,11 +46,8 @@ extern "C" __global__ void add_rms_norm(const float* __restrict__ a, const float
     const float r = rsqrtf(block_sum(ss) / d + eps);
     // Each thread reads back the sums it wrote itself.
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float y = sum[row + i] * r * (load_float(w, i, wt) + w_offset);
-        if (half_out)
-            ((u16*)normed)[row + i] = f32_to_f16(y);
-        else
-            ((float*)normed)[row + i] = y;
+        store_activation(normed, row + i, sum[row + i] * r * (load_float(w, i, wt) + w_offset),
+                         half_out);
     }
 }
 
