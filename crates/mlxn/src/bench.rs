@@ -99,6 +99,8 @@ fn model(args: &BenchArgs) -> Result<(Device, Decoder, String)> {
 struct Row {
     prompt: usize,
     prefill_tokens_per_s: f64,
+    /// The prefill's host time recording its forward pass, ms (`GenerateStats`).
+    prefill_record_ms: f64,
     decode_tokens_per_s: f64,
     kv_bytes: usize,
     kernels: usize,
@@ -148,11 +150,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         // prefill and the 8B shape's figures unchanged.
         session.generate(&prompt, &opts, |_| true)?;
         let mut prefill = Vec::new();
+        let mut record = Vec::new();
         let mut decode = Vec::new();
         let mut kernels = 0;
         for _ in 0..args.reps.max(1) {
             let (_, stats) = session.generate(&prompt, &opts, |_| true)?;
             prefill.push(stats.prefill_tokens_per_s());
+            record.push(stats.prefill_record_time.as_secs_f64() * 1e3);
             decode.push(stats.decode_tokens_per_s());
             kernels = stats.kernels_per_token;
         }
@@ -162,6 +166,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         rows.push(Row {
             prompt: len,
             prefill_tokens_per_s: median(prefill),
+            prefill_record_ms: median(record),
             decode_tokens_per_s: median(decode),
             kv_bytes: 2 * p.num_layers * p.num_kv_heads * p.head_dim * kv_elem * mid,
             kernels,
@@ -177,8 +182,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             copy_bytes_per_s / 1e9
         );
         println!(
-            "{:>8} {:>14} {:>14} {:>12} {:>11} {:>14}",
-            "prompt", "prefill tok/s", "decode tok/s", "decode GB/s", "% of bound", "kernels/token"
+            "{:>8} {:>14} {:>10} {:>14} {:>12} {:>11} {:>14}",
+            "prompt",
+            "prefill tok/s",
+            "record ms",
+            "decode tok/s",
+            "decode GB/s",
+            "% of bound",
+            "kernels/token"
         );
     }
     for r in &rows {
@@ -189,7 +200,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             println!(
                 "{}",
                 serde_json::json!({"model": label, "prompt_tokens": r.prompt, "decode_tokens": args.decode,
-                    "prefill_tokens_per_s": pf, "decode_tokens_per_s": dc, "decode_gb_per_s": gbs,
+                    "prefill_tokens_per_s": pf, "prefill_record_ms": r.prefill_record_ms,
+                    "decode_tokens_per_s": dc, "decode_gb_per_s": gbs,
                     "copy_gb_per_s": copy_bytes_per_s / 1e9, "decode_bound_fraction": bound,
                     "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": r.kv_bytes,
                     "kv_dtype": session.kv_dtype().name(),
@@ -199,8 +211,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "repetition_penalty": opts.sampling.repetition_penalty})
             );
         } else {
-            let (len, pct, kernels) = (r.prompt, 100.0 * bound, r.kernels);
-            println!("{len:>8} {pf:>14.1} {dc:>14.1} {gbs:>12.2} {pct:>10.1}% {kernels:>14}");
+            let (len, rec, pct, kernels) =
+                (r.prompt, r.prefill_record_ms, 100.0 * bound, r.kernels);
+            println!(
+                "{len:>8} {pf:>14.1} {rec:>10.3} {dc:>14.1} {gbs:>12.2} {pct:>10.1}% {kernels:>14}"
+            );
         }
     }
     if let (false, Some(peak)) = (args.json, peak) {

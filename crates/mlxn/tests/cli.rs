@@ -128,6 +128,13 @@ fn bench_samples_when_given_a_temperature() {
     assert!(copy.is_finite() && copy > 0.0, "copy bandwidth {copy}");
     let fraction = field("decode_bound_fraction");
     assert!((fraction - field("decode_gb_per_s") / copy).abs() <= 1e-9 * fraction);
+    // Recording the prefill's forward pass is part of the prefill's time.
+    let prefill_ms = 1e3 * field("prompt_tokens") / field("prefill_tokens_per_s");
+    let record_ms = field("prefill_record_ms");
+    assert!(
+        record_ms > 0.0 && record_ms <= prefill_ms,
+        "{record_ms} of {prefill_ms} ms"
+    );
 }
 
 /// `bench` loads the network alone: a GGUF file with no tokenizer (llama.cpp's random-weight

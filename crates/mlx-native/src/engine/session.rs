@@ -42,12 +42,24 @@ pub struct GenerateStats {
     pub reused_tokens: usize,
     pub generated_tokens: usize,
     pub prefill_time: Duration,
+    /// Of `prefill_time`, the host's time recording the forward pass (planning each dispatch)
+    /// before any of it was submitted: on an asynchronous device the device idles through it,
+    /// and a short prompt's prefill is bound by it and by enqueuing the launches.
+    pub prefill_record_time: Duration,
     /// Time of the decode steps after the first generated token.
     pub decode_time: Duration,
     /// Kernel dispatches in one decode step.
     pub dispatches_per_token: usize,
     /// Device kernels one decode step launches.
     pub kernels_per_token: usize,
+}
+
+/// What a prefill gives back: the first new token, the prompt tokens it reused from the cache,
+/// and its time recording the forward pass (`GenerateStats::prefill_record_time`).
+struct Prefilled {
+    token: u32,
+    reused: usize,
+    record_time: Duration,
 }
 
 impl GenerateStats {
@@ -173,15 +185,11 @@ impl Session {
     /// Run the prompt through the model (positions 0..len; with prefix reuse, from the first
     /// token the cache does not hold) and sample the first new token.
     pub fn prefill(&mut self, prompt: &[u32], sampling: SamplingParams) -> Result<u32> {
-        Ok(self.prefill_reusing(prompt, sampling)?.0)
+        Ok(self.prefill_reusing(prompt, sampling)?.token)
     }
 
-    /// `prefill`, and how many leading prompt tokens it reused.
-    fn prefill_reusing(
-        &mut self,
-        prompt: &[u32],
-        sampling: SamplingParams,
-    ) -> Result<(u32, usize)> {
+    /// `prefill`, and how many leading prompt tokens it reused and how long it recorded.
+    fn prefill_reusing(&mut self, prompt: &[u32], sampling: SamplingParams) -> Result<Prefilled> {
         if prompt.is_empty() {
             return Err(Error::Invalid("empty prompt".into()));
         }
@@ -204,6 +212,7 @@ impl Session {
         if self.prefill.as_ref().is_none_or(|s| s.m != chunk) {
             self.prefill = Some(self.model.new_scratch(&self.device, chunk)?);
         }
+        let mut record_time = Duration::ZERO;
         for (i, ids) in rest.chunks(chunk).enumerate() {
             let start = reused + i * chunk;
             self.pos.write(&[start as u32])?;
@@ -218,6 +227,7 @@ impl Session {
                 }
             };
             self.cache.set_min_keys(start + 1);
+            let recording = Instant::now();
             self.model.encode_forward(
                 &mut self.enc,
                 &tokens,
@@ -226,6 +236,7 @@ impl Session {
                 scratch,
                 &self.logits,
             )?;
+            record_time += recording.elapsed();
             self.enc.commit()?;
         }
         self.cached = prompt.to_vec();
@@ -233,7 +244,11 @@ impl Session {
         self.encode_sample(sampling, false)?;
         self.enc.commit()?;
         self.pos_on_device = Some(prompt.len() - 1);
-        Ok((self.token.to_vec::<u32>()?[0], reused))
+        Ok(Prefilled {
+            token: self.token.to_vec::<u32>()?[0],
+            reused,
+            record_time,
+        })
     }
 
     /// The token choice; at a decode step's end (`end_step`) the token goes into its ring slot
@@ -412,8 +427,10 @@ impl Session {
             return Ok((out, stats));
         }
         let t0 = Instant::now();
-        let (mut next, reused) = self.prefill_reusing(prompt, opts.sampling)?;
-        stats.reused_tokens = reused;
+        let prefilled = self.prefill_reusing(prompt, opts.sampling)?;
+        let mut next = prefilled.token;
+        stats.reused_tokens = prefilled.reused;
+        stats.prefill_record_time = prefilled.record_time;
         stats.prefill_time = t0.elapsed();
         let t1 = Instant::now();
         // On an asynchronous device the step after the current one is submitted before the
