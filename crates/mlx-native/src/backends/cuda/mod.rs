@@ -338,8 +338,8 @@ impl Backend for CudaBackend {
         kernels::matvec_reads_half_x(self.library.sm_count(), layout, n, k)
     }
 
-    fn matmul_reads_half_x(&self, layout: WeightLayout, m: usize, _n: usize, k: usize) -> bool {
-        kernels::matmul_reads_half_x(&self.library, layout, m, k)
+    fn matmul_reads_half_x(&self, layout: WeightLayout, m: usize, n: usize, k: usize) -> bool {
+        kernels::matmul_reads_half_x(&self.library, layout, (m, k, n))
     }
 
     fn matvec_folds_norm(&self, layout: WeightLayout, n: usize, k: usize) -> bool {

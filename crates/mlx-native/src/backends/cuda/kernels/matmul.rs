@@ -236,11 +236,7 @@ fn matmul(
             device_ptr(out)?,
         )?));
     }
-    // MLX 4/8-bit weights of 2–32 rows take the short kernels, which address the weight's
-    // words and groups with 32-bit offsets.
-    let mlx_rows = (2..=MATMUL_TCQ_ROWS32_MAX).contains(&m)
-        && matches!(weight, Weight::Mlx { bits: bits @ (4 | 8), .. }
-            if n * (k / 32) * bits as usize <= u32::MAX as usize);
+    let mlx_rows = mlx_short_rows(layout, (m, k, n));
     // (cuBLAS is loaded only when a prompt this long first comes.)
     let blas = (tensor_cores && m >= GEMM_MIN_ROWS && !mlx_rows)
         .then(|| lib.cublas())
@@ -383,22 +379,28 @@ fn short_rows_staged(layout: WeightLayout, k: usize) -> bool {
     }
 }
 
-/// Whether a plain matmul of m rows of a weight of `layout` with k columns reads f16 x where it
-/// lies, with no staging launch of its own (`Backend::matmul_reads_half_x`): the products
-/// through cuBLAS (from GEMM_MIN_ROWS; MLX 4/8-bit past the 32-row kernel), of rows of whole
-/// 64-column steps, where cuBLAS loads. The short kernels stage f16 x as they stage f32 x (one
-/// launch either way, and from f16 it took 3.24 µs against 2.70, H200, 2026-11-29), so f16
+/// Whether 2–32 rows of an MLX 4/8-bit weight `[n, k]` run on the short kernels
+/// (`matmul_tcq_rows{,32}_*`), which address the weight's words and groups with 32-bit offsets.
+fn mlx_short_rows(layout: WeightLayout, (m, k, n): (usize, usize, usize)) -> bool {
+    (2..=MATMUL_TCQ_ROWS32_MAX).contains(&m)
+        && matches!(layout, WeightLayout::MlxAffine { bits: bits @ (4 | 8), .. }
+            if n * (k / 32) * bits as usize <= u32::MAX as usize)
+}
+
+/// Whether a plain matmul of m rows of a weight of `layout` `[n, k]` reads f16 x where it lies,
+/// with no staging launch of its own (`Backend::matmul_reads_half_x`): the planner's products
+/// through cuBLAS (from GEMM_MIN_ROWS, not on the short kernels, not of dense weights, whose
+/// f32 form the layout does not tell), of rows of whole 64-column steps (`StagedX`'s in-place
+/// rule), where cuBLAS loads. The short kernels stage f16 x as they stage f32 x (one launch
+/// either way, and from f16 it took 3.24 µs against 2.70, H200, 2026-11-29), so f16
 /// activations would spare them nothing. Rows and x are taken as aligned.
 pub(crate) fn matmul_reads_half_x(
     lib: &KernelLibrary,
     layout: WeightLayout,
-    m: usize,
-    k: usize,
+    (m, k, n): (usize, usize, usize),
 ) -> bool {
-    let short_kernel =
-        matches!(layout, WeightLayout::MlxAffine { bits: 4 | 8, .. }) && m <= MATMUL_TCQ_ROWS32_MAX;
     m >= GEMM_MIN_ROWS
-        && !short_kernel
+        && !mlx_short_rows(layout, (m, k, n))
         && k.is_multiple_of(MATMUL_TC_STEP)
         && !matches!(layout, WeightLayout::Dense)
         && lib.cublas().is_some()
@@ -1749,6 +1751,26 @@ fn matvec_kgroups(n: usize, k: usize, sm_count: usize, (rows, units): (usize, us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mlx_short_kernels_take_2_to_32_rows_of_4_and_8_bits() {
+        let mlx = |bits| WeightLayout::MlxAffine {
+            bits,
+            group_size: 64,
+        };
+        for (layout, (m, k, n), want) in [
+            (mlx(4), (2, 4096, 4096), true),
+            (mlx(8), (32, 14336, 4096), true),
+            (mlx(4), (1, 4096, 4096), false),
+            (mlx(4), (33, 4096, 4096), false),
+            (mlx(6), (16, 4096, 4096), false),
+            (WeightLayout::Gguf(GgmlType::Q4_0), (16, 4096, 4096), false),
+            // n · (k / 32) · bits = 2^34 words past the 32-bit offsets.
+            (mlx(4), (16, 4096, 1 << 25), false),
+        ] {
+            assert_eq!(mlx_short_rows(layout, (m, k, n)), want, "{layout:?} m={m}");
+        }
+    }
 
     #[test]
     fn f32_tiles_split_k_only_where_they_leave_sms_idle() {
