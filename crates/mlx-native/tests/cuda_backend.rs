@@ -1685,7 +1685,9 @@ fn matmul_short_prompts_every_layout() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng(31);
     // Up to 16 rows the short kernels; 17–32 MLX 4/8-bit `matmul_tcq_rows32_*` (its second
-    // fragment's upper half empty up to 24 rows), the other layouts cuBLAS.
+    // fragment's upper half empty up to 24 rows), the other layouts cuBLAS. One 128-column tile
+    // splits k into steps/4: MLX 4/8-bit's 2–16-row kernel sums 5 splits (k = 1,280) and 8
+    // (2,048) in a cluster of them, 17 (4,352: past the cluster's 8) through `splitk_sum`.
     // 70 × 4,352 is past 2^18 weights: 2 rows of the decode kernel's layouts run on it
     // (`matvec_tc_x2_*`), 3–4 rows of MLX 4/8-bit too (`matvec_tc_x4_*`).
     let shapes = [
@@ -1696,6 +1698,7 @@ fn matmul_short_prompts_every_layout() {
         (37, 1280, 5),
         (70, 4352, 8),
         (70, 1280, 9),
+        (40, 2048, 12),
         (45, 4352, 16),
         (37, 1280, 17),
         (70, 4352, 24),
@@ -1727,6 +1730,31 @@ fn matmul_short_prompts_every_layout() {
     check_matmul(&dev, &mut rng, &w, 24, true);
     let w = dense_weight(&mut rng, 45, 640, DType::F32);
     check_matmul(&dev, &mut rng, &w, 20, true);
+}
+
+/// 2–16 rows of MLX 4/8-bit weights with x one element past a 16-byte boundary: the short
+/// kernel reads x in 16-byte words, so such x takes the 128-row ring (its staged copy); x at the
+/// boundary, the short kernel. Both against the reference and the CPU backend.
+#[test]
+fn matmul_short_prompts_of_unaligned_x() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng(43);
+    for (bits, m) in [(4, 5), (8, 16)] {
+        let w = mlx_weight(&mut rng, 150, 1280, bits, 64, DType::F16);
+        let x = rng.vec(m * w.k, 1.0);
+        let want = matmul_ref(&x, &w, None, m);
+        for shifted in [false, true] {
+            let compute = |dev: &Device| {
+                let lin = w.upload(dev, None)?;
+                let xt = row_at(dev, &x, shifted)?.reshape(&[m, w.k])?;
+                let out = poisoned(dev, &[m, w.n])?;
+                run(dev, |enc| ops::matmul(enc, &xt, &lin, &out))?;
+                out.to_vec::<f32>()
+            };
+            let what = format!("matmul {} m={m} shifted={shifted}", describe(&w));
+            check(&what, &dev, compute, &want, 1e-3);
+        }
+    }
 }
 
 /// Products of f16 activations (a norm's or the gated activation's f16 output): read in place

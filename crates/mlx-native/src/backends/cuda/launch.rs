@@ -27,6 +27,9 @@ pub(crate) type Planner = fn(&KernelLibrary, &Op, &[Tensor], &[Tensor]) -> Resul
 
 /// Shared memory a block may use without opting in.
 const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
+/// The most blocks of a thread block cluster that every sm_90+ GPU runs (the portable size;
+/// matmul_tc.cu's MAX_CLUSTER).
+const MAX_CLUSTER: u32 = 8;
 
 /// Kernel arguments, one 8-byte slot each. A slot holds the value's native bytes at its
 /// start, which is what the driver copies for a parameter of that size.
@@ -106,6 +109,8 @@ pub(crate) struct KernelLaunch {
     programmatic: bool,
     /// A cooperative launch: every block resident at once (grid-wide barriers), else an error.
     cooperative: bool,
+    /// Blocks of a thread block cluster along z (1: no clusters).
+    cluster_z: u32,
 }
 
 impl Launch {
@@ -151,16 +156,27 @@ impl Launch {
 impl KernelLaunch {
     fn enqueue(&self, stream: &CudaStream) -> Result<()> {
         let (x, y, z) = self.cfg.grid_dim;
-        // SAFETY: an all-zero launch attribute is the valid "ignore" entry; its id and value
-        // are set below. A cooperative kernel launches alone (it does not wait on the one
-        // before it programmatically).
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        // SAFETY: an all-zero launch attribute is the valid "ignore" entry; ids and values are
+        // set below. A cooperative kernel launches alone (it does not wait on the one before
+        // it programmatically).
+        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut count = 0;
         if self.cooperative {
-            attr.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
-            attr.value.cooperative = 1;
-        } else {
-            attr.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attr.value.programmaticStreamSerializationAllowed = 1;
+            attrs[0].id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+            attrs[0].value.cooperative = 1;
+            count = 1;
+        } else if self.programmatic {
+            attrs[0].id =
+                CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[0].value.programmaticStreamSerializationAllowed = 1;
+            count = 1;
+        }
+        if self.cluster_z > 1 {
+            attrs[count].id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attrs[count].value.clusterDim.x = 1;
+            attrs[count].value.clusterDim.y = 1;
+            attrs[count].value.clusterDim.z = self.cluster_z;
+            count += 1;
         }
         let (bx, by, bz) = self.cfg.block_dim;
         let config = sys::CUlaunchConfig {
@@ -172,8 +188,8 @@ impl KernelLaunch {
             blockDimZ: bz,
             sharedMemBytes: self.cfg.shared_mem_bytes,
             hStream: stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: (self.programmatic || self.cooperative) as u32,
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: count as u32,
         };
         let mut params: Vec<*mut std::ffi::c_void> = self
             .args
@@ -183,7 +199,7 @@ impl KernelLaunch {
         // SAFETY: the planner that built this launch matched the argument list to the kernel's
         // signature (each parameter's bytes at the start of its slot), and the grid to the
         // sizes of the tensors whose addresses it holds; the tensors are kept alive by the
-        // dispatch (and by the graph that replays it). `params` and `attr` outlive the call.
+        // dispatch (and by the graph that replays it). `params` and `attrs` outlive the call.
         unsafe {
             sys::cuLaunchKernelEx(
                 &config,
@@ -463,6 +479,49 @@ impl KernelLibrary {
         shared: u32,
         args: Args,
     ) -> Result<Launch> {
+        let launch = self.kernel_launch(source, name, grid, block, shared, args)?;
+        Ok(Launch::Kernel(launch))
+    }
+
+    /// Whether kernels may launch in thread block clusters (sm_90 and later).
+    pub fn clusters(&self) -> bool {
+        self.arch >= 90
+    }
+
+    /// `launch` with the blocks in clusters of `cluster_z` (≤ MAX_CLUSTER) blocks along z, grid
+    /// z a multiple of it (where `clusters`): a cluster's blocks run at once and read each
+    /// other's shared memory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_in_clusters(
+        &self,
+        source: &'static Source,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: Args,
+        cluster_z: u32,
+    ) -> Result<Launch> {
+        if !self.clusters() || cluster_z > MAX_CLUSTER || !grid.2.is_multiple_of(cluster_z) {
+            return Err(Error::Cuda(format!(
+                "{name}: clusters of {cluster_z} blocks for a grid of {} along z on sm_{}",
+                grid.2, self.arch
+            )));
+        }
+        let mut launch = self.kernel_launch(source, name, grid, block, shared, args)?;
+        launch.cluster_z = cluster_z;
+        Ok(Launch::Kernel(launch))
+    }
+
+    fn kernel_launch(
+        &self,
+        source: &'static Source,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: Args,
+    ) -> Result<KernelLaunch> {
         let func = self.function(source, name)?;
         if shared > DEFAULT_SHARED_LIMIT {
             let mut raised = self.raised.lock().map_err(|_| poisoned())?;
@@ -478,7 +537,7 @@ impl KernelLibrary {
                 *limit = shared;
             }
         }
-        Ok(Launch::Kernel(KernelLaunch {
+        Ok(KernelLaunch {
             func,
             cfg: LaunchConfig {
                 grid_dim: grid,
@@ -488,7 +547,8 @@ impl KernelLibrary {
             args: args.0,
             programmatic: self.programmatic,
             cooperative: false,
-        }))
+            cluster_z: 1,
+        })
     }
 
     /// cuBLAS on this library's stream, made on first use (at record time, never while a graph

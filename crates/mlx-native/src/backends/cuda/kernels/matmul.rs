@@ -259,8 +259,10 @@ fn matmul(
     ) = (tensor_cores && staged_offsets_fit, &weight)
     {
         let order = if *bits == 4 { TCQ_MLX4 } else { TCQ_BYTES };
-        // (Short kernels: blocks resident an SM, their launch bounds.)
-        let (name, shared, resident) = match (mlx_rows, short) {
+        // (Short kernels: blocks resident an SM, their launch bounds. The 2–16-row kernel reads
+        // x in 16-byte words; x at another address takes the ring.)
+        let x_words = device_ptr(x)? % 16 == 0;
+        let (name, shared, resident) = match (mlx_rows && (x_words || !short), short) {
             (true, true) => (
                 format!("matmul_tcq_rows_mlx{bits}"),
                 TcqShared::XRange(16),
@@ -278,9 +280,8 @@ fn matmul(
             ),
         };
         let kernel = (name.as_str(), shared, resident);
-        return tcq_matmul(lib, x, order, kernel, (n, bias), out, |xh, dst| {
-            Ok(Args::new()
-                .u64(xh)
+        return tcq_matmul(lib, x, order, kernel, (n, bias), out, |x_args, dst| {
+            Ok(x_args
                 .ptr(w)?
                 .ptr(scales)?
                 .ptr(biases)?
@@ -323,9 +324,8 @@ fn matmul(
                     (&name, shared, short.then_some(2)),
                     (n, bias),
                     out,
-                    |xh, dst| {
-                        Args::new()
-                            .u64(xh)
+                    |x_args, dst| {
+                        x_args
                             .ptr(data)?
                             .bias(bias)?
                             .u64(dst)
@@ -588,13 +588,25 @@ fn f32_k_splits(sm_count: usize, (m, k, n): (usize, usize, usize)) -> usize {
 enum TcqShared {
     /// These bytes, however k is split (the rings' stages).
     Fixed(u32),
-    /// A block's k range of this many rows of the staged x (`matmul_tcq_rows_*`: 4 bytes a pair
-    /// of a row's columns and ROWS_X_PAD words after each row).
+    /// A block's k range of this many rows of x, which the kernel reads as it lies (f32 or f16,
+    /// its type the argument after x) and writes as f16 in its order (`matmul_tcq_rows_*`: 4
+    /// bytes a pair of a row's columns and ROWS_X_PAD words after each row).
     XRange(usize),
 }
 
 /// Words of padding after a row of x in `matmul_tcq_rows_*`' shared memory (matmul_tc.cu).
 const ROWS_X_PAD: usize = 4;
+/// Shared memory of a partial tile (16 rows of 128 floats) that `matmul_tcq_rows_*` sums across
+/// the cluster of its k splits, over its x range.
+const CLUSTER_TILE_BYTES: u32 = 16 * 128 * 4;
+/// The most k splits `matmul_tcq_rows_*` sums in a cluster (the portable size, launch.rs's
+/// MAX_CLUSTER), for grids of at most a block an SM. H200, 2026-11-29, serialized µs a product
+/// of an 8-token prefill, `splitk_sum` (2.66 µs) against clusters of every size: 1B q 6.40 →
+/// 8.12 in clusters of 8 (128 blocks), k and v 5.9 → 6.75 (32 blocks); gate and up 10.44 → 16.5
+/// in clusters of 4 but 256 blocks, down 10.99 → 18.21 in clusters of 16; Qwen3-0.6B q/k/v/o,
+/// gate and up 5.7–6.0 → 6.6–6.8 in clusters of 4 (32–96 blocks), down 6.19 → 8.15 in clusters
+/// of 12.
+const CLUSTER_SUM_MAX: usize = 8;
 
 /// Splits of `steps` 64-column steps (at least `splits`) such that a split's range of `rows`
 /// rows of x fits `budget` bytes of shared memory, and the bytes it takes (`TcqShared::XRange`).
@@ -607,8 +619,9 @@ fn x_range_splits(splits: usize, steps: usize, rows: usize, budget: usize) -> (u
 }
 
 /// The launches of `matmul_tcq_*` kernel `name` (with `shared` dynamic shared memory; `short`:
-/// a short prompt's kernel, with its blocks resident an SM) for x `[m, k]` staged in `order`:
-/// `args(xh, dst)` lists its arguments for the staged x and the output address. Where the
+/// a short prompt's kernel, with its blocks resident an SM) for x `[m, k]` staged in `order`
+/// (by the kernel itself where `shared` is an x range): `args(x_args, dst)` lists its arguments
+/// after x's (`x_args`: the staged x, or x and its type) for the output address `dst`. Where the
 /// output tiles leave SMs idle (`tcq_k_splits`, `short_k_splits`), or a block's k range of x
 /// would not fit its shared memory, blocks split k (grid z), write partial tiles to scratch
 /// after the staged x, and `splitk_sum` adds them and the bias into `out`.
@@ -619,7 +632,7 @@ fn tcq_matmul(
     (name, shared, short): (&str, TcqShared, Option<usize>),
     (n, bias): (usize, Bias),
     out: &Tensor,
-    args: impl Fn(u64, u64) -> Result<Args>,
+    args: impl Fn(Args, u64) -> Result<Args>,
 ) -> Result<CudaKernel> {
     let (m, k) = (x.rows(), x.last_dim());
     let steps = k.div_ceil(MATMUL_TC_STEP);
@@ -628,6 +641,7 @@ fn tcq_matmul(
         Some(_) => short_k_splits(n.div_ceil(MATMUL_TC_TILE), steps, per_sm * lib.sm_count()),
         None => tc_k_splits(lib, (m, k, n)),
     };
+    let shared_x = matches!(shared, TcqShared::XRange(_));
     let shared = match shared {
         TcqShared::Fixed(bytes) => bytes,
         TcqShared::XRange(rows) => {
@@ -637,28 +651,50 @@ fn tcq_matmul(
             bytes
         }
     };
-    let partial_bytes = if splits > 1 { splits * m * n * 4 } else { 0 };
-    let staged = StagedX::new(lib, x, order, partial_bytes)?;
-    let dst = if splits > 1 {
-        staged.after
-    } else {
-        device_ptr(out)?
+    // The 2–16-row kernel sums its k splits inside a cluster of them where clusters run; other
+    // splits write partial slices that `splitk_sum` adds.
+    let cluster = (shared_x && lib.clusters())
+        .then(|| cluster_sum(splits, n.div_ceil(MATMUL_TC_TILE), lib.sm_count()))
+        .flatten();
+    let shared = match cluster {
+        Some(_) => shared.max(CLUSTER_TILE_BYTES),
+        None => shared,
+    };
+    let partial_bytes = match (splits > 1, cluster) {
+        (true, None) => splits * m * n * 4,
+        _ => 0,
+    };
+    let (staged, x_args) = match shared_x {
+        true => (
+            StagedX::as_it_lies(lib, x, partial_bytes)?,
+            Args::new()
+                .ptr(x)?
+                .code(float_type("matmul", "x", x.dtype())?),
+        ),
+        false => {
+            let staged = StagedX::new(lib, x, order, partial_bytes)?;
+            let xh = staged.xh;
+            (staged, Args::new().u64(xh))
+        }
+    };
+    let dst = match partial_bytes > 0 {
+        true => staged.after,
+        false => device_ptr(out)?,
     };
     let grid = (
         blocks(n, MATMUL_TC_TILE)?,
         blocks(m, MATMUL_TC_TILE)?,
         splits as u32,
     );
-    let matmul = lib.launch(
-        &MATMUL_TC,
-        name,
-        grid,
-        MATMUL_THREADS,
-        shared,
-        args(staged.xh, dst)?,
-    )?;
+    let args = args(x_args, dst)?;
+    let matmul = match cluster {
+        Some(z) => {
+            lib.launch_in_clusters(&MATMUL_TC, name, grid, MATMUL_THREADS, shared, args, z)?
+        }
+        None => lib.launch(&MATMUL_TC, name, grid, MATMUL_THREADS, shared, args)?,
+    };
     let mut launches: Vec<Launch> = staged.launch.into_iter().chain([matmul]).collect();
-    if splits > 1 {
+    if partial_bytes > 0 {
         launches.push(splitk_sum(lib, dst, splits, bias, out)?);
     }
     Ok(CudaKernel::sharing(launches, staged.scratch))
@@ -719,13 +755,7 @@ impl StagedX {
         let in_place =
             x.dtype() == DType::F16 && order == TCQ_NATURAL && kp == k && device_ptr(x)? % 16 == 0;
         if in_place {
-            let (scratch, after) = lib.shared_scratch(extra)?;
-            return Ok(StagedX {
-                launch: None,
-                scratch,
-                xh: device_ptr(x)?,
-                after,
-            });
+            return Self::as_it_lies(lib, x, extra);
         }
         let staged_bytes = (m * kp * 2).next_multiple_of(256);
         let (scratch, xh) = lib.shared_scratch(staged_bytes + extra)?;
@@ -746,6 +776,25 @@ impl StagedX {
             after: xh + staged_bytes as u64,
         })
     }
+
+    /// x where it lies (no launch), for a kernel that reads it so, and `extra` bytes of scratch.
+    fn as_it_lies(lib: &KernelLibrary, x: &Tensor, extra: usize) -> Result<Self> {
+        let (scratch, after) = lib.shared_scratch(extra)?;
+        Ok(StagedX {
+            launch: None,
+            scratch,
+            xh: device_ptr(x)?,
+            after,
+        })
+    }
+}
+
+/// The cluster in which `matmul_tcq_rows_*` sums its `splits` k splits of `tiles` 128-column
+/// tiles: at most CLUSTER_SUM_MAX splits, in grids of at most a block an SM; None where
+/// `splitk_sum` adds them.
+fn cluster_sum(splits: usize, tiles: usize, sm_count: usize) -> Option<u32> {
+    let fits = (2..=CLUSTER_SUM_MAX).contains(&splits) && tiles * splits <= sm_count;
+    fits.then_some(splits as u32)
 }
 
 /// Dynamic shared memory of `matmul_tcq_mlx{bits}`: Tcq<bits>::STAGES slots of Tcq::BYTES (an
@@ -1770,6 +1819,17 @@ mod tests {
         ] {
             assert_eq!(mlx_short_rows(layout, (m, k, n)), want, "{layout:?} m={m}");
         }
+    }
+
+    #[test]
+    fn short_prompts_sum_splits_in_clusters_of_up_to_8_in_one_wave() {
+        // An 8-token prefill of the 1B on 132 SMs: q (16 tiles, 8 splits) and k (4, 8) in
+        // clusters; gate (64 tiles, 4 splits: 256 blocks) and down (16 tiles, 16 splits) not.
+        assert_eq!(cluster_sum(8, 16, 132), Some(8));
+        assert_eq!(cluster_sum(8, 4, 132), Some(8));
+        assert_eq!(cluster_sum(4, 64, 132), None);
+        assert_eq!(cluster_sum(16, 16, 132), None);
+        assert_eq!(cluster_sum(1, 16, 132), None);
     }
 
     #[test]

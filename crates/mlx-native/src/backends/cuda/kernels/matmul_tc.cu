@@ -486,32 +486,42 @@ MATMUL_TCQ_MLX(4)
 MATMUL_TCQ_MLX(8)
 
 // Short prompts (2–32 rows of x) of MLX 4- and 8-bit weights on tensor cores, where the ring's
-// 128-row x tile would be mostly empty: x (staged as for the ring, rows past m repeating row
-// m − 1) is the A operand, RF fragments of 16 rows (`matmul_tcq_rows_*` RF = 1 for 2–16 rows,
-// `matmul_tcq_rows32_*` RF = 2 for 17–32; a last fragment's rows 8–15 zero and not loaded
-// where m leaves them empty); a weight row is a column of B. Each of the 8 warps owns 32
-// weight rows (4 n8 blocks: rows n0 + 32·(w%4) + 8j + g) and every other step of the block's
-// steps (w/4); each thread loads its B fragments' raw words, scales and biases straight from
-// global memory (no shared tile: every weight is read by one thread once) into a register
+// 128-row x tile would be mostly empty: x (f16 in the ring's staged order, rows past m
+// repeating row m − 1) is the A operand, RF fragments of 16 rows (`matmul_tcq_rows_*` RF = 1
+// for 2–16 rows, `matmul_tcq_rows32_*` RF = 2 for 17–32; a last fragment's rows 8–15 zero and
+// not loaded where m leaves them empty); a weight row is a column of B. Each of the 8 warps
+// owns 32 weight rows (4 n8 blocks: rows n0 + 32·(w%4) + 8j + g) and every other step of the
+// block's steps (w/4); each thread loads its B fragments' raw words, scales and biases straight
+// from global memory (no shared tile: every weight is read by one thread once) into a register
 // ring D steps ahead of their mma, the scale and bias bits converted only when used (a
-// conversion at the load would wait for it), and its A fragments: RF = 1 from shared memory,
-// where the block copies its k range of the staged x after the wait for the kernel that
-// staged it (`rows_stage_x`; read from L2 at each step, x's loads held about half the stall
-// samples of the 8B's 16-row down projection), RF = 2 from the staged x, which L1 and L2
-// serve to all warps (its one block an SM waits for the whole copy: H200, 2026-11-28, 8B
-// prefill tok/s, x in shared memory against L2 at 16 rows 2,522 / 2,497 against 2,265 /
-// 2,348, at 32 rows 2,567 / 2,502 against 3,288 / 3,250). Weights become f16 as in the ring
-// (`tcq_fragment`), so a weight costs ~1.5 ALU instructions whatever the rows of x, where
-// matvec_rows.cu pays a multiply-add for every row. Launch: 256 threads, two blocks an SM for
-// RF = 1 (one for RF = 2, whose accumulators need the registers), grid (ceil(n/128), 1, k
-// splits), RF = 1 with 4·16·(32·steps + ROWS_X_PAD) bytes of dynamic shared memory for the
-// most steps a split takes; split: partial slices as `store_tile_split`'s, summed by
-// `splitk_sum`. H200, 2026-11-28, prefill tok/s, this kernel's first form (one step ahead,
-// scales converted at the load, the 128-row tiles' splits) against this: 8B MLX 4-bit at 2 /
-// 16 rows 306 / 2,056 → 378 / 2,354, 1B 690 / 7,585 → 1,083 / 8,037; RF = 2 against cuBLAS at
-// 17 / 24 / 32 rows: 8B 1,355 / 1,908 / 2,541 → 2,199 / 2,729 / 3,241, 8-bit at 24 / 32 1,828
-// / 2,414 → 2,473 / 2,995. Loading a step's x a step ahead as well (ring depth 3) gained
-// nothing; summing the splits in each tile's last block instead of `splitk_sum` lost 10–28%.
+// conversion at the load would wait for it), and its A fragments:
+// - RF = 1 from shared memory, where the block writes its k range of x, f32 or f16 as it lies,
+//   converted and ordered, after the wait for the kernel that wrote x (`rows_stage_x`; read from
+//   L2 at each step, x's loads held about half the stall samples of the 8B's 16-row down
+//   projection). No `stage_x_f16` launch: H200, 2026-11-29, an 8-token prefill of the 1B in
+//   ncu 1,901 → 1,631 µs serialized (this kernel 7.51 → 8.06 µs, 112 stagings of 2.96 gone),
+//   prefill tok/s at 5 / 8 / 12 / 16 tokens 1B 2,973–3,036 / 4,725–4,792 / 6,632–6,908 /
+//   8,630–8,983 → 3,260–3,301 / 5,151–5,168 / 7,327–7,400 / 9,322–9,612, Qwen3-0.6B
+//   1,749–1,852 / 2,845–2,999 / 4,206–4,535 / 5,423–5,973 → 2,207–2,213 / 3,509–3,515 /
+//   5,027–5,099 / 6,606–6,613 (its first form, 8 scalar loads a block of 8 and a branch on
+//   x's type at each, took 11.97 µs).
+// - RF = 2 from x staged by `stage_x_f16`, which L1 and L2 serve to all warps (its one block an
+//   SM waits for the whole copy: H200, 2026-11-28, 8B prefill tok/s, x in shared memory against
+//   L2 at 16 rows 2,522 / 2,497 against 2,265 / 2,348, at 32 rows 2,567 / 2,502 against 3,288 /
+//   3,250).
+// Weights become f16 as in the ring (`tcq_fragment`), so a weight costs ~1.5 ALU instructions
+// whatever the rows of x, where matvec_rows.cu pays a multiply-add for every row. Launch: 256
+// threads, two blocks an SM for RF = 1 (one for RF = 2, whose accumulators need the registers),
+// grid (ceil(n/128), 1, k splits), RF = 1 with 4·16·(32·steps + ROWS_X_PAD) bytes of dynamic
+// shared memory for the most steps a split takes (at least a 16 × 128 float tile in clusters);
+// split: partial slices as `store_tile_split`'s, summed by `splitk_sum`, or (RF = 1, matmul.rs
+// `cluster_sum`) the splits a cluster that sums them itself (`cluster_store_rows`). H200,
+// 2026-11-28, prefill tok/s, this kernel's first form (one step ahead, scales converted at the
+// load, the 128-row tiles' splits) against this: 8B MLX 4-bit at 2 / 16 rows 306 / 2,056 → 378 /
+// 2,354, 1B 690 / 7,585 → 1,083 / 8,037; RF = 2 against cuBLAS at 17 / 24 / 32 rows: 8B 1,355 /
+// 1,908 / 2,541 → 2,199 / 2,729 / 3,241, 8-bit at 24 / 32 1,828 / 2,414 → 2,473 / 2,995.
+// Loading a step's x a step ahead as well (ring depth 3) gained nothing; summing the splits in
+// each tile's last block instead of `splitk_sum` lost 10–28%.
 template <int BITS>
 struct RowsTcStep {
     u32 words[4][BITS / 2 > 2 ? 4 : 2];  // 4 bits: words 2t, 2t+1; 8 bits: 4t … 4t+3
@@ -597,24 +607,168 @@ __device__ __forceinline__ void rows_tc_step(const RowsTcStep<BITS>& p,
 // the A fragments' loads (rows g, columns t) hit 32 banks.
 #define ROWS_X_PAD 4
 
-// Copies steps [begin, end) of the first `rows` rows of the staged x (kp halves a row; rows
-// past m repeat row m − 1) into xs, `stride` words a row, and waits for them (the block's
-// threads included).
-__device__ __forceinline__ void rows_stage_x(const u16* __restrict__ xh, u32* xs, int stride,
-                                             int rows, int m, int kp, int begin, int end) {
-    const int per_row = (end - begin) * (TC_BK / 8);  // 16-byte words of a row's range
-    for (int i = threadIdx.x; i < rows * per_row; i += blockDim.x) {
-        const int r = i / per_row, q = i - r * per_row;
-        cp_async16(smem_addr(xs + r * stride + 4 * q),
-                   xh + (i64)min(r, m - 1) * kp + begin * TC_BK + 8 * q, true);
+// Blocks of 8 columns of x a thread loads before it converts and stores any (`rows_stage_x`):
+// x comes from L2 just after the wait, so its loads go out together.
+#define ROWS_STAGE_BATCH 4
+
+// 8 elements of x (f32 or f16 as XT says, 16-byte aligned) from element `at` as floats, or
+// zeros where not `live`.
+template <int XT>
+__device__ __forceinline__ void load_x8(const void* x, i64 at, bool live, float (&v)[8]) {
+    if constexpr (XT == FT_F16) {
+        const uint4 q = live ? *(const uint4*)((const u16*)x + at) : make_uint4(0, 0, 0, 0);
+        const u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            v[2 * i] = f16_to_f32((u16)(w[i] & 0xffffu));
+            v[2 * i + 1] = f16_to_f32((u16)(w[i] >> 16));
+        }
+    } else {
+        const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+        const float4 a = live ? *(const float4*)((const float*)x + at) : zero;
+        const float4 b = live ? *(const float4*)((const float*)x + at + 4) : zero;
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+        v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
     }
-    cp_async_commit();
-    cp_async_wait<0>();
+}
+
+// Writes steps [begin, end) of the first `rows` rows of x ([m, k], f32 or f16 as XT says, 16-byte
+// aligned, k % 8 == 0; rows past m repeat row m − 1) into xs as f16, each step's columns in
+// ORDER (TCQ_MLX4 or TCQ_BYTES; zero past k), `stride` words a row, and waits for the block's
+// threads: what `stage_x_f16` would write, with no launch of its own. A thread takes blocks of 8
+// columns (one or two 16-byte loads). In both orders block b of a step fills the step's words
+// 16(b % 2) + b/2 + 8c + 4h (c, h = 0, 1), each with the columns `tcq_column` gives block 0's.
+template <int XT, int ORDER>
+__device__ __forceinline__ void rows_stage_x(const void* __restrict__ x, u32* xs, int stride,
+                                             int rows, int m, int k, int begin, int end) {
+    static_assert(ORDER == TCQ_MLX4 || ORDER == TCQ_BYTES, "the word rule above");
+    const int per_row = (end - begin) * (TC_BK / 8);  // blocks of 8 in a row's range
+    const int count = rows * per_row;
+    for (int first = threadIdx.x; first < count; first += ROWS_STAGE_BATCH * blockDim.x) {
+        float v[ROWS_STAGE_BATCH][8];
+#pragma unroll
+        for (int b = 0; b < ROWS_STAGE_BATCH; ++b) {
+            const int i = first + b * blockDim.x, r = i / per_row;
+            const int col = begin * TC_BK + 8 * (i - r * per_row);
+            load_x8<XT>(x, (i64)min(r, m - 1) * k + col, i < count && col < k, v[b]);
+        }
+#pragma unroll
+        for (int b = 0; b < ROWS_STAGE_BATCH; ++b) {
+            const int i = first + b * blockDim.x, r = i / per_row, q = i - r * per_row;
+            if (i >= count) break;
+            u32* words = xs + r * stride + (q >> 3) * (TC_BK / 2) + 16 * (q & 1) + ((q & 7) >> 1);
+#pragma unroll
+            for (int c = 0; c < 2; ++c)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    words[8 * c + 4 * h] = pack_f16x2(v[b][tcq_column(16 * c + 8 * h, ORDER)],
+                                                      v[b][tcq_column(16 * c + 8 * h + 1, ORDER)]);
+        }
+    }
     __syncthreads();
 }
 
+// Thread block clusters (sm_90): the blocks of this block's cluster, its rank among them, a
+// barrier of all their threads (release, then acquire), and a float of rank `rank`'s shared
+// memory at the address `p` has in this block's.
+__device__ __forceinline__ u32 cluster_blocks() {
+    u32 n = 1;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+#endif
+    return n;
+}
+
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r = 0;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+#endif
+    return r;
+}
+
+__device__ __forceinline__ void cluster_sync() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile(
+        "barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::
+            : "memory");
+#endif
+}
+
+// The same barrier with no ordering of memory: every block has arrived (for a block's shared
+// memory that others have finished reading: their loads have returned before they arrive).
+__device__ __forceinline__ void cluster_sync_relaxed() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::
+                     : "memory");
+#endif
+}
+
+__device__ __forceinline__ float cluster_load(const float* p, u32 rank) {
+    float v = 0.f;
+#if __CUDA_ARCH__ >= 900
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+                 : "=r"(remote)
+                 : "r"(smem_addr(p)), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote));
+#endif
+    return v;
+}
+
+// The most blocks of a cluster (the portable size; launch.rs's MAX_CLUSTER).
+#define MAX_CLUSTER 8
+
+// `store_rows` of a short kernel (RF = 1) whose k splits are a cluster (grid z = its blocks,
+// ranks the splits): each block writes its partial tile (both warp halves' sums) to `tile` in
+// its shared memory (16 × 128 floats), and after the cluster's barrier sums its share of the
+// tile's live rows over the cluster's tiles in rank order, adds the bias and stores it: the
+// values `splitk_sum` adds from slices in global memory, with no launch. A second barrier keeps
+// each tile until every block has read it (relaxed: the reads have returned by then).
+__device__ __forceinline__ void cluster_store_rows(const float (*acc)[4][4], const TcqThread& at,
+                                                   float* tile, const void* __restrict__ bias,
+                                                   int bias_type, float* __restrict__ out,
+                                                   int m, int n) {
+    // acc[0][j][e] is element (x row g + 8(e/2), tile row wn + 8j + 2t + e % 2).
+    const auto slot = [&](int j, int e) -> float& {
+        return tile[(at.g + 8 * (e >> 1)) * TC_BN + at.wn + 8 * j + 2 * at.t + (e & 1)];
+    };
+    __syncthreads();  // every warp is done with the x range that `tile` overlays
+    if (at.wm) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) slot(j, e) = acc[0][j][e];
+    }
+    __syncthreads();
+    if (!at.wm) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) slot(j, e) += acc[0][j][e];
+    }
+    cluster_sync();
+    const int blocks = (int)cluster_blocks(), live = min(m, 16) * TC_BN;
+    const int share = (live + blocks - 1) / blocks, first = (int)cluster_rank() * share;
+    for (int i = first + threadIdx.x; i < min(live, first + share); i += blockDim.x) {
+        const int x_row = i / TC_BN, row = at.n0 + i % TC_BN;
+        float part[MAX_CLUSTER];  // all requested before the first is added
+#pragma unroll
+        for (int z = 0; z < MAX_CLUSTER; ++z)
+            part[z] = z < blocks ? cluster_load(tile + i, z) : 0.f;
+        float sum = 0.f;
+#pragma unroll
+        for (int z = 0; z < MAX_CLUSTER; ++z)
+            if (z < blocks) sum += part[z];
+        if (row < n)
+            out[(i64)x_row * n + row] = bias ? sum + load_float(bias, row, bias_type) : sum;
+    }
+    cluster_sync_relaxed();
+}
+
+// x: RF = 1 x as it lies (f32 or f16, `xt`), RF = 2 x staged by `stage_x_f16` (xt unused).
 template <int BITS, int RF>
-__device__ __forceinline__ void matmul_tcq_rows(const u16* __restrict__ xh,
+__device__ __forceinline__ void matmul_tcq_rows(const void* __restrict__ x, int xt,
                                                 const u32* __restrict__ w, const void* scales,
                                                 const void* biases, int st,
                                                 const void* __restrict__ bias, int bias_type,
@@ -631,8 +785,8 @@ __device__ __forceinline__ void matmul_tcq_rows(const u16* __restrict__ xh,
         wrow[j] = (u32)row * (k / 32) * BITS;
         grow[j] = (u32)row * groups;
     }
-    constexpr bool STAGED = RF == 1;               // x in shared memory
-    extern __shared__ __align__(16) u32 rows_x[];  // the block's k range of x (STAGED)
+    constexpr bool SHARED_X = RF == 1;             // x in shared memory
+    extern __shared__ __align__(16) u32 rows_x[];  // the block's k range of x (SHARED_X)
     const bool upper = m > 16 * RF - 8;
     int begin, end;
     split_steps(kp / TC_BK, begin, end);
@@ -643,7 +797,8 @@ __device__ __forceinline__ void matmul_tcq_rows(const u16* __restrict__ xh,
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int r = 16 * i + 8 * h + g;
-            xr[i][h] = STAGED ? rows_x + r * stride : (const u32*)(xh + (i64)min(r, m - 1) * kp);
+            xr[i][h] = SHARED_X ? rows_x + r * stride
+                                : (const u32*)((const u16*)x + (i64)min(r, m - 1) * kp);
         }
     float acc[RF][4][4];
     tc_zero(acc);
@@ -659,8 +814,15 @@ __device__ __forceinline__ void matmul_tcq_rows(const u16* __restrict__ xh,
     }
     kernel_entry();
     // (A last fragment's rows 8–15 are not read where m leaves them empty.)
-    if constexpr (STAGED) rows_stage_x(xh, rows_x, stride, upper ? 16 : 8, m, kp, begin, end);
-    const int first = STAGED ? begin : 0;  // the step at xr
+    if constexpr (SHARED_X) {
+        constexpr int ORDER = BITS == 4 ? TCQ_MLX4 : TCQ_BYTES;
+        const int rows = upper ? 16 : 8;
+        if (xt == FT_F16)
+            rows_stage_x<FT_F16, ORDER>(x, rows_x, stride, rows, m, k, begin, end);
+        else
+            rows_stage_x<FT_F32, ORDER>(x, rows_x, stride, rows, m, k, begin, end);
+    }
+    const int first = SHARED_X ? begin : 0;  // the step at xr
     for (int base = begin + half; base < end; base += 2 * D) {
 #pragma unroll
         for (int d = 0; d < D; ++d) {
@@ -672,22 +834,32 @@ __device__ __forceinline__ void matmul_tcq_rows(const u16* __restrict__ xh,
                                    ring[d]);
         }
     }
+    if constexpr (SHARED_X) {
+        if (cluster_blocks() > 1) {
+            cluster_store_rows(acc, TcqThread(), (float*)rows_x, bias, bias_type, out, m, n);
+            return;
+        }
+    }
     store_rows<RF>(acc, TcqThread(), bias, bias_type, out, m, n);
 }
 
-// `matmul_tcq_rows_mlx*` (2–16 rows of x) and `matmul_tcq_rows32_mlx*` (17–32).
-#define MATMUL_TCQ_ROWS_MLX_KERNEL(NAME, BITS, RF)                                            \
-    extern "C" __global__ void __launch_bounds__(256, 3 - RF)                                 \
-        NAME(const u16* xh, const u32* w, const void* scales, const void* biases, int st,     \
-             const void* bias, int bias_type, float* out, int m, int n, int k,                \
-             int group_shift) {                                                               \
-        matmul_tcq_rows<BITS, RF>(xh, w, scales, biases, st, bias, bias_type, out, m, n, k,   \
-                                  group_shift);                                               \
+// `matmul_tcq_rows_mlx*` (2–16 rows of x, f32 or f16 as `xt` says) and
+// `matmul_tcq_rows32_mlx*` (17–32, x staged by `stage_x_f16`).
+#define TCQ_ROWS_MLX_PARAMS                                                                    \
+    const u32* w, const void* scales, const void* biases, int st, const void* bias,            \
+        int bias_type, float* out, int m, int n, int k, int group_shift
+#define TCQ_ROWS_MLX_ARGS w, scales, biases, st, bias, bias_type, out, m, n, k, group_shift
+#define MATMUL_TCQ_ROWS_MLX_KERNELS(BITS)                                                      \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                       \
+        matmul_tcq_rows_mlx##BITS(const void* x, int xt, TCQ_ROWS_MLX_PARAMS) {               \
+        matmul_tcq_rows<BITS, 1>(x, xt, TCQ_ROWS_MLX_ARGS);                                    \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                       \
+        matmul_tcq_rows32_mlx##BITS(const u16* xh, TCQ_ROWS_MLX_PARAMS) {                     \
+        matmul_tcq_rows<BITS, 2>(xh, FT_F16, TCQ_ROWS_MLX_ARGS);                               \
     }
-MATMUL_TCQ_ROWS_MLX_KERNEL(matmul_tcq_rows_mlx4, 4, 1)
-MATMUL_TCQ_ROWS_MLX_KERNEL(matmul_tcq_rows_mlx8, 8, 1)
-MATMUL_TCQ_ROWS_MLX_KERNEL(matmul_tcq_rows32_mlx4, 4, 2)
-MATMUL_TCQ_ROWS_MLX_KERNEL(matmul_tcq_rows32_mlx8, 8, 2)
+MATMUL_TCQ_ROWS_MLX_KERNELS(4)
+MATMUL_TCQ_ROWS_MLX_KERNELS(8)
 
 // ---------------------------------------------------------------------------------------------
 // ggml blocks of 32 elements (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) on the same ring. A 64-column step
