@@ -127,6 +127,26 @@ impl Launch {
         }
     }
 
+    /// The same launch with its blocks in clusters of `cluster_z` blocks along z (at most
+    /// MAX_CLUSTER, dividing the grid's z; where `KernelLibrary::clusters`): a cluster's blocks
+    /// run at once and read each other's shared memory. A cuBLAS product cannot be.
+    pub fn in_clusters(self, cluster_z: u32) -> Result<Self> {
+        match self {
+            Launch::Kernel(k) if cluster_z <= MAX_CLUSTER => {
+                let z = k.cfg.grid_dim.2;
+                if !z.is_multiple_of(cluster_z) {
+                    return Err(Error::Cuda(format!(
+                        "clusters of {cluster_z} blocks for a grid of {z} along z"
+                    )));
+                }
+                Ok(Launch::Kernel(KernelLaunch { cluster_z, ..k }))
+            }
+            _ => Err(Error::Cuda(format!(
+                "a launch in clusters of {cluster_z} blocks (at most {MAX_CLUSTER}, kernels only)"
+            ))),
+        }
+    }
+
     /// An empty grid or product (an empty tensor) has nothing to compute and is not run.
     fn runs(&self) -> bool {
         match self {
@@ -479,49 +499,6 @@ impl KernelLibrary {
         shared: u32,
         args: Args,
     ) -> Result<Launch> {
-        let launch = self.kernel_launch(source, name, grid, block, shared, args)?;
-        Ok(Launch::Kernel(launch))
-    }
-
-    /// Whether kernels may launch in thread block clusters (sm_90 and later).
-    pub fn clusters(&self) -> bool {
-        self.arch >= 90
-    }
-
-    /// `launch` with the blocks in clusters of `cluster_z` (≤ MAX_CLUSTER) blocks along z, grid
-    /// z a multiple of it (where `clusters`): a cluster's blocks run at once and read each
-    /// other's shared memory.
-    #[allow(clippy::too_many_arguments)]
-    pub fn launch_in_clusters(
-        &self,
-        source: &'static Source,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        shared: u32,
-        args: Args,
-        cluster_z: u32,
-    ) -> Result<Launch> {
-        if !self.clusters() || cluster_z > MAX_CLUSTER || !grid.2.is_multiple_of(cluster_z) {
-            return Err(Error::Cuda(format!(
-                "{name}: clusters of {cluster_z} blocks for a grid of {} along z on sm_{}",
-                grid.2, self.arch
-            )));
-        }
-        let mut launch = self.kernel_launch(source, name, grid, block, shared, args)?;
-        launch.cluster_z = cluster_z;
-        Ok(Launch::Kernel(launch))
-    }
-
-    fn kernel_launch(
-        &self,
-        source: &'static Source,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        shared: u32,
-        args: Args,
-    ) -> Result<KernelLaunch> {
         let func = self.function(source, name)?;
         if shared > DEFAULT_SHARED_LIMIT {
             let mut raised = self.raised.lock().map_err(|_| poisoned())?;
@@ -537,7 +514,7 @@ impl KernelLibrary {
                 *limit = shared;
             }
         }
-        Ok(KernelLaunch {
+        Ok(Launch::Kernel(KernelLaunch {
             func,
             cfg: LaunchConfig {
                 grid_dim: grid,
@@ -548,7 +525,13 @@ impl KernelLibrary {
             programmatic: self.programmatic,
             cooperative: false,
             cluster_z: 1,
-        })
+        }))
+    }
+
+    /// Whether kernels may launch in thread block clusters (`Launch::in_clusters`: sm_90 and
+    /// later).
+    pub fn clusters(&self) -> bool {
+        self.arch >= 90
     }
 
     /// cuBLAS on this library's stream, made on first use (at record time, never while a graph

@@ -687,11 +687,10 @@ fn tcq_matmul(
         splits as u32,
     );
     let args = args(x_args, dst)?;
+    let matmul = lib.launch(&MATMUL_TC, name, grid, MATMUL_THREADS, shared, args)?;
     let matmul = match cluster {
-        Some(z) => {
-            lib.launch_in_clusters(&MATMUL_TC, name, grid, MATMUL_THREADS, shared, args, z)?
-        }
-        None => lib.launch(&MATMUL_TC, name, grid, MATMUL_THREADS, shared, args)?,
+        Some(z) => matmul.in_clusters(z)?,
+        None => matmul,
     };
     let mut launches: Vec<Launch> = staged.launch.into_iter().chain([matmul]).collect();
     if partial_bytes > 0 {
