@@ -1733,8 +1733,9 @@ fn matmul_short_prompts_every_layout() {
 }
 
 /// 2–16 rows of MLX 4/8-bit weights with x one element past a 16-byte boundary: the short
-/// kernel reads x in 16-byte words, so such x takes the 128-row ring (its staged copy); x at the
-/// boundary, the short kernel. Both against the reference and the CPU backend.
+/// kernel reads x in 16-byte words, as every tensor-core kernel does, so such x takes the f32
+/// tiles (`tensor_core_tiles`); x at the boundary, the short kernel. Both against the reference
+/// and the CPU backend.
 #[test]
 fn matmul_short_prompts_of_unaligned_x() {
     let Some(dev) = gpu() else { return };

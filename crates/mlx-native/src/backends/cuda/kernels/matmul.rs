@@ -259,10 +259,8 @@ fn matmul(
     ) = (tensor_cores && staged_offsets_fit, &weight)
     {
         let order = if *bits == 4 { TCQ_MLX4 } else { TCQ_BYTES };
-        // (Short kernels: blocks resident an SM, their launch bounds. The 2–16-row kernel reads
-        // x in 16-byte words; x at another address takes the ring.)
-        let x_words = device_ptr(x)? % 16 == 0;
-        let (name, shared, resident) = match (mlx_rows && (x_words || !short), short) {
+        // (Short kernels: blocks resident an SM, their launch bounds.)
+        let (name, shared, resident) = match (mlx_rows, short) {
             (true, true) => (
                 format!("matmul_tcq_rows_mlx{bits}"),
                 TcqShared::XRange(16),
