@@ -7,13 +7,19 @@
 #   bash scripts/decode_ab.sh
 # Each variant line is a tag and its NVRTC options. BUILDS="tag=dir …" adds builds run
 # between the base and the new one; REAL=dir adds a checkpoint directory (e.g. the carried
-# SmolLM2 files) to the synthetic MODELS. Raw JSON lines and the table under $OUT.
+# SmolLM2 files) to the synthetic MODELS. PROMPT (lengths, comma-separated), DECODE, REPS and
+# ROUNDS set the runs; each process is pinned to core PIN (5; empty: not pinned). Short prompts
+# are bound by the host, whose speed differs between processes: run ROUNDS=2 or more and read
+# each row's `record` (ms planning the prefill; ~0.3 on a fast process) before comparing builds
+# (docs/cuda-backend.md, forty-fifth and forty-sixth sessions). Raw JSON lines and the table
+# under $OUT.
 set -u
 base=${BASE:-.device-bin/base}
 new=${NEW:-.device-bin/bin}
 builds=${BUILDS:-}
 models=${MODELS:-smollm2-135m llama-3.2-1b llama-3.1-8b qwen3-0.6b}
 variants=${VARIANTS:-new -DNONE}
+pin=${PIN-5}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
@@ -21,7 +27,10 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 run() {
   local tag=$1 opts=$2 bin=$3
   shift 3
-  MLXN_NVRTC_OPTIONS="$opts" timeout 150 "$bin/mlxn" "$@" 2>&1 | grep '^{' |
+  local pinned=()
+  [ -n "$pin" ] && pinned=(taskset -c "$pin")
+  MLXN_NVRTC_OPTIONS="$opts" timeout 150 ${pinned[@]+"${pinned[@]}"} "$bin/mlxn" "$@" 2>&1 |
+    grep '^{' |
     sed "s/^/$tag /" >> "$out/ab.txt"
 }
 for round in $(seq "${ROUNDS:-1}"); do
@@ -31,7 +40,7 @@ for round in $(seq "${ROUNDS:-1}"); do
     else
       args=(bench --device cuda --json --synthetic "$m" --quant "${QUANT:-mlx4g64}")
     fi
-    args+=(--prompt-lens "${PROMPT:-128}" --decode 128 --reps 2)
+    args+=(--prompt-lens "${PROMPT:-128}" --decode "${DECODE:-128}" --reps "${REPS:-2}")
     run base "" "$base" "${args[@]}"
     for b in $builds; do run "${b%%=*}" "" "${b#*=}" "${args[@]}"; done
     while read -r tag opts; do
@@ -45,5 +54,6 @@ for line in open(sys.argv[1]):
     tag, js = line.split(" ", 1)
     r = json.loads(js)
     print(f"{tag:8s} {r['model'][-32:]:32s} p={r['prompt_tokens']:5d} prefill {r['prefill_tokens_per_s']:9.0f} "
-          f"decode {r['decode_tokens_per_s']:8.1f} kernels/token {r['kernels_per_token']}")
+          f"record {r['prefill_record_ms']:5.2f} decode {r['decode_tokens_per_s']:8.1f} "
+          f"kernels/token {r['kernels_per_token']}")
 PY
