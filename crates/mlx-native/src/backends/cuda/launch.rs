@@ -29,7 +29,7 @@ pub(crate) type Planner = fn(&KernelLibrary, &Op, &[Tensor], &[Tensor]) -> Resul
 const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
 /// The most blocks of a thread block cluster that every sm_90+ GPU runs (the portable size;
 /// matmul_tc.cu's MAX_CLUSTER).
-const MAX_CLUSTER: u32 = 8;
+pub(crate) const MAX_CLUSTER: u32 = 8;
 
 /// Kernel arguments, one 8-byte slot each. A slot holds the value's native bytes at its
 /// start, which is what the driver copies for a parameter of that size.

@@ -14,7 +14,7 @@ use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
     blocks, dim, float_type, operand_count, wrong_op, Args, Cublas, CudaKernel, KernelLibrary,
-    Launch, Planner,
+    Launch, Planner, MAX_CLUSTER,
 };
 use crate::core::dtype::DType;
 use crate::core::op::{optional_last, Op, PreNorm, UnaryFn};
@@ -597,14 +597,6 @@ const ROWS_X_PAD: usize = 4;
 /// Shared memory of a partial tile (16 rows of 128 floats) that `matmul_tcq_rows_*` sums across
 /// the cluster of its k splits, over its x range.
 const CLUSTER_TILE_BYTES: u32 = 16 * 128 * 4;
-/// The most k splits `matmul_tcq_rows_*` sums in a cluster (the portable size, launch.rs's
-/// MAX_CLUSTER), for grids of at most a block an SM. H200, 2026-11-29, serialized µs a product
-/// of an 8-token prefill, `splitk_sum` (2.66 µs) against clusters of every size: 1B q 6.40 →
-/// 8.12 in clusters of 8 (128 blocks), k and v 5.9 → 6.75 (32 blocks); gate and up 10.44 → 16.5
-/// in clusters of 4 but 256 blocks, down 10.99 → 18.21 in clusters of 16; Qwen3-0.6B q/k/v/o,
-/// gate and up 5.7–6.0 → 6.6–6.8 in clusters of 4 (32–96 blocks), down 6.19 → 8.15 in clusters
-/// of 12.
-const CLUSTER_SUM_MAX: usize = 8;
 
 /// Splits of `steps` 64-column steps (at least `splits`) such that a split's range of `rows`
 /// rows of x fits `budget` bytes of shared memory, and the bytes it takes (`TcqShared::XRange`).
@@ -662,18 +654,15 @@ fn tcq_matmul(
         (true, None) => splits * m * n * 4,
         _ => 0,
     };
-    let (staged, x_args) = match shared_x {
-        true => (
-            StagedX::as_it_lies(lib, x, partial_bytes)?,
-            Args::new()
-                .ptr(x)?
-                .code(float_type("matmul", "x", x.dtype())?),
-        ),
-        false => {
-            let staged = StagedX::new(lib, x, order, partial_bytes)?;
-            let xh = staged.xh;
-            (staged, Args::new().u64(xh))
-        }
+    let staged = match shared_x {
+        true => StagedX::as_it_lies(lib, x, partial_bytes)?,
+        false => StagedX::new(lib, x, order, partial_bytes)?,
+    };
+    let x_args = match shared_x {
+        true => Args::new()
+            .u64(staged.xh)
+            .code(float_type("matmul", "x", x.dtype())?),
+        false => Args::new().u64(staged.xh),
     };
     let dst = match partial_bytes > 0 {
         true => staged.after,
@@ -787,10 +776,14 @@ impl StagedX {
 }
 
 /// The cluster in which `matmul_tcq_rows_*` sums its `splits` k splits of `tiles` 128-column
-/// tiles: at most CLUSTER_SUM_MAX splits, in grids of at most a block an SM; None where
-/// `splitk_sum` adds them.
+/// tiles: at most MAX_CLUSTER splits (the portable size), in grids of at most a block an SM;
+/// None where `splitk_sum` adds them. H200, 2026-11-29, serialized µs a product of an 8-token
+/// prefill, `splitk_sum` (2.66 µs) against clusters of every size: 1B q 6.40 → 8.12 in clusters
+/// of 8 (128 blocks), k and v 5.9 → 6.75 (32 blocks); gate and up 10.44 → 16.5 in clusters of 4
+/// but 256 blocks, down 10.99 → 18.21 in clusters of 16; Qwen3-0.6B q/k/v/o, gate and up 5.7–6.0
+/// → 6.6–6.8 in clusters of 4 (32–96 blocks), down 6.19 → 8.15 in clusters of 12.
 fn cluster_sum(splits: usize, tiles: usize, sm_count: usize) -> Option<u32> {
-    let fits = (2..=CLUSTER_SUM_MAX).contains(&splits) && tiles * splits <= sm_count;
+    let fits = (2..=MAX_CLUSTER as usize).contains(&splits) && tiles * splits <= sm_count;
     fits.then_some(splits as u32)
 }
 
