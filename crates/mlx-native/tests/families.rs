@@ -12,6 +12,7 @@
 //! dominates that difference.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use mlx_native::core::encoder::CommandEncoder;
 use mlx_native::engine::{load_decoder, GenerateOptions, Session, SUPPORTED_MODEL_TYPES};
@@ -282,6 +283,38 @@ fn prefix_reuse_matches_full_prefills() {
 fn prefix_reuse_matches_full_prefills_on_cuda() {
     match Device::parse("cuda") {
         Ok(device) => check_prefix_reuse(&device, LOGIT_TOLERANCE_CUDA),
+        Err(e) => println!("skipped: {e}"),
+    }
+}
+
+/// `Session::prefill_device_time` replays the prompt's recorded forward pass: it leaves the
+/// prompt's last logits (mlx-lm's), and a prefill after it runs as before.
+fn check_prefill_replay(device: &Device, tolerance: f32) {
+    let name = "llama_4bit";
+    let r = reference(&fixture_dir(name));
+    let decoder = load_decoder(&fixture_dir(name), device, &mut |_, _| {}).unwrap();
+    let mut session = Session::with_kv_dtype(decoder, device, 32, DType::F32).unwrap();
+    let len = r.prompt.len();
+    assert!(session.prefill_device_time(&r.prompt, 3).unwrap() > Duration::ZERO);
+    let err = max_abs_diff(&session.logits().unwrap(), &r.logits_f32[len - 1]);
+    assert!(err <= tolerance, "replayed: max |logit - mlx-lm| = {err}");
+    let token = session
+        .prefill(&r.prompt, SamplingParams::default())
+        .unwrap();
+    assert_eq!(token, r.greedy[0]);
+    assert!(session.prefill_device_time(&[], 1).is_err());
+    assert!(session.prefill_device_time(&[1; 33], 1).is_err());
+}
+
+#[test]
+fn prefill_replay_computes_the_prompt() {
+    check_prefill_replay(&Device::cpu(), LOGIT_TOLERANCE);
+}
+
+#[test]
+fn prefill_replay_computes_the_prompt_on_cuda() {
+    match Device::parse("cuda") {
+        Ok(device) => check_prefill_replay(&device, LOGIT_TOLERANCE_CUDA),
         Err(e) => println!("skipped: {e}"),
     }
 }

@@ -38,6 +38,10 @@ pub struct BenchArgs {
     /// Print one JSON object per row instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also time each prompt's forward pass on the device alone: recorded once as a graph and
+    /// replayed, without the host's recording and launches that bound short prompts.
+    #[arg(long)]
+    device_time: bool,
     /// How each decoded token is chosen (greedy by default).
     #[command(flatten)]
     sampling: SamplingArgs,
@@ -101,6 +105,8 @@ struct Row {
     prefill_tokens_per_s: f64,
     /// The prefill's host time recording its forward pass, ms (`GenerateStats`).
     prefill_record_ms: f64,
+    /// Prompt tokens a second of the replayed forward pass (`--device-time`).
+    prefill_device_tokens_per_s: Option<f64>,
     decode_tokens_per_s: f64,
     kv_bytes: usize,
     kernels: usize,
@@ -160,6 +166,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             decode.push(stats.decode_tokens_per_s());
             kernels = stats.kernels_per_token;
         }
+        let prefill_device_tokens_per_s = match args.device_time {
+            true => {
+                let pass = session.prefill_device_time(&prompt, args.reps.max(1))?;
+                Some(len as f64 / pass.as_secs_f64().max(1e-9))
+            }
+            false => None,
+        };
         // KV bytes read per decoded token at the middle of the decode run.
         let mid = len + args.decode / 2;
         let kv_elem = session.kv_dtype().size_in_bytes();
@@ -167,6 +180,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             prompt: len,
             prefill_tokens_per_s: median(prefill),
             prefill_record_ms: median(record),
+            prefill_device_tokens_per_s,
             decode_tokens_per_s: median(decode),
             kv_bytes: 2 * p.num_layers * p.num_kv_heads * p.head_dim * kv_elem * mid,
             kernels,
@@ -182,10 +196,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             copy_bytes_per_s / 1e9
         );
         println!(
-            "{:>8} {:>14} {:>10} {:>14} {:>12} {:>11} {:>14}",
+            "{:>8} {:>14} {:>10} {:>14} {:>14} {:>12} {:>11} {:>14}",
             "prompt",
             "prefill tok/s",
             "record ms",
+            "device tok/s",
             "decode tok/s",
             "decode GB/s",
             "% of bound",
@@ -201,6 +216,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "{}",
                 serde_json::json!({"model": label, "prompt_tokens": r.prompt, "decode_tokens": args.decode,
                     "prefill_tokens_per_s": pf, "prefill_record_ms": r.prefill_record_ms,
+                    "prefill_device_tokens_per_s": r.prefill_device_tokens_per_s,
                     "decode_tokens_per_s": dc, "decode_gb_per_s": gbs,
                     "copy_gb_per_s": copy_bytes_per_s / 1e9, "decode_bound_fraction": bound,
                     "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": r.kv_bytes,
@@ -213,8 +229,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         } else {
             let (len, rec, pct, kernels) =
                 (r.prompt, r.prefill_record_ms, 100.0 * bound, r.kernels);
+            let device = r
+                .prefill_device_tokens_per_s
+                .map_or("-".into(), |t| format!("{t:.1}"));
             println!(
-                "{len:>8} {pf:>14.1} {rec:>10.3} {dc:>14.1} {gbs:>12.2} {pct:>10.1}% {kernels:>14}"
+                "{len:>8} {pf:>14.1} {rec:>10.3} {device:>14} {dc:>14.1} {gbs:>12.2} {pct:>10.1}% \
+                 {kernels:>14}"
             );
         }
     }

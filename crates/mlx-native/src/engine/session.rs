@@ -251,6 +251,55 @@ impl Session {
         })
     }
 
+    /// The device's time for one forward pass over `prompt` from position 0 (at most one
+    /// prefill chunk), without the host's part: the pass is recorded once as a graph and
+    /// replayed `reps` times back to back (`mlxn bench --device-time`). A short prompt's
+    /// prefill is bound by recording and enqueuing its launches on a slow host, which this
+    /// leaves out. Leaves the cache holding the prompt's keys and values and `logits` its last
+    /// row's, as a prefill does, but reuses nothing from the cache afterwards.
+    pub fn prefill_device_time(&mut self, prompt: &[u32], reps: usize) -> Result<Duration> {
+        if prompt.is_empty() || reps == 0 {
+            return Err(Error::Invalid(
+                "timing a prefill needs a prompt and a repetition".into(),
+            ));
+        }
+        if prompt.len() > self.capacity().min(PREFILL_CHUNK) {
+            return Err(Error::ContextOverflow {
+                prompt: prompt.len(),
+                max_new: 0,
+                context: self.capacity().min(PREFILL_CHUNK),
+            });
+        }
+        self.pos_on_device = None;
+        self.cached.clear();
+        self.pos.write(&[0u32])?;
+        let tokens = self.device.from_slice(prompt, &[prompt.len()])?;
+        let scratch = self.model.new_scratch(&self.device, prompt.len())?;
+        self.cache.set_min_keys(1);
+        self.enc.begin_capture()?;
+        let recorded = self.model.encode_forward(
+            &mut self.enc,
+            &tokens,
+            &self.pos,
+            &self.cache,
+            &scratch,
+            &self.logits,
+        );
+        // End the capture whatever the recording did, so that the encoder records again.
+        let graph = self.enc.end_capture();
+        recorded?;
+        let mut graph = graph?;
+        // One untimed replay (first launches), then the timed ones.
+        graph.replay()?;
+        self.device.synchronize()?;
+        let start = Instant::now();
+        for _ in 0..reps {
+            graph.replay()?;
+        }
+        self.device.synchronize()?;
+        Ok(start.elapsed() / reps as u32)
+    }
+
     /// The token choice; at a decode step's end (`end_step`) the token goes into its ring slot
     /// and the position moves on as well, in the argmax's own kernel where the choice is
     /// greedy.
