@@ -31,6 +31,17 @@ const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
 /// matmul_tc.cu's MAX_CLUSTER).
 pub(crate) const MAX_CLUSTER: u32 = 8;
 
+/// Token rows at most whose kernels let the next kernel of the stream launch as soon as they
+/// have waited for theirs (`kernel_entry_early`), so that its blocks request their weights
+/// meanwhile: decode's row and short prompts', whose grids are one wave each. Long prompts'
+/// multi-wave grids lost up to 30% doing it (common.cuh).
+pub(crate) const EARLY_LAUNCH_ROWS: usize = 16;
+
+/// Whether a dispatch over `rows` token rows launches its successor early (EARLY_LAUNCH_ROWS).
+pub(crate) fn early_launches(rows: usize) -> bool {
+    rows <= EARLY_LAUNCH_ROWS
+}
+
 /// Kernel arguments, one 8-byte slot each. A slot holds the value's native bytes at its
 /// start, which is what the driver copies for a parameter of that size.
 #[derive(Default)]
@@ -88,9 +99,15 @@ impl Args {
         self.push(&v.to_ne_bytes())
     }
 
-    /// The `early` flag of `kernel_entry_early` (common.cuh): set for a single row (decode).
+    /// The `early` flag of `kernel_entry_early` (common.cuh) for a dispatch over `rows` token
+    /// rows (`early_launches`).
     pub fn early_launch(self, rows: usize) -> Self {
-        self.code(i32::from(rows == 1))
+        self.early(early_launches(rows))
+    }
+
+    /// The `early` flag of `kernel_entry_early`: let the next kernel launch at once.
+    pub fn early(self, early: bool) -> Self {
+        self.code(i32::from(early))
     }
 }
 

@@ -694,8 +694,8 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q,
     extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) attn_prefill_##HC(              \
         const float* q, const kv_t* kc, const kv_t* vc, const u32* pos, float* out,             \
         int n_heads, int group, int hd, int capacity, float scale, int window, float softcap,   \
-        int rows) {                                                                             \
-        kernel_entry();                                                                         \
+        int rows, int early) {                                                                  \
+        kernel_entry_early(early);                                                              \
         attn_prefill<HC>(q, kc, vc, pos, out, n_heads, group, hd, capacity, scale, window,      \
                          softcap, rows);                                                        \
     }

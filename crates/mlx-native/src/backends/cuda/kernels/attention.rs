@@ -321,6 +321,7 @@ fn head_norm_launch(
         out,
         rows: x.elem_count() / d.max(1),
         d,
+        tokens: x.rows(),
     };
     rms_norm_rows(lib, rows, w, norm)
 }
@@ -368,7 +369,8 @@ fn prefill(
             .f32(shape.scale)
             .int(shape.window)?
             .f32(shape.softcap)
-            .int(rows)?;
+            .int(rows)?
+            .early_launch(rows);
         let grid = (dim(shape.n_heads)?, blocks(rows, FLASH_ROWS)?, 1);
         let name = format!("attn_flash_{}", shape.head_dim);
         return lib.launch(source, &name, grid, FLASH_THREADS, shared as u32, args);
@@ -380,7 +382,8 @@ fn prefill(
         .f32(shape.scale)
         .int(shape.window)?
         .f32(shape.softcap)
-        .int(rows)?;
+        .int(rows)?
+        .early_launch(rows);
     let grid = (dim(shape.n_heads)?, blocks(rows, PREFILL_ROWS)?, 1);
     let name = format!("attn_prefill_{}", shape.head_dim.div_ceil(32));
     lib.launch(source, &name, grid, THREADS, shared as u32, args)

@@ -33,10 +33,10 @@ __device__ __forceinline__ void launch_dependents() {
 }
 
 // `kernel_entry`, then `launch_dependents` where the host says `early` (`Args::early_launch`:
-// a single row, i.e. decode): the small kernels between decode matvecs (norms, the embedding,
-// MoE routing) then let the next matvec start its weights. Prefill keeps the plain order:
-// every grid of at most one block an SM doing it cost prefill of 128 tokens up to 11%
-// (H100, 2026-11-26).
+// decode's row and short prompts' rows, whose grids are one wave): the small kernels between
+// decode matvecs (norms, the embedding, MoE routing) and a short prompt's kernels then let the
+// next product start its weights. Longer prompts keep the plain order: every grid of at most
+// one block an SM doing it cost prefill of 128 tokens up to 11% (H100, 2026-11-26).
 __device__ __forceinline__ void kernel_entry_early(int early) {
     kernel_entry();
     if (early) launch_dependents();

@@ -21,8 +21,8 @@ extern "C" __global__ void binary(const float* __restrict__ a, const float* __re
 extern "C" __global__ void gated_activation(const float* __restrict__ gate,
                                             const float* __restrict__ up,
                                             float* __restrict__ out, u16* __restrict__ out_h,
-                                            i64 n, int f) {
-    kernel_entry();
+                                            i64 n, int f, int early) {
+    kernel_entry_early(early);
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (i64)gridDim.x * blockDim.x) {
         const float y = activation(gate[i], f) * up[i];

@@ -130,19 +130,19 @@ fn gated_activation(
         lib,
         (device_ptr(gate)?, device_ptr(up)?),
         outs,
-        gate.elem_count(),
+        (gate.elem_count(), gate.rows()),
         f,
     )?;
     Ok(CudaKernel::single(launch))
 }
 
-/// out = f(gate)·up over `n` f32 values at device addresses unless 0, and its f16 copy at
-/// `out_h` unless 0.
+/// out = f(gate)·up over `n` f32 values (of `rows` token rows) at device addresses unless 0,
+/// and its f16 copy at `out_h` unless 0.
 pub(super) fn gated_activation_at(
     lib: &KernelLibrary,
     (gate, up): (u64, u64),
     (out, out_h): (u64, u64),
-    n: usize,
+    (n, rows): (usize, usize),
     f: UnaryFn,
 ) -> Result<Launch> {
     let args = Args::new()
@@ -151,7 +151,8 @@ pub(super) fn gated_activation_at(
         .u64(out)
         .u64(out_h)
         .long(n)
-        .code(unary_code(f));
+        .code(unary_code(f))
+        .early_launch(rows);
     let grid = elementwise_grid(lib, n)?;
     lib.launch(&SOURCE, "gated_activation", grid, THREADS, 0, args)
 }

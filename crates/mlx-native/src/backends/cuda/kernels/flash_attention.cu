@@ -218,8 +218,8 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ q,
     extern "C" __global__ void __launch_bounds__(FA_WARPS * 32) attn_flash_##HD(              \
         const float* q, const kv_t* kc, const kv_t* vc, const u32* pos, float* out,           \
         int n_heads, int group, int capacity, float scale, int window, float softcap,         \
-        int rows) {                                                                           \
-        kernel_entry();                                                                       \
+        int rows, int early) {                                                                \
+        kernel_entry_early(early);                                                            \
         attn_flash<HD>(q, kc, vc, pos, out, n_heads, group, capacity, scale, window, softcap, \
                        rows);                                                                 \
     }

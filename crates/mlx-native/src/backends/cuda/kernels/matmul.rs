@@ -13,8 +13,8 @@ use super::{COMMON, LAYOUTS, MMA, ROUTE, TILES_TC};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
-    blocks, dim, float_type, operand_count, wrong_op, Args, Cublas, CudaKernel, KernelLibrary,
-    Launch, Planner, MAX_CLUSTER,
+    blocks, dim, early_launches, float_type, operand_count, wrong_op, Args, Cublas, CudaKernel,
+    KernelLibrary, Launch, Planner, MAX_CLUSTER,
 };
 use crate::core::dtype::DType;
 use crate::core::op::{optional_last, Op, PreNorm, UnaryFn};
@@ -491,7 +491,8 @@ fn splitk_sum(
         .bias(bias)?
         .ptr(out)?
         .int(m)?
-        .int(n)?;
+        .int(n)?
+        .early_launch(m);
     let grid = (blocks(m * n, MATMUL_THREADS as usize)?, 1, 1);
     lib.launch(&MATMUL_TC, "splitk_sum", grid, MATMUL_THREADS, 0, args)
 }
@@ -658,21 +659,24 @@ fn tcq_matmul(
         true => StagedX::as_it_lies(lib, x, partial_bytes)?,
         false => StagedX::new(lib, x, order, partial_bytes)?,
     };
+    let grid = (
+        blocks(n, MATMUL_TC_TILE)?,
+        blocks(m, MATMUL_TC_TILE)?,
+        splits as u32,
+    );
+    // The 2–16-row kernel lets the next kernel launch early where its grid is one wave.
+    let one_wave = (grid.0 * grid.1 * grid.2) as usize <= per_sm * lib.sm_count();
     let x_args = match shared_x {
         true => Args::new()
             .u64(staged.xh)
-            .code(float_type("matmul", "x", x.dtype())?),
+            .code(float_type("matmul", "x", x.dtype())?)
+            .early(one_wave && early_launches(m)),
         false => Args::new().u64(staged.xh),
     };
     let dst = match partial_bytes > 0 {
         true => staged.after,
         false => device_ptr(out)?,
     };
-    let grid = (
-        blocks(n, MATMUL_TC_TILE)?,
-        blocks(m, MATMUL_TC_TILE)?,
-        splits as u32,
-    );
     let args = args(x_args, dst)?;
     let matmul = lib.launch(&MATMUL_TC, name, grid, MATMUL_THREADS, shared, args)?;
     let matmul = match cluster {
@@ -917,7 +921,7 @@ fn gated_plain_pair(
     let up_rows = up_plan.plain(lib, up, (k, n), Bias::NONE, up_out, Some(0))?;
     let outs = (device_ptr(out)?, out_h);
     let activation =
-        super::elementwise::gated_activation_at(lib, (gate_out, up_out), outs, n, act)?;
+        super::elementwise::gated_activation_at(lib, (gate_out, up_out), outs, (n, 1), act)?;
     Ok(Some(
         gate_rows
             .then(up_rows)
@@ -1179,7 +1183,7 @@ fn gated_tiled(
             lib,
             (gate_out, up_out),
             (device_ptr(out)?, out_h),
-            n,
+            (n, 1),
             act,
         )?,
     ];
@@ -1415,6 +1419,7 @@ impl<'a> MatvecInput<'a> {
                     out: device_ptr(u.out)?,
                     rows: 1,
                     d: k,
+                    tokens: 1,
                 };
                 first.push(rms_norm_rows(lib, rows, u.weight, p)?);
                 (u.out, None)
@@ -1432,6 +1437,7 @@ impl<'a> MatvecInput<'a> {
                     out: row,
                     rows: 1,
                     d: k,
+                    tokens: 1,
                 };
                 first.push(rms_norm_rows(lib, rows, g, p)?);
                 Ok(MatvecInput {

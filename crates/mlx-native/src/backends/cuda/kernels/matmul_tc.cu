@@ -767,8 +767,9 @@ __device__ __forceinline__ void cluster_store_rows(const float (*acc)[4][4], con
 }
 
 // x: RF = 1 x as it lies (f32 or f16, `xt`), RF = 2 x staged by `stage_x_f16` (xt unused).
+// `early`: let the next kernel launch once x is readable (`kernel_entry_early`).
 template <int BITS, int RF>
-__device__ __forceinline__ void matmul_tcq_rows(const void* __restrict__ x, int xt,
+__device__ __forceinline__ void matmul_tcq_rows(const void* __restrict__ x, int xt, int early,
                                                 const u32* __restrict__ w, const void* scales,
                                                 const void* biases, int st,
                                                 const void* __restrict__ bias, int bias_type,
@@ -812,7 +813,7 @@ __device__ __forceinline__ void matmul_tcq_rows(const void* __restrict__ x, int 
         if (step < end)
             rows_tc_load<BITS>(w, wrow, grow, scales, biases, st, t, gshift, k, step, ring[d]);
     }
-    kernel_entry();
+    kernel_entry_early(early);
     // (A last fragment's rows 8–15 are not read where m leaves them empty.)
     if constexpr (SHARED_X) {
         constexpr int ORDER = BITS == 4 ? TCQ_MLX4 : TCQ_BYTES;
@@ -851,12 +852,12 @@ __device__ __forceinline__ void matmul_tcq_rows(const void* __restrict__ x, int 
 #define TCQ_ROWS_MLX_ARGS w, scales, biases, st, bias, bias_type, out, m, n, k, group_shift
 #define MATMUL_TCQ_ROWS_MLX_KERNELS(BITS)                                                      \
     extern "C" __global__ void __launch_bounds__(256, 2)                                       \
-        matmul_tcq_rows_mlx##BITS(const void* x, int xt, TCQ_ROWS_MLX_PARAMS) {               \
-        matmul_tcq_rows<BITS, 1>(x, xt, TCQ_ROWS_MLX_ARGS);                                    \
+        matmul_tcq_rows_mlx##BITS(const void* x, int xt, int early, TCQ_ROWS_MLX_PARAMS) {    \
+        matmul_tcq_rows<BITS, 1>(x, xt, early, TCQ_ROWS_MLX_ARGS);                             \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(256, 1)                                       \
         matmul_tcq_rows32_mlx##BITS(const u16* xh, TCQ_ROWS_MLX_PARAMS) {                     \
-        matmul_tcq_rows<BITS, 2>(xh, FT_F16, TCQ_ROWS_MLX_ARGS);                               \
+        matmul_tcq_rows<BITS, 2>(xh, FT_F16, 0, TCQ_ROWS_MLX_ARGS);                            \
     }
 MATMUL_TCQ_ROWS_MLX_KERNELS(4)
 MATMUL_TCQ_ROWS_MLX_KERNELS(8)
@@ -1220,8 +1221,8 @@ MATMUL_TCQ_GGML(TcqQ6K, q6_k)
 // out [m, n] = Σ_z partial[z] (+ bias), the slices in order: the sum of a split-K tcq matmul.
 extern "C" __global__ void splitk_sum(const float* __restrict__ partial, int splits,
                                       const void* __restrict__ bias, int bias_type,
-                                      float* __restrict__ out, int m, int n) {
-    kernel_entry();
+                                      float* __restrict__ out, int m, int n, int early) {
+    kernel_entry_early(early);
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x, mn = (i64)m * n;
     if (i >= mn) return;
     float s = 0.f;

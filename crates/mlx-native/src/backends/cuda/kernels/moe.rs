@@ -400,6 +400,7 @@ fn gather(
                 out: row,
                 rows: m,
                 d: k,
+                tokens: m,
             };
             launches.push(rms_norm_rows(lib, rows, g, p)?);
             Some((scratch, row))

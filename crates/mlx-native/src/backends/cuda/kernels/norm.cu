@@ -34,8 +34,8 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const void* __r
 extern "C" __global__ void add_rms_norm(const float* __restrict__ a, const float* __restrict__ b,
                                         const void* __restrict__ w, float* __restrict__ sum,
                                         void* __restrict__ normed, int d, int wt, float eps,
-                                        float w_offset, int half_out) {
-    kernel_entry();
+                                        float w_offset, int half_out, int early) {
+    kernel_entry_early(early);
     const i64 row = (i64)blockIdx.x * d;
     float ss = 0.f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {

@@ -54,6 +54,7 @@ fn rms_norm(
         out: device_ptr(out)?,
         rows: x.rows(),
         d: x.last_dim(),
+        tokens: x.rows(),
     };
     let half_out = out.dtype() == DType::F16;
     Ok(CudaKernel::single(rms_norm_launch(
@@ -62,13 +63,15 @@ fn rms_norm(
 }
 
 /// Rows of an RMSNorm by device address: `rows` rows of `d` f32 at `x` into `out`, plus the
-/// rows at `residual` unless it is 0.
+/// rows at `residual` unless it is 0. They belong to `tokens` token rows (a head norm's rows
+/// are heads), which decide whether the launch lets the next one launch early.
 pub(super) struct RmsNormRows {
     pub x: u64,
     pub residual: u64,
     pub out: u64,
     pub rows: usize,
     pub d: usize,
+    pub tokens: usize,
 }
 
 /// The RMSNorm launch of `rows` into f32 (also used by the matvec planner in front of a
@@ -91,6 +94,7 @@ fn rms_norm_launch(
         out,
         rows,
         d,
+        tokens,
     }: RmsNormRows,
     w: &Tensor,
     norm: PreNorm,
@@ -106,7 +110,7 @@ fn rms_norm_launch(
         .f32(norm.eps)
         .f32(norm.w_offset())
         .code(i32::from(half_out))
-        .early_launch(rows);
+        .early_launch(tokens);
     lib.launch(&SOURCE, "rms_norm", (dim(rows)?, 1, 1), threads(d), 0, args)
 }
 
@@ -134,7 +138,8 @@ fn add_rms_norm(
         .code(float_type("add_rms_norm", "weight", w.dtype())?)
         .f32(norm.eps)
         .f32(norm.w_offset())
-        .code(i32::from(normed.dtype() == DType::F16));
+        .code(i32::from(normed.dtype() == DType::F16))
+        .early_launch(a.rows());
     let grid = (dim(a.rows())?, 1, 1);
     Ok(CudaKernel::single(lib.launch(
         &SOURCE,

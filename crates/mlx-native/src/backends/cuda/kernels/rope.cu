@@ -49,8 +49,8 @@ extern "C" __global__ void rope_kv_append(const float* __restrict__ q, const flo
                                           kv_t* __restrict__ k_cache, kv_t* __restrict__ v_cache,
                                           int rows, int n_heads, int n_kv, int head_dim,
                                           int rotary_dims, int traditional, float mscale,
-                                          int capacity) {
-    kernel_entry();
+                                          int capacity, int early) {
+    kernel_entry_early(early);
     const int per_head = rotary_dims / 2 + (head_dim - rotary_dims);
     const int roped = (n_heads + n_kv) * per_head;
     const int per_row = roped + n_kv * head_dim;

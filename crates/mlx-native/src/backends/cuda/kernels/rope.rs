@@ -124,7 +124,8 @@ pub(super) fn rope_kv_append_launch(
         .int(rotary_dims)?
         .code(traditional as i32)
         .f32(mscale)
-        .int(capacity)?;
+        .int(capacity)?
+        .early_launch(rows);
     let grid = (blocks(rows * per_row, 256)?, 1, 1);
     lib.launch(source, "rope_kv_append", grid, 256, 0, args)
 }
