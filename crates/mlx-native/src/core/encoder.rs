@@ -32,6 +32,8 @@ pub struct CommandEncoder {
     device: Device,
     pending: Vec<Dispatch>,
     capturing: bool,
+    /// Submit each dispatch as it is recorded (outside a capture): `submit_as_recorded`.
+    eager: bool,
     dispatched: u64,
 }
 
@@ -41,12 +43,22 @@ impl CommandEncoder {
             device: device.clone(),
             pending: Vec::new(),
             capturing: false,
+            eager: false,
             dispatched: 0,
         }
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Whether each dispatch is submitted as soon as it is recorded (outside a capture) instead
+    /// of at the next `commit`: an asynchronous device then runs a pass's first kernels while
+    /// the host still plans the rest, rather than idling until the whole pass is recorded.
+    /// H200, 2026-11-29, an 8-token prefill of the Llama-3.2-1B shape: the host took ~0.35 ms
+    /// recording it before its first launch, of a ~1.6 ms prefill whose kernels run in ~1.16 ms.
+    pub fn submit_as_recorded(&mut self, on: bool) {
+        self.eager = on;
     }
 
     /// Total dispatches recorded by this encoder (for kernels-per-token reports).
@@ -84,7 +96,10 @@ impl CommandEncoder {
             kernel,
         });
         self.dispatched += 1;
-        Ok(())
+        match self.eager && !self.capturing {
+            true => self.commit(),
+            false => Ok(()),
+        }
     }
 
     /// Submit everything recorded since the last commit (not while capturing).

@@ -42,9 +42,10 @@ pub struct GenerateStats {
     pub reused_tokens: usize,
     pub generated_tokens: usize,
     pub prefill_time: Duration,
-    /// Of `prefill_time`, the host's time recording the forward pass (planning each dispatch)
-    /// before any of it was submitted: on an asynchronous device the device idles through it,
-    /// and a short prompt's prefill is bound by it and by enqueuing the launches.
+    /// Of `prefill_time`, the host's time recording the forward pass: planning each dispatch
+    /// and submitting it as it goes (`CommandEncoder::submit_as_recorded`). A short prompt's
+    /// prefill is bound by it where the host plans and enqueues more slowly than the device
+    /// runs the kernels.
     pub prefill_record_time: Duration,
     /// Time of the decode steps after the first generated token.
     pub decode_time: Duration,
@@ -124,8 +125,11 @@ impl Session {
         }
         let cache = model.new_cache(device, capacity, kv_dtype)?;
         let decode = model.new_scratch(device, 1)?;
+        // Prompts are submitted as they are recorded (`submit_as_recorded`).
+        let mut enc = CommandEncoder::new(device);
+        enc.submit_as_recorded(true);
         Ok(Session {
-            enc: CommandEncoder::new(device),
+            enc,
             pos: device.zeros(&[1], DType::U32)?,
             pos_on_device: Some(0),
             token: device.zeros(&[1], DType::U32)?,
