@@ -8,7 +8,8 @@
 # Each variant line is a tag and its NVRTC options. BUILDS="tag=dir …" adds builds run
 # between the base and the new one; REAL=dir adds a checkpoint directory (e.g. the carried
 # SmolLM2 files) to the synthetic MODELS. PROMPT (lengths, comma-separated), DECODE, REPS and
-# ROUNDS set the runs; each process is pinned to core PIN (5; empty: not pinned). Short prompts
+# ROUNDS set the runs, BENCH_ARGS adds `mlxn bench` options (`--device-time`: the prefill's
+# device time without the host's, the `device` column); each process is pinned to core PIN (5; empty: not pinned). Short prompts
 # are bound by the host, whose speed differs between processes: run ROUNDS=2 or more and read
 # each row's `record` (ms planning the prefill; ~0.3 on a fast process) before comparing builds
 # (docs/cuda-backend.md, forty-fifth and forty-sixth sessions). Raw JSON lines and the table
@@ -41,6 +42,7 @@ for round in $(seq "${ROUNDS:-1}"); do
       args=(bench --device cuda --json --synthetic "$m" --quant "${QUANT:-mlx4g64}")
     fi
     args+=(--prompt-lens "${PROMPT:-128}" --decode "${DECODE:-128}" --reps "${REPS:-2}")
+    args+=(${BENCH_ARGS:-})
     run base "" "$base" "${args[@]}"
     for b in $builds; do run "${b%%=*}" "" "${b#*=}" "${args[@]}"; done
     while read -r tag opts; do
@@ -53,7 +55,9 @@ import json, sys
 for line in open(sys.argv[1]):
     tag, js = line.split(" ", 1)
     r = json.loads(js)
+    device = r.get('prefill_device_tokens_per_s')
+    device = f" device {device:9.0f}" if device else ""
     print(f"{tag:8s} {r['model'][-32:]:32s} p={r['prompt_tokens']:5d} prefill {r['prefill_tokens_per_s']:9.0f} "
-          f"record {r['prefill_record_ms']:5.2f} decode {r['decode_tokens_per_s']:8.1f} "
+          f"record {r['prefill_record_ms']:5.2f}{device} decode {r['decode_tokens_per_s']:8.1f} "
           f"kernels/token {r['kernels_per_token']}")
 PY
