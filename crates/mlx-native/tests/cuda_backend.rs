@@ -2408,6 +2408,20 @@ fn rope_attention_matches_reference() {
             false,
             Some(true),
         ),
+        // … head norms with partial rotations whose pairs lie in other lanes: a short prompt's
+        // (normed apart) and a longer one's (normed in the rope pass).
+        (
+            attn_case((8, 6, 2, 128, 100, 10, None, None)),
+            96,
+            false,
+            Some(false),
+        ),
+        (
+            attn_case((20, 4, 2, 80, 64, 3, None, None)),
+            40,
+            true,
+            Some(true),
+        ),
     ];
     for ((c, rotary_dims, traditional, unit_offset), kv) in
         cases.iter().flat_map(|case| KV_TYPES.map(|kv| (case, kv)))

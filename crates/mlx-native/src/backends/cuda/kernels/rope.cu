@@ -75,3 +75,60 @@ extern "C" __global__ void rope_kv_append(const float* __restrict__ q, const flo
                          traditional, mscale);
     }
 }
+
+// The most head dims `rope_kv_append_normed` takes (its shared memory: a head a warp).
+#define ROPE_NORMED_MAX_HD 256
+#define ROPE_NORMED_WARPS 8
+
+// `rope_kv_append` with each q and k head RMS-normed before its rotation (q/k norms, as Qwen3's
+// and Gemma 3's: x·rsqrt(mean(x²) + eps)·(w + w_offset), weights f32 [head_dim]), each value as
+// an `rms_norm` launch over the heads computes it (the sum of squares in another order). A
+// prompt's q/k norms then cost no launches of their own (prompts of more than 16 rows: shorter
+// ones keep two norm launches, which launch early there and measured faster, attention.rs).
+// One block of ROPE_NORMED_WARPS warps a row: each warp takes whole heads (q's, then k's), lane
+// l dims l, l + 32, …, writes the normed head to shared memory and rotates it from there (a
+// dim's partner may be another lane's); then the block copies v.
+extern "C" __global__ void __launch_bounds__(ROPE_NORMED_WARPS * 32)
+    rope_kv_append_normed(const float* __restrict__ q, const float* __restrict__ k,
+                          const float* __restrict__ v, const float* __restrict__ inv_freq,
+                          const u32* __restrict__ pos, float* __restrict__ q_out,
+                          kv_t* __restrict__ k_cache, kv_t* __restrict__ v_cache, int n_heads,
+                          int n_kv, int head_dim, int rotary_dims, int traditional, float mscale,
+                          int capacity, const float* __restrict__ q_w,
+                          const float* __restrict__ k_w, float eps, float w_offset, int early) {
+    kernel_entry_early(early);
+    __shared__ float normed[ROPE_NORMED_WARPS][ROPE_NORMED_MAX_HD];
+    const int r = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 p = pos[0] + (u32)r;
+    const bool cached = p < (u32)capacity;  // rows past the capacity are dropped
+    float* head = normed[warp];
+    for (int h = warp; h < n_heads + (cached ? n_kv : 0); h += ROPE_NORMED_WARPS) {
+        const bool is_q = h < n_heads;
+        const int g = h - n_heads;
+        const float* x = is_q ? q + ((i64)r * n_heads + h) * head_dim
+                              : k + ((i64)r * n_kv + g) * head_dim;
+        const float* w = is_q ? q_w : k_w;
+        float ss = 0.f;
+        for (int d = lane; d < head_dim; d += 32) ss += x[d] * x[d];
+        const float rs = rsqrtf(warp_sum(ss) / head_dim + eps);
+        for (int d = lane; d < head_dim; d += 32) head[d] = x[d] * rs * (w[d] + w_offset);
+        __syncwarp();
+        for (int d = lane; d < head_dim; d += 32) {
+            float c, s;
+            rope_dim_cos_sin(d, p, inv_freq, rotary_dims, traditional, mscale, c, s);
+            const float y = rope_apply(head[d], head[rope_partner(d, rotary_dims, traditional)], d,
+                                       c, s, rotary_dims, traditional);
+            if (is_q)
+                q_out[((i64)r * n_heads + h) * head_dim + d] = y;
+            else
+                store_elem(k_cache + ((i64)g * capacity + p) * head_dim + d, y);
+        }
+        __syncwarp();  // the head's readers are done before the warp's next head
+    }
+    if (!cached) return;
+    for (int e = threadIdx.x; e < n_kv * head_dim; e += blockDim.x) {
+        const int g = e / head_dim, d = e % head_dim;
+        store_elem(v_cache + ((i64)g * capacity + p) * head_dim + d,
+                   v[(i64)r * n_kv * head_dim + e]);
+    }
+}

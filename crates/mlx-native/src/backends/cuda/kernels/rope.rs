@@ -6,13 +6,13 @@ use super::{for_caches, COMMON, KV_F16, KV_F32, ROPE};
 use crate::backends::cuda::compile::Source;
 use crate::backends::cuda::device_ptr;
 use crate::backends::cuda::launch::{
-    blocks, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Launch, Planner,
+    blocks, dim, operand_count, wrong_op, Args, CudaKernel, KernelLibrary, Launch, Planner,
 };
 use crate::core::dtype::DType;
-use crate::core::op::Op;
+use crate::core::op::{Op, PreNorm};
 use crate::core::registry::Registry;
 use crate::core::tensor::Tensor;
-use crate::Result;
+use crate::{Error, Result};
 
 pub(super) static SOURCE: Source = Source {
     name: "rope",
@@ -78,12 +78,15 @@ fn rope_kv_append(
         [v, inv_freq, pos],
         device_ptr(q_out)?,
         (k_cache, v_cache),
+        None,
     )?;
     Ok(CudaKernel::single(launch))
 }
 
 /// The `rope_kv_append` kernel for an `Op::RopeKvAppend`: q and k read at addresses `q` and
-/// `k` (as many rows as `v`), the rotated q written at address `q_out`.
+/// `k` (as many rows as `v`), the rotated q written at address `q_out`; with `head_norm` (q's
+/// and k's weights, f32 `[head_dim]`, at most ROPE_NORMED_MAX_HEAD_DIM) each q and k head
+/// RMS-normed first (`rope_kv_append_normed`).
 pub(super) fn rope_kv_append_launch(
     lib: &KernelLibrary,
     op: &Op,
@@ -91,6 +94,7 @@ pub(super) fn rope_kv_append_launch(
     [v, inv_freq, pos]: [&Tensor; 3],
     q_out: u64,
     (k_cache, v_cache): (&Tensor, &Tensor),
+    head_norm: Option<(&Tensor, &Tensor, PreNorm)>,
 ) -> Result<Launch> {
     let Op::RopeKvAppend {
         n_heads,
@@ -116,16 +120,63 @@ pub(super) fn rope_kv_append_launch(
         .ptr(pos)?
         .u64(q_out)
         .ptr(k_cache)?
-        .ptr(v_cache)?
-        .int(rows)?
-        .int(n_heads)?
-        .int(n_kv_heads)?
-        .int(head_dim)?
-        .int(rotary_dims)?
-        .code(traditional as i32)
-        .f32(mscale)
-        .int(capacity)?
-        .early_launch(rows);
-    let grid = (blocks(rows * per_row, 256)?, 1, 1);
-    lib.launch(source, "rope_kv_append", grid, 256, 0, args)
+        .ptr(v_cache)?;
+    let shape = |args: Args| -> Result<Args> {
+        args.int(n_heads)?
+            .int(n_kv_heads)?
+            .int(head_dim)?
+            .int(rotary_dims)?
+            .code(traditional as i32)
+            .f32(mscale)
+            .int(capacity)
+    };
+    match head_norm {
+        Some((q_w, k_w, norm)) => {
+            if head_dim > ROPE_NORMED_MAX_HEAD_DIM {
+                return Err(Error::op(
+                    op.name(),
+                    format!("head norms in the rope pass at head dim {head_dim}"),
+                ));
+            }
+            let args = shape(args)?
+                .ptr(q_w)?
+                .ptr(k_w)?
+                .f32(norm.eps)
+                .f32(norm.w_offset())
+                .early_launch(rows);
+            let (grid, threads) = ((dim(rows)?, 1, 1), ROPE_NORMED_THREADS);
+            lib.launch(source, "rope_kv_append_normed", grid, threads, 0, args)
+        }
+        None => {
+            let args = shape(args.int(rows)?)?.early_launch(rows);
+            let grid = (blocks(rows * per_row, 256)?, 1, 1);
+            lib.launch(source, "rope_kv_append", grid, 256, 0, args)
+        }
+    }
+}
+
+/// The most head dims `rope_kv_append_normed` takes, and its threads (rope.cu's
+/// ROPE_NORMED_MAX_HD and ROPE_NORMED_WARPS).
+pub(super) const ROPE_NORMED_MAX_HEAD_DIM: usize = 256;
+const ROPE_NORMED_THREADS: u32 = 256;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `rope_kv_append_normed`'s shared memory holds a head of ROPE_NORMED_MAX_HD dims a warp:
+    /// the planner's limit and block size must be the kernel's.
+    #[test]
+    fn planner_constants_match_the_kernel() {
+        for (name, value) in [
+            ("ROPE_NORMED_MAX_HD", ROPE_NORMED_MAX_HEAD_DIM),
+            ("ROPE_NORMED_WARPS", ROPE_NORMED_THREADS as usize / 32),
+        ] {
+            let define = format!("#define {name} {value}");
+            assert!(
+                ROPE_CU.lines().any(|l| l.starts_with(&define)),
+                "rope.cu lacks `{define}`"
+            );
+        }
+    }
 }
