@@ -9,11 +9,11 @@
 # between the base and the new one; REAL=dir adds a checkpoint directory (e.g. the carried
 # SmolLM2 files) to the synthetic MODELS. PROMPT (lengths, comma-separated), DECODE, REPS and
 # ROUNDS set the runs, BENCH_ARGS adds `mlxn bench` options (`--device-time`: the prefill's
-# device time without the host's, the `device` column); each process is pinned to core PIN (5; empty: not pinned). Short prompts
-# are bound by the host, whose speed differs between processes: run ROUNDS=2 or more and read
-# each row's `record` (ms planning the prefill; ~0.3 on a fast process) before comparing builds
-# (docs/cuda-backend.md, forty-fifth and forty-sixth sessions). Raw JSON lines and the table
-# under $OUT.
+# time on the device alone, the `device` column); each process is pinned to core PIN (5; empty:
+# not pinned). Short prompts' wall figures depend on the host, whose speed differs between
+# processes: compare kernel changes by `device`, wall figures over ROUNDS=2 or more, reading each
+# row's `record` (ms planning and enqueuing the prefill) beside them (docs/gpu.md). Raw JSON
+# lines and the table under $OUT.
 set -u
 base=${BASE:-.device-bin/base}
 new=${NEW:-.device-bin/bin}
