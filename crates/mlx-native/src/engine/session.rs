@@ -267,12 +267,13 @@ impl Session {
                 "timing a prefill needs a prompt and a repetition".into(),
             ));
         }
-        if prompt.len() > self.capacity().min(PREFILL_CHUNK) {
-            return Err(Error::ContextOverflow {
-                prompt: prompt.len(),
-                max_new: 0,
-                context: self.capacity().min(PREFILL_CHUNK),
-            });
+        let most = self.capacity().min(PREFILL_CHUNK);
+        if prompt.len() > most {
+            return Err(Error::Invalid(format!(
+                "timing a prefill of {} tokens: at most {most} (the context, and one prefill \
+                 chunk)",
+                prompt.len()
+            )));
         }
         self.pos_on_device = None;
         self.cached.clear();
