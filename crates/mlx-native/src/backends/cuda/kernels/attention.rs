@@ -779,38 +779,32 @@ mod tests {
     /// their sources that the planner repeats: a mismatch would index past the buffers.
     #[test]
     fn planner_constants_match_the_kernel() {
-        for (name, value) in [
-            ("DEC_MAX_ROWS", DECODE_MAX_ROWS),
-            ("DEC_PASS_SPLIT_MIN_HC", DECODE_PASS_SPLIT_MIN_HC),
-            ("DEC_WARPS", DECODE_THREADS as usize / 32),
-        ] {
-            let define = format!("#define {name} {value}");
-            assert!(
-                ATTENTION.lines().any(|l| l.starts_with(&define)),
-                "attention.cu lacks `{define}`"
-            );
-        }
-        for (name, value) in [
-            ("FA_WARPS", FLASH_THREADS as usize / 32),
-            ("FA_KEYS", FLASH_KEYS),
-            ("FA_STAGES", FLASH_STAGES),
-        ] {
-            let define = format!("#define {name} {value}");
-            assert!(
-                FLASH_ATTENTION.lines().any(|l| l.starts_with(&define)),
-                "flash_attention.cu lacks `{define}`"
-            );
-        }
-        for (name, value) in [
-            ("FD_WARPS", FLASH_DECODE_THREADS as usize / 32),
-            ("FD_MAX_GROUP", FLASH_DECODE_MAX_GROUP),
-        ] {
-            let define = format!("#define {name} {value}");
-            assert!(
-                FLASH_DECODE.lines().any(|l| l.starts_with(&define)),
-                "flash_decode.cu lacks `{define}`"
-            );
-        }
+        super::super::assert_defines(
+            "attention.cu",
+            ATTENTION,
+            &[
+                ("DEC_MAX_ROWS", DECODE_MAX_ROWS),
+                ("DEC_PASS_SPLIT_MIN_HC", DECODE_PASS_SPLIT_MIN_HC),
+                ("DEC_WARPS", DECODE_THREADS as usize / 32),
+            ],
+        );
+        super::super::assert_defines(
+            "flash_attention.cu",
+            FLASH_ATTENTION,
+            &[
+                ("FA_WARPS", FLASH_THREADS as usize / 32),
+                ("FA_KEYS", FLASH_KEYS),
+                ("FA_STAGES", FLASH_STAGES),
+            ],
+        );
+        super::super::assert_defines(
+            "flash_decode.cu",
+            FLASH_DECODE,
+            &[
+                ("FD_WARPS", FLASH_DECODE_THREADS as usize / 32),
+                ("FD_MAX_GROUP", FLASH_DECODE_MAX_GROUP),
+            ],
+        );
         for hd in FLASH_DECODE_HEAD_DIMS {
             assert!(FLASH_DECODE.contains(&format!("\nFLASH_DECODE({hd})")));
         }

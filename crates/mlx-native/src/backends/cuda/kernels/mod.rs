@@ -58,6 +58,19 @@ fn for_caches(
     }
 }
 
+/// Asserts that kernel source `file` (its text) has each `#define NAME value` that a planner's
+/// constant repeats: a mismatch would size buffers or grids unlike the kernel's.
+#[cfg(test)]
+pub(super) fn assert_defines<V: std::fmt::Display>(file: &str, text: &str, defines: &[(&str, V)]) {
+    for (name, value) in defines {
+        let define = format!("#define {name} {value}");
+        assert!(
+            text.lines().any(|l| l.starts_with(&define)),
+            "{file} lacks `{define}`"
+        );
+    }
+}
+
 /// Every source, for the compile test.
 #[cfg(test)]
 pub(crate) const SOURCES: &[&Source] = &[

@@ -168,15 +168,13 @@ mod tests {
     /// the planner's limit and block size must be the kernel's.
     #[test]
     fn planner_constants_match_the_kernel() {
-        for (name, value) in [
-            ("ROPE_NORMED_MAX_HD", ROPE_NORMED_MAX_HEAD_DIM),
-            ("ROPE_NORMED_WARPS", ROPE_NORMED_THREADS as usize / 32),
-        ] {
-            let define = format!("#define {name} {value}");
-            assert!(
-                ROPE_CU.lines().any(|l| l.starts_with(&define)),
-                "rope.cu lacks `{define}`"
-            );
-        }
+        super::super::assert_defines(
+            "rope.cu",
+            ROPE_CU,
+            &[
+                ("ROPE_NORMED_MAX_HD", ROPE_NORMED_MAX_HEAD_DIM),
+                ("ROPE_NORMED_WARPS", ROPE_NORMED_THREADS as usize / 32),
+            ],
+        );
     }
 }

@@ -162,17 +162,16 @@ mod tests {
     /// that this file repeats: a mismatch would write past them.
     #[test]
     fn scratch_constants_match_the_kernel() {
-        for define in [
-            format!("#define SAMPLE_THREADS {THREADS}"),
-            format!("#define SAMPLER_THREADS {SAMPLER_THREADS}"),
-            format!("#define RADIX_BINS {RADIX_BINS}"),
-            "#define CUT_VALUES (2 * RADIX_BINS + 1)".to_string(),
-            format!("#define SAMPLE_CANDIDATES {SAMPLE_CANDIDATES}"),
-        ] {
-            assert!(
-                SAMPLING.lines().any(|l| l.starts_with(&define)),
-                "sampling.cu lacks `{define}`"
-            );
-        }
+        super::super::assert_defines(
+            "sampling.cu",
+            SAMPLING,
+            &[
+                ("SAMPLE_THREADS", THREADS.to_string()),
+                ("SAMPLER_THREADS", SAMPLER_THREADS.to_string()),
+                ("RADIX_BINS", RADIX_BINS.to_string()),
+                ("CUT_VALUES", "(2 * RADIX_BINS + 1)".to_string()),
+                ("SAMPLE_CANDIDATES", SAMPLE_CANDIDATES.to_string()),
+            ],
+        );
     }
 }
