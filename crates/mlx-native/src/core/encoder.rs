@@ -56,7 +56,8 @@ impl CommandEncoder {
     /// of at the next `commit`: an asynchronous device then runs a pass's first kernels while
     /// the host still plans the rest, rather than idling until the whole pass is recorded.
     /// H200, 2026-11-29, an 8-token prefill of the Llama-3.2-1B shape: the host took ~0.35 ms
-    /// recording it before its first launch, of a ~1.6 ms prefill whose kernels run in ~1.16 ms.
+    /// recording it before its first launch, of a ~1.6 ms prefill whose kernels run in ~1.1 ms;
+    /// submitted as recorded, 5,053 → 6,590 tok/s (the 8B's 1,450 → 1,668).
     pub fn submit_as_recorded(&mut self, on: bool) {
         self.eager = on;
     }
